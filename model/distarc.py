@@ -1,0 +1,186 @@
+"""DistArc (HyperSpaceX, ECCV 2024) on a class-sharded weight table, with its baselines.
+
+Symbols follow shared/spec/losses.md section 1: x raw embedding, w_hat unit class direction,
+r_j class radius, anchor a_j = r_j w_hat_j, delta_j = ||x - a_j||^2, cos(phi_y) the angle at the
+anchor between "towards x" and "towards the origin". ArcFace is the special case lambda = mu = 0,
+CosFace swaps the angular margin for an additive cosine one, "softmax" is a plain linear softmax.
+
+All maths is fp32 whatever the input dtype (bf16 rounds 1 - 1e-7 to 1 and acos' gradient blows up).
+
+Legend: G = global batch (gathered), C = classes on this rank (or all classes when dense), D = dim.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed import ProcessGroup
+
+from model.collectives import (all_gather_no_grad, all_gather_with_grad, all_reduce_sum_no_grad, sharded_argmin,
+                               sharded_cross_entropy)
+from model.config import LossConfig
+from model.proxies import class_range, init_rows
+
+COS_EPS = 1e-7  # official clamp of cos(theta) to [-1 + eps, 1 - eps]
+
+
+def sphere_radii(class_ids: torch.Tensor, radius_start: float, radius_gap: float, num_spheres: int) -> torch.Tensor:
+    """r_j = r_0 + g * (j mod S): round-robin of global class ids over S concentric spheres."""
+    return radius_start + radius_gap * (class_ids % num_spheres).to(torch.float32)
+
+
+def margin_at(cfg: LossConfig, step: int) -> float:
+    """The margin in force at optimizer step `step` (linear warm-up from 0 when configured)."""
+    if cfg.margin_warmup_steps <= 0:
+        return cfg.margin
+    return cfg.margin * min(1.0, step / cfg.margin_warmup_steps)
+
+
+def _arc_margin(cos_t: torch.Tensor, margin: float, theta_guard: bool) -> torch.Tensor:
+    """cos(theta + m); with the guard, ArcFace's monotone fallback beyond theta > pi - m."""
+    with_margin = torch.cos(torch.acos(cos_t) + margin)
+    if not theta_guard:
+        return with_margin
+    return torch.where(cos_t > math.cos(math.pi - margin), with_margin, cos_t - math.sin(margin) * margin)
+
+
+def distarc_logits(emb_GD: torch.Tensor, labels_G: torch.Tensor, weight_CD: torch.Tensor, radii_C: torch.Tensor,
+                   class_start: int, cfg: LossConfig, margin: float) -> dict[str, torch.Tensor]:
+    """Denominator logits over the given classes, and the numerator logit where the class is ours.
+
+    Returns a dict with "logits" [G, C], "target" [G], "owner" [G] bool, and the detached per-sample
+    terms "delta_y", "cos_y", "cos_phi_y" (zero where not owned) for logging.
+    """
+    x = emb_GD.float()
+    num_local = weight_CD.shape[0]
+    local_y = labels_G - class_start
+    owner = (local_y >= 0) & (local_y < num_local)
+    rows = torch.arange(x.shape[0], device=x.device)
+    y_idx = local_y.clamp(0, max(num_local - 1, 0))
+
+    if cfg.name == "softmax":
+        logits = x @ weight_CD.float().t()
+        target = logits[rows, y_idx] if num_local else torch.zeros_like(x[:, 0])
+        zero = torch.zeros_like(target)
+        return {"logits": logits, "target": target, "owner": owner, "delta_y": zero, "cos_y": zero, "cos_phi_y": zero}
+
+    x_norm = x.norm(dim=1).clamp_min(1e-12)
+    w_hat = F.normalize(weight_CD.float(), dim=1, eps=1e-12)
+    dot = x @ w_hat.t()  # x . w_hat_j = ||x|| cos(theta_j)
+    cos = (dot / x_norm[:, None]).clamp(-1 + COS_EPS, 1 - COS_EPS)
+    s = cfg.scale
+    radial = cfg.name == "distarc" and cfg.radial_weight > 0
+    use_phi = cfg.name == "distarc" and cfg.phi_weight != 0
+    lam = cfg.radial_weight if radial else 0.0
+
+    delta = (x_norm[:, None] ** 2 + radii_C[None, :] ** 2 - 2 * radii_C[None, :] * dot).clamp_min(0.0)
+    logits = s * cos - lam * delta if radial else s * cos
+
+    if num_local == 0:
+        zero = torch.zeros_like(x[:, 0])
+        return {"logits": logits, "target": zero, "owner": owner, "delta_y": zero, "cos_y": zero, "cos_phi_y": zero}
+
+    cos_y = cos[rows, y_idx]
+    delta_y = delta[rows, y_idx]
+    r_y = radii_C[y_idx]
+    if cfg.name == "cosface":
+        margin_term = s * (cos_y - margin)
+    else:
+        margin_term = s * _arc_margin(cos_y, margin, cfg.theta_guard)
+    # cos(phi_y) = (r_y - ||x|| cos theta_y) / ||x - a_y||; clamping delta (not the root) keeps the
+    # gradient finite when x sits on its anchor, where the normalise-with-eps convention gives 0.
+    cos_phi = (r_y - dot[rows, y_idx]) / torch.sqrt(delta_y.clamp_min(1e-12))
+    phi_term = cfg.phi_weight * cos_phi if use_phi else torch.zeros_like(cos_y)
+    z_y = margin_term + phi_term - lam * delta_y
+
+    if cfg.name == "distarc" and cfg.form == "official":
+        # Released code: the denominator's target logit carries neither delta nor phi.
+        den_y, target = margin_term, z_y
+    else:
+        den_y, target = z_y, z_y
+    target_col = F.one_hot(y_idx, num_local).bool() & owner[:, None]
+    logits = torch.where(target_col, den_y[:, None], logits)
+    mask = owner.float()
+    return {"logits": logits, "target": target, "owner": owner,
+            "delta_y": (delta_y * mask).detach(), "cos_y": (cos_y * mask).detach(),
+            "cos_phi_y": (cos_phi * mask).detach()}
+
+
+def anchor_sq_distance(emb_GD: torch.Tensor, weight_CD: torch.Tensor, radii_C: torch.Tensor) -> torch.Tensor:
+    """delta_j = ||x - r_j w_hat_j||^2 for every sample and class (the predictive measure, squared)."""
+    x = emb_GD.float()
+    w_hat = F.normalize(weight_CD.float(), dim=1, eps=1e-12)
+    x_sq = (x * x).sum(dim=1, keepdim=True)
+    return (x_sq + radii_C[None, :] ** 2 - 2 * radii_C[None, :] * (x @ w_hat.t())).clamp_min(0.0)
+
+
+def cosine_scores(emb_GD: torch.Tensor, weight_CD: torch.Tensor) -> torch.Tensor:
+    """cos(theta_j) for every sample and class."""
+    return F.normalize(emb_GD.float(), dim=1, eps=1e-12) @ F.normalize(weight_CD.float(), dim=1, eps=1e-12).t()
+
+
+class DistArcHead(nn.Module):
+    """This rank's slice of the class table and the sharded DistArc loss over the global batch.
+
+    Kept outside the DeepSpeed engine (with its own optimizer): its rows differ per rank and must
+    never be averaged across ranks.
+    """
+
+    def __init__(self, cfg: LossConfig, num_classes: int, embed_dim: int, rank: int = 0, world_size: int = 1,
+                 group: ProcessGroup | None = None, embedding_grad_scale: float = 1.0) -> None:
+        super().__init__()
+        self.cfg, self.num_classes, self.embed_dim = cfg, num_classes, embed_dim
+        self.group, self.embedding_grad_scale = group, embedding_grad_scale
+        self.class_start, self.num_local = class_range(num_classes, rank, world_size)
+        rows = init_rows(cfg.init_seed, self.class_start, self.num_local, (embed_dim,))
+        self.weight = nn.Parameter(rows * 0.01 if cfg.name == "softmax" else rows)
+        ids = torch.arange(self.class_start, self.class_start + self.num_local)
+        self.register_buffer("radii", sphere_radii(ids, cfg.radius_start, cfg.radius_gap, cfg.num_spheres),
+                             persistent=False)
+
+    def forward(self, emb_BD: torch.Tensor, labels_B: torch.Tensor, step: int = 0) -> dict[str, torch.Tensor]:
+        """Loss of the global batch (same value on every rank) and its detached parts."""
+        if emb_BD.shape[-1] != self.embed_dim:
+            raise ValueError(f"embedding dimension {emb_BD.shape[-1]} != head's {self.embed_dim}: "
+                             "set model.embed_dim to the same value the head was built with")
+        emb_GD = all_gather_with_grad(emb_BD.float(), self.group, self.embedding_grad_scale)
+        labels_G = all_gather_no_grad(labels_B, self.group)
+        if labels_G.numel() and (int(labels_G.min()) < 0 or int(labels_G.max()) >= self.num_classes):
+            raise ValueError(f"labels outside [0, {self.num_classes}): min {int(labels_G.min())}, max "
+                             f"{int(labels_G.max())}; set data.num_classes to the data set's class count")
+        out = distarc_logits(emb_GD, labels_G, self.weight, self.radii, self.class_start, self.cfg,
+                             margin_at(self.cfg, step))
+        loss_G = sharded_cross_entropy(out["logits"], out["target"], out["owner"], self.group)
+        parts = torch.stack([out["delta_y"], out["cos_y"], out["cos_phi_y"]])
+        parts = all_reduce_sum_no_grad(parts, self.group) / max(labels_G.numel(), 1)
+        return {"loss": loss_G.mean(), "radial": parts[0].sum(), "cos_target": parts[1].sum(),
+                "cos_phi": parts[2].sum(), "emb_norm": emb_GD.detach().norm(dim=1).mean()}
+
+    @torch.no_grad()
+    def predict(self, emb_GD: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Class ids by the predictive measure (argmin ||x - a_j||) and by cosine argmax.
+
+        `emb_GD` must be the same on every rank; the reduction spans the class shards.
+        """
+        by_measure = sharded_argmin(anchor_sq_distance(emb_GD, self.weight, self.radii), self.class_start, self.group)
+        by_cosine = sharded_argmin(-cosine_scores(emb_GD, self.weight), self.class_start, self.group)
+        return {"measure": by_measure, "cosine": by_cosine}
+
+
+# ---- single-process reference API (plain tensors, the full table) -----------------------------
+
+
+def distarc_loss(emb: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, radii: torch.Tensor,
+                 cfg: LossConfig | None = None, margin: float | None = None) -> torch.Tensor:
+    """Mean DistArc loss of `emb` [N, D] against the whole table `weight` [C, D] with radii [C]."""
+    cfg = cfg or LossConfig()
+    out = distarc_logits(emb, labels, weight, radii.float(), 0, cfg, cfg.margin if margin is None else margin)
+    lse = torch.logsumexp(out["logits"], dim=1)
+    return (lse - out["target"]).mean()
+
+
+def predict(emb: torch.Tensor, weight: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
+    """Predicted class per row of `emb`: argmin_j ||x - r_j w_hat_j|| (the predictive measure)."""
+    return anchor_sq_distance(emb, weight, radii.float()).argmin(dim=1)

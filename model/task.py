@@ -1,0 +1,33 @@
+"""MetricLearningTask: backbone -> embeddings -> sharded head -> {"loss", parts}.
+
+The training loop only sees the dict contract; it never knows which loss is inside.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+class MetricLearningTask:
+    """Couples the (possibly DeepSpeed-wrapped) backbone with a class-sharded head.
+
+    The backbone is whatever callable maps images to embeddings (the DeepSpeed engine in training);
+    the head owns its shard and computes the global loss. Not an nn.Module on purpose: the two halves
+    have different optimizers and different gradient reductions.
+    """
+
+    def __init__(self, backbone: Callable[[torch.Tensor], torch.Tensor], head: nn.Module) -> None:
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, step: int = 0) -> dict[str, torch.Tensor]:
+        emb = self.backbone(images)
+        return self.head(emb.float(), labels, step=step)
+
+    __call__ = forward
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(images).float()

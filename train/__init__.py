@@ -1,0 +1,1 @@
+"""Training side of hypermetric: config tree, process groups, DeepSpeed engine, loop, checkpoints, metrics."""

@@ -1,0 +1,196 @@
+"""Checkpoints that resume by default: `<run_dir>/checkpoints/step-N/` plus a `latest` pointer.
+
+A save is collective. It is written into `.tmp-step-N/` and renamed only once every rank's part is on
+disk, and `latest` moves after the rename, so a run killed mid-save resumes from the previous
+checkpoint. Contents of `step-N/`:
+  engine/...            DeepSpeed engine state (backbone, its optimizer, lr schedule)
+  head/classes-A-B.pt   rows [A, B) of the proxy table with their optimizer moments (keyed by class
+                        range, not by rank, so a different world size can re-slice them)
+  rng/rank-R-of-W.pt    RNG states (restored only at the same world size)
+  meta.json             step, samples seen, world size, class count
+  config.yaml           the run's config
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import random
+import re
+import shutil
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from train.config import RunConfig, save_yaml
+from train.dist import DistEnv, barrier
+
+ENGINE_TAG = "engine"
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Counters that advance with training and travel with every checkpoint."""
+
+    step: int = 0
+    samples_seen: int = 0
+    last_loss: float = float("nan")  # the last logged (rank-averaged) training loss
+
+
+def checkpoint_root(run_dir: str) -> str:
+    return os.path.join(run_dir, "checkpoints")
+
+
+def find_latest(run_dir: str) -> str | None:
+    """The newest complete checkpoint folder, or None. Falls back to scanning if `latest` is stale."""
+    root = checkpoint_root(run_dir)
+    pointer = os.path.join(root, "latest")
+    if os.path.exists(pointer):
+        with open(pointer) as f:
+            path = os.path.join(root, f.read().strip())
+        if os.path.exists(os.path.join(path, "meta.json")):
+            return path
+    done = [p for p in glob.glob(os.path.join(root, "step-*")) if os.path.exists(os.path.join(p, "meta.json"))]
+    return max(done, key=_step_of) if done else None
+
+
+def read_meta(path: str) -> dict[str, Any]:
+    with open(os.path.join(path, "meta.json")) as f:
+        return json.load(f)
+
+
+def check_compatible(path: str, cfg: RunConfig) -> None:
+    """Refuse, before any training, a checkpoint whose class table does not fit this config."""
+    meta = read_meta(path)
+    if meta["num_classes"] != cfg.data.num_classes or meta["embed_dim"] != cfg.model.embed_dim:
+        raise ValueError(
+            f"checkpoint {path} holds a table of {meta['num_classes']} classes x {meta['embed_dim']} dims but the "
+            f"config asks for data.num_classes={cfg.data.num_classes}, model.embed_dim={cfg.model.embed_dim}; "
+            "use another run name (name=...) or set checkpoint.resume=false to start afresh in a new run dir")
+
+
+def save_checkpoint(cfg: RunConfig, env: DistEnv, state: TrainState, engine: Any, head: nn.Module,
+                    head_optimizer: torch.optim.Optimizer, head_scheduler: Any) -> str:
+    """Collective save of everything a resume needs; returns the final folder."""
+    root = checkpoint_root(cfg.run_dir)
+    name = f"step-{state.step}"
+    tmp, final = os.path.join(root, f".tmp-{name}"), os.path.join(root, name)
+    if env.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(os.path.join(tmp, "head"))
+        os.makedirs(os.path.join(tmp, "rng"))
+    barrier()
+    engine.save_checkpoint(tmp, tag=ENGINE_TAG, save_latest=False)
+    start, stop = head.class_start, head.class_start + head.num_local
+    torch.save(_head_state(head, head_optimizer, head_scheduler),
+               os.path.join(tmp, "head", f"classes-{start:09d}-{stop:09d}.pt"))
+    torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank-{env.rank}-of-{env.world_size}.pt"))
+    if env.is_main:
+        save_yaml(cfg, os.path.join(tmp, "config.yaml"))
+        meta = {"step": state.step, "samples_seen": state.samples_seen, "world_size": env.world_size,
+                "num_classes": head.num_classes, "embed_dim": head.embed_dim}
+        with open(os.path.join(tmp, "meta.json"), "w") as f:  # written last: marks the folder complete
+            json.dump(meta, f)
+    barrier()
+    if env.is_main:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _write_latest(root, name)
+        _prune(root, cfg.checkpoint.keep_last)
+    barrier()
+    return final
+
+
+def load_checkpoint(path: str, env: DistEnv, engine: Any, head: nn.Module, head_optimizer: torch.optim.Optimizer,
+                    head_scheduler: Any) -> TrainState:
+    """Restore engine, this rank's head slice (re-sliced from whatever ranges were saved) and counters."""
+    meta = read_meta(path)
+    load_path, _ = engine.load_checkpoint(path, tag=ENGINE_TAG, load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed found no engine state under {path}/{ENGINE_TAG}")
+    _load_head(path, head, head_optimizer, head_scheduler)
+    rng_file = os.path.join(path, "rng", f"rank-{env.rank}-of-{env.world_size}.pt")
+    if meta["world_size"] == env.world_size and os.path.exists(rng_file):
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    return TrainState(step=meta["step"], samples_seen=meta["samples_seen"])
+
+
+# ---- head shards --------------------------------------------------------------------------------
+
+
+def _head_state(head: nn.Module, opt: torch.optim.Optimizer, sched: Any) -> dict[str, Any]:
+    """Rows and per-row AdamW moments of this shard (single-parameter heads)."""
+    (param,) = list(head.parameters())
+    st = opt.state.get(param, {})
+    return {"class_start": head.class_start, "num_local": head.num_local, "rows": param.detach().cpu(),
+            "exp_avg": st["exp_avg"].cpu() if "exp_avg" in st else None,
+            "exp_avg_sq": st["exp_avg_sq"].cpu() if "exp_avg_sq" in st else None,
+            "opt_step": float(st["step"]) if "step" in st else 0.0, "scheduler": sched.state_dict()}
+
+
+def _load_head(path: str, head: nn.Module, opt: torch.optim.Optimizer, sched: Any) -> None:
+    (param,) = list(head.parameters())
+    lo, hi = head.class_start, head.class_start + head.num_local
+    rows = torch.empty_like(param.data, device="cpu")
+    moments = {"exp_avg": torch.zeros_like(rows), "exp_avg_sq": torch.zeros_like(rows)}
+    covered, opt_step, sched_state = 0, 0.0, None
+    for file in sorted(glob.glob(os.path.join(path, "head", "classes-*.pt"))):
+        a, b = (int(v) for v in re.findall(r"(\d+)", os.path.basename(file))[:2])
+        if b <= lo or a >= hi:
+            continue
+        part = torch.load(file, weights_only=False)
+        s, e = max(a, lo), min(b, hi)
+        rows[s - lo:e - lo] = part["rows"][s - a:e - a]
+        for key in moments:
+            if part[key] is not None:
+                moments[key][s - lo:e - lo] = part[key][s - a:e - a]
+        covered += e - s
+        opt_step, sched_state = part["opt_step"], part["scheduler"]
+    if covered != hi - lo:
+        raise RuntimeError(f"checkpoint {path}/head covers {covered} of classes [{lo}, {hi}): it is incomplete")
+    with torch.no_grad():
+        param.copy_(rows.to(param.device))
+    if opt_step > 0:
+        opt.state[param] = {"step": torch.tensor(opt_step), "exp_avg": moments["exp_avg"].to(param.device),
+                            "exp_avg_sq": moments["exp_avg_sq"].to(param.device)}
+    if sched_state is not None:
+        sched.load_state_dict(sched_state)
+
+
+# ---- rng, pointer, pruning ----------------------------------------------------------------------
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _write_latest(root: str, name: str) -> None:
+    tmp = os.path.join(root, f".latest.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(name)
+    os.replace(tmp, os.path.join(root, "latest"))
+
+
+def _step_of(path: str) -> int:
+    return int(os.path.basename(path).split("-")[1])
+
+
+def _prune(root: str, keep_last: int) -> None:
+    done = sorted(glob.glob(os.path.join(root, "step-*")), key=_step_of)
+    for old in done[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,211 @@
+"""The one typed config tree of a run.
+
+`RunConfig` composes the component configs (data, model, loss, optim, zero, checkpoint, metrics,
+slurm); each component sees only its own slice. It round-trips through `to_dict` / `from_dict` and
+YAML, is printed at start, written to `<run_dir>/config.yaml` and stored in every checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from typing import Any
+
+import yaml
+
+from data.config import DataConfig
+from model.config import LossConfig, ModelConfig
+
+
+@dataclasses.dataclass(kw_only=True)
+class OptimConfig:
+    """AdamW for the backbone (inside DeepSpeed) and a separate AdamW for the sharded head."""
+
+    lr: float = 1e-3
+    head_lr: float = 1e-2
+    weight_decay: float = 0.05
+    head_weight_decay: float = 0.0  # decay shrinks ||W_j|| towards 0 where only directions matter (spec 4.9)
+    beta1: float = 0.9
+    beta2: float = 0.999
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio at max_steps
+    grad_clip: float = 0.0  # backbone global-norm clip (0 = off); the head is not clipped (arcface_torch)
+    grad_accum_steps: int = 1
+
+    def validate(self) -> None:
+        if self.lr <= 0 or self.head_lr <= 0:
+            raise ValueError("optim.lr and optim.head_lr must be > 0")
+        if self.warmup_steps < 0 or self.grad_accum_steps < 1:
+            raise ValueError("optim.warmup_steps must be >= 0 and optim.grad_accum_steps >= 1")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+
+
+@dataclasses.dataclass(kw_only=True)
+class ZeroConfig:
+    """DeepSpeed ZeRO settings for the backbone."""
+
+    stage: int = 2
+    bf16: bool = False
+
+    def validate(self) -> None:
+        if self.stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero.stage={self.stage} must be 0, 1, 2 or 3")
+
+
+@dataclasses.dataclass(kw_only=True)
+class CheckpointConfig:
+    """`step-N/` folders under `<run_dir>/checkpoints`, a `latest` pointer, the last k kept."""
+
+    every_steps: int = 100
+    keep_last: int = 2
+    resume: bool = True  # start from the run dir's latest checkpoint when there is one
+
+    def validate(self) -> None:
+        if self.every_steps < 1 or self.keep_last < 1:
+            raise ValueError("checkpoint.every_steps and checkpoint.keep_last must be >= 1")
+
+
+@dataclasses.dataclass(kw_only=True)
+class MetricsConfig:
+    """What goes to TensorBoard and how often."""
+
+    log_every: int = 10
+    eval_every: int = 0  # steps between held-out evaluations (0 = only at the end)
+
+    def validate(self) -> None:
+        if self.log_every < 1 or self.eval_every < 0:
+            raise ValueError("metrics.log_every must be >= 1 and metrics.eval_every >= 0")
+
+
+@dataclasses.dataclass(kw_only=True)
+class SlurmConfig:
+    """Where and how the job runs: local tasks by default, Slurm with `--slurm`."""
+
+    nodes: int = 1
+    tasks_per_node: int = 2  # one task per GPU on a cluster; local CPU processes otherwise
+    cpus_per_task: int = 1
+    mem_gb: int = 0  # 0 = Slurm's default / whole node
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    time_min: int = 60
+    signal_delay_s: int = 120
+
+    def validate(self) -> None:
+        if self.nodes < 1 or self.tasks_per_node < 1 or self.cpus_per_task < 1:
+            raise ValueError("slurm.nodes, slurm.tasks_per_node and slurm.cpus_per_task must be >= 1")
+        if self.time_min < 1:
+            raise ValueError(f"slurm.time_min={self.time_min} must be >= 1")
+
+
+@dataclasses.dataclass(kw_only=True)
+class RunConfig:
+    """Everything one training run needs; a job is a pure function of this and its environment."""
+
+    name: str
+    run_root: str = "runs"
+    seed: int = 0
+    max_steps: int
+    data: DataConfig
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    zero: ZeroConfig = dataclasses.field(default_factory=ZeroConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
+    slurm: SlurmConfig = dataclasses.field(default_factory=SlurmConfig)
+
+    @property
+    def run_dir(self) -> str:
+        return os.path.join(self.run_root, self.name)
+
+    def validate(self) -> "RunConfig":
+        """Check every component and the cross-field rules; raise ValueError naming the fix."""
+        if not self.name or "/" in self.name:
+            raise ValueError(f"name={self.name!r} must be a non-empty folder name without '/'")
+        if self.max_steps < 1:
+            raise ValueError(f"max_steps={self.max_steps} must be >= 1")
+        for part in (self.data, self.model, self.loss, self.optim, self.zero, self.checkpoint, self.metrics,
+                     self.slurm):
+            part.validate()
+        if self.model.in_chans != self.data.in_chans:
+            raise ValueError(f"model.in_chans={self.model.in_chans} differs from data.in_chans={self.data.in_chans}; "
+                             "set both to the channels the images are decoded to")
+        if self.model.img_size and self.model.img_size != self.data.image_size:
+            raise ValueError(f"model.img_size={self.model.img_size} differs from data.image_size="
+                             f"{self.data.image_size}; set model.img_size=0 or make them equal")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "RunConfig":
+        return _build(cls, raw, "")
+
+
+def coerce(value: Any, typ: Any, key: str) -> Any:
+    """`value` as the field type `typ` (str, int, float, bool), or a ValueError naming `key`."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif typ is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    else:
+        raise ValueError(f"{key}: unsupported field type {typ}")
+    raise ValueError(f"{key}={value!r} is not a valid {typ.__name__}")
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """Resolved annotations of a config dataclass (they are strings under postponed evaluation)."""
+    return typing.get_type_hints(cls)
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ValueError(f"{prefix or 'config'}: expected a mapping, got {type(raw).__name__}")
+    types = field_types(cls)
+    unknown = set(raw) - set(types)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {sorted(prefix + k for k in unknown)}; valid: {sorted(types)}")
+    kwargs = {}
+    for key, value in raw.items():
+        typ = types[key]
+        if dataclasses.is_dataclass(typ):
+            kwargs[key] = _build(typ, value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = coerce(value, typ, prefix + key)
+    return cls(**kwargs)
+
+
+def save_yaml(cfg: RunConfig, path: str) -> None:
+    """Write the config as YAML (atomically: a half-written config.yaml never exists)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def load_yaml(path: str) -> RunConfig:
+    with open(path) as f:
+        return RunConfig.from_dict(yaml.safe_load(f))

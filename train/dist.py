@@ -1,0 +1,102 @@
+"""Process-group lifecycle, rank queries and metric reductions; the only reader of rank env vars.
+
+A job learns its place from the standard variables (RANK, WORLD_SIZE, LOCAL_RANK,
+LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), which the launcher (`slurm/job.py`) exports from
+submitit's JobEnvironment. Backend: NCCL on GPUs, gloo on CPU.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+
+@dataclasses.dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env_from_environ() -> DistEnv:
+    """Rank and world size from the environment (a single process when nothing is set)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return DistEnv(rank=int(os.environ.get("RANK", "0")), world_size=world,
+                   local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+                   local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
+
+
+def init_distributed(env: DistEnv, timeout_s: int = 1800) -> tuple[torch.device, bool]:
+    """Start the default process group (also for one process, so collectives always work).
+
+    Returns the device and whether this call created the group (a caller that did not create it,
+    e.g. a test harness, must not destroy it).
+    """
+    # DeepSpeed's CPU accelerator counts local devices from LOCAL_SIZE (else it shells out to numactl).
+    os.environ.setdefault("LOCAL_SIZE", str(env.local_world_size))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank)
+        device, backend = torch.device("cuda", env.local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if dist.is_initialized():
+        return device, False
+    dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    return device, True
+
+
+def destroy_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def reduce_mean(values: dict[str, float]) -> dict[str, float]:
+    """Mean of each scalar over ranks (one all-reduce)."""
+    if not values or not dist.is_initialized() or dist.get_world_size() == 1:
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t)}
+
+
+def all_gather_variable(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate tensors whose first dimension differs per rank (evaluation sets)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    world = dist.get_world_size()
+    n = torch.tensor([x.shape[0]], dtype=torch.long, device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros((longest, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+
+
+def broadcast_object(obj: object) -> object:
+    """Rank 0's value of a picklable object, on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -1,0 +1,41 @@
+"""The training loop, on one screen: batch -> step -> log -> checkpoint -> eval -> stop."""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+from tqdm import tqdm
+
+from train.checkpoint import TrainState
+from train.config import RunConfig
+from train.metrics import MetricLogger
+from train.step import Trainer, train_step
+
+
+def train_loop(cfg: RunConfig, tr: Trainer, batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+               state: TrainState, logger: MetricLogger, global_batch: int, is_main: bool,
+               save: Callable[[TrainState], str], evaluate: Callable[[], dict[str, float]],
+               stop_step: int) -> TrainState:
+    """Train from `state.step` to `stop_step` (<= cfg.max_steps); returns the final counters.
+
+    `save` and `evaluate` are collective: every rank reaches them at the same step.
+    """
+    logger.reset_timer(state.step)
+    bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not is_main, mininterval=5.0, desc="train")
+    while state.step < min(stop_step, cfg.max_steps):
+        scalars = train_step(tr, batches, state.step, cfg.optim.grad_accum_steps)
+        if not all(torch.isfinite(torch.tensor(v)) for v in scalars.values()):
+            raise FloatingPointError(f"non-finite training scalars at step {state.step}: {scalars}")
+        state.step += 1
+        state.samples_seen += global_batch
+        bar.update(1)
+        if state.step % cfg.metrics.log_every == 0 or state.step == cfg.max_steps:
+            state.last_loss = logger.log(state.step, state.samples_seen, scalars)["loss"]
+        if state.step % cfg.checkpoint.every_steps == 0 or state.step in (cfg.max_steps, stop_step):
+            save(state)
+            logger.reset_timer(state.step)
+        if cfg.metrics.eval_every and state.step % cfg.metrics.eval_every == 0 and state.step < cfg.max_steps:
+            logger.log(state.step, state.samples_seen, evaluate(), prefix="eval")
+            logger.reset_timer(state.step)
+    bar.close()
+    return state

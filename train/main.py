@@ -1,0 +1,112 @@
+"""`run(cfg)`: one training job, a pure function of its config and its environment.
+
+Setup happens in one visible order: process group -> seed -> data checks -> resume point -> model
+-> engine -> head -> resume -> stream -> loop -> final evaluation -> summary. A requeued job
+needs no flag: the run directory's latest checkpoint is always picked up.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from data.shards import check_labels, list_shards
+from data.stream import build_eval_loader, build_train_loader
+from model.backbone import build_backbone
+from model.distarc import DistArcHead
+from model.task import MetricLearningTask
+from train import checkpoint as ckpt
+from train.config import RunConfig, save_yaml
+from train.dist import barrier, destroy_distributed, env_from_environ, init_distributed
+from train.engine import build_engine, build_head_optimizer
+from train.evaluate import evaluate_classification
+from train.loop import train_loop
+from train.metrics import MetricLogger
+from train.step import Trainer
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run(cfg: RunConfig, stop_at_step: int | None = None) -> dict[str, Any]:
+    """Train (or resume) the run `cfg.name` to `cfg.max_steps`, evaluate, and return a summary.
+
+    `stop_at_step` ends the job early, after a checkpoint, as a preempted job would; the schedule
+    still spans `cfg.max_steps`, so a later `run(cfg)` continues exactly where this one stopped.
+    """
+    cfg.validate()
+    t0 = time.time()
+    env = env_from_environ()
+    device, owns_group = init_distributed(env)
+    try:
+        seed_everything(cfg.seed)  # same on every rank: identical backbone init before DeepSpeed's broadcast
+        # Cheap checks first: a bad data set or an incompatible checkpoint fails before any model is built.
+        list_shards(cfg.data.root, cfg.data.train_split)
+        list_shards(cfg.data.root, cfg.data.eval_split)
+        check_labels(cfg.data.root, cfg.data.num_classes)
+        resume_from = ckpt.find_latest(cfg.run_dir) if cfg.checkpoint.resume else None
+        if resume_from:
+            ckpt.check_compatible(resume_from, cfg)
+        if env.is_main:
+            os.makedirs(cfg.run_dir, exist_ok=True)
+            save_yaml(cfg, os.path.join(cfg.run_dir, "config.yaml"))
+            print(f"config of run {cfg.name}:\n{json.dumps(cfg.to_dict(), indent=1)}", flush=True)
+        barrier()
+
+        input_dtype = torch.bfloat16 if cfg.zero.bf16 else torch.float32
+        engine = build_engine(build_backbone(cfg.model), cfg.optim, cfg.zero, cfg.data.batch_size, cfg.max_steps)
+        head = DistArcHead(cfg.loss, cfg.data.num_classes, cfg.model.embed_dim, env.rank, env.world_size,
+                           embedding_grad_scale=float(env.world_size)).to(device)
+        head_opt, head_sched = build_head_optimizer(head, cfg.optim, cfg.max_steps)
+        task = MetricLearningTask(engine, head)
+        trainer = Trainer(engine, task, head_opt, head_sched, device, input_dtype)
+
+        state = ckpt.TrainState()
+        if resume_from:
+            state = ckpt.load_checkpoint(resume_from, env, engine, head, head_opt, head_sched)
+            if env.is_main:
+                print(f"resumed from {resume_from} at step {state.step}", flush=True)
+        global_batch = cfg.data.batch_size * env.world_size * cfg.optim.grad_accum_steps
+        batches = iter(build_train_loader(cfg.data, env.rank, env.world_size,
+                                          start_batch=state.step * cfg.optim.grad_accum_steps))
+        logger = MetricLogger(cfg.run_dir, env.is_main, global_batch)
+
+        def save(st: ckpt.TrainState) -> str:
+            return ckpt.save_checkpoint(cfg, env, st, engine, head, head_opt, head_sched)
+
+        def evaluate() -> dict[str, float]:
+            engine.eval()
+            result = evaluate_classification(task, build_eval_loader(cfg.data, env.rank, env.world_size), device,
+                                             input_dtype)
+            engine.train()
+            return result
+
+        start_step = state.step
+        train_t0 = time.time()
+        state = train_loop(cfg, trainer, batches, state, logger, global_batch, env.is_main, save, evaluate,
+                           stop_at_step or cfg.max_steps)
+        train_s = time.time() - train_t0
+        final: dict[str, float] = {}
+        if state.step >= cfg.max_steps:  # a job stopped early (preempted) leaves evaluation to its successor
+            final = evaluate()
+            logger.log(state.step, state.samples_seen, final, prefix="eval")
+        logger.close()
+        summary = {"run_dir": os.path.abspath(cfg.run_dir), "tensorboard_dir": os.path.abspath(logger.tb_dir),
+                   "checkpoint": ckpt.find_latest(cfg.run_dir), "step": state.step, "resumed_from_step": start_step,
+                   "last_train_loss": state.last_loss,
+                   "world_size": env.world_size, "train_seconds": train_s, "total_seconds": time.time() - t0, **final}
+        if env.is_main:
+            with open(os.path.join(cfg.run_dir, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=1)
+        return summary
+    finally:
+        if owns_group:
+            destroy_distributed()

@@ -1,0 +1,52 @@
+"""MetricLogger: the one path from scalars to TensorBoard and the console.
+
+Scalars are reduced (mean) across ranks by the caller-facing `log`, written on rank 0 only, against
+the optimizer step and, under `by_samples/`, against samples seen, so runs with different global
+batches line up. Throughput (img/s) is measured here between two log calls.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from train.dist import reduce_mean
+
+
+class MetricLogger:
+    """Rank-0 SummaryWriter at `<run_dir>/tb`; every rank must call `log` (it all-reduces)."""
+
+    def __init__(self, run_dir: str, is_main: bool, global_batch: int) -> None:
+        self.is_main, self.global_batch = is_main, global_batch
+        self.tb_dir = os.path.join(run_dir, "tb")
+        self.writer = None
+        if is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(self.tb_dir)
+        self._last_time = time.perf_counter()
+        self._last_step: int | None = None
+
+    def log(self, step: int, samples_seen: int, scalars: dict[str, float], prefix: str = "train") -> dict[str, float]:
+        """Reduce `scalars` over ranks, add img/s, write them; returns the reduced values."""
+        values = reduce_mean(scalars)
+        now = time.perf_counter()
+        if prefix == "train" and self._last_step is not None and step > self._last_step:
+            values["img_per_s"] = (step - self._last_step) * self.global_batch / max(now - self._last_time, 1e-9)
+        self._last_time, self._last_step = now, step
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(f"{prefix}/{key}", value, step)
+                self.writer.add_scalar(f"by_samples/{prefix}/{key}", value, samples_seen)
+            self.writer.flush()
+            text = " ".join(f"{k}={v:.4g}" for k, v in sorted(values.items()))
+            print(f"[{prefix}] step {step} samples {samples_seen} {text}", file=sys.stdout, flush=True)
+        return values
+
+    def reset_timer(self, step: int) -> None:
+        """Start throughput timing afresh (after evaluation or checkpointing)."""
+        self._last_time, self._last_step = time.perf_counter(), step
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,63 @@
+"""One optimizer step: grad_accum_steps micro-batches through the task, then both optimizers."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+from model.task import MetricLearningTask
+
+
+@dataclasses.dataclass
+class Trainer:
+    """What a step needs: the DeepSpeed engine (backbone), the task, the head's optimizer and schedule."""
+
+    engine: Any
+    task: MetricLearningTask
+    head_optimizer: torch.optim.Optimizer
+    head_scheduler: torch.optim.lr_scheduler.LRScheduler
+    device: torch.device
+    input_dtype: torch.dtype
+
+
+def train_step(tr: Trainer, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], step: int,
+               accum_steps: int) -> dict[str, float]:
+    """Run `accum_steps` micro-batches and one update; return the step's scalars (this rank's view).
+
+    engine.backward divides the loss by accum_steps, so the head's gradients are scaled alike; the
+    engine averages the backbone's over ranks at the boundary, the head's are never reduced.
+    """
+    sums: dict[str, float] = {}
+    for _ in range(accum_steps):
+        images, labels = next(batches)
+        images = images.to(tr.device, tr.input_dtype, non_blocking=True)
+        labels = labels.to(tr.device, non_blocking=True)
+        out = tr.task(images, labels, step=step)
+        tr.engine.backward(out["loss"])
+        boundary = tr.engine.is_gradient_accumulation_boundary()
+        if boundary:
+            sums["head_grad_norm"] = _head_grad_norm(tr.task.head)
+        tr.engine.step()  # called every micro-batch; DeepSpeed only updates at the boundary
+        for key, value in out.items():
+            sums[key] = sums.get(key, 0.0) + float(value.detach()) / accum_steps
+    tr.head_optimizer.step()
+    tr.head_optimizer.zero_grad(set_to_none=True)
+    tr.head_scheduler.step()
+    grad_norm = tr.engine.get_global_grad_norm()
+    if grad_norm is not None:
+        sums["grad_norm"] = float(grad_norm)
+    sums["lr"] = float(tr.engine.get_lr()[0])
+    sums["head_lr"] = float(tr.head_scheduler.get_last_lr()[0])
+    return sums
+
+
+def _head_grad_norm(head: torch.nn.Module) -> float:
+    """Global L2 norm of the sharded head's gradient (sum of squares over ranks)."""
+    sq = sum((p.grad.detach().float() ** 2).sum() for p in head.parameters() if p.grad is not None)
+    sq = torch.as_tensor(sq, dtype=torch.float64)
+    if dist.is_initialized():
+        sq = sq.to(next(head.parameters()).device)
+        dist.all_reduce(sq)
+    return float(sq.sqrt())
