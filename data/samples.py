@@ -95,7 +95,7 @@ def check_sample(sample: dict, shard: str, num_classes: int) -> RawSample:
     image = sample[field]
     try:
         check_image_header(image)
-    except Exception as exc:  # PIL raises many types for bad bytes
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad bytes
         raise ValueError(f"undecodable {field}: {type(exc).__name__}: {exc}") from None
     return RawSample(str(sample.get("__key__")), shard, image, label)
 

@@ -23,9 +23,10 @@ from __future__ import annotations
 import hashlib
 import itertools
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.config import DataConfig
@@ -60,7 +61,8 @@ def slot_raw_samples(
         order = list(shards)
         random.Random(f"shards-{cfg.seed}-{rank}-{worker}-{epoch}").shuffle(order)
         produced = 0
-        for sample in shuffle_buffer(valid_samples(order, cfg.num_classes, counter), cfg.shuffle_buffer, buffer_rng):
+        samples = valid_samples(order, cfg.num_classes, counter)
+        for sample in shuffle_buffer(samples, cfg.shuffle_buffer, buffer_rng):
             produced += 1
             yield sample
         if produced == 0:
@@ -81,7 +83,11 @@ def slot_raw_batches(
 
 
 def decode_batch(
-    raw: list[RawSample], cfg: DataConfig, transform, counter: BadSampleCounter, seed: int | None
+    raw: list[RawSample],
+    cfg: DataConfig,
+    transform: Callable[[Image.Image], torch.Tensor],
+    counter: BadSampleCounter,
+    seed: int | None,
 ) -> Batch | None:
     """Decode, transform and stack a raw batch; None if nothing decodes.
 
@@ -95,7 +101,7 @@ def decode_batch(
         try:
             images.append(decode_image(sample.image, cfg.in_chans))
             labels.append(sample.label)
-        except Exception as exc:  # PIL raises many types for bad bytes
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad bytes
             counter.record(sample.shard, sample.key, f"decode failed: {type(exc).__name__}: {exc}")
     if not images:
         return None
@@ -129,7 +135,9 @@ def _worker_slot(offset: int) -> tuple[int, int]:
 class TrainStream(IterableDataset):
     """Endless batches of one rank; see the module docstring for the order."""
 
-    def __init__(self, cfg: DataConfig, shards: list[str], rank: int, world_size: int, start_batch: int) -> None:
+    def __init__(
+        self, cfg: DataConfig, shards: list[str], rank: int, world_size: int, start_batch: int
+    ) -> None:
         super().__init__()
         self.cfg, self.shards = cfg, shards
         self.rank, self.world_size, self.start_batch = rank, world_size, start_batch

@@ -8,7 +8,13 @@ import tarfile
 
 import pytest
 
-from data.shards import assign_shards, check_labels, list_shards, sha256_file, verify_manifest
+from data.shards import (
+    assign_shards,
+    check_labels,
+    list_shards,
+    sha256_file,
+    verify_manifest,
+)
 from data.synthetic import synthetic_samples
 from data.writer import write_manifest, write_split
 

@@ -1,0 +1,74 @@
+"""Config tree: round trips, overrides, validation errors, every recipe builds."""
+from __future__ import annotations
+
+import pytest
+
+from launch.overrides import apply_overrides
+from launch.recipes import RECIPES, get_recipe
+from train.config import RunConfig, load_yaml, save_yaml
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_every_recipe_validates_and_round_trips(name: str, tmp_path) -> None:
+    cfg = get_recipe(name).validate()
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg
+    save_yaml(cfg, str(tmp_path / "config.yaml"))
+    assert load_yaml(str(tmp_path / "config.yaml")) == cfg
+
+
+def test_overrides_are_typed() -> None:
+    cfg = apply_overrides(get_recipe("mnist_distarc"),
+                          ["optim.lr=3e-4", "max_steps=7", "zero.bf16=true", "loss.form=paper", "data.root=/x"])
+    assert cfg.optim.lr == 3e-4 and isinstance(cfg.optim.lr, float)
+    assert cfg.max_steps == 7 and cfg.zero.bf16 is True and cfg.loss.form == "paper" and cfg.data.root == "/x"
+    assert get_recipe("mnist_distarc").optim.lr != 3e-4  # the recipe itself is untouched
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lrr=1", "unknown override key 'optim.lrr'"),
+    ("nosuch=1", "unknown override key 'nosuch'"),
+    ("max_steps=ten", "max_steps='ten' is not a valid int"),
+    ("zero.bf16=maybe", "zero.bf16='maybe' is not a valid bool"),
+    ("optim=1", "names a section"),
+    ("max_steps", "not of the form key=value"),
+])
+def test_bad_overrides(override: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        apply_overrides(get_recipe("mnist_distarc"), [override])
+
+
+def test_unknown_recipe() -> None:
+    with pytest.raises(ValueError, match="unknown recipe 'nope'.*mnist_distarc"):
+        get_recipe("nope")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("loss.margin=1.6", "loss.margin=1.6 must be in \\[0, pi/2\\)"),
+    ("loss.margin=-0.1", "loss.margin"),
+    ("loss.name=triplet", "loss.name='triplet' is unknown"),
+    ("loss.form=code", "loss.form='code' is unknown"),
+    ("zero.stage=4", "zero.stage=4"),
+    ("model.in_chans=3", "model.in_chans=3 differs from data.in_chans=1"),
+    ("model.img_size=64", "model.img_size=64 differs from data.image_size"),
+    ("max_steps=0", "max_steps=0 must be >= 1"),
+    ("data.batch_size=0", "batch_size"),
+    ("data.num_classes=0", "num_classes"),
+    ("checkpoint.every_steps=0", "checkpoint.every_steps"),
+    ("loss.num_spheres=0", "loss.num_spheres"),
+    ("name=a/b", "name='a/b'"),
+])
+def test_validation_errors(override: str, message: str) -> None:
+    cfg = apply_overrides(get_recipe("mnist_distarc"), [override])
+    with pytest.raises(ValueError, match=message):
+        cfg.validate()
+
+
+def test_from_dict_rejects_unknown_and_mistyped_keys() -> None:
+    raw = get_recipe("mnist_distarc").to_dict()
+    raw["optim"]["lrr"] = 1.0
+    with pytest.raises(ValueError, match="optim.lrr"):
+        RunConfig.from_dict(raw)
+    raw = get_recipe("mnist_distarc").to_dict()
+    raw["max_steps"] = "many"
+    with pytest.raises(ValueError, match="max_steps='many'"):
+        RunConfig.from_dict(raw)
