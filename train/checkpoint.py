@@ -159,6 +159,9 @@ def _load_head(path: str, head: nn.Module, opt: torch.optim.Optimizer, sched: An
                             "exp_avg_sq": moments["exp_avg_sq"].to(param.device)}
     if sched_state is not None:
         sched.load_state_dict(sched_state)
+        # load_state_dict restores the schedule's position but not the lr already in the optimizer
+        for group, lr in zip(opt.param_groups, sched.get_last_lr()):
+            group["lr"] = lr
 
 
 # ---- rng, pointer, pruning ----------------------------------------------------------------------

@@ -1,0 +1,108 @@
+"""End-to-end training: the launcher's 2-process run, exact resume, and bad input stopped early.
+
+The launcher test goes through submitit's LocalExecutor exactly as a user's command does; the
+resume and bad-input tests call `train.main.run` inside a reused 2-rank gloo pool.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from launch.__main__ import build_config, main
+from train.checkpoint import find_latest
+
+
+def small_overrides(root: str, run_root: str, name: str, steps: int) -> list[str]:
+    return [f"name={name}", f"run_root={run_root}", f"data.root={root}", "data.prepare=none", f"max_steps={steps}",
+            "checkpoint.every_steps=10", "metrics.log_every=5", "optim.warmup_steps=5", "loss.margin_warmup_steps=10"]
+
+
+def test_launcher_trains_checkpoints_and_logs(mnist_root: str, tmp_path, capsys) -> None:
+    overrides = small_overrides(mnist_root, str(tmp_path), "smoke", 60)
+    assert main(overrides) == 0
+    out = capsys.readouterr().out
+    run_dir = tmp_path / "smoke"
+    assert "held-out accuracy:" in out and str(run_dir / "tb") in out and str(run_dir / "checkpoints") in out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["step"] == 60 and summary["num_samples"] == 1000
+    assert summary["acc_measure"] > 0.3  # 60 steps from scratch: far above the 0.1 of chance
+    # checkpoints: latest points at the last one; keep_last=2 pruned step-10 to step-40
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step-60"
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["latest", "step-50", "step-60"]
+    step_dir = run_dir / "checkpoints" / "step-60"
+    assert (step_dir / "config.yaml").exists() and (run_dir / "config.yaml").exists()
+    assert len(glob.glob(str(step_dir / "head" / "classes-*.pt"))) == 2
+    # TensorBoard events read back; the loss falls
+    acc = EventAccumulator(str(run_dir / "tb"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    for tag in ("train/loss", "train/lr", "train/img_per_s", "train/grad_norm", "train/radial", "eval/acc_measure"):
+        assert tag in tags, tag
+    losses = [e.value for e in acc.Scalars("train/loss")]
+    assert len(losses) == 12 and losses[-1] < 0.6 * losses[0]
+    assert acc.Scalars("eval/acc_measure")[-1].value == pytest.approx(summary["acc_measure"])
+
+
+def _run(cfg_overrides: list[str], stop_at_step: int | None = None) -> dict:
+    from train.main import run
+
+    return run(build_config("mnist_distarc", cfg_overrides), stop_at_step=stop_at_step)
+
+
+def _run_error(cfg_overrides: list[str]) -> str:
+    try:
+        _run(cfg_overrides)
+    except (ValueError, FileNotFoundError) as err:
+        return f"{type(err).__name__}: {err}"
+    return "no error"
+
+
+def _model_state(run_dir: str) -> dict[str, torch.Tensor]:
+    path = find_latest(run_dir)
+    state = torch.load(os.path.join(path, "engine", "mp_rank_00_model_states.pt"), weights_only=False)
+    heads = sorted(glob.glob(os.path.join(path, "head", "classes-*.pt")))
+    table = torch.cat([torch.load(h, weights_only=False)["rows"] for h in heads])
+    return {**state["module"], "head": table}
+
+
+def test_resume_gives_the_same_weights_and_loss(dist_pool, mnist_root: str, tmp_path) -> None:
+    pool = dist_pool(2)
+    steps = 20
+    straight = pool.run(_run, small_overrides(mnist_root, str(tmp_path), "straight", steps) + ["data.num_workers=1"])
+    resumed_args = small_overrides(mnist_root, str(tmp_path), "resumed", steps) + ["data.num_workers=1"]
+    first = pool.run(_run, resumed_args, steps // 2)
+    assert first[0]["step"] == steps // 2 and "acc_measure" not in first[0]  # stopped, like a preempted job
+    second = pool.run(_run, resumed_args)
+    assert second[0]["resumed_from_step"] == steps // 2 and second[0]["step"] == steps
+    assert second[0]["last_train_loss"] == pytest.approx(straight[0]["last_train_loss"], rel=1e-6, abs=1e-7)
+    assert second[0]["acc_measure"] == straight[0]["acc_measure"]
+    a, b = _model_state(str(tmp_path / "straight")), _model_state(str(tmp_path / "resumed"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-7, msg=key)
+
+
+def test_bad_input_stops_before_training(dist_pool, mnist_root: str, tmp_path) -> None:
+    pool = dist_pool(2)
+    base = small_overrides(mnist_root, str(tmp_path), "bad", 10)
+    missing = pool.run(_run_error, base + [f"data.root={tmp_path / 'nowhere'}"])[0]
+    assert missing.startswith("FileNotFoundError") and "nowhere" in missing
+    labels = pool.run(_run_error, base + ["data.num_classes=5"])[0]
+    assert labels.startswith("ValueError") and "manifest.json" in labels and "data.num_classes" in labels
+    assert not (tmp_path / "bad").exists()  # nothing was built or written
+    # a checkpoint from 10 classes refuses to load into a 12-class config
+    pool.run(_run, base)
+    mismatch = pool.run(_run_error, base + ["data.num_classes=12"])[0]
+    assert "holds a table of 10 classes" in mismatch and "data.num_classes=12" in mismatch
+
+
+def test_launcher_rejects_bad_recipe_and_overrides(capsys) -> None:
+    assert main(["--recipe", "nope"]) == 2
+    assert "unknown recipe 'nope'" in capsys.readouterr().err
+    assert main(["optim.lr=fast"]) == 2
+    assert "optim.lr='fast' is not a valid float" in capsys.readouterr().err
