@@ -4,6 +4,8 @@ The neck's output is the raw, unnormalised embedding: DistArc's radial term uses
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import timm
 from torch import nn
@@ -17,7 +19,7 @@ class EmbeddingModel(nn.Module):
     def __init__(self, trunk: nn.Module, embed_dim: int) -> None:
         super().__init__()
         self.trunk = trunk
-        self.neck = nn.Linear(trunk.num_features, embed_dim)
+        self.neck = nn.Linear(int(getattr(trunk, "num_features")), embed_dim)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.neck(self.trunk(images))
@@ -25,7 +27,7 @@ class EmbeddingModel(nn.Module):
 
 def build_backbone(cfg: ModelConfig) -> EmbeddingModel:
     """A timm model by name with its classifier removed (num_classes=0), weights local or random."""
-    kwargs: dict[str, object] = {"num_classes": 0, "in_chans": cfg.in_chans}
+    kwargs: dict[str, Any] = {"num_classes": 0, "in_chans": cfg.in_chans}
     if cfg.drop_path_rate > 0:
         kwargs["drop_path_rate"] = cfg.drop_path_rate
     if cfg.img_size:
@@ -39,5 +41,5 @@ def build_backbone(cfg: ModelConfig) -> EmbeddingModel:
     except RuntimeError as err:  # timm raises RuntimeError for unknown names
         raise ValueError(f"model.name={cfg.name!r}: {err}; list names with timm.list_models()") from err
     if cfg.grad_checkpointing:
-        trunk.set_grad_checkpointing(True)
+        getattr(trunk, "set_grad_checkpointing")(True)
     return EmbeddingModel(trunk, cfg.embed_dim)

@@ -21,7 +21,7 @@ from torch.distributed import ProcessGroup
 from model.collectives import (all_gather_no_grad, all_gather_with_grad, all_reduce_sum_no_grad, sharded_argmin,
                                sharded_cross_entropy)
 from model.config import LossConfig
-from model.proxies import class_range, init_rows
+from model.proxies import ShardedHead, class_range, init_rows
 
 COS_EPS = 1e-7  # official clamp of cos(theta) to [-1 + eps, 1 - eps]
 
@@ -121,12 +121,14 @@ def cosine_scores(emb_GD: torch.Tensor, weight_CD: torch.Tensor) -> torch.Tensor
     return F.normalize(emb_GD.float(), dim=1, eps=1e-12) @ F.normalize(weight_CD.float(), dim=1, eps=1e-12).t()
 
 
-class DistArcHead(nn.Module):
+class DistArcHead(ShardedHead):
     """This rank's slice of the class table and the sharded DistArc loss over the global batch.
 
     Kept outside the DeepSpeed engine (with its own optimizer): its rows differ per rank and must
     never be averaged across ranks.
     """
+
+    radii: torch.Tensor
 
     def __init__(self, cfg: LossConfig, num_classes: int, embed_dim: int, rank: int = 0, world_size: int = 1,
                  group: ProcessGroup | None = None, embedding_grad_scale: float = 1.0) -> None:

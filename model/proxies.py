@@ -7,7 +7,10 @@ re-sliceable and the sharded loss comparable with a dense one.
 """
 from __future__ import annotations
 
+import abc
+
 import torch
+from torch import nn
 
 INIT_BLOCK = 4096  # classes per generator block; changing it changes every initial table
 
@@ -44,3 +47,19 @@ def init_rows(seed: int, class_start: int, num_local: int, row_shape: tuple[int,
         hi = min(class_start + num_local, (block + 1) * INIT_BLOCK)
         out[lo - class_start:hi - class_start] = rows[lo - block * INIT_BLOCK:hi - block * INIT_BLOCK]
     return out
+
+
+class ShardedHead(nn.Module, abc.ABC):
+    """Base of the class-sharded heads: this rank's slice of a table of `num_classes` rows.
+
+    The checkpoint writer and the evaluator rely only on these attributes and `predict`.
+    """
+
+    num_classes: int
+    embed_dim: int
+    class_start: int
+    num_local: int
+
+    @abc.abstractmethod
+    def predict(self, emb_GD: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Predicted global class ids (one tensor per prediction rule) for a global batch."""

@@ -7,7 +7,8 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from torch import nn
+
+from model.proxies import ShardedHead
 
 
 class MetricLearningTask:
@@ -18,7 +19,7 @@ class MetricLearningTask:
     have different optimizers and different gradient reductions.
     """
 
-    def __init__(self, backbone: Callable[[torch.Tensor], torch.Tensor], head: nn.Module) -> None:
+    def __init__(self, backbone: Callable[[torch.Tensor], torch.Tensor], head: ShardedHead) -> None:
         self.backbone = backbone
         self.head = head
 

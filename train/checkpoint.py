@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
+from model.proxies import ShardedHead
 from train.config import RunConfig, save_yaml
 from train.dist import DistEnv, barrier
 
@@ -72,7 +72,7 @@ def check_compatible(path: str, cfg: RunConfig) -> None:
             "use another run name (name=...) or set checkpoint.resume=false to start afresh in a new run dir")
 
 
-def save_checkpoint(cfg: RunConfig, env: DistEnv, state: TrainState, engine: Any, head: nn.Module,
+def save_checkpoint(cfg: RunConfig, env: DistEnv, state: TrainState, engine: Any, head: ShardedHead,
                     head_optimizer: torch.optim.Optimizer, head_scheduler: Any) -> str:
     """Collective save of everything a resume needs; returns the final folder."""
     root = checkpoint_root(cfg.run_dir)
@@ -104,7 +104,7 @@ def save_checkpoint(cfg: RunConfig, env: DistEnv, state: TrainState, engine: Any
     return final
 
 
-def load_checkpoint(path: str, env: DistEnv, engine: Any, head: nn.Module, head_optimizer: torch.optim.Optimizer,
+def load_checkpoint(path: str, env: DistEnv, engine: Any, head: ShardedHead, head_optimizer: torch.optim.Optimizer,
                     head_scheduler: Any) -> TrainState:
     """Restore engine, this rank's head slice (re-sliced from whatever ranges were saved) and counters."""
     meta = read_meta(path)
@@ -122,7 +122,7 @@ def load_checkpoint(path: str, env: DistEnv, engine: Any, head: nn.Module, head_
 # ---- head shards --------------------------------------------------------------------------------
 
 
-def _head_state(head: nn.Module, opt: torch.optim.Optimizer, sched: Any) -> dict[str, Any]:
+def _head_state(head: ShardedHead, opt: torch.optim.Optimizer, sched: Any) -> dict[str, Any]:
     """Rows and per-row AdamW moments of this shard (single-parameter heads)."""
     (param,) = list(head.parameters())
     st = opt.state.get(param, {})
@@ -132,7 +132,7 @@ def _head_state(head: nn.Module, opt: torch.optim.Optimizer, sched: Any) -> dict
             "opt_step": float(st["step"]) if "step" in st else 0.0, "scheduler": sched.state_dict()}
 
 
-def _load_head(path: str, head: nn.Module, opt: torch.optim.Optimizer, sched: Any) -> None:
+def _load_head(path: str, head: ShardedHead, opt: torch.optim.Optimizer, sched: Any) -> None:
     (param,) = list(head.parameters())
     lo, hi = head.class_start, head.class_start + head.num_local
     rows = torch.empty_like(param.data, device="cpu")

@@ -192,7 +192,7 @@ def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
     for key, value in raw.items():
         typ = types[key]
         if dataclasses.is_dataclass(typ):
-            kwargs[key] = _build(typ, value, f"{prefix}{key}.")
+            kwargs[key] = _build(typing.cast(type, typ), value, f"{prefix}{key}.")
         else:
             kwargs[key] = coerce(value, typ, prefix + key)
     return cls(**kwargs)
