@@ -148,3 +148,55 @@ def sharded_argmin(values_GC: torch.Tensor, class_start: int, group: ProcessGrou
     dist.all_gather(idxs, idx_G.contiguous(), group=group)
     best_rank = torch.stack(mins).argmin(dim=0)  # first occurrence = lowest rank = lowest class id
     return torch.stack(idxs).gather(0, best_rank[None]).squeeze(0)
+
+
+class _GatherAndExchange(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x_BD: torch.Tensor, send_ND: torch.Tensor, dst: int, src: int, recv_rows: int,
+                group: ProcessGroup | None, grad_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        rank, world = _world(group)
+        ctx.group, ctx.rank, ctx.world, ctx.grad_scale = group, rank, world, grad_scale
+        ctx.dst, ctx.src, ctx.send_shape = dst, src, send_ND.shape
+        parts = [torch.empty_like(x_BD) for _ in range(world)]
+        dist.all_gather(parts, x_BD.contiguous(), group=group)
+        recv = torch.empty((recv_rows, *send_ND.shape[1:]), dtype=send_ND.dtype, device=send_ND.device)
+        _send_recv(send_ND.contiguous(), dst, recv, src, group)
+        return torch.cat(parts, dim=0), recv
+
+    @staticmethod
+    def backward(ctx: Any, grad_GD: torch.Tensor, grad_recv: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, None, None, None, None, None]:
+        # Both collectives in one node, in a fixed order: autograd may visit separate nodes in a
+        # different order on different ranks, and collectives issued out of order deadlock.
+        grad_BD = _sum_then_slice(grad_GD, ctx.rank, ctx.world, ctx.group) * ctx.grad_scale
+        grad_send = torch.empty(ctx.send_shape, dtype=grad_recv.dtype, device=grad_recv.device)
+        # gradients travel back the way the rows came: to the sender, from the receiver
+        _send_recv(grad_recv.contiguous(), ctx.src, grad_send, ctx.dst, ctx.group)
+        return grad_BD, grad_send, None, None, None, None, None
+
+
+def _send_recv(send: torch.Tensor, dst: int, recv: torch.Tensor, src: int, group: ProcessGroup | None) -> None:
+    to = dist.get_global_rank(group, dst) if group is not None else dst
+    frm = dist.get_global_rank(group, src) if group is not None else src
+    # Sizes are known on both sides (class ranges), so empty messages can be skipped symmetrically;
+    # gloo does not complete zero-byte transfers.
+    ops = []
+    if send.numel():
+        ops.append(dist.P2POp(dist.isend, send, to, group))
+    if recv.numel():
+        ops.append(dist.P2POp(dist.irecv, recv, frm, group))
+    if ops:
+        for req in dist.batch_isend_irecv(ops):
+            req.wait()
+
+
+def all_gather_and_exchange(x_BD: torch.Tensor, send_ND: torch.Tensor, dst: int, src: int, recv_rows: int,
+                             group: ProcessGroup | None = None, grad_scale: float = 1.0
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`all_gather_with_grad(x_BD)` plus a point-to-point exchange, as one autograd node.
+
+    Sends `send_ND` to rank `dst` and receives `recv_rows` rows from rank `src` (group ranks). The
+    backward sums the gathered gradients as `all_gather_with_grad` does, returns the received rows'
+    gradients to `src` and collects the sent rows' gradients from `dst`. Every rank must call it.
+    """
+    return _GatherAndExchange.apply(x_BD, send_ND, dst, src, recv_rows, group, grad_scale)

@@ -8,8 +8,10 @@ from __future__ import annotations
 import dataclasses
 import math
 
-HEAD_NAMES = ("distarc", "arcface", "cosface", "softmax")
+HEAD_NAMES = ("distarc", "arcface", "cosface", "softmax", "chest", "softtriple")
 DISTARC_FORMS = ("paper", "official")
+HYPHC_NEGATIVES = ("peer", "local")
+EUCLID_FEATURES = ("backbone", "head")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -37,6 +39,60 @@ class ModelConfig:
 
 
 @dataclasses.dataclass(kw_only=True)
+class ChestConfig:
+    """CHEST (Saeki et al., arXiv 2510.05643; shared/spec/losses.md section 2) and its SoftTriple baseline.
+
+    Defaults are the paper's common settings (c = 0.5, clip 2.3, gamma 5, lambda 20, eta 1, tau 0.5)
+    with the SOP margins (delta_H, delta_E) = (1, 5). The Table 6-7 ablations are config only:
+    L_H only = eta_e=0; L_E only = eta_h=0 euclid_features=head; K=1 needs tau=0; tau=0 drops HypHC.
+    For loss.name=softtriple the Euclidean fields are SoftTriple's: cosine similarity, inner
+    temperature gamma_e (0.1), scale lambda_e (20), margin delta_e (0.01), centre regulariser tau (0.2).
+    """
+
+    proxies_per_class: int = 2  # K; all K proxies of a class live on one rank
+    hyp_dim: int = 384  # D_H, output of the shared FC h
+    curvature: float = 0.5  # c > 0; the ball has radius 1/sqrt(c)
+    clip_radius: float = 2.3  # feature clipping before expmap0 (0 = off)
+    gamma_e: float = 5.0  # intra-class soft-min temperatures
+    gamma_h: float = 5.0
+    lambda_e: float = 20.0  # class-softmax scales
+    lambda_h: float = 20.0
+    delta_e: float = 5.0  # margins, in distance units
+    delta_h: float = 1.0
+    eta_e: float = 1.0  # weights of the two spaces (Eq. 10)
+    eta_h: float = 1.0
+    tau: float = 0.5  # HypHC weight (SoftTriple: centre-regulariser weight)
+    gamma_hyp: float = 1.0  # HypHC pair-softmax temperature
+    hyphc_sign: int = 1  # +1: the printed softmax(+d/gamma) (default); -1: HypHC-faithful softmax(-d/gamma)
+    hyphc_detach_sim: bool = False  # treat S_ab = exp(-d_ab) as constants (HIER/HypHC style)
+    hyphc_negatives: str = "peer"  # "peer": rotating-peer exchange (spec 3.4 b); "local": own class range only
+    euclid_features: str = "backbone"  # L_E on x^E ("backbone") or on h(x^E) ("head", the eta_h=0 ablation)
+    permute_classes: bool = True  # shuffle class ids before sharding (SOP/In-shop ids are grouped)
+    proxy_init_std: float = 1.0  # Gaussian init of the Euclidean proxies
+
+    def validate(self, head: str) -> None:
+        if self.proxies_per_class < 1:
+            raise ValueError(f"loss.chest.proxies_per_class={self.proxies_per_class} must be >= 1")
+        if self.proxies_per_class < 2 and self.tau > 0:
+            raise ValueError(f"loss.chest.proxies_per_class={self.proxies_per_class} < 2 with loss.chest.tau="
+                             f"{self.tau} > 0: HypHC / the centre regulariser need two proxies per class; set tau=0")
+        if not self.curvature > 0:
+            raise ValueError(f"loss.chest.curvature={self.curvature} must be > 0 (curvature of the ball is -c)")
+        if self.hyp_dim < 1 or self.gamma_e <= 0 or self.gamma_h <= 0 or self.gamma_hyp <= 0:
+            raise ValueError("loss.chest.hyp_dim and the temperatures gamma_e, gamma_h, gamma_hyp must be > 0")
+        if self.hyphc_sign not in (-1, 1):
+            raise ValueError(f"loss.chest.hyphc_sign={self.hyphc_sign} must be 1 or -1")
+        if self.hyphc_negatives not in HYPHC_NEGATIVES:
+            raise ValueError(f"loss.chest.hyphc_negatives={self.hyphc_negatives!r}; choose one of {HYPHC_NEGATIVES}")
+        if self.euclid_features not in EUCLID_FEATURES:
+            raise ValueError(f"loss.chest.euclid_features={self.euclid_features!r}; choose one of {EUCLID_FEATURES}")
+        if self.eta_e < 0 or self.eta_h < 0 or self.tau < 0 or (self.eta_e == 0 and self.eta_h == 0):
+            raise ValueError("loss.chest.eta_e, eta_h, tau must be >= 0 and eta_e + eta_h > 0")
+        if head == "softtriple" and self.eta_e == 0:
+            raise ValueError("loss.name=softtriple uses the Euclidean fields: loss.chest.eta_e must be > 0")
+
+
+@dataclasses.dataclass(kw_only=True)
 class LossConfig:
     """The class-sharded margin head.
 
@@ -57,6 +113,8 @@ class LossConfig:
     num_spheres: int = 10  # S; class j lives on sphere j mod S
     theta_guard: bool = False  # ArcFace's fallback cos(theta) - m sin(m) when theta + m > pi
     init_seed: int = 1234  # rows are drawn from a generator keyed by (init_seed, global class id)
+    sample_rate: float = 1.0  # Partial-FC: fraction of each rank's classes in the softmax (positives always)
+    chest: ChestConfig = dataclasses.field(default_factory=ChestConfig)
 
     def validate(self) -> None:
         if self.name not in HEAD_NAMES:
@@ -75,3 +133,7 @@ class LossConfig:
             raise ValueError("loss.radius_start must be > 0 and loss.radius_gap >= 0 (radii must be positive)")
         if self.margin_warmup_steps < 0:
             raise ValueError(f"loss.margin_warmup_steps={self.margin_warmup_steps} must be >= 0")
+        if not 0.0 < self.sample_rate <= 1.0:
+            raise ValueError(f"loss.sample_rate={self.sample_rate} must be in (0, 1]")
+        if self.name in ("chest", "softtriple"):
+            self.chest.validate(self.name)

@@ -21,7 +21,7 @@ from torch.distributed import ProcessGroup
 from model.collectives import (all_gather_no_grad, all_gather_with_grad, all_reduce_sum_no_grad, sharded_argmin,
                                sharded_cross_entropy)
 from model.config import LossConfig
-from model.proxies import ShardedHead, class_range, init_rows
+from model.proxies import ShardedHead, class_range, init_rows, sample_local_classes
 
 COS_EPS = 1e-7  # official clamp of cos(theta) to [-1 + eps, 1 - eps]
 
@@ -46,19 +46,21 @@ def _arc_margin(cos_t: torch.Tensor, margin: float, theta_guard: bool) -> torch.
     return torch.where(cos_t > math.cos(math.pi - margin), with_margin, cos_t - math.sin(margin) * margin)
 
 
-def distarc_logits(emb_GD: torch.Tensor, labels_G: torch.Tensor, weight_CD: torch.Tensor, radii_C: torch.Tensor,
-                   class_start: int, cfg: LossConfig, margin: float) -> dict[str, torch.Tensor]:
+def distarc_logits(emb_GD: torch.Tensor, target_col_G: torch.Tensor, weight_CD: torch.Tensor, radii_C: torch.Tensor,
+                   cfg: LossConfig, margin: float) -> dict[str, torch.Tensor]:
     """Denominator logits over the given classes, and the numerator logit where the class is ours.
+
+    Args:
+        target_col_G: column of `weight_CD` holding each sample's class, -1 where it is elsewhere.
 
     Returns a dict with "logits" [G, C], "target" [G], "owner" [G] bool, and the detached per-sample
     terms "delta_y", "cos_y", "cos_phi_y" (zero where not owned) for logging.
     """
     x = emb_GD.float()
     num_local = weight_CD.shape[0]
-    local_y = labels_G - class_start
-    owner = (local_y >= 0) & (local_y < num_local)
+    owner = target_col_G >= 0
     rows = torch.arange(x.shape[0], device=x.device)
-    y_idx = local_y.clamp(0, max(num_local - 1, 0))
+    y_idx = target_col_G.clamp(0, max(num_local - 1, 0))
 
     if cfg.name == "softmax":
         logits = x @ weight_CD.float().t()
@@ -152,13 +154,22 @@ class DistArcHead(ShardedHead):
         if labels_G.numel() and (int(labels_G.min()) < 0 or int(labels_G.max()) >= self.num_classes):
             raise ValueError(f"labels outside [0, {self.num_classes}): min {int(labels_G.min())}, max "
                              f"{int(labels_G.max())}; set data.num_classes to the data set's class count")
-        out = distarc_logits(emb_GD, labels_G, self.weight, self.radii, self.class_start, self.cfg,
-                             margin_at(self.cfg, step))
+        local_y = labels_G - self.class_start
+        target_col = torch.where((local_y >= 0) & (local_y < self.num_local), local_y, -1)
+        weight, radii = self.weight, self.radii
+        if self.cfg.sample_rate < 1.0:  # Partial-FC: a random subset of negatives, all positives
+            gen = torch.Generator().manual_seed(hash((self.cfg.init_seed, step, self.class_start)) % 2**63)
+            index, target_col = sample_local_classes(target_col, self.num_local, self.cfg.sample_rate, gen)
+            weight, radii = weight[index], radii[index]
+        out = distarc_logits(emb_GD, target_col, weight, radii, self.cfg, margin_at(self.cfg, step))
         loss_G = sharded_cross_entropy(out["logits"], out["target"], out["owner"], self.group)
         parts = torch.stack([out["delta_y"], out["cos_y"], out["cos_phi_y"]])
         parts = all_reduce_sum_no_grad(parts, self.group) / max(labels_G.numel(), 1)
         return {"loss": loss_G.mean(), "radial": parts[0].sum(), "cos_target": parts[1].sum(),
                 "cos_phi": parts[2].sum(), "emb_norm": emb_GD.detach().norm(dim=1).mean()}
+
+    def sharded_parameters(self) -> dict[str, nn.Parameter]:
+        return {"weight": self.weight}
 
     @torch.no_grad()
     def predict(self, emb_GD: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -178,7 +189,7 @@ def distarc_loss(emb: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, 
                  cfg: LossConfig | None = None, margin: float | None = None) -> torch.Tensor:
     """Mean DistArc loss of `emb` [N, D] against the whole table `weight` [C, D] with radii [C]."""
     cfg = cfg or LossConfig()
-    out = distarc_logits(emb, labels, weight, radii.float(), 0, cfg, cfg.margin if margin is None else margin)
+    out = distarc_logits(emb, labels, weight, radii.float(), cfg, cfg.margin if margin is None else margin)
     lse = torch.logsumexp(out["logits"], dim=1)
     return (lse - out["target"]).mean()
 

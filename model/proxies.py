@@ -30,6 +30,47 @@ def class_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]
     return class_start, num_local
 
 
+def owner_of(class_ids: torch.Tensor, num_classes: int, world_size: int) -> torch.Tensor:
+    """Rank owning each global class id (the inverse of `class_range`)."""
+    base, extra = divmod(num_classes, world_size)
+    boundary = extra * (base + 1)  # the first `extra` ranks hold base + 1 classes each
+    big = torch.div(class_ids, base + 1, rounding_mode="floor")
+    small = extra + torch.div(class_ids - boundary, max(base, 1), rounding_mode="floor")
+    return torch.where(class_ids < boundary, big, small)
+
+
+def class_permutation(num_classes: int, seed: int) -> torch.Tensor:
+    """A fixed shuffle of class ids: `perm[label]` is the table row holding `label`.
+
+    Sharding contiguous rows of shuffled ids spreads grouped classes (SOP super-categories) over ranks.
+    """
+    return torch.randperm(num_classes, generator=torch.Generator().manual_seed(seed + 17))
+
+
+def sample_local_classes(target_col: torch.Tensor, num_local: int, rate: float,
+                         generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Partial-FC negative-class sampling on one rank.
+
+    Args:
+        target_col: [G] local column of each sample's class, -1 where another rank owns it.
+        rate: fraction of the local classes to keep; the batch's positives are always kept.
+
+    Returns:
+        (index, new_target_col): sorted local columns kept, and targets renumbered into them.
+        At rate 1.0 the index is every column and targets are unchanged.
+    """
+    if rate >= 1.0 or num_local == 0:
+        return torch.arange(num_local, device=target_col.device), target_col
+    num_keep = max(1, min(num_local, int(rate * num_local + 0.5)))
+    score = torch.rand(num_local, generator=generator).to(target_col.device)
+    positives = target_col[target_col >= 0]
+    score[positives] = 2.0  # above any random score: positives always survive topk
+    num_keep = max(num_keep, int(positives.unique().numel()))
+    index = torch.topk(score, num_keep).indices.sort().values
+    new_target = torch.where(target_col >= 0, torch.searchsorted(index, target_col.clamp_min(0)), target_col)
+    return index, new_target
+
+
 def init_rows(seed: int, class_start: int, num_local: int, row_shape: tuple[int, ...]) -> torch.Tensor:
     """Standard-normal rows for classes [class_start, class_start + num_local), fp32.
 
@@ -63,3 +104,11 @@ class ShardedHead(nn.Module, abc.ABC):
     @abc.abstractmethod
     def predict(self, emb_GD: torch.Tensor) -> dict[str, torch.Tensor]:
         """Predicted global class ids (one tensor per prediction rule) for a global batch."""
+
+    @abc.abstractmethod
+    def sharded_parameters(self) -> dict[str, nn.Parameter]:
+        """Parameters whose dim 0 is this rank's class slice (saved and re-sliced by class range)."""
+
+    def replicated_parameters(self) -> dict[str, nn.Parameter]:
+        """Parameters every rank holds whole; their gradients are summed over ranks before a step."""
+        return {}

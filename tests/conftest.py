@@ -17,7 +17,7 @@ def dist_pool() -> Iterator[Callable[[int], DistPool]]:
     pools: dict[int, DistPool] = {}
 
     def get(world_size: int) -> DistPool:
-        if world_size not in pools:
+        if world_size not in pools or pools[world_size].broken:
             pools[world_size] = DistPool(world_size)
         return pools[world_size]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import socket
+import time
 import traceback
 from typing import Any, Callable
 
@@ -47,6 +48,7 @@ class DistPool:
         ctx = mp.get_context("spawn")
         port = free_port()
         self.world_size = world_size
+        self.broken = False
         self.conns, self.procs = [], []
         for rank in range(world_size):
             parent, child = ctx.Pipe()
@@ -55,14 +57,32 @@ class DistPool:
             self.conns.append(parent)
             self.procs.append(proc)
 
-    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
+    def run(self, fn: Callable[..., Any], *args: Any, timeout_s: float = 600, **kwargs: Any) -> list[Any]:
+        """Call fn on every rank. If a rank fails, the others may hang in a collective: then the
+        pool is torn down (`broken`) and the failing rank's traceback is raised at once."""
         for conn in self.conns:
             conn.send((fn, args, kwargs))
-        replies = [conn.recv() for conn in self.conns]
-        errors = [f"rank {r}:\n{payload}" for r, (status, payload) in enumerate(replies) if status == "err"]
+        replies: dict[int, tuple[str, Any]] = {}
+        deadline = time.monotonic() + timeout_s
+        while len(replies) < self.world_size:
+            for rank, conn in enumerate(self.conns):
+                if rank not in replies and conn.poll(0.05):
+                    replies[rank] = conn.recv()
+            errors = [f"rank {r}:\n{payload}" for r, (status, payload) in sorted(replies.items()) if status == "err"]
+            late = time.monotonic() > deadline
+            if errors and (len(replies) < self.world_size) or late:
+                self.kill()
+                raise RuntimeError("\n".join(errors) or f"ranks {sorted(set(range(self.world_size)) - set(replies))} "
+                                   f"did not answer within {timeout_s} s")
+        errors = [f"rank {r}:\n{payload}" for r, (status, payload) in sorted(replies.items()) if status == "err"]
         if errors:
             raise RuntimeError("\n".join(errors))
-        return [payload for _, payload in replies]
+        return [replies[r][1] for r in range(self.world_size)]
+
+    def kill(self) -> None:
+        self.broken = True
+        for proc in self.procs:
+            proc.kill()
 
     def close(self) -> None:
         for conn in self.conns:

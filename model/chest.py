@@ -1,0 +1,329 @@
+"""CHEST (Saeki et al., arXiv 2510.05643) and its SoftTriple baseline on class-sharded proxies.
+
+Euclidean proxies P_E [C, K, D_E] are split by contiguous class ranges (all K proxies of a class
+on one rank, so the intra-class soft-min stays local); the shared FC h is replicated. Per rank:
+gather x^E, map x^E and the local proxies into the Poincare ball with the same h (clip + expmap0),
+soft-min distances in both spaces, two class softmaxes spanning the ranks, and the HypHC
+regulariser on proxy triplets whose negatives come from a rotating peer rank (spec 3.4 b).
+Symbols follow shared/spec/losses.md section 2.
+
+Legend: G global batch, C classes here, K proxies per class, E = D_E, H = D_H, T triplets.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed import ProcessGroup
+
+from model import hyperbolic as hyp
+from model.collectives import (all_gather_and_exchange, all_gather_no_grad, all_gather_with_grad, all_reduce_sum_no_grad,
+                               sharded_argmin, sharded_cross_entropy)
+from model.config import ChestConfig, LossConfig
+from model.proxies import ShardedHead, class_permutation, class_range, init_rows, owner_of
+
+
+# ---- building blocks (pure functions) -----------------------------------------------------------
+
+
+def euclidean_pairwise(x_ND: torch.Tensor, p_MD: torch.Tensor) -> torch.Tensor:
+    """||x - p|| (not squared) by the Gram form; sqrt(. + eps) keeps gradients finite at 0."""
+    x, p = x_ND.float(), p_MD.float()
+    sq = ((x * x).sum(1)[:, None] + (p * p).sum(1)[None, :] - 2 * x @ p.t()).clamp_min(0.0)
+    return torch.sqrt(sq + hyp.SQRT_EPS)
+
+
+def soft_min_similarity(d_GCK: torch.Tensor, gamma: float) -> torch.Tensor:
+    """S = -sum_k pi_k d_k with pi = softmax_k(-d / gamma) (Eq. 5-6); pi is not detached."""
+    return -(torch.softmax(-d_GCK / gamma, dim=2) * d_GCK).sum(dim=2)
+
+
+def soft_max_similarity(s_GCK: torch.Tensor, gamma: float) -> torch.Tensor:
+    """SoftTriple's relaxed class similarity: sum_k softmax_k(s / gamma) s_k."""
+    return (torch.softmax(s_GCK / gamma, dim=2) * s_GCK).sum(dim=2)
+
+
+def margin_logits(sim_GC: torch.Tensor, target_col_G: torch.Tensor, lam: float, delta: float
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """lambda * (S - delta [c = y]) and the target logit (meaningful where target_col >= 0)."""
+    num_local = sim_GC.shape[1]
+    if num_local == 0:
+        return lam * sim_GC, torch.zeros(sim_GC.shape[0], dtype=sim_GC.dtype, device=sim_GC.device)
+    col = target_col_G.clamp(0, num_local - 1)
+    onehot = F.one_hot(col, num_local).to(sim_GC.dtype) * (target_col_G >= 0)[:, None].to(sim_GC.dtype)
+    logits = lam * (sim_GC - delta * onehot)
+    return logits, logits.gather(1, col[:, None]).squeeze(1)
+
+
+def hyphc_triplet_loss(p1: torch.Tensor, p2: torch.Tensor, p3: torch.Tensor, cfg: ChestConfig) -> torch.Tensor:
+    """Eq. 8-9 per triplet: sum over the 3 pairs of S_ab (1 - softmax_pairs(sign * d_ab / gamma))."""
+    c = cfg.curvature
+    d = torch.stack([hyp.dist(p1, p2, c), hyp.dist(p1, p3, c), hyp.dist(p2, p3, c)], dim=1)  # [T, 3]
+    sim = torch.exp(-d)
+    if cfg.hyphc_detach_sim:
+        sim = sim.detach()
+    sigma = torch.softmax(cfg.hyphc_sign * d / cfg.gamma_hyp, dim=1)
+    return (sim * (1 - sigma)).sum(dim=1)
+
+
+def softtriple_regulariser(p_CKD: torch.Tensor) -> torch.Tensor:
+    """sum_c sum_{k<k'} sqrt(2 + 1e-5 - 2 <w_ck, w_ck'>) over unit centres (unnormalised sum)."""
+    w = F.normalize(p_CKD.float(), dim=2)
+    gram = w @ w.transpose(1, 2)  # [C, K, K]
+    k = gram.shape[1]
+    upper = torch.triu(torch.ones(k, k, dtype=torch.bool, device=gram.device), diagonal=1)
+    return torch.sqrt(2.0 + 1e-5 - 2.0 * gram[:, upper]).sum()
+
+
+@dataclasses.dataclass
+class Triplets:
+    """One proxy triplet per anchor class (global ids): (c, i), (c, j), (neg_class, neg_k)."""
+
+    pos_i: torch.Tensor  # [C]
+    pos_j: torch.Tensor  # [C]
+    neg_class: torch.Tensor  # [C]
+    neg_k: torch.Tensor  # [C]
+    valid: torch.Tensor  # [C] bool: a negative exists for this anchor
+    offset: int  # rotating-peer offset t (0 = local negatives)
+
+
+def sample_triplets(num_classes: int, num_proxies: int, world_size: int, seed: int, step: int,
+                    mode: str) -> Triplets:
+    """The step's triplets, identical on every rank (a pure function of its arguments).
+
+    "peer": the negative class lives on rank (owner - t) mod P for one shared random t in 1..P-1,
+    so each rank receives its negatives from a single peer. "local" (or P = 1): the negative class
+    is drawn from the anchor's own rank, excluding the anchor class.
+    """
+    gen = torch.Generator().manual_seed(hash((seed, step, 7919)) % 2**63)
+    c = torch.arange(num_classes)
+    k = num_proxies
+    pos_i = torch.randint(k, (num_classes,), generator=gen)
+    pos_j = (pos_i + 1 + torch.randint(max(k - 1, 1), (num_classes,), generator=gen)) % k
+    u = torch.rand(num_classes, generator=gen, dtype=torch.float64)
+    neg_k = torch.randint(k, (num_classes,), generator=gen)
+    owner = owner_of(c, num_classes, world_size)
+    base, extra = divmod(num_classes, world_size)
+    sizes = torch.tensor([base + (1 if r < extra else 0) for r in range(world_size)])
+    starts = torch.cumsum(sizes, 0) - sizes
+    if mode == "peer" and world_size > 1:
+        offset = 1 + int(torch.randint(world_size - 1, (1,), generator=gen))
+        sender = (owner - offset) % world_size
+        n = sizes[sender]
+        neg_class = starts[sender] + torch.floor(u * n.to(torch.float64)).long().clamp_max((n - 1).clamp_min(0))
+        valid = n > 0
+    else:
+        offset = 0
+        n = sizes[owner]
+        shift = 1 + torch.floor(u * (n - 1).clamp_min(1).to(torch.float64)).long()
+        neg_class = starts[owner] + (c - starts[owner] + shift) % n.clamp_min(1)
+        valid = n > 1
+    return Triplets(pos_i, pos_j, neg_class, neg_k, valid, offset)
+
+
+# ---- the loss over one table slice (sharded or whole) -------------------------------------------
+
+
+def _class_ce(logits: torch.Tensor, target: torch.Tensor, target_col: torch.Tensor,
+              group: ProcessGroup | None, dense: bool) -> torch.Tensor:
+    if dense:
+        return torch.logsumexp(logits, dim=1) - target
+    return sharded_cross_entropy(logits, target, target_col >= 0, group)
+
+
+def class_terms(x_GE: torch.Tensor, target_col_G: torch.Tensor, proxies_CKE: torch.Tensor, fc: nn.Module | None,
+                cfg: LossConfig, group: ProcessGroup | None = None, dense: bool = False) -> dict[str, torch.Tensor]:
+    """Per-sample class losses of CHEST (or SoftTriple) against one slice of the proxy table.
+
+    Returns "loss_G" (eta-weighted sum), the per-space "loss_e_G"/"loss_h_G" and, when h exists,
+    "proxies_h" [C, K, H] (the mapped proxies, reused by HypHC).
+    """
+    ch = cfg.chest
+    x = x_GE.float()
+    num_local, k, dim_e = proxies_CKE.shape
+    flat = proxies_CKE.reshape(num_local * k, dim_e).float()
+    out: dict[str, torch.Tensor] = {}
+    if cfg.name == "softtriple":
+        sims = (F.normalize(x, dim=1) @ F.normalize(flat, dim=1).t()).view(x.shape[0], num_local, k)
+        logits, target = margin_logits(soft_max_similarity(sims, ch.gamma_e), target_col_G, ch.lambda_e, ch.delta_e)
+        out["loss_e_G"] = out["loss_G"] = _class_ce(logits, target, target_col_G, group, dense)
+        return out
+    assert fc is not None, "CHEST needs its shared FC h"
+    total = torch.zeros(x.shape[0], device=x.device)
+    if ch.eta_e > 0:
+        feats, prox = (fc(x), fc(flat)) if ch.euclid_features == "head" else (x, flat)
+        d_e = euclidean_pairwise(feats, prox).view(x.shape[0], num_local, k)
+        logits, target = margin_logits(soft_min_similarity(d_e, ch.gamma_e), target_col_G, ch.lambda_e, ch.delta_e)
+        out["loss_e_G"] = _class_ce(logits, target, target_col_G, group, dense)
+        total = total + ch.eta_e * out["loss_e_G"]
+    if ch.eta_h > 0 or ch.tau > 0:
+        prox_h = hyp.to_ball(fc(flat), ch.curvature, ch.clip_radius)
+        out["proxies_h"] = prox_h.view(num_local, k, prox_h.shape[-1])
+    if ch.eta_h > 0:
+        x_h = hyp.to_ball(fc(x), ch.curvature, ch.clip_radius)
+        d_h = hyp.pairwise_dist(x_h, prox_h, ch.curvature).view(x.shape[0], num_local, k)
+        logits, target = margin_logits(soft_min_similarity(d_h, ch.gamma_h), target_col_G, ch.lambda_h, ch.delta_h)
+        out["loss_h_G"] = _class_ce(logits, target, target_col_G, group, dense)
+        total = total + ch.eta_h * out["loss_h_G"]
+    out["loss_G"] = total
+    return out
+
+
+def _rows(prox_CKH: torch.Tensor, cls: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """prox[cls, k] with out-of-range (invalid) class indices clamped; callers mask those out."""
+    if prox_CKH.shape[0] == 0:
+        return torch.zeros((cls.shape[0], prox_CKH.shape[2]), device=prox_CKH.device)
+    return prox_CKH[cls.clamp(0, prox_CKH.shape[0] - 1), k]
+
+
+class ChestHead(ShardedHead):
+    """This rank's CHEST proxies [C_local, K, D_E], the replicated shared FC h, and the sharded loss."""
+
+    class_perm: torch.Tensor
+    class_unperm: torch.Tensor
+
+    def __init__(self, cfg: LossConfig, num_classes: int, embed_dim: int, rank: int = 0, world_size: int = 1,
+                 group: ProcessGroup | None = None, embedding_grad_scale: float = 1.0) -> None:
+        super().__init__()
+        ch = cfg.chest
+        self.cfg, self.num_classes, self.embed_dim = cfg, num_classes, embed_dim
+        self.rank, self.world_size, self.group = rank, world_size, group
+        self.embedding_grad_scale = embedding_grad_scale
+        self.class_start, self.num_local = class_range(num_classes, rank, world_size)
+        rows = init_rows(cfg.init_seed, self.class_start, self.num_local, (ch.proxies_per_class, embed_dim))
+        self.proxies = nn.Parameter(rows * ch.proxy_init_std)
+        self.fc: nn.Linear | None = None
+        if cfg.name == "chest":  # identical on every rank: orthogonal weight, zero bias (as Hyp-ViT)
+            self.fc = nn.Linear(embed_dim, ch.hyp_dim)
+            nn.init.orthogonal_(self.fc.weight, generator=torch.Generator().manual_seed(cfg.init_seed + 1))
+            nn.init.zeros_(self.fc.bias)
+        perm = class_permutation(num_classes, cfg.init_seed) if ch.permute_classes else torch.arange(num_classes)
+        self.register_buffer("class_perm", perm, persistent=False)  # label -> table row
+        self.register_buffer("class_unperm", torch.argsort(perm), persistent=False)  # table row -> label
+
+    def sharded_parameters(self) -> dict[str, nn.Parameter]:
+        return {"proxies": self.proxies}
+
+    def replicated_parameters(self) -> dict[str, nn.Parameter]:
+        return {} if self.fc is None else {"fc.weight": self.fc.weight, "fc.bias": self.fc.bias}
+
+    def forward(self, emb_BD: torch.Tensor, labels_B: torch.Tensor, step: int = 0) -> dict[str, torch.Tensor]:
+        """Loss of the global batch (same value on every rank) and its detached parts."""
+        if emb_BD.shape[-1] != self.embed_dim:
+            raise ValueError(f"embedding dimension {emb_BD.shape[-1]} != head's {self.embed_dim}: "
+                             "set model.embed_dim to the dimension the proxies were built with")
+        trip = self._triplets(step)
+        if trip is not None and trip.offset > 0:
+            # The negatives for our anchors live on rank src; we serve rank dst's anchors from our rows.
+            # The exchange rides in the all-gather's autograd node (see collectives.all_gather_and_exchange).
+            dst = (self.rank + trip.offset) % self.world_size
+            src = (self.rank - trip.offset) % self.world_size
+            d_lo, d_n = class_range(self.num_classes, dst, self.world_size)
+            send = _rows(self.proxies, trip.neg_class[d_lo:d_lo + d_n] - self.class_start,
+                         trip.neg_k[d_lo:d_lo + d_n])
+            x_GE, neg_e = all_gather_and_exchange(emb_BD.float(), send, dst, src, self.num_local, self.group,
+                                                  self.embedding_grad_scale)
+        else:
+            x_GE = all_gather_with_grad(emb_BD.float(), self.group, self.embedding_grad_scale)
+            neg_e = None
+        labels_G = all_gather_no_grad(labels_B, self.group)
+        if labels_G.numel() and (int(labels_G.min()) < 0 or int(labels_G.max()) >= self.num_classes):
+            raise ValueError(f"labels outside [0, {self.num_classes}): min {int(labels_G.min())}, max "
+                             f"{int(labels_G.max())}; set data.num_classes to the data set's class count")
+        local = self.class_perm[labels_G] - self.class_start
+        target_col = torch.where((local >= 0) & (local < self.num_local), local, -1)
+        terms = class_terms(x_GE, target_col, self.proxies, self.fc, self.cfg, self.group)
+        out = {"loss": terms["loss_G"].mean()}
+        for key in ("loss_e_G", "loss_h_G"):
+            if key in terms:
+                out[key[:-2]] = terms[key].detach().mean()
+        if self.cfg.chest.tau > 0:
+            local_reg = self._regulariser(terms.get("proxies_h"), trip, neg_e)
+            global_reg = all_reduce_sum_no_grad(local_reg, self.group)
+            # value: the global sum; gradient: this rank's own triplets (peers' reach us via the exchange)
+            out["loss"] = out["loss"] + local_reg - local_reg.detach() + global_reg
+            out["regulariser"] = global_reg
+        return out
+
+    def _triplets(self, step: int) -> Triplets | None:
+        ch = self.cfg.chest
+        if self.cfg.name != "chest" or ch.tau <= 0:
+            return None
+        return sample_triplets(self.num_classes, ch.proxies_per_class, self.world_size, self.cfg.init_seed, step,
+                               ch.hyphc_negatives)
+
+    def _regulariser(self, prox_h: torch.Tensor | None, trip: Triplets | None, neg_e: torch.Tensor | None
+                     ) -> torch.Tensor:
+        """(tau / M) * this rank's share of the regulariser (HypHC, or SoftTriple's centre term)."""
+        ch = self.cfg.chest
+        if trip is None:  # SoftTriple
+            k = ch.proxies_per_class
+            return ch.tau * softtriple_regulariser(self.proxies) / (self.num_classes * k * (k - 1))
+        assert prox_h is not None and self.fc is not None
+        lo, n = self.class_start, self.num_local
+        rows = torch.arange(n, device=prox_h.device)
+        p1, p2 = _rows(prox_h, rows, trip.pos_i[lo:lo + n]), _rows(prox_h, rows, trip.pos_j[lo:lo + n])
+        if neg_e is None:
+            p3 = _rows(prox_h, trip.neg_class[lo:lo + n] - lo, trip.neg_k[lo:lo + n])
+        else:  # received Euclidean rows, mapped here by the replicated h (its grads are summed later)
+            p3 = hyp.to_ball(self.fc(neg_e), ch.curvature, ch.clip_radius)
+        valid = trip.valid[lo:lo + n].to(prox_h.device, prox_h.dtype)
+        return ch.tau / self.num_classes * (hyphc_triplet_loss(p1, p2, p3, ch) * valid).sum()
+
+    @torch.no_grad()
+    def embed_spaces(self, emb_GE: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Retrieval embeddings: x^E, and x^H in the ball for CHEST."""
+        out = {"euclidean": emb_GE.float()}
+        if self.fc is not None:
+            ch = self.cfg.chest
+            out["hyperbolic"] = hyp.to_ball(self.fc(emb_GE.float()), ch.curvature, ch.clip_radius)
+        return out
+
+    @torch.no_grad()
+    def predict(self, emb_GD: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Label of the nearest soft-min proxy set, per space."""
+        ch = self.cfg.chest
+        x = emb_GD.float()
+        k = ch.proxies_per_class
+        flat = self.proxies.reshape(-1, self.embed_dim).float()
+        scores: dict[str, torch.Tensor] = {}
+        if self.cfg.name == "softtriple":
+            sims = (F.normalize(x, dim=1) @ F.normalize(flat, dim=1).t()).view(x.shape[0], self.num_local, k)
+            scores["cosine"] = -soft_max_similarity(sims, ch.gamma_e)
+        else:
+            assert self.fc is not None
+            d_e = euclidean_pairwise(x, flat).view(x.shape[0], self.num_local, k)
+            scores["euclidean"] = -soft_min_similarity(d_e, ch.gamma_e)
+            x_h = hyp.to_ball(self.fc(x), ch.curvature, ch.clip_radius)
+            p_h = hyp.to_ball(self.fc(flat), ch.curvature, ch.clip_radius)
+            d_h = hyp.pairwise_dist(x_h, p_h, ch.curvature).view(x.shape[0], self.num_local, k)
+            scores["hyperbolic"] = -soft_min_similarity(d_h, ch.gamma_h)
+        return {key: self.class_unperm[sharded_argmin(v, self.class_start, self.group)] for key, v in scores.items()}
+
+
+def chest_loss(emb: torch.Tensor, labels: torch.Tensor, proxies: torch.Tensor, cfg: LossConfig,
+               fc: nn.Module | None = None, triplets: Triplets | None = None) -> torch.Tensor:
+    """Single-process CHEST (or SoftTriple) loss against the whole table `proxies` [C, K, D_E].
+
+    `labels` index rows of `proxies` directly (no permutation). HypHC uses `triplets` (e.g. from
+    `sample_triplets(C, K, world_size, seed, step, mode)`), one per class, scaled by tau / C.
+    """
+    terms = class_terms(emb, labels, proxies, fc, cfg, dense=True)
+    loss = terms["loss_G"].mean()
+    ch = cfg.chest
+    if ch.tau <= 0:
+        return loss
+    num_classes, k = proxies.shape[0], ch.proxies_per_class
+    if cfg.name == "softtriple":
+        return loss + ch.tau * softtriple_regulariser(proxies) / (num_classes * k * (k - 1))
+    if triplets is None:
+        triplets = sample_triplets(num_classes, k, 1, cfg.init_seed, 0, "local")
+    prox_h = terms["proxies_h"]
+    rows = torch.arange(num_classes)
+    p1, p2 = prox_h[rows, triplets.pos_i], prox_h[rows, triplets.pos_j]
+    p3 = prox_h[triplets.neg_class.clamp(0, num_classes - 1), triplets.neg_k]
+    per = hyphc_triplet_loss(p1, p2, p3, ch) * triplets.valid.to(p1.dtype)
+    return loss + ch.tau / num_classes * per.sum()
