@@ -51,8 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     results = _follow(job)
     summary = results[0]
     print(f"\n== run {cfg.name} done in {time.time() - t0:.0f} s ({summary['world_size']} processes) ==")
-    print(f"held-out accuracy: {summary['acc_measure']:.4f} (predictive measure), "
-          f"{summary['acc_cosine']:.4f} (cosine), on {int(summary['num_samples'])} images")
+    if "acc_measure" in summary:
+        print(f"held-out accuracy: {summary['acc_measure']:.4f} (predictive measure), "
+              f"{summary['acc_cosine']:.4f} (cosine), on {int(summary['num_samples'])} images")
+    else:
+        scores = ", ".join(f"{k} {v:.4f}" for k, v in summary.items() if k.startswith("acc_") or "/" in k)
+        print(f"held-out: {scores}, on {int(summary.get('num_samples', 0))} images")
     print(f"checkpoints: {summary['checkpoint']}")
     print(f"TensorBoard: tensorboard --logdir {summary['tensorboard_dir']}")
     return 0

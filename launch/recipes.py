@@ -11,7 +11,7 @@ import dataclasses
 from typing import Callable
 
 from data.config import DataConfig
-from model.config import LossConfig, ModelConfig
+from model.config import ChestConfig, LossConfig, ModelConfig
 from train.config import CheckpointConfig, MetricsConfig, OptimConfig, RunConfig, SlurmConfig, ZeroConfig
 
 
@@ -42,6 +42,35 @@ def mnist_distarc_vit() -> RunConfig:
         optim=dataclasses.replace(cfg.optim, lr=1e-3))
 
 
+def mnist_chest() -> RunConfig:
+    """CHEST on the MNIST digits: Euclidean + Poincare soft-min proxies (K=2) with HypHC, 2 processes."""
+    cfg = mnist_distarc()
+    return dataclasses.replace(
+        cfg, name="mnist_chest",
+        loss=LossConfig(name="chest", chest=ChestConfig(proxies_per_class=2, hyp_dim=64, delta_h=1.0, delta_e=5.0)),
+        metrics=dataclasses.replace(cfg.metrics, retrieval=True, recall_ks="1,2,4"))
+
+
+def vits_cub_chest_1gpu() -> RunConfig:
+    """The paper's CUB-200 setting (Table 1): ViT-S/16, batch 200, 120 steps, K=10, (delta_H, delta_E) = (20, 1).
+
+    Start the trunk from local ImageNet-21k weights with model.checkpoint_path=... (nothing is downloaded).
+    """
+    return RunConfig(
+        name="vits_cub_chest_1gpu",
+        max_steps=120,
+        data=DataConfig(root="data-cache/cub", eval_split="test", num_classes=100, image_size=224, in_chans=3,
+                        batch_size=200, eval_batch_size=256, num_workers=8, mean=0.5, std=0.5),
+        model=ModelConfig(name="vit_small_patch16_224", embed_dim=384, in_chans=3),
+        loss=LossConfig(name="chest", chest=ChestConfig(proxies_per_class=10, hyp_dim=384, delta_h=20.0, delta_e=1.0)),
+        optim=OptimConfig(lr=3e-5, head_lr=1e-2, weight_decay=1e-2, warmup_steps=0),
+        zero=ZeroConfig(stage=2, bf16=True),
+        checkpoint=CheckpointConfig(every_steps=60, keep_last=2),
+        metrics=MetricsConfig(log_every=10, retrieval=True, recall_ks="1,2,4"),
+        slurm=SlurmConfig(nodes=1, tasks_per_node=1, cpus_per_task=10, time_min=120),
+    )
+
+
 def vitl_imagenet_8gpu() -> RunConfig:
     """ViT-L/16 with DistArc on ImageNet-1K shards, one node of 8 GPUs, bf16, ZeRO-2."""
     return RunConfig(
@@ -62,7 +91,7 @@ def vitl_imagenet_8gpu() -> RunConfig:
 
 
 RECIPES: dict[str, Callable[[], RunConfig]] = {
-    fn.__name__: fn for fn in (mnist_distarc, mnist_distarc_vit, vitl_imagenet_8gpu)
+    fn.__name__: fn for fn in (mnist_distarc, mnist_distarc_vit, mnist_chest, vits_cub_chest_1gpu, vitl_imagenet_8gpu)
 }
 DEFAULT_RECIPE = "mnist_distarc"
 

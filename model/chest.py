@@ -208,7 +208,7 @@ class ChestHead(ShardedHead):
         return {"proxies": self.proxies}
 
     def replicated_parameters(self) -> dict[str, nn.Parameter]:
-        return {} if self.fc is None else {"fc.weight": self.fc.weight, "fc.bias": self.fc.bias}
+        return {} if self.fc is None else dict(self.fc.named_parameters(prefix="fc"))
 
     def forward(self, emb_BD: torch.Tensor, labels_B: torch.Tensor, step: int = 0) -> dict[str, torch.Tensor]:
         """Loss of the global batch (same value on every rank) and its detached parts."""
@@ -275,11 +275,11 @@ class ChestHead(ShardedHead):
 
     @torch.no_grad()
     def embed_spaces(self, emb_GE: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Retrieval embeddings: x^E, and x^H in the ball for CHEST."""
-        out = {"euclidean": emb_GE.float()}
+        """Retrieval embeddings: x^E (Euclidean and cosine), and x^H in the ball (Poincare) for CHEST."""
+        out = {"euclidean": emb_GE.float(), "cosine": emb_GE.float()}
         if self.fc is not None:
             ch = self.cfg.chest
-            out["hyperbolic"] = hyp.to_ball(self.fc(emb_GE.float()), ch.curvature, ch.clip_radius)
+            out["poincare"] = hyp.to_ball(self.fc(emb_GE.float()), ch.curvature, ch.clip_radius)
         return out
 
     @torch.no_grad()

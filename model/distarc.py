@@ -156,7 +156,8 @@ class DistArcHead(ShardedHead):
                              f"{int(labels_G.max())}; set data.num_classes to the data set's class count")
         local_y = labels_G - self.class_start
         target_col = torch.where((local_y >= 0) & (local_y < self.num_local), local_y, -1)
-        weight, radii = self.weight, self.radii
+        weight: torch.Tensor = self.weight
+        radii = self.radii
         if self.cfg.sample_rate < 1.0:  # Partial-FC: a random subset of negatives, all positives
             gen = torch.Generator().manual_seed(hash((self.cfg.init_seed, step, self.class_start)) % 2**63)
             index, target_col = sample_local_classes(target_col, self.num_local, self.cfg.sample_rate, gen)

@@ -45,13 +45,18 @@ def dist(u: torch.Tensor, v: torch.Tensor, c: float) -> torch.Tensor:
     uv = (u * v).sum(dim=-1)
     uu = (u * u).sum(dim=-1)
     vv = (v * v).sum(dim=-1)
-    return _dist_from_gram(uu, vv, uv, c)
+    return dist_from_gram(uu, vv, uv, c)
 
 
-def _dist_from_gram(uu: torch.Tensor, vv: torch.Tensor, uv: torch.Tensor, c: float) -> torch.Tensor:
+def mobius_diff_sq_norm(uu: torch.Tensor, vv: torch.Tensor, uv: torch.Tensor, c: float) -> torch.Tensor:
+    """||(-u) (+)_c v||^2 from squared norms and inner products; monotone in the distance (a ranking key)."""
     diff_sq = (uu + vv - 2 * uv).clamp_min(0.0)
-    den = (1 - 2 * c * uv + c * c * uu * vv).clamp_min(MIN_NORM)
-    norm = torch.sqrt(diff_sq / den + SQRT_EPS)
+    return diff_sq / (1 - 2 * c * uv + c * c * uu * vv).clamp_min(MIN_NORM)
+
+
+def dist_from_gram(uu: torch.Tensor, vv: torch.Tensor, uv: torch.Tensor, c: float) -> torch.Tensor:
+    """Distance from squared norms ||u||^2, ||v||^2 and inner products <u, v> (broadcasting)."""
+    norm = torch.sqrt(mobius_diff_sq_norm(uu, vv, uv, c) + SQRT_EPS)
     return (2.0 / math.sqrt(c)) * _artanh(math.sqrt(c) * norm)
 
 
@@ -64,7 +69,7 @@ def pairwise_dist(u: torch.Tensor, v: torch.Tensor, c: float, chunk: int = 0) ->
     u, v = u.float(), v.float()
     vv = (v * v).sum(dim=-1)
     if chunk <= 0 or u.shape[0] <= chunk:
-        return _dist_from_gram((u * u).sum(dim=-1)[:, None], vv[None, :], u @ v.t(), c)
+        return dist_from_gram((u * u).sum(dim=-1)[:, None], vv[None, :], u @ v.t(), c)
     return torch.cat([pairwise_dist(part, v, c) for part in u.split(chunk)])
 
 

@@ -12,6 +12,8 @@ import abc
 import torch
 from torch import nn
 
+from model.config import LossConfig
+
 INIT_BLOCK = 4096  # classes per generator block; changing it changes every initial table
 
 
@@ -96,6 +98,7 @@ class ShardedHead(nn.Module, abc.ABC):
     The checkpoint writer and the evaluator rely only on these attributes and `predict`.
     """
 
+    cfg: LossConfig
     num_classes: int
     embed_dim: int
     class_start: int
@@ -108,6 +111,10 @@ class ShardedHead(nn.Module, abc.ABC):
     @abc.abstractmethod
     def sharded_parameters(self) -> dict[str, nn.Parameter]:
         """Parameters whose dim 0 is this rank's class slice (saved and re-sliced by class range)."""
+
+    def embed_spaces(self, emb_GD: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Embeddings to evaluate retrieval on, by metric name ("euclidean", "cosine", "poincare")."""
+        return {"euclidean": emb_GD.float(), "cosine": emb_GD.float()}
 
     def replicated_parameters(self) -> dict[str, nn.Parameter]:
         """Parameters every rank holds whole; their gradients are summed over ranks before a step."""

@@ -66,7 +66,7 @@ def _model_state(run_dir: str) -> dict[str, torch.Tensor]:
     path = find_latest(run_dir)
     state = torch.load(os.path.join(path, "engine", "mp_rank_00_model_states.pt"), weights_only=False)
     heads = sorted(glob.glob(os.path.join(path, "head", "classes-*.pt")))
-    table = torch.cat([torch.load(h, weights_only=False)["rows"] for h in heads])
+    table = torch.cat([torch.load(h, weights_only=False)["params"]["weight"]["value"] for h in heads])
     return {**state["module"], "head": table}
 
 

@@ -6,6 +6,7 @@ checkpoint. Contents of `step-N/`:
   engine/...            DeepSpeed engine state (backbone, its optimizer, lr schedule)
   head/classes-A-B.pt   rows [A, B) of the proxy table with their optimizer moments (keyed by class
                         range, not by rank, so a different world size can re-slice them)
+  head/replicated.pt    replicated head parameters (CHEST's shared FC) with their moments
   rng/rank-R-of-W.pt    RNG states (restored only at the same world size)
   meta.json             step, samples seen, world size, class count
   config.yaml           the run's config
@@ -89,6 +90,7 @@ def save_checkpoint(cfg: RunConfig, env: DistEnv, state: TrainState, engine: Any
                os.path.join(tmp, "head", f"classes-{start:09d}-{stop:09d}.pt"))
     torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank-{env.rank}-of-{env.world_size}.pt"))
     if env.is_main:
+        _save_replicated(os.path.join(tmp, "head"), head, head_optimizer)
         save_yaml(cfg, os.path.join(tmp, "config.yaml"))
         meta = {"step": state.step, "samples_seen": state.samples_seen, "world_size": env.world_size,
                 "num_classes": head.num_classes, "embed_dim": head.embed_dim}
@@ -121,22 +123,44 @@ def load_checkpoint(path: str, env: DistEnv, engine: Any, head: ShardedHead, hea
 
 # ---- head shards --------------------------------------------------------------------------------
 
+MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW state kept per parameter row
+
+
+def _param_state(param: torch.nn.Parameter, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    st = opt.state.get(param, {})
+    out: dict[str, Any] = {"value": param.detach().cpu()}
+    for key in MOMENTS:
+        out[key] = st[key].cpu() if key in st else None
+    out["step"] = float(st["step"]) if "step" in st else 0.0
+    return out
+
 
 def _head_state(head: ShardedHead, opt: torch.optim.Optimizer, sched: Any) -> dict[str, Any]:
-    """Rows and per-row AdamW moments of this shard (single-parameter heads)."""
-    (param,) = list(head.parameters())
-    st = opt.state.get(param, {})
-    return {"class_start": head.class_start, "num_local": head.num_local, "rows": param.detach().cpu(),
-            "exp_avg": st["exp_avg"].cpu() if "exp_avg" in st else None,
-            "exp_avg_sq": st["exp_avg_sq"].cpu() if "exp_avg_sq" in st else None,
-            "opt_step": float(st["step"]) if "step" in st else 0.0, "scheduler": sched.state_dict()}
+    """This rank's rows of every sharded parameter, with their AdamW moments, keyed by class range."""
+    return {"class_start": head.class_start, "num_local": head.num_local, "scheduler": sched.state_dict(),
+            "params": {name: _param_state(p, opt) for name, p in head.sharded_parameters().items()}}
+
+
+def _save_replicated(path: str, head: ShardedHead, opt: torch.optim.Optimizer) -> None:
+    params = head.replicated_parameters()
+    if params:
+        torch.save({name: _param_state(p, opt) for name, p in params.items()}, os.path.join(path, "replicated.pt"))
+
+
+def _restore(param: torch.nn.Parameter, opt: torch.optim.Optimizer, value: torch.Tensor,
+             moments: dict[str, torch.Tensor], step: float) -> None:
+    with torch.no_grad():
+        param.copy_(value.to(param.device))
+    if step > 0:
+        opt.state[param] = {"step": torch.tensor(step), **{k: v.to(param.device) for k, v in moments.items()}}
 
 
 def _load_head(path: str, head: ShardedHead, opt: torch.optim.Optimizer, sched: Any) -> None:
-    (param,) = list(head.parameters())
+    """Copy rows [class_start, class_start + num_local) out of whichever saved ranges overlap them."""
     lo, hi = head.class_start, head.class_start + head.num_local
-    rows = torch.empty_like(param.data, device="cpu")
-    moments = {"exp_avg": torch.zeros_like(rows), "exp_avg_sq": torch.zeros_like(rows)}
+    targets = head.sharded_parameters()
+    values = {n: torch.empty_like(p.data, device="cpu") for n, p in targets.items()}
+    moments = {n: {k: torch.zeros_like(values[n]) for k in MOMENTS} for n in targets}
     covered, opt_step, sched_state = 0, 0.0, None
     for file in sorted(glob.glob(os.path.join(path, "head", "classes-*.pt"))):
         a, b = (int(v) for v in re.findall(r"(\d+)", os.path.basename(file))[:2])
@@ -144,24 +168,32 @@ def _load_head(path: str, head: ShardedHead, opt: torch.optim.Optimizer, sched: 
             continue
         part = torch.load(file, weights_only=False)
         s, e = max(a, lo), min(b, hi)
-        rows[s - lo:e - lo] = part["rows"][s - a:e - a]
-        for key in moments:
-            if part[key] is not None:
-                moments[key][s - lo:e - lo] = part[key][s - a:e - a]
+        for name in targets:
+            saved = part["params"][name]
+            values[name][s - lo:e - lo] = saved["value"][s - a:e - a]
+            for key in MOMENTS:
+                if saved[key] is not None:
+                    moments[name][key][s - lo:e - lo] = saved[key][s - a:e - a]
+            opt_step = saved["step"]
         covered += e - s
-        opt_step, sched_state = part["opt_step"], part["scheduler"]
+        sched_state = part["scheduler"]
     if covered != hi - lo:
         raise RuntimeError(f"checkpoint {path}/head covers {covered} of classes [{lo}, {hi}): it is incomplete")
-    with torch.no_grad():
-        param.copy_(rows.to(param.device))
-    if opt_step > 0:
-        opt.state[param] = {"step": torch.tensor(opt_step), "exp_avg": moments["exp_avg"].to(param.device),
-                            "exp_avg_sq": moments["exp_avg_sq"].to(param.device)}
-    if sched_state is not None:
-        sched.load_state_dict(sched_state)
-        # load_state_dict restores the schedule's position but not the lr already in the optimizer
-        for group, lr in zip(opt.param_groups, sched.get_last_lr()):
-            group["lr"] = lr
+    for name, param in targets.items():
+        _restore(param, opt, values[name], moments[name], opt_step)
+    replicated = head.replicated_parameters()
+    if replicated:
+        saved_repl = torch.load(os.path.join(path, "head", "replicated.pt"), weights_only=False)
+        for name, param in replicated.items():
+            st = saved_repl[name]
+            _restore(param, opt, st["value"], {k: st[k] for k in MOMENTS if st[k] is not None}, st["step"])
+    if sched_state is None:  # a rank with no classes (C < P) still needs the schedule's position
+        sched_state = torch.load(sorted(glob.glob(os.path.join(path, "head", "classes-*.pt")))[0],
+                                 weights_only=False)["scheduler"]
+    sched.load_state_dict(sched_state)
+    # load_state_dict restores the schedule's position but not the lr already in the optimizer
+    for group, lr in zip(opt.param_groups, sched.get_last_lr()):
+        group["lr"] = lr
 
 
 # ---- rng, pointer, pruning ----------------------------------------------------------------------

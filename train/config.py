@@ -72,10 +72,23 @@ class MetricsConfig:
 
     log_every: int = 10
     eval_every: int = 0  # steps between held-out evaluations (0 = only at the end)
+    retrieval: bool = False  # also Recall@K and MAP@R (leave-one-out) in every embedding space of the head
+    recall_ks: str = "1,2,4"  # comma-separated K of Recall@K (SOP: 1,10,100; In-shop: 1,10,20)
+    retrieval_chunk: int = 1024  # query rows per block: peak memory ~ chunk x eval-set size
+
+    @property
+    def ks(self) -> tuple[int, ...]:
+        return tuple(int(k) for k in self.recall_ks.split(","))
 
     def validate(self) -> None:
         if self.log_every < 1 or self.eval_every < 0:
             raise ValueError("metrics.log_every must be >= 1 and metrics.eval_every >= 0")
+        try:
+            ks = self.ks
+        except ValueError:
+            raise ValueError(f"metrics.recall_ks={self.recall_ks!r} must be comma-separated integers, e.g. 1,2,4")
+        if not ks or min(ks) < 1 or self.retrieval_chunk < 1:
+            raise ValueError("metrics.recall_ks must hold integers >= 1 and metrics.retrieval_chunk must be >= 1")
 
 
 @dataclasses.dataclass(kw_only=True)

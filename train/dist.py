@@ -77,6 +77,26 @@ def reduce_mean(values: dict[str, float]) -> dict[str, float]:
     return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t)}
 
 
+def sum_over_ranks_(tensors: list[torch.Tensor]) -> None:
+    """In-place SUM all-reduce (replicated head parameters' partial gradients)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    for t in tensors:
+        dist.all_reduce(t)
+
+
+def global_norm(local_tensors: list[torch.Tensor], replicated_tensors: list[torch.Tensor]) -> float:
+    """L2 norm over ranks: sharded tensors summed over ranks, replicated ones counted once."""
+    local = sum(float((t.detach().double() ** 2).sum()) for t in local_tensors)
+    sq = torch.tensor([local], dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.get_backend() == "nccl":
+            sq = sq.cuda()
+        dist.all_reduce(sq)
+    total = float(sq.item()) + sum(float((t.detach().double() ** 2).sum()) for t in replicated_tensors)
+    return total ** 0.5
+
+
 def all_gather_variable(x: torch.Tensor) -> torch.Tensor:
     """Concatenate tensors whose first dimension differs per rank (evaluation sets)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:

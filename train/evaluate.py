@@ -1,7 +1,9 @@
-"""Held-out classification accuracy with DistArc's predictive measure and with cosine argmax.
+"""Held-out evaluation: classification accuracy by each of the head's prediction rules and, when asked,
+retrieval (Recall@K, MAP@R) in each of its embedding spaces.
 
 Every rank embeds its share of the evaluation set; the embeddings are gathered so that every rank
-holds the whole set, then the class-sharded argmin runs chunk by chunk (the table stays sharded).
+holds the whole set. Class predictions run chunk by chunk through the class-sharded reduction (the
+table stays sharded); retrieval metrics are computed identically on every rank, in query blocks.
 """
 from __future__ import annotations
 
@@ -10,26 +12,39 @@ from typing import Iterable
 import torch
 
 from model.task import MetricLearningTask
+from train.config import MetricsConfig
 from train.dist import all_gather_variable
+from train.metrics_retrieval import retrieval_report
 
 
 @torch.no_grad()
-def evaluate_classification(task: MetricLearningTask, loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                            device: torch.device, input_dtype: torch.dtype, chunk: int = 4096) -> dict[str, float]:
-    """Accuracy of both predictions over the whole held-out set (same result on every rank)."""
+def gather_embeddings(task: MetricLearningTask, loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                      device: torch.device, input_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings and labels of the whole evaluation set, on every rank (rank order)."""
     embs, labels = [], []
     for images, y in loader:
         embs.append(task.embed(images.to(device, input_dtype)))
         labels.append(y.to(device))
-    dim = task.head.embed_dim
-    emb = torch.cat(embs) if embs else torch.zeros((0, dim), device=device)
+    emb = torch.cat(embs) if embs else torch.zeros((0, task.head.embed_dim), device=device)
     lab = torch.cat(labels) if labels else torch.zeros((0,), dtype=torch.long, device=device)
-    emb, lab = all_gather_variable(emb), all_gather_variable(lab)
-    correct = {"measure": 0, "cosine": 0}
+    return all_gather_variable(emb), all_gather_variable(lab)
+
+
+@torch.no_grad()
+def evaluate(task: MetricLearningTask, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+             input_dtype: torch.dtype, cfg: MetricsConfig, chunk: int = 4096) -> dict[str, float]:
+    """Scalars named acc_<rule> (e.g. acc_measure, acc_cosine) and <space>/R@k, <space>/MAP@R."""
+    emb, lab = gather_embeddings(task, loader, device, input_dtype)
+    correct: dict[str, int] = {}
     for start in range(0, emb.shape[0], chunk):
-        pred = task.head.predict(emb[start:start + chunk])
-        for key in correct:
-            correct[key] += int((pred[key] == lab[start:start + chunk]).sum())
-    n = max(emb.shape[0], 1)
-    return {"acc_measure": correct["measure"] / n, "acc_cosine": correct["cosine"] / n,
-            "num_samples": float(emb.shape[0])}
+        for rule, pred in task.head.predict(emb[start:start + chunk]).items():
+            correct[rule] = correct.get(rule, 0) + int((pred == lab[start:start + chunk]).sum())
+    n = emb.shape[0]
+    out = {f"acc_{rule}": hits / max(n, 1) for rule, hits in correct.items()}
+    out["num_samples"] = float(n)
+    if cfg.retrieval and n > 1:
+        curvature = task.head.cfg.chest.curvature
+        for space, points in task.head.embed_spaces(emb).items():
+            report = retrieval_report(points, lab, cfg.ks, space, c=curvature, chunk=cfg.retrieval_chunk)
+            out.update({f"{space}/{key}": value for key, value in report.items()})
+    return out

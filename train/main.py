@@ -18,13 +18,12 @@ import torch
 from data.shards import check_labels, list_shards
 from data.stream import build_eval_loader, build_train_loader
 from model.backbone import build_backbone
-from model.distarc import DistArcHead
-from model.task import MetricLearningTask
+from model.task import MetricLearningTask, build_head
 from train import checkpoint as ckpt
 from train.config import RunConfig, save_yaml
 from train.dist import barrier, destroy_distributed, env_from_environ, init_distributed
 from train.engine import build_engine, build_head_optimizer
-from train.evaluate import evaluate_classification
+from train.evaluate import evaluate as evaluate_heldout
 from train.loop import train_loop
 from train.metrics import MetricLogger
 from train.step import Trainer
@@ -63,8 +62,8 @@ def run(cfg: RunConfig, stop_at_step: int | None = None) -> dict[str, Any]:
 
         input_dtype = torch.bfloat16 if cfg.zero.bf16 else torch.float32
         engine = build_engine(build_backbone(cfg.model), cfg.optim, cfg.zero, cfg.data.batch_size, cfg.max_steps)
-        head = DistArcHead(cfg.loss, cfg.data.num_classes, cfg.model.embed_dim, env.rank, env.world_size,
-                           embedding_grad_scale=float(env.world_size)).to(device)
+        head = build_head(cfg.loss, cfg.data.num_classes, cfg.model.embed_dim, env.rank, env.world_size,
+                          embedding_grad_scale=float(env.world_size)).to(device)
         head_opt, head_sched = build_head_optimizer(head, cfg.optim, cfg.max_steps)
         task = MetricLearningTask(engine, head)
         trainer = Trainer(engine, task, head_opt, head_sched, device, input_dtype)
@@ -84,8 +83,8 @@ def run(cfg: RunConfig, stop_at_step: int | None = None) -> dict[str, Any]:
 
         def evaluate() -> dict[str, float]:
             engine.eval()
-            result = evaluate_classification(task, build_eval_loader(cfg.data, env.rank, env.world_size), device,
-                                             input_dtype)
+            result = evaluate_heldout(task, build_eval_loader(cfg.data, env.rank, env.world_size), device,
+                                      input_dtype, cfg.metrics)
             engine.train()
             return result
 

@@ -33,7 +33,7 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from model.hyperbolic import MIN_NORM, _dist_from_gram, pairwise_dist
+from model.hyperbolic import dist_from_gram, mobius_diff_sq_norm, pairwise_dist
 
 METRICS = ("euclidean", "cosine", "poincare")
 BALL_TOL = 1e-5  # c ||x||^2 may exceed 1 by rounding after expmap0 in fp32; beyond this it is user error
@@ -117,10 +117,9 @@ def _ranked_block(q: torch.Tensor, r: torch.Tensor, k: int, metric: str, c: floa
     if metric == "poincare":  # fp32 like model.hyperbolic; key = -||(-q) (+)_c r||^2, same Gram form
         q, r = q.float(), r.float()
         qq, rr, uv = (q * q).sum(1)[:, None], (r * r).sum(1), q @ r.t()
-        den = (1 - 2 * c * uv + c * c * qq * rr[None, :]).clamp_min(MIN_NORM)
-        keys = -(qq + rr[None, :] - 2 * uv).clamp_min(0.0) / den
+        keys = -mobius_diff_sq_norm(qq, rr[None, :], uv, c)
         idx = _topk_low_index(_mask_self(keys, self_offset), k)
-        return idx, -_dist_from_gram(qq, rr[idx], uv.gather(1, idx), c)
+        return idx, -dist_from_gram(qq, rr[idx], uv.gather(1, idx), c)
     if metric == "euclidean":
         keys = -_sq_euclidean(q, r)
         idx = _topk_low_index(_mask_self(keys, self_offset), k)

@@ -5,9 +5,10 @@ import dataclasses
 from typing import Any, Iterator
 
 import torch
-import torch.distributed as dist
 
+from model.proxies import ShardedHead
 from model.task import MetricLearningTask
+from train.dist import global_norm, sum_over_ranks_
 
 
 @dataclasses.dataclass
@@ -36,9 +37,8 @@ def train_step(tr: Trainer, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
         labels = labels.to(tr.device, non_blocking=True)
         out = tr.task(images, labels, step=step)
         tr.engine.backward(out["loss"])
-        boundary = tr.engine.is_gradient_accumulation_boundary()
-        if boundary:
-            sums["head_grad_norm"] = _head_grad_norm(tr.task.head)
+        if tr.engine.is_gradient_accumulation_boundary():
+            sums["head_grad_norm"] = _reduce_head_grads(tr.task.head)
         tr.engine.step()  # called every micro-batch; DeepSpeed only updates at the boundary
         for key, value in out.items():
             sums[key] = sums.get(key, 0.0) + float(value.detach()) / accum_steps
@@ -53,11 +53,10 @@ def train_step(tr: Trainer, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
     return sums
 
 
-def _head_grad_norm(head: torch.nn.Module) -> float:
-    """Global L2 norm of the sharded head's gradient (sum of squares over ranks)."""
-    sq = sum((p.grad.detach().float() ** 2).sum() for p in head.parameters() if p.grad is not None)
-    sq = torch.as_tensor(sq, dtype=torch.float64)
-    if dist.is_initialized():
-        sq = sq.to(next(head.parameters()).device)
-        dist.all_reduce(sq)
-    return float(sq.sqrt())
+def _reduce_head_grads(head: ShardedHead) -> float:
+    """Sum the replicated head parameters' partial gradients over ranks (never the shards' own);
+    return the head's global gradient norm."""
+    shards = [p.grad for p in head.sharded_parameters().values() if p.grad is not None]
+    replicated = [p.grad for p in head.replicated_parameters().values() if p.grad is not None]
+    sum_over_ranks_(replicated)
+    return global_norm(shards, replicated)
