@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from model.chest import ChestHead, chest_loss, sample_triplets
 from model.config import ChestConfig, LossConfig
 from model.proxies import class_permutation, init_rows
+from tests.numerics import assert_rel
 
 GLOBAL_BATCH, DIM_E, DIM_H, K = 8, 6, 5, 3
 BASE = LossConfig(name="chest", init_seed=11, chest=ChestConfig(
@@ -34,14 +35,6 @@ CASES = {
         proxies_per_class=K, gamma_e=0.1, lambda_e=20.0, delta_e=0.01, tau=0.2)),
 }
 STEP = 3
-
-
-def assert_rel(actual: torch.Tensor, expected: torch.Tensor, msg: str, tol: float = 1e-5) -> None:
-    """Norm-wise relative error: max|a - b| <= tol * max|b| (the fp64 reference carries no fp32 noise)."""
-    expected = expected.to(actual.dtype)
-    err = float((actual - expected).abs().max()) if actual.numel() else 0.0
-    scale = float(expected.abs().max()) if expected.numel() else 0.0
-    assert err <= tol * scale + 1e-6, f"{msg}: max abs error {err:.3g} vs scale {scale:.3g}"
 
 
 def make_problem(num_classes: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:

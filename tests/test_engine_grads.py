@@ -11,14 +11,19 @@ import pytest
 import torch
 from torch import nn
 
-from model.config import LossConfig
+from model.chest import chest_loss, sample_triplets
+from model.config import ChestConfig, LossConfig
 from model.distarc import DistArcHead, distarc_loss, sphere_radii
-from model.task import MetricLearningTask
+from model.task import MetricLearningTask, build_head
+from tests.numerics import assert_rel
 from train.config import OptimConfig, ZeroConfig
 
 GLOBAL_BATCH, IN_DIM, DIM, CLASSES = 8, 5, 6, 7
 CFG = LossConfig(name="distarc", form="paper", scale=2.0, margin=0.4, radial_weight=0.02, phi_weight=1.0,
                  radius_start=2.0, radius_gap=1.0, num_spheres=3)
+CHEST = LossConfig(name="chest", init_seed=3, chest=ChestConfig(proxies_per_class=2, hyp_dim=4, delta_h=0.5,
+                                                                 delta_e=1.0, permute_classes=False))
+HEADS = {"distarc": CFG, "chest": CHEST}
 
 
 def make_backbone() -> nn.Module:
@@ -32,17 +37,18 @@ def micro_batches(accum: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
             for _ in range(accum)]
 
 
-def engine_rank(stage: int, accum: int) -> dict:
+def engine_rank(stage: int, accum: int, head_name: str) -> dict:
     import deepspeed.utils
     import torch.distributed as dist
 
     from train.engine import build_engine
+    from train.step import _reduce_head_grads
 
     rank, world = dist.get_rank(), dist.get_world_size()
     b = GLOBAL_BATCH // world
     engine = build_engine(make_backbone(), OptimConfig(grad_accum_steps=accum, warmup_steps=0),
                           ZeroConfig(stage=stage), micro_batch=b, max_steps=10)
-    head = DistArcHead(CFG, CLASSES, DIM, rank, world, embedding_grad_scale=float(world))
+    head = build_head(HEADS[head_name], CLASSES, DIM, rank, world, embedding_grad_scale=float(world))
     task = MetricLearningTask(engine, head)
     for i, (images, labels) in enumerate(micro_batches(accum)):
         out = task(images[rank * b:(rank + 1) * b], labels[rank * b:(rank + 1) * b])
@@ -50,28 +56,39 @@ def engine_rank(stage: int, accum: int) -> dict:
         if i < accum - 1:
             engine.step()  # not a boundary: DeepSpeed only counts the micro-step
     assert engine.is_gradient_accumulation_boundary()
+    _reduce_head_grads(head)  # what train_step does at the boundary: sum the replicated FC's grads
     grads = {n: deepspeed.utils.safe_get_full_grad(p).clone() for n, p in engine.module.named_parameters()}
-    return {"backbone": grads, "head": head.weight.grad.clone()}
+    return {"backbone": grads, "shard": next(iter(head.sharded_parameters().values())).grad.clone(),
+            "replicated": {k: p.grad.clone() for k, p in head.replicated_parameters().items()}}
 
 
-def dense(accum: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def dense(accum: int, head_name: str, world: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict]:
     model = make_backbone()
-    head = DistArcHead(CFG, CLASSES, DIM)  # one rank holds the whole table
-    radii = sphere_radii(torch.arange(CLASSES), CFG.radius_start, CFG.radius_gap, CFG.num_spheres)
-    total = sum(distarc_loss(model(x), y, head.weight, radii, CFG) for x, y in micro_batches(accum)) / accum
-    total.backward()
-    return {n: p.grad for n, p in model.named_parameters()}, head.weight.grad
+    head = build_head(HEADS[head_name], CLASSES, DIM)  # one rank holds the whole table
+    losses = []
+    for x, y in micro_batches(accum):
+        if head_name == "distarc":
+            radii = sphere_radii(torch.arange(CLASSES), CFG.radius_start, CFG.radius_gap, CFG.num_spheres)
+            losses.append(distarc_loss(model(x), y, head.weight, radii, CFG))
+        else:
+            trip = sample_triplets(CLASSES, 2, world, CHEST.init_seed, 0, "peer")
+            losses.append(chest_loss(model(x), y, head.proxies, CHEST, head.fc, trip))
+    (sum(losses) / accum).backward()
+    shard = next(iter(head.sharded_parameters().values())).grad
+    return ({n: p.grad for n, p in model.named_parameters()}, shard,
+            {k: p.grad for k, p in head.replicated_parameters().items()})
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_backbone_and_head_grads_match_dense(dist_pool, world: int) -> None:
     pool = dist_pool(world)
-    for stage, accum in ((2, 1), (2, 2), (1, 2)):
-        results = pool.run(engine_rank, stage, accum)
-        ref_backbone, ref_head = dense(accum)
+    for head_name, stage, accum in (("distarc", 2, 1), ("distarc", 2, 2), ("distarc", 1, 2), ("chest", 2, 2)):
+        results = pool.run(engine_rank, stage, accum, head_name)
+        ref_backbone, ref_shard, ref_repl = dense(accum, head_name, world)
+        msg = f"{head_name} ZeRO-{stage} accum {accum}"
         for r in results:
             for name, ref in ref_backbone.items():
-                torch.testing.assert_close(r["backbone"][name], ref, rtol=1e-5, atol=1e-7,
-                                           msg=f"ZeRO-{stage} accum {accum} backbone {name}")
-        head_grad = torch.cat([r["head"] for r in results])
-        torch.testing.assert_close(head_grad, ref_head, rtol=1e-5, atol=1e-7, msg=f"ZeRO-{stage} accum {accum} head")
+                assert_rel(r["backbone"][name], ref, f"{msg} backbone {name}")
+            for name, ref in ref_repl.items():  # summed over ranks: the same full gradient everywhere
+                assert_rel(r["replicated"][name], ref, f"{msg} {name}")
+        assert_rel(torch.cat([r["shard"] for r in results]), ref_shard, f"{msg} head shard")

@@ -1,0 +1,197 @@
+"""Closed forms of shared/spec/losses.md section 5.3, library equivalences, bf16 worst cases, bad input."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from pytorch_metric_learning.losses import ArcFaceLoss, SoftTripleLoss
+from pytorch_metric_learning.regularizers import SparseCentersRegularizer
+
+from model.chest import ChestHead, chest_loss, hyphc_triplet_loss, soft_min_similarity
+from model.config import ChestConfig, LossConfig
+from model.distarc import DistArcHead, distarc_logits, distarc_loss, predict, sphere_radii
+from model.proxies import class_range, owner_of, sample_local_classes
+
+torch.manual_seed(0)
+
+
+def problem(n: int = 32, d: int = 8, c: int = 10, scale: float = 3.0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(1)
+    return (torch.randn(n, d, generator=g) * scale, torch.randint(0, c, (n,), generator=g),
+            torch.randn(c, d, generator=g))
+
+
+# ---- DistArc ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scale, margin", [(1.0, 0.5), (64.0, 0.5), (30.0, 0.3)])
+def test_distarc_without_radial_terms_equals_pml_arcface(scale: float, margin: float) -> None:
+    x, y, w = problem()
+    cfg = LossConfig(name="distarc", scale=scale, margin=margin, radial_weight=0.0, phi_weight=0.0, theta_guard=True)
+    ours = distarc_loss(x, y, w, sphere_radii(torch.arange(10), 10.0, 10.0, 10), cfg)
+    pml = ArcFaceLoss(num_classes=10, embedding_size=8, margin=math.degrees(margin), scale=scale)
+    pml.W.data = w.t().clone()
+    assert float(ours) == pytest.approx(float(pml(x, y)), rel=1e-5)
+
+
+def test_official_form_is_ce_of_denominator_plus_pull() -> None:
+    x, y, w = problem()
+    cfg = LossConfig(form="official", scale=2.0, margin=0.5, radial_weight=0.005, phi_weight=0.0)
+    radii = sphere_radii(torch.arange(10), 10.0, 10.0, 10)
+    out = distarc_logits(x, y, w, radii, cfg, 0.5)
+    delta = torch.cdist(x, radii[:, None] * F.normalize(w, dim=1)) ** 2
+    expected = F.cross_entropy(out["logits"], y) + 0.005 * delta[torch.arange(32), y].mean()
+    assert float(distarc_loss(x, y, w, radii, cfg)) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_cos_phi_closed_form_and_measure() -> None:
+    x, y, w = problem()
+    radii = sphere_radii(torch.arange(10), 2.0, 1.5, 4)
+    out = distarc_logits(x, y, w, radii, LossConfig(), 0.5)
+    w_hat = F.normalize(w, dim=1)
+    resultant = x - radii[y, None] * w_hat[y]
+    direct = (F.normalize(resultant, dim=1) * -w_hat[y]).sum(1)
+    torch.testing.assert_close(out["cos_phi_y"], direct, rtol=1e-5, atol=1e-6)
+    # argmin sqrt(delta) == argmin delta == argmin ||x - a_j||; the poster's triangle identity holds
+    dist = torch.cdist(x, radii[:, None] * w_hat)
+    assert torch.equal(predict(x, w, radii), dist.argmin(1))
+    r, xv = 10.0, torch.tensor([3.0, 4.0])
+    anchor = torch.tensor([r, 0.0])
+    theta = torch.acos(F.cosine_similarity(xv, anchor, dim=0))
+    phi = torch.acos(F.cosine_similarity(xv - anchor, -anchor, dim=0))
+    identity = r * torch.cos(phi) + xv.norm() * torch.cos(math.pi - theta - phi)
+    assert float(identity) == pytest.approx(float((xv - anchor).norm()), rel=1e-6) == pytest.approx(8.062, abs=1e-3)
+
+
+def test_sphere_radii_round_robin() -> None:
+    assert sphere_radii(torch.arange(7), 10.0, 5.0, 3).tolist() == [10, 15, 20, 10, 15, 20, 10]
+
+
+# ---- CHEST / SoftTriple --------------------------------------------------------------------------
+
+
+def test_soft_min_limits() -> None:
+    d = torch.rand(4, 5, 3) * 5
+    torch.testing.assert_close(soft_min_similarity(d, 1e-4), -d.min(dim=2).values, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(soft_min_similarity(d, 1e6), -d.mean(dim=2), rtol=1e-4, atol=1e-4)
+
+
+def test_softtriple_equals_pml() -> None:
+    x, y, _ = problem(d=6, c=5)
+    k = 3
+    for tau in (0.0, 0.2):
+        cfg = LossConfig(name="softtriple", chest=ChestConfig(proxies_per_class=k, gamma_e=0.1, lambda_e=20.0,
+                                                              delta_e=0.01, tau=tau))
+        table = torch.randn(5, k, 6, generator=torch.Generator().manual_seed(3))
+        ours = chest_loss(x, y, table, cfg)
+        reg = SparseCentersRegularizer(num_classes=5, centers_per_class=k) if tau else None
+        pml = SoftTripleLoss(num_classes=5, embedding_size=6, centers_per_class=k, la=20, gamma=0.1, margin=0.01,
+                             weight_regularizer=reg, weight_reg_weight=tau)
+        pml.fc.data = table.reshape(5 * k, 6).t().clone()
+        # PML's regulariser uses a dtype-tiny epsilon where SoftTriple's paper code uses 1e-5
+        assert float(ours) == pytest.approx(float(pml(x, y)), rel=1e-5 if tau == 0 else 1e-4)
+
+
+def test_hyphc_with_negative_sign_and_detached_similarity_pulls_the_closest_pair_together() -> None:
+    cfg = ChestConfig(hyphc_sign=-1, hyphc_detach_sim=True, gamma_hyp=1.0)
+    p = (torch.tensor([[0.1, 0.0], [0.2, 0.05], [-0.6, 0.3]]) * 1.0).requires_grad_(True)
+    opt = torch.optim.SGD([p], lr=0.05)
+    from model.hyperbolic import dist
+
+    before = float(dist(p[0], p[1], cfg.curvature))
+    for _ in range(20):
+        opt.zero_grad()
+        hyphc_triplet_loss(p[0:1], p[1:2], p[2:3], cfg).sum().backward()
+        opt.step()
+    assert float(dist(p[0], p[1], cfg.curvature)) < before
+
+
+# ---- sharding helpers ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_classes, world", [(10, 3), (7, 4), (3, 4), (100, 8)])
+def test_owner_of_inverts_class_range(num_classes: int, world: int) -> None:
+    owners = owner_of(torch.arange(num_classes), num_classes, world)
+    for r in range(world):
+        start, n = class_range(num_classes, r, world)
+        assert (owners[start:start + n] == r).all()
+
+
+def test_partial_fc_sampling_keeps_positives_and_rate_one_is_the_full_loss() -> None:
+    target = torch.tensor([3, -1, 7, 3, -1, 0])
+    index, new = sample_local_classes(target, 20, 0.25, torch.Generator().manual_seed(0))
+    assert index.numel() == 5 and torch.equal(index, index.sort().values)
+    assert {0, 3, 7} <= set(index.tolist())
+    assert torch.equal(index[new[new >= 0]], target[target >= 0]) and torch.equal(new < 0, target < 0)
+    full, _ = sample_local_classes(target, 20, 1.0, torch.Generator())
+    assert torch.equal(full, torch.arange(20))
+    x, y, _ = problem()
+    cfg = LossConfig(name="arcface", scale=16.0)
+    head = DistArcHead(cfg, 10, 8)
+    sampled = DistArcHead(dataclasses.replace(cfg, sample_rate=0.999999), 10, 8)
+    assert float(head(x, y)["loss"]) == pytest.approx(float(sampled(x, y)["loss"]), rel=1e-6)
+    low = DistArcHead(dataclasses.replace(cfg, sample_rate=0.3), 10, 8)
+    assert float(low(x, y)["loss"]) <= float(head(x, y)["loss"]) + 1e-6  # fewer negatives, smaller normaliser
+
+
+# ---- bf16 worst cases (spec section 4) -----------------------------------------------------------
+
+
+def _finite(*tensors: torch.Tensor) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def test_bf16_inputs_give_finite_losses_and_gradients() -> None:
+    # DistArc: cos(theta) = +-1 exactly (embeddings on / opposite a class direction), radii up to 100,
+    # ||x|| ~ 100 (delta ~ 4e4), x on its anchor (delta = 0) and m near pi/2.
+    w = torch.randn(10, 8)
+    w_hat = F.normalize(w, dim=1)
+    radii = sphere_radii(torch.arange(10), 10.0, 10.0, 10)
+    x = torch.cat([w_hat[:3] * 100, -w_hat[3:6] * 100, w_hat[6:8] * radii[6:8, None], torch.randn(4, 8)])
+    y = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1])
+    for form in ("paper", "official"):
+        for margin in (0.5, 1.5):
+            cfg = LossConfig(form=form, scale=16.0, margin=margin, radial_weight=0.05)
+            head = DistArcHead(cfg, 10, 8)
+            head.weight.data = w.clone()
+            emb = x.to(torch.bfloat16).requires_grad_(True)
+            loss = head(emb, y)["loss"]
+            loss.backward()
+            assert loss.dtype == torch.float32 and _finite(loss, emb.grad, head.weight.grad), (form, margin)
+    # CHEST: clipped points at the ball's edge, antipodal, delta_H = 20 > the whole distance range.
+    cfg = LossConfig(name="chest", chest=ChestConfig(proxies_per_class=2, hyp_dim=8, delta_h=20.0, delta_e=20.0))
+    head = ChestHead(cfg, 10, 8)
+    emb = torch.cat([torch.randn(6, 8) * 1e3, -torch.randn(6, 8) * 1e3]).to(torch.bfloat16).requires_grad_(True)
+    out = head(emb, y)
+    out["loss"].backward()
+    assert _finite(out["loss"], emb.grad, head.proxies.grad, head.fc.weight.grad)
+
+
+# ---- bad input -----------------------------------------------------------------------------------
+
+
+def test_bad_input_errors_name_the_setting() -> None:
+    x, y, _ = problem()
+    with pytest.raises(ValueError, match="labels outside \\[0, 5\\).*data.num_classes"):
+        DistArcHead(LossConfig(), 5, 8)(x, y)
+    with pytest.raises(ValueError, match="labels outside \\[0, 5\\).*data.num_classes"):
+        ChestHead(LossConfig(name="chest", chest=ChestConfig(hyp_dim=4)), 5, 8)(x, y)
+    with pytest.raises(ValueError, match="embedding dimension 8 != head's 6.*model.embed_dim"):
+        DistArcHead(LossConfig(), 10, 6)(x, y)
+    with pytest.raises(ValueError, match="embedding dimension 8 != head's 6"):
+        ChestHead(LossConfig(name="chest", chest=ChestConfig(hyp_dim=4)), 10, 6)(x, y)
+    with pytest.raises(ValueError, match="proxies_per_class=1 < 2 with loss.chest.tau=0.5"):
+        LossConfig(name="chest", chest=ChestConfig(proxies_per_class=1)).validate()
+    LossConfig(name="chest", chest=ChestConfig(proxies_per_class=1, tau=0.0)).validate()  # K=1 ablation is fine
+    with pytest.raises(ValueError, match="curvature=0.0 must be > 0"):
+        LossConfig(name="chest", chest=ChestConfig(curvature=0.0)).validate()
+    for margin in (-0.1, math.pi / 2, 3.0):
+        with pytest.raises(ValueError, match="loss.margin"):
+            LossConfig(margin=margin).validate()
+    from model.hyperbolic import expmap0
+
+    with pytest.raises(ValueError, match="curvature"):
+        expmap0(x, c=-1.0)
