@@ -1,0 +1,162 @@
+"""Benchmark of the class-sharded heads: per-rank peak memory and forward+backward time.
+
+For C classes, D = 512, global batch 256 and world sizes P (gloo processes on this machine):
+  * sharded DistArc and CHEST heads vs the dense single-process head (P = 1) where it fits;
+  * DistArc vs plain ArcFace (the same sharded head with lambda = mu = 0; P = 1 also PML's ArcFaceLoss);
+  * the Gram-form Poincare distance vs a B x N x D broadcast (hyptorch-style).
+Memory is the peak resident set of each rank minus its resident set before the head was built
+(every configuration runs in fresh processes, because the peak cannot be reset). On a machine with
+fewer cores than ranks the per-rank times include oversubscription: compare times at equal P.
+
+    python -m bench.heads [--classes 10000,100000,1000000] [--worlds 1,2,4] [--iters 3]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import socket
+import time
+
+import torch
+import torch.multiprocessing as mp
+
+from model.config import ChestConfig, LossConfig
+
+DIM, GLOBAL_BATCH = 512, 256
+HEADS = {
+    "distarc": LossConfig(name="distarc", form="official", scale=16.0, radial_weight=0.05, phi_weight=1.0),
+    "arcface": LossConfig(name="arcface", scale=16.0),
+    "chest": LossConfig(name="chest", chest=ChestConfig(proxies_per_class=2, hyp_dim=128, tau=0.5)),
+}
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def _current_rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _rank(rank: int, world: int, port: int, head_name: str, num_classes: int, iters: int, out: dict) -> None:
+    import torch.distributed as dist
+
+    from model.task import build_head
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    base = _current_rss_mb()
+    head = build_head(HEADS[head_name], num_classes, DIM, rank, world, embedding_grad_scale=float(world))
+    b = GLOBAL_BATCH // world
+    g = torch.Generator().manual_seed(rank)
+    emb = (torch.randn(b, DIM, generator=g) * 3).requires_grad_(True)
+    labels = torch.randint(0, num_classes, (b,), generator=g)
+    times = []
+    for i in range(iters + 1):
+        dist.barrier()
+        t0 = time.perf_counter()
+        head(emb, labels, step=i)["loss"].backward()
+        dist.barrier()
+        times.append(time.perf_counter() - t0)
+        head.zero_grad(set_to_none=False)
+        emb.grad = None
+    out[rank] = {"mem_mb": _rss_mb() - base, "time_s": min(times[1:])}
+    dist.destroy_process_group()
+
+
+def run_config(head_name: str, num_classes: int, world: int, iters: int) -> dict[str, float]:
+    """Per-rank max of peak memory and of the best fwd+bwd time over `iters` timed iterations."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    manager = mp.Manager()
+    out = manager.dict()
+    mp.start_processes(_rank, args=(world, port, head_name, num_classes, iters, out), nprocs=world,
+                       start_method="spawn")
+    res = dict(out)
+    manager.shutdown()
+    return {"mem_mb": max(r["mem_mb"] for r in res.values()), "time_s": max(r["time_s"] for r in res.values())}
+
+
+def pml_arcface(num_classes: int, iters: int) -> float:
+    """pytorch-metric-learning's dense ArcFaceLoss, fwd+bwd seconds (an external baseline, P = 1)."""
+    from pytorch_metric_learning.losses import ArcFaceLoss
+
+    loss_fn = ArcFaceLoss(num_classes=num_classes, embedding_size=DIM, margin=28.6, scale=16)
+    emb = (torch.randn(GLOBAL_BATCH, DIM) * 3).requires_grad_(True)
+    labels = torch.randint(0, num_classes, (GLOBAL_BATCH,))
+    times = []
+    for _ in range(iters + 1):
+        t0 = time.perf_counter()
+        loss_fn(emb, labels).backward()
+        times.append(time.perf_counter() - t0)
+    return min(times[1:])
+
+
+def poincare_gram_vs_broadcast(batch: int = 256, num: int = 8192, dim: int = 128, iters: int = 3) -> tuple[float, float]:
+    """Seconds for fwd+bwd of all B x N distances: Gram form vs materialised B x N x D Moebius form."""
+    from model import hyperbolic as hyp
+
+    c = 0.5
+    u = (hyp.expmap0(torch.randn(batch, dim), c)).requires_grad_(True)
+    v = (hyp.expmap0(torch.randn(num, dim), c)).requires_grad_(True)
+
+    def broadcast() -> torch.Tensor:  # hyptorch's dist_matrix: mobius_add(-u, v) over a [B, N, D] tensor
+        return hyp.dist(u[:, None, :], v[None, :, :], c)
+
+    def gram() -> torch.Tensor:
+        return hyp.pairwise_dist(u, v, c)
+
+    out = []
+    for fn in (gram, broadcast):
+        best = float("inf")
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn().sum().backward()
+            best = min(best, time.perf_counter() - t0)
+        out.append(best)
+    torch.testing.assert_close(gram(), broadcast(), rtol=1e-4, atol=1e-4)
+    return out[0], out[1]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--classes", default="10000,100000,1000000")
+    p.add_argument("--worlds", default="1,2,4")
+    p.add_argument("--heads", default="distarc,arcface,chest")
+    p.add_argument("--iters", type=int, default=2)
+    args = p.parse_args()
+    classes = [int(c) for c in args.classes.split(",")]
+    worlds = [int(w) for w in args.worlds.split(",")]
+    print(f"# heads: D={DIM}, global batch {GLOBAL_BATCH}, {os.cpu_count()} CPU cores, torch {torch.__version__}")
+    print("| head | C | P | per-rank peak MB | dense (P=1) MB | ratio x P | fwd+bwd s |")
+    print("|---|---|---|---|---|---|---|")
+    results: dict[tuple[str, int, int], dict[str, float]] = {}
+    for head in args.heads.split(","):
+        for c in classes:
+            for w in worlds:
+                r = run_config(head, c, w, args.iters)
+                results[(head, c, w)] = r
+                dense = results.get((head, c, 1))
+                ratio = f"{r['mem_mb'] * w / dense['mem_mb']:.2f}" if dense else "-"
+                dense_mb = f"{dense['mem_mb']:.0f}" if dense else "-"
+                print(f"| {head} | {c} | {w} | {r['mem_mb']:.0f} | {dense_mb} | {ratio} | {r['time_s']:.3f} |",
+                      flush=True)
+    if "distarc" in args.heads and "arcface" in args.heads:
+        print("\n| C | P | DistArc s | ArcFace (same head) s | ratio | PML ArcFaceLoss s (P=1) |")
+        print("|---|---|---|---|---|---|")
+        for c in classes:
+            for w in worlds:
+                d, a = results[("distarc", c, w)]["time_s"], results[("arcface", c, w)]["time_s"]
+                pml = f"{pml_arcface(c, args.iters):.3f}" if w == 1 else "-"
+                print(f"| {c} | {w} | {d:.3f} | {a:.3f} | {d / a:.2f} | {pml} |", flush=True)
+    gram, bcast = poincare_gram_vs_broadcast()
+    print("\n| Poincare distances, B=256 x N=8192, D=128, fwd+bwd | seconds |\n|---|---|")
+    print(f"| Gram form (ours) | {gram:.3f} |\n| B x N x D broadcast | {bcast:.3f} |\n| speed-up | {bcast / gram:.1f}x |")
+
+
+if __name__ == "__main__":
+    main()
