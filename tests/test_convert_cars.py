@@ -1,0 +1,61 @@
+"""Tests of the Cars196 converter on a tiny cars_annos.mat written with savemat."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import scipy.io
+
+from data.convert.__main__ import main
+from tests.test_convert_common import image, jpeg, manifest, meta, read_split, write_image
+
+CLASSES = [1, 1, 98, 99, 196]  # annotation i+1 -> class; 1-98 train, 99-196 test
+
+
+def make_cars(src: str, n: int = len(CLASSES)) -> None:
+    # Same structure as the published file: a 1xN struct array `annotations`.
+    fields = ["relative_im_path", "bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "test"]
+    ann = np.zeros((1, n), dtype=[(f, "O") for f in fields])
+    for i in range(n):
+        rel = f"car_ims/{i + 1:06d}.jpg"
+        ann[0, i] = (rel, np.array([[1]], np.uint8), np.array([[2]], np.uint8), np.array([[30]], np.uint8),
+                     np.array([[40]], np.uint8), np.array([[CLASSES[i]]], np.uint8), np.array([[i % 2]], np.uint8))
+        write_image(os.path.join(src, rel), jpeg(i))
+    scipy.io.savemat(os.path.join(src, "cars_annos.mat"),
+                     {"annotations": ann, "class_names": np.array(["a", "b"], dtype=object)})
+
+
+def test_cars(tmp_path) -> None:
+    src, out = str(tmp_path / "cars"), str(tmp_path / "out")
+    make_cars(src)
+    main(["cars", "--src", src, "--out", out, "--no-progress"])
+    m = manifest(out)
+    assert m["splits"]["train"]["class_map"] == {"1": 0, "98": 1}
+    assert m["splits"]["test"]["class_map"] == {"99": 0, "196": 1}
+    train, test = read_split(out, "train"), read_split(out, "test")
+    assert sorted(train) == ["cars_00001", "cars_00002", "cars_00003"] and sorted(test) == ["cars_00004", "cars_00005"]
+    for split, samples in (("train", train), ("test", test)):
+        for key, s in samples.items():
+            i = int(key.split("_")[1])
+            rel = f"car_ims/{i:06d}.jpg"
+            assert meta(s) == {"path": rel, "index": i, "class_id": CLASSES[i - 1], "split": split, "bbox_x1": 1,
+                               "bbox_y1": 2, "bbox_x2": 30, "bbox_y2": 40, "test": (i - 1) % 2}
+            assert int(s["cls"]) == m["splits"][split]["class_map"][str(CLASSES[i - 1])]
+            with open(os.path.join(src, rel), "rb") as f:
+                assert image(s) == f.read()
+
+
+def test_cars_bad_input(tmp_path) -> None:
+    src, out = str(tmp_path / "cars"), str(tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match="cars_annos.mat"):
+        main(["cars", "--src", src, "--out", out])
+    make_cars(src)
+    os.remove(os.path.join(src, "car_ims", "000005.jpg"))
+    with pytest.raises(FileNotFoundError, match="000005.jpg"):
+        main(["cars", "--src", src, "--out", out])
+    scipy.io.savemat(os.path.join(src, "cars_annos.mat"), {"other": np.zeros(3)})
+    with pytest.raises(ValueError, match="annotations"):
+        main(["cars", "--src", src, "--out", out])
+    assert not os.path.exists(out)

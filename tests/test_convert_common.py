@@ -1,0 +1,154 @@
+"""Tests of data.convert.common (sharding, restart, parts, manifest) plus
+helpers the per-dataset converter tests import."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+
+import pytest
+from PIL import Image
+
+from data.convert.common import Item, Split, convert, remap
+from data.shards import verify_manifest
+
+
+def jpeg(seed: int, size: int = 8) -> bytes:
+    """A tiny real JPEG whose bytes differ per seed."""
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), ((seed * 37) % 256, (seed * 11) % 256, seed % 256)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def png(seed: int, size: int = 8) -> bytes:
+    """A tiny real PNG whose bytes differ per seed."""
+    buf = io.BytesIO()
+    Image.new("L", (size, size), seed % 256).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_image(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def read_split(root: str, split: str) -> dict[str, dict]:
+    """key -> {field: bytes} of every sample of a split, read from the tars."""
+    samples: dict[str, dict] = {}
+    folder = os.path.join(root, split)
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".tar"):
+            continue
+        with tarfile.open(os.path.join(folder, name)) as tar:
+            for member in tar.getmembers():
+                key, field = member.name.split(".", 1)
+                fobj = tar.extractfile(member)
+                assert fobj is not None
+                samples.setdefault(key, {})[field] = fobj.read()
+    return samples
+
+
+def meta(sample: dict) -> dict:
+    return json.loads(sample["json"])
+
+
+def image(sample: dict) -> bytes:
+    return sample["jpg"] if "jpg" in sample else sample["png"]
+
+
+def manifest(root: str) -> dict:
+    """The manifest, after checking its checksums against the shard files."""
+    verify_manifest(root)
+    with open(os.path.join(root, "manifest.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def toy(n: int = 10, name: str = "train") -> list[Split]:
+    items = [Item(f"toy_{i:03d}", i % 3, i, {"i": i}) for i in range(n)]
+    return [Split(name, items, lambda item: jpeg(int(item.ref)), remap(range(3)))]
+
+
+def mtimes(root: str) -> dict[str, int]:
+    return {n: os.stat(os.path.join(root, "train", n)).st_mtime_ns
+            for n in os.listdir(os.path.join(root, "train"))}
+
+
+def test_shards_labels_manifest(tmp_path) -> None:
+    out = str(tmp_path / "o")
+    assert convert("toy", out, toy(), shard_size=4, progress=False)
+    assert sorted(os.listdir(os.path.join(out, "train"))) == [f"shard-00000{i}.tar" for i in range(3)]
+    samples = read_split(out, "train")
+    assert len(samples) == 10
+    for key, s in samples.items():
+        i = meta(s)["i"]
+        assert key == f"toy_{i:03d}" and int(s["cls"]) == i % 3 and s["jpg"] == jpeg(i)
+    m = manifest(out)
+    assert m["dataset"] == "toy" and m["shard_size"] == 4
+    assert m["splits"]["train"]["num_samples"] == 10 and m["splits"]["train"]["class_map"] == {"0": 0, "1": 1, "2": 2}
+    # fixed-seed shuffle: not file order, but the same on every run
+    order = [json.loads(s["json"])["i"] for s in read_split(out, "train").values()]
+    assert order != sorted(order)
+    out2 = str(tmp_path / "o2")
+    convert("toy", out2, toy(), shard_size=4, progress=False)
+    assert manifest(out2)["splits"] == m["splits"]
+
+
+def test_restart_keeps_finished_shards(tmp_path) -> None:
+    out = str(tmp_path / "o")
+    convert("toy", out, toy(), shard_size=4, progress=False)
+    before = mtimes(out)
+    digest = manifest(out)["splits"]["train"]["sha256"]
+    # a crash: shard 1 and the manifest lost, a temp folder left behind
+    os.remove(os.path.join(out, "train", "shard-000001.tar"))
+    os.remove(os.path.join(out, "manifest.json"))
+    os.makedirs(os.path.join(out, "train", ".tmp-000001-x"))
+    calls: list[int] = []
+    splits = toy()
+    load = splits[0].load
+    splits[0].load = lambda item: calls.append(int(item.ref)) or load(item)
+    convert("toy", out, splits, shard_size=4, progress=False)
+    assert len(calls) == 4  # only shard 1 was rewritten
+    after = mtimes(out)
+    assert after["shard-000000.tar"] == before["shard-000000.tar"]
+    assert after["shard-000002.tar"] == before["shard-000002.tar"]
+    assert sorted(after) == [f"shard-00000{i}.tar" for i in range(3)]  # temp folder removed
+    assert manifest(out)["splits"]["train"]["sha256"] == digest
+
+
+def test_restart_with_other_shard_size_refused(tmp_path) -> None:
+    out = str(tmp_path / "o")
+    convert("toy", out, toy(), shard_size=4, progress=False)
+    with pytest.raises(ValueError, match="--shard-size"):
+        convert("toy", out, toy(), shard_size=5, progress=False)
+    with pytest.raises(ValueError, match="another conversion"):
+        convert("toy", out, toy(11), shard_size=4, progress=False)
+
+
+def test_parts_split_the_work(tmp_path) -> None:
+    out = str(tmp_path / "o")
+    splits = toy(10) + toy(5, "test")  # 3 + 2 shards = global indices 0..4
+    with pytest.raises(FileNotFoundError, match="--part -1"):
+        convert("toy", out, splits, 4, num_parts=2, part=-1, progress=False)
+    assert not convert("toy", out, splits, 4, num_parts=2, part=1, progress=False)
+    assert sorted(os.listdir(os.path.join(out, "train"))) == ["shard-000001.tar"]
+    assert sorted(os.listdir(os.path.join(out, "test"))) == ["shard-000000.tar"]
+    assert not os.path.exists(os.path.join(out, "manifest.json"))
+    convert("toy", out, splits, 4, num_parts=2, part=0, progress=False)
+    assert len(os.listdir(os.path.join(out, "train"))) == 3 and len(os.listdir(os.path.join(out, "test"))) == 2
+    assert convert("toy", out, splits, 4, num_parts=2, part=-1, progress=False)
+    m = manifest(out)
+    assert m["splits"]["train"]["num_samples"] == 10 and m["splits"]["test"]["num_samples"] == 5
+    single = str(tmp_path / "single")
+    convert("toy", single, toy(10) + toy(5, "test"), 4, progress=False)
+    assert manifest(single)["splits"] == m["splits"]  # byte-identical shards either way
+
+
+def test_bad_arguments(tmp_path) -> None:
+    with pytest.raises(ValueError, match="--part"):
+        convert("toy", str(tmp_path / "o"), toy(), 4, num_parts=2, part=2)
+    with pytest.raises(ValueError, match="shard_size"):
+        convert("toy", str(tmp_path / "o"), toy(), 0)
+    assert not os.path.exists(tmp_path / "o")
