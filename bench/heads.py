@@ -4,9 +4,12 @@ For C classes, D = 512, global batch 256 and world sizes P (gloo processes on th
   * sharded DistArc and CHEST heads vs the dense single-process head (P = 1) where it fits;
   * DistArc vs plain ArcFace (the same sharded head with lambda = mu = 0; P = 1 also PML's ArcFaceLoss);
   * the Gram-form Poincare distance vs a B x N x D broadcast (hyptorch-style).
-Memory is the peak resident set of each rank minus its resident set before the head was built
-(every configuration runs in fresh processes, because the peak cannot be reset). On a machine with
-fewer cores than ranks the per-rank times include oversubscription: compare times at equal P.
+Memory: on GPUs, torch.cuda.max_memory_allocated; on CPU, the peak resident set of each rank minus
+its resident set before the head was built (every configuration runs in fresh processes, because
+the peak cannot be reset), with glibc's mmap threshold pinned at 128 KiB so that freed temporaries
+go back to the system instead of fragmenting the heap (glibc's dynamic threshold otherwise keeps
+blocks up to 32 MiB on the heap and inflates the peak of the small per-rank shards). On a machine
+with fewer cores than ranks the per-rank times include oversubscription: compare times at equal P.
 
     python -m bench.heads [--classes 10000,100000,1000000] [--worlds 1,2,4] [--iters 3]
 """
@@ -47,13 +50,17 @@ def _rank(rank: int, world: int, port: int, head_name: str, num_classes: int, it
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    base = _current_rss_mb()
-    head = build_head(HEADS[head_name], num_classes, DIM, rank, world, embedding_grad_scale=float(world))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+    base = torch.cuda.memory_allocated() / 2**20 if cuda else _current_rss_mb()
+    head = build_head(HEADS[head_name], num_classes, DIM, rank, world, embedding_grad_scale=float(world)).to(device)
     b = GLOBAL_BATCH // world
     g = torch.Generator().manual_seed(rank)
-    emb = (torch.randn(b, DIM, generator=g) * 3).requires_grad_(True)
-    labels = torch.randint(0, num_classes, (b,), generator=g)
+    emb = (torch.randn(b, DIM, generator=g) * 3).to(device).requires_grad_(True)
+    labels = torch.randint(0, num_classes, (b,), generator=g).to(device)
     times = []
     for i in range(iters + 1):
         dist.barrier()
@@ -63,7 +70,8 @@ def _rank(rank: int, world: int, port: int, head_name: str, num_classes: int, it
         times.append(time.perf_counter() - t0)
         head.zero_grad(set_to_none=False)
         emb.grad = None
-    out[rank] = {"mem_mb": _rss_mb() - base, "time_s": min(times[1:])}
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _rss_mb()
+    out[rank] = {"mem_mb": peak - base, "time_s": min(times[1:])}
     dist.destroy_process_group()
 
 
@@ -79,6 +87,21 @@ def run_config(head_name: str, num_classes: int, world: int, iters: int) -> dict
     res = dict(out)
     manager.shutdown()
     return {"mem_mb": max(r["mem_mb"] for r in res.values()), "time_s": max(r["time_s"] for r in res.values())}
+
+
+def time_in_process(head_name: str, num_classes: int, iters: int) -> float:
+    """Best fwd+bwd seconds of the whole-table head in this process (default allocator), P = 1."""
+    from model.task import build_head
+
+    head = build_head(HEADS[head_name], num_classes, DIM)
+    emb = (torch.randn(GLOBAL_BATCH, DIM) * 3).requires_grad_(True)
+    labels = torch.randint(0, num_classes, (GLOBAL_BATCH,))
+    times = []
+    for i in range(iters + 1):
+        t0 = time.perf_counter()
+        head(emb, labels, step=i)["loss"].backward()
+        times.append(time.perf_counter() - t0)
+    return min(times[1:])
 
 
 def pml_arcface(num_classes: int, iters: int) -> float:
@@ -129,6 +152,7 @@ def main() -> None:
     p.add_argument("--heads", default="distarc,arcface,chest")
     p.add_argument("--iters", type=int, default=2)
     args = p.parse_args()
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))  # read by glibc in the spawned ranks
     classes = [int(c) for c in args.classes.split(",")]
     worlds = [int(w) for w in args.worlds.split(",")]
     print(f"# heads: D={DIM}, global batch {GLOBAL_BATCH}, {os.cpu_count()} CPU cores, torch {torch.__version__}")
@@ -146,13 +170,11 @@ def main() -> None:
                 print(f"| {head} | {c} | {w} | {r['mem_mb']:.0f} | {dense_mb} | {ratio} | {r['time_s']:.3f} |",
                       flush=True)
     if "distarc" in args.heads and "arcface" in args.heads:
-        print("\n| C | P | DistArc s | ArcFace (same head) s | ratio | PML ArcFaceLoss s (P=1) |")
-        print("|---|---|---|---|---|---|")
-        for c in classes:
-            for w in worlds:
-                d, a = results[("distarc", c, w)]["time_s"], results[("arcface", c, w)]["time_s"]
-                pml = f"{pml_arcface(c, args.iters):.3f}" if w == 1 else "-"
-                print(f"| {c} | {w} | {d:.3f} | {a:.3f} | {d / a:.2f} | {pml} |", flush=True)
+        print("\n| C | DistArc s | ArcFace (same sharded head, lambda = mu = 0) s | ratio | PML ArcFaceLoss s |")
+        print("|---|---|---|---|---|")
+        for c in classes:  # P = 1 in this process, default allocator
+            d, a = time_in_process("distarc", c, args.iters), time_in_process("arcface", c, args.iters)
+            print(f"| {c} | {d:.3f} | {a:.3f} | {d / a:.2f} | {pml_arcface(c, args.iters):.3f} |", flush=True)
     gram, bcast = poincare_gram_vs_broadcast()
     print("\n| Poincare distances, B=256 x N=8192, D=128, fwd+bwd | seconds |\n|---|---|")
     print(f"| Gram form (ours) | {gram:.3f} |\n| B x N x D broadcast | {bcast:.3f} |\n| speed-up | {bcast / gram:.1f}x |")

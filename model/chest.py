@@ -134,6 +134,36 @@ def _class_ce(logits: torch.Tensor, target: torch.Tensor, target_col: torch.Tens
     return sharded_cross_entropy(logits, target, target_col >= 0, group)
 
 
+def class_similarities(x_GE: torch.Tensor, proxies_CKE: torch.Tensor, fc: nn.Module | None, cfg: LossConfig
+                       ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """Soft class similarities S [G, C] per space, and the proxies mapped into the ball [C, K, H].
+
+    Spaces: "euclidean" and "hyperbolic" for CHEST (those with eta > 0), "cosine" for SoftTriple.
+    """
+    ch = cfg.chest
+    x = x_GE.float()
+    num_local, k, dim_e = proxies_CKE.shape
+    flat = proxies_CKE.reshape(num_local * k, dim_e).float()
+    if cfg.name == "softtriple":
+        sims = (F.normalize(x, dim=1) @ F.normalize(flat, dim=1).t()).view(x.shape[0], num_local, k)
+        return {"cosine": soft_max_similarity(sims, ch.gamma_e)}, None
+    assert fc is not None, "CHEST needs its shared FC h"
+    out: dict[str, torch.Tensor] = {}
+    if ch.eta_e > 0:
+        feats, prox = (fc(x), fc(flat)) if ch.euclid_features == "head" else (x, flat)
+        out["euclidean"] = soft_min_similarity(euclidean_pairwise(feats, prox).view(x.shape[0], num_local, k),
+                                               ch.gamma_e)
+    prox_h = None
+    if ch.eta_h > 0 or ch.tau > 0:
+        prox_h = hyp.to_ball(fc(flat), ch.curvature, ch.clip_radius)
+    if ch.eta_h > 0:
+        assert prox_h is not None
+        x_h = hyp.to_ball(fc(x), ch.curvature, ch.clip_radius)
+        d_h = hyp.pairwise_dist(x_h, prox_h, ch.curvature).view(x.shape[0], num_local, k)
+        out["hyperbolic"] = soft_min_similarity(d_h, ch.gamma_h)
+    return out, None if prox_h is None else prox_h.view(num_local, k, prox_h.shape[-1])
+
+
 def class_terms(x_GE: torch.Tensor, target_col_G: torch.Tensor, proxies_CKE: torch.Tensor, fc: nn.Module | None,
                 cfg: LossConfig, group: ProcessGroup | None = None, dense: bool = False) -> dict[str, torch.Tensor]:
     """Per-sample class losses of CHEST (or SoftTriple) against one slice of the proxy table.
@@ -142,33 +172,21 @@ def class_terms(x_GE: torch.Tensor, target_col_G: torch.Tensor, proxies_CKE: tor
     "proxies_h" [C, K, H] (the mapped proxies, reused by HypHC).
     """
     ch = cfg.chest
-    x = x_GE.float()
-    num_local, k, dim_e = proxies_CKE.shape
-    flat = proxies_CKE.reshape(num_local * k, dim_e).float()
+    sims, prox_h = class_similarities(x_GE, proxies_CKE, fc, cfg)
+    # space -> (output key, lambda, delta, eta); SoftTriple's cosine space uses the Euclidean fields
+    spec = {"euclidean": ("loss_e_G", ch.lambda_e, ch.delta_e, ch.eta_e),
+            "cosine": ("loss_e_G", ch.lambda_e, ch.delta_e, 1.0),
+            "hyperbolic": ("loss_h_G", ch.lambda_h, ch.delta_h, ch.eta_h)}
     out: dict[str, torch.Tensor] = {}
-    if cfg.name == "softtriple":
-        sims = (F.normalize(x, dim=1) @ F.normalize(flat, dim=1).t()).view(x.shape[0], num_local, k)
-        logits, target = margin_logits(soft_max_similarity(sims, ch.gamma_e), target_col_G, ch.lambda_e, ch.delta_e)
-        out["loss_e_G"] = out["loss_G"] = _class_ce(logits, target, target_col_G, group, dense)
-        return out
-    assert fc is not None, "CHEST needs its shared FC h"
-    total = torch.zeros(x.shape[0], device=x.device)
-    if ch.eta_e > 0:
-        feats, prox = (fc(x), fc(flat)) if ch.euclid_features == "head" else (x, flat)
-        d_e = euclidean_pairwise(feats, prox).view(x.shape[0], num_local, k)
-        logits, target = margin_logits(soft_min_similarity(d_e, ch.gamma_e), target_col_G, ch.lambda_e, ch.delta_e)
-        out["loss_e_G"] = _class_ce(logits, target, target_col_G, group, dense)
-        total = total + ch.eta_e * out["loss_e_G"]
-    if ch.eta_h > 0 or ch.tau > 0:
-        prox_h = hyp.to_ball(fc(flat), ch.curvature, ch.clip_radius)
-        out["proxies_h"] = prox_h.view(num_local, k, prox_h.shape[-1])
-    if ch.eta_h > 0:
-        x_h = hyp.to_ball(fc(x), ch.curvature, ch.clip_radius)
-        d_h = hyp.pairwise_dist(x_h, prox_h, ch.curvature).view(x.shape[0], num_local, k)
-        logits, target = margin_logits(soft_min_similarity(d_h, ch.gamma_h), target_col_G, ch.lambda_h, ch.delta_h)
-        out["loss_h_G"] = _class_ce(logits, target, target_col_G, group, dense)
-        total = total + ch.eta_h * out["loss_h_G"]
+    total = torch.zeros(x_GE.shape[0], device=x_GE.device)
+    for space, sim in sims.items():
+        key, lam, delta, eta = spec[space]
+        logits, target = margin_logits(sim, target_col_G, lam, delta)
+        out[key] = _class_ce(logits, target, target_col_G, group, dense)
+        total = total + eta * out[key]
     out["loss_G"] = total
+    if prox_h is not None:
+        out["proxies_h"] = prox_h
     return out
 
 
@@ -284,24 +302,10 @@ class ChestHead(ShardedHead):
 
     @torch.no_grad()
     def predict(self, emb_GD: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Label of the nearest soft-min proxy set, per space."""
-        ch = self.cfg.chest
-        x = emb_GD.float()
-        k = ch.proxies_per_class
-        flat = self.proxies.reshape(-1, self.embed_dim).float()
-        scores: dict[str, torch.Tensor] = {}
-        if self.cfg.name == "softtriple":
-            sims = (F.normalize(x, dim=1) @ F.normalize(flat, dim=1).t()).view(x.shape[0], self.num_local, k)
-            scores["cosine"] = -soft_max_similarity(sims, ch.gamma_e)
-        else:
-            assert self.fc is not None
-            d_e = euclidean_pairwise(x, flat).view(x.shape[0], self.num_local, k)
-            scores["euclidean"] = -soft_min_similarity(d_e, ch.gamma_e)
-            x_h = hyp.to_ball(self.fc(x), ch.curvature, ch.clip_radius)
-            p_h = hyp.to_ball(self.fc(flat), ch.curvature, ch.clip_radius)
-            d_h = hyp.pairwise_dist(x_h, p_h, ch.curvature).view(x.shape[0], self.num_local, k)
-            scores["hyperbolic"] = -soft_min_similarity(d_h, ch.gamma_h)
-        return {key: self.class_unperm[sharded_argmin(v, self.class_start, self.group)] for key, v in scores.items()}
+        """Label of the class with the highest soft similarity, per space."""
+        sims, _ = class_similarities(emb_GD, self.proxies, self.fc, self.cfg)
+        return {space: self.class_unperm[sharded_argmin(-sim, self.class_start, self.group)]
+                for space, sim in sims.items()}
 
 
 def chest_loss(emb: torch.Tensor, labels: torch.Tensor, proxies: torch.Tensor, cfg: LossConfig,

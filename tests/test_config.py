@@ -56,11 +56,24 @@ def test_unknown_recipe() -> None:
     ("checkpoint.every_steps=0", "checkpoint.every_steps"),
     ("loss.num_spheres=0", "loss.num_spheres"),
     ("name=a/b", "name='a/b'"),
+    ("loss.sample_rate=0", "loss.sample_rate=0.0 must be in \\(0, 1\\]"),
+    ("metrics.recall_ks=1,x", "metrics.recall_ks='1,x'"),
 ])
 def test_validation_errors(override: str, message: str) -> None:
     cfg = apply_overrides(get_recipe("mnist_distarc"), [override])
     with pytest.raises(ValueError, match=message):
         cfg.validate()
+
+
+def test_chest_settings_are_checked_only_for_chest_heads() -> None:
+    base = get_recipe("mnist_chest")
+    with pytest.raises(ValueError, match="proxies_per_class=1 < 2 with loss.chest.tau=0.5"):
+        apply_overrides(base, ["loss.chest.proxies_per_class=1"]).validate()
+    with pytest.raises(ValueError, match="curvature=-1.0 must be > 0"):
+        apply_overrides(base, ["loss.chest.curvature=-1"]).validate()
+    with pytest.raises(ValueError, match="Partial-FC.*DistArc family only"):
+        apply_overrides(base, ["loss.sample_rate=0.5"]).validate()
+    apply_overrides(get_recipe("mnist_distarc"), ["loss.sample_rate=0.5"]).validate()
 
 
 def test_from_dict_rejects_unknown_and_mistyped_keys() -> None:
