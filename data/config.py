@@ -12,6 +12,10 @@ import dataclasses
 
 # The only dataset preparations `ensure_prepared` knows how to run.
 PREPARE_CHOICES: tuple[str, ...] = ("none", "mnist5k")
+# Transform families (data.transforms.build_transform documents each one).
+TRANSFORM_CHOICES: tuple[str, ...] = ("digits", "imagenet", "faces")
+# Normalisation presets: "scalar" uses data.mean/data.std on every channel.
+NORM_CHOICES: tuple[str, ...] = ("scalar", "imagenet", "inception")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -42,7 +46,16 @@ class DataConfig:
     # Train-time augmentation: small random rotation/translation, no flips
     # (a flipped digit is a different or invalid digit).
     augment: bool = True
+    # "digits": resize + small rotation/translation (MNIST-like data);
+    # "imagenet": RandomResizedCrop(bicubic) + horizontal flip for train,
+    # Resize(image_size * 256 / 224) + CenterCrop for eval (ViT/CHEST recipe);
+    # "faces": aligned face crops, horizontal flip for train only.
+    transform: str = "digits"
     # Normalisation (x - mean) / std, applied after ToTensor (x in [0, 1]).
+    # norm="scalar" uses the scalars below on every channel; "imagenet"
+    # uses timm's IMAGENET_DEFAULT_MEAN/STD per channel, "inception"
+    # 0.5/0.5 per channel (both ignore mean/std and need in_chans=3).
+    norm: str = "scalar"
     mean: float = 0.5
     std: float = 0.5
     seed: int = 0
@@ -51,6 +64,13 @@ class DataConfig:
     prepare: str = "none"
     # Distinct bad samples one worker may skip before the stream raises.
     max_bad_samples: int = 100
+    # Class-balanced train batches: 0 = plain shuffled batches; m > 0 = every
+    # batch holds batch_size / m classes with exactly m samples each (see
+    # data.balanced). Eval batches are never balanced.
+    samples_per_class: int = 0
+    # Most raw samples the balancer of one (rank, worker) slot holds; past it
+    # the oldest buffered sample is dropped (only with samples_per_class > 0).
+    balance_buffer: int = 4096
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad setting and how to fix it."""
@@ -92,6 +112,42 @@ class DataConfig:
                 raise ValueError(f"data.{name}={value!r} must be a number, e.g. data.{name}=0.5")
         if not self.std > 0:
             raise ValueError(f"data.std={self.std!r} must be > 0 (it divides the pixels); e.g. data.std=0.5")
+        if self.transform not in TRANSFORM_CHOICES:
+            raise ValueError(
+                f"data.transform={self.transform!r} is unknown; choose one of "
+                f"{', '.join(TRANSFORM_CHOICES)}"
+            )
+        if self.norm not in NORM_CHOICES:
+            raise ValueError(
+                f"data.norm={self.norm!r} is unknown; choose one of {', '.join(NORM_CHOICES)}"
+            )
+        if self.norm != "scalar" and self.in_chans != 3:
+            raise ValueError(
+                f"data.norm={self.norm} has 3 per-channel values but data.in_chans={self.in_chans}; "
+                "set data.in_chans=3 or data.norm=scalar"
+            )
+        _check_int("samples_per_class", self.samples_per_class, minimum=0)
+        _check_int("balance_buffer", self.balance_buffer, minimum=1)
+        m = self.samples_per_class
+        if m > 0:
+            if self.batch_size % m:
+                raise ValueError(
+                    f"data.batch_size={self.batch_size} is not a multiple of "
+                    f"data.samples_per_class={m}; set data.batch_size to a multiple of {m} "
+                    "(or data.samples_per_class=0 for unbalanced batches)"
+                )
+            if self.batch_size // m > self.num_classes:
+                raise ValueError(
+                    f"data.batch_size={self.batch_size} / data.samples_per_class={m} = "
+                    f"{self.batch_size // m} classes per batch, more than data.num_classes="
+                    f"{self.num_classes}; lower data.batch_size or raise data.samples_per_class"
+                )
+            if self.balance_buffer < self.batch_size:
+                raise ValueError(
+                    f"data.balance_buffer={self.balance_buffer} cannot hold one batch of "
+                    f"data.batch_size={self.batch_size}; set data.balance_buffer >= "
+                    f"{self.batch_size} (a few thousand is typical)"
+                )
         if self.prepare not in PREPARE_CHOICES:
             raise ValueError(
                 f"data.prepare={self.prepare!r} is unknown; choose one of "

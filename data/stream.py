@@ -13,6 +13,9 @@ torch seed derived from (seed, rank, worker, k). DataLoader(batch_size=None,
 in_order=True) asks endless workers round-robin, so global batch i is batch
 i // W of worker i % W: the stream is a function of (cfg, rank, world_size,
 i) only, and a resumed stream skips whole raw batches without decoding them.
+With data.samples_per_class = m > 0 the slot's raw batches come from
+data.balanced instead (batch_size / m classes x m samples each); the rest
+(per-batch torch seed, round-robin, skip on resume) is unchanged.
 
 Eval (finite): rank r reads shards[r::world_size], worker w of the rank
 reads every W-th of those; no shuffle, no augmentation, last batch partial.
@@ -29,6 +32,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data.balanced import balanced_batches
 from data.config import DataConfig
 from data.samples import BadSampleCounter, RawSample, shuffle_buffer, valid_samples
 from data.shards import assign_shards, check_labels, list_shards
@@ -76,8 +80,20 @@ def slot_raw_samples(
 def slot_raw_batches(
     cfg: DataConfig, shards: list[str], rank: int, worker: int, counter: BadSampleCounter
 ) -> Iterator[list[RawSample]]:
-    """Endless stream of one slot's full raw batches (still-encoded images)."""
+    """Endless stream of one slot's full raw batches (still-encoded images).
+
+    With data.samples_per_class = m > 0 the batches are class-balanced
+    (data.balanced) with an RNG of their own, seeded by (seed, rank, worker);
+    otherwise consecutive raw samples form a batch.
+    """
     samples = slot_raw_samples(cfg, shards, rank, worker, counter)
+    if cfg.samples_per_class > 0:
+        rng = random.Random(f"balance-{cfg.seed}-{rank}-{worker}")
+        yield from balanced_batches(
+            samples, cfg.batch_size, cfg.samples_per_class, cfg.balance_buffer, rng,
+            f"train rank {rank} worker {worker}",
+        )
+        return
     while True:
         yield list(itertools.islice(samples, cfg.batch_size))
 
@@ -88,6 +104,7 @@ def decode_batch(
     transform: Callable[[Image.Image], torch.Tensor],
     counter: BadSampleCounter,
     seed: int | None,
+    keep_classes: bool = False,
 ) -> Batch | None:
     """Decode, transform and stack a raw batch; None if nothing decodes.
 
@@ -95,7 +112,12 @@ def decode_batch(
     a seed (train) their places are refilled by re-transforming the batch's
     good images in order, so the batch keeps its size and its position in
     the stream (resume stays exact). Without a seed (eval) they are dropped.
+    keep_classes (balanced train batches) refills each failed place in place
+    with a good image of the same class when the batch has one, so the
+    m-per-class layout survives a bad image.
     """
+    if keep_classes and seed is not None:
+        return _decode_keep_classes(raw, cfg, transform, counter, seed)
     images, labels = [], []
     for sample in raw:
         try:
@@ -115,6 +137,42 @@ def decode_batch(
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
+        tensors = [transform(image) for image in images]
+    return torch.stack(tensors), torch.tensor(labels, dtype=torch.int64)
+
+
+def _decode_keep_classes(
+    raw: list[RawSample],
+    cfg: DataConfig,
+    transform: Callable[[Image.Image], torch.Tensor],
+    counter: BadSampleCounter,
+    seed: int,
+) -> Batch | None:
+    """decode_batch for balanced batches: refill failures from the same class."""
+    decoded: list[Image.Image | None] = []
+    for sample in raw:
+        try:
+            decoded.append(decode_image(sample.image, cfg.in_chans))
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad bytes
+            counter.record(sample.shard, sample.key, f"decode failed: {type(exc).__name__}: {exc}")
+            decoded.append(None)
+    good = [i for i, image in enumerate(decoded) if image is not None]
+    if not good:
+        return None
+    images: list[Image.Image] = []
+    labels: list[int] = []
+    for i, (sample, image) in enumerate(zip(raw, decoded)):
+        if image is None:
+            same = [j for j in good if raw[j].label == sample.label]
+            # Deterministic choice: cycle through the class's good images by
+            # position; fall back to any good image (label follows it).
+            j = same[i % len(same)] if same else good[i % len(good)]
+            image, sample = decoded[j], raw[j]
+        assert image is not None
+        images.append(image)
+        labels.append(sample.label)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
         tensors = [transform(image) for image in images]
     return torch.stack(tensors), torch.tensor(labels, dtype=torch.int64)
 
@@ -163,7 +221,10 @@ class TrainStream(IterableDataset):
             next(raw_batches)
         transform = build_transform(cfg, train=True)
         for k, raw in enumerate(raw_batches, start=skip):
-            batch = decode_batch(raw, cfg, transform, counter, _seed_int(cfg.seed, rank, worker, k))
+            batch = decode_batch(
+                raw, cfg, transform, counter, _seed_int(cfg.seed, rank, worker, k),
+                keep_classes=cfg.samples_per_class > 0,
+            )
             if batch is None:
                 raise RuntimeError(
                     f"train rank {rank} worker {worker}: no image of batch {k} decodes "

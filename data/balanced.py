@@ -1,0 +1,152 @@
+"""Class-balanced raw batches: m samples of each of batch_size / m classes.
+
+This module owns the batch composition used by pair/proxy metric-learning
+losses (CHEST, Hyp-ViT): every train batch holds P = batch_size / m classes
+with exactly m samples each (data.samples_per_class = m). It works on raw,
+still-encoded samples, inside each (rank, worker) slot of data.stream, so
+balancing needs no global index of the dataset, costs no decoding, and a
+resumed stream can skip balanced batches as cheaply as plain ones.
+
+Algorithm (one `ClassBalancer` per slot, fed the slot's shuffled stream):
+  - each incoming sample is appended to its class's FIFO buffer;
+  - as soon as at least P classes hold >= m samples ("ready" classes), P of
+    them are chosen with the slot's RNG (seeded from (seed, rank, worker))
+    and the m oldest samples of each form the batch, class after class;
+  - when more than data.balance_buffer samples are buffered, the oldest
+    buffered sample (over all classes) is dropped. This bounds memory and
+    lets classes that never gather m samples (rarer than m per window)
+    leave the buffer instead of growing it forever. Dropped samples are
+    simply not used; later epochs bring them back;
+  - a sample that arrives while an earlier copy of it (same shard and key,
+    from the previous epoch) is still buffered is ignored, so a batch never
+    holds the same image twice.
+Every decision depends only on the input order and the RNG, so the output
+is deterministic. Epochs are not exact here: a sample may be dropped or
+wait in a buffer across an epoch boundary.
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+from collections.abc import Iterable, Iterator
+
+from data.samples import RawSample
+
+# Compact the drop-order queue once it holds this many times the buffer
+# capacity (dead entries accumulate when samples leave through batches).
+_COMPACT_FACTOR = 4
+# Raise after this many times the buffer capacity of samples without a
+# batch: the data cannot supply P classes with m samples in one window.
+_STALL_FACTOR = 20
+
+
+class ClassBalancer:
+    """Per-class FIFO buffers that emit class-balanced raw batches."""
+
+    def __init__(self, batch_size: int, per_class: int, capacity: int, rng: random.Random) -> None:
+        if per_class < 1 or batch_size % per_class or capacity < batch_size:
+            raise ValueError(
+                f"batch_size={batch_size} must be a multiple of samples_per_class={per_class} "
+                f"and balance_buffer={capacity} >= batch_size"
+            )
+        self.per_class, self.num_classes = per_class, batch_size // per_class
+        self.capacity, self.rng = capacity, rng
+        # label -> FIFO of (arrival number, sample); empty classes are removed.
+        self.buffers: dict[int, collections.deque[tuple[int, RawSample]]] = {}
+        self.ready: set[int] = set()  # classes with >= per_class buffered
+        # (arrival number, label) in arrival order, for dropping the oldest;
+        # entries of samples that already left in a batch are skipped lazily.
+        self.order: collections.deque[tuple[int, int]] = collections.deque()
+        self.keys: set[tuple[str, str]] = set()  # (shard, key) of buffered samples
+        self.size = 0  # samples buffered
+        self.arrivals = 0
+        self.dropped = 0
+
+    def push(self, sample: RawSample) -> list[RawSample] | None:
+        """Buffer one sample; return a balanced batch when one is complete."""
+        ident = (sample.shard, sample.key)
+        if ident in self.keys:
+            return None
+        self.keys.add(ident)
+        seq, label = self.arrivals, sample.label
+        self.arrivals += 1
+        queue = self.buffers.setdefault(label, collections.deque())
+        queue.append((seq, sample))
+        self.order.append((seq, label))
+        self.size += 1
+        if len(queue) >= self.per_class:
+            self.ready.add(label)
+        batch = self._emit() if len(self.ready) >= self.num_classes else None
+        # Drop after emitting, so the sample that completes a batch is used.
+        while self.size > self.capacity:
+            self._drop_oldest()
+        if len(self.order) > _COMPACT_FACTOR * self.capacity:
+            self._compact()
+        return batch
+
+    def _emit(self) -> list[RawSample]:
+        # sorted(): set iteration order is not part of the determinism contract.
+        chosen = self.rng.sample(sorted(self.ready), self.num_classes)
+        batch: list[RawSample] = []
+        for label in chosen:
+            queue = self.buffers[label]
+            batch += [queue.popleft()[1] for _ in range(self.per_class)]
+            self._after_remove(label, queue)
+        self.size -= len(batch)
+        self.keys.difference_update((s.shard, s.key) for s in batch)
+        return batch
+
+    def _drop_oldest(self) -> None:
+        while True:
+            seq, label = self.order.popleft()
+            queue = self.buffers.get(label)
+            # Live iff still buffered: classes only lose their oldest samples,
+            # so an entry is live iff its class's head is not newer than it.
+            if queue and queue[0][0] <= seq:
+                old = queue.popleft()[1]
+                self.keys.discard((old.shard, old.key))
+                self.size -= 1
+                self.dropped += 1
+                self._after_remove(label, queue)
+                return
+
+    def _after_remove(self, label: int, queue: collections.deque[tuple[int, RawSample]]) -> None:
+        if len(queue) < self.per_class:
+            self.ready.discard(label)
+        if not queue:
+            del self.buffers[label]
+
+    def _compact(self) -> None:
+        live = [(seq, label) for label, queue in self.buffers.items() for seq, _ in queue]
+        self.order = collections.deque(sorted(live))
+
+
+def balanced_batches(
+    samples: Iterable[RawSample],
+    batch_size: int,
+    per_class: int,
+    capacity: int,
+    rng: random.Random,
+    where: str,
+) -> Iterator[list[RawSample]]:
+    """Endless class-balanced raw batches from an endless raw sample stream.
+
+    `where` names the slot in the error raised when no batch can be formed.
+    """
+    balancer = ClassBalancer(batch_size, per_class, capacity, rng)
+    since_batch = 0
+    for sample in samples:
+        batch = balancer.push(sample)
+        if batch is not None:
+            since_batch = 0
+            yield batch
+            continue
+        since_batch += 1
+        if since_batch > _STALL_FACTOR * capacity:
+            raise RuntimeError(
+                f"{where}: {since_batch} samples gave no batch of {batch_size // per_class} "
+                f"classes x data.samples_per_class={per_class}; too few classes have "
+                f"{per_class} samples within data.balance_buffer={capacity}. Lower "
+                f"data.samples_per_class or data.batch_size, or raise data.balance_buffer"
+            )

@@ -1,0 +1,168 @@
+"""Tests of class-balanced train batches (data.samples_per_class)."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import random
+
+import pytest
+import torch
+
+import data.stream
+from data.balanced import ClassBalancer, balanced_batches
+from data.config import DataConfig
+from data.samples import RawSample
+from data.stream import build_train_loader
+from data.synthetic import decode_ids, write_synthetic
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> str:
+    # 8 train shards x 16 samples, 8 classes (label = id % 8).
+    path = str(tmp_path_factory.mktemp("balanced"))
+    write_synthetic(path, num_classes=8, train_shards=8, eval_shards=1, per_shard=16)
+    return path
+
+
+def make_cfg(root: str, **overrides) -> DataConfig:
+    base = {"root": root, "num_classes": 8, "image_size": 28, "batch_size": 8, "num_workers": 0,
+            "augment": False, "mean": 0.0, "std": 1.0, "shuffle_buffer": 16,
+            "samples_per_class": 2, "balance_buffer": 64}
+    base.update(overrides)
+    return DataConfig(**base)
+
+
+def take(cfg: DataConfig, n: int, start: int = 0, rank: int = 0, world_size: int = 1) -> list:
+    return list(itertools.islice(build_train_loader(cfg, rank, world_size, start), n))
+
+
+def assert_balanced(labels: torch.Tensor, per_class: int, classes: int) -> None:
+    counts = collections.Counter(labels.tolist())
+    assert len(counts) == classes and set(counts.values()) == {per_class}
+    # Each class's m samples sit next to each other.
+    blocks = labels.view(classes, per_class)
+    assert (blocks == blocks[:, :1]).all()
+
+
+@pytest.mark.parametrize("batch_size, m", [(8, 2), (8, 4), (12, 3)])
+def test_every_batch_is_balanced(root: str, batch_size: int, m: int) -> None:
+    cfg = make_cfg(root, batch_size=batch_size, samples_per_class=m)
+    for images, labels in take(cfg, 30):  # several epochs of a 128-sample slot
+        assert images.shape == (batch_size, 1, 28, 28)
+        assert_balanced(labels, m, batch_size // m)
+        assert labels.tolist() == [i % 8 for i in decode_ids(images)]  # labels follow images
+        assert len(set(decode_ids(images))) == batch_size  # no duplicate within a batch
+
+
+def test_same_seed_same_batches(root: str) -> None:
+    cfg = make_cfg(root, num_workers=2, augment=True)
+    first = take(cfg, 6, rank=1, world_size=2)
+    again = take(cfg, 6, rank=1, world_size=2)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
+    other = take(dataclasses.replace(cfg, seed=1), 6, rank=1, world_size=2)
+    assert not all(torch.equal(a[1], b[1]) for a, b in zip(first, other))
+
+
+@pytest.mark.parametrize("num_workers, start", [(0, 5), (2, 3), (2, 8)])
+def test_resume_matches_uninterrupted_stream(root: str, num_workers: int, start: int) -> None:
+    cfg = make_cfg(root, num_workers=num_workers, augment=True)
+    full = take(cfg, start + 4)
+    resumed = take(cfg, 4, start=start)
+    for (xa, ya), (xb, yb) in zip(full[start:], resumed):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_resume_skips_without_decoding(root: str, monkeypatch) -> None:
+    calls = []
+    real = data.stream.decode_image
+
+    def counting(image: bytes, in_chans: int):
+        calls.append(1)
+        return real(image, in_chans)
+
+    monkeypatch.setattr(data.stream, "decode_image", counting)
+    take(make_cfg(root), 2, start=20)
+    assert len(calls) == 2 * 8
+
+
+def test_default_is_unbalanced(root: str) -> None:
+    # samples_per_class=0 keeps the old path: consecutive shuffled samples.
+    plain = take(make_cfg(root, samples_per_class=0), 3)
+    counts = [sorted(collections.Counter(y.tolist()).values()) for _, y in plain]
+    assert any(c != [2, 2, 2, 2] for c in counts)
+
+
+def raw(i: int, label: int) -> RawSample:
+    return RawSample(f"k{i}", "shard", b"", label)
+
+
+def test_buffer_cap_drops_oldest() -> None:
+    bal = ClassBalancer(batch_size=4, per_class=2, capacity=4, rng=random.Random(0))
+    # Distinct classes never complete a pair; the buffer keeps the newest 4.
+    for i in range(10):
+        assert bal.push(raw(i, i)) is None
+    assert bal.size == 4 and bal.dropped == 6
+    assert sorted(bal.buffers) == [6, 7, 8, 9]
+    # A second class-8 sample overflows the cap: the oldest (6) goes.
+    assert bal.push(raw(10, 8)) is None
+    assert sorted(bal.buffers) == [7, 8, 9]
+    # The completing sample is used before the cap is enforced.
+    batch = bal.push(raw(11, 9))
+    assert batch is not None and [s.key for s in batch] in (
+        ["k8", "k10", "k9", "k11"], ["k9", "k11", "k8", "k10"])
+    assert bal.size == 1 and sorted(bal.buffers) == [7]
+
+
+def test_repeated_sample_is_ignored_while_buffered() -> None:
+    bal = ClassBalancer(batch_size=4, per_class=2, capacity=8, rng=random.Random(0))
+    assert bal.push(raw(0, 0)) is None
+    assert bal.push(raw(0, 0)) is None  # same (shard, key): the next epoch's copy
+    assert bal.size == 1
+
+
+def test_buffer_stays_bounded_over_a_long_stream() -> None:
+    rng = random.Random(1)
+    stream = (raw(i, rng.randrange(50)) for i in itertools.count())
+    bal_rng = random.Random(2)
+    batches = balanced_batches(stream, 8, 2, 32, bal_rng, "test")
+    for batch in itertools.islice(batches, 2000):
+        assert_balanced(torch.tensor([s.label for s in batch]), 2, 4)
+
+
+def test_stall_raises_with_fix() -> None:
+    singletons = (raw(i, i) for i in itertools.count())
+    with pytest.raises(RuntimeError, match="data.balance_buffer=8"):
+        next(balanced_batches(singletons, 8, 2, 8, random.Random(0), "test"))
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [({"samples_per_class": 3}, "multiple of data.samples_per_class=3"),
+     ({"samples_per_class": 1, "batch_size": 16}, "data.num_classes=8"),
+     ({"balance_buffer": 4}, "data.balance_buffer=4"),
+     ({"samples_per_class": -1}, "data.samples_per_class")],
+)
+def test_config_validation(root: str, override: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        make_cfg(root, **override).validate()
+
+
+@pytest.mark.filterwarnings("ignore:skipping bad sample:RuntimeWarning")
+def test_decode_failure_keeps_classes(root: str, monkeypatch) -> None:
+    from data.synthetic import synthetic_png
+
+    bad = {synthetic_png(i, i % 8, 8) for i in range(0, 128, 5)}
+    real = data.stream.decode_image
+
+    def failing(image: bytes, in_chans: int):
+        if image in bad:
+            raise OSError("broken")
+        return real(image, in_chans)
+
+    monkeypatch.setattr(data.stream, "decode_image", failing)
+    for images, labels in take(make_cfg(root, samples_per_class=4), 20):
+        assert_balanced(labels, 4, 2)
+        ids = decode_ids(images)
+        assert labels.tolist() == [i % 8 for i in ids] and not any(i % 5 == 0 for i in ids)

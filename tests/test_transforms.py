@@ -1,0 +1,108 @@
+"""Tests of the transform families (data.transform) and normalisation (data.norm)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data.config import DataConfig
+from data.transforms import build_transform
+
+
+def make_cfg(**overrides) -> DataConfig:
+    base = {"root": "unused", "num_classes": 2, "in_chans": 3, "augment": True}
+    base.update(overrides)
+    return DataConfig(**base)
+
+
+def gradient(width: int, height: int) -> Image.Image:
+    # Left-right asymmetric, so a horizontal flip is visible.
+    x = np.linspace(0, 255, width, dtype=np.float32)[None, :, None]
+    y = np.linspace(0, 255, height, dtype=np.float32)[:, None, None]
+    pixels = np.concatenate([x.repeat(height, 0), y.repeat(width, 1), (x + y).repeat(1, 0) / 2], 2)
+    return Image.fromarray(pixels.astype(np.uint8), "RGB")
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("size, shape", [(224, (300, 200)), (64, (64, 96)), (32, (500, 375))])
+def test_imagenet_output_shape(train: bool, size: int, shape: tuple[int, int]) -> None:
+    cfg = make_cfg(transform="imagenet", image_size=size, norm="imagenet")
+    out = build_transform(cfg, train)(gradient(*shape))
+    assert out.shape == (3, size, size) and out.dtype == torch.float32
+
+
+def test_imagenet_eval_is_resize_then_center_crop() -> None:
+    cfg = make_cfg(transform="imagenet", image_size=224, norm="inception")
+    image = gradient(400, 300)
+    # Shorter side 300 -> 256, then the centre 224 x 224.
+    resized = image.resize((341, 256), Image.BICUBIC)
+    left, top = round((341 - 224) / 2), round((256 - 224) / 2)
+    expected = np.asarray(resized.crop((left, top, left + 224, top + 224)), np.float32) / 255
+    got = build_transform(cfg, train=False)(image).permute(1, 2, 0).numpy() * 0.5 + 0.5
+    assert np.abs(got - expected).max() < 1e-5
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_faces_shape_and_no_resize_at_size(train: bool) -> None:
+    cfg = make_cfg(transform="faces", image_size=112, norm="inception")
+    image = gradient(112, 112)
+    out = build_transform(cfg, train)(image)
+    assert out.shape == (3, 112, 112)
+    plain = torch.from_numpy(np.asarray(image, np.float32) / 255).permute(2, 0, 1) * 2 - 1
+    # Exactly the pixels or their mirror image: no interpolation happened.
+    assert torch.allclose(out, plain, atol=1e-6) or torch.allclose(out, plain.flip(2), atol=1e-6)
+    if not train:
+        assert torch.allclose(out, plain, atol=1e-6)
+    assert build_transform(cfg, train)(gradient(120, 130)).shape == (3, 112, 112)
+
+
+@pytest.mark.parametrize("family", ["faces", "imagenet"])
+def test_train_flip_happens_for_some_seed(family: str) -> None:
+    cfg = make_cfg(transform=family, image_size=64, augment=True)
+    image = gradient(64, 64)
+    transform = build_transform(cfg, train=True)
+    flipped = 0
+    for seed in range(12):
+        torch.manual_seed(seed)
+        out = transform(image)
+        # Red grows left to right unless the image was mirrored.
+        flipped += bool(out[0, :, 0].mean() > out[0, :, -1].mean())
+    assert 0 < flipped < 12
+
+
+@pytest.mark.parametrize("family", ["faces", "imagenet"])
+def test_deterministic_under_fixed_seed(family: str) -> None:
+    transform = build_transform(make_cfg(transform=family, image_size=48), train=True)
+    image = gradient(80, 60)
+    torch.manual_seed(7)
+    a = transform(image)
+    torch.manual_seed(7)
+    assert torch.equal(a, transform(image))
+
+
+def test_augment_false_equals_eval() -> None:
+    cfg = make_cfg(transform="imagenet", image_size=48, augment=False)
+    image = gradient(80, 60)
+    assert torch.equal(build_transform(cfg, True)(image), build_transform(cfg, False)(image))
+
+
+def test_norm_presets() -> None:
+    image = Image.new("RGB", (8, 8), (255, 0, 128))
+    out = build_transform(make_cfg(transform="faces", image_size=8, norm="imagenet"), False)(image)
+    expected = (torch.tensor([1.0, 0.0, 128 / 255]) - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor(
+        [0.229, 0.224, 0.225])
+    assert torch.allclose(out[:, 0, 0], expected, atol=1e-6)
+    scalar = build_transform(make_cfg(transform="faces", image_size=8, mean=0.0, std=1.0), False)(image)
+    assert torch.allclose(scalar[:, 0, 0], torch.tensor([1.0, 0.0, 128 / 255]), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [({"transform": "vit"}, "data.transform"), ({"norm": "clip"}, "data.norm"),
+     ({"norm": "imagenet", "in_chans": 1}, "data.in_chans=1")],
+)
+def test_config_validation(override: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        make_cfg(**override).validate()
