@@ -42,7 +42,7 @@ def engine_rank(stage: int, accum: int, head_name: str) -> dict:
     import torch.distributed as dist
 
     from train.engine import build_engine
-    from train.step import _reduce_head_grads
+    from train.step import reduce_head_grads
 
     rank, world = dist.get_rank(), dist.get_world_size()
     b = GLOBAL_BATCH // world
@@ -56,7 +56,7 @@ def engine_rank(stage: int, accum: int, head_name: str) -> dict:
         if i < accum - 1:
             engine.step()  # not a boundary: DeepSpeed only counts the micro-step
     assert engine.is_gradient_accumulation_boundary()
-    _reduce_head_grads(head)  # what train_step does at the boundary: sum the replicated FC's grads
+    reduce_head_grads(head)  # what train_step does at the boundary: sum the replicated FC's grads
     grads = {n: deepspeed.utils.safe_get_full_grad(p).clone() for n, p in engine.module.named_parameters()}
     return {"backbone": grads, "shard": next(iter(head.sharded_parameters().values())).grad.clone(),
             "replicated": {k: p.grad.clone() for k, p in head.replicated_parameters().items()}}

@@ -27,8 +27,10 @@ def train_step(tr: Trainer, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
                accum_steps: int) -> dict[str, float]:
     """Run `accum_steps` micro-batches and one update; return the step's scalars (this rank's view).
 
-    engine.backward divides the loss by accum_steps, so the head's gradients are scaled alike; the
-    engine averages the backbone's over ranks at the boundary, the head's are never reduced.
+    engine.backward divides the loss by accum_steps, so the head's gradients are scaled alike. At the
+    boundary the engine averages the backbone's gradients over ranks (the all-gather's backward has
+    multiplied them by the world size), the head's replicated parameters are summed over ranks, and
+    its class shards are never reduced.
     """
     sums: dict[str, float] = {}
     for _ in range(accum_steps):
@@ -38,7 +40,7 @@ def train_step(tr: Trainer, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
         out = tr.task(images, labels, step=step)
         tr.engine.backward(out["loss"])
         if tr.engine.is_gradient_accumulation_boundary():
-            sums["head_grad_norm"] = _reduce_head_grads(tr.task.head)
+            sums["head_grad_norm"] = reduce_head_grads(tr.task.head)
         tr.engine.step()  # called every micro-batch; DeepSpeed only updates at the boundary
         for key, value in out.items():
             sums[key] = sums.get(key, 0.0) + float(value.detach()) / accum_steps
@@ -53,7 +55,7 @@ def train_step(tr: Trainer, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
     return sums
 
 
-def _reduce_head_grads(head: ShardedHead) -> float:
+def reduce_head_grads(head: ShardedHead) -> float:
     """Sum the replicated head parameters' partial gradients over ranks (never the shards' own);
     return the head's global gradient norm."""
     shards = [p.grad for p in head.sharded_parameters().values() if p.grad is not None]
