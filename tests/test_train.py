@@ -46,6 +46,11 @@ def test_launcher_trains_checkpoints_and_logs(mnist_root: str, tmp_path, capsys)
     losses = [e.value for e in acc.Scalars("train/loss")]
     assert len(losses) == 12 and losses[-1] < 0.6 * losses[0]
     assert acc.Scalars("eval/acc_measure")[-1].value == pytest.approx(summary["acc_measure"])
+    # pictures of the embedding space: histograms and the projector's points with their labels
+    assert {"eval/euclidean_norm", "head/row_norm_rank0"} <= set(acc.Tags()["histograms"])
+    assert (run_dir / "tb" / "projector_config.pbtxt").exists()
+    metadata = glob.glob(str(run_dir / "tb" / "*" / "euclidean" / "metadata.tsv"))
+    assert metadata and len(open(metadata[0]).read().split()) == 1000  # one label per held-out digit
 
 
 def _run(cfg_overrides: list[str], stop_at_step: int | None = None, recipe: str = "mnist_distarc") -> dict:

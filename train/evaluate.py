@@ -7,7 +7,7 @@ table stays sharded); retrieval metrics are computed identically on every rank, 
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -32,9 +32,16 @@ def gather_embeddings(task: MetricLearningTask, loader: Iterable[tuple[torch.Ten
 
 @torch.no_grad()
 def evaluate(task: MetricLearningTask, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
-             input_dtype: torch.dtype, cfg: MetricsConfig, chunk: int = 4096) -> dict[str, float]:
-    """Scalars named acc_<rule> (e.g. acc_measure, acc_cosine) and <space>/R@k, <space>/MAP@R."""
+             input_dtype: torch.dtype, cfg: MetricsConfig, chunk: int = 4096,
+             on_embeddings: Callable[[dict[str, torch.Tensor], torch.Tensor], None] | None = None
+             ) -> dict[str, float]:
+    """Scalars named acc_<rule> (e.g. acc_measure, acc_cosine) and <space>/R@k, <space>/MAP@R.
+
+    `on_embeddings(spaces, labels)` receives the gathered evaluation embeddings (for pictures).
+    """
     emb, lab = gather_embeddings(task, loader, device, input_dtype)
+    if on_embeddings is not None and emb.shape[0]:
+        on_embeddings(task.head.embed_spaces(emb), lab)
     correct: dict[str, int] = {}
     for start in range(0, emb.shape[0], chunk):
         for rule, pred in task.head.predict(emb[start:start + chunk]).items():

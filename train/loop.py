@@ -14,7 +14,7 @@ from train.step import Trainer, train_step
 
 def train_loop(cfg: RunConfig, tr: Trainer, batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
                state: TrainState, logger: MetricLogger, global_batch: int, is_main: bool,
-               save: Callable[[TrainState], str], evaluate: Callable[[], dict[str, float]],
+               save: Callable[[TrainState], str], evaluate: Callable[[int], dict[str, float]],
                stop_step: int) -> TrainState:
     """Train from `state.step` to `stop_step` (<= cfg.max_steps); returns the final counters.
 
@@ -35,7 +35,7 @@ def train_loop(cfg: RunConfig, tr: Trainer, batches: Iterator[tuple[torch.Tensor
             save(state)
             logger.reset_timer(state.step)
         if cfg.metrics.eval_every and state.step % cfg.metrics.eval_every == 0 and state.step < cfg.max_steps:
-            logger.log(state.step, state.samples_seen, evaluate(), prefix="eval")
+            logger.log(state.step, state.samples_seen, evaluate(state.step), prefix="eval")
             logger.reset_timer(state.step)
     bar.close()
     return state

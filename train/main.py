@@ -81,10 +81,12 @@ def run(cfg: RunConfig, stop_at_step: int | None = None) -> dict[str, Any]:
         def save(st: ckpt.TrainState) -> str:
             return ckpt.save_checkpoint(cfg, env, st, engine, head, head_opt, head_sched)
 
-        def evaluate() -> dict[str, float]:
+        def evaluate(step: int) -> dict[str, float]:
             engine.eval()
+            table = next(iter(head.sharded_parameters().values()))
             result = evaluate_heldout(task, build_eval_loader(cfg.data, env.rank, env.world_size), device,
-                                      input_dtype, cfg.metrics)
+                                      input_dtype, cfg.metrics,
+                                      on_embeddings=lambda spaces, lab: logger.log_embeddings(step, spaces, lab, table))
             engine.train()
             return result
 
@@ -95,7 +97,7 @@ def run(cfg: RunConfig, stop_at_step: int | None = None) -> dict[str, Any]:
         train_s = time.time() - train_t0
         final: dict[str, float] = {}
         if state.step >= cfg.max_steps:  # a job stopped early (preempted) leaves evaluation to its successor
-            final = evaluate()
+            final = evaluate(state.step)
             logger.log(state.step, state.samples_seen, final, prefix="eval")
         logger.close()
         summary = {"run_dir": os.path.abspath(cfg.run_dir), "tensorboard_dir": os.path.abspath(logger.tb_dir),

@@ -10,6 +10,8 @@ import os
 import sys
 import time
 
+import torch
+
 from train.dist import reduce_mean
 
 
@@ -42,6 +44,26 @@ class MetricLogger:
             text = " ".join(f"{k}={v:.4g}" for k, v in sorted(values.items()))
             print(f"[{prefix}] step {step} samples {samples_seen} {text}", file=sys.stdout, flush=True)
         return values
+
+    def log_embeddings(self, step: int, spaces: dict[str, torch.Tensor], labels: torch.Tensor,
+                       table_rows: torch.Tensor | None = None, max_points: int = 1000) -> None:
+        """Pictures of the embedding spaces (rank 0): TensorBoard projector points coloured by label
+        (first `max_points` evaluation samples per space), histograms of embedding norms and of the
+        class-table row norms of rank 0's shard."""
+        if self.writer is None:
+            return
+        seen: set[int] = set()
+        for space, points in spaces.items():
+            if points.data_ptr() in seen:  # e.g. "cosine" ranks the same vectors as "euclidean"
+                continue
+            seen.add(points.data_ptr())
+            pts = points[:max_points].detach().float().cpu()
+            self.writer.add_embedding(pts, metadata=labels[:max_points].cpu().tolist(), tag=space, global_step=step)
+            self.writer.add_histogram(f"eval/{space}_norm", pts.norm(dim=1), step)
+        if table_rows is not None and table_rows.numel():
+            rows = table_rows.detach().float().cpu()
+            self.writer.add_histogram("head/row_norm_rank0", rows.reshape(rows.shape[0], -1).norm(dim=1), step)
+        self.writer.flush()
 
     def reset_timer(self, step: int) -> None:
         """Start throughput timing afresh (after evaluation or checkpointing)."""
