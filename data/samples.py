@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 import warnings
 from collections.abc import Iterable, Iterator
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 from webdataset import tariterators
 
@@ -42,10 +42,12 @@ class BadSampleCounter:
     amount of bad data.
     """
 
-    def __init__(self, max_bad_samples: int, where: str) -> None:
+    def __init__(self, max_bad_samples: int, where: str,
+                 publish: Callable[[int], None] | None = None) -> None:
         self.max_bad_samples = max_bad_samples
         self.where = where  # e.g. "rank 0 worker 1", for messages
         self.seen: set[tuple[str, str]] = set()
+        self.publish = publish  # receives the new count (e.g. a slot of shared memory)
 
     @property
     def count(self) -> int:
@@ -58,6 +60,8 @@ class BadSampleCounter:
         if ident in self.seen:
             return
         self.seen.add(ident)
+        if self.publish is not None:
+            self.publish(self.count)
         warnings.warn(
             f"skipping bad sample {key!r} in {shard} ({self.where}): {reason}",
             RuntimeWarning,

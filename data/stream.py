@@ -199,19 +199,27 @@ class TrainStream(IterableDataset):
         super().__init__()
         self.cfg, self.shards = cfg, shards
         self.rank, self.world_size, self.start_batch = rank, world_size, start_batch
-        # Set by __iter__; read it with num_workers=0 (workers keep their own).
+        # Set by __iter__ (in each worker process).
         self.counter: BadSampleCounter | None = None
+        # One slot per worker in shared memory: DataLoader workers are separate processes, and the
+        # trainer reads the total from the main process to log it.
+        self.shared_bad = torch.zeros(max(1, cfg.num_workers), dtype=torch.int64).share_memory_()
 
     @property
     def bad_samples(self) -> int:
-        """Distinct bad samples skipped in this process (num_workers=0 only)."""
-        return 0 if self.counter is None else self.counter.count
+        """Distinct bad samples skipped so far, summed over this rank's workers."""
+        return int(self.shared_bad.sum())
 
     def __iter__(self) -> Iterator[Batch]:
         cfg, rank = self.cfg, self.rank
         worker, num_workers = _worker_slot(self.start_batch)
         shards = assign_shards(self.shards, rank, self.world_size, worker, num_workers)
-        counter = BadSampleCounter(cfg.max_bad_samples, f"train rank {rank} worker {worker}")
+        shared = self.shared_bad
+
+        def publish(count: int) -> None:
+            shared[worker] = count
+
+        counter = BadSampleCounter(cfg.max_bad_samples, f"train rank {rank} worker {worker}", publish)
         self.counter = counter
         raw_batches = slot_raw_batches(cfg, shards, rank, worker, counter)
         skip = batches_to_skip(self.start_batch, worker, num_workers)
@@ -246,6 +254,11 @@ class TrainBatches(Iterator[Batch]):
 
     def __next__(self) -> Batch:
         return next(self._it)
+
+    @property
+    def bad_samples(self) -> int:
+        """Distinct bad samples skipped so far by all of this rank's workers."""
+        return self.dataset.bad_samples
 
 
 def _check(cfg: DataConfig, rank: int, world_size: int) -> None:

@@ -176,6 +176,14 @@ def bad_root(tmp_path_factory) -> str:
     return path
 
 
+@pytest.mark.filterwarnings("ignore:skipping bad sample:RuntimeWarning")
+@pytest.mark.parametrize("num_workers", [1, 2])
+def test_bad_sample_count_reaches_the_main_process(bad_root: str, num_workers: int) -> None:
+    it = build_train_loader(make_cfg(bad_root, num_workers=num_workers), 0, 1)
+    list(itertools.islice(it, 12))  # every worker passes its shards at least once
+    assert it.bad_samples == 5  # the 5 bad samples live in one shard, read by one worker
+
+
 def test_bad_samples_skipped_and_counted(bad_root: str) -> None:
     it = build_train_loader(make_cfg(bad_root), 0, 1)
     with pytest.warns(RuntimeWarning, match="skipping bad sample"):

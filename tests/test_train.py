@@ -41,6 +41,7 @@ def test_launcher_trains_checkpoints_and_logs(mnist_root: str, tmp_path, capsys)
     acc = EventAccumulator(str(run_dir / "tb"))
     acc.Reload()
     tags = acc.Tags()["scalars"]
+    assert [e.value for e in acc.Scalars("train/bad_samples")] == [0.0] * 12  # clean shards
     for tag in ("train/loss", "train/lr", "train/img_per_s", "train/grad_norm", "train/radial", "eval/acc_measure"):
         assert tag in tags, tag
     losses = [e.value for e in acc.Scalars("train/loss")]

@@ -67,14 +67,17 @@ def barrier() -> None:
         dist.barrier()
 
 
-def reduce_mean(values: dict[str, float]) -> dict[str, float]:
-    """Mean of each scalar over ranks (one all-reduce)."""
+def reduce_mean(values: dict[str, float], summed: frozenset[str] = frozenset()) -> dict[str, float]:
+    """Mean of each scalar over ranks (one all-reduce); keys in `summed` get the sum instead."""
     if not values or not dist.is_initialized() or dist.get_world_size() == 1:
         return dict(values)
     keys = sorted(values)
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
     dist.all_reduce(t)
-    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t)}
+    world = dist.get_world_size()
+    return {k: float(v) if k in summed else float(v) / world for k, v in zip(keys, t)}
 
 
 def sum_over_ranks_(tensors: list[torch.Tensor]) -> None:

@@ -30,6 +30,7 @@ def train_loop(cfg: RunConfig, tr: Trainer, batches: Iterator[tuple[torch.Tensor
         state.samples_seen += global_batch
         bar.update(1)
         if state.step % cfg.metrics.log_every == 0 or state.step == cfg.max_steps:
+            scalars["bad_samples"] = float(getattr(batches, "bad_samples", 0))  # skipped so far, all ranks
             state.last_loss = logger.log(state.step, state.samples_seen, scalars)["loss"]
         if state.step % cfg.checkpoint.every_steps == 0 or state.step in (cfg.max_steps, stop_step):
             save(state)

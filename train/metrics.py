@@ -14,6 +14,8 @@ import torch
 
 from train.dist import reduce_mean
 
+SUMMED = frozenset({"bad_samples"})  # totals over ranks, not means
+
 
 class MetricLogger:
     """Rank-0 SummaryWriter at `<run_dir>/tb`; every rank must call `log` (it all-reduces)."""
@@ -31,7 +33,7 @@ class MetricLogger:
 
     def log(self, step: int, samples_seen: int, scalars: dict[str, float], prefix: str = "train") -> dict[str, float]:
         """Reduce `scalars` over ranks, add img/s, write them; returns the reduced values."""
-        values = reduce_mean(scalars)
+        values = reduce_mean(scalars, summed=SUMMED)
         now = time.perf_counter()
         if prefix == "train" and self._last_step is not None and step > self._last_step:
             values["img_per_s"] = (step - self._last_step) * self.global_batch / max(now - self._last_time, 1e-9)
