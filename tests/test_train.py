@@ -91,6 +91,12 @@ def test_resume_gives_the_same_weights_and_loss(dist_pool, mnist_root: str, tmp_
     second = pool.run(_run, resumed_args, None, recipe)
     assert second[0]["resumed_from_step"] == steps // 2 and second[0]["step"] == steps
     assert second[0]["last_train_loss"] == pytest.approx(straight[0]["last_train_loss"], rel=1e-6, abs=1e-7)
+    from train.checkpoint import stream_changes
+
+    resumed_cfg = build_config(recipe, resumed_args)
+    assert stream_changes(find_latest(str(tmp_path / "resumed")), resumed_cfg, 2) == []
+    changed = stream_changes(find_latest(str(tmp_path / "resumed")), resumed_cfg, 4)
+    assert changed == ["world_size: 2 -> 4"]
     a, b = _model_state(str(tmp_path / "straight")), _model_state(str(tmp_path / "resumed"))
     assert a.keys() == b.keys() and (recipe != "mnist_chest" or "head.fc.weight" in a)
     for key in a:

@@ -73,6 +73,23 @@ def check_compatible(path: str, cfg: RunConfig) -> None:
             "use another run name (name=...) or set checkpoint.resume=false to start afresh in a new run dir")
 
 
+def stream_signature(cfg: RunConfig, world_size: int) -> dict[str, Any]:
+    """The settings the data stream's position depends on: the stream is a pure function of these
+    and the step, so a resume with the same signature continues batch for batch."""
+    d = cfg.data
+    return {"world_size": world_size, "num_workers": d.num_workers, "batch_size": d.batch_size,
+            "grad_accum_steps": cfg.optim.grad_accum_steps, "seed": d.seed, "shuffle_buffer": d.shuffle_buffer,
+            "samples_per_class": d.samples_per_class, "root": os.path.abspath(d.root)}
+
+
+def stream_changes(path: str, cfg: RunConfig, world_size: int) -> list[str]:
+    """Settings that differ from the checkpoint's stream: after such a resume the stream draws a
+    fresh order (still deterministic) instead of continuing the old one."""
+    saved = read_meta(path).get("stream", {})
+    now = stream_signature(cfg, world_size)
+    return [f"{k}: {saved[k]} -> {now[k]}" for k in now if k in saved and saved[k] != now[k]]
+
+
 def save_checkpoint(cfg: RunConfig, env: DistEnv, state: TrainState, engine: Any, head: ShardedHead,
                     head_optimizer: torch.optim.Optimizer, head_scheduler: Any) -> str:
     """Collective save of everything a resume needs; returns the final folder."""
@@ -93,7 +110,8 @@ def save_checkpoint(cfg: RunConfig, env: DistEnv, state: TrainState, engine: Any
         _save_replicated(os.path.join(tmp, "head"), head, head_optimizer)
         save_yaml(cfg, os.path.join(tmp, "config.yaml"))
         meta = {"step": state.step, "samples_seen": state.samples_seen, "world_size": env.world_size,
-                "num_classes": head.num_classes, "embed_dim": head.embed_dim}
+                "num_classes": head.num_classes, "embed_dim": head.embed_dim,
+                "stream": stream_signature(cfg, env.world_size)}
         with open(os.path.join(tmp, "meta.json"), "w") as f:  # written last: marks the folder complete
             json.dump(meta, f)
     barrier()

@@ -73,6 +73,10 @@ def run(cfg: RunConfig, stop_at_step: int | None = None) -> dict[str, Any]:
             state = ckpt.load_checkpoint(resume_from, env, engine, head, head_opt, head_sched)
             if env.is_main:
                 print(f"resumed from {resume_from} at step {state.step}", flush=True)
+                changed = ckpt.stream_changes(resume_from, cfg, env.world_size)
+                if changed:
+                    print(f"warning: data stream settings changed since the checkpoint ({'; '.join(changed)}): "
+                          "the stream continues deterministically but not batch for batch", flush=True)
         global_batch = cfg.data.batch_size * env.world_size * cfg.optim.grad_accum_steps
         batches = iter(build_train_loader(cfg.data, env.rank, env.world_size,
                                           start_batch=state.step * cfg.optim.grad_accum_steps))
