@@ -33,6 +33,7 @@ def train_step(tr: Trainer, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
     its class shards are never reduced.
     """
     sums: dict[str, float] = {}
+    parts: dict[str, torch.Tensor] = {}  # kept on the device: one host sync per step, not per micro-batch
     for _ in range(accum_steps):
         images, labels = next(batches)
         images = images.to(tr.device, tr.input_dtype, non_blocking=True)
@@ -43,7 +44,10 @@ def train_step(tr: Trainer, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
             sums["head_grad_norm"] = reduce_head_grads(tr.task.head)
         tr.engine.step()  # called every micro-batch; DeepSpeed only updates at the boundary
         for key, value in out.items():
-            sums[key] = sums.get(key, 0.0) + float(value.detach()) / accum_steps
+            parts[key] = parts.get(key, 0.0) + value.detach().float() / accum_steps
+    if parts:
+        keys = sorted(parts)
+        sums.update(zip(keys, torch.stack([parts[k] for k in keys]).tolist()))
     tr.head_optimizer.step()
     tr.head_optimizer.zero_grad(set_to_none=True)
     tr.head_scheduler.step()
