@@ -9,6 +9,7 @@ with the setting name and a fix.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 # The only dataset preparations `ensure_prepared` knows how to run.
 PREPARE_CHOICES: tuple[str, ...] = ("none", "mnist5k")
@@ -71,6 +72,37 @@ class DataConfig:
     # Most raw samples the balancer of one (rank, worker) slot holds; past it
     # the oldest buffered sample is dropped (only with samples_per_class > 0).
     balance_buffer: int = 4096
+    # Resampled shards (webdataset's `resampled` mode): every (rank, worker)
+    # slot draws shards with replacement from the whole split, seeded by
+    # (seed, rank, worker, draw); works with fewer shards than reader slots.
+    # Off: each slot reads its own disjoint share of the shards, epoch after epoch.
+    resampled: bool = False
+    # Train on a weighted mixture of shard sets, each with its own class space:
+    # "ROOT=WEIGHT,ROOT=WEIGHT" (e.g. "/data/in1k=0.7,/data/sop=0.3"). Source i's
+    # labels are shifted by the classes of the sources before it (read from their
+    # manifests), so data.num_classes must be their sum. Every sample is drawn
+    # from source i with probability weight_i / sum(weights). Empty: train on
+    # data.root alone. Evaluation always reads data.root.
+    sources: str = ""
+
+    def source_list(self) -> list[tuple[str, float]]:
+        """data.sources parsed into (root, weight) pairs; [] when unset."""
+        if not self.sources.strip():
+            return []
+        pairs = []
+        for item in self.sources.split(","):
+            root, sep, weight = item.strip().rpartition("=")
+            try:
+                value = float(weight)
+            except ValueError:
+                value = float("nan")
+            if not sep or not root or not value > 0:
+                raise ValueError(
+                    f"data.sources item {item.strip()!r} must read ROOT=WEIGHT with a weight > 0, "
+                    "e.g. data.sources=/data/in1k=0.7,/data/sop=0.3"
+                )
+            pairs.append((root, value))
+        return pairs
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad setting and how to fix it."""
@@ -148,6 +180,16 @@ class DataConfig:
                     f"data.batch_size={self.batch_size}; set data.balance_buffer >= "
                     f"{self.batch_size} (a few thousand is typical)"
                 )
+        if not isinstance(self.resampled, bool):
+            raise ValueError(f"data.resampled={self.resampled!r} must be true or false")
+        if not isinstance(self.sources, str):
+            raise ValueError(f"data.sources={self.sources!r} must be a string ROOT=WEIGHT,ROOT=WEIGHT")
+        pairs = self.source_list()
+        if pairs and os.path.normpath(pairs[0][0]) != os.path.normpath(self.root):
+            raise ValueError(
+                f"data.sources starts with {pairs[0][0]!r} but data.root={self.root!r}: evaluation reads "
+                "data.root with labels as written (offset 0), so list data.root as the first source"
+            )
         if self.prepare not in PREPARE_CHOICES:
             raise ValueError(
                 f"data.prepare={self.prepare!r} is unknown; choose one of "

@@ -3,7 +3,8 @@
 This module owns the batch streams handed to the training loop.
 
 Train (endless): each (rank, worker) slot reads its own shards
-(data.shards.assign_shards) and produces an endless sequence of batches:
+(data.shards.assign_shards; with data.resampled it draws from all shards with
+replacement instead) and produces an endless sequence of batches:
 epoch e visits the slot's shards in an order seeded by (seed, rank, worker,
 e), valid raw samples go through a per-epoch shuffle buffer whose RNG is
 seeded by (seed, rank, worker) and persists across epochs, and consecutive
@@ -16,6 +17,14 @@ i) only, and a resumed stream skips whole raw batches without decoding them.
 With data.samples_per_class = m > 0 the slot's raw batches come from
 data.balanced instead (batch_size / m classes x m samples each); the rest
 (per-batch torch seed, round-robin, skip on resume) is unchanged.
+With data.sources (data.mixture) every slot runs one such sample stream per
+source and draws each sample from a source chosen by a seeded RNG.
+
+How exact a resume is: the stream position is a function of the step, so a
+resume with the same data settings, world size and num_workers continues
+batch for batch (checkpoints record these settings and a resume that changes
+them says which); with other settings the stream restarts in a fresh,
+still deterministic order.
 
 Eval (finite): rank r reads shards[r::world_size], worker w of the rank
 reads every W-th of those; no shuffle, no augmentation, last batch partial.
@@ -34,6 +43,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.balanced import balanced_batches
 from data.config import DataConfig
+from data.mixture import TrainSource, mixed_raw_samples, train_sources
 from data.samples import BadSampleCounter, RawSample, shuffle_buffer, valid_samples
 from data.shards import assign_shards, check_labels, list_shards
 from data.transforms import build_transform, decode_image
@@ -57,36 +67,67 @@ def batches_to_skip(start_batch: int, worker: int, num_workers: int) -> int:
 
 
 def slot_raw_samples(
-    cfg: DataConfig, shards: list[str], rank: int, worker: int, counter: BadSampleCounter
+    cfg: DataConfig, shards: list[str], rank: int, worker: int, counter: BadSampleCounter,
+    num_classes: int | None = None, tag: str = "",
 ) -> Iterator[RawSample]:
-    """Endless stream of one slot's valid raw samples, epoch after epoch."""
-    buffer_rng = random.Random(f"buffer-{cfg.seed}-{rank}-{worker}")
+    """Endless stream of one slot's valid raw samples, epoch after epoch.
+
+    An epoch visits `shards` in a seeded order; with data.resampled it is
+    len(shards) draws with replacement instead. `tag` tells the sources of a
+    mixture apart in the seeds; `num_classes` is the source's own label space.
+    """
+    num_classes = cfg.num_classes if num_classes is None else num_classes
+    buffer_rng = random.Random(f"buffer-{cfg.seed}-{rank}-{worker}{tag}")
     for epoch in itertools.count():
-        order = list(shards)
-        random.Random(f"shards-{cfg.seed}-{rank}-{worker}-{epoch}").shuffle(order)
+        epoch_rng = random.Random(f"shards-{cfg.seed}-{rank}-{worker}-{epoch}{tag}")
+        if cfg.resampled:
+            order = epoch_rng.choices(shards, k=len(shards))
+        else:
+            order = list(shards)
+            epoch_rng.shuffle(order)
         produced = 0
-        samples = valid_samples(order, cfg.num_classes, counter)
+        samples = valid_samples(order, num_classes, counter)
         for sample in shuffle_buffer(samples, cfg.shuffle_buffer, buffer_rng):
             produced += 1
             yield sample
-        if produced == 0:
+        if produced == 0 and not cfg.resampled:
             # Without this check an all-bad slot would spin forever.
             raise RuntimeError(
                 f"rank {rank} worker {worker}: shards {shards} hold no valid sample; "
-                f"rebuild them or check data.num_classes={cfg.num_classes}"
+                f"rebuild them or check data.num_classes={num_classes}"
             )
+        if produced == 0 and epoch >= 100:  # resampled: 100 empty epochs in a row means no valid shard
+            raise RuntimeError(f"rank {rank} worker {worker}: 100 resampled epochs of {shards} held no valid "
+                               "sample; rebuild the shards")
+
+
+def slot_shards(source: TrainSource, cfg: DataConfig, rank: int, world_size: int, worker: int,
+                num_workers: int) -> list[str]:
+    """The shards one slot reads from a source: its disjoint share, or all of them when resampled."""
+    if cfg.resampled:
+        return list(source.shards)
+    return assign_shards(list(source.shards), rank, world_size, worker, num_workers)
 
 
 def slot_raw_batches(
-    cfg: DataConfig, shards: list[str], rank: int, worker: int, counter: BadSampleCounter
+    cfg: DataConfig, sources: list[TrainSource], rank: int, world_size: int, worker: int, num_workers: int,
+    counter: BadSampleCounter,
 ) -> Iterator[list[RawSample]]:
     """Endless stream of one slot's full raw batches (still-encoded images).
 
-    With data.samples_per_class = m > 0 the batches are class-balanced
-    (data.balanced) with an RNG of their own, seeded by (seed, rank, worker);
-    otherwise consecutive raw samples form a batch.
+    Each source is split over (rank, worker) slots (slot_shards); several
+    sources are mixed by data.mixture. With data.samples_per_class = m > 0
+    the batches are class-balanced (data.balanced) with an RNG of their own,
+    seeded by (seed, rank, worker); otherwise consecutive raw samples form a
+    batch.
     """
-    samples = slot_raw_samples(cfg, shards, rank, worker, counter)
+    def open_source(source: TrainSource, i: int) -> Iterator[RawSample]:
+        shards = slot_shards(source, cfg, rank, world_size, worker, num_workers)
+        # A single source keeps the seeds it always had; a mixture's sources get their own.
+        tag = f"-src{i}" if len(sources) > 1 else ""
+        return slot_raw_samples(cfg, shards, rank, worker, counter, source.num_classes, tag)
+
+    samples = mixed_raw_samples(cfg, sources, rank, worker, open_source)
     if cfg.samples_per_class > 0:
         rng = random.Random(f"balance-{cfg.seed}-{rank}-{worker}")
         yield from balanced_batches(
@@ -194,10 +235,10 @@ class TrainStream(IterableDataset):
     """Endless batches of one rank; see the module docstring for the order."""
 
     def __init__(
-        self, cfg: DataConfig, shards: list[str], rank: int, world_size: int, start_batch: int
+        self, cfg: DataConfig, sources: list[TrainSource], rank: int, world_size: int, start_batch: int
     ) -> None:
         super().__init__()
-        self.cfg, self.shards = cfg, shards
+        self.cfg, self.sources = cfg, sources
         self.rank, self.world_size, self.start_batch = rank, world_size, start_batch
         # Set by __iter__ (in each worker process).
         self.counter: BadSampleCounter | None = None
@@ -213,7 +254,6 @@ class TrainStream(IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         cfg, rank = self.cfg, self.rank
         worker, num_workers = _worker_slot(self.start_batch)
-        shards = assign_shards(self.shards, rank, self.world_size, worker, num_workers)
         shared = self.shared_bad
 
         def publish(count: int) -> None:
@@ -221,7 +261,7 @@ class TrainStream(IterableDataset):
 
         counter = BadSampleCounter(cfg.max_bad_samples, f"train rank {rank} worker {worker}", publish)
         self.counter = counter
-        raw_batches = slot_raw_batches(cfg, shards, rank, worker, counter)
+        raw_batches = slot_raw_batches(cfg, self.sources, rank, self.world_size, worker, num_workers, counter)
         skip = batches_to_skip(self.start_batch, worker, num_workers)
         # The cheap part of resuming: raw bytes are read and shuffled exactly
         # as in the original run, but no image is decoded.
@@ -278,11 +318,12 @@ def build_train_loader(cfg: DataConfig, rank: int, world_size: int, start_batch:
     _check(cfg, rank, world_size)
     if isinstance(start_batch, bool) or not isinstance(start_batch, int) or start_batch < 0:
         raise ValueError(f"start_batch={start_batch!r} must be an int >= 0")
-    shards = list_shards(cfg.root, cfg.train_split)
+    sources = train_sources(cfg)
     # Fail here, in the main process, with the readable message rather than
-    # inside a worker: every slot needs at least one shard.
-    assign_shards(shards, rank, world_size, 0, max(1, cfg.num_workers))
-    dataset = TrainStream(cfg, shards, rank, world_size, start_batch)
+    # inside a worker: every slot needs at least one shard of every source.
+    for source in sources:
+        slot_shards(source, cfg, rank, world_size, 0, max(1, cfg.num_workers))
+    dataset = TrainStream(cfg, sources, rank, world_size, start_batch)
     loader = DataLoader(
         dataset,
         batch_size=None,

@@ -232,3 +232,77 @@ def test_eval_sees_every_sample_once(root: str, num_workers: int, world_size: in
             ids += decode_ids(images)
         assert [decode_ids(x) for x, _ in loader] == [decode_ids(x) for x, _ in batches]  # re-iterable
     assert collections.Counter(ids) == collections.Counter(EVAL_IDS)
+
+
+# ---- mixture of sources, resampled shards ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def second_root(tmp_path_factory) -> str:
+    """A second source: 3 classes, 4 train shards x 8."""
+    path = str(tmp_path_factory.mktemp("shards_b"))
+    write_synthetic(path, num_classes=3, train_shards=4, eval_shards=1, per_shard=8)
+    return path
+
+
+def mixture_cfg(root: str, second_root: str, **overrides) -> DataConfig:
+    return make_cfg(root, num_classes=7, sources=f"{root}=3,{second_root}=1", **overrides)
+
+
+def test_mixture_labels_live_in_their_own_class_space(root: str, second_root: str) -> None:
+    batches = take(mixture_cfg(root, second_root), 100)
+    from_b = 0
+    for images, labels in batches:
+        for sample_id, label in zip(decode_ids(images), labels.tolist()):
+            if label >= 4:  # source b: own labels id % 3, shifted by source a's 4 classes
+                from_b += 1
+                assert label - 4 == sample_id % 3 and sample_id < 32
+            else:
+                assert label == sample_id % 4
+    # weight 1 of 4: 200 draws of 800 expected, binomial sd ~12
+    assert 150 < from_b < 250
+
+
+def test_mixture_is_deterministic_and_resumes(root: str, second_root: str) -> None:
+    cfg = mixture_cfg(root, second_root, num_workers=2, augment=True)
+    full = take(cfg, 9, rank=1, world_size=2)
+    assert_same(full, take(cfg, 9, rank=1, world_size=2))
+    assert_same(full[4:], take(cfg, 5, rank=1, world_size=2, start=4))
+
+
+def test_mixture_class_counts_must_add_up(root: str, second_root: str, tmp_path) -> None:
+    with pytest.raises(ValueError, match=r"4 \(.*\) \+ 3 \(.*\) = 7 classes but data.num_classes=9"):
+        build_train_loader(make_cfg(root, num_classes=9, sources=f"{root}=1,{second_root}=1"), 0, 1)
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path}.*manifest.json"):
+        build_train_loader(make_cfg(root, num_classes=7, sources=f"{root}=1,{tmp_path}=1"), 0, 1)
+    with pytest.raises(ValueError, match="list data.root as the first source"):
+        make_cfg(root, num_classes=7, sources=f"{second_root}=1,{root}=1").validate()
+    with pytest.raises(ValueError, match="ROOT=WEIGHT with a weight > 0"):
+        make_cfg(root, num_classes=7, sources=f"{root}=1,{second_root}=-1").validate()
+
+
+def test_single_source_stream_unchanged_by_mixture_code(root: str) -> None:
+    # data.sources naming only data.root is the plain stream, batch for batch
+    cfg = make_cfg(root, augment=True)
+    assert_same(take(cfg, 4), take(dataclasses.replace(cfg, sources=f"{root}=1"), 4))
+
+
+def test_resampled_feeds_more_slots_than_shards(second_root: str) -> None:
+    # 4 shards cannot feed 3 ranks x 2 workers disjointly; resampled draws with replacement
+    cfg = make_cfg(second_root, num_classes=3, num_workers=2, resampled=True, augment=True)
+    with pytest.raises(ValueError, match="cannot feed"):
+        build_train_loader(dataclasses.replace(cfg, resampled=False), 0, 3)
+    first = take(cfg, 8, rank=1, world_size=3)
+    assert_same(first, take(cfg, 8, rank=1, world_size=3))
+    assert_same(first[5:], take(cfg, 3, rank=1, world_size=3, start=5))
+    other_rank = take(cfg, 8, rank=0, world_size=3)
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(first, other_rank))
+
+
+def test_resampled_slot_draws_shards_with_replacement(root: str) -> None:
+    cfg = make_cfg(root, resampled=True, shuffle_buffer=1)
+    shards = list_shards(root, "train")
+    counter = BadSampleCounter(0, "test")
+    ids = [int(s.key.split("_")[1]) for s in itertools.islice(slot_raw_samples(cfg, shards, 0, 0, counter), 128)]
+    # one resampled epoch = 16 draws of 8-sample shards; with replacement some shard repeats (p > 0.99)
+    assert len(set(ids)) < 128 and set(ids) <= TRAIN_IDS

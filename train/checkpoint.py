@@ -79,7 +79,8 @@ def stream_signature(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     d = cfg.data
     return {"world_size": world_size, "num_workers": d.num_workers, "batch_size": d.batch_size,
             "grad_accum_steps": cfg.optim.grad_accum_steps, "seed": d.seed, "shuffle_buffer": d.shuffle_buffer,
-            "samples_per_class": d.samples_per_class, "root": os.path.abspath(d.root)}
+            "samples_per_class": d.samples_per_class, "root": os.path.abspath(d.root),
+            "resampled": d.resampled, "sources": d.sources}
 
 
 def stream_changes(path: str, cfg: RunConfig, world_size: int) -> list[str]:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from data.mixture import train_sources
 from data.shards import check_labels, list_shards
 from data.stream import build_eval_loader, build_train_loader
 from model.backbone import build_backbone
@@ -48,7 +49,7 @@ def run(cfg: RunConfig, stop_at_step: int | None = None) -> dict[str, Any]:
     try:
         seed_everything(cfg.seed)  # same on every rank: identical backbone init before DeepSpeed's broadcast
         # Cheap checks first: a bad data set or an incompatible checkpoint fails before any model is built.
-        list_shards(cfg.data.root, cfg.data.train_split)
+        train_sources(cfg.data)  # every source's shards and class count
         list_shards(cfg.data.root, cfg.data.eval_split)
         check_labels(cfg.data.root, cfg.data.num_classes)
         resume_from = ckpt.find_latest(cfg.run_dir) if cfg.checkpoint.resume else None

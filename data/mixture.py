@@ -1,0 +1,79 @@
+"""Training sources: one shard set, or a weighted mixture of several with their own class spaces.
+
+This module owns `data.sources`: it resolves each source's shards and label
+offset before any worker starts (so a missing folder or a class count that
+does not add up fails in the main process with the path in the message), and
+mixes the sources' raw-sample streams with a seeded RNG, so the mixed stream
+is as deterministic and resumable as a single source.
+
+Label spaces: source i's labels are shifted by the class counts of sources
+0..i-1, so ImageNet-1K (1000 classes) + SOP (11,318) trains one head of
+12,318 classes. Nothing else about the head changes; classes of different
+sources simply compete in the same softmax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Callable, Iterator
+
+from data.config import DataConfig
+from data.samples import RawSample
+from data.shards import check_labels, list_shards, manifest_path, read_manifest
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSource:
+    """One shard set of the training stream."""
+
+    root: str
+    weight: float
+    label_offset: int  # added to the source's own 0-based labels
+    num_classes: int  # the source's own class count (labels are checked against it)
+    shards: tuple[str, ...]
+
+
+def train_sources(cfg: DataConfig) -> list[TrainSource]:
+    """The sources of cfg's training stream, checked; one entry when data.sources is unset."""
+    pairs = cfg.source_list()
+    if not pairs:
+        check_labels(cfg.root, cfg.num_classes)
+        return [TrainSource(cfg.root, 1.0, 0, cfg.num_classes, tuple(list_shards(cfg.root, cfg.train_split)))]
+    sources, offset = [], 0
+    for root, weight in pairs:
+        manifest = read_manifest(root)
+        if manifest is None or int(manifest.get("num_classes", 0)) < 1:
+            raise FileNotFoundError(
+                f"{manifest_path(root)} (named in data.sources) is missing or declares no num_classes; "
+                "a mixture needs each source's class count: convert the source with `python -m data.convert`"
+            )
+        count = int(manifest["num_classes"])
+        check_labels(root, count)
+        sources.append(TrainSource(root, weight, offset, count, tuple(list_shards(root, cfg.train_split))))
+        offset += count
+    if offset != cfg.num_classes:
+        parts = " + ".join(f"{s.num_classes} ({s.root})" for s in sources)
+        raise ValueError(f"data.sources hold {parts} = {offset} classes but data.num_classes={cfg.num_classes}; "
+                         f"set data.num_classes={offset}")
+    return sources
+
+
+def mix(streams: list[Iterator[RawSample]], sources: list[TrainSource], rng: random.Random) -> Iterator[RawSample]:
+    """Draw each sample from source i with probability weight_i / sum, labels shifted into the joint space."""
+    if len(streams) == 1 and sources[0].label_offset == 0:
+        yield from streams[0]  # the single-source stream, untouched (no RNG draws)
+        return
+    index = range(len(streams))
+    weights = [s.weight for s in sources]
+    while True:
+        i = rng.choices(index, weights)[0]
+        sample = next(streams[i])
+        yield sample._replace(label=sample.label + sources[i].label_offset)
+
+
+def mixed_raw_samples(cfg: DataConfig, sources: list[TrainSource], rank: int, worker: int,
+                      per_source: Callable[[TrainSource, int], Iterator[RawSample]]) -> Iterator[RawSample]:
+    """One slot's mixed stream; `per_source(source, i)` opens source i's endless stream for the slot."""
+    streams = [per_source(source, i) for i, source in enumerate(sources)]
+    return mix(streams, sources, random.Random(f"mix-{cfg.seed}-{rank}-{worker}"))
