@@ -27,7 +27,7 @@ def mnist_distarc() -> RunConfig:
                         radial_weight=0.05, phi_weight=0.0, radius_start=2.0, radius_gap=2.0, num_spheres=10),
         optim=OptimConfig(lr=3e-3, head_lr=3e-2, weight_decay=0.05, warmup_steps=30),
         zero=ZeroConfig(stage=2),
-        checkpoint=CheckpointConfig(every_steps=100, keep_last=2),
+        checkpoint=CheckpointConfig(every_steps=100, every_minutes=10.0, keep_last=2),
         metrics=MetricsConfig(log_every=10),
         slurm=SlurmConfig(tasks_per_node=2, time_min=30),
     )
@@ -99,4 +99,4 @@ DEFAULT_RECIPE = "mnist_distarc"
 def get_recipe(name: str) -> RunConfig:
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; choose one of {sorted(RECIPES)}")
-    return RECIPES[name]()
+    return dataclasses.replace(RECIPES[name](), recipe=name)

@@ -1,15 +1,43 @@
 """TrainJob: what a submitit task runs. Maps JobEnvironment to process-group variables, calls run().
 
-`checkpoint()` (called by submitit on preemption / time-out, rank 0 only) just resubmits the same job:
-training state comes back from the run directory's latest checkpoint, which the loop writes.
+Preemption and time limits: submitit installs its requeue handler for USR2 (or the signal named by
+SUBMITIT_PREEMPT_SIGNAL) at job start, on every task, but runs it on rank 0 only and inside the
+signal handler, where no collective save is possible (infra-lessons 0.5). So `run()` replaces it
+with a handler that only records the signal (train/control.py); the loop agrees on it across
+ranks, every rank saves, and `run()` returns. Then rank 0 calls submitit's handler itself, which
+calls `checkpoint()` (resubmit this job unchanged: state comes back from the run directory's latest
+checkpoint), runs `scontrol requeue` and exits. A TERM (Slurm's preemption signal, or `scancel`)
+saves and ends the job; Slurm requeues a preempted job by itself. A plain `scontrol requeue`
+restarts the original submission, which resumes from the latest checkpoint the same way.
 """
 from __future__ import annotations
 
+import os
+import signal
 from typing import Any
 
 import submitit
 
 from train.config import RunConfig
+
+# Settings for real GPU clusters, set once here and only where the user did not set them.
+NCCL_DEFAULTS: dict[str, str] = {
+    # a rank that dies makes its peers fail within the collective timeout instead of hanging forever
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+    # NCCL's own warnings in the job log, without its per-collective chatter
+    "NCCL_DEBUG": "WARN",
+    # InfiniBand timeouts at the NCCL default (18 = ~1 s x 2^18) are too short on busy fabrics
+    "NCCL_IB_TIMEOUT": "22",
+}
+
+
+def export_cluster_env() -> None:
+    """Process-group variables from submitit's JobEnvironment, plus the NCCL defaults."""
+    # Keep CUDA_VISIBLE_DEVICES as Slurm set it: DeepSpeed selects cuda:local_rank itself (infra-lessons 4).
+    # MASTER_ADDR = first host, MASTER_PORT derived from the job id (same on every task, no communication).
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    for key, value in NCCL_DEFAULTS.items():
+        os.environ.setdefault(key, value)
 
 
 class TrainJob(submitit.helpers.Checkpointable):
@@ -19,12 +47,17 @@ class TrainJob(submitit.helpers.Checkpointable):
         self.cfg = cfg
 
     def __call__(self) -> dict[str, Any]:
-        # Keep CUDA_VISIBLE_DEVICES as Slurm set it: DeepSpeed selects cuda:local_rank itself
-        # (infra-lessons section 4).
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        export_cluster_env()
         from train.main import run  # imported in the task, not in the submitting process
 
-        return run(self.cfg)
+        env = submitit.JobEnvironment()
+        requeue_signal = env._usr_sig()
+        requeue_handler = signal.getsignal(requeue_signal)  # submitit's checkpoint-and-requeue
+        summary = run(self.cfg)
+        if summary["stop_signal"] == requeue_signal.name and env.global_rank == 0 and callable(requeue_handler):
+            # Every rank has saved. submitit's own path from here: checkpoint() -> requeue -> exit.
+            requeue_handler(requeue_signal, None)
+        return summary
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         return submitit.helpers.DelayedSubmission(TrainJob(self.cfg))

@@ -39,6 +39,7 @@ class TrainState:
     step: int = 0
     samples_seen: int = 0
     last_loss: float = float("nan")  # the last logged (rank-averaged) training loss
+    stop_signal: int = 0  # the signal that stopped this job early (not saved: a resumed job starts at 0)
 
 
 def checkpoint_root(run_dir: str) -> str:

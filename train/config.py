@@ -58,12 +58,17 @@ class CheckpointConfig:
     """`step-N/` folders under `<run_dir>/checkpoints`, a `latest` pointer, the last k kept."""
 
     every_steps: int = 100
+    # Also save when this many minutes passed since the last save (0 = off), so a preempted job loses at
+    # most this much work even when it gets no warning signal; must be shorter than slurm.time_min.
+    every_minutes: float = 30.0
     keep_last: int = 2
     resume: bool = True  # start from the run dir's latest checkpoint when there is one
 
     def validate(self) -> None:
         if self.every_steps < 1 or self.keep_last < 1:
             raise ValueError("checkpoint.every_steps and checkpoint.keep_last must be >= 1")
+        if self.every_minutes < 0:
+            raise ValueError(f"checkpoint.every_minutes={self.every_minutes} must be >= 0 (0 = off)")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -117,6 +122,7 @@ class RunConfig:
     """Everything one training run needs; a job is a pure function of this and its environment."""
 
     name: str
+    recipe: str = ""  # the recipe this config was built from (a run dir holds one recipe's checkpoints)
     run_root: str = "runs"
     seed: int = 0
     max_steps: int
@@ -142,6 +148,14 @@ class RunConfig:
         for part in (self.data, self.model, self.loss, self.optim, self.zero, self.checkpoint, self.metrics,
                      self.slurm):
             part.validate()
+        if self.checkpoint.every_minutes >= self.slurm.time_min:
+            raise ValueError(
+                f"checkpoint.every_minutes={self.checkpoint.every_minutes:g} is not shorter than the job's time "
+                f"limit slurm.time_min={self.slurm.time_min}: a job could end before its first timed save; lower "
+                "checkpoint.every_minutes or raise slurm.time_min")
+        if self.slurm.signal_delay_s >= self.slurm.time_min * 60:
+            raise ValueError(f"slurm.signal_delay_s={self.slurm.signal_delay_s} must be shorter than the time limit "
+                             f"slurm.time_min={self.slurm.time_min} min")
         if self.model.in_chans != self.data.in_chans:
             raise ValueError(f"model.in_chans={self.model.in_chans} differs from data.in_chans={self.data.in_chans}; "
                              "set both to the channels the images are decoded to")

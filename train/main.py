@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import time
 from typing import Any
 
@@ -22,6 +23,7 @@ from model.backbone import build_backbone
 from model.task import MetricLearningTask, build_head
 from train import checkpoint as ckpt
 from train.config import RunConfig, save_yaml
+from train.control import RunControl
 from train.dist import barrier, destroy_distributed, env_from_environ, init_distributed
 from train.engine import build_engine, build_head_optimizer
 from train.evaluate import evaluate as evaluate_heldout
@@ -41,10 +43,13 @@ def run(cfg: RunConfig, stop_at_step: int | None = None) -> dict[str, Any]:
 
     `stop_at_step` ends the job early, after a checkpoint, as a preempted job would; the schedule
     still spans `cfg.max_steps`, so a later `run(cfg)` continues exactly where this one stopped.
+    USR2 or TERM (train.control) make every rank save at the next step and return early too;
+    the summary's `stop_signal` names it (the caller requeues: slurm/job.py).
     """
     cfg.validate()
     t0 = time.time()
     env = env_from_environ()
+    control = RunControl(cfg.checkpoint.every_minutes)  # handlers first: a signal during setup is kept
     device, owns_group = init_distributed(env)
     try:
         seed_everything(cfg.seed)  # same on every rank: identical backbone init before DeepSpeed's broadcast
@@ -98,7 +103,7 @@ def run(cfg: RunConfig, stop_at_step: int | None = None) -> dict[str, Any]:
         start_step = state.step
         train_t0 = time.time()
         state = train_loop(cfg, trainer, batches, state, logger, global_batch, env.is_main, save, evaluate,
-                           stop_at_step or cfg.max_steps)
+                           stop_at_step or cfg.max_steps, control)
         train_s = time.time() - train_t0
         final: dict[str, float] = {}
         if state.step >= cfg.max_steps:  # a job stopped early (preempted) leaves evaluation to its successor
@@ -108,11 +113,13 @@ def run(cfg: RunConfig, stop_at_step: int | None = None) -> dict[str, Any]:
         summary = {"run_dir": os.path.abspath(cfg.run_dir), "tensorboard_dir": os.path.abspath(logger.tb_dir),
                    "checkpoint": ckpt.find_latest(cfg.run_dir), "step": state.step, "resumed_from_step": start_step,
                    "last_train_loss": state.last_loss,
+                   "stop_signal": signal.Signals(state.stop_signal).name if state.stop_signal else "",
                    "world_size": env.world_size, "train_seconds": train_s, "total_seconds": time.time() - t0, **final}
         if env.is_main:
             with open(os.path.join(cfg.run_dir, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=1)
         return summary
     finally:
+        control.close()
         if owns_group:
             destroy_distributed()

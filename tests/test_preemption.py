@@ -1,0 +1,125 @@
+"""Signals and clocks in the training loop: a signal on one rank makes every rank save and stop
+together, the resumed run ends bit-identical to an uninterrupted one; timed saves; a kill mid-save."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from launch.__main__ import build_config
+from tests.test_train import _model_state, small_overrides
+from train.checkpoint import find_latest
+
+
+def _signal_self_after(run_dir: str, rank: int, signum: int, after: str) -> None:
+    """From a thread: once `latest` reads `after`, send `signum` to this process (rank `rank` only)."""
+    if int(os.environ["RANK"]) != rank:
+        return
+    pointer = os.path.join(run_dir, "checkpoints", "latest")
+
+    def watch() -> None:
+        for _ in range(6000):
+            if os.path.exists(pointer) and open(pointer).read() == after:
+                os.kill(os.getpid(), signum)
+                return
+            time.sleep(0.01)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _run_signalled(overrides: list[str], rank: int, signum: int, after: str) -> dict:
+    from train.main import run
+
+    cfg = build_config("mnist_distarc", overrides)
+    _signal_self_after(cfg.run_dir, rank, signum, after)
+    return run(cfg)
+
+
+def _run(overrides: list[str]) -> dict:
+    from train.main import run
+
+    return run(build_config("mnist_distarc", overrides))
+
+
+def test_signal_on_one_rank_saves_on_all_and_resume_is_exact(dist_pool, mnist_root: str, tmp_path) -> None:
+    pool = dist_pool(2)
+    steps = 24
+    base = ["checkpoint.keep_last=5"]
+    straight = pool.run(_run, small_overrides(mnist_root, str(tmp_path), "straight", steps) + base)
+    args = small_overrides(mnist_root, str(tmp_path), "signalled", steps) + base
+    run_dir = str(tmp_path / "signalled")
+    first = pool.run(_run_signalled, args, 1, signal.SIGUSR2, "step-10")
+    stopped = first[0]["step"]
+    assert [r["stop_signal"] for r in first] == ["SIGUSR2", "SIGUSR2"]  # rank 0 stopped for rank 1's signal
+    assert 10 < stopped < steps and first[1]["step"] == stopped  # both saved at one step, between the periodic ones
+    assert find_latest(run_dir).endswith(f"step-{stopped}") and "num_samples" not in first[0]
+    second = pool.run(_run, args)
+    assert second[0]["resumed_from_step"] == stopped and second[0]["step"] == steps and second[0]["stop_signal"] == ""
+    a, b = _model_state(str(tmp_path / "straight")), _model_state(run_dir)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert second[0]["last_train_loss"] == pytest.approx(straight[0]["last_train_loss"], rel=1e-6)
+
+
+def test_term_also_saves_and_stops(dist_pool, mnist_root: str, tmp_path) -> None:
+    pool = dist_pool(2)
+    args = small_overrides(mnist_root, str(tmp_path), "term", 40)
+    first = pool.run(_run_signalled, args, 0, signal.SIGTERM, "step-10")
+    assert [r["stop_signal"] for r in first] == ["SIGTERM", "SIGTERM"] and first[0]["step"] < 40
+    assert find_latest(str(tmp_path / "term")).endswith(f"step-{first[0]['step']}")
+    # the handlers are put back afterwards: the pool's processes still have the default TERM action
+    assert pool.run(signal.getsignal, signal.SIGTERM) == [signal.SIG_DFL] * 2
+
+
+def test_minutes_clock_saves_between_step_checkpoints(dist_pool, mnist_root: str, tmp_path) -> None:
+    pool = dist_pool(2)
+    args = small_overrides(mnist_root, str(tmp_path), "clock", 6) + [
+        "checkpoint.every_steps=1000", "checkpoint.every_minutes=0.0001", "checkpoint.keep_last=10"]
+    pool.run(_run, args)
+    saved = sorted(p for p in os.listdir(tmp_path / "clock" / "checkpoints") if p.startswith("step-"))
+    assert saved == [f"step-{i}" for i in range(1, 7)]  # every step took longer than 6 ms
+
+
+KILL_DURING_SAVE = r"""
+import os, sys, torch
+import train.checkpoint as ckpt
+from launch.__main__ import build_config
+from train.main import run
+real = ckpt._rng_state
+def slow_second_save():
+    if os.path.exists(os.path.join(sys.argv[1], "checkpoints", "step-5")):  # the second save: die inside it
+        print("KILLME", flush=True)
+        import time; time.sleep(60)
+    return real()
+ckpt._rng_state = slow_second_save
+run(build_config("mnist_distarc", sys.argv[2:]))
+"""
+
+
+def test_kill_during_save_resumes_from_previous_checkpoint(mnist_root: str, tmp_path) -> None:
+    args = small_overrides(mnist_root, str(tmp_path), "killed", 10) + [
+        "checkpoint.every_steps=5", "data.num_workers=0", "metrics.eval_every=0"]
+    run_dir = str(tmp_path / "killed")
+    env = {**os.environ, "WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "MASTER_PORT": "29731"}
+    proc = subprocess.Popen([sys.executable, "-c", KILL_DURING_SAVE, run_dir, *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=os.getcwd())
+    for line in proc.stdout:  # type: ignore[union-attr]
+        if "KILLME" in line:
+            proc.kill()  # SIGKILL in the middle of writing step-10
+            break
+    proc.wait(timeout=60)
+    ckpts = os.path.join(run_dir, "checkpoints")
+    assert ".tmp-step-10" in os.listdir(ckpts) and not os.path.exists(os.path.join(ckpts, "step-10"))
+    assert find_latest(run_dir).endswith("step-5")
+    out = subprocess.run([sys.executable, "-c", "import sys; from launch.__main__ import build_config; "
+                          "from train.main import run; s = run(build_config('mnist_distarc', sys.argv[1:])); "
+                          "print('RESUMED', s['resumed_from_step'], s['step'])", *args],
+                         env=env, text=True, capture_output=True, timeout=300)
+    assert "RESUMED 5 10" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+    assert sorted(p for p in os.listdir(ckpts) if p.startswith("step-")) == ["step-10", "step-5"]
