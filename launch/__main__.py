@@ -1,7 +1,9 @@
-"""CLI: `python -m launch [--recipe NAME] [--slurm] [key=value ...]`.
+"""CLI: `python -m launch [--recipe NAME] [--slurm] [--sweep KEY=V1,V2 ...] [key=value ...]`.
 
-Builds the recipe, applies overrides, validates, prints the config, prepares data that ships in a
-package, then runs the job through submitit: N local processes by default, Slurm with `--slurm`.
+Builds the recipe, applies overrides, validates, checks what can be checked before queueing
+(launch/preflight.py), prints the config, prepares data that ships in a package, then runs the job
+through submitit: N local processes by default, Slurm with `--slurm`. With `--sweep` it runs one job
+per grid point (a Slurm job array; locally one after another) and prints a summary table.
 """
 from __future__ import annotations
 
@@ -13,7 +15,9 @@ import time
 
 from data.convert.mnist import ensure_prepared
 from launch.overrides import apply_overrides
+from launch.preflight import preflight
 from launch.recipes import DEFAULT_RECIPE, RECIPES, get_recipe
+from launch.sweep import expand, write_summary
 from slurm.executor import make_executor
 from slurm.job import TrainJob
 from train.config import RunConfig
@@ -24,6 +28,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"one of {sorted(RECIPES)}")
     p.add_argument("--slurm", action="store_true", help="submit to Slurm (AutoExecutor) instead of local processes")
     p.add_argument("--no-wait", action="store_true", help="return after submission (Slurm)")
+    p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
+                   help="sweep a key over values (repeat for a grid); one run and one array task per point")
+    p.add_argument("--sweep-name", default="", help="folder of the sweep under run_root (default <name>-sweep)")
     p.add_argument("overrides", nargs="*", help="dotted key=value, e.g. optim.lr=1e-3 slurm.tasks_per_node=4")
     return p.parse_args(argv)
 
@@ -35,23 +42,38 @@ def build_config(recipe: str, overrides: list[str]) -> RunConfig:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        cfg = build_config(args.recipe, args.overrides)
-    except ValueError as err:
+        if args.sweep:
+            sweep_dir, cfgs = expand(args.recipe, args.overrides, args.sweep, args.sweep_name)
+        else:
+            cfgs = [build_config(args.recipe, args.overrides)]
+        preflight(cfgs, args.slurm)
+    except (ValueError, RuntimeError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    for cfg in cfgs:
+        ensure_prepared(cfg.data)
+    if args.sweep:
+        return run_sweep(sweep_dir, cfgs, args.slurm, args.no_wait)
+    cfg = cfgs[0]
     print(json.dumps(cfg.to_dict(), indent=1))
-    ensure_prepared(cfg.data)
     executor = make_executor(cfg.slurm, cfg.run_dir, args.slurm)
     t0 = time.time()
     job = executor.submit(TrainJob(cfg))
     print(f"submitted job {job.job_id}; logs: {os.path.join(cfg.run_dir, 'submitit', str(job.job_id))}")
-    print(f"watch: tensorboard --logdir {os.path.join(cfg.run_dir, 'tb')}")
+    print(f"watch: tensorboard --logdir {os.path.join(cfg.run_dir, 'tb')}", flush=True)
     if args.no_wait:
         return 0
-    results = _follow(job)
-    summary = results[0]
+    try:
+        summary = _follow(job)[0]
+    except Exception as err:  # noqa: BLE001 - submitit raises several types for a failed job
+        print(f"\njob {job.job_id} failed: {err}\nresubmit the same command to resume from the latest checkpoint "
+              f"({os.path.join(cfg.run_dir, 'checkpoints')})", file=sys.stderr)
+        return 1
     print(f"\n== run {cfg.name} done in {time.time() - t0:.0f} s ({summary['world_size']} processes) ==")
-    if "acc_measure" in summary:
+    if summary["stop_signal"]:
+        print(f"stopped by {summary['stop_signal']} at step {summary['step']} after a checkpoint; run the same "
+              "command again to continue")
+    elif "acc_measure" in summary:
         print(f"held-out accuracy: {summary['acc_measure']:.4f} (predictive measure), "
               f"{summary['acc_cosine']:.4f} (cosine), on {int(summary['num_samples'])} images")
     else:
@@ -60,6 +82,39 @@ def main(argv: list[str] | None = None) -> int:
     print(f"checkpoints: {summary['checkpoint']}")
     print(f"TensorBoard: tensorboard --logdir {summary['tensorboard_dir']}")
     return 0
+
+
+def run_sweep(sweep_dir: str, cfgs: list[RunConfig], use_slurm: bool, no_wait: bool) -> int:
+    """Submit every point (one job array on Slurm), wait, print the summary table."""
+    os.makedirs(sweep_dir, exist_ok=True)
+    print(f"sweep of {len(cfgs)} points in {sweep_dir}: {', '.join(c.name for c in cfgs)}")
+    print(f"watch: tensorboard --logdir {sweep_dir}", flush=True)
+    executor = make_executor(cfgs[0].slurm, sweep_dir, use_slurm)
+    failed = []
+    if use_slurm:
+        with executor.batch():
+            jobs = [executor.submit(TrainJob(cfg)) for cfg in cfgs]
+        print(f"submitted job array {jobs[0].job_id.split('_')[0]}; logs: {os.path.join(sweep_dir, 'submitit')}",
+              flush=True)
+        if no_wait:
+            return 0
+        for cfg, job in zip(cfgs, jobs):
+            try:
+                job.results()
+            except Exception as err:  # noqa: BLE001
+                failed.append(f"{cfg.name} (job {job.job_id}): {err}")
+    else:  # local processes share this machine's cores: one point after another
+        for cfg in cfgs:
+            job = executor.submit(TrainJob(cfg))
+            print(f"point {cfg.name}: job {job.job_id}", flush=True)
+            try:
+                job.results()
+            except Exception as err:  # noqa: BLE001
+                failed.append(f"{cfg.name} (job {job.job_id}): {err}")
+    print(write_summary(sweep_dir))
+    for line in failed:
+        print(f"failed: {line}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _follow(job: object) -> list[dict]:

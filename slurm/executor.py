@@ -8,25 +8,29 @@ import submitit
 from train.config import SlurmConfig
 
 
-def make_executor(cfg: SlurmConfig, run_dir: str, use_slurm: bool) -> submitit.Executor:
-    """Executor whose logs and submission files live under `<run_dir>/submitit/<job id>`."""
-    folder = os.path.join(run_dir, "submitit", "%j")
+def slurm_parameters(cfg: SlurmConfig, job_name: str) -> dict[str, object]:
+    """AutoExecutor parameters (slurm_* where submitit needs the prefix) from the config."""
+    params: dict[str, object] = {
+        "nodes": cfg.nodes, "tasks_per_node": cfg.tasks_per_node, "cpus_per_task": cfg.cpus_per_task,
+        "timeout_min": cfg.time_min, "slurm_signal_delay_s": cfg.signal_delay_s, "name": job_name,
+        # stdout of every task in one file per task, appended across requeues
+        "slurm_additional_parameters": {"open_mode": "append", **cfg.extra_parameters()},
+    }
+    optional = {"gpus_per_node": cfg.gpus_per_node, "mem_gb": cfg.mem_gb, "slurm_partition": cfg.partition,
+                "slurm_account": cfg.account, "slurm_qos": cfg.qos,
+                "slurm_array_parallelism": cfg.array_parallelism}
+    params.update({k: v for k, v in optional.items() if v})
+    if cfg.setup:
+        params["slurm_setup"] = [line.strip() for line in cfg.setup.split(";") if line.strip()]
+    return params
+
+
+def make_executor(cfg: SlurmConfig, folder_root: str, use_slurm: bool, job_name: str = "") -> submitit.Executor:
+    """Executor whose logs and submission files live under `<folder_root>/submitit/<job id>`."""
+    folder = os.path.join(folder_root, "submitit", "%j")
     if use_slurm:
         ex: submitit.Executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=30)
-        params: dict[str, object] = {
-            "nodes": cfg.nodes, "tasks_per_node": cfg.tasks_per_node, "cpus_per_task": cfg.cpus_per_task,
-            "timeout_min": cfg.time_min, "slurm_signal_delay_s": cfg.signal_delay_s,
-            "name": os.path.basename(os.path.normpath(run_dir)),
-        }
-        if cfg.mem_gb:
-            params["mem_gb"] = cfg.mem_gb
-        if cfg.partition:
-            params["slurm_partition"] = cfg.partition
-        if cfg.account:
-            params["slurm_account"] = cfg.account
-        if cfg.qos:
-            params["slurm_qos"] = cfg.qos
-        ex.update_parameters(**params)
+        ex.update_parameters(**slurm_parameters(cfg, job_name or os.path.basename(os.path.normpath(folder_root))))
         return ex
     if cfg.nodes != 1:
         raise ValueError(f"slurm.nodes={cfg.nodes}: the local launcher runs on one machine; use --slurm for more")

@@ -102,19 +102,39 @@ class SlurmConfig:
 
     nodes: int = 1
     tasks_per_node: int = 2  # one task per GPU on a cluster; local CPU processes otherwise
+    gpus_per_node: int = 0  # GPUs requested per node (--gpus-per-node); set it = tasks_per_node on GPU clusters
     cpus_per_task: int = 1
     mem_gb: int = 0  # 0 = Slurm's default / whole node
     partition: str = ""
     account: str = ""
     qos: str = ""
     time_min: int = 60
-    signal_delay_s: int = 120
+    signal_delay_s: int = 120  # USR2 this long before the time limit: enough for one collective save
+    # Any other sbatch option, "key=value;key=value" without dashes (e.g. "constraint=a100;exclusive=true")
+    sbatch_extra: str = ""
+    # Shell lines run before the tasks start, ";"-separated (e.g. "module load cuda/12.4;source ~/env.sh")
+    setup: str = ""
+    array_parallelism: int = 0  # sweeps: most array tasks running at once (0 = no limit)
+
+    def extra_parameters(self) -> dict[str, str | bool]:
+        """slurm.sbatch_extra as submitit's slurm_additional_parameters (value 'true' = a bare flag)."""
+        out: dict[str, str | bool] = {}
+        for item in filter(None, (part.strip() for part in self.sbatch_extra.split(";"))):
+            key, sep, value = item.partition("=")
+            if not sep or not key or key.startswith("-"):
+                raise ValueError(f"slurm.sbatch_extra item {item!r} must read key=value without dashes, "
+                                 "e.g. slurm.sbatch_extra='constraint=a100;exclusive=true'")
+            out[key.strip().replace("-", "_")] = True if value.strip().lower() == "true" else value.strip()
+        return out
 
     def validate(self) -> None:
         if self.nodes < 1 or self.tasks_per_node < 1 or self.cpus_per_task < 1:
             raise ValueError("slurm.nodes, slurm.tasks_per_node and slurm.cpus_per_task must be >= 1")
         if self.time_min < 1:
             raise ValueError(f"slurm.time_min={self.time_min} must be >= 1")
+        if self.gpus_per_node < 0 or self.array_parallelism < 0 or self.signal_delay_s < 0:
+            raise ValueError("slurm.gpus_per_node, slurm.array_parallelism and slurm.signal_delay_s must be >= 0")
+        self.extra_parameters()
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -1,0 +1,121 @@
+"""Submission-side logic without a cluster: sweeps, sbatch parameters, and the checks made before
+anything is queued (the real-Slurm path is exercised in test_slurm_integration.py)."""
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+
+from launch.__main__ import build_config, main
+from launch.preflight import check_run_dir, preflight, slurm_partitions
+from launch.sweep import expand, parse_grid, point_label, summary_rows, summary_table
+from slurm.executor import slurm_parameters
+from train.config import save_yaml
+
+
+def test_chest_margin_grid_is_sixteen_runs(tmp_path) -> None:
+    sweep_dir, cfgs = expand("mnist_chest", [f"run_root={tmp_path}"],
+                             ["loss.chest.delta_h=1,5,10,20", "loss.chest.delta_e=1,5,10,20"])
+    assert sweep_dir == str(tmp_path / "mnist_chest-sweep") and len(cfgs) == 16
+    assert {(c.loss.chest.delta_h, c.loss.chest.delta_e) for c in cfgs} == {
+        (h, e) for h in (1.0, 5.0, 10.0, 20.0) for e in (1.0, 5.0, 10.0, 20.0)}
+    assert len({c.run_dir for c in cfgs}) == 16 and all(c.run_dir.startswith(sweep_dir) for c in cfgs)
+    assert cfgs[1].name == "delta_h=1_delta_e=5" and all(c.recipe == "mnist_chest" for c in cfgs)
+
+
+def test_sweep_over_recipes_and_bad_grids(tmp_path) -> None:
+    _, cfgs = expand("mnist_distarc", [f"run_root={tmp_path}"], ["recipe=mnist_distarc,mnist_chest", "seed=0,1"])
+    assert [(c.recipe, c.seed, c.loss.name) for c in cfgs] == [
+        ("mnist_distarc", 0, "distarc"), ("mnist_distarc", 1, "distarc"),
+        ("mnist_chest", 0, "chest"), ("mnist_chest", 1, "chest")]
+    assert point_label([("a.x", "1"), ("b.x", "p/q")]) == "a.x=1_b.x=p-q"
+    with pytest.raises(ValueError, match="key=value1,value2"):
+        parse_grid(["loss.margin"])
+    with pytest.raises(ValueError, match="names a key twice"):
+        parse_grid(["seed=1,2", "seed=3"])
+    with pytest.raises(ValueError, match="same resources"):
+        expand("mnist_distarc", [], ["slurm.tasks_per_node=1,2"])
+
+
+def test_summary_table_lists_every_point(tmp_path) -> None:
+    for name, acc in (("seed=0", 0.9), ("seed=1", 0.8)):
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / "config.yaml").write_text("{}")
+        (tmp_path / name / "summary.json").write_text(json.dumps(
+            {"step": 10, "last_train_loss": 1.5, "acc_measure": acc, "poincare/R@1": acc / 2}))
+    os.makedirs(tmp_path / "seed=2")
+    (tmp_path / "seed=2" / "config.yaml").write_text("{}")
+    table = summary_table(summary_rows(str(tmp_path)))
+    lines = table.splitlines()
+    assert lines[0] == "| point | step | last_train_loss | acc_measure | poincare/R@1 |"
+    assert lines[2] == "| seed=0 | 10 | 1.5000 | 0.9000 | 0.4500 |"
+    assert lines[4].startswith("| seed=2 | not finished |")
+
+
+def test_slurm_parameters_from_config() -> None:
+    cfg = build_config("mnist_distarc", ["slurm.nodes=2", "slurm.tasks_per_node=4", "slurm.gpus_per_node=4",
+                                         "slurm.partition=gpu", "slurm.account=lab", "slurm.signal_delay_s=90",
+                                         "slurm.sbatch_extra=constraint=a100;exclusive=true",
+                                         "slurm.setup=module load cuda;echo hi"])
+    params = slurm_parameters(cfg.slurm, "job")
+    assert params["nodes"] == 2 and params["tasks_per_node"] == 4 and params["gpus_per_node"] == 4
+    assert params["slurm_partition"] == "gpu" and params["slurm_account"] == "lab"
+    assert params["slurm_signal_delay_s"] == 90 and params["timeout_min"] == 30
+    assert params["slurm_additional_parameters"] == {"open_mode": "append", "constraint": "a100", "exclusive": True}
+    assert params["slurm_setup"] == ["module load cuda", "echo hi"] and "slurm_qos" not in params
+    with pytest.raises(ValueError, match="key=value without dashes"):
+        build_config("mnist_distarc", ["slurm.sbatch_extra=--exclusive"])
+
+
+def test_time_limit_shorter_than_checkpoint_interval_is_refused(capsys) -> None:
+    assert main(["slurm.time_min=5", "checkpoint.every_minutes=10"]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint.every_minutes=10" in err and "slurm.time_min=5" in err
+
+
+def _fake_sinfo(tmp_path, body: str) -> str:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, script in (("sinfo", body), ("sbatch", "exit 0")):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{script}\n")
+        (bin_dir / name).chmod(stat.S_IRWXU)
+    return str(bin_dir)
+
+
+def test_no_slurm_and_unknown_partition_stop_submission(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(RuntimeError, match="sbatch/sinfo are not on PATH"):
+        slurm_partitions()
+    monkeypatch.setenv("PATH", _fake_sinfo(tmp_path, "echo 'slurm_load_partitions: Unable to contact' >&2; exit 1"))
+    with pytest.raises(RuntimeError, match="Unable to contact"):
+        slurm_partitions()
+    (tmp_path / "bin" / "sinfo").write_text("#!/bin/sh\nprintf 'debug*\\nhigh\\n'\n")
+    assert slurm_partitions() == ["debug", "high"]
+    cfg = build_config("mnist_distarc", ["slurm.partition=gpu"])
+    with pytest.raises(ValueError, match=r"slurm.partition='gpu'.*\['debug', 'high'\]"):
+        preflight([cfg], use_slurm=True)
+    assert main(["--slurm", "slurm.partition=gpu", f"run_root={tmp_path}"]) == 2
+    assert "is not a partition of this cluster" in capsys.readouterr().err
+    assert not (tmp_path / "mnist_distarc").exists()  # nothing queued, nothing written
+
+
+def _fake_checkpoint(run_dir, cfg, step: int = 10) -> None:
+    path = os.path.join(run_dir, "checkpoints", f"step-{step}")
+    os.makedirs(path)
+    save_yaml(cfg, os.path.join(path, "config.yaml"))
+    with open(os.path.join(path, "meta.json"), "w") as f:
+        json.dump({"step": step, "num_classes": cfg.data.num_classes, "embed_dim": cfg.model.embed_dim}, f)
+
+
+def test_run_dir_of_another_recipe_or_table_is_refused(tmp_path) -> None:
+    chest = build_config("mnist_chest", [f"run_root={tmp_path}", "name=shared"])
+    _fake_checkpoint(chest.run_dir, chest)
+    check_run_dir(chest)  # its own run dir: fine
+    distarc = build_config("mnist_distarc", [f"run_root={tmp_path}", "name=shared"])
+    with pytest.raises(ValueError, match="holds checkpoints of recipe 'mnist_chest'.*another run name"):
+        check_run_dir(distarc)
+    wider = build_config("mnist_chest", [f"run_root={tmp_path}", "name=shared", "data.num_classes=12"])
+    with pytest.raises(ValueError, match="holds a table of 10 classes"):
+        check_run_dir(wider)
