@@ -62,6 +62,7 @@ class CheckpointConfig:
     # most this much work even when it gets no warning signal; must be shorter than slurm.time_min.
     every_minutes: float = 30.0
     keep_last: int = 2
+    export: bool = True  # at the end of training: timm-loadable fp32 backbone + full proxy table (train/export.py)
     resume: bool = True  # start from the run dir's latest checkpoint when there is one
 
     def validate(self) -> None:

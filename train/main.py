@@ -27,6 +27,7 @@ from train.control import RunControl
 from train.dist import barrier, destroy_distributed, env_from_environ, init_distributed
 from train.engine import build_engine, build_head_optimizer
 from train.evaluate import evaluate as evaluate_heldout
+from train.export import export
 from train.loop import train_loop
 from train.metrics import MetricLogger
 from train.step import Trainer
@@ -109,6 +110,8 @@ def run(cfg: RunConfig, stop_at_step: int | None = None) -> dict[str, Any]:
         if state.step >= cfg.max_steps:  # a job stopped early (preempted) leaves evaluation to its successor
             final = evaluate(state.step)
             logger.log(state.step, state.samples_seen, final, prefix="eval")
+            if cfg.checkpoint.export and env.is_main:
+                print(f"exported backbone and proxy table to {export(cfg.run_dir)}", flush=True)
         logger.close()
         summary = {"run_dir": os.path.abspath(cfg.run_dir), "tensorboard_dir": os.path.abspath(logger.tb_dir),
                    "checkpoint": ckpt.find_latest(cfg.run_dir), "step": state.step, "resumed_from_step": start_step,
