@@ -34,8 +34,12 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import os
 import random
+import signal
+import threading
 from collections.abc import Callable, Iterator
+from types import FrameType
 
 import torch
 from PIL import Image
@@ -295,10 +299,40 @@ class TrainBatches(Iterator[Batch]):
     def __next__(self) -> Batch:
         return next(self._it)
 
+    def close(self) -> None:
+        """Stop the data workers now (also on an error: a worker left to the interpreter's exit
+        handlers is terminated and joined there, which costs up to WORKER_TERM_GRACE_S)."""
+        shutdown = getattr(self._it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
     @property
     def bad_samples(self) -> int:
         """Distinct bad samples skipped so far by all of this rank's workers."""
         return self.dataset.bad_samples
+
+
+# How long a data worker outlives a TERM: long enough for the trainer to save (it stops at its next
+# step), bounded so that a worker never blocks its parent's exit (multiprocessing terminates daemonic
+# children with TERM at exit and then joins them).
+WORKER_TERM_GRACE_S = 60.0
+
+
+def _exit_after_grace(signum: int, frame: FrameType | None) -> None:
+    timer = threading.Timer(WORKER_TERM_GRACE_S, os._exit, args=(0,))
+    timer.daemon = True
+    timer.start()
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn: leave USR2 and TERM to the training process.
+
+    Slurm signals every process of a job step, data workers included. A worker killed by the
+    preemption signal would make the trainer raise before it can save (train/control.py), so a
+    worker ignores USR2 and outlives a TERM by WORKER_TERM_GRACE_S.
+    """
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_after_grace)
 
 
 def _check(cfg: DataConfig, rank: int, world_size: int) -> None:
@@ -330,6 +364,7 @@ def build_train_loader(cfg: DataConfig, rank: int, world_size: int, start_batch:
         num_workers=cfg.num_workers,
         in_order=True,  # the resume arithmetic relies on strict round-robin
         pin_memory=torch.cuda.is_available(),
+        worker_init_fn=ignore_stop_signals,
     )
     return TrainBatches(dataset, loader)
 
@@ -371,4 +406,5 @@ def build_eval_loader(cfg: DataConfig, rank: int, world_size: int) -> DataLoader
         # More workers than shards would only start idle processes.
         num_workers=min(cfg.num_workers, len(shards)),
         pin_memory=torch.cuda.is_available(),
+        worker_init_fn=ignore_stop_signals,
     )

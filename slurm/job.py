@@ -14,11 +14,16 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from typing import Any
 
 import submitit
 
 from train.config import RunConfig
+
+# submitit's LocalExecutor restarts a job whose task exits with this code (Slurm jobs are requeued by
+# `scontrol requeue` from rank 0 instead; the code only marks the other ranks' exit there).
+REQUEUE_EXIT = 144
 
 # Settings for real GPU clusters, set once here and only where the user did not set them.
 NCCL_DEFAULTS: dict[str, str] = {
@@ -54,10 +59,16 @@ class TrainJob(submitit.helpers.Checkpointable):
         requeue_signal = env._usr_sig()
         requeue_handler = signal.getsignal(requeue_signal)  # submitit's checkpoint-and-requeue
         summary = run(self.cfg)
-        if summary["stop_signal"] == requeue_signal.name and env.global_rank == 0 and callable(requeue_handler):
+        stop = summary["stop_signal"]
+        if not stop:
+            return summary
+        print(f"rank {env.global_rank}: stopped by {stop} at step {summary['step']} after a checkpoint", flush=True)
+        if stop == requeue_signal.name and env.global_rank == 0 and callable(requeue_handler):
             # Every rank has saved. submitit's own path from here: checkpoint() -> requeue -> exit.
             requeue_handler(requeue_signal, None)
-        return summary
+        # Saved, but not finished: exit without a result file, or the submitter would read this partial
+        # summary as the job's answer while the job comes back (requeue, preemption) or was cancelled.
+        sys.exit(REQUEUE_EXIT if stop == requeue_signal.name else 128 + int(getattr(signal, stop)))
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         return submitit.helpers.DelayedSubmission(TrainJob(self.cfg))

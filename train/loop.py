@@ -1,6 +1,7 @@
 """The training loop, on one screen: batch -> step -> log -> checkpoint -> eval -> stop."""
 from __future__ import annotations
 
+import time
 from typing import Callable, Iterator
 
 import torch
@@ -30,6 +31,7 @@ def train_loop(cfg: RunConfig, tr: Trainer, batches: Iterator[tuple[torch.Tensor
             raise FloatingPointError(f"non-finite training scalars at step {state.step}: {scalars}")
         state.step += 1
         state.samples_seen += global_batch
+        state.first_step_at = state.first_step_at or time.time()
         bar.update(1)
         if state.step % cfg.metrics.log_every == 0 or state.step == cfg.max_steps:
             scalars["bad_samples"] = float(getattr(batches, "bad_samples", 0))  # skipped so far, all ranks

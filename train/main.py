@@ -18,7 +18,7 @@ import torch
 
 from data.mixture import train_sources
 from data.shards import check_labels, list_shards
-from data.stream import build_eval_loader, build_train_loader
+from data.stream import TrainBatches, build_eval_loader, build_train_loader
 from model.backbone import build_backbone
 from model.task import MetricLearningTask, build_head
 from train import checkpoint as ckpt
@@ -52,6 +52,7 @@ def run(cfg: RunConfig, stop_at_step: int | None = None) -> dict[str, Any]:
     env = env_from_environ()
     control = RunControl(cfg.checkpoint.every_minutes)  # handlers first: a signal during setup is kept
     device, owns_group = init_distributed(env)
+    batches: TrainBatches | None = None
     try:
         seed_everything(cfg.seed)  # same on every rank: identical backbone init before DeepSpeed's broadcast
         # Cheap checks first: a bad data set or an incompatible checkpoint fails before any model is built.
@@ -85,8 +86,8 @@ def run(cfg: RunConfig, stop_at_step: int | None = None) -> dict[str, Any]:
                     print(f"warning: data stream settings changed since the checkpoint ({'; '.join(changed)}): "
                           "the stream continues deterministically but not batch for batch", flush=True)
         global_batch = cfg.data.batch_size * env.world_size * cfg.optim.grad_accum_steps
-        batches = iter(build_train_loader(cfg.data, env.rank, env.world_size,
-                                          start_batch=state.step * cfg.optim.grad_accum_steps))
+        batches = build_train_loader(cfg.data, env.rank, env.world_size,
+                                     start_batch=state.step * cfg.optim.grad_accum_steps)
         logger = MetricLogger(cfg.run_dir, env.is_main, global_batch)
 
         def save(st: ckpt.TrainState) -> str:
@@ -117,12 +118,15 @@ def run(cfg: RunConfig, stop_at_step: int | None = None) -> dict[str, Any]:
                    "checkpoint": ckpt.find_latest(cfg.run_dir), "step": state.step, "resumed_from_step": start_step,
                    "last_train_loss": state.last_loss,
                    "stop_signal": signal.Signals(state.stop_signal).name if state.stop_signal else "",
-                   "world_size": env.world_size, "train_seconds": train_s, "total_seconds": time.time() - t0, **final}
+                   "world_size": env.world_size, "started_at": t0, "first_step_at": state.first_step_at,
+                   "train_seconds": train_s, "total_seconds": time.time() - t0, **final}
         if env.is_main:
             with open(os.path.join(cfg.run_dir, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=1)
         return summary
     finally:
+        if batches is not None:
+            batches.close()
         control.close()
         if owns_group:
             destroy_distributed()

@@ -1,0 +1,174 @@
+"""Training on the local Slurm cluster (slurm/cluster): the launcher's --slurm path on 2 nodes x 1 task
+and 1 node x 2 tasks, USR2 -> collective save -> requeue -> resume, `scontrol requeue`, a sweep as a job
+array of 4, a kill -9 of one rank, and the plain sbatch script. Measured times are printed (pytest -s)."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from launch.__main__ import build_config, main
+from slurm.executor import make_executor
+from slurm.job import TrainJob
+from tests.slurm_cluster import job_restarts, job_state, wait_for_file, wait_for_state
+from tests.test_train import small_overrides
+
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(600)]
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def slurm_overrides(root: str, run_root: Path, name: str, steps: int, *extra: str) -> list[str]:
+    # time_min 20: submitit counts a USR2 in a job of <= 10 min as a time-out, not a preemption
+    return [*small_overrides(root, str(run_root), name, steps), "slurm.time_min=20", "checkpoint.every_minutes=5",
+            "data.num_workers=1", *extra]
+
+
+def _summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def _logs(run_dir: Path, pattern: str = "*_log.out") -> str:
+    return "\n".join(Path(p).read_text() for p in sorted(glob.glob(str(run_dir / "submitit" / "*" / pattern))))
+
+
+def _wait_done(job, timeout: float = 300.0) -> list:
+    deadline = time.monotonic() + timeout
+    while not job.done():
+        if time.monotonic() > deadline:
+            subprocess.run(["scancel", str(job.job_id)], check=False)
+            pytest.fail(f"job {job.job_id} not done after {timeout} s (state {job_state(str(job.job_id))})")
+        time.sleep(0.5)
+    return job.results()
+
+
+@pytest.mark.parametrize("nodes, tasks", [(2, 1), (1, 2)])
+def test_launcher_trains_on_the_cluster(slurm_env, mnist_root: str, tmp_path: Path, capsys, nodes: int,
+                                        tasks: int) -> None:
+    t0 = time.time()
+    args = slurm_overrides(mnist_root, tmp_path, "run", 30, f"slurm.nodes={nodes}", f"slurm.tasks_per_node={tasks}")
+    assert main(["--slurm", *args]) == 0
+    out = capsys.readouterr().out
+    run_dir = tmp_path / "run"
+    summary = _summary(run_dir)
+    assert summary["world_size"] == 2 and summary["step"] == 30 and summary["acc_measure"] > 0.15  # chance 0.1, sd 0.01
+    assert "submitted job" in out and f"tensorboard --logdir {run_dir / 'tb'}" in out
+    logs = _logs(run_dir)
+    assert f"node=1({nodes})" in logs if nodes == 2 else "node=0(1)" in logs  # submitit's JobEnvironment line
+    with capsys.disabled():
+        print(f"\n[{nodes} node(s) x {tasks} task(s)] submission -> first step {summary['first_step_at'] - t0:.1f} s, "
+              f"total {time.time() - t0:.1f} s")
+
+
+def _submit(cfg) -> object:
+    return make_executor(cfg.slurm, cfg.run_dir, use_slurm=True).submit(TrainJob(cfg))
+
+
+def test_usr2_saves_requeues_and_resumes_losing_nothing(slurm_env, mnist_root: str, tmp_path: Path,
+                                                       capsys) -> None:
+    cfg = build_config("mnist_distarc", slurm_overrides(mnist_root, tmp_path, "usr2", 150, "checkpoint.keep_last=20"))
+    job = _submit(cfg)
+    run_dir = Path(cfg.run_dir)
+    wait_for_file(run_dir / "checkpoints" / "step-20", timeout=180)
+    t_signal = time.time()
+    subprocess.run(["scancel", "--signal=USR2", str(job.job_id)], check=True)
+    results = _wait_done(job)
+    assert [r["step"] for r in results] == [150, 150] and job_restarts(str(job.job_id)) == 1
+    logs = _logs(run_dir)
+    assert logs.count("received SIGUSR2") >= 2  # every rank recorded it
+    stopped_at = int(logs.split("rank 0: stopped by SIGUSR2 at step ")[1].split()[0])
+    resumed = results[0]["resumed_from_step"]
+    assert resumed == stopped_at and 20 <= resumed < 150 and (run_dir / "checkpoints" / f"step-{resumed}").exists()
+    with capsys.disabled():
+        print(f"\n[USR2] signal at step >= 20 -> saved at step {stopped_at}, resumed at {resumed} (0 steps lost); "
+              f"signal -> requeued job's first step {results[0]['first_step_at'] - t_signal:.1f} s")
+
+
+def test_scontrol_requeue_resumes_from_the_latest_checkpoint(slurm_env, mnist_root: str, tmp_path: Path,
+                                                            capsys) -> None:
+    cfg = build_config("mnist_distarc", slurm_overrides(mnist_root, tmp_path, "requeue", 150, "checkpoint.keep_last=20"))
+    job = _submit(cfg)
+    run_dir = Path(cfg.run_dir)
+    wait_for_file(run_dir / "checkpoints" / "step-20", timeout=180)
+    t_requeue = time.time()
+    subprocess.run(["scontrol", "requeue", str(job.job_id)], check=True)
+    results = _wait_done(job)
+    assert [r["step"] for r in results] == [150, 150] and job_restarts(str(job.job_id)) == 1
+    resumed = results[0]["resumed_from_step"]
+    assert resumed >= 20 and (run_dir / "checkpoints" / f"step-{resumed}").exists()
+    with capsys.disabled():
+        print(f"\n[scontrol requeue] resumed at step {resumed}; requeue -> first step "
+              f"{results[0]['first_step_at'] - t_requeue:.1f} s")
+
+
+def test_sweep_is_one_job_array_with_a_summary(slurm_env, mnist_root: str, tmp_path: Path, capsys) -> None:
+    args = slurm_overrides(mnist_root, tmp_path, "ignored", 20)
+    t0 = time.time()
+    assert main(["--slurm", "--sweep", "recipe=mnist_distarc,mnist_chest", "--sweep", "seed=0,1",
+                 "--sweep-name", "grid", *args]) == 0
+    out = capsys.readouterr().out
+    sweep = tmp_path / "grid"
+    array_id = out.split("submitted job array ")[1].split(";")[0]
+    assert {f"{array_id}_{i}" for i in range(4)} <= set(os.listdir(sweep / "submitit"))  # one task folder each
+    table = (sweep / "sweep_summary.md").read_text().splitlines()
+    assert len(table) == 6 and table[0].startswith("| point | step |")
+    rows = {line.split(" | ")[0][2:]: line for line in table[2:]}
+    assert set(rows) == {f"recipe={r}_seed={s}" for r in ("mnist_distarc", "mnist_chest") for s in (0, 1)}
+    assert all(" | 20 | " in line for line in rows.values())
+    assert _summary(sweep / "recipe=mnist_chest_seed=1")["step"] == 20
+    assert (sweep / "recipe=mnist_chest_seed=1" / "tb").is_dir()
+    with capsys.disabled():
+        print(f"\n[array of 4] {time.time() - t0:.1f} s")
+
+
+def _task_pid(job_id: str, rank: int) -> int:
+    """The pid of the task of `job_id` with SLURM_PROCID=rank (its python, not a data worker)."""
+    for proc in glob.glob("/proc/[0-9]*"):
+        try:
+            env = dict(kv.split("=", 1) for kv in open(f"{proc}/environ").read().split("\0") if "=" in kv)
+            cmd = open(f"{proc}/cmdline").read()
+        except OSError:
+            continue
+        if env.get("SLURM_JOB_ID") == job_id and env.get("SLURM_PROCID") == str(rank) and "submitit" in cmd:
+            return int(proc.split("/")[-1])
+    raise LookupError(f"no task {rank} of job {job_id}")
+
+
+def test_kill_of_one_rank_fails_cleanly_and_resubmission_resumes(slurm_env, mnist_root: str, tmp_path: Path,
+                                                                  capsys) -> None:
+    args = slurm_overrides(mnist_root, tmp_path, "killed", 150)
+    cfg = build_config("mnist_distarc", args)
+    job = _submit(cfg)
+    run_dir = Path(cfg.run_dir)
+    wait_for_file(run_dir / "checkpoints" / "step-20", timeout=180)
+    os.kill(_task_pid(str(job.job_id), 1), signal.SIGKILL)
+    state = wait_for_state(str(job.job_id), {"FAILED", "CANCELLED", "COMPLETED"}, timeout=120)
+    assert state == "FAILED"
+    with pytest.raises(Exception):
+        job.results()  # rank 0 reports the lost peer instead of hanging
+    assert main(["--slurm", *args]) == 0  # the same command again
+    summary = _summary(run_dir)
+    assert summary["resumed_from_step"] >= 20 and summary["step"] == 150
+
+
+def test_plain_sbatch_script_trains_and_requeues_on_usr2(slurm_env, mnist_root: str, tmp_path: Path) -> None:
+    args = slurm_overrides(mnist_root, tmp_path, "sbatch", 150, "checkpoint.keep_last=20")
+    out = subprocess.run(["sbatch", "--parsable", f"--chdir={REPO}", f"--output={tmp_path}/slurm-%j.out",
+                          "--time=20", str(REPO / "slurm" / "train.sbatch"), *args],
+                         capture_output=True, text=True, check=True, env={**os.environ, "PYTHON": os.sys.executable})
+    job_id = out.stdout.strip().split(";")[0]
+    run_dir = tmp_path / "sbatch"
+    wait_for_file(run_dir / "checkpoints" / "step-20", timeout=180)
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    wait_for_file(run_dir / "summary.json", timeout=300)
+    wait_for_state(job_id, {"COMPLETED"}, timeout=60)
+    summary = _summary(run_dir)
+    log = (tmp_path / f"slurm-{job_id}.out").read_text()
+    assert "requeueing job" in log and "restart 1" in log and job_restarts(job_id) == 1
+    assert summary["step"] == 150 and summary["resumed_from_step"] >= 20 and summary["world_size"] == 2

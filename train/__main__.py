@@ -1,0 +1,40 @@
+"""`python -m train --recipe NAME [key=value ...]` (or `--config run.yaml`): one rank of a run.
+
+For launchers other than submitit (slurm/train.sbatch, torchrun): the rank comes from RANK,
+WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT. Exit code 3 (REQUEUE_EXIT)
+means "stopped by the requeue signal after a checkpoint: requeue me"; the sbatch script does.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from launch.overrides import apply_overrides
+from launch.recipes import DEFAULT_RECIPE, get_recipe
+from train.config import load_yaml
+
+REQUEUE_EXIT = 3
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train", description=__doc__.split("\n")[0])
+    p.add_argument("--recipe", default=DEFAULT_RECIPE)
+    p.add_argument("--config", default=None, help="a config.yaml (e.g. a run dir's) instead of a recipe")
+    p.add_argument("--requeue-signal", default="SIGUSR2", help="the signal that means 'save and requeue'")
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    base = load_yaml(args.config) if args.config else get_recipe(args.recipe)
+    cfg = apply_overrides(base, args.overrides).validate()
+    from data.convert.mnist import ensure_prepared
+    from train.main import run
+
+    ensure_prepared(cfg.data)  # a no-op unless data.prepare names a data set shipped in a package
+    summary = run(cfg)
+    if summary["stop_signal"] == args.requeue_signal:
+        print(f"stopped by {args.requeue_signal} at step {summary['step']} after a checkpoint: requeue", flush=True)
+        return REQUEUE_EXIT
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
