@@ -4,6 +4,8 @@ A save is collective. It is written into `.tmp-step-N/` and renamed only once ev
 disk, and `latest` moves after the rename, so a run killed mid-save resumes from the previous
 checkpoint. Contents of `step-N/`:
   engine/...            DeepSpeed engine state (backbone, its optimizer, lr schedule)
+  engine_universal/     the same, unpartitioned: written on the first resume at another world size
+                        (train/elastic.py)
   head/classes-A-B.pt   rows [A, B) of the proxy table with their optimizer moments (keyed by class
                         range, not by rank, so a different world size can re-slice them)
   head/replicated.pt    replicated head parameters (CHEST's shared FC) with their moments
@@ -28,8 +30,7 @@ import torch
 from model.proxies import ShardedHead
 from train.config import RunConfig, save_yaml
 from train.dist import DistEnv, barrier
-
-ENGINE_TAG = "engine"
+from train.elastic import ENGINE_TAG, load_universal
 
 
 @dataclasses.dataclass
@@ -129,12 +130,18 @@ def save_checkpoint(cfg: RunConfig, env: DistEnv, state: TrainState, engine: Any
 
 def load_checkpoint(path: str, env: DistEnv, engine: Any, head: ShardedHead, head_optimizer: torch.optim.Optimizer,
                     head_scheduler: Any) -> TrainState:
-    """Restore engine, this rank's head slice (re-sliced from whatever ranges were saved) and counters."""
+    """Restore engine, this rank's head slice (re-sliced from whatever ranges were saved) and counters.
+
+    At another world size the engine comes from the universal conversion (train/elastic.py) and
+    the RNG states are not restored (the ranks' streams are re-split anyway)."""
     meta = read_meta(path)
-    load_path, _ = engine.load_checkpoint(path, tag=ENGINE_TAG, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
-    if load_path is None:
-        raise RuntimeError(f"DeepSpeed found no engine state under {path}/{ENGINE_TAG}")
+    if meta["world_size"] != env.world_size:  # converted by train.main.build_and_resume beforehand
+        load_universal(engine, path)
+    else:
+        load_path, _ = engine.load_checkpoint(path, tag=ENGINE_TAG, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed found no engine state under {path}/{ENGINE_TAG}")
     _load_head(path, head, head_optimizer, head_scheduler)
     rng_file = os.path.join(path, "rng", f"rank-{env.rank}-of-{env.world_size}.pt")
     if meta["world_size"] == env.world_size and os.path.exists(rng_file):

@@ -17,8 +17,12 @@ from train.config import OptimConfig, ZeroConfig
 from train.schedule import lr_factor
 
 
-def deepspeed_config(optim: OptimConfig, zero: ZeroConfig, micro_batch: int) -> dict[str, Any]:
-    """The DeepSpeed JSON config generated from our typed config (no hand-written JSON files)."""
+def deepspeed_config(optim: OptimConfig, zero: ZeroConfig, micro_batch: int,
+                     load_universal: bool = False) -> dict[str, Any]:
+    """The DeepSpeed JSON config generated from our typed config (no hand-written JSON files).
+
+    `load_universal`: the engine will load a universal checkpoint (a resume at another world size).
+    """
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": optim.grad_accum_steps,
@@ -28,6 +32,8 @@ def deepspeed_config(optim: OptimConfig, zero: ZeroConfig, micro_batch: int) -> 
     }
     if optim.grad_clip > 0:
         cfg["gradient_clipping"] = optim.grad_clip
+    if load_universal:
+        cfg["checkpoint"] = {"load_universal": True}
     if zero.bf16:
         # fp32 gradient accumulation: bf16 sums over many micro-batches lose low bits
         cfg["bf16"] = {"enabled": True}
@@ -49,7 +55,7 @@ def _schedule(optimizer: torch.optim.Optimizer, optim: OptimConfig, max_steps: i
 
 
 def build_engine(backbone: nn.Module, optim: OptimConfig, zero: ZeroConfig, micro_batch: int,
-                 max_steps: int) -> Any:
+                 max_steps: int, load_universal: bool = False) -> Any:
     """`deepspeed.initialize` over the backbone with a torch AdamW client optimizer.
 
     A client optimizer needs no compiled op, so CPU machines start in seconds.
@@ -64,7 +70,7 @@ def build_engine(backbone: nn.Module, optim: OptimConfig, zero: ZeroConfig, micr
                                   betas=(optim.beta1, optim.beta2))
     scheduler = _schedule(optimizer, optim, max_steps)
     engine, _, _, _ = deepspeed.initialize(model=backbone, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(optim, zero, micro_batch))
+                                           config=deepspeed_config(optim, zero, micro_batch, load_universal))
     return engine
 
 

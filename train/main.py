@@ -24,7 +24,8 @@ from model.task import MetricLearningTask, build_head
 from train import checkpoint as ckpt
 from train.config import RunConfig, save_yaml
 from train.control import RunControl
-from train.dist import barrier, destroy_distributed, env_from_environ, init_distributed
+from train.dist import DistEnv, barrier, destroy_distributed, env_from_environ, init_distributed
+from train.elastic import convert_to_universal
 from train.engine import build_engine, build_head_optimizer
 from train.evaluate import evaluate as evaluate_heldout
 from train.export import export
@@ -37,6 +38,39 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def build_and_resume(cfg: RunConfig, env: DistEnv, device: torch.device, resume_from: str | None
+                     ) -> tuple[Trainer, ckpt.TrainState]:
+    """Model, engine, head and optimizers, restored from `resume_from` when given (collective).
+
+    A checkpoint from another world size is first converted to a universal one (rank 0), and the
+    engine is built to load it (train/elastic.py); the head is re-sliced by class range.
+    """
+    universal = bool(resume_from) and ckpt.read_meta(str(resume_from))["world_size"] != env.world_size
+    if universal:
+        if env.is_main:
+            seconds = convert_to_universal(str(resume_from))
+            print(f"checkpoint {resume_from} was written by {ckpt.read_meta(str(resume_from))['world_size']} "
+                  f"ranks, resuming at {env.world_size}: universal checkpoint ready ({seconds:.1f} s)", flush=True)
+        barrier()
+    input_dtype = torch.bfloat16 if cfg.zero.bf16 else torch.float32
+    engine = build_engine(build_backbone(cfg.model), cfg.optim, cfg.zero, cfg.data.batch_size, cfg.max_steps,
+                          load_universal=universal)
+    head = build_head(cfg.loss, cfg.data.num_classes, cfg.model.embed_dim, env.rank, env.world_size,
+                      embedding_grad_scale=float(env.world_size)).to(device)
+    head_opt, head_sched = build_head_optimizer(head, cfg.optim, cfg.max_steps)
+    trainer = Trainer(engine, MetricLearningTask(engine, head), head_opt, head_sched, device, input_dtype)
+    state = ckpt.TrainState()
+    if resume_from:
+        state = ckpt.load_checkpoint(resume_from, env, engine, head, head_opt, head_sched)
+        if env.is_main:
+            print(f"resumed from {resume_from} at step {state.step}", flush=True)
+            changed = ckpt.stream_changes(resume_from, cfg, env.world_size)
+            if changed:
+                print(f"warning: data stream settings changed since the checkpoint ({'; '.join(changed)}): "
+                      "the stream continues deterministically but not batch for batch", flush=True)
+    return trainer, state
 
 
 def run(cfg: RunConfig, stop_at_step: int | None = None) -> dict[str, Any]:
@@ -68,23 +102,9 @@ def run(cfg: RunConfig, stop_at_step: int | None = None) -> dict[str, Any]:
             print(f"config of run {cfg.name}:\n{json.dumps(cfg.to_dict(), indent=1)}", flush=True)
         barrier()
 
-        input_dtype = torch.bfloat16 if cfg.zero.bf16 else torch.float32
-        engine = build_engine(build_backbone(cfg.model), cfg.optim, cfg.zero, cfg.data.batch_size, cfg.max_steps)
-        head = build_head(cfg.loss, cfg.data.num_classes, cfg.model.embed_dim, env.rank, env.world_size,
-                          embedding_grad_scale=float(env.world_size)).to(device)
-        head_opt, head_sched = build_head_optimizer(head, cfg.optim, cfg.max_steps)
-        task = MetricLearningTask(engine, head)
-        trainer = Trainer(engine, task, head_opt, head_sched, device, input_dtype)
-
-        state = ckpt.TrainState()
-        if resume_from:
-            state = ckpt.load_checkpoint(resume_from, env, engine, head, head_opt, head_sched)
-            if env.is_main:
-                print(f"resumed from {resume_from} at step {state.step}", flush=True)
-                changed = ckpt.stream_changes(resume_from, cfg, env.world_size)
-                if changed:
-                    print(f"warning: data stream settings changed since the checkpoint ({'; '.join(changed)}): "
-                          "the stream continues deterministically but not batch for batch", flush=True)
+        trainer, state = build_and_resume(cfg, env, device, resume_from)
+        engine, task, head = trainer.engine, trainer.task, trainer.task.head
+        head_opt, head_sched, input_dtype = trainer.head_optimizer, trainer.head_scheduler, trainer.input_dtype
         global_batch = cfg.data.batch_size * env.world_size * cfg.optim.grad_accum_steps
         batches = build_train_loader(cfg.data, env.rank, env.world_size,
                                      start_batch=state.step * cfg.optim.grad_accum_steps)

@@ -1,0 +1,61 @@
+"""Resume at another world size: a checkpoint written by 4 ranks resumed by 2 (and 2 -> 4) holds the
+same head table, and the first step's loss on a fixed global batch matches continuing at the old
+size within 1e-5 (fp32, CPU); a run then trains on from there. The engine goes through DeepSpeed's
+universal checkpoint (train/elastic.py), the head is re-sliced by class range."""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from launch.__main__ import build_config
+from tests.test_train import small_overrides
+from train.checkpoint import find_latest
+
+FIXED_BATCH = 32  # global; split contiguously over the ranks, so every world size sees the same rows
+
+
+def _train(overrides: list[str], stop_at_step: int | None) -> dict:
+    from train.main import run
+
+    return run(build_config("mnist_distarc", overrides), stop_at_step=stop_at_step)
+
+
+def _resume_and_measure(overrides: list[str]) -> dict:
+    """Resume the run's latest checkpoint at this pool's world size; return the loss of one fixed
+    global batch (eval mode: BatchNorm uses the restored statistics; no update) and the whole table."""
+    from data.stream import build_eval_loader
+    from train.dist import all_gather_variable, env_from_environ
+    from train.main import build_and_resume
+
+    cfg = build_config("mnist_distarc", overrides)
+    env = env_from_environ()
+    trainer, state = build_and_resume(cfg, env, torch.device("cpu"), find_latest(cfg.run_dir))
+    images, labels = next(iter(build_eval_loader(cfg.data, 0, 1)))
+    per_rank = FIXED_BATCH // env.world_size
+    rows = slice(env.rank * per_rank, (env.rank + 1) * per_rank)
+    trainer.engine.eval()
+    with torch.no_grad():
+        loss = float(trainer.task(images[rows], labels[rows], step=state.step)["loss"])
+    table = next(iter(trainer.task.head.sharded_parameters().values())).detach()
+    return {"step": state.step, "loss": loss, "table": all_gather_variable(table),
+            "lr": trainer.engine.optimizer.param_groups[0]["lr"]}
+
+
+@pytest.mark.parametrize("old, new", [(4, 2), (2, 4)])
+def test_resume_at_another_world_size(dist_pool, mnist_root: str, tmp_path, old: int, new: int) -> None:
+    args = small_overrides(mnist_root, str(tmp_path), f"w{old}", 14) + ["data.num_workers=0"]
+    dist_pool(old).run(_train, args, 10)  # a job at the old size, stopped after its step-10 save
+    same = dist_pool(old).run(_resume_and_measure, args)
+    other = dist_pool(new).run(_resume_and_measure, args)
+    assert same[0]["step"] == other[0]["step"] == 10
+    assert os.path.isdir(tmp_path / f"w{old}" / "checkpoints" / "step-10" / "engine_universal")
+    assert torch.equal(same[0]["table"], other[0]["table"]) and same[0]["table"].shape[0] == 10
+    assert other[0]["lr"] == same[0]["lr"]  # the schedule's position came back too
+    assert abs(other[0]["loss"] - same[0]["loss"]) <= 1e-5, (same[0]["loss"], other[0]["loss"])
+    assert len({round(r["loss"], 6) for r in other}) == 1  # a global loss: every rank agrees
+    summary = dist_pool(new).run(_train, args, None)[0]  # and training goes on at the new size
+    assert summary["resumed_from_step"] == 10 and summary["step"] == 14 and summary["world_size"] == new
+    assert math.isfinite(summary["last_train_loss"])

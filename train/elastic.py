@@ -1,0 +1,100 @@
+"""Resume a DeepSpeed engine checkpoint at a different world size (DeepSpeed universal checkpoints).
+
+A ZeRO checkpoint is partitioned by data-parallel rank and refuses another world size. For a
+resume at W2 != W1 the step folder's `engine/` is converted once, by rank 0, into
+`engine_universal/` (full, unpartitioned fp32 weights, Adam moments and step per parameter) with
+DeepSpeed's own converter (`deepspeed.checkpoint.ds_to_universal`), and every rank loads it into
+an engine built with `"checkpoint": {"load_universal": true}` (infra-lessons 0.4, 2.3). The head
+is re-sliced by class range separately (train/checkpoint.py).
+
+Three gaps of DeepSpeed 0.19.8's universal load are closed here (each measured: weights, moments,
+steps, param groups and buffers come back bit-identical for ZeRO-1/2/3, W 4->2, 2->4, 2->1, 4->3):
+  - module buffers (BatchNorm statistics) are not restored: copied back from the model states;
+  - ZeRO-3 copies param group 0's hyper-parameters into every group (the no-decay group would get
+    weight decay): each group's saved values are put back;
+  - ZeRO-3 shares one AdamW `step` tensor between groups, which then advances twice per step:
+    each group gets its own copy.
+Non-Megatron clients lack `universal_checkpoint_info`; the converter injects it
+(`inject_missing_state`).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import shutil
+import time
+from typing import Any
+
+import torch
+
+ENGINE_TAG = "engine"
+UNIVERSAL_TAG = "engine_universal"
+
+
+def convert_to_universal(step_dir: str) -> float:
+    """Write `step_dir/engine_universal` from `step_dir/engine` (one process only); returns seconds.
+
+    Kept when already complete; written to a temporary sibling and renamed, so a conversion
+    killed half-way is simply redone.
+    """
+    from deepspeed.checkpoint import ds_to_universal
+
+    dst = os.path.join(step_dir, UNIVERSAL_TAG)
+    if os.path.exists(os.path.join(dst, "zero", "optimizer_state.pt")):
+        return 0.0
+    tmp = os.path.join(step_dir, f".tmp-{UNIVERSAL_TAG}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = argparse.Namespace(input_folder=os.path.join(step_dir, ENGINE_TAG), output_folder=tmp,
+                              num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              inject_missing_state=True)
+    t0 = time.time()
+    ds_to_universal.main(args)
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
+    return time.time() - t0
+
+
+def load_universal(engine: Any, step_dir: str) -> None:
+    """Every rank: restore `step_dir/engine_universal` into an engine built with load_universal=True."""
+    if not engine.load_universal_checkpoint():
+        raise RuntimeError('the engine must be built with config["checkpoint"] = {"load_universal": True}')
+    path, _ = engine.load_checkpoint(step_dir, tag=UNIVERSAL_TAG, load_optimizer_states=True,
+                                     load_lr_scheduler_states=True)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed found no universal checkpoint under {step_dir}/{UNIVERSAL_TAG}")
+    folder = os.path.join(step_dir, UNIVERSAL_TAG)
+    _restore_buffers(engine, folder)
+    _restore_param_group_hparams(engine, folder)
+    _unalias_adam_steps(engine)
+
+
+def _restore_buffers(engine: Any, folder: str) -> None:
+    files = sorted(glob.glob(os.path.join(folder, "*model_states.pt")))
+    if not files:
+        raise FileNotFoundError(f"no *model_states.pt under {folder}")
+    saved = torch.load(files[0], map_location="cpu", weights_only=False)["module"]  # buffers are replicated
+    with torch.no_grad():
+        for name, buf in engine.module.named_buffers():
+            if name in saved:
+                buf.copy_(saved[name].to(device=buf.device, dtype=buf.dtype))
+
+
+def _restore_param_group_hparams(engine: Any, folder: str) -> None:
+    saved = torch.load(os.path.join(folder, "zero", "optimizer_state.pt"), map_location="cpu",
+                       weights_only=False)["param_groups"]
+    groups = engine.optimizer.optimizer.param_groups  # the client AdamW inside the ZeRO wrapper
+    if len(saved) != len(groups):
+        raise RuntimeError(f"{folder} holds {len(saved)} optimizer param groups, the engine has {len(groups)}")
+    for group, values in zip(groups, saved):
+        group.update({k: v for k, v in values.items() if k != "params"})
+
+
+def _unalias_adam_steps(engine: Any) -> None:
+    seen: set[int] = set()
+    for state in engine.optimizer.optimizer.state.values():
+        step = state.get("step")
+        if torch.is_tensor(step):
+            if id(step) in seen:
+                state["step"] = step.clone()
+            seen.add(id(state["step"]))
