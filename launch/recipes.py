@@ -51,6 +51,20 @@ def mnist_chest() -> RunConfig:
         metrics=dataclasses.replace(cfg.metrics, retrieval=True, recall_ks="1,2,4"))
 
 
+def mnist_arcface() -> RunConfig:
+    """Baseline: ArcFace (DistArc with lambda = mu = 0: angular margin only) on the digits, same schedule."""
+    cfg = mnist_distarc()
+    return dataclasses.replace(cfg, name="mnist_arcface",
+                               loss=LossConfig(name="arcface", scale=16.0, margin=0.5, margin_warmup_steps=100))
+
+
+def mnist_softtriple() -> RunConfig:
+    """Baseline: SoftTriple (K=2 cosine proxies; the SoftTriple paper's gamma 0.1, lambda 20, delta 0.01, tau 0.2)."""
+    cfg = mnist_chest()
+    return dataclasses.replace(cfg, name="mnist_softtriple", loss=LossConfig(name="softtriple", chest=ChestConfig(
+        proxies_per_class=2, gamma_e=0.1, lambda_e=20.0, delta_e=0.01, tau=0.2)))
+
+
 def vits_cub_chest_1gpu() -> RunConfig:
     """The paper's CUB-200 setting (Table 1): ViT-S/16, batch 200, 120 steps, K=10, (delta_H, delta_E) = (20, 1).
 
@@ -91,7 +105,8 @@ def vitl_imagenet_8gpu() -> RunConfig:
 
 
 RECIPES: dict[str, Callable[[], RunConfig]] = {
-    fn.__name__: fn for fn in (mnist_distarc, mnist_distarc_vit, mnist_chest, vits_cub_chest_1gpu, vitl_imagenet_8gpu)
+    fn.__name__: fn for fn in (mnist_distarc, mnist_distarc_vit, mnist_chest, mnist_arcface, mnist_softtriple,
+                               vits_cub_chest_1gpu, vitl_imagenet_8gpu)
 }
 DEFAULT_RECIPE = "mnist_distarc"
 

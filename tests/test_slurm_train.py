@@ -72,19 +72,19 @@ def _submit(cfg) -> object:
 
 def test_usr2_saves_requeues_and_resumes_losing_nothing(slurm_env, mnist_root: str, tmp_path: Path,
                                                        capsys) -> None:
-    cfg = build_config("mnist_distarc", slurm_overrides(mnist_root, tmp_path, "usr2", 150, "checkpoint.keep_last=20"))
+    cfg = build_config("mnist_distarc", slurm_overrides(mnist_root, tmp_path, "usr2", 60, "checkpoint.keep_last=20"))
     job = _submit(cfg)
     run_dir = Path(cfg.run_dir)
     wait_for_file(run_dir / "checkpoints" / "step-20", timeout=180)
     t_signal = time.time()
     subprocess.run(["scancel", "--signal=USR2", str(job.job_id)], check=True)
     results = _wait_done(job)
-    assert [r["step"] for r in results] == [150, 150] and job_restarts(str(job.job_id)) == 1
+    assert [r["step"] for r in results] == [60, 60] and job_restarts(str(job.job_id)) == 1
     logs = _logs(run_dir)
     assert logs.count("received SIGUSR2") >= 2  # every rank recorded it
     stopped_at = int(logs.split("rank 0: stopped by SIGUSR2 at step ")[1].split()[0])
     resumed = results[0]["resumed_from_step"]
-    assert resumed == stopped_at and 20 <= resumed < 150 and (run_dir / "checkpoints" / f"step-{resumed}").exists()
+    assert resumed == stopped_at and 20 <= resumed < 60 and (run_dir / "checkpoints" / f"step-{resumed}").exists()
     with capsys.disabled():
         print(f"\n[USR2] signal at step >= 20 -> saved at step {stopped_at}, resumed at {resumed} (0 steps lost); "
               f"signal -> requeued job's first step {results[0]['first_step_at'] - t_signal:.1f} s")
@@ -92,14 +92,14 @@ def test_usr2_saves_requeues_and_resumes_losing_nothing(slurm_env, mnist_root: s
 
 def test_scontrol_requeue_resumes_from_the_latest_checkpoint(slurm_env, mnist_root: str, tmp_path: Path,
                                                             capsys) -> None:
-    cfg = build_config("mnist_distarc", slurm_overrides(mnist_root, tmp_path, "requeue", 150, "checkpoint.keep_last=20"))
+    cfg = build_config("mnist_distarc", slurm_overrides(mnist_root, tmp_path, "requeue", 60, "checkpoint.keep_last=20"))
     job = _submit(cfg)
     run_dir = Path(cfg.run_dir)
     wait_for_file(run_dir / "checkpoints" / "step-20", timeout=180)
     t_requeue = time.time()
     subprocess.run(["scontrol", "requeue", str(job.job_id)], check=True)
     results = _wait_done(job)
-    assert [r["step"] for r in results] == [150, 150] and job_restarts(str(job.job_id)) == 1
+    assert [r["step"] for r in results] == [60, 60] and job_restarts(str(job.job_id)) == 1
     resumed = results[0]["resumed_from_step"]
     assert resumed >= 20 and (run_dir / "checkpoints" / f"step-{resumed}").exists()
     with capsys.disabled():
@@ -110,7 +110,7 @@ def test_scontrol_requeue_resumes_from_the_latest_checkpoint(slurm_env, mnist_ro
 def test_sweep_is_one_job_array_with_a_summary(slurm_env, mnist_root: str, tmp_path: Path, capsys) -> None:
     args = slurm_overrides(mnist_root, tmp_path, "ignored", 20)
     t0 = time.time()
-    assert main(["--slurm", "--sweep", "recipe=mnist_distarc,mnist_chest", "--sweep", "seed=0,1",
+    assert main(["--slurm", "--sweep", "recipe=mnist_distarc,mnist_chest,mnist_arcface,mnist_softtriple",
                  "--sweep-name", "grid", *args]) == 0
     out = capsys.readouterr().out
     sweep = tmp_path / "grid"
@@ -119,10 +119,10 @@ def test_sweep_is_one_job_array_with_a_summary(slurm_env, mnist_root: str, tmp_p
     table = (sweep / "sweep_summary.md").read_text().splitlines()
     assert len(table) == 6 and table[0].startswith("| point | step |")
     rows = {line.split(" | ")[0][2:]: line for line in table[2:]}
-    assert set(rows) == {f"recipe={r}_seed={s}" for r in ("mnist_distarc", "mnist_chest") for s in (0, 1)}
+    assert set(rows) == {f"recipe={r}" for r in ("mnist_distarc", "mnist_chest", "mnist_arcface", "mnist_softtriple")}
     assert all(" | 20 | " in line for line in rows.values())
-    assert _summary(sweep / "recipe=mnist_chest_seed=1")["step"] == 20
-    assert (sweep / "recipe=mnist_chest_seed=1" / "tb").is_dir()
+    assert _summary(sweep / "recipe=mnist_softtriple")["step"] == 20
+    assert (sweep / "recipe=mnist_softtriple" / "tb").is_dir()
     with capsys.disabled():
         print(f"\n[array of 4] {time.time() - t0:.1f} s")
 
@@ -142,7 +142,7 @@ def _task_pid(job_id: str, rank: int) -> int:
 
 def test_kill_of_one_rank_fails_cleanly_and_resubmission_resumes(slurm_env, mnist_root: str, tmp_path: Path,
                                                                   capsys) -> None:
-    args = slurm_overrides(mnist_root, tmp_path, "killed", 150)
+    args = slurm_overrides(mnist_root, tmp_path, "killed", 60)
     cfg = build_config("mnist_distarc", args)
     job = _submit(cfg)
     run_dir = Path(cfg.run_dir)
@@ -154,11 +154,11 @@ def test_kill_of_one_rank_fails_cleanly_and_resubmission_resumes(slurm_env, mnis
         job.results()  # rank 0 reports the lost peer instead of hanging
     assert main(["--slurm", *args]) == 0  # the same command again
     summary = _summary(run_dir)
-    assert summary["resumed_from_step"] >= 20 and summary["step"] == 150
+    assert summary["resumed_from_step"] >= 20 and summary["step"] == 60
 
 
 def test_plain_sbatch_script_trains_and_requeues_on_usr2(slurm_env, mnist_root: str, tmp_path: Path) -> None:
-    args = slurm_overrides(mnist_root, tmp_path, "sbatch", 150, "checkpoint.keep_last=20")
+    args = slurm_overrides(mnist_root, tmp_path, "sbatch", 60, "checkpoint.keep_last=20")
     out = subprocess.run(["sbatch", "--parsable", f"--chdir={REPO}", f"--output={tmp_path}/slurm-%j.out",
                           "--time=20", str(REPO / "slurm" / "train.sbatch"), *args],
                          capture_output=True, text=True, check=True, env={**os.environ, "PYTHON": os.sys.executable})
@@ -170,4 +170,4 @@ def test_plain_sbatch_script_trains_and_requeues_on_usr2(slurm_env, mnist_root: 
     summary = _summary(run_dir)
     log = (tmp_path / f"slurm-{job_id}.out").read_text()
     assert "requeueing job" in log and "restart 1" in log and job_restarts(job_id) == 1
-    assert summary["step"] == 150 and summary["resumed_from_step"] >= 20 and summary["world_size"] == 2
+    assert summary["step"] == 60 and summary["resumed_from_step"] >= 20 and summary["world_size"] == 2
