@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     if summary["stop_signal"]:
         print(f"stopped by {summary['stop_signal']} at step {summary['step']} after a checkpoint; run the same "
               "command again to continue")
-    elif "acc_measure" in summary:
+    elif "acc_measure" in summary and cfg.loss.name == "distarc":  # the measure needs DistArc's radii
         print(f"held-out accuracy: {summary['acc_measure']:.4f} (predictive measure), "
               f"{summary['acc_cosine']:.4f} (cosine), on {int(summary['num_samples'])} images")
     else:
