@@ -1,18 +1,8 @@
 """Drive the local Slurm test cluster (slurm/cluster/start.sh, stop.sh) from pytest.
 
-A session-scoped fixture starts the cluster once and stops it at the end::
-
-    @pytest.fixture(scope="session")
-    def slurm_env() -> Iterator[dict[str, str]]:
-        if not slurm_available():
-            pytest.skip("no local Slurm cluster here")
-        env = local_cluster()                     # SLURM_CONF, PATH
-        env["PYTHONPATH"] = job_pythonpath()      # the job imports tests.* from the repo
-        with pytest.MonkeyPatch.context() as mp:
-            for key, value in env.items():
-                mp.setenv(key, value)
-            yield env
-        stop_cluster()                            # only if this process started it
+The session fixture `slurm_env` (tests/conftest.py) starts the cluster once with
+`local_cluster()`, puts its SLURM_CONF/PATH/PYTHONPATH into os.environ, and calls `stop_cluster()`
+at the end (which stops only a cluster this process started).
 
 Jobs inherit the submitting process's environment (sbatch --export=ALL), so setting these in
 `os.environ` is all submitit needs. The cluster's state lives in `<repo>/.slurm-local`, or in

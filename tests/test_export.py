@@ -50,7 +50,7 @@ def test_export_loads_in_timm_and_holds_the_whole_table(dist_pool, mnist_root: s
             reference.load_state_dict(module)
             assert torch.equal(model(images), reference.trunk(images))
     # (ZeRO-3 saves only placeholders there; its consolidation is DeepSpeed's zero_to_fp32, checked here
-    # through the loaded model differing from the initial one and the 1e-5 resume tests)
+    # only through timm loading it and the model differing from the initial one)
     assert export(run_dir, out_dir=str(tmp_path / "again")) == str(tmp_path / "again")
     head = torch.load(os.path.join(out, "head.pt"))
     assert head["proxies"].shape[0] == 10 and "fc.weight" in head  # CHEST: [C, K, D] proxies + the shared FC

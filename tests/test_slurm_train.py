@@ -66,16 +66,18 @@ def test_launcher_trains_on_the_cluster(slurm_env, mnist_root: str, tmp_path: Pa
               f"total {time.time() - t0:.1f} s")
 
 
-def _submit(cfg) -> object:
-    return make_executor(cfg.slurm, cfg.run_dir, use_slurm=True).submit(TrainJob(cfg))
+def _submit_and_wait_for_step_20(cfg) -> object:
+    """Submit a training job and return once its step-20 checkpoint exists (training is under way)."""
+    job = make_executor(cfg.slurm, cfg.run_dir, use_slurm=True).submit(TrainJob(cfg))
+    wait_for_file(Path(cfg.run_dir) / "checkpoints" / "step-20", timeout=180)
+    return job
 
 
 def test_usr2_saves_requeues_and_resumes_losing_nothing(slurm_env, mnist_root: str, tmp_path: Path,
                                                        capsys) -> None:
     cfg = build_config("mnist_distarc", slurm_overrides(mnist_root, tmp_path, "usr2", 60, "checkpoint.keep_last=20"))
-    job = _submit(cfg)
+    job = _submit_and_wait_for_step_20(cfg)
     run_dir = Path(cfg.run_dir)
-    wait_for_file(run_dir / "checkpoints" / "step-20", timeout=180)
     t_signal = time.time()
     subprocess.run(["scancel", "--signal=USR2", str(job.job_id)], check=True)
     results = _wait_done(job)
@@ -93,9 +95,8 @@ def test_usr2_saves_requeues_and_resumes_losing_nothing(slurm_env, mnist_root: s
 def test_scontrol_requeue_resumes_from_the_latest_checkpoint(slurm_env, mnist_root: str, tmp_path: Path,
                                                             capsys) -> None:
     cfg = build_config("mnist_distarc", slurm_overrides(mnist_root, tmp_path, "requeue", 60, "checkpoint.keep_last=20"))
-    job = _submit(cfg)
+    job = _submit_and_wait_for_step_20(cfg)
     run_dir = Path(cfg.run_dir)
-    wait_for_file(run_dir / "checkpoints" / "step-20", timeout=180)
     t_requeue = time.time()
     subprocess.run(["scontrol", "requeue", str(job.job_id)], check=True)
     results = _wait_done(job)
@@ -144,9 +145,8 @@ def test_kill_of_one_rank_fails_cleanly_and_resubmission_resumes(slurm_env, mnis
                                                                   capsys) -> None:
     args = slurm_overrides(mnist_root, tmp_path, "killed", 60)
     cfg = build_config("mnist_distarc", args)
-    job = _submit(cfg)
+    job = _submit_and_wait_for_step_20(cfg)
     run_dir = Path(cfg.run_dir)
-    wait_for_file(run_dir / "checkpoints" / "step-20", timeout=180)
     os.kill(_task_pid(str(job.job_id), 1), signal.SIGKILL)
     state = wait_for_state(str(job.job_id), {"FAILED", "CANCELLED", "COMPLETED"}, timeout=120)
     assert state == "FAILED"

@@ -183,6 +183,15 @@ def _restore(param: torch.nn.Parameter, opt: torch.optim.Optimizer, value: torch
         opt.state[param] = {"step": torch.tensor(step), **{k: v.to(param.device) for k, v in moments.items()}}
 
 
+def head_shard_files(path: str) -> list[tuple[int, int, str]]:
+    """(first class, end class, file) of every head shard of checkpoint `path`, in class order."""
+    found = []
+    for file in glob.glob(os.path.join(path, "head", "classes-*.pt")):
+        start, stop = (int(v) for v in re.findall(r"(\d+)", os.path.basename(file))[:2])
+        found.append((start, stop, file))
+    return sorted(found)
+
+
 def _load_head(path: str, head: ShardedHead, opt: torch.optim.Optimizer, sched: Any) -> None:
     """Copy rows [class_start, class_start + num_local) out of whichever saved ranges overlap them."""
     lo, hi = head.class_start, head.class_start + head.num_local
@@ -190,8 +199,7 @@ def _load_head(path: str, head: ShardedHead, opt: torch.optim.Optimizer, sched: 
     values = {n: torch.empty_like(p.data, device="cpu") for n, p in targets.items()}
     moments = {n: {k: torch.zeros_like(values[n]) for k in MOMENTS} for n in targets}
     covered, opt_step, sched_state = 0, 0.0, None
-    for file in sorted(glob.glob(os.path.join(path, "head", "classes-*.pt"))):
-        a, b = (int(v) for v in re.findall(r"(\d+)", os.path.basename(file))[:2])
+    for a, b, file in head_shard_files(path):
         if b <= lo or a >= hi:
             continue
         part = torch.load(file, weights_only=False)
@@ -216,8 +224,7 @@ def _load_head(path: str, head: ShardedHead, opt: torch.optim.Optimizer, sched: 
             st = saved_repl[name]
             _restore(param, opt, st["value"], {k: st[k] for k in MOMENTS if st[k] is not None}, st["step"])
     if sched_state is None:  # a rank with no classes (C < P) still needs the schedule's position
-        sched_state = torch.load(sorted(glob.glob(os.path.join(path, "head", "classes-*.pt")))[0],
-                                 weights_only=False)["scheduler"]
+        sched_state = torch.load(head_shard_files(path)[0][2], weights_only=False)["scheduler"]
     sched.load_state_dict(sched_state)
     # load_state_dict restores the schedule's position but not the lr already in the optimizer
     for group, lr in zip(opt.param_groups, sched.get_last_lr()):

@@ -13,10 +13,8 @@ one process: no GPU or process group needed.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
-import re
 import sys
 from typing import Any
 
@@ -40,11 +38,8 @@ def consolidated_backbone(step_dir: str, stage: int) -> dict[str, torch.Tensor]:
 
 def full_head_tables(step_dir: str) -> dict[str, torch.Tensor]:
     """Every sharded head parameter with all classes' rows, and the replicated parameters."""
-    parts = []
-    for file in glob.glob(os.path.join(step_dir, "head", "classes-*.pt")):
-        start, stop = (int(v) for v in re.findall(r"(\d+)", os.path.basename(file))[:2])
-        parts.append((start, stop, torch.load(file, map_location="cpu", weights_only=False)["params"]))
-    parts.sort(key=lambda p: p[0])
+    parts = [(start, stop, torch.load(file, map_location="cpu", weights_only=False)["params"])
+             for start, stop, file in ckpt.head_shard_files(step_dir)]
     expected = 0
     for start, stop, _ in parts:
         if start != expected:

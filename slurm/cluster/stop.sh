@@ -22,15 +22,8 @@ if [ ! -d "$SLURM_DIR" ]; then log "no $SLURM_DIR: nothing to stop"; exit 0; fi
 SLURM_DIR=$(cd "$SLURM_DIR" && pwd)
 export SLURM_CONF="$SLURM_DIR/slurm.conf"
 
-# alive PID NAME: PID is running and is the program NAME (guards against recycled pids). A zombie
-# counts as gone: in containers whose pid 1 reaps late, an exited daemon stays one for ~2 s.
-alive() {
-  local comm st
-  [ -n "${1:-}" ] || return 1
-  { read -r comm < "/proc/$1/comm" && read -r st < "/proc/$1/stat"; } 2>/dev/null || return 1
-  st=${st##*) }
-  [ "$comm" = "$2" ] && [ -n "$st" ] && [ "${st:0:1}" != Z ]
-}
+# shellcheck source=slurm/cluster/lib.sh
+source "$HERE/lib.sh"  # alive PID NAME
 # live_pids FILE NAME: the pids listed in FILE that are still NAME
 live_pids() { local p; for p in $(cat "$1" 2>/dev/null); do alive "$p" "$2" && echo "$p"; done; return 0; }
 
