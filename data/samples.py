@@ -13,14 +13,19 @@ data.stream deterministic. Pixels are decoded later, in data.stream.
 from __future__ import annotations
 
 import random
+import re
+import tarfile
 import warnings
 from collections.abc import Iterable, Iterator
 from typing import Callable, NamedTuple
 
 from webdataset import tariterators
 
+from data.tars import tar_members
 from data.transforms import check_image_header
 
+# webdataset's metadata members (skipped, as its tar iterator does).
+_META = re.compile(r"__[^/]*__($|/)")
 # Accepted image fields, in order of preference.
 IMAGE_FIELDS: tuple[str, ...] = ("png", "jpg", "jpeg")
 
@@ -107,9 +112,12 @@ def check_sample(sample: dict, shard: str, num_classes: int) -> RawSample:
 def read_shard(path: str, counter: BadSampleCounter) -> Iterator[dict]:
     """Yield the raw webdataset samples of one tar file (dicts of bytes).
 
-    Tar-level errors (a truncated archive, a duplicate member) are counted as
-    bad samples and reading goes on with what is left, as webdataset's
-    handlers allow.
+    Members are read by data.tars and grouped into samples by webdataset's
+    own group_by_keys (key = the name up to the first dot of its basename;
+    webdataset's `__*__` metadata members are skipped). A damaged archive (a
+    truncated shard, a bad header) or a duplicate member is counted as a bad
+    sample and reading goes on with what is left, as webdataset's handlers
+    allow; a shard without a single member is counted too.
     """
     errors = 0
 
@@ -121,9 +129,21 @@ def read_shard(path: str, counter: BadSampleCounter) -> Iterator[dict]:
         counter.record(path, f"<tar error {errors}>", f"{type(exc).__name__}: {exc.args[:1]}")
         return True
 
-    with open(path, "rb") as stream:
-        files = tariterators.tar_file_expander([{"url": path, "stream": stream}], handler=handler)
-        yield from tariterators.group_by_keys(files, handler=handler)
+    def members() -> Iterator[dict]:
+        count = 0
+        try:
+            with open(path, "rb") as stream:
+                for name, data in tar_members(stream, path):
+                    count += 1
+                    if not _META.match(name):
+                        yield {"fname": name, "data": data, "__url__": path}
+        except (tarfile.TarError, OSError, ValueError) as exc:
+            handler(exc)
+            return
+        if count == 0:
+            counter.record(path, "<empty shard>", "the shard holds no member; rebuild it")
+
+    yield from tariterators.group_by_keys(members(), handler=handler)
 
 
 def valid_samples(

@@ -1,0 +1,110 @@
+"""Reading tar shards: the (name, bytes) of every regular member, fast.
+
+Python's tarfile parses each 512-byte header in Python (about 25 us a
+member, two or three members a sample: a tenth of a 224 px sample's CPU
+time in a data worker). `tar_members` reads the same POSIX ustar / GNU
+layout with slicing alone: the name (with the ustar prefix, a pax `path` or
+a GNU long name), the size (octal, GNU base-256 or a pax `size`) and the
+type flag, and it checks every header's checksum. Only regular files are
+yielded; directories, links and global pax headers are skipped.
+
+A damaged archive raises tarfile.ReadError naming the shard: a bad header
+checksum, or a member, a header or the end-of-archive blocks cut short (a
+truncated shard; stricter than tarfile, which accepts an archive that ends
+on a block boundary); whatever came before it was already yielded. A shard that does not start with a ustar
+header (a compressed tar, or an older format) is handed to tarfile itself.
+"""
+
+from __future__ import annotations
+
+import struct
+import tarfile
+from collections.abc import Iterator
+from typing import BinaryIO
+
+BLOCK = 512
+_REGULAR = (b"0", b"\0", b"7")  # regular file, old-style regular file, contiguous file
+
+
+def tar_members(stream: BinaryIO, where: str) -> Iterator[tuple[str, bytes]]:
+    """(name, data) of each regular file of the tar `stream`, in archive order; `where` names it in errors."""
+    first = stream.read(BLOCK)
+    if first and _parse_header(first) is None:
+        # Not a plain ustar archive (e.g. gzip-compressed): tarfile detects the rest.
+        stream.seek(0)
+        yield from _tarfile_members(stream)
+        return
+    header, long_name = first, None
+    pax: dict[str, str] = {}
+    while True:
+        if len(header) < BLOCK:
+            if header or first:
+                # tarfile accepts an archive that ends on a block boundary without its end-of-archive
+                # blocks; every writer writes them, so their absence means the shard was cut short.
+                raise tarfile.ReadError(f"{where}: truncated tar (no end-of-archive block; the shard was "
+                                        "cut short)")
+            return  # an empty file
+        if header.count(0) == BLOCK:
+            return  # end-of-archive block
+        fields = _parse_header(header)
+        if fields is None:
+            raise tarfile.ReadError(f"{where}: bad tar header checksum at offset "
+                                    f"{stream.tell() - BLOCK} (damaged shard)")
+        name, size, kind = fields
+        size = int(pax.get("size", size))
+        data = stream.read(size)
+        stream.read(-size % BLOCK)  # padding to the next block
+        if len(data) < size:
+            raise tarfile.ReadError(f"{where}: member {name!r} is cut short (a truncated shard)")
+        if kind == b"x":  # pax extended header: applies to the next member
+            pax = _pax_records(data)
+        elif kind == b"L":  # GNU long name of the next member
+            long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+        else:
+            if kind in _REGULAR:
+                yield pax.get("path") or long_name or name, data
+            long_name, pax = None, {}
+        header = stream.read(BLOCK)
+
+
+def _parse_header(header: bytes) -> tuple[str, int, bytes] | None:
+    """(name, size, type flag) of a ustar/GNU header block; None if its checksum is wrong."""
+    try:
+        checksum = int(header[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        return None
+    unsigned = sum(header) - sum(header[148:156]) + 8 * 32  # the checksum field counts as spaces
+    if checksum != unsigned and checksum != sum(struct.unpack("148b8x356b", header)) + 8 * 32:
+        return None  # neither the unsigned nor the (old, signed) sum, as tarfile accepts
+    name = header[0:100].split(b"\0", 1)[0]
+    if header[257:263] == b"ustar\0":  # POSIX ustar: a name prefix field (GNU headers have none)
+        prefix = header[345:500].split(b"\0", 1)[0]
+        name = prefix + b"/" + name if prefix else name
+    raw_size = header[124:136]
+    if raw_size[0] & 0x80:  # GNU base-256 for sizes of 8 GiB and more
+        size = int.from_bytes(raw_size[1:], "big")
+    else:
+        size = int(raw_size.split(b"\0", 1)[0].strip() or b"0", 8)
+    return name.decode("utf-8", "surrogateescape"), size, header[156:157]
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    """The "LENGTH key=value\\n" records of a pax extended header."""
+    records, pos = {}, 0
+    while pos < len(data):
+        space = data.index(b" ", pos)
+        length = int(data[pos:space])
+        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
+        records[key.decode("utf-8")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return records
+
+
+def _tarfile_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
+    """tar_members through tarfile's own reader (any compression it knows)."""
+    with tarfile.open(fileobj=stream, mode="r|*") as archive:
+        for info in archive:
+            if info.isreg():
+                member = archive.extractfile(info)
+                assert member is not None
+                yield info.name, member.read()

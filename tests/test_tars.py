@@ -1,0 +1,115 @@
+"""data.tars against Python's tarfile, and damaged shards in data.samples.read_shard."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import tarfile
+
+import pytest
+
+from data.samples import BadSampleCounter, read_shard
+from data.tars import tar_members
+
+
+def archive(fmt: int, members: list[tuple[str, bytes]], extras: bool = True) -> bytes:
+    """A tar written by tarfile in `fmt`; with `extras` also a directory and a symlink."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=fmt) as tar:
+        if extras:
+            folder = tarfile.TarInfo("a-folder")
+            folder.type = tarfile.DIRTYPE
+            tar.addfile(folder)
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), 1_700_000_000
+            tar.addfile(info, io.BytesIO(data))
+        if extras:
+            link = tarfile.TarInfo("a-link")
+            link.type, link.linkname = tarfile.SYMTYPE, members[0][0]
+            tar.addfile(link)
+    return out.getvalue()
+
+
+MEMBERS = [
+    ("sample000.jpg", b"\xff\xd8\xff" + bytes(range(256)) * 7),
+    ("sample000.cls", b"3"),
+    ("sample000.json", b"{}"),
+    ("empty.txt", b""),
+    ("exactly-one-block.bin", b"x" * 512),
+    ("dir/" + "d" * 120 + "/sample001.jpg", b"long path" * 50),  # > 100 chars: prefix, GNU 'L' or pax path
+    ("caf\u00e9-\u00fcber.png", b"non-ascii name"),
+    ("n" * 150 + ".cls", b"7"),  # a long basename: no ustar prefix can hold it
+]
+
+
+def reference(data: bytes) -> list[tuple[str, bytes]]:
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isreg()]  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_members_equal_tarfiles_reading(fmt: int) -> None:
+    members = MEMBERS if fmt != tarfile.USTAR_FORMAT else [m for m in MEMBERS if len(m[0]) < 100 or "/" in m[0]]
+    members = [m for m in members if fmt != tarfile.USTAR_FORMAT or m[0].isascii()]
+    data = archive(fmt, members)
+    want = reference(data)
+    assert [name for name, _ in want] == [name for name, _ in members]  # the reference saw them all
+    assert list(tar_members(io.BytesIO(data), "test.tar")) == want
+
+
+def test_webdataset_shards_and_compressed_tars() -> None:
+    import webdataset
+
+    out = io.BytesIO()
+    with webdataset.TarWriter(out) as writer:
+        for i in range(5):
+            writer.write({"__key__": f"k{i:03d}", "jpg": bytes([i]) * (100 * i + 1), "cls": i})
+    data = out.getvalue()
+    assert list(tar_members(io.BytesIO(data), "w.tar")) == reference(data)
+    # Not a plain ustar stream: handed to tarfile, which decompresses.
+    packed = gzip.compress(archive(tarfile.PAX_FORMAT, MEMBERS))
+    assert list(tar_members(io.BytesIO(packed), "z.tar")) == reference(packed)
+
+
+def test_truncated_and_damaged_archives_raise_after_the_good_members() -> None:
+    data = archive(tarfile.PAX_FORMAT, [MEMBERS[1], MEMBERS[0], MEMBERS[2]], extras=False)  # 2nd: 1795 bytes
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        second = tar.getmembers()[1]
+        end = tar.getmembers()[2].offset_data + 512  # the last member's data, padded
+    # inside the 2nd header, inside its data, on its header's boundary (tarfile would accept that
+    # one silently), inside the end-of-archive blocks
+    for cut, kept in ((second.offset + 100, 1), (second.offset_data + 1, 1), (second.offset, 1), (end + 10, 3)):
+        got: list = []
+        with pytest.raises(tarfile.ReadError, match="cut short") as err:
+            got.extend(tar_members(io.BytesIO(data[:cut]), "shard-7.tar"))
+        assert "shard-7.tar" in str(err.value)
+        assert got == reference(data)[:kept], cut
+    damaged = bytearray(data)
+    damaged[second.offset + 3] ^= 0xFF  # inside the second member's header
+    with pytest.raises(tarfile.ReadError, match="checksum"):
+        list(tar_members(io.BytesIO(bytes(damaged)), "shard-8.tar"))
+    assert list(tar_members(io.BytesIO(b""), "empty.tar")) == []
+
+
+@pytest.mark.filterwarnings("ignore:skipping bad sample:RuntimeWarning")
+def test_read_shard_counts_truncated_and_empty_shards(tmp_path) -> None:
+    members = [(f"s{i}.{ext}", b"payload" * 100 if ext == "jpg" else str(i).encode())
+               for i in range(4) for ext in ("jpg", "cls")]
+    data = archive(tarfile.PAX_FORMAT, members, extras=False)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        cut = tar.getmember("s2.jpg").offset_data + 300  # in the middle of the third sample's image
+    truncated = tmp_path / "truncated.tar"
+    truncated.write_bytes(data[:cut])
+    counter = BadSampleCounter(10, "test")
+    samples = list(read_shard(str(truncated), counter))
+    assert counter.count == 1 and next(iter(counter.seen))[1] == "<tar error 1>"
+    # The two whole samples, then what was left of the third: no image (data.samples rejects it)
+    assert samples[:2] == [{"__key__": f"s{i}", "__url__": str(truncated), "jpg": b"payload" * 100,
+                            "cls": str(i).encode()} for i in range(2)]
+    assert len(samples) == 2
+    for name, content in (("zero-bytes.tar", b""), ("no-members.tar", archive(tarfile.PAX_FORMAT, [], False))):
+        (tmp_path / name).write_bytes(content)
+        counter = BadSampleCounter(10, "test")
+        assert list(read_shard(str(tmp_path / name), counter)) == []
+        assert counter.seen == {(str(tmp_path / name), "<empty shard>")}
