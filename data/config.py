@@ -15,6 +15,8 @@ import os
 PREPARE_CHOICES: tuple[str, ...] = ("none", "mnist5k")
 # Transform families (data.transforms.build_transform documents each one).
 TRANSFORM_CHOICES: tuple[str, ...] = ("digits", "imagenet", "faces")
+# Resampling of data.crops (see DataConfig.resize_backend).
+RESIZE_BACKENDS: tuple[str, ...] = ("torch", "pil")
 # Normalisation presets: "scalar" uses data.mean/data.std on every channel.
 NORM_CHOICES: tuple[str, ...] = ("scalar", "imagenet", "inception")
 
@@ -84,6 +86,21 @@ class DataConfig:
     # from source i with probability weight_i / sum(weights). Empty: train on
     # data.root alone. Evaluation always reads data.root.
     sources: str = ""
+    # Loaders yield uint8 pixels and the trainer normalises them on its device
+    # (data.transforms.InputNormaliser): a quarter of the bytes through the
+    # workers' shared memory and to the GPU. false: loaders yield the
+    # normalised float32 images themselves (same values).
+    uint8_batches: bool = True
+    # Train "imagenet" crops decode a JPEG at 1/2, 1/4 or 1/8 scale when the
+    # random crop still spans >= image_size pixels there (PIL draft mode; the
+    # crop distribution is unchanged, the downscale is the DCT's instead of
+    # bicubic). Only large sources gain; false: always decode at full size.
+    jpeg_draft: bool = True
+    # Resampling of the "imagenet"/"faces" crops and resizes: "torch" =
+    # torch's antialiased uint8 bicubic (bit-for-bit torchvision.transforms.v2
+    # on uint8 tensors; mean difference to PIL 0.03/255; ~2.4x faster);
+    # "pil" = PIL's bicubic, bit-for-bit the torchvision v1 recipe.
+    resize_backend: str = "torch"
 
     def source_list(self) -> list[tuple[str, float]]:
         """data.sources parsed into (root, weight) pairs; [] when unset."""
@@ -149,6 +166,10 @@ class DataConfig:
                 f"data.transform={self.transform!r} is unknown; choose one of "
                 f"{', '.join(TRANSFORM_CHOICES)}"
             )
+        if self.resize_backend not in RESIZE_BACKENDS:
+            raise ValueError(
+                f"data.resize_backend={self.resize_backend!r} is unknown; choose one of {', '.join(RESIZE_BACKENDS)}"
+            )
         if self.norm not in NORM_CHOICES:
             raise ValueError(
                 f"data.norm={self.norm!r} is unknown; choose one of {', '.join(NORM_CHOICES)}"
@@ -180,8 +201,9 @@ class DataConfig:
                     f"data.batch_size={self.batch_size}; set data.balance_buffer >= "
                     f"{self.batch_size} (a few thousand is typical)"
                 )
-        if not isinstance(self.resampled, bool):
-            raise ValueError(f"data.resampled={self.resampled!r} must be true or false")
+        for name in ("resampled", "uint8_batches", "jpeg_draft"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"data.{name}={getattr(self, name)!r} must be true or false")
         if not isinstance(self.sources, str):
             raise ValueError(f"data.sources={self.sources!r} must be a string ROOT=WEIGHT,ROOT=WEIGHT")
         pairs = self.source_list()

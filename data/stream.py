@@ -50,7 +50,7 @@ from data.config import DataConfig
 from data.mixture import TrainSource, mixed_raw_samples, train_sources
 from data.samples import BadSampleCounter, RawSample, shuffle_buffer, valid_samples
 from data.shards import assign_shards, check_labels, list_shards
-from data.transforms import build_transform, decode_image
+from data.transforms import build_transform, decode_image, open_image
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -149,77 +149,73 @@ def decode_batch(
     transform: Callable[[Image.Image], torch.Tensor],
     counter: BadSampleCounter,
     seed: int | None,
-    keep_classes: bool = False,
 ) -> Batch | None:
     """Decode, transform and stack a raw batch; None if nothing decodes.
 
-    Images that passed the header check but fail to decode are counted; with
-    a seed (train) their places are refilled by re-transforming the batch's
-    good images in order, so the batch keeps its size and its position in
-    the stream (resume stays exact). Without a seed (eval) they are dropped.
-    keep_classes (balanced train batches) refills each failed place in place
-    with a good image of the same class when the batch has one, so the
-    m-per-class layout survives a bad image.
+    Images that passed the header check but fail to decode are counted: in
+    decode_image, or inside the transform for a train JPEG that open_image
+    left undecoded (data.jpeg_draft). With a seed (train) each failed place is
+    refilled in place by transforming afresh a good image of the same class
+    (any good image when the batch has none; the label follows it), so the
+    batch keeps its size, its m-per-class layout and its position in the
+    stream (resume stays exact). Without a seed (eval) failures are dropped.
     """
-    if keep_classes and seed is not None:
-        return _decode_keep_classes(raw, cfg, transform, counter, seed)
-    images, labels = [], []
-    for sample in raw:
+    lazy = seed is not None and cfg.jpeg_draft and cfg.transform == "imagenet"
+
+    def load(sample: RawSample) -> torch.Tensor | None:
         try:
-            images.append(decode_image(sample.image, cfg.in_chans))
-            labels.append(sample.label)
+            image = open_image(sample.image, cfg.in_chans) if lazy else decode_image(sample.image, cfg.in_chans)
+            return transform(image)
         except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad bytes
             counter.record(sample.shard, sample.key, f"decode failed: {type(exc).__name__}: {exc}")
-    if not images:
-        return None
-    if seed is not None:
-        good = len(images)
-        for j in range(len(raw) - good):
-            images.append(images[j % good])
-            labels.append(labels[j % good])
-    # fork_rng restores the global RNG afterwards, so with num_workers=0 the
-    # seeding does not disturb the trainer's own random state.
+            return None
+
+    # fork_rng restores the CPU RNG afterwards, so with num_workers=0 the
+    # seeding does not disturb the trainer's own random state. Only the CPU
+    # generator is seeded (the transforms draw from it): torch.manual_seed
+    # would also reseed the trainer's CUDA generators (and format a stack
+    # trace per device type, 0.5 ms a batch).
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
-            torch.manual_seed(seed)
-        tensors = [transform(image) for image in images]
-    return torch.stack(tensors), torch.tensor(labels, dtype=torch.int64)
+            torch.default_generator.manual_seed(seed)
+        tensors = [load(sample) for sample in raw]
+        good = [i for i, t in enumerate(tensors) if t is not None]
+        if not good:
+            return None
+        if seed is None:
+            return _stack([t for t in tensors if t is not None]), torch.tensor(
+                [raw[i].label for i in good], dtype=torch.int64)
+        labels = [sample.label for sample in raw]
+        for i in (i for i, t in enumerate(tensors) if t is None):
+            same = [j for j in good if raw[j].label == raw[i].label]
+            # Deterministic donors: the class's good images by position, then any good one.
+            donors = [same[i % len(same)]] if same else []
+            donors += [good[(i + k) % len(good)] for k in range(len(good))]
+            for j in donors:
+                # A donor decoded once; transformed again (another crop) it can still fail.
+                tensors[i] = load(raw[j])
+                if tensors[i] is not None:
+                    labels[i] = raw[j].label
+                    break
+            if tensors[i] is None:
+                return None
+    return _stack([t for t in tensors if t is not None]), torch.tensor(labels, dtype=torch.int64)
 
 
-def _decode_keep_classes(
-    raw: list[RawSample],
-    cfg: DataConfig,
-    transform: Callable[[Image.Image], torch.Tensor],
-    counter: BadSampleCounter,
-    seed: int,
-) -> Batch | None:
-    """decode_batch for balanced batches: refill failures from the same class."""
-    decoded: list[Image.Image | None] = []
-    for sample in raw:
-        try:
-            decoded.append(decode_image(sample.image, cfg.in_chans))
-        except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad bytes
-            counter.record(sample.shard, sample.key, f"decode failed: {type(exc).__name__}: {exc}")
-            decoded.append(None)
-    good = [i for i, image in enumerate(decoded) if image is not None]
-    if not good:
-        return None
-    images: list[Image.Image] = []
-    labels: list[int] = []
-    for i, (sample, image) in enumerate(zip(raw, decoded)):
-        if image is None:
-            same = [j for j in good if raw[j].label == sample.label]
-            # Deterministic choice: cycle through the class's good images by
-            # position; fall back to any good image (label follows it).
-            j = same[i % len(same)] if same else good[i % len(good)]
-            image, sample = decoded[j], raw[j]
-        assert image is not None
-        images.append(image)
-        labels.append(sample.label)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        tensors = [transform(image) for image in images]
-    return torch.stack(tensors), torch.tensor(labels, dtype=torch.int64)
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """torch.stack, straight into shared memory inside a DataLoader worker.
+
+    A worker's batch goes to the trainer through shared memory; stacking into
+    it saves the copy that pickling a private tensor makes (default_collate
+    does the same).
+    """
+    if get_worker_info() is None:
+        return torch.stack(tensors)
+    first = tensors[0]
+    shape = (len(tensors), *first.shape)
+    storage = torch.UntypedStorage._new_shared(first.element_size() * first.numel() * len(tensors))
+    out = torch.empty(0, dtype=first.dtype).set_(storage).view(shape)
+    return torch.stack(tensors, out=out)
 
 
 def _worker_slot(offset: int) -> tuple[int, int]:
@@ -274,9 +270,7 @@ class TrainStream(IterableDataset):
         transform = build_transform(cfg, train=True)
         for k, raw in enumerate(raw_batches, start=skip):
             batch = decode_batch(
-                raw, cfg, transform, counter, _seed_int(cfg.seed, rank, worker, k),
-                keep_classes=cfg.samples_per_class > 0,
-            )
+                raw, cfg, transform, counter, _seed_int(cfg.seed, rank, worker, k))
             if batch is None:
                 raise RuntimeError(
                     f"train rank {rank} worker {worker}: no image of batch {k} decodes "
@@ -344,7 +338,10 @@ def _check(cfg: DataConfig, rank: int, world_size: int) -> None:
 
 
 def build_train_loader(cfg: DataConfig, rank: int, world_size: int, start_batch: int = 0) -> TrainBatches:
-    """Endless iterator of (images [B, C, H, W] float32, labels [B] int64).
+    """Endless iterator of (images [B, C, H, W], labels [B] int64).
+
+    Images are uint8 pixels with data.uint8_batches (normalise them with
+    data.transforms.InputNormaliser), else normalised float32.
 
     Batch k is a function of (cfg, rank, world_size, k) only; start_batch=n
     yields batches n, n+1, ... of the start_batch=0 stream.

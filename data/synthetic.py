@@ -91,6 +91,12 @@ def decode_ids(images: torch.Tensor, mean: float = 0.0, std: float = 1.0) -> lis
     """Recover the sample ids of a batch [B, C, H, W] of synthetic images.
 
     Exact only without augmentation or resizing; uses channel 0, column 0.
+    uint8 batches (data.uint8_batches) hold the pixels themselves; float
+    batches were normalised with `mean` and `std`.
     """
-    pixels = torch.round((images[:, 0, :_ID_ROWS, 0] * std + mean) * 255).to(torch.int64)
+    rows = images[:, 0, :_ID_ROWS, 0]
+    if rows.dtype == torch.uint8:
+        pixels = rows.to(torch.int64)
+    else:
+        pixels = torch.round((rows * std + mean) * 255).to(torch.int64)
     return (pixels[:, 0] + 256 * pixels[:, 1]).tolist()

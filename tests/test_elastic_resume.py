@@ -38,7 +38,7 @@ def _resume_and_measure(overrides: list[str]) -> dict:
     rows = slice(env.rank * per_rank, (env.rank + 1) * per_rank)
     trainer.engine.eval()
     with torch.no_grad():
-        loss = float(trainer.task(images[rows], labels[rows], step=state.step)["loss"])
+        loss = float(trainer.task(trainer.model_input(images[rows]), labels[rows], step=state.step)["loss"])
     table = next(iter(trainer.task.head.sharded_parameters().values())).detach()
     return {"step": state.step, "loss": loss, "table": all_gather_variable(table),
             "lr": trainer.engine.optimizer.param_groups[0]["lr"]}

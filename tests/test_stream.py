@@ -20,6 +20,7 @@ from data.samples import BadSampleCounter
 from data.shards import assign_shards, list_shards
 from data.stream import build_eval_loader, build_train_loader, slot_raw_samples
 from data.synthetic import decode_ids, synthetic_png, synthetic_samples, write_synthetic
+from data.transforms import InputNormaliser
 from data.writer import write_split
 
 # 16 train shards x 8 samples (ids 0-127), 3 eval shards x 8 (ids 128-151).
@@ -46,11 +47,32 @@ def take(cfg: DataConfig, n: int, rank: int = 0, world_size: int = 1, start: int
     return list(itertools.islice(build_train_loader(cfg, rank, world_size, start), n))
 
 
-def test_batch_shapes_and_dtypes(root: str) -> None:
-    images, labels = take(make_cfg(root, image_size=32, in_chans=3, augment=True, mean=0.5, std=0.5), 1)[0]
-    assert images.shape == (8, 3, 32, 32) and images.dtype == torch.float32
-    assert labels.shape == (8,) and labels.dtype == torch.int64
-    assert labels.min() >= 0 and labels.max() < 4
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_uint8_batches_normalise_to_the_float_batches(root: str, num_workers: int) -> None:
+    # data.uint8_batches (default): the loaders yield pixels, InputNormaliser makes exactly the
+    # float batches of data.uint8_batches=false out of them (same crops, same arithmetic).
+    cfg = make_cfg(root, image_size=32, in_chans=3, augment=True, mean=0.5, std=0.5, num_workers=num_workers)
+    floats_cfg = dataclasses.replace(cfg, uint8_batches=False)
+    normalise, cpu = InputNormaliser(cfg), torch.device("cpu")
+    for (pixels, labels), (floats, float_labels) in zip(take(cfg, 3), take(floats_cfg, 3)):
+        assert pixels.shape == (8, 3, 32, 32) and pixels.dtype == torch.uint8
+        assert floats.dtype == torch.float32 and labels.dtype == torch.int64 and labels.shape == (8,)
+        assert labels.min() >= 0 and labels.max() < 4 and torch.equal(labels, float_labels)
+        assert torch.equal(normalise(pixels, cpu, torch.float32), floats)
+        assert torch.equal(normalise(floats, cpu, torch.float32), floats)  # float batches pass through
+        half = normalise(pixels, cpu, torch.bfloat16)
+        assert half.dtype == torch.bfloat16 and torch.equal(half, floats.to(torch.bfloat16))
+    for (pixels, labels), (floats, float_labels) in zip(build_eval_loader(cfg, 0, 1),
+                                                        build_eval_loader(floats_cfg, 0, 1)):
+        assert pixels.dtype == torch.uint8 and torch.equal(normalise(pixels, cpu, torch.float32), floats)
+
+
+def test_worker_batches_are_stacked_into_shared_memory(monkeypatch) -> None:
+    tensors = [torch.randint(0, 256, (3, 5, 4), dtype=torch.uint8) for _ in range(6)]
+    assert not data.stream._stack(tensors).is_shared()  # in the trainer's process: plain memory
+    monkeypatch.setattr(data.stream, "get_worker_info", lambda: object())  # as inside a DataLoader worker
+    out = data.stream._stack(tensors)
+    assert out.is_shared() and out.shape == (6, 3, 5, 4) and torch.equal(out, torch.stack(tensors))
 
 
 def test_slot_first_epoch_covers_every_sample_once(root: str) -> None:
@@ -202,6 +224,30 @@ def test_too_many_bad_samples_raise(bad_root: str, num_workers: int) -> None:
     it = build_train_loader(make_cfg(bad_root, num_workers=num_workers, max_bad_samples=2), 0, 1)
     with pytest.raises(RuntimeError, match=r"(?s)data\.max_bad_samples=2.*shard-000099\.tar"):
         list(itertools.islice(it, 10))
+
+
+@pytest.mark.filterwarnings("ignore:skipping bad sample:RuntimeWarning")
+def test_truncated_and_empty_shards_skipped_and_counted(tmp_path) -> None:
+    # 3 good shards (ids 0-23), one cut short in the image of its 4th sample (ids 24-31 written),
+    # two empty ones.
+    path = str(tmp_path)
+    shards = write_split(synthetic_samples(0, 32, num_classes=4), os.path.join(path, "train"), 8)
+    last = os.path.join(path, "train", shards[-1])
+    with open(last, "rb") as f:
+        whole = f.read()
+    with open(last, "wb") as f:  # the first 3 samples (3 x 3 members of <= 1 KiB) and part of the 4th
+        f.write(whole[: whole.index(b"syn_000027.png") + 1100])
+    open(os.path.join(path, "train", "shard-000090.tar"), "wb").close()
+    with open(os.path.join(path, "train", "shard-000091.tar"), "wb") as f:
+        f.write(bytes(1024))  # a valid tar without members
+    it = build_train_loader(make_cfg(path, shuffle_buffer=4), 0, 1)
+    ids = {i for images, _ in itertools.islice(it, 12) for i in decode_ids(images)}  # 3 epochs
+    assert ids == set(range(24)) | {24, 25, 26}
+    # the truncated shard, the remnant of sample 27 (its .cls and .json, written before its cut .png),
+    # the two empty shards
+    assert it.dataset.counter is not None and {key for _, key in it.dataset.counter.seen} == {
+        "<tar error 1>", "syn_000027", "<empty shard>"}
+    assert it.bad_samples == 4
 
 
 def test_decode_failure_refills_batch(bad_root: str, monkeypatch) -> None:

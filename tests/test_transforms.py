@@ -12,7 +12,8 @@ from data.transforms import build_transform
 
 
 def make_cfg(**overrides) -> DataConfig:
-    base = {"root": "unused", "num_classes": 2, "in_chans": 3, "augment": True}
+    # Float output, normalised here (the uint8 default is normalised later: test_transforms_fast)
+    base = {"root": "unused", "num_classes": 2, "in_chans": 3, "augment": True, "uint8_batches": False}
     base.update(overrides)
     return DataConfig(**base)
 
@@ -25,12 +26,13 @@ def gradient(width: int, height: int) -> Image.Image:
     return Image.fromarray(pixels.astype(np.uint8), "RGB")
 
 
+@pytest.mark.parametrize("uint8", [False, True])
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("size, shape", [(224, (300, 200)), (64, (64, 96)), (32, (500, 375))])
-def test_imagenet_output_shape(train: bool, size: int, shape: tuple[int, int]) -> None:
-    cfg = make_cfg(transform="imagenet", image_size=size, norm="imagenet")
+def test_imagenet_output_shape(train: bool, size: int, shape: tuple[int, int], uint8: bool) -> None:
+    cfg = make_cfg(transform="imagenet", image_size=size, norm="imagenet", uint8_batches=uint8)
     out = build_transform(cfg, train)(gradient(*shape))
-    assert out.shape == (3, size, size) and out.dtype == torch.float32
+    assert out.shape == (3, size, size) and out.dtype == (torch.uint8 if uint8 else torch.float32)
 
 
 def test_imagenet_eval_is_resize_then_center_crop() -> None:

@@ -10,6 +10,7 @@ errors still surface where data.stream catches them.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import numpy as np
@@ -17,21 +18,23 @@ import pytest
 import torch
 from PIL import Image
 from torchvision import transforms as T
+from torchvision.transforms import v2
 
 from data.config import DataConfig
 from data.samples import BadSampleCounter, RawSample
 from data.stream import decode_batch
-from data.transforms import (
-    NORM_PRESETS, _draft_decode, _draft_scale, build_transform, decode_image, open_image,
-)
+from data.crops import draft_decode, draft_scale
+from data.transforms import NORM_PRESETS, InputNormaliser, build_transform, decode_image, open_image
 
 MEAN, STD = (list(v) for v in NORM_PRESETS["imagenet"])
 BICUBIC = T.InterpolationMode.BICUBIC
 
 
 def make_cfg(**overrides) -> DataConfig:
+    # PIL resampling and float output, to compare with torchvision v1's recipe bit for bit
+    # (the torch backend and uint8 output are compared with these at the end of the file)
     base = {"root": "unused", "num_classes": 2, "in_chans": 3, "augment": True, "transform": "imagenet",
-            "norm": "imagenet", "image_size": 224}
+            "norm": "imagenet", "image_size": 224, "uint8_batches": False, "resize_backend": "pil"}
     base.update(overrides)
     return DataConfig(**base)
 
@@ -155,8 +158,8 @@ def test_corrupt_jpeg_raises_in_decode() -> None:
     with pytest.raises(Exception):
         decode_image(garbage, 3)
     # open_image parses only the header: garbage fails there, a truncated body
-    # only in the transform - why data.stream must keep calling decode_image
-    # unless it also catches errors around the transform.
+    # only in the transform - why data.stream's decode_batch catches errors
+    # around the transform too.
     with pytest.raises(Exception):
         open_image(garbage, 3)
     lazy = open_image(truncated, 3)
@@ -184,12 +187,12 @@ def test_stream_decode_batch_counts_corrupt_jpeg_and_is_deterministic() -> None:
 
 
 def test_draft_scale_keeps_output_resolution() -> None:
-    assert _draft_scale(447, 1000, 224) == 1
-    assert _draft_scale(448, 448, 224) == 2
-    assert _draft_scale(900, 1000, 224) == 4
-    assert _draft_scale(2000, 1800, 224) == 8
+    assert draft_scale(447, 1000, 224) == 1
+    assert draft_scale(448, 448, 224) == 2
+    assert draft_scale(900, 1000, 224) == 4
+    assert draft_scale(2000, 1800, 224) == 8
     for w in range(100, 2000, 37):
-        s = _draft_scale(w, w + 5, 224)
+        s = draft_scale(w, w + 5, 224)
         assert w / s >= 224 or s == 1
 
 
@@ -198,15 +201,15 @@ def test_draft_decode_maps_box_to_draft_coordinates() -> None:
     lazy = open_image(data, 3)
     assert lazy.tile  # header only
     box = (100, 50, 1100, 950)  # 1000 x 900 -> scale 4 keeps 250 x 225 >= 224
-    drafted = _draft_decode(lazy, box, 224)
+    drafted = draft_decode(lazy, box, 224)
     assert drafted is not None
     image, draft_box = drafted
     assert image.size == (512, 384)
     assert draft_box == pytest.approx((25.0, 12.5, 275.0, 237.5))
     assert lazy.tile and lazy.size == (2048, 1536)  # the caller's image is untouched
     # Too small a crop, a decoded image, or a PNG: no draft.
-    assert _draft_decode(lazy, (0, 0, 400, 400), 224) is None
-    assert _draft_decode(decode_image(data, 3), box, 224) is None
+    assert draft_decode(lazy, (0, 0, 400, 400), 224) is None
+    assert draft_decode(decode_image(data, 3), box, 224) is None
 
 
 @pytest.mark.parametrize("shape", [(2048, 1536), (1200, 1600)])
@@ -223,7 +226,7 @@ def test_draft_path_same_crops_close_pixels(shape: tuple[int, int]) -> None:
         assert torch.equal(state, ref_state)  # same RNG use, so same crop and flip
         torch.manual_seed(seed)
         top, left, h, w = T.RandomResizedCrop.get_params(full, (0.08, 1.0), (3 / 4, 4 / 3))
-        if _draft_scale(w, h, 224) == 1:
+        if draft_scale(w, h, 224) == 1:
             assert torch.equal(got, want)
             continue
         drafted += 1
@@ -275,3 +278,112 @@ def test_crop_distribution_matches_torchvision_statistically() -> None:
     assert len(boxes) == 2000
     assert abs(area.mean() - ref_area.mean()) < 0.03 and abs(ratio.mean() - ref_ratio.mean()) < 0.03
     assert abs(np.quantile(area, 0.9) - np.quantile(ref_area, 0.9)) < 0.04
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("family, size, shape", [("imagenet", 224, (500, 375)), ("faces", 112, (130, 120)),
+                                                 ("digits", 32, (28, 28))])
+def test_uint8_output_normalises_to_the_float_output(family: str, size: int, shape: tuple[int, int],
+                                                     train: bool) -> None:
+    # data.uint8_batches: the transform stops at the pixels; InputNormaliser, applied to the batch on
+    # the device, gives bit for bit what the float transform gives, with the same RNG use.
+    digits = family == "digits"
+    cfg = make_cfg(transform=family, image_size=size, in_chans=1 if digits else 3,
+                   norm="scalar" if digits else "imagenet", mean=0.3, std=0.7, uint8_batches=True)
+    image = photo(*shape, mode="L" if digits else "RGB")
+    pixels_of = build_transform(cfg, train)
+    floats_of = build_transform(dataclasses.replace(cfg, uint8_batches=False), train)
+    normalise = InputNormaliser(cfg)
+    outputs = set()
+    for seed in range(6):
+        got, state = run_seeded(pixels_of, image, seed)
+        want, want_state = run_seeded(floats_of, image, seed)
+        assert got.dtype == torch.uint8 and got.shape == want.shape == (cfg.in_chans, size, size)
+        assert torch.equal(state, want_state)
+        assert torch.equal(normalise(got[None], torch.device("cpu"), torch.float32)[0], want)
+        outputs.add(got.numpy().tobytes())
+    assert (len(outputs) > 1) == train  # train really augmented (faces: only flips), eval did not
+
+
+def test_stream_decodes_large_train_jpegs_in_draft_mode() -> None:
+    # data.jpeg_draft (default): the stream opens train JPEGs lazily, so the "imagenet" crop can
+    # decode them at a reduced scale; the crops are the same draws, only the downscale differs.
+    cfg = make_cfg(uint8_batches=True)
+    data = jpeg(2048, 1536)
+    raw = [RawSample(image=data, label=0, shard="s", key=f"k{i}") for i in range(8)]
+    transform = build_transform(cfg, train=True)
+    drafted = decode_batch(raw, cfg, transform, BadSampleCounter(0, "test"), seed=3)
+    full = decode_batch(raw, dataclasses.replace(cfg, jpeg_draft=False), transform, BadSampleCounter(0, "t"), 3)
+    assert drafted is not None and full is not None
+    torch.manual_seed(3)
+    assert torch.equal(drafted[0], torch.stack([transform(open_image(data, 3)) for _ in raw]))
+    torch.manual_seed(3)
+    assert torch.equal(full[0], torch.stack([transform(decode_image(data, 3)) for _ in raw]))
+    differ = [not torch.equal(a, b) for a, b in zip(drafted[0], full[0])]
+    assert sum(differ) >= 4  # most of these crops span >= 448 px: decoded at 1/2 or less
+    close = (drafted[0].float() - full[0].float()).abs().mean()
+    assert close < 3.0  # on 0..255: the same crops, not merely similar images
+    # Evaluation never drafts (no seed): the centre crop of the full decode.
+    evaluated = decode_batch(raw[:2], cfg, build_transform(cfg, train=False), BadSampleCounter(0, "t"), None)
+    assert evaluated is not None
+    assert torch.equal(evaluated[0][0], build_transform(cfg, train=False)(decode_image(data, 3)))
+
+
+def torchvision_v2(cfg: DataConfig, train: bool):
+    """The recipe in torchvision.transforms.v2 on uint8 tensors, drawing the crop and flip as v1 does."""
+    interpolation = v2.InterpolationMode.BICUBIC
+    size = cfg.image_size
+
+    def transform(image: Image.Image) -> torch.Tensor:
+        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
+        if cfg.transform == "faces":
+            flip = train and bool(torch.rand(1) < 0.5)
+            out = v2.functional.resize(pixels, [size, size], interpolation=interpolation, antialias=True)
+        elif train:
+            top, left, h, w = T.RandomResizedCrop.get_params(image, (0.08, 1.0), (3 / 4, 4 / 3))
+            flip = bool(torch.rand(1) < 0.5)
+            out = v2.functional.resized_crop(pixels, top, left, h, w, [size, size], interpolation=interpolation,
+                                             antialias=True)
+        else:
+            flip = False
+            out = v2.CenterCrop(size)(v2.Resize(int(size * 256 / 224), interpolation=interpolation,
+                                                antialias=True)(pixels))
+        return out.flip(-1) if flip else out
+    return transform
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("family, size, shape", [("imagenet", 224, (500, 375)), ("imagenet", 224, (256, 256)),
+                                                 ("imagenet", 64, (120, 90)), ("faces", 112, (130, 120))])
+def test_torch_resize_backend_is_torchvision_v2_and_close_to_pil(family: str, size: int, shape: tuple[int, int],
+                                                                 train: bool) -> None:
+    # data.resize_backend=torch (default): the same crops and flips (same RNG use) resampled by torch's
+    # antialiased uint8 bicubic: bit for bit torchvision.transforms.v2 on uint8 tensors, and close to
+    # PIL's bicubic (the two round their two separable passes differently).
+    cfg = make_cfg(transform=family, image_size=size, uint8_batches=True, resize_backend="torch")
+    image = photo(*shape)
+    ours, reference = build_transform(cfg, train), torchvision_v2(cfg, train)
+    by_pil = build_transform(dataclasses.replace(cfg, resize_backend="pil"), train)
+    for seed in range(8 if train else 1):
+        got, state = run_seeded(ours, image, seed)
+        want, want_state = run_seeded(reference, image, seed)
+        assert got.dtype == torch.uint8 and got.shape == (3, size, size)
+        assert torch.equal(got, want) and torch.equal(state, want_state), seed
+        pil, pil_state = run_seeded(by_pil, image, seed)
+        assert torch.equal(state, pil_state)
+        diff = (got.int() - pil.int()).abs().float()
+        assert diff.mean() < 0.5 and (diff > 2).float().mean() < 0.02, (seed, diff.max(), diff.mean())
+
+
+def test_torch_resize_backend_float_output_and_aligned_faces() -> None:
+    image = photo(300, 200)
+    cfg = make_cfg(resize_backend="torch", uint8_batches=True)
+    pixels, _ = run_seeded(build_transform(cfg, True), image, 4)
+    floats, _ = run_seeded(build_transform(dataclasses.replace(cfg, uint8_batches=False), True), image, 4)
+    normalise = InputNormaliser(cfg)
+    assert torch.equal(normalise(pixels[None], torch.device("cpu"), torch.float32)[0], floats)
+    # Faces already at the size are copied, not resampled, by either backend.
+    face = photo(112, 112)
+    faces = make_cfg(transform="faces", image_size=112, resize_backend="torch", uint8_batches=True)
+    out = build_transform(faces, train=False)(face)
+    assert torch.equal(out, torch.from_numpy(np.array(face)).permute(2, 0, 1))

@@ -19,11 +19,15 @@ from train.metrics_retrieval import retrieval_report
 
 @torch.no_grad()
 def gather_embeddings(task: MetricLearningTask, loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                      device: torch.device, input_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Embeddings and labels of the whole evaluation set, on every rank (rank order)."""
+                      device: torch.device, model_input: Callable[[torch.Tensor], torch.Tensor]
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings and labels of the whole evaluation set, on every rank (rank order).
+
+    `model_input` turns a loader's images into the backbone's input (Trainer.model_input).
+    """
     embs, labels = [], []
     for images, y in loader:
-        embs.append(task.embed(images.to(device, input_dtype)))
+        embs.append(task.embed(model_input(images)))
         labels.append(y.to(device))
     emb = torch.cat(embs) if embs else torch.zeros((0, task.head.embed_dim), device=device)
     lab = torch.cat(labels) if labels else torch.zeros((0,), dtype=torch.long, device=device)
@@ -32,14 +36,14 @@ def gather_embeddings(task: MetricLearningTask, loader: Iterable[tuple[torch.Ten
 
 @torch.no_grad()
 def evaluate(task: MetricLearningTask, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
-             input_dtype: torch.dtype, cfg: MetricsConfig, chunk: int = 4096,
+             model_input: Callable[[torch.Tensor], torch.Tensor], cfg: MetricsConfig, chunk: int = 4096,
              on_embeddings: Callable[[dict[str, torch.Tensor], torch.Tensor], None] | None = None
              ) -> dict[str, float]:
     """Scalars named acc_<rule> (e.g. acc_measure, acc_cosine) and <space>/R@k, <space>/MAP@R.
 
     `on_embeddings(spaces, labels)` receives the gathered evaluation embeddings (for pictures).
     """
-    emb, lab = gather_embeddings(task, loader, device, input_dtype)
+    emb, lab = gather_embeddings(task, loader, device, model_input)
     if on_embeddings is not None and emb.shape[0]:
         on_embeddings(task.head.embed_spaces(emb), lab)
     correct: dict[str, int] = {}

@@ -19,6 +19,7 @@ import torch
 from data.mixture import train_sources
 from data.shards import check_labels, list_shards
 from data.stream import TrainBatches, build_eval_loader, build_train_loader
+from data.transforms import InputNormaliser
 from model.backbone import build_backbone
 from model.task import MetricLearningTask, build_head
 from train import checkpoint as ckpt
@@ -60,7 +61,8 @@ def build_and_resume(cfg: RunConfig, env: DistEnv, device: torch.device, resume_
     head = build_head(cfg.loss, cfg.data.num_classes, cfg.model.embed_dim, env.rank, env.world_size,
                       embedding_grad_scale=float(env.world_size)).to(device)
     head_opt, head_sched = build_head_optimizer(head, cfg.optim, cfg.max_steps)
-    trainer = Trainer(engine, MetricLearningTask(engine, head), head_opt, head_sched, device, input_dtype)
+    trainer = Trainer(engine, MetricLearningTask(engine, head), head_opt, head_sched, device, input_dtype,
+                      InputNormaliser(cfg.data))
     state = ckpt.TrainState()
     if resume_from:
         state = ckpt.load_checkpoint(resume_from, env, engine, head, head_opt, head_sched)
@@ -104,7 +106,7 @@ def run(cfg: RunConfig, stop_at_step: int | None = None) -> dict[str, Any]:
 
         trainer, state = build_and_resume(cfg, env, device, resume_from)
         engine, task, head = trainer.engine, trainer.task, trainer.task.head
-        head_opt, head_sched, input_dtype = trainer.head_optimizer, trainer.head_scheduler, trainer.input_dtype
+        head_opt, head_sched = trainer.head_optimizer, trainer.head_scheduler
         global_batch = cfg.data.batch_size * env.world_size * cfg.optim.grad_accum_steps
         batches = build_train_loader(cfg.data, env.rank, env.world_size,
                                      start_batch=state.step * cfg.optim.grad_accum_steps)
@@ -117,7 +119,7 @@ def run(cfg: RunConfig, stop_at_step: int | None = None) -> dict[str, Any]:
             engine.eval()
             table = next(iter(head.sharded_parameters().values()))
             result = evaluate_heldout(task, build_eval_loader(cfg.data, env.rank, env.world_size), device,
-                                      input_dtype, cfg.metrics,
+                                      trainer.model_input, cfg.metrics,
                                       on_embeddings=lambda spaces, lab: logger.log_embeddings(step, spaces, lab, table))
             engine.train()
             return result

@@ -6,6 +6,7 @@ from typing import Any, Iterator
 
 import torch
 
+from data.transforms import InputNormaliser
 from model.proxies import ShardedHead
 from model.task import MetricLearningTask
 from train.dist import global_norm, sum_over_ranks_
@@ -13,7 +14,8 @@ from train.dist import global_norm, sum_over_ranks_
 
 @dataclasses.dataclass
 class Trainer:
-    """What a step needs: the DeepSpeed engine (backbone), the task, the head's optimizer and schedule."""
+    """What a step needs: the DeepSpeed engine (backbone), the task, the head's optimizer and schedule,
+    and how a loader's images become the backbone's input."""
 
     engine: Any
     task: MetricLearningTask
@@ -21,6 +23,11 @@ class Trainer:
     head_scheduler: torch.optim.lr_scheduler.LRScheduler
     device: torch.device
     input_dtype: torch.dtype
+    normaliser: InputNormaliser
+
+    def model_input(self, images: torch.Tensor) -> torch.Tensor:
+        """Loader images (uint8 pixels or normalised float) -> normalised, on the device, in input_dtype."""
+        return self.normaliser(images, self.device, self.input_dtype)
 
 
 def train_step(tr: Trainer, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], step: int,
@@ -36,9 +43,8 @@ def train_step(tr: Trainer, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
     parts: dict[str, torch.Tensor] = {}  # kept on the device: one host sync per step, not per micro-batch
     for _ in range(accum_steps):
         images, labels = next(batches)
-        images = images.to(tr.device, tr.input_dtype, non_blocking=True)
         labels = labels.to(tr.device, non_blocking=True)
-        out = tr.task(images, labels, step=step)
+        out = tr.task(tr.model_input(images), labels, step=step)
         tr.engine.backward(out["loss"])
         if tr.engine.is_gradient_accumulation_boundary():
             sums["head_grad_norm"] = reduce_head_grads(tr.task.head)
