@@ -8,7 +8,7 @@ import struct
 import pytest
 
 from data.convert.__main__ import main
-from data.convert.ms1m import MAGIC, RecordFile
+from data.convert.ms1m import MAGIC, RecordFile, read_labels
 from tests.test_convert_common import jpeg, manifest, meta, read_split
 
 IDENTITIES = [3, 3, 0, 7]  # records 1..4
@@ -92,3 +92,30 @@ def test_ms1m_bad_input(tmp_path) -> None:
         f.write(part(b"abcd", 2))  # a record cannot start with a middle part
     with pytest.raises(ValueError, match="continuation flag 2"):
         RecordFile(os.path.join(src, "bad.rec")).read(0)
+
+
+def test_label_scan_reads_headers_only(tmp_path) -> None:
+    # The label scan reads each record's IRHeader, not its image; a record whose header itself holds
+    # the magic (split inside the first 24 bytes) goes through the full reader and joins its parts.
+    plain = header([5.0], 1) + jpeg(0)
+    early = header([6.0], 2) + jpeg(1)
+    cut = 10
+    early = early[:cut] + MAGIC_BYTES + early[cut:]  # the magic inside the IRHeader's id field
+    path = str(tmp_path / "train.rec")
+    with open(path, "wb") as f:
+        f.write(part(plain, 0))
+        second = f.tell()
+        f.write(part(early[:cut], 1) + part(early[cut + 4:], 3))
+    rec = RecordFile(path)
+    for offset, payload in ((0, plain), (second, early)):
+        assert rec.read(offset) == payload
+        for size in (0, 5, 24, 100, len(payload) + 10):
+            assert rec.read_prefix(offset, size) == payload[:size], (offset, size)
+    rec.read_prefix(0, 24)
+    assert rec._f is not None and rec._f.tell() == 8 + 24  # the image behind the header was not read
+    assert read_labels(rec, 0, "r") == [5.0] and read_labels(rec, second, "r") == [6.0]
+    multi = header([1.0, 2.0, 3.0])
+    with open(path, "ab") as f:
+        third = f.tell()
+        f.write(part(multi + jpeg(2), 0))
+    assert read_labels(RecordFile(path), third, "r") == [1.0, 2.0, 3.0]

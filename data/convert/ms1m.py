@@ -38,10 +38,7 @@ class RecordFile:
 
     def read(self, offset: int) -> bytes:
         """Payload of the record starting at byte `offset`, parts joined."""
-        if self._f is None:
-            self._f = open(self.path, "rb")
-        f = self._f
-        f.seek(offset)
+        f = self._seek(offset)
         parts: list[bytes] = []
         while True:
             head = f.read(8)
@@ -64,6 +61,30 @@ class RecordFile:
             if cflag in (0, 3):
                 return struct.pack("<I", MAGIC).join(parts)
 
+    def read_prefix(self, offset: int, size: int) -> bytes:
+        """The first `size` bytes of the payload at `offset` (all of it if shorter), reading no more.
+
+        The IRHeader of every record in the file is needed before conversion starts; reading only
+        it, not the JPEG behind it, reads 24 bytes a record instead of ~8 KiB (MS1MV2: 5.8M records).
+        """
+        f = self._seek(offset)
+        head = f.read(8)
+        if len(head) == 8:
+            magic, lrecord = struct.unpack("<II", head)
+            cflag, length = lrecord >> 29, lrecord & _LENGTH_MASK
+            if magic == MAGIC and (cflag == 0 or (cflag == 1 and length >= size)):
+                data = f.read(min(size, length))
+                if len(data) == min(size, length):
+                    return data
+        # A first part shorter than `size`, or a damaged record: the full reader joins or explains.
+        return self.read(offset)[:size]
+
+    def _seek(self, offset: int) -> BinaryIO:
+        if self._f is None:
+            self._f = open(self.path, "rb")
+        self._f.seek(offset)
+        return self._f
+
     def close(self) -> None:
         if self._f is not None:
             self._f.close()
@@ -83,6 +104,15 @@ def unpack_header(payload: bytes, where: str) -> tuple[list[float], int, bytes]:
     return [label], rec_id, payload[end:]
 
 
+def read_labels(rec: RecordFile, offset: int, where: str) -> list[float]:
+    """The IRHeader labels of the record at `offset`, without reading its image."""
+    prefix = rec.read_prefix(offset, IR_HEADER.size)
+    flag = IR_HEADER.unpack_from(prefix)[0] if len(prefix) == IR_HEADER.size else 0
+    if flag > 0:
+        prefix = rec.read_prefix(offset, IR_HEADER.size + 4 * flag)
+    return unpack_header(prefix, where)[0]
+
+
 def read_index(path: str) -> dict[int, int]:
     """Record index -> byte offset from a .idx file."""
     index: dict[int, int] = {}
@@ -100,7 +130,7 @@ def read_index(path: str) -> dict[int, int]:
 
 
 def splits(src: str) -> list[Split]:
-    """The "train" split of an MS1MV2 folder; reads every record header first."""
+    """The "train" split of an MS1MV2 folder; reads every record's IRHeader (not its image) first."""
     rec_path = require_file(os.path.join(src, "train.rec"), "insightface's train.rec (MXNet RecordIO)")
     index = read_index(require_file(os.path.join(src, "train.idx"), "train.idx ('<index>\\t<offset>' lines)"))
     rec = RecordFile(rec_path)
@@ -115,8 +145,7 @@ def splits(src: str) -> list[Split]:
                          f"train.idx lacks {len(missing)} of them, first {missing[0]}")
     rows: list[tuple[int, int]] = []  # (record index, identity)
     for i in ids:
-        labels, _, _ = unpack_header(rec.read(index[i]), f"{rec_path} record {i}")
-        rows.append((i, int(labels[0])))
+        rows.append((i, int(read_labels(rec, index[i], f"{rec_path} record {i}")[0])))
     rec.close()
     class_map = remap(identity for _, identity in rows)
     notes: dict = {}
