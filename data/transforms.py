@@ -36,16 +36,9 @@ import torch
 from PIL import Image, JpegImagePlugin
 from torchvision import transforms as T
 
-from data.config import DataConfig
+from data.config import NORM_PRESETS, DataConfig
 from data.crops import crop_transform
 
-# Per-channel (mean, std) presets of data.norm; literal copies of timm's
-# IMAGENET_DEFAULT_MEAN/STD and IMAGENET_INCEPTION_MEAN/STD, so data does
-# not import timm (a model-side dependency) just for six numbers.
-NORM_PRESETS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-}
 
 # SOI marker and the first byte of the next marker.
 _JPEG_START = b"\xff\xd8\xff"
@@ -120,9 +113,14 @@ def open_image(data: bytes, in_chans: int) -> Image.Image:
 
 
 def normalisation(cfg: DataConfig) -> tuple[list[float], list[float]]:
-    """Per-channel (mean, std) lists for data.norm / data.mean / data.std."""
+    """Per-channel (mean, std) lists for data.norm / data.mean / data.std / data.channel_*."""
     if cfg.norm == "scalar":
         return [cfg.mean] * cfg.in_chans, [cfg.std] * cfg.in_chans
+    if cfg.norm == "channels":
+        return cfg.channel_values()
+    if cfg.norm == "timm":
+        raise ValueError("data.norm=timm is resolved from model.name when the run starts "
+                         "(train.config.RunConfig.resolved); outside a run set data.norm to its values")
     try:
         mean, std = NORM_PRESETS[cfg.norm]
     except KeyError:

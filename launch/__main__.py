@@ -36,7 +36,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def build_config(recipe: str, overrides: list[str]) -> RunConfig:
-    return apply_overrides(get_recipe(recipe), overrides).validate()
+    return apply_overrides(get_recipe(recipe), overrides).resolved()
 
 
 def main(argv: list[str] | None = None) -> int:

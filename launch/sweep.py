@@ -56,7 +56,7 @@ def expand(recipe: str, overrides: list[str], specs: list[str], sweep_name: str 
         rest = [f"{k}={v}" for k, v in point if k != "recipe"]
         cfg = apply_overrides(get_recipe(point_recipe), [*overrides, *rest, f"run_root={sweep_dir}",
                                                          f"name={point_label(point)}"])
-        cfgs.append(cfg.validate())
+        cfgs.append(cfg.resolved())
     shapes = {(c.slurm.nodes, c.slurm.tasks_per_node, c.slurm.gpus_per_node, c.slurm.time_min) for c in cfgs}
     if len(shapes) > 1:
         raise ValueError(f"the points of one job array must ask for the same resources; got (nodes, tasks_per_node, "

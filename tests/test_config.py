@@ -85,3 +85,37 @@ def test_from_dict_rejects_unknown_and_mistyped_keys() -> None:
     raw["max_steps"] = "many"
     with pytest.raises(ValueError, match="max_steps='many'"):
         RunConfig.from_dict(raw)
+
+
+def test_norm_timm_takes_the_backbones_own_values() -> None:
+    # The papers' "normalisation per backbone": data.norm=timm becomes model.name's pretrained mean/std.
+    import timm.data
+
+    from data.transforms import normalisation
+
+    vit = apply_overrides(get_recipe("vitl_imagenet_8gpu"), []).resolved()
+    assert vit.data.norm == "inception" and vit.data.transform == "imagenet"  # timm's ViT weights use 0.5/0.5
+    cnn = apply_overrides(get_recipe("vitl_imagenet_8gpu"), ["model.name=resnet50"]).resolved()
+    assert cnn.data.norm == "imagenet"
+    clip = apply_overrides(get_recipe("vits_cub_chest_1gpu"),
+                           ["model.name=vit_base_patch16_clip_224.openai", "model.embed_dim=512"]).resolved()
+    assert clip.data.norm == "channels"
+    mean, std = normalisation(clip.data)
+    assert mean == list(timm.data.OPENAI_CLIP_MEAN) and std == list(timm.data.OPENAI_CLIP_STD)
+    assert RunConfig.from_dict(clip.to_dict()) == clip and clip.resolved() == clip  # recorded as resolved
+    with pytest.raises(ValueError, match="no pretrained config .* model.name='no_such_net'"):
+        apply_overrides(get_recipe("vitl_imagenet_8gpu"), ["model.name=no_such_net"]).resolved()
+    with pytest.raises(ValueError, match="resolved from model.name"):
+        normalisation(get_recipe("vitl_imagenet_8gpu").data)  # unresolved: no silent default
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.norm=channels", "data.channel_mean=0.5,0.5", "data.channel_std=0.2,0.2,0.2"], "channel_mean"),
+    (["data.norm=channels", "data.channel_mean=0.5,0.5,0.5", "data.channel_std=0.2,0,0.2"], "channel_std"),
+    (["data.norm=timm", "data.in_chans=1", "model.in_chans=1"], "data.in_chans=1"),
+    (["data.resize_backend=cv2"], "data.resize_backend"),
+    (["data.uint8_batches=maybe"], "data.uint8_batches"),
+])
+def test_bad_normalisation_and_speed_settings(overrides: list[str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        apply_overrides(get_recipe("vitl_imagenet_8gpu"), overrides).resolved()

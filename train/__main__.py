@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     base = load_yaml(args.config) if args.config else get_recipe(args.recipe)
-    cfg = apply_overrides(base, args.overrides).validate()
+    cfg = apply_overrides(base, args.overrides).resolved()
     from data.convert.mnist import ensure_prepared
     from train.main import run
 

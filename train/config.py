@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from data.config import DataConfig
+from data.config import NORM_PRESETS, DataConfig
 from model.config import LossConfig, ModelConfig
 
 
@@ -185,12 +185,42 @@ class RunConfig:
                              f"{self.data.image_size}; set model.img_size=0 or make them equal")
         return self
 
+    def resolved(self) -> "RunConfig":
+        """Validated, with settings that depend on others made explicit (what a run records and uses).
+
+        data.norm=timm becomes the backbone's normalisation from timm's pretrained config of model.name
+        (a preset name when the values are one, else data.norm=channels with the values).
+        """
+        self.validate()
+        if self.data.norm != "timm":
+            return self
+        data = dataclasses.replace(self.data, **backbone_norm(self.model.name))
+        return dataclasses.replace(self, data=data).validate()
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "RunConfig":
         return _build(cls, raw, "")
+
+
+def backbone_norm(model_name: str) -> dict[str, Any]:
+    """The data.norm settings of a timm model's pretrained config (its mean and std)."""
+    import timm  # here, not at the top: configs are read by processes that never build a model
+
+    try:
+        pretrained = timm.models.get_pretrained_cfg(model_name)
+    except RuntimeError:
+        pretrained = None
+    if pretrained is None or not pretrained.mean or not pretrained.std:
+        raise ValueError(f"data.norm=timm: timm has no pretrained config with mean/std for model.name="
+                         f"{model_name!r}; set data.norm=imagenet, inception, scalar or channels")
+    mean, std = tuple(float(v) for v in pretrained.mean), tuple(float(v) for v in pretrained.std)
+    for preset, values in NORM_PRESETS.items():
+        if (mean, std) == values:
+            return {"norm": preset}
+    return {"norm": "channels", "channel_mean": ",".join(map(str, mean)), "channel_std": ",".join(map(str, std))}
 
 
 def coerce(value: Any, typ: Any, key: str) -> Any:

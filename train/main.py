@@ -83,7 +83,7 @@ def run(cfg: RunConfig, stop_at_step: int | None = None) -> dict[str, Any]:
     USR2 or TERM (train.control) make every rank save at the next step and return early too;
     the summary's `stop_signal` names it (the caller requeues: slurm/job.py).
     """
-    cfg.validate()
+    cfg = cfg.resolved()  # e.g. data.norm=timm -> the backbone's values, before anything records the config
     t0 = time.time()
     env = env_from_environ()
     control = RunControl(cfg.checkpoint.every_minutes)  # handlers first: a signal during setup is kept
