@@ -9,6 +9,7 @@ with the setting name and a fix.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 # The only dataset preparations `ensure_prepared` knows how to run.
@@ -146,7 +147,8 @@ class DataConfig:
                 parsed = [float(v) for v in text.split(",")]
             except (AttributeError, ValueError):
                 parsed = []
-            if len(parsed) != self.in_chans or (name == "channel_std" and not all(v > 0 for v in parsed)):
+            bad = not all(math.isfinite(v) for v in parsed) or (name == "channel_std" and min(parsed) <= 0)
+            if len(parsed) != self.in_chans or bad:
                 raise ValueError(
                     f"data.{name}={text!r} must hold data.in_chans={self.in_chans} comma-separated numbers"
                     f"{' > 0' if name == 'channel_std' else ''} with data.norm=channels, e.g. "

@@ -6,7 +6,9 @@ time in a data worker). `tar_members` reads the same POSIX ustar / GNU
 layout with slicing alone: the name (with the ustar prefix, a pax `path` or
 a GNU long name), the size (octal, GNU base-256 or a pax `size`) and the
 type flag, and it checks every header's checksum. Only regular files are
-yielded; directories, links and global pax headers are skipped.
+yielded; directories and links are skipped; pax global ('g') records apply
+to every later member; a sparse member (GNU 'S' or pax GNU.sparse) hands
+the rest of the shard to tarfile.
 
 A damaged archive raises tarfile.ReadError naming the shard: a bad header
 checksum, or a member, a header or the end-of-archive blocks cut short (a
@@ -17,6 +19,7 @@ header (a compressed tar, or an older format) is handed to tarfile itself.
 
 from __future__ import annotations
 
+import itertools
 import struct
 import tarfile
 from collections.abc import Iterator
@@ -30,12 +33,14 @@ def tar_members(stream: BinaryIO, where: str) -> Iterator[tuple[str, bytes]]:
     """(name, data) of each regular file of the tar `stream`, in archive order; `where` names it in errors."""
     first = stream.read(BLOCK)
     if first and _parse_header(first) is None:
-        # Not a plain ustar archive (e.g. gzip-compressed): tarfile detects the rest.
+        # Not a plain ustar archive (e.g. gzip-compressed, or cut inside its first header): tarfile
+        # detects the rest or raises its own ReadError.
         stream.seek(0)
         yield from _tarfile_members(stream)
         return
-    header, long_name = first, None
+    header, long_name, count = first, None, 0
     pax: dict[str, str] = {}
+    global_pax: dict[str, str] = {}  # pax 'g' records apply to every later member, as in tarfile
     while True:
         if len(header) < BLOCK:
             if header or first:
@@ -51,24 +56,38 @@ def tar_members(stream: BinaryIO, where: str) -> Iterator[tuple[str, bytes]]:
             raise tarfile.ReadError(f"{where}: bad tar header checksum at offset "
                                     f"{stream.tell() - BLOCK} (damaged shard)")
         name, size, kind = fields
-        size = int(pax.get("size", size))
+        records = {**global_pax, **pax}
+        if kind == b"S" or any(key.startswith("GNU.sparse") for key in records):
+            # Sparse members lay their data out differently: let tarfile read the rest of the
+            # shard, past the `count` members already yielded.
+            stream.seek(0)
+            yield from itertools.islice(_tarfile_members(stream), count, None)
+            return
+        size = int(records.get("size", size))
         data = stream.read(size)
         stream.read(-size % BLOCK)  # padding to the next block
         if len(data) < size:
             raise tarfile.ReadError(f"{where}: member {name!r} is cut short (a truncated shard)")
         if kind == b"x":  # pax extended header: applies to the next member
-            pax = _pax_records(data)
+            pax = _pax_records(data, where)
+        elif kind == b"g":
+            global_pax.update(_pax_records(data, where))
         elif kind == b"L":  # GNU long name of the next member
             long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
         else:
-            if kind in _REGULAR:
-                yield pax.get("path") or long_name or name, data
+            name = records["path"] if "path" in records else long_name or name
+            # An old-style ('\0') entry named with a trailing slash is a directory (tarfile's rule).
+            if kind in _REGULAR and not (kind == b"\0" and name.endswith("/")):
+                count += 1
+                yield name, data
             long_name, pax = None, {}
         header = stream.read(BLOCK)
 
 
 def _parse_header(header: bytes) -> tuple[str, int, bytes] | None:
-    """(name, size, type flag) of a ustar/GNU header block; None if its checksum is wrong."""
+    """(name, size, type flag) of a ustar/GNU header block; None if it is short or its checksum wrong."""
+    if len(header) != BLOCK:
+        return None
     try:
         checksum = int(header[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
     except ValueError:
@@ -88,12 +107,17 @@ def _parse_header(header: bytes) -> tuple[str, int, bytes] | None:
     return name.decode("utf-8", "surrogateescape"), size, header[156:157]
 
 
-def _pax_records(data: bytes) -> dict[str, str]:
+def _pax_records(data: bytes, where: str) -> dict[str, str]:
     """The "LENGTH key=value\\n" records of a pax extended header."""
     records, pos = {}, 0
     while pos < len(data):
-        space = data.index(b" ", pos)
-        length = int(data[pos:space])
+        if not data[pos:].strip(b"\0"):
+            break  # NUL padding after the last record
+        space = data.find(b" ", pos)
+        length = int(data[pos:space]) if space > pos and data[pos:space].isdigit() else 0
+        if length < 1 or pos + length > len(data):
+            # tarfile's guard too: a zero length would never advance (an endless loop on a damaged shard)
+            raise tarfile.ReadError(f"{where}: bad pax record at byte {pos} of a pax header (damaged shard)")
         key, _, value = data[space + 1:pos + length - 1].partition(b"=")
         records[key.decode("utf-8")] = value.decode("utf-8", "surrogateescape")
         pos += length

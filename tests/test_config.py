@@ -112,6 +112,7 @@ def test_norm_timm_takes_the_backbones_own_values() -> None:
 @pytest.mark.parametrize("overrides, message", [
     (["data.norm=channels", "data.channel_mean=0.5,0.5", "data.channel_std=0.2,0.2,0.2"], "channel_mean"),
     (["data.norm=channels", "data.channel_mean=0.5,0.5,0.5", "data.channel_std=0.2,0,0.2"], "channel_std"),
+    (["data.norm=channels", "data.channel_mean=nan,0.5,0.5", "data.channel_std=0.2,0.2,inf"], "channel_mean"),
     (["data.norm=timm", "data.in_chans=1", "model.in_chans=1"], "data.in_chans=1"),
     (["data.resize_backend=cv2"], "data.resize_backend"),
     (["data.uint8_batches=maybe"], "data.uint8_batches"),

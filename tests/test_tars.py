@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gzip
+import shutil
+import subprocess
 import io
 import tarfile
 
@@ -113,3 +115,64 @@ def test_read_shard_counts_truncated_and_empty_shards(tmp_path) -> None:
         counter = BadSampleCounter(10, "test")
         assert list(read_shard(str(tmp_path / name), counter)) == []
         assert counter.seen == {(str(tmp_path / name), "<empty shard>")}
+
+
+def _header(name: str, size: int, typeflag: bytes, fmt: int = tarfile.USTAR_FORMAT) -> bytes:
+    """One header block with `typeflag` patched in and the checksum recomputed."""
+    info = tarfile.TarInfo(name)
+    info.size = size
+    block = bytearray(info.tobuf(format=fmt)[:512])
+    block[156:157] = typeflag
+    block[148:156] = b" " * 8
+    block[148:155] = b"%06o\0" % sum(block)
+    return bytes(block)
+
+
+def _data(payload: bytes) -> bytes:
+    return payload + bytes(-len(payload) % 512)
+
+
+def test_unusual_members_read_as_tarfile_reads_them(tmp_path) -> None:
+    # pax global headers (applied to later members), an old-style directory ('\0' + trailing slash),
+    # and a truncated first header or a tiny gzip stream (both handed to tarfile).
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT, pax_headers={"comment": "x" * 600}) as tar:
+        for name, data in MEMBERS[:3]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with_global = out.getvalue()
+    assert list(tar_members(io.BytesIO(with_global), "g.tar")) == reference(with_global)
+    v7 = _header("old-dir/", 0, b"\0") + _header("a.cls", 1, b"\0") + _data(b"1") + bytes(1024)
+    assert list(tar_members(io.BytesIO(v7), "v7.tar")) == reference(v7) == [("a.cls", b"1")]
+    with pytest.raises(tarfile.ReadError):
+        list(tar_members(io.BytesIO(with_global[:300]), "cut.tar"))
+    tiny = gzip.compress(archive(tarfile.PAX_FORMAT, [("a.cls", b"1")], extras=False))
+    assert len(tiny) < 512 and list(tar_members(io.BytesIO(tiny), "tiny.tar.gz")) == [("a.cls", b"1")]
+
+
+@pytest.mark.parametrize("record", [b"0 path=x\n", b"-5 path=x\n", b"99 path=x\n", b"x path\n"])
+def test_damaged_pax_records_raise_instead_of_looping(record: bytes) -> None:
+    data = _header("pax", len(record), b"x") + _data(record) + _header("f.cls", 1, b"0") + _data(b"1") + bytes(1024)
+    with pytest.raises(tarfile.ReadError, match="bad pax record"):
+        list(tar_members(io.BytesIO(data), "p.tar"))
+
+
+@pytest.mark.skipif(shutil.which("tar") is None, reason="needs GNU tar to write sparse members")
+@pytest.mark.parametrize("fmt", ["gnu", "posix"])
+def test_sparse_members_are_read_by_tarfile(tmp_path, fmt: str) -> None:
+    folder = tmp_path / "src"
+    folder.mkdir()
+    (folder / "a.cls").write_bytes(b"3")
+    with open(folder / "holes.bin", "wb") as f:
+        for i in range(10):
+            f.seek(i * 110_000)
+            f.write(b"data%d" % i)
+    (folder / "z.cls").write_bytes(b"4")
+    shard = tmp_path / "sparse.tar"
+    subprocess.run(["tar", "-S", f"--format={fmt}", "-cf", str(shard), "-C", str(folder), "a.cls", "holes.bin",
+                    "z.cls"], check=True)
+    data = shard.read_bytes()
+    want = reference(data)
+    assert [name.rsplit("/", 1)[-1] for name, _ in want] == ["a.cls", "holes.bin", "z.cls"]
+    assert list(tar_members(io.BytesIO(data), "sparse.tar")) == want
