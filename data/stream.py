@@ -43,7 +43,7 @@ from types import FrameType
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from data.balanced import balanced_batches
 from data.config import DataConfig
@@ -186,36 +186,22 @@ def decode_batch(
             return _stack([t for t in tensors if t is not None]), torch.tensor(
                 [raw[i].label for i in good], dtype=torch.int64)
         labels = [sample.label for sample in raw]
-        for i in (i for i, t in enumerate(tensors) if t is None):
-            same = [j for j in good if raw[j].label == raw[i].label]
-            # Deterministic donors: the class's good images by position, then any good one.
-            donors = [same[i % len(same)]] if same else []
-            donors += [good[(i + k) % len(good)] for k in range(len(good))]
-            for j in donors:
-                # A donor decoded once; transformed again (another crop) it can still fail.
-                tensors[i] = load(raw[j])
+        for i in [i for i, t in enumerate(tensors) if t is None]:
+            # Deterministic donors: the good images of the same class first, each group from the next
+            # position on; a donor transformed again (another crop) can still fail, then the next one.
+            for j in sorted(good, key=lambda j: (raw[j].label != raw[i].label, (j - i) % len(raw))):
+                tensors[i], labels[i] = load(raw[j]), raw[j].label
                 if tensors[i] is not None:
-                    labels[i] = raw[j].label
                     break
-            if tensors[i] is None:
+            else:
                 return None
     return _stack([t for t in tensors if t is not None]), torch.tensor(labels, dtype=torch.int64)
 
 
 def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """torch.stack, straight into shared memory inside a DataLoader worker.
-
-    A worker's batch goes to the trainer through shared memory; stacking into
-    it saves the copy that pickling a private tensor makes (default_collate
-    does the same).
-    """
-    if get_worker_info() is None:
-        return torch.stack(tensors)
-    first = tensors[0]
-    shape = (len(tensors), *first.shape)
-    storage = torch.UntypedStorage._new_shared(first.element_size() * first.numel() * len(tensors))
-    out = torch.empty(0, dtype=first.dtype).set_(storage).view(shape)
-    return torch.stack(tensors, out=out)
+    """torch.stack; inside a DataLoader worker straight into shared memory (default_collate's way),
+    saving the copy that pickling a private batch to the trainer would make."""
+    return default_collate(tensors)
 
 
 def _worker_slot(offset: int) -> tuple[int, int]:

@@ -70,7 +70,7 @@ def test_uint8_batches_normalise_to_the_float_batches(root: str, num_workers: in
 def test_worker_batches_are_stacked_into_shared_memory(monkeypatch) -> None:
     tensors = [torch.randint(0, 256, (3, 5, 4), dtype=torch.uint8) for _ in range(6)]
     assert not data.stream._stack(tensors).is_shared()  # in the trainer's process: plain memory
-    monkeypatch.setattr(data.stream, "get_worker_info", lambda: object())  # as inside a DataLoader worker
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())  # as inside a DataLoader worker
     out = data.stream._stack(tensors)
     assert out.is_shared() and out.shape == (6, 3, 5, 4) and torch.equal(out, torch.stack(tensors))
 
