@@ -66,6 +66,52 @@ def test_cos_phi_closed_form_and_measure() -> None:
     assert float(identity) == pytest.approx(float((xv - anchor).norm()), rel=1e-6) == pytest.approx(8.062, abs=1e-3)
 
 
+def _distarc_reference_fp64(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, radii: torch.Tensor, s: float,
+                            m: float, lam: float, mu: float) -> torch.Tensor:
+    """Paper Eq. 1 per sample, written independently in fp64 from the definitions (spec 1.3)."""
+    w_hat = w / w.norm(dim=1, keepdim=True)
+    anchors = radii[:, None] * w_hat  # a_j
+    delta = ((x[:, None, :] - anchors[None]) ** 2).sum(-1)  # ||x - a_j||^2 by broadcasting, no GEMM
+    cos = (x / x.norm(dim=1, keepdim=True)) @ w_hat.t()
+    rows = torch.arange(x.shape[0])
+    resultant = x - anchors[y]
+    cos_phi = (resultant / resultant.norm(dim=1, keepdim=True) * -w_hat[y]).sum(1)
+    z = s * cos - lam * delta
+    z_y = s * torch.cos(torch.acos(cos[rows, y]) + m) + mu * cos_phi - lam * delta[rows, y]
+    z = z.index_put((rows, y), z_y)
+    return torch.logsumexp(z, dim=1) - z_y
+
+
+@pytest.mark.parametrize("dist_to_anchor, phi_atol, grad_rtol", [(0.02, 1e-3, 1e-3), (1e-3, 2e-2, 5e-3)])
+def test_near_the_anchor_fp32_matches_an_fp64_reference(dist_to_anchor: float, phi_atol: float,
+                                                        grad_rtol: float) -> None:
+    """A sample 0.02 from an r = 100 anchor: the GEMM form of delta cancels (rounding ~1e-3 of a true
+    4e-4) and a cos(phi) built on it reached losses ~3e3 and gradient norms 1e6; the explicit
+    difference x - a_y keeps loss and gradient at the fp64 values. (At 1e-3 from the anchor, fp32's own
+    rounding of r * w_hat, ~1e-4 in norm, bounds how well the direction of x - a_y can be known.)"""
+    g = torch.Generator().manual_seed(3)
+    c, d, n = 10, 512, 256
+    w = torch.randn(c, d, generator=g, dtype=torch.float64)
+    radii = sphere_radii(torch.arange(c), 10.0, 10.0, 10).double()
+    y = torch.randint(0, c, (n,), generator=g)
+    u = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
+    w = w.float().double()  # the fp32 inputs, exactly, so that only the arithmetic differs
+    x32 = (radii[y, None] * F.normalize(w, dim=1)[y] + dist_to_anchor * u).float().requires_grad_(True)
+    x64 = x32.detach().double().requires_grad_(True)
+    ref = _distarc_reference_fp64(x64, y, w, radii, s=1.0, m=0.5, lam=0.005, mu=1.0)
+    ref.sum().backward()
+    cfg = LossConfig(name="distarc", form="paper", scale=1.0, margin=0.5, radial_weight=0.005, phi_weight=1.0)
+    out = distarc_logits(x32, y, w.float(), radii.float(), cfg, 0.5)
+    per_sample = torch.logsumexp(out["logits"], dim=1) - out["target"]
+    per_sample.sum().backward()
+    resultant = x64.detach() - radii[y, None] * F.normalize(w, dim=1)[y]
+    true_cos_phi = (F.normalize(resultant, dim=1) * -F.normalize(w, dim=1)[y]).sum(1)
+    torch.testing.assert_close(out["cos_phi_y"].double(), true_cos_phi, rtol=0, atol=phi_atol)
+    torch.testing.assert_close(per_sample.double(), ref.detach(), rtol=0, atol=1e-4)
+    grad_err = (x32.grad.double() - x64.grad).norm(dim=1).max()
+    assert float(grad_err) < grad_rtol * max(1.0, float(x64.grad.norm(dim=1).max())), float(grad_err)
+
+
 def test_sphere_radii_round_robin() -> None:
     assert sphere_radii(torch.arange(7), 10.0, 5.0, 3).tolist() == [10, 15, 20, 10, 15, 20, 10]
 
