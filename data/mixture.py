@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 
 from data.config import DataConfig
 from data.samples import RawSample
-from data.shards import check_labels, list_shards, manifest_path, read_manifest
+from data.shards import check_labels, label_space, list_shards, manifest_path, read_manifest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,28 +35,36 @@ class TrainSource:
 
 
 def train_sources(cfg: DataConfig) -> list[TrainSource]:
-    """The sources of cfg's training stream, checked; one entry when data.sources is unset."""
+    """The sources of cfg's training stream, checked; one entry when data.sources is unset.
+
+    A source's class count is the label space of its train split (its manifest's max label + 1).
+    """
     pairs = cfg.source_list()
     if not pairs:
-        check_labels(cfg.root, cfg.num_classes)
+        check_labels(cfg.root, cfg.num_classes, cfg.train_split)
         return [TrainSource(cfg.root, 1.0, 0, cfg.num_classes, tuple(list_shards(cfg.root, cfg.train_split)))]
     sources, offset = [], 0
     for root, weight in pairs:
-        manifest = read_manifest(root)
-        if manifest is None or int(manifest.get("num_classes", 0)) < 1:
+        if read_manifest(root) is None:
             raise FileNotFoundError(
-                f"{manifest_path(root)} (named in data.sources) is missing or declares no num_classes; "
-                "a mixture needs each source's class count: convert the source with `python -m data.convert`"
+                f"{manifest_path(root)} (named in data.sources) is missing; a mixture needs each source's "
+                "class count: convert the source with `python -m data.convert`"
             )
-        count = int(manifest["num_classes"])
-        check_labels(root, count)
+        count = label_space(root, cfg.train_split)
         sources.append(TrainSource(root, weight, offset, count, tuple(list_shards(root, cfg.train_split))))
         offset += count
     if offset != cfg.num_classes:
         parts = " + ".join(f"{s.num_classes} ({s.root})" for s in sources)
         raise ValueError(f"data.sources hold {parts} = {offset} classes but data.num_classes={cfg.num_classes}; "
-                         f"set data.num_classes={offset}")
+                         f"set data.num_classes={offset} (or 0: the sum, read from the manifests)")
     return sources
+
+
+def num_train_classes(cfg: DataConfig) -> int:
+    """The label space of the training stream from the manifests: data.root's train split, or the sum
+    over data.sources (what data.num_classes=0 resolves to)."""
+    roots = [root for root, _ in cfg.source_list()] or [cfg.root]
+    return sum(label_space(root, cfg.train_split) for root in roots)
 
 
 def mix(streams: list[Iterator[RawSample]], sources: list[TrainSource], rng: random.Random) -> Iterator[RawSample]:

@@ -104,24 +104,48 @@ def assign_shards(
     return shards[slot::slots]
 
 
-def check_labels(root: str, num_classes: int) -> None:
+def split_entry(root: str, split: str) -> dict:
+    """The manifest's entry of `split`; raises naming the manifest, its splits and the fix."""
+    manifest = read_manifest(root)
+    if manifest is None:
+        raise FileNotFoundError(f"{manifest_path(root)} does not exist; {_FIX_HINT}")
+    splits = manifest.get("splits", {})
+    if split not in splits:
+        raise ValueError(
+            f"{manifest_path(root)} has no split {split!r} (it has {', '.join(sorted(splits)) or 'none'}); "
+            f"choose one of those (e.g. --split {next(iter(sorted(splits)), 'NAME')}) or convert the split"
+        )
+    return splits[split]
+
+
+def label_space(root: str, split: str) -> int:
+    """Labels of `split` lie in [0, label_space): its max_label + 1, from the manifest."""
+    return int(split_entry(root, split).get("max_label", -1)) + 1
+
+
+def check_labels(root: str, num_classes: int, split: str | None = None) -> None:
     """Raise ValueError when the manifest's labels do not fit `num_classes`.
 
-    Does nothing when there is no manifest: the loader then skips
-    out-of-range labels sample by sample (see data.samples).
+    `split` given: only that split's labels must fit (an open-set test split may hold classes the
+    head never sees); otherwise every split and the declared num_classes. Does nothing when there is
+    no manifest: the loader then skips out-of-range labels sample by sample (see data.samples).
     """
     manifest = read_manifest(root)
     if manifest is None:
         return
     path = manifest_path(root)
-    declared = int(manifest.get("num_classes", 0))
-    max_label = max(
-        (int(info.get("max_label", -1)) for info in manifest.get("splits", {}).values()),
-        default=-1,
-    )
+    if split is not None and split in manifest.get("splits", {}):
+        declared, max_label = 0, int(manifest["splits"][split].get("max_label", -1))
+    else:
+        declared = int(manifest.get("num_classes", 0))
+        max_label = max(
+            (int(info.get("max_label", -1)) for info in manifest.get("splits", {}).values()),
+            default=-1,
+        )
     if declared > num_classes or max_label >= num_classes:
+        where = f"split {split!r} of {path}" if declared == 0 else path
         raise ValueError(
-            f"{path} declares num_classes={declared} (max label {max_label}) but "
+            f"{where} declares num_classes={declared} (max label {max_label}) but "
             f"data.num_classes={num_classes}; set data.num_classes={max(declared, max_label + 1)} "
             f"or point data.root at the right dataset"
         )

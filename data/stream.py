@@ -182,9 +182,8 @@ def decode_batch(
         good = [i for i, t in enumerate(tensors) if t is not None]
         if not good:
             return None
-        if seed is None:
-            return _stack([t for t in tensors if t is not None]), torch.tensor(
-                [raw[i].label for i in good], dtype=torch.int64)
+        if seed is None:  # eval: failures are dropped (decode_eval_batch also returns the keys)
+            return _stack([tensors[i] for i in good]), torch.tensor([raw[i].label for i in good], dtype=torch.int64)
         labels = [sample.label for sample in raw]
         for i in [i for i, t in enumerate(tensors) if t is None]:
             # Deterministic donors: the good images of the same class first, each group from the next
@@ -315,12 +314,15 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
     signal.signal(signal.SIGTERM, _exit_after_grace)
 
 
-def _check(cfg: DataConfig, rank: int, world_size: int) -> None:
+def _check(cfg: DataConfig, rank: int, world_size: int, split: str) -> None:
     """Shared argument checks of both loaders."""
     cfg.validate()
+    if cfg.num_classes < 1:
+        raise ValueError("data.num_classes=0 (read from the manifest) must be resolved before a loader is built: "
+                         "pass the config through RunConfig.resolved()")
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
-    check_labels(cfg.root, cfg.num_classes)
+    check_labels(cfg.root, cfg.num_classes, split)
 
 
 def build_train_loader(cfg: DataConfig, rank: int, world_size: int, start_batch: int = 0) -> TrainBatches:
@@ -332,7 +334,7 @@ def build_train_loader(cfg: DataConfig, rank: int, world_size: int, start_batch:
     Batch k is a function of (cfg, rank, world_size, k) only; start_batch=n
     yields batches n, n+1, ... of the start_batch=0 stream.
     """
-    _check(cfg, rank, world_size)
+    _check(cfg, rank, world_size, cfg.train_split)
     if isinstance(start_batch, bool) or not isinstance(start_batch, int) or start_batch < 0:
         raise ValueError(f"start_batch={start_batch!r} must be an int >= 0")
     sources = train_sources(cfg)
@@ -353,14 +355,15 @@ def build_train_loader(cfg: DataConfig, rank: int, world_size: int, start_batch:
 
 
 class EvalStream(IterableDataset):
-    """Finite, unshuffled, unaugmented batches of one rank's eval shards."""
+    """Finite, unshuffled, unaugmented batches of one rank's eval shards: (images, labels) or, with
+    `with_keys`, (images, labels, keys) (the sample keys of the images that decoded, in order)."""
 
-    def __init__(self, cfg: DataConfig, shards: list[str], rank: int) -> None:
+    def __init__(self, cfg: DataConfig, shards: list[str], rank: int, with_keys: bool = False) -> None:
         super().__init__()
-        self.cfg, self.shards, self.rank = cfg, shards, rank
+        self.cfg, self.shards, self.rank, self.with_keys = cfg, shards, rank, with_keys
         self.counter: BadSampleCounter | None = None
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[tuple]:
         cfg = self.cfg
         worker, num_workers = _worker_slot(0)
         counter = BadSampleCounter(cfg.max_bad_samples, f"eval rank {self.rank} worker {worker}")
@@ -368,23 +371,42 @@ class EvalStream(IterableDataset):
         transform = build_transform(cfg, train=False)
         samples = valid_samples(self.shards[worker::num_workers], cfg.num_classes, counter)
         while raw := list(itertools.islice(samples, cfg.eval_batch_size)):
-            batch = decode_batch(raw, cfg, transform, counter, seed=None)
+            batch = decode_eval_batch(raw, cfg, transform, counter)
             if batch is not None:
-                yield batch
+                yield batch if self.with_keys else batch[:2]
 
 
-def build_eval_loader(cfg: DataConfig, rank: int, world_size: int) -> DataLoader | list[Batch]:
-    """Finite, re-iterable loader over this rank's share of the eval split.
+def decode_eval_batch(raw: list[RawSample], cfg: DataConfig, transform: Callable[[Image.Image], torch.Tensor],
+                      counter: BadSampleCounter) -> tuple[torch.Tensor, torch.Tensor, list[str]] | None:
+    """decode_batch without a seed (failures counted and dropped), plus the keys of what decoded."""
+    tensors = []
+    for sample in raw:
+        try:
+            tensors.append(transform(decode_image(sample.image, cfg.in_chans)))
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad bytes
+            counter.record(sample.shard, sample.key, f"decode failed: {type(exc).__name__}: {exc}")
+            tensors.append(None)
+    good = [i for i, t in enumerate(tensors) if t is not None]
+    if not good:
+        return None
+    return (_stack([tensors[i] for i in good]), torch.tensor([raw[i].label for i in good], dtype=torch.int64),
+            [raw[i].key for i in good])
+
+
+def build_eval_loader(cfg: DataConfig, rank: int, world_size: int, split: str | None = None,
+                      with_keys: bool = False) -> DataLoader | list:
+    """Finite, re-iterable loader over this rank's share of `split` (default data.eval_split).
 
     Every eval sample is seen exactly once over all ranks. A rank without a
     shard (more ranks than shards) gets an empty list, never an error.
     """
-    _check(cfg, rank, world_size)
-    shards = list_shards(cfg.root, cfg.eval_split)[rank::world_size]
+    split = split or cfg.eval_split
+    _check(cfg, rank, world_size, split)
+    shards = list_shards(cfg.root, split)[rank::world_size]
     if not shards:
         return []
     return DataLoader(
-        EvalStream(cfg, shards, rank),
+        EvalStream(cfg, shards, rank, with_keys),
         batch_size=None,
         # More workers than shards would only start idle processes.
         num_workers=min(cfg.num_workers, len(shards)),

@@ -105,7 +105,7 @@ def _split_entry(root: str, split: str, info: dict) -> dict:
     }
 
 
-def write_manifest(root: str, splits: dict[str, dict]) -> None:
+def write_manifest(root: str, splits: dict[str, dict], dataset: str = "") -> None:
     """Write `{root}/manifest.json` atomically.
 
     `splits` maps a split name to {"shards": file names inside
@@ -113,7 +113,8 @@ def write_manifest(root: str, splits: dict[str, dict]) -> None:
     the split}. The manifest records per split num_samples, num_classes
     (distinct labels), max_label, shards (paths relative to root) and a
     sha256 per shard, plus a top-level num_classes = the label-space size
-    (max label over all splits + 1) that data.num_classes must cover.
+    (max label over all splits + 1) that data.num_classes must cover, and
+    `dataset` (when given): the name that picks the evaluation protocol.
     """
     if not splits:
         raise ValueError("write_manifest: no splits given")
@@ -123,6 +124,8 @@ def write_manifest(root: str, splits: dict[str, dict]) -> None:
         "num_classes": max(entry["max_label"] for entry in entries.values()) + 1,
         "splits": entries,
     }
+    if dataset:
+        manifest["dataset"] = dataset
     # Temp file in the same folder + os.replace: readers see either the old
     # manifest or the complete new one, never a half-written file.
     fd, tmp = tempfile.mkstemp(dir=root, prefix=".manifest-", suffix=".tmp")

@@ -14,7 +14,7 @@ import sys
 import time
 
 from data.convert.mnist import ensure_prepared
-from launch.overrides import apply_overrides
+from train.overrides import apply_overrides
 from launch.preflight import preflight
 from launch.recipes import DEFAULT_RECIPE, RECIPES, get_recipe
 from launch.sweep import expand, write_summary
@@ -73,12 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     if summary["stop_signal"]:
         print(f"stopped by {summary['stop_signal']} at step {summary['step']} after a checkpoint; run the same "
               "command again to continue")
-    elif "acc_measure" in summary and cfg.loss.name == "distarc":  # the measure needs DistArc's radii
-        print(f"held-out accuracy: {summary['acc_measure']:.4f} (predictive measure), "
-              f"{summary['acc_cosine']:.4f} (cosine), on {int(summary['num_samples'])} images")
-    else:
-        scores = ", ".join(f"{k} {v:.4f}" for k, v in summary.items() if k.startswith("acc_") or "/" in k)
-        print(f"held-out: {scores}, on {int(summary.get('num_samples', 0))} images")
+    else:  # the protocol's rows of every evaluation set, in percent (train/evaluate/)
+        rows = summary["rows"]
+        print("\n".join(rows) if rows else "no evaluation set (data.eval_split and metrics.eval_sets are empty)")
     print(f"checkpoints: {summary['checkpoint']}")
     print(f"TensorBoard: tensorboard --logdir {summary['tensorboard_dir']}")
     return 0

@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Any
 
-from launch.overrides import apply_overrides
+from train.overrides import apply_overrides
 from launch.recipes import get_recipe
 from train.config import RunConfig
 
@@ -64,7 +64,7 @@ def expand(recipe: str, overrides: list[str], specs: list[str], sweep_name: str 
     return sweep_dir, cfgs
 
 
-METRIC_ORDER = ("acc_measure", "acc_cosine", "acc_euclidean", "acc_hyperbolic")
+METRIC_ORDER = ("acc_measure", "acc_cosine", "acc_euclidean", "acc_poincare")
 
 
 def summary_rows(sweep_dir: str) -> list[dict[str, Any]]:

@@ -138,7 +138,7 @@ def class_similarities(x_GE: torch.Tensor, proxies_CKE: torch.Tensor, fc: nn.Mod
                        ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """Soft class similarities S [G, C] per space, and the proxies mapped into the ball [C, K, H].
 
-    Spaces: "euclidean" and "hyperbolic" for CHEST (those with eta > 0), "cosine" for SoftTriple.
+    Spaces: "euclidean" and "poincare" for CHEST (those with eta > 0), "cosine" for SoftTriple.
     """
     ch = cfg.chest
     x = x_GE.float()
@@ -160,7 +160,7 @@ def class_similarities(x_GE: torch.Tensor, proxies_CKE: torch.Tensor, fc: nn.Mod
         assert prox_h is not None
         x_h = hyp.to_ball(fc(x), ch.curvature, ch.clip_radius)
         d_h = hyp.pairwise_dist(x_h, prox_h, ch.curvature).view(x.shape[0], num_local, k)
-        out["hyperbolic"] = soft_min_similarity(d_h, ch.gamma_h)
+        out["poincare"] = soft_min_similarity(d_h, ch.gamma_h)
     return out, None if prox_h is None else prox_h.view(num_local, k, prox_h.shape[-1])
 
 
@@ -176,7 +176,7 @@ def class_terms(x_GE: torch.Tensor, target_col_G: torch.Tensor, proxies_CKE: tor
     # space -> (output key, lambda, delta, eta); SoftTriple's cosine space uses the Euclidean fields
     spec = {"euclidean": ("loss_e_G", ch.lambda_e, ch.delta_e, ch.eta_e),
             "cosine": ("loss_e_G", ch.lambda_e, ch.delta_e, 1.0),
-            "hyperbolic": ("loss_h_G", ch.lambda_h, ch.delta_h, ch.eta_h)}
+            "poincare": ("loss_h_G", ch.lambda_h, ch.delta_h, ch.eta_h)}
     out: dict[str, torch.Tensor] = {}
     total = torch.zeros(x_GE.shape[0], device=x_GE.device)
     for space, sim in sims.items():
@@ -293,11 +293,15 @@ class ChestHead(ShardedHead):
 
     @torch.no_grad()
     def embed_spaces(self, emb_GE: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Retrieval embeddings: x^E (Euclidean and cosine), and x^H in the ball (Poincare) for CHEST."""
-        out = {"euclidean": emb_GE.float(), "cosine": emb_GE.float()}
+        """Retrieval embeddings: x^E (Euclidean and cosine); for CHEST also x^H in the ball (Poincare) and
+        h(x^E) before the map (fc_euclidean: the Euclidean space of the eta_H = 0 ablation)."""
+        x = emb_GE.float()
+        out = {"euclidean": x, "cosine": x}
         if self.fc is not None:
             ch = self.cfg.chest
-            out["poincare"] = hyp.to_ball(self.fc(emb_GE.float()), ch.curvature, ch.clip_radius)
+            h = self.fc(x)
+            out["poincare"] = hyp.to_ball(h, ch.curvature, ch.clip_radius)
+            out["fc_euclidean"] = h
         return out
 
     @torch.no_grad()

@@ -16,16 +16,21 @@ EUCLID_FEATURES = ("backbone", "head")
 
 @dataclasses.dataclass(kw_only=True)
 class ModelConfig:
-    """The embedding network: a timm trunk chosen by name plus a linear neck to `embed_dim`."""
+    """The embedding network: a timm trunk chosen by name plus (optionally) a linear neck to `embed_dim`."""
 
     name: str = "resnet10t"  # any timm model name; vit_large_patch16_224 for the full-size runs
     embed_dim: int = 64
+    # true: a Linear neck maps the trunk's pooled features to embed_dim; false: the embedding is the trunk's
+    # own output (CHEST's x^E is the ViT's CLS output), and embed_dim must equal the trunk's width
+    neck: bool = True
     in_chans: int = 3
     img_size: int = 0  # passed to timm for ViTs (0 = the model's default); CNNs ignore it
     patch_size: int = 0  # override a ViT's patch size for small images (0 = the model's default)
     drop_path_rate: float = 0.0
     grad_checkpointing: bool = False
-    checkpoint_path: str = ""  # optional local timm/torch state dict to start the trunk from
+    # optional local timm/torch checkpoint to start the trunk from (e.g. ImageNet-21k weights); its classifier
+    # is dropped and ViT position embeddings are resampled to img_size (model.backbone.load_trunk_weights)
+    checkpoint_path: str = ""
 
     def validate(self) -> None:
         if not self.name:

@@ -187,13 +187,16 @@ class DistArcHead(ShardedHead):
 
     @torch.no_grad()
     def predict(self, emb_GD: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Class ids by the predictive measure (argmin ||x - a_j||) and by cosine argmax.
+        """Class ids by cosine argmax and, for DistArc (the only head that learns radii), by the predictive
+        measure (argmin ||x - a_j||).
 
         `emb_GD` must be the same on every rank; the reduction spans the class shards.
         """
-        by_measure = sharded_argmin(anchor_sq_distance(emb_GD, self.weight, self.radii), self.class_start, self.group)
-        by_cosine = sharded_argmin(-cosine_scores(emb_GD, self.weight), self.class_start, self.group)
-        return {"measure": by_measure, "cosine": by_cosine}
+        out = {"cosine": sharded_argmin(-cosine_scores(emb_GD, self.weight), self.class_start, self.group)}
+        if self.cfg.name == "distarc":
+            out["measure"] = sharded_argmin(anchor_sq_distance(emb_GD, self.weight, self.radii), self.class_start,
+                                            self.group)
+        return out
 
 
 # ---- single-process reference API (plain tensors, the full table) -----------------------------

@@ -72,3 +72,18 @@ class TrainJob(submitit.helpers.Checkpointable):
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         return submitit.helpers.DelayedSubmission(TrainJob(self.cfg))
+
+
+class EvalJob:
+    """Picklable callable: one rank of `train.evaluate` (python -m launch.evaluate submits N of them)."""
+
+    def __init__(self, run_dir: str, checkpoint: str | None, use_export: bool, splits: list[str] | None,
+                 overrides: list[str]) -> None:
+        self.run_dir, self.checkpoint, self.use_export = run_dir, checkpoint, use_export
+        self.splits, self.overrides = splits, overrides
+
+    def __call__(self) -> dict[str, Any]:
+        export_cluster_env()
+        from train.evaluate.standalone import evaluate_run
+
+        return evaluate_run(self.run_dir, self.checkpoint, self.use_export, self.splits, self.overrides)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from launch.overrides import apply_overrides
+from train.overrides import apply_overrides
 from launch.recipes import RECIPES, get_recipe
 from train.config import RunConfig, load_yaml, save_yaml
 

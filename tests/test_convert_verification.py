@@ -38,7 +38,7 @@ def test_verification(tmp_path) -> None:
     for name, (images, issame) in (("lfw", LFW), ("cfp_fp", CFP)):
         entry = m["splits"][name]
         assert entry["num_samples"] == len(images) and entry["class_map"] == {}
-        assert "pair index" in entry["label_meaning"]
+        assert "pair index" in entry["label_meaning"] and entry["issame"] == issame
         samples = read_split(out, name)
         assert list(samples) == [f"{name}_{p:06d}_{side}" for p in range(len(issame)) for side in (0, 1)]
         for i, (key, s) in enumerate(samples.items()):

@@ -103,6 +103,36 @@ def test_samples_split_and_pixels(root: str, rows: list[tuple[bytes, int]]) -> N
         assert image.tobytes() == rows[index][0]  # lossless round trip
 
 
+def test_model_selection_carve_of_train(root: str, rows: list[tuple[bytes, int]]) -> None:
+    """fit / valid partition train (never val): per class the last 80 train rows are valid."""
+    index = {split: {json.loads(s["json"])["index"] for s in read_split(root, split).values()}
+             for split in ("train", "val", "fit", "valid")}
+    assert (len(index["fit"]), len(index["valid"])) == (3200, 800)
+    assert index["fit"] | index["valid"] == index["train"] and not index["fit"] & index["valid"]
+    assert not index["valid"] & index["val"]
+    for c in range(10):
+        train_rows = sorted(i for i in index["train"] if rows[i][1] == c)
+        assert sorted(i for i in index["valid"] if rows[i][1] == c) == train_rows[-80:]
+    with open(os.path.join(root, "manifest.json"), encoding="utf-8") as f:
+        assert json.load(f)["dataset"] == "mnist5k"
+
+
+def test_open_set_layout(tmp_path, rows: list[tuple[bytes, int]]) -> None:
+    """mnist5k_open: every image of digits 0-4 trains, every image of 5-9 is the (relabelled) test set."""
+    root = str(tmp_path / "open")
+    ensure_prepared(DataConfig(root=root, num_classes=5, prepare="mnist5k_open"))
+    for split, digits in (("train", range(0, 5)), ("test", range(5, 10))):
+        samples = read_split(root, split)
+        assert len(samples) == 2500
+        for sample in samples.values():
+            meta = json.loads(sample["json"])
+            assert rows[meta["index"]][1] == meta["digit"] and meta["digit"] in digits
+            assert int(sample["cls"]) == meta["digit"] - digits.start
+    with open(os.path.join(root, "manifest.json"), encoding="utf-8") as f:
+        manifest = json.load(f)
+    assert manifest["dataset"] == "mnist5k_open" and manifest["num_classes"] == 5
+
+
 def test_loader_on_mnist_shards(root: str) -> None:
     cfg = DataConfig(root=root, num_classes=10, batch_size=16, num_workers=0)
     images, labels = next(build_train_loader(cfg, 0, 1))

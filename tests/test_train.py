@@ -27,7 +27,7 @@ def test_launcher_trains_checkpoints_and_logs(mnist_root: str, tmp_path, capsys)
     assert main(overrides) == 0
     out = capsys.readouterr().out
     run_dir = tmp_path / "smoke"
-    assert "held-out accuracy:" in out and str(run_dir / "tb") in out and str(run_dir / "checkpoints") in out
+    assert "val (classification, 1000 images): top-1 cosine" in out and str(run_dir / "tb") in out and str(run_dir / "checkpoints") in out
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["step"] == 60 and summary["num_samples"] == 1000
     assert summary["acc_measure"] > 0.3  # 60 steps from scratch: far above the 0.1 of chance

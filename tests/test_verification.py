@@ -1,4 +1,4 @@
-"""train/verification.py: the insightface 10-fold protocol, checked against an independent brute force."""
+"""train/evaluate/verification.py: the insightface 10-fold protocol, checked against an independent brute force."""
 from __future__ import annotations
 
 import math
@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy.interpolate import BSpline, interp1d
 
-from train.verification import VAL_THRESHOLDS, _threshold_at_far, flip_sum, verification_accuracy
+from train.evaluate.verification import VAL_THRESHOLDS, _threshold_at_far, flip_sum, verification_accuracy
 
 
 def pairs_at_distances(dist: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

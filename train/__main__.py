@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from launch.overrides import apply_overrides
+from train.overrides import apply_overrides
 from launch.recipes import DEFAULT_RECIPE, get_recipe
 from train.config import load_yaml
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from model.proxies import ShardedHead
-from train.config import RunConfig, save_yaml
+from train.config import RunConfig, load_yaml, save_yaml
 from train.dist import DistEnv, barrier
 from train.elastic import ENGINE_TAG, load_universal
 
@@ -42,6 +42,7 @@ class TrainState:
     last_loss: float = float("nan")  # the last logged (rank-averaged) training loss
     stop_signal: int = 0  # the signal that stopped this job early (not saved: a resumed job starts at 0)
     first_step_at: float = 0.0  # wall time when this job finished its first step (not saved)
+    best: dict[str, float] = dataclasses.field(default_factory=dict)  # best evaluation scores so far
 
 
 def checkpoint_root(run_dir: str) -> str:
@@ -66,14 +67,25 @@ def read_meta(path: str) -> dict[str, Any]:
         return json.load(f)
 
 
-def check_compatible(path: str, cfg: RunConfig) -> None:
-    """Refuse, before any training, a checkpoint whose class table does not fit this config."""
+ARCHITECTURE_KEYS = ("name", "embed_dim", "neck", "in_chans", "img_size", "patch_size")  # model.* a checkpoint fixes
+
+
+RESUME_FIX = "use another run name (name=...) or set checkpoint.resume=false to start afresh in a new run dir"
+
+
+def check_compatible(path: str, cfg: RunConfig, fix: str = RESUME_FIX) -> None:
+    """Refuse, before anything is built, a checkpoint whose model or class table does not fit this config;
+    the error ends with `fix`."""
     meta = read_meta(path)
     if meta["num_classes"] != cfg.data.num_classes or meta["embed_dim"] != cfg.model.embed_dim:
         raise ValueError(
             f"checkpoint {path} holds a table of {meta['num_classes']} classes x {meta['embed_dim']} dims but the "
-            f"config asks for data.num_classes={cfg.data.num_classes}, model.embed_dim={cfg.model.embed_dim}; "
-            "use another run name (name=...) or set checkpoint.resume=false to start afresh in a new run dir")
+            f"config asks for data.num_classes={cfg.data.num_classes}, model.embed_dim={cfg.model.embed_dim}; {fix}")
+    saved = load_yaml(os.path.join(path, "config.yaml")).model
+    changed = [f"model.{k}: {getattr(saved, k)!r} in the checkpoint, {getattr(cfg.model, k)!r} now"
+               for k in ARCHITECTURE_KEYS if getattr(saved, k) != getattr(cfg.model, k)]
+    if changed:
+        raise ValueError(f"checkpoint {path} holds another model ({'; '.join(changed)}); {fix}")
 
 
 def stream_signature(cfg: RunConfig, world_size: int) -> dict[str, Any]:
@@ -114,8 +126,8 @@ def save_checkpoint(cfg: RunConfig, env: DistEnv, state: TrainState, engine: Any
         _save_replicated(os.path.join(tmp, "head"), head, head_optimizer)
         save_yaml(cfg, os.path.join(tmp, "config.yaml"))
         meta = {"step": state.step, "samples_seen": state.samples_seen, "world_size": env.world_size,
-                "num_classes": head.num_classes, "embed_dim": head.embed_dim,
-                "stream": stream_signature(cfg, env.world_size)}
+                "num_classes": head.num_classes, "embed_dim": head.embed_dim, "model_name": cfg.model.name,
+                "stream": stream_signature(cfg, env.world_size), "best": state.best}
         with open(os.path.join(tmp, "meta.json"), "w") as f:  # written last: marks the folder complete
             json.dump(meta, f)
     barrier()
@@ -146,7 +158,7 @@ def load_checkpoint(path: str, env: DistEnv, engine: Any, head: ShardedHead, hea
     rng_file = os.path.join(path, "rng", f"rank-{env.rank}-of-{env.world_size}.pt")
     if meta["world_size"] == env.world_size and os.path.exists(rng_file):
         _set_rng_state(torch.load(rng_file, weights_only=False))
-    return TrainState(step=meta["step"], samples_seen=meta["samples_seen"])
+    return TrainState(step=meta["step"], samples_seen=meta["samples_seen"], best=dict(meta.get("best", {})))
 
 
 # ---- head shards --------------------------------------------------------------------------------
@@ -226,9 +238,12 @@ def _load_head(path: str, head: ShardedHead, opt: torch.optim.Optimizer, sched: 
     if sched_state is None:  # a rank with no classes (C < P) still needs the schedule's position
         sched_state = torch.load(head_shard_files(path)[0][2], weights_only=False)["scheduler"]
     sched.load_state_dict(sched_state)
-    # load_state_dict restores the schedule's position but not the lr already in the optimizer
-    for group, lr in zip(opt.param_groups, sched.get_last_lr()):
-        group["lr"] = lr
+    # The schedule's position comes from the checkpoint, its base rates from this run's config (one per
+    # param group: CHEST's FC has its own); load_state_dict sets neither the rates in the optimizer.
+    sched.base_lrs = [group["initial_lr"] for group in opt.param_groups]
+    for group, base in zip(opt.param_groups, sched.base_lrs):
+        group["lr"] = base * sched.lr_lambdas[0](sched.last_epoch)
+    sched._last_lr = [group["lr"] for group in opt.param_groups]  # what get_last_lr() reports
 
 
 # ---- rng, pointer, pruning ----------------------------------------------------------------------

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from data.config import NORM_PRESETS, DataConfig
+from data.mixture import num_train_classes
 from model.config import LossConfig, ModelConfig
 
 
@@ -25,6 +26,7 @@ class OptimConfig:
     head_lr: float = 1e-2
     weight_decay: float = 0.05
     head_weight_decay: float = 0.0  # decay shrinks ||W_j|| towards 0 where only directions matter (spec 4.9)
+    fc_lr: float = 0.0  # CHEST's shared FC h (replicated head parameters); 0 = the backbone's optim.lr
     beta1: float = 0.9
     beta2: float = 0.999
     warmup_steps: int = 50
@@ -33,8 +35,8 @@ class OptimConfig:
     grad_accum_steps: int = 1
 
     def validate(self) -> None:
-        if self.lr <= 0 or self.head_lr <= 0:
-            raise ValueError("optim.lr and optim.head_lr must be > 0")
+        if self.lr <= 0 or self.head_lr <= 0 or self.fc_lr < 0:
+            raise ValueError("optim.lr and optim.head_lr must be > 0, optim.fc_lr >= 0 (0 = optim.lr)")
         if self.warmup_steps < 0 or self.grad_accum_steps < 1:
             raise ValueError("optim.warmup_steps must be >= 0 and optim.grad_accum_steps >= 1")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -72,19 +74,32 @@ class CheckpointConfig:
             raise ValueError(f"checkpoint.every_minutes={self.every_minutes} must be >= 0 (0 = off)")
 
 
+PROTOCOLS = ("auto", "classification", "retrieval", "query_gallery", "verification")
+
+
 @dataclasses.dataclass(kw_only=True)
 class MetricsConfig:
-    """What goes to TensorBoard and how often."""
+    """What goes to TensorBoard, how often, and how evaluation sets are scored (train/evaluate/)."""
 
     log_every: int = 10
-    eval_every: int = 0  # steps between held-out evaluations (0 = only at the end)
-    retrieval: bool = False  # also Recall@K and MAP@R (leave-one-out) in every embedding space of the head
-    recall_ks: str = "1,2,4"  # comma-separated K of Recall@K (SOP: 1,10,100; In-shop: 1,10,20)
+    eval_every: int = 0  # steps between evaluations of every evaluation set (0 = only at the end)
+    # "auto": from the data set's manifest (digits/ImageNet: classification, CUB/Cars/SOP: retrieval,
+    # In-shop: query_gallery, .bin pairs: verification); or one of those names
+    protocol: str = "auto"
+    retrieval: bool = False  # classification sets: also Recall@K and MAP@R (leave-one-out) in every space
+    recall_ks: str = ""  # comma-separated K of Recall@K; "" = the protocol's (CUB/Cars 1,2,4,8; SOP 1,10,100,1000)
     retrieval_chunk: int = 1024  # query rows per block: peak memory ~ chunk x eval-set size
+    gallery_split: str = "gallery"  # query_gallery: the split queries are matched against (In-shop)
+    # Extra evaluation sets, "ROOT[:SPLIT+SPLIT],ROOT..." (no SPLIT: every split of a verification root,
+    # e.g. the lfw, cfp_fp, agedb_30 .bin shards while training on MS1MV2); each scored by its own protocol
+    eval_sets: str = ""
+    verification_folds: int = 10
+    far_target: float = 1e-3  # verification: VAL is reported at this false-accept rate
 
     @property
     def ks(self) -> tuple[int, ...]:
-        return tuple(int(k) for k in self.recall_ks.split(","))
+        """metrics.recall_ks as integers; () = the protocol's default."""
+        return tuple(int(k) for k in self.recall_ks.split(",")) if self.recall_ks.strip() else ()
 
     def validate(self) -> None:
         if self.log_every < 1 or self.eval_every < 0:
@@ -93,8 +108,12 @@ class MetricsConfig:
             ks = self.ks
         except ValueError:
             raise ValueError(f"metrics.recall_ks={self.recall_ks!r} must be comma-separated integers, e.g. 1,2,4")
-        if not ks or min(ks) < 1 or self.retrieval_chunk < 1:
+        if (ks and min(ks) < 1) or self.retrieval_chunk < 1:
             raise ValueError("metrics.recall_ks must hold integers >= 1 and metrics.retrieval_chunk must be >= 1")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"metrics.protocol={self.protocol!r} is unknown; choose one of {PROTOCOLS}")
+        if self.verification_folds < 2 or not 0 < self.far_target < 1:
+            raise ValueError("metrics.verification_folds must be >= 2 and metrics.far_target in (0, 1)")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -189,13 +208,18 @@ class RunConfig:
         """Validated, with settings that depend on others made explicit (what a run records and uses).
 
         data.norm=timm becomes the backbone's normalisation from timm's pretrained config of model.name
-        (a preset name when the values are one, else data.norm=channels with the values).
+        (a preset name when the values are one, else data.norm=channels with the values);
+        data.num_classes=0 the train split's label space from the manifest(s).
         """
         self.validate()
-        if self.data.norm != "timm":
+        changes: dict[str, Any] = {}
+        if self.data.num_classes == 0:
+            changes.update(num_classes_from_manifests(self.data))
+        if self.data.norm == "timm":
+            changes.update(backbone_norm(self.model.name))
+        if not changes:
             return self
-        data = dataclasses.replace(self.data, **backbone_norm(self.model.name))
-        return dataclasses.replace(self, data=data).validate()
+        return dataclasses.replace(self, data=dataclasses.replace(self.data, **changes)).validate()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -203,6 +227,17 @@ class RunConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "RunConfig":
         return _build(cls, raw, "")
+
+
+def num_classes_from_manifests(data: DataConfig) -> dict[str, Any]:
+    """data.num_classes=0 resolved from the manifests; left at 0 while data.prepare has yet to write them."""
+    try:
+        return {"num_classes": num_train_classes(data)}
+    except FileNotFoundError as err:
+        if data.prepare != "none":
+            return {}  # written by ensure_prepared before the job starts; run() resolves again
+        raise FileNotFoundError(f"data.num_classes=0 is read from the manifest, but {err}; set data.num_classes "
+                                "or convert the data set first") from err
 
 
 def backbone_norm(model_name: str) -> dict[str, Any]:

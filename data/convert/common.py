@@ -251,13 +251,12 @@ def write_dataset_manifest(
             "labels": [item.cls for item in s.items],
         }
         for s in splits
-    })
+    }, dataset=dataset)
     # write_manifest has no room for extra keys; add them in a second atomic
     # replace (a reader in between sees a valid manifest without them).
     path = os.path.join(out, MANIFEST_NAME)
     with open(path, encoding="utf-8") as f:
         manifest = json.load(f)
-    manifest["dataset"] = dataset
     manifest["shard_size"] = shard_size
     for s in splits:
         manifest["splits"][s.name].update(s.notes)

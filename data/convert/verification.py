@@ -9,7 +9,9 @@ older pickle protocols need for bytes and bytearray.
 Output: one split per .bin file in --src (split = file stem), key
 `<stem>_<pair:06d>_<side>`, json {pair, side, issame, path}.
 Convention: `cls` is the pair index, NOT a class: the two images of a pair
-share it, and the manifest's class_map is empty with a `label_meaning` note.
+share it, and the manifest's class_map is empty with a `label_meaning` note;
+the manifest entry also lists every pair's `issame` (train/evaluate rebuilds
+the pairs from it and from the keys' side suffix).
 Order is kept (no shuffle), so shard order follows pair order.
 """
 
@@ -80,5 +82,7 @@ def splits(src: str) -> list[Split]:
         def load(item: Item, images: list[bytes] = images) -> bytes:
             return images[int(item.ref)]
 
-        out.append(Split(stem, items, load, {}, shuffle=False, notes={"label_meaning": LABEL_MEANING}))
+        # issame in the manifest: the evaluator rebuilds the pairs without reading any sample's json
+        out.append(Split(stem, items, load, {}, shuffle=False,
+                         notes={"label_meaning": LABEL_MEANING, "issame": issame}))
     return out

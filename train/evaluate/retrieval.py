@@ -3,7 +3,7 @@
 Owns the ranking scores of each embedding space ("euclidean", "cosine", "poincare"), the kNN with a
 deterministic tie rule, and the metric definitions of the deep-metric-learning protocol
 (shared/spec/losses.md section 2.8). Pure functions of local tensors: gathering embeddings across
-ranks is the caller's job (train/evaluate.py); nothing here calls torch.distributed.
+ranks is the caller's job (train/evaluate/protocols.py); nothing here calls torch.distributed.
 
 Protocol:
 - `ref_emb is None`: leave-one-out over the query set (CUB, Cars, SOP); each query's own row is

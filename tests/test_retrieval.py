@@ -1,4 +1,4 @@
-"""train/metrics_retrieval.py: agreement with pytorch-metric-learning, brute force and hand examples.
+"""train/evaluate/retrieval.py: agreement with pytorch-metric-learning, brute force and hand examples.
 
 faiss is not installed, so PML's AccuracyCalculator gets a torch kNN (`CustomKNN(LpDistance())`
 or `CustomKNN(CosineSimilarity())`). PML ranks with torch.topk, whose order among equal scores is
@@ -22,9 +22,9 @@ from pytorch_metric_learning.distances import CosineSimilarity, LpDistance
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 from pytorch_metric_learning.utils.inference import CustomKNN
 
-import train.metrics_retrieval as mr
+import train.evaluate.retrieval as mr
 from tests.test_hyperbolic import arcosh_dist64
-from train.metrics_retrieval import knn, map_at_r, pairwise_scores, precision_at_1, recall_at_k, retrieval_report
+from train.evaluate.retrieval import knn, map_at_r, pairwise_scores, precision_at_1, recall_at_k, retrieval_report
 
 METRICS = ("euclidean", "cosine", "poincare")
 

@@ -1,0 +1,164 @@
+"""A trained run loaded for evaluation or embedding, at any number of ranks, without DeepSpeed's engine.
+
+Sources: a checkpoint `step-N/` (the ZeRO shards consolidated by DeepSpeed's own fp32 reader, the head
+table joined from its class-range files) or the run's export (`export/`: backbone.pth, neck.pth,
+head.pt, config.yaml). Either way every rank builds the embedding network whole and takes its own
+class slice of the head, so the world size of the evaluation need not be the one of training.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Callable
+
+import torch
+
+from data.transforms import InputNormaliser
+from model.backbone import EmbeddingModel, build_backbone
+from model.proxies import ShardedHead
+from model.task import MetricLearningTask, build_head
+from train import checkpoint as ckpt
+from train.config import RunConfig, load_yaml
+from train.dist import barrier, destroy_distributed, env_from_environ, init_distributed
+from train.evaluate.protocols import evaluate_sets, flatten
+from train.evaluate.report import write_eval_files
+from train.evaluate.sets import resolve_eval_sets
+from train.export import consolidated_backbone, full_head_tables
+from train.overrides import apply_overrides
+
+
+@dataclasses.dataclass
+class LoadedRun:
+    """What evaluation needs from a run: its config, the weights, and where they came from."""
+
+    cfg: RunConfig
+    source: str  # the step-N folder or the export folder
+    step: int
+    backbone: dict[str, torch.Tensor]  # trunk.* and neck.* (fp32)
+    head: dict[str, torch.Tensor]  # every head parameter, sharded ones with all classes' rows
+
+
+def _step_dir(run_dir: str, checkpoint: str | None) -> str:
+    if checkpoint:
+        path = checkpoint if os.path.isdir(checkpoint) else os.path.join(ckpt.checkpoint_root(run_dir), checkpoint)
+        if not os.path.isfile(os.path.join(path, "meta.json")):
+            raise FileNotFoundError(f"{path} is not a complete checkpoint (no meta.json); choose one of "
+                                    f"{sorted(os.listdir(ckpt.checkpoint_root(run_dir)))} with --checkpoint")
+        return path
+    latest = ckpt.find_latest(run_dir)
+    if latest is None:
+        raise FileNotFoundError(f"{ckpt.checkpoint_root(run_dir)} holds no complete checkpoint; train the run first "
+                                "or pass --export for an exported model")
+    return latest
+
+
+def source_dir(run_dir: str, checkpoint: str | None = None, use_export: bool = False) -> str:
+    """The folder weights come from: a step-N checkpoint (default the latest) or the export folder."""
+    if not use_export:
+        return _step_dir(run_dir, checkpoint)
+    source = os.path.join(run_dir, "export") if os.path.isdir(os.path.join(run_dir, "export")) else run_dir
+    if not os.path.isfile(os.path.join(source, "config.yaml")):
+        raise FileNotFoundError(f"{os.path.join(source, 'config.yaml')} does not exist: not an export folder "
+                                f"(python -m train.export {run_dir} writes one)")
+    return source
+
+
+def config_path(run_dir: str, checkpoint: str | None = None, use_export: bool = False) -> str:
+    """The config.yaml saved with those weights."""
+    return os.path.join(source_dir(run_dir, checkpoint, use_export), "config.yaml")
+
+
+def load_run(run_dir: str, checkpoint: str | None = None, use_export: bool = False,
+             apply: Callable[[RunConfig], RunConfig] | None = None) -> LoadedRun:
+    """The run's config (optionally changed by `apply(cfg) -> cfg`, e.g. key=value overrides) and weights.
+
+    Raises before any weight is read when the changed config does not fit the checkpoint's model or table.
+    """
+    source = source_dir(run_dir, checkpoint, use_export)
+    saved = load_yaml(os.path.join(source, "config.yaml"))
+    cfg = apply(saved) if apply is not None else saved
+    cfg.validate()
+    if use_export:
+        changed = [f"model.{k}" for k in ckpt.ARCHITECTURE_KEYS if getattr(saved.model, k) != getattr(cfg.model, k)]
+        if changed or saved.data.num_classes != cfg.data.num_classes:
+            raise ValueError(f"{source} holds a model of {saved.model.name} with a {saved.data.num_classes}-class "
+                             f"table; the overrides change {', '.join(changed) or 'data.num_classes'}: drop them")
+        weights = torch.load(os.path.join(source, "backbone.pth"), map_location="cpu", weights_only=True)
+        neck = torch.load(os.path.join(source, "neck.pth"), map_location="cpu", weights_only=True)
+        backbone = {**{f"trunk.{k}": v for k, v in weights.items()}, **{f"neck.{k}": v for k, v in neck.items()}}
+        head = torch.load(os.path.join(source, "head.pt"), map_location="cpu", weights_only=True)
+        with open(os.path.join(source, "export.json")) as f:
+            step = int(json.load(f)["step"])
+    else:
+        ckpt.check_compatible(source, cfg, fix="drop the model.* / data.num_classes overrides: evaluation takes "
+                                                "the model and its class table from the run")
+        backbone = consolidated_backbone(source, saved.zero.stage)
+        head = full_head_tables(source)
+        step = int(ckpt.read_meta(source)["step"])
+    return LoadedRun(cfg, source, step, backbone, head)
+
+
+def build_embedding_model(run: LoadedRun, device: torch.device) -> EmbeddingModel:
+    """The trained embedding network (eval mode, fp32, on `device`); the trunk is never re-downloaded."""
+    model = build_backbone(dataclasses.replace(run.cfg.model, checkpoint_path="", drop_path_rate=0.0,
+                                               grad_checkpointing=False))
+    model.load_state_dict(run.backbone, strict=True)
+    return model.to(device).eval()
+
+
+def build_sharded_head(run: LoadedRun, rank: int, world_size: int, device: torch.device) -> ShardedHead:
+    """This rank's class slice of the trained head (replicated parameters whole)."""
+    cfg = run.cfg
+    head = build_head(cfg.loss, cfg.data.num_classes, cfg.model.embed_dim, rank, world_size)
+    lo, n = head.class_start, head.num_local
+    with torch.no_grad():
+        for name, param in head.sharded_parameters().items():
+            param.copy_(run.head[name][lo:lo + n])
+        for name, param in head.replicated_parameters().items():
+            param.copy_(run.head[name])
+    return head.to(device).eval()
+
+
+def build_task(run: LoadedRun, rank: int, world_size: int, device: torch.device) -> MetricLearningTask:
+    return MetricLearningTask(build_embedding_model(run, device), build_sharded_head(run, rank, world_size, device))
+
+
+def evaluate_run(run_dir: str, checkpoint: str | None = None, use_export: bool = False,
+                 splits: list[str] | None = None, overrides: list[str] | None = None) -> dict:
+    """Evaluate on this process's rank (the group is started here if needed); returns, on every rank,
+    {"rows", "metrics" (flat), "step", "source"}; rank 0 writes the files."""
+    env = env_from_environ()
+
+    def apply(cfg: RunConfig) -> RunConfig:
+        return apply_overrides(cfg, list(overrides or []))
+
+    run = load_run(run_dir, checkpoint, use_export, apply)  # config checks first, then the weights
+    sets = resolve_eval_sets(run.cfg.data, run.cfg.metrics, splits)
+    if not sets:
+        raise ValueError(f"{run_dir}: nothing to evaluate (data.eval_split is empty and metrics.eval_sets unset); "
+                         "give --split NAME or metrics.eval_sets=ROOT[:SPLIT]")
+    device, owns_group = init_distributed(env)
+    try:
+        task = build_task(run, env.rank, env.world_size, device)
+        normaliser = InputNormaliser(run.cfg.data)
+        per_set = evaluate_sets(sets, task, run.cfg.data, run.cfg.metrics, env.rank, env.world_size, device,
+                                lambda images: normaliser(images, device, torch.float32))
+        values = flatten(sets, per_set)
+        rows: list[str] = []
+        if env.is_main:
+            rows = write_eval_files(run_dir, sets, per_set, run.step, run.source)
+            _log_tensorboard(run_dir, run.step, values)
+        barrier()
+        return {"rows": rows, "metrics": values, "step": run.step, "source": run.source}
+    finally:
+        if owns_group:
+            destroy_distributed()
+
+
+def _log_tensorboard(run_dir: str, step: int, values: dict[str, float]) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(os.path.join(run_dir, "tb")) as writer:
+        for key, value in values.items():
+            writer.add_scalar(f"evaluate/{key}", value, step)
