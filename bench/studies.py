@@ -9,6 +9,8 @@ distarc-recipe: the default DistArc recipe chosen on a validation split carved f
   chosen point alone is then measured with `--final POINT` (train on all 4000, evaluate on val).
 open-set: a metric-learning protocol on the digits (train on 0-4, retrieve unseen 5-9: R@1, MAP@R
   leave-one-out in each space): CHEST H+E, H only, E only, SoftTriple, ArcFace, DistArc.
+shipped: the digits recipes as shipped (mnist_distarc, mnist_arcface, mnist_chest, mnist_softtriple),
+  held-out accuracy and retrieval on the 1000 "val" digits.
 
 Seed k varies `seed`, `data.seed` and `loss.init_seed` (1234 + k) together. A point whose
 summary.json exists is not run again, so an interrupted study continues where it stopped; the table
@@ -49,6 +51,18 @@ STUDIES: dict[str, dict] = {
             "official-s16-l0.1-r1..5.5-mu0": ["loss.radial_weight=0.1", "loss.radius_start=1", "loss.radius_gap=0.5"],
             "official-s16-l0.1-r1..5.5-mu1": ["loss.radial_weight=0.1", "loss.radius_start=1", "loss.radius_gap=0.5",
                                               "loss.phi_weight=1"],
+        },
+    },
+    "shipped": {  # the digits recipes exactly as shipped: train on the 4000, score the held-out 1000
+        "recipe": "mnist_distarc",
+        "base": [],
+        "metrics": ["acc_measure", "acc_cosine", "acc_euclidean", "acc_poincare", "poincare/R@1", "poincare/MAP@R",
+                    "cosine/R@1"],
+        "points": {
+            "mnist_distarc": [],
+            "mnist_arcface": ["--recipe", "mnist_arcface"],
+            "mnist_chest": ["--recipe", "mnist_chest"],
+            "mnist_softtriple": ["--recipe", "mnist_softtriple"],
         },
     },
     "open-set": {
@@ -107,7 +121,7 @@ def table(study: dict, results: dict[str, list[dict]]) -> str:
             values = [r[m] for r in runs if m in r]
             cells.append(f"{statistics.mean(values):.3f} ({max(values) - min(values):.3f})" if values else "-")
         for r in runs:
-            seeds.append("/".join(f"{r[m]:.3f}" for m in metrics[:2] if m in r))
+            seeds.append("/".join(f"{r[m]:.3f}" for m in [m for m in metrics if m in r][:2]))
         lines.append(f"| {point} | " + " | ".join(cells) + f" | {' ; '.join(seeds)} |")
     return "\n".join(lines)
 

@@ -183,7 +183,8 @@ def decode_batch(
         if not good:
             return None
         if seed is None:  # eval: failures are dropped (decode_eval_batch also returns the keys)
-            return _stack([tensors[i] for i in good]), torch.tensor([raw[i].label for i in good], dtype=torch.int64)
+            return _stack([t for t in tensors if t is not None]), torch.tensor([raw[i].label for i in good],
+                                                                                 dtype=torch.int64)
         labels = [sample.label for sample in raw]
         for i in [i for i, t in enumerate(tensors) if t is None]:
             # Deterministic donors: the good images of the same class first, each group from the next
@@ -379,18 +380,16 @@ class EvalStream(IterableDataset):
 def decode_eval_batch(raw: list[RawSample], cfg: DataConfig, transform: Callable[[Image.Image], torch.Tensor],
                       counter: BadSampleCounter) -> tuple[torch.Tensor, torch.Tensor, list[str]] | None:
     """decode_batch without a seed (failures counted and dropped), plus the keys of what decoded."""
-    tensors = []
+    tensors, good = [], []
     for sample in raw:
         try:
             tensors.append(transform(decode_image(sample.image, cfg.in_chans)))
+            good.append(sample)
         except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad bytes
             counter.record(sample.shard, sample.key, f"decode failed: {type(exc).__name__}: {exc}")
-            tensors.append(None)
-    good = [i for i, t in enumerate(tensors) if t is not None]
     if not good:
         return None
-    return (_stack([tensors[i] for i in good]), torch.tensor([raw[i].label for i in good], dtype=torch.int64),
-            [raw[i].key for i in good])
+    return (_stack(tensors), torch.tensor([s.label for s in good], dtype=torch.int64), [s.key for s in good])
 
 
 def build_eval_loader(cfg: DataConfig, rank: int, world_size: int, split: str | None = None,

@@ -52,7 +52,7 @@ def test_unknown_recipe() -> None:
     ("model.img_size=64", "model.img_size=64 differs from data.image_size"),
     ("max_steps=0", "max_steps=0 must be >= 1"),
     ("data.batch_size=0", "batch_size"),
-    ("data.num_classes=0", "num_classes"),
+    ("data.num_classes=-1", "num_classes"),
     ("checkpoint.every_steps=0", "checkpoint.every_steps"),
     ("loss.num_spheres=0", "loss.num_spheres"),
     ("name=a/b", "name='a/b'"),
@@ -63,6 +63,18 @@ def test_validation_errors(override: str, message: str) -> None:
     cfg = apply_overrides(get_recipe("mnist_distarc"), [override])
     with pytest.raises(ValueError, match=message):
         cfg.validate()
+
+
+def test_num_classes_zero_is_read_from_the_manifest(mnist_root: str, tmp_path) -> None:
+    cfg = apply_overrides(get_recipe("mnist_distarc"), [f"data.root={mnist_root}", "data.num_classes=0"])
+    assert cfg.resolved().data.num_classes == 10
+    sources = apply_overrides(cfg, [f"data.sources={mnist_root}=1,{mnist_root}=1"])
+    assert sources.resolved().data.num_classes == 20  # the sum of the sources' train label spaces
+    missing = apply_overrides(cfg, [f"data.root={tmp_path}/none", "data.prepare=none"])
+    with pytest.raises(FileNotFoundError, match="data.num_classes=0 is read from the manifest.*set data.num_classes"):
+        missing.resolved()
+    # while data.prepare has yet to write the data set, it stays 0 (run() resolves it again)
+    assert apply_overrides(cfg, [f"data.root={tmp_path}/later"]).resolved().data.num_classes == 0
 
 
 def test_chest_settings_are_checked_only_for_chest_heads() -> None:
@@ -98,7 +110,8 @@ def test_norm_timm_takes_the_backbones_own_values() -> None:
     cnn = apply_overrides(get_recipe("vitl_imagenet_8gpu"), ["model.name=resnet50"]).resolved()
     assert cnn.data.norm == "imagenet"
     clip = apply_overrides(get_recipe("vits_cub_chest_1gpu"),
-                           ["model.name=vit_base_patch16_clip_224.openai", "model.embed_dim=512"]).resolved()
+                           ["model.name=vit_base_patch16_clip_224.openai", "model.embed_dim=768",
+                            "data.num_classes=100"]).resolved()
     assert clip.data.norm == "channels"
     mean, std = normalisation(clip.data)
     assert mean == list(timm.data.OPENAI_CLIP_MEAN) and std == list(timm.data.OPENAI_CLIP_STD)

@@ -115,7 +115,10 @@ def test_sharded_loss_and_grads_equal_dense(dist_pool, world: int) -> None:
             dist_ref = torch.cdist(x, radii[:, None] * w_hat).argmin(dim=1)
             cos_ref = (F.normalize(x, dim=1) @ w_hat.t()).argmax(dim=1)
             for r in results:
-                assert torch.equal(r["pred"]["measure"], dist_ref), name
+                # the measure only where radii are learned (DistArc); ArcFace & co. predict by cosine alone
+                assert ("measure" in r["pred"]) == (cfg.name == "distarc"), name
+                if cfg.name == "distarc":
+                    assert torch.equal(r["pred"]["measure"], dist_ref), name
                 assert torch.equal(r["pred"]["cosine"], cos_ref), name
 
 

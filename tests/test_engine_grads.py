@@ -92,3 +92,24 @@ def test_backbone_and_head_grads_match_dense(dist_pool, world: int) -> None:
             for name, ref in ref_repl.items():  # summed over ranks: the same full gradient everywhere
                 assert_rel(r["replicated"][name], ref, f"{msg} {name}")
         assert_rel(torch.cat([r["shard"] for r in results]), ref_shard, f"{msg} head shard")
+
+
+def test_head_optimizer_gives_chest_fc_its_own_learning_rate() -> None:
+    """Proxies at optim.head_lr without decay; CHEST's shared FC h at optim.fc_lr (0 = the backbone's lr),
+    with the backbone's weight decay on its matrix only; the schedule scales every group alike."""
+    from train.engine import build_head_optimizer
+
+    head = build_head(CHEST, CLASSES, DIM)
+    optim = OptimConfig(lr=1e-4, head_lr=1e-2, weight_decay=0.05, warmup_steps=2)
+    opt, sched = build_head_optimizer(head, optim, max_steps=10)
+    groups = [(g["lr"], g["weight_decay"], [p.shape for p in g["params"]]) for g in opt.param_groups]
+    assert [g[1] for g in groups] == [0.0, 0.05, 0.0]
+    assert [g["initial_lr"] for g in opt.param_groups] == [1e-2, 1e-4, 1e-4]
+    assert groups[1][2] == [head.fc.weight.shape] and groups[2][2] == [head.fc.bias.shape]
+    assert [g[0] for g in groups] == pytest.approx([5e-3, 5e-5, 5e-5])  # warm-up step 1 of 2
+    sched.step()
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-2, 1e-4, 1e-4])
+    opt, _ = build_head_optimizer(head, OptimConfig(lr=1e-4, head_lr=1e-2, fc_lr=3e-3), max_steps=10)
+    assert [g["initial_lr"] for g in opt.param_groups] == [1e-2, 3e-3, 3e-3]
+    distarc_opt, _ = build_head_optimizer(build_head(CFG, CLASSES, DIM), optim, max_steps=10)
+    assert len(distarc_opt.param_groups) == 1  # no replicated parameters

@@ -283,3 +283,19 @@ def test_launcher_evaluates_on_two_local_processes(trained, capsys) -> None:
     two = _eval_json(trained["cars"], "test")["metrics"]
     for key, value in one.items():
         assert two[key] == pytest.approx(value, abs=1e-9), key
+
+
+def test_a_bad_image_drops_its_pair_and_is_counted(dist_pool, trained, tmp_path) -> None:
+    import pickle
+
+    images, issame = layouts.face_pairs(12, 50)
+    images[5] = b"\xff\xd8\xff\xe0" + b"\x00" * 40  # a JPEG header over nothing: passes the cheap check, fails decode
+    src = tmp_path / "bad-src"
+    src.mkdir()
+    (src / "agedb_30.bin").write_bytes(pickle.dumps((images, issame)))
+    convert(["verification", "--src", str(src), "--out", str(tmp_path / "bad"), "--no-progress"])
+    result = dist_pool(1).run(_evaluate, trained["ms1m"], True, None,
+                              [f"metrics.eval_sets={tmp_path / 'bad'}", "metrics.verification_folds=4"])[0]
+    metrics = {k: v for k, v in result["metrics"].items() if k.startswith("agedb_30/")}
+    assert metrics["agedb_30/skipped_samples"] == 1 and metrics["agedb_30/num_samples"] == 23
+    assert metrics["agedb_30/num_pairs"] == 11  # pair 2 lost its second image and is left out

@@ -25,7 +25,8 @@ from train.evaluate.verification import flip_sum, verification_accuracy
 
 ModelInput = Callable[[torch.Tensor], torch.Tensor]
 # bookkeeping and lower-is-better values: never "best"
-NOT_SCORES = frozenset({"num_samples", "num_pairs", "accuracy_std", "val_std", "far", "best_threshold"})
+NOT_SCORES = frozenset({"num_samples", "skipped_samples", "num_gallery", "num_pairs", "accuracy_std", "val_std", "far",
+                        "best_threshold"})
 
 
 def metric_of(space: str) -> str:
@@ -131,7 +132,12 @@ def evaluate_set(eval_set: EvalSet, task: MetricLearningTask, data: DataConfig, 
     emb, lab, side = embed_loader(task, loader, device, model_input, flip=verification, side_of_key=verification)
     if on_embeddings is not None and emb.shape[0]:
         on_embeddings(task.head.embed_spaces(emb), lab)
-    out: dict[str, float] = {"num_samples": float(emb.shape[0])}
+    # samples that did not decode are skipped (and warned about by the reader); say how many the set lost
+    expected = int(split_entry(eval_set.root, eval_set.split).get("num_samples", emb.shape[0]))
+    out: dict[str, float] = {"num_samples": float(emb.shape[0]), "skipped_samples": float(expected - emb.shape[0])}
+    if expected != emb.shape[0] and rank == 0:
+        print(f"warning: {eval_set.name}: {expected - emb.shape[0]} of {expected} samples were skipped as bad "
+              f"(see the reader's warnings); the scores cover the other {emb.shape[0]}", flush=True)
     if eval_set.protocol == "classification":
         out.update(score_classes(task, emb, lab))
         if metrics.retrieval and emb.shape[0] > 1:
