@@ -64,6 +64,15 @@ def test_launcher_trains_on_the_cluster(slurm_env, mnist_root: str, tmp_path: Pa
     with capsys.disabled():
         print(f"\n[{nodes} node(s) x {tasks} task(s)] submission -> first step {summary['first_step_at'] - t0:.1f} s, "
               f"total {time.time() - t0:.1f} s")
+    if nodes == 2:  # the evaluation CLI as a Slurm job of the run's own shape: the training's final numbers
+        from launch.evaluate import main as launch_evaluate
+
+        assert launch_evaluate([str(run_dir), "--slurm"]) == 0
+        out = capsys.readouterr().out
+        assert "(2 ranks)" in out and "val (classification, 1000 images): top-1 cosine" in out
+        evaluated = json.loads((run_dir / "eval_val.json").read_text())["metrics"]
+        for key in ("acc_measure", "acc_cosine"):
+            assert evaluated[key] == pytest.approx(summary[key], abs=2e-3), key  # fresh processes, same weights
 
 
 def _submit_and_wait_for_step_20(cfg) -> object:
