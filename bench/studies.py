@@ -12,6 +12,10 @@ open-set: a metric-learning protocol on the digits (train on 0-4, retrieve unsee
 shipped: the digits recipes as shipped (mnist_distarc, mnist_arcface, mnist_chest, mnist_softtriple),
   held-out accuracy and retrieval on the 1000 "val" digits.
 
+Run a study from a frozen copy of the code while you keep editing (each point imports the tree
+anew): `git worktree add /tmp/study HEAD && cd /tmp/study && PYTHONPATH=$PWD python -m bench.studies
+... --run-root /abs/path/runs/studies`.
+
 Seed k varies `seed`, `data.seed` and `loss.init_seed` (1234 + k) together. A point whose
 summary.json exists is not run again, so an interrupted study continues where it stopped; the table
 (mean, spread = max - min, and the per-seed values) is printed and written to <run-root>/<study>.md.
