@@ -160,7 +160,10 @@ def decode_batch(
     batch keeps its size, its m-per-class layout and its position in the
     stream (resume stays exact). Without a seed (eval) failures are dropped.
     """
-    lazy = seed is not None and cfg.jpeg_draft and cfg.transform == "imagenet"
+    if seed is None:  # eval: failures dropped (one implementation, decode_eval_batch, which also keeps keys)
+        batch = decode_eval_batch(raw, cfg, transform, counter)
+        return None if batch is None else (batch[0], batch[1])
+    lazy = cfg.jpeg_draft and cfg.transform == "imagenet"
 
     def load(sample: RawSample) -> torch.Tensor | None:
         try:
@@ -176,15 +179,11 @@ def decode_batch(
     # would also reseed the trainer's CUDA generators (and format a stack
     # trace per device type, 0.5 ms a batch).
     with torch.random.fork_rng(devices=[]):
-        if seed is not None:
-            torch.default_generator.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         tensors = [load(sample) for sample in raw]
         good = [i for i, t in enumerate(tensors) if t is not None]
         if not good:
             return None
-        if seed is None:  # eval: failures are dropped (decode_eval_batch also returns the keys)
-            return _stack([t for t in tensors if t is not None]), torch.tensor([raw[i].label for i in good],
-                                                                                 dtype=torch.int64)
         labels = [sample.label for sample in raw]
         for i in [i for i, t in enumerate(tensors) if t is None]:
             # Deterministic donors: the good images of the same class first, each group from the next

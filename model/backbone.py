@@ -66,7 +66,7 @@ def _classifier_prefixes(trunk: nn.Module) -> tuple[str, ...]:
     """Key prefixes of the classifier(s) the pretrained checkpoint may hold (timm's pretrained_cfg)."""
     names = getattr(trunk, "pretrained_cfg", {}).get("classifier") or "head"
     names = (names,) if isinstance(names, str) else tuple(names)
-    return tuple(f"{n}." for n in names) + ("head_dist.", "fc_norm_head.")
+    return tuple(f"{n}." for n in names) + ("head_dist.",)  # DeiT's distillation head
 
 
 def load_trunk_weights(trunk: nn.Module, path: str, model_name: str) -> None:

@@ -9,12 +9,11 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import struct
 
 import numpy as np
 from PIL import Image
 
-from data.convert.ms1m import MAGIC
+from tests.test_convert_ms1m import header, part
 
 
 def class_jpeg(cls: int, index: int, size: int = 32) -> bytes:
@@ -112,18 +111,13 @@ def make_imagenet(src: str, classes: int = 4, per_class: int = 6, val_per_class:
         f.write("\n".join(solution) + "\n")
 
 
-def _record(payload: bytes) -> bytes:
-    pad = b"\0" * ((4 - len(payload) % 4) % 4)
-    return struct.pack("<II", MAGIC, len(payload)) + payload + pad
-
-
 def make_ms1m(src: str, identities: int = 6, per_identity: int = 8, size: int = 32) -> None:
     """faces_emore: train.rec / train.idx (insightface RecordIO with its header record) and property."""
     n = identities * per_identity
-    records = [_record(struct.pack("<IfQQ", 2, 0.0, 0, 0) + struct.pack("<2f", n + 1.0, n + 1.0 + identities))]
+    records = [part(header([n + 1.0, n + 1.0 + identities]), 0)]
     for i in range(n):
         identity = i // per_identity
-        records.append(_record(struct.pack("<IfQQ", 0, float(identity), i + 1, 0) + class_jpeg(identity, i, size)))
+        records.append(part(header([float(identity)], i + 1) + class_jpeg(identity, i, size), 0))
     offsets, pos = [], 0
     with open(os.path.join(_mkdir(src), "train.rec"), "wb") as f:
         for rec in records:

@@ -74,16 +74,16 @@ RESUME_FIX = "use another run name (name=...) or set checkpoint.resume=false to 
 
 
 def check_compatible(path: str, cfg: RunConfig, fix: str = RESUME_FIX) -> None:
-    """Refuse, before anything is built, a checkpoint whose model or class table does not fit this config;
-    the error ends with `fix`."""
-    meta = read_meta(path)
-    if meta["num_classes"] != cfg.data.num_classes or meta["embed_dim"] != cfg.model.embed_dim:
+    """Refuse, before anything is built, weights (a step-N checkpoint or an export: any folder with the
+    config.yaml they were saved with) whose model or class table does not fit this config; the error
+    ends with `fix`."""
+    saved = load_yaml(os.path.join(path, "config.yaml"))
+    if saved.data.num_classes != cfg.data.num_classes or saved.model.embed_dim != cfg.model.embed_dim:
         raise ValueError(
-            f"checkpoint {path} holds a table of {meta['num_classes']} classes x {meta['embed_dim']} dims but the "
-            f"config asks for data.num_classes={cfg.data.num_classes}, model.embed_dim={cfg.model.embed_dim}; {fix}")
-    saved = load_yaml(os.path.join(path, "config.yaml")).model
-    changed = [f"model.{k}: {getattr(saved, k)!r} in the checkpoint, {getattr(cfg.model, k)!r} now"
-               for k in ARCHITECTURE_KEYS if getattr(saved, k) != getattr(cfg.model, k)]
+            f"checkpoint {path} holds a table of {saved.data.num_classes} classes x {saved.model.embed_dim} dims but "
+            f"the config asks for data.num_classes={cfg.data.num_classes}, model.embed_dim={cfg.model.embed_dim}; {fix}")
+    changed = [f"model.{k}: {getattr(saved.model, k)!r} in the checkpoint, {getattr(cfg.model, k)!r} now"
+               for k in ARCHITECTURE_KEYS if getattr(saved.model, k) != getattr(cfg.model, k)]
     if changed:
         raise ValueError(f"checkpoint {path} holds another model ({'; '.join(changed)}); {fix}")
 
@@ -126,7 +126,7 @@ def save_checkpoint(cfg: RunConfig, env: DistEnv, state: TrainState, engine: Any
         _save_replicated(os.path.join(tmp, "head"), head, head_optimizer)
         save_yaml(cfg, os.path.join(tmp, "config.yaml"))
         meta = {"step": state.step, "samples_seen": state.samples_seen, "world_size": env.world_size,
-                "num_classes": head.num_classes, "embed_dim": head.embed_dim, "model_name": cfg.model.name,
+                "num_classes": head.num_classes, "embed_dim": head.embed_dim,
                 "stream": stream_signature(cfg, env.world_size), "best": state.best}
         with open(os.path.join(tmp, "meta.json"), "w") as f:  # written last: marks the folder complete
             json.dump(meta, f)

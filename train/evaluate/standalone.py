@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Callable
 
 import torch
 
@@ -70,20 +69,18 @@ def config_path(run_dir: str, checkpoint: str | None = None, use_export: bool = 
 
 
 def load_run(run_dir: str, checkpoint: str | None = None, use_export: bool = False,
-             apply: Callable[[RunConfig], RunConfig] | None = None) -> LoadedRun:
-    """The run's config (optionally changed by `apply(cfg) -> cfg`, e.g. key=value overrides) and weights.
+             overrides: list[str] | None = None) -> LoadedRun:
+    """The run's config (with `key=value` overrides applied) and its weights.
 
-    Raises before any weight is read when the changed config does not fit the checkpoint's model or table.
+    Raises before any weight is read when the overrides change the saved model or class table.
     """
     source = source_dir(run_dir, checkpoint, use_export)
     saved = load_yaml(os.path.join(source, "config.yaml"))
-    cfg = apply(saved) if apply is not None else saved
+    cfg = apply_overrides(saved, list(overrides or []))
     cfg.validate()
+    ckpt.check_compatible(source, cfg, fix="drop the model.* / data.num_classes overrides: evaluation takes "
+                                            "the model and its class table from the run")
     if use_export:
-        changed = [f"model.{k}" for k in ckpt.ARCHITECTURE_KEYS if getattr(saved.model, k) != getattr(cfg.model, k)]
-        if changed or saved.data.num_classes != cfg.data.num_classes:
-            raise ValueError(f"{source} holds a model of {saved.model.name} with a {saved.data.num_classes}-class "
-                             f"table; the overrides change {', '.join(changed) or 'data.num_classes'}: drop them")
         weights = torch.load(os.path.join(source, "backbone.pth"), map_location="cpu", weights_only=True)
         neck = torch.load(os.path.join(source, "neck.pth"), map_location="cpu", weights_only=True)
         backbone = {**{f"trunk.{k}": v for k, v in weights.items()}, **{f"neck.{k}": v for k, v in neck.items()}}
@@ -91,8 +88,6 @@ def load_run(run_dir: str, checkpoint: str | None = None, use_export: bool = Fal
         with open(os.path.join(source, "export.json")) as f:
             step = int(json.load(f)["step"])
     else:
-        ckpt.check_compatible(source, cfg, fix="drop the model.* / data.num_classes overrides: evaluation takes "
-                                                "the model and its class table from the run")
         backbone = consolidated_backbone(source, saved.zero.stage)
         head = full_head_tables(source)
         step = int(ckpt.read_meta(source)["step"])
@@ -129,11 +124,7 @@ def evaluate_run(run_dir: str, checkpoint: str | None = None, use_export: bool =
     """Evaluate on this process's rank (the group is started here if needed); returns, on every rank,
     {"rows", "metrics" (flat), "step", "source"}; rank 0 writes the files."""
     env = env_from_environ()
-
-    def apply(cfg: RunConfig) -> RunConfig:
-        return apply_overrides(cfg, list(overrides or []))
-
-    run = load_run(run_dir, checkpoint, use_export, apply)  # config checks first, then the weights
+    run = load_run(run_dir, checkpoint, use_export, overrides)  # config checks first, then the weights
     sets = resolve_eval_sets(run.cfg.data, run.cfg.metrics, splits)
     if not sets:
         raise ValueError(f"{run_dir}: nothing to evaluate (data.eval_split is empty and metrics.eval_sets unset); "
