@@ -13,7 +13,7 @@ import pickle
 import numpy as np
 from PIL import Image
 
-from tests.test_convert_ms1m import header, part
+from tests.test_convert_ms1m import header, part, write_recordio
 
 
 def class_jpeg(cls: int, index: int, size: int = 32) -> bytes:
@@ -118,16 +118,7 @@ def make_ms1m(src: str, identities: int = 6, per_identity: int = 8, size: int = 
     for i in range(n):
         identity = i // per_identity
         records.append(part(header([float(identity)], i + 1) + class_jpeg(identity, i, size), 0))
-    offsets, pos = [], 0
-    with open(os.path.join(_mkdir(src), "train.rec"), "wb") as f:
-        for rec in records:
-            offsets.append(pos)
-            f.write(rec)
-            pos += len(rec)
-    with open(os.path.join(src, "train.idx"), "w") as f:
-        f.writelines(f"{i}\t{off}\n" for i, off in enumerate(offsets))
-    with open(os.path.join(src, "property"), "w") as f:
-        f.write(f"{identities},{size},{size}\n")
+    write_recordio(_mkdir(src), records, f"{identities},{size},{size}")
 
 
 def face_pairs(num_pairs: int, first_identity: int, size: int = 32) -> tuple[list[bytes], list[bool]]:

@@ -41,6 +41,11 @@ def make_ms1m(src: str) -> None:
         else:
             records.append(part(payload[:cut], 1) + part(payload[cut + 4:], 3))
     records += [part(header([1.0, 3.0]), 0), part(header([3.0, 4.0]), 0), part(header([4.0, 5.0]), 0)]
+    write_recordio(src, records, "3,112,112")
+
+
+def write_recordio(src: str, records: list[bytes], prop: str) -> None:
+    """train.rec with the given records, its train.idx (record index -> byte offset) and property."""
     offsets, pos = [], 0
     with open(os.path.join(src, "train.rec"), "wb") as f:
         for rec in records:
@@ -50,7 +55,7 @@ def make_ms1m(src: str) -> None:
     with open(os.path.join(src, "train.idx"), "w") as f:
         f.writelines(f"{i}\t{off}\n" for i, off in enumerate(offsets))
     with open(os.path.join(src, "property"), "w") as f:
-        f.write("3,112,112\n")
+        f.write(prop + "\n")
 
 
 def test_ms1m(tmp_path) -> None:
