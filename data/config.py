@@ -59,6 +59,10 @@ class DataConfig:
     eval_batch_size: int = 256
     # DataLoader worker processes per rank; 0 = read in the training process.
     num_workers: int = 1
+    # Batches each worker prepares ahead (DataLoader prefetch_factor; needs num_workers >= 1).
+    prefetch_factor: int = 2
+    # Page-locked batches on CUDA machines, so the copy to the GPU is asynchronous (ignored on CPU).
+    pin_memory: bool = True
     # Samples held in the shuffle buffer of each (rank, worker) slot.
     shuffle_buffer: int = 512
     # Train-time augmentation: small random rotation/translation, no flips
@@ -188,6 +192,7 @@ class DataConfig:
         for name in positive:
             _check_int(name, getattr(self, name), minimum=1)
         _check_int("num_workers", self.num_workers, minimum=0)
+        _check_int("prefetch_factor", self.prefetch_factor, minimum=1)
         _check_int("max_bad_samples", self.max_bad_samples, minimum=0)
         _check_int("seed", self.seed, minimum=0)
         if self.in_chans not in (1, 3):

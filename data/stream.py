@@ -348,7 +348,8 @@ def build_train_loader(cfg: DataConfig, rank: int, world_size: int, start_batch:
         batch_size=None,
         num_workers=cfg.num_workers,
         in_order=True,  # the resume arithmetic relies on strict round-robin
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=cfg.pin_memory and torch.cuda.is_available(),
+        prefetch_factor=cfg.prefetch_factor if cfg.num_workers > 0 else None,
         worker_init_fn=ignore_stop_signals,
     )
     return TrainBatches(dataset, loader)
@@ -408,6 +409,7 @@ def build_eval_loader(cfg: DataConfig, rank: int, world_size: int, split: str | 
         batch_size=None,
         # More workers than shards would only start idle processes.
         num_workers=min(cfg.num_workers, len(shards)),
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=cfg.pin_memory and torch.cuda.is_available(),
+        prefetch_factor=cfg.prefetch_factor if cfg.num_workers > 0 else None,
         worker_init_fn=ignore_stop_signals,
     )

@@ -1,9 +1,11 @@
-"""CLI: `python -m launch [--recipe NAME] [--slurm] [--sweep KEY=V1,V2 ...] [key=value ...]`.
+"""CLI: `python -m launch [--recipe NAME] [--slurm] [--sweep KEY=V1,V2 ...] [--estimate] [key=value ...]`.
 
 Builds the recipe, applies overrides, validates, checks what can be checked before queueing
 (launch/preflight.py), prints the config, prepares data that ships in a package, then runs the job
 through submitit: N local processes by default, Slurm with `--slurm`. With `--sweep` it runs one job
-per grid point (a Slurm job array; locally one after another) and prints a summary table.
+per grid point (a Slurm job array; locally one after another) and prints a summary table. `--estimate`
+prints the per-GPU memory plan and exits (launch/estimate.py); a GPU submission that would not fit
+`--gpu-mem-gb` is refused before anything is queued.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import time
 
 from data.convert.mnist import ensure_prepared
 from train.overrides import apply_overrides
+from launch.estimate import check_fits, print_estimates
 from launch.preflight import preflight
 from launch.recipes import DEFAULT_RECIPE, RECIPES, get_recipe
 from launch.sweep import expand, write_summary
@@ -31,6 +34,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
                    help="sweep a key over values (repeat for a grid); one run and one array task per point")
     p.add_argument("--sweep-name", default="", help="folder of the sweep under run_root (default <name>-sweep)")
+    p.add_argument("--estimate", action="store_true",
+                   help="print the per-GPU memory estimate and exit (exit code 1 if it exceeds --gpu-mem-gb)")
+    p.add_argument("--gpu-mem-gb", type=float, default=80.0,
+                   help="memory of one GPU in GiB; a --slurm submission with GPUs that would not fit is refused")
     p.add_argument("overrides", nargs="*", help="dotted key=value, e.g. optim.lr=1e-3 slurm.tasks_per_node=4")
     return p.parse_args(argv)
 
@@ -46,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
             sweep_dir, cfgs = expand(args.recipe, args.overrides, args.sweep, args.sweep_name)
         else:
             cfgs = [build_config(args.recipe, args.overrides)]
+        if args.estimate:
+            return print_estimates(cfgs, args.gpu_mem_gb)
+        check_fits(cfgs, args.gpu_mem_gb, args.slurm)  # before preflight: needs no cluster to say what to fix
         preflight(cfgs, args.slurm)
     except (ValueError, RuntimeError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

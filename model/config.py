@@ -28,6 +28,9 @@ class ModelConfig:
     patch_size: int = 0  # override a ViT's patch size for small images (0 = the model's default)
     drop_path_rate: float = 0.0
     grad_checkpointing: bool = False
+    # torch.compile the backbone (DeepSpeed's engine.compile(), inductor): faster steps after a compile of
+    # tens of seconds per process at the first step; evaluation runs the same compiled module
+    compile: bool = False
     # optional local timm/torch checkpoint to start the trunk from (e.g. ImageNet-21k weights); its classifier
     # is dropped and ViT position embeddings are resampled to img_size (model.backbone.load_trunk_weights)
     checkpoint_path: str = ""

@@ -43,6 +43,8 @@ class TrainState:
     stop_signal: int = 0  # the signal that stopped this job early (not saved: a resumed job starts at 0)
     first_step_at: float = 0.0  # wall time when this job finished its first step (not saved)
     best: dict[str, float] = dataclasses.field(default_factory=dict)  # best evaluation scores so far
+    skipped_steps: int = 0  # steps left without an update (non-finite loss or gradient), over the whole run
+    skipped_in_a_row: int = 0  # the current streak of them (not saved: a resumed job starts at 0)
 
 
 def checkpoint_root(run_dir: str) -> str:
@@ -127,7 +129,8 @@ def save_checkpoint(cfg: RunConfig, env: DistEnv, state: TrainState, engine: Any
         save_yaml(cfg, os.path.join(tmp, "config.yaml"))
         meta = {"step": state.step, "samples_seen": state.samples_seen, "world_size": env.world_size,
                 "num_classes": head.num_classes, "embed_dim": head.embed_dim,
-                "stream": stream_signature(cfg, env.world_size), "best": state.best}
+                "stream": stream_signature(cfg, env.world_size), "best": state.best,
+                "skipped_steps": state.skipped_steps}
         with open(os.path.join(tmp, "meta.json"), "w") as f:  # written last: marks the folder complete
             json.dump(meta, f)
     barrier()
@@ -158,7 +161,8 @@ def load_checkpoint(path: str, env: DistEnv, engine: Any, head: ShardedHead, hea
     rng_file = os.path.join(path, "rng", f"rank-{env.rank}-of-{env.world_size}.pt")
     if meta["world_size"] == env.world_size and os.path.exists(rng_file):
         _set_rng_state(torch.load(rng_file, weights_only=False))
-    return TrainState(step=meta["step"], samples_seen=meta["samples_seen"], best=dict(meta.get("best", {})))
+    return TrainState(step=meta["step"], samples_seen=meta["samples_seen"], best=dict(meta.get("best", {})),
+                      skipped_steps=int(meta.get("skipped_steps", 0)))
 
 
 # ---- head shards --------------------------------------------------------------------------------

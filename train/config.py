@@ -33,8 +33,15 @@ class OptimConfig:
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio at max_steps
     grad_clip: float = 0.0  # backbone global-norm clip (0 = off); the head is not clipped (arcface_torch)
     grad_accum_steps: int = 1
+    # AdamW's fused kernel (one launch for all tensors; torch has it on CUDA and, since 2.4, on CPU)
+    fused: bool = True
+    # A step whose loss or gradients (backbone or head, on any rank) are not finite is skipped: no update,
+    # counted in train/skipped_steps. This many skipped steps in a row stop the run with an error.
+    max_skipped_steps: int = 10
 
     def validate(self) -> None:
+        if self.max_skipped_steps < 0:
+            raise ValueError(f"optim.max_skipped_steps={self.max_skipped_steps} must be >= 0 (0 = stop at the first)")
         if self.lr <= 0 or self.head_lr <= 0 or self.fc_lr < 0:
             raise ValueError("optim.lr and optim.head_lr must be > 0, optim.fc_lr >= 0 (0 = optim.lr)")
         if self.warmup_steps < 0 or self.grad_accum_steps < 1:
@@ -49,10 +56,17 @@ class ZeroConfig:
 
     stage: int = 2
     bf16: bool = False
+    # Reduce (stages 1-2) or prefetch (stage 3) on a separate CUDA stream while backward runs; doubles the
+    # gradient bucket at stages 1-2. DeepSpeed's default is off below stage 3; a no-op on CPU.
+    overlap_comm: bool = True
+    reduce_bucket_size: int = 500_000_000  # elements per gradient reduction (DeepSpeed's default)
+    allgather_bucket_size: int = 500_000_000  # elements per parameter all-gather at stages 1-2 (DeepSpeed's default)
 
     def validate(self) -> None:
         if self.stage not in (0, 1, 2, 3):
             raise ValueError(f"zero.stage={self.stage} must be 0, 1, 2 or 3")
+        if self.reduce_bucket_size < 1 or self.allgather_bucket_size < 1:
+            raise ValueError("zero.reduce_bucket_size and zero.allgather_bucket_size must be >= 1 (elements)")
 
 
 @dataclasses.dataclass(kw_only=True)

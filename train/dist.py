@@ -80,6 +80,15 @@ def reduce_mean(values: dict[str, float], summed: frozenset[str] = frozenset()) 
     return {k: float(v) if k in summed else float(v) / world for k, v in zip(keys, t)}
 
 
+def max_over_ranks(value: float) -> float:
+    """The largest of every rank's `value` (one all-reduce): any-rank flags, peak memory."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
 def sum_over_ranks_(tensors: list[torch.Tensor]) -> None:
     """In-place SUM all-reduce (replicated head parameters' partial gradients)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:

@@ -27,7 +27,9 @@ def deepspeed_config(optim: OptimConfig, zero: ZeroConfig, micro_batch: int,
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": optim.grad_accum_steps,
-        "zero_optimization": {"stage": zero.stage},
+        "zero_optimization": {"stage": zero.stage, "overlap_comm": zero.overlap_comm,
+                              "reduce_bucket_size": zero.reduce_bucket_size,
+                              "allgather_bucket_size": zero.allgather_bucket_size},
         "steps_per_print": 10**9,  # our MetricLogger reports; keep DeepSpeed quiet
         "wall_clock_breakdown": False,
     }
@@ -49,6 +51,31 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW that leaves its parameters and moments untouched on a step the caller marked `skip` (a
+    non-finite loss or head gradient on some rank, train/step.py) or whose gradients are not finite.
+
+    Non-finite backbone gradients are caught collectively before this step is reached: ZeRO stages 1-3
+    and DeepSpeed's bf16 optimizer test the global gradient norm and skip the step themselves
+    (`engine.was_step_applied()`). At stage 0 in fp32 DeepSpeed tests nothing, and the gradients this
+    optimizer sees are the all-reduced ones, identical on every rank, so its own test here agrees
+    everywhere. ZeRO-1/2 call `step` once per parameter group; `skipped` covers all of them.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.skip = False  # set by the caller before the engine's step
+        self.skipped = False  # whether the last boundary's update was left out here
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if self.skip or (grads and not bool(torch.stack(torch._foreach_norm(grads)).isfinite().all())):
+            self.skipped = True
+            return None
+        return super().step(closure)
+
+
 def _schedule(optimizer: torch.optim.Optimizer, optim: OptimConfig, max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     fn = functools.partial(lr_factor, warmup_steps=optim.warmup_steps, max_steps=max_steps,
                            min_ratio=optim.min_lr_ratio)
@@ -56,8 +83,9 @@ def _schedule(optimizer: torch.optim.Optimizer, optim: OptimConfig, max_steps: i
 
 
 def build_engine(backbone: nn.Module, optim: OptimConfig, zero: ZeroConfig, micro_batch: int,
-                 max_steps: int, load_universal: bool = False) -> Any:
-    """`deepspeed.initialize` over the backbone with a torch AdamW client optimizer.
+                 max_steps: int, load_universal: bool = False, compile_backbone: bool = False) -> Any:
+    """`deepspeed.initialize` over the backbone with a torch AdamW client optimizer (GuardedAdamW), its
+    optimizer reachable as `engine.client_optimizer`; `compile_backbone`: DeepSpeed's `engine.compile()`.
 
     A client optimizer needs no compiled op, so CPU machines start in seconds.
     """
@@ -67,11 +95,18 @@ def build_engine(backbone: nn.Module, optim: OptimConfig, zero: ZeroConfig, micr
     # The CPU accelerator would JIT-compile a shared-memory all-reduce (45-110 s on 2 cores);
     # gloo is enough for our sizes.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    optimizer = torch.optim.AdamW(param_groups(backbone, optim.weight_decay), lr=optim.lr,
-                                  betas=(optim.beta1, optim.beta2))
+    # ZeRO accepts optimizers it lists by exact type; GuardedAdamW is torch's AdamW plus a skip test
+    # (DeepSpeed extends the same list for its Muon optimizer)
+    from deepspeed.runtime.zero.utils import ZERO_SUPPORTED_OPTIMIZERS
+    if GuardedAdamW not in ZERO_SUPPORTED_OPTIMIZERS:
+        ZERO_SUPPORTED_OPTIMIZERS.append(GuardedAdamW)
+    optimizer = GuardedAdamW(param_groups(backbone, optim.weight_decay), lr=optim.lr,
+                             betas=(optim.beta1, optim.beta2), fused=optim.fused or None)
     scheduler = _schedule(optimizer, optim, max_steps)
     engine, _, _, _ = deepspeed.initialize(model=backbone, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(optim, zero, micro_batch, load_universal))
+    if compile_backbone:
+        engine.compile()
     return engine
 
 

@@ -33,7 +33,7 @@ from train.evaluate.sets import resolve_eval_sets
 from train.export import export
 from train.files import write_json_atomic
 from train.loop import train_loop
-from train.metrics import MetricLogger
+from train.metrics import MetricLogger, main_hparams
 from train.step import Trainer
 
 
@@ -59,7 +59,7 @@ def build_and_resume(cfg: RunConfig, env: DistEnv, device: torch.device, resume_
         barrier()
     input_dtype = torch.bfloat16 if cfg.zero.bf16 else torch.float32
     engine = build_engine(build_backbone(cfg.model), cfg.optim, cfg.zero, cfg.data.batch_size, cfg.max_steps,
-                          load_universal=universal)
+                          load_universal=universal, compile_backbone=cfg.model.compile)
     head = build_head(cfg.loss, cfg.data.num_classes, cfg.model.embed_dim, env.rank, env.world_size,
                       embedding_grad_scale=float(env.world_size)).to(device)
     head_opt, head_sched = build_head_optimizer(head, cfg.optim, cfg.max_steps)
@@ -122,7 +122,8 @@ def run(cfg: RunConfig, stop_at_step: int | None = None) -> dict[str, Any]:
             table = next(iter(head.sharded_parameters().values()))
             per_set = evaluate_sets(eval_sets, task, cfg.data, cfg.metrics, env.rank, env.world_size, device,
                                     trainer.model_input,
-                                    on_embeddings=lambda spaces, lab: logger.log_embeddings(step, spaces, lab, table))
+                                    on_embeddings=lambda spaces, lab: logger.log_embeddings(
+                                        step, spaces, lab, table, head=head, protocol=eval_sets[0].protocol))
             engine.train()
             update_best(state.best, flatten(eval_sets, per_set))
             return per_set
@@ -149,6 +150,9 @@ def run(cfg: RunConfig, stop_at_step: int | None = None) -> dict[str, Any]:
                 print("\n".join(rows), flush=True)
         if state.step >= cfg.max_steps and cfg.checkpoint.export and env.is_main:
             print(f"exported backbone and proxy table to {export(cfg.run_dir)}", flush=True)
+        if state.step >= cfg.max_steps:  # once per run, by the job that finished it
+            logger.log_hparams({**main_hparams(cfg.to_dict()), "global_batch": global_batch},
+                               {**final, "last_train_loss": state.last_loss}, state.step)
         logger.close()
         summary = {"run_dir": os.path.abspath(cfg.run_dir), "tensorboard_dir": os.path.abspath(logger.tb_dir),
                    "checkpoint": ckpt.find_latest(cfg.run_dir), "step": state.step, "resumed_from_step": start_step,

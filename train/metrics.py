@@ -6,15 +6,43 @@ batches line up. Throughput (img/s) is measured here between two log calls.
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
+from typing import Any
 
 import torch
 
+from model.proxies import ShardedHead
 from train.dist import reduce_mean
 
 SUMMED = frozenset({"bad_samples"})  # totals over ranks, not means
+# The config entries shown in the HPARAMS tab (flattened names; loss.* is added whole, see main_hparams)
+MAIN_HPARAMS = ("recipe", "seed", "max_steps", "data.batch_size", "data.samples_per_class", "data.image_size",
+                "model.name", "model.embed_dim", "optim.lr", "optim.head_lr", "optim.fc_lr", "optim.weight_decay",
+                "optim.head_weight_decay", "optim.warmup_steps", "optim.min_lr_ratio", "optim.grad_clip",
+                "optim.grad_accum_steps", "zero.stage", "zero.bf16")
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"optim": {"lr": 1}} -> {"optim.lr": 1}."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def main_hparams(config: dict[str, Any]) -> dict[str, Any]:
+    """The main hyperparameters of a run config (`RunConfig.to_dict()`), flattened: MAIN_HPARAMS and the
+    loss settings (loss.chest.* only for the CHEST / SoftTriple heads, whose fields they are)."""
+    flat = _flat(config)
+    chest = flat.get("loss.name") in ("chest", "softtriple")
+    return {k: v for k, v in flat.items()
+            if k in MAIN_HPARAMS or (k.startswith("loss.") and (chest or not k.startswith("loss.chest.")))}
 
 
 class MetricLogger:
@@ -48,10 +76,19 @@ class MetricLogger:
         return values
 
     def log_embeddings(self, step: int, spaces: dict[str, torch.Tensor], labels: torch.Tensor,
-                       table_rows: torch.Tensor | None = None, max_points: int = 1000) -> None:
+                       table_rows: torch.Tensor | None = None, max_points: int = 1000,
+                       head: ShardedHead | None = None, protocol: str = "classification") -> None:
         """Pictures of the embedding spaces (rank 0): TensorBoard projector points coloured by label
         (first `max_points` evaluation samples per space), histograms of embedding norms and of the
-        class-table row norms of rank 0's shard."""
+        class-table row norms of rank 0's shard.
+
+        `protocol` says what the labels are: the head's classes ("classification"), other identities
+        (open-set "retrieval", "query_gallery") or pair ids ("verification"). Labels that identify,
+        give eval/sim_positive and eval/sim_negative (cosine similarities of seeded random pairs); with
+        `head`, class labels also give the anchor pictures: eval/poincare_disk (CHEST; open-set points
+        without proxies too), eval/radial_angular and the eval/radius_error histogram (DistArc).
+        Cost: a few thousand pairs and at most `max_points` points per figure, no collectives.
+        """
         if self.writer is None:
             return
         seen: set[int] = set()
@@ -65,6 +102,46 @@ class MetricLogger:
         if table_rows is not None and table_rows.numel():
             rows = table_rows.detach().float().cpu()
             self.writer.add_histogram("head/row_norm_rank0", rows.reshape(rows.shape[0], -1).norm(dim=1), step)
+        if protocol != "verification" and spaces:
+            from train import pictures
+
+            points = spaces.get("cosine", next(iter(spaces.values())))
+            positive, negative = pictures.pair_similarities(points, labels)
+            for tag, sims in (("eval/sim_positive", positive), ("eval/sim_negative", negative)):
+                if sims.numel():
+                    self.writer.add_histogram(tag, sims, step)
+            closed_set = protocol == "classification"
+            if head is not None:
+                if closed_set and head.cfg.name == "distarc" and "euclidean" in spaces:
+                    self.writer.add_histogram("eval/radius_error",
+                                              pictures.radius_errors(spaces["euclidean"], labels, head), step)
+                for tag, fig in pictures.head_pictures(spaces, labels, head, closed_set, max_points).items():
+                    self.writer.add_image(tag, pictures.figure_to_rgb(fig), step, dataformats="HWC")
+        self.writer.flush()
+
+    def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, Any], step: int | None = None) -> None:
+        """The run's hyperparameters and final metrics for TensorBoard's HPARAMS tab (rank 0).
+
+        Nested dicts are flattened with "." (optim.lr); values that are not numbers or strings become
+        strings, None and non-finite metrics are left out. Metrics are written as scalars
+        `hparams/<name>` (their own tags: the eval/ curves keep no stray point). The three hparams
+        summaries go through the run's own writer (what SummaryWriter.add_hparams builds, without the
+        second writer and timestamped subfolder it opens), so each run's tb dir is one session and a
+        sweep's runs line up in the tab when TensorBoard is pointed at their common root.
+        """
+        if self.writer is None:
+            return
+        from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+        values = {k: v if isinstance(v, (int, float, str)) and not isinstance(v, bool) else str(v)
+                  for k, v in _flat(hparams).items() if v is not None}
+        scores = {f"hparams/{k}": float(v) for k, v in _flat(metrics).items()
+                  if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        file_writer = self.writer._get_file_writer()
+        for summary in hparams_summaries(values, scores):
+            file_writer.add_summary(summary, step)
+        for tag, value in scores.items():
+            self.writer.add_scalar(tag, value, step)
         self.writer.flush()
 
     def reset_timer(self, step: int) -> None:

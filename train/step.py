@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Iterator
 
 import torch
@@ -9,7 +10,8 @@ import torch
 from data.transforms import InputNormaliser
 from model.proxies import ShardedHead
 from model.task import MetricLearningTask
-from train.dist import global_norm, sum_over_ranks_
+from train.dist import global_norm, max_over_ranks, sum_over_ranks_
+from train.engine import GuardedAdamW
 
 
 @dataclasses.dataclass
@@ -25,6 +27,15 @@ class Trainer:
     input_dtype: torch.dtype
     normaliser: InputNormaliser
 
+    @property
+    def world_size(self) -> int:
+        return self.engine.world_size
+
+    @property
+    def backbone_optimizer(self) -> GuardedAdamW:
+        """The client optimizer inside the engine (train/engine.py), which skips non-finite steps."""
+        return self.engine.client_optimizer
+
     def model_input(self, images: torch.Tensor) -> torch.Tensor:
         """Loader images (uint8 pixels or normalised float) -> normalised, on the device, in input_dtype."""
         return self.normaliser(images, self.device, self.input_dtype)
@@ -38,28 +49,40 @@ def train_step(tr: Trainer, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
     boundary the engine averages the backbone's gradients over ranks (the all-gather's backward has
     multiplied them by the world size), the head's replicated parameters are summed over ranks, and
     its class shards are never reduced.
+
+    A step whose loss or gradients are not finite on some rank updates nothing (scalar `skipped` = 1):
+    the decision is collective (one all-reduce), the backbone's optimizer is told to skip, DeepSpeed
+    skips by itself on non-finite backbone gradients, and either way the head is not updated. Every
+    schedule still advances, so a skipped step is a step without an update and resume stays exact.
     """
     sums: dict[str, float] = {}
     parts: dict[str, torch.Tensor] = {}  # kept on the device: one host sync per step, not per micro-batch
+    guard = tr.backbone_optimizer
     for _ in range(accum_steps):
         images, labels = next(batches)
         labels = labels.to(tr.device, non_blocking=True)
         out = tr.task(tr.model_input(images), labels, step=step)
         tr.engine.backward(out["loss"])
-        if tr.engine.is_gradient_accumulation_boundary():
-            sums["head_grad_norm"] = reduce_head_grads(tr.task.head)
-        tr.engine.step()  # called every micro-batch; DeepSpeed only updates at the boundary
         for key, value in out.items():
             parts[key] = parts.get(key, 0.0) + value.detach().float() / accum_steps
-    if parts:
-        keys = sorted(parts)
-        sums.update(zip(keys, torch.stack([parts[k] for k in keys]).tolist()))
-    tr.head_optimizer.step()
+        if tr.engine.is_gradient_accumulation_boundary():
+            sums["head_grad_norm"] = reduce_head_grads(tr.task.head)  # global: the same on every rank
+            local_bad = not (math.isfinite(sums["head_grad_norm"]) and bool(torch.isfinite(parts["loss"])))
+            guard.skip, guard.skipped = max_over_ranks(float(local_bad)) > 0, False
+        tr.engine.step()  # called every micro-batch; DeepSpeed only updates at the boundary
+    keys = sorted(parts)
+    sums.update(zip(keys, torch.stack([parts[k] for k in keys]).tolist()))
+    skipped = guard.skipped or not tr.engine.was_step_applied()
+    if not tr.engine.was_step_applied():
+        tr.engine.lr_scheduler.step()  # DeepSpeed does not advance the schedule of a step it skipped
+    if not skipped:
+        tr.head_optimizer.step()
     tr.head_optimizer.zero_grad(set_to_none=True)
     tr.head_scheduler.step()
     grad_norm = tr.engine.get_global_grad_norm()
     if grad_norm is not None:
         sums["grad_norm"] = float(grad_norm)
+    sums["skipped"] = float(skipped)
     sums["lr"] = float(tr.engine.get_lr()[0])
     sums["head_lr"] = float(tr.head_scheduler.get_last_lr()[0])
     return sums

@@ -1,0 +1,313 @@
+"""Throughput of the real training step against a bare PyTorch loop, with a breakdown, memory and MFU.
+
+Every row runs in fresh processes (`--world` ranks: gloo on CPU, NCCL on GPUs) on the same data:
+  * bare: the same timm network (model.backbone.build_backbone of the recipe), the same per-rank batch and
+    batches, torch AdamW and an nn.Linear softmax cross-entropy over all classes; DDP when P > 1;
+    no DeepSpeed. The baseline every other row is divided by.
+  * ours: train.main.build_and_resume -> train.step.train_step, exactly what `python -m train` runs
+    (DeepSpeed ZeRO, the class-sharded head and its optimizer, the non-finite guard);
+  * one row per `--variant NAME:key=value,...`: ours with the overrides (the speed switches on/off).
+Columns: global img/s, img/s per rank, ms per step, step time vs bare; a breakdown of one rank's step
+(data wait, backbone forward, head forward+loss, backward, optimizers) measured in a second pass with the
+device synchronised between phases, and the time inside torch.distributed calls (comm; a part of the
+phases, not beside them); the head's share of the step; peak memory (max over ranks: CUDA
+max_memory_allocated, else the process's peak resident set, torch and the data included); and on CUDA
+the MFU: 3 x forward FLOPs per image (torch.utils.flop_counter) x img/s per GPU / the GPU's dense peak.
+On a machine with fewer cores than ranks x threads the ranks share cores: compare rows at equal P.
+
+    python -m bench.train [--recipe mnist_distarc] [--world 1,2] [--steps 30] [--warmup 5]
+                          [--data synthetic|stream] [--variant NAME:key=v,...] [--no-variants] [key=value ...]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import os
+import resource
+import socket
+import time
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from launch.__main__ import build_config
+from train.config import RunConfig
+
+DEFAULT_VARIANTS = ("fused AdamW off:optim.fused=false", "overlap_comm off:zero.overlap_comm=false",
+                    "ZeRO-1:zero.stage=1", "ZeRO-3:zero.stage=3", "compile:model.compile=true")
+# dense bf16 / tf32 tensor-core peaks (FLOP/s) by device name: NVIDIA's data sheets (SXM parts)
+PEAK_FLOPS = {"H200": (989.4e12, 494.7e12), "H100": (989.4e12, 494.7e12), "A100": (312e12, 156e12)}
+COMM_FUNCTIONS = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
+                  "broadcast", "all_to_all_single", "reduce", "barrier")
+PHASES = ("data", "forward", "head", "backward", "optimizer")
+
+
+@dataclasses.dataclass
+class Timer:
+    """Seconds per named phase; `sync` makes the device finish queued work before a phase ends."""
+
+    device: torch.device
+    totals: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        self.sync()
+        start = time.perf_counter()
+        yield
+        self.sync()
+        self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def timed_collectives(timer: Timer) -> Iterator[None]:
+    """Count the time inside torch.distributed's collectives (DeepSpeed's comm calls them too) as "comm";
+    on CUDA each call is synchronised so its time is the collective's, not its launch's."""
+    originals = {name: getattr(dist, name) for name in COMM_FUNCTIONS}
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            with timer.phase("comm"):
+                work = fn(*args, **kwargs)
+                if kwargs.get("async_op") and work is not None:
+                    work.wait()
+            return work
+        return timed
+
+    for name, fn in originals.items():
+        setattr(dist, name, wrap(fn))
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+
+
+def synthetic_batches(cfg: RunConfig, rank: int, device: torch.device, count: int = 4
+                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """`count` fixed uint8 batches of this rank, cycled (as the loader yields them with uint8 batches)."""
+    g = torch.Generator().manual_seed(1000 + rank)
+    d = cfg.data
+    batches = [(torch.randint(0, 256, (d.batch_size, d.in_chans, d.image_size, d.image_size), dtype=torch.uint8,
+                              generator=g), torch.randint(0, d.num_classes, (d.batch_size,), generator=g))
+               for _ in range(count)]
+    if device.type == "cuda":
+        batches = [(x.pin_memory(), y.pin_memory()) for x, y in batches]
+    i = 0
+    while True:
+        yield batches[i % count]
+        i += 1
+
+
+def forward_flops_per_image(cfg: RunConfig, device: torch.device) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from model.backbone import build_backbone
+
+    model = build_backbone(dataclasses.replace(cfg.model, checkpoint_path="")).to(device)
+    x = torch.randn(2, cfg.data.in_chans, cfg.data.image_size, cfg.data.image_size, device=device)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(x)
+    return counter.get_total_flops() / 2
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class BareLoop:
+    """The baseline: build_backbone + nn.Linear softmax CE + torch AdamW (+ DDP), nothing of ours."""
+
+    def __init__(self, cfg: RunConfig, device: torch.device, world: int) -> None:
+        from model.backbone import build_backbone
+
+        torch.manual_seed(cfg.seed)
+        self.model: nn.Module = build_backbone(cfg.model).to(device)
+        if world > 1:
+            self.model = nn.parallel.DistributedDataParallel(self.model)
+        self.fc = nn.Linear(cfg.model.embed_dim, cfg.data.num_classes).to(device)
+        params = list(self.model.parameters()) + list(self.fc.parameters())
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, fused=cfg.optim.fused or None)
+        self.device, self.dtype = device, torch.bfloat16 if cfg.zero.bf16 else torch.float32
+        from data.transforms import InputNormaliser
+
+        self.normaliser = InputNormaliser(cfg.data)
+
+    def step(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], timer: Timer | None) -> None:
+        phase = timer.phase if timer else (lambda name: contextlib.nullcontext())
+        with phase("data"):
+            images, labels = next(batches)
+            x = self.normaliser(images, self.device, torch.float32)
+            labels = labels.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16):
+            with phase("forward"):
+                emb = self.model(x)
+            with phase("head"):
+                loss = nn.functional.cross_entropy(self.fc(emb.float()), labels)
+        with phase("backward"):
+            loss.backward()
+        with phase("optimizer"):
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+
+class OurStep:
+    """train_step on the Trainer that train/main.py builds; `timed_step` is the same calls, phase by phase."""
+
+    def __init__(self, cfg: RunConfig, env: Any, device: torch.device) -> None:
+        from train.main import build_and_resume
+
+        self.tr, _ = build_and_resume(cfg, env, device, None)
+        self.step_index = 0
+
+    def step(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], timer: Timer | None) -> None:
+        from train.step import reduce_head_grads, train_step
+
+        if timer is None:
+            train_step(self.tr, batches, self.step_index, 1)
+        else:
+            tr = self.tr
+            with timer.phase("data"):
+                images, labels = next(batches)
+                x = tr.model_input(images)
+                labels = labels.to(tr.device, non_blocking=True)
+            with timer.phase("forward"):
+                emb = tr.engine(x)
+            with timer.phase("head"):
+                out = tr.task.head(emb.float(), labels, step=self.step_index)
+            with timer.phase("backward"):
+                tr.engine.backward(out["loss"])
+            with timer.phase("optimizer"):
+                reduce_head_grads(tr.task.head)
+                tr.engine.step()
+                tr.head_optimizer.step()
+                tr.head_optimizer.zero_grad(set_to_none=True)
+                tr.head_scheduler.step()
+        self.step_index += 1
+
+
+def _rank(rank: int, world: int, port: int, kind: str, cfg: RunConfig, steps: int, warmup: int, data: str,
+          out: dict) -> None:
+    from data.stream import build_train_loader
+    from train.dist import DistEnv, init_distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    env = DistEnv(rank, world, rank, world)
+    device, _ = init_distributed(env)
+    runner: BareLoop | OurStep = BareLoop(cfg, device, world) if kind == "bare" else OurStep(cfg, env, device)
+    loader = build_train_loader(cfg.data, rank, world) if data == "stream" else None
+    batches = iter(loader) if loader is not None else synthetic_batches(cfg, rank, device)
+    for _ in range(warmup):
+        runner.step(batches, None)
+    timer = Timer(device)
+    dist.barrier()
+    timer.sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        runner.step(batches, None)
+    timer.sync()
+    dist.barrier()
+    seconds = time.perf_counter() - start
+    breakdown = Timer(device)
+    with timed_collectives(breakdown):
+        for _ in range(max(3, steps // 3)):
+            runner.step(batches, breakdown)
+    n = max(3, steps // 3)
+    out[rank] = {"step_s": seconds / steps, "mem_mb": peak_memory_mb(device),
+                 "phases": {k: v / n for k, v in breakdown.totals.items()},
+                 "flops": forward_flops_per_image(cfg, device) if rank == 0 and device.type == "cuda" else 0.0,
+                 "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    if loader is not None:
+        loader.close()
+    dist.destroy_process_group()
+
+
+def measure(kind: str, cfg: RunConfig, world: int, steps: int, warmup: int, data: str) -> dict[str, Any]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    manager = mp.Manager()
+    out = manager.dict()
+    mp.start_processes(_rank, args=(world, port, kind, cfg, steps, warmup, data, out), nprocs=world,
+                       start_method="spawn")
+    res = {r: dict(v) for r, v in out.items()}
+    manager.shutdown()
+    return {"step_s": max(r["step_s"] for r in res.values()), "mem_mb": max(r["mem_mb"] for r in res.values()),
+            "phases": res[0]["phases"], "flops": res[0]["flops"], "device": res[0]["device"]}
+
+
+def mfu(row: dict[str, Any], cfg: RunConfig, world: int) -> str:
+    peak = next((p for name, p in PEAK_FLOPS.items() if name in row["device"]), None)
+    if not row["flops"] or peak is None:
+        return "-"
+    per_gpu = cfg.data.batch_size / row["step_s"]
+    return f"{100 * 3 * row['flops'] * per_gpu / peak[0 if cfg.zero.bf16 else 1]:.1f}%"
+
+
+def report(name: str, row: dict[str, Any], bare: dict[str, Any], cfg: RunConfig, world: int) -> str:
+    ph = row["phases"]
+    total = sum(ph.get(k, 0.0) for k in PHASES)
+    cells = [f"{1e3 * ph.get(k, 0.0):.1f}" for k in (*PHASES, "comm")]
+    img = cfg.data.batch_size * world / row["step_s"]
+    return (f"| {name} | {world} | {img:.0f} | {img / world:.0f} | {1e3 * row['step_s']:.1f} | "
+            f"{row['step_s'] / bare['step_s']:.2f}x | " + " | ".join(cells) +
+            f" | {100 * ph.get('head', 0.0) / max(total, 1e-12):.0f}% | {row['mem_mb']:.0f} | {mfu(row, cfg, world)} |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--recipe", default="mnist_distarc")
+    p.add_argument("--world", default="1,2", help="comma-separated numbers of ranks")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per row (after --warmup)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--data", choices=("synthetic", "stream"), default="synthetic",
+                   help="synthetic: fixed uint8 batches in memory; stream: the recipe's WebDataset loader")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:key=v,key=v")
+    p.add_argument("--no-variants", action="store_true", help="only the bare and ours rows")
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args()
+    base = build_config(args.recipe, ["data.uint8_batches=true", *args.overrides]).resolved()
+    variants = [("ours", [])] + [(v.split(":", 1)[0], v.split(":", 1)[1].split(","))
+                                 for v in ([] if args.no_variants else list(args.variant or DEFAULT_VARIANTS))]
+    if args.data == "stream":
+        from data.convert.mnist import ensure_prepared
+
+        ensure_prepared(base.data)
+    import timm.layers
+
+    print(f"# bench.train: recipe {args.recipe} ({base.model.name}, {base.data.image_size} px, micro-batch "
+          f"{base.data.batch_size} per rank, {base.data.num_classes} classes, loss {base.loss.name}, ZeRO-"
+          f"{base.zero.stage}, {'bf16' if base.zero.bf16 else 'fp32'}), {args.data} data, {args.steps} steps after "
+          f"{args.warmup}; torch {torch.__version__}, {os.cpu_count()} CPU cores, timm fused attention (SDPA): "
+          f"{timm.layers.use_fused_attn()}")
+    print("| row | P | img/s | img/s per rank | ms/step | vs bare | data ms | fwd ms | head ms | bwd ms | optim ms | "
+          "comm ms (within) | head share | peak MB/rank | MFU |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for world in (int(w) for w in args.world.split(",")):
+        cfg = build_config(args.recipe, ["data.uint8_batches=true", f"slurm.tasks_per_node={world}",
+                                         *args.overrides]).resolved()
+        bare = measure("bare", cfg, world, args.steps, args.warmup, args.data)
+        print(report("bare PyTorch loop", bare, bare, cfg, world), flush=True)
+        for name, overrides in variants:
+            vcfg = build_config(args.recipe, ["data.uint8_batches=true", f"slurm.tasks_per_node={world}",
+                                              *args.overrides, *overrides]).resolved()
+            row = measure("ours", vcfg, world, args.steps, args.warmup, args.data)
+            print(report(name, row, bare, vcfg, world), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,399 @@
+"""Per-GPU memory plan of a run, before anything is queued: `python -m launch --recipe NAME --estimate`.
+
+Four parts per rank, each from the resolved config:
+- trunk states (weights, gradients, AdamW) under ZeRO: DeepSpeed's own estimator for the 16-bit
+  stages 2 and 3 (`estimate_zero{2,3}_model_states_mem_needs`, no offload), the closed form of
+  `zero_state_bytes` otherwise; the parameter count comes from the trunk built on the meta device;
+- the class-sharded head: this rank's shard (plus CHEST's replicated FC) in fp32 with its AdamW
+  moments and gradient, and the [G, C_local] logit / distance blocks of one step;
+- activations: the bytes autograd saves for backward, counted with saved_tensors_hooks on a CPU
+  forward at MEASURE_BATCH images and scaled linearly to data.batch_size;
+- a fixed runtime reserve (CUDA context, NCCL buffers, allocator slack; not measured).
+A Slurm submission with GPUs whose total exceeds `--gpu-mem-gb` is refused with the fixes.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from typing import Any, Callable, Iterator
+from unittest import mock
+
+import timm
+import torch
+import torch.utils.checkpoint
+from torch import nn
+from torch.autograd.graph import saved_tensors_hooks
+
+from model.backbone import EmbeddingModel, build_backbone, timm_kwargs
+from model.config import LossConfig, ModelConfig
+from model.proxies import class_range
+from model.task import build_head
+from train.config import RunConfig, ZeroConfig
+
+GIB = 2**30
+MEASURE_BATCH = 2  # images of the CPU forward; activations scale linearly from here
+LOGIT_COPIES = 3  # [G, C] blocks alive at once: the logits, the softmax temporaries, their gradient
+HEAD_BYTES_PER_VALUE = 4 + 8 + 4  # fp32 weight + AdamW's two fp32 moments + fp32 gradient
+RUNTIME_RESERVE = 2 * GIB  # CUDA context, NCCL buffers, allocator fragmentation: a margin, not a measurement
+DEPTH_PROBES = (2, 3)  # ViT-like trunks: measured at these depths and extrapolated (block 0 has no drop path)
+
+# bytes per parameter under mixed precision (zero.bf16=true) and the first ZeRO stage that partitions it
+# over the ranks; DeepSpeed's estimator counts the same for stage 2 (2 + 18/N) and stage 3 (18/N).
+BF16_PARTS = (("bf16 weights", 2, 3), ("bf16 gradients", 2, 2), ("fp32 gradient partition", 4, 2),
+              ("fp32 master weights", 4, 1), ("fp32 AdamW moments", 8, 1))
+FP32_PARTS = (("fp32 weights", 4, 3), ("fp32 gradients", 4, 2), ("fp32 AdamW moments", 8, 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrunkSize:
+    params: int
+    largest_layer: int  # parameters of the largest single module: what ZeRO-3 gathers at once
+    depth: int  # len(trunk.blocks) for ViT-like trunks, 0 otherwise
+
+
+def trunk_size(cfg: ModelConfig) -> TrunkSize:
+    """Parameter counts of `build_backbone(cfg)` built on the meta device (no weights allocated)."""
+    with torch.device("meta"):
+        model = build_backbone(dataclasses.replace(cfg, checkpoint_path=""))  # nothing to load into meta tensors
+    # parameters() yields a shared parameter once; DeepSpeed's model_to_params dedups by data_ptr, which is 0
+    # for every meta tensor, so its *_all_live estimators cannot take a meta model.
+    params = sum(p.numel() for p in model.parameters())
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    blocks = getattr(model.trunk, "blocks", None)
+    return TrunkSize(params, largest, len(blocks) if isinstance(blocks, (nn.Sequential, nn.ModuleList)) else 0)
+
+
+def zero_state_bytes(params: int, largest_layer: int, stage: int, world_size: int, bf16: bool) -> int:
+    """Trunk weights, gradients and AdamW states per rank under ZeRO `stage` (closed form).
+
+    Each part of BF16_PARTS / FP32_PARTS is divided by the world size from its stage on. Stage 3 keeps
+    no separate 16-bit gradient (it is reduce-scattered into the fp32 partition) and gathers one layer
+    at a time (4 bytes per parameter of the largest layer), as DeepSpeed's estimator counts.
+    """
+    if stage not in (0, 1, 2, 3) or world_size < 1:
+        raise ValueError(f"zero.stage={stage} must be 0-3 and the world size {world_size} >= 1")
+    total = 0.0
+    for name, nbytes, from_stage in BF16_PARTS if bf16 else FP32_PARTS:
+        if stage == 3 and name == "bf16 gradients":
+            continue
+        total += params * nbytes / (world_size if stage >= from_stage else 1)
+    return int(total) + (4 * largest_layer if stage == 3 else 0)
+
+
+def deepspeed_state_bytes(params: int, largest_layer: int, stage: int, gpus_per_node: int, nodes: int) -> int:
+    """DeepSpeed's own per-GPU estimate for 16-bit ZeRO-2/3 without offload."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    if stage == 2:
+        return estimate_zero2_model_states_mem_needs(params, gpus_per_node, nodes, cpu_offload=False)[1]
+    if stage == 3:
+        return estimate_zero3_model_states_mem_needs(params, largest_layer, gpus_per_node, nodes, cpu_offload=False,
+                                                     cpu_offload_params=False)[1]
+    raise ValueError(f"DeepSpeed estimates ZeRO stages 2 and 3, not {stage}")
+
+
+def trunk_state(cfg: RunConfig, size: TrunkSize) -> tuple[int, str]:
+    """(bytes, where the number comes from) for the trunk's states on one rank."""
+    world = cfg.slurm.nodes * cfg.slurm.tasks_per_node
+    if cfg.zero.bf16 and cfg.zero.stage in (2, 3):
+        return (deepspeed_state_bytes(size.params, size.largest_layer, cfg.zero.stage, cfg.slurm.tasks_per_node,
+                                      cfg.slurm.nodes), "DeepSpeed estimator")
+    return zero_state_bytes(size.params, size.largest_layer, cfg.zero.stage, world, cfg.zero.bf16), "closed form"
+
+
+def bucket_bytes(zero: ZeroConfig) -> int:
+    """DeepSpeed's gradient-reduction bucket: zero.reduce_bucket_size elements allocated whole (not capped
+    by the model's size) at stages 1-3, doubled by zero.overlap_comm at stages 1-2; bf16 at stage 1 runs
+    DeepSpeed's BF16_Optimizer (a full fp32 gradient buffer, counted in the states) instead."""
+    if zero.stage == 0 or (zero.stage == 1 and zero.bf16):
+        return 0
+    double = zero.overlap_comm and zero.stage < 3  # stage 3 keeps one bucket per dtype whatever overlap_comm says
+    return zero.reduce_bucket_size * (2 if zero.bf16 else 4) * (2 if double else 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadShard:
+    ranks: tuple[int, int]  # first and last rank holding a shard of this size
+    num_local: int  # classes on each of these ranks
+    sharded_values: int  # elements of sharded_parameters() (C_local x D, or C_local x K x D for CHEST)
+    replicated_values: int  # CHEST's shared FC h, whole on every rank
+
+    @property
+    def state_bytes(self) -> int:
+        return (self.sharded_values + self.replicated_values) * HEAD_BYTES_PER_VALUE
+
+
+def head_shards(loss: LossConfig, num_classes: int, embed_dim: int, world_size: int) -> list[HeadShard]:
+    """One entry per distinct shard size (class_range gives the first ranks one class more), counted on
+    heads built on the meta device."""
+    sizes = [class_range(num_classes, r, world_size)[1] for r in range(world_size)]
+    out = []
+    for n in sorted(set(sizes), reverse=True):
+        first = sizes.index(n)
+        with torch.device("meta"):
+            head = build_head(loss, num_classes, embed_dim, first, world_size)
+        out.append(HeadShard((first, len(sizes) - 1 - sizes[::-1].index(n)), n,
+                             sum(p.numel() for p in head.sharded_parameters().values()),
+                             sum(p.numel() for p in head.replicated_parameters().values())))
+    return out
+
+
+def logit_columns(loss: LossConfig) -> float:
+    """[G, *] columns per local class in one step: K proxies in each CHEST space, Partial-FC's sample rate."""
+    if loss.name in ("chest", "softtriple"):
+        ch = loss.chest
+        spaces = 1 if loss.name == "softtriple" else int(ch.eta_e > 0) + int(ch.eta_h > 0)
+        return float(ch.proxies_per_class * spaces) * loss.sample_rate
+    return loss.sample_rate
+
+
+def logit_bytes(global_batch: int, num_local: int, loss: LossConfig, embed_dim: int) -> int:
+    """fp32 logit / distance blocks of a step, plus the gathered [G, D] embeddings and their gradient."""
+    return int(global_batch * num_local * logit_columns(loss) * 4 * LOGIT_COPIES) + global_batch * embed_dim * 4 * 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Saved:
+    """Bytes saved for backward: floating (they halve in bf16) and other (masks, indices)."""
+
+    floating: float = 0.0
+    other: float = 0.0
+
+    def __add__(self, o: "Saved") -> "Saved":
+        return Saved(self.floating + o.floating, self.other + o.other)
+
+    def scaled(self, k: float) -> "Saved":
+        return Saved(self.floating * k, self.other * k)
+
+    def at(self, bf16: bool) -> float:
+        return self.floating * (0.5 if bf16 else 1.0) + self.other
+
+
+class SavedCounter:
+    """saved_tensors_hooks that record every saved tensor's storage once, parameters excluded."""
+
+    def __init__(self, exclude: set[int]) -> None:
+        self.exclude = exclude
+        self.storages: dict[int, tuple[int, bool]] = {}
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in self.exclude:
+            self.storages[s.data_ptr()] = (s.nbytes(), t.is_floating_point())
+        return t
+
+    @property
+    def saved(self) -> Saved:
+        return Saved(float(sum(n for n, f in self.storages.values() if f)),
+                     float(sum(n for n, f in self.storages.values() if not f)))
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator["SavedCounter"]:
+        with saved_tensors_hooks(self.pack, lambda t: t):
+            yield self
+
+
+def measure_saved(model: nn.Module, images: torch.Tensor) -> Saved:
+    """Peak bytes held for backward by one training forward of `model` on `images`.
+
+    Without gradient checkpointing that is everything the forward saves. With it (timm's checkpoint
+    regions), each region is run through reentrant checkpointing, whose saved inputs are what stays
+    alive; during backward one region at a time is recomputed, so the peak adds the largest region's
+    own saved bytes, measured by running the region once with gradients on.
+    """
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    outer = SavedCounter(params)
+    regions: list[Saved] = []
+    real_checkpoint = torch.utils.checkpoint.checkpoint
+
+    def region(function: Callable[..., Any], *args: Any, use_reentrant: bool | None = None, **kwargs: Any) -> Any:
+        out = real_checkpoint(function, *args, use_reentrant=True, **kwargs)
+        inner = SavedCounter(params | set(outer.storages))  # the region's input is held by the outer save
+        with torch.enable_grad(), inner.active():
+            function(*[a.detach().requires_grad_(a.requires_grad) if torch.is_tensor(a) else a for a in args],
+                     **kwargs)
+        regions.append(inner.saved)
+        return out
+
+    model.train()
+    with mock.patch.object(torch.utils.checkpoint, "checkpoint", region), outer.active():
+        model(images)
+    return outer.saved + max(regions, key=lambda s: s.floating + s.other, default=Saved())
+
+
+def build_measured(cfg: ModelConfig, depth: int = 0) -> nn.Module:
+    """build_backbone's network (random weights, no checkpoint file), at another depth when given."""
+    if not depth:
+        return build_backbone(dataclasses.replace(cfg, checkpoint_path=""))
+    kwargs = {**timm_kwargs(cfg), "depth": depth, "drop_path_rate": cfg.drop_path_rate}
+    trunk = timm.create_model(cfg.name, pretrained=False, **kwargs)
+    if cfg.grad_checkpointing:
+        getattr(trunk, "set_grad_checkpointing")(True)
+    return EmbeddingModel(trunk, cfg.embed_dim, cfg.neck)
+
+
+@dataclasses.dataclass(frozen=True)
+class Activations:
+    per_sample: Saved  # at fp32; Saved.at(bf16) for the run's dtype
+    how: str
+
+
+_ACTIVATIONS: dict[str, Activations] = {}
+
+
+def activations(model_cfg: ModelConfig, image_size: int, size: TrunkSize) -> Activations:
+    """Saved-for-backward bytes per image, measured on CPU at MEASURE_BATCH images (cached per model).
+
+    ViT-like trunks (timm `blocks` and a `depth` argument) are measured at DEPTH_PROBES and extrapolated
+    linearly to their depth: blocks are identical, and a full ViT-L forward costs ~10 s on 2 cores.
+    """
+    key = json.dumps([dataclasses.asdict(model_cfg), image_size], sort_keys=True)
+    if key in _ACTIVATIONS:
+        return _ACTIVATIONS[key]
+    images = torch.randn(MEASURE_BATCH, model_cfg.in_chans, image_size, image_size)
+    ckpt = ", grad checkpointing on" if model_cfg.grad_checkpointing else ""
+    torch.manual_seed(0)
+    lo, hi = DEPTH_PROBES
+    if size.depth > hi:
+        a, b = (measure_saved(build_measured(model_cfg, d), images) for d in DEPTH_PROBES)
+        # With checkpointing the recomputed region is one block at every depth: only the saved inputs grow.
+        total = a + (b + a.scaled(-1.0)).scaled(size.depth - lo)
+        how = f"measured at depths {lo} and {hi} of {size.depth}, extrapolated{ckpt}"
+    else:
+        total = measure_saved(build_measured(model_cfg), images)
+        how = f"measured on the full trunk{ckpt}"
+    result = Activations(total.scaled(1.0 / MEASURE_BATCH), f"{how}; CPU forward of {MEASURE_BATCH} images")
+    _ACTIVATIONS[key] = result
+    return result
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    """Bytes per component (rows) for each group of ranks with the same shard (columns)."""
+
+    groups: list[str]
+    rows: dict[str, tuple[str, list[int]]]  # key -> (label, bytes per group)
+    budget: int
+    notes: list[str]
+
+    @property
+    def totals(self) -> list[int]:
+        return [sum(values[i] for _, values in self.rows.values()) for i in range(len(self.groups))]
+
+    def most(self, key: str) -> int:
+        return max(self.rows[key][1])
+
+    @property
+    def peak(self) -> int:
+        return max(self.totals)
+
+    @property
+    def fits(self) -> bool:
+        return self.peak <= self.budget
+
+
+def estimate(cfg: RunConfig, gpu_mem_gb: float) -> Estimate:
+    """The memory plan of `cfg` (resolved) per rank against a budget of `gpu_mem_gb` GiB."""
+    if not gpu_mem_gb > 0:
+        raise ValueError(f"--gpu-mem-gb={gpu_mem_gb:g} must be > 0 (the memory of one GPU in GiB, e.g. 80)")
+    if cfg.data.num_classes < 1:
+        raise ValueError("data.num_classes is not known yet (the manifest is written when the job starts); "
+                         "set data.num_classes=N for the estimate")
+    world = cfg.slurm.nodes * cfg.slurm.tasks_per_node
+    size = trunk_size(cfg.model)
+    states, source = trunk_state(cfg, size)
+    shards = head_shards(cfg.loss, cfg.data.num_classes, cfg.model.embed_dim, world)
+    acts = activations(cfg.model, cfg.data.image_size, size)
+    global_batch = cfg.data.batch_size * world
+    dtype = "bf16" if cfg.zero.bf16 else "fp32"
+    per_image = acts.per_sample.at(cfg.zero.bf16)
+    cols = logit_columns(cfg.loss)
+    n = len(shards)
+    rows = {
+        "states": (f"trunk states, ZeRO-{cfg.zero.stage} {dtype} ({source})", [states] * n),
+        "bucket": ("DeepSpeed gradient bucket (reduce_bucket_size)", [bucket_bytes(cfg.zero)] * n),
+        "head": (f"head shard x {HEAD_BYTES_PER_VALUE} B (fp32 weight, AdamW, grad)", [s.state_bytes for s in shards]),
+        "logits": (f"head logits [G={global_batch}, C_local x {cols:g}] fp32 x {LOGIT_COPIES}",
+                   [logit_bytes(global_batch, s.num_local, cfg.loss, cfg.model.embed_dim) for s in shards]),
+        "activations": (f"activations {cfg.data.batch_size} x {per_image / 2**20:.1f} MiB ({dtype})",
+                        [int(per_image * cfg.data.batch_size)] * n),
+        "reserve": ("runtime reserve (CUDA context, NCCL, allocator)", [RUNTIME_RESERVE] * n),
+    }
+    groups = [f"ranks {a}-{b}" if a != b else f"rank {a}" for a, b in (s.ranks for s in shards)]
+    classes = ", ".join(f"{s.num_local} on {g}" for s, g in zip(shards, groups))
+    notes = [f"trunk {cfg.model.name}: {size.params / 1e6:.1f} M parameters (largest layer "
+             f"{size.largest_layer / 1e6:.2f} M); head {cfg.loss.name}: {cfg.data.num_classes} classes ({classes})",
+             f"activations: {acts.how}"]
+    if cfg.slurm.gpus_per_node < 1:
+        notes.append("slurm.gpus_per_node=0: the ranks are CPU processes; the table is per process")
+    return Estimate(groups, rows, int(gpu_mem_gb * GIB), notes)
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / GIB:.2f} GiB" if nbytes >= 0.1 * GIB else f"{nbytes / 2**20:.1f} MiB"
+
+
+def format_estimate(cfg: RunConfig, est: Estimate) -> str:
+    world = cfg.slurm.nodes * cfg.slurm.tasks_per_node
+    gib = [[_size(v) for v in values] for _, values in est.rows.values()]
+    width = max(len(label) for label, _ in est.rows.values())
+    cols = [max(len(g), *(len(r[i]) for r in gib)) for i, g in enumerate(est.groups)]
+    lines = [f"memory per GPU of run {cfg.name} ({cfg.recipe or 'no recipe'}): {cfg.slurm.nodes} node(s) x "
+             f"{cfg.slurm.tasks_per_node} tasks = {world} ranks, micro-batch {cfg.data.batch_size} per rank",
+             *est.notes, "",
+             " " * width + "  " + "  ".join(g.rjust(c) for g, c in zip(est.groups, cols))]
+    for (label, _), values in zip(est.rows.values(), gib):
+        lines.append(label.ljust(width) + "  " + "  ".join(v.rjust(c) for v, c in zip(values, cols)))
+    lines.append("total".ljust(width) + "  " + "  ".join(_size(t).rjust(c)
+                                                         for t, c in zip(est.totals, cols)))
+    verdict = "fits" if est.fits else "DOES NOT FIT"
+    lines.append(f"budget {est.budget / GIB:g} GiB per GPU (--gpu-mem-gb): {verdict}, peak {est.peak / GIB:.2f} GiB "
+                 f"({(est.budget - est.peak) / GIB:+.2f} GiB headroom)")
+    return "\n".join(lines)
+
+
+def fixes(cfg: RunConfig, est: Estimate) -> str:
+    """What lowers the peak, the fixes of the largest parts first."""
+    out: list[tuple[int, str]] = []
+    states = est.most("states") + est.most("head")
+    if cfg.zero.stage < 3:
+        out.append((est.most("states"), f"zero.stage={cfg.zero.stage + 1} (partitions more of the trunk's "
+                                        f"{_size(est.most('states'))} of states)"))
+    out.append((states, f"more GPUs, slurm.nodes / slurm.tasks_per_node (the {_size(states)} of trunk states and "
+                        "head shard shrink as 1/ranks; activations do not)"))
+    if not cfg.model.grad_checkpointing:
+        out.append((est.most("activations"), "model.grad_checkpointing=true (activations are recomputed in backward)"))
+    out.append((est.most("activations"), f"a lower data.batch_size (the {_size(est.most('activations'))} of "
+                                         "activations scale with it)"))
+    if not cfg.zero.bf16:
+        out.append((est.most("activations"), "zero.bf16=true (halves activations and weights)"))
+    if cfg.loss.sample_rate >= 1.0:
+        out.append((est.most("logits"), f"loss.sample_rate<1 (Partial-FC: a fraction of each shard's classes in "
+                                        f"the {_size(est.most('logits'))} of logits)"))
+    return "; ".join(text for _, text in sorted(out, key=lambda item: -item[0]))
+
+
+def print_estimates(cfgs: list[RunConfig], gpu_mem_gb: float) -> int:
+    """`--estimate`: print every config's table; 0 when all fit the budget, 1 otherwise."""
+    ok = True
+    for cfg in cfgs:
+        est = estimate(cfg, gpu_mem_gb)
+        print(format_estimate(cfg, est), flush=True)
+        if not est.fits:
+            print(f"to fit: {fixes(cfg, est)}", flush=True)
+        ok = ok and est.fits
+    return 0 if ok else 1
+
+
+def check_fits(cfgs: list[RunConfig], gpu_mem_gb: float, use_slurm: bool) -> None:
+    """Refuse a GPU submission (--slurm with slurm.gpus_per_node > 0) whose estimate exceeds the budget."""
+    for cfg in cfgs:
+        if not use_slurm or cfg.slurm.gpus_per_node < 1:
+            continue
+        est = estimate(cfg, gpu_mem_gb)
+        if not est.fits:
+            raise ValueError(f"run {cfg.name} needs an estimated {est.peak / GIB:.2f} GiB per GPU, more than "
+                             f"--gpu-mem-gb={gpu_mem_gb:g}:\n{format_estimate(cfg, est)}\nto fit: {fixes(cfg, est)} "
+                             "(or raise --gpu-mem-gb if the GPUs have more memory)")

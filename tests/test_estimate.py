@@ -1,0 +1,142 @@
+"""The per-GPU memory plan (launch/estimate.py) against independent references: a real build's parameter
+count, the closed forms of the head and of ZeRO, DeepSpeed's own estimator, and the tensors an autograd
+graph holds; and the launcher's refusal of a submission that cannot fit."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from deepspeed.runtime.zero.stage3 import model_to_params
+
+from launch import estimate as est
+from launch.__main__ import build_config, main
+from model.backbone import build_backbone
+from model.config import ChestConfig, LossConfig, ModelConfig
+
+CNN = ModelConfig(name="test_resnet", in_chans=1, embed_dim=64)
+VIT = ModelConfig(name="vit_tiny_patch16_224", in_chans=3, img_size=32, patch_size=8, embed_dim=64)
+
+
+@pytest.mark.parametrize("cfg", [CNN, VIT, dataclasses.replace(VIT, neck=False, embed_dim=192)])
+def test_meta_parameter_count_equals_a_real_build(cfg: ModelConfig) -> None:
+    size = est.trunk_size(cfg)
+    real = build_backbone(cfg)
+    total, largest = model_to_params(real)  # DeepSpeed's count on real tensors (its dedup needs data pointers)
+    assert (size.params, size.largest_layer) == (total, largest) == (sum(p.numel() for p in real.parameters()),
+                                                                     largest)
+    assert size.depth == (12 if cfg.name.startswith("vit") else 0)
+
+
+def test_head_bytes_equal_the_closed_form() -> None:
+    shards = est.head_shards(LossConfig(name="distarc"), 10, 64, 3)  # class_range: 4, 3, 3 classes
+    assert [(s.ranks, s.num_local) for s in shards] == [((0, 0), 4), ((1, 2), 3)]
+    assert [s.state_bytes for s in shards] == [4 * 64 * (4 + 8 + 4), 3 * 64 * (4 + 8 + 4)]
+    chest = LossConfig(name="chest", chest=ChestConfig(proxies_per_class=3, hyp_dim=16))
+    (shard,) = est.head_shards(chest, 8, 32, 2)
+    assert shard.state_bytes == (4 * 3 * 32 + 32 * 16 + 16) * 16  # proxies [4, K, D] and the replicated FC h
+    # logits: G x C_local x (K per space) fp32, three copies, plus the gathered [G, D] embedding and its grad
+    assert est.logit_bytes(256, 4, chest, 32) == 256 * 4 * 3 * 2 * 4 * 3 + 256 * 32 * 8
+    no_h = dataclasses.replace(chest, chest=dataclasses.replace(chest.chest, eta_h=0.0))
+    assert est.logit_bytes(256, 4, no_h, 32) == 256 * 4 * 3 * 1 * 4 * 3 + 256 * 32 * 8
+    pfc = LossConfig(name="arcface", sample_rate=0.25)
+    assert est.logit_bytes(512, 1000, pfc, 512) == 512 * 250 * 4 * 3 + 512 * 512 * 8
+
+
+def test_zero_states_fall_with_stage_and_ranks_and_agree_with_deepspeed() -> None:
+    p, big = 10_000_000, 1_000_000
+    # closed forms (bytes per parameter): stage 1 partitions master + moments, 2 also the gradients
+    assert est.zero_state_bytes(p, big, 0, 4, bf16=True) == 20 * p
+    assert est.zero_state_bytes(p, big, 1, 4, bf16=True) == 8 * p + 12 * p // 4
+    assert est.zero_state_bytes(p, big, 2, 4, bf16=True) == 2 * p + 18 * p // 4
+    assert est.zero_state_bytes(p, big, 3, 4, bf16=True) == 18 * p // 4 + 4 * big
+    assert est.zero_state_bytes(p, big, 2, 4, bf16=False) == 4 * p + 12 * p // 4
+    for bf16 in (True, False):
+        for world in (2, 8, 64):
+            by_stage = [est.zero_state_bytes(p, big, s, world, bf16) for s in range(4)]
+            assert by_stage == sorted(by_stage, reverse=True) and by_stage[0] > by_stage[3]
+        for stage in (1, 2, 3):
+            by_world = [est.zero_state_bytes(p, big, stage, w, bf16) for w in (1, 2, 8, 64)]
+            assert by_world == sorted(by_world, reverse=True) and by_world[0] > by_world[-1]
+    for stage in (2, 3):
+        for gpus, nodes in ((1, 1), (8, 1), (8, 4), (4, 2)):
+            assert est.zero_state_bytes(p, big, stage, gpus * nodes, True) == pytest.approx(
+                est.deepspeed_state_bytes(p, big, stage, gpus, nodes), abs=1)
+
+
+def _graph_saved_bytes(out: torch.Tensor, model: torch.nn.Module) -> int:
+    """Bytes of the tensors the autograd graph of `out` holds (its nodes' _saved_* attributes), parameters
+    excluded, each storage once: a count that does not go through saved_tensors_hooks."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+    seen, todo = set(), [out.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        for name in dir(fn):
+            if name.startswith("_saved_"):
+                value = getattr(fn, name)
+                for t in value if isinstance(value, (tuple, list)) else (value,):
+                    if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in params:
+                        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        todo.extend(nxt for nxt, _ in fn.next_functions)
+    return sum(storages.values())
+
+
+def test_activation_estimate_scales_to_the_saved_bytes_at_batch_4() -> None:
+    acts = est.activations(CNN, 28, est.trunk_size(CNN))
+    predicted = acts.per_sample.at(bf16=False) * 4
+    torch.manual_seed(0)
+    model = build_backbone(CNN).train()
+    measured = _graph_saved_bytes(model(torch.randn(4, 1, 28, 28)), model)
+    assert 0.5 < predicted / measured < 2.0
+    assert predicted == pytest.approx(measured, rel=0.05)  # linear in the batch, up to BatchNorm's statistics
+    assert acts.per_sample.at(bf16=True) < acts.per_sample.at(bf16=False)
+
+
+def test_depth_extrapolation_and_grad_checkpointing_on_a_small_vit() -> None:
+    images = torch.randn(est.MEASURE_BATCH, 3, 32, 32)
+    for ckpt in (False, True):
+        cfg = dataclasses.replace(VIT, grad_checkpointing=ckpt)
+        extrapolated = est.activations(cfg, 32, est.trunk_size(cfg)).per_sample.scaled(est.MEASURE_BATCH)
+        full = est.measure_saved(est.build_measured(cfg), images)
+        assert extrapolated.floating == pytest.approx(full.floating, rel=0.01)
+    # with checkpointing, one more block keeps only its input alive: the [B, 17 tokens, 192] residual stream
+    on = dataclasses.replace(VIT, grad_checkpointing=True)
+    two, three = (est.measure_saved(est.build_measured(on, d), images) for d in (2, 3))
+    assert three.floating - two.floating == est.MEASURE_BATCH * 17 * 192 * 4
+    off = [est.measure_saved(est.build_measured(VIT, d), images) for d in (2, 3)]
+    assert off[1].floating - off[0].floating > 10 * (three.floating - two.floating)
+
+
+def test_estimate_table_of_a_real_recipe() -> None:
+    cfg = build_config("vitl_ms1mv2_faces", ["data.num_classes=85742"])
+    plan = est.estimate(cfg, 80)
+    assert plan.groups == ["ranks 0-5", "ranks 6-7"] and plan.fits  # 85742 = 6 x 10718 + 2 x 10717
+    assert plan.rows["head"][1] == [10718 * 512 * 16, 10717 * 512 * 16]
+    assert plan.rows["states"][1][0] == est.deepspeed_state_bytes(est.trunk_size(cfg.model).params, 0, 2, 8, 1)
+    assert plan.rows["logits"][1][0] == est.logit_bytes(128 * 8, 10718, cfg.loss, 512)
+    assert "DeepSpeed estimator" in est.format_estimate(cfg, plan)
+
+
+def test_a_submission_that_cannot_fit_is_refused_with_the_fixes(tmp_path, capsys, monkeypatch) -> None:
+    def no_submission(*args: object, **kwargs: object) -> None:
+        raise AssertionError("nothing may be submitted")
+
+    monkeypatch.setattr("launch.__main__.make_executor", no_submission)
+    args = ["--recipe", "mnist_distarc", f"run_root={tmp_path}", "slurm.gpus_per_node=2"]
+    assert main(["--slurm", "--gpu-mem-gb", "1", *args]) == 2
+    err = capsys.readouterr().err
+    assert "needs an estimated" in err and "more than --gpu-mem-gb=1" in err and "no Slurm here" not in err
+    for fix in ("zero.stage=3", "more GPUs", "model.grad_checkpointing=true", "data.batch_size",
+                "loss.sample_rate<1", "zero.bf16=true"):
+        assert fix in err, fix
+    assert main(["--estimate", "--gpu-mem-gb", "1", *args]) == 1
+    assert "DOES NOT FIT" in capsys.readouterr().out
+    assert main(["--estimate", *args]) == 0
+    out = capsys.readouterr().out
+    assert "fits" in out and "ranks 0-1" in out and "trunk states, ZeRO-2 fp32 (closed form)" in out
+    assert main(["--estimate", "--gpu-mem-gb", "0", *args]) == 2
+    assert "--gpu-mem-gb=0 must be > 0" in capsys.readouterr().err

@@ -1,0 +1,192 @@
+"""Pictures of the embedding spaces and the hparams summary, read back from the event file.
+
+Tiny CPU heads (a few classes); every number drawn or histogrammed is checked against numpy or a
+dense head built independently (rows are keyed by global class id, so a world-size-1 head holds
+the same rows as rank 0's shard).
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from data.config import DataConfig
+from model.config import ChestConfig, LossConfig
+from model.task import build_head
+from model.hyperbolic import to_ball
+from train import pictures
+from train.config import RunConfig
+from train.metrics import MetricLogger, main_hparams
+
+
+def read_events(tb_dir: str) -> EventAccumulator:
+    acc = EventAccumulator(tb_dir, size_guidance={"images": 0, "histograms": 0, "scalars": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def decoded_image(acc: EventAccumulator, tag: str) -> np.ndarray:
+    """The last image of `tag`, decoded; asserts a plausible, non-blank picture."""
+    event = acc.Images(tag)[-1]
+    img = np.asarray(Image.open(io.BytesIO(event.encoded_image_string)).convert("RGB"))
+    assert img.shape == (event.height, event.width, 3) and min(img.shape[:2]) >= 300
+    assert len(np.unique(img.reshape(-1, 3), axis=0)) > 20  # axes, labels and coloured points, not a blank canvas
+    return img
+
+
+def clustered(num_classes: int, per_class: int, dim: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    centres = torch.randn(num_classes, dim, generator=gen) * 10
+    return centres[labels] + torch.randn(labels.shape[0], dim, generator=gen), labels
+
+
+def test_disk_projection_keeps_norms_inside_the_disk_and_planar_geometry() -> None:
+    gen = torch.Generator().manual_seed(0)
+    c = 0.5
+    ball = to_ball(torch.randn(400, 16, generator=gen) * 3, c, 2.3)
+    proxies = to_ball(torch.randn(10, 16, generator=gen) * 3, c, 2.3)
+    unit, prox_unit = ball * math.sqrt(c), proxies * math.sqrt(c)  # the ball of radius 1/sqrt(c) -> unit disk
+    p2, e2 = pictures.disk_projection(unit, prox_unit)
+    assert e2 is not None and p2.shape == (400, 2) and e2.shape == (10, 2)
+    np.testing.assert_allclose(p2.norm(dim=1).numpy(), np.linalg.norm(unit.double().numpy(), axis=1), rtol=1e-12)
+    np.testing.assert_allclose(e2.norm(dim=1).numpy(), np.linalg.norm(prox_unit.double().numpy(), axis=1), rtol=1e-12)
+    assert float(p2.norm(dim=1).max()) < 1.0 and float(e2.norm(dim=1).max()) < 1.0
+    # points that already lie in a plane through the centre come out isometric (a rotation of that plane)
+    basis = torch.linalg.qr(torch.randn(16, 2, generator=gen, dtype=torch.float64))[0]
+    flat = (torch.rand(200, 2, generator=gen, dtype=torch.float64) - 0.5) @ basis.t()
+    q2, _ = pictures.disk_projection(flat)
+    q, f = q2.numpy(), flat.numpy()
+    np.testing.assert_allclose(np.linalg.norm(q[:, None] - q[None], axis=2),
+                               np.linalg.norm(f[:, None] - f[None], axis=2), atol=1e-10)
+
+
+def test_distarc_radial_angular_picture_and_radius_error_histogram(tmp_path) -> None:
+    cfg = LossConfig(name="distarc", radius_start=10.0, radius_gap=5.0, num_spheres=3)
+    head = build_head(cfg, 6, 8, rank=0, world_size=2)  # rank 0's shard: classes 0..2 of 6
+    emb, labels = clustered(6, 40, 8)
+    logger = MetricLogger(str(tmp_path), True, 8)
+    logger.log_embeddings(3, head.embed_spaces(emb), labels, head.weight, head=head)
+    logger.close()
+    acc = read_events(logger.tb_dir)
+    assert acc.Tags()["images"] == ["eval/radial_angular"]  # no ball, no disk
+    decoded_image(acc, "eval/radial_angular")
+    x, y = emb.double().numpy(), labels.numpy()
+    err = np.linalg.norm(x, axis=1) - (10.0 + 5.0 * (y % 3))  # every sample: r_y needs no table row
+    hist = acc.Histograms("eval/radius_error")[-1]
+    assert hist.step == 3 and hist.histogram_value.num == 240
+    assert hist.histogram_value.min == pytest.approx(err.min(), rel=1e-5)
+    assert hist.histogram_value.max == pytest.approx(err.max(), rel=1e-5)
+    assert hist.histogram_value.sum == pytest.approx(err.sum(), rel=1e-5, abs=1e-3)
+    assert hist.histogram_value.sum_squares == pytest.approx((err ** 2).sum(), rel=1e-5)
+    # what is drawn: the shard's samples only, angles to the rows of a dense head's same classes
+    keep, angles, norms = pictures.angles_to_anchors(emb, labels, head)
+    dense = build_head(cfg, 6, 8).weight.detach().double().numpy()
+    mask = y < 3
+    w = dense[y[mask]]
+    cos = (x[mask] * w).sum(1) / np.linalg.norm(x[mask], axis=1) / np.linalg.norm(w, axis=1)
+    np.testing.assert_array_equal(keep.numpy(), np.nonzero(mask)[0])
+    np.testing.assert_allclose(angles.numpy(), np.degrees(np.arccos(cos)), atol=1e-3)
+    np.testing.assert_allclose(norms.numpy(), np.linalg.norm(x[mask], axis=1), rtol=1e-6)
+    # open-set labels are not the head's classes: no anchor pictures
+    logger = MetricLogger(str(tmp_path / "open"), True, 8)
+    logger.log_embeddings(3, head.embed_spaces(emb), labels, head=head, protocol="retrieval")
+    logger.close()
+    acc = read_events(logger.tb_dir)
+    assert acc.Tags()["images"] == [] and "eval/radius_error" not in acc.Tags()["histograms"]
+
+
+def test_pair_similarity_histograms_use_same_and_different_labels(tmp_path) -> None:
+    # class c points along e_c at different lengths: positives have cosine 1, negatives 0
+    labels = torch.tensor([0] * 30 + [1] * 20 + [2] * 10 + [3])  # class 3: one sample, no positive pair
+    emb = torch.eye(8)[labels] * (1 + torch.arange(labels.shape[0], dtype=torch.float32))[:, None]
+    logger = MetricLogger(str(tmp_path), True, 8)
+    logger.log_embeddings(1, {"euclidean": emb, "cosine": emb}, labels)
+    logger.close()
+    acc = read_events(logger.tb_dir)
+    pos = acc.Histograms("eval/sim_positive")[-1].histogram_value
+    neg = acc.Histograms("eval/sim_negative")[-1].histogram_value
+    assert pos.num == 2000 and pos.min == pytest.approx(1.0) and pos.max == pytest.approx(1.0)
+    assert neg.num == 2000 and neg.min == 0.0 and neg.max == 0.0
+    # random vectors: every sampled similarity is one of its kind's brute-force values; seeded
+    emb, labels = clustered(5, 12, 6, seed=1)
+    pos_s, neg_s = pictures.pair_similarities(emb, labels, num_pairs=500, seed=7)
+    unit = emb.double().numpy() / np.linalg.norm(emb.double().numpy(), axis=1, keepdims=True)
+    sims, y = unit @ unit.T, labels.numpy()
+    same, off_diag = y[:, None] == y[None, :], ~np.eye(len(y), dtype=bool)
+    for got, allowed in ((pos_s, sims[same & off_diag]), (neg_s, sims[~same])):
+        assert got.shape == (500,)
+        assert np.abs(got.double().numpy()[:, None] - allowed[None, :]).min(axis=1).max() < 1e-5
+    again = pictures.pair_similarities(emb, labels, num_pairs=500, seed=7)
+    assert torch.equal(again[0], pos_s) and torch.equal(again[1], neg_s)
+    # verification labels are pair ids, not identities: no similarity histograms
+    logger = MetricLogger(str(tmp_path / "ver"), True, 8)
+    logger.log_embeddings(1, {"euclidean": emb}, labels, protocol="verification")
+    logger.close()
+    assert not {"eval/sim_positive", "eval/sim_negative"} & set(read_events(logger.tb_dir).Tags()["histograms"])
+
+
+def test_chest_poincare_disk_draws_ball_points_and_rank0_proxies(tmp_path) -> None:
+    ch = ChestConfig(hyp_dim=4, proxies_per_class=2, curvature=0.5, clip_radius=2.3)
+    cfg = LossConfig(name="chest", chest=ch)
+    head = build_head(cfg, 6, 8, rank=0, world_size=2)  # 3 of 6 (permuted) classes on rank 0
+    emb, labels = clustered(6, 30, 8, seed=2)
+    spaces = head.embed_spaces(emb)
+    logger = MetricLogger(str(tmp_path), True, 8)
+    logger.log_embeddings(5, spaces, labels, head.proxies, head=head)
+    logger.close()
+    acc = read_events(logger.tb_dir)
+    assert acc.Tags()["images"] == ["eval/poincare_disk"] and "eval/radius_error" not in acc.Tags()["histograms"]
+    decoded_image(acc, "eval/poincare_disk")
+    fig = pictures.head_pictures(spaces, labels, head, closed_set=True)["eval/poincare_disk"]
+    points, stars = (np.asarray(col.get_offsets()) for col in fig.axes[0].collections)
+    sqrt_c = math.sqrt(0.5)
+    # points: sqrt(c) * their ball norm, inside the unit disk
+    ball_norm = np.linalg.norm(spaces["poincare"].double().numpy(), axis=1)
+    np.testing.assert_allclose(np.sort(np.linalg.norm(points, axis=1)), np.sort(sqrt_c * ball_norm), rtol=1e-6)
+    assert np.linalg.norm(points, axis=1).max() < 1.0
+    # stars: rank 0's 3 classes x K = 2 proxies, at tanh(sqrt(c) ||clip(h(p))||) (expmap0's norm, by hand)
+    assert head.fc is not None
+    w, b = head.fc.weight.detach().double().numpy(), head.fc.bias.detach().double().numpy()
+    h = head.proxies.detach().double().numpy().reshape(-1, 8) @ w.T + b
+    h_norm = np.linalg.norm(h, axis=1)
+    clipped = h_norm * np.minimum(1.0, 2.3 / (h_norm + 1e-5))
+    np.testing.assert_allclose(np.sort(np.linalg.norm(stars, axis=1)), np.sort(np.tanh(sqrt_c * clipped)), rtol=1e-5)
+    assert "rank 0's shard only (3 of 6)" in fig.axes[0].get_title()
+    # open set: the points without proxies
+    fig = pictures.head_pictures(spaces, labels, head, closed_set=False)["eval/poincare_disk"]
+    assert len(fig.axes[0].collections) == 1 and "open-set" in fig.axes[0].get_title()
+
+
+def test_hparams_are_in_the_run_s_own_event_file(tmp_path) -> None:
+    cfg = RunConfig(name="r", max_steps=7, data=DataConfig(root="/nowhere", batch_size=32),
+                    loss=LossConfig(name="distarc", margin=0.3))
+    hparams = {**main_hparams(cfg.to_dict()), "global_batch": 64}
+    assert not any(k.startswith("loss.chest.") for k in hparams)  # DistArc: CHEST's fields are noise
+    chest = main_hparams(RunConfig(name="c", max_steps=1, data=DataConfig(root="/x"),
+                                   loss=LossConfig(name="chest")).to_dict())
+    assert chest["loss.chest.curvature"] == 0.5
+    logger = MetricLogger(str(tmp_path), True, 64)
+    logger.log_hparams(hparams, {"acc_measure": 0.75, "cosine/R@1": 0.5, "last_train_loss": None,
+                                 "diverged": float("nan")}, step=7)
+    logger.close()
+    assert all(os.path.isfile(os.path.join(logger.tb_dir, f)) for f in os.listdir(logger.tb_dir))  # no subfolder
+    acc = read_events(logger.tb_dir)
+    content = acc.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    assert start.hparams["optim.lr"].number_value == pytest.approx(1e-3)
+    assert start.hparams["data.batch_size"].number_value == 32 and start.hparams["global_batch"].number_value == 64
+    assert start.hparams["loss.name"].string_value == "distarc"
+    assert start.hparams["loss.margin"].number_value == pytest.approx(0.3)
+    assert start.hparams["zero.bf16"].string_value == "False"
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    assert sorted(m.name.tag for m in experiment.metric_infos) == ["hparams/acc_measure", "hparams/cosine/R@1"]
+    assert [(e.step, e.value) for e in acc.Scalars("hparams/acc_measure")] == [(7, 0.75)]
+    assert "eval/acc_measure" not in acc.Tags()["scalars"]

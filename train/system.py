@@ -1,0 +1,68 @@
+"""System scalars of the training loop: step time, data wait, throughput per GPU, peak memory, ETA.
+
+`StepClock.timed(batches)` wraps the batch iterator so the seconds spent waiting for the loader are
+counted apart from the step; `StepClock.window()` turns the interval since the last call into the
+`system/` scalars the logger writes. Peak memory is the maximum over ranks (one all-reduce at log
+steps only): the rank nearest its limit is the one that matters, a mean would hide it.
+"""
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from typing import Iterator, TypeVar
+
+import torch
+
+from train.dist import max_over_ranks
+
+T = TypeVar("T")
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak allocated GPU memory of this process (CUDA), else its peak resident set size (CPU), in GiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+class StepClock:
+    """Wall time of the steps between two `window()` calls and the part of it spent waiting for data."""
+
+    def __init__(self, global_batch: int, world_size: int, max_steps: int, device: torch.device) -> None:
+        self.global_batch, self.world_size, self.max_steps, self.device = global_batch, world_size, max_steps, device
+        self.data_wait_s = 0.0
+        self.reset(0)
+
+    def reset(self, step: int) -> None:
+        """Start a new window at `step` (after evaluation or a checkpoint, which are not training time)."""
+        self._start, self._step, self.data_wait_s = time.perf_counter(), step, 0.0
+
+    def timed(self, batches: Iterator[T]) -> Iterator[T]:
+        """`batches`, counting the seconds each `next` blocks into `data_wait_s`."""
+        while True:
+            start = time.perf_counter()
+            try:
+                item = next(batches)
+            except StopIteration:
+                return
+            self.data_wait_s += time.perf_counter() - start
+            yield item
+
+    def window(self, step: int) -> dict[str, float]:
+        """Scalars of the steps since the last window (collective: every rank calls it), then reset."""
+        elapsed, steps = time.perf_counter() - self._start, step - self._step
+        out: dict[str, float] = {"peak_mem_gb": max_over_ranks(peak_memory_gb(self.device))}
+        if steps > 0 and elapsed > 0:
+            step_time = elapsed / steps
+            out.update(step_time_s=step_time, data_wait_frac=min(1.0, self.data_wait_s / elapsed),
+                       img_per_s_per_gpu=self.global_batch / step_time / self.world_size,
+                       eta_min=(self.max_steps - step) * step_time / 60)
+        self.reset(step)
+        return out
+
+
+def progress_enabled(is_main: bool) -> bool:
+    """tqdm bars only on rank 0 and only on a terminal: in a Slurm log a carriage-return bar is one
+    ever-growing line, and the logger's [train] lines already report progress there."""
+    return is_main and sys.stderr.isatty()
