@@ -3,7 +3,8 @@
 For C classes, D = 512, global batch 256 and world sizes P (gloo processes on this machine):
   * sharded DistArc and CHEST heads vs the dense single-process head (P = 1) where it fits;
   * DistArc vs plain ArcFace (the same sharded head with lambda = mu = 0; P = 1 also PML's ArcFaceLoss);
-  * the Gram-form Poincare distance vs a B x N x D broadcast (hyptorch-style).
+  * the Gram-form Poincare distance vs a B x N x D broadcast (hyptorch-style);
+  * with --sample-rates, Partial-FC (loss.sample_rate): each head at each rate, against its rate-1 row.
 Memory: on GPUs, torch.cuda.max_memory_allocated; on CPU, the peak resident set of each rank minus
 its resident set before the head was built (every configuration runs in fresh processes, because
 the peak cannot be reset), with glibc's mmap threshold pinned at 128 KiB so that freed temporaries
@@ -12,10 +13,12 @@ blocks up to 32 MiB on the heap and inflates the peak of the small per-rank shar
 with fewer cores than ranks the per-rank times include oversubscription: compare times at equal P.
 
     python -m bench.heads [--classes 10000,100000,1000000] [--worlds 1,2,4] [--iters 3]
+                          [--heads chest,softtriple --sample-rates 1.0,0.5,0.1]
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import resource
 import socket
@@ -31,6 +34,8 @@ HEADS = {
     "distarc": LossConfig(name="distarc", form="official", scale=16.0, radial_weight=0.05, phi_weight=1.0),
     "arcface": LossConfig(name="arcface", scale=16.0),
     "chest": LossConfig(name="chest", chest=ChestConfig(proxies_per_class=2, hyp_dim=128, tau=0.5)),
+    "softtriple": LossConfig(name="softtriple", chest=ChestConfig(proxies_per_class=2, gamma_e=0.1, lambda_e=20.0,
+                                                                  delta_e=0.01, tau=0.2)),
 }
 
 
@@ -43,7 +48,8 @@ def _current_rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _rank(rank: int, world: int, port: int, head_name: str, num_classes: int, iters: int, out: dict) -> None:
+def _rank(rank: int, world: int, port: int, head_name: str, num_classes: int, iters: int, sample_rate: float,
+          out: dict) -> None:
     import torch.distributed as dist
 
     from model.task import build_head
@@ -56,7 +62,8 @@ def _rank(rank: int, world: int, port: int, head_name: str, num_classes: int, it
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
     base = torch.cuda.memory_allocated() / 2**20 if cuda else _current_rss_mb()
-    head = build_head(HEADS[head_name], num_classes, DIM, rank, world, embedding_grad_scale=float(world)).to(device)
+    cfg = dataclasses.replace(HEADS[head_name], sample_rate=sample_rate)
+    head = build_head(cfg, num_classes, DIM, rank, world, embedding_grad_scale=float(world)).to(device)
     b = GLOBAL_BATCH // world
     g = torch.Generator().manual_seed(rank)
     emb = (torch.randn(b, DIM, generator=g) * 3).to(device).requires_grad_(True)
@@ -75,14 +82,15 @@ def _rank(rank: int, world: int, port: int, head_name: str, num_classes: int, it
     dist.destroy_process_group()
 
 
-def run_config(head_name: str, num_classes: int, world: int, iters: int) -> dict[str, float]:
+def run_config(head_name: str, num_classes: int, world: int, iters: int, sample_rate: float = 1.0
+               ) -> dict[str, float]:
     """Per-rank max of peak memory and of the best fwd+bwd time over `iters` timed iterations."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     manager = mp.Manager()
     out = manager.dict()
-    mp.start_processes(_rank, args=(world, port, head_name, num_classes, iters, out), nprocs=world,
+    mp.start_processes(_rank, args=(world, port, head_name, num_classes, iters, sample_rate, out), nprocs=world,
                        start_method="spawn")
     res = dict(out)
     manager.shutdown()
@@ -145,12 +153,28 @@ def poincare_gram_vs_broadcast(batch: int = 256, num: int = 8192, dim: int = 128
     return out[0], out[1]
 
 
+def sample_rate_table(heads: list[str], classes: list[int], worlds: list[int], rates: list[float], iters: int,
+                      full: dict[tuple[str, int, int], dict[str, float]]) -> None:
+    """Partial-FC rows: peak memory and time at each loss.sample_rate, relative to the rate-1 run in `full`."""
+    print("\n| head | C | P | sample rate | per-rank peak MB | vs rate 1 | fwd+bwd s | vs rate 1 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for head in heads:
+        for c in classes:
+            for w in worlds:
+                base = full[(head, c, w)]
+                for rate in rates:
+                    r = base if rate >= 1.0 else run_config(head, c, w, iters, rate)
+                    print(f"| {head} | {c} | {w} | {rate:g} | {r['mem_mb']:.0f} | {r['mem_mb'] / base['mem_mb']:.2f} | "
+                          f"{r['time_s']:.3f} | {r['time_s'] / base['time_s']:.2f} |", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--classes", default="10000,100000,1000000")
     p.add_argument("--worlds", default="1,2,4")
     p.add_argument("--heads", default="distarc,arcface,chest")
     p.add_argument("--iters", type=int, default=2)
+    p.add_argument("--sample-rates", default="", help="Partial-FC rates for a second table, e.g. 1.0,0.5,0.1")
     args = p.parse_args()
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))  # read by glibc in the spawned ranks
     classes = [int(c) for c in args.classes.split(",")]
@@ -175,6 +199,9 @@ def main() -> None:
         for c in classes:  # P = 1 in this process, default allocator
             d, a = time_in_process("distarc", c, args.iters), time_in_process("arcface", c, args.iters)
             print(f"| {c} | {d:.3f} | {a:.3f} | {d / a:.2f} | {pml_arcface(c, args.iters):.3f} |", flush=True)
+    if args.sample_rates:
+        sample_rate_table(args.heads.split(","), classes, worlds, [float(r) for r in args.sample_rates.split(",")],
+                          args.iters, results)
     gram, bcast = poincare_gram_vs_broadcast()
     print("\n| Poincare distances, B=256 x N=8192, D=128, fwd+bwd | seconds |\n|---|---|")
     print(f"| Gram form (ours) | {gram:.3f} |\n| B x N x D broadcast | {bcast:.3f} |\n| speed-up | {bcast / gram:.1f}x |")

@@ -7,6 +7,14 @@ soft-min distances in both spaces, two class softmaxes spanning the ranks, and t
 regulariser on proxy triplets whose negatives come from a rotating peer rank (spec 3.4 b).
 Symbols follow shared/spec/losses.md section 2.
 
+Partial-FC (loss.sample_rate < 1): each step a rank keeps the gathered batch's positives in its shard
+plus random negatives (model.proxies.sample_local_classes, seeded by (init_seed, step, class_start) as
+DistArc), and the class softmaxes of both spaces span only the kept columns, so the [G, C, K] blocks
+shrink with the rate and the class terms' gradient reaches only the kept proxies. The regulariser
+(HypHC, or SoftTriple's centre term) still sees every local proxy, as the spec's one triplet per class
+(M = C) asks: HypHC maps all C_local x K proxies through h once (independent of G; the class terms reuse
+the kept rows of that mapping), and it is the only gradient the unsampled proxies get.
+
 Legend: G global batch, C classes here, K proxies per class, E = D_E, H = D_H, T triplets.
 """
 from __future__ import annotations
@@ -23,7 +31,7 @@ from model import hyperbolic as hyp
 from model.collectives import (all_gather_and_exchange, all_gather_no_grad, all_gather_with_grad, all_reduce_sum_no_grad,
                                sharded_argmin, sharded_cross_entropy)
 from model.config import ChestConfig, LossConfig
-from model.proxies import ShardedHead, class_permutation, class_range, init_rows, owner_of
+from model.proxies import ShardedHead, class_permutation, class_range, init_rows, owner_of, sample_local_classes
 
 
 # ---- building blocks (pure functions) -----------------------------------------------------------
@@ -70,9 +78,14 @@ def hyphc_triplet_loss(p1: torch.Tensor, p2: torch.Tensor, p3: torch.Tensor, cfg
 
 
 def softtriple_regulariser(p_CKD: torch.Tensor) -> torch.Tensor:
-    """sum_c sum_{k<k'} sqrt(2 + 1e-5 - 2 <w_ck, w_ck'>) over unit centres (unnormalised sum)."""
-    w = F.normalize(p_CKD.float(), dim=2)
-    gram = w @ w.transpose(1, 2)  # [C, K, K]
+    """sum_c sum_{k<k'} sqrt(2 + 1e-5 - 2 <w_ck, w_ck'>) over unit centres (unnormalised sum).
+
+    The cosines come from the raw Gram and the norms: no normalised [C, K, D] copy of the table is kept for
+    backward (with Partial-FC this term, over every proxy, would otherwise set SoftTriple's memory floor).
+    """
+    p = p_CKD.float()
+    inv = 1.0 / torch.linalg.vector_norm(p, dim=2).clamp_min(1e-12)  # [C, K]; F.normalize's eps
+    gram = (p @ p.transpose(1, 2)) * inv[:, :, None] * inv[:, None, :]  # [C, K, K]
     k = gram.shape[1]
     upper = torch.triu(torch.ones(k, k, dtype=torch.bool, device=gram.device), diagonal=1)
     return torch.sqrt(2.0 + 1e-5 - 2.0 * gram[:, upper]).sum()
@@ -134,11 +147,12 @@ def _class_ce(logits: torch.Tensor, target: torch.Tensor, target_col: torch.Tens
     return sharded_cross_entropy(logits, target, target_col >= 0, group)
 
 
-def class_similarities(x_GE: torch.Tensor, proxies_CKE: torch.Tensor, fc: nn.Module | None, cfg: LossConfig
-                       ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+def class_similarities(x_GE: torch.Tensor, proxies_CKE: torch.Tensor, fc: nn.Module | None, cfg: LossConfig,
+                       proxies_h_CKH: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """Soft class similarities S [G, C] per space, and the proxies mapped into the ball [C, K, H].
 
     Spaces: "euclidean" and "poincare" for CHEST (those with eta > 0), "cosine" for SoftTriple.
+    `proxies_h_CKH`: these proxies already mapped (Partial-FC shares the regulariser's mapping), else mapped here.
     """
     ch = cfg.chest
     x = x_GE.float()
@@ -153,8 +167,8 @@ def class_similarities(x_GE: torch.Tensor, proxies_CKE: torch.Tensor, fc: nn.Mod
         feats, prox = (fc(x), fc(flat)) if ch.euclid_features == "head" else (x, flat)
         out["euclidean"] = soft_min_similarity(euclidean_pairwise(feats, prox).view(x.shape[0], num_local, k),
                                                ch.gamma_e)
-    prox_h = None
-    if ch.eta_h > 0 or ch.tau > 0:
+    prox_h = None if proxies_h_CKH is None else proxies_h_CKH.reshape(num_local * k, proxies_h_CKH.shape[-1])
+    if prox_h is None and (ch.eta_h > 0 or ch.tau > 0):
         prox_h = hyp.to_ball(fc(flat), ch.curvature, ch.clip_radius)
     if ch.eta_h > 0:
         assert prox_h is not None
@@ -165,14 +179,15 @@ def class_similarities(x_GE: torch.Tensor, proxies_CKE: torch.Tensor, fc: nn.Mod
 
 
 def class_terms(x_GE: torch.Tensor, target_col_G: torch.Tensor, proxies_CKE: torch.Tensor, fc: nn.Module | None,
-                cfg: LossConfig, group: ProcessGroup | None = None, dense: bool = False) -> dict[str, torch.Tensor]:
+                cfg: LossConfig, group: ProcessGroup | None = None, dense: bool = False,
+                proxies_h_CKH: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Per-sample class losses of CHEST (or SoftTriple) against one slice of the proxy table.
 
     Returns "loss_G" (eta-weighted sum), the per-space "loss_e_G"/"loss_h_G" and, when h exists,
     "proxies_h" [C, K, H] (the mapped proxies, reused by HypHC).
     """
     ch = cfg.chest
-    sims, prox_h = class_similarities(x_GE, proxies_CKE, fc, cfg)
+    sims, prox_h = class_similarities(x_GE, proxies_CKE, fc, cfg, proxies_h_CKH)
     # space -> (output key, lambda, delta, eta); SoftTriple's cosine space uses the Euclidean fields
     spec = {"euclidean": ("loss_e_G", ch.lambda_e, ch.delta_e, ch.eta_e),
             "cosine": ("loss_e_G", ch.lambda_e, ch.delta_e, 1.0),
@@ -251,20 +266,50 @@ class ChestHead(ShardedHead):
         if labels_G.numel() and (int(labels_G.min()) < 0 or int(labels_G.max()) >= self.num_classes):
             raise ValueError(f"labels outside [0, {self.num_classes}): min {int(labels_G.min())}, max "
                              f"{int(labels_G.max())}; set data.num_classes to the data set's class count")
-        local = self.class_perm[labels_G] - self.class_start
-        target_col = torch.where((local >= 0) & (local < self.num_local), local, -1)
-        terms = class_terms(x_GE, target_col, self.proxies, self.fc, self.cfg, self.group)
+        target_col = self.target_columns(labels_G)
+        proxies: torch.Tensor = self.proxies
+        sampled = self.cfg.sample_rate < 1.0
+        all_h = kept_h = None
+        if sampled:  # Partial-FC: the batch's positives and a random share of the other local classes
+            index, target_col = self.sample_columns(target_col, step)
+            proxies = proxies[index]
+            if trip is not None:  # HypHC needs every local proxy in the ball: map them once, share the kept ones
+                all_h = self._proxies_in_ball()
+                kept_h = all_h[index]
+        terms = class_terms(x_GE, target_col, proxies, self.fc, self.cfg, self.group, proxies_h_CKH=kept_h)
         out = {"loss": terms["loss_G"].mean()}
         for key in ("loss_e_G", "loss_h_G"):
             if key in terms:
                 out[key[:-2]] = terms[key].detach().mean()
         if self.cfg.chest.tau > 0:
-            local_reg = self._regulariser(terms.get("proxies_h"), trip, neg_e)
+            local_reg = self._regulariser(all_h if sampled else terms.get("proxies_h"), trip, neg_e)
             global_reg = all_reduce_sum_no_grad(local_reg, self.group)
             # value: the global sum; gradient: this rank's own triplets (peers' reach us via the exchange)
             out["loss"] = out["loss"] + local_reg - local_reg.detach() + global_reg
             out["regulariser"] = global_reg
         return out
+
+    def target_columns(self, labels_G: torch.Tensor) -> torch.Tensor:
+        """Local table column of each label's class (after the class permutation), -1 where not ours."""
+        local = self.class_perm[labels_G] - self.class_start
+        return torch.where((local >= 0) & (local < self.num_local), local, -1)
+
+    def sample_columns(self, target_col_G: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Partial-FC's kept local columns (sorted) at `step` and the targets renumbered into them.
+
+        A pure function of (init_seed, step, class_start, the batch's positives), DistArc's seeding:
+        every rank draws its own set without communication, and a resumed run redraws the same sets.
+        """
+        gen = torch.Generator().manual_seed(hash((self.cfg.init_seed, step, self.class_start)) % 2**63)
+        return sample_local_classes(target_col_G, self.num_local, self.cfg.sample_rate, gen)
+
+    def _proxies_in_ball(self) -> torch.Tensor:
+        """All local proxies through h and the map [C, K, H], from a view of the table (no [C K, D_E] copy)."""
+        assert self.fc is not None
+        ch = self.cfg.chest
+        flat = self.proxies.reshape(-1, self.embed_dim).float()
+        return hyp.to_ball(self.fc(flat), ch.curvature, ch.clip_radius).view(self.num_local, ch.proxies_per_class,
+                                                                             ch.hyp_dim)
 
     def _triplets(self, step: int) -> Triplets | None:
         ch = self.cfg.chest
@@ -275,7 +320,8 @@ class ChestHead(ShardedHead):
 
     def _regulariser(self, prox_h: torch.Tensor | None, trip: Triplets | None, neg_e: torch.Tensor | None
                      ) -> torch.Tensor:
-        """(tau / M) * this rank's share of the regulariser (HypHC, or SoftTriple's centre term)."""
+        """(tau / M) * this rank's share of the regulariser (HypHC, or SoftTriple's centre term), over every
+        local proxy whatever loss.sample_rate (`prox_h`: all of them mapped into the ball)."""
         ch = self.cfg.chest
         if trip is None:  # SoftTriple
             k = ch.proxies_per_class

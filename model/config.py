@@ -145,6 +145,3 @@ class LossConfig:
             raise ValueError(f"loss.sample_rate={self.sample_rate} must be in (0, 1]")
         if self.name in ("chest", "softtriple"):
             self.chest.validate(self.name)
-            if self.sample_rate < 1.0:
-                raise ValueError(f"loss.sample_rate={self.sample_rate} (Partial-FC) is implemented for the DistArc "
-                                 "family only; set loss.sample_rate=1.0 for CHEST / SoftTriple")

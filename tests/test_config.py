@@ -83,9 +83,10 @@ def test_chest_settings_are_checked_only_for_chest_heads() -> None:
         apply_overrides(base, ["loss.chest.proxies_per_class=1"]).validate()
     with pytest.raises(ValueError, match="curvature=-1.0 must be > 0"):
         apply_overrides(base, ["loss.chest.curvature=-1"]).validate()
-    with pytest.raises(ValueError, match="Partial-FC.*DistArc family only"):
-        apply_overrides(base, ["loss.sample_rate=0.5"]).validate()
-    apply_overrides(get_recipe("mnist_distarc"), ["loss.sample_rate=0.5"]).validate()
+    for recipe in ("mnist_chest", "mnist_distarc"):  # Partial-FC for both families, in (0, 1] only
+        apply_overrides(get_recipe(recipe), ["loss.sample_rate=0.5"]).validate()
+        with pytest.raises(ValueError, match=r"loss.sample_rate=1.5 must be in \(0, 1\]"):
+            apply_overrides(get_recipe(recipe), ["loss.sample_rate=1.5"]).validate()
 
 
 def test_from_dict_rejects_unknown_and_mistyped_keys() -> None:
