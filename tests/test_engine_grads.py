@@ -113,3 +113,25 @@ def test_head_optimizer_gives_chest_fc_its_own_learning_rate() -> None:
     assert [g["initial_lr"] for g in opt.param_groups] == [1e-2, 3e-3, 3e-3]
     distarc_opt, _ = build_head_optimizer(build_head(CFG, CLASSES, DIM), optim, max_steps=10)
     assert len(distarc_opt.param_groups) == 1  # no replicated parameters
+
+
+def bf16_batchnorm_rank() -> dict:
+    """A bf16 ZeRO-2 engine over a conv + BatchNorm backbone: one step and its buffers' dtypes."""
+    from train.engine import build_engine
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    engine = build_engine(net, OptimConfig(warmup_steps=0), ZeroConfig(stage=2, bf16=True), micro_batch=2,
+                          max_steps=2)
+    loss = engine(torch.randn(2, 1, 8, 8, dtype=torch.bfloat16)).float().square().mean()
+    engine.backward(loss)
+    engine.step()
+    return {"loss": float(loss), "buffers": {n: b.dtype for n, b in engine.module.named_buffers()}}
+
+
+def test_bf16_engine_runs_batchnorm_backbones(dist_pool) -> None:
+    """DeepSpeed >= 0.19 keeps buffers fp32 under bf16 unless told; BatchNorm then fails ("expected
+    scalar type BFloat16 but found Float", first seen on an H200): train/engine.py casts them."""
+    (result,) = dist_pool(1).run(bf16_batchnorm_rank)
+    assert torch.isfinite(torch.tensor(result["loss"]))
+    assert result["buffers"]["1.running_mean"] == result["buffers"]["1.running_var"] == torch.bfloat16

@@ -40,7 +40,9 @@ def deepspeed_config(optim: OptimConfig, zero: ZeroConfig, micro_batch: int,
     if zero.bf16:
         # fp32 gradient accumulation: bf16 sums over many micro-batches lose low bits
         cfg["bf16"] = {"enabled": True}
-        cfg["data_types"] = {"grad_accum_dtype": "fp32"}
+        # buffers in bf16 too (DeepSpeed >= 0.19 keeps them fp32 unless told): BatchNorm needs its running
+        # statistics in the dtype of its weight and input
+        cfg["data_types"] = {"grad_accum_dtype": "fp32", "buffer_dtype": "bf16"}
     return cfg
 
 
