@@ -7,7 +7,8 @@ Every row runs in fresh processes (`--world` ranks: gloo on CPU, NCCL on GPUs) o
   * ours: train.main.build_and_resume -> train.step.train_step, exactly what `python -m train` runs
     (DeepSpeed ZeRO, the class-sharded head and its optimizer, the non-finite guard);
   * one row per `--variant NAME:key=value,...`: ours with the overrides (the speed switches on/off).
-Columns: global img/s, img/s per rank, ms per step, step time vs bare; a breakdown of one rank's step
+Columns: global img/s, img/s per rank, ms per step (the median of the timed steps; the slowest rank's),
+step time vs bare; a breakdown of one rank's step
 (data wait, backbone forward, head forward+loss, backward, optimizers) measured in a second pass with the
 device synchronised between phases, and the time inside torch.distributed calls (comm; a part of the
 phases, not beside them); the head's share of the step; peak memory (max over ranks: CUDA
@@ -27,6 +28,7 @@ import functools
 import os
 import resource
 import socket
+import statistics
 import time
 from typing import Any, Callable, Iterator
 
@@ -215,19 +217,21 @@ def _rank(rank: int, world: int, port: int, kind: str, cfg: RunConfig, steps: in
         runner.step(batches, None)
     timer = Timer(device)
     dist.barrier()
-    timer.sync()
-    start = time.perf_counter()
-    for _ in range(steps):
+    times = []
+    for _ in range(steps):  # the median step: robust to the other processes of a shared machine
+        timer.sync()
+        start = time.perf_counter()
         runner.step(batches, None)
-    timer.sync()
+        timer.sync()
+        times.append(time.perf_counter() - start)
     dist.barrier()
-    seconds = time.perf_counter() - start
+    seconds = statistics.median(times)
     breakdown = Timer(device)
     with timed_collectives(breakdown):
         for _ in range(max(3, steps // 3)):
             runner.step(batches, breakdown)
     n = max(3, steps // 3)
-    out[rank] = {"step_s": seconds / steps, "mem_mb": peak_memory_mb(device),
+    out[rank] = {"step_s": seconds, "mem_mb": peak_memory_mb(device),
                  "phases": {k: v / n for k, v in breakdown.totals.items()},
                  "flops": forward_flops_per_image(cfg, device) if rank == 0 and device.type == "cuda" else 0.0,
                  "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
