@@ -23,11 +23,10 @@ from webdataset import tariterators
 
 from data.tars import tar_members
 from data.transforms import check_image_header
+from data.writer import IMAGE_FIELDS, LABEL_FIELD
 
 # webdataset's metadata members (skipped, as its tar iterator does).
 _META = re.compile(r"__[^/]*__($|/)")
-# Accepted image fields, in order of preference.
-IMAGE_FIELDS: tuple[str, ...] = ("png", "jpg", "jpeg")
 
 
 class RawSample(NamedTuple):
@@ -83,13 +82,13 @@ class BadSampleCounter:
 
 def parse_label(sample: dict, num_classes: int) -> int:
     """Return the sample's label; ValueError (with the reason) when unusable."""
-    raw = sample.get("cls")
+    raw = sample.get(LABEL_FIELD)
     if raw is None:
-        raise ValueError("missing cls")
+        raise ValueError(f"missing {LABEL_FIELD}")
     try:
         label = int(raw.decode("ascii").strip() if isinstance(raw, bytes) else raw)
     except (UnicodeDecodeError, ValueError):
-        raise ValueError(f"cls {raw[:20]!r} is not an integer") from None
+        raise ValueError(f"{LABEL_FIELD} {raw[:20]!r} is not an integer") from None
     if not 0 <= label < num_classes:
         raise ValueError(f"label {label} outside [0, data.num_classes={num_classes})")
     return label

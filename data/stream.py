@@ -32,7 +32,6 @@ reads every W-th of those; no shuffle, no augmentation, last batch partial.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import os
 import random
@@ -45,6 +44,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
+from common.seeds import stable_seed
 from data.balanced import balanced_batches
 from data.config import DataConfig
 from data.mixture import TrainSource, mixed_raw_samples, train_sources
@@ -53,12 +53,6 @@ from data.shards import assign_shards, check_labels, list_shards
 from data.transforms import build_transform, decode_image, open_image
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-def _seed_int(*parts: object) -> int:
-    """A 63-bit seed from parts; stable across processes (unlike hash())."""
-    digest = hashlib.sha256("-".join(map(str, parts)).encode("ascii")).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def batches_to_skip(start_batch: int, worker: int, num_workers: int) -> int:
@@ -255,7 +249,7 @@ class TrainStream(IterableDataset):
         transform = build_transform(cfg, train=True)
         for k, raw in enumerate(raw_batches, start=skip):
             batch = decode_batch(
-                raw, cfg, transform, counter, _seed_int(cfg.seed, rank, worker, k))
+                raw, cfg, transform, counter, stable_seed(cfg.seed, rank, worker, k))
             if batch is None:
                 raise RuntimeError(
                     f"train rank {rank} worker {worker}: no image of batch {k} decodes "

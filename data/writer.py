@@ -2,12 +2,13 @@
 
 This module owns the on-disk sample format produced by every converter:
 one tar member per field, named `{__key__}.{field}`, with
-  - `png` or `jpg`: the encoded image bytes, stored exactly as given,
-  - `cls`: the 0-based integer label as ASCII digits,
-  - `json` (optional): a UTF-8 JSON object with free-form metadata,
+  - one of IMAGE_FIELDS (`png` or `jpg` from the converters): the encoded
+    image bytes, stored exactly as given,
+  - LABEL_FIELD (`cls`): the 0-based integer label as ASCII digits,
+  - META_FIELD (`json`, optional): a UTF-8 JSON object with free-form metadata,
 and `{root}/manifest.json` describing the splits (counts, label range,
-shard list and sha256 per shard). The readers live in data.shards and
-data.samples.
+shard list and sha256 per shard). The field names below are the only copy:
+the reader (data.samples) and the converters import them.
 """
 
 from __future__ import annotations
@@ -22,7 +23,12 @@ import webdataset
 from data.shards import MANIFEST_NAME, sha256_file
 
 SHARD_PATTERN = "shard-%06d.tar"
-IMAGE_FIELDS: tuple[str, ...] = ("png", "jpg")
+PNG_FIELD, JPG_FIELD = "png", "jpg"  # the converters' two (data.convert.common.image_field)
+# Image fields, in the readers' order of preference; a sample holds exactly one. "jpeg" is accepted
+# for shards made by other tools.
+IMAGE_FIELDS: tuple[str, ...] = (PNG_FIELD, JPG_FIELD, "jpeg")
+LABEL_FIELD = "cls"
+META_FIELD = "json"
 MANIFEST_FORMAT = "hypermetric-shards-v1"
 
 
@@ -42,12 +48,12 @@ def _encode_sample(sample: dict) -> dict:
     image = sample[images[0]]
     if not isinstance(image, (bytes, bytearray)):
         raise ValueError(f"sample {key!r}: {images[0]} must be encoded bytes, got {type(image).__name__}")
-    label = sample.get("cls")
+    label = sample.get(LABEL_FIELD)
     if isinstance(label, bool) or not isinstance(label, int) or label < 0:
-        raise ValueError(f"sample {key!r}: cls must be a 0-based int label, got {label!r}")
-    out = {"__key__": key, images[0]: bytes(image), "cls": str(label).encode("ascii")}
-    if "json" in sample:
-        out["json"] = json.dumps(sample["json"], sort_keys=True).encode("utf-8")
+        raise ValueError(f"sample {key!r}: {LABEL_FIELD} must be a 0-based int label, got {label!r}")
+    out = {"__key__": key, images[0]: bytes(image), LABEL_FIELD: str(label).encode("ascii")}
+    if META_FIELD in sample:
+        out[META_FIELD] = json.dumps(sample[META_FIELD], sort_keys=True).encode("utf-8")
     return out
 
 

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed import ProcessGroup
 
+from common.seeds import stable_seed
 from model import hyperbolic as hyp
 from model.collectives import (all_gather_and_exchange, all_gather_no_grad, all_gather_with_grad, all_reduce_sum_no_grad,
                                sharded_argmin, sharded_cross_entropy)
@@ -111,7 +112,7 @@ def sample_triplets(num_classes: int, num_proxies: int, world_size: int, seed: i
     so each rank receives its negatives from a single peer. "local" (or P = 1): the negative class
     is drawn from the anchor's own rank, excluding the anchor class.
     """
-    gen = torch.Generator().manual_seed(hash((seed, step, 7919)) % 2**63)
+    gen = torch.Generator().manual_seed(stable_seed(seed, step, "triplets"))
     c = torch.arange(num_classes)
     k = num_proxies
     pos_i = torch.randint(k, (num_classes,), generator=gen)
@@ -119,9 +120,8 @@ def sample_triplets(num_classes: int, num_proxies: int, world_size: int, seed: i
     u = torch.rand(num_classes, generator=gen, dtype=torch.float64)
     neg_k = torch.randint(k, (num_classes,), generator=gen)
     owner = owner_of(c, num_classes, world_size)
-    base, extra = divmod(num_classes, world_size)
-    sizes = torch.tensor([base + (1 if r < extra else 0) for r in range(world_size)])
-    starts = torch.cumsum(sizes, 0) - sizes
+    # every rank's (class_start, num_local): the shard layout the heads use
+    starts, sizes = torch.tensor([class_range(num_classes, r, world_size) for r in range(world_size)]).unbind(1)
     if mode == "peer" and world_size > 1:
         offset = 1 + int(torch.randint(world_size - 1, (1,), generator=gen))
         sender = (owner - offset) % world_size
@@ -300,7 +300,7 @@ class ChestHead(ShardedHead):
         A pure function of (init_seed, step, class_start, the batch's positives), DistArc's seeding:
         every rank draws its own set without communication, and a resumed run redraws the same sets.
         """
-        gen = torch.Generator().manual_seed(hash((self.cfg.init_seed, step, self.class_start)) % 2**63)
+        gen = torch.Generator().manual_seed(stable_seed(self.cfg.init_seed, step, self.class_start))
         return sample_local_classes(target_col_G, self.num_local, self.cfg.sample_rate, gen)
 
     def _proxies_in_ball(self) -> torch.Tensor:

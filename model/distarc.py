@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed import ProcessGroup
 
+from common.seeds import stable_seed
 from model.collectives import (all_gather_no_grad, all_gather_with_grad, all_reduce_sum_no_grad, sharded_argmin,
                                sharded_cross_entropy)
 from model.config import LossConfig
@@ -172,7 +173,7 @@ class DistArcHead(ShardedHead):
         weight: torch.Tensor = self.weight
         radii = self.radii
         if self.cfg.sample_rate < 1.0:  # Partial-FC: a random subset of negatives, all positives
-            gen = torch.Generator().manual_seed(hash((self.cfg.init_seed, step, self.class_start)) % 2**63)
+            gen = torch.Generator().manual_seed(stable_seed(self.cfg.init_seed, step, self.class_start))
             index, target_col = sample_local_classes(target_col, self.num_local, self.cfg.sample_rate, gen)
             weight, radii = weight[index], radii[index]
         out = distarc_logits(emb_GD, target_col, weight, radii, self.cfg, margin_at(self.cfg, step))

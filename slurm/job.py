@@ -12,7 +12,6 @@ restarts the original submission, which resumes from the latest checkpoint the s
 """
 from __future__ import annotations
 
-import os
 import signal
 import sys
 from typing import Any
@@ -20,29 +19,14 @@ from typing import Any
 import submitit
 
 from train.config import RunConfig
-
-# submitit's LocalExecutor restarts a job whose task exits with this code (Slurm jobs are requeued by
-# `scontrol requeue` from rank 0 instead; the code only marks the other ranks' exit there).
-REQUEUE_EXIT = 144
-
-# Settings for real GPU clusters, set once here and only where the user did not set them.
-NCCL_DEFAULTS: dict[str, str] = {
-    # a rank that dies makes its peers fail within the collective timeout instead of hanging forever
-    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
-    # NCCL's own warnings in the job log, without its per-collective chatter
-    "NCCL_DEBUG": "WARN",
-    # InfiniBand timeouts at the NCCL default (18 = ~1 s x 2^18) are too short on busy fabrics
-    "NCCL_IB_TIMEOUT": "22",
-}
+from train.control import REQUEUE_EXIT
 
 
 def export_cluster_env() -> None:
-    """Process-group variables from submitit's JobEnvironment, plus the NCCL defaults."""
+    """Process-group variables from submitit's JobEnvironment (NCCL's: train.dist.init_distributed)."""
     # Keep CUDA_VISIBLE_DEVICES as Slurm set it: DeepSpeed selects cuda:local_rank itself (infra-lessons 4).
     # MASTER_ADDR = first host, MASTER_PORT derived from the job id (same on every task, no communication).
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-    for key, value in NCCL_DEFAULTS.items():
-        os.environ.setdefault(key, value)
 
 
 class TrainJob(submitit.helpers.Checkpointable):
@@ -68,6 +52,8 @@ class TrainJob(submitit.helpers.Checkpointable):
             requeue_handler(requeue_signal, None)
         # Saved, but not finished: exit without a result file, or the submitter would read this partial
         # summary as the job's answer while the job comes back (requeue, preemption) or was cancelled.
+        # REQUEUE_EXIT makes submitit's LocalExecutor restart the job; on Slurm rank 0 has requeued it
+        # already (`scontrol requeue`) and the code only marks the other ranks' exit.
         sys.exit(REQUEUE_EXIT if stop == requeue_signal.name else 128 + int(getattr(signal, stop)))
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:

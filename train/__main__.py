@@ -1,8 +1,9 @@
 """`python -m train --recipe NAME [key=value ...]` (or `--config run.yaml`): one rank of a run.
 
 For launchers other than submitit (slurm/train.sbatch, torchrun): the rank comes from RANK,
-WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT. Exit code 3 (REQUEUE_EXIT)
-means "stopped by the requeue signal after a checkpoint: requeue me"; the sbatch script does.
+WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT. Exit code 144
+(train.control.REQUEUE_EXIT) means "stopped by the requeue signal after a checkpoint: requeue me";
+the sbatch script does.
 """
 from __future__ import annotations
 
@@ -12,8 +13,7 @@ import sys
 from train.overrides import apply_overrides
 from launch.recipes import DEFAULT_RECIPE, get_recipe
 from train.config import load_yaml
-
-REQUEUE_EXIT = 3
+from train.control import REQUEUE_EXIT
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,16 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
+from train.dist import collective_device
+
 DEFAULT_STOP_SIGNALS: tuple[int, ...] = (signal.SIGUSR2, signal.SIGTERM)
+
+# The exit code of a rank that saved after the requeue signal: "bring this job back". It is submitit's
+# (submitit.local.local.LOCAL_REQUEUE_RETURN_CODE: its LocalExecutor restarts a job whose task exits
+# with it), so one value serves every launcher: slurm/job.py (submitit), `python -m train` and
+# slurm/train.sbatch (which requeues when srun returns it; tests/test_single_sources.py keeps the
+# script's copy equal).
+REQUEUE_EXIT = 144
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,8 +60,7 @@ class RunControl:
         due = int(self.every_s > 0 and time.monotonic() - self._last_save >= self.every_s)
         flags = torch.tensor([self.received, due], dtype=torch.int64)
         if dist.is_initialized() and dist.get_world_size() > 1:
-            if dist.get_backend() == "nccl":
-                flags = flags.cuda()
+            flags = flags.to(collective_device())
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         return Decision(save=bool(flags[1]), stop_signal=int(flags[0]))
 

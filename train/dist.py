@@ -2,7 +2,9 @@
 
 A job learns its place from the standard variables (RANK, WORLD_SIZE, LOCAL_RANK,
 LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), which the launcher (`slurm/job.py`) exports from
-submitit's JobEnvironment. Backend: NCCL on GPUs, gloo on CPU.
+submitit's JobEnvironment. Backend: NCCL on GPUs, gloo on CPU. `NCCL_DEFAULTS` are applied here,
+where unset, just before the NCCL group is created: every launcher (submitit, slurm/train.sbatch,
+torchrun) gets the same set. `collective_device()` is where a collective's tensors must live.
 """
 from __future__ import annotations
 
@@ -12,6 +14,17 @@ import os
 
 import torch
 import torch.distributed as dist
+
+
+# Settings for real GPU clusters, applied only where the user (or the sbatch script) did not set them.
+NCCL_DEFAULTS: dict[str, str] = {
+    # a rank that dies makes its peers fail within the collective timeout instead of hanging forever
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+    # NCCL's own warnings in the job log, without its per-collective chatter
+    "NCCL_DEBUG": "WARN",
+    # InfiniBand timeouts at the NCCL default (18 = ~1 s x 2^18) are too short on busy fabrics
+    "NCCL_IB_TIMEOUT": "22",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +65,10 @@ def init_distributed(env: DistEnv, timeout_s: int = 1800) -> tuple[torch.device,
         device, backend = torch.device("cpu"), "gloo"
     if dist.is_initialized():
         return device, False
+    if backend == "nccl":
+        # Read when the group is created (TORCH_NCCL_*) and at NCCL's first communicator (NCCL_*), both after this.
+        for key, value in NCCL_DEFAULTS.items():
+            os.environ.setdefault(key, value)
     dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
                             timeout=datetime.timedelta(seconds=timeout_s))
     return device, True
@@ -67,14 +84,17 @@ def barrier() -> None:
         dist.barrier()
 
 
+def collective_device() -> torch.device:
+    """Where tensors for a default-group collective must live: the current GPU for NCCL, else the CPU."""
+    return torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def reduce_mean(values: dict[str, float], summed: frozenset[str] = frozenset()) -> dict[str, float]:
     """Mean of each scalar over ranks (one all-reduce); keys in `summed` get the sum instead."""
     if not values or not dist.is_initialized() or dist.get_world_size() == 1:
         return dict(values)
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=collective_device())
     dist.all_reduce(t)
     world = dist.get_world_size()
     return {k: float(v) if k in summed else float(v) / world for k, v in zip(keys, t)}
@@ -84,7 +104,7 @@ def max_over_ranks(value: float) -> float:
     """The largest of every rank's `value` (one all-reduce): any-rank flags, peak memory."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return value
-    t = torch.tensor([float(value)], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    t = torch.tensor([float(value)], dtype=torch.float64, device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t.item())
 
@@ -102,8 +122,7 @@ def global_norm(local_tensors: list[torch.Tensor], replicated_tensors: list[torc
     local = sum(float((t.detach().double() ** 2).sum()) for t in local_tensors)
     sq = torch.tensor([local], dtype=torch.float64)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        if dist.get_backend() == "nccl":
-            sq = sq.cuda()
+        sq = sq.to(collective_device())
         dist.all_reduce(sq)
     total = float(sq.item()) + sum(float((t.detach().double() ** 2).sum()) for t in replicated_tensors)
     return total ** 0.5

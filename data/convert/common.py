@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 
 from data.shards import MANIFEST_NAME
-from data.writer import SHARD_PATTERN, write_manifest, write_split
+from data.writer import JPG_FIELD, LABEL_FIELD, META_FIELD, PNG_FIELD, SHARD_PATTERN, write_manifest, write_split
 
 STATE_NAME = ".convert-state.json"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -102,7 +102,7 @@ def image_field(data: bytes) -> str:
     Sniffed rather than taken from the file name: a few published files
     (e.g. some ImageNet .JPEG) are PNGs, and the readers decode by content.
     """
-    return "png" if data.startswith(PNG_MAGIC) else "jpg"
+    return PNG_FIELD if data.startswith(PNG_MAGIC) else JPG_FIELD
 
 
 def _ordered(dataset: str, split: Split) -> list[Item]:
@@ -148,7 +148,7 @@ def _shard_samples(items: list[Item], split: Split) -> Iterator[dict]:
     """Sample dicts for write_split; reads one image at a time."""
     for item in items:
         data = split.load(item)
-        yield {"__key__": item.key, image_field(data): data, "cls": item.cls, "json": item.meta}
+        yield {"__key__": item.key, image_field(data): data, LABEL_FIELD: item.cls, META_FIELD: item.meta}
 
 
 def _write_shard(folder: str, index: int, items: list[Item], split: Split, shard_size: int) -> None:

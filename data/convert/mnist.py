@@ -28,7 +28,7 @@ from PIL import Image
 
 from data.config import DataConfig
 from data.shards import MANIFEST_NAME
-from data.writer import write_manifest, write_split
+from data.writer import LABEL_FIELD, META_FIELD, PNG_FIELD, write_manifest, write_split
 
 NUM_CLASSES = 10
 OPEN_SET_CUT = 5  # mnist5k_open: digits below train, the others are the unseen test classes
@@ -175,9 +175,9 @@ def write_mnist5k(root: str, shard_size: int = 250, num_eval_per_class: int = 10
                 pixels, _ = rows[i]
                 yield {
                     "__key__": f"mnist_{i:06d}",
-                    "png": _png(pixels),
-                    "cls": label_of[i],
-                    "json": {"index": i, "split": split, "digit": labels[i]},
+                    PNG_FIELD: _png(pixels),
+                    LABEL_FIELD: label_of[i],
+                    META_FIELD: {"index": i, "split": split, "digit": labels[i]},
                 }
 
         shards = write_split(samples(), os.path.join(root, split), shard_size)

@@ -1,0 +1,232 @@
+"""One source for each fact: facts that two places used to keep equal by hand, checked where they are used.
+
+Seeds (common.seeds.stable_seed), the class shards behind CHEST's triplets (model.proxies.class_range),
+the NCCL settings both launch paths start NCCL with (train.dist.NCCL_DEFAULTS), the requeue exit code
+(train.control.REQUEUE_EXIT, also in slurm/train.sbatch), the image field names (data.writer.IMAGE_FIELDS)
+and the device of the metric collectives (train.dist.collective_device).
+"""
+from __future__ import annotations
+
+import ast
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from common.seeds import stable_seed
+from data.samples import BadSampleCounter, valid_samples
+from data.writer import IMAGE_FIELDS, LABEL_FIELD, write_split
+from model.chest import sample_triplets
+from model.proxies import class_range
+from tests.test_convert_common import png
+from train import control, dist as tdist
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+SBATCH = REPO / "slurm" / "train.sbatch"
+
+
+# ---- seeds ---------------------------------------------------------------------------------------
+
+
+def test_stable_seed_is_the_same_in_other_interpreters_and_keeps_the_data_streams_seeds() -> None:
+    parts = [(0, 1, 2, 3), (7, 0, 4096), ("triplets", 5), (2**40, "x")]
+    code = f"from common.seeds import stable_seed; print([stable_seed(*p) for p in {parts!r}]); print(hash('triplets'))"
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO,
+                           env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONHASHSEED": salt}).stdout.split("\n")
+            for salt in ("1", "2")]
+    assert runs[0][1] != runs[1][1]  # the salts differ: hash() of a str does...
+    assert runs[0][0] == runs[1][0] == str([stable_seed(*p) for p in parts])  # ...stable_seed does not
+    # data.stream's per-batch augmentation seed (cfg.seed, rank, worker, k) is the value it had before
+    # stable_seed replaced its private helper (sha256 of "0-1-2-3", first 8 bytes little-endian, 63 bits)
+    assert stable_seed(0, 1, 2, 3) == 3696716643315174690
+    assert all(0 <= stable_seed(*p) < 2**63 for p in parts)
+
+
+def test_no_seed_in_the_package_comes_from_hash() -> None:
+    calls = []
+    for package in ("common", "data", "model", "train", "slurm", "launch"):
+        for path in (REPO / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "hash":
+                    calls.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert calls == []
+
+
+# ---- class shards --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_classes, world", [(10, 4), (7, 3), (2, 4), (5, 1)])
+def test_triplet_negatives_come_from_the_class_range_shards(num_classes: int, world: int) -> None:
+    ranges = [class_range(num_classes, r, world) for r in range(world)]
+    owner = {c: r for r, (lo, n) in enumerate(ranges) for c in range(lo, lo + n)}
+    for mode in ("peer", "local"):
+        offsets = set()
+        for step in range(6):
+            t = sample_triplets(num_classes, 3, world, 0, step, mode)
+            offsets.add(t.offset)
+            for c in range(num_classes):
+                sender = (owner[c] - t.offset) % world
+                lo, n = ranges[sender]
+                assert (t.offset == 0) == (mode == "local" or world == 1)
+                if t.offset == 0:
+                    assert bool(t.valid[c]) == (n > 1)
+                    if n > 1:
+                        assert lo <= int(t.neg_class[c]) < lo + n and int(t.neg_class[c]) != c
+                else:
+                    assert bool(t.valid[c]) == (n > 0)
+                    if n > 0:
+                        assert lo <= int(t.neg_class[c]) < lo + n
+        if mode == "peer" and world > 2:
+            assert len(offsets) > 1  # the peer rotates with the step
+
+
+# ---- launch paths: NCCL settings and the requeue exit code ---------------------------------------
+
+
+@pytest.fixture
+def saved_environ():
+    """init_distributed and export_cluster_env write os.environ: put it back afterwards."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def _nccl_env_at_group_creation(monkeypatch) -> dict[str, str]:
+    """The NCCL variables set when init_distributed creates an NCCL group (no GPU needed: CUDA is faked)."""
+    seen: dict[str, str] = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+
+    def init_process_group(backend: str, **kwargs) -> None:
+        assert backend == "nccl"
+        seen.update({k: v for k, v in os.environ.items() if "NCCL" in k})
+
+    monkeypatch.setattr(dist, "init_process_group", init_process_group)
+    device, created = tdist.init_distributed(tdist.env_from_environ())
+    assert device.type == "cuda" and created
+    return seen
+
+
+def _run_sbatch(tmp_path: pathlib.Path, srun_rc: int) -> tuple[int, dict[str, str], list[str]]:
+    """Run slurm/train.sbatch with stand-ins for srun and scontrol.
+
+    Returns the script's exit code, the environment srun got, and scontrol's requeue calls.
+    """
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "srun").write_text(f'#!/bin/bash\nenv -0 > "{tmp_path}/srun.env"\nexit {srun_rc}\n')
+    (bin_dir / "scontrol").write_text(f'#!/bin/bash\nif [ "$1" = show ]; then echo node1; '
+                                      f'else echo "$@" >> "{tmp_path}/scontrol.log"; fi\n')
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if "NCCL" not in k}
+    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", SLURM_JOB_ID="42", SLURM_JOB_NODELIST="node1",
+               SLURM_NTASKS="2")
+    proc = subprocess.run(["bash", str(SBATCH), "--recipe", "x"], env=env, capture_output=True, text=True,
+                          cwd=tmp_path)
+    dumped = (tmp_path / "srun.env").read_text().split("\0")
+    srun_env = dict(item.split("=", 1) for item in dumped if "=" in item)
+    log = tmp_path / "scontrol.log"
+    return proc.returncode, srun_env, log.read_text().splitlines() if log.exists() else []
+
+
+def test_both_launch_paths_start_nccl_with_the_same_settings(tmp_path, monkeypatch, saved_environ) -> None:
+    from slurm.job import export_cluster_env
+
+    # plain sbatch: the ranks inherit what srun got, then `python -m train` -> init_distributed
+    _, srun_env, _ = _run_sbatch(tmp_path, 0)
+    for key in [k for k in os.environ if "NCCL" in k]:
+        monkeypatch.delenv(key)
+    for key, value in srun_env.items():
+        if "NCCL" in key:
+            monkeypatch.setenv(key, value)
+    sbatch_path = _nccl_env_at_group_creation(monkeypatch)
+    # submitit: each task runs TrainJob -> export_cluster_env -> run -> init_distributed
+    for key in [k for k in os.environ if "NCCL" in k]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")
+    for name, value in (("JOB_ID", "42"), ("NTASKS", "2"), ("JOB_NUM_NODES", "1"), ("NODEID", "0"),
+                        ("GLOBALID", "1"), ("LOCALID", "1")):
+        monkeypatch.setenv(f"SUBMITIT_LOCAL_{name}", value)
+    export_cluster_env()
+    submitit_path = _nccl_env_at_group_creation(monkeypatch)
+    assert sbatch_path == submitit_path == tdist.NCCL_DEFAULTS
+
+
+def test_user_nccl_settings_win_and_cpu_runs_get_none(monkeypatch, saved_environ) -> None:
+    for key in [k for k in os.environ if "NCCL" in k]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("NCCL_DEBUG", "INFO")
+    assert _nccl_env_at_group_creation(monkeypatch) == {**tdist.NCCL_DEFAULTS, "NCCL_DEBUG": "INFO"}
+    for key in [k for k in os.environ if "NCCL" in k]:
+        monkeypatch.delenv(key)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kwargs: None)
+    assert tdist.init_distributed(tdist.env_from_environ())[0].type == "cpu"
+    assert not [k for k in os.environ if "NCCL" in k]  # gloo: nothing to set
+
+
+def test_requeue_exit_is_one_number_for_submitit_python_m_train_and_the_sbatch_script(tmp_path) -> None:
+    import submitit.local.local
+
+    import slurm.job
+    import train.__main__
+
+    assert slurm.job.REQUEUE_EXIT is train.__main__.REQUEUE_EXIT is control.REQUEUE_EXIT
+    # submitit's LocalExecutor restarts a job on its own code only
+    assert control.REQUEUE_EXIT == submitit.local.local.LOCAL_REQUEUE_RETURN_CODE
+    assert re.findall(r"^REQUEUE_EXIT=(\d+)$", SBATCH.read_text(), re.M) == [str(control.REQUEUE_EXIT)]
+    rc, _, requeues = _run_sbatch(tmp_path, control.REQUEUE_EXIT)
+    assert (rc, requeues) == (0, ["requeue 42"])
+    for other in (0, 1, 3, 143):  # 3 was python -m train's code before; 143 = a TERM save
+        (tmp_path / "scontrol.log").unlink(missing_ok=True)
+        rc, _, requeues = _run_sbatch(tmp_path, other)
+        assert (rc, requeues) == (other, [])
+
+
+# ---- image fields --------------------------------------------------------------------------------
+
+
+def test_every_image_field_the_writer_takes_is_read_back(tmp_path) -> None:
+    image = png(3)
+    for field in IMAGE_FIELDS:
+        names = write_split([{"__key__": f"s_{field}", field: image, LABEL_FIELD: 2}], str(tmp_path / field), 10)
+        counter = BadSampleCounter(0, field)
+        got = list(valid_samples([str(tmp_path / field / n) for n in names], 3, counter))
+        assert [(s.key, s.image, s.label) for s in got] == [(f"s_{field}", image, 2)] and counter.count == 0
+    with pytest.raises(ValueError, match="exactly one of"):
+        write_split([{"__key__": "s", "webp": image, LABEL_FIELD: 0}], str(tmp_path / "webp"), 10)
+
+
+# ---- the device of the metric collectives --------------------------------------------------------
+
+
+def _metric_collectives() -> dict:
+    rank = dist.get_rank()
+    ctrl = control.RunControl(0.0, signals=())
+    ctrl.received = int(signal.SIGUSR2) if rank == 1 else 0
+    return {"device": tdist.collective_device().type,
+            "mean": tdist.reduce_mean({"a": float(rank), "n": 1.0}, summed=frozenset({"n"})),
+            "max": tdist.max_over_ranks(float(rank + 5)),
+            "norm": tdist.global_norm([torch.full((2,), float(rank + 1))], [torch.tensor([2.0])]),
+            "stop": ctrl.poll().stop_signal}
+
+
+def test_metric_collectives_on_gloo_match_the_closed_form(dist_pool) -> None:
+    # ranks 0, 1: mean of a = 0.5, sum of n = 2; max 6; sqrt(2 * 1 + 2 * 4 + 4) (replicated once)
+    expected = {"device": "cpu", "mean": {"a": 0.5, "n": 2.0}, "max": 6.0, "norm": 14 ** 0.5,
+                "stop": int(signal.SIGUSR2)}
+    assert dist_pool(2).run(_metric_collectives) == [expected, expected]
+
+
+def test_only_train_dist_picks_the_collective_device() -> None:
+    users = [str(p.relative_to(REPO)) for p in (REPO / "train").rglob("*.py") if "get_backend(" in p.read_text()]
+    assert users == ["train/dist.py"]
