@@ -20,6 +20,7 @@ from typing import Any
 import submitit
 
 from train.config import RunConfig
+from train.summary import RunSummary
 
 # submitit's LocalExecutor restarts a job whose task exits with this code (Slurm jobs are requeued by
 # `scontrol requeue` from rank 0 instead; the code only marks the other ranks' exit there).
@@ -51,7 +52,7 @@ class TrainJob(submitit.helpers.Checkpointable):
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
 
-    def __call__(self) -> dict[str, Any]:
+    def __call__(self) -> RunSummary:
         export_cluster_env()
         from train.main import run  # imported in the task, not in the submitting process
 
@@ -59,10 +60,10 @@ class TrainJob(submitit.helpers.Checkpointable):
         requeue_signal = env._usr_sig()
         requeue_handler = signal.getsignal(requeue_signal)  # submitit's checkpoint-and-requeue
         summary = run(self.cfg)
-        stop = summary["stop_signal"]
+        stop = summary.stop_signal
         if not stop:
             return summary
-        print(f"rank {env.global_rank}: stopped by {stop} at step {summary['step']} after a checkpoint", flush=True)
+        print(f"rank {env.global_rank}: stopped by {stop} at step {summary.step} after a checkpoint", flush=True)
         if stop == requeue_signal.name and env.global_rank == 0 and callable(requeue_handler):
             # Every rank has saved. submitit's own path from here: checkpoint() -> requeue -> exit.
             requeue_handler(requeue_signal, None)
