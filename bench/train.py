@@ -4,7 +4,7 @@ Every row runs in fresh processes (`--world` ranks: gloo on CPU, NCCL on GPUs) o
   * bare: the same timm network (model.backbone.build_backbone of the recipe), the same per-rank batch and
     batches, torch AdamW and an nn.Linear softmax cross-entropy over all classes; DDP when P > 1;
     no DeepSpeed. The baseline every other row is divided by.
-  * ours: train.main.build_and_resume -> train.step.train_step, exactly what `python -m train` runs
+  * ours: train.main.build_model -> train.step.train_step, exactly what `python -m train` runs
     (DeepSpeed ZeRO, the class-sharded head and its optimizer, the non-finite guard);
   * one row per `--variant NAME:key=value,...`: ours with the overrides (the speed switches on/off).
 Columns: global img/s, img/s per rank, ms per step (the median of the timed steps; the slowest rank's),
@@ -30,6 +30,7 @@ import resource
 import socket
 import statistics
 import time
+import types
 from typing import Any, Callable, Iterator
 
 import torch
@@ -166,19 +167,21 @@ class BareLoop:
 
 
 class OurStep:
-    """train_step on the Trainer that train/main.py builds; `timed_step` is the same calls, phase by phase."""
+    """train_step on the model train/main.py builds; with a timer, the same calls phase by phase."""
 
     def __init__(self, cfg: RunConfig, env: Any, device: torch.device) -> None:
-        from train.main import build_and_resume
+        from train.main import build_model
 
-        self.tr, _ = build_and_resume(cfg, env, device, None)
+        self.cfg = cfg
+        self.tr, _ = build_model(cfg, env, device, None)
         self.step_index = 0
 
     def step(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], timer: Timer | None) -> None:
         from train.step import reduce_head_grads, train_step
 
-        if timer is None:
-            train_step(self.tr, batches, self.step_index, 1)
+        if timer is None:  # what train_step reads of a run
+            train_step(types.SimpleNamespace(model=self.tr, batches=batches, cfg=self.cfg,  # type: ignore[arg-type]
+                                             state=types.SimpleNamespace(step=self.step_index)))
         else:
             tr = self.tr
             with timer.phase("data"):

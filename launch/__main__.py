@@ -24,6 +24,7 @@ from launch.sweep import expand, write_summary
 from slurm.executor import make_executor
 from slurm.job import TrainJob
 from train.config import RunConfig
+from train.summary import RunSummary
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -79,15 +80,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\njob {job.job_id} failed: {err}\nresubmit the same command to resume from the latest checkpoint "
               f"({os.path.join(cfg.run_dir, 'checkpoints')})", file=sys.stderr)
         return 1
-    print(f"\n== run {cfg.name} done in {time.time() - t0:.0f} s ({summary['world_size']} processes) ==")
-    if summary["stop_signal"]:
-        print(f"stopped by {summary['stop_signal']} at step {summary['step']} after a checkpoint; run the same "
+    print(f"\n== run {cfg.name} done in {time.time() - t0:.0f} s ({summary.world_size} processes) ==")
+    if summary.stop_signal:
+        print(f"stopped by {summary.stop_signal} at step {summary.step} after a checkpoint; run the same "
               "command again to continue")
     else:  # the protocol's rows of every evaluation set, in percent (train/evaluate/)
-        rows = summary["rows"]
+        rows = summary.rows
         print("\n".join(rows) if rows else "no evaluation set (data.eval_split and metrics.eval_sets are empty)")
-    print(f"checkpoints: {summary['checkpoint']}")
-    print(f"TensorBoard: tensorboard --logdir {summary['tensorboard_dir']}")
+    print(f"checkpoints: {summary.checkpoint}")
+    print(f"TensorBoard: tensorboard --logdir {summary.tensorboard_dir}")
     return 0
 
 
@@ -124,7 +125,7 @@ def run_sweep(sweep_dir: str, cfgs: list[RunConfig], use_slurm: bool, no_wait: b
     return 1 if failed else 0
 
 
-def _follow(job: object) -> list[dict]:
+def _follow(job: object) -> list[RunSummary]:
     """Echo rank 0's output while the job runs; return every task's result."""
     stdout = getattr(job, "paths").stdout  # rank 0's file for local jobs
     printed = 0

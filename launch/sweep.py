@@ -9,7 +9,6 @@ so `tensorboard --logdir <run_root>/<sweep name>` shows them side by side, and t
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
 import sys
@@ -18,6 +17,7 @@ from typing import Any
 from train.overrides import apply_overrides
 from launch.recipes import get_recipe
 from train.config import RunConfig
+from train.summary import RunSummary
 
 SUMMARY_FILE = "sweep_summary.md"
 
@@ -76,8 +76,7 @@ def summary_rows(sweep_dir: str) -> list[dict[str, Any]]:
             continue  # submitit/ and other files
         path = os.path.join(point, "summary.json")
         if os.path.isfile(path):
-            with open(path) as f:
-                rows.append({"point": name, **json.load(f)})
+            rows.append({"point": name, **RunSummary.read(path).to_json()})
         else:
             rows.append({"point": name, "step": "not finished"})
     return rows

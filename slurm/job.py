@@ -20,6 +20,7 @@ import submitit
 
 from train.config import RunConfig
 from train.control import REQUEUE_EXIT
+from train.summary import RunSummary
 
 
 def export_cluster_env() -> None:
@@ -35,7 +36,7 @@ class TrainJob(submitit.helpers.Checkpointable):
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
 
-    def __call__(self) -> dict[str, Any]:
+    def __call__(self) -> RunSummary:
         export_cluster_env()
         from train.main import run  # imported in the task, not in the submitting process
 
@@ -43,10 +44,10 @@ class TrainJob(submitit.helpers.Checkpointable):
         requeue_signal = env._usr_sig()
         requeue_handler = signal.getsignal(requeue_signal)  # submitit's checkpoint-and-requeue
         summary = run(self.cfg)
-        stop = summary["stop_signal"]
+        stop = summary.stop_signal
         if not stop:
             return summary
-        print(f"rank {env.global_rank}: stopped by {stop} at step {summary['step']} after a checkpoint", flush=True)
+        print(f"rank {env.global_rank}: stopped by {stop} at step {summary.step} after a checkpoint", flush=True)
         if stop == requeue_signal.name and env.global_rank == 0 and callable(requeue_handler):
             # Every rank has saved. submitit's own path from here: checkpoint() -> requeue -> exit.
             requeue_handler(requeue_signal, None)

@@ -28,11 +28,11 @@ def _resume_and_measure(overrides: list[str]) -> dict:
     global batch (eval mode: BatchNorm uses the restored statistics; no update) and the whole table."""
     from data.stream import build_eval_loader
     from train.dist import all_gather_variable, env_from_environ
-    from train.main import build_and_resume
+    from train.main import build_model
 
     cfg = build_config("mnist_distarc", overrides)
     env = env_from_environ()
-    trainer, state = build_and_resume(cfg, env, torch.device("cpu"), find_latest(cfg.run_dir))
+    trainer, state = build_model(cfg, env, torch.device("cpu"), find_latest(cfg.run_dir))
     images, labels = next(iter(build_eval_loader(cfg.data, 0, 1)))
     per_rank = FIXED_BATCH // env.world_size
     rows = slice(env.rank * per_rank, (env.rank + 1) * per_rank)

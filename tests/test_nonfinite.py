@@ -56,7 +56,7 @@ def skip_rank(stage: int, injection: str, bad_rank: int) -> dict:
     import torch.distributed as dist
 
     from train.engine import build_engine, build_head_optimizer
-    from train.step import Trainer, train_step
+    from train.step import TrainableModel, train_step
 
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(7)
@@ -66,7 +66,7 @@ def skip_rank(stage: int, injection: str, bad_rank: int) -> dict:
     head = build_head(LOSS, CLASSES, DIM, rank, world, embedding_grad_scale=float(world))
     head_opt, head_sched = build_head_optimizer(head, optim, 10)
     task = (NanLossValue if injection == "nan_loss_value" and rank == bad_rank else MetricLearningTask)(engine, head)
-    tr = Trainer(engine, task, head_opt, head_sched, torch.device("cpu"), torch.float32,
+    tr = TrainableModel(engine, task, head_opt, head_sched, torch.device("cpu"), torch.float32,
                  Identity())  # type: ignore[arg-type]
     g = torch.Generator().manual_seed(100 + rank)
     history, skipped, lrs = [], [], []
@@ -75,7 +75,8 @@ def skip_rank(stage: int, injection: str, bad_rank: int) -> dict:
         if injection == "nan_pixels" and step == BAD_STEP and rank == bad_rank:
             images[0, 0] = float("nan")
         history.append(snapshot(engine, head))
-        scalars = train_step(tr, iter([(images, labels)]), step, 1)
+        scalars = train_step(types.SimpleNamespace(model=tr, batches=iter([(images, labels)]), cfg=types.SimpleNamespace(
+            optim=types.SimpleNamespace(grad_accum_steps=1)), state=types.SimpleNamespace(step=step)))
         skipped.append(scalars["skipped"])
         lrs.append((scalars["lr"], scalars["head_lr"], head_sched.last_epoch, engine.lr_scheduler.last_epoch))
     history.append(snapshot(engine, head))
@@ -114,10 +115,11 @@ def test_too_many_skipped_steps_in_a_row_stop_the_run(monkeypatch) -> None:
     from train import loop
     from train.checkpoint import TrainState
     from train.control import Decision
+    from train.system import StepClock
 
     pattern = iter([1, 0, 1, 1, 0, 1, 1, 1, 1])  # streaks of 1, 2 and then 4
 
-    def fake_step(tr, batches, step, accum) -> dict[str, float]:
+    def fake_step(run) -> dict[str, float]:
         return {"loss": float("nan"), "skipped": float(next(pattern))}
 
     logged: list[dict[str, float]] = []
@@ -128,11 +130,13 @@ def test_too_many_skipped_steps_in_a_row_stop_the_run(monkeypatch) -> None:
     cfg = types.SimpleNamespace(max_steps=100, optim=OptimConfig(max_skipped_steps=3),
                                 metrics=types.SimpleNamespace(log_every=1, eval_every=0),
                                 checkpoint=types.SimpleNamespace(every_steps=1000))
-    tr = types.SimpleNamespace(world_size=1, device=torch.device("cpu"))
-    monkeypatch.setattr(loop, "train_step", fake_step)
     state = TrainState()
+    run = types.SimpleNamespace(cfg=cfg, state=state, logger=logger, control=control, global_batch=8,
+                                clock=StepClock(8, 1, 100, torch.device("cpu")), env=types.SimpleNamespace(is_main=False),
+                                stream=types.SimpleNamespace(bad_samples=0), save=lambda: "", evaluate=lambda: {})
+    monkeypatch.setattr(loop, "train_step", fake_step)
     with pytest.raises(FloatingPointError, match=r"4 steps in a row up to step 8 .*optim.max_skipped_steps=3"):
-        loop.train_loop(cfg, tr, iter([]), state, logger, 8, False, lambda st: "", lambda step: {}, 100, control)
+        loop.train_loop(run, 100)
     train_rows = [row for row in logged if row["prefix"] == "train"]
     assert [row["skipped_steps"] for row in train_rows] == [1, 1, 2, 3, 3, 4, 5, 6]
     assert state.skipped_steps == 7 and state.step == 8

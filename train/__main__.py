@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> int:
 
     ensure_prepared(cfg.data)  # a no-op unless data.prepare names a data set shipped in a package
     summary = run(cfg)
-    if summary["stop_signal"] == args.requeue_signal:
-        print(f"stopped by {args.requeue_signal} at step {summary['step']} after a checkpoint: requeue", flush=True)
+    if summary.stop_signal == args.requeue_signal:
+        print(f"stopped by {args.requeue_signal} at step {summary.step} after a checkpoint: requeue", flush=True)
         return REQUEUE_EXIT
     return 0
 

@@ -150,7 +150,7 @@ def load_checkpoint(path: str, env: DistEnv, engine: Any, head: ShardedHead, hea
     At another world size the engine comes from the universal conversion (train/elastic.py) and
     the RNG states are not restored (the ranks' streams are re-split anyway)."""
     meta = read_meta(path)
-    if meta["world_size"] != env.world_size:  # converted by train.main.build_and_resume beforehand
+    if meta["world_size"] != env.world_size:  # converted by train.main.build_model beforehand
         load_universal(engine, path)
     else:
         load_path, _ = engine.load_checkpoint(path, tag=ENGINE_TAG, load_optimizer_states=True,

@@ -1,17 +1,18 @@
 """`run(cfg)`: one training job, a pure function of its config and its environment.
 
-Setup happens in one visible order: process group -> seed -> data checks -> resume point -> model
--> engine -> head -> resume -> stream -> loop -> final evaluation -> summary. A requeued job
-needs no flag: the run directory's latest checkpoint is always picked up.
+`Run.build` assembles the job in one visible order: data checks -> resume point -> model -> engine ->
+head -> resume -> stream -> logger. `run()` then trains (train/loop.py), evaluates, exports and writes the
+summary. A requeued job needs no flag: the run directory's latest checkpoint is always picked up.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
 import signal
 import time
-from typing import Any
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -29,12 +30,13 @@ from train.elastic import convert_to_universal
 from train.engine import build_engine, build_head_optimizer
 from train.evaluate.protocols import evaluate_sets, flatten, update_best
 from train.evaluate.report import write_eval_files
-from train.evaluate.sets import resolve_eval_sets
+from train.evaluate.sets import EvalSet, resolve_eval_sets
 from train.export import export
-from train.files import write_json_atomic
 from train.loop import train_loop
 from train.metrics import MetricLogger, main_hparams
-from train.step import Trainer
+from train.step import TrainableModel
+from train.summary import RunSummary
+from train.system import StepClock
 
 
 def seed_everything(seed: int) -> None:
@@ -43,8 +45,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_and_resume(cfg: RunConfig, env: DistEnv, device: torch.device, resume_from: str | None
-                     ) -> tuple[Trainer, ckpt.TrainState]:
+def build_model(cfg: RunConfig, env: DistEnv, device: torch.device, resume_from: str | None
+                ) -> tuple[TrainableModel, ckpt.TrainState]:
     """Model, engine, head and optimizers, restored from `resume_from` when given (collective).
 
     A checkpoint from another world size is first converted to a universal one (rank 0), and the
@@ -63,8 +65,8 @@ def build_and_resume(cfg: RunConfig, env: DistEnv, device: torch.device, resume_
     head = build_head(cfg.loss, cfg.data.num_classes, cfg.model.embed_dim, env.rank, env.world_size,
                       embedding_grad_scale=float(env.world_size)).to(device)
     head_opt, head_sched = build_head_optimizer(head, cfg.optim, cfg.max_steps)
-    trainer = Trainer(engine, MetricLearningTask(engine, head), head_opt, head_sched, device, input_dtype,
-                      InputNormaliser(cfg.data))
+    model = TrainableModel(engine, MetricLearningTask(engine, head), head_opt, head_sched, device, input_dtype,
+                           InputNormaliser(cfg.data))
     state = ckpt.TrainState()
     if resume_from:
         state = ckpt.load_checkpoint(resume_from, env, engine, head, head_opt, head_sched)
@@ -74,24 +76,29 @@ def build_and_resume(cfg: RunConfig, env: DistEnv, device: torch.device, resume_
             if changed:
                 print(f"warning: data stream settings changed since the checkpoint ({'; '.join(changed)}): "
                       "the stream continues deterministically but not batch for batch", flush=True)
-    return trainer, state
+    return model, state
 
 
-def run(cfg: RunConfig, stop_at_step: int | None = None) -> dict[str, Any]:
-    """Train (or resume) the run `cfg.name` to `cfg.max_steps`, evaluate, and return a summary.
+@dataclasses.dataclass
+class Run:
+    """One job's parts, owned together: what the loop and the step read, what `save`, `evaluate` and
+    `close` act on. Built by `Run.build` (collective); `close` releases the data workers and the logger."""
 
-    `stop_at_step` ends the job early, after a checkpoint, as a preempted job would; the schedule
-    still spans `cfg.max_steps`, so a later `run(cfg)` continues exactly where this one stopped.
-    USR2 or TERM (train.control) make every rank save at the next step and return early too;
-    the summary's `stop_signal` names it (the caller requeues: slurm/job.py).
-    """
-    cfg = cfg.resolved()  # e.g. data.norm=timm -> the backbone's values, before anything records the config
-    t0 = time.time()
-    env = env_from_environ()
-    control = RunControl(cfg.checkpoint.every_minutes)  # handlers first: a signal during setup is kept
-    device, owns_group = init_distributed(env)
-    batches: TrainBatches | None = None
-    try:
+    cfg: RunConfig
+    env: DistEnv
+    device: torch.device
+    control: RunControl
+    model: TrainableModel
+    state: ckpt.TrainState
+    eval_sets: list[EvalSet]
+    stream: TrainBatches  # the loader: closed by close(), its bad-sample count logged
+    logger: MetricLogger
+    clock: StepClock
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]]  # the stream as the step reads it (the clock times it)
+    resumed_from_step: int
+
+    @classmethod
+    def build(cls, cfg: RunConfig, env: DistEnv, device: torch.device, control: RunControl) -> "Run":
         seed_everything(cfg.seed)  # same on every rank: identical backbone init before DeepSpeed's broadcast
         # Cheap checks first: a bad data set or an incompatible checkpoint fails before any model is built.
         train_sources(cfg.data)  # every source's shards and class count
@@ -104,69 +111,102 @@ def run(cfg: RunConfig, stop_at_step: int | None = None) -> dict[str, Any]:
             save_yaml(cfg, os.path.join(cfg.run_dir, "config.yaml"))
             print(f"config of run {cfg.name}:\n{json.dumps(cfg.to_dict(), indent=1)}", flush=True)
         barrier()
-
-        trainer, state = build_and_resume(cfg, env, device, resume_from)
-        engine, task, head = trainer.engine, trainer.task, trainer.task.head
-        head_opt, head_sched = trainer.head_optimizer, trainer.head_scheduler
+        model, state = build_model(cfg, env, device, resume_from)
+        stream = build_train_loader(cfg.data, env.rank, env.world_size,
+                                    start_batch=state.step * cfg.optim.grad_accum_steps)
         global_batch = cfg.data.batch_size * env.world_size * cfg.optim.grad_accum_steps
-        batches = build_train_loader(cfg.data, env.rank, env.world_size,
-                                     start_batch=state.step * cfg.optim.grad_accum_steps)
-        logger = MetricLogger(cfg.run_dir, env.is_main, global_batch)
+        clock = StepClock(global_batch, env.world_size, cfg.max_steps, device)
+        return cls(cfg, env, device, control, model, state, eval_sets, stream,
+                   MetricLogger(cfg.run_dir, env.is_main, global_batch), clock, clock.timed(iter(stream)),
+                   resumed_from_step=state.step)
 
-        def save(st: ckpt.TrainState) -> str:
-            return ckpt.save_checkpoint(cfg, env, st, engine, head, head_opt, head_sched)
+    @property
+    def global_batch(self) -> int:
+        return self.logger.global_batch
 
-        def evaluate_all(step: int) -> list[dict[str, float]]:
-            """Every evaluation set's scores; the best of each so far is kept in state.best."""
-            engine.eval()
-            table = next(iter(head.sharded_parameters().values()))
-            per_set = evaluate_sets(eval_sets, task, cfg.data, cfg.metrics, env.rank, env.world_size, device,
-                                    trainer.model_input,
-                                    on_embeddings=lambda spaces, lab: logger.log_embeddings(
-                                        step, spaces, lab, table, head=head, protocol=eval_sets[0].protocol))
-            engine.train()
-            update_best(state.best, flatten(eval_sets, per_set))
-            return per_set
+    def save(self) -> str:
+        """A collective checkpoint of the current state."""
+        return ckpt.save_checkpoint(self.cfg, self.env, self.state, self.model.engine, self.model.task.head,
+                                    self.model.head_optimizer, self.model.head_scheduler)
 
-        def with_best(values: dict[str, float]) -> dict[str, float]:  # what is logged: scores, best/ the best
-            return {**values, **{f"best/{k}": v for k, v in state.best.items()}}
+    def evaluate_sets(self) -> list[dict[str, float]]:
+        """Every evaluation set's scores (collective; pictures of the first set); state.best is updated."""
+        task, head, step = self.model.task, self.model.task.head, self.state.step
+        table = next(iter(head.sharded_parameters().values()))
+        self.model.engine.eval()
+        per_set = evaluate_sets(self.eval_sets, task, self.cfg.data, self.cfg.metrics, self.env.rank,
+                                self.env.world_size, self.device, self.model.model_input,
+                                on_embeddings=lambda spaces, labels: self.logger.log_embeddings(
+                                    step, spaces, labels, table, head=head, protocol=self.eval_sets[0].protocol))
+        self.model.engine.train()
+        update_best(self.state.best, flatten(self.eval_sets, per_set))
+        return per_set
 
-        def evaluate(step: int) -> dict[str, float]:
-            return with_best(flatten(eval_sets, evaluate_all(step)))
+    def with_best(self, values: dict[str, float]) -> dict[str, float]:
+        """What is logged at an evaluation: the scores and, under best/, the best of each so far."""
+        return {**values, **{f"best/{k}": v for k, v in self.state.best.items()}}
 
-        start_step = state.step
-        train_t0 = time.time()
-        state = train_loop(cfg, trainer, batches, state, logger, global_batch, env.is_main, save, evaluate,
-                           stop_at_step or cfg.max_steps, control)
-        train_s = time.time() - train_t0
-        final: dict[str, float] = {}
-        rows: list[str] = []
-        if state.step >= cfg.max_steps and eval_sets:  # a preempted job leaves evaluation to its successor
-            per_set = evaluate_all(state.step)
-            final = flatten(eval_sets, per_set)
-            logger.log(state.step, state.samples_seen, with_best(final), prefix="eval")
-            if env.is_main:
-                rows = write_eval_files(cfg.run_dir, eval_sets, per_set, state.step, ckpt.find_latest(cfg.run_dir))
-                print("\n".join(rows), flush=True)
-        if state.step >= cfg.max_steps and cfg.checkpoint.export and env.is_main:
-            print(f"exported backbone and proxy table to {export(cfg.run_dir)}", flush=True)
-        if state.step >= cfg.max_steps:  # once per run, by the job that finished it
-            logger.log_hparams({**main_hparams(cfg.to_dict()), "global_batch": global_batch},
-                               {**final, "last_train_loss": state.last_loss}, state.step)
-        logger.close()
-        summary = {"run_dir": os.path.abspath(cfg.run_dir), "tensorboard_dir": os.path.abspath(logger.tb_dir),
-                   "checkpoint": ckpt.find_latest(cfg.run_dir), "step": state.step, "resumed_from_step": start_step,
-                   "last_train_loss": state.last_loss,
-                   "stop_signal": signal.Signals(state.stop_signal).name if state.stop_signal else "",
-                   "world_size": env.world_size, "started_at": t0, "first_step_at": state.first_step_at,
-                   "train_seconds": train_s, "total_seconds": time.time() - t0, "rows": rows,
-                   "best": state.best, **final}
+    def evaluate(self) -> dict[str, float]:
+        """Every set's scores, flattened, with the best so far (collective)."""
+        return self.with_best(flatten(self.eval_sets, self.evaluate_sets()))
+
+    def close(self) -> None:
+        self.stream.close()
+        self.logger.close()
+
+
+def finish(run: Run, t0: float, train_s: float) -> RunSummary:
+    """After training to max_steps: final evaluation, its files, the export and the hparams entry."""
+    cfg, env, state = run.cfg, run.env, run.state
+    final: dict[str, float] = {}
+    rows: list[str] = []
+    if state.step >= cfg.max_steps and run.eval_sets:  # a preempted job leaves evaluation to its successor
+        per_set = run.evaluate_sets()
+        final = flatten(run.eval_sets, per_set)
+        run.logger.log(state.step, state.samples_seen, run.with_best(final), prefix="eval")
         if env.is_main:
-            write_json_atomic(os.path.join(cfg.run_dir, "summary.json"), summary)
-        return summary
+            rows = write_eval_files(cfg.run_dir, run.eval_sets, per_set, state.step, ckpt.find_latest(cfg.run_dir))
+            print("\n".join(rows), flush=True)
+    if state.step >= cfg.max_steps and cfg.checkpoint.export and env.is_main:
+        print(f"exported backbone and proxy table to {export(cfg.run_dir)}", flush=True)
+    summary = RunSummary(
+        run_dir=os.path.abspath(cfg.run_dir), tensorboard_dir=os.path.abspath(run.logger.tb_dir),
+        checkpoint=ckpt.find_latest(cfg.run_dir), step=state.step, resumed_from_step=run.resumed_from_step,
+        last_train_loss=state.last_loss,
+        stop_signal=signal.Signals(state.stop_signal).name if state.stop_signal else "",
+        world_size=env.world_size, started_at=t0, first_step_at=state.first_step_at, train_seconds=train_s,
+        total_seconds=time.time() - t0, skipped_steps=state.skipped_steps, rows=rows, best=dict(state.best),
+        metrics=final)
+    if state.step >= cfg.max_steps:
+        run.logger.log_hparams({**main_hparams(cfg.to_dict()), "global_batch": run.global_batch},
+                               {**final, "last_train_loss": state.last_loss}, step=state.step)
+    if env.is_main:
+        summary.write(os.path.join(cfg.run_dir, "summary.json"))
+    return summary
+
+
+def run(cfg: RunConfig, stop_at_step: int | None = None) -> RunSummary:
+    """Train (or resume) the run `cfg.name` to `cfg.max_steps`, evaluate, and return its summary.
+
+    `stop_at_step` ends the job early, after a checkpoint, as a preempted job would; the schedule
+    still spans `cfg.max_steps`, so a later `run(cfg)` continues exactly where this one stopped.
+    USR2 or TERM (train.control) make every rank save at the next step and return early too;
+    the summary's `stop_signal` names it (the caller requeues: slurm/job.py).
+    """
+    cfg = cfg.resolved()  # e.g. data.norm=timm -> the backbone's values, before anything records the config
+    t0 = time.time()
+    env = env_from_environ()
+    control = RunControl(cfg.checkpoint.every_minutes)  # handlers first: a signal during setup is kept
+    device, owns_group = init_distributed(env)
+    job: Run | None = None
+    try:
+        job = Run.build(cfg, env, device, control)
+        train_t0 = time.time()
+        train_loop(job, stop_at_step or cfg.max_steps)
+        return finish(job, t0, time.time() - train_t0)
     finally:
-        if batches is not None:
-            batches.close()
+        if job is not None:
+            job.close()
         control.close()
         if owns_group:
             destroy_distributed()

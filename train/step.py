@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -13,11 +13,15 @@ from model.task import MetricLearningTask
 from train.dist import global_norm, max_over_ranks, sum_over_ranks_
 from train.engine import GuardedAdamW
 
+if TYPE_CHECKING:
+    from train.main import Run
+
 
 @dataclasses.dataclass
-class Trainer:
-    """What a step needs: the DeepSpeed engine (backbone), the task, the head's optimizer and schedule,
-    and how a loader's images become the backbone's input."""
+class TrainableModel:
+    """The model and its optimizers: the DeepSpeed engine (backbone, with its AdamW and schedule), the task
+    (backbone + class-sharded head), the head's optimizer and schedule, and how a loader's images become
+    the backbone's input."""
 
     engine: Any
     task: MetricLearningTask
@@ -41,9 +45,9 @@ class Trainer:
         return self.normaliser(images, self.device, self.input_dtype)
 
 
-def train_step(tr: Trainer, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], step: int,
-               accum_steps: int) -> dict[str, float]:
-    """Run `accum_steps` micro-batches and one update; return the step's scalars (this rank's view).
+def train_step(run: "Run") -> dict[str, float]:
+    """Run `grad_accum_steps` micro-batches of `run.batches` and one update of `run.model`; return the
+    step's scalars (this rank's view).
 
     engine.backward divides the loss by accum_steps, so the head's gradients are scaled alike. At the
     boundary the engine averages the backbone's gradients over ranks (the all-gather's backward has
@@ -54,7 +58,10 @@ def train_step(tr: Trainer, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
     the decision is collective (one all-reduce), the backbone's optimizer is told to skip, DeepSpeed
     skips by itself on non-finite backbone gradients, and either way the head is not updated. Every
     schedule still advances, so a skipped step is a step without an update and resume stays exact.
+    (Reads run.model, run.batches, run.state.step and run.cfg.optim.grad_accum_steps only: tests and the
+    benchmark pass lighter objects.)
     """
+    tr, batches, step, accum_steps = run.model, run.batches, run.state.step, run.cfg.optim.grad_accum_steps
     sums: dict[str, float] = {}
     parts: dict[str, torch.Tensor] = {}  # kept on the device: one host sync per step, not per micro-batch
     guard = tr.backbone_optimizer
