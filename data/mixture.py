@@ -39,12 +39,11 @@ def train_sources(cfg: DataConfig) -> list[TrainSource]:
 
     A source's class count is the label space of its train split (its manifest's max label + 1).
     """
-    pairs = cfg.source_list()
-    if not pairs:
+    if not cfg.sources:
         check_labels(cfg.root, cfg.num_classes, cfg.train_split)
         return [TrainSource(cfg.root, 1.0, 0, cfg.num_classes, tuple(list_shards(cfg.root, cfg.train_split)))]
     sources, offset = [], 0
-    for root, weight in pairs:
+    for root, weight in cfg.sources:
         if read_manifest(root) is None:
             raise FileNotFoundError(
                 f"{manifest_path(root)} (named in data.sources) is missing; a mixture needs each source's "
@@ -63,7 +62,7 @@ def train_sources(cfg: DataConfig) -> list[TrainSource]:
 def num_train_classes(cfg: DataConfig) -> int:
     """The label space of the training stream from the manifests: data.root's train split, or the sum
     over data.sources (what data.num_classes=0 resolves to)."""
-    roots = [root for root, _ in cfg.source_list()] or [cfg.root]
+    roots = [root for root, _ in cfg.sources] or [cfg.root]
     return sum(label_space(root, cfg.train_split) for root in roots)
 
 

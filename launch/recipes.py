@@ -55,7 +55,7 @@ def mnist_chest() -> RunConfig:
     return dataclasses.replace(
         cfg, name="mnist_chest", model=dataclasses.replace(cfg.model, embed_dim=96, neck=False),
         loss=LossConfig(name="chest", chest=ChestConfig(proxies_per_class=2, hyp_dim=64, delta_h=1.0, delta_e=5.0)),
-        metrics=dataclasses.replace(cfg.metrics, retrieval=True, recall_ks="1,2,4"))
+        metrics=dataclasses.replace(cfg.metrics, retrieval=True, recall_ks=(1, 2, 4)))
 
 
 def mnist_arcface() -> RunConfig:
@@ -77,7 +77,7 @@ def _open_set(cfg: RunConfig, name: str) -> RunConfig:
     data = dataclasses.replace(cfg.data, root="data-cache/mnist5k_open", prepare="mnist5k_open", num_classes=0,
                                eval_split="test")
     return dataclasses.replace(cfg, name=name, data=data,
-                               metrics=dataclasses.replace(cfg.metrics, recall_ks="", retrieval=True))
+                               metrics=dataclasses.replace(cfg.metrics, recall_ks=(), retrieval=True))
 
 
 def mnist_open_chest() -> RunConfig:
@@ -187,7 +187,7 @@ def vitl_ms1mv2_faces() -> RunConfig:
         optim=OptimConfig(lr=1e-3, head_lr=1e-3, weight_decay=0.1, warmup_steps=5000, grad_clip=5.0),
         zero=ZeroConfig(stage=2, bf16=True),
         checkpoint=CheckpointConfig(every_steps=2000, keep_last=3),
-        metrics=MetricsConfig(log_every=50, eval_every=5000, eval_sets="data-cache/faces-val"),
+        metrics=MetricsConfig(log_every=50, eval_every=5000, eval_sets=("data-cache/faces-val",)),
         slurm=SlurmConfig(nodes=1, tasks_per_node=8, gpus_per_node=8, cpus_per_task=10, time_min=2880),
     )
 

@@ -21,7 +21,7 @@ def slurm_parameters(cfg: SlurmConfig, job_name: str) -> dict[str, object]:
                 "slurm_array_parallelism": cfg.array_parallelism}
     params.update({k: v for k, v in optional.items() if v})
     if cfg.setup:
-        params["slurm_setup"] = [line.strip() for line in cfg.setup.split(";") if line.strip()]
+        params["slurm_setup"] = list(cfg.setup)
     return params
 
 

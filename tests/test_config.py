@@ -1,11 +1,16 @@
-"""Config tree: round trips, overrides, validation errors, every recipe builds."""
+"""Config tree: round trips, overrides, typed list fields, validation errors, every recipe builds."""
 from __future__ import annotations
 
-import pytest
+import dataclasses
 
+import pytest
+import yaml
+
+import data.config
 from train.overrides import apply_overrides
 from launch.recipes import RECIPES, get_recipe
-from train.config import RunConfig, load_yaml, save_yaml
+from model.config import ModelConfig
+from train.config import RunConfig, load_yaml, override_text, save_yaml
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
@@ -31,6 +36,14 @@ def test_overrides_are_typed() -> None:
     ("zero.bf16=maybe", "zero.bf16='maybe' is not a valid bool"),
     ("optim=1", "names a section"),
     ("max_steps", "not of the form key=value"),
+    # typed list fields: a bad item names the setting, the item and a valid value
+    ("metrics.recall_ks=1,x", r"metrics.recall_ks='1,x': item 'x' must read an integer; e\.g\. metrics.recall_ks=1,2"),
+    ("data.channel_mean=0.5,a,0.5", r"data.channel_mean='0.5,a,0.5': item 'a' must read a number; e\.g\. data"),
+    ("data.sources=/a=0.7,/b", r"data.sources='/a=0.7,/b': item '/b' must read ROOT=WEIGHT; e\.g\. data.sources=/da"),
+    ("data.sources=/a=x", "item '/a=x' must read ROOT=WEIGHT"),
+    ("data.sources==1", "item '=1' must read ROOT=WEIGHT"),
+    ("slurm.sbatch_extra=--exclusive", r"item '--exclusive' must read key=value without dashes; e\.g\. slurm.sbatch_"),
+    ("slurm.sbatch_extra==a100", "item '=a100' must read key=value without dashes"),
 ])
 def test_bad_overrides(override: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -57,7 +70,10 @@ def test_unknown_recipe() -> None:
     ("loss.num_spheres=0", "loss.num_spheres"),
     ("name=a/b", "name='a/b'"),
     ("loss.sample_rate=0", "loss.sample_rate=0.0 must be in \\(0, 1\\]"),
-    ("metrics.recall_ks=1,x", "metrics.recall_ks='1,x'"),
+    ("metrics.recall_ks=1,0", "metrics.recall_ks must hold integers >= 1"),
+    ("data.sources=data-cache/mnist5k=1,/b=-1", "data.sources item /b=-1 must read ROOT=WEIGHT with a weight > 0"),
+    ("data.sources=/b=1", "data.sources starts with '/b' but data.root='data-cache/mnist5k'"),
+    ("slurm.sbatch_extra=exclusive=true;--mem=100", "sbatch_extra item --mem=100 must read key=value without dashes"),
 ])
 def test_validation_errors(override: str, message: str) -> None:
     cfg = apply_overrides(get_recipe("mnist_distarc"), [override])
@@ -134,3 +150,113 @@ def test_norm_timm_takes_the_backbones_own_values() -> None:
 def test_bad_normalisation_and_speed_settings(overrides: list[str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         apply_overrides(get_recipe("vitl_imagenet_8gpu"), overrides).resolved()
+
+
+# The typed list fields: (override key, old text form, the typed value it means).
+TEXT_FORMS = [
+    ("metrics.recall_ks", "1, 2,4", (1, 2, 4)),
+    ("metrics.eval_sets", "data-cache/faces-val:lfw+cfp_fp, /x", ("data-cache/faces-val:lfw+cfp_fp", "/x")),
+    ("data.channel_mean", "0.48,0.46,0.41", (0.48, 0.46, 0.41)),
+    ("data.channel_std", "0.27,0.26,0.28", (0.27, 0.26, 0.28)),
+    ("data.sources", "data-cache/mnist5k=0.7,/a=b=0.3", (("data-cache/mnist5k", 0.7), ("/a=b", 0.3))),
+    ("slurm.sbatch_extra", "constraint=a100; exclusive=true;comment=a=b",
+     {"constraint": "a100", "exclusive": "true", "comment": "a=b"}),
+    ("slurm.setup", "module load cuda/12.4; source ~/env.sh;", ("module load cuda/12.4", "source ~/env.sh")),
+]
+
+
+def _field(cfg: RunConfig, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+@pytest.mark.parametrize("key, text, value", TEXT_FORMS)
+def test_list_fields_read_their_text_form(key: str, text: str, value, tmp_path) -> None:
+    base = get_recipe("mnist_distarc")
+    assert _field(apply_overrides(base, [f"{key}={text}"]), key) == value  # the CLI
+    raw = base.to_dict()
+    section, name = key.split(".")
+    raw[section][name] = text  # a config.yaml written before the field was typed
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(raw))
+    assert _field(load_yaml(str(tmp_path / "config.yaml")), key) == value
+    assert _field(apply_overrides(base, [f"{key}="]), key) == type(value)()  # "" = unset, as before
+
+
+def test_list_fields_read_native_yaml(tmp_path) -> None:
+    raw = get_recipe("mnist_distarc").to_dict()
+    raw["metrics"].update(recall_ks=[1, 10], eval_sets=["/f:lfw", "/g"])
+    raw["data"].update(norm="channels", in_chans=3, channel_mean=[0.5, 1, 0.25], channel_std=[0.5, 0.5, 0.5],
+                       sources=[["data-cache/mnist5k", 2], ["/b", 0.5]])
+    raw["model"]["in_chans"] = 3
+    raw["slurm"].update(sbatch_extra={"constraint": "a100", "exclusive": True, "mem": 100}, setup=["echo a; echo b"])
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    cfg = load_yaml(str(path))
+    assert cfg.metrics.recall_ks == (1, 10) and cfg.metrics.eval_sets == ("/f:lfw", "/g")
+    assert cfg.data.channel_mean == (0.5, 1.0, 0.25) and isinstance(cfg.data.channel_mean[1], float)
+    assert cfg.data.sources == (("data-cache/mnist5k", 2.0), ("/b", 0.5))
+    assert cfg.slurm.sbatch_extra == {"constraint": "a100", "exclusive": "true", "mem": "100"}
+    assert cfg.slurm.setup == ("echo a; echo b",)  # a list item is one line, ";" and all
+    # submitit's form: "true" is a bare flag, dashes in option names become underscores
+    assert cfg.slurm.extra_parameters() == {"constraint": "a100", "exclusive": True, "mem": "100"}
+    assert dataclasses.replace(cfg.slurm, sbatch_extra={"mail-type": "END"}).extra_parameters() == {"mail_type": "END"}
+    raw["data"]["sources"] = {"data-cache/mnist5k": 2, "/b": 0.5}  # a mapping keeps its order
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert load_yaml(str(path)).data.sources == (("data-cache/mnist5k", 2.0), ("/b", 0.5))
+    cfg.validate()
+    assert RunConfig.from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))) == cfg
+
+
+@pytest.mark.parametrize("section, name, value, message", [
+    ("metrics", "recall_ks", [1, "x"], r"metrics.recall_ks=\[1, 'x'\]: item 'x' must read an integer"),
+    ("metrics", "recall_ks", [1, True], "item True must read an integer"),
+    ("metrics", "recall_ks", {"a": 1}, "item {'a': 1} must read an integer"),
+    ("data", "sources", [["/a"]], r"data.sources=\[\['/a'\]\]: item \['/a'\] must read ROOT=WEIGHT"),
+    ("data", "sources", [["/a", "heavy"]], "must read ROOT=WEIGHT"),
+    ("data", "channel_std", ["0.5", None], "item None must read a number"),
+    ("slurm", "sbatch_extra", ["constraint"], "item 'constraint' must read key=value without dashes.*a YAML mapping"),
+    ("slurm", "setup", [["echo"]], r"item \['echo'\] must read a shell line"),
+])
+def test_list_fields_reject_bad_yaml(section: str, name: str, value, message: str) -> None:
+    raw = get_recipe("mnist_distarc").to_dict()
+    raw[section][name] = value
+    with pytest.raises(ValueError, match=message):
+        RunConfig.from_dict(raw)
+
+
+def test_typed_fields_round_trip_through_yaml(tmp_path) -> None:
+    cfg = apply_overrides(get_recipe("vitl_imagenet_8gpu"), [f"{key}={text}" for key, text, _ in TEXT_FORMS]
+                          + ["data.norm=channels", "data.sources=data-cache/imagenet=0.7,/a=b=0.3"]).validate()
+    save_yaml(cfg, str(tmp_path / "config.yaml"))
+    written = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert written["metrics"]["recall_ks"] == [1, 2, 4]  # tuples are written as YAML lists
+    assert written["data"]["sources"] == [["data-cache/imagenet", 0.7], ["/a=b", 0.3]]
+    assert load_yaml(str(tmp_path / "config.yaml")) == cfg and RunConfig.from_dict(cfg.to_dict()) == cfg
+    # the override text reads back to the same value (older checkpoints recorded data.sources as this text)
+    assert override_text(cfg.data.sources) == "data-cache/imagenet=0.7,/a=b=0.3"
+    assert override_text((("/a", 1.0),)) == "/a=1" and override_text({"exclusive": "true"}, ";") == "exclusive=true"
+    for key, _, _ in TEXT_FORMS:
+        sep = ";" if key.startswith("slurm.") else ","
+        assert apply_overrides(cfg, [f"{key}={override_text(_field(cfg, key), sep)}"]) == cfg
+
+
+def test_validation_runs_once_per_config_value(monkeypatch) -> None:
+    # counted: ModelConfig.validate (a part of RunConfig.validate) and data.config._check_int (inside
+    # DataConfig.validate, which the loaders call on their own)
+    calls: list[str] = []
+    model_validate = ModelConfig.validate
+    monkeypatch.setattr(ModelConfig, "validate", lambda self: (calls.append("model"), model_validate(self))[1])
+    monkeypatch.setattr(data.config, "_check_int", lambda *args, **kwargs: calls.append("data"))
+    cfg = apply_overrides(get_recipe("mnist_distarc"), ["data.seed=12345"])  # a value no other test checked
+    resolved = cfg.resolved()
+    assert calls.count("model") == 1 and calls.count("data") > 0
+    checked = len(calls)
+    assert resolved.resolved() is resolved and resolved.validate() is resolved
+    resolved.data.validate()  # what build_train_loader calls
+    assert len(calls) == checked  # nothing checked twice
+    apply_overrides(cfg, ["data.seed=12346"]).validate()  # another value is checked again
+    assert calls.count("model") == 2 and len(calls) == 2 * checked
+    bad = apply_overrides(cfg, ["zero.stage=5"])
+    for _ in range(2):  # a failure is never remembered
+        with pytest.raises(ValueError, match="zero.stage=5"):
+            bad.validate()

@@ -261,13 +261,13 @@ def test_protocols_and_ks_come_from_the_manifest(converted) -> None:
         sets("vits_sop_chest", converted["sop"])  # SOP's own K = 1, 10, 100, 1000 on the tiny copy
     with pytest.raises(ValueError, match=r"Recall@50 needs 50 references but the split offers 12"):
         sets("vits_inshop_chest", converted["inshop"])  # In-shop's 1..50 against its 12-image gallery
-    faces = sets("vitl_ms1mv2_faces", converted["ms1m"], eval_sets=converted["faces"])
+    faces = sets("vitl_ms1mv2_faces", converted["ms1m"], eval_sets=(converted["faces"],))
     assert [(s.name, s.protocol, s.prefix) for s in faces] == [("cfp_fp", "verification", "cfp_fp/"),
                                                                ("lfw", "verification", "lfw/")]
-    only = sets("vitl_ms1mv2_faces", converted["ms1m"], eval_sets=f"{converted['faces']}:lfw")
+    only = sets("vitl_ms1mv2_faces", converted["ms1m"], eval_sets=(f"{converted['faces']}:lfw",))
     assert [s.name for s in only] == ["lfw"]
     with pytest.raises(FileNotFoundError, match="metrics.eval_sets names .*nowhere"):
-        sets("vitl_ms1mv2_faces", converted["ms1m"], eval_sets="/nowhere")
+        sets("vitl_ms1mv2_faces", converted["ms1m"], eval_sets=("/nowhere",))
     with pytest.raises(ValueError, match="protocol='nope' is unknown"):
         dataclasses.replace(get_recipe("mnist_distarc").metrics, protocol="nope").validate()
 

@@ -292,7 +292,7 @@ def second_root(tmp_path_factory) -> str:
 
 
 def mixture_cfg(root: str, second_root: str, **overrides) -> DataConfig:
-    return make_cfg(root, num_classes=7, sources=f"{root}=3,{second_root}=1", **overrides)
+    return make_cfg(root, num_classes=7, sources=((root, 3.0), (second_root, 1.0)), **overrides)
 
 
 def test_mixture_labels_live_in_their_own_class_space(root: str, second_root: str) -> None:
@@ -318,19 +318,19 @@ def test_mixture_is_deterministic_and_resumes(root: str, second_root: str) -> No
 
 def test_mixture_class_counts_must_add_up(root: str, second_root: str, tmp_path) -> None:
     with pytest.raises(ValueError, match=r"4 \(.*\) \+ 3 \(.*\) = 7 classes but data.num_classes=9"):
-        build_train_loader(make_cfg(root, num_classes=9, sources=f"{root}=1,{second_root}=1"), 0, 1)
+        build_train_loader(make_cfg(root, num_classes=9, sources=((root, 1.0), (second_root, 1.0))), 0, 1)
     with pytest.raises(FileNotFoundError, match=f"{tmp_path}.*manifest.json"):
-        build_train_loader(make_cfg(root, num_classes=7, sources=f"{root}=1,{tmp_path}=1"), 0, 1)
+        build_train_loader(make_cfg(root, num_classes=7, sources=((root, 1.0), (str(tmp_path), 1.0))), 0, 1)
     with pytest.raises(ValueError, match="list data.root as the first source"):
-        make_cfg(root, num_classes=7, sources=f"{second_root}=1,{root}=1").validate()
+        make_cfg(root, num_classes=7, sources=((second_root, 1.0), (root, 1.0))).validate()
     with pytest.raises(ValueError, match="ROOT=WEIGHT with a weight > 0"):
-        make_cfg(root, num_classes=7, sources=f"{root}=1,{second_root}=-1").validate()
+        make_cfg(root, num_classes=7, sources=((root, 1.0), (second_root, -1.0))).validate()
 
 
 def test_single_source_stream_unchanged_by_mixture_code(root: str) -> None:
     # data.sources naming only data.root is the plain stream, batch for batch
     cfg = make_cfg(root, augment=True)
-    assert_same(take(cfg, 4), take(dataclasses.replace(cfg, sources=f"{root}=1"), 4))
+    assert_same(take(cfg, 4), take(dataclasses.replace(cfg, sources=((root, 1.0),)), 4))
 
 
 def test_resampled_feeds_more_slots_than_shards(second_root: str) -> None:

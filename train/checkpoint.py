@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from model.proxies import ShardedHead
-from train.config import RunConfig, load_yaml, save_yaml
+from train.config import RunConfig, load_yaml, override_text, save_yaml
 from train.dist import DistEnv, barrier
 from train.elastic import ENGINE_TAG, load_universal
 
@@ -97,7 +97,7 @@ def stream_signature(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     return {"world_size": world_size, "num_workers": d.num_workers, "batch_size": d.batch_size,
             "grad_accum_steps": cfg.optim.grad_accum_steps, "seed": d.seed, "shuffle_buffer": d.shuffle_buffer,
             "samples_per_class": d.samples_per_class, "root": os.path.abspath(d.root),
-            "resampled": d.resampled, "sources": d.sources}
+            "resampled": d.resampled, "sources": override_text(d.sources)}  # the text older checkpoints hold
 
 
 def stream_changes(path: str, cfg: RunConfig, world_size: int) -> list[str]:

@@ -3,12 +3,21 @@
 `RunConfig` composes the component configs (data, model, loss, optim, zero, checkpoint, metrics,
 slurm); each component sees only its own slice. It round-trips through `to_dict` / `from_dict` and
 YAML, is printed at start, written to `<run_dir>/config.yaml` and stored in every checkpoint.
+
+Where each check happens: types where values enter, by `coerce` (`from_dict` / `load_yaml` and
+`train.overrides.apply_overrides`), so a built config holds the annotated types (lists as tuples);
+the rules by `validate()`, which `RunConfig.resolved()` runs for the launcher, `python -m train`, sweeps
+and `train.main.run`. Validation is a pure function of the value and remembered per value, so one
+config is checked once per process however many of those entry points (and the loaders'
+`DataConfig.validate()`) see it.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import types
 import typing
+from collections.abc import Mapping
 from typing import Any
 
 import yaml
@@ -101,28 +110,22 @@ class MetricsConfig:
     # In-shop: query_gallery, .bin pairs: verification); or one of those names
     protocol: str = "auto"
     retrieval: bool = False  # classification sets: also Recall@K and MAP@R (leave-one-out) in every space
-    recall_ks: str = ""  # comma-separated K of Recall@K; "" = the protocol's (CUB/Cars 1,2,4,8; SOP 1,10,100,1000)
+    # The K of Recall@K (override text "1,2,4"); () = the protocol's (CUB/Cars 1,2,4,8; SOP 1,10,100,1000)
+    recall_ks: tuple[int, ...] = dataclasses.field(default=(), metadata={"item": "an integer", "example": "1,2,4"})
     retrieval_chunk: int = 1024  # query rows per block: peak memory ~ chunk x eval-set size
     gallery_split: str = "gallery"  # query_gallery: the split queries are matched against (In-shop)
-    # Extra evaluation sets, "ROOT[:SPLIT+SPLIT],ROOT..." (no SPLIT: every split of a verification root,
-    # e.g. the lfw, cfp_fp, agedb_30 .bin shards while training on MS1MV2); each scored by its own protocol
-    eval_sets: str = ""
+    # Extra evaluation sets, each "ROOT[:SPLIT+SPLIT]" (override text "ROOT:SPLIT,ROOT"; no SPLIT: every split of
+    # a verification root, e.g. the lfw, cfp_fp, agedb_30 .bin shards while training on MS1MV2); each scored by
+    # its own protocol
+    eval_sets: tuple[str, ...] = dataclasses.field(
+        default=(), metadata={"item": "ROOT[:SPLIT+SPLIT]", "example": "data-cache/faces-val:lfw+cfp_fp"})
     verification_folds: int = 10
     far_target: float = 1e-3  # verification: VAL is reported at this false-accept rate
-
-    @property
-    def ks(self) -> tuple[int, ...]:
-        """metrics.recall_ks as integers; () = the protocol's default."""
-        return tuple(int(k) for k in self.recall_ks.split(",")) if self.recall_ks.strip() else ()
 
     def validate(self) -> None:
         if self.log_every < 1 or self.eval_every < 0:
             raise ValueError("metrics.log_every must be >= 1 and metrics.eval_every >= 0")
-        try:
-            ks = self.ks
-        except ValueError:
-            raise ValueError(f"metrics.recall_ks={self.recall_ks!r} must be comma-separated integers, e.g. 1,2,4")
-        if (ks and min(ks) < 1) or self.retrieval_chunk < 1:
+        if (self.recall_ks and min(self.recall_ks) < 1) or self.retrieval_chunk < 1:
             raise ValueError("metrics.recall_ks must hold integers >= 1 and metrics.retrieval_chunk must be >= 1")
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"metrics.protocol={self.protocol!r} is unknown; choose one of {PROTOCOLS}")
@@ -144,22 +147,19 @@ class SlurmConfig:
     qos: str = ""
     time_min: int = 60
     signal_delay_s: int = 120  # USR2 this long before the time limit: enough for one collective save
-    # Any other sbatch option, "key=value;key=value" without dashes (e.g. "constraint=a100;exclusive=true")
-    sbatch_extra: str = ""
-    # Shell lines run before the tasks start, ";"-separated (e.g. "module load cuda/12.4;source ~/env.sh")
-    setup: str = ""
+    # Any other sbatch option, {option: value} without dashes (override text "constraint=a100;exclusive=true";
+    # the value "true" is a bare flag)
+    sbatch_extra: dict[str, str] = dataclasses.field(default_factory=dict, metadata={
+        "sep": ";", "item": "key=value without dashes", "example": "'constraint=a100;exclusive=true'"})
+    # Shell lines run before the tasks start (override text "module load cuda/12.4;source ~/env.sh")
+    setup: tuple[str, ...] = dataclasses.field(default=(), metadata={
+        "sep": ";", "item": "a shell line", "example": "'module load cuda/12.4;source ~/env.sh'"})
     array_parallelism: int = 0  # sweeps: most array tasks running at once (0 = no limit)
 
     def extra_parameters(self) -> dict[str, str | bool]:
         """slurm.sbatch_extra as submitit's slurm_additional_parameters (value 'true' = a bare flag)."""
-        out: dict[str, str | bool] = {}
-        for item in filter(None, (part.strip() for part in self.sbatch_extra.split(";"))):
-            key, sep, value = item.partition("=")
-            if not sep or not key or key.startswith("-"):
-                raise ValueError(f"slurm.sbatch_extra item {item!r} must read key=value without dashes, "
-                                 "e.g. slurm.sbatch_extra='constraint=a100;exclusive=true'")
-            out[key.strip().replace("-", "_")] = True if value.strip().lower() == "true" else value.strip()
-        return out
+        return {key.replace("-", "_"): True if value.lower() == "true" else value
+                for key, value in self.sbatch_extra.items()}
 
     def validate(self) -> None:
         if self.nodes < 1 or self.tasks_per_node < 1 or self.cpus_per_task < 1:
@@ -168,7 +168,10 @@ class SlurmConfig:
             raise ValueError(f"slurm.time_min={self.time_min} must be >= 1")
         if self.gpus_per_node < 0 or self.array_parallelism < 0 or self.signal_delay_s < 0:
             raise ValueError("slurm.gpus_per_node, slurm.array_parallelism and slurm.signal_delay_s must be >= 0")
-        self.extra_parameters()
+        for key, value in self.sbatch_extra.items():
+            if key.startswith("-"):
+                raise ValueError(f"slurm.sbatch_extra item {key}={value} must read key=value without dashes, "
+                                 "e.g. slurm.sbatch_extra='constraint=a100;exclusive=true'")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -194,7 +197,13 @@ class RunConfig:
         return os.path.join(self.run_root, self.name)
 
     def validate(self) -> "RunConfig":
-        """Check every component and the cross-field rules; raise ValueError naming the fix."""
+        """Check every component and the cross-field rules; raise ValueError naming the fix.
+
+        A value that passed once in this process returns at once (the checks read nothing but the value).
+        """
+        key = repr(self)
+        if key in _VALIDATED:
+            return self
         if not self.name or "/" in self.name:
             raise ValueError(f"name={self.name!r} must be a non-empty folder name without '/'")
         if self.max_steps < 1:
@@ -216,6 +225,7 @@ class RunConfig:
         if self.model.img_size and self.model.img_size != self.data.image_size:
             raise ValueError(f"model.img_size={self.model.img_size} differs from data.image_size="
                              f"{self.data.image_size}; set model.img_size=0 or make them equal")
+        _remember(_VALIDATED, key)
         return self
 
     def resolved(self) -> "RunConfig":
@@ -223,7 +233,8 @@ class RunConfig:
 
         data.norm=timm becomes the backbone's normalisation from timm's pretrained config of model.name
         (a preset name when the values are one, else data.norm=channels with the values);
-        data.num_classes=0 the train split's label space from the manifest(s).
+        data.num_classes=0 the train split's label space from the manifest(s). A resolved config resolves to
+        itself without reading anything again (validate() remembers it).
         """
         self.validate()
         changes: dict[str, Any] = {}
@@ -236,7 +247,8 @@ class RunConfig:
         return dataclasses.replace(self, data=dataclasses.replace(self.data, **changes)).validate()
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain YAML/JSON values: sections as dicts, tuples as lists."""
+        return _plain(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "RunConfig":
@@ -269,11 +281,88 @@ def backbone_norm(model_name: str) -> dict[str, Any]:
     for preset, values in NORM_PRESETS.items():
         if (mean, std) == values:
             return {"norm": preset}
-    return {"norm": "channels", "channel_mean": ",".join(map(str, mean)), "channel_std": ",".join(map(str, std))}
+    return {"norm": "channels", "channel_mean": mean, "channel_std": std}
 
 
-def coerce(value: Any, typ: Any, key: str) -> Any:
-    """`value` as the field type `typ` (str, int, float, bool), or a ValueError naming `key`."""
+_VALIDATED: set[str] = set()  # repr of every RunConfig value that passed validate() in this process
+
+
+def _remember(seen: set[str], key: str) -> None:
+    """Add `key` to a memo of validated values, bounded (a long test session builds many configs)."""
+    if len(seen) >= 512:
+        seen.clear()
+    seen.add(key)
+
+
+def coerce(value: Any, typ: Any, key: str, form: Mapping[str, Any] | None = None) -> Any:
+    """`value` as the field type `typ`, or a ValueError naming `key` and the fix.
+
+    Scalars (str, int, float, bool) come from their own type or from override text ("3e-4", "true").
+    `tuple[X, ...]` comes from a list (YAML, Python) or from text whose items are separated by `form["sep"]`
+    ("1,2,4"; blank items dropped, text items stripped); a single scalar is a one-item tuple. Pairs
+    `tuple[str, V]` (inside a tuple) and `dict[str, str]` also come from a mapping (in its order) and read
+    "NAME=VALUE" as text, split at the "=" the value cannot hold: the last before a number, else the
+    first. `form` is the field's metadata: "sep" (default ","), "item" (what one item reads) and "example"
+    (a valid override value) for the error.
+    """
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return tuple(_items(value, args[0], key, form or {}, "a YAML list"))
+    if origin is dict:
+        return dict(_items(value, types.GenericAlias(tuple, args), key, form or {}, "a YAML mapping"))
+    return _scalar(value, typ, key)
+
+
+def _items(value: Any, item_type: Any, key: str, form: Mapping[str, Any], native: str) -> list[Any]:
+    """The items of a collection field, each coerced to `item_type` (`native`: its YAML form, for errors)."""
+    pair = typing.get_origin(item_type) is tuple
+    if isinstance(value, str):
+        raw: list[Any] = [part.strip() for part in value.split(form.get("sep", ",")) if part.strip()]
+    elif isinstance(value, (list, tuple)):
+        raw = list(value)
+    elif isinstance(value, dict) and pair:
+        raw = list(value.items())
+    else:
+        raw = [value]  # one scalar item; anything else is reported as a bad item
+    out = []
+    for item in raw:
+        try:
+            parsed = _pair(item, item_type, key) if pair else _scalar(item, item_type, key)
+        except ValueError:
+            what = form.get("item") or ("NAME=VALUE" if pair else item_type.__name__)
+            fix = f"; e.g. {key}={form['example']} (or {native})" if "example" in form else f" (or {native})"
+            raise ValueError(f"{key}={value!r}: item {item!r} must read {what}{fix}") from None
+        if isinstance(parsed, str):
+            parsed = parsed.strip()
+            if not parsed:
+                continue
+        out.append(parsed)
+    return out
+
+
+def _pair(item: Any, typ: Any, key: str) -> tuple[Any, Any]:
+    """One (name, value) item from "NAME=VALUE" text or a 2-sequence; the name must be non-empty text."""
+    name_type, value_type = typing.get_args(typ)
+    if isinstance(item, str):
+        numeric = value_type in (int, float)
+        name, sep, value = item.rpartition("=") if numeric else item.partition("=")
+        if not sep:
+            raise ValueError(f"{key}: {item!r} holds no '='")
+        name, value = name.strip(), value.strip()
+    elif isinstance(item, (list, tuple)) and len(item) == 2:
+        name, value = item
+        if value_type is str and isinstance(value, bool):  # YAML `exclusive: true` means the text "true"
+            value = "true" if value else "false"
+    else:
+        raise ValueError(f"{key}: {item!r} is not a pair")
+    name = _scalar(name, name_type, key)
+    if not name:
+        raise ValueError(f"{key}: {item!r} has an empty name")
+    return name, _scalar(value, value_type, key)
+
+
+def _scalar(value: Any, typ: Any, key: str) -> Any:
+    """`value` as str, int, float or bool (bools only from true/false/1/0/yes/no, never from a number)."""
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -299,8 +388,22 @@ def coerce(value: Any, typ: Any, key: str) -> Any:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
     else:
-        raise ValueError(f"{key}: unsupported field type {typ}")
+        raise TypeError(f"{key}: unsupported field type {typ}")  # a config class bug, not user input
     raise ValueError(f"{key}={value!r} is not a valid {typ.__name__}")
+
+
+def override_text(value: Any, sep: str = ",") -> str:
+    """A field value as the override text coerce() reads back: "1,2,4", "/a=0.7,/b=0.3", "k=v;k=v" (give the
+    field's "sep"); whole floats without ".0", as people write them ("ROOT=1")."""
+    if isinstance(value, dict):
+        value = tuple(value.items())
+    if isinstance(value, tuple):
+        return sep.join(override_text(item, "=") for item in value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value).removesuffix(".0")
+    return str(value)
 
 
 def field_types(cls: type) -> dict[str, Any]:
@@ -308,20 +411,34 @@ def field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def field_forms(cls: type) -> dict[str, Mapping[str, Any]]:
+    """Each field's metadata: the text form of a collection field, for coerce()."""
+    return {field.name: field.metadata for field in dataclasses.fields(cls)}
+
+
+def _plain(value: Any) -> Any:
+    """asdict() output with tuples as lists (what YAML's safe dumper and JSON write)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
 def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise ValueError(f"{prefix or 'config'}: expected a mapping, got {type(raw).__name__}")
-    types = field_types(cls)
-    unknown = set(raw) - set(types)
+    hints, forms = field_types(cls), field_forms(cls)
+    unknown = set(raw) - set(hints)
     if unknown:
-        raise ValueError(f"unknown config key(s) {sorted(prefix + k for k in unknown)}; valid: {sorted(types)}")
+        raise ValueError(f"unknown config key(s) {sorted(prefix + k for k in unknown)}; valid: {sorted(hints)}")
     kwargs = {}
     for key, value in raw.items():
-        typ = types[key]
+        typ = hints[key]
         if dataclasses.is_dataclass(typ):
             kwargs[key] = _build(typing.cast(type, typ), value, f"{prefix}{key}.")
         else:
-            kwargs[key] = coerce(value, typ, prefix + key)
+            kwargs[key] = coerce(value, typ, prefix + key, forms[key])
     return cls(**kwargs)
 
 

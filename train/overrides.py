@@ -1,10 +1,15 @@
-"""Dotted `key=value` overrides applied to a RunConfig with type checks."""
+"""Dotted `key=value` overrides applied to a RunConfig with type checks.
+
+Values are coerced to the field's type (train.config.coerce): list fields read their text form
+("metrics.recall_ks=1,2,4", "slurm.sbatch_extra='constraint=a100;exclusive=true'"). The rules are
+checked later, once, by RunConfig.validate() / resolved(): a sweep may override a base into shape.
+"""
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
-from train.config import RunConfig, coerce, field_types
+from train.config import RunConfig, coerce, field_forms, field_types
 
 
 def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
@@ -28,4 +33,4 @@ def _set(node: Any, path: list[str], value: str, full_key: str) -> Any:
         return dataclasses.replace(node, **{name: _set(getattr(node, name), path[1:], value, full_key)})
     if len(path) > 1:
         raise ValueError(f"unknown override key {full_key!r}: {name!r} has no sub-fields")
-    return dataclasses.replace(node, **{name: coerce(value, types[name], full_key)})
+    return dataclasses.replace(node, **{name: coerce(value, types[name], full_key, field_forms(type(node))[name])})

@@ -51,7 +51,7 @@ class EvalSet:
         with a label space that keeps every label of the split (open-set labels are not head classes)."""
         split = split or self.split
         return dataclasses.replace(base, root=self.root, eval_split=split, num_classes=label_space(self.root, split),
-                                   samples_per_class=0, sources="", prepare="none")
+                                   samples_per_class=0, sources=(), prepare="none")
 
 
 def dataset_protocol(root: str) -> tuple[str, tuple[int, ...]]:
@@ -63,7 +63,7 @@ def make_set(root: str, split: str, metrics: MetricsConfig, prefix: str, protoco
     """An EvalSet with its protocol resolved and its files checked (raises naming the manifest)."""
     default_protocol, default_ks = dataset_protocol(root)
     protocol = default_protocol if protocol == "auto" else protocol
-    ks = metrics.ks or default_ks or DEFAULT_KS
+    ks = metrics.recall_ks or default_ks or DEFAULT_KS
     gallery = metrics.gallery_split if protocol == "query_gallery" else ""
     eval_set = EvalSet(name=split, root=root, split=split, protocol=protocol, ks=ks, gallery_split=gallery,
                        prefix=prefix)
@@ -107,7 +107,7 @@ def resolve_eval_sets(data: DataConfig, metrics: MetricsConfig, splits: list[str
     for split in (splits if splits is not None else [data.eval_split] if data.eval_split else []):
         sets.append(make_set(data.root, split, metrics, prefix="" if not sets else f"{split}/",
                              protocol=metrics.protocol))
-    for item in filter(None, (part.strip() for part in metrics.eval_sets.split(","))):
+    for item in metrics.eval_sets:
         root, _, named = item.partition(":")
         if read_manifest(root) is None:
             raise FileNotFoundError(f"metrics.eval_sets names {root}, but {manifest_path(root)} does not exist; "
