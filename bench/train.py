@@ -4,7 +4,7 @@ Every row runs in fresh processes (`--world` ranks: gloo on CPU, NCCL on GPUs) o
   * bare: the same timm network (model.backbone.build_backbone of the recipe), the same per-rank batch and
     batches, torch AdamW and an nn.Linear softmax cross-entropy over all classes; DDP when P > 1;
     no DeepSpeed. The baseline every other row is divided by.
-  * ours: train.main.build_model -> train.step.train_step, exactly what `python -m train` runs
+  * ours: train.main.build_model -> train.step.train_step, exactly what `python -m launch.rank` runs
     (DeepSpeed ZeRO, the class-sharded head and its optimizer, the non-finite guard);
   * one row per `--variant NAME:key=value,...`: ours with the overrides (the speed switches on/off).
 Columns: global img/s, img/s per rank, ms per step (the median of the timed steps; the slowest rank's),

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 
 import webdataset
 
+from common.files import write_json_atomic
 from data.shards import MANIFEST_NAME, sha256_file
 
 SHARD_PATTERN = "shard-%06d.tar"
@@ -132,17 +132,4 @@ def write_manifest(root: str, splits: dict[str, dict], dataset: str = "") -> Non
     }
     if dataset:
         manifest["dataset"] = dataset
-    # Temp file in the same folder + os.replace: readers see either the old
-    # manifest or the complete new one, never a half-written file.
-    fd, tmp = tempfile.mkstemp(dir=root, prefix=".manifest-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(root, MANIFEST_NAME))
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_json_atomic(os.path.join(root, MANIFEST_NAME), manifest, indent=2, sort_keys=True)

@@ -141,7 +141,7 @@ def _run_sbatch(tmp_path: pathlib.Path, srun_rc: int) -> tuple[int, dict[str, st
 def test_both_launch_paths_start_nccl_with_the_same_settings(tmp_path, monkeypatch, saved_environ) -> None:
     from slurm.job import export_cluster_env
 
-    # plain sbatch: the ranks inherit what srun got, then `python -m train` -> init_distributed
+    # plain sbatch: the ranks inherit what srun got, then `python -m launch.rank` -> init_distributed
     _, srun_env, _ = _run_sbatch(tmp_path, 0)
     for key in [k for k in os.environ if "NCCL" in k]:
         monkeypatch.delenv(key)
@@ -178,15 +178,15 @@ def test_requeue_exit_is_one_number_for_submitit_python_m_train_and_the_sbatch_s
     import submitit.local.local
 
     import slurm.job
-    import train.__main__
+    import launch.rank
 
-    assert slurm.job.REQUEUE_EXIT is train.__main__.REQUEUE_EXIT is control.REQUEUE_EXIT
+    assert slurm.job.REQUEUE_EXIT is launch.rank.REQUEUE_EXIT is control.REQUEUE_EXIT
     # submitit's LocalExecutor restarts a job on its own code only
     assert control.REQUEUE_EXIT == submitit.local.local.LOCAL_REQUEUE_RETURN_CODE
     assert re.findall(r"^REQUEUE_EXIT=(\d+)$", SBATCH.read_text(), re.M) == [str(control.REQUEUE_EXIT)]
     rc, _, requeues = _run_sbatch(tmp_path, control.REQUEUE_EXIT)
     assert (rc, requeues) == (0, ["requeue 42"])
-    for other in (0, 1, 3, 143):  # 3 was python -m train's code before; 143 = a TERM save
+    for other in (0, 1, 3, 143):  # 3 was python -m train's code before (now launch.rank); 143 = a TERM save
         (tmp_path / "scontrol.log").unlink(missing_ok=True)
         rc, _, requeues = _run_sbatch(tmp_path, other)
         assert (rc, requeues) == (other, [])

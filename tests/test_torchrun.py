@@ -1,4 +1,4 @@
-"""`python -m train` under the launchers users have beside Slurm: torchrun and `accelerate launch`, two CPU
+"""`python -m launch.rank` under the launchers users have beside Slurm: torchrun and `accelerate launch`, two CPU
 processes each, checked by the run's own summary and its TensorBoard scalars."""
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ STEPS = 6
 
 
 def train_args(mnist_root: str, run_root: str, name: str) -> list[str]:
-    return ["-m", "train", "--recipe", "mnist_distarc", f"name={name}", f"run_root={run_root}",
+    return ["-m", "launch.rank", "--recipe", "mnist_distarc", f"name={name}", f"run_root={run_root}",
             f"data.root={mnist_root}", "data.prepare=none", f"max_steps={STEPS}", "metrics.log_every=3",
             "checkpoint.every_steps=100", "checkpoint.export=false", "optim.warmup_steps=2", "data.num_workers=0",
             "data.eval_split="]

@@ -6,7 +6,7 @@ YAML, is printed at start, written to `<run_dir>/config.yaml` and stored in ever
 
 Where each check happens: types where values enter, by `coerce` (`from_dict` / `load_yaml` and
 `train.overrides.apply_overrides`), so a built config holds the annotated types (lists as tuples);
-the rules by `validate()`, which `RunConfig.resolved()` runs for the launcher, `python -m train`, sweeps
+the rules by `validate()`, which `RunConfig.resolved()` runs for the launcher, `python -m launch.rank`, sweeps
 and `train.main.run`. Validation is a pure function of the value and remembered per value, so one
 config is checked once per process however many of those entry points (and the loaders'
 `DataConfig.validate()`) see it.
@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from common.files import write_text_atomic
 from data.config import NORM_PRESETS, DataConfig
 from data.mixture import num_train_classes
 from model.config import LossConfig, ModelConfig
@@ -444,10 +445,7 @@ def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
 
 def save_yaml(cfg: RunConfig, path: str) -> None:
     """Write the config as YAML (atomically: a half-written config.yaml never exists)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-    os.replace(tmp, path)
+    write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def load_yaml(path: str) -> RunConfig:

@@ -25,7 +25,7 @@ DEFAULT_STOP_SIGNALS: tuple[int, ...] = (signal.SIGUSR2, signal.SIGTERM)
 
 # The exit code of a rank that saved after the requeue signal: "bring this job back". It is submitit's
 # (submitit.local.local.LOCAL_REQUEUE_RETURN_CODE: its LocalExecutor restarts a job whose task exits
-# with it), so one value serves every launcher: slurm/job.py (submitit), `python -m train` and
+# with it), so one value serves every launcher: slurm/job.py (submitit), `python -m launch.rank` and
 # slurm/train.sbatch (which requeues when srun returns it; tests/test_single_sources.py keeps the
 # script's copy equal).
 REQUEUE_EXIT = 144

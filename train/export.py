@@ -22,7 +22,7 @@ import torch
 from model.backbone import timm_kwargs
 from train import checkpoint as ckpt
 from train.config import load_yaml, save_yaml
-from train.files import write_json_atomic
+from common.files import write_json_atomic
 
 
 def consolidated_backbone(step_dir: str, stage: int) -> dict[str, torch.Tensor]:

@@ -10,7 +10,7 @@ import dataclasses
 import json
 from typing import Any
 
-from train.files import write_json_atomic
+from common.files import write_json_atomic
 
 
 @dataclasses.dataclass

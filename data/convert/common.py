@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
+from common.files import write_json_atomic
 from data.shards import MANIFEST_NAME
 from data.writer import JPG_FIELD, LABEL_FIELD, META_FIELD, PNG_FIELD, SHARD_PATTERN, write_manifest, write_split
 
@@ -113,20 +114,6 @@ def _ordered(dataset: str, split: Split) -> list[Item]:
     return items
 
 
-def _write_json_atomic(path: str, obj: dict) -> None:
-    """Temp file + rename, so a reader never sees a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".json-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _check_state(out: str, state: dict) -> None:
     """Write the conversion state, or refuse when an earlier run differs."""
     path = os.path.join(out, STATE_NAME)
@@ -141,7 +128,7 @@ def _check_state(out: str, state: dict) -> None:
                 f"{state['splits']}); use the same --shard-size and source, or a new --out"
             )
         return
-    _write_json_atomic(path, state)
+    write_json_atomic(path, state, indent=2, sort_keys=True)
 
 
 def _shard_samples(items: list[Item], split: Split) -> Iterator[dict]:
@@ -261,4 +248,4 @@ def write_dataset_manifest(
     for s in splits:
         manifest["splits"][s.name].update(s.notes)
         manifest["splits"][s.name]["class_map"] = s.class_map
-    _write_json_atomic(path, manifest)
+    write_json_atomic(path, manifest, indent=2, sort_keys=True)

@@ -6,7 +6,7 @@ import time
 
 from train.evaluate.protocols import protocol_rows
 from train.evaluate.sets import EvalSet
-from train.files import write_json_atomic
+from common.files import write_json_atomic
 
 
 def write_eval_files(run_dir: str, sets: list[EvalSet], per_set: list[dict[str, float]], step: int,

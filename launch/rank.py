@@ -1,4 +1,4 @@
-"""`python -m train --recipe NAME [key=value ...]` (or `--config run.yaml`): one rank of a run.
+"""`python -m launch.rank --recipe NAME [key=value ...]` (or `--config run.yaml`): one rank of a run.
 
 For launchers other than submitit (slurm/train.sbatch, torchrun): the rank comes from RANK,
 WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT. Exit code 144
@@ -17,7 +17,7 @@ from train.control import REQUEUE_EXIT
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m launch.rank", description=__doc__.split("\n")[0])
     p.add_argument("--recipe", default=DEFAULT_RECIPE)
     p.add_argument("--config", default=None, help="a config.yaml (e.g. a run dir's) instead of a recipe")
     p.add_argument("--requeue-signal", default="SIGUSR2", help="the signal that means 'save and requeue'")

@@ -1,0 +1,30 @@
+"""Small files written atomically: a reader (the launcher, a sweep table, a loader reading a manifest, a
+resumed conversion) sees the old file or the new one, never half. The one writer of summary.json,
+eval_<set>.json, export.json, config.yaml, manifest.json and a converter's progress file."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """`text` into a temp file in the same folder, fsync, then rename onto `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_json_atomic(path: str, obj: Any, indent: int = 1, sort_keys: bool = False) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=indent, sort_keys=sort_keys) + "\n")
