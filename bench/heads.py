@@ -127,7 +127,8 @@ def pml_arcface(num_classes: int, iters: int) -> float:
     return min(times[1:])
 
 
-def poincare_gram_vs_broadcast(batch: int = 256, num: int = 8192, dim: int = 128, iters: int = 3) -> tuple[float, float]:
+def poincare_gram_vs_broadcast(batch: int = 256, num: int = 8192, dim: int = 128,
+                               iters: int = 3) -> tuple[float, float]:
     """Seconds for fwd+bwd of all B x N distances: Gram form vs materialised B x N x D Moebius form."""
     from model import hyperbolic as hyp
 
@@ -204,7 +205,8 @@ def main() -> None:
                           args.iters, results)
     gram, bcast = poincare_gram_vs_broadcast()
     print("\n| Poincare distances, B=256 x N=8192, D=128, fwd+bwd | seconds |\n|---|---|")
-    print(f"| Gram form (ours) | {gram:.3f} |\n| B x N x D broadcast | {bcast:.3f} |\n| speed-up | {bcast / gram:.1f}x |")
+    print(f"| Gram form (ours) | {gram:.3f} |\n| B x N x D broadcast | {bcast:.3f} |\n"
+          f"| speed-up | {bcast / gram:.1f}x |")
 
 
 if __name__ == "__main__":

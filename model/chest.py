@@ -4,8 +4,8 @@ Euclidean proxies P_E [C, K, D_E] are split by contiguous class ranges (all K pr
 on one rank, so the intra-class soft-min stays local); the shared FC h is replicated. Per rank:
 gather x^E, map x^E and the local proxies into the Poincare ball with the same h (clip + expmap0),
 soft-min distances in both spaces, two class softmaxes spanning the ranks, and the HypHC
-regulariser on proxy triplets whose negatives come from a rotating peer rank (spec 3.4 b).
-Symbols follow shared/spec/losses.md section 2.
+regulariser on proxy triplets whose negatives come from a rotating peer rank (docs/losses.md 3.4 b).
+Symbols follow docs/losses.md section 2.
 
 Partial-FC (loss.sample_rate < 1): each step a rank keeps the gathered batch's positives in its shard
 plus random negatives (model.proxies.sample_local_classes, seeded by (init_seed, step, class_start) as
@@ -20,7 +20,6 @@ Legend: G global batch, C classes here, K proxies per class, E = D_E, H = D_H, T
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +28,8 @@ from torch.distributed import ProcessGroup
 
 from common.seeds import stable_seed
 from model import hyperbolic as hyp
-from model.collectives import (all_gather_and_exchange, all_gather_no_grad, all_gather_with_grad, all_reduce_sum_no_grad,
+from model.collectives import (all_gather_and_exchange, all_gather_no_grad, all_gather_with_grad,
+                               all_reduce_sum_no_grad,
                                sharded_argmin, sharded_cross_entropy)
 from model.config import ChestConfig, LossConfig
 from model.proxies import ShardedHead, class_permutation, class_range, init_rows, owner_of, sample_local_classes
@@ -148,7 +148,8 @@ def _class_ce(logits: torch.Tensor, target: torch.Tensor, target_col: torch.Tens
 
 
 def class_similarities(x_GE: torch.Tensor, proxies_CKE: torch.Tensor, fc: nn.Module | None, cfg: LossConfig,
-                       proxies_h_CKH: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+                       proxies_h_CKH: torch.Tensor | None = None
+                       ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """Soft class similarities S [G, C] per space, and the proxies mapped into the ball [C, K, H].
 
     Spaces: "euclidean" and "poincare" for CHEST (those with eta > 0), "cosine" for SoftTriple.

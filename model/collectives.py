@@ -48,7 +48,8 @@ class _AllGatherWithGrad(torch.autograd.Function):
         return grad_BD * ctx.grad_scale, None, None
 
 
-def all_gather_with_grad(x_BD: torch.Tensor, group: ProcessGroup | None = None, grad_scale: float = 1.0) -> torch.Tensor:
+def all_gather_with_grad(x_BD: torch.Tensor, group: ProcessGroup | None = None,
+                         grad_scale: float = 1.0) -> torch.Tensor:
     """Concatenate every rank's `x_BD` (equal B on all ranks) into `x_GD`, rank order.
 
     Backward sums each rank's gradient for the rows it contributed (a reduce-scatter), because

@@ -48,7 +48,7 @@ class ModelConfig:
 
 @dataclasses.dataclass(kw_only=True)
 class ChestConfig:
-    """CHEST (Saeki et al., arXiv 2510.05643; shared/spec/losses.md section 2) and its SoftTriple baseline.
+    """CHEST (Saeki et al., arXiv 2510.05643; docs/losses.md section 2) and its SoftTriple baseline.
 
     Defaults are the paper's common settings (c = 0.5, clip 2.3, gamma 5, lambda 20, eta 1, tau 0.5)
     with the SOP margins (delta_H, delta_E) = (1, 5). The Table 6-7 ablations are config only:
@@ -73,7 +73,8 @@ class ChestConfig:
     gamma_hyp: float = 1.0  # HypHC pair-softmax temperature
     hyphc_sign: int = 1  # +1: the printed softmax(+d/gamma) (default); -1: HypHC-faithful softmax(-d/gamma)
     hyphc_detach_sim: bool = False  # treat S_ab = exp(-d_ab) as constants (HIER/HypHC style)
-    hyphc_negatives: str = "peer"  # "peer": rotating-peer exchange (spec 3.4 b); "local": own class range only
+    # "peer": rotating-peer exchange (docs/losses.md 3.4 b); "local": own class range only
+    hyphc_negatives: str = "peer"
     euclid_features: str = "backbone"  # L_E on x^E ("backbone") or on h(x^E) ("head", the eta_h=0 ablation)
     permute_classes: bool = True  # shuffle class ids before sharding (SOP/In-shop ids are grouped)
     proxy_init_std: float = 1.0  # Gaussian init of the Euclidean proxies
@@ -106,7 +107,7 @@ class LossConfig:
 
     `name` picks the head: "distarc" (HyperSpaceX), or its special cases "arcface" (lambda = mu = 0),
     "cosface" (additive cosine margin) and "softmax" (plain linear softmax). Symbols follow
-    shared/spec/losses.md section 1.
+    docs/losses.md section 1.
     """
 
     name: str = "distarc"

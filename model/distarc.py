@@ -1,6 +1,6 @@
 """DistArc (HyperSpaceX, ECCV 2024) on a class-sharded weight table, with its baselines.
 
-Symbols follow shared/spec/losses.md section 1: x raw embedding, w_hat unit class direction,
+Symbols follow docs/losses.md section 1: x raw embedding, w_hat unit class direction,
 r_j class radius, anchor a_j = r_j w_hat_j, delta_j = ||x - a_j||^2, cos(phi_y) the angle at the
 anchor between "towards x" and "towards the origin". ArcFace is the special case lambda = mu = 0,
 CosFace swaps the angular margin for an additive cosine one, "softmax" is a plain linear softmax.

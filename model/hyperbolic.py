@@ -1,4 +1,4 @@
-"""Poincare-ball maths, fp32 always, in one place (shared/spec/losses.md section 2.1).
+"""Poincare-ball maths, fp32 always, in one place (docs/losses.md section 2.1).
 
 The ball of curvature -c (c > 0) is {x : c ||x||^2 < 1}, radius 1/sqrt(c). geoopt's
 `PoincareBall(c)` is the same manifold (it stores k = -c). Pairwise distances use the Gram form

@@ -2,7 +2,7 @@
 
 Preemption and time limits: submitit installs its requeue handler for USR2 (or the signal named by
 SUBMITIT_PREEMPT_SIGNAL) at job start, on every task, but runs it on rank 0 only and inside the
-signal handler, where no collective save is possible (infra-lessons 0.5). So `run()` replaces it
+signal handler, where no collective save is possible (docs/infra-lessons.md 0.5). So `run()` replaces it
 with a handler that only records the signal (train/control.py); the loop agrees on it across
 ranks, every rank saves, and `run()` returns. Then rank 0 calls submitit's handler itself, which
 calls `checkpoint()` (resubmit this job unchanged: state comes back from the run directory's latest
@@ -25,7 +25,7 @@ from train.summary import RunSummary
 
 def export_cluster_env() -> None:
     """Process-group variables from submitit's JobEnvironment (NCCL's: train.dist.init_distributed)."""
-    # Keep CUDA_VISIBLE_DEVICES as Slurm set it: DeepSpeed selects cuda:local_rank itself (infra-lessons 4).
+    # Keep CUDA_VISIBLE_DEVICES as Slurm set it: DeepSpeed selects cuda:local_rank itself (docs/infra-lessons.md 4).
     # MASTER_ADDR = first host, MASTER_PORT derived from the job id (same on every task, no communication).
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
 

@@ -32,7 +32,8 @@ NO_REG = {f"{name}_tau0": dataclasses.replace(cfg, chest=dataclasses.replace(cfg
 
 def problem(num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(7)
-    return torch.randn(GLOBAL_BATCH, DIM_E, generator=g) * 2.0, torch.randint(0, num_classes, (GLOBAL_BATCH,), generator=g)
+    return torch.randn(GLOBAL_BATCH, DIM_E, generator=g) * 2.0, torch.randint(0, num_classes, (GLOBAL_BATCH,),
+                                                                              generator=g)
 
 
 def run_head(cfg: LossConfig, num_classes: int, rank: int, world: int) -> dict:

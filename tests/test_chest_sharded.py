@@ -39,7 +39,8 @@ STEP = 3
 
 def make_problem(num_classes: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(100 + micro)
-    return torch.randn(GLOBAL_BATCH, DIM_E, generator=g) * 2.0, torch.randint(0, num_classes, (GLOBAL_BATCH,), generator=g)
+    return torch.randn(GLOBAL_BATCH, DIM_E, generator=g) * 2.0, torch.randint(0, num_classes, (GLOBAL_BATCH,),
+                                                                              generator=g)
 
 
 def reference(cfg: LossConfig, x: torch.Tensor, labels: torch.Tensor, table: torch.Tensor,

@@ -32,7 +32,7 @@ CASES = {
 
 def dense_reference(cfg: LossConfig, x: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor,
                     radii: torch.Tensor) -> torch.Tensor:
-    """The loss of spec section 1.3/1.4 over the full table, written from the formulas."""
+    """The loss of docs/losses.md section 1.3/1.4 over the full table, written from the formulas."""
     n = x.shape[0]
     rows = torch.arange(n)
     if cfg.name == "softmax":

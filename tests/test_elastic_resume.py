@@ -20,7 +20,7 @@ FIXED_BATCH = 32  # global; split contiguously over the ranks, so every world si
 def _train(overrides: list[str], stop_at_step: int | None) -> dict:
     from train.main import run
 
-    return run(build_config("mnist_distarc", overrides), stop_at_step=stop_at_step)
+    return run(build_config("mnist_distarc", overrides), stop_at_step=stop_at_step).to_json()
 
 
 def _resume_and_measure(overrides: list[str]) -> dict:

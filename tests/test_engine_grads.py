@@ -13,7 +13,7 @@ from torch import nn
 
 from model.chest import chest_loss, sample_triplets
 from model.config import ChestConfig, LossConfig
-from model.distarc import DistArcHead, distarc_loss, sphere_radii
+from model.distarc import distarc_loss, sphere_radii
 from model.task import MetricLearningTask, build_head
 from tests.numerics import assert_rel
 from train.config import OptimConfig, ZeroConfig

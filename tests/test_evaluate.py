@@ -38,7 +38,7 @@ def _train(recipe: str, overrides: list[str]) -> dict:
     from launch.__main__ import build_config
     from train.main import run
 
-    return run(build_config(recipe, overrides))
+    return run(build_config(recipe, overrides)).to_json()
 
 
 def _evaluate(run_dir: str, use_export: bool = False, splits: list[str] | None = None,

@@ -20,7 +20,7 @@ from train.export import export
 def _train(overrides: list[str]) -> dict:
     from train.main import run
 
-    return run(build_config("mnist_chest", overrides))
+    return run(build_config("mnist_chest", overrides)).to_json()
 
 
 @pytest.mark.parametrize("stage", [2, 3])

@@ -1,4 +1,4 @@
-"""model/hyperbolic.py against geoopt and closed forms (shared/spec/losses.md sections 2.1 and 4.4).
+"""model/hyperbolic.py against geoopt and closed forms (docs/losses.md sections 2.1 and 4.4).
 
 The module always computes in fp32 (it casts fp64 input down), so every comparison with an fp64
 reference (geoopt in fp64, the arcosh form in fp64) uses an fp32 tolerance: 1e-5 relative, about

@@ -1,4 +1,4 @@
-"""Closed forms of shared/spec/losses.md section 5.3, library equivalences, bf16 worst cases, bad input."""
+"""Closed forms of docs/losses.md section 5.3, library equivalences, bf16 worst cases, bad input."""
 from __future__ import annotations
 
 import dataclasses
@@ -68,7 +68,7 @@ def test_cos_phi_closed_form_and_measure() -> None:
 
 def _distarc_reference_fp64(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, radii: torch.Tensor, s: float,
                             m: float, lam: float, mu: float) -> torch.Tensor:
-    """Paper Eq. 1 per sample, written independently in fp64 from the definitions (spec 1.3)."""
+    """Paper Eq. 1 per sample, written independently in fp64 from the definitions (docs/losses.md 1.3)."""
     w_hat = w / w.norm(dim=1, keepdim=True)
     anchors = radii[:, None] * w_hat  # a_j
     delta = ((x[:, None, :] - anchors[None]) ** 2).sum(-1)  # ||x - a_j||^2 by broadcasting, no GEMM
@@ -183,7 +183,7 @@ def test_partial_fc_sampling_keeps_positives_and_rate_one_is_the_full_loss() -> 
     assert float(low(x, y)["loss"]) <= float(head(x, y)["loss"]) + 1e-6  # fewer negatives, smaller normaliser
 
 
-# ---- bf16 worst cases (spec section 4) -----------------------------------------------------------
+# ---- bf16 worst cases (docs/losses.md section 4) -----------------------------------------------------------
 
 
 def _finite(*tensors: torch.Tensor) -> bool:

@@ -75,8 +75,9 @@ def skip_rank(stage: int, injection: str, bad_rank: int) -> dict:
         if injection == "nan_pixels" and step == BAD_STEP and rank == bad_rank:
             images[0, 0] = float("nan")
         history.append(snapshot(engine, head))
-        scalars = train_step(types.SimpleNamespace(model=tr, batches=iter([(images, labels)]), cfg=types.SimpleNamespace(
-            optim=types.SimpleNamespace(grad_accum_steps=1)), state=types.SimpleNamespace(step=step)))
+        one_step = types.SimpleNamespace(optim=types.SimpleNamespace(grad_accum_steps=1))
+        scalars = train_step(types.SimpleNamespace(model=tr, batches=iter([(images, labels)]), cfg=one_step,
+                                                   state=types.SimpleNamespace(step=step)))
         skipped.append(scalars["skipped"])
         lrs.append((scalars["lr"], scalars["head_lr"], head_sched.last_epoch, engine.lr_scheduler.last_epoch))
     history.append(snapshot(engine, head))
@@ -132,7 +133,8 @@ def test_too_many_skipped_steps_in_a_row_stop_the_run(monkeypatch) -> None:
                                 checkpoint=types.SimpleNamespace(every_steps=1000))
     state = TrainState()
     run = types.SimpleNamespace(cfg=cfg, state=state, logger=logger, control=control, global_batch=8,
-                                clock=StepClock(8, 1, 100, torch.device("cpu")), env=types.SimpleNamespace(is_main=False),
+                                clock=StepClock(8, 1, 100, torch.device("cpu")),
+                                env=types.SimpleNamespace(is_main=False),
                                 stream=types.SimpleNamespace(bad_samples=0), save=lambda: "", evaluate=lambda: {})
     monkeypatch.setattr(loop, "train_step", fake_step)
     with pytest.raises(FloatingPointError, match=r"4 steps in a row up to step 8 .*optim.max_skipped_steps=3"):

@@ -23,7 +23,7 @@ from model.task import build_head
 from model.hyperbolic import to_ball
 from train import pictures
 from train.config import RunConfig
-from train.metrics import MetricLogger, main_hparams
+from train.tensorboard_logger import TensorBoardLogger, main_hparams
 
 
 def read_events(tb_dir: str) -> EventAccumulator:
@@ -72,7 +72,7 @@ def test_distarc_radial_angular_picture_and_radius_error_histogram(tmp_path) -> 
     cfg = LossConfig(name="distarc", radius_start=10.0, radius_gap=5.0, num_spheres=3)
     head = build_head(cfg, 6, 8, rank=0, world_size=2)  # rank 0's shard: classes 0..2 of 6
     emb, labels = clustered(6, 40, 8)
-    logger = MetricLogger(str(tmp_path), True, 8)
+    logger = TensorBoardLogger(str(tmp_path), True, 8)
     logger.log_embeddings(3, head.embed_spaces(emb), labels, head.weight, head=head)
     logger.close()
     acc = read_events(logger.tb_dir)
@@ -96,7 +96,7 @@ def test_distarc_radial_angular_picture_and_radius_error_histogram(tmp_path) -> 
     np.testing.assert_allclose(angles.numpy(), np.degrees(np.arccos(cos)), atol=1e-3)
     np.testing.assert_allclose(norms.numpy(), np.linalg.norm(x[mask], axis=1), rtol=1e-6)
     # open-set labels are not the head's classes: no anchor pictures
-    logger = MetricLogger(str(tmp_path / "open"), True, 8)
+    logger = TensorBoardLogger(str(tmp_path / "open"), True, 8)
     logger.log_embeddings(3, head.embed_spaces(emb), labels, head=head, protocol="retrieval")
     logger.close()
     acc = read_events(logger.tb_dir)
@@ -107,7 +107,7 @@ def test_pair_similarity_histograms_use_same_and_different_labels(tmp_path) -> N
     # class c points along e_c at different lengths: positives have cosine 1, negatives 0
     labels = torch.tensor([0] * 30 + [1] * 20 + [2] * 10 + [3])  # class 3: one sample, no positive pair
     emb = torch.eye(8)[labels] * (1 + torch.arange(labels.shape[0], dtype=torch.float32))[:, None]
-    logger = MetricLogger(str(tmp_path), True, 8)
+    logger = TensorBoardLogger(str(tmp_path), True, 8)
     logger.log_embeddings(1, {"euclidean": emb, "cosine": emb}, labels)
     logger.close()
     acc = read_events(logger.tb_dir)
@@ -127,7 +127,7 @@ def test_pair_similarity_histograms_use_same_and_different_labels(tmp_path) -> N
     again = pictures.pair_similarities(emb, labels, num_pairs=500, seed=7)
     assert torch.equal(again[0], pos_s) and torch.equal(again[1], neg_s)
     # verification labels are pair ids, not identities: no similarity histograms
-    logger = MetricLogger(str(tmp_path / "ver"), True, 8)
+    logger = TensorBoardLogger(str(tmp_path / "ver"), True, 8)
     logger.log_embeddings(1, {"euclidean": emb}, labels, protocol="verification")
     logger.close()
     assert not {"eval/sim_positive", "eval/sim_negative"} & set(read_events(logger.tb_dir).Tags()["histograms"])
@@ -139,7 +139,7 @@ def test_chest_poincare_disk_draws_ball_points_and_rank0_proxies(tmp_path) -> No
     head = build_head(cfg, 6, 8, rank=0, world_size=2)  # 3 of 6 (permuted) classes on rank 0
     emb, labels = clustered(6, 30, 8, seed=2)
     spaces = head.embed_spaces(emb)
-    logger = MetricLogger(str(tmp_path), True, 8)
+    logger = TensorBoardLogger(str(tmp_path), True, 8)
     logger.log_embeddings(5, spaces, labels, head.proxies, head=head)
     logger.close()
     acc = read_events(logger.tb_dir)
@@ -173,7 +173,7 @@ def test_hparams_are_in_the_run_s_own_event_file(tmp_path) -> None:
     chest = main_hparams(RunConfig(name="c", max_steps=1, data=DataConfig(root="/x"),
                                    loss=LossConfig(name="chest")).to_dict())
     assert chest["loss.chest.curvature"] == 0.5
-    logger = MetricLogger(str(tmp_path), True, 64)
+    logger = TensorBoardLogger(str(tmp_path), True, 64)
     logger.log_hparams(hparams, {"acc_measure": 0.75, "cosine/R@1": 0.5, "last_train_loss": None,
                                  "diverged": float("nan")}, step=7)
     logger.close()

@@ -38,13 +38,13 @@ def _run_signalled(overrides: list[str], rank: int, signum: int, after: str) -> 
 
     cfg = build_config("mnist_distarc", overrides)
     _signal_self_after(cfg.run_dir, rank, signum, after)
-    return run(cfg)
+    return run(cfg).to_json()
 
 
 def _run(overrides: list[str]) -> dict:
     from train.main import run
 
-    return run(build_config("mnist_distarc", overrides))
+    return run(build_config("mnist_distarc", overrides)).to_json()
 
 
 def test_signal_on_one_rank_saves_on_all_and_resume_is_exact(dist_pool, mnist_root: str, tmp_path) -> None:
@@ -119,7 +119,7 @@ def test_kill_during_save_resumes_from_previous_checkpoint(mnist_root: str, tmp_
     assert find_latest(run_dir).endswith("step-5")
     out = subprocess.run([sys.executable, "-c", "import sys; from launch.__main__ import build_config; "
                           "from train.main import run; s = run(build_config('mnist_distarc', sys.argv[1:])); "
-                          "print('RESUMED', s['resumed_from_step'], s['step'])", *args],
+                          "print('RESUMED', s.resumed_from_step, s.step)", *args],
                          env=env, text=True, capture_output=True, timeout=300)
     assert "RESUMED 5 10" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
     assert sorted(p for p in os.listdir(ckpts) if p.startswith("step-")) == ["step-10", "step-5"]

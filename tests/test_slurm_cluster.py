@@ -18,12 +18,8 @@ from submitit.slurm.slurm import SlurmJob
 from tests.slurm_cluster import (
     ResumableJob,
     count_runs_and_wait,
-    job_pythonpath,
     job_restarts,
-    local_cluster,
-    slurm_available,
     square,
-    stop_cluster,
     task_info,
     wait_for_file,
     wait_for_state,

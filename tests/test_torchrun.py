@@ -54,7 +54,8 @@ def test_torchrun_two_cpu_processes(mnist_root: str, tmp_path) -> None:
 def test_accelerate_launch_two_cpu_processes(mnist_root: str, tmp_path) -> None:
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
     # --multi_gpu is accelerate's torchrun path (gloo here: no GPU); its --cpu path would need MPI for 2 processes
-    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no",
            "--dynamo_backend", "no", "--main_process_port", str(free_port())]
     out = run_launcher([*cmd, *train_args(mnist_root, str(tmp_path), "accelerate")])
     check_run(str(tmp_path / "accelerate"), out)

@@ -27,7 +27,8 @@ def test_launcher_trains_checkpoints_and_logs(mnist_root: str, tmp_path, capsys)
     assert main(overrides) == 0
     out = capsys.readouterr().out
     run_dir = tmp_path / "smoke"
-    assert "val (classification, 1000 images): top-1 cosine" in out and str(run_dir / "tb") in out and str(run_dir / "checkpoints") in out
+    assert "val (classification, 1000 images): top-1 cosine" in out
+    assert str(run_dir / "tb") in out and str(run_dir / "checkpoints") in out
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["step"] == 60 and summary["num_samples"] == 1000
     assert summary["acc_measure"] > 0.3  # 60 steps from scratch: far above the 0.1 of chance
@@ -57,7 +58,7 @@ def test_launcher_trains_checkpoints_and_logs(mnist_root: str, tmp_path, capsys)
 def _run(cfg_overrides: list[str], stop_at_step: int | None = None, recipe: str = "mnist_distarc") -> dict:
     from train.main import run
 
-    return run(build_config(recipe, cfg_overrides), stop_at_step=stop_at_step)
+    return run(build_config(recipe, cfg_overrides), stop_at_step=stop_at_step).to_json()
 
 
 def _run_error(cfg_overrides: list[str]) -> str:
@@ -71,7 +72,8 @@ def _run_error(cfg_overrides: list[str]) -> str:
 def _model_state(run_dir: str) -> dict[str, torch.Tensor]:
     path = find_latest(run_dir)
     state = torch.load(os.path.join(path, "engine", "mp_rank_00_model_states.pt"), weights_only=False)
-    heads = [torch.load(h, weights_only=False)["params"] for h in sorted(glob.glob(os.path.join(path, "head", "c*.pt")))]
+    files = sorted(glob.glob(os.path.join(path, "head", "c*.pt")))
+    heads = [torch.load(h, weights_only=False)["params"] for h in files]
     tables = {f"head.{name}": torch.cat([h[name]["value"] for h in heads]) for name in heads[0]}
     replicated = os.path.join(path, "head", "replicated.pt")
     if os.path.exists(replicated):

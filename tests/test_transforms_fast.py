@@ -269,8 +269,8 @@ def test_crop_distribution_matches_torchvision_statistically() -> None:
             fast(image)
     finally:
         Image.Image.crop = original
-    area = np.array([(r - l) * (b - t) for l, t, r, b in boxes]) / (500 * 375)
-    ratio = np.log(np.array([(r - l) / (b - t) for l, t, r, b in boxes]))
+    area = np.array([(r - left) * (b - t) for left, t, r, b in boxes]) / (500 * 375)
+    ratio = np.log(np.array([(r - left) / (b - t) for left, t, r, b in boxes]))
     torch.manual_seed(1)
     ref = [T.RandomResizedCrop.get_params(image, (0.08, 1.0), (3 / 4, 4 / 3)) for _ in range(2000)]
     ref_area = np.array([h * w for _, _, h, w in ref]) / (500 * 375)

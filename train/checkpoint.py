@@ -83,7 +83,8 @@ def check_compatible(path: str, cfg: RunConfig, fix: str = RESUME_FIX) -> None:
     if saved.data.num_classes != cfg.data.num_classes or saved.model.embed_dim != cfg.model.embed_dim:
         raise ValueError(
             f"checkpoint {path} holds a table of {saved.data.num_classes} classes x {saved.model.embed_dim} dims but "
-            f"the config asks for data.num_classes={cfg.data.num_classes}, model.embed_dim={cfg.model.embed_dim}; {fix}")
+            f"the config asks for data.num_classes={cfg.data.num_classes}, model.embed_dim={cfg.model.embed_dim}; "
+            f"{fix}")
     changed = [f"model.{k}: {getattr(saved.model, k)!r} in the checkpoint, {getattr(cfg.model, k)!r} now"
                for k in ARCHITECTURE_KEYS if getattr(saved.model, k) != getattr(cfg.model, k)]
     if changed:

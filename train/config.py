@@ -35,7 +35,7 @@ class OptimConfig:
     lr: float = 1e-3
     head_lr: float = 1e-2
     weight_decay: float = 0.05
-    head_weight_decay: float = 0.0  # decay shrinks ||W_j|| towards 0 where only directions matter (spec 4.9)
+    head_weight_decay: float = 0.0  # decay shrinks ||W_j|| towards 0 where only directions matter (docs/losses.md 4.9)
     fc_lr: float = 0.0  # CHEST's shared FC h (replicated head parameters); 0 = the backbone's optim.lr
     beta1: float = 0.9
     beta2: float = 0.999

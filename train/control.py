@@ -2,7 +2,7 @@
 
 Slurm sends its warning signal (USR2 before a time limit or with a preemption, TERM at a preemption
 or `scancel`) to every task. A signal handler may not run a collective (submitit's own handler runs
-on rank 0 only, infra-lessons 0.5), so the handler installed here only records the signal. Once per
+on rank 0 only, docs/infra-lessons.md 0.5), so the handler installed here only records the signal. Once per
 step the loop calls `poll()`, which all-reduces (MAX) this rank's [signal, save-clock-due] pair:
 every rank then saves at the same step, and stops together after a signal. The minutes clock is
 agreed the same way, so ranks whose clocks differ by a little still save at one step.

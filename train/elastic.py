@@ -4,7 +4,7 @@ A ZeRO checkpoint is partitioned by data-parallel rank and refuses another world
 resume at W2 != W1 the step folder's `engine/` is converted once, by rank 0, into
 `engine_universal/` (full, unpartitioned fp32 weights, Adam moments and step per parameter) with
 DeepSpeed's own converter (`deepspeed.checkpoint.ds_to_universal`), and every rank loads it into
-an engine built with `"checkpoint": {"load_universal": true}` (infra-lessons 0.4, 2.3). The head
+an engine built with `"checkpoint": {"load_universal": true}` (docs/infra-lessons.md 0.4, 2.3). The head
 is re-sliced by class range separately (train/checkpoint.py).
 
 Three gaps of DeepSpeed 0.19.8's universal load are closed here (each measured: weights, moments,

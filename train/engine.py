@@ -3,7 +3,7 @@
 The engine owns only the backbone: ZeRO averages its gradients over ranks, which the head's
 all-gather backward makes up for (x world size). The head's rows differ per rank and must never be
 averaged or partitioned, so they stay outside the engine with their own AdamW and schedule
-(infra-lessons 0.1 and 2.2).
+(docs/infra-lessons.md 0.1 and 2.2).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def deepspeed_config(optim: OptimConfig, zero: ZeroConfig, micro_batch: int,
         "zero_optimization": {"stage": zero.stage, "overlap_comm": zero.overlap_comm,
                               "reduce_bucket_size": zero.reduce_bucket_size,
                               "allgather_bucket_size": zero.allgather_bucket_size},
-        "steps_per_print": 10**9,  # our MetricLogger reports; keep DeepSpeed quiet
+        "steps_per_print": 10**9,  # our TensorBoardLogger reports; keep DeepSpeed quiet
         "wall_clock_breakdown": False,
     }
     if optim.grad_clip > 0:
@@ -78,7 +78,8 @@ class GuardedAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def _schedule(optimizer: torch.optim.Optimizer, optim: OptimConfig, max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def _schedule(optimizer: torch.optim.Optimizer, optim: OptimConfig, max_steps: int
+              ) -> torch.optim.lr_scheduler.LambdaLR:
     fn = functools.partial(lr_factor, warmup_steps=optim.warmup_steps, max_steps=max_steps,
                            min_ratio=optim.min_lr_ratio)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
@@ -110,6 +111,14 @@ def build_engine(backbone: nn.Module, optim: OptimConfig, zero: ZeroConfig, micr
     if compile_backbone:
         engine.compile()
     return engine
+
+
+def embedding_grad_scale(engine: Any) -> float:
+    """What the head's all-gather backward multiplies the embedding gradients by: the number of ranks
+    DeepSpeed averages the backbone's gradients over (its data-parallel world size). Every rank's loss is
+    a part of the global loss, so the backbone needs the *sum* of the parts' gradients; the engine's mean
+    divides by this count, the head multiplies it back (README "Gradient bookkeeping")."""
+    return float(engine.dp_world_size)
 
 
 def build_head_optimizer(head: ShardedHead, optim: OptimConfig, max_steps: int

@@ -71,7 +71,8 @@ def export(run_dir: str, step_dir: str | None = None, out_dir: str | None = None
     torch.save(full_head_tables(step_dir), os.path.join(out_dir, "head.pt"))
     info = {"model_name": cfg.model.name, "timm_kwargs": timm_kwargs(cfg.model), "neck": cfg.model.neck,
             "embed_dim": cfg.model.embed_dim,
-            "num_classes": cfg.data.num_classes, "loss": cfg.to_dict()["loss"], "step": ckpt.read_meta(step_dir)["step"],
+            "num_classes": cfg.data.num_classes, "loss": cfg.to_dict()["loss"],
+            "step": ckpt.read_meta(step_dir)["step"],
             "checkpoint": os.path.abspath(step_dir)}
     save_yaml(cfg, os.path.join(out_dir, "config.yaml"))  # what load_embedder / train.evaluate --export rebuild from
     write_json_atomic(os.path.join(out_dir, "export.json"), info)

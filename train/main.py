@@ -27,13 +27,13 @@ from train.config import RunConfig, save_yaml
 from train.control import RunControl
 from train.dist import DistEnv, barrier, destroy_distributed, env_from_environ, init_distributed
 from train.elastic import convert_to_universal
-from train.engine import build_engine, build_head_optimizer
+from train.engine import build_engine, build_head_optimizer, embedding_grad_scale
 from train.evaluate.protocols import evaluate_sets, flatten, update_best
 from train.evaluate.report import write_eval_files
 from train.evaluate.sets import EvalSet, resolve_eval_sets
 from train.export import export
 from train.loop import train_loop
-from train.metrics import MetricLogger, main_hparams
+from train.tensorboard_logger import TensorBoardLogger, main_hparams
 from train.step import TrainableModel
 from train.summary import RunSummary
 from train.system import StepClock
@@ -63,7 +63,7 @@ def build_model(cfg: RunConfig, env: DistEnv, device: torch.device, resume_from:
     engine = build_engine(build_backbone(cfg.model), cfg.optim, cfg.zero, cfg.data.batch_size, cfg.max_steps,
                           load_universal=universal, compile_backbone=cfg.model.compile)
     head = build_head(cfg.loss, cfg.data.num_classes, cfg.model.embed_dim, env.rank, env.world_size,
-                      embedding_grad_scale=float(env.world_size)).to(device)
+                      embedding_grad_scale=embedding_grad_scale(engine)).to(device)
     head_opt, head_sched = build_head_optimizer(head, cfg.optim, cfg.max_steps)
     model = TrainableModel(engine, MetricLearningTask(engine, head), head_opt, head_sched, device, input_dtype,
                            InputNormaliser(cfg.data))
@@ -92,7 +92,7 @@ class Run:
     state: ckpt.TrainState
     eval_sets: list[EvalSet]
     stream: TrainBatches  # the loader: closed by close(), its bad-sample count logged
-    logger: MetricLogger
+    logger: TensorBoardLogger
     clock: StepClock
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]]  # the stream as the step reads it (the clock times it)
     resumed_from_step: int
@@ -117,7 +117,7 @@ class Run:
         global_batch = cfg.data.batch_size * env.world_size * cfg.optim.grad_accum_steps
         clock = StepClock(global_batch, env.world_size, cfg.max_steps, device)
         return cls(cfg, env, device, control, model, state, eval_sets, stream,
-                   MetricLogger(cfg.run_dir, env.is_main, global_batch), clock, clock.timed(iter(stream)),
+                   TensorBoardLogger(cfg.run_dir, env.is_main, global_batch), clock, clock.timed(iter(stream)),
                    resumed_from_step=state.step)
 
     @property

@@ -167,7 +167,8 @@ def evaluate_sets(sets: list[EvalSet], task: MetricLearningTask, data: DataConfi
 
 def flatten(sets: list[EvalSet], per_set: list[dict[str, float]]) -> dict[str, float]:
     """One dict for logging: each set's scalars under its prefix (the primary set's unprefixed)."""
-    return {f"{eval_set.prefix}{key}": value for eval_set, values in zip(sets, per_set) for key, value in values.items()}
+    return {f"{eval_set.prefix}{key}": value
+            for eval_set, values in zip(sets, per_set) for key, value in values.items()}
 
 
 def update_best(best: dict[str, float], values: dict[str, float]) -> dict[str, float]:

@@ -2,7 +2,7 @@
 
 Owns the ranking scores of each embedding space ("euclidean", "cosine", "poincare"), the kNN with a
 deterministic tie rule, and the metric definitions of the deep-metric-learning protocol
-(shared/spec/losses.md section 2.8). Pure functions of local tensors: gathering embeddings across
+(docs/losses.md section 2.8). Pure functions of local tensors: gathering embeddings across
 ranks is the caller's job (train/evaluate/protocols.py); nothing here calls torch.distributed.
 
 Protocol:

@@ -4,7 +4,7 @@ Owns the pair-level metrics (accuracy with a cross-validated threshold, VAL@FAR)
 embeddings. Pure functions: the caller embeds both images of every pair (original and horizontally
 flipped, combined with `flip_sum`) and gathers them; nothing here calls torch.distributed.
 
-Protocol (shared/spec/infra-lessons.md section 1.10), written from its description:
+Protocol (docs/infra-lessons.md section 1.10), written from its description:
 - Each embedding is L2-normalised; a pair's distance d is the squared L2 distance (0..4); the pair
   is predicted "same" iff d < t.
 - Folds: KFold(num_folds, shuffle=False) over the pairs in file order (contiguous blocks, the first

@@ -1,4 +1,4 @@
-"""MetricLogger: the one path from scalars to TensorBoard and the console.
+"""TensorBoardLogger: the one path from scalars to TensorBoard and the console.
 
 Scalars are reduced (mean) across ranks by the caller-facing `log`, written on rank 0 only, against
 the optimizer step and, under `by_samples/`, against samples seen, so runs with different global
@@ -45,7 +45,7 @@ def main_hparams(config: dict[str, Any]) -> dict[str, Any]:
             if k in MAIN_HPARAMS or (k.startswith("loss.") and (chest or not k.startswith("loss.chest.")))}
 
 
-class MetricLogger:
+class TensorBoardLogger:
     """Rank-0 SummaryWriter at `<run_dir>/tb`; every rank must call `log` (it all-reduces)."""
 
     def __init__(self, run_dir: str, is_main: bool, global_batch: int) -> None:
