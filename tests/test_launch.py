@@ -10,6 +10,7 @@ import pytest
 
 from launch.__main__ import build_config, main
 from launch.preflight import check_run_dir, preflight, slurm_partitions
+from train.summary import RunSummary
 from launch.sweep import expand, parse_grid, point_label, summary_rows, summary_table
 from slurm.executor import slurm_parameters
 from train.config import save_yaml
@@ -43,8 +44,10 @@ def test_summary_table_lists_every_point(tmp_path) -> None:
     for name, acc in (("seed=0", 0.9), ("seed=1", 0.8)):
         os.makedirs(tmp_path / name)
         (tmp_path / name / "config.yaml").write_text("{}")
-        (tmp_path / name / "summary.json").write_text(json.dumps(
-            {"step": 10, "last_train_loss": 1.5, "acc_measure": acc, "poincare/R@1": acc / 2}))
+        RunSummary(run_dir=str(tmp_path / name), tensorboard_dir="", checkpoint=None, step=10, resumed_from_step=0,
+                   last_train_loss=1.5, stop_signal="", world_size=2, started_at=0.0, first_step_at=0.0,
+                   train_seconds=1.0, total_seconds=1.0,
+                   metrics={"acc_measure": acc, "poincare/R@1": acc / 2}).write(str(tmp_path / name / "summary.json"))
     os.makedirs(tmp_path / "seed=2")
     (tmp_path / "seed=2" / "config.yaml").write_text("{}")
     table = summary_table(summary_rows(str(tmp_path)))
