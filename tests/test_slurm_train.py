@@ -92,15 +92,15 @@ def test_usr2_saves_requeues_and_resumes_losing_nothing(slurm_env, mnist_root: s
     t_signal = time.time()
     subprocess.run(["scancel", "--signal=USR2", str(job.job_id)], check=True)
     results = _wait_done(job)
-    assert [r["step"] for r in results] == [60, 60] and job_restarts(str(job.job_id)) == 1
+    assert [r.step for r in results] == [60, 60] and job_restarts(str(job.job_id)) == 1
     logs = _logs(run_dir)
     assert logs.count("received SIGUSR2") >= 2  # every rank recorded it
     stopped_at = int(logs.split("rank 0: stopped by SIGUSR2 at step ")[1].split()[0])
-    resumed = results[0]["resumed_from_step"]
+    resumed = results[0].resumed_from_step
     assert resumed == stopped_at and 20 <= resumed < 60 and (run_dir / "checkpoints" / f"step-{resumed}").exists()
     with capsys.disabled():
         print(f"\n[USR2] signal at step >= 20 -> saved at step {stopped_at}, resumed at {resumed} (0 steps lost); "
-              f"signal -> requeued job's first step {results[0]['first_step_at'] - t_signal:.1f} s")
+              f"signal -> requeued job's first step {results[0].first_step_at - t_signal:.1f} s")
 
 
 def test_scontrol_requeue_resumes_from_the_latest_checkpoint(slurm_env, mnist_root: str, tmp_path: Path,
@@ -111,12 +111,12 @@ def test_scontrol_requeue_resumes_from_the_latest_checkpoint(slurm_env, mnist_ro
     t_requeue = time.time()
     subprocess.run(["scontrol", "requeue", str(job.job_id)], check=True)
     results = _wait_done(job)
-    assert [r["step"] for r in results] == [60, 60] and job_restarts(str(job.job_id)) == 1
-    resumed = results[0]["resumed_from_step"]
+    assert [r.step for r in results] == [60, 60] and job_restarts(str(job.job_id)) == 1
+    resumed = results[0].resumed_from_step
     assert resumed >= 20 and (run_dir / "checkpoints" / f"step-{resumed}").exists()
     with capsys.disabled():
         print(f"\n[scontrol requeue] resumed at step {resumed}; requeue -> first step "
-              f"{results[0]['first_step_at'] - t_requeue:.1f} s")
+              f"{results[0].first_step_at - t_requeue:.1f} s")
 
 
 def test_sweep_is_one_job_array_with_a_summary(slurm_env, mnist_root: str, tmp_path: Path, capsys) -> None:

@@ -45,7 +45,7 @@ def run_launcher(cmd: list[str]) -> str:
 def test_torchrun_two_cpu_processes(mnist_root: str, tmp_path) -> None:
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                 "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
-    out = run_launcher([*torchrun, *train_args(mnist_root, str(tmp_path), "torchrun")[1:]])
+    out = run_launcher([*torchrun, *train_args(mnist_root, str(tmp_path), "torchrun")])
     check_run(str(tmp_path / "torchrun"), out)
 
 

@@ -117,7 +117,7 @@ def embedding_grad_scale(engine: Any) -> float:
     """What the head's all-gather backward multiplies the embedding gradients by: the number of ranks
     DeepSpeed averages the backbone's gradients over (its data-parallel world size). Every rank's loss is
     a part of the global loss, so the backbone needs the *sum* of the parts' gradients; the engine's mean
-    divides by this count, the head multiplies it back (README "Gradient bookkeeping")."""
+    divides by this count, the head multiplies it back (docs/design.md, "Gradient bookkeeping")."""
     return float(engine.dp_world_size)
 
 
