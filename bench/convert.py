@@ -68,6 +68,7 @@ def write_ms1m(src: str, count: int, identities: int, kb: int) -> None:
     per_identity = max(1, count // identities)
     offsets, pos = [], 0
     with open(os.path.join(src, "train.rec"), "wb") as rec:
+
         def put(payload: bytes) -> None:
             nonlocal pos
             offsets.append(pos)
@@ -77,8 +78,10 @@ def write_ms1m(src: str, count: int, identities: int, kb: int) -> None:
 
         put(struct.pack("<IfQQ2f", 2, 0.0, 0, 0, count + 1.0, count + 1.0 + identities))
         for i in range(1, count + 1):
-            put(struct.pack("<IfQQ", 0, float(min((i - 1) // per_identity, identities - 1)), i, 0)
-                + jpeg_like(kb * 1024, i))
+            put(
+                struct.pack("<IfQQ", 0, float(min((i - 1) // per_identity, identities - 1)), i, 0)
+                + jpeg_like(kb * 1024, i)
+            )
         for k in range(identities):
             start = 1 + k * per_identity
             put(struct.pack("<IfQQ2f", 2, 0.0, 0, 0, float(start), float(start + per_identity)))
@@ -102,8 +105,16 @@ def _measure(dataset: str, src: str, out: str, shard_size: int, queue: multiproc
     t2 = time.perf_counter()
     samples = sum(len(s.items) for s in splits)
     written = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
-    queue.put({"samples": samples, "list_s": t1 - t0, "bytes_per_item": (rss1 - rss0) * 2**20 / samples,
-               "write_s": t2 - t1, "written_mb": written / 2**20, "peak_rss_mb": _rss_mb()})
+    queue.put(
+        {
+            "samples": samples,
+            "list_s": t1 - t0,
+            "bytes_per_item": (rss1 - rss0) * 2**20 / samples,
+            "write_s": t2 - t1,
+            "written_mb": written / 2**20,
+            "peak_rss_mb": _rss_mb(),
+        }
+    )
 
 
 def measure(dataset: str, src: str, out: str, shard_size: int) -> dict:
@@ -138,16 +149,20 @@ def main() -> None:
             os.sync()
             rows.append((dataset, measure(dataset, src, out, args.shard_size)))
     print(f"{os.cpu_count()} CPUs; sources and shards on the same disk (page cache warm for the sources)\n")
-    print("| dataset | samples | listing s (items/s) | memory per sample | writing img/s (MB/s) | peak RSS MB "
-          "| full size: listing, memory, writing |")
+    print(
+        "| dataset | samples | listing s (items/s) | memory per sample | writing img/s (MB/s) | peak RSS MB "
+        "| full size: listing, memory, writing |"
+    )
     print("|---|---|---|---|---|---|---|")
     for dataset, r in rows:
         n, full = r["samples"], FULL_SIZE[dataset]
         list_rate, write_rate = n / r["list_s"], n / r["write_s"]
-        print(f"| {dataset} | {n} | {r['list_s']:.1f} ({list_rate:.0f}) | {r['bytes_per_item']:.0f} B "
-              f"| {write_rate:.0f} ({r['written_mb'] / r['write_s']:.0f}) | {r['peak_rss_mb']:.0f} "
-              f"| {full / list_rate / 60:.1f} min, {full * r['bytes_per_item'] / 2**30:.2f} GiB, "
-              f"{full / write_rate / 3600:.2f} h |")
+        print(
+            f"| {dataset} | {n} | {r['list_s']:.1f} ({list_rate:.0f}) | {r['bytes_per_item']:.0f} B "
+            f"| {write_rate:.0f} ({r['written_mb'] / r['write_s']:.0f}) | {r['peak_rss_mb']:.0f} "
+            f"| {full / list_rate / 60:.1f} min, {full * r['bytes_per_item'] / 2**30:.2f} GiB, "
+            f"{full / write_rate / 3600:.2f} h |"
+        )
 
 
 if __name__ == "__main__":

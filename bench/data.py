@@ -100,13 +100,24 @@ def ours(cfg: DataConfig, workers: int, images: int) -> float:
 def torchvision_transform(size: int) -> Callable:
     """The recipe as a user writes it with torchvision v1 on PIL images (float output)."""
     mean, std = NORM_PRESETS["imagenet"]
-    return T.Compose([T.RandomResizedCrop(size, interpolation=T.InterpolationMode.BICUBIC),
-                      T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+    return T.Compose(
+        [
+            T.RandomResizedCrop(size, interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
 
 
 def image_folder(tree: str, transform: Callable, batch_size: int, workers: int, images: int) -> float:
-    loader = DataLoader(ImageFolder(tree, transform=transform), batch_size=batch_size, shuffle=True,
-                        num_workers=workers, persistent_workers=workers > 0)
+    loader = DataLoader(
+        ImageFolder(tree, transform=transform),
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+    )
     # Endless, like our stream: chain epochs so warm-up and timing never run dry.
     return timed(itertools.chain.from_iterable(itertools.repeat(loader)), images)
 
@@ -137,8 +148,7 @@ def raw_limit(tree: str, size: int, images: int, procs: int, resize: str) -> flo
     paths = _raw_paths(tree, images)
     ctx = multiprocessing.get_context("fork")
     barrier = ctx.Barrier(procs + 1)
-    workers = [ctx.Process(target=_raw_worker, args=(paths[i::procs], size, resize, barrier))
-               for i in range(procs)]
+    workers = [ctx.Process(target=_raw_worker, args=(paths[i::procs], size, resize, barrier)) for i in range(procs)]
     for worker in workers:
         worker.start()
     barrier.wait()
@@ -151,18 +161,22 @@ def raw_limit(tree: str, size: int, images: int, procs: int, resize: str) -> flo
 
 
 # (row label, key) of the throughput table, and the ratios printed below it.
-ROWS = [("ours (defaults: torch resize, uint8 batches)", "ours"),
-        ("ours, data.resize_backend=pil", "ours_pil"),
-        ("ours, data.jpeg_draft=false", "ours_full"),
-        ("ImageFolder + torchvision transforms", "folder_tv"),
-        ("ImageFolder + our transforms", "folder_ours"),
-        ("raw limit: PIL decode + PIL resize", "raw_pil"),
-        ("raw limit: PIL decode + torch resize", "raw_torch")]
-RATIOS = [("ours / ImageFolder + torchvision (goal >= 1.0)", "ours", "folder_tv"),
-          ("ours / ImageFolder + our transforms", "ours", "folder_ours"),
-          ("ours / raw PIL limit (goal >= 0.9)", "ours", "raw_pil"),
-          ("ours, pil resize / raw PIL limit (like for like)", "ours_pil", "raw_pil"),
-          ("ours / raw torch-resize limit (like for like)", "ours", "raw_torch")]
+ROWS = [
+    ("ours (defaults: torch resize, uint8 batches)", "ours"),
+    ("ours, data.resize_backend=pil", "ours_pil"),
+    ("ours, data.jpeg_draft=false", "ours_full"),
+    ("ImageFolder + torchvision transforms", "folder_tv"),
+    ("ImageFolder + our transforms", "folder_ours"),
+    ("raw limit: PIL decode + PIL resize", "raw_pil"),
+    ("raw limit: PIL decode + torch resize", "raw_torch"),
+]
+RATIOS = [
+    ("ours / ImageFolder + torchvision (goal >= 1.0)", "ours", "folder_tv"),
+    ("ours / ImageFolder + our transforms", "ours", "folder_ours"),
+    ("ours / raw PIL limit (goal >= 0.9)", "ours", "raw_pil"),
+    ("ours, pil resize / raw PIL limit (like for like)", "ours_pil", "raw_pil"),
+    ("ours / raw torch-resize limit (like for like)", "ours", "raw_torch"),
+]
 
 
 def main() -> None:
@@ -182,9 +196,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-data-") as folder:
         # 20 shards: enough for every worker count here to get its own.
         tree, shards = write_data(folder, args.images, max(1, args.images // 20), source)
-        cfg = DataConfig(root=shards, num_classes=NUM_CLASSES, image_size=args.size, in_chans=3,
-                         transform="imagenet", norm="imagenet", batch_size=args.batch_size,
-                         shuffle_buffer=100)
+        cfg = DataConfig(
+            root=shards,
+            num_classes=NUM_CLASSES,
+            image_size=args.size,
+            in_chans=3,
+            transform="imagenet",
+            norm="imagenet",
+            batch_size=args.batch_size,
+            shuffle_buffer=100,
+        )
         n, b = args.images, args.batch_size
         runs: dict[str, Callable[[int], float]] = {
             "raw_pil": lambda w: raw_limit(tree, args.size, n, w, "pil"),
@@ -199,9 +220,11 @@ def main() -> None:
             for workers in args.workers:
                 for name, run in runs.items():
                     best[name, workers] = max(best.get((name, workers), 0.0), run(workers))
-    print(f"{args.images} JPEGs {source[0]}x{source[1]}, transform imagenet @ {args.size}, "
-          f"batch {args.batch_size}, {os.cpu_count()} CPUs, best of {args.repeat}; images per second, "
-          "raw limits in W processes at once\n")
+    print(
+        f"{args.images} JPEGs {source[0]}x{source[1]}, transform imagenet @ {args.size}, "
+        f"batch {args.batch_size}, {os.cpu_count()} CPUs, best of {args.repeat}; images per second, "
+        "raw limits in W processes at once\n"
+    )
     header = " | ".join(f"W = {w}" for w in args.workers)
     print(f"| pipeline | {header} |\n|---|{'---|' * len(args.workers)}")
     for label, key in ROWS:

@@ -15,6 +15,7 @@ with fewer cores than ranks the per-rank times include oversubscription: compare
     python -m bench.heads [--classes 10000,100000,1000000] [--worlds 1,2,4] [--iters 3]
                           [--heads chest,softtriple --sample-rates 1.0,0.5,0.1]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,9 @@ HEADS = {
     "distarc": LossConfig(name="distarc", form="official", scale=16.0, radial_weight=0.05, phi_weight=1.0),
     "arcface": LossConfig(name="arcface", scale=16.0),
     "chest": LossConfig(name="chest", chest=ChestConfig(proxies_per_class=2, hyp_dim=128, tau=0.5)),
-    "softtriple": LossConfig(name="softtriple", chest=ChestConfig(proxies_per_class=2, gamma_e=0.1, lambda_e=20.0,
-                                                                  delta_e=0.01, tau=0.2)),
+    "softtriple": LossConfig(
+        name="softtriple", chest=ChestConfig(proxies_per_class=2, gamma_e=0.1, lambda_e=20.0, delta_e=0.01, tau=0.2)
+    ),
 }
 
 
@@ -48,8 +50,9 @@ def _current_rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _rank(rank: int, world: int, port: int, head_name: str, num_classes: int, iters: int, sample_rate: float,
-          out: dict) -> None:
+def _rank(
+    rank: int, world: int, port: int, head_name: str, num_classes: int, iters: int, sample_rate: float, out: dict
+) -> None:
     import torch.distributed as dist
 
     from model.task import build_head
@@ -82,16 +85,16 @@ def _rank(rank: int, world: int, port: int, head_name: str, num_classes: int, it
     dist.destroy_process_group()
 
 
-def run_config(head_name: str, num_classes: int, world: int, iters: int, sample_rate: float = 1.0
-               ) -> dict[str, float]:
+def run_config(head_name: str, num_classes: int, world: int, iters: int, sample_rate: float = 1.0) -> dict[str, float]:
     """Per-rank max of peak memory and of the best fwd+bwd time over `iters` timed iterations."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     manager = mp.Manager()
     out = manager.dict()
-    mp.start_processes(_rank, args=(world, port, head_name, num_classes, iters, sample_rate, out), nprocs=world,
-                       start_method="spawn")
+    mp.start_processes(
+        _rank, args=(world, port, head_name, num_classes, iters, sample_rate, out), nprocs=world, start_method="spawn"
+    )
     res = dict(out)
     manager.shutdown()
     return {"mem_mb": max(r["mem_mb"] for r in res.values()), "time_s": max(r["time_s"] for r in res.values())}
@@ -127,8 +130,9 @@ def pml_arcface(num_classes: int, iters: int) -> float:
     return min(times[1:])
 
 
-def poincare_gram_vs_broadcast(batch: int = 256, num: int = 8192, dim: int = 128,
-                               iters: int = 3) -> tuple[float, float]:
+def poincare_gram_vs_broadcast(
+    batch: int = 256, num: int = 8192, dim: int = 128, iters: int = 3
+) -> tuple[float, float]:
     """Seconds for fwd+bwd of all B x N distances: Gram form vs materialised B x N x D Moebius form."""
     from model import hyperbolic as hyp
 
@@ -154,8 +158,14 @@ def poincare_gram_vs_broadcast(batch: int = 256, num: int = 8192, dim: int = 128
     return out[0], out[1]
 
 
-def sample_rate_table(heads: list[str], classes: list[int], worlds: list[int], rates: list[float], iters: int,
-                      full: dict[tuple[str, int, int], dict[str, float]]) -> None:
+def sample_rate_table(
+    heads: list[str],
+    classes: list[int],
+    worlds: list[int],
+    rates: list[float],
+    iters: int,
+    full: dict[tuple[str, int, int], dict[str, float]],
+) -> None:
     """Partial-FC rows: peak memory and time at each loss.sample_rate, relative to the rate-1 run in `full`."""
     print("\n| head | C | P | sample rate | per-rank peak MB | vs rate 1 | fwd+bwd s | vs rate 1 |")
     print("|---|---|---|---|---|---|---|---|")
@@ -165,8 +175,11 @@ def sample_rate_table(heads: list[str], classes: list[int], worlds: list[int], r
                 base = full[(head, c, w)]
                 for rate in rates:
                     r = base if rate >= 1.0 else run_config(head, c, w, iters, rate)
-                    print(f"| {head} | {c} | {w} | {rate:g} | {r['mem_mb']:.0f} | {r['mem_mb'] / base['mem_mb']:.2f} | "
-                          f"{r['time_s']:.3f} | {r['time_s'] / base['time_s']:.2f} |", flush=True)
+                    print(
+                        f"| {head} | {c} | {w} | {rate:g} | {r['mem_mb']:.0f} | {r['mem_mb'] / base['mem_mb']:.2f} | "
+                        f"{r['time_s']:.3f} | {r['time_s'] / base['time_s']:.2f} |",
+                        flush=True,
+                    )
 
 
 def main() -> None:
@@ -192,8 +205,9 @@ def main() -> None:
                 dense = results.get((head, c, 1))
                 ratio = f"{r['mem_mb'] * w / dense['mem_mb']:.2f}" if dense else "-"
                 dense_mb = f"{dense['mem_mb']:.0f}" if dense else "-"
-                print(f"| {head} | {c} | {w} | {r['mem_mb']:.0f} | {dense_mb} | {ratio} | {r['time_s']:.3f} |",
-                      flush=True)
+                print(
+                    f"| {head} | {c} | {w} | {r['mem_mb']:.0f} | {dense_mb} | {ratio} | {r['time_s']:.3f} |", flush=True
+                )
     if "distarc" in args.heads and "arcface" in args.heads:
         print("\n| C | DistArc s | ArcFace (same sharded head, lambda = mu = 0) s | ratio | PML ArcFaceLoss s |")
         print("|---|---|---|---|---|")
@@ -201,12 +215,19 @@ def main() -> None:
             d, a = time_in_process("distarc", c, args.iters), time_in_process("arcface", c, args.iters)
             print(f"| {c} | {d:.3f} | {a:.3f} | {d / a:.2f} | {pml_arcface(c, args.iters):.3f} |", flush=True)
     if args.sample_rates:
-        sample_rate_table(args.heads.split(","), classes, worlds, [float(r) for r in args.sample_rates.split(",")],
-                          args.iters, results)
+        sample_rate_table(
+            args.heads.split(","),
+            classes,
+            worlds,
+            [float(r) for r in args.sample_rates.split(",")],
+            args.iters,
+            results,
+        )
     gram, bcast = poincare_gram_vs_broadcast()
     print("\n| Poincare distances, B=256 x N=8192, D=128, fwd+bwd | seconds |\n|---|---|")
-    print(f"| Gram form (ours) | {gram:.3f} |\n| B x N x D broadcast | {bcast:.3f} |\n"
-          f"| speed-up | {bcast / gram:.1f}x |")
+    print(
+        f"| Gram form (ours) | {gram:.3f} |\n| B x N x D broadcast | {bcast:.3f} |\n| speed-up | {bcast / gram:.1f}x |"
+    )
 
 
 if __name__ == "__main__":

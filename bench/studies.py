@@ -20,6 +20,7 @@ Seed k varies `seed`, `data.seed` and `loss.init_seed` (1234 + k) together. A po
 summary.json exists is not run again, so an interrupted study continues where it stopped; the table
 (mean, spread = max - min, and the per-seed values) is printed and written to <run-root>/<study>.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,27 +42,53 @@ STUDIES: dict[str, dict] = {
             "paper-s16-l0.05-r2..20-mu0": ["loss.form=paper"],
             "paper-s16-l0.05-r2..20-mu1": ["loss.form=paper", "loss.phi_weight=1"],
             # the published constants: paper form s=1 lambda=0.005 radii 10..100, both mu; the released code
-            "paper-s1-l0.005-r10..100-mu1": ["loss.form=paper", "loss.scale=1", "loss.radial_weight=0.005",
-                                             "loss.phi_weight=1", "loss.radius_start=10", "loss.radius_gap=10"],
-            "paper-s1-l0.005-r10..100-mu0": ["loss.form=paper", "loss.scale=1", "loss.radial_weight=0.005",
-                                             "loss.radius_start=10", "loss.radius_gap=10"],
-            "official-s2-l0.005-r10..100-mu0": ["loss.scale=2", "loss.radial_weight=0.005", "loss.radius_start=10",
-                                                "loss.radius_gap=10"],
+            "paper-s1-l0.005-r10..100-mu1": [
+                "loss.form=paper",
+                "loss.scale=1",
+                "loss.radial_weight=0.005",
+                "loss.phi_weight=1",
+                "loss.radius_start=10",
+                "loss.radius_gap=10",
+            ],
+            "paper-s1-l0.005-r10..100-mu0": [
+                "loss.form=paper",
+                "loss.scale=1",
+                "loss.radial_weight=0.005",
+                "loss.radius_start=10",
+                "loss.radius_gap=10",
+            ],
+            "official-s2-l0.005-r10..100-mu0": [
+                "loss.scale=2",
+                "loss.radial_weight=0.005",
+                "loss.radius_start=10",
+                "loss.radius_gap=10",
+            ],
             # neighbours of the default: pull strength, scale, radii
             "official-s16-l0.02-r2..20-mu0": ["loss.radial_weight=0.02"],
             "official-s16-l0.2-r2..20-mu0": ["loss.radial_weight=0.2"],
             "official-s8-l0.05-r2..20-mu0": ["loss.scale=8"],
             "official-s32-l0.05-r2..20-mu0": ["loss.scale=32"],
             "official-s16-l0.1-r1..5.5-mu0": ["loss.radial_weight=0.1", "loss.radius_start=1", "loss.radius_gap=0.5"],
-            "official-s16-l0.1-r1..5.5-mu1": ["loss.radial_weight=0.1", "loss.radius_start=1", "loss.radius_gap=0.5",
-                                              "loss.phi_weight=1"],
+            "official-s16-l0.1-r1..5.5-mu1": [
+                "loss.radial_weight=0.1",
+                "loss.radius_start=1",
+                "loss.radius_gap=0.5",
+                "loss.phi_weight=1",
+            ],
         },
     },
     "shipped": {  # the digits recipes exactly as shipped: train on the 4000, score the held-out 1000
         "recipe": "mnist_distarc",
         "base": [],
-        "metrics": ["acc_measure", "acc_cosine", "acc_euclidean", "acc_poincare", "poincare/R@1", "poincare/MAP@R",
-                    "cosine/R@1"],
+        "metrics": [
+            "acc_measure",
+            "acc_cosine",
+            "acc_euclidean",
+            "acc_poincare",
+            "poincare/R@1",
+            "poincare/MAP@R",
+            "cosine/R@1",
+        ],
         "points": {
             "mnist_distarc": [],
             "mnist_arcface": ["--recipe", "mnist_arcface"],
@@ -72,8 +99,7 @@ STUDIES: dict[str, dict] = {
     "open-set": {
         "recipe": "mnist_open_chest",
         "base": [],
-        "metrics": ["poincare/R@1", "poincare/MAP@R", "euclidean/R@1", "euclidean/MAP@R", "cosine/R@1",
-                    "cosine/MAP@R"],
+        "metrics": ["poincare/R@1", "poincare/MAP@R", "euclidean/R@1", "euclidean/MAP@R", "cosine/R@1", "cosine/MAP@R"],
         "points": {
             "chest-H+E": [],
             "chest-H-only": ["loss.chest.eta_e=0"],
@@ -94,7 +120,7 @@ def split_recipe(overrides: list[str], default: str) -> tuple[str, list[str]]:
     """A point may name another recipe with '--recipe NAME' among its overrides."""
     if "--recipe" in overrides:
         i = overrides.index("--recipe")
-        return overrides[i + 1], overrides[:i] + overrides[i + 2:]
+        return overrides[i + 1], overrides[:i] + overrides[i + 2 :]
     return default, overrides
 
 
@@ -117,8 +143,10 @@ def run_point(recipe: str, overrides: list[str], run_root: str, name: str) -> di
 
 def table(study: dict, results: dict[str, list[dict]]) -> str:
     metrics = study["metrics"]
-    lines = ["| point | " + " | ".join(f"{m} mean (spread)" for m in metrics) + " | per seed |",
-             "|---" * (len(metrics) + 2) + "|"]
+    lines = [
+        "| point | " + " | ".join(f"{m} mean (spread)" for m in metrics) + " | per seed |",
+        "|---" * (len(metrics) + 2) + "|",
+    ]
     for point, runs in results.items():
         cells, seeds = [], []
         for m in metrics:

@@ -19,6 +19,7 @@ On a machine with fewer cores than ranks x threads the ranks share cores: compar
     python -m bench.train [--recipe mnist_distarc] [--world 1,2] [--steps 30] [--warmup 5]
                           [--data synthetic|stream] [--variant NAME:key=v,...] [--no-variants] [key=value ...]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,12 +42,26 @@ from torch import nn
 from launch.__main__ import build_config
 from train.config import RunConfig
 
-DEFAULT_VARIANTS = ("fused AdamW off:optim.fused=false", "overlap_comm off:zero.overlap_comm=false",
-                    "ZeRO-1:zero.stage=1", "ZeRO-3:zero.stage=3", "compile:model.compile=true")
+DEFAULT_VARIANTS = (
+    "fused AdamW off:optim.fused=false",
+    "overlap_comm off:zero.overlap_comm=false",
+    "ZeRO-1:zero.stage=1",
+    "ZeRO-3:zero.stage=3",
+    "compile:model.compile=true",
+)
 # dense bf16 / tf32 tensor-core peaks (FLOP/s) by device name: NVIDIA's data sheets (SXM parts)
 PEAK_FLOPS = {"H200": (989.4e12, 494.7e12), "H100": (989.4e12, 494.7e12), "A100": (312e12, 156e12)}
-COMM_FUNCTIONS = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
-                  "broadcast", "all_to_all_single", "reduce", "barrier")
+COMM_FUNCTIONS = (
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "broadcast",
+    "all_to_all_single",
+    "reduce",
+    "barrier",
+)
 PHASES = ("data", "forward", "head", "backward", "optimizer")
 
 
@@ -84,6 +99,7 @@ def timed_collectives(timer: Timer) -> Iterator[None]:
                 if kwargs.get("async_op") and work is not None:
                     work.wait()
             return work
+
         return timed
 
     for name, fn in originals.items():
@@ -95,14 +111,21 @@ def timed_collectives(timer: Timer) -> Iterator[None]:
             setattr(dist, name, fn)
 
 
-def synthetic_batches(cfg: RunConfig, rank: int, device: torch.device, count: int = 4
-                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def synthetic_batches(
+    cfg: RunConfig, rank: int, device: torch.device, count: int = 4
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """`count` fixed uint8 batches of this rank, cycled (as the loader yields them with uint8 batches)."""
     g = torch.Generator().manual_seed(1000 + rank)
     d = cfg.data
-    batches = [(torch.randint(0, 256, (d.batch_size, d.in_chans, d.image_size, d.image_size), dtype=torch.uint8,
-                              generator=g), torch.randint(0, d.num_classes, (d.batch_size,), generator=g))
-               for _ in range(count)]
+    batches = [
+        (
+            torch.randint(
+                0, 256, (d.batch_size, d.in_chans, d.image_size, d.image_size), dtype=torch.uint8, generator=g
+            ),
+            torch.randint(0, d.num_classes, (d.batch_size,), generator=g),
+        )
+        for _ in range(count)
+    ]
     if device.type == "cuda":
         batches = [(x.pin_memory(), y.pin_memory()) for x, y in batches]
     i = 0
@@ -180,8 +203,14 @@ class OurStep:
         from train.step import reduce_head_grads, train_step
 
         if timer is None:  # what train_step reads of a run
-            train_step(types.SimpleNamespace(model=self.tr, batches=batches, cfg=self.cfg,  # type: ignore[arg-type]
-                                             state=types.SimpleNamespace(step=self.step_index)))
+            train_step(
+                types.SimpleNamespace(
+                    model=self.tr,
+                    batches=batches,
+                    cfg=self.cfg,  # type: ignore[arg-type]
+                    state=types.SimpleNamespace(step=self.step_index),
+                )
+            )
         else:
             tr = self.tr
             with timer.phase("data"):
@@ -203,13 +232,20 @@ class OurStep:
         self.step_index += 1
 
 
-def _rank(rank: int, world: int, port: int, kind: str, cfg: RunConfig, steps: int, warmup: int, data: str,
-          out: dict) -> None:
+def _rank(
+    rank: int, world: int, port: int, kind: str, cfg: RunConfig, steps: int, warmup: int, data: str, out: dict
+) -> None:
     from data.stream import build_train_loader
     from train.dist import DistEnv, init_distributed
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+    )
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     env = DistEnv(rank, world, rank, world)
     device, _ = init_distributed(env)
@@ -234,10 +270,13 @@ def _rank(rank: int, world: int, port: int, kind: str, cfg: RunConfig, steps: in
         for _ in range(max(3, steps // 3)):
             runner.step(batches, breakdown)
     n = max(3, steps // 3)
-    out[rank] = {"step_s": seconds, "mem_mb": peak_memory_mb(device),
-                 "phases": {k: v / n for k, v in breakdown.totals.items()},
-                 "flops": forward_flops_per_image(cfg, device) if rank == 0 and device.type == "cuda" else 0.0,
-                 "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    out[rank] = {
+        "step_s": seconds,
+        "mem_mb": peak_memory_mb(device),
+        "phases": {k: v / n for k, v in breakdown.totals.items()},
+        "flops": forward_flops_per_image(cfg, device) if rank == 0 and device.type == "cuda" else 0.0,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    }
     if loader is not None:
         loader.close()
     dist.destroy_process_group()
@@ -249,12 +288,18 @@ def measure(kind: str, cfg: RunConfig, world: int, steps: int, warmup: int, data
         port = s.getsockname()[1]
     manager = mp.Manager()
     out = manager.dict()
-    mp.start_processes(_rank, args=(world, port, kind, cfg, steps, warmup, data, out), nprocs=world,
-                       start_method="spawn")
+    mp.start_processes(
+        _rank, args=(world, port, kind, cfg, steps, warmup, data, out), nprocs=world, start_method="spawn"
+    )
     res = {r: dict(v) for r, v in out.items()}
     manager.shutdown()
-    return {"step_s": max(r["step_s"] for r in res.values()), "mem_mb": max(r["mem_mb"] for r in res.values()),
-            "phases": res[0]["phases"], "flops": res[0]["flops"], "device": res[0]["device"]}
+    return {
+        "step_s": max(r["step_s"] for r in res.values()),
+        "mem_mb": max(r["mem_mb"] for r in res.values()),
+        "phases": res[0]["phases"],
+        "flops": res[0]["flops"],
+        "device": res[0]["device"],
+    }
 
 
 def mfu(row: dict[str, Any], cfg: RunConfig, world: int) -> str:
@@ -270,9 +315,12 @@ def report(name: str, row: dict[str, Any], bare: dict[str, Any], cfg: RunConfig,
     total = sum(ph.get(k, 0.0) for k in PHASES)
     cells = [f"{1e3 * ph.get(k, 0.0):.1f}" for k in (*PHASES, "comm")]
     img = cfg.data.batch_size * world / row["step_s"]
-    return (f"| {name} | {world} | {img:.0f} | {img / world:.0f} | {1e3 * row['step_s']:.1f} | "
-            f"{row['step_s'] / bare['step_s']:.2f}x | " + " | ".join(cells) +
-            f" | {100 * ph.get('head', 0.0) / max(total, 1e-12):.0f}% | {row['mem_mb']:.0f} | {mfu(row, cfg, world)} |")
+    return (
+        f"| {name} | {world} | {img:.0f} | {img / world:.0f} | {1e3 * row['step_s']:.1f} | "
+        f"{row['step_s'] / bare['step_s']:.2f}x | "
+        + " | ".join(cells)
+        + f" | {100 * ph.get('head', 0.0) / max(total, 1e-12):.0f}% | {row['mem_mb']:.0f} | {mfu(row, cfg, world)} |"
+    )
 
 
 def main() -> None:
@@ -281,37 +329,49 @@ def main() -> None:
     p.add_argument("--world", default="1,2", help="comma-separated numbers of ranks")
     p.add_argument("--steps", type=int, default=30, help="timed steps per row (after --warmup)")
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--data", choices=("synthetic", "stream"), default="synthetic",
-                   help="synthetic: fixed uint8 batches in memory; stream: the recipe's WebDataset loader")
+    p.add_argument(
+        "--data",
+        choices=("synthetic", "stream"),
+        default="synthetic",
+        help="synthetic: fixed uint8 batches in memory; stream: the recipe's WebDataset loader",
+    )
     p.add_argument("--variant", action="append", default=[], metavar="NAME:key=v,key=v")
     p.add_argument("--no-variants", action="store_true", help="only the bare and ours rows")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     base = build_config(args.recipe, ["data.uint8_batches=true", *args.overrides]).resolved()
-    variants = [("ours", [])] + [(v.split(":", 1)[0], v.split(":", 1)[1].split(","))
-                                 for v in ([] if args.no_variants else list(args.variant or DEFAULT_VARIANTS))]
+    variants = [("ours", [])] + [
+        (v.split(":", 1)[0], v.split(":", 1)[1].split(","))
+        for v in ([] if args.no_variants else list(args.variant or DEFAULT_VARIANTS))
+    ]
     if args.data == "stream":
         from data.convert.mnist import ensure_prepared
 
         ensure_prepared(base.data)
     import timm.layers
 
-    print(f"# bench.train: recipe {args.recipe} ({base.model.name}, {base.data.image_size} px, micro-batch "
-          f"{base.data.batch_size} per rank, {base.data.num_classes} classes, loss {base.loss.name}, ZeRO-"
-          f"{base.zero.stage}, {'bf16' if base.zero.bf16 else 'fp32'}), {args.data} data, {args.steps} steps after "
-          f"{args.warmup}; torch {torch.__version__}, {os.cpu_count()} CPU cores, timm fused attention (SDPA): "
-          f"{timm.layers.use_fused_attn()}")
-    print("| row | P | img/s | img/s per rank | ms/step | vs bare | data ms | fwd ms | head ms | bwd ms | optim ms | "
-          "comm ms (within) | head share | peak MB/rank | MFU |")
+    print(
+        f"# bench.train: recipe {args.recipe} ({base.model.name}, {base.data.image_size} px, micro-batch "
+        f"{base.data.batch_size} per rank, {base.data.num_classes} classes, loss {base.loss.name}, ZeRO-"
+        f"{base.zero.stage}, {'bf16' if base.zero.bf16 else 'fp32'}), {args.data} data, {args.steps} steps after "
+        f"{args.warmup}; torch {torch.__version__}, {os.cpu_count()} CPU cores, timm fused attention (SDPA): "
+        f"{timm.layers.use_fused_attn()}"
+    )
+    print(
+        "| row | P | img/s | img/s per rank | ms/step | vs bare | data ms | fwd ms | head ms | bwd ms | optim ms | "
+        "comm ms (within) | head share | peak MB/rank | MFU |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for world in (int(w) for w in args.world.split(",")):
-        cfg = build_config(args.recipe, ["data.uint8_batches=true", f"slurm.tasks_per_node={world}",
-                                         *args.overrides]).resolved()
+        cfg = build_config(
+            args.recipe, ["data.uint8_batches=true", f"slurm.tasks_per_node={world}", *args.overrides]
+        ).resolved()
         bare = measure("bare", cfg, world, args.steps, args.warmup, args.data)
         print(report("bare PyTorch loop", bare, bare, cfg, world), flush=True)
         for name, overrides in variants:
-            vcfg = build_config(args.recipe, ["data.uint8_batches=true", f"slurm.tasks_per_node={world}",
-                                              *args.overrides, *overrides]).resolved()
+            vcfg = build_config(
+                args.recipe, ["data.uint8_batches=true", f"slurm.tasks_per_node={world}", *args.overrides, *overrides]
+            ).resolved()
             row = measure("ours", vcfg, world, args.steps, args.warmup, args.data)
             print(report(name, row, bare, vcfg, world), flush=True)
 

@@ -1,6 +1,7 @@
 """Small files written atomically: a reader (the launcher, a sweep table, a loader reading a manifest, a
 resumed conversion) sees the old file or the new one, never half. The one writer of summary.json,
 eval_<set>.json, export.json, config.yaml, manifest.json and a converter's progress file."""
+
 from __future__ import annotations
 
 import json

@@ -5,6 +5,7 @@ classes, CHEST's triplets, the data stream's per-batch augmentations) derives it
 `hash()` does not qualify: it is salted per process for str and bytes, and its value for tuples of
 ints is an implementation detail that changed between CPython versions (3.8's xxHash-based tuple hash).
 """
+
 from __future__ import annotations
 
 import hashlib

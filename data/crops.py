@@ -171,7 +171,7 @@ class RandomResizedCropFlip:
 
 
 class SquareResizeFlip:
-    """"faces": Resize((size, size), bicubic) [+ RandomHorizontalFlip()]."""
+    """ "faces": Resize((size, size), bicubic) [+ RandomHorizontalFlip()]."""
 
     def __init__(self, size: int, flip: bool, resample: Resampler) -> None:
         self.size, self.flip, self.resample = size, flip, resample
@@ -199,7 +199,7 @@ class ResizeCenterCrop:
         # torchvision's CenterCrop offsets; the resized image is never smaller than the crop.
         top, left = int(round((height - self.size) / 2.0)), int(round((width - self.size) / 2.0))
         full = self.resample(image, (width, height), False)
-        return full[:, top:top + self.size, left:left + self.size].contiguous()
+        return full[:, top : top + self.size, left : left + self.size].contiguous()
 
 
 def crop_transform(cfg: DataConfig, train: bool, mean: list[float], std: list[float]) -> Callable:

@@ -54,8 +54,10 @@ def train_sources(cfg: DataConfig) -> list[TrainSource]:
         offset += count
     if offset != cfg.num_classes:
         parts = " + ".join(f"{s.num_classes} ({s.root})" for s in sources)
-        raise ValueError(f"data.sources hold {parts} = {offset} classes but data.num_classes={cfg.num_classes}; "
-                         f"set data.num_classes={offset} (or 0: the sum, read from the manifests)")
+        raise ValueError(
+            f"data.sources hold {parts} = {offset} classes but data.num_classes={cfg.num_classes}; "
+            f"set data.num_classes={offset} (or 0: the sum, read from the manifests)"
+        )
     return sources
 
 
@@ -79,8 +81,13 @@ def mix(streams: list[Iterator[RawSample]], sources: list[TrainSource], rng: ran
         yield sample._replace(label=sample.label + sources[i].label_offset)
 
 
-def mixed_raw_samples(cfg: DataConfig, sources: list[TrainSource], rank: int, worker: int,
-                      per_source: Callable[[TrainSource, int], Iterator[RawSample]]) -> Iterator[RawSample]:
+def mixed_raw_samples(
+    cfg: DataConfig,
+    sources: list[TrainSource],
+    rank: int,
+    worker: int,
+    per_source: Callable[[TrainSource, int], Iterator[RawSample]],
+) -> Iterator[RawSample]:
     """One slot's mixed stream; `per_source(source, i)` opens source i's endless stream for the slot."""
     streams = [per_source(source, i) for i, source in enumerate(sources)]
     return mix(streams, sources, random.Random(f"mix-{cfg.seed}-{rank}-{worker}"))

@@ -46,8 +46,7 @@ class BadSampleCounter:
     amount of bad data.
     """
 
-    def __init__(self, max_bad_samples: int, where: str,
-                 publish: Callable[[int], None] | None = None) -> None:
+    def __init__(self, max_bad_samples: int, where: str, publish: Callable[[int], None] | None = None) -> None:
         self.max_bad_samples = max_bad_samples
         self.where = where  # e.g. "rank 0 worker 1", for messages
         self.seen: set[tuple[str, str]] = set()
@@ -145,9 +144,7 @@ def read_shard(path: str, counter: BadSampleCounter) -> Iterator[dict]:
     yield from tariterators.group_by_keys(members(), handler=handler)
 
 
-def valid_samples(
-    shards: Iterable[str], num_classes: int, counter: BadSampleCounter
-) -> Iterator[RawSample]:
+def valid_samples(shards: Iterable[str], num_classes: int, counter: BadSampleCounter) -> Iterator[RawSample]:
     """Yield the good samples of `shards` in file order, recording bad ones."""
     for shard in shards:
         for sample in read_shard(shard, counter):

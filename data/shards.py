@@ -35,9 +35,7 @@ def read_manifest(root: str) -> dict | None:
         with open(path, encoding="utf-8") as f:
             manifest = json.load(f)
     except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(
-            f"{path} is not valid JSON ({exc}); delete it and re-run the converter"
-        ) from exc
+        raise ValueError(f"{path} is not valid JSON ({exc}); delete it and re-run the converter") from exc
     if not isinstance(manifest, dict):
         raise ValueError(f"{path} must hold a JSON object; delete it and re-run the converter")
     return manifest
@@ -67,8 +65,7 @@ def list_shards(root: str, split: str) -> list[str]:
     folder = os.path.join(root, split)
     if not os.path.isdir(folder):
         raise FileNotFoundError(
-            f"shard folder {folder} (data.root={root!r}, split {split!r}) does not exist; "
-            f"{_FIX_HINT}"
+            f"shard folder {folder} (data.root={root!r}, split {split!r}) does not exist; {_FIX_HINT}"
         )
     # Sorted so every rank and worker sees the same list in the same order.
     paths = sorted(os.path.join(folder, name) for name in os.listdir(folder) if name.endswith(".tar"))
@@ -77,9 +74,7 @@ def list_shards(root: str, split: str) -> list[str]:
     return paths
 
 
-def assign_shards(
-    shards: list[str], rank: int, world_size: int, worker: int, num_workers: int
-) -> list[str]:
+def assign_shards(shards: list[str], rank: int, world_size: int, worker: int, num_workers: int) -> list[str]:
     """Return the shards read by one (rank, worker) slot.
 
     Slot s = rank * num_workers + worker takes shards[s::world_size * num_workers].
@@ -89,9 +84,7 @@ def assign_shards(
     if world_size < 1 or num_workers < 1:
         raise ValueError(f"world_size={world_size} and num_workers={num_workers} must be >= 1")
     if not 0 <= rank < world_size or not 0 <= worker < num_workers:
-        raise ValueError(
-            f"rank={rank} must be in [0, {world_size}) and worker={worker} in [0, {num_workers})"
-        )
+        raise ValueError(f"rank={rank} must be in [0, {world_size}) and worker={worker} in [0, {num_workers})")
     slots = world_size * num_workers
     if len(shards) < slots:
         raise ValueError(

@@ -65,8 +65,13 @@ def batches_to_skip(start_batch: int, worker: int, num_workers: int) -> int:
 
 
 def slot_raw_samples(
-    cfg: DataConfig, shards: list[str], rank: int, worker: int, counter: BadSampleCounter,
-    num_classes: int | None = None, tag: str = "",
+    cfg: DataConfig,
+    shards: list[str],
+    rank: int,
+    worker: int,
+    counter: BadSampleCounter,
+    num_classes: int | None = None,
+    tag: str = "",
 ) -> Iterator[RawSample]:
     """Endless stream of one slot's valid raw samples, epoch after epoch.
 
@@ -95,12 +100,15 @@ def slot_raw_samples(
                 f"rebuild them or check data.num_classes={num_classes}"
             )
         if produced == 0 and epoch >= 100:  # resampled: 100 empty epochs in a row means no valid shard
-            raise RuntimeError(f"rank {rank} worker {worker}: 100 resampled epochs of {shards} held no valid "
-                               "sample; rebuild the shards")
+            raise RuntimeError(
+                f"rank {rank} worker {worker}: 100 resampled epochs of {shards} held no valid "
+                "sample; rebuild the shards"
+            )
 
 
-def slot_shards(source: TrainSource, cfg: DataConfig, rank: int, world_size: int, worker: int,
-                num_workers: int) -> list[str]:
+def slot_shards(
+    source: TrainSource, cfg: DataConfig, rank: int, world_size: int, worker: int, num_workers: int
+) -> list[str]:
     """The shards one slot reads from a source: its disjoint share, or all of them when resampled."""
     if cfg.resampled:
         return list(source.shards)
@@ -108,7 +116,12 @@ def slot_shards(source: TrainSource, cfg: DataConfig, rank: int, world_size: int
 
 
 def slot_raw_batches(
-    cfg: DataConfig, sources: list[TrainSource], rank: int, world_size: int, worker: int, num_workers: int,
+    cfg: DataConfig,
+    sources: list[TrainSource],
+    rank: int,
+    world_size: int,
+    worker: int,
+    num_workers: int,
     counter: BadSampleCounter,
 ) -> Iterator[list[RawSample]]:
     """Endless stream of one slot's full raw batches (still-encoded images).
@@ -119,6 +132,7 @@ def slot_raw_batches(
     seeded by (seed, rank, worker); otherwise consecutive raw samples form a
     batch.
     """
+
     def open_source(source: TrainSource, i: int) -> Iterator[RawSample]:
         shards = slot_shards(source, cfg, rank, world_size, worker, num_workers)
         # A single source keeps the seeds it always had; a mixture's sources get their own.
@@ -129,7 +143,11 @@ def slot_raw_batches(
     if cfg.samples_per_class > 0:
         rng = random.Random(f"balance-{cfg.seed}-{rank}-{worker}")
         yield from balanced_batches(
-            samples, cfg.batch_size, cfg.samples_per_class, cfg.balance_buffer, rng,
+            samples,
+            cfg.batch_size,
+            cfg.samples_per_class,
+            cfg.balance_buffer,
+            rng,
             f"train rank {rank} worker {worker}",
         )
         return
@@ -248,8 +266,7 @@ class TrainStream(IterableDataset):
             next(raw_batches)
         transform = build_transform(cfg, train=True)
         for k, raw in enumerate(raw_batches, start=skip):
-            batch = decode_batch(
-                raw, cfg, transform, counter, stable_seed(cfg.seed, rank, worker, k))
+            batch = decode_batch(raw, cfg, transform, counter, stable_seed(cfg.seed, rank, worker, k))
             if batch is None:
                 raise RuntimeError(
                     f"train rank {rank} worker {worker}: no image of batch {k} decodes "
@@ -312,8 +329,10 @@ def _check(cfg: DataConfig, rank: int, world_size: int, split: str) -> None:
     """Shared argument checks of both loaders."""
     cfg.validate()
     if cfg.num_classes < 1:
-        raise ValueError("data.num_classes=0 (read from the manifest) must be resolved before a loader is built: "
-                         "pass the config through RunConfig.resolved()")
+        raise ValueError(
+            "data.num_classes=0 (read from the manifest) must be resolved before a loader is built: "
+            "pass the config through RunConfig.resolved()"
+        )
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
     check_labels(cfg.root, cfg.num_classes, split)
@@ -371,8 +390,9 @@ class EvalStream(IterableDataset):
                 yield batch if self.with_keys else batch[:2]
 
 
-def decode_eval_batch(raw: list[RawSample], cfg: DataConfig, transform: Callable[[Image.Image], torch.Tensor],
-                      counter: BadSampleCounter) -> tuple[torch.Tensor, torch.Tensor, list[str]] | None:
+def decode_eval_batch(
+    raw: list[RawSample], cfg: DataConfig, transform: Callable[[Image.Image], torch.Tensor], counter: BadSampleCounter
+) -> tuple[torch.Tensor, torch.Tensor, list[str]] | None:
     """decode_batch without a seed (failures counted and dropped), plus the keys of what decoded."""
     tensors, good = [], []
     for sample in raw:
@@ -386,8 +406,9 @@ def decode_eval_batch(raw: list[RawSample], cfg: DataConfig, transform: Callable
     return (_stack(tensors), torch.tensor([s.label for s in good], dtype=torch.int64), [s.key for s in good])
 
 
-def build_eval_loader(cfg: DataConfig, rank: int, world_size: int, split: str | None = None,
-                      with_keys: bool = False) -> DataLoader | list:
+def build_eval_loader(
+    cfg: DataConfig, rank: int, world_size: int, split: str | None = None, with_keys: bool = False
+) -> DataLoader | list:
     """Finite, re-iterable loader over this rank's share of `split` (default data.eval_split).
 
     Every eval sample is seen exactly once over all ranks. A rank without a

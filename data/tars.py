@@ -46,15 +46,15 @@ def tar_members(stream: BinaryIO, where: str) -> Iterator[tuple[str, bytes]]:
             if header or first:
                 # tarfile accepts an archive that ends on a block boundary without its end-of-archive
                 # blocks; every writer writes them, so their absence means the shard was cut short.
-                raise tarfile.ReadError(f"{where}: truncated tar (no end-of-archive block; the shard was "
-                                        "cut short)")
+                raise tarfile.ReadError(f"{where}: truncated tar (no end-of-archive block; the shard was cut short)")
             return  # an empty file
         if header.count(0) == BLOCK:
             return  # end-of-archive block
         fields = _parse_header(header)
         if fields is None:
-            raise tarfile.ReadError(f"{where}: bad tar header checksum at offset "
-                                    f"{stream.tell() - BLOCK} (damaged shard)")
+            raise tarfile.ReadError(
+                f"{where}: bad tar header checksum at offset {stream.tell() - BLOCK} (damaged shard)"
+            )
         name, size, kind = fields
         records = {**global_pax, **pax}
         if kind == b"S" or any(key.startswith("GNU.sparse") for key in records):
@@ -118,7 +118,7 @@ def _pax_records(data: bytes, where: str) -> dict[str, str]:
         if length < 1 or pos + length > len(data):
             # tarfile's guard too: a zero length would never advance (an endless loop on a damaged shard)
             raise tarfile.ReadError(f"{where}: bad pax record at byte {pos} of a pax header (damaged shard)")
-        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
+        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
         records[key.decode("utf-8")] = value.decode("utf-8", "surrogateescape")
         pos += length
     return records

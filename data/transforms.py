@@ -119,14 +119,14 @@ def normalisation(cfg: DataConfig) -> tuple[list[float], list[float]]:
     if cfg.norm == "channels":
         return cfg.channel_values()
     if cfg.norm == "timm":
-        raise ValueError("data.norm=timm is resolved from model.name when the run starts "
-                         "(train.config.RunConfig.resolved); outside a run set data.norm to its values")
+        raise ValueError(
+            "data.norm=timm is resolved from model.name when the run starts "
+            "(train.config.RunConfig.resolved); outside a run set data.norm to its values"
+        )
     try:
         mean, std = NORM_PRESETS[cfg.norm]
     except KeyError:
-        raise ValueError(
-            f"data.norm={cfg.norm!r} is unknown; choose scalar, {', '.join(NORM_PRESETS)}"
-        ) from None
+        raise ValueError(f"data.norm={cfg.norm!r} is unknown; choose scalar, {', '.join(NORM_PRESETS)}") from None
     if cfg.in_chans != len(mean):
         raise ValueError(f"data.norm={cfg.norm} needs data.in_chans={len(mean)}")
     return list(mean), list(std)

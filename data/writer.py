@@ -39,8 +39,7 @@ def _encode_sample(sample: dict) -> dict:
     # dotted key would silently become a different key plus a bogus field.
     if not isinstance(key, str) or not key or "." in key or "/" in key:
         raise ValueError(
-            f"sample key {key!r} must be a non-empty string without '.' or '/'; "
-            f"use keys like 'mnist_000123'"
+            f"sample key {key!r} must be a non-empty string without '.' or '/'; use keys like 'mnist_000123'"
         )
     images = [field for field in IMAGE_FIELDS if field in sample]
     if len(images) != 1:

@@ -7,6 +7,7 @@ per grid point (a Slurm job array; locally one after another) and prints a summa
 prints the per-GPU memory plan and exits (launch/estimate.py); a GPU submission that would not fit
 `--gpu-mem-gb` is refused before anything is queued.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,13 +33,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"one of {sorted(RECIPES)}")
     p.add_argument("--slurm", action="store_true", help="submit to Slurm (AutoExecutor) instead of local processes")
     p.add_argument("--no-wait", action="store_true", help="return after submission (Slurm)")
-    p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
-                   help="sweep a key over values (repeat for a grid); one run and one array task per point")
+    p.add_argument(
+        "--sweep",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="sweep a key over values (repeat for a grid); one run and one array task per point",
+    )
     p.add_argument("--sweep-name", default="", help="folder of the sweep under run_root (default <name>-sweep)")
-    p.add_argument("--estimate", action="store_true",
-                   help="print the per-GPU memory estimate and exit (exit code 1 if it exceeds --gpu-mem-gb)")
-    p.add_argument("--gpu-mem-gb", type=float, default=80.0,
-                   help="memory of one GPU in GiB; a --slurm submission with GPUs that would not fit is refused")
+    p.add_argument(
+        "--estimate",
+        action="store_true",
+        help="print the per-GPU memory estimate and exit (exit code 1 if it exceeds --gpu-mem-gb)",
+    )
+    p.add_argument(
+        "--gpu-mem-gb",
+        type=float,
+        default=80.0,
+        help="memory of one GPU in GiB; a --slurm submission with GPUs that would not fit is refused",
+    )
     p.add_argument("overrides", nargs="*", help="dotted key=value, e.g. optim.lr=1e-3 slurm.tasks_per_node=4")
     return p.parse_args(argv)
 
@@ -77,13 +90,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = _follow(job)[0]
     except Exception as err:  # noqa: BLE001 - submitit raises several types for a failed job
-        print(f"\njob {job.job_id} failed: {err}\nresubmit the same command to resume from the latest checkpoint "
-              f"({os.path.join(cfg.run_dir, 'checkpoints')})", file=sys.stderr)
+        print(
+            f"\njob {job.job_id} failed: {err}\nresubmit the same command to resume from the latest checkpoint "
+            f"({os.path.join(cfg.run_dir, 'checkpoints')})",
+            file=sys.stderr,
+        )
         return 1
     print(f"\n== run {cfg.name} done in {time.time() - t0:.0f} s ({summary.world_size} processes) ==")
     if summary.stop_signal:
-        print(f"stopped by {summary.stop_signal} at step {summary.step} after a checkpoint; run the same "
-              "command again to continue")
+        print(
+            f"stopped by {summary.stop_signal} at step {summary.step} after a checkpoint; run the same "
+            "command again to continue"
+        )
     else:  # the protocol's rows of every evaluation set, in percent (train/evaluate/)
         rows = summary.rows
         print("\n".join(rows) if rows else "no evaluation set (data.eval_split and metrics.eval_sets are empty)")
@@ -102,8 +120,10 @@ def run_sweep(sweep_dir: str, cfgs: list[RunConfig], use_slurm: bool, no_wait: b
     if use_slurm:
         with executor.batch():
             jobs = [executor.submit(TrainJob(cfg)) for cfg in cfgs]
-        print(f"submitted job array {jobs[0].job_id.split('_')[0]}; logs: {os.path.join(sweep_dir, 'submitit')}",
-              flush=True)
+        print(
+            f"submitted job array {jobs[0].job_id.split('_')[0]}; logs: {os.path.join(sweep_dir, 'submitit')}",
+            flush=True,
+        )
         if no_wait:
             return 0
         for cfg, job in zip(cfgs, jobs):

@@ -11,6 +11,7 @@ Four parts per rank, each from the resolved config:
 - a fixed runtime reserve (CUDA context, NCCL buffers, allocator slack; not measured).
 A Slurm submission with GPUs whose total exceeds `--gpu-mem-gb` is refused with the fixes.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,8 +41,13 @@ DEPTH_PROBES = (2, 3)  # ViT-like trunks: measured at these depths and extrapola
 
 # bytes per parameter under mixed precision (zero.bf16=true) and the first ZeRO stage that partitions it
 # over the ranks; DeepSpeed's estimator counts the same for stage 2 (2 + 18/N) and stage 3 (18/N).
-BF16_PARTS = (("bf16 weights", 2, 3), ("bf16 gradients", 2, 2), ("fp32 gradient partition", 4, 2),
-              ("fp32 master weights", 4, 1), ("fp32 AdamW moments", 8, 1))
+BF16_PARTS = (
+    ("bf16 weights", 2, 3),
+    ("bf16 gradients", 2, 2),
+    ("fp32 gradient partition", 4, 2),
+    ("fp32 master weights", 4, 1),
+    ("fp32 AdamW moments", 8, 1),
+)
 FP32_PARTS = (("fp32 weights", 4, 3), ("fp32 gradients", 4, 2), ("fp32 AdamW moments", 8, 1))
 
 
@@ -89,8 +95,9 @@ def deepspeed_state_bytes(params: int, largest_layer: int, stage: int, gpus_per_
     if stage == 2:
         return estimate_zero2_model_states_mem_needs(params, gpus_per_node, nodes, cpu_offload=False)[1]
     if stage == 3:
-        return estimate_zero3_model_states_mem_needs(params, largest_layer, gpus_per_node, nodes, cpu_offload=False,
-                                                     cpu_offload_params=False)[1]
+        return estimate_zero3_model_states_mem_needs(
+            params, largest_layer, gpus_per_node, nodes, cpu_offload=False, cpu_offload_params=False
+        )[1]
     raise ValueError(f"DeepSpeed estimates ZeRO stages 2 and 3, not {stage}")
 
 
@@ -98,8 +105,12 @@ def trunk_state(cfg: RunConfig, size: TrunkSize) -> tuple[int, str]:
     """(bytes, where the number comes from) for the trunk's states on one rank."""
     world = cfg.slurm.nodes * cfg.slurm.tasks_per_node
     if cfg.zero.bf16 and cfg.zero.stage in (2, 3):
-        return (deepspeed_state_bytes(size.params, size.largest_layer, cfg.zero.stage, cfg.slurm.tasks_per_node,
-                                      cfg.slurm.nodes), "DeepSpeed estimator")
+        return (
+            deepspeed_state_bytes(
+                size.params, size.largest_layer, cfg.zero.stage, cfg.slurm.tasks_per_node, cfg.slurm.nodes
+            ),
+            "DeepSpeed estimator",
+        )
     return zero_state_bytes(size.params, size.largest_layer, cfg.zero.stage, world, cfg.zero.bf16), "closed form"
 
 
@@ -134,9 +145,14 @@ def head_shards(loss: LossConfig, num_classes: int, embed_dim: int, world_size: 
         first = sizes.index(n)
         with torch.device("meta"):
             head = build_head(loss, num_classes, embed_dim, first, world_size)
-        out.append(HeadShard((first, len(sizes) - 1 - sizes[::-1].index(n)), n,
-                             sum(p.numel() for p in head.sharded_parameters().values()),
-                             sum(p.numel() for p in head.replicated_parameters().values())))
+        out.append(
+            HeadShard(
+                (first, len(sizes) - 1 - sizes[::-1].index(n)),
+                n,
+                sum(p.numel() for p in head.sharded_parameters().values()),
+                sum(p.numel() for p in head.replicated_parameters().values()),
+            )
+        )
     return out
 
 
@@ -186,8 +202,10 @@ class SavedCounter:
 
     @property
     def saved(self) -> Saved:
-        return Saved(float(sum(n for n, f in self.storages.values() if f)),
-                     float(sum(n for n, f in self.storages.values() if not f)))
+        return Saved(
+            float(sum(n for n, f in self.storages.values() if f)),
+            float(sum(n for n, f in self.storages.values() if not f)),
+        )
 
     @contextlib.contextmanager
     def active(self) -> Iterator["SavedCounter"]:
@@ -212,8 +230,7 @@ def measure_saved(model: nn.Module, images: torch.Tensor) -> Saved:
         out = real_checkpoint(function, *args, use_reentrant=True, **kwargs)
         inner = SavedCounter(params | set(outer.storages))  # the region's input is held by the outer save
         with torch.enable_grad(), inner.active():
-            function(*[a.detach().requires_grad_(a.requires_grad) if torch.is_tensor(a) else a for a in args],
-                     **kwargs)
+            function(*[a.detach().requires_grad_(a.requires_grad) if torch.is_tensor(a) else a for a in args], **kwargs)
         regions.append(inner.saved)
         return out
 
@@ -299,8 +316,10 @@ def estimate(cfg: RunConfig, gpu_mem_gb: float) -> Estimate:
     if not gpu_mem_gb > 0:
         raise ValueError(f"--gpu-mem-gb={gpu_mem_gb:g} must be > 0 (the memory of one GPU in GiB, e.g. 80)")
     if cfg.data.num_classes < 1:
-        raise ValueError("data.num_classes is not known yet (the manifest is written when the job starts); "
-                         "set data.num_classes=N for the estimate")
+        raise ValueError(
+            "data.num_classes is not known yet (the manifest is written when the job starts); "
+            "set data.num_classes=N for the estimate"
+        )
     world = cfg.slurm.nodes * cfg.slurm.tasks_per_node
     size = trunk_size(cfg.model)
     states, source = trunk_state(cfg, size)
@@ -315,17 +334,23 @@ def estimate(cfg: RunConfig, gpu_mem_gb: float) -> Estimate:
         "states": (f"trunk states, ZeRO-{cfg.zero.stage} {dtype} ({source})", [states] * n),
         "bucket": ("DeepSpeed gradient bucket (reduce_bucket_size)", [bucket_bytes(cfg.zero)] * n),
         "head": (f"head shard x {HEAD_BYTES_PER_VALUE} B (fp32 weight, AdamW, grad)", [s.state_bytes for s in shards]),
-        "logits": (f"head logits [G={global_batch}, C_local x {cols:g}] fp32 x {LOGIT_COPIES}",
-                   [logit_bytes(global_batch, s.num_local, cfg.loss, cfg.model.embed_dim) for s in shards]),
-        "activations": (f"activations {cfg.data.batch_size} x {per_image / 2**20:.1f} MiB ({dtype})",
-                        [int(per_image * cfg.data.batch_size)] * n),
+        "logits": (
+            f"head logits [G={global_batch}, C_local x {cols:g}] fp32 x {LOGIT_COPIES}",
+            [logit_bytes(global_batch, s.num_local, cfg.loss, cfg.model.embed_dim) for s in shards],
+        ),
+        "activations": (
+            f"activations {cfg.data.batch_size} x {per_image / 2**20:.1f} MiB ({dtype})",
+            [int(per_image * cfg.data.batch_size)] * n,
+        ),
         "reserve": ("runtime reserve (CUDA context, NCCL, allocator)", [RUNTIME_RESERVE] * n),
     }
     groups = [f"ranks {a}-{b}" if a != b else f"rank {a}" for a, b in (s.ranks for s in shards)]
     classes = ", ".join(f"{s.num_local} on {g}" for s, g in zip(shards, groups))
-    notes = [f"trunk {cfg.model.name}: {size.params / 1e6:.1f} M parameters (largest layer "
-             f"{size.largest_layer / 1e6:.2f} M); head {cfg.loss.name}: {cfg.data.num_classes} classes ({classes})",
-             f"activations: {acts.how}"]
+    notes = [
+        f"trunk {cfg.model.name}: {size.params / 1e6:.1f} M parameters (largest layer "
+        f"{size.largest_layer / 1e6:.2f} M); head {cfg.loss.name}: {cfg.data.num_classes} classes ({classes})",
+        f"activations: {acts.how}",
+    ]
     if cfg.slurm.gpus_per_node < 1:
         notes.append("slurm.gpus_per_node=0: the ranks are CPU processes; the table is per process")
     return Estimate(groups, rows, int(gpu_mem_gb * GIB), notes)
@@ -340,17 +365,21 @@ def format_estimate(cfg: RunConfig, est: Estimate) -> str:
     gib = [[_size(v) for v in values] for _, values in est.rows.values()]
     width = max(len(label) for label, _ in est.rows.values())
     cols = [max(len(g), *(len(r[i]) for r in gib)) for i, g in enumerate(est.groups)]
-    lines = [f"memory per GPU of run {cfg.name} ({cfg.recipe or 'no recipe'}): {cfg.slurm.nodes} node(s) x "
-             f"{cfg.slurm.tasks_per_node} tasks = {world} ranks, micro-batch {cfg.data.batch_size} per rank",
-             *est.notes, "",
-             " " * width + "  " + "  ".join(g.rjust(c) for g, c in zip(est.groups, cols))]
+    lines = [
+        f"memory per GPU of run {cfg.name} ({cfg.recipe or 'no recipe'}): {cfg.slurm.nodes} node(s) x "
+        f"{cfg.slurm.tasks_per_node} tasks = {world} ranks, micro-batch {cfg.data.batch_size} per rank",
+        *est.notes,
+        "",
+        " " * width + "  " + "  ".join(g.rjust(c) for g, c in zip(est.groups, cols)),
+    ]
     for (label, _), values in zip(est.rows.values(), gib):
         lines.append(label.ljust(width) + "  " + "  ".join(v.rjust(c) for v, c in zip(values, cols)))
-    lines.append("total".ljust(width) + "  " + "  ".join(_size(t).rjust(c)
-                                                         for t, c in zip(est.totals, cols)))
+    lines.append("total".ljust(width) + "  " + "  ".join(_size(t).rjust(c) for t, c in zip(est.totals, cols)))
     verdict = "fits" if est.fits else "DOES NOT FIT"
-    lines.append(f"budget {est.budget / GIB:g} GiB per GPU (--gpu-mem-gb): {verdict}, peak {est.peak / GIB:.2f} GiB "
-                 f"({(est.budget - est.peak) / GIB:+.2f} GiB headroom)")
+    lines.append(
+        f"budget {est.budget / GIB:g} GiB per GPU (--gpu-mem-gb): {verdict}, peak {est.peak / GIB:.2f} GiB "
+        f"({(est.budget - est.peak) / GIB:+.2f} GiB headroom)"
+    )
     return "\n".join(lines)
 
 
@@ -359,19 +388,38 @@ def fixes(cfg: RunConfig, est: Estimate) -> str:
     out: list[tuple[int, str]] = []
     states = est.most("states") + est.most("head")
     if cfg.zero.stage < 3:
-        out.append((est.most("states"), f"zero.stage={cfg.zero.stage + 1} (partitions more of the trunk's "
-                                        f"{_size(est.most('states'))} of states)"))
-    out.append((states, f"more GPUs, slurm.nodes / slurm.tasks_per_node (the {_size(states)} of trunk states and "
-                        "head shard shrink as 1/ranks; activations do not)"))
+        out.append(
+            (
+                est.most("states"),
+                f"zero.stage={cfg.zero.stage + 1} (partitions more of the trunk's "
+                f"{_size(est.most('states'))} of states)",
+            )
+        )
+    out.append(
+        (
+            states,
+            f"more GPUs, slurm.nodes / slurm.tasks_per_node (the {_size(states)} of trunk states and "
+            "head shard shrink as 1/ranks; activations do not)",
+        )
+    )
     if not cfg.model.grad_checkpointing:
         out.append((est.most("activations"), "model.grad_checkpointing=true (activations are recomputed in backward)"))
-    out.append((est.most("activations"), f"a lower data.batch_size (the {_size(est.most('activations'))} of "
-                                         "activations scale with it)"))
+    out.append(
+        (
+            est.most("activations"),
+            f"a lower data.batch_size (the {_size(est.most('activations'))} of activations scale with it)",
+        )
+    )
     if not cfg.zero.bf16:
         out.append((est.most("activations"), "zero.bf16=true (halves activations and weights)"))
     if cfg.loss.sample_rate >= 1.0:
-        out.append((est.most("logits"), f"loss.sample_rate<1 (Partial-FC: a fraction of each shard's classes in "
-                                        f"the {_size(est.most('logits'))} of logits)"))
+        out.append(
+            (
+                est.most("logits"),
+                f"loss.sample_rate<1 (Partial-FC: a fraction of each shard's classes in "
+                f"the {_size(est.most('logits'))} of logits)",
+            )
+        )
     return "; ".join(text for _, text in sorted(out, key=lambda item: -item[0]))
 
 
@@ -394,6 +442,8 @@ def check_fits(cfgs: list[RunConfig], gpu_mem_gb: float, use_slurm: bool) -> Non
             continue
         est = estimate(cfg, gpu_mem_gb)
         if not est.fits:
-            raise ValueError(f"run {cfg.name} needs an estimated {est.peak / GIB:.2f} GiB per GPU, more than "
-                             f"--gpu-mem-gb={gpu_mem_gb:g}:\n{format_estimate(cfg, est)}\nto fit: {fixes(cfg, est)} "
-                             "(or raise --gpu-mem-gb if the GPUs have more memory)")
+            raise ValueError(
+                f"run {cfg.name} needs an estimated {est.peak / GIB:.2f} GiB per GPU, more than "
+                f"--gpu-mem-gb={gpu_mem_gb:g}:\n{format_estimate(cfg, est)}\nto fit: {fixes(cfg, est)} "
+                "(or raise --gpu-mem-gb if the GPUs have more memory)"
+            )

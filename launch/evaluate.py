@@ -6,6 +6,7 @@ Every check that needs no model (the run's checkpoint, the splits, gallery and p
 before anything is queued; the rows are printed when the job ends and written to
 `<RUN_DIR>/eval_<set>.json`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,15 +41,19 @@ def main(argv: list[str] | None = None) -> int:
         cfg = apply_overrides(load_yaml(config_path(args.run_dir, args.checkpoint, args.export)), args.overrides)
         cfg.validate()
         resolve_eval_sets(cfg.data, cfg.metrics, args.split)  # the cheap checks, before queueing
-        slurm = dataclasses.replace(cfg.slurm, tasks_per_node=args.procs or cfg.slurm.tasks_per_node,
-                                    nodes=cfg.slurm.nodes if args.slurm else 1)
+        slurm = dataclasses.replace(
+            cfg.slurm, tasks_per_node=args.procs or cfg.slurm.tasks_per_node, nodes=cfg.slurm.nodes if args.slurm else 1
+        )
         executor = make_executor(slurm, os.path.join(args.run_dir, "evaluate"), args.slurm)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     job = executor.submit(EvalJob(args.run_dir, args.checkpoint, args.export, args.split, args.overrides))
-    print(f"submitted evaluation job {job.job_id} ({slurm.nodes * slurm.tasks_per_node} ranks); logs: "
-          f"{os.path.join(args.run_dir, 'evaluate', 'submitit', str(job.job_id))}", flush=True)
+    print(
+        f"submitted evaluation job {job.job_id} ({slurm.nodes * slurm.tasks_per_node} ranks); logs: "
+        f"{os.path.join(args.run_dir, 'evaluate', 'submitit', str(job.job_id))}",
+        flush=True,
+    )
     try:
         result = job.results()[0]
     except Exception as err:  # noqa: BLE001 - submitit raises several types for a failed job

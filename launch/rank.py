@@ -5,6 +5,7 @@ WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT. Exit code
 (train.control.REQUEUE_EXIT) means "stopped by the requeue signal after a checkpoint: requeue me";
 the sbatch script does.
 """
+
 from __future__ import annotations
 
 import argparse

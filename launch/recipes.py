@@ -5,6 +5,7 @@ sharded DistArc head, 2 CPU processes, a few minutes. Why its DistArc constants 
 paper's: see docs/studies.md "Choosing the DistArc recipe" (the paper form drifts ||x|| away from the radii
 and the predictive measure collapses; the official form's pull term lambda*delta_y ties them).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,11 +25,29 @@ def mnist_distarc() -> RunConfig:
     return RunConfig(
         name="mnist_distarc",
         max_steps=300,
-        data=DataConfig(root="data-cache/mnist5k", prepare="mnist5k", num_classes=10, image_size=28, in_chans=1,
-                        batch_size=64, eval_batch_size=250, num_workers=1),
+        data=DataConfig(
+            root="data-cache/mnist5k",
+            prepare="mnist5k",
+            num_classes=10,
+            image_size=28,
+            in_chans=1,
+            batch_size=64,
+            eval_batch_size=250,
+            num_workers=1,
+        ),
         model=ModelConfig(name="test_resnet", embed_dim=64, in_chans=1),
-        loss=LossConfig(name="distarc", form="official", scale=8.0, margin=0.5, margin_warmup_steps=100,
-                        radial_weight=0.05, phi_weight=0.0, radius_start=2.0, radius_gap=2.0, num_spheres=10),
+        loss=LossConfig(
+            name="distarc",
+            form="official",
+            scale=8.0,
+            margin=0.5,
+            margin_warmup_steps=100,
+            radial_weight=0.05,
+            phi_weight=0.0,
+            radius_start=2.0,
+            radius_gap=2.0,
+            num_spheres=10,
+        ),
         optim=OptimConfig(lr=3e-3, head_lr=3e-2, weight_decay=0.05, warmup_steps=30),
         zero=ZeroConfig(stage=2),
         checkpoint=CheckpointConfig(every_steps=100, every_minutes=10.0, keep_last=2),
@@ -41,9 +60,12 @@ def mnist_distarc_vit() -> RunConfig:
     """The same task with a small ViT (patch 4 at 28 px): slower to learn than the CNN on CPU."""
     cfg = mnist_distarc()
     return dataclasses.replace(
-        cfg, name="mnist_distarc_vit", max_steps=600,
+        cfg,
+        name="mnist_distarc_vit",
+        max_steps=600,
         model=ModelConfig(name="vit_tiny_patch16_224", embed_dim=64, in_chans=1, img_size=28, patch_size=4),
-        optim=dataclasses.replace(cfg.optim, lr=1e-3))
+        optim=dataclasses.replace(cfg.optim, lr=1e-3),
+    )
 
 
 def mnist_chest() -> RunConfig:
@@ -53,31 +75,42 @@ def mnist_chest() -> RunConfig:
     """
     cfg = mnist_distarc()
     return dataclasses.replace(
-        cfg, name="mnist_chest", model=dataclasses.replace(cfg.model, embed_dim=96, neck=False),
+        cfg,
+        name="mnist_chest",
+        model=dataclasses.replace(cfg.model, embed_dim=96, neck=False),
         loss=LossConfig(name="chest", chest=ChestConfig(proxies_per_class=2, hyp_dim=64, delta_h=1.0, delta_e=5.0)),
-        metrics=dataclasses.replace(cfg.metrics, retrieval=True, recall_ks=(1, 2, 4)))
+        metrics=dataclasses.replace(cfg.metrics, retrieval=True, recall_ks=(1, 2, 4)),
+    )
 
 
 def mnist_arcface() -> RunConfig:
     """Baseline: ArcFace (DistArc with lambda = mu = 0: angular margin only) on the digits, same schedule."""
     cfg = mnist_distarc()
-    return dataclasses.replace(cfg, name="mnist_arcface",
-                               loss=LossConfig(name="arcface", scale=16.0, margin=0.5, margin_warmup_steps=100))
+    return dataclasses.replace(
+        cfg, name="mnist_arcface", loss=LossConfig(name="arcface", scale=16.0, margin=0.5, margin_warmup_steps=100)
+    )
 
 
 def mnist_softtriple() -> RunConfig:
     """Baseline: SoftTriple (K=2 cosine proxies; the SoftTriple paper's gamma 0.1, lambda 20, delta 0.01, tau 0.2)."""
     cfg = mnist_chest()
-    return dataclasses.replace(cfg, name="mnist_softtriple", loss=LossConfig(name="softtriple", chest=ChestConfig(
-        proxies_per_class=2, gamma_e=0.1, lambda_e=20.0, delta_e=0.01, tau=0.2)))
+    return dataclasses.replace(
+        cfg,
+        name="mnist_softtriple",
+        loss=LossConfig(
+            name="softtriple", chest=ChestConfig(proxies_per_class=2, gamma_e=0.1, lambda_e=20.0, delta_e=0.01, tau=0.2)
+        ),
+    )
 
 
 def _open_set(cfg: RunConfig, name: str) -> RunConfig:
     """A digits recipe on the open-set protocol: train on digits 0-4, retrieve the unseen 5-9 (R@K, MAP@R)."""
-    data = dataclasses.replace(cfg.data, root="data-cache/mnist5k_open", prepare="mnist5k_open", num_classes=0,
-                               eval_split="test")
-    return dataclasses.replace(cfg, name=name, data=data,
-                               metrics=dataclasses.replace(cfg.metrics, recall_ks=(), retrieval=True))
+    data = dataclasses.replace(
+        cfg.data, root="data-cache/mnist5k_open", prepare="mnist5k_open", num_classes=0, eval_split="test"
+    )
+    return dataclasses.replace(
+        cfg, name=name, data=data, metrics=dataclasses.replace(cfg.metrics, recall_ks=(), retrieval=True)
+    )
 
 
 def mnist_open_chest() -> RunConfig:
@@ -98,8 +131,19 @@ def mnist_open_distarc() -> RunConfig:
     return _open_set(mnist_distarc(), "mnist_open_distarc")
 
 
-def _vits_chest(name: str, root: str, steps: int, batch: int, per_class: int, lr: float, proxy_lr: float, k: int,
-                delta_h: float, delta_e: float, weight_decay: float) -> RunConfig:
+def _vits_chest(
+    name: str,
+    root: str,
+    steps: int,
+    batch: int,
+    per_class: int,
+    lr: float,
+    proxy_lr: float,
+    k: int,
+    delta_h: float,
+    delta_e: float,
+    weight_decay: float,
+) -> RunConfig:
     """The paper's ViT-S/16 CHEST setting (Table 1, one GPU): x^E is the CLS output (no neck, D_E = 384),
     D_H = 384, c = 0.5, clip 2.3, gamma 5, lambda 20, eta 1, tau 0.5, AdamW, bf16, papers' transforms and the
     backbone's own normalisation. The shared FC h learns at the backbone's rate (optim.fc_lr=0). The paper
@@ -109,18 +153,30 @@ def _vits_chest(name: str, root: str, steps: int, batch: int, per_class: int, lr
     return RunConfig(
         name=name,
         max_steps=steps,
-        data=DataConfig(root=root, eval_split="test", num_classes=0, image_size=224, in_chans=3,
-                        transform="imagenet", norm="timm", batch_size=batch, samples_per_class=per_class,
-                        eval_batch_size=256, num_workers=8),
+        data=DataConfig(
+            root=root,
+            eval_split="test",
+            num_classes=0,
+            image_size=224,
+            in_chans=3,
+            transform="imagenet",
+            norm="timm",
+            batch_size=batch,
+            samples_per_class=per_class,
+            eval_batch_size=256,
+            num_workers=8,
+        ),
         model=ModelConfig(name="vit_small_patch16_224", embed_dim=384, neck=False, in_chans=3),
-        loss=LossConfig(name="chest", chest=ChestConfig(proxies_per_class=k, hyp_dim=384, delta_h=delta_h,
-                                                        delta_e=delta_e)),
+        loss=LossConfig(
+            name="chest", chest=ChestConfig(proxies_per_class=k, hyp_dim=384, delta_h=delta_h, delta_e=delta_e)
+        ),
         optim=OptimConfig(lr=lr, head_lr=proxy_lr, weight_decay=weight_decay, warmup_steps=0),
         zero=ZeroConfig(stage=2, bf16=True),
         checkpoint=CheckpointConfig(every_steps=min(2000, steps // 2), keep_last=2),
         metrics=MetricsConfig(log_every=10, eval_every=0 if steps < 2000 else 5000),
-        slurm=SlurmConfig(nodes=1, tasks_per_node=1, gpus_per_node=1, cpus_per_task=10, time_min=120 if steps < 2000
-                          else 1440),
+        slurm=SlurmConfig(
+            nodes=1, tasks_per_node=1, gpus_per_node=1, cpus_per_task=10, time_min=120 if steps < 2000 else 1440
+        ),
     )
 
 
@@ -154,12 +210,33 @@ def vitl_imagenet_8gpu() -> RunConfig:
     return RunConfig(
         name="vitl_imagenet_8gpu",
         max_steps=100_000,
-        data=DataConfig(root="data-cache/imagenet", num_classes=1000, image_size=224, in_chans=3, batch_size=64,
-                        transform="imagenet", norm="timm", eval_batch_size=256, num_workers=8, shuffle_buffer=5000),
-        model=ModelConfig(name="vit_large_patch16_224", embed_dim=512, in_chans=3, drop_path_rate=0.1,
-                          grad_checkpointing=True),
-        loss=LossConfig(name="distarc", form="official", scale=16.0, margin=0.5, margin_warmup_steps=2000,
-                        radial_weight=0.05, phi_weight=0.0, radius_start=2.0, radius_gap=2.0, num_spheres=10),
+        data=DataConfig(
+            root="data-cache/imagenet",
+            num_classes=1000,
+            image_size=224,
+            in_chans=3,
+            batch_size=64,
+            transform="imagenet",
+            norm="timm",
+            eval_batch_size=256,
+            num_workers=8,
+            shuffle_buffer=5000,
+        ),
+        model=ModelConfig(
+            name="vit_large_patch16_224", embed_dim=512, in_chans=3, drop_path_rate=0.1, grad_checkpointing=True
+        ),
+        loss=LossConfig(
+            name="distarc",
+            form="official",
+            scale=16.0,
+            margin=0.5,
+            margin_warmup_steps=2000,
+            radial_weight=0.05,
+            phi_weight=0.0,
+            radius_start=2.0,
+            radius_gap=2.0,
+            num_spheres=10,
+        ),
         optim=OptimConfig(lr=5e-4, head_lr=5e-3, weight_decay=0.05, warmup_steps=5000, grad_clip=1.0),
         zero=ZeroConfig(stage=2, bf16=True),
         checkpoint=CheckpointConfig(every_steps=2000, keep_last=3),
@@ -178,13 +255,40 @@ def vitl_ms1mv2_faces() -> RunConfig:
     return RunConfig(
         name="vitl_ms1mv2_faces",
         max_steps=110_000,
-        data=DataConfig(root="data-cache/ms1m", eval_split="", num_classes=0, image_size=112, in_chans=3,
-                        transform="faces", norm="inception", batch_size=128, eval_batch_size=256, num_workers=8,
-                        shuffle_buffer=10_000),
-        model=ModelConfig(name="vit_large_patch16_224", img_size=112, patch_size=9, embed_dim=512, in_chans=3,
-                          drop_path_rate=0.1, grad_checkpointing=True),
-        loss=LossConfig(name="distarc", form="official", scale=64.0, margin=0.5, margin_warmup_steps=2000,
-                        radial_weight=0.05, phi_weight=0.0, radius_start=2.0, radius_gap=2.0, num_spheres=10),
+        data=DataConfig(
+            root="data-cache/ms1m",
+            eval_split="",
+            num_classes=0,
+            image_size=112,
+            in_chans=3,
+            transform="faces",
+            norm="inception",
+            batch_size=128,
+            eval_batch_size=256,
+            num_workers=8,
+            shuffle_buffer=10_000,
+        ),
+        model=ModelConfig(
+            name="vit_large_patch16_224",
+            img_size=112,
+            patch_size=9,
+            embed_dim=512,
+            in_chans=3,
+            drop_path_rate=0.1,
+            grad_checkpointing=True,
+        ),
+        loss=LossConfig(
+            name="distarc",
+            form="official",
+            scale=64.0,
+            margin=0.5,
+            margin_warmup_steps=2000,
+            radial_weight=0.05,
+            phi_weight=0.0,
+            radius_start=2.0,
+            radius_gap=2.0,
+            num_spheres=10,
+        ),
         optim=OptimConfig(lr=1e-3, head_lr=1e-3, weight_decay=0.1, warmup_steps=5000, grad_clip=5.0),
         zero=ZeroConfig(stage=2, bf16=True),
         checkpoint=CheckpointConfig(every_steps=2000, keep_last=3),
@@ -196,15 +300,33 @@ def vitl_ms1mv2_faces() -> RunConfig:
 def vitl_ms1mv2_arcface() -> RunConfig:
     """Baseline: the same faces run with ArcFace (s = 64, m = 0.5; DistArc with lambda = mu = 0)."""
     cfg = vitl_ms1mv2_faces()
-    return dataclasses.replace(cfg, name="vitl_ms1mv2_arcface", loss=LossConfig(
-        name="arcface", scale=64.0, margin=0.5, margin_warmup_steps=2000))
+    return dataclasses.replace(
+        cfg,
+        name="vitl_ms1mv2_arcface",
+        loss=LossConfig(name="arcface", scale=64.0, margin=0.5, margin_warmup_steps=2000),
+    )
 
 
 RECIPES: dict[str, Callable[[], RunConfig]] = {
-    fn.__name__: fn for fn in (mnist_distarc, mnist_distarc_vit, mnist_chest, mnist_arcface, mnist_softtriple,
-                               mnist_open_chest, mnist_open_softtriple, mnist_open_arcface, mnist_open_distarc,
-                               vits_cub_chest_1gpu, vits_cars_chest, vits_sop_chest, vits_inshop_chest,
-                               vitl_imagenet_8gpu, vitl_ms1mv2_faces, vitl_ms1mv2_arcface)
+    fn.__name__: fn
+    for fn in (
+        mnist_distarc,
+        mnist_distarc_vit,
+        mnist_chest,
+        mnist_arcface,
+        mnist_softtriple,
+        mnist_open_chest,
+        mnist_open_softtriple,
+        mnist_open_arcface,
+        mnist_open_distarc,
+        vits_cub_chest_1gpu,
+        vits_cars_chest,
+        vits_sop_chest,
+        vits_inshop_chest,
+        vitl_imagenet_8gpu,
+        vitl_ms1mv2_faces,
+        vitl_ms1mv2_arcface,
+    )
 }
 DEFAULT_RECIPE = "mnist_distarc"
 

@@ -6,6 +6,7 @@ so `tensorboard --logdir <run_root>/<sweep name>` shows them side by side, and t
 (`sweep_summary.md`, also printed) is rebuilt from the points' summary.json files by
 `python -m launch.sweep <sweep dir>` at any time.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -54,13 +55,16 @@ def expand(recipe: str, overrides: list[str], specs: list[str], sweep_name: str 
     for point in grid:
         point_recipe = dict(point).get("recipe", recipe)
         rest = [f"{k}={v}" for k, v in point if k != "recipe"]
-        cfg = apply_overrides(get_recipe(point_recipe), [*overrides, *rest, f"run_root={sweep_dir}",
-                                                         f"name={point_label(point)}"])
+        cfg = apply_overrides(
+            get_recipe(point_recipe), [*overrides, *rest, f"run_root={sweep_dir}", f"name={point_label(point)}"]
+        )
         cfgs.append(cfg.resolved())
     shapes = {(c.slurm.nodes, c.slurm.tasks_per_node, c.slurm.gpus_per_node, c.slurm.time_min) for c in cfgs}
     if len(shapes) > 1:
-        raise ValueError(f"the points of one job array must ask for the same resources; got (nodes, tasks_per_node, "
-                         f"gpus_per_node, time_min) = {sorted(shapes)}: add slurm.* overrides that make them equal")
+        raise ValueError(
+            f"the points of one job array must ask for the same resources; got (nodes, tasks_per_node, "
+            f"gpus_per_node, time_min) = {sorted(shapes)}: add slurm.* overrides that make them equal"
+        )
     return sweep_dir, cfgs
 
 

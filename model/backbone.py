@@ -5,6 +5,7 @@ its distances. With `model.neck=false` the embedding is the trunk's own pooled o
 Local pretrained weights (e.g. an ImageNet-21k checkpoint with its 21,843-way classifier) load through
 `load_trunk_weights`: timm's own reader and the model family's checkpoint filter, classifier dropped.
 """
+
 from __future__ import annotations
 
 import os
@@ -52,9 +53,11 @@ def build_backbone(cfg: ModelConfig) -> EmbeddingModel:
         raise ValueError(f"model.name={cfg.name!r}: {err}; list names with timm.list_models()") from err
     width = int(getattr(trunk, "num_features"))
     if not cfg.neck and width != cfg.embed_dim:
-        raise ValueError(f"model.neck=false makes the trunk's output the embedding, but {cfg.name} outputs {width} "
-                         f"features and model.embed_dim={cfg.embed_dim}; set model.embed_dim={width} "
-                         "(or model.neck=true for a Linear neck)")
+        raise ValueError(
+            f"model.neck=false makes the trunk's output the embedding, but {cfg.name} outputs {width} "
+            f"features and model.embed_dim={cfg.embed_dim}; set model.embed_dim={width} "
+            "(or model.neck=true for a Linear neck)"
+        )
     if cfg.checkpoint_path:
         load_trunk_weights(trunk, cfg.checkpoint_path, cfg.name)
     if cfg.grad_checkpointing:
@@ -76,16 +79,19 @@ def load_trunk_weights(trunk: nn.Module, path: str, model_name: str) -> None:
     with the classifier's keys dropped. Anything else that does not fit raises ValueError naming the
     file, the first mismatching keys and the settings that fix the architecture."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"model.checkpoint_path={path} does not exist; give a local timm/torch checkpoint "
-                                "of the trunk (nothing is downloaded)")
+        raise FileNotFoundError(
+            f"model.checkpoint_path={path} does not exist; give a local timm/torch checkpoint "
+            "of the trunk (nothing is downloaded)"
+        )
     if os.path.splitext(path)[1].lower() in (".npz", ".npy"):  # JAX/Flax weights: the model's own reader
         timm.models.load_checkpoint(trunk, path)
         return
     try:
         state = timm.models.load_state_dict(path, weights_only=False)
     except Exception as err:  # noqa: BLE001 - torch.load / safetensors raise many types on bad files
-        raise ValueError(f"model.checkpoint_path={path} is not a readable torch or safetensors checkpoint: "
-                         f"{err}") from err
+        raise ValueError(
+            f"model.checkpoint_path={path} is not a readable torch or safetensors checkpoint: {err}"
+        ) from err
     filter_fn = getattr(sys.modules[type(trunk).__module__], "checkpoint_filter_fn", None)
     if filter_fn is not None:
         state = filter_fn(state, trunk)
@@ -95,13 +101,24 @@ def load_trunk_weights(trunk: nn.Module, path: str, model_name: str) -> None:
     state = {k: v for k, v in state.items() if k not in dropped}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    mismatched = [f"{k} {tuple(state[k].shape)} in the file vs {tuple(own[k].shape)}" for k in own
-                  if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} in the file vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
     if missing or unexpected or mismatched:
-        problems = [f"{len(items)} {what}, first: {items[0]}" for what, items in
-                    (("shape mismatches", mismatched), ("keys missing from the file", missing),
-                     ("keys the model lacks", unexpected)) if items]
-        raise ValueError(f"model.checkpoint_path={path} does not fit model.name={model_name}: {'; '.join(problems)}. "
-                         "Is it a checkpoint of this architecture? model.name, model.in_chans, model.img_size and "
-                         "model.patch_size must describe the network the file was trained as")
+        problems = [
+            f"{len(items)} {what}, first: {items[0]}"
+            for what, items in (
+                ("shape mismatches", mismatched),
+                ("keys missing from the file", missing),
+                ("keys the model lacks", unexpected),
+            )
+            if items
+        ]
+        raise ValueError(
+            f"model.checkpoint_path={path} does not fit model.name={model_name}: {'; '.join(problems)}. "
+            "Is it a checkpoint of this architecture? model.name, model.in_chans, model.img_size and "
+            "model.patch_size must describe the network the file was trained as"
+        )
     trunk.load_state_dict(state, strict=True)

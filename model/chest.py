@@ -17,6 +17,7 @@ the kept rows of that mapping), and it is the only gradient the unsampled proxie
 
 Legend: G global batch, C classes here, K proxies per class, E = D_E, H = D_H, T triplets.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,9 +29,14 @@ from torch.distributed import ProcessGroup
 
 from common.seeds import stable_seed
 from model import hyperbolic as hyp
-from model.collectives import (all_gather_and_exchange, all_gather_no_grad, all_gather_with_grad,
-                               all_reduce_sum_no_grad,
-                               sharded_argmin, sharded_cross_entropy)
+from model.collectives import (
+    all_gather_and_exchange,
+    all_gather_no_grad,
+    all_gather_with_grad,
+    all_reduce_sum_no_grad,
+    sharded_argmin,
+    sharded_cross_entropy,
+)
 from model.config import ChestConfig, LossConfig
 from model.proxies import ShardedHead, class_permutation, class_range, init_rows, owner_of, sample_local_classes
 
@@ -55,8 +61,9 @@ def soft_max_similarity(s_GCK: torch.Tensor, gamma: float) -> torch.Tensor:
     return (torch.softmax(s_GCK / gamma, dim=2) * s_GCK).sum(dim=2)
 
 
-def margin_logits(sim_GC: torch.Tensor, target_col_G: torch.Tensor, lam: float, delta: float
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def margin_logits(
+    sim_GC: torch.Tensor, target_col_G: torch.Tensor, lam: float, delta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """lambda * (S - delta [c = y]) and the target logit (meaningful where target_col >= 0)."""
     num_local = sim_GC.shape[1]
     if num_local == 0:
@@ -104,8 +111,7 @@ class Triplets:
     offset: int  # rotating-peer offset t (0 = local negatives)
 
 
-def sample_triplets(num_classes: int, num_proxies: int, world_size: int, seed: int, step: int,
-                    mode: str) -> Triplets:
+def sample_triplets(num_classes: int, num_proxies: int, world_size: int, seed: int, step: int, mode: str) -> Triplets:
     """The step's triplets, identical on every rank (a pure function of its arguments).
 
     "peer": the negative class lives on rank (owner - t) mod P for one shared random t in 1..P-1,
@@ -140,16 +146,21 @@ def sample_triplets(num_classes: int, num_proxies: int, world_size: int, seed: i
 # ---- the loss over one table slice (sharded or whole) -------------------------------------------
 
 
-def _class_ce(logits: torch.Tensor, target: torch.Tensor, target_col: torch.Tensor,
-              group: ProcessGroup | None, dense: bool) -> torch.Tensor:
+def _class_ce(
+    logits: torch.Tensor, target: torch.Tensor, target_col: torch.Tensor, group: ProcessGroup | None, dense: bool
+) -> torch.Tensor:
     if dense:
         return torch.logsumexp(logits, dim=1) - target
     return sharded_cross_entropy(logits, target, target_col >= 0, group)
 
 
-def class_similarities(x_GE: torch.Tensor, proxies_CKE: torch.Tensor, fc: nn.Module | None, cfg: LossConfig,
-                       proxies_h_CKH: torch.Tensor | None = None
-                       ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+def class_similarities(
+    x_GE: torch.Tensor,
+    proxies_CKE: torch.Tensor,
+    fc: nn.Module | None,
+    cfg: LossConfig,
+    proxies_h_CKH: torch.Tensor | None = None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """Soft class similarities S [G, C] per space, and the proxies mapped into the ball [C, K, H].
 
     Spaces: "euclidean" and "poincare" for CHEST (those with eta > 0), "cosine" for SoftTriple.
@@ -166,8 +177,9 @@ def class_similarities(x_GE: torch.Tensor, proxies_CKE: torch.Tensor, fc: nn.Mod
     out: dict[str, torch.Tensor] = {}
     if ch.eta_e > 0:
         feats, prox = (fc(x), fc(flat)) if ch.euclid_features == "head" else (x, flat)
-        out["euclidean"] = soft_min_similarity(euclidean_pairwise(feats, prox).view(x.shape[0], num_local, k),
-                                               ch.gamma_e)
+        out["euclidean"] = soft_min_similarity(
+            euclidean_pairwise(feats, prox).view(x.shape[0], num_local, k), ch.gamma_e
+        )
     prox_h = None if proxies_h_CKH is None else proxies_h_CKH.reshape(num_local * k, proxies_h_CKH.shape[-1])
     if prox_h is None and (ch.eta_h > 0 or ch.tau > 0):
         prox_h = hyp.to_ball(fc(flat), ch.curvature, ch.clip_radius)
@@ -179,9 +191,16 @@ def class_similarities(x_GE: torch.Tensor, proxies_CKE: torch.Tensor, fc: nn.Mod
     return out, None if prox_h is None else prox_h.view(num_local, k, prox_h.shape[-1])
 
 
-def class_terms(x_GE: torch.Tensor, target_col_G: torch.Tensor, proxies_CKE: torch.Tensor, fc: nn.Module | None,
-                cfg: LossConfig, group: ProcessGroup | None = None, dense: bool = False,
-                proxies_h_CKH: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def class_terms(
+    x_GE: torch.Tensor,
+    target_col_G: torch.Tensor,
+    proxies_CKE: torch.Tensor,
+    fc: nn.Module | None,
+    cfg: LossConfig,
+    group: ProcessGroup | None = None,
+    dense: bool = False,
+    proxies_h_CKH: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
     """Per-sample class losses of CHEST (or SoftTriple) against one slice of the proxy table.
 
     Returns "loss_G" (eta-weighted sum), the per-space "loss_e_G"/"loss_h_G" and, when h exists,
@@ -190,9 +209,11 @@ def class_terms(x_GE: torch.Tensor, target_col_G: torch.Tensor, proxies_CKE: tor
     ch = cfg.chest
     sims, prox_h = class_similarities(x_GE, proxies_CKE, fc, cfg, proxies_h_CKH)
     # space -> (output key, lambda, delta, eta); SoftTriple's cosine space uses the Euclidean fields
-    spec = {"euclidean": ("loss_e_G", ch.lambda_e, ch.delta_e, ch.eta_e),
-            "cosine": ("loss_e_G", ch.lambda_e, ch.delta_e, 1.0),
-            "poincare": ("loss_h_G", ch.lambda_h, ch.delta_h, ch.eta_h)}
+    spec = {
+        "euclidean": ("loss_e_G", ch.lambda_e, ch.delta_e, ch.eta_e),
+        "cosine": ("loss_e_G", ch.lambda_e, ch.delta_e, 1.0),
+        "poincare": ("loss_h_G", ch.lambda_h, ch.delta_h, ch.eta_h),
+    }
     out: dict[str, torch.Tensor] = {}
     total = torch.zeros(x_GE.shape[0], device=x_GE.device)
     for space, sim in sims.items():
@@ -219,8 +240,16 @@ class ChestHead(ShardedHead):
     class_perm: torch.Tensor
     class_unperm: torch.Tensor
 
-    def __init__(self, cfg: LossConfig, num_classes: int, embed_dim: int, rank: int = 0, world_size: int = 1,
-                 group: ProcessGroup | None = None, embedding_grad_scale: float = 1.0) -> None:
+    def __init__(
+        self,
+        cfg: LossConfig,
+        num_classes: int,
+        embed_dim: int,
+        rank: int = 0,
+        world_size: int = 1,
+        group: ProcessGroup | None = None,
+        embedding_grad_scale: float = 1.0,
+    ) -> None:
         super().__init__()
         ch = cfg.chest
         self.cfg, self.num_classes, self.embed_dim = cfg, num_classes, embed_dim
@@ -247,8 +276,10 @@ class ChestHead(ShardedHead):
     def forward(self, emb_BD: torch.Tensor, labels_B: torch.Tensor, step: int = 0) -> dict[str, torch.Tensor]:
         """Loss of the global batch (same value on every rank) and its detached parts."""
         if emb_BD.shape[-1] != self.embed_dim:
-            raise ValueError(f"embedding dimension {emb_BD.shape[-1]} != head's {self.embed_dim}: "
-                             "set model.embed_dim to the dimension the proxies were built with")
+            raise ValueError(
+                f"embedding dimension {emb_BD.shape[-1]} != head's {self.embed_dim}: "
+                "set model.embed_dim to the dimension the proxies were built with"
+            )
         trip = self._triplets(step)
         if trip is not None and trip.offset > 0:
             # The negatives for our anchors live on rank src; we serve rank dst's anchors from our rows.
@@ -256,17 +287,21 @@ class ChestHead(ShardedHead):
             dst = (self.rank + trip.offset) % self.world_size
             src = (self.rank - trip.offset) % self.world_size
             d_lo, d_n = class_range(self.num_classes, dst, self.world_size)
-            send = _rows(self.proxies, trip.neg_class[d_lo:d_lo + d_n] - self.class_start,
-                         trip.neg_k[d_lo:d_lo + d_n])
-            x_GE, neg_e = all_gather_and_exchange(emb_BD.float(), send, dst, src, self.num_local, self.group,
-                                                  self.embedding_grad_scale)
+            send = _rows(
+                self.proxies, trip.neg_class[d_lo : d_lo + d_n] - self.class_start, trip.neg_k[d_lo : d_lo + d_n]
+            )
+            x_GE, neg_e = all_gather_and_exchange(
+                emb_BD.float(), send, dst, src, self.num_local, self.group, self.embedding_grad_scale
+            )
         else:
             x_GE = all_gather_with_grad(emb_BD.float(), self.group, self.embedding_grad_scale)
             neg_e = None
         labels_G = all_gather_no_grad(labels_B, self.group)
         if labels_G.numel() and (int(labels_G.min()) < 0 or int(labels_G.max()) >= self.num_classes):
-            raise ValueError(f"labels outside [0, {self.num_classes}): min {int(labels_G.min())}, max "
-                             f"{int(labels_G.max())}; set data.num_classes to the data set's class count")
+            raise ValueError(
+                f"labels outside [0, {self.num_classes}): min {int(labels_G.min())}, max "
+                f"{int(labels_G.max())}; set data.num_classes to the data set's class count"
+            )
         target_col = self.target_columns(labels_G)
         proxies: torch.Tensor = self.proxies
         sampled = self.cfg.sample_rate < 1.0
@@ -309,18 +344,21 @@ class ChestHead(ShardedHead):
         assert self.fc is not None
         ch = self.cfg.chest
         flat = self.proxies.reshape(-1, self.embed_dim).float()
-        return hyp.to_ball(self.fc(flat), ch.curvature, ch.clip_radius).view(self.num_local, ch.proxies_per_class,
-                                                                             ch.hyp_dim)
+        return hyp.to_ball(self.fc(flat), ch.curvature, ch.clip_radius).view(
+            self.num_local, ch.proxies_per_class, ch.hyp_dim
+        )
 
     def _triplets(self, step: int) -> Triplets | None:
         ch = self.cfg.chest
         if self.cfg.name != "chest" or ch.tau <= 0:
             return None
-        return sample_triplets(self.num_classes, ch.proxies_per_class, self.world_size, self.cfg.init_seed, step,
-                               ch.hyphc_negatives)
+        return sample_triplets(
+            self.num_classes, ch.proxies_per_class, self.world_size, self.cfg.init_seed, step, ch.hyphc_negatives
+        )
 
-    def _regulariser(self, prox_h: torch.Tensor | None, trip: Triplets | None, neg_e: torch.Tensor | None
-                     ) -> torch.Tensor:
+    def _regulariser(
+        self, prox_h: torch.Tensor | None, trip: Triplets | None, neg_e: torch.Tensor | None
+    ) -> torch.Tensor:
         """(tau / M) * this rank's share of the regulariser (HypHC, or SoftTriple's centre term), over every
         local proxy whatever loss.sample_rate (`prox_h`: all of them mapped into the ball)."""
         ch = self.cfg.chest
@@ -330,12 +368,12 @@ class ChestHead(ShardedHead):
         assert prox_h is not None and self.fc is not None
         lo, n = self.class_start, self.num_local
         rows = torch.arange(n, device=prox_h.device)
-        p1, p2 = _rows(prox_h, rows, trip.pos_i[lo:lo + n]), _rows(prox_h, rows, trip.pos_j[lo:lo + n])
+        p1, p2 = _rows(prox_h, rows, trip.pos_i[lo : lo + n]), _rows(prox_h, rows, trip.pos_j[lo : lo + n])
         if neg_e is None:
-            p3 = _rows(prox_h, trip.neg_class[lo:lo + n] - lo, trip.neg_k[lo:lo + n])
+            p3 = _rows(prox_h, trip.neg_class[lo : lo + n] - lo, trip.neg_k[lo : lo + n])
         else:  # received Euclidean rows, mapped here by the replicated h (its grads are summed later)
             p3 = hyp.to_ball(self.fc(neg_e), ch.curvature, ch.clip_radius)
-        valid = trip.valid[lo:lo + n].to(prox_h.device, prox_h.dtype)
+        valid = trip.valid[lo : lo + n].to(prox_h.device, prox_h.dtype)
         return ch.tau / self.num_classes * (hyphc_triplet_loss(p1, p2, p3, ch) * valid).sum()
 
     @torch.no_grad()
@@ -355,12 +393,19 @@ class ChestHead(ShardedHead):
     def predict(self, emb_GD: torch.Tensor) -> dict[str, torch.Tensor]:
         """Label of the class with the highest soft similarity, per space."""
         sims, _ = class_similarities(emb_GD, self.proxies, self.fc, self.cfg)
-        return {space: self.class_unperm[sharded_argmin(-sim, self.class_start, self.group)]
-                for space, sim in sims.items()}
+        return {
+            space: self.class_unperm[sharded_argmin(-sim, self.class_start, self.group)] for space, sim in sims.items()
+        }
 
 
-def chest_loss(emb: torch.Tensor, labels: torch.Tensor, proxies: torch.Tensor, cfg: LossConfig,
-               fc: nn.Module | None = None, triplets: Triplets | None = None) -> torch.Tensor:
+def chest_loss(
+    emb: torch.Tensor,
+    labels: torch.Tensor,
+    proxies: torch.Tensor,
+    cfg: LossConfig,
+    fc: nn.Module | None = None,
+    triplets: Triplets | None = None,
+) -> torch.Tensor:
     """Single-process CHEST (or SoftTriple) loss against the whole table `proxies` [C, K, D_E].
 
     `labels` index rows of `proxies` directly (no permutation). HypHC uses `triplets` (e.g. from

@@ -5,6 +5,7 @@ when torch.distributed is not initialised, so the same head code runs single-pro
 
 Legend: B = local batch, P = ranks, G = P * B global batch, C = classes on this rank, D = dim.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -30,7 +31,7 @@ def _sum_then_slice(grad_GD: torch.Tensor, rank: int, world: int, group: Process
     # gloo has no reduce-scatter: an all-reduce gives the same sum, at P times the traffic.
     full = grad_GD.contiguous().clone()
     dist.all_reduce(full, group=group)
-    return full[rank * rows:(rank + 1) * rows]
+    return full[rank * rows : (rank + 1) * rows]
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
@@ -48,8 +49,9 @@ class _AllGatherWithGrad(torch.autograd.Function):
         return grad_BD * ctx.grad_scale, None, None
 
 
-def all_gather_with_grad(x_BD: torch.Tensor, group: ProcessGroup | None = None,
-                         grad_scale: float = 1.0) -> torch.Tensor:
+def all_gather_with_grad(
+    x_BD: torch.Tensor, group: ProcessGroup | None = None, grad_scale: float = 1.0
+) -> torch.Tensor:
     """Concatenate every rank's `x_BD` (equal B on all ranks) into `x_GD`, rank order.
 
     Backward sums each rank's gradient for the rows it contributed (a reduce-scatter), because
@@ -83,8 +85,9 @@ def all_reduce_sum_no_grad(x: torch.Tensor, group: ProcessGroup | None = None) -
 
 class _ShardedCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, logits_GC: torch.Tensor, target_G: torch.Tensor, owner_G: torch.Tensor,
-                group: ProcessGroup | None) -> torch.Tensor:
+    def forward(
+        ctx: Any, logits_GC: torch.Tensor, target_G: torch.Tensor, owner_G: torch.Tensor, group: ProcessGroup | None
+    ) -> torch.Tensor:
         _, world = _world(group)
         with torch.no_grad():
             if logits_GC.shape[1] > 0:
@@ -110,8 +113,9 @@ class _ShardedCrossEntropy(torch.autograd.Function):
         return grad_logits, grad_target, None, None
 
 
-def sharded_cross_entropy(logits_GC: torch.Tensor, target_G: torch.Tensor, owner_G: torch.Tensor,
-                          group: ProcessGroup | None = None) -> torch.Tensor:
+def sharded_cross_entropy(
+    logits_GC: torch.Tensor, target_G: torch.Tensor, owner_G: torch.Tensor, group: ProcessGroup | None = None
+) -> torch.Tensor:
     """Per-sample `logsumexp_j(z_j) - z_target`, the softmax spanning every rank's classes.
 
     Args:
@@ -153,8 +157,16 @@ def sharded_argmin(values_GC: torch.Tensor, class_start: int, group: ProcessGrou
 
 class _GatherAndExchange(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x_BD: torch.Tensor, send_ND: torch.Tensor, dst: int, src: int, recv_rows: int,
-                group: ProcessGroup | None, grad_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        ctx: Any,
+        x_BD: torch.Tensor,
+        send_ND: torch.Tensor,
+        dst: int,
+        src: int,
+        recv_rows: int,
+        group: ProcessGroup | None,
+        grad_scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         rank, world = _world(group)
         ctx.group, ctx.rank, ctx.world, ctx.grad_scale = group, rank, world, grad_scale
         ctx.dst, ctx.src, ctx.send_shape = dst, src, send_ND.shape
@@ -165,8 +177,9 @@ class _GatherAndExchange(torch.autograd.Function):
         return torch.cat(parts, dim=0), recv
 
     @staticmethod
-    def backward(ctx: Any, grad_GD: torch.Tensor, grad_recv: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, None, None, None, None, None]:
+    def backward(
+        ctx: Any, grad_GD: torch.Tensor, grad_recv: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, None, None, None, None, None]:
         # Both collectives in one node, in a fixed order: autograd may visit separate nodes in a
         # different order on different ranks, and collectives issued out of order deadlock.
         grad_BD = _sum_then_slice(grad_GD, ctx.rank, ctx.world, ctx.group) * ctx.grad_scale
@@ -191,9 +204,15 @@ def _send_recv(send: torch.Tensor, dst: int, recv: torch.Tensor, src: int, group
             req.wait()
 
 
-def all_gather_and_exchange(x_BD: torch.Tensor, send_ND: torch.Tensor, dst: int, src: int, recv_rows: int,
-                             group: ProcessGroup | None = None, grad_scale: float = 1.0
-                             ) -> tuple[torch.Tensor, torch.Tensor]:
+def all_gather_and_exchange(
+    x_BD: torch.Tensor,
+    send_ND: torch.Tensor,
+    dst: int,
+    src: int,
+    recv_rows: int,
+    group: ProcessGroup | None = None,
+    grad_scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`all_gather_with_grad(x_BD)` plus a point-to-point exchange, as one autograd node.
 
     Sends `send_ND` to rank `dst` and receives `recv_rows` rows from rank `src` (group ranks). The

@@ -3,6 +3,7 @@
 Both are plain typed dataclasses; `train.config.RunConfig` composes them. Each `validate()` raises
 `ValueError` naming the setting and what to change.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -83,8 +84,10 @@ class ChestConfig:
         if self.proxies_per_class < 1:
             raise ValueError(f"loss.chest.proxies_per_class={self.proxies_per_class} must be >= 1")
         if self.proxies_per_class < 2 and self.tau > 0:
-            raise ValueError(f"loss.chest.proxies_per_class={self.proxies_per_class} < 2 with loss.chest.tau="
-                             f"{self.tau} > 0: HypHC / the centre regulariser need two proxies per class; set tau=0")
+            raise ValueError(
+                f"loss.chest.proxies_per_class={self.proxies_per_class} < 2 with loss.chest.tau="
+                f"{self.tau} > 0: HypHC / the centre regulariser need two proxies per class; set tau=0"
+            )
         if not self.curvature > 0:
             raise ValueError(f"loss.chest.curvature={self.curvature} must be > 0 (curvature of the ball is -c)")
         if self.hyp_dim < 1 or self.gamma_e <= 0 or self.gamma_h <= 0 or self.gamma_hyp <= 0:

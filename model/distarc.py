@@ -9,6 +9,7 @@ All maths is fp32 whatever the input dtype (bf16 rounds 1 - 1e-7 to 1 and acos' 
 
 Legend: G = global batch (gathered), C = classes on this rank (or all classes when dense), D = dim.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,8 +20,13 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from common.seeds import stable_seed
-from model.collectives import (all_gather_no_grad, all_gather_with_grad, all_reduce_sum_no_grad, sharded_argmin,
-                               sharded_cross_entropy)
+from model.collectives import (
+    all_gather_no_grad,
+    all_gather_with_grad,
+    all_reduce_sum_no_grad,
+    sharded_argmin,
+    sharded_cross_entropy,
+)
 from model.config import LossConfig
 from model.proxies import ShardedHead, class_range, init_rows, sample_local_classes
 
@@ -48,8 +54,14 @@ def _arc_margin(cos_t: torch.Tensor, margin: float, theta_guard: bool) -> torch.
     return torch.where(cos_t > math.cos(math.pi - margin), with_margin, cos_t - math.sin(margin) * margin)
 
 
-def distarc_logits(emb_GD: torch.Tensor, target_col_G: torch.Tensor, weight_CD: torch.Tensor, radii_C: torch.Tensor,
-                   cfg: LossConfig, margin: float) -> dict[str, torch.Tensor]:
+def distarc_logits(
+    emb_GD: torch.Tensor,
+    target_col_G: torch.Tensor,
+    weight_CD: torch.Tensor,
+    radii_C: torch.Tensor,
+    cfg: LossConfig,
+    margin: float,
+) -> dict[str, torch.Tensor]:
     """Denominator logits over the given classes, and the numerator logit where the class is ours.
 
     Args:
@@ -79,11 +91,11 @@ def distarc_logits(emb_GD: torch.Tensor, target_col_G: torch.Tensor, weight_CD: 
     use_phi = cfg.name == "distarc" and cfg.phi_weight != 0
     lam = cfg.radial_weight if radial else 0.0
 
-    x_sq = x_norm ** 2
+    x_sq = x_norm**2
     if radial:
         # s cos - lam * delta, delta = ||x||^2 + r^2 - 2 r (x . w_hat), without materialising delta:
         # fewer [G, C] temporaries (DistArc's cost over ArcFace is these elementwise passes).
-        bias = -(lam * x_sq[:, None] + (lam * radii_C ** 2)[None, :])
+        bias = -(lam * x_sq[:, None] + (lam * radii_C**2)[None, :])
         logits = torch.addcmul(bias, dot, (2 * lam * radii_C)[None, :]).add_(cos, alpha=s)
     else:
         logits = s * cos
@@ -119,9 +131,14 @@ def distarc_logits(emb_GD: torch.Tensor, target_col_G: torch.Tensor, weight_CD: 
     # the owner's target column takes the margin logit (index_put: one copy, no [G, C] one-hot)
     logits = logits.index_put((rows[owner], y_idx[owner]), den_y[owner])
     mask = owner.float()
-    return {"logits": logits, "target": target, "owner": owner,
-            "delta_y": (delta_y * mask).detach(), "cos_y": (cos_y * mask).detach(),
-            "cos_phi_y": (cos_phi * mask).detach()}
+    return {
+        "logits": logits,
+        "target": target,
+        "owner": owner,
+        "delta_y": (delta_y * mask).detach(),
+        "cos_y": (cos_y * mask).detach(),
+        "cos_phi_y": (cos_phi * mask).detach(),
+    }
 
 
 def anchor_sq_distance(emb_GD: torch.Tensor, weight_CD: torch.Tensor, radii_C: torch.Tensor) -> torch.Tensor:
@@ -146,8 +163,16 @@ class DistArcHead(ShardedHead):
 
     radii: torch.Tensor
 
-    def __init__(self, cfg: LossConfig, num_classes: int, embed_dim: int, rank: int = 0, world_size: int = 1,
-                 group: ProcessGroup | None = None, embedding_grad_scale: float = 1.0) -> None:
+    def __init__(
+        self,
+        cfg: LossConfig,
+        num_classes: int,
+        embed_dim: int,
+        rank: int = 0,
+        world_size: int = 1,
+        group: ProcessGroup | None = None,
+        embedding_grad_scale: float = 1.0,
+    ) -> None:
         super().__init__()
         self.cfg, self.num_classes, self.embed_dim = cfg, num_classes, embed_dim
         self.group, self.embedding_grad_scale = group, embedding_grad_scale
@@ -155,19 +180,24 @@ class DistArcHead(ShardedHead):
         rows = init_rows(cfg.init_seed, self.class_start, self.num_local, (embed_dim,))
         self.weight = nn.Parameter(rows * 0.01 if cfg.name == "softmax" else rows)
         ids = torch.arange(self.class_start, self.class_start + self.num_local)
-        self.register_buffer("radii", sphere_radii(ids, cfg.radius_start, cfg.radius_gap, cfg.num_spheres),
-                             persistent=False)
+        self.register_buffer(
+            "radii", sphere_radii(ids, cfg.radius_start, cfg.radius_gap, cfg.num_spheres), persistent=False
+        )
 
     def forward(self, emb_BD: torch.Tensor, labels_B: torch.Tensor, step: int = 0) -> dict[str, torch.Tensor]:
         """Loss of the global batch (same value on every rank) and its detached parts."""
         if emb_BD.shape[-1] != self.embed_dim:
-            raise ValueError(f"embedding dimension {emb_BD.shape[-1]} != head's {self.embed_dim}: "
-                             "set model.embed_dim to the same value the head was built with")
+            raise ValueError(
+                f"embedding dimension {emb_BD.shape[-1]} != head's {self.embed_dim}: "
+                "set model.embed_dim to the same value the head was built with"
+            )
         emb_GD = all_gather_with_grad(emb_BD.float(), self.group, self.embedding_grad_scale)
         labels_G = all_gather_no_grad(labels_B, self.group)
         if labels_G.numel() and (int(labels_G.min()) < 0 or int(labels_G.max()) >= self.num_classes):
-            raise ValueError(f"labels outside [0, {self.num_classes}): min {int(labels_G.min())}, max "
-                             f"{int(labels_G.max())}; set data.num_classes to the data set's class count")
+            raise ValueError(
+                f"labels outside [0, {self.num_classes}): min {int(labels_G.min())}, max "
+                f"{int(labels_G.max())}; set data.num_classes to the data set's class count"
+            )
         local_y = labels_G - self.class_start
         target_col = torch.where((local_y >= 0) & (local_y < self.num_local), local_y, -1)
         weight: torch.Tensor = self.weight
@@ -180,8 +210,13 @@ class DistArcHead(ShardedHead):
         loss_G = sharded_cross_entropy(out["logits"], out["target"], out["owner"], self.group)
         parts = torch.stack([out["delta_y"], out["cos_y"], out["cos_phi_y"]])
         parts = all_reduce_sum_no_grad(parts, self.group) / max(labels_G.numel(), 1)
-        return {"loss": loss_G.mean(), "radial": parts[0].sum(), "cos_target": parts[1].sum(),
-                "cos_phi": parts[2].sum(), "emb_norm": emb_GD.detach().norm(dim=1).mean()}
+        return {
+            "loss": loss_G.mean(),
+            "radial": parts[0].sum(),
+            "cos_target": parts[1].sum(),
+            "cos_phi": parts[2].sum(),
+            "emb_norm": emb_GD.detach().norm(dim=1).mean(),
+        }
 
     def sharded_parameters(self) -> dict[str, nn.Parameter]:
         return {"weight": self.weight}
@@ -195,16 +230,23 @@ class DistArcHead(ShardedHead):
         """
         out = {"cosine": sharded_argmin(-cosine_scores(emb_GD, self.weight), self.class_start, self.group)}
         if self.cfg.name == "distarc":
-            out["measure"] = sharded_argmin(anchor_sq_distance(emb_GD, self.weight, self.radii), self.class_start,
-                                            self.group)
+            out["measure"] = sharded_argmin(
+                anchor_sq_distance(emb_GD, self.weight, self.radii), self.class_start, self.group
+            )
         return out
 
 
 # ---- single-process reference API (plain tensors, the full table) -----------------------------
 
 
-def distarc_loss(emb: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, radii: torch.Tensor,
-                 cfg: LossConfig | None = None, margin: float | None = None) -> torch.Tensor:
+def distarc_loss(
+    emb: torch.Tensor,
+    labels: torch.Tensor,
+    weight: torch.Tensor,
+    radii: torch.Tensor,
+    cfg: LossConfig | None = None,
+    margin: float | None = None,
+) -> torch.Tensor:
     """Mean DistArc loss of `emb` [N, D] against the whole table `weight` [C, D] with radii [C]."""
     cfg = cfg or LossConfig()
     out = distarc_logits(emb, labels, weight, radii.float(), cfg, cfg.margin if margin is None else margin)

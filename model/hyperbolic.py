@@ -6,6 +6,7 @@ The ball of curvature -c (c > 0) is {x : c ||x||^2 < 1}, radius 1/sqrt(c). geoop
     ||(-u) (+)_c v||^2 = ||u - v||^2 / (1 - 2c<u,v> + c^2 ||u||^2 ||v||^2)
     D_c(u, v)          = (2 / sqrt(c)) artanh(sqrt(c) ||(-u) (+)_c v||)
 """
+
 from __future__ import annotations
 
 import math

@@ -5,6 +5,7 @@ writer and the tests all call it. Rows are drawn from generators keyed by *globa
 blocks), so a table is bit-identical whatever the world size: this is what makes checkpoints
 re-sliceable and the sharded loss comparable with a dense one.
 """
+
 from __future__ import annotations
 
 import abc
@@ -49,8 +50,9 @@ def class_permutation(num_classes: int, seed: int) -> torch.Tensor:
     return torch.randperm(num_classes, generator=torch.Generator().manual_seed(seed + 17))
 
 
-def sample_local_classes(target_col: torch.Tensor, num_local: int, rate: float,
-                         generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_local_classes(
+    target_col: torch.Tensor, num_local: int, rate: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Partial-FC negative-class sampling on one rank.
 
     Args:
@@ -88,7 +90,7 @@ def init_rows(seed: int, class_start: int, num_local: int, row_shape: tuple[int,
         rows = torch.randn((INIT_BLOCK, *row_shape), generator=gen)
         lo = max(class_start, block * INIT_BLOCK)
         hi = min(class_start + num_local, (block + 1) * INIT_BLOCK)
-        out[lo - class_start:hi - class_start] = rows[lo - block * INIT_BLOCK:hi - block * INIT_BLOCK]
+        out[lo - class_start : hi - class_start] = rows[lo - block * INIT_BLOCK : hi - block * INIT_BLOCK]
     return out
 
 

@@ -2,6 +2,7 @@
 
 The training loop only sees the dict contract; it never knows which loss is inside.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -14,8 +15,14 @@ from model.distarc import DistArcHead
 from model.proxies import ShardedHead
 
 
-def build_head(cfg: LossConfig, num_classes: int, embed_dim: int, rank: int = 0, world_size: int = 1,
-               embedding_grad_scale: float = 1.0) -> ShardedHead:
+def build_head(
+    cfg: LossConfig,
+    num_classes: int,
+    embed_dim: int,
+    rank: int = 0,
+    world_size: int = 1,
+    embedding_grad_scale: float = 1.0,
+) -> ShardedHead:
     """The class-sharded head named by `cfg.name` (DistArc and its baselines, or CHEST / SoftTriple)."""
     cls = ChestHead if cfg.name in ("chest", "softtriple") else DistArcHead
     return cls(cfg, num_classes, embed_dim, rank, world_size, embedding_grad_scale=embedding_grad_scale)

@@ -1,4 +1,5 @@
 """`SlurmConfig` -> a submitit executor: LocalExecutor (N local processes) or AutoExecutor (Slurm)."""
+
 from __future__ import annotations
 
 import os
@@ -11,14 +12,23 @@ from train.config import SlurmConfig
 def slurm_parameters(cfg: SlurmConfig, job_name: str) -> dict[str, object]:
     """AutoExecutor parameters (slurm_* where submitit needs the prefix) from the config."""
     params: dict[str, object] = {
-        "nodes": cfg.nodes, "tasks_per_node": cfg.tasks_per_node, "cpus_per_task": cfg.cpus_per_task,
-        "timeout_min": cfg.time_min, "slurm_signal_delay_s": cfg.signal_delay_s, "name": job_name,
+        "nodes": cfg.nodes,
+        "tasks_per_node": cfg.tasks_per_node,
+        "cpus_per_task": cfg.cpus_per_task,
+        "timeout_min": cfg.time_min,
+        "slurm_signal_delay_s": cfg.signal_delay_s,
+        "name": job_name,
         # stdout of every task in one file per task, appended across requeues
         "slurm_additional_parameters": {"open_mode": "append", **cfg.extra_parameters()},
     }
-    optional = {"gpus_per_node": cfg.gpus_per_node, "mem_gb": cfg.mem_gb, "slurm_partition": cfg.partition,
-                "slurm_account": cfg.account, "slurm_qos": cfg.qos,
-                "slurm_array_parallelism": cfg.array_parallelism}
+    optional = {
+        "gpus_per_node": cfg.gpus_per_node,
+        "mem_gb": cfg.mem_gb,
+        "slurm_partition": cfg.partition,
+        "slurm_account": cfg.account,
+        "slurm_qos": cfg.qos,
+        "slurm_array_parallelism": cfg.array_parallelism,
+    }
     params.update({k: v for k, v in optional.items() if v})
     if cfg.setup:
         params["slurm_setup"] = list(cfg.setup)

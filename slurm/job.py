@@ -10,6 +10,7 @@ checkpoint), runs `scontrol requeue` and exits. A TERM (Slurm's preemption signa
 saves and ends the job; Slurm requeues a preempted job by itself. A plain `scontrol requeue`
 restarts the original submission, which resumes from the latest checkpoint the same way.
 """
+
 from __future__ import annotations
 
 import signal
@@ -64,8 +65,9 @@ class TrainJob(submitit.helpers.Checkpointable):
 class EvalJob:
     """Picklable callable: one rank of `train.evaluate` (python -m launch.evaluate submits N of them)."""
 
-    def __init__(self, run_dir: str, checkpoint: str | None, use_export: bool, splits: list[str] | None,
-                 overrides: list[str]) -> None:
+    def __init__(
+        self, run_dir: str, checkpoint: str | None, use_export: bool, splits: list[str] | None, overrides: list[str]
+    ) -> None:
         self.run_dir, self.checkpoint, self.use_export = run_dir, checkpoint, use_export
         self.splits, self.overrides = splits, overrides
 

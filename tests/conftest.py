@@ -1,4 +1,5 @@
 """Shared fixtures: per-session gloo process pools and the MNIST shards written once."""
+
 from __future__ import annotations
 
 import os

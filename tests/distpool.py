@@ -4,6 +4,7 @@ Starting processes and importing torch/DeepSpeed costs seconds; a pool pays it o
 `pool.run(fn, *args)` calls the module-level function `fn` on every rank and returns the list of
 per-rank results (rank order), re-raising any rank's exception with its traceback.
 """
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -21,9 +22,16 @@ def free_port() -> int:
 
 
 def _serve(rank: int, world: int, port: int, conn: Any) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), LOCAL_SIZE=str(world),
-                      DS_ACCELERATOR="cpu")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        LOCAL_SIZE=str(world),
+        DS_ACCELERATOR="cpu",
+    )
     import torch
     import torch.distributed as dist
 
@@ -72,8 +80,10 @@ class DistPool:
             late = time.monotonic() > deadline
             if errors and (len(replies) < self.world_size) or late:
                 self.kill()
-                raise RuntimeError("\n".join(errors) or f"ranks {sorted(set(range(self.world_size)) - set(replies))} "
-                                   f"did not answer within {timeout_s} s")
+                raise RuntimeError(
+                    "\n".join(errors)
+                    or f"ranks {sorted(set(range(self.world_size)) - set(replies))} did not answer within {timeout_s} s"
+                )
         errors = [f"rank {r}:\n{payload}" for r, (status, payload) in sorted(replies.items()) if status == "err"]
         if errors:
             raise RuntimeError("\n".join(errors))

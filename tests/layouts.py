@@ -4,6 +4,7 @@ Each builder writes the files exactly as the dataset ships them (list files, .ma
 RecordIO, pickled .bin pairs) so the tests run the real converter on them. Class c's images share a
 colour (plus per-image noise), so a few training steps already separate the classes.
 """
+
 from __future__ import annotations
 
 import io
@@ -57,18 +58,28 @@ def make_cars(src: str, train_classes: int = 4, test_classes: int = 4, per_class
     ann = np.zeros((1, len(classes)), dtype=[(f, "O") for f in fields])
     for i, c in enumerate(classes):
         rel = f"car_ims/{i + 1:06d}.jpg"
-        ann[0, i] = (rel, np.array([[1]], np.uint8), np.array([[1]], np.uint8), np.array([[30]], np.uint8),
-                     np.array([[30]], np.uint8), np.array([[c]], np.uint8), np.array([[int(c > 98)]], np.uint8))
+        ann[0, i] = (
+            rel,
+            np.array([[1]], np.uint8),
+            np.array([[1]], np.uint8),
+            np.array([[30]], np.uint8),
+            np.array([[30]], np.uint8),
+            np.array([[c]], np.uint8),
+            np.array([[int(c > 98)]], np.uint8),
+        )
         _write(os.path.join(src, rel), class_jpeg(c, i))
-    scipy.io.savemat(os.path.join(src, "cars_annos.mat"),
-                     {"annotations": ann, "class_names": np.array(["a", "b"], dtype=object)})
+    scipy.io.savemat(
+        os.path.join(src, "cars_annos.mat"), {"annotations": ann, "class_names": np.array(["a", "b"], dtype=object)}
+    )
 
 
 def make_sop(src: str, train_classes: int = 4, test_classes: int = 4, per_class: int = 5) -> None:
     """Stanford_Online_Products: Ebay_train.txt / Ebay_test.txt and <super>_final/ folders."""
     image_id = 0
-    for name, classes in (("Ebay_train.txt", range(1, 1 + train_classes)),
-                          ("Ebay_test.txt", range(1 + train_classes, 1 + train_classes + test_classes))):
+    for name, classes in (
+        ("Ebay_train.txt", range(1, 1 + train_classes)),
+        ("Ebay_test.txt", range(1 + train_classes, 1 + train_classes + test_classes)),
+    ):
         lines = ["image_id class_id super_class_id path"]
         for c in classes:
             for j in range(per_class):

@@ -1,4 +1,5 @@
 """Comparison helpers shared by the numerical tests."""
+
 from __future__ import annotations
 
 import torch

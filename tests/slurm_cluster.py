@@ -12,6 +12,7 @@ and left running by `stop_cluster()`.
 The job functions used by tests/test_slurm_cluster.py live here too: submitit pickles them by
 reference (module `tests.slurm_cluster`), so they must be importable in the job's python.
 """
+
 from __future__ import annotations
 
 import os
@@ -69,8 +70,13 @@ def local_cluster() -> dict[str, str]:
     d = slurm_dir()
     env = {**os.environ, "SLURM_DIR": str(d)}
     proc = subprocess.run(
-        ["bash", str(CLUSTER_DIR / "start.sh")], env=env, stdin=subprocess.DEVNULL,
-        capture_output=True, text=True, timeout=START_TIMEOUT_S, check=False,
+        ["bash", str(CLUSTER_DIR / "start.sh")],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=START_TIMEOUT_S,
+        check=False,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"slurm/cluster/start.sh failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
@@ -85,8 +91,13 @@ def stop_cluster(force: bool = False) -> None:
     if not force and str(d) not in _started_here:
         return
     proc = subprocess.run(
-        ["bash", str(CLUSTER_DIR / "stop.sh")], env={**os.environ, "SLURM_DIR": str(d)},
-        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=180, check=False,
+        ["bash", str(CLUSTER_DIR / "stop.sh")],
+        env={**os.environ, "SLURM_DIR": str(d)},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
     )
     _started_here.discard(str(d))
     if proc.returncode != 0:
@@ -98,20 +109,27 @@ def job_state(job_id: str) -> str:
 
     For an array job id without a task index, the states of its tasks joined by ','.
     """
-    proc = subprocess.run(["squeue", "-h", "-t", "all", "-j", str(job_id), "-o", "%T"],
-                          capture_output=True, text=True, timeout=30, check=False)
+    proc = subprocess.run(
+        ["squeue", "-h", "-t", "all", "-j", str(job_id), "-o", "%T"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     states = [s.strip() for s in proc.stdout.splitlines() if s.strip()]
     if not states:
-        proc = subprocess.run(["scontrol", "-o", "show", "job", str(job_id)],
-                              capture_output=True, text=True, timeout=30, check=False)
+        proc = subprocess.run(
+            ["scontrol", "-o", "show", "job", str(job_id)], capture_output=True, text=True, timeout=30, check=False
+        )
         states = [w.split("=", 1)[1] for w in proc.stdout.split() if w.startswith("JobState=")]
     return ",".join(sorted(set(states)))
 
 
 def job_restarts(job_id: str) -> int:
     """How many times Slurm requeued the job (scontrol's Restarts=)."""
-    out = subprocess.run(["scontrol", "-o", "show", "job", str(job_id)], capture_output=True, text=True,
-                         timeout=30, check=True).stdout
+    out = subprocess.run(
+        ["scontrol", "-o", "show", "job", str(job_id)], capture_output=True, text=True, timeout=30, check=True
+    ).stdout
     return int(next(w.split("=", 1)[1] for w in out.split() if w.startswith("Restarts=")))
 
 
@@ -143,11 +161,18 @@ def wait_for_file(path: Path, timeout: float = 30.0, poll_s: float = 0.1) -> Non
 
 # ---- job functions (submitit pickles them by reference: they must be importable) -------------------
 
+
 def task_info() -> dict[str, Any]:
     """What one task of a job sees: submitit's ranks and Slurm's node name."""
     env = submitit.JobEnvironment()
-    return {"global_rank": env.global_rank, "local_rank": env.local_rank, "num_tasks": env.num_tasks,
-            "node": env.node, "nodename": os.environ.get("SLURMD_NODENAME", ""), "job_id": env.job_id}
+    return {
+        "global_rank": env.global_rank,
+        "local_rank": env.local_rank,
+        "num_tasks": env.num_tasks,
+        "node": env.node,
+        "nodename": os.environ.get("SLURMD_NODENAME", ""),
+        "job_id": env.job_id,
+    }
 
 
 def square(x: int) -> int:
@@ -183,8 +208,12 @@ class ResumableJob(submitit.helpers.Checkpointable):
             marker.write_text(str(time.time()))
             time.sleep(self.wait_s)  # preempted here
             return {"rank": rank, "resumed": False, "checkpoints": self.checkpoints}
-        return {"rank": rank, "resumed": True, "checkpoints": self.checkpoints,
-                "resume_delay_s": time.time() - float(marker.read_text())}
+        return {
+            "rank": rank,
+            "resumed": True,
+            "checkpoints": self.checkpoints,
+            "resume_delay_s": time.time() - float(marker.read_text()),
+        }
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         self.checkpoints += 1

@@ -1,5 +1,6 @@
 """The embedding network: optional neck, and local pretrained trunks (a 21k-style checkpoint with its
 classifier) loaded with the classifier dropped, ViT position embeddings resampled, clear errors."""
+
 from __future__ import annotations
 
 import pytest
@@ -55,8 +56,11 @@ def test_cnn_checkpoint_drops_its_fc(tmp_path) -> None:
 
 def test_checkpoint_of_another_architecture_names_the_file_and_the_fix(tmp_path) -> None:
     _, path = _pretrained(tmp_path, "vit_small_patch16_224", 50, False, img_size=32, patch_size=8)
-    with pytest.raises(ValueError, match=r"vit_small_patch16_224-50.pth does not fit model.name=vit_tiny.*"
-                                         r"shape mismatches, first: .*model.name, model.in_chans"):
+    with pytest.raises(
+        ValueError,
+        match=r"vit_small_patch16_224-50.pth does not fit model.name=vit_tiny.*"
+        r"shape mismatches, first: .*model.name, model.in_chans",
+    ):
         build_backbone(ModelConfig(**VIT, img_size=32, embed_dim=64, checkpoint_path=path))
     with pytest.raises(FileNotFoundError, match="model.checkpoint_path=.*nowhere.pth does not exist"):
         build_backbone(ModelConfig(**VIT, img_size=32, checkpoint_path=str(tmp_path / "nowhere.pth")))

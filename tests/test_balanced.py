@@ -27,9 +27,19 @@ def root(tmp_path_factory) -> str:
 
 
 def make_cfg(root: str, **overrides) -> DataConfig:
-    base = {"root": root, "num_classes": 8, "image_size": 28, "batch_size": 8, "num_workers": 0,
-            "augment": False, "mean": 0.0, "std": 1.0, "shuffle_buffer": 16,
-            "samples_per_class": 2, "balance_buffer": 64}
+    base = {
+        "root": root,
+        "num_classes": 8,
+        "image_size": 28,
+        "batch_size": 8,
+        "num_workers": 0,
+        "augment": False,
+        "mean": 0.0,
+        "std": 1.0,
+        "shuffle_buffer": 16,
+        "samples_per_class": 2,
+        "balance_buffer": 64,
+    }
     base.update(overrides)
     return DataConfig(**base)
 
@@ -110,8 +120,7 @@ def test_buffer_cap_drops_oldest() -> None:
     assert sorted(bal.buffers) == [7, 8, 9]
     # The completing sample is used before the cap is enforced.
     batch = bal.push(raw(11, 9))
-    assert batch is not None and [s.key for s in batch] in (
-        ["k8", "k10", "k9", "k11"], ["k9", "k11", "k8", "k10"])
+    assert batch is not None and [s.key for s in batch] in (["k8", "k10", "k9", "k11"], ["k9", "k11", "k8", "k10"])
     assert bal.size == 1 and sorted(bal.buffers) == [7]
 
 
@@ -139,10 +148,12 @@ def test_stall_raises_with_fix() -> None:
 
 @pytest.mark.parametrize(
     "override, match",
-    [({"samples_per_class": 3}, "multiple of data.samples_per_class=3"),
-     ({"samples_per_class": 1, "batch_size": 16}, "data.num_classes=8"),
-     ({"balance_buffer": 4}, "data.balance_buffer=4"),
-     ({"samples_per_class": -1}, "data.samples_per_class")],
+    [
+        ({"samples_per_class": 3}, "multiple of data.samples_per_class=3"),
+        ({"samples_per_class": 1, "batch_size": 16}, "data.num_classes=8"),
+        ({"balance_buffer": 4}, "data.balance_buffer=4"),
+        ({"samples_per_class": -1}, "data.samples_per_class"),
+    ],
 )
 def test_config_validation(root: str, override: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):

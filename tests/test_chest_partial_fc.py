@@ -7,6 +7,7 @@ table restricted to the union of the ranks' sampled classes, plus the regularise
 regulariser sees every proxy whatever the sample rate. Each rank's sampled set depends on its class
 range, so it differs between world sizes; the reference is rebuilt from each run's own union.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,14 +27,18 @@ from tests.test_chest_sharded import CASES, DIM_E, DIM_H, GLOBAL_BATCH, K, STEP,
 
 RATE = 0.25
 SAMPLED = {name: dataclasses.replace(cfg, sample_rate=RATE) for name, cfg in CASES.items()}
-NO_REG = {f"{name}_tau0": dataclasses.replace(cfg, chest=dataclasses.replace(cfg.chest, tau=0.0))
-          for name, cfg in SAMPLED.items() if name in ("chest", "softtriple")}
+NO_REG = {
+    f"{name}_tau0": dataclasses.replace(cfg, chest=dataclasses.replace(cfg.chest, tau=0.0))
+    for name, cfg in SAMPLED.items()
+    if name in ("chest", "softtriple")
+}
 
 
 def problem(num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(7)
-    return torch.randn(GLOBAL_BATCH, DIM_E, generator=g) * 2.0, torch.randint(0, num_classes, (GLOBAL_BATCH,),
-                                                                              generator=g)
+    return torch.randn(GLOBAL_BATCH, DIM_E, generator=g) * 2.0, torch.randint(
+        0, num_classes, (GLOBAL_BATCH,), generator=g
+    )
 
 
 def run_head(cfg: LossConfig, num_classes: int, rank: int, world: int) -> dict:
@@ -41,13 +46,17 @@ def run_head(cfg: LossConfig, num_classes: int, rank: int, world: int) -> dict:
     b = GLOBAL_BATCH // world
     x, labels = problem(num_classes)
     head = ChestHead(cfg, num_classes, DIM_E, rank, world)
-    emb = x[rank * b:(rank + 1) * b].clone().requires_grad_(True)
-    out = head(emb, labels[rank * b:(rank + 1) * b], step=STEP)
+    emb = x[rank * b : (rank + 1) * b].clone().requires_grad_(True)
+    out = head(emb, labels[rank * b : (rank + 1) * b], step=STEP)
     out["loss"].backward()
     index, _ = head.sample_columns(head.target_columns(labels), STEP)
-    return {"loss": float(out["loss"].detach()), "emb_grad": emb.grad, "proxy_grad": head.proxies.grad.clone(),
-            "replicated": {k: p.grad.clone() for k, p in head.replicated_parameters().items()},
-            "rows": index + head.class_start}
+    return {
+        "loss": float(out["loss"].detach()),
+        "emb_grad": emb.grad,
+        "proxy_grad": head.proxies.grad.clone(),
+        "replicated": {k: p.grad.clone() for k, p in head.replicated_parameters().items()},
+        "rows": index + head.class_start,
+    }
 
 
 def sharded_rank(cfg: LossConfig, num_classes: int) -> dict:
@@ -56,8 +65,7 @@ def sharded_rank(cfg: LossConfig, num_classes: int) -> dict:
     return run_head(cfg, num_classes, dist.get_rank(), dist.get_world_size())
 
 
-def regulariser_reference(cfg: LossConfig, table: torch.Tensor, fc: torch.nn.Linear | None, world: int
-                          ) -> torch.Tensor:
+def regulariser_reference(cfg: LossConfig, table: torch.Tensor, fc: torch.nn.Linear | None, world: int) -> torch.Tensor:
     """Spec 2.4 (SoftTriple's centre term) or 2.5-2.6 (HypHC, one triplet per class, tau / C) on every proxy."""
     ch, n = cfg.chest, table.shape[0]
     if ch.tau <= 0:
@@ -92,8 +100,9 @@ def dense_reference(cfg: LossConfig, num_classes: int, rows: torch.Tensor, world
     kept = rows.sort().values
     target = torch.searchsorted(kept, perm[labels])
     assert torch.equal(kept[target], perm[labels]), "a positive class was not sampled"
-    restricted = dataclasses.replace(cfg, sample_rate=1.0, chest=dataclasses.replace(
-        cfg.chest, tau=0.0, permute_classes=False))
+    restricted = dataclasses.replace(
+        cfg, sample_rate=1.0, chest=dataclasses.replace(cfg.chest, tau=0.0, permute_classes=False)
+    )
     loss = reference(restricted, x, target, table[kept], fc, world) + regulariser_reference(cfg, table, fc, world)
     loss.backward()
     repl = {} if fc is None else {"fc.weight": fc.weight.grad, "fc.bias": fc.bias.grad}
@@ -126,8 +135,9 @@ def test_a_full_sample_equals_the_unsampled_head() -> None:
         for key in ("emb_grad", "proxy_grad"):
             assert_rel(sampled[key], full[key], f"{name}: {key}", 1e-6, floor=0.0)
         if full["replicated"]:  # one vector: fc.bias alone is analytically 0
-            flat = [torch.cat([d["replicated"][k].flatten() for k in sorted(full["replicated"])])
-                    for d in (sampled, full)]
+            flat = [
+                torch.cat([d["replicated"][k].flatten() for k in sorted(full["replicated"])]) for d in (sampled, full)
+            ]
             assert_rel(flat[0], flat[1], f"{name}: shared FC h", 1e-6, floor=0.0)
 
 

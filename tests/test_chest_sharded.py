@@ -5,6 +5,7 @@ Euclidean distances from torch.cdist, soft-min weights and the margin softmax fr
 torch's cross_entropy. HypHC uses the same fixed triplets (`sample_triplets` is a pure function of
 the world size, seed and step), so the rotating-peer exchange must return exactly those negatives.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,31 +21,55 @@ from model.proxies import class_permutation, init_rows
 from tests.numerics import assert_rel
 
 GLOBAL_BATCH, DIM_E, DIM_H, K = 8, 6, 5, 3
-BASE = LossConfig(name="chest", init_seed=11, chest=ChestConfig(
-    proxies_per_class=K, hyp_dim=DIM_H, curvature=0.5, clip_radius=2.3, gamma_e=5.0, gamma_h=5.0, lambda_e=20.0,
-    lambda_h=20.0, delta_e=1.0, delta_h=0.5, eta_e=1.0, eta_h=1.0, tau=0.5, proxy_init_std=1.0))
+BASE = LossConfig(
+    name="chest",
+    init_seed=11,
+    chest=ChestConfig(
+        proxies_per_class=K,
+        hyp_dim=DIM_H,
+        curvature=0.5,
+        clip_radius=2.3,
+        gamma_e=5.0,
+        gamma_h=5.0,
+        lambda_e=20.0,
+        lambda_h=20.0,
+        delta_e=1.0,
+        delta_h=0.5,
+        eta_e=1.0,
+        eta_h=1.0,
+        tau=0.5,
+        proxy_init_std=1.0,
+    ),
+)
 CASES = {
     "chest": BASE,
-    "chest_signneg_detach": dataclasses.replace(BASE, chest=dataclasses.replace(
-        BASE.chest, hyphc_sign=-1, hyphc_detach_sim=True, permute_classes=False)),
+    "chest_signneg_detach": dataclasses.replace(
+        BASE, chest=dataclasses.replace(BASE.chest, hyphc_sign=-1, hyphc_detach_sim=True, permute_classes=False)
+    ),
     "chest_local_negatives": dataclasses.replace(BASE, chest=dataclasses.replace(BASE.chest, hyphc_negatives="local")),
     "hyperbolic_only": dataclasses.replace(BASE, chest=dataclasses.replace(BASE.chest, eta_e=0.0)),
-    "euclid_on_head": dataclasses.replace(BASE, chest=dataclasses.replace(
-        BASE.chest, eta_h=0.0, tau=0.0, euclid_features="head")),
-    "softtriple": LossConfig(name="softtriple", init_seed=5, chest=ChestConfig(
-        proxies_per_class=K, gamma_e=0.1, lambda_e=20.0, delta_e=0.01, tau=0.2)),
+    "euclid_on_head": dataclasses.replace(
+        BASE, chest=dataclasses.replace(BASE.chest, eta_h=0.0, tau=0.0, euclid_features="head")
+    ),
+    "softtriple": LossConfig(
+        name="softtriple",
+        init_seed=5,
+        chest=ChestConfig(proxies_per_class=K, gamma_e=0.1, lambda_e=20.0, delta_e=0.01, tau=0.2),
+    ),
 }
 STEP = 3
 
 
 def make_problem(num_classes: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(100 + micro)
-    return torch.randn(GLOBAL_BATCH, DIM_E, generator=g) * 2.0, torch.randint(0, num_classes, (GLOBAL_BATCH,),
-                                                                              generator=g)
+    return torch.randn(GLOBAL_BATCH, DIM_E, generator=g) * 2.0, torch.randint(
+        0, num_classes, (GLOBAL_BATCH,), generator=g
+    )
 
 
-def reference(cfg: LossConfig, x: torch.Tensor, labels: torch.Tensor, table: torch.Tensor,
-              fc: torch.nn.Linear | None, world: int) -> torch.Tensor:
+def reference(
+    cfg: LossConfig, x: torch.Tensor, labels: torch.Tensor, table: torch.Tensor, fc: torch.nn.Linear | None, world: int
+) -> torch.Tensor:
     ch = cfg.chest
     num_classes = table.shape[0]
     perm = class_permutation(num_classes, cfg.init_seed) if ch.permute_classes else torch.arange(num_classes)
@@ -58,8 +83,12 @@ def reference(cfg: LossConfig, x: torch.Tensor, labels: torch.Tensor, table: tor
         sims = (F.normalize(x, dim=1) @ F.normalize(flat, dim=1).t()).view(-1, num_classes, K)
         sim = (torch.softmax(sims / ch.gamma_e, dim=2) * sims).sum(2)
         w = F.normalize(table, dim=2)
-        reg = sum(torch.sqrt(2 + 1e-5 - 2 * (w[c, a] * w[c, b]).sum()) for c in range(num_classes)
-                  for a in range(K) for b in range(a + 1, K))
+        reg = sum(
+            torch.sqrt(2 + 1e-5 - 2 * (w[c, a] * w[c, b]).sum())
+            for c in range(num_classes)
+            for a in range(K)
+            for b in range(a + 1, K)
+        )
         return margin_ce(sim, ch.lambda_e, ch.delta_e) + ch.tau * reg / (num_classes * K * (K - 1))
 
     def softmin(d: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -104,19 +133,26 @@ def sharded_rank(cfg: LossConfig, num_classes: int, accum: int) -> dict:
     embs, losses = [], []
     for micro in range(accum):
         x, labels = make_problem(num_classes, micro)
-        emb = x[rank * b:(rank + 1) * b].clone().requires_grad_(True)
-        out = head(emb, labels[rank * b:(rank + 1) * b], step=STEP)
+        emb = x[rank * b : (rank + 1) * b].clone().requires_grad_(True)
+        out = head(emb, labels[rank * b : (rank + 1) * b], step=STEP)
         (out["loss"] / accum).backward()
         embs.append(emb.grad)
         losses.append(float(out["loss"].detach()))
     repl = {k: p.grad.clone() for k, p in head.replicated_parameters().items()}
     pred = head.predict(make_problem(num_classes, 0)[0])
-    return {"losses": losses, "emb_grads": embs, "proxies": head.proxies.detach().clone(),
-            "proxy_grad": head.proxies.grad.clone(), "replicated": repl, "pred": pred}
+    return {
+        "losses": losses,
+        "emb_grads": embs,
+        "proxies": head.proxies.detach().clone(),
+        "proxy_grad": head.proxies.grad.clone(),
+        "replicated": repl,
+        "pred": pred,
+    }
 
 
-def dense_ours(cfg: LossConfig, num_classes: int, world: int, accum: int, dtype: torch.dtype,
-               independent: bool) -> dict:
+def dense_ours(
+    cfg: LossConfig, num_classes: int, world: int, accum: int, dtype: torch.dtype, independent: bool
+) -> dict:
     """Whole-table loss and grads in this process: model.chest.chest_loss (fp32) or the fp64 reference."""
     table = (init_rows(cfg.init_seed, 0, num_classes, (K, DIM_E)) * cfg.chest.proxy_init_std).to(dtype)
     table.requires_grad_(True)
@@ -159,10 +195,12 @@ def test_sharded_chest_equals_dense(dist_pool, world: int) -> None:
             results = pool.run(sharded_rank, cfg, num_classes, accum)
             table = init_rows(cfg.init_seed, 0, num_classes, (K, DIM_E)) * cfg.chest.proxy_init_std
             assert torch.equal(torch.cat([r["proxies"] for r in results]), table)  # init independent of W
-            sharded = {"losses": results[0]["losses"],
-                       "emb_grads": [torch.cat([r["emb_grads"][m] for r in results]) for m in range(accum)],
-                       "proxy_grad": torch.cat([r["proxy_grad"] for r in results]),
-                       "replicated": {k: sum(r["replicated"][k] for r in results) for k in results[0]["replicated"]}}
+            sharded = {
+                "losses": results[0]["losses"],
+                "emb_grads": [torch.cat([r["emb_grads"][m] for r in results]) for m in range(accum)],
+                "proxy_grad": torch.cat([r["proxy_grad"] for r in results]),
+                "replicated": {k: sum(r["replicated"][k] for r in results) for k in results[0]["replicated"]},
+            }
             for r in results:
                 assert r["losses"] == pytest.approx(sharded["losses"], rel=1e-6)  # same value on every rank
             msg = f"{name} C={num_classes} W={world}"

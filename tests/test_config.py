@@ -1,4 +1,5 @@
 """Config tree: round trips, overrides, typed list fields, validation errors, every recipe builds."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,29 +23,43 @@ def test_every_recipe_validates_and_round_trips(name: str, tmp_path) -> None:
 
 
 def test_overrides_are_typed() -> None:
-    cfg = apply_overrides(get_recipe("mnist_distarc"),
-                          ["optim.lr=3e-4", "max_steps=7", "zero.bf16=true", "loss.form=paper", "data.root=/x"])
+    cfg = apply_overrides(
+        get_recipe("mnist_distarc"),
+        ["optim.lr=3e-4", "max_steps=7", "zero.bf16=true", "loss.form=paper", "data.root=/x"],
+    )
     assert cfg.optim.lr == 3e-4 and isinstance(cfg.optim.lr, float)
     assert cfg.max_steps == 7 and cfg.zero.bf16 is True and cfg.loss.form == "paper" and cfg.data.root == "/x"
     assert get_recipe("mnist_distarc").optim.lr != 3e-4  # the recipe itself is untouched
 
 
-@pytest.mark.parametrize("override, message", [
-    ("optim.lrr=1", "unknown override key 'optim.lrr'"),
-    ("nosuch=1", "unknown override key 'nosuch'"),
-    ("max_steps=ten", "max_steps='ten' is not a valid int"),
-    ("zero.bf16=maybe", "zero.bf16='maybe' is not a valid bool"),
-    ("optim=1", "names a section"),
-    ("max_steps", "not of the form key=value"),
-    # typed list fields: a bad item names the setting, the item and a valid value
-    ("metrics.recall_ks=1,x", r"metrics.recall_ks='1,x': item 'x' must read an integer; e\.g\. metrics.recall_ks=1,2"),
-    ("data.channel_mean=0.5,a,0.5", r"data.channel_mean='0.5,a,0.5': item 'a' must read a number; e\.g\. data"),
-    ("data.sources=/a=0.7,/b", r"data.sources='/a=0.7,/b': item '/b' must read ROOT=WEIGHT; e\.g\. data.sources=/da"),
-    ("data.sources=/a=x", "item '/a=x' must read ROOT=WEIGHT"),
-    ("data.sources==1", "item '=1' must read ROOT=WEIGHT"),
-    ("slurm.sbatch_extra=--exclusive", r"item '--exclusive' must read key=value without dashes; e\.g\. slurm.sbatch_"),
-    ("slurm.sbatch_extra==a100", "item '=a100' must read key=value without dashes"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lrr=1", "unknown override key 'optim.lrr'"),
+        ("nosuch=1", "unknown override key 'nosuch'"),
+        ("max_steps=ten", "max_steps='ten' is not a valid int"),
+        ("zero.bf16=maybe", "zero.bf16='maybe' is not a valid bool"),
+        ("optim=1", "names a section"),
+        ("max_steps", "not of the form key=value"),
+        # typed list fields: a bad item names the setting, the item and a valid value
+        (
+            "metrics.recall_ks=1,x",
+            r"metrics.recall_ks='1,x': item 'x' must read an integer; e\.g\. metrics.recall_ks=1,2",
+        ),
+        ("data.channel_mean=0.5,a,0.5", r"data.channel_mean='0.5,a,0.5': item 'a' must read a number; e\.g\. data"),
+        (
+            "data.sources=/a=0.7,/b",
+            r"data.sources='/a=0.7,/b': item '/b' must read ROOT=WEIGHT; e\.g\. data.sources=/da",
+        ),
+        ("data.sources=/a=x", "item '/a=x' must read ROOT=WEIGHT"),
+        ("data.sources==1", "item '=1' must read ROOT=WEIGHT"),
+        (
+            "slurm.sbatch_extra=--exclusive",
+            r"item '--exclusive' must read key=value without dashes; e\.g\. slurm.sbatch_",
+        ),
+        ("slurm.sbatch_extra==a100", "item '=a100' must read key=value without dashes"),
+    ],
+)
 def test_bad_overrides(override: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         apply_overrides(get_recipe("mnist_distarc"), [override])
@@ -55,26 +70,32 @@ def test_unknown_recipe() -> None:
         get_recipe("nope")
 
 
-@pytest.mark.parametrize("override, message", [
-    ("loss.margin=1.6", "loss.margin=1.6 must be in \\[0, pi/2\\)"),
-    ("loss.margin=-0.1", "loss.margin"),
-    ("loss.name=triplet", "loss.name='triplet' is unknown"),
-    ("loss.form=code", "loss.form='code' is unknown"),
-    ("zero.stage=4", "zero.stage=4"),
-    ("model.in_chans=3", "model.in_chans=3 differs from data.in_chans=1"),
-    ("model.img_size=64", "model.img_size=64 differs from data.image_size"),
-    ("max_steps=0", "max_steps=0 must be >= 1"),
-    ("data.batch_size=0", "batch_size"),
-    ("data.num_classes=-1", "num_classes"),
-    ("checkpoint.every_steps=0", "checkpoint.every_steps"),
-    ("loss.num_spheres=0", "loss.num_spheres"),
-    ("name=a/b", "name='a/b'"),
-    ("loss.sample_rate=0", "loss.sample_rate=0.0 must be in \\(0, 1\\]"),
-    ("metrics.recall_ks=1,0", "metrics.recall_ks must hold integers >= 1"),
-    ("data.sources=data-cache/mnist5k=1,/b=-1", "data.sources item /b=-1 must read ROOT=WEIGHT with a weight > 0"),
-    ("data.sources=/b=1", "data.sources starts with '/b' but data.root='data-cache/mnist5k'"),
-    ("slurm.sbatch_extra=exclusive=true;--mem=100", "sbatch_extra item --mem=100 must read key=value without dashes"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("loss.margin=1.6", "loss.margin=1.6 must be in \\[0, pi/2\\)"),
+        ("loss.margin=-0.1", "loss.margin"),
+        ("loss.name=triplet", "loss.name='triplet' is unknown"),
+        ("loss.form=code", "loss.form='code' is unknown"),
+        ("zero.stage=4", "zero.stage=4"),
+        ("model.in_chans=3", "model.in_chans=3 differs from data.in_chans=1"),
+        ("model.img_size=64", "model.img_size=64 differs from data.image_size"),
+        ("max_steps=0", "max_steps=0 must be >= 1"),
+        ("data.batch_size=0", "batch_size"),
+        ("data.num_classes=-1", "num_classes"),
+        ("checkpoint.every_steps=0", "checkpoint.every_steps"),
+        ("loss.num_spheres=0", "loss.num_spheres"),
+        ("name=a/b", "name='a/b'"),
+        ("loss.sample_rate=0", "loss.sample_rate=0.0 must be in \\(0, 1\\]"),
+        ("metrics.recall_ks=1,0", "metrics.recall_ks must hold integers >= 1"),
+        ("data.sources=data-cache/mnist5k=1,/b=-1", "data.sources item /b=-1 must read ROOT=WEIGHT with a weight > 0"),
+        ("data.sources=/b=1", "data.sources starts with '/b' but data.root='data-cache/mnist5k'"),
+        (
+            "slurm.sbatch_extra=exclusive=true;--mem=100",
+            "sbatch_extra item --mem=100 must read key=value without dashes",
+        ),
+    ],
+)
 def test_validation_errors(override: str, message: str) -> None:
     cfg = apply_overrides(get_recipe("mnist_distarc"), [override])
     with pytest.raises(ValueError, match=message):
@@ -126,9 +147,10 @@ def test_norm_timm_takes_the_backbones_own_values() -> None:
     assert vit.data.norm == "inception" and vit.data.transform == "imagenet"  # timm's ViT weights use 0.5/0.5
     cnn = apply_overrides(get_recipe("vitl_imagenet_8gpu"), ["model.name=resnet50"]).resolved()
     assert cnn.data.norm == "imagenet"
-    clip = apply_overrides(get_recipe("vits_cub_chest_1gpu"),
-                           ["model.name=vit_base_patch16_clip_224.openai", "model.embed_dim=768",
-                            "data.num_classes=100"]).resolved()
+    clip = apply_overrides(
+        get_recipe("vits_cub_chest_1gpu"),
+        ["model.name=vit_base_patch16_clip_224.openai", "model.embed_dim=768", "data.num_classes=100"],
+    ).resolved()
     assert clip.data.norm == "channels"
     mean, std = normalisation(clip.data)
     assert mean == list(timm.data.OPENAI_CLIP_MEAN) and std == list(timm.data.OPENAI_CLIP_STD)
@@ -139,14 +161,17 @@ def test_norm_timm_takes_the_backbones_own_values() -> None:
         normalisation(get_recipe("vitl_imagenet_8gpu").data)  # unresolved: no silent default
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["data.norm=channels", "data.channel_mean=0.5,0.5", "data.channel_std=0.2,0.2,0.2"], "channel_mean"),
-    (["data.norm=channels", "data.channel_mean=0.5,0.5,0.5", "data.channel_std=0.2,0,0.2"], "channel_std"),
-    (["data.norm=channels", "data.channel_mean=nan,0.5,0.5", "data.channel_std=0.2,0.2,inf"], "channel_mean"),
-    (["data.norm=timm", "data.in_chans=1", "model.in_chans=1"], "data.in_chans=1"),
-    (["data.resize_backend=cv2"], "data.resize_backend"),
-    (["data.uint8_batches=maybe"], "data.uint8_batches"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.norm=channels", "data.channel_mean=0.5,0.5", "data.channel_std=0.2,0.2,0.2"], "channel_mean"),
+        (["data.norm=channels", "data.channel_mean=0.5,0.5,0.5", "data.channel_std=0.2,0,0.2"], "channel_std"),
+        (["data.norm=channels", "data.channel_mean=nan,0.5,0.5", "data.channel_std=0.2,0.2,inf"], "channel_mean"),
+        (["data.norm=timm", "data.in_chans=1", "model.in_chans=1"], "data.in_chans=1"),
+        (["data.resize_backend=cv2"], "data.resize_backend"),
+        (["data.uint8_batches=maybe"], "data.uint8_batches"),
+    ],
+)
 def test_bad_normalisation_and_speed_settings(overrides: list[str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         apply_overrides(get_recipe("vitl_imagenet_8gpu"), overrides).resolved()
@@ -159,8 +184,11 @@ TEXT_FORMS = [
     ("data.channel_mean", "0.48,0.46,0.41", (0.48, 0.46, 0.41)),
     ("data.channel_std", "0.27,0.26,0.28", (0.27, 0.26, 0.28)),
     ("data.sources", "data-cache/mnist5k=0.7,/a=b=0.3", (("data-cache/mnist5k", 0.7), ("/a=b", 0.3))),
-    ("slurm.sbatch_extra", "constraint=a100; exclusive=true;comment=a=b",
-     {"constraint": "a100", "exclusive": "true", "comment": "a=b"}),
+    (
+        "slurm.sbatch_extra",
+        "constraint=a100; exclusive=true;comment=a=b",
+        {"constraint": "a100", "exclusive": "true", "comment": "a=b"},
+    ),
     ("slurm.setup", "module load cuda/12.4; source ~/env.sh;", ("module load cuda/12.4", "source ~/env.sh")),
 ]
 
@@ -185,8 +213,13 @@ def test_list_fields_read_their_text_form(key: str, text: str, value, tmp_path) 
 def test_list_fields_read_native_yaml(tmp_path) -> None:
     raw = get_recipe("mnist_distarc").to_dict()
     raw["metrics"].update(recall_ks=[1, 10], eval_sets=["/f:lfw", "/g"])
-    raw["data"].update(norm="channels", in_chans=3, channel_mean=[0.5, 1, 0.25], channel_std=[0.5, 0.5, 0.5],
-                       sources=[["data-cache/mnist5k", 2], ["/b", 0.5]])
+    raw["data"].update(
+        norm="channels",
+        in_chans=3,
+        channel_mean=[0.5, 1, 0.25],
+        channel_std=[0.5, 0.5, 0.5],
+        sources=[["data-cache/mnist5k", 2], ["/b", 0.5]],
+    )
     raw["model"]["in_chans"] = 3
     raw["slurm"].update(sbatch_extra={"constraint": "a100", "exclusive": True, "mem": 100}, setup=["echo a; echo b"])
     path = tmp_path / "config.yaml"
@@ -207,16 +240,24 @@ def test_list_fields_read_native_yaml(tmp_path) -> None:
     assert RunConfig.from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))) == cfg
 
 
-@pytest.mark.parametrize("section, name, value, message", [
-    ("metrics", "recall_ks", [1, "x"], r"metrics.recall_ks=\[1, 'x'\]: item 'x' must read an integer"),
-    ("metrics", "recall_ks", [1, True], "item True must read an integer"),
-    ("metrics", "recall_ks", {"a": 1}, "item {'a': 1} must read an integer"),
-    ("data", "sources", [["/a"]], r"data.sources=\[\['/a'\]\]: item \['/a'\] must read ROOT=WEIGHT"),
-    ("data", "sources", [["/a", "heavy"]], "must read ROOT=WEIGHT"),
-    ("data", "channel_std", ["0.5", None], "item None must read a number"),
-    ("slurm", "sbatch_extra", ["constraint"], "item 'constraint' must read key=value without dashes.*a YAML mapping"),
-    ("slurm", "setup", [["echo"]], r"item \['echo'\] must read a shell line"),
-])
+@pytest.mark.parametrize(
+    "section, name, value, message",
+    [
+        ("metrics", "recall_ks", [1, "x"], r"metrics.recall_ks=\[1, 'x'\]: item 'x' must read an integer"),
+        ("metrics", "recall_ks", [1, True], "item True must read an integer"),
+        ("metrics", "recall_ks", {"a": 1}, "item {'a': 1} must read an integer"),
+        ("data", "sources", [["/a"]], r"data.sources=\[\['/a'\]\]: item \['/a'\] must read ROOT=WEIGHT"),
+        ("data", "sources", [["/a", "heavy"]], "must read ROOT=WEIGHT"),
+        ("data", "channel_std", ["0.5", None], "item None must read a number"),
+        (
+            "slurm",
+            "sbatch_extra",
+            ["constraint"],
+            "item 'constraint' must read key=value without dashes.*a YAML mapping",
+        ),
+        ("slurm", "setup", [["echo"]], r"item \['echo'\] must read a shell line"),
+    ],
+)
 def test_list_fields_reject_bad_yaml(section: str, name: str, value, message: str) -> None:
     raw = get_recipe("mnist_distarc").to_dict()
     raw[section][name] = value
@@ -225,8 +266,11 @@ def test_list_fields_reject_bad_yaml(section: str, name: str, value, message: st
 
 
 def test_typed_fields_round_trip_through_yaml(tmp_path) -> None:
-    cfg = apply_overrides(get_recipe("vitl_imagenet_8gpu"), [f"{key}={text}" for key, text, _ in TEXT_FORMS]
-                          + ["data.norm=channels", "data.sources=data-cache/imagenet=0.7,/a=b=0.3"]).validate()
+    cfg = apply_overrides(
+        get_recipe("vitl_imagenet_8gpu"),
+        [f"{key}={text}" for key, text, _ in TEXT_FORMS]
+        + ["data.norm=channels", "data.sources=data-cache/imagenet=0.7,/a=b=0.3"],
+    ).validate()
     save_yaml(cfg, str(tmp_path / "config.yaml"))
     written = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert written["metrics"]["recall_ks"] == [1, 2, 4]  # tuples are written as YAML lists

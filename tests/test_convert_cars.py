@@ -20,11 +20,19 @@ def make_cars(src: str, n: int = len(CLASSES)) -> None:
     ann = np.zeros((1, n), dtype=[(f, "O") for f in fields])
     for i in range(n):
         rel = f"car_ims/{i + 1:06d}.jpg"
-        ann[0, i] = (rel, np.array([[1]], np.uint8), np.array([[2]], np.uint8), np.array([[30]], np.uint8),
-                     np.array([[40]], np.uint8), np.array([[CLASSES[i]]], np.uint8), np.array([[i % 2]], np.uint8))
+        ann[0, i] = (
+            rel,
+            np.array([[1]], np.uint8),
+            np.array([[2]], np.uint8),
+            np.array([[30]], np.uint8),
+            np.array([[40]], np.uint8),
+            np.array([[CLASSES[i]]], np.uint8),
+            np.array([[i % 2]], np.uint8),
+        )
         write_image(os.path.join(src, rel), jpeg(i))
-    scipy.io.savemat(os.path.join(src, "cars_annos.mat"),
-                     {"annotations": ann, "class_names": np.array(["a", "b"], dtype=object)})
+    scipy.io.savemat(
+        os.path.join(src, "cars_annos.mat"), {"annotations": ann, "class_names": np.array(["a", "b"], dtype=object)}
+    )
 
 
 def test_cars(tmp_path) -> None:
@@ -40,8 +48,17 @@ def test_cars(tmp_path) -> None:
         for key, s in samples.items():
             i = int(key.split("_")[1])
             rel = f"car_ims/{i:06d}.jpg"
-            assert meta(s) == {"path": rel, "index": i, "class_id": CLASSES[i - 1], "split": split, "bbox_x1": 1,
-                               "bbox_y1": 2, "bbox_x2": 30, "bbox_y2": 40, "test": (i - 1) % 2}
+            assert meta(s) == {
+                "path": rel,
+                "index": i,
+                "class_id": CLASSES[i - 1],
+                "split": split,
+                "bbox_x1": 1,
+                "bbox_y1": 2,
+                "bbox_x2": 30,
+                "bbox_y2": 40,
+                "test": (i - 1) % 2,
+            }
             assert int(s["cls"]) == m["splits"][split]["class_map"][str(CLASSES[i - 1])]
             with open(os.path.join(src, rel), "rb") as f:
                 assert image(s) == f.read()

@@ -72,8 +72,7 @@ def toy(n: int = 10, name: str = "train") -> list[Split]:
 
 
 def mtimes(root: str) -> dict[str, int]:
-    return {n: os.stat(os.path.join(root, "train", n)).st_mtime_ns
-            for n in os.listdir(os.path.join(root, "train"))}
+    return {n: os.stat(os.path.join(root, "train", n)).st_mtime_ns for n in os.listdir(os.path.join(root, "train"))}
 
 
 def test_shards_labels_manifest(tmp_path) -> None:

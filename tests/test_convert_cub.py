@@ -11,9 +11,14 @@ from data.convert.__main__ import main
 from tests.test_convert_common import image, jpeg, manifest, meta, read_split, write_image
 
 # image_id -> (class_id, path under images/); classes <= 100 train, > 100 test
-IMAGES = {1: (1, "001.Black_footed_Albatross/a_1.jpg"), 2: (1, "001.Black_footed_Albatross/a_2.jpg"),
-          3: (57, "057.Gray_Kingbird/k_1.jpg"), 4: (100, "100.Brown_Pelican/p_1.jpg"),
-          5: (101, "101.White_Pelican/w_1.jpg"), 6: (200, "200.Common_Yellowthroat/y_1.jpg")}
+IMAGES = {
+    1: (1, "001.Black_footed_Albatross/a_1.jpg"),
+    2: (1, "001.Black_footed_Albatross/a_2.jpg"),
+    3: (57, "057.Gray_Kingbird/k_1.jpg"),
+    4: (100, "100.Brown_Pelican/p_1.jpg"),
+    5: (101, "101.White_Pelican/w_1.jpg"),
+    6: (200, "200.Common_Yellowthroat/y_1.jpg"),
+}
 
 
 def make_cub(src: str) -> None:

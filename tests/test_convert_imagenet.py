@@ -10,8 +10,11 @@ from data.convert.__main__ import main
 from tests.test_convert_common import image, jpeg, manifest, meta, png, read_split, write_image
 
 WNIDS = ["n01440764", "n01443537", "n02119789"]
-VAL = {"ILSVRC2012_val_00000001": "n02119789", "ILSVRC2012_val_00000002": "n01440764",
-       "ILSVRC2012_val_00000003": "n02119789"}
+VAL = {
+    "ILSVRC2012_val_00000001": "n02119789",
+    "ILSVRC2012_val_00000002": "n01440764",
+    "ILSVRC2012_val_00000003": "n02119789",
+}
 
 
 def make_imagenet(src: str, labels: str = "csv") -> None:

@@ -39,7 +39,7 @@ def make_ms1m(src: str) -> None:
         if cut < 0:
             records.append(part(payload, 0))
         else:
-            records.append(part(payload[:cut], 1) + part(payload[cut + 4:], 3))
+            records.append(part(payload[:cut], 1) + part(payload[cut + 4 :], 3))
     records += [part(header([1.0, 3.0]), 0), part(header([3.0, 4.0]), 0), part(header([4.0, 5.0]), 0)]
     write_recordio(src, records, "3,112,112")
 
@@ -110,7 +110,7 @@ def test_label_scan_reads_headers_only(tmp_path) -> None:
     with open(path, "wb") as f:
         f.write(part(plain, 0))
         second = f.tell()
-        f.write(part(early[:cut], 1) + part(early[cut + 4:], 3))
+        f.write(part(early[:cut], 1) + part(early[cut + 4 :], 3))
     rec = RecordFile(path)
     for offset, payload in ((0, plain), (second, early)):
         assert rec.read(offset) == payload

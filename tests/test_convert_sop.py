@@ -10,10 +10,16 @@ from data.convert.__main__ import main
 from tests.test_convert_common import image, jpeg, manifest, meta, read_split, write_image
 
 # (image_id, class_id, super_class_id, path); classes 1-2 train, 3-4 test as in SOP
-TRAIN = [(1, 1, 1, "bicycle_final/111_0.JPG"), (2, 1, 1, "bicycle_final/111_1.JPG"),
-         (3, 2, 2, "cabinet_final/222_0.JPG")]
-TEST = [(4, 3, 1, "bicycle_final/333_0.JPG"), (5, 4, 2, "cabinet_final/444_0.JPG"),
-        (6, 4, 2, "cabinet_final/444_1.JPG")]
+TRAIN = [
+    (1, 1, 1, "bicycle_final/111_0.JPG"),
+    (2, 1, 1, "bicycle_final/111_1.JPG"),
+    (3, 2, 2, "cabinet_final/222_0.JPG"),
+]
+TEST = [
+    (4, 3, 1, "bicycle_final/333_0.JPG"),
+    (5, 4, 2, "cabinet_final/444_0.JPG"),
+    (6, 4, 2, "cabinet_final/444_1.JPG"),
+]
 
 
 def make_sop(src: str) -> None:
@@ -40,8 +46,13 @@ def test_sop(tmp_path) -> None:
             s = samples[f"sop_{image_id:06d}"]
             with open(os.path.join(src, rel), "rb") as f:
                 assert image(s) == f.read()  # byte-identical, not re-encoded
-            assert meta(s) == {"path": rel, "image_id": image_id, "class_id": class_id,
-                               "super_class_id": super_id, "split": split}
+            assert meta(s) == {
+                "path": rel,
+                "image_id": image_id,
+                "class_id": class_id,
+                "super_class_id": super_id,
+                "split": split,
+            }
             assert int(s["cls"]) == m["splits"][split]["class_map"][str(class_id)]
     assert m["splits"]["train"]["class_map"] == {"1": 0, "2": 1}
     assert m["splits"]["test"]["class_map"] == {"3": 0, "4": 1}

@@ -43,8 +43,13 @@ def test_verification(tmp_path) -> None:
         assert list(samples) == [f"{name}_{p:06d}_{side}" for p in range(len(issame)) for side in (0, 1)]
         for i, (key, s) in enumerate(samples.items()):
             assert image(s) == images[i] and int(s["cls"]) == i // 2
-            assert meta(s) == {"path": f"{name}.bin", "pair": i // 2, "side": i % 2,
-                               "issame": issame[i // 2], "split": name}
+            assert meta(s) == {
+                "path": f"{name}.bin",
+                "pair": i // 2,
+                "side": i % 2,
+                "issame": issame[i // 2],
+                "split": name,
+            }
 
 
 def test_refuses_code(tmp_path, capsys) -> None:

@@ -3,6 +3,7 @@
 The reference below is written independently of model.distarc: anchors as explicit vectors,
 delta as a direct squared distance, cos(phi) from normalised vectors, torch's own logsumexp.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,20 +19,49 @@ from model.proxies import init_rows
 
 GLOBAL_BATCH, DIM = 8, 6
 CASES = {
-    "paper": LossConfig(name="distarc", form="paper", scale=1.0, margin=0.5, radial_weight=0.005, phi_weight=1.0,
-                        radius_start=2.0, radius_gap=1.0, num_spheres=3),
-    "official": LossConfig(name="distarc", form="official", scale=2.0, margin=0.5, radial_weight=0.05,
-                           phi_weight=1.0, radius_start=2.0, radius_gap=1.0, num_spheres=3),
-    "guard": LossConfig(name="distarc", form="paper", scale=4.0, margin=1.2, radial_weight=0.01, phi_weight=0.5,
-                        radius_start=1.0, radius_gap=0.5, num_spheres=2, theta_guard=True),
+    "paper": LossConfig(
+        name="distarc",
+        form="paper",
+        scale=1.0,
+        margin=0.5,
+        radial_weight=0.005,
+        phi_weight=1.0,
+        radius_start=2.0,
+        radius_gap=1.0,
+        num_spheres=3,
+    ),
+    "official": LossConfig(
+        name="distarc",
+        form="official",
+        scale=2.0,
+        margin=0.5,
+        radial_weight=0.05,
+        phi_weight=1.0,
+        radius_start=2.0,
+        radius_gap=1.0,
+        num_spheres=3,
+    ),
+    "guard": LossConfig(
+        name="distarc",
+        form="paper",
+        scale=4.0,
+        margin=1.2,
+        radial_weight=0.01,
+        phi_weight=0.5,
+        radius_start=1.0,
+        radius_gap=0.5,
+        num_spheres=2,
+        theta_guard=True,
+    ),
     "arcface": LossConfig(name="arcface", scale=16.0, margin=0.5),
     "cosface": LossConfig(name="cosface", scale=16.0, margin=0.35),
     "softmax": LossConfig(name="softmax"),
 }
 
 
-def dense_reference(cfg: LossConfig, x: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor,
-                    radii: torch.Tensor) -> torch.Tensor:
+def dense_reference(
+    cfg: LossConfig, x: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, radii: torch.Tensor
+) -> torch.Tensor:
     """The loss of docs/losses.md section 1.3/1.4 over the full table, written from the formulas."""
     n = x.shape[0]
     rows = torch.arange(n)
@@ -78,13 +108,19 @@ def sharded_rank(cfg: LossConfig, num_classes: int) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     x, labels = make_problem(num_classes)
     b = GLOBAL_BATCH // world
-    emb = x[rank * b:(rank + 1) * b].clone().requires_grad_(True)
+    emb = x[rank * b : (rank + 1) * b].clone().requires_grad_(True)
     head = DistArcHead(cfg, num_classes, DIM, rank, world)
-    out = head(emb, labels[rank * b:(rank + 1) * b])
+    out = head(emb, labels[rank * b : (rank + 1) * b])
     out["loss"].backward()
     pred = head.predict(x)
-    return {"loss": float(out["loss"]), "emb_grad": emb.grad, "weight": head.weight.detach().clone(),
-            "weight_grad": head.weight.grad, "class_start": head.class_start, "pred": pred}
+    return {
+        "loss": float(out["loss"]),
+        "emb_grad": emb.grad,
+        "weight": head.weight.detach().clone(),
+        "weight_grad": head.weight.grad,
+        "class_start": head.class_start,
+        "pred": pred,
+    }
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
@@ -106,10 +142,20 @@ def test_sharded_loss_and_grads_equal_dense(dist_pool, world: int) -> None:
             loss.backward()
             for r in results:
                 assert r["loss"] == pytest.approx(float(loss), rel=1e-5), (name, num_classes)
-            torch.testing.assert_close(torch.cat([r["emb_grad"] for r in results]), x_ref.grad, rtol=1e-5,
-                                       atol=1e-7, msg=f"{name} C={num_classes}: embedding grads")
-            torch.testing.assert_close(torch.cat([r["weight_grad"] for r in results]), w_ref.grad, rtol=1e-5,
-                                       atol=1e-7, msg=f"{name} C={num_classes}: weight grads")
+            torch.testing.assert_close(
+                torch.cat([r["emb_grad"] for r in results]),
+                x_ref.grad,
+                rtol=1e-5,
+                atol=1e-7,
+                msg=f"{name} C={num_classes}: embedding grads",
+            )
+            torch.testing.assert_close(
+                torch.cat([r["weight_grad"] for r in results]),
+                w_ref.grad,
+                rtol=1e-5,
+                atol=1e-7,
+                msg=f"{name} C={num_classes}: weight grads",
+            )
             # predictions: argmin distance to anchors and argmax cosine over the whole table
             w_hat = F.normalize(table, dim=1)
             dist_ref = torch.cdist(x, radii[:, None] * w_hat).argmin(dim=1)

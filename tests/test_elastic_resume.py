@@ -2,6 +2,7 @@
 same head table, and the first step's loss on a fixed global batch matches continuing at the old
 size within 1e-5 (fp32, CPU); a run then trains on from there. The engine goes through DeepSpeed's
 universal checkpoint (train/elastic.py), the head is re-sliced by class range."""
+
 from __future__ import annotations
 
 import math
@@ -40,8 +41,12 @@ def _resume_and_measure(overrides: list[str]) -> dict:
     with torch.no_grad():
         loss = float(trainer.task(trainer.model_input(images[rows]), labels[rows], step=state.step)["loss"])
     table = next(iter(trainer.task.head.sharded_parameters().values())).detach()
-    return {"step": state.step, "loss": loss, "table": all_gather_variable(table),
-            "lr": trainer.engine.optimizer.param_groups[0]["lr"]}
+    return {
+        "step": state.step,
+        "loss": loss,
+        "table": all_gather_variable(table),
+        "lr": trainer.engine.optimizer.param_groups[0]["lr"],
+    }
 
 
 @pytest.mark.parametrize("old, new", [(4, 2), (2, 4)])

@@ -5,6 +5,7 @@ the world size to make up for it, and the head shards must never be averaged. Ch
 sizes 1, 2 and 4 and with gradient accumulation 2 (the objective is then the mean of the two
 micro-batches' global losses).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -19,10 +20,22 @@ from tests.numerics import assert_rel
 from train.config import OptimConfig, ZeroConfig
 
 GLOBAL_BATCH, IN_DIM, DIM, CLASSES = 8, 5, 6, 7
-CFG = LossConfig(name="distarc", form="paper", scale=2.0, margin=0.4, radial_weight=0.02, phi_weight=1.0,
-                 radius_start=2.0, radius_gap=1.0, num_spheres=3)
-CHEST = LossConfig(name="chest", init_seed=3, chest=ChestConfig(proxies_per_class=2, hyp_dim=4, delta_h=0.5,
-                                                                 delta_e=1.0, permute_classes=False))
+CFG = LossConfig(
+    name="distarc",
+    form="paper",
+    scale=2.0,
+    margin=0.4,
+    radial_weight=0.02,
+    phi_weight=1.0,
+    radius_start=2.0,
+    radius_gap=1.0,
+    num_spheres=3,
+)
+CHEST = LossConfig(
+    name="chest",
+    init_seed=3,
+    chest=ChestConfig(proxies_per_class=2, hyp_dim=4, delta_h=0.5, delta_e=1.0, permute_classes=False),
+)
 HEADS = {"distarc": CFG, "chest": CHEST}
 
 
@@ -33,8 +46,10 @@ def make_backbone() -> nn.Module:
 
 def micro_batches(accum: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(3)
-    return [(torch.randn(GLOBAL_BATCH, IN_DIM, generator=g), torch.randint(0, CLASSES, (GLOBAL_BATCH,), generator=g))
-            for _ in range(accum)]
+    return [
+        (torch.randn(GLOBAL_BATCH, IN_DIM, generator=g), torch.randint(0, CLASSES, (GLOBAL_BATCH,), generator=g))
+        for _ in range(accum)
+    ]
 
 
 def engine_rank(stage: int, accum: int, head_name: str) -> dict:
@@ -46,20 +61,28 @@ def engine_rank(stage: int, accum: int, head_name: str) -> dict:
 
     rank, world = dist.get_rank(), dist.get_world_size()
     b = GLOBAL_BATCH // world
-    engine = build_engine(make_backbone(), OptimConfig(grad_accum_steps=accum, warmup_steps=0),
-                          ZeroConfig(stage=stage), micro_batch=b, max_steps=10)
+    engine = build_engine(
+        make_backbone(),
+        OptimConfig(grad_accum_steps=accum, warmup_steps=0),
+        ZeroConfig(stage=stage),
+        micro_batch=b,
+        max_steps=10,
+    )
     head = build_head(HEADS[head_name], CLASSES, DIM, rank, world, embedding_grad_scale=float(world))
     task = MetricLearningTask(engine, head)
     for i, (images, labels) in enumerate(micro_batches(accum)):
-        out = task(images[rank * b:(rank + 1) * b], labels[rank * b:(rank + 1) * b])
+        out = task(images[rank * b : (rank + 1) * b], labels[rank * b : (rank + 1) * b])
         engine.backward(out["loss"])
         if i < accum - 1:
             engine.step()  # not a boundary: DeepSpeed only counts the micro-step
     assert engine.is_gradient_accumulation_boundary()
     reduce_head_grads(head)  # what train_step does at the boundary: sum the replicated FC's grads
     grads = {n: deepspeed.utils.safe_get_full_grad(p).clone() for n, p in engine.module.named_parameters()}
-    return {"backbone": grads, "shard": next(iter(head.sharded_parameters().values())).grad.clone(),
-            "replicated": {k: p.grad.clone() for k, p in head.replicated_parameters().items()}}
+    return {
+        "backbone": grads,
+        "shard": next(iter(head.sharded_parameters().values())).grad.clone(),
+        "replicated": {k: p.grad.clone() for k, p in head.replicated_parameters().items()},
+    }
 
 
 def dense(accum: int, head_name: str, world: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict]:
@@ -75,8 +98,11 @@ def dense(accum: int, head_name: str, world: int) -> tuple[dict[str, torch.Tenso
             losses.append(chest_loss(model(x), y, head.proxies, CHEST, head.fc, trip))
     (sum(losses) / accum).backward()
     shard = next(iter(head.sharded_parameters().values())).grad
-    return ({n: p.grad for n, p in model.named_parameters()}, shard,
-            {k: p.grad for k, p in head.replicated_parameters().items()})
+    return (
+        {n: p.grad for n, p in model.named_parameters()},
+        shard,
+        {k: p.grad for k, p in head.replicated_parameters().items()},
+    )
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
@@ -121,8 +147,7 @@ def bf16_batchnorm_rank() -> dict:
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    engine = build_engine(net, OptimConfig(warmup_steps=0), ZeroConfig(stage=2, bf16=True), micro_batch=2,
-                          max_steps=2)
+    engine = build_engine(net, OptimConfig(warmup_steps=0), ZeroConfig(stage=2, bf16=True), micro_batch=2, max_steps=2)
     loss = engine(torch.randn(2, 1, 8, 8, dtype=torch.bfloat16)).float().square().mean()
     engine.backward(loss)
     engine.step()

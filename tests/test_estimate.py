@@ -1,6 +1,7 @@
 """The per-GPU memory plan (launch/estimate.py) against independent references: a real build's parameter
 count, the closed forms of the head and of ZeRO, DeepSpeed's own estimator, and the tensors an autograd
 graph holds; and the launcher's refusal of a submission that cannot fit."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,8 +24,7 @@ def test_meta_parameter_count_equals_a_real_build(cfg: ModelConfig) -> None:
     size = est.trunk_size(cfg)
     real = build_backbone(cfg)
     total, largest = model_to_params(real)  # DeepSpeed's count on real tensors (its dedup needs data pointers)
-    assert (size.params, size.largest_layer) == (total, largest) == (sum(p.numel() for p in real.parameters()),
-                                                                     largest)
+    assert (size.params, size.largest_layer) == (total, largest) == (sum(p.numel() for p in real.parameters()), largest)
     assert size.depth == (12 if cfg.name.startswith("vit") else 0)
 
 
@@ -61,7 +61,8 @@ def test_zero_states_fall_with_stage_and_ranks_and_agree_with_deepspeed() -> Non
     for stage in (2, 3):
         for gpus, nodes in ((1, 1), (8, 1), (8, 4), (4, 2)):
             assert est.zero_state_bytes(p, big, stage, gpus * nodes, True) == pytest.approx(
-                est.deepspeed_state_bytes(p, big, stage, gpus, nodes), abs=1)
+                est.deepspeed_state_bytes(p, big, stage, gpus, nodes), abs=1
+            )
 
 
 def _graph_saved_bytes(out: torch.Tensor, model: torch.nn.Module) -> int:
@@ -130,8 +131,14 @@ def test_a_submission_that_cannot_fit_is_refused_with_the_fixes(tmp_path, capsys
     assert main(["--slurm", "--gpu-mem-gb", "1", *args]) == 2
     err = capsys.readouterr().err
     assert "needs an estimated" in err and "more than --gpu-mem-gb=1" in err and "no Slurm here" not in err
-    for fix in ("zero.stage=3", "more GPUs", "model.grad_checkpointing=true", "data.batch_size",
-                "loss.sample_rate<1", "zero.bf16=true"):
+    for fix in (
+        "zero.stage=3",
+        "more GPUs",
+        "model.grad_checkpointing=true",
+        "data.batch_size",
+        "loss.sample_rate<1",
+        "zero.bf16=true",
+    ):
         assert fix in err, fix
     assert main(["--estimate", "--gpu-mem-gb", "1", *args]) == 1
     assert "DOES NOT FIT" in capsys.readouterr().out

@@ -2,6 +2,7 @@
 (2 gloo ranks) -> `python -m train.evaluate` -> the row printed and eval_<set>.json; the numbers equal a
 direct call of the metric on the same embeddings; 1 and 2 evaluation processes agree; bad input stops
 before anything is embedded."""
+
 from __future__ import annotations
 
 import contextlib
@@ -23,15 +24,45 @@ from train.evaluate.retrieval import retrieval_report
 from train.evaluate.sets import resolve_eval_sets
 from train.evaluate.verification import flip_sum, verification_accuracy
 
-TINY = ["model.name=test_resnet", "model.in_chans=3", "data.image_size=32", "data.norm=imagenet",
-        "data.batch_size=8", "data.num_workers=0", "data.eval_batch_size=16", "zero.bf16=false", "max_steps=4",
-        "checkpoint.every_steps=4", "checkpoint.every_minutes=0", "optim.lr=1e-3", "optim.warmup_steps=0"]
-CHEST_TINY = TINY + ["model.embed_dim=96", "loss.chest.hyp_dim=16", "loss.chest.proxies_per_class=2",
-                     "data.samples_per_class=0", "optim.head_lr=1e-2", "metrics.recall_ks=1,2,4"]
-RECIPES = {"cub": "vits_cub_chest_1gpu", "cars": "vits_cars_chest", "sop": "vits_sop_chest",
-           "inshop": "vits_inshop_chest", "imagenet": "vitl_imagenet_8gpu", "ms1m": "vitl_ms1mv2_faces"}
-BUILDERS = {"cub": layouts.make_cub, "cars": layouts.make_cars, "sop": layouts.make_sop,
-            "inshop": layouts.make_inshop, "imagenet": layouts.make_imagenet, "ms1m": layouts.make_ms1m}
+TINY = [
+    "model.name=test_resnet",
+    "model.in_chans=3",
+    "data.image_size=32",
+    "data.norm=imagenet",
+    "data.batch_size=8",
+    "data.num_workers=0",
+    "data.eval_batch_size=16",
+    "zero.bf16=false",
+    "max_steps=4",
+    "checkpoint.every_steps=4",
+    "checkpoint.every_minutes=0",
+    "optim.lr=1e-3",
+    "optim.warmup_steps=0",
+]
+CHEST_TINY = TINY + [
+    "model.embed_dim=96",
+    "loss.chest.hyp_dim=16",
+    "loss.chest.proxies_per_class=2",
+    "data.samples_per_class=0",
+    "optim.head_lr=1e-2",
+    "metrics.recall_ks=1,2,4",
+]
+RECIPES = {
+    "cub": "vits_cub_chest_1gpu",
+    "cars": "vits_cars_chest",
+    "sop": "vits_sop_chest",
+    "inshop": "vits_inshop_chest",
+    "imagenet": "vitl_imagenet_8gpu",
+    "ms1m": "vitl_ms1mv2_faces",
+}
+BUILDERS = {
+    "cub": layouts.make_cub,
+    "cars": layouts.make_cars,
+    "sop": layouts.make_sop,
+    "inshop": layouts.make_inshop,
+    "imagenet": layouts.make_imagenet,
+    "ms1m": layouts.make_ms1m,
+}
 
 
 def _train(recipe: str, overrides: list[str]) -> dict:
@@ -41,8 +72,9 @@ def _train(recipe: str, overrides: list[str]) -> dict:
     return run(build_config(recipe, overrides)).to_json()
 
 
-def _evaluate(run_dir: str, use_export: bool = False, splits: list[str] | None = None,
-              overrides: list[str] | None = None) -> dict:
+def _evaluate(
+    run_dir: str, use_export: bool = False, splits: list[str] | None = None, overrides: list[str] | None = None
+) -> dict:
     from train.evaluate.standalone import evaluate_run
 
     return evaluate_run(run_dir, None, use_export, splits, overrides)
@@ -63,12 +95,23 @@ def converted(tmp_path_factory) -> dict[str, str]:
     roots = {}
     for name, build in BUILDERS.items():
         build(str(base / f"{name}-src"))
-        convert([name, "--src", str(base / f"{name}-src"), "--out", str(base / name), "--shard-size", "4",
-                 "--no-progress"])
+        convert(
+            [name, "--src", str(base / f"{name}-src"), "--out", str(base / name), "--shard-size", "4", "--no-progress"]
+        )
         roots[name] = str(base / name)
     layouts.make_verification(str(base / "faces-src"), {"lfw": 20, "cfp_fp": 12})
-    convert(["verification", "--src", str(base / "faces-src"), "--out", str(base / "faces"), "--shard-size", "8",
-             "--no-progress"])
+    convert(
+        [
+            "verification",
+            "--src",
+            str(base / "faces-src"),
+            "--out",
+            str(base / "faces"),
+            "--shard-size",
+            "8",
+            "--no-progress",
+        ]
+    )
     roots["faces"], roots["faces-src"] = str(base / "faces"), str(base / "faces-src")
     return roots
 
@@ -77,15 +120,22 @@ def converted(tmp_path_factory) -> dict[str, str]:
 def trained(dist_pool, converted, tmp_path_factory) -> dict[str, str]:
     """A few steps of each dataset's recipe on 2 ranks: dataset -> run dir."""
     run_root = str(tmp_path_factory.mktemp("runs"))
-    faces = [f"metrics.eval_sets={converted['faces']}", "metrics.eval_every=2", "metrics.verification_folds=4",
-             "model.embed_dim=32", "model.img_size=0", "model.patch_size=0"]
+    faces = [
+        f"metrics.eval_sets={converted['faces']}",
+        "metrics.eval_every=2",
+        "metrics.verification_folds=4",
+        "model.embed_dim=32",
+        "model.img_size=0",
+        "model.patch_size=0",
+    ]
     runs = {}
     for name, recipe in RECIPES.items():
         extra = CHEST_TINY if "chest" in recipe else TINY + (faces if name == "ms1m" else ["model.embed_dim=32"])
         if name == "inshop":
             extra = extra + ["metrics.recall_ks=1,2,4,8"]
-        dist_pool(2).run(_train, recipe, [*extra, f"data.root={converted[name]}", f"run_root={run_root}",
-                                          f"name={name}"])
+        dist_pool(2).run(
+            _train, recipe, [*extra, f"data.root={converted[name]}", f"run_root={run_root}", f"name={name}"]
+        )
         runs[name] = os.path.join(run_root, name)
     return runs
 
@@ -107,8 +157,7 @@ def test_leave_one_out_retrieval_rows(dist_pool, trained, name: str) -> None:
     for space in ("euclidean", "cosine", "poincare", "fc_euclidean"):
         row = f"test (retrieval, {int(metrics['num_samples'])} images), {space}: R@1 / R@2 / R@4 / MAP@R = "
         line = next(line for line in out.splitlines() if line.startswith(row))
-        assert line.endswith(" / ".join(f"{100 * metrics[f'{space}/{c}']:.2f}" for c in ("R@1", "R@2", "R@4",
-                                                                                          "MAP@R")))
+        assert line.endswith(" / ".join(f"{100 * metrics[f'{space}/{c}']:.2f}" for c in ("R@1", "R@2", "R@4", "MAP@R")))
         assert 0.0 <= metrics[f"{space}/MAP@R"] <= metrics[f"{space}/R@1"] <= 1.0
     # two evaluation ranks give the same row as one
     two = dist_pool(2).run(_evaluate, trained[name])[0]
@@ -155,8 +204,10 @@ def test_classification_imagenet(dist_pool, trained) -> None:
     assert code == 0
     metrics = _eval_json(trained["imagenet"], "val")["metrics"]
     assert metrics["num_samples"] == 12 and {"acc_measure", "acc_cosine"} <= set(metrics)
-    assert (f"val (classification, 12 images): top-1 cosine {100 * metrics['acc_cosine']:.2f}, measure "
-            f"{100 * metrics['acc_measure']:.2f}") in out
+    assert (
+        f"val (classification, 12 images): top-1 cosine {100 * metrics['acc_cosine']:.2f}, measure "
+        f"{100 * metrics['acc_measure']:.2f}"
+    ) in out
 
 
 def test_faces_verification_in_the_loop_and_from_the_export(dist_pool, trained, converted) -> None:
@@ -183,8 +234,10 @@ def test_faces_verification_in_the_loop_and_from_the_export(dist_pool, trained, 
         record = _eval_json(run_dir, name)
         assert record["protocol"] == "verification" and record["metrics"]["num_pairs"] == pairs
         metrics = record["metrics"]
-        assert f"{name} (verification, {2 * pairs} images), {pairs} pairs, euclidean: accuracy " \
-               f"{100 * metrics['euclidean/accuracy']:.2f}" in out
+        assert (
+            f"{name} (verification, {2 * pairs} images), {pairs} pairs, euclidean: accuracy "
+            f"{100 * metrics['euclidean/accuracy']:.2f}" in out
+        )
         for key, value in metrics.items():
             assert two["metrics"][f"{name}/{key}"] == pytest.approx(value, abs=1e-9), key
         # the protocol called directly on the same images, embedded with their flips
@@ -200,11 +253,27 @@ def test_embed_cli_writes_embeddings(trained, converted, tmp_path) -> None:
     from train.embed import main as embed
 
     out = str(tmp_path / "emb.pt")
-    assert embed([trained["cub"], "--shards", converted["cub"], "--split", "test", "--out", out,
-                  "--space", "poincare", "--device", "cpu"]) == 0
+    assert (
+        embed(
+            [
+                trained["cub"],
+                "--shards",
+                converted["cub"],
+                "--split",
+                "test",
+                "--out",
+                out,
+                "--space",
+                "poincare",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     saved = torch.load(out, weights_only=False)
     assert saved["embeddings"].shape == (24, 16) and saved["labels"].shape == (24,) and len(saved["keys"]) == 24
-    assert float(saved["embeddings"].norm(dim=1).max()) < 2 ** 0.5  # inside the ball of radius 1/sqrt(c)
+    assert float(saved["embeddings"].norm(dim=1).max()) < 2**0.5  # inside the ball of radius 1/sqrt(c)
     folder = tmp_path / "imgs"
     folder.mkdir()
     for i in range(3):
@@ -214,8 +283,7 @@ def test_embed_cli_writes_embeddings(trained, converted, tmp_path) -> None:
     assert saved["embeddings"].shape == (3, 96) and saved["keys"][0].endswith("0.jpg")
 
 
-def test_bad_input_is_refused_before_anything_is_embedded(trained, converted, tmp_path, capsys,
-                                                          monkeypatch) -> None:
+def test_bad_input_is_refused_before_anything_is_embedded(trained, converted, tmp_path, capsys, monkeypatch) -> None:
     import train.evaluate.protocols as protocols
 
     def never(*args, **kwargs):
@@ -255,15 +323,18 @@ def test_protocols_and_ks_come_from_the_manifest(converted) -> None:
         return resolve_eval_sets(dataclasses.replace(cfg.data, root=root), dataclasses.replace(cfg.metrics, **metrics))
 
     assert [(s.protocol, s.ks, s.prefix) for s in sets("vits_cub_chest_1gpu", converted["cub"])] == [
-        ("retrieval", (1, 2, 4, 8), "")]
+        ("retrieval", (1, 2, 4, 8), "")
+    ]
     assert [s.protocol for s in sets("vitl_imagenet_8gpu", converted["imagenet"])] == ["classification"]
     with pytest.raises(ValueError, match=r"Recall@1000 needs 1000 references .* set metrics.recall_ks=1,10"):
         sets("vits_sop_chest", converted["sop"])  # SOP's own K = 1, 10, 100, 1000 on the tiny copy
     with pytest.raises(ValueError, match=r"Recall@50 needs 50 references but the split offers 12"):
         sets("vits_inshop_chest", converted["inshop"])  # In-shop's 1..50 against its 12-image gallery
     faces = sets("vitl_ms1mv2_faces", converted["ms1m"], eval_sets=(converted["faces"],))
-    assert [(s.name, s.protocol, s.prefix) for s in faces] == [("cfp_fp", "verification", "cfp_fp/"),
-                                                               ("lfw", "verification", "lfw/")]
+    assert [(s.name, s.protocol, s.prefix) for s in faces] == [
+        ("cfp_fp", "verification", "cfp_fp/"),
+        ("lfw", "verification", "lfw/"),
+    ]
     only = sets("vitl_ms1mv2_faces", converted["ms1m"], eval_sets=(f"{converted['faces']}:lfw",))
     assert [s.name for s in only] == ["lfw"]
     with pytest.raises(FileNotFoundError, match="metrics.eval_sets names .*nowhere"):
@@ -294,8 +365,13 @@ def test_a_bad_image_drops_its_pair_and_is_counted(dist_pool, trained, tmp_path)
     src.mkdir()
     (src / "agedb_30.bin").write_bytes(pickle.dumps((images, issame)))
     convert(["verification", "--src", str(src), "--out", str(tmp_path / "bad"), "--no-progress"])
-    result = dist_pool(1).run(_evaluate, trained["ms1m"], True, None,
-                              [f"metrics.eval_sets={tmp_path / 'bad'}", "metrics.verification_folds=4"])[0]
+    result = dist_pool(1).run(
+        _evaluate,
+        trained["ms1m"],
+        True,
+        None,
+        [f"metrics.eval_sets={tmp_path / 'bad'}", "metrics.verification_folds=4"],
+    )[0]
     metrics = {k: v for k, v in result["metrics"].items() if k.startswith("agedb_30/")}
     assert metrics["agedb_30/skipped_samples"] == 1 and metrics["agedb_30/num_samples"] == 23
     assert metrics["agedb_30/num_pairs"] == 11  # pair 2 lost its second image and is left out

@@ -1,5 +1,6 @@
 """Export: the consolidated fp32 backbone loads into timm by checkpoint_path and computes the trained
 embeddings; the proxy table comes out whole, in class order, whatever the world size."""
+
 from __future__ import annotations
 
 import glob
@@ -32,8 +33,9 @@ def test_export_loads_in_timm_and_holds_the_whole_table(dist_pool, mnist_root: s
     out = os.path.join(run_dir, "export")  # written at the end of training
     info = json.load(open(os.path.join(out, "export.json")))
     assert info["step"] == 6 and info["model_name"] == "test_resnet" and info["num_classes"] == 10
-    model = timm.create_model(info["model_name"], checkpoint_path=os.path.join(out, "backbone.pth"),
-                              **info["timm_kwargs"])
+    model = timm.create_model(
+        info["model_name"], checkpoint_path=os.path.join(out, "backbone.pth"), **info["timm_kwargs"]
+    )
     # the reference: the run's own module state as the engine saved it (fp32 training, rank 0's file)
     latest = find_latest(run_dir)
     cfg = build_config("mnist_chest", args)
@@ -45,8 +47,9 @@ def test_export_loads_in_timm_and_holds_the_whole_table(dist_pool, mnist_root: s
     with torch.no_grad():
         assert not torch.allclose(model(images), initial.trunk(images))
         if stage == 2:  # ZeRO-1/2 also save the full fp32 module state: the export must equal it
-            module = torch.load(os.path.join(latest, "engine", "mp_rank_00_model_states.pt"),
-                                weights_only=False)["module"]
+            module = torch.load(os.path.join(latest, "engine", "mp_rank_00_model_states.pt"), weights_only=False)[
+                "module"
+            ]
             reference.load_state_dict(module)
             assert torch.equal(model(images), reference.trunk(images))
     # (ZeRO-3 saves only placeholders there; its consolidation is DeepSpeed's zero_to_fp32, checked here
@@ -57,4 +60,4 @@ def test_export_loads_in_timm_and_holds_the_whole_table(dist_pool, mnist_root: s
     for file in glob.glob(os.path.join(latest, "head", "classes-*.pt")):
         part = torch.load(file, weights_only=False)
         start, n = part["class_start"], part["num_local"]
-        assert torch.equal(head["proxies"][start:start + n], part["params"]["proxies"]["value"])
+        assert torch.equal(head["proxies"][start : start + n], part["params"]["proxies"]["value"])

@@ -4,6 +4,7 @@ The module always computes in fp32 (it casts fp64 input down), so every comparis
 reference (geoopt in fp64, the arcosh form in fp64) uses an fp32 tolerance: 1e-5 relative, about
 10x the largest error measured for points up to 0.95 of the ball radius.
 """
+
 from __future__ import annotations
 
 import math
@@ -147,8 +148,13 @@ def test_gradients_finite_at_coincident_and_boundary_points() -> None:
 @pytest.mark.parametrize("c", [0.0, -0.5, float("nan")])
 def test_non_positive_curvature_raises(c: float) -> None:
     x = torch.zeros(2, 3)
-    for call in (lambda: mobius_add(x, x, c), lambda: dist(x, x, c), lambda: pairwise_dist(x, x, c),
-                 lambda: expmap0(x, c), lambda: to_ball(x, c, 2.3)):
+    for call in (
+        lambda: mobius_add(x, x, c),
+        lambda: dist(x, x, c),
+        lambda: pairwise_dist(x, x, c),
+        lambda: expmap0(x, c),
+        lambda: to_ball(x, c, 2.3),
+    ):
         with pytest.raises(ValueError, match="curvature"):
             call()
 

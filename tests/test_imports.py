@@ -4,6 +4,7 @@ Every import statement of every module (also those inside functions, which run l
 the same) is read with `ast`; an arrow from a package to one it may not import fails with its file and line.
 model and data never import each other; common (seeds) imports none of ours.
 """
+
 from __future__ import annotations
 
 import ast
@@ -39,8 +40,9 @@ def test_no_import_goes_against_the_layers() -> None:
         for path in files:
             for line, target in imported_packages(path):
                 if target not in allowed:
-                    wrong.append(f"{path.relative_to(ROOT)}:{line} imports {target} ({package} may import "
-                                 f"{sorted(allowed)})")
+                    wrong.append(
+                        f"{path.relative_to(ROOT)}:{line} imports {target} ({package} may import {sorted(allowed)})"
+                    )
     assert not wrong, "\n".join(wrong)
 
 

@@ -1,5 +1,6 @@
 """Submission-side logic without a cluster: sweeps, sbatch parameters, and the checks made before
 anything is queued (the real-Slurm path is exercised in test_slurm_integration.py)."""
+
 from __future__ import annotations
 
 import json
@@ -17,11 +18,13 @@ from train.config import save_yaml
 
 
 def test_chest_margin_grid_is_sixteen_runs(tmp_path) -> None:
-    sweep_dir, cfgs = expand("mnist_chest", [f"run_root={tmp_path}"],
-                             ["loss.chest.delta_h=1,5,10,20", "loss.chest.delta_e=1,5,10,20"])
+    sweep_dir, cfgs = expand(
+        "mnist_chest", [f"run_root={tmp_path}"], ["loss.chest.delta_h=1,5,10,20", "loss.chest.delta_e=1,5,10,20"]
+    )
     assert sweep_dir == str(tmp_path / "mnist_chest-sweep") and len(cfgs) == 16
     assert {(c.loss.chest.delta_h, c.loss.chest.delta_e) for c in cfgs} == {
-        (h, e) for h in (1.0, 5.0, 10.0, 20.0) for e in (1.0, 5.0, 10.0, 20.0)}
+        (h, e) for h in (1.0, 5.0, 10.0, 20.0) for e in (1.0, 5.0, 10.0, 20.0)
+    }
     assert len({c.run_dir for c in cfgs}) == 16 and all(c.run_dir.startswith(sweep_dir) for c in cfgs)
     assert cfgs[1].name == "delta_h=1_delta_e=5" and all(c.recipe == "mnist_chest" for c in cfgs)
 
@@ -29,8 +32,11 @@ def test_chest_margin_grid_is_sixteen_runs(tmp_path) -> None:
 def test_sweep_over_recipes_and_bad_grids(tmp_path) -> None:
     _, cfgs = expand("mnist_distarc", [f"run_root={tmp_path}"], ["recipe=mnist_distarc,mnist_chest", "seed=0,1"])
     assert [(c.recipe, c.seed, c.loss.name) for c in cfgs] == [
-        ("mnist_distarc", 0, "distarc"), ("mnist_distarc", 1, "distarc"),
-        ("mnist_chest", 0, "chest"), ("mnist_chest", 1, "chest")]
+        ("mnist_distarc", 0, "distarc"),
+        ("mnist_distarc", 1, "distarc"),
+        ("mnist_chest", 0, "chest"),
+        ("mnist_chest", 1, "chest"),
+    ]
     assert point_label([("a.x", "1"), ("b.x", "p/q")]) == "a.x=1_b.x=p-q"
     with pytest.raises(ValueError, match="key=value1,value2"):
         parse_grid(["loss.margin"])
@@ -44,10 +50,21 @@ def test_summary_table_lists_every_point(tmp_path) -> None:
     for name, acc in (("seed=0", 0.9), ("seed=1", 0.8)):
         os.makedirs(tmp_path / name)
         (tmp_path / name / "config.yaml").write_text("{}")
-        RunSummary(run_dir=str(tmp_path / name), tensorboard_dir="", checkpoint=None, step=10, resumed_from_step=0,
-                   last_train_loss=1.5, stop_signal="", world_size=2, started_at=0.0, first_step_at=0.0,
-                   train_seconds=1.0, total_seconds=1.0,
-                   metrics={"acc_measure": acc, "poincare/R@1": acc / 2}).write(str(tmp_path / name / "summary.json"))
+        RunSummary(
+            run_dir=str(tmp_path / name),
+            tensorboard_dir="",
+            checkpoint=None,
+            step=10,
+            resumed_from_step=0,
+            last_train_loss=1.5,
+            stop_signal="",
+            world_size=2,
+            started_at=0.0,
+            first_step_at=0.0,
+            train_seconds=1.0,
+            total_seconds=1.0,
+            metrics={"acc_measure": acc, "poincare/R@1": acc / 2},
+        ).write(str(tmp_path / name / "summary.json"))
     os.makedirs(tmp_path / "seed=2")
     (tmp_path / "seed=2" / "config.yaml").write_text("{}")
     table = summary_table(summary_rows(str(tmp_path)))
@@ -58,10 +75,19 @@ def test_summary_table_lists_every_point(tmp_path) -> None:
 
 
 def test_slurm_parameters_from_config() -> None:
-    cfg = build_config("mnist_distarc", ["slurm.nodes=2", "slurm.tasks_per_node=4", "slurm.gpus_per_node=4",
-                                         "slurm.partition=gpu", "slurm.account=lab", "slurm.signal_delay_s=90",
-                                         "slurm.sbatch_extra=constraint=a100;exclusive=true",
-                                         "slurm.setup=module load cuda;echo hi"])
+    cfg = build_config(
+        "mnist_distarc",
+        [
+            "slurm.nodes=2",
+            "slurm.tasks_per_node=4",
+            "slurm.gpus_per_node=4",
+            "slurm.partition=gpu",
+            "slurm.account=lab",
+            "slurm.signal_delay_s=90",
+            "slurm.sbatch_extra=constraint=a100;exclusive=true",
+            "slurm.setup=module load cuda;echo hi",
+        ],
+    )
     params = slurm_parameters(cfg.slurm, "job")
     assert params["nodes"] == 2 and params["tasks_per_node"] == 4 and params["gpus_per_node"] == 4
     assert params["slurm_partition"] == "gpu" and params["slurm_account"] == "lab"

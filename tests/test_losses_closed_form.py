@@ -1,4 +1,5 @@
 """Closed forms of docs/losses.md section 5.3, library equivalences, bf16 worst cases, bad input."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,8 +21,11 @@ torch.manual_seed(0)
 
 def problem(n: int = 32, d: int = 8, c: int = 10, scale: float = 3.0) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(1)
-    return (torch.randn(n, d, generator=g) * scale, torch.randint(0, c, (n,), generator=g),
-            torch.randn(c, d, generator=g))
+    return (
+        torch.randn(n, d, generator=g) * scale,
+        torch.randint(0, c, (n,), generator=g),
+        torch.randn(c, d, generator=g),
+    )
 
 
 # ---- DistArc ------------------------------------------------------------------------------------
@@ -66,8 +70,9 @@ def test_cos_phi_closed_form_and_measure() -> None:
     assert float(identity) == pytest.approx(float((xv - anchor).norm()), rel=1e-6) == pytest.approx(8.062, abs=1e-3)
 
 
-def _distarc_reference_fp64(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, radii: torch.Tensor, s: float,
-                            m: float, lam: float, mu: float) -> torch.Tensor:
+def _distarc_reference_fp64(
+    x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, radii: torch.Tensor, s: float, m: float, lam: float, mu: float
+) -> torch.Tensor:
     """Paper Eq. 1 per sample, written independently in fp64 from the definitions (docs/losses.md 1.3)."""
     w_hat = w / w.norm(dim=1, keepdim=True)
     anchors = radii[:, None] * w_hat  # a_j
@@ -83,8 +88,9 @@ def _distarc_reference_fp64(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, r
 
 
 @pytest.mark.parametrize("dist_to_anchor, phi_atol, grad_rtol", [(0.02, 1e-3, 1e-3), (1e-3, 2e-2, 5e-3)])
-def test_near_the_anchor_fp32_matches_an_fp64_reference(dist_to_anchor: float, phi_atol: float,
-                                                        grad_rtol: float) -> None:
+def test_near_the_anchor_fp32_matches_an_fp64_reference(
+    dist_to_anchor: float, phi_atol: float, grad_rtol: float
+) -> None:
     """A sample 0.02 from an r = 100 anchor: the GEMM form of delta cancels (rounding ~1e-3 of a true
     4e-4) and a cos(phi) built on it reached losses ~3e3 and gradient norms 1e6; the explicit
     difference x - a_y keeps loss and gradient at the fp64 values. (At 1e-3 from the anchor, fp32's own
@@ -129,13 +135,22 @@ def test_softtriple_equals_pml() -> None:
     x, y, _ = problem(d=6, c=5)
     k = 3
     for tau in (0.0, 0.2):
-        cfg = LossConfig(name="softtriple", chest=ChestConfig(proxies_per_class=k, gamma_e=0.1, lambda_e=20.0,
-                                                              delta_e=0.01, tau=tau))
+        cfg = LossConfig(
+            name="softtriple", chest=ChestConfig(proxies_per_class=k, gamma_e=0.1, lambda_e=20.0, delta_e=0.01, tau=tau)
+        )
         table = torch.randn(5, k, 6, generator=torch.Generator().manual_seed(3))
         ours = chest_loss(x, y, table, cfg)
         reg = SparseCentersRegularizer(num_classes=5, centers_per_class=k) if tau else None
-        pml = SoftTripleLoss(num_classes=5, embedding_size=6, centers_per_class=k, la=20, gamma=0.1, margin=0.01,
-                             weight_regularizer=reg, weight_reg_weight=tau)
+        pml = SoftTripleLoss(
+            num_classes=5,
+            embedding_size=6,
+            centers_per_class=k,
+            la=20,
+            gamma=0.1,
+            margin=0.01,
+            weight_regularizer=reg,
+            weight_reg_weight=tau,
+        )
         pml.fc.data = table.reshape(5 * k, 6).t().clone()
         # PML's regulariser uses a dtype-tiny epsilon where SoftTriple's paper code uses 1e-5
         assert float(ours) == pytest.approx(float(pml(x, y)), rel=1e-5 if tau == 0 else 1e-4)
@@ -163,7 +178,7 @@ def test_owner_of_inverts_class_range(num_classes: int, world: int) -> None:
     owners = owner_of(torch.arange(num_classes), num_classes, world)
     for r in range(world):
         start, n = class_range(num_classes, r, world)
-        assert (owners[start:start + n] == r).all()
+        assert (owners[start : start + n] == r).all()
 
 
 def test_partial_fc_sampling_keeps_positives_and_rate_one_is_the_full_loss() -> None:

@@ -105,8 +105,10 @@ def test_samples_split_and_pixels(root: str, rows: list[tuple[bytes, int]]) -> N
 
 def test_model_selection_carve_of_train(root: str, rows: list[tuple[bytes, int]]) -> None:
     """fit / valid partition train (never val): per class the last 80 train rows are valid."""
-    index = {split: {json.loads(s["json"])["index"] for s in read_split(root, split).values()}
-             for split in ("train", "val", "fit", "valid")}
+    index = {
+        split: {json.loads(s["json"])["index"] for s in read_split(root, split).values()}
+        for split in ("train", "val", "fit", "valid")
+    }
     assert (len(index["fit"]), len(index["valid"])) == (3200, 800)
     assert index["fit"] | index["valid"] == index["train"] and not index["fit"] & index["valid"]
     assert not index["valid"] & index["val"]

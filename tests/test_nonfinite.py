@@ -6,6 +6,7 @@ can catch it), and NaN input pixels (NaN backbone gradients: DeepSpeed's own che
 guarded optimizer's at stage 0). The reference is the state before the step: nothing may move, while every
 lr schedule still advances by one.
 """
+
 from __future__ import annotations
 
 import types
@@ -45,8 +46,12 @@ def snapshot(engine, head) -> dict[str, torch.Tensor]:
     import deepspeed.utils
 
     # the fp32 master weights under ZeRO (None at stage 0, where the parameters are the fp32 weights)
-    out = {f"backbone.{n}": (deepspeed.utils.safe_get_full_fp32_param(p) if engine.zero_optimization() else p)
-           .detach().clone() for n, p in engine.module.named_parameters()}
+    out = {
+        f"backbone.{n}": (deepspeed.utils.safe_get_full_fp32_param(p) if engine.zero_optimization() else p)
+        .detach()
+        .clone()
+        for n, p in engine.module.named_parameters()
+    }
     out.update({f"head.{n}": p.detach().clone() for n, p in head.named_parameters()})
     return out
 
@@ -66,8 +71,7 @@ def skip_rank(stage: int, injection: str, bad_rank: int) -> dict:
     head = build_head(LOSS, CLASSES, DIM, rank, world, embedding_grad_scale=float(world))
     head_opt, head_sched = build_head_optimizer(head, optim, 10)
     task = (NanLossValue if injection == "nan_loss_value" and rank == bad_rank else MetricLearningTask)(engine, head)
-    tr = TrainableModel(engine, task, head_opt, head_sched, torch.device("cpu"), torch.float32,
-                 Identity())  # type: ignore[arg-type]
+    tr = TrainableModel(engine, task, head_opt, head_sched, torch.device("cpu"), torch.float32, Identity())  # type: ignore[arg-type]
     g = torch.Generator().manual_seed(100 + rank)
     history, skipped, lrs = [], [], []
     for step in range(STEPS):
@@ -76,8 +80,11 @@ def skip_rank(stage: int, injection: str, bad_rank: int) -> dict:
             images[0, 0] = float("nan")
         history.append(snapshot(engine, head))
         one_step = types.SimpleNamespace(optim=types.SimpleNamespace(grad_accum_steps=1))
-        scalars = train_step(types.SimpleNamespace(model=tr, batches=iter([(images, labels)]), cfg=one_step,
-                                                   state=types.SimpleNamespace(step=step)))
+        scalars = train_step(
+            types.SimpleNamespace(
+                model=tr, batches=iter([(images, labels)]), cfg=one_step, state=types.SimpleNamespace(step=step)
+            )
+        )
         skipped.append(scalars["skipped"])
         lrs.append((scalars["lr"], scalars["head_lr"], head_sched.last_epoch, engine.lr_scheduler.last_epoch))
     history.append(snapshot(engine, head))
@@ -88,8 +95,13 @@ def skip_rank(stage: int, injection: str, bad_rank: int) -> dict:
 @pytest.mark.parametrize("world", [1, 2])
 def test_a_non_finite_step_updates_nothing_on_any_rank(dist_pool, world: int) -> None:
     pool = dist_pool(world)
-    for stage, injection in ((2, "nan_loss_value"), (2, "nan_pixels"), (0, "nan_pixels"), (3, "nan_loss_value"),
-                             (0, "nan_loss_value")):
+    for stage, injection in (
+        (2, "nan_loss_value"),
+        (2, "nan_pixels"),
+        (0, "nan_pixels"),
+        (3, "nan_loss_value"),
+        (0, "nan_loss_value"),
+    ):
         results = pool.run(skip_rank, stage, injection, world - 1)
         msg = f"ZeRO-{stage} {injection} world {world}"
         for r in results:
@@ -124,18 +136,30 @@ def test_too_many_skipped_steps_in_a_row_stop_the_run(monkeypatch) -> None:
         return {"loss": float("nan"), "skipped": float(next(pattern))}
 
     logged: list[dict[str, float]] = []
-    logger = types.SimpleNamespace(reset_timer=lambda step: None,
-                                   log=lambda step, seen, scalars, prefix="train": logged.append(
-                                       {"prefix": prefix, **scalars}) or dict(scalars))
+    logger = types.SimpleNamespace(
+        reset_timer=lambda step: None,
+        log=lambda step, seen, scalars, prefix="train": logged.append({"prefix": prefix, **scalars}) or dict(scalars),
+    )
     control = types.SimpleNamespace(poll=lambda: Decision(save=False, stop_signal=0), saved=lambda: None)
-    cfg = types.SimpleNamespace(max_steps=100, optim=OptimConfig(max_skipped_steps=3),
-                                metrics=types.SimpleNamespace(log_every=1, eval_every=0),
-                                checkpoint=types.SimpleNamespace(every_steps=1000))
+    cfg = types.SimpleNamespace(
+        max_steps=100,
+        optim=OptimConfig(max_skipped_steps=3),
+        metrics=types.SimpleNamespace(log_every=1, eval_every=0),
+        checkpoint=types.SimpleNamespace(every_steps=1000),
+    )
     state = TrainState()
-    run = types.SimpleNamespace(cfg=cfg, state=state, logger=logger, control=control, global_batch=8,
-                                clock=StepClock(8, 1, 100, torch.device("cpu")),
-                                env=types.SimpleNamespace(is_main=False),
-                                stream=types.SimpleNamespace(bad_samples=0), save=lambda: "", evaluate=lambda: {})
+    run = types.SimpleNamespace(
+        cfg=cfg,
+        state=state,
+        logger=logger,
+        control=control,
+        global_batch=8,
+        clock=StepClock(8, 1, 100, torch.device("cpu")),
+        env=types.SimpleNamespace(is_main=False),
+        stream=types.SimpleNamespace(bad_samples=0),
+        save=lambda: "",
+        evaluate=lambda: {},
+    )
     monkeypatch.setattr(loop, "train_step", fake_step)
     with pytest.raises(FloatingPointError, match=r"4 steps in a row up to step 8 .*optim.max_skipped_steps=3"):
         loop.train_loop(run, 100)

@@ -4,6 +4,7 @@ Tiny CPU heads (a few classes); every number drawn or histogrammed is checked ag
 dense head built independently (rows are keyed by global class id, so a world-size-1 head holds
 the same rows as rank 0's shard).
 """
+
 from __future__ import annotations
 
 import io
@@ -64,8 +65,9 @@ def test_disk_projection_keeps_norms_inside_the_disk_and_planar_geometry() -> No
     flat = (torch.rand(200, 2, generator=gen, dtype=torch.float64) - 0.5) @ basis.t()
     q2, _ = pictures.disk_projection(flat)
     q, f = q2.numpy(), flat.numpy()
-    np.testing.assert_allclose(np.linalg.norm(q[:, None] - q[None], axis=2),
-                               np.linalg.norm(f[:, None] - f[None], axis=2), atol=1e-10)
+    np.testing.assert_allclose(
+        np.linalg.norm(q[:, None] - q[None], axis=2), np.linalg.norm(f[:, None] - f[None], axis=2), atol=1e-10
+    )
 
 
 def test_distarc_radial_angular_picture_and_radius_error_histogram(tmp_path) -> None:
@@ -85,7 +87,7 @@ def test_distarc_radial_angular_picture_and_radius_error_histogram(tmp_path) -> 
     assert hist.histogram_value.min == pytest.approx(err.min(), rel=1e-5)
     assert hist.histogram_value.max == pytest.approx(err.max(), rel=1e-5)
     assert hist.histogram_value.sum == pytest.approx(err.sum(), rel=1e-5, abs=1e-3)
-    assert hist.histogram_value.sum_squares == pytest.approx((err ** 2).sum(), rel=1e-5)
+    assert hist.histogram_value.sum_squares == pytest.approx((err**2).sum(), rel=1e-5)
     # what is drawn: the shard's samples only, angles to the rows of a dense head's same classes
     keep, angles, norms = pictures.angles_to_anchors(emb, labels, head)
     dense = build_head(cfg, 6, 8).weight.detach().double().numpy()
@@ -166,16 +168,22 @@ def test_chest_poincare_disk_draws_ball_points_and_rank0_proxies(tmp_path) -> No
 
 
 def test_hparams_are_in_the_run_s_own_event_file(tmp_path) -> None:
-    cfg = RunConfig(name="r", max_steps=7, data=DataConfig(root="/nowhere", batch_size=32),
-                    loss=LossConfig(name="distarc", margin=0.3))
+    cfg = RunConfig(
+        name="r",
+        max_steps=7,
+        data=DataConfig(root="/nowhere", batch_size=32),
+        loss=LossConfig(name="distarc", margin=0.3),
+    )
     hparams = {**main_hparams(cfg.to_dict()), "global_batch": 64}
     assert not any(k.startswith("loss.chest.") for k in hparams)  # DistArc: CHEST's fields are noise
-    chest = main_hparams(RunConfig(name="c", max_steps=1, data=DataConfig(root="/x"),
-                                   loss=LossConfig(name="chest")).to_dict())
+    chest = main_hparams(
+        RunConfig(name="c", max_steps=1, data=DataConfig(root="/x"), loss=LossConfig(name="chest")).to_dict()
+    )
     assert chest["loss.chest.curvature"] == 0.5
     logger = TensorBoardLogger(str(tmp_path), True, 64)
-    logger.log_hparams(hparams, {"acc_measure": 0.75, "cosine/R@1": 0.5, "last_train_loss": None,
-                                 "diverged": float("nan")}, step=7)
+    logger.log_hparams(
+        hparams, {"acc_measure": 0.75, "cosine/R@1": 0.5, "last_train_loss": None, "diverged": float("nan")}, step=7
+    )
     logger.close()
     assert all(os.path.isfile(os.path.join(logger.tb_dir, f)) for f in os.listdir(logger.tb_dir))  # no subfolder
     acc = read_events(logger.tb_dir)

@@ -1,5 +1,6 @@
 """Signals and clocks in the training loop: a signal on one rank makes every rank save and stop
 together, the resumed run ends bit-identical to an uninterrupted one; timed saves; a kill mid-save."""
+
 from __future__ import annotations
 
 import os
@@ -80,7 +81,10 @@ def test_term_also_saves_and_stops(dist_pool, mnist_root: str, tmp_path) -> None
 def test_minutes_clock_saves_between_step_checkpoints(dist_pool, mnist_root: str, tmp_path) -> None:
     pool = dist_pool(2)
     args = small_overrides(mnist_root, str(tmp_path), "clock", 6) + [
-        "checkpoint.every_steps=1000", "checkpoint.every_minutes=0.0001", "checkpoint.keep_last=10"]
+        "checkpoint.every_steps=1000",
+        "checkpoint.every_minutes=0.0001",
+        "checkpoint.keep_last=10",
+    ]
     pool.run(_run, args)
     saved = sorted(p for p in os.listdir(tmp_path / "clock" / "checkpoints") if p.startswith("step-"))
     assert saved == [f"step-{i}" for i in range(1, 7)]  # every step took longer than 6 ms
@@ -104,11 +108,20 @@ run(build_config("mnist_distarc", sys.argv[2:]))
 
 def test_kill_during_save_resumes_from_previous_checkpoint(mnist_root: str, tmp_path) -> None:
     args = small_overrides(mnist_root, str(tmp_path), "killed", 10) + [
-        "checkpoint.every_steps=5", "data.num_workers=0", "metrics.eval_every=0"]
+        "checkpoint.every_steps=5",
+        "data.num_workers=0",
+        "metrics.eval_every=0",
+    ]
     run_dir = str(tmp_path / "killed")
     env = {**os.environ, "WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "MASTER_PORT": "29731"}
-    proc = subprocess.Popen([sys.executable, "-c", KILL_DURING_SAVE, run_dir, *args], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=os.getcwd())
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILL_DURING_SAVE, run_dir, *args],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=os.getcwd(),
+    )
     for line in proc.stdout:  # type: ignore[union-attr]
         if "KILLME" in line:
             proc.kill()  # SIGKILL in the middle of writing step-10
@@ -117,9 +130,19 @@ def test_kill_during_save_resumes_from_previous_checkpoint(mnist_root: str, tmp_
     ckpts = os.path.join(run_dir, "checkpoints")
     assert ".tmp-step-10" in os.listdir(ckpts) and not os.path.exists(os.path.join(ckpts, "step-10"))
     assert find_latest(run_dir).endswith("step-5")
-    out = subprocess.run([sys.executable, "-c", "import sys; from launch.__main__ import build_config; "
-                          "from train.main import run; s = run(build_config('mnist_distarc', sys.argv[1:])); "
-                          "print('RESUMED', s.resumed_from_step, s.step)", *args],
-                         env=env, text=True, capture_output=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from launch.__main__ import build_config; "
+            "from train.main import run; s = run(build_config('mnist_distarc', sys.argv[1:])); "
+            "print('RESUMED', s.resumed_from_step, s.step)",
+            *args,
+        ],
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=300,
+    )
     assert "RESUMED 5 10" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
     assert sorted(p for p in os.listdir(ckpts) if p.startswith("step-")) == ["step-10", "step-5"]

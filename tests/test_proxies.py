@@ -1,4 +1,5 @@
 """Class ranges cover every class exactly once; initial rows do not depend on the world size."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """The README's Quick start holds exactly two commands, and CI runs the second one."""
+
 from __future__ import annotations
 
 import pathlib

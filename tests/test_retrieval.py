@@ -10,6 +10,7 @@ lower reference index first. So the PML comparisons are split in two:
   arithmetic and the leave-one-out bookkeeping under an identical ranking.
 The tie rule itself is checked against a full stable sort and in a hand-computed example.
 """
+
 from __future__ import annotations
 
 import math
@@ -63,7 +64,7 @@ def duplicated(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 def exact_keys(q: torch.Tensor, r: torch.Tensor, metric: str) -> list[list[Any]]:
     """Exact ranking keys (larger = closer) for `tied` data, independent of the module's arithmetic."""
     if metric == "euclidean":  # integer squared distances: exact in fp64
-        return (-torch.cdist(q.double(), r.double()) ** 2).round().tolist()
+        return (-(torch.cdist(q.double(), r.double()) ** 2)).round().tolist()
     if metric == "cosine":  # unit vectors with dyadic coordinates: exact dot products
         return (q.double() @ r.double().t()).tolist()
     # poincare, c = 1/2: -||(-q) (+) r||^2 = -||q-r||^2 / (1 - 2c<q,r> + c^2||q||^2||r||^2), as fractions
@@ -81,20 +82,24 @@ def exact_keys(q: torch.Tensor, r: torch.Tensor, metric: str) -> list[list[Any]]
 def exact_ranking(q: torch.Tensor, r: torch.Tensor, metric: str, loo: bool) -> torch.Tensor:
     """Brute force over the whole matrix: sort by exact key, ties by lower index."""
     keys = exact_keys(q, r, metric)
-    order = [sorted((j for j in range(len(row)) if not (loo and j == i)), key=lambda j: (-row[j], j))
-             for i, row in enumerate(keys)]
+    order = [
+        sorted((j for j in range(len(row)) if not (loo and j == i)), key=lambda j: (-row[j], j))
+        for i, row in enumerate(keys)
+    ]
     return torch.tensor(order)
 
 
 def fp64_ranking(q: torch.Tensor, r: torch.Tensor, metric: str, loo: bool) -> torch.Tensor:
     """Brute force for continuous data: full fp64 score matrix by independent formulas, sorted."""
     q64, r64 = q.double(), r.double()
-    scores = {"euclidean": lambda: -torch.cdist(q64, r64),
-              "cosine": lambda: (q64 / q64.norm(dim=1, keepdim=True)) @ (r64 / r64.norm(dim=1, keepdim=True)).t(),
-              "poincare": lambda: -arcosh_dist64(q64, r64, 0.5)}[metric]()
+    scores = {
+        "euclidean": lambda: -torch.cdist(q64, r64),
+        "cosine": lambda: (q64 / q64.norm(dim=1, keepdim=True)) @ (r64 / r64.norm(dim=1, keepdim=True)).t(),
+        "poincare": lambda: -arcosh_dist64(q64, r64, 0.5),
+    }[metric]()
     if loo:
         scores.fill_diagonal_(-math.inf)
-    return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :r.shape[0] - int(loo)]
+    return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, : r.shape[0] - int(loo)]
 
 
 class OurKNN:
@@ -103,16 +108,22 @@ class OurKNN:
     def __init__(self, metric: str) -> None:
         self.metric = metric
 
-    def __call__(self, query: torch.Tensor, k: int, reference: torch.Tensor,
-                 ref_includes_query: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, query: torch.Tensor, k: int, reference: torch.Tensor, ref_includes_query: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         idx, scores = knn(query, reference, k, self.metric, chunk=7, exclude_self=ref_includes_query)
         return -scores, idx
 
 
-def pml(knn_func: Any, q: torch.Tensor, ql: torch.Tensor, r: torch.Tensor | None = None,
-        rl: torch.Tensor | None = None) -> dict[str, float]:
-    calc = AccuracyCalculator(include=("mean_average_precision_at_r", "precision_at_1"), k="max_bin_count",
-                              knn_func=knn_func, device=torch.device("cpu"))
+def pml(
+    knn_func: Any, q: torch.Tensor, ql: torch.Tensor, r: torch.Tensor | None = None, rl: torch.Tensor | None = None
+) -> dict[str, float]:
+    calc = AccuracyCalculator(
+        include=("mean_average_precision_at_r", "precision_at_1"),
+        k="max_bin_count",
+        knn_func=knn_func,
+        device=torch.device("cpu"),
+    )
     if r is None:
         return calc.get_accuracy(q, ql)  # PML's leave-one-out: reference = query, self removed
     return calc.get_accuracy(q, ql, r, rl, ref_includes_query=False)
@@ -145,9 +156,11 @@ def test_pairwise_scores_match_fp64_formulas(metric: str) -> None:
     q, _ = clustered(seed=3, n=20)
     r, _ = clustered(seed=4, n=30)
     q64, r64 = q.double(), r.double()
-    ref = {"euclidean": -torch.cdist(q64, r64),
-           "cosine": (q64 / q64.norm(dim=1, keepdim=True)) @ (r64 / r64.norm(dim=1, keepdim=True)).t(),
-           "poincare": -arcosh_dist64(q64, r64, 0.5)}[metric]
+    ref = {
+        "euclidean": -torch.cdist(q64, r64),
+        "cosine": (q64 / q64.norm(dim=1, keepdim=True)) @ (r64 / r64.norm(dim=1, keepdim=True)).t(),
+        "poincare": -arcosh_dist64(q64, r64, 0.5),
+    }[metric]
     got = pairwise_scores(q, r, metric)
     assert got.shape == (20, 30) and got.dtype == torch.float32
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)

@@ -5,6 +5,7 @@ the NCCL settings both launch paths start NCCL with (train.dist.NCCL_DEFAULTS), 
 (train.control.REQUEUE_EXIT, also in slurm/train.sbatch), the image field names (data.writer.IMAGE_FIELDS)
 and the device of the metric collectives (train.dist.collective_device).
 """
+
 from __future__ import annotations
 
 import ast
@@ -37,9 +38,17 @@ SBATCH = REPO / "slurm" / "train.sbatch"
 def test_stable_seed_is_the_same_in_other_interpreters_and_keeps_the_data_streams_seeds() -> None:
     parts = [(0, 1, 2, 3), (7, 0, 4096), ("triplets", 5), (2**40, "x")]
     code = f"from common.seeds import stable_seed; print([stable_seed(*p) for p in {parts!r}]); print(hash('triplets'))"
-    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO,
-                           env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONHASHSEED": salt}).stdout.split("\n")
-            for salt in ("1", "2")]
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONHASHSEED": salt},
+        ).stdout.split("\n")
+        for salt in ("1", "2")
+    ]
     assert runs[0][1] != runs[1][1]  # the salts differ: hash() of a str does...
     assert runs[0][0] == runs[1][0] == str([stable_seed(*p) for p in parts])  # ...stable_seed does not
     # data.stream's per-batch augmentation seed (cfg.seed, rank, worker, k) is the value it had before
@@ -123,15 +132,16 @@ def _run_sbatch(tmp_path: pathlib.Path, srun_rc: int) -> tuple[int, dict[str, st
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     (bin_dir / "srun").write_text(f'#!/bin/bash\nenv -0 > "{tmp_path}/srun.env"\nexit {srun_rc}\n')
-    (bin_dir / "scontrol").write_text(f'#!/bin/bash\nif [ "$1" = show ]; then echo node1; '
-                                      f'else echo "$@" >> "{tmp_path}/scontrol.log"; fi\n')
+    (bin_dir / "scontrol").write_text(
+        f'#!/bin/bash\nif [ "$1" = show ]; then echo node1; else echo "$@" >> "{tmp_path}/scontrol.log"; fi\n'
+    )
     for tool in ("srun", "scontrol"):
         (bin_dir / tool).chmod(0o755)
     env = {k: v for k, v in os.environ.items() if "NCCL" not in k}
-    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", SLURM_JOB_ID="42", SLURM_JOB_NODELIST="node1",
-               SLURM_NTASKS="2")
-    proc = subprocess.run(["bash", str(SBATCH), "--recipe", "x"], env=env, capture_output=True, text=True,
-                          cwd=tmp_path)
+    env.update(
+        PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", SLURM_JOB_ID="42", SLURM_JOB_NODELIST="node1", SLURM_NTASKS="2"
+    )
+    proc = subprocess.run(["bash", str(SBATCH), "--recipe", "x"], env=env, capture_output=True, text=True, cwd=tmp_path)
     dumped = (tmp_path / "srun.env").read_text().split("\0")
     srun_env = dict(item.split("=", 1) for item in dumped if "=" in item)
     log = tmp_path / "scontrol.log"
@@ -153,8 +163,14 @@ def test_both_launch_paths_start_nccl_with_the_same_settings(tmp_path, monkeypat
     for key in [k for k in os.environ if "NCCL" in k]:
         monkeypatch.delenv(key)
     monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")
-    for name, value in (("JOB_ID", "42"), ("NTASKS", "2"), ("JOB_NUM_NODES", "1"), ("NODEID", "0"),
-                        ("GLOBALID", "1"), ("LOCALID", "1")):
+    for name, value in (
+        ("JOB_ID", "42"),
+        ("NTASKS", "2"),
+        ("JOB_NUM_NODES", "1"),
+        ("NODEID", "0"),
+        ("GLOBALID", "1"),
+        ("LOCALID", "1"),
+    ):
         monkeypatch.setenv(f"SUBMITIT_LOCAL_{name}", value)
     export_cluster_env()
     submitit_path = _nccl_env_at_group_creation(monkeypatch)
@@ -213,17 +229,18 @@ def _metric_collectives() -> dict:
     rank = dist.get_rank()
     ctrl = control.RunControl(0.0, signals=())
     ctrl.received = int(signal.SIGUSR2) if rank == 1 else 0
-    return {"device": tdist.collective_device().type,
-            "mean": tdist.reduce_mean({"a": float(rank), "n": 1.0}, summed=frozenset({"n"})),
-            "max": tdist.max_over_ranks(float(rank + 5)),
-            "norm": tdist.global_norm([torch.full((2,), float(rank + 1))], [torch.tensor([2.0])]),
-            "stop": ctrl.poll().stop_signal}
+    return {
+        "device": tdist.collective_device().type,
+        "mean": tdist.reduce_mean({"a": float(rank), "n": 1.0}, summed=frozenset({"n"})),
+        "max": tdist.max_over_ranks(float(rank + 5)),
+        "norm": tdist.global_norm([torch.full((2,), float(rank + 1))], [torch.tensor([2.0])]),
+        "stop": ctrl.poll().stop_signal,
+    }
 
 
 def test_metric_collectives_on_gloo_match_the_closed_form(dist_pool) -> None:
     # ranks 0, 1: mean of a = 0.5, sum of n = 2; max 6; sqrt(2 * 1 + 2 * 4 + 4) (replicated once)
-    expected = {"device": "cpu", "mean": {"a": 0.5, "n": 2.0}, "max": 6.0, "norm": 14 ** 0.5,
-                "stop": int(signal.SIGUSR2)}
+    expected = {"device": "cpu", "mean": {"a": 0.5, "n": 2.0}, "max": 6.0, "norm": 14**0.5, "stop": int(signal.SIGUSR2)}
     assert dist_pool(2).run(_metric_collectives) == [expected, expected]
 
 

@@ -4,6 +4,7 @@ array jobs, USR2 preemption with checkpoint/requeue/resume, and `scontrol requeu
 Run with `pytest -m slurm`; the session fixture starts the cluster (installing Slurm with apt-get
 when it is missing) and stops it at the end unless it was already up.
 """
+
 from __future__ import annotations
 
 import subprocess

@@ -1,6 +1,7 @@
 """Training on the local Slurm cluster (slurm/cluster): the launcher's --slurm path on 2 nodes x 1 task
 and 1 node x 2 tasks, USR2 -> collective save -> requeue -> resume, `scontrol requeue`, a sweep as a job
 array of 4, a kill -9 of one rank, and the plain sbatch script. Measured times are printed (pytest -s)."""
+
 from __future__ import annotations
 
 import glob
@@ -26,8 +27,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 def slurm_overrides(root: str, run_root: Path, name: str, steps: int, *extra: str) -> list[str]:
     # time_min 20: submitit counts a USR2 in a job of <= 10 min as a time-out, not a preemption
-    return [*small_overrides(root, str(run_root), name, steps), "slurm.time_min=20", "checkpoint.every_minutes=5",
-            "data.num_workers=1", *extra]
+    return [
+        *small_overrides(root, str(run_root), name, steps),
+        "slurm.time_min=20",
+        "checkpoint.every_minutes=5",
+        "data.num_workers=1",
+        *extra,
+    ]
 
 
 def _summary(run_dir: Path) -> dict:
@@ -49,8 +55,9 @@ def _wait_done(job, timeout: float = 300.0) -> list:
 
 
 @pytest.mark.parametrize("nodes, tasks", [(2, 1), (1, 2)])
-def test_launcher_trains_on_the_cluster(slurm_env, mnist_root: str, tmp_path: Path, capsys, nodes: int,
-                                        tasks: int) -> None:
+def test_launcher_trains_on_the_cluster(
+    slurm_env, mnist_root: str, tmp_path: Path, capsys, nodes: int, tasks: int
+) -> None:
     t0 = time.time()
     args = slurm_overrides(mnist_root, tmp_path, "run", 30, f"slurm.nodes={nodes}", f"slurm.tasks_per_node={tasks}")
     assert main(["--slurm", *args]) == 0
@@ -62,8 +69,10 @@ def test_launcher_trains_on_the_cluster(slurm_env, mnist_root: str, tmp_path: Pa
     logs = _logs(run_dir)
     assert f"node=1({nodes})" in logs if nodes == 2 else "node=0(1)" in logs  # submitit's JobEnvironment line
     with capsys.disabled():
-        print(f"\n[{nodes} node(s) x {tasks} task(s)] submission -> first step {summary['first_step_at'] - t0:.1f} s, "
-              f"total {time.time() - t0:.1f} s")
+        print(
+            f"\n[{nodes} node(s) x {tasks} task(s)] submission -> first step {summary['first_step_at'] - t0:.1f} s, "
+            f"total {time.time() - t0:.1f} s"
+        )
     if nodes == 2:  # the evaluation CLI as a Slurm job of the run's own shape: the training's final numbers
         from launch.evaluate import main as launch_evaluate
 
@@ -84,8 +93,7 @@ def _submit_and_wait_for_step_20(cfg) -> object:
     return job
 
 
-def test_usr2_saves_requeues_and_resumes_losing_nothing(slurm_env, mnist_root: str, tmp_path: Path,
-                                                       capsys) -> None:
+def test_usr2_saves_requeues_and_resumes_losing_nothing(slurm_env, mnist_root: str, tmp_path: Path, capsys) -> None:
     cfg = build_config("mnist_distarc", slurm_overrides(mnist_root, tmp_path, "usr2", 60, "checkpoint.keep_last=20"))
     job = _submit_and_wait_for_step_20(cfg)
     run_dir = Path(cfg.run_dir)
@@ -99,12 +107,15 @@ def test_usr2_saves_requeues_and_resumes_losing_nothing(slurm_env, mnist_root: s
     resumed = results[0].resumed_from_step
     assert resumed == stopped_at and 20 <= resumed < 60 and (run_dir / "checkpoints" / f"step-{resumed}").exists()
     with capsys.disabled():
-        print(f"\n[USR2] signal at step >= 20 -> saved at step {stopped_at}, resumed at {resumed} (0 steps lost); "
-              f"signal -> requeued job's first step {results[0].first_step_at - t_signal:.1f} s")
+        print(
+            f"\n[USR2] signal at step >= 20 -> saved at step {stopped_at}, resumed at {resumed} (0 steps lost); "
+            f"signal -> requeued job's first step {results[0].first_step_at - t_signal:.1f} s"
+        )
 
 
-def test_scontrol_requeue_resumes_from_the_latest_checkpoint(slurm_env, mnist_root: str, tmp_path: Path,
-                                                            capsys) -> None:
+def test_scontrol_requeue_resumes_from_the_latest_checkpoint(
+    slurm_env, mnist_root: str, tmp_path: Path, capsys
+) -> None:
     cfg = build_config("mnist_distarc", slurm_overrides(mnist_root, tmp_path, "requeue", 60, "checkpoint.keep_last=20"))
     job = _submit_and_wait_for_step_20(cfg)
     run_dir = Path(cfg.run_dir)
@@ -115,15 +126,28 @@ def test_scontrol_requeue_resumes_from_the_latest_checkpoint(slurm_env, mnist_ro
     resumed = results[0].resumed_from_step
     assert resumed >= 20 and (run_dir / "checkpoints" / f"step-{resumed}").exists()
     with capsys.disabled():
-        print(f"\n[scontrol requeue] resumed at step {resumed}; requeue -> first step "
-              f"{results[0].first_step_at - t_requeue:.1f} s")
+        print(
+            f"\n[scontrol requeue] resumed at step {resumed}; requeue -> first step "
+            f"{results[0].first_step_at - t_requeue:.1f} s"
+        )
 
 
 def test_sweep_is_one_job_array_with_a_summary(slurm_env, mnist_root: str, tmp_path: Path, capsys) -> None:
     args = slurm_overrides(mnist_root, tmp_path, "ignored", 20)
     t0 = time.time()
-    assert main(["--slurm", "--sweep", "recipe=mnist_distarc,mnist_chest,mnist_arcface,mnist_softtriple",
-                 "--sweep-name", "grid", *args]) == 0
+    assert (
+        main(
+            [
+                "--slurm",
+                "--sweep",
+                "recipe=mnist_distarc,mnist_chest,mnist_arcface,mnist_softtriple",
+                "--sweep-name",
+                "grid",
+                *args,
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     sweep = tmp_path / "grid"
     array_id = out.split("submitted job array ")[1].split(";")[0]
@@ -152,8 +176,9 @@ def _task_pid(job_id: str, rank: int) -> int:
     raise LookupError(f"no task {rank} of job {job_id}")
 
 
-def test_kill_of_one_rank_fails_cleanly_and_resubmission_resumes(slurm_env, mnist_root: str, tmp_path: Path,
-                                                                  capsys) -> None:
+def test_kill_of_one_rank_fails_cleanly_and_resubmission_resumes(
+    slurm_env, mnist_root: str, tmp_path: Path, capsys
+) -> None:
     args = slurm_overrides(mnist_root, tmp_path, "killed", 60)
     cfg = build_config("mnist_distarc", args)
     job = _submit_and_wait_for_step_20(cfg)
@@ -170,9 +195,21 @@ def test_kill_of_one_rank_fails_cleanly_and_resubmission_resumes(slurm_env, mnis
 
 def test_plain_sbatch_script_trains_and_requeues_on_usr2(slurm_env, mnist_root: str, tmp_path: Path) -> None:
     args = slurm_overrides(mnist_root, tmp_path, "sbatch", 60, "checkpoint.keep_last=20")
-    out = subprocess.run(["sbatch", "--parsable", f"--chdir={REPO}", f"--output={tmp_path}/slurm-%j.out",
-                          "--time=20", str(REPO / "slurm" / "train.sbatch"), *args],
-                         capture_output=True, text=True, check=True, env={**os.environ, "PYTHON": os.sys.executable})
+    out = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            f"--chdir={REPO}",
+            f"--output={tmp_path}/slurm-%j.out",
+            "--time=20",
+            str(REPO / "slurm" / "train.sbatch"),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHON": os.sys.executable},
+    )
     job_id = out.stdout.strip().split(";")[0]
     run_dir = tmp_path / "sbatch"
     wait_for_file(run_dir / "checkpoints" / "step-20", timeout=180)

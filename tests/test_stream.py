@@ -37,8 +37,18 @@ def root(tmp_path_factory) -> str:
 
 def make_cfg(root: str, **overrides) -> DataConfig:
     # mean 0 / std 1 / no augmentation / no resize: decode_ids can read ids back.
-    base = {"root": root, "num_classes": 4, "image_size": 28, "batch_size": 8, "num_workers": 0,
-            "augment": False, "mean": 0.0, "std": 1.0, "shuffle_buffer": 16, "eval_batch_size": 5}
+    base = {
+        "root": root,
+        "num_classes": 4,
+        "image_size": 28,
+        "batch_size": 8,
+        "num_workers": 0,
+        "augment": False,
+        "mean": 0.0,
+        "std": 1.0,
+        "shuffle_buffer": 16,
+        "eval_batch_size": 5,
+    }
     base.update(overrides)
     return DataConfig(**base)
 
@@ -62,8 +72,9 @@ def test_uint8_batches_normalise_to_the_float_batches(root: str, num_workers: in
         assert torch.equal(normalise(floats, cpu, torch.float32), floats)  # float batches pass through
         half = normalise(pixels, cpu, torch.bfloat16)
         assert half.dtype == torch.bfloat16 and torch.equal(half, floats.to(torch.bfloat16))
-    for (pixels, labels), (floats, float_labels) in zip(build_eval_loader(cfg, 0, 1),
-                                                        build_eval_loader(floats_cfg, 0, 1)):
+    for (pixels, labels), (floats, float_labels) in zip(
+        build_eval_loader(cfg, 0, 1), build_eval_loader(floats_cfg, 0, 1)
+    ):
         assert pixels.dtype == torch.uint8 and torch.equal(normalise(pixels, cpu, torch.float32), floats)
 
 
@@ -160,9 +171,14 @@ def test_labels_beyond_num_classes_rejected(root: str) -> None:
 
 @pytest.mark.parametrize(
     "override, match",
-    [({"batch_size": 0}, "data.batch_size"), ({"in_chans": 2}, "data.in_chans"),
-     ({"prepare": "imagenet"}, "data.prepare"), ({"num_workers": -1}, "data.num_workers"),
-     ({"std": 0.0}, "data.std"), ({"train_split": "a/b"}, "data.train_split")],
+    [
+        ({"batch_size": 0}, "data.batch_size"),
+        ({"in_chans": 2}, "data.in_chans"),
+        ({"prepare": "imagenet"}, "data.prepare"),
+        ({"num_workers": -1}, "data.num_workers"),
+        ({"std": 0.0}, "data.std"),
+        ({"train_split": "a/b"}, "data.train_split"),
+    ],
 )
 def test_config_validation(root: str, override: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
@@ -187,10 +203,7 @@ def bad_root(tmp_path_factory) -> str:
         {"__key__": "bad_range", "png": png_bytes(42), "cls": b"99"},
         {"__key__": "bad_noimage", "cls": b"2"},
     ]
-    good = [
-        {"__key__": f"syn_{i:06d}", "png": png_bytes(i), "cls": str(i % 4).encode()}
-        for i in range(32, 36)
-    ]
+    good = [{"__key__": f"syn_{i:06d}", "png": png_bytes(i), "cls": str(i % 4).encode()} for i in range(32, 36)]
     samples = [good[0], bad[0], good[1], bad[1], bad[2], good[2], bad[3], bad[4], good[3]]
     with webdataset.TarWriter(os.path.join(path, "train", "shard-000099.tar"), encoder=False) as tar:
         for sample in samples:
@@ -246,7 +259,10 @@ def test_truncated_and_empty_shards_skipped_and_counted(tmp_path) -> None:
     # the truncated shard, the remnant of sample 27 (its .cls and .json, written before its cut .png),
     # the two empty shards
     assert it.dataset.counter is not None and {key for _, key in it.dataset.counter.seen} == {
-        "<tar error 1>", "syn_000027", "<empty shard>"}
+        "<tar error 1>",
+        "syn_000027",
+        "<empty shard>",
+    }
     assert it.bad_samples == 4
 
 

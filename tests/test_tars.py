@@ -96,8 +96,11 @@ def test_truncated_and_damaged_archives_raise_after_the_good_members() -> None:
 
 @pytest.mark.filterwarnings("ignore:skipping bad sample:RuntimeWarning")
 def test_read_shard_counts_truncated_and_empty_shards(tmp_path) -> None:
-    members = [(f"s{i}.{ext}", b"payload" * 100 if ext == "jpg" else str(i).encode())
-               for i in range(4) for ext in ("jpg", "cls")]
+    members = [
+        (f"s{i}.{ext}", b"payload" * 100 if ext == "jpg" else str(i).encode())
+        for i in range(4)
+        for ext in ("jpg", "cls")
+    ]
     data = archive(tarfile.PAX_FORMAT, members, extras=False)
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         cut = tar.getmember("s2.jpg").offset_data + 300  # in the middle of the third sample's image
@@ -107,8 +110,10 @@ def test_read_shard_counts_truncated_and_empty_shards(tmp_path) -> None:
     samples = list(read_shard(str(truncated), counter))
     assert counter.count == 1 and next(iter(counter.seen))[1] == "<tar error 1>"
     # The two whole samples, then what was left of the third: no image (data.samples rejects it)
-    assert samples[:2] == [{"__key__": f"s{i}", "__url__": str(truncated), "jpg": b"payload" * 100,
-                            "cls": str(i).encode()} for i in range(2)]
+    assert samples[:2] == [
+        {"__key__": f"s{i}", "__url__": str(truncated), "jpg": b"payload" * 100, "cls": str(i).encode()}
+        for i in range(2)
+    ]
     assert len(samples) == 2
     for name, content in (("zero-bytes.tar", b""), ("no-members.tar", archive(tarfile.PAX_FORMAT, [], False))):
         (tmp_path / name).write_bytes(content)
@@ -170,8 +175,10 @@ def test_sparse_members_are_read_by_tarfile(tmp_path, fmt: str) -> None:
             f.write(b"data%d" % i)
     (folder / "z.cls").write_bytes(b"4")
     shard = tmp_path / "sparse.tar"
-    subprocess.run(["tar", "-S", f"--format={fmt}", "-cf", str(shard), "-C", str(folder), "a.cls", "holes.bin",
-                    "z.cls"], check=True)
+    subprocess.run(
+        ["tar", "-S", f"--format={fmt}", "-cf", str(shard), "-C", str(folder), "a.cls", "holes.bin", "z.cls"],
+        check=True,
+    )
     data = shard.read_bytes()
     want = reference(data)
     assert [name.rsplit("/", 1)[-1] for name, _ in want] == ["a.cls", "holes.bin", "z.cls"]

@@ -3,6 +3,7 @@
 The launcher test goes through submitit's LocalExecutor exactly as a user's command does; the
 resume and bad-input tests call `train.main.run` inside a reused 2-rank gloo pool.
 """
+
 from __future__ import annotations
 
 import glob
@@ -18,8 +19,17 @@ from train.checkpoint import find_latest
 
 
 def small_overrides(root: str, run_root: str, name: str, steps: int) -> list[str]:
-    return [f"name={name}", f"run_root={run_root}", f"data.root={root}", "data.prepare=none", f"max_steps={steps}",
-            "checkpoint.every_steps=10", "metrics.log_every=5", "optim.warmup_steps=5", "loss.margin_warmup_steps=10"]
+    return [
+        f"name={name}",
+        f"run_root={run_root}",
+        f"data.root={root}",
+        "data.prepare=none",
+        f"max_steps={steps}",
+        "checkpoint.every_steps=10",
+        "metrics.log_every=5",
+        "optim.warmup_steps=5",
+        "loss.margin_warmup_steps=10",
+    ]
 
 
 def test_launcher_trains_checkpoints_and_logs(mnist_root: str, tmp_path, capsys) -> None:
@@ -85,8 +95,9 @@ def _model_state(run_dir: str) -> dict[str, torch.Tensor]:
 def test_resume_gives_the_same_weights_and_loss(dist_pool, mnist_root: str, tmp_path, recipe: str) -> None:
     pool = dist_pool(2)
     steps = 20
-    straight = pool.run(_run, small_overrides(mnist_root, str(tmp_path), "straight", steps) + ["data.num_workers=1"],
-                        None, recipe)
+    straight = pool.run(
+        _run, small_overrides(mnist_root, str(tmp_path), "straight", steps) + ["data.num_workers=1"], None, recipe
+    )
     resumed_args = small_overrides(mnist_root, str(tmp_path), "resumed", steps) + ["data.num_workers=1"]
     first = pool.run(_run, resumed_args, steps // 2, recipe)
     assert first[0]["step"] == steps // 2 and "num_samples" not in first[0]  # stopped, like a preempted job

@@ -94,7 +94,8 @@ def test_norm_presets() -> None:
     image = Image.new("RGB", (8, 8), (255, 0, 128))
     out = build_transform(make_cfg(transform="faces", image_size=8, norm="imagenet"), False)(image)
     expected = (torch.tensor([1.0, 0.0, 128 / 255]) - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor(
-        [0.229, 0.224, 0.225])
+        [0.229, 0.224, 0.225]
+    )
     assert torch.allclose(out[:, 0, 0], expected, atol=1e-6)
     scalar = build_transform(make_cfg(transform="faces", image_size=8, mean=0.0, std=1.0), False)(image)
     assert torch.allclose(scalar[:, 0, 0], torch.tensor([1.0, 0.0, 128 / 255]), atol=1e-6)
@@ -102,8 +103,11 @@ def test_norm_presets() -> None:
 
 @pytest.mark.parametrize(
     "override, match",
-    [({"transform": "vit"}, "data.transform"), ({"norm": "clip"}, "data.norm"),
-     ({"norm": "imagenet", "in_chans": 1}, "data.in_chans=1")],
+    [
+        ({"transform": "vit"}, "data.transform"),
+        ({"norm": "clip"}, "data.norm"),
+        ({"norm": "imagenet", "in_chans": 1}, "data.in_chans=1"),
+    ],
 )
 def test_config_validation(override: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):

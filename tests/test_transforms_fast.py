@@ -33,8 +33,17 @@ BICUBIC = T.InterpolationMode.BICUBIC
 def make_cfg(**overrides) -> DataConfig:
     # PIL resampling and float output, to compare with torchvision v1's recipe bit for bit
     # (the torch backend and uint8 output are compared with these at the end of the file)
-    base = {"root": "unused", "num_classes": 2, "in_chans": 3, "augment": True, "transform": "imagenet",
-            "norm": "imagenet", "image_size": 224, "uint8_batches": False, "resize_backend": "pil"}
+    base = {
+        "root": "unused",
+        "num_classes": 2,
+        "in_chans": 3,
+        "augment": True,
+        "transform": "imagenet",
+        "norm": "imagenet",
+        "image_size": 224,
+        "uint8_batches": False,
+        "resize_backend": "pil",
+    }
     base.update(overrides)
     return DataConfig(**base)
 
@@ -56,8 +65,14 @@ def jpeg(width: int, height: int, seed: int = 0, mode: str = "RGB") -> bytes:
 
 
 def reference_train(size: int, mean=MEAN, std=STD) -> T.Compose:
-    return T.Compose([T.RandomResizedCrop(size, interpolation=BICUBIC), T.RandomHorizontalFlip(),
-                      T.ToTensor(), T.Normalize(mean, std)])
+    return T.Compose(
+        [
+            T.RandomResizedCrop(size, interpolation=BICUBIC),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
 
 
 def run_seeded(transform, image: Image.Image, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,8 +118,7 @@ def test_train_grayscale_scalar_norm_bitwise() -> None:
 @pytest.mark.parametrize("shape", [(500, 375), (160, 120), (224, 224)])
 def test_eval_unchanged(shape: tuple[int, int]) -> None:
     image = photo(*shape)
-    ref = T.Compose([T.Resize(256, interpolation=BICUBIC), T.CenterCrop(224),
-                     T.ToTensor(), T.Normalize(MEAN, STD)])
+    ref = T.Compose([T.Resize(256, interpolation=BICUBIC), T.CenterCrop(224), T.ToTensor(), T.Normalize(MEAN, STD)])
     assert torch.equal(build_transform(make_cfg(), train=False)(image), ref(image))
     # data.augment=false: the train transform is the eval one.
     assert torch.equal(build_transform(make_cfg(augment=False), train=True)(image), ref(image))
@@ -281,15 +295,24 @@ def test_crop_distribution_matches_torchvision_statistically() -> None:
 
 
 @pytest.mark.parametrize("train", [True, False])
-@pytest.mark.parametrize("family, size, shape", [("imagenet", 224, (500, 375)), ("faces", 112, (130, 120)),
-                                                 ("digits", 32, (28, 28))])
-def test_uint8_output_normalises_to_the_float_output(family: str, size: int, shape: tuple[int, int],
-                                                     train: bool) -> None:
+@pytest.mark.parametrize(
+    "family, size, shape", [("imagenet", 224, (500, 375)), ("faces", 112, (130, 120)), ("digits", 32, (28, 28))]
+)
+def test_uint8_output_normalises_to_the_float_output(
+    family: str, size: int, shape: tuple[int, int], train: bool
+) -> None:
     # data.uint8_batches: the transform stops at the pixels; InputNormaliser, applied to the batch on
     # the device, gives bit for bit what the float transform gives, with the same RNG use.
     digits = family == "digits"
-    cfg = make_cfg(transform=family, image_size=size, in_chans=1 if digits else 3,
-                   norm="scalar" if digits else "imagenet", mean=0.3, std=0.7, uint8_batches=True)
+    cfg = make_cfg(
+        transform=family,
+        image_size=size,
+        in_chans=1 if digits else 3,
+        norm="scalar" if digits else "imagenet",
+        mean=0.3,
+        std=0.7,
+        uint8_batches=True,
+    )
     image = photo(*shape, mode="L" if digits else "RGB")
     pixels_of = build_transform(cfg, train)
     floats_of = build_transform(dataclasses.replace(cfg, uint8_batches=False), train)
@@ -342,21 +365,32 @@ def torchvision_v2(cfg: DataConfig, train: bool):
         elif train:
             top, left, h, w = T.RandomResizedCrop.get_params(image, (0.08, 1.0), (3 / 4, 4 / 3))
             flip = bool(torch.rand(1) < 0.5)
-            out = v2.functional.resized_crop(pixels, top, left, h, w, [size, size], interpolation=interpolation,
-                                             antialias=True)
+            out = v2.functional.resized_crop(
+                pixels, top, left, h, w, [size, size], interpolation=interpolation, antialias=True
+            )
         else:
             flip = False
-            out = v2.CenterCrop(size)(v2.Resize(int(size * 256 / 224), interpolation=interpolation,
-                                                antialias=True)(pixels))
+            out = v2.CenterCrop(size)(
+                v2.Resize(int(size * 256 / 224), interpolation=interpolation, antialias=True)(pixels)
+            )
         return out.flip(-1) if flip else out
+
     return transform
 
 
 @pytest.mark.parametrize("train", [True, False])
-@pytest.mark.parametrize("family, size, shape", [("imagenet", 224, (500, 375)), ("imagenet", 224, (256, 256)),
-                                                 ("imagenet", 64, (120, 90)), ("faces", 112, (130, 120))])
-def test_torch_resize_backend_is_torchvision_v2_and_close_to_pil(family: str, size: int, shape: tuple[int, int],
-                                                                 train: bool) -> None:
+@pytest.mark.parametrize(
+    "family, size, shape",
+    [
+        ("imagenet", 224, (500, 375)),
+        ("imagenet", 224, (256, 256)),
+        ("imagenet", 64, (120, 90)),
+        ("faces", 112, (130, 120)),
+    ],
+)
+def test_torch_resize_backend_is_torchvision_v2_and_close_to_pil(
+    family: str, size: int, shape: tuple[int, int], train: bool
+) -> None:
     # data.resize_backend=torch (default): the same crops and flips (same RNG use) resampled by torch's
     # antialiased uint8 bicubic: bit for bit torchvision.transforms.v2 on uint8 tensors, and close to
     # PIL's bicubic (the two round their two separable passes differently).

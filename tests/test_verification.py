@@ -1,4 +1,5 @@
 """train/evaluate/verification.py: the insightface 10-fold protocol, checked against an independent brute force."""
+
 from __future__ import annotations
 
 import math
@@ -44,8 +45,14 @@ def brute_force(dist: np.ndarray, same: np.ndarray, folds: int, far_target: floa
         # would divide by zero)
         val.append(accepted[same[test]].mean() if same[test].any() else 0.0)
         far.append(accepted[~same[test]].mean() if (~same[test]).any() else 0.0)
-    return {"accuracy": float(np.mean(acc)), "accuracy_std": float(np.std(acc)), "best_threshold": float(np.mean(best)),
-            "val": float(np.mean(val)), "val_std": float(np.std(val)), "far": float(np.mean(far))}
+    return {
+        "accuracy": float(np.mean(acc)),
+        "accuracy_std": float(np.std(acc)),
+        "best_threshold": float(np.mean(best)),
+        "val": float(np.mean(val)),
+        "val_std": float(np.std(val)),
+        "far": float(np.mean(far)),
+    }
 
 
 def test_separable_pairs_score_one() -> None:
@@ -61,8 +68,11 @@ def test_separable_pairs_score_one() -> None:
 
 def test_random_embeddings_score_about_half() -> None:
     gen = torch.Generator().manual_seed(2)
-    res = verification_accuracy(torch.randn(1000, 64, generator=gen), torch.randn(1000, 64, generator=gen),
-                                torch.rand(1000, generator=gen) < 0.5)
+    res = verification_accuracy(
+        torch.randn(1000, 64, generator=gen),
+        torch.randn(1000, 64, generator=gen),
+        torch.rand(1000, generator=gen) < 0.5,
+    )
     assert 0.42 < res["accuracy"] < 0.58
     assert res["val"] < 0.05  # at FAR 1e-3 chance gives VAL ~1e-3
 
@@ -81,8 +91,9 @@ def test_matches_brute_force(n: int, folds: int) -> None:
     assert 0.6 < got["accuracy"] < 1.0  # the example is not degenerate
 
 
-@pytest.mark.parametrize("flipped,std", [(np.arange(0, 10), 0.3), (np.arange(50, 60), 0.3),
-                                         (np.arange(0, 100, 10), 0.0)])
+@pytest.mark.parametrize(
+    "flipped,std", [(np.arange(0, 10), 0.3), (np.arange(50, 60), 0.3), (np.arange(0, 100, 10), 0.0)]
+)
 def test_folds_are_contiguous_unshuffled_and_deterministic(flipped: np.ndarray, std: float) -> None:
     # 100 pairs separable at d = 1 (same 0.5, different 1.5) except the `flipped` ones. A contiguous
     # block of 10 is one whole fold: its held-out accuracy is 0 and the nine others are 1 (std 0.3).

@@ -13,6 +13,7 @@ checkpoint. Contents of `step-N/`:
   meta.json             step, samples seen, world size, class count
   config.yaml           the run's config
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -84,9 +85,13 @@ def check_compatible(path: str, cfg: RunConfig, fix: str = RESUME_FIX) -> None:
         raise ValueError(
             f"checkpoint {path} holds a table of {saved.data.num_classes} classes x {saved.model.embed_dim} dims but "
             f"the config asks for data.num_classes={cfg.data.num_classes}, model.embed_dim={cfg.model.embed_dim}; "
-            f"{fix}")
-    changed = [f"model.{k}: {getattr(saved.model, k)!r} in the checkpoint, {getattr(cfg.model, k)!r} now"
-               for k in ARCHITECTURE_KEYS if getattr(saved.model, k) != getattr(cfg.model, k)]
+            f"{fix}"
+        )
+    changed = [
+        f"model.{k}: {getattr(saved.model, k)!r} in the checkpoint, {getattr(cfg.model, k)!r} now"
+        for k in ARCHITECTURE_KEYS
+        if getattr(saved.model, k) != getattr(cfg.model, k)
+    ]
     if changed:
         raise ValueError(f"checkpoint {path} holds another model ({'; '.join(changed)}); {fix}")
 
@@ -95,10 +100,18 @@ def stream_signature(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     """The settings the data stream's position depends on: the stream is a pure function of these
     and the step, so a resume with the same signature continues batch for batch."""
     d = cfg.data
-    return {"world_size": world_size, "num_workers": d.num_workers, "batch_size": d.batch_size,
-            "grad_accum_steps": cfg.optim.grad_accum_steps, "seed": d.seed, "shuffle_buffer": d.shuffle_buffer,
-            "samples_per_class": d.samples_per_class, "root": os.path.abspath(d.root),
-            "resampled": d.resampled, "sources": override_text(d.sources)}  # the text older checkpoints hold
+    return {
+        "world_size": world_size,
+        "num_workers": d.num_workers,
+        "batch_size": d.batch_size,
+        "grad_accum_steps": cfg.optim.grad_accum_steps,
+        "seed": d.seed,
+        "shuffle_buffer": d.shuffle_buffer,
+        "samples_per_class": d.samples_per_class,
+        "root": os.path.abspath(d.root),
+        "resampled": d.resampled,
+        "sources": override_text(d.sources),
+    }  # the text older checkpoints hold
 
 
 def stream_changes(path: str, cfg: RunConfig, world_size: int) -> list[str]:
@@ -109,8 +122,15 @@ def stream_changes(path: str, cfg: RunConfig, world_size: int) -> list[str]:
     return [f"{k}: {saved[k]} -> {now[k]}" for k in now if k in saved and saved[k] != now[k]]
 
 
-def save_checkpoint(cfg: RunConfig, env: DistEnv, state: TrainState, engine: Any, head: ShardedHead,
-                    head_optimizer: torch.optim.Optimizer, head_scheduler: Any) -> str:
+def save_checkpoint(
+    cfg: RunConfig,
+    env: DistEnv,
+    state: TrainState,
+    engine: Any,
+    head: ShardedHead,
+    head_optimizer: torch.optim.Optimizer,
+    head_scheduler: Any,
+) -> str:
     """Collective save of everything a resume needs; returns the final folder."""
     root = checkpoint_root(cfg.run_dir)
     name = f"step-{state.step}"
@@ -122,16 +142,24 @@ def save_checkpoint(cfg: RunConfig, env: DistEnv, state: TrainState, engine: Any
     barrier()
     engine.save_checkpoint(tmp, tag=ENGINE_TAG, save_latest=False)
     start, stop = head.class_start, head.class_start + head.num_local
-    torch.save(_head_state(head, head_optimizer, head_scheduler),
-               os.path.join(tmp, "head", f"classes-{start:09d}-{stop:09d}.pt"))
+    torch.save(
+        _head_state(head, head_optimizer, head_scheduler),
+        os.path.join(tmp, "head", f"classes-{start:09d}-{stop:09d}.pt"),
+    )
     torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank-{env.rank}-of-{env.world_size}.pt"))
     if env.is_main:
         _save_replicated(os.path.join(tmp, "head"), head, head_optimizer)
         save_yaml(cfg, os.path.join(tmp, "config.yaml"))
-        meta = {"step": state.step, "samples_seen": state.samples_seen, "world_size": env.world_size,
-                "num_classes": head.num_classes, "embed_dim": head.embed_dim,
-                "stream": stream_signature(cfg, env.world_size), "best": state.best,
-                "skipped_steps": state.skipped_steps}
+        meta = {
+            "step": state.step,
+            "samples_seen": state.samples_seen,
+            "world_size": env.world_size,
+            "num_classes": head.num_classes,
+            "embed_dim": head.embed_dim,
+            "stream": stream_signature(cfg, env.world_size),
+            "best": state.best,
+            "skipped_steps": state.skipped_steps,
+        }
         with open(os.path.join(tmp, "meta.json"), "w") as f:  # written last: marks the folder complete
             json.dump(meta, f)
     barrier()
@@ -144,8 +172,9 @@ def save_checkpoint(cfg: RunConfig, env: DistEnv, state: TrainState, engine: Any
     return final
 
 
-def load_checkpoint(path: str, env: DistEnv, engine: Any, head: ShardedHead, head_optimizer: torch.optim.Optimizer,
-                    head_scheduler: Any) -> TrainState:
+def load_checkpoint(
+    path: str, env: DistEnv, engine: Any, head: ShardedHead, head_optimizer: torch.optim.Optimizer, head_scheduler: Any
+) -> TrainState:
     """Restore engine, this rank's head slice (re-sliced from whatever ranges were saved) and counters.
 
     At another world size the engine comes from the universal conversion (train/elastic.py) and
@@ -154,16 +183,21 @@ def load_checkpoint(path: str, env: DistEnv, engine: Any, head: ShardedHead, hea
     if meta["world_size"] != env.world_size:  # converted by train.main.build_model beforehand
         load_universal(engine, path)
     else:
-        load_path, _ = engine.load_checkpoint(path, tag=ENGINE_TAG, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
+        load_path, _ = engine.load_checkpoint(
+            path, tag=ENGINE_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
         if load_path is None:
             raise RuntimeError(f"DeepSpeed found no engine state under {path}/{ENGINE_TAG}")
     _load_head(path, head, head_optimizer, head_scheduler)
     rng_file = os.path.join(path, "rng", f"rank-{env.rank}-of-{env.world_size}.pt")
     if meta["world_size"] == env.world_size and os.path.exists(rng_file):
         _set_rng_state(torch.load(rng_file, weights_only=False))
-    return TrainState(step=meta["step"], samples_seen=meta["samples_seen"], best=dict(meta.get("best", {})),
-                      skipped_steps=int(meta.get("skipped_steps", 0)))
+    return TrainState(
+        step=meta["step"],
+        samples_seen=meta["samples_seen"],
+        best=dict(meta.get("best", {})),
+        skipped_steps=int(meta.get("skipped_steps", 0)),
+    )
 
 
 # ---- head shards --------------------------------------------------------------------------------
@@ -182,8 +216,12 @@ def _param_state(param: torch.nn.Parameter, opt: torch.optim.Optimizer) -> dict[
 
 def _head_state(head: ShardedHead, opt: torch.optim.Optimizer, sched: Any) -> dict[str, Any]:
     """This rank's rows of every sharded parameter, with their AdamW moments, keyed by class range."""
-    return {"class_start": head.class_start, "num_local": head.num_local, "scheduler": sched.state_dict(),
-            "params": {name: _param_state(p, opt) for name, p in head.sharded_parameters().items()}}
+    return {
+        "class_start": head.class_start,
+        "num_local": head.num_local,
+        "scheduler": sched.state_dict(),
+        "params": {name: _param_state(p, opt) for name, p in head.sharded_parameters().items()},
+    }
 
 
 def _save_replicated(path: str, head: ShardedHead, opt: torch.optim.Optimizer) -> None:
@@ -192,8 +230,13 @@ def _save_replicated(path: str, head: ShardedHead, opt: torch.optim.Optimizer) -
         torch.save({name: _param_state(p, opt) for name, p in params.items()}, os.path.join(path, "replicated.pt"))
 
 
-def _restore(param: torch.nn.Parameter, opt: torch.optim.Optimizer, value: torch.Tensor,
-             moments: dict[str, torch.Tensor], step: float) -> None:
+def _restore(
+    param: torch.nn.Parameter,
+    opt: torch.optim.Optimizer,
+    value: torch.Tensor,
+    moments: dict[str, torch.Tensor],
+    step: float,
+) -> None:
     with torch.no_grad():
         param.copy_(value.to(param.device))
     if step > 0:
@@ -223,10 +266,10 @@ def _load_head(path: str, head: ShardedHead, opt: torch.optim.Optimizer, sched: 
         s, e = max(a, lo), min(b, hi)
         for name in targets:
             saved = part["params"][name]
-            values[name][s - lo:e - lo] = saved["value"][s - a:e - a]
+            values[name][s - lo : e - lo] = saved["value"][s - a : e - a]
             for key in MOMENTS:
                 if saved[key] is not None:
-                    moments[name][key][s - lo:e - lo] = saved[key][s - a:e - a]
+                    moments[name][key][s - lo : e - lo] = saved[key][s - a : e - a]
             opt_step = saved["step"]
         covered += e - s
         sched_state = part["scheduler"]

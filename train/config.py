@@ -11,6 +11,7 @@ and `train.main.run`. Validation is a pure function of the value and remembered 
 config is checked once per process however many of those entry points (and the loaders'
 `DataConfig.validate()`) see it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -119,7 +120,8 @@ class MetricsConfig:
     # a verification root, e.g. the lfw, cfp_fp, agedb_30 .bin shards while training on MS1MV2); each scored by
     # its own protocol
     eval_sets: tuple[str, ...] = dataclasses.field(
-        default=(), metadata={"item": "ROOT[:SPLIT+SPLIT]", "example": "data-cache/faces-val:lfw+cfp_fp"})
+        default=(), metadata={"item": "ROOT[:SPLIT+SPLIT]", "example": "data-cache/faces-val:lfw+cfp_fp"}
+    )
     verification_folds: int = 10
     far_target: float = 1e-3  # verification: VAL is reported at this false-accept rate
 
@@ -150,17 +152,22 @@ class SlurmConfig:
     signal_delay_s: int = 120  # USR2 this long before the time limit: enough for one collective save
     # Any other sbatch option, {option: value} without dashes (override text "constraint=a100;exclusive=true";
     # the value "true" is a bare flag)
-    sbatch_extra: dict[str, str] = dataclasses.field(default_factory=dict, metadata={
-        "sep": ";", "item": "key=value without dashes", "example": "'constraint=a100;exclusive=true'"})
+    sbatch_extra: dict[str, str] = dataclasses.field(
+        default_factory=dict,
+        metadata={"sep": ";", "item": "key=value without dashes", "example": "'constraint=a100;exclusive=true'"},
+    )
     # Shell lines run before the tasks start (override text "module load cuda/12.4;source ~/env.sh")
-    setup: tuple[str, ...] = dataclasses.field(default=(), metadata={
-        "sep": ";", "item": "a shell line", "example": "'module load cuda/12.4;source ~/env.sh'"})
+    setup: tuple[str, ...] = dataclasses.field(
+        default=(), metadata={"sep": ";", "item": "a shell line", "example": "'module load cuda/12.4;source ~/env.sh'"}
+    )
     array_parallelism: int = 0  # sweeps: most array tasks running at once (0 = no limit)
 
     def extra_parameters(self) -> dict[str, str | bool]:
         """slurm.sbatch_extra as submitit's slurm_additional_parameters (value 'true' = a bare flag)."""
-        return {key.replace("-", "_"): True if value.lower() == "true" else value
-                for key, value in self.sbatch_extra.items()}
+        return {
+            key.replace("-", "_"): True if value.lower() == "true" else value
+            for key, value in self.sbatch_extra.items()
+        }
 
     def validate(self) -> None:
         if self.nodes < 1 or self.tasks_per_node < 1 or self.cpus_per_task < 1:
@@ -171,8 +178,10 @@ class SlurmConfig:
             raise ValueError("slurm.gpus_per_node, slurm.array_parallelism and slurm.signal_delay_s must be >= 0")
         for key, value in self.sbatch_extra.items():
             if key.startswith("-"):
-                raise ValueError(f"slurm.sbatch_extra item {key}={value} must read key=value without dashes, "
-                                 "e.g. slurm.sbatch_extra='constraint=a100;exclusive=true'")
+                raise ValueError(
+                    f"slurm.sbatch_extra item {key}={value} must read key=value without dashes, "
+                    "e.g. slurm.sbatch_extra='constraint=a100;exclusive=true'"
+                )
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -209,23 +218,38 @@ class RunConfig:
             raise ValueError(f"name={self.name!r} must be a non-empty folder name without '/'")
         if self.max_steps < 1:
             raise ValueError(f"max_steps={self.max_steps} must be >= 1")
-        for part in (self.data, self.model, self.loss, self.optim, self.zero, self.checkpoint, self.metrics,
-                     self.slurm):
+        for part in (
+            self.data,
+            self.model,
+            self.loss,
+            self.optim,
+            self.zero,
+            self.checkpoint,
+            self.metrics,
+            self.slurm,
+        ):
             part.validate()
         if self.checkpoint.every_minutes >= self.slurm.time_min:
             raise ValueError(
                 f"checkpoint.every_minutes={self.checkpoint.every_minutes:g} is not shorter than the job's time "
                 f"limit slurm.time_min={self.slurm.time_min}: a job could end before its first timed save; lower "
-                "checkpoint.every_minutes or raise slurm.time_min")
+                "checkpoint.every_minutes or raise slurm.time_min"
+            )
         if self.slurm.signal_delay_s >= self.slurm.time_min * 60:
-            raise ValueError(f"slurm.signal_delay_s={self.slurm.signal_delay_s} must be shorter than the time limit "
-                             f"slurm.time_min={self.slurm.time_min} min")
+            raise ValueError(
+                f"slurm.signal_delay_s={self.slurm.signal_delay_s} must be shorter than the time limit "
+                f"slurm.time_min={self.slurm.time_min} min"
+            )
         if self.model.in_chans != self.data.in_chans:
-            raise ValueError(f"model.in_chans={self.model.in_chans} differs from data.in_chans={self.data.in_chans}; "
-                             "set both to the channels the images are decoded to")
+            raise ValueError(
+                f"model.in_chans={self.model.in_chans} differs from data.in_chans={self.data.in_chans}; "
+                "set both to the channels the images are decoded to"
+            )
         if self.model.img_size and self.model.img_size != self.data.image_size:
-            raise ValueError(f"model.img_size={self.model.img_size} differs from data.image_size="
-                             f"{self.data.image_size}; set model.img_size=0 or make them equal")
+            raise ValueError(
+                f"model.img_size={self.model.img_size} differs from data.image_size="
+                f"{self.data.image_size}; set model.img_size=0 or make them equal"
+            )
         _remember(_VALIDATED, key)
         return self
 
@@ -263,8 +287,10 @@ def num_classes_from_manifests(data: DataConfig) -> dict[str, Any]:
     except FileNotFoundError as err:
         if data.prepare != "none":
             return {}  # written by ensure_prepared before the job starts; run() resolves again
-        raise FileNotFoundError(f"data.num_classes=0 is read from the manifest, but {err}; set data.num_classes "
-                                "or convert the data set first") from err
+        raise FileNotFoundError(
+            f"data.num_classes=0 is read from the manifest, but {err}; set data.num_classes "
+            "or convert the data set first"
+        ) from err
 
 
 def backbone_norm(model_name: str) -> dict[str, Any]:
@@ -276,8 +302,10 @@ def backbone_norm(model_name: str) -> dict[str, Any]:
     except RuntimeError:
         pretrained = None
     if pretrained is None or not pretrained.mean or not pretrained.std:
-        raise ValueError(f"data.norm=timm: timm has no pretrained config with mean/std for model.name="
-                         f"{model_name!r}; set data.norm=imagenet, inception, scalar or channels")
+        raise ValueError(
+            f"data.norm=timm: timm has no pretrained config with mean/std for model.name="
+            f"{model_name!r}; set data.norm=imagenet, inception, scalar or channels"
+        )
     mean, std = tuple(float(v) for v in pretrained.mean), tuple(float(v) for v in pretrained.std)
     for preset, values in NORM_PRESETS.items():
         if (mean, std) == values:

@@ -7,6 +7,7 @@ step the loop calls `poll()`, which all-reduces (MAX) this rank's [signal, save-
 every rank then saves at the same step, and stops together after a signal. The minutes clock is
 agreed the same way, so ranks whose clocks differ by a little still save at one step.
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -6,6 +6,7 @@ submitit's JobEnvironment. Backend: NCCL on GPUs, gloo on CPU. `NCCL_DEFAULTS` a
 where unset, just before the NCCL group is created: every launcher (submitit, slurm/train.sbatch,
 torchrun) gets the same set. `collective_device()` is where a collective's tensors must live.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,9 +43,12 @@ class DistEnv:
 def env_from_environ() -> DistEnv:
     """Rank and world size from the environment (a single process when nothing is set)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    return DistEnv(rank=int(os.environ.get("RANK", "0")), world_size=world,
-                   local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-                   local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
+    return DistEnv(
+        rank=int(os.environ.get("RANK", "0")),
+        world_size=world,
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", str(world))),
+    )
 
 
 def init_distributed(env: DistEnv, timeout_s: int = 1800) -> tuple[torch.device, bool]:
@@ -69,8 +73,9 @@ def init_distributed(env: DistEnv, timeout_s: int = 1800) -> tuple[torch.device,
         # Read when the group is created (TORCH_NCCL_*) and at NCCL's first communicator (NCCL_*), both after this.
         for key, value in NCCL_DEFAULTS.items():
             os.environ.setdefault(key, value)
-    dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+    dist.init_process_group(
+        backend=backend, rank=env.rank, world_size=env.world_size, timeout=datetime.timedelta(seconds=timeout_s)
+    )
     return device, True
 
 
@@ -125,7 +130,7 @@ def global_norm(local_tensors: list[torch.Tensor], replicated_tensors: list[torc
         sq = sq.to(collective_device())
         dist.all_reduce(sq)
     total = float(sq.item()) + sum(float((t.detach().double() ** 2).sum()) for t in replicated_tensors)
-    return total ** 0.5
+    return total**0.5
 
 
 def all_gather_variable(x: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ steps, param groups and buffers come back bit-identical for ZeRO-1/2/3, W 4->2, 
 Non-Megatron clients lack `universal_checkpoint_info`; the converter injects it
 (`inject_missing_state`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,9 +46,15 @@ def convert_to_universal(step_dir: str) -> float:
         return 0.0
     tmp = os.path.join(step_dir, f".tmp-{UNIVERSAL_TAG}")
     shutil.rmtree(tmp, ignore_errors=True)
-    args = argparse.Namespace(input_folder=os.path.join(step_dir, ENGINE_TAG), output_folder=tmp,
-                              num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
-                              inject_missing_state=True)
+    args = argparse.Namespace(
+        input_folder=os.path.join(step_dir, ENGINE_TAG),
+        output_folder=tmp,
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,
+    )
     t0 = time.time()
     ds_to_universal.main(args)
     shutil.rmtree(dst, ignore_errors=True)
@@ -59,8 +66,9 @@ def load_universal(engine: Any, step_dir: str) -> None:
     """Every rank: restore `step_dir/engine_universal` into an engine built with load_universal=True."""
     if not engine.load_universal_checkpoint():
         raise RuntimeError('the engine must be built with config["checkpoint"] = {"load_universal": True}')
-    path, _ = engine.load_checkpoint(step_dir, tag=UNIVERSAL_TAG, load_optimizer_states=True,
-                                     load_lr_scheduler_states=True)
+    path, _ = engine.load_checkpoint(
+        step_dir, tag=UNIVERSAL_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
     if path is None:
         raise RuntimeError(f"DeepSpeed found no universal checkpoint under {step_dir}/{UNIVERSAL_TAG}")
     folder = os.path.join(step_dir, UNIVERSAL_TAG)
@@ -81,8 +89,9 @@ def _restore_buffers(engine: Any, folder: str) -> None:
 
 
 def _restore_param_group_hparams(engine: Any, folder: str) -> None:
-    saved = torch.load(os.path.join(folder, "zero", "optimizer_state.pt"), map_location="cpu",
-                       weights_only=False)["param_groups"]
+    saved = torch.load(os.path.join(folder, "zero", "optimizer_state.pt"), map_location="cpu", weights_only=False)[
+        "param_groups"
+    ]
     groups = engine.optimizer.optimizer.param_groups  # the client AdamW inside the ZeRO wrapper
     if len(saved) != len(groups):
         raise RuntimeError(f"{folder} holds {len(saved)} optimizer param groups, the engine has {len(groups)}")

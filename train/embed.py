@@ -10,6 +10,7 @@ module (eval mode) with the run's own eval transform:
     embedder = load_embedder("runs/vits_sop_chest", space="poincare")
     emb = embedder(torch.stack([embedder.transform(Image.open(p)) for p in paths]))
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,13 @@ class Embedder(nn.Module):
     """Normalised images [B, C, H, W] -> embeddings in one of the head's spaces; `transform` maps a PIL
     image to the model's input [C, H, W] exactly as evaluation does (resize/crop, normalisation)."""
 
-    def __init__(self, model: EmbeddingModel, head: ShardedHead | None, space: str,
-                 transform: Callable[[Image.Image], torch.Tensor]) -> None:
+    def __init__(
+        self,
+        model: EmbeddingModel,
+        head: ShardedHead | None,
+        space: str,
+        transform: Callable[[Image.Image], torch.Tensor],
+    ) -> None:
         super().__init__()
         self.model, self.head, self.space, self.transform = model, head, space, transform
 
@@ -67,8 +73,13 @@ def embedder_of(run: LoadedRun, space: str = "euclidean", device: str | torch.de
     return Embedder(model, head, space, transform).eval()
 
 
-def load_embedder(run_dir: str, checkpoint: str | None = None, use_export: bool = False, space: str = "euclidean",
-                  device: str | torch.device = "cpu") -> Embedder:
+def load_embedder(
+    run_dir: str,
+    checkpoint: str | None = None,
+    use_export: bool = False,
+    space: str = "euclidean",
+    device: str | torch.device = "cpu",
+) -> Embedder:
     """The run's embedding network (latest checkpoint, a step-N, or its export) ready to embed."""
     return embedder_of(load_run(run_dir, checkpoint, use_export), space, device)
 
@@ -78,8 +89,9 @@ def image_files(paths: list[str]) -> list[str]:
     out: list[str] = []
     for path in paths:
         if os.path.isdir(path):
-            out += sorted(os.path.join(d, n) for d, _, names in os.walk(path) for n in names
-                          if n.lower().endswith(IMAGE_SUFFIXES))
+            out += sorted(
+                os.path.join(d, n) for d, _, names in os.walk(path) for n in names if n.lower().endswith(IMAGE_SUFFIXES)
+            )
         elif os.path.isfile(path):
             out.append(path)
         else:
@@ -95,7 +107,7 @@ def embed_images(embedder: Embedder, files: list[str], in_chans: int, batch_size
     parts = []
     for start in range(0, len(files), batch_size):
         batch = []
-        for path in files[start:start + batch_size]:
+        for path in files[start : start + batch_size]:
             with open(path, "rb") as f:
                 batch.append(embedder.transform(decode_image(f.read(), in_chans)))
         parts.append(embedder(torch.stack(batch).to(device)).cpu())
@@ -103,8 +115,9 @@ def embed_images(embedder: Embedder, files: list[str], in_chans: int, batch_size
 
 
 @torch.no_grad()
-def embed_shards(embedder: Embedder, run: LoadedRun, root: str, split: str
-                 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def embed_shards(
+    embedder: Embedder, run: LoadedRun, root: str, split: str
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     eval_set = make_set(root, split, run.cfg.metrics, prefix="", protocol="retrieval")
     cfg = eval_set.data_config(run.cfg.data)
     normaliser = InputNormaliser(cfg)

@@ -5,6 +5,7 @@ all-gather backward makes up for (x world size). The head's rows differ per rank
 averaged or partitioned, so they stay outside the engine with their own AdamW and schedule
 (docs/infra-lessons.md 0.1 and 2.2).
 """
+
 from __future__ import annotations
 
 import functools
@@ -18,8 +19,9 @@ from train.config import OptimConfig, ZeroConfig
 from train.schedule import lr_factor
 
 
-def deepspeed_config(optim: OptimConfig, zero: ZeroConfig, micro_batch: int,
-                     load_universal: bool = False) -> dict[str, Any]:
+def deepspeed_config(
+    optim: OptimConfig, zero: ZeroConfig, micro_batch: int, load_universal: bool = False
+) -> dict[str, Any]:
     """The DeepSpeed JSON config generated from our typed config (no hand-written JSON files).
 
     `load_universal`: the engine will load a universal checkpoint (a resume at another world size).
@@ -27,9 +29,12 @@ def deepspeed_config(optim: OptimConfig, zero: ZeroConfig, micro_batch: int,
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": optim.grad_accum_steps,
-        "zero_optimization": {"stage": zero.stage, "overlap_comm": zero.overlap_comm,
-                              "reduce_bucket_size": zero.reduce_bucket_size,
-                              "allgather_bucket_size": zero.allgather_bucket_size},
+        "zero_optimization": {
+            "stage": zero.stage,
+            "overlap_comm": zero.overlap_comm,
+            "reduce_bucket_size": zero.reduce_bucket_size,
+            "allgather_bucket_size": zero.allgather_bucket_size,
+        },
         "steps_per_print": 10**9,  # our TensorBoardLogger reports; keep DeepSpeed quiet
         "wall_clock_breakdown": False,
     }
@@ -78,15 +83,24 @@ class GuardedAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def _schedule(optimizer: torch.optim.Optimizer, optim: OptimConfig, max_steps: int
-              ) -> torch.optim.lr_scheduler.LambdaLR:
-    fn = functools.partial(lr_factor, warmup_steps=optim.warmup_steps, max_steps=max_steps,
-                           min_ratio=optim.min_lr_ratio)
+def _schedule(
+    optimizer: torch.optim.Optimizer, optim: OptimConfig, max_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    fn = functools.partial(
+        lr_factor, warmup_steps=optim.warmup_steps, max_steps=max_steps, min_ratio=optim.min_lr_ratio
+    )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
 
 
-def build_engine(backbone: nn.Module, optim: OptimConfig, zero: ZeroConfig, micro_batch: int,
-                 max_steps: int, load_universal: bool = False, compile_backbone: bool = False) -> Any:
+def build_engine(
+    backbone: nn.Module,
+    optim: OptimConfig,
+    zero: ZeroConfig,
+    micro_batch: int,
+    max_steps: int,
+    load_universal: bool = False,
+    compile_backbone: bool = False,
+) -> Any:
     """`deepspeed.initialize` over the backbone with a torch AdamW client optimizer (GuardedAdamW), its
     optimizer reachable as `engine.client_optimizer`; `compile_backbone`: DeepSpeed's `engine.compile()`.
 
@@ -101,13 +115,22 @@ def build_engine(backbone: nn.Module, optim: OptimConfig, zero: ZeroConfig, micr
     # ZeRO accepts optimizers it lists by exact type; GuardedAdamW is torch's AdamW plus a skip test
     # (DeepSpeed extends the same list for its Muon optimizer)
     from deepspeed.runtime.zero.utils import ZERO_SUPPORTED_OPTIMIZERS
+
     if GuardedAdamW not in ZERO_SUPPORTED_OPTIMIZERS:
         ZERO_SUPPORTED_OPTIMIZERS.append(GuardedAdamW)
-    optimizer = GuardedAdamW(param_groups(backbone, optim.weight_decay), lr=optim.lr,
-                             betas=(optim.beta1, optim.beta2), fused=optim.fused or None)
+    optimizer = GuardedAdamW(
+        param_groups(backbone, optim.weight_decay),
+        lr=optim.lr,
+        betas=(optim.beta1, optim.beta2),
+        fused=optim.fused or None,
+    )
     scheduler = _schedule(optimizer, optim, max_steps)
-    engine, _, _, _ = deepspeed.initialize(model=backbone, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(optim, zero, micro_batch, load_universal))
+    engine, _, _, _ = deepspeed.initialize(
+        model=backbone,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(optim, zero, micro_batch, load_universal),
+    )
     if compile_backbone:
         engine.compile()
     return engine
@@ -121,17 +144,25 @@ def embedding_grad_scale(engine: Any) -> float:
     return float(engine.dp_world_size)
 
 
-def build_head_optimizer(head: ShardedHead, optim: OptimConfig, max_steps: int
-                         ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+def build_head_optimizer(
+    head: ShardedHead, optim: OptimConfig, max_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over this rank's shard (optim.head_lr, optim.head_weight_decay) and, for CHEST, over the
     replicated shared FC h (optim.fc_lr, default the backbone's lr, with the backbone's weight decay
     on its matrix), all with the backbone's schedule shape."""
-    groups: list[dict[str, Any]] = [{"params": list(head.sharded_parameters().values()), "lr": optim.head_lr,
-                                     "weight_decay": optim.head_weight_decay}]
+    groups: list[dict[str, Any]] = [
+        {
+            "params": list(head.sharded_parameters().values()),
+            "lr": optim.head_lr,
+            "weight_decay": optim.head_weight_decay,
+        }
+    ]
     replicated = list(head.replicated_parameters().values())
     if replicated:
         fc_lr = optim.fc_lr or optim.lr
-        groups += [{"params": [p for p in replicated if p.ndim > 1], "lr": fc_lr, "weight_decay": optim.weight_decay},
-                   {"params": [p for p in replicated if p.ndim <= 1], "lr": fc_lr, "weight_decay": 0.0}]
+        groups += [
+            {"params": [p for p in replicated if p.ndim > 1], "lr": fc_lr, "weight_decay": optim.weight_decay},
+            {"params": [p for p in replicated if p.ndim <= 1], "lr": fc_lr, "weight_decay": 0.0},
+        ]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], betas=(optim.beta1, optim.beta2))
     return optimizer, _schedule(optimizer, optim, max_steps)

@@ -11,6 +11,7 @@
 The ZeRO shards are consolidated with DeepSpeed's own zero_to_fp32 reader (stages 1-3), on CPU, in
 one process: no GPU or process group needed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,9 @@ def consolidated_backbone(step_dir: str, stage: int) -> dict[str, torch.Tensor]:
     """fp32 weights of the whole backbone (trunk.* and neck.*) from a DeepSpeed engine checkpoint."""
     engine_dir = os.path.join(step_dir, ckpt.ENGINE_TAG)
     if stage == 0:  # no partitioned optimizer: the module state is the (fp32) model itself
-        state = torch.load(os.path.join(engine_dir, "mp_rank_00_model_states.pt"), map_location="cpu",
-                           weights_only=False)
+        state = torch.load(
+            os.path.join(engine_dir, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False
+        )
         return {k: v.float() for k, v in state["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -39,13 +41,17 @@ def consolidated_backbone(step_dir: str, stage: int) -> dict[str, torch.Tensor]:
 
 def full_head_tables(step_dir: str) -> dict[str, torch.Tensor]:
     """Every sharded head parameter with all classes' rows, and the replicated parameters."""
-    parts = [(start, stop, torch.load(file, map_location="cpu", weights_only=False)["params"])
-             for start, stop, file in ckpt.head_shard_files(step_dir)]
+    parts = [
+        (start, stop, torch.load(file, map_location="cpu", weights_only=False)["params"])
+        for start, stop, file in ckpt.head_shard_files(step_dir)
+    ]
     expected = 0
     for start, stop, _ in parts:
         if start != expected:
-            raise RuntimeError(f"{step_dir}/head: classes [{expected}, {start}) are missing; the checkpoint is "
-                               "incomplete, export an earlier one with --checkpoint")
+            raise RuntimeError(
+                f"{step_dir}/head: classes [{expected}, {start}) are missing; the checkpoint is "
+                "incomplete, export an earlier one with --checkpoint"
+            )
         expected = stop
     tables = {name: torch.cat([p[name]["value"] for _, _, p in parts]) for name in parts[0][2]}
     replicated = os.path.join(step_dir, "head", "replicated.pt")
@@ -64,16 +70,21 @@ def export(run_dir: str, step_dir: str | None = None, out_dir: str | None = None
     out_dir = out_dir or os.path.join(run_dir, "export")
     os.makedirs(out_dir, exist_ok=True)
     weights = consolidated_backbone(step_dir, cfg.zero.stage)
-    trunk = {k[len("trunk."):]: v for k, v in weights.items() if k.startswith("trunk.")}
-    neck = {k[len("neck."):]: v for k, v in weights.items() if k.startswith("neck.")}
+    trunk = {k[len("trunk.") :]: v for k, v in weights.items() if k.startswith("trunk.")}
+    neck = {k[len("neck.") :]: v for k, v in weights.items() if k.startswith("neck.")}
     torch.save(trunk, os.path.join(out_dir, "backbone.pth"))
     torch.save(neck, os.path.join(out_dir, "neck.pth"))
     torch.save(full_head_tables(step_dir), os.path.join(out_dir, "head.pt"))
-    info = {"model_name": cfg.model.name, "timm_kwargs": timm_kwargs(cfg.model), "neck": cfg.model.neck,
-            "embed_dim": cfg.model.embed_dim,
-            "num_classes": cfg.data.num_classes, "loss": cfg.to_dict()["loss"],
-            "step": ckpt.read_meta(step_dir)["step"],
-            "checkpoint": os.path.abspath(step_dir)}
+    info = {
+        "model_name": cfg.model.name,
+        "timm_kwargs": timm_kwargs(cfg.model),
+        "neck": cfg.model.neck,
+        "embed_dim": cfg.model.embed_dim,
+        "num_classes": cfg.data.num_classes,
+        "loss": cfg.to_dict()["loss"],
+        "step": ckpt.read_meta(step_dir)["step"],
+        "checkpoint": os.path.abspath(step_dir),
+    }
     save_yaml(cfg, os.path.join(out_dir, "config.yaml"))  # what load_embedder / train.evaluate --export rebuild from
     write_json_atomic(os.path.join(out_dir, "export.json"), info)
     return out_dir

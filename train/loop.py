@@ -1,4 +1,5 @@
 """The training loop, on one screen: batch -> step -> log -> checkpoint -> eval -> stop."""
+
 from __future__ import annotations
 
 import time
@@ -22,8 +23,13 @@ def train_loop(run: "Run", stop_step: int) -> None:
     cfg, state, logger, clock = run.cfg, run.state, run.logger, run.clock
     logger.reset_timer(state.step)
     clock.reset(state.step)
-    bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not progress_enabled(run.env.is_main),
-               mininterval=5.0, desc="train")
+    bar = tqdm(
+        total=cfg.max_steps,
+        initial=state.step,
+        disable=not progress_enabled(run.env.is_main),
+        mininterval=5.0,
+        desc="train",
+    )
     while state.step < min(stop_step, cfg.max_steps):
         scalars = train_step(run)
         state.skipped_in_a_row = int(scalars.pop("skipped")) * (state.skipped_in_a_row + 1)
@@ -33,7 +39,8 @@ def train_loop(run: "Run", stop_step: int) -> None:
                 f"{state.skipped_in_a_row} steps in a row up to step {state.step} had a non-finite loss or gradient "
                 f"(last: {scalars}); nothing was updated. Lower optim.lr / optim.head_lr, raise optim.warmup_steps, "
                 f"set optim.grad_clip, or resume from an earlier checkpoint; optim.max_skipped_steps="
-                f"{cfg.optim.max_skipped_steps} sets how many are tolerated")
+                f"{cfg.optim.max_skipped_steps} sets how many are tolerated"
+            )
         state.step += 1
         state.samples_seen += run.global_batch
         state.first_step_at = state.first_step_at or time.time()
@@ -44,8 +51,12 @@ def train_loop(run: "Run", stop_step: int) -> None:
             state.last_loss = logger.log(state.step, state.samples_seen, scalars)["loss"]
             logger.log(state.step, state.samples_seen, clock.window(state.step), prefix="system")
         decision = run.control.poll()
-        if (decision.save or decision.stop_signal or state.step % cfg.checkpoint.every_steps == 0
-                or state.step in (cfg.max_steps, stop_step)):
+        if (
+            decision.save
+            or decision.stop_signal
+            or state.step % cfg.checkpoint.every_steps == 0
+            or state.step in (cfg.max_steps, stop_step)
+        ):
             run.save()
             run.control.saved()
             logger.reset_timer(state.step)

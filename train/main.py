@@ -4,6 +4,7 @@
 head -> resume -> stream -> logger. `run()` then trains (train/loop.py), evaluates, exports and writes the
 summary. A requeued job needs no flag: the run directory's latest checkpoint is always picked up.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,8 +46,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model(cfg: RunConfig, env: DistEnv, device: torch.device, resume_from: str | None
-                ) -> tuple[TrainableModel, ckpt.TrainState]:
+def build_model(
+    cfg: RunConfig, env: DistEnv, device: torch.device, resume_from: str | None
+) -> tuple[TrainableModel, ckpt.TrainState]:
     """Model, engine, head and optimizers, restored from `resume_from` when given (collective).
 
     A checkpoint from another world size is first converted to a universal one (rank 0), and the
@@ -56,17 +58,34 @@ def build_model(cfg: RunConfig, env: DistEnv, device: torch.device, resume_from:
     if universal:
         if env.is_main:
             seconds = convert_to_universal(str(resume_from))
-            print(f"checkpoint {resume_from} was written by {ckpt.read_meta(str(resume_from))['world_size']} "
-                  f"ranks, resuming at {env.world_size}: universal checkpoint ready ({seconds:.1f} s)", flush=True)
+            print(
+                f"checkpoint {resume_from} was written by {ckpt.read_meta(str(resume_from))['world_size']} "
+                f"ranks, resuming at {env.world_size}: universal checkpoint ready ({seconds:.1f} s)",
+                flush=True,
+            )
         barrier()
     input_dtype = torch.bfloat16 if cfg.zero.bf16 else torch.float32
-    engine = build_engine(build_backbone(cfg.model), cfg.optim, cfg.zero, cfg.data.batch_size, cfg.max_steps,
-                          load_universal=universal, compile_backbone=cfg.model.compile)
-    head = build_head(cfg.loss, cfg.data.num_classes, cfg.model.embed_dim, env.rank, env.world_size,
-                      embedding_grad_scale=embedding_grad_scale(engine)).to(device)
+    engine = build_engine(
+        build_backbone(cfg.model),
+        cfg.optim,
+        cfg.zero,
+        cfg.data.batch_size,
+        cfg.max_steps,
+        load_universal=universal,
+        compile_backbone=cfg.model.compile,
+    )
+    head = build_head(
+        cfg.loss,
+        cfg.data.num_classes,
+        cfg.model.embed_dim,
+        env.rank,
+        env.world_size,
+        embedding_grad_scale=embedding_grad_scale(engine),
+    ).to(device)
     head_opt, head_sched = build_head_optimizer(head, cfg.optim, cfg.max_steps)
-    model = TrainableModel(engine, MetricLearningTask(engine, head), head_opt, head_sched, device, input_dtype,
-                           InputNormaliser(cfg.data))
+    model = TrainableModel(
+        engine, MetricLearningTask(engine, head), head_opt, head_sched, device, input_dtype, InputNormaliser(cfg.data)
+    )
     state = ckpt.TrainState()
     if resume_from:
         state = ckpt.load_checkpoint(resume_from, env, engine, head, head_opt, head_sched)
@@ -74,8 +93,11 @@ def build_model(cfg: RunConfig, env: DistEnv, device: torch.device, resume_from:
             print(f"resumed from {resume_from} at step {state.step}", flush=True)
             changed = ckpt.stream_changes(resume_from, cfg, env.world_size)
             if changed:
-                print(f"warning: data stream settings changed since the checkpoint ({'; '.join(changed)}): "
-                      "the stream continues deterministically but not batch for batch", flush=True)
+                print(
+                    f"warning: data stream settings changed since the checkpoint ({'; '.join(changed)}): "
+                    "the stream continues deterministically but not batch for batch",
+                    flush=True,
+                )
     return model, state
 
 
@@ -112,13 +134,25 @@ class Run:
             print(f"config of run {cfg.name}:\n{json.dumps(cfg.to_dict(), indent=1)}", flush=True)
         barrier()
         model, state = build_model(cfg, env, device, resume_from)
-        stream = build_train_loader(cfg.data, env.rank, env.world_size,
-                                    start_batch=state.step * cfg.optim.grad_accum_steps)
+        stream = build_train_loader(
+            cfg.data, env.rank, env.world_size, start_batch=state.step * cfg.optim.grad_accum_steps
+        )
         global_batch = cfg.data.batch_size * env.world_size * cfg.optim.grad_accum_steps
         clock = StepClock(global_batch, env.world_size, cfg.max_steps, device)
-        return cls(cfg, env, device, control, model, state, eval_sets, stream,
-                   TensorBoardLogger(cfg.run_dir, env.is_main, global_batch), clock, clock.timed(iter(stream)),
-                   resumed_from_step=state.step)
+        return cls(
+            cfg,
+            env,
+            device,
+            control,
+            model,
+            state,
+            eval_sets,
+            stream,
+            TensorBoardLogger(cfg.run_dir, env.is_main, global_batch),
+            clock,
+            clock.timed(iter(stream)),
+            resumed_from_step=state.step,
+        )
 
     @property
     def global_batch(self) -> int:
@@ -126,18 +160,34 @@ class Run:
 
     def save(self) -> str:
         """A collective checkpoint of the current state."""
-        return ckpt.save_checkpoint(self.cfg, self.env, self.state, self.model.engine, self.model.task.head,
-                                    self.model.head_optimizer, self.model.head_scheduler)
+        return ckpt.save_checkpoint(
+            self.cfg,
+            self.env,
+            self.state,
+            self.model.engine,
+            self.model.task.head,
+            self.model.head_optimizer,
+            self.model.head_scheduler,
+        )
 
     def evaluate_sets(self) -> list[dict[str, float]]:
         """Every evaluation set's scores (collective; pictures of the first set); state.best is updated."""
         task, head, step = self.model.task, self.model.task.head, self.state.step
         table = next(iter(head.sharded_parameters().values()))
         self.model.engine.eval()
-        per_set = evaluate_sets(self.eval_sets, task, self.cfg.data, self.cfg.metrics, self.env.rank,
-                                self.env.world_size, self.device, self.model.model_input,
-                                on_embeddings=lambda spaces, labels: self.logger.log_embeddings(
-                                    step, spaces, labels, table, head=head, protocol=self.eval_sets[0].protocol))
+        per_set = evaluate_sets(
+            self.eval_sets,
+            task,
+            self.cfg.data,
+            self.cfg.metrics,
+            self.env.rank,
+            self.env.world_size,
+            self.device,
+            self.model.model_input,
+            on_embeddings=lambda spaces, labels: self.logger.log_embeddings(
+                step, spaces, labels, table, head=head, protocol=self.eval_sets[0].protocol
+            ),
+        )
         self.model.engine.train()
         update_best(self.state.best, flatten(self.eval_sets, per_set))
         return per_set
@@ -170,16 +220,29 @@ def finish(run: Run, t0: float, train_s: float) -> RunSummary:
     if state.step >= cfg.max_steps and cfg.checkpoint.export and env.is_main:
         print(f"exported backbone and proxy table to {export(cfg.run_dir)}", flush=True)
     summary = RunSummary(
-        run_dir=os.path.abspath(cfg.run_dir), tensorboard_dir=os.path.abspath(run.logger.tb_dir),
-        checkpoint=ckpt.find_latest(cfg.run_dir), step=state.step, resumed_from_step=run.resumed_from_step,
+        run_dir=os.path.abspath(cfg.run_dir),
+        tensorboard_dir=os.path.abspath(run.logger.tb_dir),
+        checkpoint=ckpt.find_latest(cfg.run_dir),
+        step=state.step,
+        resumed_from_step=run.resumed_from_step,
         last_train_loss=state.last_loss,
         stop_signal=signal.Signals(state.stop_signal).name if state.stop_signal else "",
-        world_size=env.world_size, started_at=t0, first_step_at=state.first_step_at, train_seconds=train_s,
-        total_seconds=time.time() - t0, skipped_steps=state.skipped_steps, rows=rows, best=dict(state.best),
-        metrics=final)
+        world_size=env.world_size,
+        started_at=t0,
+        first_step_at=state.first_step_at,
+        train_seconds=train_s,
+        total_seconds=time.time() - t0,
+        skipped_steps=state.skipped_steps,
+        rows=rows,
+        best=dict(state.best),
+        metrics=final,
+    )
     if state.step >= cfg.max_steps:
-        run.logger.log_hparams({**main_hparams(cfg.to_dict()), "global_batch": run.global_batch},
-                               {**final, "last_train_loss": state.last_loss}, step=state.step)
+        run.logger.log_hparams(
+            {**main_hparams(cfg.to_dict()), "global_batch": run.global_batch},
+            {**final, "last_train_loss": state.last_loss},
+            step=state.step,
+        )
     if env.is_main:
         summary.write(os.path.join(cfg.run_dir, "summary.json"))
     return summary

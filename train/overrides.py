@@ -4,6 +4,7 @@ Values are coerced to the field's type (train.config.coerce): list fields read t
 ("metrics.recall_ks=1,2,4", "slurm.sbatch_extra='constraint=a100;exclusive=true'"). The rules are
 checked later, once, by RunConfig.validate() / resolved(): a sweep may override a base into shape.
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -8,6 +8,7 @@ similarities) are plain functions so they can be checked without looking at pixe
 Only rank 0 draws, from what rank 0 holds: the evaluation embeddings (gathered) and its own shard
 of the class table. Anchor-based pictures therefore cover the classes of rank 0's shard, and say so.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,8 +43,9 @@ def sample_rows(n: int, max_rows: int, seed: int = 0) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_rows]
 
 
-def disk_projection(points: torch.Tensor, extra: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def disk_projection(
+    points: torch.Tensor, extra: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """2-D view of ball points that keeps each point's norm: x2 = unit(V^T x) * ||x||.
 
     V holds the top two principal axes of `points` (centred for the axes, not for the projection, so
@@ -68,15 +70,17 @@ def disk_projection(points: torch.Tensor, extra: torch.Tensor | None = None
         v = F.pad(v, (0, x.shape[1] - v.shape[1])) if v.shape[1] < x.shape[1] else v
         coords = v @ basis
         length = coords.norm(dim=1, keepdim=True)
-        direction = torch.where(length > 1e-12, coords / length.clamp_min(1e-300),
-                                torch.tensor([1.0, 0.0], dtype=v.dtype))
+        direction = torch.where(
+            length > 1e-12, coords / length.clamp_min(1e-300), torch.tensor([1.0, 0.0], dtype=v.dtype)
+        )
         return direction * v.norm(dim=1, keepdim=True)
 
     return project(x), None if extra is None else project(extra)
 
 
-def angles_to_anchors(emb: torch.Tensor, labels: torch.Tensor, head: ShardedHead
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def angles_to_anchors(
+    emb: torch.Tensor, labels: torch.Tensor, head: ShardedHead
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For the samples whose class lies in this rank's shard of a DistArc-family head: the angle in
     degrees between x and its class direction w_y, and ||x||.
 
@@ -97,8 +101,9 @@ def radius_errors(emb: torch.Tensor, labels: torch.Tensor, head: ShardedHead) ->
     return emb.detach().float().cpu().norm(dim=1) - radii
 
 
-def pair_similarities(emb: torch.Tensor, labels: torch.Tensor, num_pairs: int = 2000, seed: int = 0
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_similarities(
+    emb: torch.Tensor, labels: torch.Tensor, num_pairs: int = 2000, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Cosine similarities of up to `num_pairs` random positive pairs (same label, two different
     samples) and as many random negative pairs (different labels); seeded, so the same split and
     seed give the same pairs. Either tensor is empty where no such pair exists."""
@@ -165,9 +170,15 @@ def _colours_of(labels: np.ndarray, colours: dict[int, tuple]) -> list[tuple]:
     return [colours.get(int(y), GREY) for y in labels]
 
 
-def poincare_disk_figure(ball: torch.Tensor, labels: torch.Tensor, curvature: float,
-                         proxies: torch.Tensor | None = None, proxy_labels: torch.Tensor | None = None,
-                         max_points: int = 1000, title: str = "") -> Figure:
+def poincare_disk_figure(
+    ball: torch.Tensor,
+    labels: torch.Tensor,
+    curvature: float,
+    proxies: torch.Tensor | None = None,
+    proxy_labels: torch.Tensor | None = None,
+    max_points: int = 1000,
+    title: str = "",
+) -> Figure:
     """Ball points (and proxies) in the norm-keeping 2-D view, scaled by sqrt(c) to the unit disk.
 
     Points are coloured by label (the most frequent MAX_CLASSES classes; others grey); proxies of the
@@ -189,8 +200,16 @@ def poincare_disk_figure(ball: torch.Tensor, labels: torch.Tensor, curvature: fl
     ax.plot(np.cos(t), np.sin(t), color="black", linewidth=1.0)
     ax.scatter(p2[:, 0].numpy(), p2[:, 1].numpy(), s=6, c=_colours_of(lab, colours), linewidths=0)
     if e2 is not None and prox_lab is not None:
-        ax.scatter(e2[:, 0].numpy(), e2[:, 1].numpy(), s=90, c=_colours_of(prox_lab, colours), marker="*",
-                   edgecolors="black", linewidths=0.6, label="proxies")
+        ax.scatter(
+            e2[:, 0].numpy(),
+            e2[:, 1].numpy(),
+            s=90,
+            c=_colours_of(prox_lab, colours),
+            marker="*",
+            edgecolors="black",
+            linewidths=0.6,
+            label="proxies",
+        )
         ax.legend(loc="lower right", fontsize=7)
     ax.set_xlim(-1.05, 1.05)
     ax.set_ylim(-1.05, 1.05)
@@ -200,8 +219,14 @@ def poincare_disk_figure(ball: torch.Tensor, labels: torch.Tensor, curvature: fl
     return fig
 
 
-def radial_angular_figure(angles_deg: torch.Tensor, norms: torch.Tensor, labels: torch.Tensor,
-                          sphere_radii_: list[float], max_points: int = 1000, title: str = "") -> Figure:
+def radial_angular_figure(
+    angles_deg: torch.Tensor,
+    norms: torch.Tensor,
+    labels: torch.Tensor,
+    sphere_radii_: list[float],
+    max_points: int = 1000,
+    title: str = "",
+) -> Figure:
     """Angle to the own class's anchor (x) against ||x|| (y), with a line at each sphere radius."""
     rows = sample_rows(angles_deg.shape[0], max_points)
     lab = labels.cpu()[rows].numpy()
@@ -219,8 +244,9 @@ def radial_angular_figure(angles_deg: torch.Tensor, norms: torch.Tensor, labels:
     return fig
 
 
-def head_pictures(spaces: dict[str, torch.Tensor], labels: torch.Tensor, head: ShardedHead, closed_set: bool,
-                  max_points: int = 1000) -> dict[str, Figure]:
+def head_pictures(
+    spaces: dict[str, torch.Tensor], labels: torch.Tensor, head: ShardedHead, closed_set: bool, max_points: int = 1000
+) -> dict[str, Figure]:
     """The figures this head and evaluation set call for, by TensorBoard tag.
 
     `closed_set`: the labels are the head's classes (classification protocol); open-set labels
@@ -228,8 +254,11 @@ def head_pictures(spaces: dict[str, torch.Tensor], labels: torch.Tensor, head: S
     """
     figures: dict[str, Figure] = {}
     cfg = head.cfg
-    shard_note = ("" if head.num_local >= head.num_classes else
-                  f"\nclasses of rank 0's shard only ({head.num_local} of {head.num_classes})")
+    shard_note = (
+        ""
+        if head.num_local >= head.num_classes
+        else f"\nclasses of rank 0's shard only ({head.num_local} of {head.num_classes})"
+    )
     if "poincare" in spaces:
         ch = cfg.chest
         prox = prox_lab = None
@@ -239,19 +268,36 @@ def head_pictures(spaces: dict[str, torch.Tensor], labels: torch.Tensor, head: S
                 prox = to_ball(head.fc(table.reshape(-1, table.shape[-1]).float()), ch.curvature, ch.clip_radius)
             rows = torch.arange(head.class_start, head.class_start + head.num_local, device=table.device)
             prox_lab = head.class_unperm[rows].cpu().repeat_interleave(table.shape[1])  # table row -> label
-        note = (", stars: proxies" + shard_note if prox is not None else
-                "" if closed_set else "\nopen-set labels: no proxies")
+        note = (
+            ", stars: proxies" + shard_note
+            if prox is not None
+            else ""
+            if closed_set
+            else "\nopen-set labels: no proxies"
+        )
         n = min(spaces["poincare"].shape[0], max_points)
         figures["eval/poincare_disk"] = poincare_disk_figure(
-            spaces["poincare"], labels, ch.curvature, prox, prox_lab, max_points,
-            title=f"Poincare disk (c={ch.curvature:g}, scaled to radius 1), {n} points{note}")
+            spaces["poincare"],
+            labels,
+            ch.curvature,
+            prox,
+            prox_lab,
+            max_points,
+            title=f"Poincare disk (c={ch.curvature:g}, scaled to radius 1), {n} points{note}",
+        )
     if cfg.name == "distarc" and closed_set and "euclidean" in spaces:
         keep, angles, norms = angles_to_anchors(spaces["euclidean"], labels, head)
         if keep.numel():
-            radii = sphere_radii(torch.arange(min(cfg.num_spheres, MAX_SPHERE_LINES)), cfg.radius_start,
-                                 cfg.radius_gap, cfg.num_spheres).tolist()
+            radii = sphere_radii(
+                torch.arange(min(cfg.num_spheres, MAX_SPHERE_LINES)), cfg.radius_start, cfg.radius_gap, cfg.num_spheres
+            ).tolist()
             n = min(int(keep.numel()), max_points)
             figures["eval/radial_angular"] = radial_angular_figure(
-                angles, norms, labels.cpu()[keep], radii, max_points,
-                title=f"DistArc: angle to own anchor vs norm, {n} points, dashed: sphere radii{shard_note}")
+                angles,
+                norms,
+                labels.cpu()[keep],
+                radii,
+                max_points,
+                title=f"DistArc: angle to own anchor vs norm, {n} points, dashed: sphere radii{shard_note}",
+            )
     return figures

@@ -1,4 +1,5 @@
 """Pure learning-rate schedule: linear warm-up then cosine decay, a function of the optimizer step."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """One optimizer step: grad_accum_steps micro-batches through the task, then both optimizers."""
+
 from __future__ import annotations
 
 import dataclasses

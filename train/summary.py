@@ -4,6 +4,7 @@ One typed record for every reader: the launcher's printout, the Slurm job's requ
 entry point's exit code and the sweep table. The file stays one flat JSON object (the final evaluation
 scalars beside the fixed fields), so tables and scripts that read keys such as `acc_measure` keep working.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,13 +48,17 @@ class RunSummary:
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> "RunSummary":
         names = {f.name for f in dataclasses.fields(cls)} - {"metrics"}
-        required = {f.name for f in dataclasses.fields(cls)
-                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        required = {
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        }
         missing = sorted(required - set(raw))
         if missing:
             raise ValueError(f"summary without {missing}: not a summary.json written by train.main.run")
-        return cls(**{k: v for k, v in raw.items() if k in names},
-                   metrics={k: v for k, v in raw.items() if k not in names})
+        return cls(
+            **{k: v for k, v in raw.items() if k in names}, metrics={k: v for k, v in raw.items() if k not in names}
+        )
 
     def write(self, path: str) -> None:
         write_json_atomic(path, self.to_json())

@@ -5,6 +5,7 @@ counted apart from the step; `StepClock.window()` turns the interval since the l
 `system/` scalars the logger writes. Peak memory is the maximum over ranks (one all-reduce at log
 steps only): the rank nearest its limit is the one that matters, a mean would hide it.
 """
+
 from __future__ import annotations
 
 import resource
@@ -55,9 +56,12 @@ class StepClock:
         out: dict[str, float] = {"peak_mem_gb": max_over_ranks(peak_memory_gb(self.device))}
         if steps > 0 and elapsed > 0:
             step_time = elapsed / steps
-            out.update(step_time_s=step_time, data_wait_frac=min(1.0, self.data_wait_s / elapsed),
-                       img_per_s_per_gpu=self.global_batch / step_time / self.world_size,
-                       eta_min=(self.max_steps - step) * step_time / 60)
+            out.update(
+                step_time_s=step_time,
+                data_wait_frac=min(1.0, self.data_wait_s / elapsed),
+                img_per_s_per_gpu=self.global_batch / step_time / self.world_size,
+                eta_min=(self.max_steps - step) * step_time / 60,
+            )
         self.reset(step)
         return out
 

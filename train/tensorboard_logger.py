@@ -4,6 +4,7 @@ Scalars are reduced (mean) across ranks by the caller-facing `log`, written on r
 the optimizer step and, under `by_samples/`, against samples seen, so runs with different global
 batches line up. Throughput (img/s) is measured here between two log calls.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,10 +20,27 @@ from train.dist import reduce_mean
 
 SUMMED = frozenset({"bad_samples"})  # totals over ranks, not means
 # The config entries shown in the HPARAMS tab (flattened names; loss.* is added whole, see main_hparams)
-MAIN_HPARAMS = ("recipe", "seed", "max_steps", "data.batch_size", "data.samples_per_class", "data.image_size",
-                "model.name", "model.embed_dim", "optim.lr", "optim.head_lr", "optim.fc_lr", "optim.weight_decay",
-                "optim.head_weight_decay", "optim.warmup_steps", "optim.min_lr_ratio", "optim.grad_clip",
-                "optim.grad_accum_steps", "zero.stage", "zero.bf16")
+MAIN_HPARAMS = (
+    "recipe",
+    "seed",
+    "max_steps",
+    "data.batch_size",
+    "data.samples_per_class",
+    "data.image_size",
+    "model.name",
+    "model.embed_dim",
+    "optim.lr",
+    "optim.head_lr",
+    "optim.fc_lr",
+    "optim.weight_decay",
+    "optim.head_weight_decay",
+    "optim.warmup_steps",
+    "optim.min_lr_ratio",
+    "optim.grad_clip",
+    "optim.grad_accum_steps",
+    "zero.stage",
+    "zero.bf16",
+)
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -41,8 +59,11 @@ def main_hparams(config: dict[str, Any]) -> dict[str, Any]:
     loss settings (loss.chest.* only for the CHEST / SoftTriple heads, whose fields they are)."""
     flat = _flat(config)
     chest = flat.get("loss.name") in ("chest", "softtriple")
-    return {k: v for k, v in flat.items()
-            if k in MAIN_HPARAMS or (k.startswith("loss.") and (chest or not k.startswith("loss.chest.")))}
+    return {
+        k: v
+        for k, v in flat.items()
+        if k in MAIN_HPARAMS or (k.startswith("loss.") and (chest or not k.startswith("loss.chest.")))
+    }
 
 
 class TensorBoardLogger:
@@ -75,9 +96,16 @@ class TensorBoardLogger:
             print(f"[{prefix}] step {step} samples {samples_seen} {text}", file=sys.stdout, flush=True)
         return values
 
-    def log_embeddings(self, step: int, spaces: dict[str, torch.Tensor], labels: torch.Tensor,
-                       table_rows: torch.Tensor | None = None, max_points: int = 1000,
-                       head: ShardedHead | None = None, protocol: str = "classification") -> None:
+    def log_embeddings(
+        self,
+        step: int,
+        spaces: dict[str, torch.Tensor],
+        labels: torch.Tensor,
+        table_rows: torch.Tensor | None = None,
+        max_points: int = 1000,
+        head: ShardedHead | None = None,
+        protocol: str = "classification",
+    ) -> None:
         """Pictures of the embedding spaces (rank 0): TensorBoard projector points coloured by label
         (first `max_points` evaluation samples per space), histograms of embedding norms and of the
         class-table row norms of rank 0's shard.
@@ -113,8 +141,9 @@ class TensorBoardLogger:
             closed_set = protocol == "classification"
             if head is not None:
                 if closed_set and head.cfg.name == "distarc" and "euclidean" in spaces:
-                    self.writer.add_histogram("eval/radius_error",
-                                              pictures.radius_errors(spaces["euclidean"], labels, head), step)
+                    self.writer.add_histogram(
+                        "eval/radius_error", pictures.radius_errors(spaces["euclidean"], labels, head), step
+                    )
                 for tag, fig in pictures.head_pictures(spaces, labels, head, closed_set, max_points).items():
                     self.writer.add_image(tag, pictures.figure_to_rgb(fig), step, dataformats="HWC")
         self.writer.flush()
@@ -133,10 +162,16 @@ class TensorBoardLogger:
             return
         from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
-        values = {k: v if isinstance(v, (int, float, str)) and not isinstance(v, bool) else str(v)
-                  for k, v in _flat(hparams).items() if v is not None}
-        scores = {f"hparams/{k}": float(v) for k, v in _flat(metrics).items()
-                  if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        values = {
+            k: v if isinstance(v, (int, float, str)) and not isinstance(v, bool) else str(v)
+            for k, v in _flat(hparams).items()
+            if v is not None
+        }
+        scores = {
+            f"hparams/{k}": float(v)
+            for k, v in _flat(metrics).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        }
         file_writer = self.writer._get_file_writer()
         for summary in hparams_summaries(values, scores):
             file_writer.add_summary(summary, step)

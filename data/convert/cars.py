@@ -53,8 +53,11 @@ def read_annotations(path: str) -> list[tuple[str, int, dict]]:
         if not 1 <= cls <= 2 * NUM_TRAIN_CLASSES:
             raise ValueError(f"{path}: annotation {index} ({rel}) has class {cls}, expected 1..196")
         # Keep the other scalar fields (bbox, test flag) as plain ints.
-        extra = {n: int(_scalar(record[n]))  # type: ignore[call-overload]
-                 for n in names if n not in ("relative_im_path", "class")}
+        extra = {
+            n: int(_scalar(record[n]))  # type: ignore[call-overload]
+            for n in names
+            if n not in ("relative_im_path", "class")
+        }
         rows.append((rel, cls, extra))
     if not rows:
         raise ValueError(f"{path} holds no annotations")

@@ -172,8 +172,9 @@ def convert(
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"shard_size={shard_size!r} must be an int >= 1 (--shard-size)")
     if num_parts < 1 or not -1 <= part < num_parts:
-        raise ValueError(f"--part {part} must be in [0, {num_parts}) or -1 (manifest only), "
-                         f"and --num-parts {num_parts} >= 1")
+        raise ValueError(
+            f"--part {part} must be in [0, {num_parts}) or -1 (manifest only), and --num-parts {num_parts} >= 1"
+        )
     names = [s.name for s in splits]
     if not splits or len(set(names)) != len(names):
         raise ValueError(f"split names {names} must be non-empty and distinct")
@@ -203,11 +204,11 @@ def convert(
             plan.append((s, index, os.path.join(folder, SHARD_PATTERN % index)))
     if part >= 0:
         todo = [p for g, p in enumerate(plan) if g % num_parts == part and not os.path.isfile(p[2])]
-        total = sum(len(ordered[s.name][i * shard_size:(i + 1) * shard_size]) for s, i, _ in todo)
+        total = sum(len(ordered[s.name][i * shard_size : (i + 1) * shard_size]) for s, i, _ in todo)
         desc = dataset if num_parts == 1 else f"{dataset} part {part}/{num_parts}"
         with tqdm(total=total, desc=desc, unit="img", disable=not progress) as bar:
             for s, index, path in todo:
-                chunk = ordered[s.name][index * shard_size:(index + 1) * shard_size]
+                chunk = ordered[s.name][index * shard_size : (index + 1) * shard_size]
                 _write_shard(os.path.dirname(path), index, chunk, s, shard_size)
                 bar.update(len(chunk))
         if num_parts > 1:
@@ -232,13 +233,17 @@ def write_dataset_manifest(
         for name in os.listdir(folder):
             if name.startswith(".tmp-"):
                 shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
-    write_manifest(out, {
-        s.name: {
-            "shards": [os.path.basename(p) for sp, _, p in plan if sp is s],
-            "labels": [item.cls for item in s.items],
-        }
-        for s in splits
-    }, dataset=dataset)
+    write_manifest(
+        out,
+        {
+            s.name: {
+                "shards": [os.path.basename(p) for sp, _, p in plan if sp is s],
+                "labels": [item.cls for item in s.items],
+            }
+            for s in splits
+        },
+        dataset=dataset,
+    )
     # write_manifest has no room for extra keys; add them in a second atomic
     # replace (a reader in between sees a valid manifest without them).
     path = os.path.join(out, MANIFEST_NAME)

@@ -39,8 +39,9 @@ def _read_pairs(path: str, what: str) -> dict[int, str]:
 def splits(src: str) -> list[Split]:
     """Validated train/test splits of a CUB_200_2011 folder; raises before any write."""
     images_txt = require_file(os.path.join(src, "images.txt"), "CUB's images.txt (<image_id> <path>)")
-    labels_txt = require_file(os.path.join(src, "image_class_labels.txt"),
-                              "CUB's image_class_labels.txt (<image_id> <class_id>)")
+    labels_txt = require_file(
+        os.path.join(src, "image_class_labels.txt"), "CUB's image_class_labels.txt (<image_id> <class_id>)"
+    )
     paths = _read_pairs(images_txt, "path")
     labels = _read_pairs(labels_txt, "class_id")
     if set(paths) != set(labels):

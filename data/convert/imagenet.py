@@ -43,8 +43,9 @@ def read_val_labels(path: str) -> dict[str, str]:
             rows = [(p[0], p[1]) if len(p) == 2 else (line, "") for line in f for p in [line.split()] if p]
     for name, wnid in rows:
         if not wnid:
-            raise ValueError(f"{path}: no wnid for {name.strip()!r}; "
-                             f"expected '<filename> <wnid>' or 'ImageId,<wnid> ...' lines")
+            raise ValueError(
+                f"{path}: no wnid for {name.strip()!r}; expected '<filename> <wnid>' or 'ImageId,<wnid> ...' lines"
+            )
         labels[os.path.splitext(name)[0]] = wnid
     return labels
 
@@ -60,9 +61,14 @@ def splits(src: str) -> list[Split]:
         raise ValueError(f"{train_dir} holds no <wnid> class folders")
     class_map = {wnid: i for i, wnid in enumerate(wnids)}
     train = [
-        Item(key=_key(name), cls=class_map[wnid], ref=os.path.join(train_dir, wnid, name),
-             meta={"path": f"train/{wnid}/{name}", "wnid": wnid, "split": "train"})
-        for wnid in wnids for name in _images(os.path.join(train_dir, wnid))
+        Item(
+            key=_key(name),
+            cls=class_map[wnid],
+            ref=os.path.join(train_dir, wnid, name),
+            meta={"path": f"train/{wnid}/{name}", "wnid": wnid, "split": "train"},
+        )
+        for wnid in wnids
+        for name in _images(os.path.join(train_dir, wnid))
     ]
     val_rows: list[tuple[str, str]] = []  # (path relative to val/, wnid)
     sub = sorted(d for d in os.listdir(val_dir) if os.path.isdir(os.path.join(val_dir, d)))
@@ -71,14 +77,16 @@ def splits(src: str) -> list[Split]:
     else:
         found = [os.path.join(src, n) for n in LABEL_FILES if os.path.isfile(os.path.join(src, n))]
         if not found:
-            raise FileNotFoundError(f"flat {val_dir} needs a label list: none of "
-                                    f"{[os.path.join(src, n) for n in LABEL_FILES]} exists")
+            raise FileNotFoundError(
+                f"flat {val_dir} needs a label list: none of {[os.path.join(src, n) for n in LABEL_FILES]} exists"
+            )
         labels = read_val_labels(found[0])
         names = _images(val_dir)
         unlabeled = [n for n in names if os.path.splitext(n)[0] not in labels]
         if unlabeled:
-            raise ValueError(f"{len(unlabeled)} image(s) of {val_dir} have no label in {found[0]}, "
-                             f"first: {unlabeled[0]}")
+            raise ValueError(
+                f"{len(unlabeled)} image(s) of {val_dir} have no label in {found[0]}, first: {unlabeled[0]}"
+            )
         val_rows = [(n, labels[os.path.splitext(n)[0]]) for n in names]
         stems = {os.path.splitext(n)[0] for n in names}
         check_files((os.path.join(val_dir, s + ".JPEG") for s in sorted(labels) if s not in stems), found[0])
@@ -86,8 +94,12 @@ def splits(src: str) -> list[Split]:
     if unknown:
         raise ValueError(f"val labels name wnid(s) without a train folder in {train_dir}: {unknown[:5]}")
     val = [
-        Item(key=_key(os.path.basename(rel)), cls=class_map[wnid], ref=os.path.join(val_dir, rel),
-             meta={"path": f"val/{rel}", "wnid": wnid, "split": "val"})
+        Item(
+            key=_key(os.path.basename(rel)),
+            cls=class_map[wnid],
+            ref=os.path.join(val_dir, rel),
+            meta={"path": f"val/{rel}", "wnid": wnid, "split": "val"},
+        )
         for rel, wnid in val_rows
     ]
     return [Split("train", train, read_file, class_map), Split("val", val, read_file, dict(class_map))]

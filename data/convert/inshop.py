@@ -26,8 +26,10 @@ def find_list(src: str) -> str:
     for path in (os.path.join(src, "Eval", LIST_NAME), os.path.join(src, LIST_NAME)):
         if os.path.isfile(path):
             return path
-    raise FileNotFoundError(f"neither {os.path.join(src, 'Eval', LIST_NAME)} nor {os.path.join(src, LIST_NAME)} "
-                            f"exists; expected In-shop's evaluation partition list")
+    raise FileNotFoundError(
+        f"neither {os.path.join(src, 'Eval', LIST_NAME)} nor {os.path.join(src, LIST_NAME)} "
+        f"exists; expected In-shop's evaluation partition list"
+    )
 
 
 def read_partition(path: str) -> list[tuple[str, str, str]]:
@@ -42,8 +44,9 @@ def read_partition(path: str) -> list[tuple[str, str, str]]:
         if not parts:
             continue
         if len(parts) != 3 or parts[2] not in STATUSES:
-            raise ValueError(f"{path}:{line_no}: expected '<image_name> <item_id> train|query|gallery', "
-                             f"got {line.strip()!r}")
+            raise ValueError(
+                f"{path}:{line_no}: expected '<image_name> <item_id> train|query|gallery', got {line.strip()!r}"
+            )
         rows.append((parts[0], parts[1], parts[2]))
     if len(rows) != int(lines[0]):
         raise ValueError(f"{path}: line 1 says {int(lines[0])} images but {len(rows)} rows follow")
@@ -67,7 +70,8 @@ def splits(src: str) -> list[Split]:
                 ref=os.path.join(src, name),
                 meta={"path": name, "item_id": item, "row": row, "split": status},
             )
-            for row, (name, item, s) in enumerate(rows) if s == status
+            for row, (name, item, s) in enumerate(rows)
+            if s == status
         ]
         out.append(Split(status, items, read_file, class_map))
     return out

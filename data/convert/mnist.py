@@ -105,8 +105,7 @@ def split_indices(labels: list[int], num_eval_per_class: int) -> dict[int, str]:
     return assignment
 
 
-def closed_set_splits(labels: list[int], num_eval_per_class: int, num_valid_per_class: int
-                      ) -> dict[str, list[int]]:
+def closed_set_splits(labels: list[int], num_eval_per_class: int, num_valid_per_class: int) -> dict[str, list[int]]:
     """Row indices of the closed-set splits, in file order.
 
     "train" / "val" as in split_indices (4000 / 1000 by default), and "train" carved once more for
@@ -122,8 +121,10 @@ def closed_set_splits(labels: list[int], num_eval_per_class: int, num_valid_per_
             train_rows.setdefault(labels[index], []).append(index)
     for label, indices in sorted(train_rows.items()):
         if len(indices) <= num_valid_per_class:
-            raise ValueError(f"class {label} has {len(indices)} train images, not more than "
-                             f"num_valid_per_class={num_valid_per_class}; lower it")
+            raise ValueError(
+                f"class {label} has {len(indices)} train images, not more than "
+                f"num_valid_per_class={num_valid_per_class}; lower it"
+            )
         cut = len(indices) - num_valid_per_class
         out["fit"] += indices[:cut]
         out["valid"] += indices[cut:]
@@ -133,12 +134,19 @@ def closed_set_splits(labels: list[int], num_eval_per_class: int, num_valid_per_
 def open_set_splits(labels: list[int]) -> dict[str, list[int]]:
     """A metric-learning protocol on the digits: "train" = every image of digits 0-4, "test" = every
     image of digits 5-9 (labels 0-4 there), as CUB's first / second 100 classes."""
-    return {"train": [i for i, y in enumerate(labels) if y < OPEN_SET_CUT],
-            "test": [i for i, y in enumerate(labels) if y >= OPEN_SET_CUT]}
+    return {
+        "train": [i for i, y in enumerate(labels) if y < OPEN_SET_CUT],
+        "test": [i for i, y in enumerate(labels) if y >= OPEN_SET_CUT],
+    }
 
 
-def write_mnist5k(root: str, shard_size: int = 250, num_eval_per_class: int = 100, num_valid_per_class: int = 80,
-                  layout: str = "mnist5k") -> None:
+def write_mnist5k(
+    root: str,
+    shard_size: int = 250,
+    num_eval_per_class: int = 100,
+    num_valid_per_class: int = 80,
+    layout: str = "mnist5k",
+) -> None:
     """Write the splits of `layout` under `{root}` and `{root}/manifest.json`.
 
     layout "mnist5k": train / val (4000 / 1000) and the model-selection carve of train, fit / valid
@@ -148,8 +156,9 @@ def write_mnist5k(root: str, shard_size: int = 250, num_eval_per_class: int = 10
     `ensure_prepared` for an atomic, race-safe version.
     """
     if num_eval_per_class < 1 or num_valid_per_class < 1:
-        raise ValueError(f"num_eval_per_class={num_eval_per_class} and num_valid_per_class={num_valid_per_class} "
-                         "must be >= 1")
+        raise ValueError(
+            f"num_eval_per_class={num_eval_per_class} and num_valid_per_class={num_valid_per_class} must be >= 1"
+        )
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r} is unknown; choose one of {LAYOUTS}")
     rows = read_mnist5k(mnist5k_csv_path())

@@ -46,8 +46,10 @@ class RecordFile:
                 raise ValueError(f"{self.path}: truncated record header at byte {f.tell() - len(head)}")
             magic, lrecord = struct.unpack("<II", head)
             if magic != MAGIC:
-                raise ValueError(f"{self.path}: no RecordIO magic at byte {f.tell() - 8} "
-                                 f"(found {magic:#010x}); is train.idx from this train.rec?")
+                raise ValueError(
+                    f"{self.path}: no RecordIO magic at byte {f.tell() - 8} "
+                    f"(found {magic:#010x}); is train.idx from this train.rec?"
+                )
             cflag, length = lrecord >> 29, lrecord & _LENGTH_MASK
             # A record starts with a whole (0) or first (1) part; then come
             # middle (2) parts and a last (3) one.
@@ -141,8 +143,10 @@ def splits(src: str) -> list[Split]:
     ids = range(1, int(labels0[0])) if has_header else sorted(index)
     missing = [i for i in ids if i not in index]
     if missing:
-        raise ValueError(f"{rec_path}: header says images are records 1..{int(labels0[0]) - 1} but "
-                         f"train.idx lacks {len(missing)} of them, first {missing[0]}")
+        raise ValueError(
+            f"{rec_path}: header says images are records 1..{int(labels0[0]) - 1} but "
+            f"train.idx lacks {len(missing)} of them, first {missing[0]}"
+        )
     rows: list[tuple[int, int]] = []  # (record index, identity)
     for i in ids:
         rows.append((i, int(read_labels(rec, index[i], f"{rec_path} record {i}")[0])))
@@ -159,9 +163,15 @@ def splits(src: str) -> list[Split]:
         if len(class_map) > num_classes:
             raise ValueError(f"{prop} says {num_classes} classes but {rec_path} holds {len(class_map)}")
         notes["property"] = {"num_classes": num_classes, "height": h, "width": w}
-    items = [Item(key=f"ms1m_{i:08d}", cls=class_map[str(identity)], ref=index[i],
-                  meta={"path": "train.rec", "record": i, "identity": identity, "split": "train"})
-             for i, identity in rows]
+    items = [
+        Item(
+            key=f"ms1m_{i:08d}",
+            cls=class_map[str(identity)],
+            ref=index[i],
+            meta={"path": "train.rec", "record": i, "identity": identity, "split": "train"},
+        )
+        for i, identity in rows
+    ]
     reader = RecordFile(rec_path)
 
     def load(item: Item) -> bytes:

@@ -42,8 +42,10 @@ def read_list(path: str) -> list[tuple[int, int, int, str]]:
 
 def splits(src: str) -> list[Split]:
     """Validated train/test splits of an SOP folder; raises before any write."""
-    lists = {split: read_list(require_file(os.path.join(src, name), f"SOP's {name} list file"))
-             for split, name in LISTS.items()}
+    lists = {
+        split: read_list(require_file(os.path.join(src, name), f"SOP's {name} list file"))
+        for split, name in LISTS.items()
+    }
     out: list[Split] = []
     for split, rows in lists.items():
         class_map = remap(cid for _, cid, _, _ in rows)
@@ -52,8 +54,13 @@ def splits(src: str) -> list[Split]:
                 key=f"sop_{image_id:06d}",
                 cls=class_map[str(class_id)],
                 ref=os.path.join(src, rel),
-                meta={"path": rel, "image_id": image_id, "class_id": class_id,
-                      "super_class_id": super_id, "split": split},
+                meta={
+                    "path": rel,
+                    "image_id": image_id,
+                    "class_id": class_id,
+                    "super_class_id": super_id,
+                    "split": split,
+                },
             )
             for image_id, class_id, super_id, rel in rows
         ]

@@ -74,8 +74,12 @@ def splits(src: str) -> list[Split]:
             raise ValueError(f"{os.path.join(src, name)}: file stem {stem!r} cannot be a split/key name")
         images, issame = read_bin(os.path.join(src, name))
         items = [
-            Item(key=f"{stem}_{i // 2:06d}_{i % 2}", cls=i // 2, ref=i,
-                 meta={"path": name, "pair": i // 2, "side": i % 2, "issame": issame[i // 2], "split": stem})
+            Item(
+                key=f"{stem}_{i // 2:06d}_{i % 2}",
+                cls=i // 2,
+                ref=i,
+                meta={"path": name, "pair": i // 2, "side": i % 2, "issame": issame[i // 2], "split": stem},
+            )
             for i in range(len(images))
         ]
 
@@ -83,6 +87,7 @@ def splits(src: str) -> list[Split]:
             return images[int(item.ref)]
 
         # issame in the manifest: the evaluator rebuilds the pairs without reading any sample's json
-        out.append(Split(stem, items, load, {}, shuffle=False,
-                         notes={"label_meaning": LABEL_MEANING, "issame": issame}))
+        out.append(
+            Split(stem, items, load, {}, shuffle=False, notes={"label_meaning": LABEL_MEANING, "issame": issame})
+        )
     return out

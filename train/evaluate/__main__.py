@@ -9,6 +9,7 @@ WORLD_SIZE, ... in the environment); `python -m launch.evaluate` starts N local 
 Slurm job through submitit. Every check (splits, gallery, pair files, model) runs before anything
 is embedded.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     source = p.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", default=None, help="step-N (default: the latest checkpoint)")
     source.add_argument("--export", action="store_true", help="evaluate the run's export/ instead")
-    p.add_argument("--split", action="append", default=None, help="split of data.root (repeatable; "
-                                                                   "default data.eval_split)")
+    p.add_argument(
+        "--split", action="append", default=None, help="split of data.root (repeatable; default data.eval_split)"
+    )
     p.add_argument("overrides", nargs="*", help="data.* / metrics.* key=value")
     return p.parse_intermixed_args(argv)  # overrides may follow the options
 

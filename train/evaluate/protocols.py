@@ -6,6 +6,7 @@ stays sharded); retrieval and verification metrics are computed identically on e
 blocks. Each embedding space the head offers is scored: "euclidean" and "cosine" (the embedding),
 and for CHEST "poincare" (x^H in the ball) and "fc_euclidean" (h(x^E), the eta_H = 0 ablation's space).
 """
+
 from __future__ import annotations
 
 import math
@@ -25,8 +26,9 @@ from train.evaluate.verification import flip_sum, verification_accuracy
 
 ModelInput = Callable[[torch.Tensor], torch.Tensor]
 # bookkeeping and lower-is-better values: never "best"
-NOT_SCORES = frozenset({"num_samples", "skipped_samples", "num_gallery", "num_pairs", "accuracy_std", "val_std", "far",
-                        "best_threshold"})
+NOT_SCORES = frozenset(
+    {"num_samples", "skipped_samples", "num_gallery", "num_pairs", "accuracy_std", "val_std", "far", "best_threshold"}
+)
 
 
 def metric_of(space: str) -> str:
@@ -35,9 +37,14 @@ def metric_of(space: str) -> str:
 
 
 @torch.no_grad()
-def embed_loader(task: MetricLearningTask, loader: Iterable, device: torch.device, model_input: ModelInput,
-                 flip: bool = False, side_of_key: bool = False
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def embed_loader(
+    task: MetricLearningTask,
+    loader: Iterable,
+    device: torch.device,
+    model_input: ModelInput,
+    flip: bool = False,
+    side_of_key: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(embeddings, labels, sides) of the whole split on every rank, in rank order.
 
     `flip`: each image's embedding plus that of its horizontal mirror (insightface's flip-sum).
@@ -58,8 +65,9 @@ def embed_loader(task: MetricLearningTask, loader: Iterable, device: torch.devic
     lab_all = torch.cat(labels) if labels else torch.zeros((0,), dtype=torch.long, device=device)
     side_all = None
     if side_of_key:
-        side_all = all_gather_variable(torch.cat(sides) if sides else torch.zeros((0,), dtype=torch.long,
-                                                                                    device=device))
+        side_all = all_gather_variable(
+            torch.cat(sides) if sides else torch.zeros((0,), dtype=torch.long, device=device)
+        )
     return all_gather_variable(emb_all), all_gather_variable(lab_all), side_all
 
 
@@ -75,39 +83,52 @@ def distinct_spaces(spaces: dict[str, torch.Tensor], metric_matters: bool) -> di
     return out
 
 
-def score_classes(task: MetricLearningTask, emb: torch.Tensor, lab: torch.Tensor, chunk: int = 4096
-                  ) -> dict[str, float]:
+def score_classes(
+    task: MetricLearningTask, emb: torch.Tensor, lab: torch.Tensor, chunk: int = 4096
+) -> dict[str, float]:
     """acc_<rule> for each of the head's prediction rules (acc_measure, acc_cosine, acc_poincare, ...)."""
     correct: dict[str, int] = {}
     for start in range(0, emb.shape[0], chunk):
-        for rule, pred in task.head.predict(emb[start:start + chunk]).items():
-            correct[rule] = correct.get(rule, 0) + int((pred == lab[start:start + chunk]).sum())
+        for rule, pred in task.head.predict(emb[start : start + chunk]).items():
+            correct[rule] = correct.get(rule, 0) + int((pred == lab[start : start + chunk]).sum())
     return {f"acc_{rule}": hits / max(emb.shape[0], 1) for rule, hits in correct.items()}
 
 
-def score_retrieval(task: MetricLearningTask, emb: torch.Tensor, lab: torch.Tensor, ks: tuple[int, ...],
-                    chunk: int, ref: torch.Tensor | None = None, ref_lab: torch.Tensor | None = None
-                    ) -> dict[str, float]:
+def score_retrieval(
+    task: MetricLearningTask,
+    emb: torch.Tensor,
+    lab: torch.Tensor,
+    ks: tuple[int, ...],
+    chunk: int,
+    ref: torch.Tensor | None = None,
+    ref_lab: torch.Tensor | None = None,
+) -> dict[str, float]:
     """<space>/R@k and <space>/MAP@R: leave-one-out, or query -> gallery when `ref` is given."""
     curvature = task.head.cfg.chest.curvature
     out: dict[str, float] = {}
     queries = task.head.embed_spaces(emb)
     refs = task.head.embed_spaces(ref) if ref is not None else {}
     for space, points in queries.items():
-        report = retrieval_report(points, lab, ks, metric_of(space), c=curvature, chunk=chunk,
-                                  ref_emb=refs.get(space), ref_labels=ref_lab)
+        report = retrieval_report(
+            points, lab, ks, metric_of(space), c=curvature, chunk=chunk, ref_emb=refs.get(space), ref_labels=ref_lab
+        )
         out.update({f"{space}/{key}": value for key, value in report.items()})
     return out
 
 
-def score_verification(task: MetricLearningTask, emb: torch.Tensor, pair: torch.Tensor, side: torch.Tensor,
-                       issame: list[bool], metrics: MetricsConfig) -> dict[str, float]:
+def score_verification(
+    task: MetricLearningTask,
+    emb: torch.Tensor,
+    pair: torch.Tensor,
+    side: torch.Tensor,
+    issame: list[bool],
+    metrics: MetricsConfig,
+) -> dict[str, float]:
     """<space>/accuracy (+- accuracy_std), val at metrics.far_target, ... of the pairs whose two images
     both decoded (a pair that lost an image is left out and counted: num_pairs)."""
     order = torch.argsort(pair * 2 + side)
     pair, side = pair[order], side[order]
-    both = torch.zeros(len(issame), dtype=torch.long, device=pair.device).index_add_(
-        0, pair, torch.ones_like(pair))
+    both = torch.zeros(len(issame), dtype=torch.long, device=pair.device).index_add_(0, pair, torch.ones_like(pair))
     complete = both == 2
     keep = complete[pair]
     first, second = order[keep & (side == 0)], order[keep & (side == 1)]
@@ -115,16 +136,28 @@ def score_verification(task: MetricLearningTask, emb: torch.Tensor, pair: torch.
     out: dict[str, float] = {"num_pairs": float(int(complete.sum()))}
     spaces = distinct_spaces(task.head.embed_spaces(emb), metric_matters=False)
     for space, points in spaces.items():
-        scores = verification_accuracy(points[first].cpu(), points[second].cpu(), same,
-                                       num_folds=metrics.verification_folds, far_target=metrics.far_target)
+        scores = verification_accuracy(
+            points[first].cpu(),
+            points[second].cpu(),
+            same,
+            num_folds=metrics.verification_folds,
+            far_target=metrics.far_target,
+        )
         out.update({f"{space}/{key}": value for key, value in scores.items()})
     return out
 
 
-def evaluate_set(eval_set: EvalSet, task: MetricLearningTask, data: DataConfig, metrics: MetricsConfig, rank: int,
-                 world_size: int, device: torch.device, model_input: ModelInput,
-                 on_embeddings: Callable[[dict[str, torch.Tensor], torch.Tensor], None] | None = None
-                 ) -> dict[str, float]:
+def evaluate_set(
+    eval_set: EvalSet,
+    task: MetricLearningTask,
+    data: DataConfig,
+    metrics: MetricsConfig,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    model_input: ModelInput,
+    on_embeddings: Callable[[dict[str, torch.Tensor], torch.Tensor], None] | None = None,
+) -> dict[str, float]:
     """The set's scalars (unprefixed) by its protocol; collective: every rank must call it."""
     cfg = eval_set.data_config(data)
     verification = eval_set.protocol == "verification"
@@ -136,8 +169,11 @@ def evaluate_set(eval_set: EvalSet, task: MetricLearningTask, data: DataConfig, 
     expected = int(split_entry(eval_set.root, eval_set.split).get("num_samples", emb.shape[0]))
     out: dict[str, float] = {"num_samples": float(emb.shape[0]), "skipped_samples": float(expected - emb.shape[0])}
     if expected != emb.shape[0] and rank == 0:
-        print(f"warning: {eval_set.name}: {expected - emb.shape[0]} of {expected} samples were skipped as bad "
-              f"(see the reader's warnings); the scores cover the other {emb.shape[0]}", flush=True)
+        print(
+            f"warning: {eval_set.name}: {expected - emb.shape[0]} of {expected} samples were skipped as bad "
+            f"(see the reader's warnings); the scores cover the other {emb.shape[0]}",
+            flush=True,
+        )
     if eval_set.protocol == "classification":
         out.update(score_classes(task, emb, lab))
         if metrics.retrieval and emb.shape[0] > 1:
@@ -156,19 +192,31 @@ def evaluate_set(eval_set: EvalSet, task: MetricLearningTask, data: DataConfig, 
     return out
 
 
-def evaluate_sets(sets: list[EvalSet], task: MetricLearningTask, data: DataConfig, metrics: MetricsConfig, rank: int,
-                  world_size: int, device: torch.device, model_input: ModelInput,
-                  on_embeddings: Callable[[dict[str, torch.Tensor], torch.Tensor], None] | None = None
-                  ) -> list[dict[str, float]]:
+def evaluate_sets(
+    sets: list[EvalSet],
+    task: MetricLearningTask,
+    data: DataConfig,
+    metrics: MetricsConfig,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    model_input: ModelInput,
+    on_embeddings: Callable[[dict[str, torch.Tensor], torch.Tensor], None] | None = None,
+) -> list[dict[str, float]]:
     """Every set's scalars (unprefixed, in the order of `sets`); collective. Pictures of the first set."""
-    return [evaluate_set(eval_set, task, data, metrics, rank, world_size, device, model_input,
-                         on_embeddings if i == 0 else None) for i, eval_set in enumerate(sets)]
+    return [
+        evaluate_set(
+            eval_set, task, data, metrics, rank, world_size, device, model_input, on_embeddings if i == 0 else None
+        )
+        for i, eval_set in enumerate(sets)
+    ]
 
 
 def flatten(sets: list[EvalSet], per_set: list[dict[str, float]]) -> dict[str, float]:
     """One dict for logging: each set's scalars under its prefix (the primary set's unprefixed)."""
-    return {f"{eval_set.prefix}{key}": value
-            for eval_set, values in zip(sets, per_set) for key, value in values.items()}
+    return {
+        f"{eval_set.prefix}{key}": value for eval_set, values in zip(sets, per_set) for key, value in values.items()
+    }
 
 
 def update_best(best: dict[str, float], values: dict[str, float]) -> dict[str, float]:
@@ -181,21 +229,25 @@ def update_best(best: dict[str, float], values: dict[str, float]) -> dict[str, f
 
 def protocol_rows(eval_set: EvalSet, values: dict[str, float]) -> list[str]:
     """The papers' table row(s) of a set, in percent: one line per embedding space."""
+
     def pct(key: str) -> str:
         return f"{100 * values[key]:.2f}" if key in values else "-"
 
     title = f"{eval_set.name} ({eval_set.protocol}"
     title += f", {int(values.get('num_samples', 0))} images" + (
-        f" vs {int(values['num_gallery'])} gallery)" if "num_gallery" in values else ")")
+        f" vs {int(values['num_gallery'])} gallery)" if "num_gallery" in values else ")"
+    )
     if eval_set.protocol == "classification":
         rules = [k for k in values if k.startswith("acc_")]
         rows = [f"{title}: top-1 " + ", ".join(f"{k[4:]} {pct(k)}" for k in rules)]
         spaces = sorted({k.split("/")[0] for k in values if k.endswith("/MAP@R")})
     elif eval_set.protocol == "verification":
         spaces = sorted({k.split("/")[0] for k in values if k.endswith("/accuracy")})
-        return [f"{title}, {int(values.get('num_pairs', 0))} pairs, {s}: accuracy {pct(s + '/accuracy')} "
-                f"+- {pct(s + '/accuracy_std')}, VAL {pct(s + '/val')} @ FAR {values.get(s + '/far', 0):.2g}"
-                for s in spaces]
+        return [
+            f"{title}, {int(values.get('num_pairs', 0))} pairs, {s}: accuracy {pct(s + '/accuracy')} "
+            f"+- {pct(s + '/accuracy_std')}, VAL {pct(s + '/val')} @ FAR {values.get(s + '/far', 0):.2g}"
+            for s in spaces
+        ]
     else:
         rows = []
         spaces = sorted({k.split("/")[0] for k in values if k.endswith("/MAP@R")})

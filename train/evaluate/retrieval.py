@@ -25,6 +25,7 @@ Poincare Gram form; tie resolution adds bool and int64 blocks for rows with ties
 place). With chunk=1024 and SOP's Nr = 60,502 one block is 248 MB: budget about 1.5 GB, or lower
 `chunk`. The kNN output itself is [chunk, k]; metrics are accumulated per chunk.
 """
+
 from __future__ import annotations
 
 import math
@@ -76,8 +77,10 @@ def _check_ball(name: str, emb: torch.Tensor, c: float) -> None:
     if not c > 0:
         raise ValueError(f"curvature c={c} must be > 0 for metric='poincare'")
     if emb.shape[0] and float((c * (emb.float() ** 2).sum(1)).max()) > 1.0 + BALL_TOL:
-        raise ValueError(f"{name} has rows outside the Poincare ball of curvature -{c} (c ||x||^2 >= 1); "
-                         "map features with model.hyperbolic.to_ball first")
+        raise ValueError(
+            f"{name} has rows outside the Poincare ball of curvature -{c} (c ||x||^2 >= 1); "
+            "map features with model.hyperbolic.to_ball first"
+        )
 
 
 def _topk_low_index(keys: torch.Tensor, k: int) -> torch.Tensor:
@@ -102,8 +105,9 @@ def _topk_low_index(keys: torch.Tensor, k: int) -> torch.Tensor:
     return idx.gather(1, perm)
 
 
-def _ranked_block(q: torch.Tensor, r: torch.Tensor, k: int, metric: str, c: float,
-                  self_offset: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _ranked_block(
+    q: torch.Tensor, r: torch.Tensor, k: int, metric: str, c: float, self_offset: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k (indices, pairwise_scores values) of one query block.
 
     Ranking uses a key in the same order as the score but taken before its last monotone map:
@@ -137,16 +141,18 @@ def _mask_self(keys: torch.Tensor, self_offset: int | None) -> torch.Tensor:
     return keys
 
 
-def _knn_chunks(q: torch.Tensor, r: torch.Tensor, k: int, metric: str, c: float, chunk: int,
-                exclude_self: bool) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+def _knn_chunks(
+    q: torch.Tensor, r: torch.Tensor, k: int, metric: str, c: float, chunk: int, exclude_self: bool
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """Yields (start, indices [n, k], scores [n, k]) per query chunk; inputs already validated."""
     for start in range(0, q.shape[0], chunk):
-        idx, vals = _ranked_block(q[start:start + chunk], r, k, metric, c, start if exclude_self else None)
+        idx, vals = _ranked_block(q[start : start + chunk], r, k, metric, c, start if exclude_self else None)
         yield start, idx, vals
 
 
-def _check_knn_args(q: torch.Tensor, r: torch.Tensor, k: int, metric: str, c: float, chunk: int,
-                    exclude_self: bool) -> None:
+def _check_knn_args(
+    q: torch.Tensor, r: torch.Tensor, k: int, metric: str, c: float, chunk: int, exclude_self: bool
+) -> None:
     if metric not in METRICS:
         raise ValueError(f"metric={metric!r} is unknown; use one of {METRICS}")
     if q.shape[1] != r.shape[1]:
@@ -155,11 +161,15 @@ def _check_knn_args(q: torch.Tensor, r: torch.Tensor, k: int, metric: str, c: fl
         raise ValueError(f"chunk={chunk!r} must be a positive int (query rows per block)")
     available = r.shape[0] - int(exclude_self)
     if not (isinstance(k, int) and 1 <= k <= available):
-        raise ValueError(f"k={k!r} must be an int in [1, {available}] (the number of references"
-                         f"{' other than the query itself' if exclude_self else ''}); lower k")
+        raise ValueError(
+            f"k={k!r} must be an int in [1, {available}] (the number of references"
+            f"{' other than the query itself' if exclude_self else ''}); lower k"
+        )
     if exclude_self and not (q.shape == r.shape and torch.equal(q, r)):
-        raise ValueError("exclude_self=True needs ref to be the query set itself (row i of both is the same "
-                         "item); pass ref=query or use exclude_self=False")
+        raise ValueError(
+            "exclude_self=True needs ref to be the query set itself (row i of both is the same "
+            "item); pass ref=query or use exclude_self=False"
+        )
     for name, emb in (("query", q), ("ref", r)):
         if not bool(torch.isfinite(emb).all()):
             raise ValueError(f"{name} has NaN or inf entries; check the model output before evaluating")
@@ -169,8 +179,15 @@ def _check_knn_args(q: torch.Tensor, r: torch.Tensor, k: int, metric: str, c: fl
 
 
 @torch.no_grad()
-def knn(query: torch.Tensor, ref: torch.Tensor, k: int, metric: str, c: float = 0.5, chunk: int = 1024,
-        exclude_self: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def knn(
+    query: torch.Tensor,
+    ref: torch.Tensor,
+    k: int,
+    metric: str,
+    c: float = 0.5,
+    chunk: int = 1024,
+    exclude_self: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k reference indices [Nq, k] (int64) and their scores [Nq, k], best first.
 
     Processed in query chunks (peak memory O(chunk * Nr)). `exclude_self`: leave-one-out, query i
@@ -184,8 +201,9 @@ def knn(query: torch.Tensor, ref: torch.Tensor, k: int, metric: str, c: float = 
     return torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
 
 
-def _resolve(query_emb: torch.Tensor, query_labels: torch.Tensor, ref_emb: torch.Tensor | None,
-             ref_labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+def _resolve(
+    query_emb: torch.Tensor, query_labels: torch.Tensor, ref_emb: torch.Tensor | None, ref_labels: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
     """(query, query labels, ref, ref labels, leave_one_out) after validation."""
     if (ref_emb is None) != (ref_labels is None):
         raise ValueError("pass both ref_emb and ref_labels (query -> gallery) or neither (leave-one-out)")
@@ -204,8 +222,9 @@ def _check_labels(name: str, labels: torch.Tensor, n: int) -> torch.Tensor:
     if labels.is_floating_point() or labels.is_complex():
         raise ValueError(f"{name} must hold integer class ids; got {labels.dtype} (cast with .long())")
     if labels.shape[0] != n:
-        raise ValueError(f"{name} has {labels.shape[0]} entries but its embeddings have {n} rows; "
-                         "pass one label per embedding row")
+        raise ValueError(
+            f"{name} has {labels.shape[0]} entries but its embeddings have {n} rows; pass one label per embedding row"
+        )
     return labels.long()  # one dtype for unique/searchsorted/==, whatever the caller used
 
 
@@ -219,17 +238,27 @@ def _same_label_counts(ql: torch.Tensor, rl: torch.Tensor, leave_one_out: bool) 
 
 
 @torch.no_grad()  # evaluation only: no autograd graph over the [chunk, Nr] blocks
-def _evaluate(query_emb: torch.Tensor, query_labels: torch.Tensor, ref_emb: torch.Tensor | None,
-              ref_labels: torch.Tensor | None, ks: Sequence[int], want_map: bool, metric: str, c: float,
-              chunk: int) -> dict[str, float]:
+def _evaluate(
+    query_emb: torch.Tensor,
+    query_labels: torch.Tensor,
+    ref_emb: torch.Tensor | None,
+    ref_labels: torch.Tensor | None,
+    ks: Sequence[int],
+    want_map: bool,
+    metric: str,
+    c: float,
+    chunk: int,
+) -> dict[str, float]:
     """One chunked kNN pass accumulating Recall@k (for ks), MAP@R and P@1 (if want_map)."""
     q, ql, r, rl, loo = _resolve(query_emb, query_labels, ref_emb, ref_labels)
     ks = list(ks)
     if not ks or not all(isinstance(k, int) and k >= 1 for k in ks):
         raise ValueError(f"ks={ks!r} must be a non-empty list of positive ints, e.g. (1, 2, 4)")
     if max(ks) > r.shape[0] - int(loo):
-        raise ValueError(f"ks={ks!r} asks for more neighbours than the {r.shape[0] - int(loo)} references; "
-                         "drop the large K values for this evaluation set")
+        raise ValueError(
+            f"ks={ks!r} asks for more neighbours than the {r.shape[0] - int(loo)} references; "
+            "drop the large K values for this evaluation set"
+        )
     r_count = _same_label_counts(ql, rl, loo)
     valid = r_count > 0
     k = max(ks + ([int(r_count.max())] if want_map and bool(valid.any()) else []) + [1])
@@ -237,13 +266,13 @@ def _evaluate(query_emb: torch.Tensor, query_labels: torch.Tensor, ref_emb: torc
     ap_sum, p1_sum = 0.0, 0.0
     _check_knn_args(q, r, k, metric, c, chunk, loo)
     for start, idx, _ in _knn_chunks(q, r, k, metric, c, chunk, loo):
-        lab = ql[start:start + idx.shape[0]]
+        lab = ql[start : start + idx.shape[0]]
         rel = rl[idx] == lab[:, None]
         found = rel.cummax(dim=1).values  # found[:, j]: a same-label item within the top j + 1
         for kk in ks:
             hits[kk] += int(found[:, kk - 1].sum())
         if want_map:
-            rc, ok = r_count[start:start + idx.shape[0]], valid[start:start + idx.shape[0]]
+            rc, ok = r_count[start : start + idx.shape[0]], valid[start : start + idx.shape[0]]
             ranks = torch.arange(1, k + 1, device=idx.device)
             rel_r = rel & (ranks[None, :] <= rc[:, None])  # only the first R ranks count
             prec = rel_r.cumsum(1).double() / ranks  # P@j
@@ -258,31 +287,57 @@ def _evaluate(query_emb: torch.Tensor, query_labels: torch.Tensor, ref_emb: torc
     return out
 
 
-def recall_at_k(query_emb: torch.Tensor, query_labels: torch.Tensor, ref_emb: torch.Tensor | None = None,
-                ref_labels: torch.Tensor | None = None, ks: Sequence[int] = (1, 2, 4), metric: str = "euclidean",
-                c: float = 0.5, chunk: int = 1024) -> dict[int, float]:
+def recall_at_k(
+    query_emb: torch.Tensor,
+    query_labels: torch.Tensor,
+    ref_emb: torch.Tensor | None = None,
+    ref_labels: torch.Tensor | None = None,
+    ks: Sequence[int] = (1, 2, 4),
+    metric: str = "euclidean",
+    c: float = 0.5,
+    chunk: int = 1024,
+) -> dict[int, float]:
     """{K: Recall@K}: fraction of queries with at least one same-label reference in the top K."""
     res = _evaluate(query_emb, query_labels, ref_emb, ref_labels, ks, False, metric, c, chunk)
     return {kk: res[f"R@{kk}"] for kk in ks}
 
 
-def map_at_r(query_emb: torch.Tensor, query_labels: torch.Tensor, ref_emb: torch.Tensor | None = None,
-             ref_labels: torch.Tensor | None = None, metric: str = "euclidean", c: float = 0.5,
-             chunk: int = 1024) -> float:
+def map_at_r(
+    query_emb: torch.Tensor,
+    query_labels: torch.Tensor,
+    ref_emb: torch.Tensor | None = None,
+    ref_labels: torch.Tensor | None = None,
+    metric: str = "euclidean",
+    c: float = 0.5,
+    chunk: int = 1024,
+) -> float:
     """MAP@R: mean over queries with R > 0 of (1/R) sum_{j<=R} P@j [j-th neighbour relevant]."""
     return _evaluate(query_emb, query_labels, ref_emb, ref_labels, (1,), True, metric, c, chunk)["MAP@R"]
 
 
-def precision_at_1(query_emb: torch.Tensor, query_labels: torch.Tensor, ref_emb: torch.Tensor | None = None,
-                   ref_labels: torch.Tensor | None = None, metric: str = "euclidean", c: float = 0.5,
-                   chunk: int = 1024) -> float:
+def precision_at_1(
+    query_emb: torch.Tensor,
+    query_labels: torch.Tensor,
+    ref_emb: torch.Tensor | None = None,
+    ref_labels: torch.Tensor | None = None,
+    metric: str = "euclidean",
+    c: float = 0.5,
+    chunk: int = 1024,
+) -> float:
     """Precision@1 over queries with R > 0 (pytorch-metric-learning's definition)."""
     return _evaluate(query_emb, query_labels, ref_emb, ref_labels, (1,), True, metric, c, chunk)["P@1"]
 
 
-def retrieval_report(emb: torch.Tensor, labels: torch.Tensor, ks: Sequence[int], metric: str, c: float = 0.5,
-                     chunk: int = 1024, ref_emb: torch.Tensor | None = None,
-                     ref_labels: torch.Tensor | None = None) -> dict[str, float]:
+def retrieval_report(
+    emb: torch.Tensor,
+    labels: torch.Tensor,
+    ks: Sequence[int],
+    metric: str,
+    c: float = 0.5,
+    chunk: int = 1024,
+    ref_emb: torch.Tensor | None = None,
+    ref_labels: torch.Tensor | None = None,
+) -> dict[str, float]:
     """{"R@1": .., "R@2": .., "MAP@R": ..} from a single kNN pass, for logging."""
     res = _evaluate(emb, labels, ref_emb, ref_labels, ks, True, metric, c, chunk)
     return {key: val for key, val in res.items() if key != "P@1"}

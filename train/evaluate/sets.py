@@ -11,6 +11,7 @@ The run's own held-out split (data.root / data.eval_split) is the primary set; i
 their plain names (acc_measure, poincare/R@1). Every set of metrics.eval_sets is prefixed with its
 name (lfw/euclidean/accuracy).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,8 +51,15 @@ class EvalSet:
         """The run's data settings (transform, image size, normalisation, workers) pointed at this set,
         with a label space that keeps every label of the split (open-set labels are not head classes)."""
         split = split or self.split
-        return dataclasses.replace(base, root=self.root, eval_split=split, num_classes=label_space(self.root, split),
-                                   samples_per_class=0, sources=(), prepare="none")
+        return dataclasses.replace(
+            base,
+            root=self.root,
+            eval_split=split,
+            num_classes=label_space(self.root, split),
+            samples_per_class=0,
+            sources=(),
+            prepare="none",
+        )
 
 
 def dataset_protocol(root: str) -> tuple[str, tuple[int, ...]]:
@@ -65,8 +73,9 @@ def make_set(root: str, split: str, metrics: MetricsConfig, prefix: str, protoco
     protocol = default_protocol if protocol == "auto" else protocol
     ks = metrics.recall_ks or default_ks or DEFAULT_KS
     gallery = metrics.gallery_split if protocol == "query_gallery" else ""
-    eval_set = EvalSet(name=split, root=root, split=split, protocol=protocol, ks=ks, gallery_split=gallery,
-                       prefix=prefix)
+    eval_set = EvalSet(
+        name=split, root=root, split=split, protocol=protocol, ks=ks, gallery_split=gallery, prefix=prefix
+    )
     check_set(eval_set, metrics.retrieval)
     return eval_set
 
@@ -81,37 +90,51 @@ def check_set(eval_set: EvalSet, retrieval: bool = False) -> None:
         try:
             split_entry(eval_set.root, eval_set.gallery_split)
         except ValueError as err:
-            raise ValueError(f"query split {eval_set.split!r} needs a gallery to be ranked against: {err}; set "
-                             "metrics.gallery_split=NAME (In-shop: gallery) or another metrics.protocol") from None
+            raise ValueError(
+                f"query split {eval_set.split!r} needs a gallery to be ranked against: {err}; set "
+                "metrics.gallery_split=NAME (In-shop: gallery) or another metrics.protocol"
+            ) from None
     if eval_set.protocol in ("retrieval", "query_gallery") or (eval_set.protocol == "classification" and retrieval):
-        refs = (int(split_entry(eval_set.root, eval_set.gallery_split)["num_samples"])
-                if eval_set.protocol == "query_gallery" else int(entry["num_samples"]) - 1)
+        refs = (
+            int(split_entry(eval_set.root, eval_set.gallery_split)["num_samples"])
+            if eval_set.protocol == "query_gallery"
+            else int(entry["num_samples"]) - 1
+        )
         if max(eval_set.ks) > refs:
             fitting = ",".join(str(k) for k in eval_set.ks if k <= refs) or "1"
-            raise ValueError(f"{where}: Recall@{max(eval_set.ks)} needs {max(eval_set.ks)} references but the split "
-                             f"offers {refs}; set metrics.recall_ks={fitting}")
+            raise ValueError(
+                f"{where}: Recall@{max(eval_set.ks)} needs {max(eval_set.ks)} references but the split "
+                f"offers {refs}; set metrics.recall_ks={fitting}"
+            )
     if eval_set.protocol == "verification":
         issame = entry.get("issame")
         if not isinstance(issame, list):
-            raise ValueError(f"{where} lists no 'issame' pair labels, so pairs cannot be rebuilt; re-convert the "
-                             ".bin files with `python -m data.convert verification --src DIR --out NEW_DIR`")
+            raise ValueError(
+                f"{where} lists no 'issame' pair labels, so pairs cannot be rebuilt; re-convert the "
+                ".bin files with `python -m data.convert verification --src DIR --out NEW_DIR`"
+            )
         num = int(entry.get("num_samples", 0))
         if num % 2 or num != 2 * len(issame):
-            raise ValueError(f"{where} holds {num} images for {len(issame)} pairs; a verification split needs exactly "
-                             "2 images per pair: re-convert its .bin file (python -m data.convert verification)")
+            raise ValueError(
+                f"{where} holds {num} images for {len(issame)} pairs; a verification split needs exactly "
+                "2 images per pair: re-convert its .bin file (python -m data.convert verification)"
+            )
 
 
 def resolve_eval_sets(data: DataConfig, metrics: MetricsConfig, splits: list[str] | None = None) -> list[EvalSet]:
     """The primary set (data.root's `splits`, default data.eval_split) and every metrics.eval_sets entry."""
     sets: list[EvalSet] = []
-    for split in (splits if splits is not None else [data.eval_split] if data.eval_split else []):
-        sets.append(make_set(data.root, split, metrics, prefix="" if not sets else f"{split}/",
-                             protocol=metrics.protocol))
+    for split in splits if splits is not None else [data.eval_split] if data.eval_split else []:
+        sets.append(
+            make_set(data.root, split, metrics, prefix="" if not sets else f"{split}/", protocol=metrics.protocol)
+        )
     for item in metrics.eval_sets:
         root, _, named = item.partition(":")
         if read_manifest(root) is None:
-            raise FileNotFoundError(f"metrics.eval_sets names {root}, but {manifest_path(root)} does not exist; "
-                                    "convert the set first (python -m data.convert ...)")
+            raise FileNotFoundError(
+                f"metrics.eval_sets names {root}, but {manifest_path(root)} does not exist; "
+                "convert the set first (python -m data.convert ...)"
+            )
         chosen = [s for s in named.split("+") if s] if named else _all_verification_splits(root)
         tag = os.path.basename(os.path.normpath(root))
         for split in chosen:

@@ -5,6 +5,7 @@ table joined from its class-range files) or the run's export (`export/`: backbon
 head.pt, config.yaml). Either way every rank builds the embedding network whole and takes its own
 class slice of the head, so the world size of the evaluation need not be the one of training.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,13 +43,17 @@ def _step_dir(run_dir: str, checkpoint: str | None) -> str:
     if checkpoint:
         path = checkpoint if os.path.isdir(checkpoint) else os.path.join(ckpt.checkpoint_root(run_dir), checkpoint)
         if not os.path.isfile(os.path.join(path, "meta.json")):
-            raise FileNotFoundError(f"{path} is not a complete checkpoint (no meta.json); choose one of "
-                                    f"{sorted(os.listdir(ckpt.checkpoint_root(run_dir)))} with --checkpoint")
+            raise FileNotFoundError(
+                f"{path} is not a complete checkpoint (no meta.json); choose one of "
+                f"{sorted(os.listdir(ckpt.checkpoint_root(run_dir)))} with --checkpoint"
+            )
         return path
     latest = ckpt.find_latest(run_dir)
     if latest is None:
-        raise FileNotFoundError(f"{ckpt.checkpoint_root(run_dir)} holds no complete checkpoint; train the run first "
-                                "or pass --export for an exported model")
+        raise FileNotFoundError(
+            f"{ckpt.checkpoint_root(run_dir)} holds no complete checkpoint; train the run first "
+            "or pass --export for an exported model"
+        )
     return latest
 
 
@@ -58,8 +63,10 @@ def source_dir(run_dir: str, checkpoint: str | None = None, use_export: bool = F
         return _step_dir(run_dir, checkpoint)
     source = os.path.join(run_dir, "export") if os.path.isdir(os.path.join(run_dir, "export")) else run_dir
     if not os.path.isfile(os.path.join(source, "config.yaml")):
-        raise FileNotFoundError(f"{os.path.join(source, 'config.yaml')} does not exist: not an export folder "
-                                f"(python -m train.export {run_dir} writes one)")
+        raise FileNotFoundError(
+            f"{os.path.join(source, 'config.yaml')} does not exist: not an export folder "
+            f"(python -m train.export {run_dir} writes one)"
+        )
     return source
 
 
@@ -68,8 +75,9 @@ def config_path(run_dir: str, checkpoint: str | None = None, use_export: bool = 
     return os.path.join(source_dir(run_dir, checkpoint, use_export), "config.yaml")
 
 
-def load_run(run_dir: str, checkpoint: str | None = None, use_export: bool = False,
-             overrides: list[str] | None = None) -> LoadedRun:
+def load_run(
+    run_dir: str, checkpoint: str | None = None, use_export: bool = False, overrides: list[str] | None = None
+) -> LoadedRun:
     """The run's config (with `key=value` overrides applied) and its weights.
 
     Raises before any weight is read when the overrides change the saved model or class table.
@@ -78,8 +86,12 @@ def load_run(run_dir: str, checkpoint: str | None = None, use_export: bool = Fal
     saved = load_yaml(os.path.join(source, "config.yaml"))
     cfg = apply_overrides(saved, list(overrides or []))
     cfg.validate()
-    ckpt.check_compatible(source, cfg, fix="drop the model.* / data.num_classes overrides: evaluation takes "
-                                            "the model and its class table from the run")
+    ckpt.check_compatible(
+        source,
+        cfg,
+        fix="drop the model.* / data.num_classes overrides: evaluation takes "
+        "the model and its class table from the run",
+    )
     if use_export:
         weights = torch.load(os.path.join(source, "backbone.pth"), map_location="cpu", weights_only=True)
         neck = torch.load(os.path.join(source, "neck.pth"), map_location="cpu", weights_only=True)
@@ -96,8 +108,9 @@ def load_run(run_dir: str, checkpoint: str | None = None, use_export: bool = Fal
 
 def build_embedding_model(run: LoadedRun, device: torch.device) -> EmbeddingModel:
     """The trained embedding network (eval mode, fp32, on `device`); the trunk is never re-downloaded."""
-    model = build_backbone(dataclasses.replace(run.cfg.model, checkpoint_path="", drop_path_rate=0.0,
-                                               grad_checkpointing=False))
+    model = build_backbone(
+        dataclasses.replace(run.cfg.model, checkpoint_path="", drop_path_rate=0.0, grad_checkpointing=False)
+    )
     model.load_state_dict(run.backbone, strict=True)
     return model.to(device).eval()
 
@@ -109,7 +122,7 @@ def build_sharded_head(run: LoadedRun, rank: int, world_size: int, device: torch
     lo, n = head.class_start, head.num_local
     with torch.no_grad():
         for name, param in head.sharded_parameters().items():
-            param.copy_(run.head[name][lo:lo + n])
+            param.copy_(run.head[name][lo : lo + n])
         for name, param in head.replicated_parameters().items():
             param.copy_(run.head[name])
     return head.to(device).eval()
@@ -119,22 +132,37 @@ def build_task(run: LoadedRun, rank: int, world_size: int, device: torch.device)
     return MetricLearningTask(build_embedding_model(run, device), build_sharded_head(run, rank, world_size, device))
 
 
-def evaluate_run(run_dir: str, checkpoint: str | None = None, use_export: bool = False,
-                 splits: list[str] | None = None, overrides: list[str] | None = None) -> dict:
+def evaluate_run(
+    run_dir: str,
+    checkpoint: str | None = None,
+    use_export: bool = False,
+    splits: list[str] | None = None,
+    overrides: list[str] | None = None,
+) -> dict:
     """Evaluate on this process's rank (the group is started here if needed); returns, on every rank,
     {"rows", "metrics" (flat), "step", "source"}; rank 0 writes the files."""
     env = env_from_environ()
     run = load_run(run_dir, checkpoint, use_export, overrides)  # config checks first, then the weights
     sets = resolve_eval_sets(run.cfg.data, run.cfg.metrics, splits)
     if not sets:
-        raise ValueError(f"{run_dir}: nothing to evaluate (data.eval_split is empty and metrics.eval_sets unset); "
-                         "give --split NAME or metrics.eval_sets=ROOT[:SPLIT]")
+        raise ValueError(
+            f"{run_dir}: nothing to evaluate (data.eval_split is empty and metrics.eval_sets unset); "
+            "give --split NAME or metrics.eval_sets=ROOT[:SPLIT]"
+        )
     device, owns_group = init_distributed(env)
     try:
         task = build_task(run, env.rank, env.world_size, device)
         normaliser = InputNormaliser(run.cfg.data)
-        per_set = evaluate_sets(sets, task, run.cfg.data, run.cfg.metrics, env.rank, env.world_size, device,
-                                lambda images: normaliser(images, device, torch.float32))
+        per_set = evaluate_sets(
+            sets,
+            task,
+            run.cfg.data,
+            run.cfg.metrics,
+            env.rank,
+            env.world_size,
+            device,
+            lambda images: normaliser(images, device, torch.float32),
+        )
         values = flatten(sets, per_set)
         rows: list[str] = []
         if env.is_main:

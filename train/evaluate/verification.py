@@ -18,6 +18,7 @@ Protocol (docs/infra-lessons.md section 1.10), written from its description:
 Distances are computed in fp64 (insightface works in fp32 numpy; only pairs within ~1e-7 of a grid
 threshold can differ).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -31,8 +32,10 @@ VAL_THRESHOLDS = np.arange(0, 4, 0.001)
 def flip_sum(emb: torch.Tensor, emb_flipped: torch.Tensor) -> torch.Tensor:
     """emb + emb_flipped in at least fp32 (normalisation happens inside verification_accuracy)."""
     if emb.shape != emb_flipped.shape:
-        raise ValueError(f"emb {tuple(emb.shape)} and emb_flipped {tuple(emb_flipped.shape)} must have the same "
-                         "shape: embed the flipped copy of every image in the same order")
+        raise ValueError(
+            f"emb {tuple(emb.shape)} and emb_flipped {tuple(emb_flipped.shape)} must have the same "
+            "shape: embed the flipped copy of every image in the same order"
+        )
     dtype = torch.promote_types(torch.promote_types(emb.dtype, emb_flipped.dtype), torch.float32)
     return emb.to(dtype) + emb_flipped.to(dtype)
 
@@ -75,8 +78,9 @@ def _threshold_at_far(far: np.ndarray, thresholds: np.ndarray, target: float) ->
     return float(thresholds[lo] + frac * (thresholds[hi] - thresholds[lo]))
 
 
-def _check_inputs(emb1: torch.Tensor, emb2: torch.Tensor, issame: torch.Tensor, num_folds: int,
-                  far_target: float) -> np.ndarray:
+def _check_inputs(
+    emb1: torch.Tensor, emb2: torch.Tensor, issame: torch.Tensor, num_folds: int, far_target: float
+) -> np.ndarray:
     """Validated issame as a numpy bool array."""
     for name, emb in (("emb1", emb1), ("emb2", emb2)):
         if not isinstance(emb, torch.Tensor) or emb.ndim != 2 or not emb.is_floating_point():
@@ -84,11 +88,15 @@ def _check_inputs(emb1: torch.Tensor, emb2: torch.Tensor, issame: torch.Tensor, 
         if not bool(torch.isfinite(emb).all()):
             raise ValueError(f"{name} has NaN or inf entries; check the model output before evaluating")
     if emb1.shape != emb2.shape:
-        raise ValueError(f"emb1 {tuple(emb1.shape)} and emb2 {tuple(emb2.shape)} must have the same shape "
-                         "(row i of each is one pair)")
+        raise ValueError(
+            f"emb1 {tuple(emb1.shape)} and emb2 {tuple(emb2.shape)} must have the same shape "
+            "(row i of each is one pair)"
+        )
     if not isinstance(issame, torch.Tensor) or issame.ndim != 1 or issame.shape[0] != emb1.shape[0]:
-        raise ValueError(f"issame must be a 1-D tensor with one entry per pair ({emb1.shape[0]}); "
-                         f"got {getattr(issame, 'shape', type(issame))}")
+        raise ValueError(
+            f"issame must be a 1-D tensor with one entry per pair ({emb1.shape[0]}); "
+            f"got {getattr(issame, 'shape', type(issame))}"
+        )
     if issame.dtype != torch.bool:
         if issame.is_floating_point() or not bool(((issame == 0) | (issame == 1)).all()):
             raise ValueError(f"issame must be bool (or 0/1 integers); got dtype {issame.dtype}")
@@ -100,13 +108,16 @@ def _check_inputs(emb1: torch.Tensor, emb2: torch.Tensor, issame: torch.Tensor, 
         raise ValueError(f"far_target={far_target!r} must lie in (0, 1), e.g. 1e-3")
     same = issame.cpu().numpy()
     if same.all() or not same.any():
-        raise ValueError("issame must contain both same and different pairs; VAL@FAR and the threshold "
-                         "search are undefined otherwise")
+        raise ValueError(
+            "issame must contain both same and different pairs; VAL@FAR and the threshold "
+            "search are undefined otherwise"
+        )
     return same
 
 
-def verification_accuracy(emb1: torch.Tensor, emb2: torch.Tensor, issame: torch.Tensor, num_folds: int = 10,
-                          far_target: float = 1e-3) -> dict[str, float]:
+def verification_accuracy(
+    emb1: torch.Tensor, emb2: torch.Tensor, issame: torch.Tensor, num_folds: int = 10, far_target: float = 1e-3
+) -> dict[str, float]:
     """10-fold verification metrics of pairs (emb1[i], emb2[i]) with ground truth issame[i].
 
     Returns {"accuracy", "accuracy_std", "best_threshold", "val", "val_std", "far"}; see the module
@@ -129,6 +140,11 @@ def verification_accuracy(emb1: torch.Tensor, emb2: torch.Tensor, issame: torch.
         _, val_test, far_test = _rates(dist[test], same[test], np.array([t_far]))
         val.append(float(val_test[0]))
         far.append(float(far_test[0]))
-    return {"accuracy": float(np.mean(acc)), "accuracy_std": float(np.std(acc)),
-            "best_threshold": float(np.mean(best)), "val": float(np.mean(val)), "val_std": float(np.std(val)),
-            "far": float(np.mean(far))}
+    return {
+        "accuracy": float(np.mean(acc)),
+        "accuracy_std": float(np.std(acc)),
+        "best_threshold": float(np.mean(best)),
+        "val": float(np.mean(val)),
+        "val_std": float(np.std(val)),
+        "far": float(np.mean(far)),
+    }
