@@ -46,7 +46,7 @@ from data.config import DataConfig
 from data.crops import pixels_of, resize_pixels
 from data.stream import build_train_loader
 from data.transforms import NORM_PRESETS, build_transform
-from data.writer import write_split
+from data.writer import JPG_FIELD, LABEL_FIELD, write_split
 
 NUM_CLASSES = 10
 
@@ -74,7 +74,7 @@ def write_data(folder: str, count: int, shard_size: int, source: tuple[int, int]
         os.makedirs(class_dir, exist_ok=True)
         with open(os.path.join(class_dir, f"img{i:06d}.jpg"), "wb") as f:
             f.write(jpeg)
-        samples.append({"__key__": f"img{i:06d}", "jpg": jpeg, "cls": label})
+        samples.append({"__key__": f"img{i:06d}", JPG_FIELD: jpeg, LABEL_FIELD: label})
     write_split(samples, os.path.join(shards, "train"), shard_size)
     return tree, shards
 

@@ -17,7 +17,7 @@ import random
 import torch
 from PIL import Image
 
-from data.writer import write_manifest, write_split
+from data.writer import LABEL_FIELD, META_FIELD, PNG_FIELD, write_manifest, write_split
 
 # Row layout of a synthetic image; see the module docstring.
 _ID_ROWS = 2
@@ -49,9 +49,9 @@ def synthetic_samples(first_id: int, count: int, num_classes: int, size: int = 2
     return [
         {
             "__key__": f"syn_{i:06d}",
-            "png": synthetic_png(i, i % num_classes, num_classes, size),
-            "cls": i % num_classes,
-            "json": {"id": i},
+            PNG_FIELD: synthetic_png(i, i % num_classes, num_classes, size),
+            LABEL_FIELD: i % num_classes,
+            META_FIELD: {"id": i},
         }
         for i in range(first_id, first_id + count)
     ]
@@ -81,7 +81,7 @@ def write_synthetic(
     for split, (first, count) in plan.items():
         samples = synthetic_samples(first, count, num_classes, size)
         shards = write_split(samples, os.path.join(root, split), per_shard)
-        splits[split] = {"shards": shards, "labels": [s["cls"] for s in samples]}
+        splits[split] = {"shards": shards, "labels": [s[LABEL_FIELD] for s in samples]}
         ids[split] = list(range(first, first + count))
     write_manifest(root, splits)
     return ids
