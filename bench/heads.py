@@ -22,12 +22,11 @@ import argparse
 import dataclasses
 import os
 import resource
-import socket
 import time
 
 import torch
-import torch.multiprocessing as mp
 
+from bench.ranks import run_ranks
 from model.config import ChestConfig, LossConfig
 
 DIM, GLOBAL_BATCH = 512, 256
@@ -50,15 +49,11 @@ def _current_rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _rank(
-    rank: int, world: int, port: int, head_name: str, num_classes: int, iters: int, sample_rate: float, out: dict
-) -> None:
+def _rank(rank: int, world: int, head_name: str, num_classes: int, iters: int, sample_rate: float, out: dict) -> None:
     import torch.distributed as dist
 
     from model.task import build_head
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
     if cuda:
@@ -87,16 +82,7 @@ def _rank(
 
 def run_config(head_name: str, num_classes: int, world: int, iters: int, sample_rate: float = 1.0) -> dict[str, float]:
     """Per-rank max of peak memory and of the best fwd+bwd time over `iters` timed iterations."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    manager = mp.Manager()
-    out = manager.dict()
-    mp.start_processes(
-        _rank, args=(world, port, head_name, num_classes, iters, sample_rate, out), nprocs=world, start_method="spawn"
-    )
-    res = dict(out)
-    manager.shutdown()
+    res = run_ranks(_rank, world, head_name, num_classes, iters, sample_rate)
     return {"mem_mb": max(r["mem_mb"] for r in res.values()), "time_s": max(r["time_s"] for r in res.values())}
 
 

@@ -28,7 +28,6 @@ import dataclasses
 import functools
 import os
 import resource
-import socket
 import statistics
 import time
 import types
@@ -36,9 +35,9 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
+from bench.ranks import run_ranks
 from launch.__main__ import build_config
 from train.config import RunConfig
 
@@ -232,21 +231,10 @@ class OurStep:
         self.step_index += 1
 
 
-def _rank(
-    rank: int, world: int, port: int, kind: str, cfg: RunConfig, steps: int, warmup: int, data: str, out: dict
-) -> None:
+def _rank(rank: int, world: int, kind: str, cfg: RunConfig, steps: int, warmup: int, data: str, out: dict) -> None:
     from data.stream import build_train_loader
     from train.dist import DistEnv, init_distributed
 
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world),
-    )
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     env = DistEnv(rank, world, rank, world)
     device, _ = init_distributed(env)
     runner: BareLoop | OurStep = BareLoop(cfg, device, world) if kind == "bare" else OurStep(cfg, env, device)
@@ -283,16 +271,7 @@ def _rank(
 
 
 def measure(kind: str, cfg: RunConfig, world: int, steps: int, warmup: int, data: str) -> dict[str, Any]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    manager = mp.Manager()
-    out = manager.dict()
-    mp.start_processes(
-        _rank, args=(world, port, kind, cfg, steps, warmup, data, out), nprocs=world, start_method="spawn"
-    )
-    res = {r: dict(v) for r, v in out.items()}
-    manager.shutdown()
+    res = run_ranks(_rank, world, kind, cfg, steps, warmup, data)
     return {
         "step_s": max(r["step_s"] for r in res.values()),
         "mem_mb": max(r["mem_mb"] for r in res.values()),
