@@ -74,7 +74,7 @@ def test_distarc_radial_angular_picture_and_radius_error_histogram(tmp_path) -> 
     cfg = LossConfig(name="distarc", radius_start=10.0, radius_gap=5.0, num_spheres=3)
     head = build_head(cfg, 6, 8, rank=0, world_size=2)  # rank 0's shard: classes 0..2 of 6
     emb, labels = clustered(6, 40, 8)
-    logger = TensorBoardLogger(str(tmp_path), True, 8)
+    logger = TensorBoardLogger(str(tmp_path), True)
     logger.log_embeddings(3, head.embed_spaces(emb), labels, head.weight, head=head)
     logger.close()
     acc = read_events(logger.tb_dir)
@@ -98,7 +98,7 @@ def test_distarc_radial_angular_picture_and_radius_error_histogram(tmp_path) -> 
     np.testing.assert_allclose(angles.numpy(), np.degrees(np.arccos(cos)), atol=1e-3)
     np.testing.assert_allclose(norms.numpy(), np.linalg.norm(x[mask], axis=1), rtol=1e-6)
     # open-set labels are not the head's classes: no anchor pictures
-    logger = TensorBoardLogger(str(tmp_path / "open"), True, 8)
+    logger = TensorBoardLogger(str(tmp_path / "open"), True)
     logger.log_embeddings(3, head.embed_spaces(emb), labels, head=head, protocol="retrieval")
     logger.close()
     acc = read_events(logger.tb_dir)
@@ -109,7 +109,7 @@ def test_pair_similarity_histograms_use_same_and_different_labels(tmp_path) -> N
     # class c points along e_c at different lengths: positives have cosine 1, negatives 0
     labels = torch.tensor([0] * 30 + [1] * 20 + [2] * 10 + [3])  # class 3: one sample, no positive pair
     emb = torch.eye(8)[labels] * (1 + torch.arange(labels.shape[0], dtype=torch.float32))[:, None]
-    logger = TensorBoardLogger(str(tmp_path), True, 8)
+    logger = TensorBoardLogger(str(tmp_path), True)
     logger.log_embeddings(1, {"euclidean": emb, "cosine": emb}, labels)
     logger.close()
     acc = read_events(logger.tb_dir)
@@ -129,7 +129,7 @@ def test_pair_similarity_histograms_use_same_and_different_labels(tmp_path) -> N
     again = pictures.pair_similarities(emb, labels, num_pairs=500, seed=7)
     assert torch.equal(again[0], pos_s) and torch.equal(again[1], neg_s)
     # verification labels are pair ids, not identities: no similarity histograms
-    logger = TensorBoardLogger(str(tmp_path / "ver"), True, 8)
+    logger = TensorBoardLogger(str(tmp_path / "ver"), True)
     logger.log_embeddings(1, {"euclidean": emb}, labels, protocol="verification")
     logger.close()
     assert not {"eval/sim_positive", "eval/sim_negative"} & set(read_events(logger.tb_dir).Tags()["histograms"])
@@ -141,7 +141,7 @@ def test_chest_poincare_disk_draws_ball_points_and_rank0_proxies(tmp_path) -> No
     head = build_head(cfg, 6, 8, rank=0, world_size=2)  # 3 of 6 (permuted) classes on rank 0
     emb, labels = clustered(6, 30, 8, seed=2)
     spaces = head.embed_spaces(emb)
-    logger = TensorBoardLogger(str(tmp_path), True, 8)
+    logger = TensorBoardLogger(str(tmp_path), True)
     logger.log_embeddings(5, spaces, labels, head.proxies, head=head)
     logger.close()
     acc = read_events(logger.tb_dir)
@@ -180,7 +180,7 @@ def test_hparams_are_in_the_run_s_own_event_file(tmp_path) -> None:
         RunConfig(name="c", max_steps=1, data=DataConfig(root="/x"), loss=LossConfig(name="chest")).to_dict()
     )
     assert chest["loss.chest.curvature"] == 0.5
-    logger = TensorBoardLogger(str(tmp_path), True, 64)
+    logger = TensorBoardLogger(str(tmp_path), True)
     logger.log_hparams(
         hparams, {"acc_measure": 0.75, "cosine/R@1": 0.5, "last_train_loss": None, "diverged": float("nan")}, step=7
     )

@@ -66,18 +66,23 @@ class GuardedAdamW(torch.optim.AdamW):
     and DeepSpeed's bf16 optimizer test the global gradient norm and skip the step themselves
     (`engine.was_step_applied()`). At stage 0 in fp32 DeepSpeed tests nothing, and the gradients this
     optimizer sees are the all-reduced ones, identical on every rank, so its own test here agrees
-    everywhere. ZeRO-1/2 call `step` once per parameter group; `skipped` covers all of them.
+    everywhere; `test_gradients` (set by build_engine) turns that test on there only, so no step pays for
+    it twice. ZeRO-1/2 call `step` once per parameter group; `skipped` covers all of them.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, test_gradients: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.test_gradients = test_gradients
         self.skip = False  # set by the caller before the engine's step
         self.skipped = False  # whether the last boundary's update was left out here
 
+    def _gradients_finite(self) -> bool:
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        return not grads or bool(torch.stack(torch._foreach_norm(grads)).isfinite().all())
+
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        if self.skip or (grads and not bool(torch.stack(torch._foreach_norm(grads)).isfinite().all())):
+        if self.skip or (self.test_gradients and not self._gradients_finite()):
             self.skipped = True
             return None
         return super().step(closure)
@@ -123,6 +128,7 @@ def build_engine(
         lr=optim.lr,
         betas=(optim.beta1, optim.beta2),
         fused=optim.fused or None,
+        test_gradients=zero.stage == 0 and not zero.bf16,  # the one case DeepSpeed does not test itself
     )
     scheduler = _schedule(optimizer, optim, max_steps)
     engine, _, _, _ = deepspeed.initialize(

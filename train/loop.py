@@ -21,7 +21,6 @@ def train_loop(run: "Run", stop_step: int) -> None:
     step. A signal (any rank) makes every rank save at once and stop; `run.state.stop_signal` tells the caller.
     """
     cfg, state, logger, clock = run.cfg, run.state, run.logger, run.clock
-    logger.reset_timer(state.step)
     clock.reset(state.step)
     bar = tqdm(
         total=cfg.max_steps,
@@ -48,8 +47,10 @@ def train_loop(run: "Run", stop_step: int) -> None:
         if state.step % cfg.metrics.log_every == 0 or state.step == cfg.max_steps:
             scalars["bad_samples"] = float(run.stream.bad_samples)  # skipped so far, all ranks
             scalars["skipped_steps"] = float(state.skipped_steps)  # the same on every rank
+            system = clock.window(state.step)  # the steps since the last log, save or evaluation
+            scalars["img_per_s"] = system.pop("img_per_s", float("nan"))
             state.last_loss = logger.log(state.step, state.samples_seen, scalars)["loss"]
-            logger.log(state.step, state.samples_seen, clock.window(state.step), prefix="system")
+            logger.log(state.step, state.samples_seen, system, prefix="system")
         decision = run.control.poll()
         if (
             decision.save
@@ -59,13 +60,11 @@ def train_loop(run: "Run", stop_step: int) -> None:
         ):
             run.save()
             run.control.saved()
-            logger.reset_timer(state.step)
             clock.reset(state.step)
         if decision.stop_signal:
             state.stop_signal = decision.stop_signal
             break
         if cfg.metrics.eval_every and state.step % cfg.metrics.eval_every == 0 and state.step < cfg.max_steps:
             logger.log(state.step, state.samples_seen, run.evaluate(), prefix="eval")
-            logger.reset_timer(state.step)
             clock.reset(state.step)
     bar.close()

@@ -148,7 +148,7 @@ class Run:
             state,
             eval_sets,
             stream,
-            TensorBoardLogger(cfg.run_dir, env.is_main, global_batch),
+            TensorBoardLogger(cfg.run_dir, env.is_main),
             clock,
             clock.timed(iter(stream)),
             resumed_from_step=state.step,
@@ -156,7 +156,7 @@ class Run:
 
     @property
     def global_batch(self) -> int:
-        return self.logger.global_batch
+        return self.clock.global_batch
 
     def save(self) -> str:
         """A collective checkpoint of the current state."""

@@ -33,10 +33,6 @@ class TrainableModel:
     normaliser: InputNormaliser
 
     @property
-    def world_size(self) -> int:
-        return self.engine.world_size
-
-    @property
     def backbone_optimizer(self) -> GuardedAdamW:
         """The client optimizer inside the engine (train/engine.py), which skips non-finite steps."""
         return self.engine.client_optimizer

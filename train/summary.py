@@ -33,11 +33,6 @@ class RunSummary:
     best: dict[str, float] = dataclasses.field(default_factory=dict)  # best of each evaluation scalar so far
     metrics: dict[str, Any] = dataclasses.field(default_factory=dict)  # final evaluation scalars (flattened keys)
 
-    @property
-    def stopped_early(self) -> bool:
-        """A signal stopped the job after a checkpoint: it should be requeued."""
-        return bool(self.stop_signal)
-
     def to_json(self) -> dict[str, Any]:
         fixed = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "metrics"}
         clash = sorted(set(fixed) & set(self.metrics))

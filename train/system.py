@@ -58,6 +58,7 @@ class StepClock:
             step_time = elapsed / steps
             out.update(
                 step_time_s=step_time,
+                img_per_s=self.global_batch / step_time,
                 data_wait_frac=min(1.0, self.data_wait_s / elapsed),
                 img_per_s_per_gpu=self.global_batch / step_time / self.world_size,
                 eta_min=(self.max_steps - step) * step_time / 60,

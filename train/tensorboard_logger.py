@@ -2,7 +2,7 @@
 
 Scalars are reduced (mean) across ranks by the caller-facing `log`, written on rank 0 only, against
 the optimizer step and, under `by_samples/`, against samples seen, so runs with different global
-batches line up. Throughput (img/s) is measured here between two log calls.
+batches line up. Throughput and step times come from train/system.py's StepClock.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-import time
 from typing import Any
 
 import torch
@@ -69,24 +68,18 @@ def main_hparams(config: dict[str, Any]) -> dict[str, Any]:
 class TensorBoardLogger:
     """Rank-0 SummaryWriter at `<run_dir>/tb`; every rank must call `log` (it all-reduces)."""
 
-    def __init__(self, run_dir: str, is_main: bool, global_batch: int) -> None:
-        self.is_main, self.global_batch = is_main, global_batch
+    def __init__(self, run_dir: str, is_main: bool) -> None:
+        self.is_main = is_main
         self.tb_dir = os.path.join(run_dir, "tb")
         self.writer = None
         if is_main:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(self.tb_dir)
-        self._last_time = time.perf_counter()
-        self._last_step: int | None = None
 
     def log(self, step: int, samples_seen: int, scalars: dict[str, float], prefix: str = "train") -> dict[str, float]:
-        """Reduce `scalars` over ranks, add img/s, write them; returns the reduced values."""
+        """Reduce `scalars` over ranks, write them; returns the reduced values."""
         values = reduce_mean(scalars, summed=SUMMED)
-        now = time.perf_counter()
-        if prefix == "train" and self._last_step is not None and step > self._last_step:
-            values["img_per_s"] = (step - self._last_step) * self.global_batch / max(now - self._last_time, 1e-9)
-        self._last_time, self._last_step = now, step
         if self.writer is not None:
             for key, value in values.items():
                 self.writer.add_scalar(f"{prefix}/{key}", value, step)
@@ -178,10 +171,6 @@ class TensorBoardLogger:
         for tag, value in scores.items():
             self.writer.add_scalar(tag, value, step)
         self.writer.flush()
-
-    def reset_timer(self, step: int) -> None:
-        """Start throughput timing afresh (after evaluation or checkpointing)."""
-        self._last_time, self._last_step = time.perf_counter(), step
 
     def close(self) -> None:
         if self.writer is not None:
