@@ -15,9 +15,12 @@ phases, not beside them); the head's share of the step; peak memory (max over ra
 max_memory_allocated, else the process's peak resident set, torch and the data included); and on CUDA
 the MFU: 3 x forward FLOPs per image (torch.utils.flop_counter) x img/s per GPU / the GPU's dense peak.
 On a machine with fewer cores than ranks x threads the ranks share cores: compare rows at equal P.
+`--count-ops`: a second table of the aten ops each phase dispatches in one step (on a GPU each is at least
+one kernel launch, so it shows a launch-bound phase on a machine without one).
 
     python -m bench.train [--recipe mnist_distarc] [--world 1,2] [--steps 30] [--warmup 5]
-                          [--data synthetic|stream] [--variant NAME:key=v,...] [--no-variants] [key=value ...]
+                          [--data synthetic|stream] [--variant NAME:key=v,...] [--no-variants] [--count-ops]
+                          [key=value ...]
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from train.config import RunConfig
 DEFAULT_VARIANTS = (
     "fused AdamW off:optim.fused=false",
     "overlap_comm off:zero.overlap_comm=false",
+    "fused grad checks off:zero.fused_grad_checks=false",
     "ZeRO-1:zero.stage=1",
     "ZeRO-3:zero.stage=3",
     "compile:model.compile=true",
@@ -108,6 +112,30 @@ def timed_collectives(timer: Timer) -> Iterator[None]:
     finally:
         for name, fn in originals.items():
             setattr(dist, name, fn)
+
+
+class OpCounter(Timer):
+    """A Timer whose phases count the aten ops they dispatch instead of timing them: on a GPU each op is
+    (at least) one kernel launch, so a phase with thousands of small ops is launch-bound there; the count
+    is the same on CPU, where it can be measured without a GPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__(device)
+        self.ops: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counts = self.ops
+
+        class Count(TorchDispatchMode):
+            def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+                counts[name] = counts.get(name, 0) + 1
+                return func(*args, **(kwargs or {}))
+
+        with Count():
+            yield
 
 
 def synthetic_batches(
@@ -231,7 +259,9 @@ class OurStep:
         self.step_index += 1
 
 
-def _rank(rank: int, world: int, kind: str, cfg: RunConfig, steps: int, warmup: int, data: str, out: dict) -> None:
+def _rank(
+    rank: int, world: int, kind: str, cfg: RunConfig, steps: int, warmup: int, data: str, count_ops: bool, out: dict
+) -> None:
     from data.stream import build_train_loader
     from train.dist import DistEnv, init_distributed
 
@@ -258,7 +288,11 @@ def _rank(rank: int, world: int, kind: str, cfg: RunConfig, steps: int, warmup: 
         for _ in range(max(3, steps // 3)):
             runner.step(batches, breakdown)
     n = max(3, steps // 3)
+    counter = OpCounter(device)
+    if count_ops:
+        runner.step(batches, counter)
     out[rank] = {
+        "ops": counter.ops,
         "step_s": seconds,
         "mem_mb": peak_memory_mb(device),
         "phases": {k: v / n for k, v in breakdown.totals.items()},
@@ -270,9 +304,12 @@ def _rank(rank: int, world: int, kind: str, cfg: RunConfig, steps: int, warmup: 
     dist.destroy_process_group()
 
 
-def measure(kind: str, cfg: RunConfig, world: int, steps: int, warmup: int, data: str) -> dict[str, Any]:
-    res = run_ranks(_rank, world, kind, cfg, steps, warmup, data)
+def measure(
+    kind: str, cfg: RunConfig, world: int, steps: int, warmup: int, data: str, count_ops: bool = False
+) -> dict[str, Any]:
+    res = run_ranks(_rank, world, kind, cfg, steps, warmup, data, count_ops)
     return {
+        "ops": res[0]["ops"],
         "step_s": max(r["step_s"] for r in res.values()),
         "mem_mb": max(r["mem_mb"] for r in res.values()),
         "phases": res[0]["phases"],
@@ -316,6 +353,11 @@ def main() -> None:
     )
     p.add_argument("--variant", action="append", default=[], metavar="NAME:key=v,key=v")
     p.add_argument("--no-variants", action="store_true", help="only the bare and ours rows")
+    p.add_argument(
+        "--count-ops",
+        action="store_true",
+        help="also count the aten ops of one step per phase (kernel launches on a GPU) and print them",
+    )
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     base = build_config(args.recipe, ["data.uint8_batches=true", *args.overrides]).resolved()
@@ -341,18 +383,26 @@ def main() -> None:
         "comm ms (within) | head share | peak MB/rank | MFU |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    op_rows: list[tuple[str, int, dict[str, int]]] = []
     for world in (int(w) for w in args.world.split(",")):
         cfg = build_config(
             args.recipe, ["data.uint8_batches=true", f"slurm.tasks_per_node={world}", *args.overrides]
         ).resolved()
-        bare = measure("bare", cfg, world, args.steps, args.warmup, args.data)
+        bare = measure("bare", cfg, world, args.steps, args.warmup, args.data, args.count_ops)
         print(report("bare PyTorch loop", bare, bare, cfg, world), flush=True)
+        op_rows.append(("bare PyTorch loop", world, bare["ops"]))
         for name, overrides in variants:
             vcfg = build_config(
                 args.recipe, ["data.uint8_batches=true", f"slurm.tasks_per_node={world}", *args.overrides, *overrides]
             ).resolved()
-            row = measure("ours", vcfg, world, args.steps, args.warmup, args.data)
+            row = measure("ours", vcfg, world, args.steps, args.warmup, args.data, args.count_ops)
             print(report(name, row, bare, vcfg, world), flush=True)
+            op_rows.append((name, world, row["ops"]))
+    if args.count_ops:
+        print("\n| row | P | " + " | ".join(f"{k} ops" for k in PHASES) + " |")
+        print("|---|---|" + "---|" * len(PHASES))
+        for name, world, ops in op_rows:
+            print(f"| {name} | {world} | " + " | ".join(str(ops.get(k, 0)) for k in PHASES) + " |")
 
 
 if __name__ == "__main__":

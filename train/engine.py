@@ -16,6 +16,7 @@ from torch import nn
 
 from model.proxies import ShardedHead
 from train.config import OptimConfig, ZeroConfig
+from train.fused_grad_checks import install as fuse_gradient_checks
 from train.schedule import lr_factor
 
 
@@ -137,6 +138,8 @@ def build_engine(
         lr_scheduler=scheduler,
         config=deepspeed_config(optim, zero, micro_batch, load_universal),
     )
+    if zero.fused_grad_checks:
+        fuse_gradient_checks(engine.optimizer)
     if compile_backbone:
         engine.compile()
     return engine

@@ -1,0 +1,139 @@
+"""The largest class table one device trains, exact and with Partial-FC sampling (loss.sample_rate).
+
+For each head and sample rate: the largest number of classes C whose training step of the head (forward,
+backward and the head's AdamW step from train/engine.py, D = 512, batch 256, one rank) peaks within the
+budget: on a GPU all of its memory less --reserve-gb (what the backbone needs: launch/estimate.py sizes
+it), on CPU --budget-gb. Found by doubling from --start and bisecting to --tolerance; on a GPU every probe
+runs in this process (an out-of-memory error is caught and the cache emptied), on CPU in a fresh process
+(its peak resident set above its baseline, as bench/heads.py measures). With P ranks each holds C / P
+rows, so a node of P such devices trains about P x the table.
+The reference is Partial FC (An et al.): 5.5M classes exact and 29M sampled on 8 x 32 GB GPUs, its ResNet
+trunk included; the table prints classes per GiB of budget beside theirs (theirs per GB of all 8 GPUs).
+
+    python -m bench.capacity [--heads distarc,chest] [--sample-rates 1.0,0.1] [--budget-gb G]
+                             [--reserve-gb R] [--start 1000000] [--tolerance 0.02]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from typing import Callable
+
+import torch
+
+from bench.heads import DIM, GLOBAL_BATCH, HEADS, _current_rss_mb, _rss_mb
+from bench.ranks import run_ranks
+
+# Partial FC's largest tables on 8 x 32 GB: exact softmax, and sampled (its rate 0.1)
+PARTIAL_FC = {1.0: 5.5e6, 0.1: 29e6}
+PARTIAL_FC_GB = 8 * 32
+
+
+def largest_fitting(fits: Callable[[int], bool], start: int, tolerance: float) -> tuple[int, int]:
+    """(largest count known to fit, smallest known not to) for a monotone `fits`: doubling from `start`
+    while it fits, then bisection until the two are within `tolerance` of each other."""
+    lo, hi = 0, max(1, start)
+    while fits(hi):
+        lo, hi = hi, 2 * hi
+    while hi - lo > max(1.0, tolerance * hi):
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo, hi
+
+
+def train_head_steps(head_name: str, num_classes: int, sample_rate: float, device: torch.device) -> None:
+    """Two training steps of the head alone at `num_classes` (the second with AdamW's moments allocated)."""
+    from model.task import build_head
+    from train.config import OptimConfig
+    from train.engine import build_head_optimizer
+
+    cfg = dataclasses.replace(HEADS[head_name], sample_rate=sample_rate)
+    head = build_head(cfg, num_classes, DIM).to(device)
+    optimizer, _ = build_head_optimizer(head, OptimConfig(), max_steps=10)
+    g = torch.Generator().manual_seed(0)
+    emb = (torch.randn(GLOBAL_BATCH, DIM, generator=g) * 3).to(device).requires_grad_(True)
+    labels = torch.randint(0, num_classes, (GLOBAL_BATCH,), generator=g).to(device)
+    for step in range(2):
+        head(emb, labels, step=step)["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def cuda_fits(head_name: str, sample_rate: float, budget_bytes: float) -> Callable[[int], bool]:
+    device = torch.device("cuda")
+
+    def fits(num_classes: int) -> bool:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        try:
+            train_head_steps(head_name, num_classes, sample_rate, device)
+            peak = torch.cuda.max_memory_allocated(device) - base
+        except torch.cuda.OutOfMemoryError:
+            peak = float("inf")
+        torch.cuda.empty_cache()
+        print(f"  {head_name} rate {sample_rate:g}: {num_classes:,} classes -> {peak / 2**30:.1f} GiB", flush=True)
+        return peak <= budget_bytes
+
+    return fits
+
+
+def _cpu_probe(rank: int, world: int, head_name: str, num_classes: int, sample_rate: float, out: dict) -> None:
+    base = _current_rss_mb()
+    train_head_steps(head_name, num_classes, sample_rate, torch.device("cpu"))
+    out[rank] = {"mem_mb": _rss_mb() - base}
+
+
+def cpu_fits(head_name: str, sample_rate: float, budget_bytes: float) -> Callable[[int], bool]:
+    def fits(num_classes: int) -> bool:
+        peak = run_ranks(_cpu_probe, 1, head_name, num_classes, sample_rate)[0]["mem_mb"] * 2**20
+        print(f"  {head_name} rate {sample_rate:g}: {num_classes:,} classes -> {peak / 2**30:.2f} GiB", flush=True)
+        return peak <= budget_bytes
+
+    return fits
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--heads", default="distarc,chest")
+    p.add_argument("--sample-rates", default="1.0,0.1")
+    p.add_argument("--budget-gb", type=float, default=0.0, help="memory budget (GiB); default on a GPU: all of it")
+    p.add_argument("--reserve-gb", type=float, default=0.0, help="left for the backbone and the runtime (GiB)")
+    p.add_argument("--start", type=int, default=1_000_000, help="first class count probed (doubled while it fits)")
+    p.add_argument("--tolerance", type=float, default=0.02, help="relative width of the final bracket")
+    args = p.parse_args()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        total = torch.cuda.mem_get_info()[1]
+        budget = (args.budget_gb * 2**30 if args.budget_gb else total) - args.reserve_gb * 2**30
+        where = f"{torch.cuda.get_device_name()} ({total / 2**30:.0f} GiB)"
+    elif args.budget_gb:
+        budget, where = (args.budget_gb - args.reserve_gb) * 2**30, "CPU"
+    else:
+        raise SystemExit("bench.capacity on CPU needs --budget-gb (the machine's memory is not a safe limit)")
+    print(
+        f"# capacity: {where}, budget {budget / 2**30:.1f} GiB for the head (reserve {args.reserve_gb:g} GiB), "
+        f"D={DIM}, batch {GLOBAL_BATCH}, one rank, torch {torch.__version__}"
+    )
+    rows = []
+    for head in args.heads.split(","):
+        for rate in (float(r) for r in args.sample_rates.split(",")):
+            fits = (cuda_fits if cuda else cpu_fits)(head, rate, budget)
+            start = time.perf_counter()
+            lo, hi = largest_fitting(fits, args.start, args.tolerance)
+            rows.append((head, rate, lo, hi, time.perf_counter() - start))
+    print(
+        "\n| head | sample rate | largest C that fits | first C that does not | classes per GiB | "
+        "Partial FC classes per GiB (8 x 32 GB) | search s |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for head, rate, lo, hi, seconds in rows:
+        ref = PARTIAL_FC.get(rate)
+        ref_cell = f"{ref / PARTIAL_FC_GB:,.0f}" if ref else "-"
+        print(f"| {head} | {rate:g} | {lo:,} | {hi:,} | {lo / (budget / 2**30):,.0f} | {ref_cell} | {seconds:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
