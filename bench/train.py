@@ -50,6 +50,7 @@ DEFAULT_VARIANTS = (
     "fused grad checks off:zero.fused_grad_checks=false",
     "ZeRO-1:zero.stage=1",
     "ZeRO-3:zero.stage=3",
+    "ZeRO-3, DeepSpeed's fetch sync:zero.stage=3,zero.stage3_skip_local_fetch_sync=false",
     "compile:model.compile=true",
 )
 # dense bf16 / tf32 tensor-core peaks (FLOP/s) by device name: NVIDIA's data sheets (SXM parts)

@@ -75,12 +75,23 @@ class ZeroConfig:
     # ZeRO-1/2's inf/NaN test and gradient norm as multi-tensor kernels instead of ~15 ops per tensor
     # (train/fused_grad_checks.py); the same results, a launch-bound optimizer step on GPUs without it
     fused_grad_checks: bool = True
+    # ZeRO-3 parameters whose partition group is one rank (one GPU) are fetched without DeepSpeed's host
+    # synchronisation per fetch (train/zero3_local_fetch.py); nothing is gathered there, so nothing changes
+    stage3_skip_local_fetch_sync: bool = True
+    # ZeRO-3 (DeepSpeed's defaults): parameters below this many elements stay whole on every rank, and
+    # how many elements of upcoming submodules' parameters are fetched ahead
+    stage3_param_persistence_threshold: int = 100_000
+    stage3_prefetch_bucket_size: int = 50_000_000
 
     def validate(self) -> None:
         if self.stage not in (0, 1, 2, 3):
             raise ValueError(f"zero.stage={self.stage} must be 0, 1, 2 or 3")
         if self.reduce_bucket_size < 1 or self.allgather_bucket_size < 1:
             raise ValueError("zero.reduce_bucket_size and zero.allgather_bucket_size must be >= 1 (elements)")
+        if self.stage3_param_persistence_threshold < 0 or self.stage3_prefetch_bucket_size < 0:
+            raise ValueError(
+                "zero.stage3_param_persistence_threshold and zero.stage3_prefetch_bucket_size must be >= 0 (elements)"
+            )
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from model.proxies import ShardedHead
+from train import zero3_local_fetch
 from train.config import OptimConfig, ZeroConfig
 from train.fused_grad_checks import install as fuse_gradient_checks
 from train.schedule import lr_factor
@@ -39,6 +40,11 @@ def deepspeed_config(
         "steps_per_print": 10**9,  # our TensorBoardLogger reports; keep DeepSpeed quiet
         "wall_clock_breakdown": False,
     }
+    if zero.stage == 3:
+        cfg["zero_optimization"].update(
+            stage3_param_persistence_threshold=zero.stage3_param_persistence_threshold,
+            stage3_prefetch_bucket_size=zero.stage3_prefetch_bucket_size,
+        )
     if optim.grad_clip > 0:
         cfg["gradient_clipping"] = optim.grad_clip
     if load_universal:
@@ -140,6 +146,8 @@ def build_engine(
     )
     if zero.fused_grad_checks:
         fuse_gradient_checks(engine.optimizer)
+    if zero.stage == 3 and zero.stage3_skip_local_fetch_sync:
+        zero3_local_fetch.enable(engine.module)
     if compile_backbone:
         engine.compile()
     return engine
