@@ -16,11 +16,13 @@ max_memory_allocated, else the process's peak resident set, torch and the data i
 the MFU: 3 x forward FLOPs per image (torch.utils.flop_counter) x img/s per GPU / the GPU's dense peak.
 On a machine with fewer cores than ranks x threads the ranks share cores: compare rows at equal P.
 `--count-ops`: a second table of the aten ops each phase dispatches in one step (on a GPU each is at least
-one kernel launch, so it shows a launch-bound phase on a machine without one).
+one kernel launch, so it shows a launch-bound phase on a machine without one). `--profile`: one more step
+per row under torch.profiler, its top ops by self time and, on CUDA, how busy the GPU was (kernel time /
+wall time; far below 100% means the host sets the pace); `--trace-dir DIR` also writes Chrome traces.
 
     python -m bench.train [--recipe mnist_distarc] [--world 1,2] [--steps 30] [--warmup 5]
                           [--data synthetic|stream] [--variant NAME:key=v,...] [--no-variants] [--count-ops]
-                          [key=value ...]
+                          [--profile [--trace-dir DIR]] [key=value ...]
 """
 
 from __future__ import annotations
@@ -260,23 +262,55 @@ class OurStep:
         self.step_index += 1
 
 
-def _rank(
-    rank: int, world: int, kind: str, cfg: RunConfig, steps: int, warmup: int, data: str, count_ops: bool, out: dict
-) -> None:
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """How each row is measured (the command line's switches)."""
+
+    steps: int = 30
+    warmup: int = 5
+    data: str = "synthetic"
+    count_ops: bool = False
+    profile: bool = False
+    trace_dir: str = ""
+
+
+def profile_step(runner: Any, batches: Any, device: torch.device, trace: str) -> dict[str, Any]:
+    """One step under torch.profiler: its top ops by self time and, on CUDA, how busy the GPU was
+    (kernel time / wall time: far below 100% means the host, not the GPU, sets the pace)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    timer = Timer(device)
+    timer.sync()
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        runner.step(batches, None)
+        timer.sync()
+        wall = time.perf_counter() - start
+    events = prof.key_averages()
+    busy_us = sum(e.self_device_time_total for e in events if cuda)
+    if trace:
+        prof.export_chrome_trace(trace)
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    return {"table": events.table(sort_by=sort, row_limit=15), "busy": busy_us / 1e6 / wall if cuda else None}
+
+
+def _rank(rank: int, world: int, kind: str, cfg: RunConfig, opts: Options, trace: str, out: dict) -> None:
     from data.stream import build_train_loader
     from train.dist import DistEnv, init_distributed
 
     env = DistEnv(rank, world, rank, world)
     device, _ = init_distributed(env)
     runner: BareLoop | OurStep = BareLoop(cfg, device, world) if kind == "bare" else OurStep(cfg, env, device)
-    loader = build_train_loader(cfg.data, rank, world) if data == "stream" else None
+    loader = build_train_loader(cfg.data, rank, world) if opts.data == "stream" else None
     batches = iter(loader) if loader is not None else synthetic_batches(cfg, rank, device)
-    for _ in range(warmup):
+    for _ in range(opts.warmup):
         runner.step(batches, None)
     timer = Timer(device)
     dist.barrier()
     times = []
-    for _ in range(steps):  # the median step: robust to the other processes of a shared machine
+    for _ in range(opts.steps):  # the median step: robust to the other processes of a shared machine
         timer.sync()
         start = time.perf_counter()
         runner.step(batches, None)
@@ -286,14 +320,16 @@ def _rank(
     seconds = statistics.median(times)
     breakdown = Timer(device)
     with timed_collectives(breakdown):
-        for _ in range(max(3, steps // 3)):
+        for _ in range(max(3, opts.steps // 3)):
             runner.step(batches, breakdown)
-    n = max(3, steps // 3)
+    n = max(3, opts.steps // 3)
     counter = OpCounter(device)
-    if count_ops:
+    if opts.count_ops:
         runner.step(batches, counter)
+    profiled = profile_step(runner, batches, device, trace if rank == 0 else "") if opts.profile else None
     out[rank] = {
         "ops": counter.ops,
+        "profile": profiled,
         "step_s": seconds,
         "mem_mb": peak_memory_mb(device),
         "phases": {k: v / n for k, v in breakdown.totals.items()},
@@ -305,12 +341,11 @@ def _rank(
     dist.destroy_process_group()
 
 
-def measure(
-    kind: str, cfg: RunConfig, world: int, steps: int, warmup: int, data: str, count_ops: bool = False
-) -> dict[str, Any]:
-    res = run_ranks(_rank, world, kind, cfg, steps, warmup, data, count_ops)
+def measure(kind: str, cfg: RunConfig, world: int, opts: Options, trace: str = "") -> dict[str, Any]:
+    res = run_ranks(_rank, world, kind, cfg, opts, trace)
     return {
         "ops": res[0]["ops"],
+        "profile": res[0]["profile"],
         "step_s": max(r["step_s"] for r in res.values()),
         "mem_mb": max(r["mem_mb"] for r in res.values()),
         "phases": res[0]["phases"],
@@ -340,6 +375,13 @@ def report(name: str, row: dict[str, Any], bare: dict[str, Any], cfg: RunConfig,
     )
 
 
+def trace_path(opts: Options, row: str, world: int) -> str:
+    if not opts.trace_dir:
+        return ""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in row)
+    return os.path.join(opts.trace_dir, f"{safe}-P{world}.json")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--recipe", default="mnist_distarc")
@@ -359,8 +401,17 @@ def main() -> None:
         action="store_true",
         help="also count the aten ops of one step per phase (kernel launches on a GPU) and print them",
     )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile one step per row (torch.profiler): top ops by self time and, on CUDA, GPU busy %%",
+    )
+    p.add_argument("--trace-dir", default="", help="with --profile: write each row's Chrome trace here")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
+    opts = Options(args.steps, args.warmup, args.data, args.count_ops, args.profile, args.trace_dir)
+    if args.trace_dir:
+        os.makedirs(args.trace_dir, exist_ok=True)
     base = build_config(args.recipe, ["data.uint8_batches=true", *args.overrides]).resolved()
     variants = [("ours", [])] + [
         (v.split(":", 1)[0], v.split(":", 1)[1].split(","))
@@ -385,25 +436,32 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     op_rows: list[tuple[str, int, dict[str, int]]] = []
+    profiles: list[tuple[str, int, dict[str, Any] | None]] = []
     for world in (int(w) for w in args.world.split(",")):
         cfg = build_config(
             args.recipe, ["data.uint8_batches=true", f"slurm.tasks_per_node={world}", *args.overrides]
         ).resolved()
-        bare = measure("bare", cfg, world, args.steps, args.warmup, args.data, args.count_ops)
+        bare = measure("bare", cfg, world, opts, trace_path(opts, "bare", world))
         print(report("bare PyTorch loop", bare, bare, cfg, world), flush=True)
         op_rows.append(("bare PyTorch loop", world, bare["ops"]))
+        profiles.append(("bare PyTorch loop", world, bare["profile"]))
         for name, overrides in variants:
             vcfg = build_config(
                 args.recipe, ["data.uint8_batches=true", f"slurm.tasks_per_node={world}", *args.overrides, *overrides]
             ).resolved()
-            row = measure("ours", vcfg, world, args.steps, args.warmup, args.data, args.count_ops)
+            row = measure("ours", vcfg, world, opts, trace_path(opts, name, world))
             print(report(name, row, bare, vcfg, world), flush=True)
             op_rows.append((name, world, row["ops"]))
+            profiles.append((name, world, row["profile"]))
     if args.count_ops:
         print("\n| row | P | " + " | ".join(f"{k} ops" for k in PHASES) + " |")
         print("|---|---|" + "---|" * len(PHASES))
         for name, world, ops in op_rows:
             print(f"| {name} | {world} | " + " | ".join(str(ops.get(k, 0)) for k in PHASES) + " |")
+    for name, world, profiled in profiles:
+        if profiled:
+            busy = "" if profiled["busy"] is None else f", GPU busy {100 * profiled['busy']:.0f}% of the step"
+            print(f"\n## profile: {name}, P={world}{busy}\n{profiled['table']}")
 
 
 if __name__ == "__main__":
