@@ -408,7 +408,7 @@ def main() -> None:
     )
     p.add_argument("--trace-dir", default="", help="with --profile: write each row's Chrome trace here")
     p.add_argument("overrides", nargs="*")
-    args = p.parse_args()
+    args = p.parse_intermixed_args()  # key=value overrides may come before or after the switches
     opts = Options(args.steps, args.warmup, args.data, args.count_ops, args.profile, args.trace_dir)
     if args.trace_dir:
         os.makedirs(args.trace_dir, exist_ok=True)

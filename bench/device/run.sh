@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The GPU checks of issue 11 in one command on a lent device (one H100/H200, nothing fetchable there):
+# installs the wheels of bench/device/wheels.sh (carried as .whl), then runs the chosen parts, each under
+# its own time limit, each writing its log to $OUT (or ./device-out):
+#   gpu       pytest -m gpu (DistArc and CHEST, ZeRO-2 bf16, through the launcher; NCCL)   limit 150 s
+#   train     bench.train, ViT-L/16 224 bf16 synthetic, P=1: bare loop, ours (ZeRO-2, micro-batch 128, no
+#             activation checkpointing), the fused-check / ZeRO-3 / fetch-sync rows, the recipe's own
+#             setting (micro-batch 64, checkpointing; its "vs bare" is against batch 128); profile of
+#             one step per row                                                           limit 300 s
+#   capacity  bench.capacity: the largest DistArc / CHEST table on this GPU, exact and sampled  limit 110 s
+# The three fit one 600 s call (the limits add to 560 s, plus ~20 s of set-up).
+# Here:   bash bench/device/wheels.sh
+# Device: run(command="bash bench/device/run.sh gpu train capacity", carry=[".whl"], timeout_s=600)
+# A part that runs out of time is cut off and the next one starts; GPU_S / TRAIN_S / CAPACITY_S set the
+# limits. DEVICE_SMOKE=1 PY=.venv/bin/python rehearses the whole flow on a CPU machine at tiny sizes.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-$PWD/device-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 KINETO_LOG_LEVEL=5
+PY=${PY:-python3}  # the device image's Python holds torch
+if [ -d .whl ] && [ -z "${DEVICE_SMOKE:-}" ]; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed"; exit 1; }
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no GPU"; } \
+  | tee "$OUT/device.txt"
+"$PY" -c "import torch, deepspeed, timm; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'timm', timm.__version__)" 2>&1 \
+  | grep -v WARNING | tee -a "$OUT/device.txt"
+
+part() {  # part NAME LIMIT_S COMMAND...
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (limit ${limit}s): $*"
+  local start=$SECONDS
+  timeout --signal=INT --kill-after=15 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  grep -v "WARNING\|Warning\|return func" "$OUT/$name.log" | grep -E "^\||^#|passed|failed|error|Error|GPU busy" | head -80
+  echo "== $name: exit $rc after $((SECONDS - start)) s"
+}
+
+VITL=(--recipe vitl_imagenet_8gpu --world 1 --steps 10 --warmup 3 --profile zero.bf16=true)
+CAPACITY=(--start 1000000 --tolerance 0.05)
+SMALL=()
+if [ -n "${DEVICE_SMOKE:-}" ]; then  # a CPU rehearsal of the script: tiny sizes, same flow
+  SMALL=(model.name=vit_tiny_patch16_224 model.img_size=32 data.image_size=32 data.batch_size=2 --steps 2 --warmup 1)
+  CAPACITY=(--budget-gb 0.3 --start 10000 --tolerance 0.3 --heads distarc --sample-rates 1.0)
+fi
+parts=("$@")
+[ ${#parts[@]} -eq 0 ] && parts=(gpu train capacity)
+for name in "${parts[@]}"; do
+  case $name in
+    gpu) part gpu "${GPU_S:-150}" "$PY" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider ;;
+    train) part train "${TRAIN_S:-300}" "$PY" -m bench.train "${VITL[@]}" \
+        --variant "fused grad checks off:zero.fused_grad_checks=false" \
+        --variant "ZeRO-3:zero.stage=3" \
+        --variant "ZeRO-3, DeepSpeed's fetch sync:zero.stage=3,zero.stage3_skip_local_fetch_sync=false" \
+        --variant "recipe (micro-batch 64, checkpointing):data.batch_size=64,model.grad_checkpointing=true" \
+        data.batch_size=128 model.grad_checkpointing=false "${SMALL[@]}" ;;
+    capacity) part capacity "${CAPACITY_S:-110}" "$PY" -m bench.capacity "${CAPACITY[@]}" ;;
+    *) echo "unknown part $name (gpu, train, capacity)"; exit 2 ;;
+  esac
+done
