@@ -181,5 +181,9 @@ def build_head_optimizer(
             {"params": [p for p in replicated if p.ndim > 1], "lr": fc_lr, "weight_decay": optim.weight_decay},
             {"params": [p for p in replicated if p.ndim <= 1], "lr": fc_lr, "weight_decay": 0.0},
         ]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], betas=(optim.beta1, optim.beta2))
+    # fused (optim.fused): no temporaries; the foreach form holds two table-sized ones in its step, half again
+    # the weight, gradient and moments (150k x 512 fp32 on CPU: 1.72 GiB against 1.15) and caps the table
+    optimizer = torch.optim.AdamW(
+        [g for g in groups if g["params"]], betas=(optim.beta1, optim.beta2), fused=optim.fused or None
+    )
     return optimizer, _schedule(optimizer, optim, max_steps)
