@@ -21,8 +21,9 @@ per row under torch.profiler, its top ops by self time and, on CUDA, how busy th
 wall time; far below 100% means the host sets the pace); `--trace-dir DIR` also writes Chrome traces.
 
     python -m bench.train [--recipe mnist_distarc] [--world 1,2] [--steps 30] [--warmup 5]
-                          [--data synthetic|stream] [--variant NAME:key=v,...] [--no-variants] [--count-ops]
-                          [--profile [--trace-dir DIR]] [key=value ...]
+                          [--data synthetic|stream|shards [--images N] [--classes C] [--source WxH]]
+                          [--variant NAME:key=v,...] [--no-variants] [--count-ops] [--profile [--trace-dir DIR]]
+                          [key=value ...]
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ import dataclasses
 import functools
 import os
 import resource
+import shutil
 import statistics
+import tempfile
 import time
 import types
 from typing import Any, Callable, Iterator
@@ -44,7 +47,9 @@ from torch import nn
 
 from bench.ranks import run_ranks
 from launch.__main__ import build_config
+from launch.recipes import get_recipe
 from train.config import RunConfig
+from train.overrides import apply_overrides
 
 DEFAULT_VARIANTS = (
     "fused AdamW off:optim.fused=false",
@@ -303,7 +308,7 @@ def _rank(rank: int, world: int, kind: str, cfg: RunConfig, opts: Options, trace
     env = DistEnv(rank, world, rank, world)
     device, _ = init_distributed(env)
     runner: BareLoop | OurStep = BareLoop(cfg, device, world) if kind == "bare" else OurStep(cfg, env, device)
-    loader = build_train_loader(cfg.data, rank, world) if opts.data == "stream" else None
+    loader = build_train_loader(cfg.data, rank, world) if opts.data in ("stream", "shards") else None
     batches = iter(loader) if loader is not None else synthetic_batches(cfg, rank, device)
     for _ in range(opts.warmup):
         runner.step(batches, None)
@@ -375,6 +380,25 @@ def report(name: str, row: dict[str, Any], bare: dict[str, Any], cfg: RunConfig,
     )
 
 
+def write_jpeg_shards(cfg: RunConfig, folder: str, images: int, classes: int, source: str) -> None:
+    """`images` synthetic JPEGs (bench/data.py's gradient-plus-noise pictures) of `source` pixels (WxH,
+    default the recipe's image size) as the recipe's train split with a manifest, labels spread over
+    `classes` (the last class included, so the manifest counts them all): the recipe's own decode,
+    augmentation and loader workers without its dataset."""
+    from bench.data import make_jpeg
+    from data.writer import JPG_FIELD, LABEL_FIELD, write_manifest, write_split
+
+    width, height = (int(v) for v in source.split("x")) if source else (cfg.data.image_size,) * 2
+    labels = [(i * 7919) % classes for i in range(images - 1)] + [classes - 1]
+    samples = (
+        {"__key__": f"img{i:07d}", JPG_FIELD: make_jpeg(i, width, height), LABEL_FIELD: label}
+        for i, label in enumerate(labels)
+    )
+    split = cfg.data.train_split
+    shards = write_split(samples, os.path.join(folder, split), max(1, images // 64))
+    write_manifest(folder, {split: {"shards": shards, "labels": labels}})
+
+
 def trace_path(opts: Options, row: str, world: int) -> str:
     if not opts.trace_dir:
         return ""
@@ -390,9 +414,17 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument(
         "--data",
-        choices=("synthetic", "stream"),
+        choices=("synthetic", "stream", "shards"),
         default="synthetic",
-        help="synthetic: fixed uint8 batches in memory; stream: the recipe's WebDataset loader",
+        help="synthetic: fixed uint8 batches in memory; stream: the recipe's WebDataset loader on its data "
+        "(the digits are written when missing); shards: that loader on --images synthetic JPEGs",
+    )
+    p.add_argument("--images", type=int, default=4096, help="--data shards: how many JPEGs")
+    p.add_argument(
+        "--classes", type=int, default=85_742, help="--data shards: classes when the recipe reads them from data"
+    )
+    p.add_argument(
+        "--source", default="", help="--data shards: source size WxH (default: the recipe's image size, square)"
     )
     p.add_argument("--variant", action="append", default=[], metavar="NAME:key=v,key=v")
     p.add_argument("--no-variants", action="store_true", help="only the bare and ours rows")
@@ -412,6 +444,16 @@ def main() -> None:
     opts = Options(args.steps, args.warmup, args.data, args.count_ops, args.profile, args.trace_dir)
     if args.trace_dir:
         os.makedirs(args.trace_dir, exist_ok=True)
+    folder = ""
+    if args.data == "shards":  # written once, read by every row through the recipe's own loader
+        raw = apply_overrides(get_recipe(args.recipe), args.overrides)  # not resolved: no data yet
+        classes = raw.data.num_classes or args.classes
+        folder = tempfile.mkdtemp(prefix="bench-shards-")
+        start = time.perf_counter()
+        write_jpeg_shards(raw, folder, args.images, classes, args.source)
+        seconds = time.perf_counter() - start
+        print(f"# {args.images} synthetic JPEGs, {classes:,} classes -> {folder} in {seconds:.0f} s")
+        args.overrides = [*args.overrides, f"data.root={folder}", "data.prepare=none", f"data.num_classes={classes}"]
     base = build_config(args.recipe, ["data.uint8_batches=true", *args.overrides]).resolved()
     variants = [("ours", [])] + [
         (v.split(":", 1)[0], v.split(":", 1)[1].split(","))
@@ -453,6 +495,8 @@ def main() -> None:
             print(report(name, row, bare, vcfg, world), flush=True)
             op_rows.append((name, world, row["ops"]))
             profiles.append((name, world, row["profile"]))
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
     if args.count_ops:
         print("\n| row | P | " + " | ".join(f"{k} ops" for k in PHASES) + " |")
         print("|---|---|" + "---|" * len(PHASES))

@@ -22,3 +22,26 @@ def test_bare_and_our_rows_measure_count_and_profile(tmp_path) -> None:
     assert ours["ops"]["forward"] == bare["ops"]["forward"]
     assert ours["ops"]["backward"] > bare["ops"]["backward"]
     assert (tmp_path / "bare.json").stat().st_size > 0
+
+
+def test_synthetic_jpeg_shards_feed_the_recipes_loader(tmp_path) -> None:
+    """--data shards: the recipe's own loader reads the written set, all classes counted."""
+    import json
+
+    from bench.train import write_jpeg_shards
+    from data.stream import build_train_loader
+    from launch.recipes import get_recipe
+    from train.overrides import apply_overrides
+
+    raw = apply_overrides(get_recipe("vitl_ms1mv2_faces"), ["data.num_workers=0", "data.batch_size=8"])
+    write_jpeg_shards(raw, str(tmp_path), images=128, classes=500, source="")
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["num_classes"] == 500 and manifest["splits"]["train"]["num_samples"] == 128
+    cfg = apply_overrides(raw, [f"data.root={tmp_path}", "data.prepare=none"]).resolved()
+    assert cfg.data.num_classes == 500
+    loader = build_train_loader(cfg.data, 0, 1)
+    try:
+        images, labels = next(iter(loader))
+    finally:
+        loader.close()
+    assert tuple(images.shape) == (8, 3, 112, 112) and labels.max() < 500

@@ -7,10 +7,13 @@
 #             activation checkpointing), the fused-check / ZeRO-3 / fetch-sync rows, the recipe's own
 #             setting (micro-batch 64, checkpointing; its "vs bare" is against batch 128); profile of
 #             one step per row                                                           limit 300 s
+#   stream    bench.train on the faces recipe (ViT-L 112 px, ZeRO-2 bf16, 85,742-class DistArc head, 8 loader
+#             workers) end to end on synthetic JPEG shards, then on in-memory batches     limit 150 s
 #   capacity  bench.capacity: the largest DistArc / CHEST table on this GPU, exact and sampled  limit 110 s
-# The three fit one 600 s call (the limits add to 560 s, plus ~20 s of set-up).
+# Two calls on the warm machine, each inside the 600 s limit (plus ~20 s of set-up each):
 # Here:   bash bench/device/wheels.sh
-# Device: run(command="bash bench/device/run.sh gpu train capacity", carry=[".whl"], timeout_s=600)
+# Device: run(command="bash bench/device/run.sh train stream", carry=[".whl"], timeout_s=600)
+#         run(command="bash bench/device/run.sh gpu capacity", carry=[".whl"], timeout_s=600)
 # A part that runs out of time is cut off and the next one starts; GPU_S / TRAIN_S / CAPACITY_S set the
 # limits. DEVICE_SMOKE=1 PY=.venv/bin/python rehearses the whole flow on a CPU machine at tiny sizes.
 set -uo pipefail
@@ -43,14 +46,18 @@ part() {  # part NAME LIMIT_S COMMAND...
 }
 
 VITL=(--recipe vitl_imagenet_8gpu --world 1 --steps 10 --warmup 3 --profile zero.bf16=true)
+FACES=(--recipe vitl_ms1mv2_faces --world 1 --steps 10 --warmup 3 --no-variants)
+CLASSES=85742  # MS1MV2's identities
 CAPACITY=(--start 1000000 --tolerance 0.05)
 SMALL=()
 if [ -n "${DEVICE_SMOKE:-}" ]; then  # a CPU rehearsal of the script: tiny sizes, same flow
   SMALL=(model.name=vit_tiny_patch16_224 model.img_size=32 data.image_size=32 data.batch_size=2 --steps 2 --warmup 1)
+  FACES+=(model.name=vit_tiny_patch16_224 data.batch_size=4 data.num_workers=2 --images 256 --steps 2 --warmup 1)
+  CLASSES=1000
   CAPACITY=(--budget-gb 0.3 --start 10000 --tolerance 0.3 --heads distarc --sample-rates 1.0)
 fi
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(gpu train capacity)
+[ ${#parts[@]} -eq 0 ] && parts=(train stream gpu capacity)
 for name in "${parts[@]}"; do
   case $name in
     gpu) part gpu "${GPU_S:-150}" "$PY" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider ;;
@@ -60,7 +67,9 @@ for name in "${parts[@]}"; do
         --variant "ZeRO-3, DeepSpeed's fetch sync:zero.stage=3,zero.stage3_skip_local_fetch_sync=false" \
         --variant "recipe (micro-batch 64, checkpointing):data.batch_size=64,model.grad_checkpointing=true" \
         data.batch_size=128 model.grad_checkpointing=false "${SMALL[@]}" ;;
+    stream) part stream "${STREAM_S:-150}" bash -c "$(printf '%q ' "$PY" -m bench.train "${FACES[@]}" --data shards --classes $CLASSES) && \
+        $(printf '%q ' "$PY" -m bench.train "${FACES[@]}" --data synthetic data.num_classes=$CLASSES)" ;;
     capacity) part capacity "${CAPACITY_S:-110}" "$PY" -m bench.capacity "${CAPACITY[@]}" ;;
-    *) echo "unknown part $name (gpu, train, capacity)"; exit 2 ;;
+    *) echo "unknown part $name (gpu, train, stream, capacity)"; exit 2 ;;
   esac
 done
