@@ -117,22 +117,23 @@ def main() -> None:
         f"# capacity: {where}, budget {budget / 2**30:.1f} GiB for the head (reserve {args.reserve_gb:g} GiB), "
         f"D={DIM}, batch {GLOBAL_BATCH}, one rank, torch {torch.__version__}"
     )
-    rows = []
-    for head in args.heads.split(","):
+    print(
+        "| head | sample rate | largest C that fits | first C that does not | classes per GiB | "
+        "Partial FC classes per GiB (8 x 32 GB) | search s |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for head in args.heads.split(","):  # each row as soon as its search ends (a cut-off run keeps the rest)
         for rate in (float(r) for r in args.sample_rates.split(",")):
             fits = (cuda_fits if cuda else cpu_fits)(head, rate, budget)
             start = time.perf_counter()
             lo, hi = largest_fitting(fits, args.start, args.tolerance)
-            rows.append((head, rate, lo, hi, time.perf_counter() - start))
-    print(
-        "\n| head | sample rate | largest C that fits | first C that does not | classes per GiB | "
-        "Partial FC classes per GiB (8 x 32 GB) | search s |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    for head, rate, lo, hi, seconds in rows:
-        ref = PARTIAL_FC.get(rate)
-        ref_cell = f"{ref / PARTIAL_FC_GB:,.0f}" if ref else "-"
-        print(f"| {head} | {rate:g} | {lo:,} | {hi:,} | {lo / (budget / 2**30):,.0f} | {ref_cell} | {seconds:.0f} |")
+            ref = PARTIAL_FC.get(rate)
+            ref_cell = f"{ref / PARTIAL_FC_GB:,.0f}" if ref else "-"
+            print(
+                f"| {head} | {rate:g} | {lo:,} | {hi:,} | {lo / (budget / 2**30):,.0f} | {ref_cell} | "
+                f"{time.perf_counter() - start:.0f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

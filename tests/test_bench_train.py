@@ -45,3 +45,12 @@ def test_synthetic_jpeg_shards_feed_the_recipes_loader(tmp_path) -> None:
     finally:
         loader.close()
     assert tuple(images.shape) == (8, 3, 112, 112) and labels.max() < 500
+
+
+def test_gpu_busy_time_counts_overlapping_kernels_once() -> None:
+    from bench.train import covered_us
+
+    assert covered_us([]) == 0.0
+    assert covered_us([(0, 10), (20, 25)]) == 15  # a gap is idle time
+    assert covered_us([(0, 10), (5, 15), (6, 7)]) == 15  # two streams at once: counted once
+    assert covered_us([(30, 40), (0, 10), (10, 30)]) == 40  # order does not matter

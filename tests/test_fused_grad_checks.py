@@ -41,7 +41,7 @@ def engine_after_backward(stage: int, bf16: bool, fused: bool, grad_clip: float 
         max_steps=10,
     )
     g = torch.Generator().manual_seed(rank)
-    x = torch.randn(BATCH, WIDTH, generator=g).to(next(engine.module.parameters()).dtype)
+    x = torch.randn(BATCH, WIDTH, generator=g).to(engine.device, next(engine.module.parameters()).dtype)
     engine.backward(engine(x).float().pow(2).sum())
     return engine
 
@@ -53,7 +53,7 @@ def _norms(opt: Any) -> list[torch.Tensor]:
     for i in range(len(opt.bit16_groups)):
         grads, params = opt.averaged_gradients[i], opt.params_in_partition[i]
         out += [opt.get_grad_norm_direct(grads, params), type(opt).get_grad_norm_direct(opt, grads, params)]
-    return [t.detach().clone().reshape(()) for t in out]
+    return [t.detach().cpu().clone().reshape(()) for t in out]
 
 
 def _overflow_flags(opt: Any) -> tuple[bool, bool]:
@@ -153,10 +153,10 @@ def trajectory(fused: bool, steps: int = 3) -> dict[str, Any]:
     norms = []
     for step in range(steps):
         g = torch.Generator().manual_seed(100 * step + rank)
-        engine.backward(engine(torch.randn(BATCH, WIDTH, generator=g)).pow(2).sum())
+        engine.backward(engine(torch.randn(BATCH, WIDTH, generator=g).to(engine.device)).pow(2).sum())
         engine.step()
         norms.append(float(engine.get_global_grad_norm()))
-    return {"params": [p.detach().clone() for p in engine.module.parameters()], "norms": norms}
+    return {"params": [p.detach().cpu().clone() for p in engine.module.parameters()], "norms": norms}
 
 
 def test_training_trajectory_unchanged(dist_pool) -> None:

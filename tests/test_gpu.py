@@ -37,3 +37,38 @@ def test_bf16_zero2_run_on_cuda(recipe: str, mnist_root: str, tmp_path) -> None:
     assert torch.isfinite(torch.tensor(summary["last_train_loss"]))
     top1 = [v for k, v in summary.items() if k.startswith("acc") and isinstance(v, float)]
     assert top1 and max(top1) > 0.3, summary  # 40 steps from scratch: far above the 0.1 of chance
+
+
+def _cuda_rank(rank: int, world: int, out: dict) -> None:
+    """The fused gradient checks and the ZeRO-3 fetch path on one CUDA rank (NCCL), against DeepSpeed's own."""
+    import torch.distributed as dist
+
+    from tests.test_fused_grad_checks import compare_with_deepspeed, trajectory as zero2_trajectory
+    from tests.test_zero3_local_fetch import trajectory as zero3_trajectory
+    from train.dist import DistEnv, init_distributed
+
+    init_distributed(DistEnv(rank, world, rank, world))
+    out[rank] = {
+        "checks": compare_with_deepspeed(2, True),
+        "zero2": (zero2_trajectory(True), zero2_trajectory(False)),
+        "zero3": (zero3_trajectory(True, False), zero3_trajectory(False, False)),
+    }
+    dist.destroy_process_group()
+
+
+def test_deepspeed_replacements_on_cuda() -> None:
+    from bench.ranks import run_ranks
+
+    (r,) = run_ranks(_cuda_rank, 1).values()
+    fused, own = r["checks"]["norms"][0::2], r["checks"]["norms"][1::2]
+    for a, b in zip(fused, own):  # the multi-tensor CUDA kernel against DeepSpeed's per-tensor norms
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0.0)
+    assert all(r["checks"]["overflow"][k] == (True, True) for k in ("nan", "inf", "-inf"))
+    assert r["checks"]["overflow"]["finite"] == (False, False)
+    ours, deepspeeds = r["zero2"]
+    assert ours["norms"] == pytest.approx(deepspeeds["norms"], rel=1e-5)
+    ours, deepspeeds = r["zero3"]
+    assert deepspeeds["synchronizations"] > 0 and ours["synchronizations"] == 0, (ours, deepspeeds)
+    assert ours["local_handles"] > 0
+    for p, q in zip(ours["params"], deepspeeds["params"]):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

@@ -3,7 +3,8 @@ synchronisation per fetch.
 
 On CPU DeepSpeed never synchronises (its CPU accelerator resolves data dependencies), so the GPU's
 behaviour is reproduced by an accelerator that reports it does not (`resolves_data_dependency` False) and
-counts `current_stream().synchronize()`: DeepSpeed's path calls it for every fetch or prefetch handle,
+counts `current_stream().synchronize()` (tests/test_gpu.py runs the same functions on CUDA, counting the
+real synchronisations): DeepSpeed's path calls it for every fetch or prefetch handle,
 ours not once (counted in forward; backward fetches the same way). Trajectories (parameters after 3
 clipped AdamW steps, bf16 and fp32) are compared bit for bit with the switch off, on 1 rank where the
 fast path is taken and on 2 ranks where real all-gathers run.
@@ -42,8 +43,30 @@ class CountingStream:
 
 
 @contextlib.contextmanager
+def counted_host_synchronizations() -> Iterator[Any]:
+    """Count stream synchronisations: on a GPU the real ones (torch.cuda.Stream.synchronize), on CPU those
+    of an accelerator made to behave as a GPU's does (see unsynchronized_accelerator)."""
+    if not torch.cuda.is_available():
+        with unsynchronized_accelerator() as stream:
+            yield stream
+        return
+    counter = CountingStream()
+    original = torch.cuda.Stream.synchronize
+
+    def counting(self: Any) -> None:
+        counter.synchronizations += 1
+        original(self)
+
+    torch.cuda.Stream.synchronize = counting  # type: ignore[method-assign]
+    try:
+        yield counter
+    finally:
+        torch.cuda.Stream.synchronize = original  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
 def unsynchronized_accelerator() -> Iterator[CountingStream]:
-    """DeepSpeed's accelerator behaving as a GPU's does for data dependencies (the host must wait)."""
+    """DeepSpeed's CPU accelerator behaving as a GPU's does for data dependencies (the host must wait)."""
     from deepspeed.accelerator import get_accelerator
 
     accelerator, stream = get_accelerator(), CountingStream()
@@ -92,15 +115,16 @@ def trajectory(skip_sync: bool, bf16: bool, steps: int = 3) -> dict[str, Any]:
         synchronizations = 0
         for step in range(steps):
             g = torch.Generator().manual_seed(100 * step + rank)
-            with unsynchronized_accelerator() as stream:  # forward only: DeepSpeed's backward uses more of a GPU
-                out = engine(torch.randn(BATCH, WIDTH, generator=g).to(dtype))
+            # forward only: on CPU, DeepSpeed's backward would need more of a GPU's stream API than is mocked
+            with counted_host_synchronizations() as stream:
+                out = engine(torch.randn(BATCH, WIDTH, generator=g).to(engine.device, dtype))
             synchronizations += stream.synchronizations
             engine.backward(out.float().pow(2).sum())
             engine.step()
     finally:
         zero3_local_fetch.LocalPartitionHandle.__init__ = original_init  # type: ignore[method-assign]
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
-        params = [p.detach().float().clone() for p in engine.module.parameters()]
+        params = [p.detach().float().cpu().clone() for p in engine.module.parameters()]
     return {"params": params, "synchronizations": synchronizations, "local_handles": handles}
 
 
@@ -145,7 +169,8 @@ def resumed_step(tmp: str) -> list[torch.Tensor]:
         )
 
     def step(e: Any, seed: int) -> None:
-        e.backward(e(torch.randn(BATCH, WIDTH, generator=torch.Generator().manual_seed(seed))).pow(2).sum())
+        x = torch.randn(BATCH, WIDTH, generator=torch.Generator().manual_seed(seed)).to(e.device)
+        e.backward(e(x).pow(2).sum())
         e.step()
 
     first = engine()
@@ -159,7 +184,7 @@ def resumed_step(tmp: str) -> list[torch.Tensor]:
     out = []
     for e in (first, second):
         with deepspeed.zero.GatheredParameters(list(e.module.parameters())):
-            out.append(torch.cat([p.detach().flatten().clone() for p in e.module.parameters()]))
+            out.append(torch.cat([p.detach().flatten().cpu().clone() for p in e.module.parameters()]))
     return out
 
 

@@ -72,7 +72,8 @@ class ZeroConfig:
     overlap_comm: bool = True
     reduce_bucket_size: int = 500_000_000  # elements per gradient reduction (DeepSpeed's default)
     allgather_bucket_size: int = 500_000_000  # elements per parameter all-gather at stages 1-2 (DeepSpeed's default)
-    # ZeRO-1/2's inf/NaN test and gradient norm as multi-tensor kernels instead of ~15 ops per tensor
+    # ZeRO-2's (and fp32 ZeRO-1's) inf/NaN test and gradient norm as multi-tensor kernels instead of ~15 ops
+    # per tensor
     # (train/fused_grad_checks.py); the same results, a launch-bound optimizer step on GPUs without it
     fused_grad_checks: bool = True
     # ZeRO-3 parameters whose partition group is one rank (one GPU) are fetched without DeepSpeed's host

@@ -146,8 +146,8 @@ def build_engine(
     )
     if zero.fused_grad_checks:
         fuse_gradient_checks(engine.optimizer)
-    if zero.stage == 3 and zero.stage3_skip_local_fetch_sync:
-        zero3_local_fetch.enable(engine.module)
+    if zero.stage == 3:
+        zero3_local_fetch.enable(engine.module, zero.stage3_skip_local_fetch_sync)
     if compile_backbone:
         engine.compile()
     return engine

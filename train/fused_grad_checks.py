@@ -1,4 +1,6 @@
-"""Multi-tensor gradient tests for DeepSpeed's ZeRO-1/2 optimizer: a few kernels per step, not a few per tensor.
+"""Multi-tensor gradient tests for DeepSpeed's ZeRO optimizer (ZeRO-2, fp32 ZeRO-1): a few kernels per step.
+
+(bf16 ZeRO-1 runs on DeepSpeed's BF16_Optimizer, ZeRO-3 on its own optimizer: both keep their own tests.)
 
 DeepSpeed 0.19's `DeepSpeedZeroOptimizer.step` tests every gradient tensor of its partition for inf/NaN
 one by one (`has_inf_or_nan`: amax, amin, isfinite, ... about 12 aten ops per tensor) and takes their norms
@@ -61,7 +63,7 @@ def tensor_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
 def _partition_overflow(self: Any) -> torch.Tensor:
     """Replaces `has_overflow_partitioned_grads_serial`: a [1] bool tensor, True iff a gradient of this
     rank's partition holds inf or NaN (DeepSpeed then all-reduces it over ranks)."""
-    grads = [g for i in range(len(self.bit16_groups)) for g in (self.averaged_gradients.get(i) or []) if g is not None]
+    grads = [g for i in range(len(self.bit16_groups)) for g in self.averaged_gradients[i] if g is not None]
     if not grads:
         return torch.zeros(1, dtype=torch.bool, device=_accelerator_device())
     return tensor_norms(grads).isfinite().all().logical_not().reshape(1).to(_accelerator_device())

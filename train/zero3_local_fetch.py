@@ -91,12 +91,13 @@ def install() -> None:
         partition_parameters._no_gather_coalesced = _wrap(current)
 
 
-def enable(module: nn.Module) -> int:
-    """Let the ZeRO-3 parameters of `module` be fetched without the synchronisation; how many were flagged."""
+def enable(module: nn.Module, skip_sync: bool = True) -> int:
+    """Let the ZeRO-3 parameters of `module` be fetched without the synchronisation (`skip_sync`), or take
+    that back (DeepSpeed's own path); how many parameters were marked."""
     install()
-    flagged = 0
+    marked = 0
     for param in module.parameters():
         if hasattr(param, "ds_id"):
-            setattr(param, FLAG, True)
-            flagged += 1
-    return flagged
+            setattr(param, FLAG, skip_sync)
+            marked += 1
+    return marked

@@ -1,21 +1,21 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 11 in one command on a lent device (one H100/H200, nothing fetchable there):
-# installs the wheels of bench/device/wheels.sh (carried as .whl), then runs the chosen parts, each under
-# its own time limit, each writing its log to $OUT (or ./device-out):
-#   gpu       pytest -m gpu (DistArc and CHEST, ZeRO-2 bf16, through the launcher; NCCL)   limit 150 s
+# installs the wheels of bench/device/wheels.sh (carried as .whl), then runs the chosen parts (default: all,
+# in this order), each under its own time limit, each writing its log to $OUT (or ./device-out):
 #   train     bench.train, ViT-L/16 224 bf16 synthetic, P=1: bare loop, ours (ZeRO-2, micro-batch 128, no
-#             activation checkpointing), the fused-check / ZeRO-3 / fetch-sync rows, the recipe's own
-#             setting (micro-batch 64, checkpointing; its "vs bare" is against batch 128); profile of
-#             one step per row                                                           limit 300 s
+#             activation checkpointing), fused checks off, ZeRO-3 with and without DeepSpeed's fetch sync,
+#             the recipe's setting (micro-batch 64, checkpointing; its "vs bare" is against batch 128);
+#             a profile of one step per row with the GPU's busy share                    limit 240 s
 #   stream    bench.train on the faces recipe (ViT-L 112 px, ZeRO-2 bf16, 85,742-class DistArc head, 8 loader
-#             workers) end to end on synthetic JPEG shards, then on in-memory batches     limit 150 s
-#   capacity  bench.capacity: the largest DistArc / CHEST table on this GPU, exact and sampled  limit 110 s
-# Two calls on the warm machine, each inside the 600 s limit (plus ~20 s of set-up each):
+#             workers) end to end on synthetic JPEG shards, then on in-memory batches     limit 110 s
+#   gpu       pytest -m gpu: the launcher on CUDA/NCCL (DistArc, CHEST, ZeRO-2 bf16) and the fused checks
+#             and ZeRO-3 fetch path on CUDA against DeepSpeed's own                       limit 120 s
+#   capacity  bench.capacity: the largest DistArc / CHEST table on this GPU, exact and sampled  limit 80 s
+# The limits add to 550 s: one call fits its 600 s with the set-up.
 # Here:   bash bench/device/wheels.sh
-# Device: run(command="bash bench/device/run.sh train stream", carry=[".whl"], timeout_s=600)
-#         run(command="bash bench/device/run.sh gpu capacity", carry=[".whl"], timeout_s=600)
-# A part that runs out of time is cut off and the next one starts; GPU_S / TRAIN_S / CAPACITY_S set the
-# limits. DEVICE_SMOKE=1 PY=.venv/bin/python rehearses the whole flow on a CPU machine at tiny sizes.
+# Device: run(command="bash bench/device/run.sh", carry=[".whl"], timeout_s=600)
+# A part that runs out of time is cut off and the next one starts; TRAIN_S / STREAM_S / GPU_S / CAPACITY_S
+# set the limits. DEVICE_SMOKE=1 PY=.venv/bin/python rehearses the whole flow on a CPU machine at tiny sizes.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/device-out}
@@ -41,12 +41,12 @@ part() {  # part NAME LIMIT_S COMMAND...
   local start=$SECONDS
   timeout --signal=INT --kill-after=15 "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
-  grep -v "WARNING\|Warning\|return func" "$OUT/$name.log" | grep -E "^\||^#|passed|failed|error|Error|GPU busy" | head -80
+  grep -v "WARNING\|Warning\|return func" "$OUT/$name.log" | grep -E "^\||^#|passed|failed|skipped|error|Error|GPU busy" | head -80
   echo "== $name: exit $rc after $((SECONDS - start)) s"
 }
 
-VITL=(--recipe vitl_imagenet_8gpu --world 1 --steps 10 --warmup 3 --profile zero.bf16=true)
-FACES=(--recipe vitl_ms1mv2_faces --world 1 --steps 10 --warmup 3 --no-variants)
+VITL=(--recipe vitl_imagenet_8gpu --world 1 --steps 8 --warmup 2 --profile zero.bf16=true)
+FACES=(--recipe vitl_ms1mv2_faces --world 1 --steps 8 --warmup 2 --no-variants)
 CLASSES=85742  # MS1MV2's identities
 CAPACITY=(--start 1000000 --tolerance 0.05)
 SMALL=()
@@ -60,16 +60,16 @@ parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=(train stream gpu capacity)
 for name in "${parts[@]}"; do
   case $name in
-    gpu) part gpu "${GPU_S:-150}" "$PY" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider ;;
-    train) part train "${TRAIN_S:-300}" "$PY" -m bench.train "${VITL[@]}" \
+    gpu) part gpu "${GPU_S:-120}" "$PY" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider ;;
+    train) part train "${TRAIN_S:-240}" "$PY" -m bench.train "${VITL[@]}" \
         --variant "fused grad checks off:zero.fused_grad_checks=false" \
         --variant "ZeRO-3:zero.stage=3" \
         --variant "ZeRO-3, DeepSpeed's fetch sync:zero.stage=3,zero.stage3_skip_local_fetch_sync=false" \
         --variant "recipe (micro-batch 64, checkpointing):data.batch_size=64,model.grad_checkpointing=true" \
         data.batch_size=128 model.grad_checkpointing=false "${SMALL[@]}" ;;
-    stream) part stream "${STREAM_S:-150}" bash -c "$(printf '%q ' "$PY" -m bench.train "${FACES[@]}" --data shards --classes $CLASSES) && \
+    stream) part stream "${STREAM_S:-110}" bash -c "$(printf '%q ' "$PY" -m bench.train "${FACES[@]}" --data shards --classes $CLASSES) && \
         $(printf '%q ' "$PY" -m bench.train "${FACES[@]}" --data synthetic data.num_classes=$CLASSES)" ;;
-    capacity) part capacity "${CAPACITY_S:-110}" "$PY" -m bench.capacity "${CAPACITY[@]}" ;;
+    capacity) part capacity "${CAPACITY_S:-80}" "$PY" -m bench.capacity "${CAPACITY[@]}" ;;
     *) echo "unknown part $name (gpu, train, stream, capacity)"; exit 2 ;;
   esac
 done
