@@ -46,7 +46,7 @@ from data.config import DataConfig
 from data.crops import pixels_of, resize_pixels
 from data.stream import build_train_loader
 from data.transforms import NORM_PRESETS, build_transform
-from data.writer import JPG_FIELD, LABEL_FIELD, write_split
+from data.writer import JPG_FIELD, LABEL_FIELD, write_manifest, write_split
 
 NUM_CLASSES = 10
 
@@ -77,6 +77,22 @@ def write_data(folder: str, count: int, shard_size: int, source: tuple[int, int]
         samples.append({"__key__": f"img{i:06d}", JPG_FIELD: jpeg, LABEL_FIELD: label})
     write_split(samples, os.path.join(shards, "train"), shard_size)
     return tree, shards
+
+
+def write_jpeg_shards(cfg: DataConfig, folder: str, images: int, classes: int, source: str) -> None:
+    """`images` synthetic JPEGs (make_jpeg's gradient-plus-noise pictures) of `source` pixels (WxH,
+    default the recipe's image size) as the recipe's train split with a manifest, labels spread over
+    `classes` (the last class included, so the manifest counts them all): the recipe's own decode,
+    augmentation and loader workers without its dataset."""
+    width, height = (int(v) for v in source.split("x")) if source else (cfg.image_size,) * 2
+    labels = [(i * 7919) % classes for i in range(images - 1)] + [classes - 1]
+    samples = (
+        {"__key__": f"img{i:07d}", JPG_FIELD: make_jpeg(i, width, height), LABEL_FIELD: label}
+        for i, label in enumerate(labels)
+    )
+    split = cfg.train_split
+    shards = write_split(samples, os.path.join(folder, split), max(1, images // 64))
+    write_manifest(folder, {split: {"shards": shards, "labels": labels}})
 
 
 def timed(batches: object, images: int) -> float:

@@ -15,6 +15,7 @@ phases, not beside them); the head's share of the step; peak memory (max over ra
 max_memory_allocated, else the process's peak resident set, torch and the data included); and on CUDA
 the MFU: 3 x forward FLOPs per image (torch.utils.flop_counter) x img/s per GPU / the GPU's dense peak.
 On a machine with fewer cores than ranks x threads the ranks share cores: compare rows at equal P.
+The instruments (timers, op counts, profiles, memory, FLOPs) live in bench/instruments.py.
 `--count-ops`: a second table of the aten ops each phase dispatches in one step (on a GPU each is at least
 one kernel launch, so it shows a launch-bound phase on a machine without one). `--profile`: one more step
 per row under torch.profiler, its top ops by self time and, on CUDA, how busy the GPU was (kernel time /
@@ -31,20 +32,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import functools
 import os
-import resource
 import shutil
 import statistics
 import tempfile
 import time
 import types
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from bench.data import write_jpeg_shards
+from bench.instruments import OpCounter, Timer, forward_flops_per_image, peak_memory_mb, profile_step, timed_collectives
 from bench.ranks import run_ranks
 from launch.__main__ import build_config
 from launch.recipes import get_recipe
@@ -62,88 +63,7 @@ DEFAULT_VARIANTS = (
 )
 # dense bf16 / tf32 tensor-core peaks (FLOP/s) by device name: NVIDIA's data sheets (SXM parts)
 PEAK_FLOPS = {"H200": (989.4e12, 494.7e12), "H100": (989.4e12, 494.7e12), "A100": (312e12, 156e12)}
-COMM_FUNCTIONS = (
-    "all_reduce",
-    "all_gather",
-    "all_gather_into_tensor",
-    "reduce_scatter",
-    "reduce_scatter_tensor",
-    "broadcast",
-    "all_to_all_single",
-    "reduce",
-    "barrier",
-)
 PHASES = ("data", "forward", "head", "backward", "optimizer")
-
-
-@dataclasses.dataclass
-class Timer:
-    """Seconds per named phase; `sync` makes the device finish queued work before a phase ends."""
-
-    device: torch.device
-    totals: dict[str, float] = dataclasses.field(default_factory=dict)
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        self.sync()
-        start = time.perf_counter()
-        yield
-        self.sync()
-        self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - start
-
-
-@contextlib.contextmanager
-def timed_collectives(timer: Timer) -> Iterator[None]:
-    """Count the time inside torch.distributed's collectives (DeepSpeed's comm calls them too) as "comm";
-    on CUDA each call is synchronised so its time is the collective's, not its launch's."""
-    originals = {name: getattr(dist, name) for name in COMM_FUNCTIONS}
-
-    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(fn)
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            with timer.phase("comm"):
-                work = fn(*args, **kwargs)
-                if kwargs.get("async_op") and work is not None:
-                    work.wait()
-            return work
-
-        return timed
-
-    for name, fn in originals.items():
-        setattr(dist, name, wrap(fn))
-    try:
-        yield
-    finally:
-        for name, fn in originals.items():
-            setattr(dist, name, fn)
-
-
-class OpCounter(Timer):
-    """A Timer whose phases count the aten ops they dispatch instead of timing them: on a GPU each op is
-    (at least) one kernel launch, so a phase with thousands of small ops is launch-bound there; the count
-    is the same on CPU, where it can be measured without a GPU."""
-
-    def __init__(self, device: torch.device) -> None:
-        super().__init__(device)
-        self.ops: dict[str, int] = {}
-
-    @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        counts = self.ops
-
-        class Count(TorchDispatchMode):
-            def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-                counts[name] = counts.get(name, 0) + 1
-                return func(*args, **(kwargs or {}))
-
-        with Count():
-            yield
 
 
 def synthetic_batches(
@@ -167,29 +87,6 @@ def synthetic_batches(
     while True:
         yield batches[i % count]
         i += 1
-
-
-def forward_flops_per_image(cfg: RunConfig) -> float:
-    """Forward FLOPs of one image (torch.utils.flop_counter), counted on the meta device: no weights, no
-    GPU time, and attention counted by its formula whatever kernel a device would pick (ViT-L/16 at 224:
-    123.2 GFLOP, so 369.6 for a training step's 3x)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from model.backbone import build_backbone
-
-    with torch.device("meta"):
-        model = build_backbone(dataclasses.replace(cfg.model, checkpoint_path=""))
-        x = torch.randn(2, cfg.data.in_chans, cfg.data.image_size, cfg.data.image_size)
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model(x)
-    return counter.get_total_flops() / 2
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 class BareLoop:
@@ -283,45 +180,6 @@ class Options:
     trace_dir: str = ""
 
 
-def profile_step(runner: Any, batches: Any, device: torch.device, trace: str) -> dict[str, Any]:
-    """One step under torch.profiler: its top ops by self time and, on CUDA, how busy the GPU was
-    (kernel time / wall time: far below 100% means the host, not the GPU, sets the pace)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = device.type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    timer = Timer(device)
-    timer.sync()
-    with profile(activities=activities) as prof:
-        start = time.perf_counter()
-        runner.step(batches, None)
-        timer.sync()
-        wall = time.perf_counter() - start
-    from torch.autograd import DeviceType
-
-    kernels = [
-        (e.time_range.start, e.time_range.end)
-        for e in prof.events()
-        if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
-    ]
-    if trace:
-        prof.export_chrome_trace(trace)
-    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=sort, row_limit=15)
-    return {"table": table, "busy": covered_us(kernels) / 1e6 / wall if cuda else None}
-
-
-def covered_us(intervals: list[tuple[float, float]]) -> float:
-    """The length of the union of (start, end) intervals: time with at least one kernel running, kernels on
-    several streams at once counted once (summing their durations would count that time twice)."""
-    total, reach = 0.0, float("-inf")
-    for start, end in sorted(intervals):
-        if end > reach:
-            total += end - max(start, reach)
-            reach = end
-    return total
-
-
 def _rank(rank: int, world: int, kind: str, cfg: RunConfig, opts: Options, trace: str, out: dict) -> None:
     from data.stream import build_train_loader
     from train.dist import DistEnv, init_distributed
@@ -400,25 +258,6 @@ def report(name: str, row: dict[str, Any], bare: dict[str, Any], cfg: RunConfig,
     )
 
 
-def write_jpeg_shards(cfg: RunConfig, folder: str, images: int, classes: int, source: str) -> None:
-    """`images` synthetic JPEGs (bench/data.py's gradient-plus-noise pictures) of `source` pixels (WxH,
-    default the recipe's image size) as the recipe's train split with a manifest, labels spread over
-    `classes` (the last class included, so the manifest counts them all): the recipe's own decode,
-    augmentation and loader workers without its dataset."""
-    from bench.data import make_jpeg
-    from data.writer import JPG_FIELD, LABEL_FIELD, write_manifest, write_split
-
-    width, height = (int(v) for v in source.split("x")) if source else (cfg.data.image_size,) * 2
-    labels = [(i * 7919) % classes for i in range(images - 1)] + [classes - 1]
-    samples = (
-        {"__key__": f"img{i:07d}", JPG_FIELD: make_jpeg(i, width, height), LABEL_FIELD: label}
-        for i, label in enumerate(labels)
-    )
-    split = cfg.data.train_split
-    shards = write_split(samples, os.path.join(folder, split), max(1, images // 64))
-    write_manifest(folder, {split: {"shards": shards, "labels": labels}})
-
-
 def trace_path(opts: Options, row: str, world: int) -> str:
     if not opts.trace_dir:
         return ""
@@ -464,16 +303,30 @@ def main() -> None:
     opts = Options(args.steps, args.warmup, args.data, args.count_ops, args.profile, args.trace_dir)
     if args.trace_dir:
         os.makedirs(args.trace_dir, exist_ok=True)
-    folder = ""
-    if args.data == "shards":  # written once, read by every row through the recipe's own loader
-        raw = apply_overrides(get_recipe(args.recipe), args.overrides)  # not resolved: no data yet
-        classes = raw.data.num_classes or args.classes
-        folder = tempfile.mkdtemp(prefix="bench-shards-")
-        start = time.perf_counter()
-        write_jpeg_shards(raw, folder, args.images, classes, args.source)
-        seconds = time.perf_counter() - start
-        print(f"# {args.images} synthetic JPEGs, {classes:,} classes -> {folder} in {seconds:.0f} s")
-        args.overrides = [*args.overrides, f"data.root={folder}", "data.prepare=none", f"data.num_classes={classes}"]
+    folder = tempfile.mkdtemp(prefix="bench-shards-") if args.data == "shards" else ""
+    try:
+        if folder:
+            args.overrides = [*args.overrides, *write_shards(args, folder)]
+        run_rows(args, opts)
+    finally:
+        if folder:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def write_shards(args: argparse.Namespace, folder: str) -> list[str]:
+    """--data shards: write the synthetic set every row reads through the recipe's own loader into `folder`;
+    the overrides that point the recipe at it (its class count too: the recipe may read it from its data)."""
+    raw = apply_overrides(get_recipe(args.recipe), args.overrides)  # not resolved: no data yet
+    classes = raw.data.num_classes or args.classes
+    start = time.perf_counter()
+    write_jpeg_shards(raw.data, folder, args.images, classes, args.source)
+    print(f"# {args.images} synthetic JPEGs, {classes:,} classes -> {folder} in {time.perf_counter() - start:.0f} s")
+    return [f"data.root={folder}", "data.prepare=none", f"data.num_classes={classes}"]
+
+
+def run_rows(args: argparse.Namespace, opts: Options) -> None:
+    """The bare row and each variant at every world size, printed as measured; then the op counts and
+    profiles when asked for."""
     base = build_config(args.recipe, ["data.uint8_batches=true", *args.overrides]).resolved()
     variants = [("ours", [])] + [
         (v.split(":", 1)[0], v.split(":", 1)[1].split(","))
@@ -497,35 +350,31 @@ def main() -> None:
         "comm ms (within) | head share | peak MB/rank | MFU |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    op_rows: list[tuple[str, int, dict[str, int]]] = []
-    profiles: list[tuple[str, int, dict[str, Any] | None]] = []
+    measured: list[tuple[str, int, dict[str, Any]]] = []
     for world in (int(w) for w in args.world.split(",")):
         cfg = build_config(
             args.recipe, ["data.uint8_batches=true", f"slurm.tasks_per_node={world}", *args.overrides]
         ).resolved()
         bare = measure("bare", cfg, world, opts, trace_path(opts, "bare", world))
         print(report("bare PyTorch loop", bare, bare, cfg, world), flush=True)
-        op_rows.append(("bare PyTorch loop", world, bare["ops"]))
-        profiles.append(("bare PyTorch loop", world, bare["profile"]))
+        measured.append(("bare PyTorch loop", world, bare))
         for name, overrides in variants:
             vcfg = build_config(
                 args.recipe, ["data.uint8_batches=true", f"slurm.tasks_per_node={world}", *args.overrides, *overrides]
             ).resolved()
             row = measure("ours", vcfg, world, opts, trace_path(opts, name, world))
             print(report(name, row, bare, vcfg, world), flush=True)
-            op_rows.append((name, world, row["ops"]))
-            profiles.append((name, world, row["profile"]))
-    if folder:
-        shutil.rmtree(folder, ignore_errors=True)
+            measured.append((name, world, row))
     if args.count_ops:
         print("\n| row | P | " + " | ".join(f"{k} ops" for k in PHASES) + " |")
         print("|---|---|" + "---|" * len(PHASES))
-        for name, world, ops in op_rows:
-            print(f"| {name} | {world} | " + " | ".join(str(ops.get(k, 0)) for k in PHASES) + " |")
-    for name, world, profiled in profiles:
-        if profiled:
-            busy = "" if profiled["busy"] is None else f", GPU busy {100 * profiled['busy']:.0f}% of the step"
-            print(f"\n## profile: {name}, P={world}{busy}\n{profiled['table']}")
+        for name, world, row in measured:
+            print(f"| {name} | {world} | " + " | ".join(str(row["ops"].get(k, 0)) for k in PHASES) + " |")
+    for name, world, row in measured:
+        if row["profile"]:
+            busy = row["profile"]["busy"]
+            share = "" if busy is None else f", GPU busy {100 * busy:.0f}% of the step"
+            print(f"\n## profile: {name}, P={world}{share}\n{row['profile']['table']}")
 
 
 if __name__ == "__main__":

@@ -28,13 +28,13 @@ def test_synthetic_jpeg_shards_feed_the_recipes_loader(tmp_path) -> None:
     """--data shards: the recipe's own loader reads the written set, all classes counted."""
     import json
 
-    from bench.train import write_jpeg_shards
+    from bench.data import write_jpeg_shards
     from data.stream import build_train_loader
     from launch.recipes import get_recipe
     from train.overrides import apply_overrides
 
     raw = apply_overrides(get_recipe("vitl_ms1mv2_faces"), ["data.num_workers=0", "data.batch_size=8"])
-    write_jpeg_shards(raw, str(tmp_path), images=128, classes=500, source="")
+    write_jpeg_shards(raw.data, str(tmp_path), images=128, classes=500, source="")
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["num_classes"] == 500 and manifest["splits"]["train"]["num_samples"] == 128
     cfg = apply_overrides(raw, [f"data.root={tmp_path}", "data.prepare=none"]).resolved()
@@ -48,7 +48,7 @@ def test_synthetic_jpeg_shards_feed_the_recipes_loader(tmp_path) -> None:
 
 
 def test_gpu_busy_time_counts_overlapping_kernels_once() -> None:
-    from bench.train import covered_us
+    from bench.instruments import covered_us
 
     assert covered_us([]) == 0.0
     assert covered_us([(0, 10), (20, 25)]) == 15  # a gap is idle time

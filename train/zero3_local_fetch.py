@@ -58,22 +58,23 @@ class LocalPartitionHandle:
         self.complete = True
 
 
-def _on_current_device(param: Any) -> bool:
-    from deepspeed.accelerator import get_accelerator
-
+def _whole_partition_on(param: Any, device: torch.device) -> bool:
     tensor = getattr(param, "ds_tensor", None)
     return (
         tensor is not None
         and not hasattr(tensor, "ds_quant_scale")
-        and tensor.device == torch.device(get_accelerator().current_device_name())
+        and tensor.device == device
         and tensor.numel() == param.ds_numel  # the whole parameter: a group of one rank
     )
 
 
 def _wrap(deepspeed_no_gather: Any) -> Any:
+    from deepspeed.accelerator import get_accelerator
+
     def no_gather_coalesced(params: Iterable[Any]) -> Any:
         params = sorted(params, key=lambda p: p.ds_id)  # DeepSpeed's order
-        if params and all(getattr(p, FLAG, False) and _on_current_device(p) for p in params):
+        device = torch.device(get_accelerator().current_device_name())
+        if params and all(getattr(p, FLAG, False) and _whole_partition_on(p, device) for p in params):
             return LocalPartitionHandle(params)
         return deepspeed_no_gather(params)
 
