@@ -36,6 +36,7 @@ GIB = 2**30
 MEASURE_BATCH = 2  # images of the CPU forward; activations scale linearly from here
 LOGIT_COPIES = 3  # [G, C] blocks alive at once: the logits, the softmax temporaries, their gradient
 HEAD_BYTES_PER_VALUE = 4 + 8 + 4  # fp32 weight + AdamW's two fp32 moments + fp32 gradient
+SUGGESTED_CHUNK = 8192  # loss.class_chunk offered by the fixes: [G, 8192] blocks, GEMMs still large
 RUNTIME_RESERVE = 2 * GIB  # CUDA context, NCCL buffers, allocator fragmentation: a margin, not a measurement
 DEPTH_PROBES = (2, 3)  # ViT-like trunks: measured at these depths and extrapolated (block 0 has no drop path)
 
@@ -166,8 +167,13 @@ def logit_columns(loss: LossConfig) -> float:
 
 
 def logit_bytes(global_batch: int, num_local: int, loss: LossConfig, embed_dim: int) -> int:
-    """fp32 logit / distance blocks of a step, plus the gathered [G, D] embeddings and their gradient."""
-    return int(global_batch * num_local * logit_columns(loss) * 4 * LOGIT_COPIES) + global_batch * embed_dim * 4 * 2
+    """fp32 logit / distance blocks of a step, plus the gathered [G, D] embeddings and their gradient.
+
+    With loss.class_chunk the blocks span at most that many (kept) classes at a time."""
+    classes = float(num_local)
+    if loss.class_chunk > 0:  # chunk kept columns = chunk / sample_rate local classes
+        classes = min(classes, loss.class_chunk / loss.sample_rate)
+    return int(global_batch * classes * logit_columns(loss) * 4 * LOGIT_COPIES) + global_batch * embed_dim * 4 * 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -329,13 +335,14 @@ def estimate(cfg: RunConfig, gpu_mem_gb: float) -> Estimate:
     dtype = "bf16" if cfg.zero.bf16 else "fp32"
     per_image = acts.per_sample.at(cfg.zero.bf16)
     cols = logit_columns(cfg.loss)
+    chunk = f", {cfg.loss.class_chunk} classes at a time" if cfg.loss.class_chunk > 0 else ""
     n = len(shards)
     rows = {
         "states": (f"trunk states, ZeRO-{cfg.zero.stage} {dtype} ({source})", [states] * n),
         "bucket": ("DeepSpeed gradient bucket (reduce_bucket_size)", [bucket_bytes(cfg.zero)] * n),
         "head": (f"head shard x {HEAD_BYTES_PER_VALUE} B (fp32 weight, AdamW, grad)", [s.state_bytes for s in shards]),
         "logits": (
-            f"head logits [G={global_batch}, C_local x {cols:g}] fp32 x {LOGIT_COPIES}",
+            f"head logits [G={global_batch}, C_local x {cols:g}] fp32 x {LOGIT_COPIES}{chunk}",
             [logit_bytes(global_batch, s.num_local, cfg.loss, cfg.model.embed_dim) for s in shards],
         ),
         "activations": (
@@ -418,6 +425,14 @@ def fixes(cfg: RunConfig, est: Estimate) -> str:
                 est.most("logits"),
                 f"loss.sample_rate<1 (Partial-FC: a fraction of each shard's classes in "
                 f"the {_size(est.most('logits'))} of logits)",
+            )
+        )
+    if cfg.loss.class_chunk <= 0:
+        out.append(
+            (
+                est.most("logits"),
+                f"loss.class_chunk={SUGGESTED_CHUNK} (the {_size(est.most('logits'))} of logits taken "
+                f"{SUGGESTED_CHUNK} classes at a time and recomputed in backward)",
             )
         )
     return "; ".join(text for _, text in sorted(out, key=lambda item: -item[0]))

@@ -29,6 +29,7 @@ from torch.distributed import ProcessGroup
 
 from common.seeds import stable_seed
 from model import hyperbolic as hyp
+from model.chunked_softmax import chunked_sharded_cross_entropy
 from model.collectives import (
     all_gather_and_exchange,
     all_gather_no_grad,
@@ -227,6 +228,44 @@ def class_terms(
     return out
 
 
+def class_terms_chunked(
+    x_GE: torch.Tensor,
+    target_col_G: torch.Tensor,
+    proxies_CKE: torch.Tensor,
+    fc: nn.Module | None,
+    cfg: LossConfig,
+    group: ProcessGroup | None = None,
+) -> dict[str, torch.Tensor]:
+    """`class_terms` with each space's class softmax taken loss.class_chunk classes at a time and recomputed
+    in backward (model/chunked_softmax.py): no [G, C, K] block of the whole shard exists. No "proxies_h"."""
+    ch = cfg.chest
+    spaces = (
+        ["cosine"]
+        if cfg.name == "softtriple"
+        else [s for s, eta in (("euclidean", ch.eta_e), ("poincare", ch.eta_h)) if eta > 0]
+    )
+    spec = {  # space -> (output key, lambda, delta, eta), as class_terms
+        "euclidean": ("loss_e_G", ch.lambda_e, ch.delta_e, ch.eta_e),
+        "cosine": ("loss_e_G", ch.lambda_e, ch.delta_e, 1.0),
+        "poincare": ("loss_h_G", ch.lambda_h, ch.delta_h, ch.eta_h),
+    }
+
+    def chunk_logits(
+        x: torch.Tensor, rows: torch.Tensor, start: int, cols: torch.Tensor
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], None]:
+        sims, _ = class_similarities(x, rows, fc, cfg)
+        pairs = [margin_logits(sims[space], cols, spec[space][1], spec[space][2]) for space in spaces]
+        return [logits for logits, _ in pairs], [target for _, target in pairs], None
+
+    params = [] if fc is None else list(fc.parameters())
+    loss_NG, _ = chunked_sharded_cross_entropy(
+        chunk_logits, x_GE.float(), proxies_CKE, target_col_G, cfg.class_chunk, group, params, len(spaces)
+    )
+    out = {spec[space][0]: loss_NG[n] for n, space in enumerate(spaces)}
+    out["loss_G"] = sum((spec[space][3] * loss_NG[n] for n, space in enumerate(spaces)), torch.zeros_like(loss_NG[0]))
+    return out
+
+
 def _rows(prox_CKH: torch.Tensor, cls: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """prox[cls, k] with out-of-range (invalid) class indices clamped; callers mask those out."""
     if prox_CKH.shape[0] == 0:
@@ -305,20 +344,24 @@ class ChestHead(ShardedHead):
         target_col = self.target_columns(labels_G)
         proxies: torch.Tensor = self.proxies
         sampled = self.cfg.sample_rate < 1.0
+        chunked = self.cfg.class_chunk > 0
         all_h = kept_h = None
+        if (sampled or chunked) and trip is not None:  # HypHC needs every local proxy in the ball: map them once
+            all_h = self._proxies_in_ball()
         if sampled:  # Partial-FC: the batch's positives and a random share of the other local classes
             index, target_col = self.sample_columns(target_col, step)
             proxies = proxies[index]
-            if trip is not None:  # HypHC needs every local proxy in the ball: map them once, share the kept ones
-                all_h = self._proxies_in_ball()
-                kept_h = all_h[index]
-        terms = class_terms(x_GE, target_col, proxies, self.fc, self.cfg, self.group, proxies_h_CKH=kept_h)
+            kept_h = None if all_h is None or chunked else all_h[index]  # the unchunked terms share the mapping
+        if chunked:
+            terms = class_terms_chunked(x_GE, target_col, proxies, self.fc, self.cfg, self.group)
+        else:
+            terms = class_terms(x_GE, target_col, proxies, self.fc, self.cfg, self.group, proxies_h_CKH=kept_h)
         out = {"loss": terms["loss_G"].mean()}
         for key in ("loss_e_G", "loss_h_G"):
             if key in terms:
                 out[key[:-2]] = terms[key].detach().mean()
         if self.cfg.chest.tau > 0:
-            local_reg = self._regulariser(all_h if sampled else terms.get("proxies_h"), trip, neg_e)
+            local_reg = self._regulariser(all_h if all_h is not None else terms.get("proxies_h"), trip, neg_e)
             global_reg = all_reduce_sum_no_grad(local_reg, self.group)
             # value: the global sum; gradient: this rank's own triplets (peers' reach us via the exchange)
             out["loss"] = out["loss"] + local_reg - local_reg.detach() + global_reg

@@ -126,6 +126,10 @@ class LossConfig:
     theta_guard: bool = False  # ArcFace's fallback cos(theta) - m sin(m) when theta + m > pi
     init_seed: int = 1234  # rows are drawn from a generator keyed by (init_seed, global class id)
     sample_rate: float = 1.0  # Partial-FC: fraction of each rank's classes in the softmax (positives always)
+    # > 0: the class softmax over this many local classes at a time, recomputed in backward
+    # (model/chunked_softmax.py): the [G, C] logit blocks shrink to [G, chunk] for ~1/3 more head FLOPs;
+    # 0: the whole shard at once (fastest while the table fits)
+    class_chunk: int = 0
     chest: ChestConfig = dataclasses.field(default_factory=ChestConfig)
 
     def validate(self) -> None:
@@ -145,6 +149,8 @@ class LossConfig:
             raise ValueError("loss.radius_start must be > 0 and loss.radius_gap >= 0 (radii must be positive)")
         if self.margin_warmup_steps < 0:
             raise ValueError(f"loss.margin_warmup_steps={self.margin_warmup_steps} must be >= 0")
+        if self.class_chunk < 0:
+            raise ValueError(f"loss.class_chunk={self.class_chunk} must be >= 0 (0 = the whole shard at once)")
         if not 0.0 < self.sample_rate <= 1.0:
             raise ValueError(f"loss.sample_rate={self.sample_rate} must be in (0, 1]")
         if self.name in ("chest", "softtriple"):

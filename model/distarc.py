@@ -20,6 +20,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from common.seeds import stable_seed
+from model.chunked_softmax import chunked_sharded_cross_entropy
 from model.collectives import (
     all_gather_no_grad,
     all_gather_with_grad,
@@ -206,9 +207,13 @@ class DistArcHead(ShardedHead):
             gen = torch.Generator().manual_seed(stable_seed(self.cfg.init_seed, step, self.class_start))
             index, target_col = sample_local_classes(target_col, self.num_local, self.cfg.sample_rate, gen)
             weight, radii = weight[index], radii[index]
-        out = distarc_logits(emb_GD, target_col, weight, radii, self.cfg, margin_at(self.cfg, step))
-        loss_G = sharded_cross_entropy(out["logits"], out["target"], out["owner"], self.group)
-        parts = torch.stack([out["delta_y"], out["cos_y"], out["cos_phi_y"]])
+        margin = margin_at(self.cfg, step)
+        if self.cfg.class_chunk > 0:
+            loss_G, parts = self._chunked_loss(emb_GD, target_col, weight, radii, margin)
+        else:
+            out = distarc_logits(emb_GD, target_col, weight, radii, self.cfg, margin)
+            loss_G = sharded_cross_entropy(out["logits"], out["target"], out["owner"], self.group)
+            parts = torch.stack([out["delta_y"], out["cos_y"], out["cos_phi_y"]])
         parts = all_reduce_sum_no_grad(parts, self.group) / max(labels_G.numel(), 1)
         return {
             "loss": loss_G.mean(),
@@ -217,6 +222,24 @@ class DistArcHead(ShardedHead):
             "cos_phi": parts[2].sum(),
             "emb_norm": emb_GD.detach().norm(dim=1).mean(),
         }
+
+    def _chunked_loss(
+        self, emb_GD: torch.Tensor, target_col: torch.Tensor, weight: torch.Tensor, radii: torch.Tensor, margin: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """loss_G and the logged parts [3, G], the softmax taken loss.class_chunk classes at a time."""
+
+        def chunk_logits(
+            x: torch.Tensor, rows: torch.Tensor, start: int, cols: torch.Tensor
+        ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+            out = distarc_logits(x, cols, rows, radii[start : start + rows.shape[0]], self.cfg, margin)
+            return [out["logits"]], [out["target"]], torch.stack([out["delta_y"], out["cos_y"], out["cos_phi_y"]])
+
+        loss_1G, parts = chunked_sharded_cross_entropy(
+            chunk_logits, emb_GD, weight, target_col, self.cfg.class_chunk, self.group
+        )
+        if parts.shape[0] == 0:  # no classes on this rank: no owned samples, zero parts
+            parts = torch.zeros((3, emb_GD.shape[0]), device=emb_GD.device)
+        return loss_1G[0], parts
 
     def sharded_parameters(self) -> dict[str, nn.Parameter]:
         return {"weight": self.weight}

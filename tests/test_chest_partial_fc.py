@@ -147,12 +147,15 @@ def test_one_process_equals_the_dense_loss_on_the_sampled_classes() -> None:
         assert 10 <= rows.numel() < 40, name  # a strict subset: round(0.25 * 40) = 10 columns, or the positives
 
 
+@pytest.mark.parametrize("class_chunk", [0, 3])  # 3: the sampled columns' softmax over chunks (chunked_softmax)
 @pytest.mark.parametrize("world", [2, 4])
-def test_sharded_equals_the_dense_loss_on_the_union_of_the_sampled_classes(dist_pool, world: int) -> None:
+def test_sharded_equals_the_dense_loss_on_the_union_of_the_sampled_classes(
+    dist_pool, world: int, class_chunk: int
+) -> None:
     pool = dist_pool(world)
     for num_classes, cases in ((40, {**SAMPLED, **NO_REG}), (3, {k: SAMPLED[k] for k in ("chest", "softtriple")})):
         for name, cfg in cases.items():  # C = 3 < 4: one rank holds no class
-            results = pool.run(sharded_rank, cfg, num_classes)
+            results = pool.run(sharded_rank, dataclasses.replace(cfg, class_chunk=class_chunk), num_classes)
             rows = check(results, cfg, num_classes, f"{name} C={num_classes} W={world}")
             if num_classes == 40:
                 assert rows.numel() < num_classes, name

@@ -185,14 +185,15 @@ def compare(got: dict, want: dict, msg: str, tol: float) -> None:
         assert_rel(flat[0], flat[1], f"{msg}: shared FC h", tol)
 
 
+@pytest.mark.parametrize("class_chunk", [0, 2])  # 2: each class softmax over chunks of 2 classes (chunked_softmax)
 @pytest.mark.parametrize("world", [1, 2, 4])
-def test_sharded_chest_equals_dense(dist_pool, world: int) -> None:
+def test_sharded_chest_equals_dense(dist_pool, world: int, class_chunk: int) -> None:
     """Sharded (W ranks) == the same maths on the whole table in one process, to 1e-5 relative."""
     pool = dist_pool(world)
     accum = 2
     for num_classes in (7, 3):  # 3 < 4: one rank holds no class
         for name, cfg in CASES.items():
-            results = pool.run(sharded_rank, cfg, num_classes, accum)
+            results = pool.run(sharded_rank, dataclasses.replace(cfg, class_chunk=class_chunk), num_classes, accum)
             table = init_rows(cfg.init_seed, 0, num_classes, (K, DIM_E)) * cfg.chest.proxy_init_std
             assert torch.equal(torch.cat([r["proxies"] for r in results]), table)  # init independent of W
             sharded = {

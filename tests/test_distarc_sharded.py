@@ -123,12 +123,13 @@ def sharded_rank(cfg: LossConfig, num_classes: int) -> dict:
     }
 
 
+@pytest.mark.parametrize("class_chunk", [0, 2])  # 2: the softmax over chunks of 2 classes (chunked_softmax)
 @pytest.mark.parametrize("world", [1, 2, 4])
-def test_sharded_loss_and_grads_equal_dense(dist_pool, world: int) -> None:
+def test_sharded_loss_and_grads_equal_dense(dist_pool, world: int, class_chunk: int) -> None:
     pool = dist_pool(world)
     for num_classes in (10, 3):  # 3 < 4 ranks: one rank holds no class
         for name, cfg in CASES.items():
-            results = pool.run(sharded_rank, cfg, num_classes)
+            results = pool.run(sharded_rank, dataclasses.replace(cfg, class_chunk=class_chunk), num_classes)
             x, labels = make_problem(num_classes)
             table = init_rows(cfg.init_seed, 0, num_classes, (DIM,))
             if cfg.name == "softmax":

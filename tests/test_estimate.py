@@ -41,6 +41,12 @@ def test_head_bytes_equal_the_closed_form() -> None:
     assert est.logit_bytes(256, 4, no_h, 32) == 256 * 4 * 3 * 1 * 4 * 3 + 256 * 32 * 8
     pfc = LossConfig(name="arcface", sample_rate=0.25)
     assert est.logit_bytes(512, 1000, pfc, 512) == 512 * 250 * 4 * 3 + 512 * 512 * 8
+    # loss.class_chunk: blocks of at most `chunk` kept classes (Partial-FC keeps chunk / rate local ones)
+    chunked = dataclasses.replace(pfc, class_chunk=100)
+    assert est.logit_bytes(512, 1000, chunked, 512) == 512 * 100 * 4 * 3 + 512 * 512 * 8
+    assert est.logit_bytes(512, 300, chunked, 512) == 512 * 75 * 4 * 3 + 512 * 512 * 8  # 75 kept < chunk
+    chest_chunked = dataclasses.replace(chest, class_chunk=2)
+    assert est.logit_bytes(256, 4, chest_chunked, 32) == 256 * 2 * 3 * 2 * 4 * 3 + 256 * 32 * 8
 
 
 def test_zero_states_fall_with_stage_and_ranks_and_agree_with_deepspeed() -> None:
@@ -137,6 +143,7 @@ def test_a_submission_that_cannot_fit_is_refused_with_the_fixes(tmp_path, capsys
         "model.grad_checkpointing=true",
         "data.batch_size",
         "loss.sample_rate<1",
+        "loss.class_chunk=8192",
         "zero.bf16=true",
     ):
         assert fix in err, fix

@@ -1,0 +1,156 @@
+"""Sharded softmax cross-entropy over class chunks, recomputed in backward (loss.class_chunk).
+
+The plain heads build their logits [G, C] for every local class at once, and autograd keeps several
+such blocks (logits, their exp, the elementwise terms' saved inputs; CHEST's [G, C, K] distances) plus
+normalised or mapped copies of the table and their gradients until backward: at G = 256 DistArc holds
+~10 KB per class beside the 8 KB of weight, gradient and AdamW moments (bench/capacity.py). Here the
+logits exist one chunk of `chunk` classes at a time: the forward keeps a running log-sum-exp per sample
+and space, and the backward recomputes each chunk with autograd on, turns its logits into softmax
+gradients with the global log-sum-exp, and writes that chunk's rows of the table gradient. The price is
+one more forward of the logits (about a third more head FLOPs); loss and gradients are those of
+`model.collectives.sharded_cross_entropy` over the whole shard, up to float rounding.
+
+The chunk function sees a slice of the table and returns, per softmax ("space"), that slice's logits and
+the numerator logit of the samples whose class lies in the slice, plus optional detached per-sample
+statistics. Parameters it uses besides the table (CHEST's shared FC h) are passed as `params`: the
+backward accumulates their gradients into `.grad` itself, as torch.utils.checkpoint's reentrant mode does.
+
+Legend: G global batch, C classes on this rank, c classes in a chunk, D row shape, N spaces, S statistics.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed import ProcessGroup
+
+from model.collectives import _world
+
+# (x_GD, rows_cD, start, target_col_G relative to start (-1 elsewhere))
+#     -> ([logits_Gc per space], [target_G per space], stats_SG or None)
+ChunkLogits = Callable[
+    [torch.Tensor, torch.Tensor, int, torch.Tensor],
+    tuple[list[torch.Tensor], list[torch.Tensor], "torch.Tensor | None"],
+]
+
+
+def _chunk_targets(target_col_G: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    inside = (target_col_G >= start) & (target_col_G < stop)
+    return torch.where(inside, target_col_G - start, -1)
+
+
+def _chunks(num_local: int, chunk: int) -> list[tuple[int, int]]:
+    return [(start, min(start + chunk, num_local)) for start in range(0, num_local, chunk)]
+
+
+class _ChunkedShardedCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x_GD: torch.Tensor,
+        table_CD: torch.Tensor,
+        target_col_G: torch.Tensor,
+        fn: ChunkLogits,
+        chunk: int,
+        group: ProcessGroup | None,
+        params: Sequence[nn.Parameter],
+        num_spaces: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        _, world = _world(group)
+        num_rows = x_GD.shape[0]
+        # a rank with no classes keeps max -inf and sum 0: it adds nothing, but joins the collectives
+        max_NG = torch.full((num_spaces, num_rows), -torch.inf, device=x_GD.device)
+        sum_NG, target_NG = torch.zeros_like(max_NG), torch.zeros_like(max_NG)
+        stats: torch.Tensor | None = None
+        for start, stop in _chunks(table_CD.shape[0], chunk):
+            cols = _chunk_targets(target_col_G, start, stop)
+            logits, targets, chunk_stats = fn(x_GD, table_CD[start:stop], start, cols)
+            for n, (lg, tg) in enumerate(zip(logits, targets, strict=True)):
+                # online log-sum-exp: the running sum rescaled to the new running max
+                new_max = torch.maximum(max_NG[n], lg.max(dim=1).values.float())
+                sum_NG[n] = sum_NG[n] * torch.exp(max_NG[n] - new_max) + torch.exp(lg - new_max[:, None]).sum(dim=1)
+                max_NG[n] = new_max
+                target_NG[n] = torch.where(cols >= 0, tg.float(), target_NG[n])
+            if chunk_stats is not None:
+                stats = chunk_stats.float() if stats is None else stats + chunk_stats.float()
+        global_max_NG = max_NG.clone()
+        if world > 1:
+            dist.all_reduce(global_max_NG, op=dist.ReduceOp.MAX, group=group)
+        local_sum_NG = torch.where(sum_NG > 0, sum_NG * torch.exp(max_NG - global_max_NG), 0.0)
+        sums_2NG = torch.stack([local_sum_NG, target_NG])  # one all-reduce: [sums of exp, owners' targets]
+        if world > 1:
+            dist.all_reduce(sums_2NG, group=group)
+        lse_NG = global_max_NG + torch.log(sums_2NG[0])
+        if stats is None:
+            stats = torch.zeros((0, num_rows), device=x_GD.device)
+        ctx.save_for_backward(x_GD, table_CD, target_col_G, lse_NG)
+        ctx.fn, ctx.chunk, ctx.params = fn, chunk, [p for p in params if p.requires_grad]
+        ctx.mark_non_differentiable(stats)
+        return lse_NG - sums_2NG[1], stats
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_NG: torch.Tensor, _grad_stats: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None, None, None, None]:
+        x_GD, table_CD, target_col_G, lse_NG = ctx.saved_tensors
+        x = x_GD.detach().requires_grad_(ctx.needs_input_grad[0])
+        grad_table = torch.empty_like(table_CD) if ctx.needs_input_grad[1] else None
+        for start, stop in _chunks(table_CD.shape[0], ctx.chunk):
+            cols = _chunk_targets(target_col_G, start, stop)
+            rows = table_CD[start:stop].detach().requires_grad_(ctx.needs_input_grad[1])
+            inputs = [t for t in (x, rows, *ctx.params) if t.requires_grad]
+            if not inputs:
+                continue
+            with torch.enable_grad():
+                logits, targets, _ = ctx.fn(x, rows, start, cols)
+            outputs, grads = [], []
+            for n, (lg, tg) in enumerate(zip(logits, targets, strict=True)):
+                # d loss_n / d logit = its softmax (global log-sum-exp); d loss_n / d target = -1 where owned
+                outputs += [lg, tg]
+                grads += [
+                    torch.exp(lg.detach().float() - lse_NG[n][:, None]).to(lg.dtype) * grad_NG[n][:, None],
+                    torch.where(cols >= 0, -grad_NG[n], 0.0).to(tg.dtype),
+                ]
+            # x and rows are fresh leaves (their .grad collects this chunk), params accumulate in place
+            torch.autograd.backward(outputs, grads, inputs=inputs)
+            if grad_table is not None:
+                grad_table[start:stop] = 0.0 if rows.grad is None else rows.grad
+        for p in ctx.params:  # a rank without classes still gives zeros: replicated grads are all-reduced
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        return x.grad if ctx.needs_input_grad[0] else None, grad_table, None, None, None, None, None, None
+
+
+def chunked_sharded_cross_entropy(
+    fn: ChunkLogits,
+    x_GD: torch.Tensor,
+    table_CD: torch.Tensor,
+    target_col_G: torch.Tensor,
+    chunk: int,
+    group: ProcessGroup | None = None,
+    params: Sequence[nn.Parameter] = (),
+    num_spaces: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample `logsumexp_j(z_j) - z_target` of each space over every rank's classes, `chunk` local
+    classes at a time.
+
+    Args:
+        fn: the head's logits of one slice of `table_CD` (see ChunkLogits), `num_spaces` softmaxes; it is
+            called twice per chunk (forward without autograd, backward with), so it must be deterministic.
+        x_GD: the global batch's embeddings, gradients flow to it.
+        table_CD: this rank's rows (a parameter, or the rows Partial-FC kept), gradients flow to it.
+        target_col_G: each sample's row in `table_CD`, -1 where another rank owns its class.
+        params: other parameters `fn` uses; their gradients are accumulated into `.grad` during backward.
+
+    Returns:
+        (loss_NG identical on every rank, the sum over chunks of fn's statistics [S, G], detached).
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk={chunk} must be >= 1 (loss.class_chunk)")
+    loss_NG, stats = _ChunkedShardedCrossEntropy.apply(
+        x_GD, table_CD, target_col_G, fn, chunk, group, tuple(params), num_spaces
+    )
+    return loss_NG, stats

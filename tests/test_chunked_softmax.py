@@ -1,0 +1,130 @@
+"""The class softmax over chunks (model/chunked_softmax.py, loss.class_chunk) against dense autograd.
+
+The distributed equality of the chunked heads with their dense references (1, 2 and 4 processes, a rank
+without classes, Partial-FC, gradient accumulation) is in test_distarc_sharded, test_chest_sharded and
+test_chest_partial_fc, parametrised over class_chunk. Here: the generic function against torch's own
+cross-entropy with several spaces and a parameter used inside the chunk function, that the chunked head
+saves no [G, C] block for backward, and the setting's validation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch.autograd.graph import saved_tensors_hooks
+
+from launch.__main__ import build_config
+from model.chunked_softmax import chunked_sharded_cross_entropy
+from model.config import LossConfig
+from model.distarc import DistArcHead
+from tests.numerics import assert_rel
+
+G, C, D = 12, 23, 5
+
+
+def two_space_logits(
+    x: torch.Tensor, rows: torch.Tensor, proj: torch.nn.Linear, start: int, cols: torch.Tensor
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """Space 0: x . w with the target column's logit lowered by 0.3 (a margin); space 1: -||h(x) - h(w)||^2.
+    Space 0's numerator differs from its denominator column (as DistArc's official form)."""
+    dot = x @ rows.t()
+    owned = cols >= 0
+    idx = cols.clamp_min(0)
+    margin = torch.zeros_like(dot)
+    if rows.shape[0]:
+        margin[owned, idx[owned]] = 0.3
+    hx, hw = proj(x), proj(rows)
+    dist = -(torch.cdist(hx, hw) ** 2)
+    pick = torch.arange(x.shape[0])
+    target0 = dot[pick, idx] - 0.5 if rows.shape[0] else dot.sum(1)
+    target1 = dist[pick, idx] if rows.shape[0] else dist.sum(1)
+    stats = torch.where(owned, target0.detach(), 0.0)[None]
+    return [dot - margin, dist], [target0, target1], stats
+
+
+def dense(x: torch.Tensor, table: torch.Tensor, proj: torch.nn.Linear, labels: torch.Tensor) -> torch.Tensor:
+    (l0, l1), (t0, t1), _ = two_space_logits(x, table, proj, 0, labels)
+    return torch.stack([torch.logsumexp(l0, 1) - t0, torch.logsumexp(l1, 1) - t1])
+
+
+@pytest.mark.parametrize("chunk", [1, 4, C, 100])
+def test_chunked_equals_dense_autograd(chunk: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    x0, table0 = torch.randn(G, D, generator=g) * 2, torch.randn(C, D, generator=g)
+    labels = torch.randint(0, C, (G,), generator=g)
+    weights = torch.tensor([[1.0], [0.7]]) * torch.linspace(0.5, 1.5, G)  # a different upstream grad per sample
+    results = []
+    for chunked in (False, True):
+        torch.manual_seed(1)
+        proj = torch.nn.Linear(D, 3)
+        x, table = x0.clone().requires_grad_(True), table0.clone().requires_grad_(True)
+        if chunked:
+            fn = lambda xx, rows, start, cols: two_space_logits(xx, rows, proj, start, cols)  # noqa: E731
+            loss, stats = chunked_sharded_cross_entropy(
+                fn, x, table, labels, chunk, params=list(proj.parameters()), num_spaces=2
+            )
+            (want_stats,) = two_space_logits(x0, table0, proj, 0, labels)[2]
+            assert_rel(stats[0], want_stats, "statistics summed over chunks", 1e-6)
+        else:
+            loss = dense(x, table, proj, labels)
+        (loss * weights).sum().backward()
+        results.append([loss.detach(), x.grad, table.grad, proj.weight.grad, proj.bias.grad])
+    for name, got, want in zip(
+        ("loss", "x grad", "table grad", "h weight grad", "h bias grad"), results[1], results[0]
+    ):
+        assert_rel(got, want, f"chunk={chunk}: {name}", 1e-5)
+
+
+def test_the_chunked_head_saves_no_class_sized_block() -> None:
+    """Bytes autograd saves for backward beyond the table itself: [G, C] blocks unchunked, only [G, D]
+    and [G] ones chunked (the logits are recomputed in backward)."""
+    classes, batch, dim = 4000, 16, 8
+
+    def saved_bytes(chunk: int) -> int:
+        head = DistArcHead(LossConfig(class_chunk=chunk), classes, dim)
+        table = head.weight.untyped_storage().data_ptr()
+        total = 0
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            nonlocal total
+            if t.untyped_storage().data_ptr() != table:
+                total += t.numel() * t.element_size()
+            return t
+
+        emb = torch.randn(batch, dim, requires_grad=True)
+        with saved_tensors_hooks(pack, lambda t: t):  # the forward only: what waits for backward
+            loss = head(emb, torch.randint(0, classes, (batch,)))["loss"]
+        loss.backward()
+        assert emb.grad is not None and head.weight.grad is not None
+        return total
+
+    unchunked, chunked = saved_bytes(0), saved_bytes(64)
+    assert unchunked >= 2 * batch * classes * 4, unchunked  # at least two fp32 [G, C] blocks
+    assert chunked < 50 * batch * dim * 4, chunked  # no class-sized tensor at all
+    assert chunked < unchunked / 100
+
+
+def test_chunked_partial_fc_equals_unchunked() -> None:
+    outs = []
+    for chunk in (0, 3):
+        head = DistArcHead(LossConfig(sample_rate=0.4, scale=4.0, class_chunk=chunk), 40, 6)
+        emb = (torch.randn(10, 6, generator=torch.Generator().manual_seed(3)) * 4).requires_grad_(True)
+        out = head(emb, torch.arange(10) * 3, step=5)
+        out["loss"].backward()
+        outs.append([out["loss"].detach(), emb.grad, head.weight.grad, out["radial"], out["cos_phi"]])
+    assert (outs[0][2].abs().sum(1) > 0).sum() < 40  # a strict subset of rows was in the softmax
+    for got, want in zip(outs[1], outs[0]):
+        assert_rel(got, want, "Partial-FC chunked", 1e-5)
+
+
+def test_class_chunk_is_validated_and_reaches_the_head() -> None:
+    with pytest.raises(ValueError, match="loss.class_chunk=-1 must be >= 0"):
+        LossConfig(class_chunk=-1).validate()
+    with pytest.raises(ValueError, match="loss.class_chunk"):
+        chunked_sharded_cross_entropy(
+            lambda *a: ([], [], None), torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1), 0
+        )
+    cfg = build_config("mnist_distarc", ["loss.class_chunk=16"])
+    assert cfg.loss.class_chunk == 16 and dataclasses.replace(cfg.loss).class_chunk == 16
