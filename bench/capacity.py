@@ -10,7 +10,7 @@ rows, so a node of P such devices trains about P x the table.
 The reference is Partial FC (An et al.): 5.5M classes exact and 29M sampled on 8 x 32 GB GPUs, its ResNet
 trunk included; the table prints classes per GiB of budget beside theirs (theirs per GB of all 8 GPUs).
 
-    python -m bench.capacity [--heads distarc,chest] [--sample-rates 1.0,0.1] [--budget-gb G]
+    python -m bench.capacity [--heads distarc,chest] [--sample-rates 1.0,0.1] [--class-chunks 0,8192] [--budget-gb G]
                              [--reserve-gb R] [--start 1000000] [--tolerance 0.02]
 """
 
@@ -23,8 +23,9 @@ from typing import Callable
 
 import torch
 
-from bench.heads import DIM, GLOBAL_BATCH, HEADS, _current_rss_mb, _rss_mb
+from bench.heads import DIM, GLOBAL_BATCH, HEADS, current_rss_mb, peak_rss_mb
 from bench.ranks import run_ranks
+from model.config import LossConfig
 
 # Partial FC's largest tables on 8 x 32 GB: exact softmax, and sampled (its rate 0.1)
 PARTIAL_FC = {1.0: 5.5e6, 0.1: 29e6}
@@ -43,13 +44,12 @@ def largest_fitting(fits: Callable[[int], bool], start: int, tolerance: float) -
     return lo, hi
 
 
-def train_head_steps(head_name: str, num_classes: int, sample_rate: float, device: torch.device) -> None:
+def train_head_steps(cfg: LossConfig, num_classes: int, device: torch.device) -> None:
     """Two training steps of the head alone at `num_classes` (the second with AdamW's moments allocated)."""
     from model.task import build_head
     from train.config import OptimConfig
     from train.engine import build_head_optimizer
 
-    cfg = dataclasses.replace(HEADS[head_name], sample_rate=sample_rate)
     head = build_head(cfg, num_classes, DIM).to(device)
     optimizer, _ = build_head_optimizer(head, OptimConfig(), max_steps=10)
     g = torch.Generator().manual_seed(0)
@@ -61,7 +61,11 @@ def train_head_steps(head_name: str, num_classes: int, sample_rate: float, devic
         optimizer.zero_grad(set_to_none=True)
 
 
-def cuda_fits(head_name: str, sample_rate: float, budget_bytes: float) -> Callable[[int], bool]:
+def describe(cfg: LossConfig) -> str:
+    return f"{cfg.name} rate {cfg.sample_rate:g} chunk {cfg.class_chunk}"
+
+
+def cuda_fits(cfg: LossConfig, budget_bytes: float) -> Callable[[int], bool]:
     device = torch.device("cuda")
 
     def fits(num_classes: int) -> bool:
@@ -69,27 +73,27 @@ def cuda_fits(head_name: str, sample_rate: float, budget_bytes: float) -> Callab
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         try:
-            train_head_steps(head_name, num_classes, sample_rate, device)
+            train_head_steps(cfg, num_classes, device)
             peak = torch.cuda.max_memory_allocated(device) - base
         except torch.cuda.OutOfMemoryError:
             peak = float("inf")
         torch.cuda.empty_cache()
-        print(f"  {head_name} rate {sample_rate:g}: {num_classes:,} classes -> {peak / 2**30:.1f} GiB", flush=True)
+        print(f"  {describe(cfg)}: {num_classes:,} classes -> {peak / 2**30:.1f} GiB", flush=True)
         return peak <= budget_bytes
 
     return fits
 
 
-def _cpu_probe(rank: int, world: int, head_name: str, num_classes: int, sample_rate: float, out: dict) -> None:
-    base = _current_rss_mb()
-    train_head_steps(head_name, num_classes, sample_rate, torch.device("cpu"))
-    out[rank] = {"mem_mb": _rss_mb() - base}
+def _cpu_probe(rank: int, world: int, cfg: LossConfig, num_classes: int, out: dict) -> None:
+    base = current_rss_mb()
+    train_head_steps(cfg, num_classes, torch.device("cpu"))
+    out[rank] = {"mem_mb": peak_rss_mb() - base}
 
 
-def cpu_fits(head_name: str, sample_rate: float, budget_bytes: float) -> Callable[[int], bool]:
+def cpu_fits(cfg: LossConfig, budget_bytes: float) -> Callable[[int], bool]:
     def fits(num_classes: int) -> bool:
-        peak = run_ranks(_cpu_probe, 1, head_name, num_classes, sample_rate)[0]["mem_mb"] * 2**20
-        print(f"  {head_name} rate {sample_rate:g}: {num_classes:,} classes -> {peak / 2**30:.2f} GiB", flush=True)
+        peak = run_ranks(_cpu_probe, 1, cfg, num_classes)[0]["mem_mb"] * 2**20
+        print(f"  {describe(cfg)}: {num_classes:,} classes -> {peak / 2**30:.2f} GiB", flush=True)
         return peak <= budget_bytes
 
     return fits
@@ -99,6 +103,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--heads", default="distarc,chest")
     p.add_argument("--sample-rates", default="1.0,0.1")
+    p.add_argument("--class-chunks", default="0,8192", help="loss.class_chunk values (0 = the whole shard at once)")
     p.add_argument("--budget-gb", type=float, default=0.0, help="memory budget (GiB); default on a GPU: all of it")
     p.add_argument("--reserve-gb", type=float, default=0.0, help="left for the backbone and the runtime (GiB)")
     p.add_argument("--start", type=int, default=1_000_000, help="first class count probed (doubled while it fits)")
@@ -118,22 +123,27 @@ def main() -> None:
         f"D={DIM}, batch {GLOBAL_BATCH}, one rank, torch {torch.__version__}"
     )
     print(
-        "| head | sample rate | largest C that fits | first C that does not | classes per GiB | "
+        "| head | sample rate | class chunk | largest C that fits | first C that does not | classes per GiB | "
         "Partial FC classes per GiB (8 x 32 GB) | search s |"
     )
-    print("|---|---|---|---|---|---|---|")
-    for head in args.heads.split(","):  # each row as soon as its search ends (a cut-off run keeps the rest)
-        for rate in (float(r) for r in args.sample_rates.split(",")):
-            fits = (cuda_fits if cuda else cpu_fits)(head, rate, budget)
-            start = time.perf_counter()
-            lo, hi = largest_fitting(fits, args.start, args.tolerance)
-            ref = PARTIAL_FC.get(rate)
-            ref_cell = f"{ref / PARTIAL_FC_GB:,.0f}" if ref else "-"
-            print(
-                f"| {head} | {rate:g} | {lo:,} | {hi:,} | {lo / (budget / 2**30):,.0f} | {ref_cell} | "
-                f"{time.perf_counter() - start:.0f} |",
-                flush=True,
-            )
+    print("|---|---|---|---|---|---|---|---|")
+    configs = [
+        dataclasses.replace(HEADS[head], sample_rate=float(rate), class_chunk=int(chunk))
+        for head in args.heads.split(",")
+        for rate in args.sample_rates.split(",")
+        for chunk in args.class_chunks.split(",")
+    ]
+    for cfg in configs:  # each row as soon as its search ends (a cut-off run keeps the rest)
+        fits = (cuda_fits if cuda else cpu_fits)(cfg, budget)
+        start = time.perf_counter()
+        lo, hi = largest_fitting(fits, args.start, args.tolerance)
+        ref = PARTIAL_FC.get(cfg.sample_rate)
+        ref_cell = f"{ref / PARTIAL_FC_GB:,.0f}" if ref else "-"
+        print(
+            f"| {cfg.name} | {cfg.sample_rate:g} | {cfg.class_chunk or '-'} | {lo:,} | {hi:,} | "
+            f"{lo / (budget / 2**30):,.0f} | {ref_cell} | {time.perf_counter() - start:.0f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

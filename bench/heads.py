@@ -4,7 +4,8 @@ For C classes, D = 512, global batch 256 and world sizes P (gloo processes on th
   * sharded DistArc and CHEST heads vs the dense single-process head (P = 1) where it fits;
   * DistArc vs plain ArcFace (the same sharded head with lambda = mu = 0; P = 1 also PML's ArcFaceLoss);
   * the Gram-form Poincare distance vs a B x N x D broadcast (hyptorch-style);
-  * with --sample-rates, Partial-FC (loss.sample_rate): each head at each rate, against its rate-1 row.
+  * with --sample-rates / --class-chunks, Partial-FC (loss.sample_rate) and the chunked class softmax
+    (loss.class_chunk): each head at each rate and chunk, against its plain row.
 Memory: on GPUs, torch.cuda.max_memory_allocated; on CPU, the peak resident set of each rank minus
 its resident set before the head was built (every configuration runs in fresh processes, because
 the peak cannot be reset), with glibc's mmap threshold pinned at 128 KiB so that freed temporaries
@@ -13,7 +14,7 @@ blocks up to 32 MiB on the heap and inflates the peak of the small per-rank shar
 with fewer cores than ranks the per-rank times include oversubscription: compare times at equal P.
 
     python -m bench.heads [--classes 10000,100000,1000000] [--worlds 1,2,4] [--iters 3]
-                          [--heads chest,softtriple --sample-rates 1.0,0.5,0.1]
+                          [--heads chest,softtriple --sample-rates 1.0,0.5,0.1 --class-chunks 0,8192]
 """
 
 from __future__ import annotations
@@ -40,16 +41,18 @@ HEADS = {
 }
 
 
-def _rss_mb() -> float:
+def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def _current_rss_mb() -> float:
+def current_rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _rank(rank: int, world: int, head_name: str, num_classes: int, iters: int, sample_rate: float, out: dict) -> None:
+def _rank(
+    rank: int, world: int, head_name: str, num_classes: int, iters: int, sample_rate: float, class_chunk: int, out: dict
+) -> None:
     import torch.distributed as dist
 
     from model.task import build_head
@@ -59,8 +62,8 @@ def _rank(rank: int, world: int, head_name: str, num_classes: int, iters: int, s
     if cuda:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
-    base = torch.cuda.memory_allocated() / 2**20 if cuda else _current_rss_mb()
-    cfg = dataclasses.replace(HEADS[head_name], sample_rate=sample_rate)
+    base = torch.cuda.memory_allocated() / 2**20 if cuda else current_rss_mb()
+    cfg = dataclasses.replace(HEADS[head_name], sample_rate=sample_rate, class_chunk=class_chunk)
     head = build_head(cfg, num_classes, DIM, rank, world, embedding_grad_scale=float(world)).to(device)
     b = GLOBAL_BATCH // world
     g = torch.Generator().manual_seed(rank)
@@ -75,14 +78,16 @@ def _rank(rank: int, world: int, head_name: str, num_classes: int, iters: int, s
         times.append(time.perf_counter() - t0)
         head.zero_grad(set_to_none=False)
         emb.grad = None
-    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _rss_mb()
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mb()
     out[rank] = {"mem_mb": peak - base, "time_s": min(times[1:])}
     dist.destroy_process_group()
 
 
-def run_config(head_name: str, num_classes: int, world: int, iters: int, sample_rate: float = 1.0) -> dict[str, float]:
+def run_config(
+    head_name: str, num_classes: int, world: int, iters: int, sample_rate: float = 1.0, class_chunk: int = 0
+) -> dict[str, float]:
     """Per-rank max of peak memory and of the best fwd+bwd time over `iters` timed iterations."""
-    res = run_ranks(_rank, world, head_name, num_classes, iters, sample_rate)
+    res = run_ranks(_rank, world, head_name, num_classes, iters, sample_rate, class_chunk)
     return {"mem_mb": max(r["mem_mb"] for r in res.values()), "time_s": max(r["time_s"] for r in res.values())}
 
 
@@ -144,28 +149,33 @@ def poincare_gram_vs_broadcast(
     return out[0], out[1]
 
 
-def sample_rate_table(
+def variant_table(
     heads: list[str],
     classes: list[int],
     worlds: list[int],
     rates: list[float],
+    chunks: list[int],
     iters: int,
     full: dict[tuple[str, int, int], dict[str, float]],
 ) -> None:
-    """Partial-FC rows: peak memory and time at each loss.sample_rate, relative to the rate-1 run in `full`."""
-    print("\n| head | C | P | sample rate | per-rank peak MB | vs rate 1 | fwd+bwd s | vs rate 1 |")
-    print("|---|---|---|---|---|---|---|---|")
+    """Partial-FC (loss.sample_rate) and chunked-softmax (loss.class_chunk) rows: peak memory and time,
+    relative to the plain head's run in `full` (rate 1, whole shard at once)."""
+    print("\n| head | C | P | sample rate | class chunk | per-rank peak MB | vs plain | fwd+bwd s | vs plain |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for head in heads:
         for c in classes:
             for w in worlds:
                 base = full[(head, c, w)]
                 for rate in rates:
-                    r = base if rate >= 1.0 else run_config(head, c, w, iters, rate)
-                    print(
-                        f"| {head} | {c} | {w} | {rate:g} | {r['mem_mb']:.0f} | {r['mem_mb'] / base['mem_mb']:.2f} | "
-                        f"{r['time_s']:.3f} | {r['time_s'] / base['time_s']:.2f} |",
-                        flush=True,
-                    )
+                    for chunk in chunks:
+                        plain = rate >= 1.0 and chunk == 0
+                        r = base if plain else run_config(head, c, w, iters, rate, chunk)
+                        mem, secs = r["mem_mb"], r["time_s"]
+                        print(
+                            f"| {head} | {c} | {w} | {rate:g} | {chunk or '-'} | {mem:.0f} | "
+                            f"{mem / base['mem_mb']:.2f} | {secs:.3f} | {secs / base['time_s']:.2f} |",
+                            flush=True,
+                        )
 
 
 def main() -> None:
@@ -175,6 +185,7 @@ def main() -> None:
     p.add_argument("--heads", default="distarc,arcface,chest")
     p.add_argument("--iters", type=int, default=2)
     p.add_argument("--sample-rates", default="", help="Partial-FC rates for a second table, e.g. 1.0,0.5,0.1")
+    p.add_argument("--class-chunks", default="", help="loss.class_chunk values for that table, e.g. 0,8192")
     args = p.parse_args()
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))  # read by glibc in the spawned ranks
     classes = [int(c) for c in args.classes.split(",")]
@@ -200,12 +211,13 @@ def main() -> None:
         for c in classes:  # P = 1 in this process, default allocator
             d, a = time_in_process("distarc", c, args.iters), time_in_process("arcface", c, args.iters)
             print(f"| {c} | {d:.3f} | {a:.3f} | {d / a:.2f} | {pml_arcface(c, args.iters):.3f} |", flush=True)
-    if args.sample_rates:
-        sample_rate_table(
+    if args.sample_rates or args.class_chunks:
+        variant_table(
             args.heads.split(","),
             classes,
             worlds,
-            [float(r) for r in args.sample_rates.split(",")],
+            [float(r) for r in (args.sample_rates or "1.0").split(",")],
+            [int(c) for c in (args.class_chunks or "0").split(",")],
             args.iters,
             results,
         )
