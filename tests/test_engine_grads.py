@@ -3,10 +3,12 @@
 ZeRO averages the backbone's gradients over ranks; the head's all-gather backward multiplies by
 the world size to make up for it, and the head shards must never be averaged. Checked for world
 sizes 1, 2 and 4 and with gradient accumulation 2 (the objective is then the mean of the two
-micro-batches' global losses).
+micro-batches' global losses), also with the chunked class softmax (its backward runs inside the engine's).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -52,7 +54,7 @@ def micro_batches(accum: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     ]
 
 
-def engine_rank(stage: int, accum: int, head_name: str) -> dict:
+def engine_rank(stage: int, accum: int, head_name: str, class_chunk: int = 0) -> dict:
     import deepspeed.utils
     import torch.distributed as dist
 
@@ -68,7 +70,8 @@ def engine_rank(stage: int, accum: int, head_name: str) -> dict:
         micro_batch=b,
         max_steps=10,
     )
-    head = build_head(HEADS[head_name], CLASSES, DIM, rank, world, embedding_grad_scale=float(world))
+    cfg = dataclasses.replace(HEADS[head_name], class_chunk=class_chunk)
+    head = build_head(cfg, CLASSES, DIM, rank, world, embedding_grad_scale=float(world))
     task = MetricLearningTask(engine, head)
     for i, (images, labels) in enumerate(micro_batches(accum)):
         out = task(images[rank * b : (rank + 1) * b], labels[rank * b : (rank + 1) * b])
@@ -108,10 +111,12 @@ def dense(accum: int, head_name: str, world: int) -> tuple[dict[str, torch.Tenso
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_backbone_and_head_grads_match_dense(dist_pool, world: int) -> None:
     pool = dist_pool(world)
-    for head_name, stage, accum in (("distarc", 2, 1), ("distarc", 2, 2), ("distarc", 1, 2), ("chest", 2, 2)):
-        results = pool.run(engine_rank, stage, accum, head_name)
+    cases = [("distarc", 2, 1, 0), ("distarc", 2, 2, 0), ("distarc", 1, 2, 0), ("chest", 2, 2, 0)]
+    cases += [("distarc", 2, 2, 1), ("chest", 2, 2, 1)]  # the softmax one class at a time (loss.class_chunk)
+    for head_name, stage, accum, chunk in cases:
+        results = pool.run(engine_rank, stage, accum, head_name, chunk)
         ref_backbone, ref_shard, ref_repl = dense(accum, head_name, world)
-        msg = f"{head_name} ZeRO-{stage} accum {accum}"
+        msg = f"{head_name} ZeRO-{stage} accum {accum} class_chunk {chunk}"
         for r in results:
             for name, ref in ref_backbone.items():
                 assert_rel(r["backbone"][name], ref, f"{msg} backbone {name}")
