@@ -29,13 +29,12 @@ from torch.distributed import ProcessGroup
 
 from common.seeds import stable_seed
 from model import hyperbolic as hyp
-from model.chunked_softmax import chunked_sharded_cross_entropy
+from model.chunked_softmax import chunked_sharded_argmin, chunked_sharded_cross_entropy
 from model.collectives import (
     all_gather_and_exchange,
     all_gather_no_grad,
     all_gather_with_grad,
     all_reduce_sum_no_grad,
-    sharded_argmin,
     sharded_cross_entropy,
 )
 from model.config import ChestConfig, LossConfig
@@ -435,10 +434,14 @@ class ChestHead(ShardedHead):
     @torch.no_grad()
     def predict(self, emb_GD: torch.Tensor) -> dict[str, torch.Tensor]:
         """Label of the class with the highest soft similarity, per space."""
-        sims, _ = class_similarities(emb_GD, self.proxies, self.fc, self.cfg)
-        return {
-            space: self.class_unperm[sharded_argmin(-sim, self.class_start, self.group)] for space, sim in sims.items()
-        }
+
+        def values(start: int, stop: int) -> dict[str, torch.Tensor]:
+            sims, _ = class_similarities(emb_GD, self.proxies[start:stop], self.fc, self.cfg)
+            return {space: -sim for space, sim in sims.items()}
+
+        chunk = self.cfg.class_chunk or self.num_local  # loss.class_chunk bounds evaluation's blocks too
+        rows = chunked_sharded_argmin(values, self.num_local, chunk, self.class_start, self.group)
+        return {space: self.class_unperm[row] for space, row in rows.items()}
 
 
 def chest_loss(

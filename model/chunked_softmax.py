@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from model.collectives import _world
+from model.collectives import _world, argmin_over_ranks
 
 # (x_GD, rows_cD, start, target_col_G relative to start (-1 elsewhere))
 #     -> ([logits_Gc per space], [target_G per space], stats_SG or None)
@@ -154,3 +154,33 @@ def chunked_sharded_cross_entropy(
         x_GD, table_CD, target_col_G, fn, chunk, group, tuple(params), num_spaces
     )
     return loss_NG, stats
+
+
+def chunked_sharded_argmin(
+    values_fn: Callable[[int, int], dict[str, torch.Tensor]],
+    num_local: int,
+    chunk: int,
+    class_start: int,
+    group: ProcessGroup | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per rule, the global class id of the smallest value per row, `chunk` local classes at a time.
+
+    `values_fn(start, stop)` gives each rule's values [G, stop - start] for local classes [start, stop)
+    (called once with (0, 0) on a rank without classes). Ties go to the lowest class id, as
+    `model.collectives.sharded_argmin`, which this equals with chunk >= num_local.
+    """
+    best: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for start, stop in _chunks(num_local, max(chunk, 1)) or [(0, 0)]:
+        for rule, values in values_fn(start, stop).items():
+            if values.shape[1] == 0:
+                low = torch.full((values.shape[0],), torch.inf, dtype=values.dtype, device=values.device)
+                idx = torch.full((values.shape[0],), -1, dtype=torch.long, device=values.device)
+            else:
+                low, idx = values.min(dim=1)
+                idx = idx + class_start + start
+            if rule in best:  # strictly smaller only: an earlier chunk (lower ids) keeps its ties
+                prev_low, prev_idx = best[rule]
+                better = low < prev_low
+                low, idx = torch.where(better, low, prev_low), torch.where(better, idx, prev_idx)
+            best[rule] = (low, idx)
+    return {rule: argmin_over_ranks(low, idx, group) for rule, (low, idx) in best.items()}

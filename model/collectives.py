@@ -138,13 +138,19 @@ def sharded_argmin(values_GC: torch.Tensor, class_start: int, group: ProcessGrou
 
     Ties go to the lowest class id on every rank alike.
     """
-    _, world = _world(group)
     if values_GC.shape[1] > 0:
         min_G, idx_G = values_GC.min(dim=1)
         idx_G = idx_G + class_start
     else:
         min_G = torch.full((values_GC.shape[0],), torch.inf, dtype=values_GC.dtype, device=values_GC.device)
         idx_G = torch.full((values_GC.shape[0],), -1, dtype=torch.long, device=values_GC.device)
+    return argmin_over_ranks(min_G, idx_G, group)
+
+
+def argmin_over_ranks(min_G: torch.Tensor, idx_G: torch.Tensor, group: ProcessGroup | None = None) -> torch.Tensor:
+    """Each rank's best (value, global class id) per row -> the id of the smallest value over ranks
+    (ties: the lowest rank, which holds the lowest ids). A rank without classes passes (inf, -1)."""
+    _, world = _world(group)
     if world == 1:
         return idx_G
     mins = [torch.empty_like(min_G) for _ in range(world)]

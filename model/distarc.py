@@ -20,12 +20,11 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from common.seeds import stable_seed
-from model.chunked_softmax import chunked_sharded_cross_entropy
+from model.chunked_softmax import chunked_sharded_argmin, chunked_sharded_cross_entropy
 from model.collectives import (
     all_gather_no_grad,
     all_gather_with_grad,
     all_reduce_sum_no_grad,
-    sharded_argmin,
     sharded_cross_entropy,
 )
 from model.config import LossConfig
@@ -251,12 +250,16 @@ class DistArcHead(ShardedHead):
 
         `emb_GD` must be the same on every rank; the reduction spans the class shards.
         """
-        out = {"cosine": sharded_argmin(-cosine_scores(emb_GD, self.weight), self.class_start, self.group)}
-        if self.cfg.name == "distarc":
-            out["measure"] = sharded_argmin(
-                anchor_sq_distance(emb_GD, self.weight, self.radii), self.class_start, self.group
-            )
-        return out
+
+        def values(start: int, stop: int) -> dict[str, torch.Tensor]:
+            rows = self.weight[start:stop]
+            out = {"cosine": -cosine_scores(emb_GD, rows)}
+            if self.cfg.name == "distarc":
+                out["measure"] = anchor_sq_distance(emb_GD, rows, self.radii[start:stop])
+            return out
+
+        chunk = self.cfg.class_chunk or self.num_local  # loss.class_chunk bounds evaluation's blocks too
+        return chunked_sharded_argmin(values, self.num_local, chunk, self.class_start, self.group)
 
 
 # ---- single-process reference API (plain tensors, the full table) -----------------------------

@@ -128,3 +128,29 @@ def test_class_chunk_is_validated_and_reaches_the_head() -> None:
         )
     cfg = build_config("mnist_distarc", ["loss.class_chunk=16"])
     assert cfg.loss.class_chunk == 16 and dataclasses.replace(cfg.loss).class_chunk == 16
+
+
+def test_chunked_predictions_equal_whole_shard_ones_and_keep_ties_on_the_lowest_id() -> None:
+    from model.chest import ChestHead
+    from model.config import ChestConfig
+
+    g = torch.Generator().manual_seed(4)
+    emb = torch.randn(30, 6, generator=g) * 3
+    for chunk in (1, 4, 7):
+        whole, chunked = (DistArcHead(LossConfig(class_chunk=c), 25, 6) for c in (0, chunk))
+        with torch.no_grad():  # classes 3 and 20 share a row: every tie must go to 3, as unchunked
+            for head in (whole, chunked):
+                head.weight[20] = head.weight[3]
+                head.radii[20] = head.radii[3]
+        on_anchor = whole.radii[3] * torch.nn.functional.normalize(whole.weight[3:4].detach(), dim=1)
+        emb_ties = torch.cat([emb, on_anchor])  # on the anchor shared by classes 3 and 20
+        got, want = chunked.predict(emb_ties), whole.predict(emb_ties)
+        assert set(got) == {"cosine", "measure"}
+        for rule in want:
+            assert torch.equal(got[rule], want[rule]), (chunk, rule)
+        assert int(got["cosine"][-1]) == 3 and int(got["measure"][-1]) == 3
+        cfg = LossConfig(name="chest", chest=ChestConfig(hyp_dim=5))
+        preds = [ChestHead(dataclasses.replace(cfg, class_chunk=c), 25, 6).predict(emb) for c in (0, chunk)]
+        assert set(preds[0]) == {"euclidean", "poincare"}
+        for rule in preds[0]:
+            assert torch.equal(preds[1][rule], preds[0][rule]), (chunk, rule)
