@@ -79,7 +79,8 @@ class _ChunkedShardedCrossEntropy(torch.autograd.Function):
         global_max_NG = max_NG.clone()
         if world > 1:
             dist.all_reduce(global_max_NG, op=dist.ReduceOp.MAX, group=group)
-        local_sum_NG = torch.where(sum_NG > 0, sum_NG * torch.exp(max_NG - global_max_NG), 0.0)
+        # (-inf where this rank has no classes; a NaN logit stays NaN, so the step is seen as non-finite)
+        local_sum_NG = torch.where(torch.isneginf(max_NG), 0.0, sum_NG * torch.exp(max_NG - global_max_NG))
         sums_2NG = torch.stack([local_sum_NG, target_NG])  # one all-reduce: [sums of exp, owners' targets]
         if world > 1:
             dist.all_reduce(sums_2NG, group=group)
@@ -118,6 +119,7 @@ class _ChunkedShardedCrossEntropy(torch.autograd.Function):
             torch.autograd.backward(outputs, grads, inputs=inputs)
             if grad_table is not None:
                 grad_table[start:stop] = 0.0 if rows.grad is None else rows.grad
+            del logits, targets, outputs, grads  # before the next chunk's: one chunk's blocks alive at a time
         for p in ctx.params:  # a rank without classes still gives zeros: replicated grads are all-reduced
             if p.grad is None:
                 p.grad = torch.zeros_like(p)

@@ -154,3 +154,13 @@ def test_chunked_predictions_equal_whole_shard_ones_and_keep_ties_on_the_lowest_
         assert set(preds[0]) == {"euclidean", "poincare"}
         for rule in preds[0]:
             assert torch.equal(preds[1][rule], preds[0][rule]), (chunk, rule)
+
+
+def test_a_nan_embedding_makes_the_chunked_loss_non_finite() -> None:
+    """The training step skips non-finite losses: the chunked path must not hide a NaN (e.g. as a zero sum)."""
+    for chunk in (0, 4):
+        head = DistArcHead(LossConfig(class_chunk=chunk), 10, 4)
+        emb = torch.randn(3, 4)
+        emb[1, 0] = float("nan")
+        out = head(emb.requires_grad_(True), torch.tensor([1, 2, 3]))
+        assert not torch.isfinite(out["loss"]), chunk
