@@ -427,10 +427,14 @@ def fixes(cfg: RunConfig, est: Estimate) -> str:
                 f"the {_size(est.most('logits'))} of logits)",
             )
         )
-    if cfg.loss.class_chunk <= 0:
+    world = cfg.slurm.nodes * cfg.slurm.tasks_per_node
+    largest_shard = class_range(cfg.data.num_classes, 0, world)[1]  # rank 0's is never smaller
+    chunked = dataclasses.replace(cfg.loss, class_chunk=SUGGESTED_CHUNK)
+    saving = est.most("logits") - logit_bytes(cfg.data.batch_size * world, largest_shard, chunked, cfg.model.embed_dim)
+    if cfg.loss.class_chunk <= 0 and saving > 0:  # only where the shard (times the sample rate) exceeds a chunk
         out.append(
             (
-                est.most("logits"),
+                saving,
                 f"loss.class_chunk={SUGGESTED_CHUNK} (the {_size(est.most('logits'))} of logits taken "
                 f"{SUGGESTED_CHUNK} classes at a time and recomputed in backward)",
             )

@@ -160,11 +160,13 @@ def class_similarities(
     fc: nn.Module | None,
     cfg: LossConfig,
     proxies_h_CKH: torch.Tensor | None = None,
+    map_for_regulariser: bool = True,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """Soft class similarities S [G, C] per space, and the proxies mapped into the ball [C, K, H].
 
     Spaces: "euclidean" and "poincare" for CHEST (those with eta > 0), "cosine" for SoftTriple.
     `proxies_h_CKH`: these proxies already mapped (Partial-FC shares the regulariser's mapping), else mapped here.
+    `map_for_regulariser`: map them (for HypHC, tau > 0) even where no Poincare softmax needs them.
     """
     ch = cfg.chest
     x = x_GE.float()
@@ -181,7 +183,7 @@ def class_similarities(
             euclidean_pairwise(feats, prox).view(x.shape[0], num_local, k), ch.gamma_e
         )
     prox_h = None if proxies_h_CKH is None else proxies_h_CKH.reshape(num_local * k, proxies_h_CKH.shape[-1])
-    if prox_h is None and (ch.eta_h > 0 or ch.tau > 0):
+    if prox_h is None and (ch.eta_h > 0 or (ch.tau > 0 and map_for_regulariser)):
         prox_h = hyp.to_ball(fc(flat), ch.curvature, ch.clip_radius)
     if ch.eta_h > 0:
         assert prox_h is not None
@@ -189,6 +191,19 @@ def class_similarities(
         d_h = hyp.pairwise_dist(x_h, prox_h, ch.curvature).view(x.shape[0], num_local, k)
         out["poincare"] = soft_min_similarity(d_h, ch.gamma_h)
     return out, None if prox_h is None else prox_h.view(num_local, k, prox_h.shape[-1])
+
+
+def class_softmaxes(cfg: LossConfig) -> dict[str, tuple[str, float, float, float]]:
+    """The head's class softmaxes, in class_similarities' order: space -> (output key, lambda, delta, eta).
+    SoftTriple's cosine space uses the Euclidean fields (and no eta); a CHEST space with eta = 0 is absent."""
+    ch = cfg.chest
+    if cfg.name == "softtriple":
+        return {"cosine": ("loss_e_G", ch.lambda_e, ch.delta_e, 1.0)}
+    spaces = {
+        "euclidean": ("loss_e_G", ch.lambda_e, ch.delta_e, ch.eta_e),
+        "poincare": ("loss_h_G", ch.lambda_h, ch.delta_h, ch.eta_h),
+    }
+    return {space: terms for space, terms in spaces.items() if terms[3] > 0}
 
 
 def class_terms(
@@ -206,14 +221,8 @@ def class_terms(
     Returns "loss_G" (eta-weighted sum), the per-space "loss_e_G"/"loss_h_G" and, when h exists,
     "proxies_h" [C, K, H] (the mapped proxies, reused by HypHC).
     """
-    ch = cfg.chest
     sims, prox_h = class_similarities(x_GE, proxies_CKE, fc, cfg, proxies_h_CKH)
-    # space -> (output key, lambda, delta, eta); SoftTriple's cosine space uses the Euclidean fields
-    spec = {
-        "euclidean": ("loss_e_G", ch.lambda_e, ch.delta_e, ch.eta_e),
-        "cosine": ("loss_e_G", ch.lambda_e, ch.delta_e, 1.0),
-        "poincare": ("loss_h_G", ch.lambda_h, ch.delta_h, ch.eta_h),
-    }
+    spec = class_softmaxes(cfg)
     out: dict[str, torch.Tensor] = {}
     total = torch.zeros(x_GE.shape[0], device=x_GE.device)
     for space, sim in sims.items():
@@ -237,22 +246,13 @@ def class_terms_chunked(
 ) -> dict[str, torch.Tensor]:
     """`class_terms` with each space's class softmax taken loss.class_chunk classes at a time and recomputed
     in backward (model/chunked_softmax.py): no [G, C, K] block of the whole shard exists. No "proxies_h"."""
-    ch = cfg.chest
-    spaces = (
-        ["cosine"]
-        if cfg.name == "softtriple"
-        else [s for s, eta in (("euclidean", ch.eta_e), ("poincare", ch.eta_h)) if eta > 0]
-    )
-    spec = {  # space -> (output key, lambda, delta, eta), as class_terms
-        "euclidean": ("loss_e_G", ch.lambda_e, ch.delta_e, ch.eta_e),
-        "cosine": ("loss_e_G", ch.lambda_e, ch.delta_e, 1.0),
-        "poincare": ("loss_h_G", ch.lambda_h, ch.delta_h, ch.eta_h),
-    }
+    spec = class_softmaxes(cfg)
+    spaces = list(spec)
 
     def chunk_logits(
         x: torch.Tensor, rows: torch.Tensor, start: int, cols: torch.Tensor
     ) -> tuple[list[torch.Tensor], list[torch.Tensor], None]:
-        sims, _ = class_similarities(x, rows, fc, cfg)
+        sims, _ = class_similarities(x, rows, fc, cfg, map_for_regulariser=False)
         pairs = [margin_logits(sims[space], cols, spec[space][1], spec[space][2]) for space in spaces]
         return [logits for logits, _ in pairs], [target for _, target in pairs], None
 
@@ -436,7 +436,7 @@ class ChestHead(ShardedHead):
         """Label of the class with the highest soft similarity, per space."""
 
         def values(start: int, stop: int) -> dict[str, torch.Tensor]:
-            sims, _ = class_similarities(emb_GD, self.proxies[start:stop], self.fc, self.cfg)
+            sims, _ = class_similarities(emb_GD, self.proxies[start:stop], self.fc, self.cfg, map_for_regulariser=False)
             return {space: -sim for space, sim in sims.items()}
 
         chunk = self.cfg.class_chunk or self.num_local  # loss.class_chunk bounds evaluation's blocks too

@@ -12,8 +12,8 @@ one more forward of the logits (about a third more head FLOPs); loss and gradien
 
 The chunk function sees a slice of the table and returns, per softmax ("space"), that slice's logits and
 the numerator logit of the samples whose class lies in the slice, plus optional detached per-sample
-statistics. Parameters it uses besides the table (CHEST's shared FC h) are passed as `params`: the
-backward accumulates their gradients into `.grad` itself, as torch.utils.checkpoint's reentrant mode does.
+statistics. Parameters it uses besides the table (CHEST's shared FC h) are passed as `params`, inputs of
+the autograd node like the table: their gradients, summed over chunks, are returned to autograd.
 
 Legend: G global batch, C classes on this rank, c classes in a chunk, D row shape, N spaces, S statistics.
 """
@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.distributed import ProcessGroup
 
 from model.collectives import _world, argmin_over_ranks
@@ -47,6 +48,9 @@ def _chunks(num_local: int, chunk: int) -> list[tuple[int, int]]:
 
 
 class _ChunkedShardedCrossEntropy(torch.autograd.Function):
+    """loss_NG = lse_NG - target_NG over every rank's classes; forward keeps only [N, G] running sums,
+    backward recomputes one chunk at a time. Inputs with gradients: x, the table and `params` (last)."""
+
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any,
@@ -56,8 +60,8 @@ class _ChunkedShardedCrossEntropy(torch.autograd.Function):
         fn: ChunkLogits,
         chunk: int,
         group: ProcessGroup | None,
-        params: Sequence[nn.Parameter],
         num_spaces: int,
+        *params: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         _, world = _world(group)
         num_rows = x_GD.shape[0]
@@ -69,13 +73,16 @@ class _ChunkedShardedCrossEntropy(torch.autograd.Function):
             cols = _chunk_targets(target_col_G, start, stop)
             logits, targets, chunk_stats = fn(x_GD, table_CD[start:stop], start, cols)
             for n, (lg, tg) in enumerate(zip(logits, targets, strict=True)):
-                # online log-sum-exp: the running sum rescaled to the new running max
+                # online log-sum-exp: the running sum rescaled to the new running max; a max still at -inf
+                # (every logit so far -inf) shifts by 0 instead, as exp(-inf - -inf) would be NaN
                 new_max = torch.maximum(max_NG[n], lg.max(dim=1).values.float())
-                sum_NG[n] = sum_NG[n] * torch.exp(max_NG[n] - new_max) + torch.exp(lg - new_max[:, None]).sum(dim=1)
+                shift = torch.where(torch.isneginf(new_max), 0.0, new_max)
+                sum_NG[n] = sum_NG[n] * torch.exp(max_NG[n] - shift) + torch.exp(lg - shift[:, None]).sum(dim=1)
                 max_NG[n] = new_max
                 target_NG[n] = torch.where(cols >= 0, tg.float(), target_NG[n])
             if chunk_stats is not None:
                 stats = chunk_stats.float() if stats is None else stats + chunk_stats.float()
+            del logits, targets, chunk_stats
         global_max_NG = max_NG.clone()
         if world > 1:
             dist.all_reduce(global_max_NG, op=dist.ReduceOp.MAX, group=group)
@@ -87,22 +94,26 @@ class _ChunkedShardedCrossEntropy(torch.autograd.Function):
         lse_NG = global_max_NG + torch.log(sums_2NG[0])
         if stats is None:
             stats = torch.zeros((0, num_rows), device=x_GD.device)
-        ctx.save_for_backward(x_GD, table_CD, target_col_G, lse_NG)
-        ctx.fn, ctx.chunk, ctx.params = fn, chunk, [p for p in params if p.requires_grad]
+        ctx.save_for_backward(x_GD, table_CD, target_col_G, lse_NG, *params)
+        ctx.fn, ctx.chunk = fn, chunk
         ctx.mark_non_differentiable(stats)
         return lse_NG - sums_2NG[1], stats
 
     @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: Any, grad_NG: torch.Tensor, _grad_stats: torch.Tensor
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None, None, None, None]:
-        x_GD, table_CD, target_col_G, lse_NG = ctx.saved_tensors
-        x = x_GD.detach().requires_grad_(ctx.needs_input_grad[0])
-        grad_table = torch.empty_like(table_CD) if ctx.needs_input_grad[1] else None
+    @once_differentiable  # the recompute is not itself differentiable: create_graph=True must fail loudly
+    def backward(ctx: Any, grad_NG: torch.Tensor, _grad_stats: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x_GD, table_CD, target_col_G, lse_NG, *params = ctx.saved_tensors
+        wants_x, wants_table, wants_params = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[7:]
+        x = x_GD.detach().requires_grad_(wants_x)
+        grad_x = torch.zeros_like(x_GD) if wants_x else None
+        grad_table = torch.empty_like(table_CD) if wants_table else None
+        # params take part as themselves (the chunk function uses the module's own tensors); their
+        # gradients are returned, summed over chunks, so autograd accumulates them once, hooks included
+        grad_params = [torch.zeros_like(p) if wanted else None for p, wanted in zip(params, wants_params, strict=True)]
         for start, stop in _chunks(table_CD.shape[0], ctx.chunk):
             cols = _chunk_targets(target_col_G, start, stop)
-            rows = table_CD[start:stop].detach().requires_grad_(ctx.needs_input_grad[1])
-            inputs = [t for t in (x, rows, *ctx.params) if t.requires_grad]
+            rows = table_CD[start:stop].detach().requires_grad_(wants_table)
+            inputs = [t for t, wanted in ((x, wants_x), (rows, wants_table), *zip(params, wants_params)) if wanted]
             if not inputs:
                 continue
             with torch.enable_grad():
@@ -115,15 +126,21 @@ class _ChunkedShardedCrossEntropy(torch.autograd.Function):
                     torch.exp(lg.detach().float() - lse_NG[n][:, None]).to(lg.dtype) * grad_NG[n][:, None],
                     torch.where(cols >= 0, -grad_NG[n], 0.0).to(tg.dtype),
                 ]
-            # x and rows are fresh leaves (their .grad collects this chunk), params accumulate in place
-            torch.autograd.backward(outputs, grads, inputs=inputs)
+            found = dict(
+                zip(map(id, inputs), torch.autograd.grad(outputs, inputs, grads, allow_unused=True), strict=True)
+            )
+            if grad_x is not None and found.get(id(x)) is not None:
+                grad_x += found[id(x)]
             if grad_table is not None:
-                grad_table[start:stop] = 0.0 if rows.grad is None else rows.grad
-            del logits, targets, outputs, grads  # before the next chunk's: one chunk's blocks alive at a time
-        for p in ctx.params:  # a rank without classes still gives zeros: replicated grads are all-reduced
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        return x.grad if ctx.needs_input_grad[0] else None, grad_table, None, None, None, None, None, None
+                g_rows = found.get(id(rows))
+                grad_table[start:stop] = 0.0 if g_rows is None else g_rows
+            for i, p in enumerate(params):
+                g_p, acc = found.get(id(p)), grad_params[i]
+                if acc is not None and g_p is not None:
+                    acc += g_p
+            del logits, targets, outputs, grads, found  # before the next chunk's: one chunk's blocks at a time
+        # zeros, not None, for params no chunk reached (a rank without classes): replicated grads are all-reduced
+        return grad_x, grad_table, None, None, None, None, None, *grad_params
 
 
 def chunked_sharded_cross_entropy(
@@ -145,7 +162,10 @@ def chunked_sharded_cross_entropy(
         x_GD: the global batch's embeddings, gradients flow to it.
         table_CD: this rank's rows (a parameter, or the rows Partial-FC kept), gradients flow to it.
         target_col_G: each sample's row in `table_CD`, -1 where another rank owns its class.
-        params: other parameters `fn` uses; their gradients are accumulated into `.grad` during backward.
+        chunk: local classes per block (>= 1; the whole shard when larger).
+        group: the process group the classes are sharded over (None: the default group, or one process).
+        params: other tensors `fn` uses that need gradients (CHEST's shared FC h), by identity.
+        num_spaces: how many softmaxes `fn` returns (CHEST: one per space).
 
     Returns:
         (loss_NG identical on every rank, the sum over chunks of fn's statistics [S, G], detached).
@@ -153,7 +173,7 @@ def chunked_sharded_cross_entropy(
     if chunk < 1:
         raise ValueError(f"chunk={chunk} must be >= 1 (loss.class_chunk)")
     loss_NG, stats = _ChunkedShardedCrossEntropy.apply(
-        x_GD, table_CD, target_col_G, fn, chunk, group, tuple(params), num_spaces
+        x_GD, table_CD, target_col_G, fn, chunk, group, num_spaces, *params
     )
     return loss_NG, stats
 

@@ -10,6 +10,7 @@ saves no [G, C] block for backward, and the setting's validation.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -164,3 +165,83 @@ def test_a_nan_embedding_makes_the_chunked_loss_non_finite() -> None:
         emb[1, 0] = float("nan")
         out = head(emb.requires_grad_(True), torch.tensor([1, 2, 3]))
         assert not torch.isfinite(out["loss"]), chunk
+
+
+def linear_logits(
+    x: torch.Tensor, rows: torch.Tensor, start: int, cols: torch.Tensor
+) -> tuple[list[torch.Tensor], list[torch.Tensor], None]:
+    logits = x @ rows.t()
+    return [logits], [logits.gather(1, cols.clamp_min(0)[:, None]).squeeze(1)], None
+
+
+def nan_row_on_rank_one(class_chunk: int) -> list[float]:
+    """Classes 0-3 on rank 0, 4-7 on rank 1, whose class 7 row is NaN and no sample's target; the loss
+    every rank sees (class_chunk 0: the unchunked sharded_cross_entropy)."""
+    import torch.distributed as dist
+
+    from model.collectives import sharded_cross_entropy
+
+    rank = dist.get_rank()
+    g = torch.Generator().manual_seed(0)
+    x, table = torch.randn(4, 3, generator=g), torch.randn(8, 3, generator=g)
+    labels = torch.tensor([0, 1, 5, 6])
+    mine = table[rank * 4 : (rank + 1) * 4].clone()
+    if rank == 1:
+        mine[3] = float("nan")
+    cols = torch.where((labels >= rank * 4) & (labels < rank * 4 + 4), labels - rank * 4, -1)
+    if class_chunk == 0:
+        (logits,), (target,), _ = linear_logits(x, mine, 0, cols)
+        return sharded_cross_entropy(logits, target, cols >= 0).tolist()
+    return chunked_sharded_cross_entropy(linear_logits, x, mine, cols, class_chunk)[0][0].tolist()
+
+
+def test_a_nan_logit_on_another_rank_makes_every_rank_s_loss_non_finite(dist_pool) -> None:
+    """gloo's MAX all-reduce can drop a NaN, so the rank's sum itself must carry it (not be masked to 0)."""
+    pool = dist_pool(2)
+    for chunk in (0, 2):
+        losses = pool.run(nan_row_on_rank_one, chunk)
+        assert not any(math.isfinite(v) for per_rank in losses for v in per_rank), (chunk, losses)
+
+
+def test_a_chunk_of_minus_infinity_adds_nothing() -> None:
+    """A row whose first chunk is all -inf (a masked class block) keeps the finite loss of the rest."""
+    x, table = torch.randn(4, 3, generator=torch.Generator().manual_seed(5)), torch.randn(6, 3)
+
+    def logits(xx: torch.Tensor, rows: torch.Tensor, start: int, cols: torch.Tensor):  # type: ignore[no-untyped-def]
+        masked = torch.arange(start, start + rows.shape[0]) < 2  # classes 0 and 1: masked out
+        z = (xx @ rows.t()).masked_fill(masked[None, :], -torch.inf)
+        pick = torch.arange(xx.shape[0])
+        return [z], [z[pick, cols.clamp_min(0)]], None
+
+    labels = torch.tensor([2, 3, 4, 5])
+    whole, _ = chunked_sharded_cross_entropy(logits, x, table, labels, 6)
+    for chunk in (1, 2, 3):
+        got, _ = chunked_sharded_cross_entropy(logits, x, table, labels, chunk)
+        assert torch.isfinite(got).all(), chunk
+        assert_rel(got, whole, f"chunk={chunk}", 1e-6)
+
+
+def test_chest_fc_gets_one_summed_gradient_and_double_backward_is_refused() -> None:
+    from model.chest import ChestHead
+    from model.config import ChestConfig
+
+    cfg = LossConfig(name="chest", class_chunk=3, chest=ChestConfig(hyp_dim=5, eta_e=0.3, eta_h=2.0))
+    emb = torch.randn(8, 6, generator=torch.Generator().manual_seed(2))
+    grads = []
+    for c in (0, 3):  # eta weights other than 0 / 1: each space's weight applied once, as unchunked
+        head = ChestHead(dataclasses.replace(cfg, class_chunk=c), 11, 6)
+        calls: list[int] = []
+        head.fc.weight.register_post_accumulate_grad_hook(lambda p: calls.append(1))  # type: ignore[union-attr]
+        e = emb.clone().requires_grad_(True)
+        out = head(e, torch.arange(8))
+        out["loss"].backward()
+        assert calls == [1], c  # a gradient-sync hook sees the whole gradient once
+        grads.append([out["loss"].detach(), e.grad, head.proxies.grad, head.fc.weight.grad])  # type: ignore[union-attr]
+    for got, want in zip(grads[1], grads[0]):
+        assert_rel(got, want, "chunked CHEST with eta (0.3, 2.0)", 1e-4)
+    head = ChestHead(cfg, 11, 6)
+    e = emb.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(head(e, torch.arange(8))["loss"], e, create_graph=True)
+    assert head.fc.weight.grad is None  # type: ignore[union-attr]  # autograd.grad wrote nothing into .grad
+    with pytest.raises(RuntimeError):
+        g.sum().backward()

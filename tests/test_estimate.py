@@ -143,10 +143,12 @@ def test_a_submission_that_cannot_fit_is_refused_with_the_fixes(tmp_path, capsys
         "model.grad_checkpointing=true",
         "data.batch_size",
         "loss.sample_rate<1",
-        "loss.class_chunk=8192",
         "zero.bf16=true",
     ):
         assert fix in err, fix
+    assert "loss.class_chunk" not in err  # 10 classes: a chunk of 8192 would save nothing
+    assert main(["--slurm", "--gpu-mem-gb", "1", *args, "data.num_classes=200000"]) == 2
+    assert "loss.class_chunk=8192" in capsys.readouterr().err  # 100,000 classes per rank
     assert main(["--estimate", "--gpu-mem-gb", "1", *args]) == 1
     assert "DOES NOT FIT" in capsys.readouterr().out
     assert main(["--estimate", *args]) == 0
