@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed import ProcessGroup
+from torch.utils.checkpoint import checkpoint
 
 from common.seeds import stable_seed
 from model import hyperbolic as hyp
@@ -345,12 +346,12 @@ class ChestHead(ShardedHead):
         sampled = self.cfg.sample_rate < 1.0
         chunked = self.cfg.class_chunk > 0
         all_h = kept_h = None
-        if (sampled or chunked) and trip is not None:  # HypHC needs every local proxy in the ball: map them once
+        if sampled and not chunked and trip is not None:  # HypHC needs every local proxy in the ball: map them once
             all_h = self._proxies_in_ball()
         if sampled:  # Partial-FC: the batch's positives and a random share of the other local classes
             index, target_col = self.sample_columns(target_col, step)
             proxies = proxies[index]
-            kept_h = None if all_h is None or chunked else all_h[index]  # the unchunked terms share the mapping
+            kept_h = None if all_h is None else all_h[index]  # the class terms share the regulariser's mapping
         if chunked:
             terms = class_terms_chunked(x_GE, target_col, proxies, self.fc, self.cfg, self.group)
         else:
@@ -360,7 +361,10 @@ class ChestHead(ShardedHead):
             if key in terms:
                 out[key[:-2]] = terms[key].detach().mean()
         if self.cfg.chest.tau > 0:
-            local_reg = self._regulariser(all_h if all_h is not None else terms.get("proxies_h"), trip, neg_e)
+            if chunked and trip is not None:
+                local_reg = self._hyphc_chunked(trip, neg_e)
+            else:
+                local_reg = self._regulariser(all_h if all_h is not None else terms.get("proxies_h"), trip, neg_e)
             global_reg = all_reduce_sum_no_grad(local_reg, self.group)
             # value: the global sum; gradient: this rank's own triplets (peers' reach us via the exchange)
             out["loss"] = out["loss"] + local_reg - local_reg.detach() + global_reg
@@ -417,6 +421,39 @@ class ChestHead(ShardedHead):
             p3 = hyp.to_ball(self.fc(neg_e), ch.curvature, ch.clip_radius)
         valid = trip.valid[lo : lo + n].to(prox_h.device, prox_h.dtype)
         return ch.tau / self.num_classes * (hyphc_triplet_loss(p1, p2, p3, ch) * valid).sum()
+
+    def _hyphc_chunked(self, trip: Triplets, neg_e: torch.Tensor | None) -> torch.Tensor:
+        """`_regulariser`'s HypHC term over loss.class_chunk anchor classes at a time, each block recomputed in
+        backward (torch.utils.checkpoint): only the triplets' proxies go through h and into the ball, and no
+        mapping of the whole table waits for backward (with K = 2 and D_H = 384 that graph was ~30 KB/class)."""
+        assert self.fc is not None
+        ch, lo = self.cfg.chest, self.class_start
+        device = self.proxies.device
+
+        def block(proxies: torch.Tensor, neg: torch.Tensor | None, start: int, stop: int) -> torch.Tensor:
+            anchors, span = torch.arange(start, stop), slice(lo + start, lo + stop)
+            p1 = self._to_ball(_rows(proxies, anchors, trip.pos_i[span]))
+            p2 = self._to_ball(_rows(proxies, anchors, trip.pos_j[span]))
+            # local negatives: rows of this table; peer ones: the Euclidean rows received for these anchors
+            p3 = self._to_ball(_rows(proxies, trip.neg_class[span] - lo, trip.neg_k[span]) if neg is None else neg)
+            valid = trip.valid[span].to(device, p1.dtype)
+            return (hyphc_triplet_loss(p1, p2, p3, ch) * valid).sum()
+
+        total = torch.zeros((), device=device)
+        for start in range(0, self.num_local, self.cfg.class_chunk):
+            stop = min(start + self.cfg.class_chunk, self.num_local)
+            neg = None if neg_e is None else neg_e[start:stop]
+            # no randomness inside: the RNG state need not be stashed for the recompute
+            total = total + checkpoint(
+                block, self.proxies, neg, start, stop, use_reentrant=False, preserve_rng_state=False
+            )
+        return ch.tau / self.num_classes * total
+
+    def _to_ball(self, rows_ND: torch.Tensor) -> torch.Tensor:
+        """Euclidean rows through the shared FC h and into the Poincare ball (clip, expmap0)."""
+        assert self.fc is not None
+        ch = self.cfg.chest
+        return hyp.to_ball(self.fc(rows_ND.float()), ch.curvature, ch.clip_radius)
 
     @torch.no_grad()
     def embed_spaces(self, emb_GE: torch.Tensor) -> dict[str, torch.Tensor]:

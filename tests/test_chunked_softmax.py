@@ -78,19 +78,28 @@ def test_chunked_equals_dense_autograd(chunk: int) -> None:
         assert_rel(got, want, f"chunk={chunk}: {name}", 1e-5)
 
 
-def test_the_chunked_head_saves_no_class_sized_block() -> None:
-    """Bytes autograd saves for backward beyond the table itself: [G, C] blocks unchunked, only [G, D]
-    and [G] ones chunked (the logits are recomputed in backward)."""
-    classes, batch, dim = 4000, 16, 8
+@pytest.mark.parametrize("name", ["distarc", "chest"])
+def test_the_chunked_head_saves_no_class_sized_block(name: str) -> None:
+    """Bytes autograd saves for backward beyond the table itself: [G, C] blocks (CHEST: [G, C, K] distances
+    and HypHC's mapping of every proxy) unchunked; chunked, a few [G]- and [G, D]-sized tensors whatever C."""
+    from model.chest import ChestHead
+    from model.config import ChestConfig
 
-    def saved_bytes(chunk: int) -> int:
-        head = DistArcHead(LossConfig(class_chunk=chunk), classes, dim)
-        table = head.weight.untyped_storage().data_ptr()
+    batch, dim = 16, 8
+
+    def saved_bytes(classes: int, chunk: int) -> int:
+        if name == "chest":  # tau > 0: the HypHC regulariser is on
+            head = ChestHead(LossConfig(name="chest", class_chunk=chunk, chest=ChestConfig(hyp_dim=16)), classes, dim)
+            table = head.proxies
+        else:
+            head = DistArcHead(LossConfig(class_chunk=chunk), classes, dim)
+            table = head.weight
+        table_storage = table.untyped_storage().data_ptr()
         total = 0
 
         def pack(t: torch.Tensor) -> torch.Tensor:
             nonlocal total
-            if t.untyped_storage().data_ptr() != table:
+            if t.untyped_storage().data_ptr() != table_storage:
                 total += t.numel() * t.element_size()
             return t
 
@@ -98,13 +107,13 @@ def test_the_chunked_head_saves_no_class_sized_block() -> None:
         with saved_tensors_hooks(pack, lambda t: t):  # the forward only: what waits for backward
             loss = head(emb, torch.randint(0, classes, (batch,)))["loss"]
         loss.backward()
-        assert emb.grad is not None and head.weight.grad is not None
+        assert emb.grad is not None and table.grad is not None
         return total
 
-    unchunked, chunked = saved_bytes(0), saved_bytes(64)
-    assert unchunked >= 2 * batch * classes * 4, unchunked  # at least two fp32 [G, C] blocks
+    unchunked, chunked = saved_bytes(4000, 0), saved_bytes(4000, 64)
+    assert unchunked >= 2 * batch * 4000 * 4, unchunked  # at least two fp32 [G, C] blocks
     assert chunked < 50 * batch * dim * 4, chunked  # no class-sized tensor at all
-    assert chunked < unchunked / 100
+    assert saved_bytes(2000, 64) == chunked  # independent of the number of classes
 
 
 def test_chunked_partial_fc_equals_unchunked() -> None:
