@@ -26,11 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed import ProcessGroup
-from torch.utils.checkpoint import checkpoint
 
 from common.seeds import stable_seed
 from model import hyperbolic as hyp
-from model.chunked_softmax import chunked_sharded_argmin, chunked_sharded_cross_entropy
+from model.chunked_softmax import chunked_gathered_sum, chunked_sharded_argmin, chunked_sharded_cross_entropy
 from model.collectives import (
     all_gather_and_exchange,
     all_gather_no_grad,
@@ -423,30 +422,25 @@ class ChestHead(ShardedHead):
         return ch.tau / self.num_classes * (hyphc_triplet_loss(p1, p2, p3, ch) * valid).sum()
 
     def _hyphc_chunked(self, trip: Triplets, neg_e: torch.Tensor | None) -> torch.Tensor:
-        """`_regulariser`'s HypHC term over loss.class_chunk anchor classes at a time, each block recomputed in
-        backward (torch.utils.checkpoint): only the triplets' proxies go through h and into the ball, and no
-        mapping of the whole table waits for backward (with K = 2 and D_H = 384 that graph was ~30 KB/class)."""
+        """`_regulariser`'s HypHC term over loss.class_chunk anchor classes at a time, recomputed in backward
+        (model.chunked_softmax.chunked_gathered_sum): only the triplets' proxies go through h and into the
+        ball, and no mapping of the whole table waits for backward (with K = 2 and D_H = 384 that graph
+        was ~30 KB per class)."""
         assert self.fc is not None
-        ch, lo = self.cfg.chest, self.class_start
-        device = self.proxies.device
+        ch, lo, n = self.cfg.chest, self.class_start, self.num_local
+        k = ch.proxies_per_class
+        flat = self.proxies.view(n * k, self.embed_dim)  # row c * K + j is proxy j of local class c
+        anchors, span = torch.arange(n), slice(lo, lo + n)
+        gathers = [anchors * k + trip.pos_i[span], anchors * k + trip.pos_j[span]]
+        if neg_e is None:  # local negatives: rows of this table (peer ones arrive as neg_e, row i for anchor i)
+            gathers.append((trip.neg_class[span] - lo).clamp(0, max(n - 1, 0)) * k + trip.neg_k[span])
+        valid = trip.valid[span].to(self.proxies.device, torch.float32)
 
-        def block(proxies: torch.Tensor, neg: torch.Tensor | None, start: int, stop: int) -> torch.Tensor:
-            anchors, span = torch.arange(start, stop), slice(lo + start, lo + stop)
-            p1 = self._to_ball(_rows(proxies, anchors, trip.pos_i[span]))
-            p2 = self._to_ball(_rows(proxies, anchors, trip.pos_j[span]))
-            # local negatives: rows of this table; peer ones: the Euclidean rows received for these anchors
-            p3 = self._to_ball(_rows(proxies, trip.neg_class[span] - lo, trip.neg_k[span]) if neg is None else neg)
-            valid = trip.valid[span].to(device, p1.dtype)
-            return (hyphc_triplet_loss(p1, p2, p3, ch) * valid).sum()
+        def block(rows: list[torch.Tensor], start: int, stop: int) -> torch.Tensor:
+            p1, p2, p3 = (self._to_ball(r) for r in rows)
+            return (hyphc_triplet_loss(p1, p2, p3, ch) * valid[start:stop]).sum()
 
-        total = torch.zeros((), device=device)
-        for start in range(0, self.num_local, self.cfg.class_chunk):
-            stop = min(start + self.cfg.class_chunk, self.num_local)
-            neg = None if neg_e is None else neg_e[start:stop]
-            # no randomness inside: the RNG state need not be stashed for the recompute
-            total = total + checkpoint(
-                block, self.proxies, neg, start, stop, use_reentrant=False, preserve_rng_state=False
-            )
+        total = chunked_gathered_sum(block, flat, gathers, self.cfg.class_chunk, neg_e, list(self.fc.parameters()))
         return ch.tau / self.num_classes * total
 
     def _to_ball(self, rows_ND: torch.Tensor) -> torch.Tensor:

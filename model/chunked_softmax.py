@@ -206,3 +206,93 @@ def chunked_sharded_argmin(
                 low, idx = torch.where(better, low, prev_low), torch.where(better, idx, prev_idx)
             best[rule] = (low, idx)
     return {rule: argmin_over_ranks(low, idx, group) for rule, (low, idx) in best.items()}
+
+
+class _ChunkedGatheredSum(torch.autograd.Function):
+    """sum over chunks of fn(rows gathered from the table, extra rows, start, stop), recomputed in backward;
+    the table's gradient is index-added into one buffer (autograd's own gather backward would allocate a
+    table-sized gradient per chunk). Inputs with gradients: the table, `extra` and `params` (last)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        table_MD: torch.Tensor,
+        extra_ND: torch.Tensor | None,
+        gathers: tuple[torch.Tensor, ...],
+        fn: Callable[[list[torch.Tensor], int, int], torch.Tensor],
+        chunk: int,
+        num_rows: int,
+        *params: torch.Tensor,
+    ) -> torch.Tensor:
+        total = torch.zeros((), device=table_MD.device)
+        for start, stop in _chunks(num_rows, chunk):
+            total += fn(_gathered(table_MD, extra_ND, gathers, start, stop), start, stop).float()
+        ctx.save_for_backward(table_MD, extra_ND, *gathers, *params)
+        ctx.fn, ctx.chunk, ctx.num_rows, ctx.num_gathers = fn, chunk, num_rows, len(gathers)
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        table_MD, extra_ND, *rest = ctx.saved_tensors
+        gathers, params = rest[: ctx.num_gathers], rest[ctx.num_gathers :]
+        wants_table, wants_extra, wants_params = (
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[1],
+            ctx.needs_input_grad[6:],
+        )
+        grad_table = torch.zeros_like(table_MD) if wants_table else None
+        grad_extra = torch.zeros_like(extra_ND) if wants_extra and extra_ND is not None else None
+        grad_params = [torch.zeros_like(p) if wanted else None for p, wanted in zip(params, wants_params, strict=True)]
+        for start, stop in _chunks(ctx.num_rows, ctx.chunk):
+            rows = [r.detach().requires_grad_(True) for r in _gathered(table_MD, extra_ND, gathers, start, stop)]
+            inputs = rows + [p for p, wanted in zip(params, wants_params) if wanted]
+            with torch.enable_grad():
+                value = ctx.fn(rows, start, stop).float()
+            found = torch.autograd.grad(value, inputs, grad, allow_unused=True)
+            for role, g in enumerate(found[: len(rows)]):
+                if g is None:
+                    continue
+                if role < len(gathers) and grad_table is not None:
+                    grad_table.index_add_(0, gathers[role][start:stop], g)
+                elif role == len(gathers) and grad_extra is not None:
+                    grad_extra[start:stop] += g
+            wanted_params = [i for i, wanted in enumerate(wants_params) if wanted]
+            for i, g in zip(wanted_params, found[len(rows) :], strict=True):
+                acc = grad_params[i]
+                if acc is not None and g is not None:
+                    acc += g
+            del rows, inputs, value, found
+        return grad_table, grad_extra, None, None, None, None, *grad_params
+
+
+def _gathered(
+    table_MD: torch.Tensor, extra_ND: torch.Tensor | None, gathers: Sequence[torch.Tensor], start: int, stop: int
+) -> list[torch.Tensor]:
+    rows = [table_MD[index[start:stop]] for index in gathers]
+    return rows if extra_ND is None else [*rows, extra_ND[start:stop]]
+
+
+def chunked_gathered_sum(
+    fn: Callable[[list[torch.Tensor], int, int], torch.Tensor],
+    table_MD: torch.Tensor,
+    gathers: Sequence[torch.Tensor],
+    chunk: int,
+    extra_ND: torch.Tensor | None = None,
+    params: Sequence[nn.Parameter] = (),
+) -> torch.Tensor:
+    """`sum_chunks fn([table[g[start:stop]] for g in gathers] (+ [extra[start:stop]]), start, stop)`, a scalar,
+    `chunk` rows of the index lists at a time, recomputed in backward: nothing but the inputs waits for it.
+
+    Args:
+        fn: a per-chunk scalar (e.g. the HypHC triplet losses of `chunk` anchor classes), deterministic.
+        table_MD: rows to gather from (a view of a parameter); its gradient is one index-added buffer.
+        gathers: row indices into `table_MD`, all of the same length N (one list per role).
+        extra_ND: optional rows aligned with the index lists (row i goes with index i), gradients flow to it.
+        params: other tensors `fn` uses that need gradients (CHEST's shared FC h), by identity.
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk={chunk} must be >= 1 (loss.class_chunk)")
+    num_rows = int(gathers[0].shape[0]) if gathers else (0 if extra_ND is None else int(extra_ND.shape[0]))
+    index = tuple(g.to(table_MD.device) for g in gathers)
+    return _ChunkedGatheredSum.apply(table_MD, extra_ND, index, fn, chunk, num_rows, *params)
