@@ -5,8 +5,8 @@ backward and the head's AdamW step from train/engine.py, D = 512, batch 256, one
 budget: on a GPU all of its memory less --reserve-gb (what the backbone needs: launch/estimate.py sizes
 it), on CPU --budget-gb. Found by doubling from --start and bisecting to --tolerance; on a GPU every probe
 runs in this process (an out-of-memory error is caught and the cache emptied), on CPU in a fresh process
-(its peak resident set above its baseline, as bench/heads.py measures). With P ranks each holds C / P
-rows, so a node of P such devices trains about P x the table.
+(its peak resident set above its baseline, with glibc's mmap threshold pinned as bench/heads.py does).
+With P ranks each holds C / P rows, so a node of P such devices trains about P x the table.
 The reference is Partial FC (An et al.): 5.5M classes exact and 29M sampled on 8 x 32 GB GPUs, its ResNet
 trunk included; the table prints classes per GiB of budget beside theirs (theirs per GB of all 8 GPUs).
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import time
 from typing import Callable
 
@@ -109,6 +110,9 @@ def main() -> None:
     p.add_argument("--start", type=int, default=1_000_000, help="first class count probed (doubled while it fits)")
     p.add_argument("--tolerance", type=float, default=0.02, help="relative width of the final bracket")
     args = p.parse_args()
+    # as bench.heads: freed temporaries go back to the system (read by glibc in the probe processes), else
+    # glibc keeps up to 32 MiB blocks on the heap and the resident peak counts ~20% of already-freed memory
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
     cuda = torch.cuda.is_available()
     if cuda:
         total = torch.cuda.mem_get_info()[1]
