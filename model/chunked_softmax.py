@@ -15,6 +15,9 @@ the numerator logit of the samples whose class lies in the slice, plus optional 
 statistics. Parameters it uses besides the table (CHEST's shared FC h) are passed as `params`, inputs of
 the autograd node like the table: their gradients, summed over chunks, are returned to autograd.
 
+Two more passes share the chunking: `chunked_sharded_argmin` (predictions over the shard's classes, ties
+to the lowest id) and `chunked_gathered_sum` (a per-row loss over gathered table rows, CHEST's HypHC).
+
 Legend: G global batch, C classes on this rank, c classes in a chunk, D row shape, N spaces, S statistics.
 """
 
