@@ -13,14 +13,15 @@ DistArc), and the class softmaxes of both spaces span only the kept columns, so 
 shrink with the rate and the class terms' gradient reaches only the kept proxies. The regulariser
 (HypHC, or SoftTriple's centre term) still sees every local proxy, as the spec's one triplet per class
 (M = C) asks: HypHC maps all C_local x K proxies through h once (independent of G; the class terms reuse
-the kept rows of that mapping), and it is the only gradient the unsampled proxies get.
+the kept rows of that mapping), and it is the only gradient the unsampled proxies get. HypHC's triplets and
+per-triplet loss live in model.hyphc. With loss.class_chunk the class softmaxes and HypHC run over chunks of
+classes recomputed in backward (model.chunked_softmax), and no mapping of the whole table is kept.
 
 Legend: G global batch, C classes here, K proxies per class, E = D_E, H = D_H, T triplets.
 """
 
 from __future__ import annotations
 
-import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +38,9 @@ from model.collectives import (
     all_reduce_sum_no_grad,
     sharded_cross_entropy,
 )
-from model.config import ChestConfig, LossConfig
-from model.proxies import ShardedHead, class_permutation, class_range, init_rows, owner_of, sample_local_classes
+from model.config import LossConfig
+from model.hyphc import Triplets, hyphc_triplet_loss, sample_triplets
+from model.proxies import ShardedHead, class_permutation, class_range, init_rows, sample_local_classes
 
 
 # ---- building blocks (pure functions) -----------------------------------------------------------
@@ -74,17 +76,6 @@ def margin_logits(
     return logits, logits.gather(1, col[:, None]).squeeze(1)
 
 
-def hyphc_triplet_loss(p1: torch.Tensor, p2: torch.Tensor, p3: torch.Tensor, cfg: ChestConfig) -> torch.Tensor:
-    """Eq. 8-9 per triplet: sum over the 3 pairs of S_ab (1 - softmax_pairs(sign * d_ab / gamma))."""
-    c = cfg.curvature
-    d = torch.stack([hyp.dist(p1, p2, c), hyp.dist(p1, p3, c), hyp.dist(p2, p3, c)], dim=1)  # [T, 3]
-    sim = torch.exp(-d)
-    if cfg.hyphc_detach_sim:
-        sim = sim.detach()
-    sigma = torch.softmax(cfg.hyphc_sign * d / cfg.gamma_hyp, dim=1)
-    return (sim * (1 - sigma)).sum(dim=1)
-
-
 def softtriple_regulariser(p_CKD: torch.Tensor) -> torch.Tensor:
     """sum_c sum_{k<k'} sqrt(2 + 1e-5 - 2 <w_ck, w_ck'>) over unit centres (unnormalised sum).
 
@@ -97,50 +88,6 @@ def softtriple_regulariser(p_CKD: torch.Tensor) -> torch.Tensor:
     k = gram.shape[1]
     upper = torch.triu(torch.ones(k, k, dtype=torch.bool, device=gram.device), diagonal=1)
     return torch.sqrt(2.0 + 1e-5 - 2.0 * gram[:, upper]).sum()
-
-
-@dataclasses.dataclass
-class Triplets:
-    """One proxy triplet per anchor class (global ids): (c, i), (c, j), (neg_class, neg_k)."""
-
-    pos_i: torch.Tensor  # [C]
-    pos_j: torch.Tensor  # [C]
-    neg_class: torch.Tensor  # [C]
-    neg_k: torch.Tensor  # [C]
-    valid: torch.Tensor  # [C] bool: a negative exists for this anchor
-    offset: int  # rotating-peer offset t (0 = local negatives)
-
-
-def sample_triplets(num_classes: int, num_proxies: int, world_size: int, seed: int, step: int, mode: str) -> Triplets:
-    """The step's triplets, identical on every rank (a pure function of its arguments).
-
-    "peer": the negative class lives on rank (owner - t) mod P for one shared random t in 1..P-1,
-    so each rank receives its negatives from a single peer. "local" (or P = 1): the negative class
-    is drawn from the anchor's own rank, excluding the anchor class.
-    """
-    gen = torch.Generator().manual_seed(stable_seed(seed, step, "triplets"))
-    c = torch.arange(num_classes)
-    k = num_proxies
-    pos_i = torch.randint(k, (num_classes,), generator=gen)
-    pos_j = (pos_i + 1 + torch.randint(max(k - 1, 1), (num_classes,), generator=gen)) % k
-    u = torch.rand(num_classes, generator=gen, dtype=torch.float64)
-    neg_k = torch.randint(k, (num_classes,), generator=gen)
-    owner = owner_of(c, num_classes, world_size)
-    # every rank's (class_start, num_local): the shard layout the heads use
-    starts, sizes = torch.tensor([class_range(num_classes, r, world_size) for r in range(world_size)]).unbind(1)
-    if mode == "peer" and world_size > 1:
-        offset = 1 + int(torch.randint(world_size - 1, (1,), generator=gen))
-        sender = (owner - offset) % world_size
-        n = sizes[sender]
-        neg_class = starts[sender] + torch.floor(u * n.to(torch.float64)).long().clamp_max((n - 1).clamp_min(0))
-        valid = n > 0
-    else:
-        offset = 0
-        n = sizes[owner]
-        shift = 1 + torch.floor(u * (n - 1).clamp_min(1).to(torch.float64)).long()
-        neg_class = starts[owner] + (c - starts[owner] + shift) % n.clamp_min(1)
-        valid = n > 1
-    return Triplets(pos_i, pos_j, neg_class, neg_k, valid, offset)
 
 
 # ---- the loss over one table slice (sharded or whole) -------------------------------------------
@@ -218,51 +165,55 @@ def class_terms(
 ) -> dict[str, torch.Tensor]:
     """Per-sample class losses of CHEST (or SoftTriple) against one slice of the proxy table.
 
-    Returns "loss_G" (eta-weighted sum), the per-space "loss_e_G"/"loss_h_G" and, when h exists,
-    "proxies_h" [C, K, H] (the mapped proxies, reused by HypHC).
+    Returns "loss_G" (eta-weighted sum), the per-space "loss_e_G"/"loss_h_G" and, when h exists and the
+    shard is taken whole, "proxies_h" [C, K, H] (the mapped proxies, reused by HypHC). With loss.class_chunk
+    (sharded only) each space's softmax runs over chunks of classes recomputed in backward
+    (model/chunked_softmax.py): no [G, C, K] block of the whole shard exists.
     """
-    sims, prox_h = class_similarities(x_GE, proxies_CKE, fc, cfg, proxies_h_CKH)
     spec = class_softmaxes(cfg)
     out: dict[str, torch.Tensor] = {}
+    if cfg.class_chunk > 0 and not dense:
+        losses = _chunked_space_losses(x_GE, target_col_G, proxies_CKE, fc, cfg, group, spec)
+    else:
+        sims, prox_h = class_similarities(x_GE, proxies_CKE, fc, cfg, proxies_h_CKH)
+        losses = {}
+        for space, sim in sims.items():
+            logits, target = margin_logits(sim, target_col_G, spec[space][1], spec[space][2])
+            losses[space] = _class_ce(logits, target, target_col_G, group, dense)
+        if prox_h is not None:
+            out["proxies_h"] = prox_h
     total = torch.zeros(x_GE.shape[0], device=x_GE.device)
-    for space, sim in sims.items():
-        key, lam, delta, eta = spec[space]
-        logits, target = margin_logits(sim, target_col_G, lam, delta)
-        out[key] = _class_ce(logits, target, target_col_G, group, dense)
-        total = total + eta * out[key]
+    for space, loss_G in losses.items():
+        key, _, _, eta = spec[space]
+        out[key] = loss_G
+        total = total + eta * loss_G
     out["loss_G"] = total
-    if prox_h is not None:
-        out["proxies_h"] = prox_h
     return out
 
 
-def class_terms_chunked(
+def _chunked_space_losses(
     x_GE: torch.Tensor,
     target_col_G: torch.Tensor,
     proxies_CKE: torch.Tensor,
     fc: nn.Module | None,
     cfg: LossConfig,
-    group: ProcessGroup | None = None,
+    group: ProcessGroup | None,
+    spec: dict[str, tuple[str, float, float, float]],
 ) -> dict[str, torch.Tensor]:
-    """`class_terms` with each space's class softmax taken loss.class_chunk classes at a time and recomputed
-    in backward (model/chunked_softmax.py): no [G, C, K] block of the whole shard exists. No "proxies_h"."""
-    spec = class_softmaxes(cfg)
-    spaces = list(spec)
+    """Each space's per-sample class loss, loss.class_chunk classes at a time (one autograd node for all)."""
 
     def chunk_logits(
         x: torch.Tensor, rows: torch.Tensor, start: int, cols: torch.Tensor
     ) -> tuple[list[torch.Tensor], list[torch.Tensor], None]:
         sims, _ = class_similarities(x, rows, fc, cfg, map_for_regulariser=False)
-        pairs = [margin_logits(sims[space], cols, spec[space][1], spec[space][2]) for space in spaces]
+        pairs = [margin_logits(sims[space], cols, lam, delta) for space, (_, lam, delta, _) in spec.items()]
         return [logits for logits, _ in pairs], [target for _, target in pairs], None
 
     params = [] if fc is None else list(fc.parameters())
     loss_NG, _ = chunked_sharded_cross_entropy(
-        chunk_logits, x_GE.float(), proxies_CKE, target_col_G, cfg.class_chunk, group, params, len(spaces)
+        chunk_logits, x_GE.float(), proxies_CKE, target_col_G, cfg.class_chunk, group, params, len(spec)
     )
-    out = {spec[space][0]: loss_NG[n] for n, space in enumerate(spaces)}
-    out["loss_G"] = sum((spec[space][3] * loss_NG[n] for n, space in enumerate(spaces)), torch.zeros_like(loss_NG[0]))
-    return out
+    return dict(zip(spec, loss_NG.unbind(0), strict=True))
 
 
 def _rows(prox_CKH: torch.Tensor, cls: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -351,10 +302,7 @@ class ChestHead(ShardedHead):
             index, target_col = self.sample_columns(target_col, step)
             proxies = proxies[index]
             kept_h = None if all_h is None else all_h[index]  # the class terms share the regulariser's mapping
-        if chunked:
-            terms = class_terms_chunked(x_GE, target_col, proxies, self.fc, self.cfg, self.group)
-        else:
-            terms = class_terms(x_GE, target_col, proxies, self.fc, self.cfg, self.group, proxies_h_CKH=kept_h)
+        terms = class_terms(x_GE, target_col, proxies, self.fc, self.cfg, self.group, proxies_h_CKH=kept_h)
         out = {"loss": terms["loss_G"].mean()}
         for key in ("loss_e_G", "loss_h_G"):
             if key in terms:
