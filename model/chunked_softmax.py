@@ -63,15 +63,16 @@ class _ChunkedShardedCrossEntropy(torch.autograd.Function):
         fn: ChunkLogits,
         chunk: int,
         group: ProcessGroup | None,
-        num_spaces: int,
+        counts: tuple[int, int],
         *params: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         _, world = _world(group)
         num_rows = x_GD.shape[0]
         # a rank with no classes keeps max -inf and sum 0: it adds nothing, but joins the collectives
+        num_spaces, num_stats = counts
         max_NG = torch.full((num_spaces, num_rows), -torch.inf, device=x_GD.device)
         sum_NG, target_NG = torch.zeros_like(max_NG), torch.zeros_like(max_NG)
-        stats: torch.Tensor | None = None
+        stats_SG = torch.zeros((num_stats, num_rows), device=x_GD.device)  # zeros where no chunk ran
         for start, stop in _chunks(table_CD.shape[0], chunk):
             cols = _chunk_targets(target_col_G, start, stop)
             logits, targets, chunk_stats = fn(x_GD, table_CD[start:stop], start, cols)
@@ -84,7 +85,11 @@ class _ChunkedShardedCrossEntropy(torch.autograd.Function):
                 max_NG[n] = new_max
                 target_NG[n] = torch.where(cols >= 0, tg.float(), target_NG[n])
             if chunk_stats is not None:
-                stats = chunk_stats.float() if stats is None else stats + chunk_stats.float()
+                if chunk_stats.shape[0] != num_stats:  # [1, G] would broadcast into [0, G] and vanish
+                    raise ValueError(
+                        f"the chunk function gave {chunk_stats.shape[0]} statistics, num_stats={num_stats}"
+                    )
+                stats_SG += chunk_stats.float()
             del logits, targets, chunk_stats
         global_max_NG = max_NG.clone()
         if world > 1:
@@ -95,12 +100,10 @@ class _ChunkedShardedCrossEntropy(torch.autograd.Function):
         if world > 1:
             dist.all_reduce(sums_2NG, group=group)
         lse_NG = global_max_NG + torch.log(sums_2NG[0])
-        if stats is None:
-            stats = torch.zeros((0, num_rows), device=x_GD.device)
         ctx.save_for_backward(x_GD, table_CD, target_col_G, lse_NG, *params)
         ctx.fn, ctx.chunk = fn, chunk
-        ctx.mark_non_differentiable(stats)
-        return lse_NG - sums_2NG[1], stats
+        ctx.mark_non_differentiable(stats_SG)
+        return lse_NG - sums_2NG[1], stats_SG
 
     @staticmethod
     @once_differentiable  # the recompute is not itself differentiable: create_graph=True must fail loudly
@@ -155,6 +158,7 @@ def chunked_sharded_cross_entropy(
     group: ProcessGroup | None = None,
     params: Sequence[nn.Parameter] = (),
     num_spaces: int = 1,
+    num_stats: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample `logsumexp_j(z_j) - z_target` of each space over every rank's classes, `chunk` local
     classes at a time.
@@ -169,6 +173,7 @@ def chunked_sharded_cross_entropy(
         group: the process group the classes are sharded over (None: the default group, or one process).
         params: other tensors `fn` uses that need gradients (CHEST's shared FC h), by identity.
         num_spaces: how many softmaxes `fn` returns (CHEST: one per space).
+        num_stats: rows of fn's statistics (0 when it returns None).
 
     Returns:
         (loss_NG identical on every rank, the sum over chunks of fn's statistics [S, G], detached).
@@ -176,7 +181,7 @@ def chunked_sharded_cross_entropy(
     if chunk < 1:
         raise ValueError(f"chunk={chunk} must be >= 1 (loss.class_chunk)")
     loss_NG, stats = _ChunkedShardedCrossEntropy.apply(
-        x_GD, table_CD, target_col_G, fn, chunk, group, num_spaces, *params
+        x_GD, table_CD, target_col_G, fn, chunk, group, (num_spaces, num_stats), *params
     )
     return loss_NG, stats
 

@@ -234,10 +234,8 @@ class DistArcHead(ShardedHead):
             return [out["logits"]], [out["target"]], torch.stack([out["delta_y"], out["cos_y"], out["cos_phi_y"]])
 
         loss_1G, parts = chunked_sharded_cross_entropy(
-            chunk_logits, emb_GD, weight, target_col, self.cfg.class_chunk, self.group
+            chunk_logits, emb_GD, weight, target_col, self.cfg.class_chunk, self.group, num_stats=3
         )
-        if parts.shape[0] == 0:  # no classes on this rank: no owned samples, zero parts
-            parts = torch.zeros((3, emb_GD.shape[0]), device=emb_GD.device)
         return loss_1G[0], parts
 
     def sharded_parameters(self) -> dict[str, nn.Parameter]:

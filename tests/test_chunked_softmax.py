@@ -64,7 +64,7 @@ def test_chunked_equals_dense_autograd(chunk: int) -> None:
         if chunked:
             fn = lambda xx, rows, start, cols: two_space_logits(xx, rows, proj, start, cols)  # noqa: E731
             loss, stats = chunked_sharded_cross_entropy(
-                fn, x, table, labels, chunk, params=list(proj.parameters()), num_spaces=2
+                fn, x, table, labels, chunk, params=list(proj.parameters()), num_spaces=2, num_stats=1
             )
             (want_stats,) = two_space_logits(x0, table0, proj, 0, labels)[2]
             assert_rel(stats[0], want_stats, "statistics summed over chunks", 1e-6)
@@ -138,6 +138,14 @@ def test_class_chunk_is_validated_and_reaches_the_head() -> None:
     with pytest.raises(ValueError, match="loss.class_chunk"):
         chunked_sharded_cross_entropy(
             lambda *a: ([], [], None), torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1), 0
+        )
+    with pytest.raises(ValueError, match="gave 1 statistics, num_stats=0"):  # not broadcast away silently
+        chunked_sharded_cross_entropy(
+            lambda x, rows, start, cols: ([x @ rows.t()], [x[:, 0]], x[:, :1].t()),
+            torch.ones(2, 1),
+            torch.ones(3, 1),
+            torch.zeros(2, dtype=torch.long),
+            2,
         )
     cfg = build_config("mnist_distarc", ["loss.class_chunk=16"])
     assert cfg.loss.class_chunk == 16 and dataclasses.replace(cfg.loss).class_chunk == 16
