@@ -377,8 +377,8 @@ class ChestHead(ShardedHead):
         assert self.fc is not None
         ch, lo, n = self.cfg.chest, self.class_start, self.num_local
         k = ch.proxies_per_class
-        flat = self.proxies.view(n * k, self.embed_dim)  # row c * K + j is proxy j of local class c
         anchors, span = torch.arange(n), slice(lo, lo + n)
+        # rows of the table's [C K, D_E] view: row c * K + j is proxy j of local class c
         gathers = [anchors * k + trip.pos_i[span], anchors * k + trip.pos_j[span]]
         if neg_e is None:  # local negatives: rows of this table (peer ones arrive as neg_e, row i for anchor i)
             gathers.append((trip.neg_class[span] - lo).clamp(0, max(n - 1, 0)) * k + trip.neg_k[span])
@@ -388,7 +388,9 @@ class ChestHead(ShardedHead):
             p1, p2, p3 = (self._to_ball(r) for r in rows)
             return (hyphc_triplet_loss(p1, p2, p3, ch) * valid[start:stop]).sum()
 
-        total = chunked_gathered_sum(block, flat, gathers, self.cfg.class_chunk, neg_e, list(self.fc.parameters()))
+        total = chunked_gathered_sum(
+            block, self.proxies, gathers, self.cfg.class_chunk, neg_e, list(self.fc.parameters())
+        )
         return ch.tau / self.num_classes * total
 
     def _to_ball(self, rows_ND: torch.Tensor) -> torch.Tensor:

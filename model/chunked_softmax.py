@@ -250,6 +250,7 @@ class _ChunkedGatheredSum(torch.autograd.Function):
             ctx.needs_input_grad[6:],
         )
         grad_table = torch.zeros_like(table_MD) if wants_table else None
+        grad_rows = None if grad_table is None else grad_table.view(-1, table_MD.shape[-1])
         grad_extra = torch.zeros_like(extra_ND) if wants_extra and extra_ND is not None else None
         grad_params = [torch.zeros_like(p) if wanted else None for p, wanted in zip(params, wants_params, strict=True)]
         for start, stop in _chunks(ctx.num_rows, ctx.chunk):
@@ -261,8 +262,8 @@ class _ChunkedGatheredSum(torch.autograd.Function):
             for role, g in enumerate(found[: len(rows)]):
                 if g is None:
                     continue
-                if role < len(gathers) and grad_table is not None:
-                    grad_table.index_add_(0, gathers[role][start:stop], g)
+                if role < len(gathers) and grad_rows is not None:
+                    grad_rows.index_add_(0, gathers[role][start:stop], g)
                 elif role == len(gathers) and grad_extra is not None:
                     grad_extra[start:stop] += g
             wanted_params = [i for i, wanted in enumerate(wants_params) if wanted]
@@ -271,13 +272,15 @@ class _ChunkedGatheredSum(torch.autograd.Function):
                 if acc is not None and g is not None:
                     acc += g
             del rows, inputs, value, found
+        del grad_rows  # the buffer goes back whole, not as a view: autograd then adds the other paths in place
         return grad_table, grad_extra, None, None, None, None, *grad_params
 
 
 def _gathered(
     table_MD: torch.Tensor, extra_ND: torch.Tensor | None, gathers: Sequence[torch.Tensor], start: int, stop: int
 ) -> list[torch.Tensor]:
-    rows = [table_MD[index[start:stop]] for index in gathers]
+    flat = table_MD.view(-1, table_MD.shape[-1])
+    rows = [flat[index[start:stop]] for index in gathers]
     return rows if extra_ND is None else [*rows, extra_ND[start:stop]]
 
 
@@ -294,7 +297,9 @@ def chunked_gathered_sum(
 
     Args:
         fn: a per-chunk scalar (e.g. the HypHC triplet losses of `chunk` anchor classes), deterministic.
-        table_MD: rows to gather from (a view of a parameter); its gradient is one index-added buffer.
+        table_MD: rows to gather from, the parameter itself, any shape [..., D] (indices count rows of its
+            [-1, D] view); its gradient is one index-added buffer of its own shape, returned whole (a view
+            would make autograd add the other paths' gradients out of place: a third table-sized buffer).
         gathers: row indices into `table_MD`, all of the same length N (one list per role).
         extra_ND: optional rows aligned with the index lists (row i goes with index i), gradients flow to it.
         params: other tensors `fn` uses that need gradients (CHEST's shared FC h), by identity.

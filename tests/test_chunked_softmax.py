@@ -297,3 +297,23 @@ def test_chunked_gathered_sum_equals_dense_autograd(chunk: int) -> None:
         results.append([value.detach(), table.grad, extra.grad, proj.weight.grad, proj.bias.grad])
     for name, got, want in zip(("value", "table", "extra", "weight", "bias"), results[1], results[0]):
         assert_rel(got, want, f"chunk={chunk}: {name}", 1e-5)
+
+
+def test_chunked_chest_backward_adds_its_two_table_gradients_in_place() -> None:
+    """Chunked CHEST with HypHC: the class terms and the regulariser each fill one table-sized gradient
+    buffer, and autograd sums them in place. A buffer returned as a view (or through a view of the
+    parameter) made the sum out of place: a third table-sized allocation at the backward's peak."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from model.chest import ChestHead
+    from model.config import ChestConfig
+
+    head = ChestHead(LossConfig(name="chest", class_chunk=256, chest=ChestConfig(hyp_dim=8)), 3000, 32)
+    table_bytes = head.proxies.numel() * head.proxies.element_size()  # 3000 x 2 x 32 fp32: 768 KB
+    emb = torch.randn(16, 32, requires_grad=True)
+    loss = head(emb, torch.randint(0, 3000, (16,)))["loss"]
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss.backward()
+    leaves = [e for e in prof.events() if not e.cpu_children and e.cpu_memory_usage >= table_bytes]
+    assert len(leaves) == 2, [(e.name, e.cpu_memory_usage) for e in leaves]
+    assert head.proxies.grad is not None and head.proxies.grad.abs().sum() > 0
