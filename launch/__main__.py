@@ -1,11 +1,12 @@
-"""CLI: `python -m launch [--recipe NAME] [--slurm] [--sweep KEY=V1,V2 ...] [--estimate] [key=value ...]`.
+"""CLI: `python -m launch [--recipe NAME] [--slurm] [--sweep KEY=V1,V2 ...] [--estimate | --print-config]
+[key=value ...]`.
 
 Builds the recipe, applies overrides, validates, checks what can be checked before queueing
 (launch/preflight.py), prints the config, prepares data that ships in a package, then runs the job
 through submitit: N local processes by default, Slurm with `--slurm`. With `--sweep` it runs one job
 per grid point (a Slurm job array; locally one after another) and prints a summary table. `--estimate`
 prints the per-GPU memory plan and exits (launch/estimate.py); a GPU submission that would not fit
-`--gpu-mem-gb` is refused before anything is queued.
+`--gpu-mem-gb` is refused before anything is queued. `--print-config` prints every key and exits.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import json
 import os
 import sys
 import time
+
+import yaml
 
 from data.convert.mnist import ensure_prepared
 from train.overrides import apply_overrides
@@ -47,6 +50,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="print the per-GPU memory estimate and exit (exit code 1 if it exceeds --gpu-mem-gb)",
     )
     p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print every config key of the recipe with the overrides applied (YAML, as saved) and exit",
+    )
+    p.add_argument(
         "--gpu-mem-gb",
         type=float,
         default=80.0,
@@ -63,6 +71,9 @@ def build_config(recipe: str, overrides: list[str]) -> RunConfig:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
+        if args.print_config:  # unresolved: needs no converted data (data.num_classes=0 = the manifest's)
+            print(yaml.safe_dump(apply_overrides(get_recipe(args.recipe), args.overrides).to_dict(), sort_keys=False))
+            return 0
         if args.sweep:
             sweep_dir, cfgs = expand(args.recipe, args.overrides, args.sweep, args.sweep_name)
         else:

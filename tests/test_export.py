@@ -16,6 +16,7 @@ from model.backbone import build_backbone
 from tests.test_train import small_overrides
 from train.checkpoint import find_latest
 from train.export import export
+from train.export import main as export_main
 
 
 def _train(overrides: list[str]) -> dict:
@@ -55,6 +56,11 @@ def test_export_loads_in_timm_and_holds_the_whole_table(dist_pool, mnist_root: s
     # (ZeRO-3 saves only placeholders there; its consolidation is DeepSpeed's zero_to_fp32, checked here
     # only through timm loading it and the model differing from the initial one)
     assert export(run_dir, out_dir=str(tmp_path / "again")) == str(tmp_path / "again")
+    # --checkpoint takes a step-N name as train.evaluate does (a path worked before, the name did not)
+    assert export_main([run_dir, "--checkpoint", "step-6", "--out", str(tmp_path / "named")]) == 0
+    assert json.load(open(tmp_path / "named" / "export.json"))["checkpoint"] == os.path.abspath(latest)
+    with pytest.raises(FileNotFoundError, match=r"step-99 is not a complete checkpoint.*step-6"):
+        export(run_dir, "step-99")
     head = torch.load(os.path.join(out, "head.pt"))
     assert head["proxies"].shape[0] == 10 and "fc.weight" in head  # CHEST: [C, K, D] proxies + the shared FC
     for file in glob.glob(os.path.join(latest, "head", "classes-*.pt")):

@@ -104,6 +104,25 @@ def test_time_limit_shorter_than_checkpoint_interval_is_refused(capsys) -> None:
     assert "checkpoint.every_minutes=10" in err and "slurm.time_min=5" in err
 
 
+def test_print_config_shows_every_key_without_data(tmp_path, capsys) -> None:
+    """--print-config prints the recipe with the overrides applied, as a config.yaml that loads back, and
+    needs no converted data (faces read their class count from a manifest that does not exist here)."""
+    import yaml
+
+    from launch.recipes import get_recipe
+    from train.config import RunConfig
+    from train.overrides import apply_overrides
+
+    args = ["--recipe", "vitl_ms1mv2_faces", "--print-config", "optim.lr=0.0002", f"run_root={tmp_path}"]
+    assert main(args) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["optim"]["lr"] == 0.0002 and printed["data"]["num_classes"] == 0
+    assert RunConfig.from_dict(printed) == apply_overrides(get_recipe("vitl_ms1mv2_faces"), args[3:])
+    assert not os.listdir(tmp_path)  # nothing was run or written
+    assert main(["--print-config", "optim.lrr=2"]) == 2  # a bad key is still refused, naming the good ones
+    assert "'lrr' is not one of" in capsys.readouterr().err
+
+
 def _fake_sinfo(tmp_path, body: str) -> str:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

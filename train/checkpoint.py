@@ -65,6 +65,24 @@ def find_latest(run_dir: str) -> str | None:
     return max(done, key=_step_of) if done else None
 
 
+def resolve_step_dir(run_dir: str, checkpoint: str | None = None) -> str:
+    """A complete checkpoint folder: `checkpoint` as a path or a step-N name under the run's checkpoints,
+    default the latest; a missing or incomplete one raises with the choices."""
+    root = checkpoint_root(run_dir)
+    if checkpoint:
+        path = checkpoint if os.path.isdir(checkpoint) else os.path.join(root, checkpoint)
+        if not os.path.isfile(os.path.join(path, "meta.json")):
+            choices = sorted(os.listdir(root)) if os.path.isdir(root) else []
+            raise FileNotFoundError(
+                f"{path} is not a complete checkpoint (no meta.json); choose one of {choices} with --checkpoint"
+            )
+        return path
+    latest = find_latest(run_dir)
+    if latest is None:
+        raise FileNotFoundError(f"{root} holds no complete checkpoint; train the run first")
+    return latest
+
+
 def read_meta(path: str) -> dict[str, Any]:
     with open(os.path.join(path, "meta.json")) as f:
         return json.load(f)

@@ -62,10 +62,9 @@ def full_head_tables(step_dir: str) -> dict[str, torch.Tensor]:
 
 
 def export(run_dir: str, step_dir: str | None = None, out_dir: str | None = None) -> str:
-    """Write the export of `step_dir` (default: the run's latest checkpoint); returns the folder."""
-    step_dir = step_dir or ckpt.find_latest(run_dir)
-    if step_dir is None:
-        raise FileNotFoundError(f"{run_dir}/checkpoints holds no complete checkpoint to export")
+    """Write the export of `step_dir` (a path or a step-N name; default the run's latest checkpoint); returns
+    the folder."""
+    step_dir = ckpt.resolve_step_dir(run_dir, step_dir)
     cfg = load_yaml(os.path.join(step_dir, "config.yaml"))
     out_dir = out_dir or os.path.join(run_dir, "export")
     os.makedirs(out_dir, exist_ok=True)
@@ -93,7 +92,7 @@ def export(run_dir: str, step_dir: str | None = None, out_dir: str | None = None
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.export", description=__doc__.split("\n")[0])
     p.add_argument("run_dir")
-    p.add_argument("--checkpoint", default=None, help="a step-N folder (default: the latest)")
+    p.add_argument("--checkpoint", default=None, help="step-N or a checkpoint folder (default: the latest)")
     p.add_argument("--out", default=None, help="output folder (default: <run_dir>/export)")
     args = p.parse_args(argv)
     print(f"exported to {export(args.run_dir, args.checkpoint, args.out)}")

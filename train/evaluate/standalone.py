@@ -39,28 +39,10 @@ class LoadedRun:
     head: dict[str, torch.Tensor]  # every head parameter, sharded ones with all classes' rows
 
 
-def _step_dir(run_dir: str, checkpoint: str | None) -> str:
-    if checkpoint:
-        path = checkpoint if os.path.isdir(checkpoint) else os.path.join(ckpt.checkpoint_root(run_dir), checkpoint)
-        if not os.path.isfile(os.path.join(path, "meta.json")):
-            raise FileNotFoundError(
-                f"{path} is not a complete checkpoint (no meta.json); choose one of "
-                f"{sorted(os.listdir(ckpt.checkpoint_root(run_dir)))} with --checkpoint"
-            )
-        return path
-    latest = ckpt.find_latest(run_dir)
-    if latest is None:
-        raise FileNotFoundError(
-            f"{ckpt.checkpoint_root(run_dir)} holds no complete checkpoint; train the run first "
-            "or pass --export for an exported model"
-        )
-    return latest
-
-
 def source_dir(run_dir: str, checkpoint: str | None = None, use_export: bool = False) -> str:
     """The folder weights come from: a step-N checkpoint (default the latest) or the export folder."""
     if not use_export:
-        return _step_dir(run_dir, checkpoint)
+        return ckpt.resolve_step_dir(run_dir, checkpoint)
     source = os.path.join(run_dir, "export") if os.path.isdir(os.path.join(run_dir, "export")) else run_dir
     if not os.path.isfile(os.path.join(source, "config.yaml")):
         raise FileNotFoundError(
