@@ -26,7 +26,14 @@ from model.task import MetricLearningTask, build_head
 from train import checkpoint as ckpt
 from train.config import RunConfig, save_yaml
 from train.control import RunControl
-from train.dist import DistEnv, barrier, destroy_distributed, env_from_environ, init_distributed
+from train.dist import (
+    DistEnv,
+    average_running_stats_,
+    barrier,
+    destroy_distributed,
+    env_from_environ,
+    init_distributed,
+)
 from train.elastic import convert_to_universal
 from train.engine import build_engine, build_head_optimizer, embedding_grad_scale
 from train.evaluate.protocols import evaluate_sets, flatten, update_best
@@ -159,7 +166,8 @@ class Run:
         return self.clock.global_batch
 
     def save(self) -> str:
-        """A collective checkpoint of the current state."""
+        """A collective checkpoint of the current state (running statistics averaged over ranks first)."""
+        average_running_stats_(self.model.engine.module)
         return ckpt.save_checkpoint(
             self.cfg,
             self.env,
@@ -174,6 +182,7 @@ class Run:
         """Every evaluation set's scores (collective; pictures of the first set); state.best is updated."""
         task, head, step = self.model.task, self.model.task.head, self.state.step
         table = next(iter(head.sharded_parameters().values()))
+        average_running_stats_(self.model.engine.module)  # as the checkpoint stores them: one set for all ranks
         self.model.engine.eval()
         per_set = evaluate_sets(
             self.eval_sets,
