@@ -138,7 +138,7 @@ def run_point(recipe: str, overrides: list[str], run_root: str, name: str) -> di
     cfg = build_config(recipe, [*overrides, f"run_root={run_root}", f"name={name}"])
     ensure_prepared(cfg.data)
     job = make_executor(cfg.slurm, cfg.run_dir, use_slurm=False).submit(TrainJob(cfg))
-    return job.results()[0]
+    return job.results()[0].to_json()  # rank 0's RunSummary, as summary.json holds it
 
 
 def table(study: dict, results: dict[str, list[dict]]) -> str:
