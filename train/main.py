@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from common.seeds import stable_seed
 from data.mixture import train_sources
 from data.stream import TrainBatches, build_train_loader
 from data.transforms import InputNormaliser
@@ -93,6 +94,12 @@ def build_model(
     model = TrainableModel(
         engine, MetricLearningTask(engine, head), head_opt, head_sched, device, input_dtype, InputNormaliser(cfg.data)
     )
+    # Every rank built the same backbone from the same seed; from here each draws its own random numbers
+    # (drop-path and dropout masks, as timm seeds seed + rank): with one shared stream every rank dropped
+    # the same blocks for its i-th sample. A resume at the same world size restores each rank's saved
+    # state over this; at another world size the step joins the seed, so the streams do not repeat step 0's.
+    resumed_step = int(ckpt.read_meta(resume_from)["step"]) if resume_from else 0
+    seed_everything(stable_seed(cfg.seed, "rank", env.rank, "step", resumed_step) % 2**32)
     state = ckpt.TrainState()
     if resume_from:
         state = ckpt.load_checkpoint(resume_from, env, engine, head, head_opt, head_sched)
@@ -128,7 +135,7 @@ class Run:
 
     @classmethod
     def build(cls, cfg: RunConfig, env: DistEnv, device: torch.device, control: RunControl) -> "Run":
-        seed_everything(cfg.seed)  # same on every rank: identical backbone init before DeepSpeed's broadcast
+        seed_everything(cfg.seed)  # same on every rank: identical backbone init (build_model then splits the streams)
         # Cheap checks first: a bad data set or an incompatible checkpoint fails before any model is built.
         train_sources(cfg.data)  # every source's shards and class count
         eval_sets = resolve_eval_sets(cfg.data, cfg.metrics)  # held-out split and metrics.eval_sets, checked
