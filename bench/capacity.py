@@ -11,7 +11,7 @@ The reference is Partial FC (An et al.): 5.5M classes exact and 29M sampled on 8
 trunk included; the table prints classes per GiB of budget beside theirs (theirs per GB of all 8 GPUs).
 
     python -m bench.capacity [--heads distarc,chest] [--sample-rates 1.0,0.1] [--class-chunks 0,8192] [--budget-gb G]
-                             [--reserve-gb R] [--start 1000000] [--tolerance 0.02]
+                             [--head-optimizers adamw,sgd] [--reserve-gb R] [--start 1000000] [--tolerance 0.02]
 """
 
 from __future__ import annotations
@@ -45,14 +45,14 @@ def largest_fitting(fits: Callable[[int], bool], start: int, tolerance: float) -
     return lo, hi
 
 
-def train_head_steps(cfg: LossConfig, num_classes: int, device: torch.device) -> None:
-    """Two training steps of the head alone at `num_classes` (the second with AdamW's moments allocated)."""
+def train_head_steps(cfg: LossConfig, num_classes: int, device: torch.device, head_optimizer: str = "adamw") -> None:
+    """Two training steps of the head alone at `num_classes` (the second with the optimizer's state allocated)."""
     from model.task import build_head
     from train.config import OptimConfig
     from train.engine import build_head_optimizer
 
     head = build_head(cfg, num_classes, DIM).to(device)
-    optimizer, _ = build_head_optimizer(head, OptimConfig(), max_steps=10)
+    optimizer, _ = build_head_optimizer(head, OptimConfig(head_optimizer=head_optimizer), max_steps=10)
     g = torch.Generator().manual_seed(0)
     emb = (torch.randn(GLOBAL_BATCH, DIM, generator=g) * 3).to(device).requires_grad_(True)
     labels = torch.randint(0, num_classes, (GLOBAL_BATCH,), generator=g).to(device)
@@ -62,11 +62,11 @@ def train_head_steps(cfg: LossConfig, num_classes: int, device: torch.device) ->
         optimizer.zero_grad(set_to_none=True)
 
 
-def describe(cfg: LossConfig) -> str:
-    return f"{cfg.name} rate {cfg.sample_rate:g} chunk {cfg.class_chunk}"
+def describe(cfg: LossConfig, head_optimizer: str) -> str:
+    return f"{cfg.name} rate {cfg.sample_rate:g} chunk {cfg.class_chunk} {head_optimizer}"
 
 
-def cuda_fits(cfg: LossConfig, budget_bytes: float) -> Callable[[int], bool]:
+def cuda_fits(cfg: LossConfig, budget_bytes: float, head_optimizer: str) -> Callable[[int], bool]:
     device = torch.device("cuda")
 
     def fits(num_classes: int) -> bool:
@@ -74,27 +74,27 @@ def cuda_fits(cfg: LossConfig, budget_bytes: float) -> Callable[[int], bool]:
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         try:
-            train_head_steps(cfg, num_classes, device)
+            train_head_steps(cfg, num_classes, device, head_optimizer)
             peak = torch.cuda.max_memory_allocated(device) - base
         except torch.cuda.OutOfMemoryError:
             peak = float("inf")
         torch.cuda.empty_cache()
-        print(f"  {describe(cfg)}: {num_classes:,} classes -> {peak / 2**30:.1f} GiB", flush=True)
+        print(f"  {describe(cfg, head_optimizer)}: {num_classes:,} classes -> {peak / 2**30:.1f} GiB", flush=True)
         return peak <= budget_bytes
 
     return fits
 
 
-def _cpu_probe(rank: int, world: int, cfg: LossConfig, num_classes: int, out: dict) -> None:
+def _cpu_probe(rank: int, world: int, cfg: LossConfig, num_classes: int, head_optimizer: str, out: dict) -> None:
     base = current_rss_mb()
-    train_head_steps(cfg, num_classes, torch.device("cpu"))
+    train_head_steps(cfg, num_classes, torch.device("cpu"), head_optimizer)
     out[rank] = {"mem_mb": peak_rss_mb() - base}
 
 
-def cpu_fits(cfg: LossConfig, budget_bytes: float) -> Callable[[int], bool]:
+def cpu_fits(cfg: LossConfig, budget_bytes: float, head_optimizer: str) -> Callable[[int], bool]:
     def fits(num_classes: int) -> bool:
-        peak = run_ranks(_cpu_probe, 1, cfg, num_classes)[0]["mem_mb"] * 2**20
-        print(f"  {describe(cfg)}: {num_classes:,} classes -> {peak / 2**30:.2f} GiB", flush=True)
+        peak = run_ranks(_cpu_probe, 1, cfg, num_classes, head_optimizer)[0]["mem_mb"] * 2**20
+        print(f"  {describe(cfg, head_optimizer)}: {num_classes:,} classes -> {peak / 2**30:.2f} GiB", flush=True)
         return peak <= budget_bytes
 
     return fits
@@ -105,6 +105,7 @@ def main() -> None:
     p.add_argument("--heads", default="distarc,chest")
     p.add_argument("--sample-rates", default="1.0,0.1")
     p.add_argument("--class-chunks", default="0,8192", help="loss.class_chunk values (0 = the whole shard at once)")
+    p.add_argument("--head-optimizers", default="adamw", help="optim.head_optimizer values (adamw, sgd)")
     p.add_argument("--budget-gb", type=float, default=0.0, help="memory budget (GiB); default on a GPU: all of it")
     p.add_argument("--reserve-gb", type=float, default=0.0, help="left for the backbone and the runtime (GiB)")
     p.add_argument("--start", type=int, default=1_000_000, help="first class count probed (doubled while it fits)")
@@ -127,24 +128,25 @@ def main() -> None:
         f"D={DIM}, batch {GLOBAL_BATCH}, one rank, torch {torch.__version__}"
     )
     print(
-        "| head | sample rate | class chunk | largest C that fits | first C that does not | classes per GiB | "
-        "Partial FC classes per GiB (8 x 32 GB) | search s |"
+        "| head | sample rate | class chunk | head optimizer | largest C that fits | first C that does not | "
+        "classes per GiB | Partial FC classes per GiB (8 x 32 GB) | search s |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     configs = [
-        dataclasses.replace(HEADS[head], sample_rate=float(rate), class_chunk=int(chunk))
+        (dataclasses.replace(HEADS[head], sample_rate=float(rate), class_chunk=int(chunk)), opt)
         for head in args.heads.split(",")
         for rate in args.sample_rates.split(",")
         for chunk in args.class_chunks.split(",")
+        for opt in args.head_optimizers.split(",")
     ]
-    for cfg in configs:  # each row as soon as its search ends (a cut-off run keeps the rest)
-        fits = (cuda_fits if cuda else cpu_fits)(cfg, budget)
+    for cfg, opt in configs:  # each row as soon as its search ends (a cut-off run keeps the rest)
+        fits = (cuda_fits if cuda else cpu_fits)(cfg, budget, opt)
         start = time.perf_counter()
         lo, hi = largest_fitting(fits, args.start, args.tolerance)
         ref = PARTIAL_FC.get(cfg.sample_rate)
         ref_cell = f"{ref / PARTIAL_FC_GB:,.0f}" if ref else "-"
         print(
-            f"| {cfg.name} | {cfg.sample_rate:g} | {cfg.class_chunk or '-'} | {lo:,} | {hi:,} | "
+            f"| {cfg.name} | {cfg.sample_rate:g} | {cfg.class_chunk or '-'} | {opt} | {lo:,} | {hi:,} | "
             f"{lo / (budget / 2**30):,.0f} | {ref_cell} | {time.perf_counter() - start:.0f} |",
             flush=True,
         )

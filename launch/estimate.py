@@ -4,8 +4,9 @@ Four parts per rank, each from the resolved config:
 - trunk states (weights, gradients, AdamW) under ZeRO: DeepSpeed's own estimator for the 16-bit
   stages 2 and 3 (`estimate_zero{2,3}_model_states_mem_needs`, no offload), the closed form of
   `zero_state_bytes` otherwise; the parameter count comes from the trunk built on the meta device;
-- the class-sharded head: this rank's shard (plus CHEST's replicated FC) in fp32 with its AdamW
-  moments and gradient, and the [G, C_local] logit / distance blocks of one step;
+- the class-sharded head: this rank's shard (plus CHEST's replicated FC) in fp32 with its optimizer's
+  row state (AdamW's two moments or SGD's momentum) and gradient, and the [G, C_local] logit /
+  distance blocks of one step;
 - activations: the bytes autograd saves for backward, counted with saved_tensors_hooks on a CPU
   forward at MEASURE_BATCH images and scaled linearly to data.batch_size;
 - a fixed runtime reserve (CUDA context, NCCL buffers, allocator slack; not measured).
@@ -35,7 +36,8 @@ from train.config import RunConfig, ZeroConfig
 GIB = 2**30
 MEASURE_BATCH = 2  # images of the CPU forward; activations scale linearly from here
 LOGIT_COPIES = 3  # [G, C] blocks alive at once: the logits, the softmax temporaries, their gradient
-HEAD_BYTES_PER_VALUE = 4 + 8 + 4  # fp32 weight + AdamW's two fp32 moments + fp32 gradient
+# per head value: fp32 weight + the optimizer's fp32 row state (AdamW: two moments; SGD: its momentum) + fp32 grad
+HEAD_BYTES_PER_VALUE = {"adamw": 4 + 8 + 4, "sgd": 4 + 4 + 4}
 SUGGESTED_CHUNK = 8192  # loss.class_chunk offered by the fixes: [G, 8192] blocks, GEMMs still large
 RUNTIME_RESERVE = 2 * GIB  # CUDA context, NCCL buffers, allocator fragmentation: a margin, not a measurement
 DEPTH_PROBES = (2, 3)  # ViT-like trunks: measured at these depths and extrapolated (block 0 has no drop path)
@@ -131,13 +133,16 @@ class HeadShard:
     num_local: int  # classes on each of these ranks
     sharded_values: int  # elements of sharded_parameters() (C_local x D, or C_local x K x D for CHEST)
     replicated_values: int  # CHEST's shared FC h, whole on every rank
+    bytes_per_value: int = HEAD_BYTES_PER_VALUE["adamw"]  # optim.head_optimizer's
 
     @property
     def state_bytes(self) -> int:
-        return (self.sharded_values + self.replicated_values) * HEAD_BYTES_PER_VALUE
+        return (self.sharded_values + self.replicated_values) * self.bytes_per_value
 
 
-def head_shards(loss: LossConfig, num_classes: int, embed_dim: int, world_size: int) -> list[HeadShard]:
+def head_shards(
+    loss: LossConfig, num_classes: int, embed_dim: int, world_size: int, head_optimizer: str = "adamw"
+) -> list[HeadShard]:
     """One entry per distinct shard size (class_range gives the first ranks one class more), counted on
     heads built on the meta device."""
     sizes = [class_range(num_classes, r, world_size)[1] for r in range(world_size)]
@@ -152,6 +157,7 @@ def head_shards(loss: LossConfig, num_classes: int, embed_dim: int, world_size: 
                 n,
                 sum(p.numel() for p in head.sharded_parameters().values()),
                 sum(p.numel() for p in head.replicated_parameters().values()),
+                HEAD_BYTES_PER_VALUE[head_optimizer],
             )
         )
     return out
@@ -329,7 +335,7 @@ def estimate(cfg: RunConfig, gpu_mem_gb: float) -> Estimate:
     world = cfg.slurm.nodes * cfg.slurm.tasks_per_node
     size = trunk_size(cfg.model)
     states, source = trunk_state(cfg, size)
-    shards = head_shards(cfg.loss, cfg.data.num_classes, cfg.model.embed_dim, world)
+    shards = head_shards(cfg.loss, cfg.data.num_classes, cfg.model.embed_dim, world, cfg.optim.head_optimizer)
     acts = activations(cfg.model, cfg.data.image_size, size)
     global_batch = cfg.data.batch_size * world
     dtype = "bf16" if cfg.zero.bf16 else "fp32"
@@ -340,7 +346,10 @@ def estimate(cfg: RunConfig, gpu_mem_gb: float) -> Estimate:
     rows = {
         "states": (f"trunk states, ZeRO-{cfg.zero.stage} {dtype} ({source})", [states] * n),
         "bucket": ("DeepSpeed gradient bucket (reduce_bucket_size)", [bucket_bytes(cfg.zero)] * n),
-        "head": (f"head shard x {HEAD_BYTES_PER_VALUE} B (fp32 weight, AdamW, grad)", [s.state_bytes for s in shards]),
+        "head": (
+            f"head shard x {shards[0].bytes_per_value} B (fp32 weight, {cfg.optim.head_optimizer} state, grad)",
+            [s.state_bytes for s in shards],
+        ),
         "logits": (
             f"head logits [G={global_batch}, C_local x {cols:g}] fp32 x {LOGIT_COPIES}{chunk}",
             [logit_bytes(global_batch, s.num_local, cfg.loss, cfg.model.embed_dim) for s in shards],
@@ -437,6 +446,16 @@ def fixes(cfg: RunConfig, est: Estimate) -> str:
                 saving,
                 f"loss.class_chunk={SUGGESTED_CHUNK} (the {_size(est.most('logits'))} of logits taken "
                 f"{SUGGESTED_CHUNK} classes at a time and recomputed in backward)",
+            )
+        )
+    sgd = HEAD_BYTES_PER_VALUE["sgd"] / HEAD_BYTES_PER_VALUE["adamw"]
+    head_saving = int(est.most("head") * (1 - sgd))
+    if cfg.optim.head_optimizer == "adamw" and head_saving >= est.peak // 20:  # where it saves 5% or more
+        out.append(
+            (
+                head_saving,
+                f"optim.head_optimizer=sgd (one momentum row per class instead of AdamW's two moments: the "
+                f"{_size(est.most('head'))} head shard x {sgd:.2f}; set optim.head_lr for SGD)",
             )
         )
     return "; ".join(text for _, text in sorted(out, key=lambda item: -item[0]))

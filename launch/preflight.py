@@ -61,7 +61,7 @@ def check_run_dir(cfg: RunConfig) -> None:
                 f"asks for {new!r}; {fix}"
             )
     if cfg.checkpoint.resume:
-        ckpt.check_compatible(latest, cfg)
+        ckpt.check_resumable(latest, cfg)
 
 
 def preflight(cfgs: list[RunConfig], use_slurm: bool) -> None:

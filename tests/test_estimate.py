@@ -32,6 +32,8 @@ def test_head_bytes_equal_the_closed_form() -> None:
     shards = est.head_shards(LossConfig(name="distarc"), 10, 64, 3)  # class_range: 4, 3, 3 classes
     assert [(s.ranks, s.num_local) for s in shards] == [((0, 0), 4), ((1, 2), 3)]
     assert [s.state_bytes for s in shards] == [4 * 64 * (4 + 8 + 4), 3 * 64 * (4 + 8 + 4)]
+    sgd = est.head_shards(LossConfig(name="distarc"), 10, 64, 3, "sgd")  # one momentum row, not two moments
+    assert [s.state_bytes for s in sgd] == [4 * 64 * (4 + 4 + 4), 3 * 64 * (4 + 4 + 4)]
     chest = LossConfig(name="chest", chest=ChestConfig(proxies_per_class=3, hyp_dim=16))
     (shard,) = est.head_shards(chest, 8, 32, 2)
     assert shard.state_bytes == (4 * 3 * 32 + 32 * 16 + 16) * 16  # proxies [4, K, D] and the replicated FC h
@@ -147,8 +149,17 @@ def test_a_submission_that_cannot_fit_is_refused_with_the_fixes(tmp_path, capsys
     ):
         assert fix in err, fix
     assert "loss.class_chunk" not in err  # 10 classes: a chunk of 8192 would save nothing
+    assert "optim.head_optimizer=sgd" not in err  # nor SGD's one momentum row instead of two
     assert main(["--slurm", "--gpu-mem-gb", "1", *args, "data.num_classes=200000"]) == 2
-    assert "loss.class_chunk=8192" in capsys.readouterr().err  # 100,000 classes per rank
+    err = capsys.readouterr().err
+    assert "loss.class_chunk=8192" in err  # 100,000 classes per rank
+    assert "optim.head_optimizer=sgd" not in err  # the logits dominate: the table's state is 2% of the peak
+    big_table = [*args, "data.num_classes=4000000", "loss.class_chunk=1024"]  # chunked: the table is the peak
+    assert main(["--slurm", "--gpu-mem-gb", "1", *big_table]) == 2
+    assert "optim.head_optimizer=sgd" in capsys.readouterr().err
+    assert main(["--estimate", "--gpu-mem-gb", "1", *big_table, "optim.head_optimizer=sgd"]) == 1
+    out = capsys.readouterr().out
+    assert "head shard x 12 B (fp32 weight, sgd state, grad)" in out and "head_optimizer=sgd" not in out
     assert main(["--estimate", "--gpu-mem-gb", "1", *args]) == 1
     assert "DOES NOT FIT" in capsys.readouterr().out
     assert main(["--estimate", *args]) == 0

@@ -91,14 +91,22 @@ def _model_state(run_dir: str) -> dict[str, torch.Tensor]:
     return {**state["module"], **tables}
 
 
-@pytest.mark.parametrize("recipe", ["mnist_distarc", "mnist_chest"])
-def test_resume_gives_the_same_weights_and_loss(dist_pool, mnist_root: str, tmp_path, recipe: str) -> None:
+@pytest.mark.parametrize(
+    "recipe, extra",
+    [("mnist_distarc", []), ("mnist_chest", []), ("mnist_distarc", ["optim.head_optimizer=sgd", "optim.head_lr=0.1"])],
+)
+def test_resume_gives_the_same_weights_and_loss(
+    dist_pool, mnist_root: str, tmp_path, recipe: str, extra: list[str]
+) -> None:
     pool = dist_pool(2)
     steps = 20
     straight = pool.run(
-        _run, small_overrides(mnist_root, str(tmp_path), "straight", steps) + ["data.num_workers=1"], None, recipe
+        _run,
+        small_overrides(mnist_root, str(tmp_path), "straight", steps) + ["data.num_workers=1", *extra],
+        None,
+        recipe,
     )
-    resumed_args = small_overrides(mnist_root, str(tmp_path), "resumed", steps) + ["data.num_workers=1"]
+    resumed_args = small_overrides(mnist_root, str(tmp_path), "resumed", steps) + ["data.num_workers=1", *extra]
     first = pool.run(_run, resumed_args, steps // 2, recipe)
     assert first[0]["step"] == steps // 2 and "num_samples" not in first[0]  # stopped, like a preempted job
     second = pool.run(_run, resumed_args, None, recipe)

@@ -114,6 +114,19 @@ def check_compatible(path: str, cfg: RunConfig, fix: str = RESUME_FIX) -> None:
         raise ValueError(f"checkpoint {path} holds another model ({'; '.join(changed)}); {fix}")
 
 
+def check_resumable(path: str, cfg: RunConfig) -> None:
+    """check_compatible, and the head's optimizer: its saved state (AdamW's moments or SGD's momentum)
+    only means something to the optimizer that wrote it."""
+    check_compatible(path, cfg)
+    saved = load_yaml(os.path.join(path, "config.yaml")).optim.head_optimizer
+    if saved != cfg.optim.head_optimizer:
+        raise ValueError(
+            f"checkpoint {path} holds the head's {saved} state but the config asks for "
+            f"optim.head_optimizer={cfg.optim.head_optimizer}; set optim.head_optimizer={saved} to resume, or "
+            f"{RESUME_FIX}"
+        )
+
+
 def stream_signature(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     """The settings the data stream's position depends on: the stream is a pure function of these
     and the step, so a resume with the same signature continues batch for batch."""
@@ -220,14 +233,15 @@ def load_checkpoint(
 
 # ---- head shards --------------------------------------------------------------------------------
 
-MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW state kept per parameter row
+# optimizer state kept per parameter row: AdamW's two moments, SGD's momentum (optim.head_optimizer)
+MOMENTS = ("exp_avg", "exp_avg_sq", "momentum_buffer")
 
 
 def _param_state(param: torch.nn.Parameter, opt: torch.optim.Optimizer) -> dict[str, Any]:
     st = opt.state.get(param, {})
     out: dict[str, Any] = {"value": param.detach().cpu()}
     for key in MOMENTS:
-        out[key] = st[key].cpu() if key in st else None
+        out[key] = st[key].cpu() if st.get(key) is not None else None
     out["step"] = float(st["step"]) if "step" in st else 0.0
     return out
 
@@ -257,8 +271,11 @@ def _restore(
 ) -> None:
     with torch.no_grad():
         param.copy_(value.to(param.device))
-    if step > 0:
-        opt.state[param] = {"step": torch.tensor(step), **{k: v.to(param.device) for k, v in moments.items()}}
+    state: dict[str, Any] = {k: v.to(param.device) for k, v in moments.items()}
+    if step > 0:  # AdamW counts its steps; SGD keeps only its momentum
+        state["step"] = torch.tensor(step)
+    if state:
+        opt.state[param] = state
 
 
 def head_shard_files(path: str) -> list[tuple[int, int, str]]:
@@ -275,7 +292,7 @@ def _load_head(path: str, head: ShardedHead, opt: torch.optim.Optimizer, sched: 
     lo, hi = head.class_start, head.class_start + head.num_local
     targets = head.sharded_parameters()
     values = {n: torch.empty_like(p.data, device="cpu") for n, p in targets.items()}
-    moments = {n: {k: torch.zeros_like(values[n]) for k in MOMENTS} for n in targets}
+    moments: dict[str, dict[str, torch.Tensor]] = {n: {} for n in targets}  # the kinds the checkpoint holds
     covered, opt_step, sched_state = 0, 0.0, None
     for a, b, file in head_shard_files(path):
         if b <= lo or a >= hi:
@@ -286,8 +303,9 @@ def _load_head(path: str, head: ShardedHead, opt: torch.optim.Optimizer, sched: 
             saved = part["params"][name]
             values[name][s - lo : e - lo] = saved["value"][s - a : e - a]
             for key in MOMENTS:
-                if saved[key] is not None:
-                    moments[name][key][s - lo : e - lo] = saved[key][s - a : e - a]
+                if saved.get(key) is not None:
+                    rows = moments[name].setdefault(key, torch.zeros_like(values[name]))
+                    rows[s - lo : e - lo] = saved[key][s - a : e - a]
             opt_step = saved["step"]
         covered += e - s
         sched_state = part["scheduler"]
@@ -300,7 +318,7 @@ def _load_head(path: str, head: ShardedHead, opt: torch.optim.Optimizer, sched: 
         saved_repl = torch.load(os.path.join(path, "head", "replicated.pt"), weights_only=False)
         for name, param in replicated.items():
             st = saved_repl[name]
-            _restore(param, opt, st["value"], {k: st[k] for k in MOMENTS if st[k] is not None}, st["step"])
+            _restore(param, opt, st["value"], {k: st[k] for k in MOMENTS if st.get(k) is not None}, st["step"])
     if sched_state is None:  # a rank with no classes (C < P) still needs the schedule's position
         sched_state = torch.load(head_shard_files(path)[0][2], weights_only=False)["scheduler"]
     sched.load_state_dict(sched_state)

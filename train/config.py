@@ -29,15 +29,23 @@ from data.mixture import num_train_classes
 from model.config import LossConfig, ModelConfig
 
 
+HEAD_OPTIMIZERS = ("adamw", "sgd")
+
+
 @dataclasses.dataclass(kw_only=True)
 class OptimConfig:
-    """AdamW for the backbone (inside DeepSpeed) and a separate AdamW for the sharded head."""
+    """AdamW for the backbone (inside DeepSpeed) and a separate optimizer for the sharded head (AdamW, or SGD
+    with momentum as Partial FC / arcface_torch train their tables: one row state instead of two)."""
 
     lr: float = 1e-3
     head_lr: float = 1e-2
     weight_decay: float = 0.05
     head_weight_decay: float = 0.0  # decay shrinks ||W_j|| towards 0 where only directions matter (docs/losses.md 4.9)
     fc_lr: float = 0.0  # CHEST's shared FC h (replicated head parameters); 0 = the backbone's optim.lr
+    # "adamw" or "sgd" (momentum optim.head_momentum): per class AdamW keeps 2 x 4 B x D of moments, SGD 1 x;
+    # with loss.class_chunk the table's own state is what limits its size (docs/benchmarks.md)
+    head_optimizer: str = "adamw"
+    head_momentum: float = 0.9
     beta1: float = 0.9
     beta2: float = 0.999
     warmup_steps: int = 50
@@ -53,6 +61,10 @@ class OptimConfig:
     def validate(self) -> None:
         if self.max_skipped_steps < 0:
             raise ValueError(f"optim.max_skipped_steps={self.max_skipped_steps} must be >= 0 (0 = stop at the first)")
+        if self.head_optimizer not in HEAD_OPTIMIZERS:
+            raise ValueError(f"optim.head_optimizer={self.head_optimizer!r} must be one of {HEAD_OPTIMIZERS}")
+        if not 0.0 <= self.head_momentum < 1.0:
+            raise ValueError(f"optim.head_momentum={self.head_momentum} must be in [0, 1)")
         if self.lr <= 0 or self.head_lr <= 0 or self.fc_lr < 0:
             raise ValueError("optim.lr and optim.head_lr must be > 0, optim.fc_lr >= 0 (0 = optim.lr)")
         if self.warmup_steps < 0 or self.grad_accum_steps < 1:

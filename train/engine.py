@@ -164,9 +164,9 @@ def embedding_grad_scale(engine: Any) -> float:
 def build_head_optimizer(
     head: ShardedHead, optim: OptimConfig, max_steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over this rank's shard (optim.head_lr, optim.head_weight_decay) and, for CHEST, over the
-    replicated shared FC h (optim.fc_lr, default the backbone's lr, with the backbone's weight decay
-    on its matrix), all with the backbone's schedule shape."""
+    """AdamW (or SGD with momentum: optim.head_optimizer) over this rank's shard (optim.head_lr,
+    optim.head_weight_decay) and, for CHEST, over the replicated shared FC h (optim.fc_lr, default the
+    backbone's lr, with the backbone's weight decay on its matrix), all with the backbone's schedule shape."""
     groups: list[dict[str, Any]] = [
         {
             "params": list(head.sharded_parameters().values()),
@@ -183,7 +183,10 @@ def build_head_optimizer(
         ]
     # fused (optim.fused): no temporaries; the foreach form holds two table-sized ones in its step, half again
     # the weight, gradient and moments (150k x 512 fp32 on CPU: 1.72 GiB against 1.15) and caps the table
-    optimizer = torch.optim.AdamW(
-        [g for g in groups if g["params"]], betas=(optim.beta1, optim.beta2), fused=optim.fused or None
-    )
+    kept = [g for g in groups if g["params"]]
+    optimizer: torch.optim.Optimizer
+    if optim.head_optimizer == "sgd":  # Partial FC's choice: one momentum row per class instead of two moments
+        optimizer = torch.optim.SGD(kept, lr=optim.head_lr, momentum=optim.head_momentum, fused=optim.fused or None)
+    else:
+        optimizer = torch.optim.AdamW(kept, betas=(optim.beta1, optim.beta2), fused=optim.fused or None)
     return optimizer, _schedule(optimizer, optim, max_steps)

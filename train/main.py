@@ -141,7 +141,7 @@ class Run:
         eval_sets = resolve_eval_sets(cfg.data, cfg.metrics)  # held-out split and metrics.eval_sets, checked
         resume_from = ckpt.find_latest(cfg.run_dir) if cfg.checkpoint.resume else None
         if resume_from:
-            ckpt.check_compatible(resume_from, cfg)
+            ckpt.check_resumable(resume_from, cfg)
         if env.is_main:
             os.makedirs(cfg.run_dir, exist_ok=True)
             save_yaml(cfg, os.path.join(cfg.run_dir, "config.yaml"))
