@@ -33,6 +33,7 @@ MAIN_HPARAMS = (
     "optim.fc_lr",
     "optim.weight_decay",
     "optim.head_weight_decay",
+    "optim.head_optimizer",
     "optim.warmup_steps",
     "optim.min_lr_ratio",
     "optim.grad_clip",
