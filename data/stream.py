@@ -364,6 +364,9 @@ def build_train_loader(cfg: DataConfig, rank: int, world_size: int, start_batch:
         pin_memory=cfg.pin_memory and torch.cuda.is_available(),
         prefetch_factor=cfg.prefetch_factor if cfg.num_workers > 0 else None,
         worker_init_fn=ignore_stop_signals,
+        # its own generator: the workers' base seed is otherwise one draw from the trainer's global RNG,
+        # which would shift the drop-path masks of a resumed run (the batches are seeded per batch anyway)
+        generator=torch.Generator(),
     )
     return TrainBatches(dataset, loader)
 
@@ -427,4 +430,5 @@ def build_eval_loader(
         pin_memory=cfg.pin_memory and torch.cuda.is_available(),
         prefetch_factor=cfg.prefetch_factor if cfg.num_workers > 0 else None,
         worker_init_fn=ignore_stop_signals,
+        generator=torch.Generator(),  # leaves the trainer's global RNG alone (see build_train_loader)
     )

@@ -165,3 +165,45 @@ def test_bf16_engine_runs_batchnorm_backbones(dist_pool) -> None:
     (result,) = dist_pool(1).run(bf16_batchnorm_rank)
     assert torch.isfinite(torch.tensor(result["loss"]))
     assert result["buffers"]["1.running_mean"] == result["buffers"]["1.running_var"] == torch.bfloat16
+
+
+def clipping_rank(grad_clip: float) -> dict:
+    """The clipping norm a real engine applies in its step, and the gradient norm (far above 1) of a
+    linear backbone's loss."""
+    from train.engine import build_engine
+
+    torch.manual_seed(0)
+    net = nn.Linear(8, 4)
+    engine = build_engine(net, OptimConfig(warmup_steps=0, grad_clip=grad_clip), ZeroConfig(stage=0), 2, 2)
+    loss = 100.0 * engine(torch.ones(2, 8)).sum()
+    engine.backward(loss)
+    norm = torch.sqrt(sum(p.grad.float().square().sum() for p in net.parameters()))  # ZeRO-0: grads in place
+    return {"clip": engine.gradient_clipping(), "grad_norm": float(norm)}
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 0.5])
+def test_grad_clip_zero_means_off(dist_pool, grad_clip: float) -> None:
+    """DeepSpeed's gradient_clipping defaults to 1.0 when the key is absent: optim.grad_clip=0 must write
+    0, not leave it out (it did, and every "unclipped" recipe was clipped at global norm 1)."""
+    (result,) = dist_pool(1).run(clipping_rank, grad_clip)
+    assert result["clip"] == grad_clip and result["grad_norm"] > 100  # clipping at 1 would have mattered
+
+
+def test_vit_position_embedding_and_class_token_get_no_weight_decay() -> None:
+    """timm's no_weight_decay() names (pos_embed, cls_token) join biases and norm weights in the group
+    without decay, as timm's param_groups_weight_decay puts them."""
+    from timm.optim import param_groups_weight_decay
+
+    from model.backbone import build_backbone
+    from model.config import ModelConfig
+    from train.engine import param_groups
+
+    model = build_backbone(ModelConfig(name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=16))
+    ours = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = {names[id(p)] for p in ours[1]["params"]}
+    assert {"trunk.pos_embed", "trunk.cls_token"} <= no_decay
+    skip = [f"trunk.{n}" for n in model.trunk.no_weight_decay()]
+    theirs = param_groups_weight_decay(model, 0.05, no_weight_decay_list=skip)
+    assert no_decay == {names[id(p)] for g in theirs if g["weight_decay"] == 0.0 for p in g["params"]}
+    assert ours[0]["weight_decay"] == 0.05 and ours[1]["weight_decay"] == 0.0

@@ -133,19 +133,19 @@ def global_norm(local_tensors: list[torch.Tensor], replicated_tensors: list[torc
     return total**0.5
 
 
-def average_running_stats_(module: torch.nn.Module) -> int:
-    """Average the normalisation layers' running statistics (buffers named running_*, e.g. BatchNorm's
-    mean and variance) over ranks, in place; returns how many buffers. DeepSpeed, unlike DDP, never syncs
-    buffers: each rank's statistics follow its own data, while a checkpoint stores rank 0's. Called before
-    every evaluation and save, so both see one set (timm's `distribute_bn(reduce=True)`, in one fp32
-    all-reduce whatever the buffers' dtype). Other buffers are left alone: they are identical anyway."""
+def broadcast_running_stats_(module: torch.nn.Module) -> int:
+    """Rank 0's running statistics of the normalisation layers (buffers named running_*, e.g. BatchNorm's
+    mean and variance) on every rank, in place; returns how many buffers. DeepSpeed, unlike DDP (which
+    broadcasts rank 0's buffers at every forward), never syncs buffers: each rank's statistics follow its
+    own data, while a checkpoint stores rank 0's. Called before every evaluation, so each rank embeds with
+    the statistics the checkpoint holds; rank 0's own are never changed, so saves and resumes stay exact.
+    One all-reduce-free broadcast of an fp32 copy, whatever the buffers' dtype."""
     stats = [b for name, b in module.named_buffers() if name.rsplit(".", 1)[-1].startswith("running_")]
     stats = [b for b in stats if b.is_floating_point()]
     if not stats or not dist.is_initialized() or dist.get_world_size() == 1:
         return len(stats)
     flat = torch.cat([b.detach().reshape(-1).float() for b in stats]).to(collective_device())
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
+    dist.broadcast(flat, src=0)
     with torch.no_grad():
         for b, part in zip(stats, flat.split([b.numel() for b in stats]), strict=True):
             b.copy_(part.view_as(b))

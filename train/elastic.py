@@ -82,7 +82,7 @@ def _restore_buffers(engine: Any, folder: str) -> None:
     if not files:
         raise FileNotFoundError(f"no *model_states.pt under {folder}")
     saved = torch.load(files[0], map_location="cpu", weights_only=False)["module"]  # buffers are replicated
-    # (running statistics too: Run.save averages them over ranks before every save)
+    # (BatchNorm's running statistics are rank 0's: what evaluation uses, train.dist.broadcast_running_stats_)
     with torch.no_grad():
         for name, buf in engine.module.named_buffers():
             if name in saved:

@@ -45,8 +45,8 @@ def deepspeed_config(
             stage3_param_persistence_threshold=zero.stage3_param_persistence_threshold,
             stage3_prefetch_bucket_size=zero.stage3_prefetch_bucket_size,
         )
-    if optim.grad_clip > 0:
-        cfg["gradient_clipping"] = optim.grad_clip
+    # always written: DeepSpeed's default when the key is absent is 1.0, i.e. "off" would clip at norm 1
+    cfg["gradient_clipping"] = optim.grad_clip
     if load_universal:
         cfg["checkpoint"] = {"load_universal": True}
     if zero.bf16:
@@ -58,10 +58,25 @@ def deepspeed_config(
     return cfg
 
 
+def no_weight_decay_names(module: nn.Module) -> set[str]:
+    """Parameter names (as module.named_parameters gives them) of every submodule's `no_weight_decay()`:
+    timm's ViTs list pos_embed, cls_token and the register tokens, Swin its relative-position tables."""
+    names: set[str] = set()
+    for prefix, sub in module.named_modules():
+        listed = getattr(sub, "no_weight_decay", None)
+        if callable(listed):
+            names |= {f"{prefix}.{n}" if prefix else n for n in listed()}
+    return names
+
+
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on biases and normalisation weights (every 1-D tensor)."""
-    decay = [p for p in module.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in module.parameters() if p.requires_grad and p.ndim <= 1]
+    """No weight decay on biases and normalisation weights (every 1-D tensor) and on what the trunk's
+    `no_weight_decay()` names (timm's `param_groups_weight_decay`); groups in this order (train/elastic.py
+    restores them by position)."""
+    skip = no_weight_decay_names(module)
+    params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    decay = [p for n, p in params if p.ndim > 1 and n not in skip]
+    no_decay = [p for n, p in params if p.ndim <= 1 or n in skip]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -29,7 +29,7 @@ from train.config import RunConfig, save_yaml
 from train.control import RunControl
 from train.dist import (
     DistEnv,
-    average_running_stats_,
+    broadcast_running_stats_,
     barrier,
     destroy_distributed,
     env_from_environ,
@@ -173,8 +173,7 @@ class Run:
         return self.clock.global_batch
 
     def save(self) -> str:
-        """A collective checkpoint of the current state (running statistics averaged over ranks first)."""
-        average_running_stats_(self.model.engine.module)
+        """A collective checkpoint of the current state."""
         return ckpt.save_checkpoint(
             self.cfg,
             self.env,
@@ -189,7 +188,7 @@ class Run:
         """Every evaluation set's scores (collective; pictures of the first set); state.best is updated."""
         task, head, step = self.model.task, self.model.task.head, self.state.step
         table = next(iter(head.sharded_parameters().values()))
-        average_running_stats_(self.model.engine.module)  # as the checkpoint stores them: one set for all ranks
+        broadcast_running_stats_(self.model.engine.module)  # rank 0's, as the checkpoint stores them
         self.model.engine.eval()
         per_set = evaluate_sets(
             self.eval_sets,
