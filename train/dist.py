@@ -139,7 +139,7 @@ def broadcast_running_stats_(module: torch.nn.Module) -> int:
     broadcasts rank 0's buffers at every forward), never syncs buffers: each rank's statistics follow its
     own data, while a checkpoint stores rank 0's. Called before every evaluation, so each rank embeds with
     the statistics the checkpoint holds; rank 0's own are never changed, so saves and resumes stay exact.
-    One all-reduce-free broadcast of an fp32 copy, whatever the buffers' dtype."""
+    One broadcast of an fp32 copy of them all, whatever the buffers' dtype."""
     stats = [b for name, b in module.named_buffers() if name.rsplit(".", 1)[-1].startswith("running_")]
     stats = [b for b in stats if b.is_floating_point()]
     if not stats or not dist.is_initialized() or dist.get_world_size() == 1:

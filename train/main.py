@@ -29,8 +29,8 @@ from train.config import RunConfig, save_yaml
 from train.control import RunControl
 from train.dist import (
     DistEnv,
-    broadcast_running_stats_,
     barrier,
+    broadcast_running_stats_,
     destroy_distributed,
     env_from_environ,
     init_distributed,
