@@ -147,7 +147,9 @@ def _vits_chest(
     """The paper's ViT-S/16 CHEST setting (Table 1, one GPU): x^E is the CLS output (no neck, D_E = 384),
     D_H = 384, c = 0.5, clip 2.3, gamma 5, lambda 20, eta 1, tau 0.5, AdamW, bf16, papers' transforms and the
     backbone's own normalisation. The shared FC h learns at the backbone's rate (optim.fc_lr=0). The paper
-    leaves weight decay open: Hyp-ViT/HIER's 1e-2 (CUB, Cars) and 1e-4 (SOP, In-shop).
+    leaves weight decay open: Hyp-ViT/HIER's 1e-2 (CUB, Cars) and 1e-4 (SOP, In-shop). Gradient clipping
+    too: HIER's global norm 1 (Hyp-ViT: 3), which these recipes had de facto before 2026-12-06 (DeepSpeed's
+    default clip applied while optim.grad_clip read 0).
     Start the trunk from local ImageNet-21k weights with model.checkpoint_path=... (nothing is downloaded).
     """
     return RunConfig(
@@ -170,7 +172,7 @@ def _vits_chest(
         loss=LossConfig(
             name="chest", chest=ChestConfig(proxies_per_class=k, hyp_dim=384, delta_h=delta_h, delta_e=delta_e)
         ),
-        optim=OptimConfig(lr=lr, head_lr=proxy_lr, weight_decay=weight_decay, warmup_steps=0),
+        optim=OptimConfig(lr=lr, head_lr=proxy_lr, weight_decay=weight_decay, warmup_steps=0, grad_clip=1.0),
         zero=ZeroConfig(stage=2, bf16=True),
         checkpoint=CheckpointConfig(every_steps=min(2000, steps // 2), keep_last=2),
         metrics=MetricsConfig(log_every=10, eval_every=0 if steps < 2000 else 5000),

@@ -274,6 +274,12 @@ def test_embed_cli_writes_embeddings(trained, converted, tmp_path) -> None:
     saved = torch.load(out, weights_only=False)
     assert saved["embeddings"].shape == (24, 16) and saved["labels"].shape == (24,) and len(saved["keys"]) == 24
     assert float(saved["embeddings"].norm(dim=1).max()) < 2**0.5  # inside the ball of radius 1/sqrt(c)
+    # without --split: the run's own evaluation split (ImageNet's "val"; it has no "test")
+    assert embed([trained["imagenet"], "--shards", converted["imagenet"], "--out", out, "--device", "cpu"]) == 0
+    assert (
+        torch.load(out, weights_only=False)["embeddings"].shape[0]
+        == _eval_json(trained["imagenet"], "val")["metrics"]["num_samples"]
+    )
     folder = tmp_path / "imgs"
     folder.mkdir()
     for i in range(3):

@@ -1,6 +1,6 @@
 """Embeddings of a trained run for downstream use.
 
-  python -m train.embed RUN_DIR --shards ROOT --split test --out emb.pt [--space poincare]
+  python -m train.embed RUN_DIR --shards ROOT [--split S] --out emb.pt [--space poincare]
   python -m train.embed RUN_DIR --images DIR_OR_FILES... --out emb.pt [--checkpoint step-N | --export]
 
 writes {"embeddings" [N, D] fp32, "keys" (sample keys or file paths), "labels" [N] (shards only),
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--shards", help="a converted data root (with --split)")
     what.add_argument("--images", nargs="+", help="image files or folders")
-    p.add_argument("--split", default="test", help="split of --shards")
+    p.add_argument("--split", default="", help="split of --shards (default: the run's data.eval_split, else test)")
     p.add_argument("--out", required=True, help="output .pt file")
     p.add_argument("--space", default="euclidean", help="euclidean (default), cosine, poincare, fc_euclidean")
     source = p.add_mutually_exclusive_group()
@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         run = load_run(args.run_dir, args.checkpoint, args.export)
+        args.split = args.split or run.cfg.data.eval_split or "test"
         files = image_files(args.images) if args.images else []
         if args.shards:
             make_set(args.shards, args.split, run.cfg.metrics, prefix="", protocol="retrieval")  # checks first
