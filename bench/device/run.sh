@@ -49,7 +49,7 @@ part() {  # part NAME LIMIT_S COMMAND...
 VITL=(--recipe vitl_imagenet_8gpu --world 1 --steps 8 --warmup 2 --profile zero.bf16=true)
 FACES=(--recipe vitl_ms1mv2_faces --world 1 --steps 8 --warmup 2 --no-variants)
 CLASSES=85742  # MS1MV2's identities
-CAPACITY=(--start 1000000 --tolerance 0.05 --class-chunks 8192,0)  # chunked first: the new limit
+CAPACITY=(--start 1000000 --tolerance 0.05 --class-chunks 8192,0 --head-optimizers adamw,sgd)  # chunked first: the new limit
 SMALL=()
 if [ -n "${DEVICE_SMOKE:-}" ]; then  # a CPU rehearsal of the script: tiny sizes, same flow
   SMALL=(model.name=vit_tiny_patch16_224 model.img_size=32 data.image_size=32 data.batch_size=2 --steps 2 --warmup 1)
