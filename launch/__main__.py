@@ -71,8 +71,9 @@ def build_config(recipe: str, overrides: list[str]) -> RunConfig:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        if args.print_config:  # unresolved: needs no converted data (data.num_classes=0 = the manifest's)
-            print(yaml.safe_dump(apply_overrides(get_recipe(args.recipe), args.overrides).to_dict(), sort_keys=False))
+        if args.print_config:  # validated, unresolved: needs no converted data (data.num_classes=0 = the manifest's)
+            cfg = apply_overrides(get_recipe(args.recipe), args.overrides).validate()
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             return 0
         if args.sweep:
             sweep_dir, cfgs = expand(args.recipe, args.overrides, args.sweep, args.sweep_name)

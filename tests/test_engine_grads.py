@@ -207,3 +207,16 @@ def test_vit_position_embedding_and_class_token_get_no_weight_decay() -> None:
     theirs = param_groups_weight_decay(model, 0.05, no_weight_decay_list=skip)
     assert no_decay == {names[id(p)] for g in theirs if g["weight_decay"] == 0.0 for p in g["params"]}
     assert ours[0]["weight_decay"] == 0.05 and ours[1]["weight_decay"] == 0.0
+    legacy = param_groups(model, 0.05, "ndim")  # checkpoints from before: 1-D tensors only
+    assert "trunk.pos_embed" in {names[id(p)] for p in legacy[0]["params"]}
+
+    class Patterned(nn.Module):  # timm matches no_weight_decay() entries with fnmatch (XCiT: 'pos_embed.*')
+        def __init__(self) -> None:
+            super().__init__()
+            self.pos_embed, self.proj = nn.Linear(2, 2), nn.Linear(2, 2)
+
+        def no_weight_decay(self) -> set[str]:
+            return {"pos_embed.*"}
+
+    groups = param_groups(nn.Sequential(Patterned()), 0.05)
+    assert [p.shape for p in groups[0]["params"]] == [torch.Size([2, 2])]  # proj.weight only

@@ -121,6 +121,8 @@ def test_print_config_shows_every_key_without_data(tmp_path, capsys) -> None:
     assert not os.listdir(tmp_path)  # nothing was run or written
     assert main(["--print-config", "optim.lrr=2"]) == 2  # a bad key is still refused, naming the good ones
     assert "'lrr' is not one of" in capsys.readouterr().err
+    assert main(["--print-config", "optim.head_optimizer=lion"]) == 2  # and a bad value
+    assert "must be one of" in capsys.readouterr().err
 
 
 def _fake_sinfo(tmp_path, body: str) -> str:

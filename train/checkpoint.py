@@ -46,6 +46,7 @@ class TrainState:
     best: dict[str, float] = dataclasses.field(default_factory=dict)  # best evaluation scores so far
     skipped_steps: int = 0  # steps left without an update (non-finite loss or gradient), over the whole run
     skipped_in_a_row: int = 0  # the current streak of them (not saved: a resumed job starts at 0)
+    decay_groups: str = "timm"  # the backbone's weight-decay grouping (train.engine.DECAY_GROUPS), kept for life
 
 
 def checkpoint_root(run_dir: str) -> str:
@@ -190,6 +191,8 @@ def save_checkpoint(
             "stream": stream_signature(cfg, env.world_size),
             "best": state.best,
             "skipped_steps": state.skipped_steps,
+            "decay_groups": state.decay_groups,
+            "rank_streams": True,  # each rank's RNG its own (saved before 2026-12-06: one stream for all)
         }
         with open(os.path.join(tmp, "meta.json"), "w") as f:  # written last: marks the folder complete
             json.dump(meta, f)
@@ -221,13 +224,15 @@ def load_checkpoint(
             raise RuntimeError(f"DeepSpeed found no engine state under {path}/{ENGINE_TAG}")
     _load_head(path, head, head_optimizer, head_scheduler)
     rng_file = os.path.join(path, "rng", f"rank-{env.rank}-of-{env.world_size}.pt")
-    if meta["world_size"] == env.world_size and os.path.exists(rng_file):
+    # older checkpoints hold one stream for every rank: keep the per-rank seed train.main set instead
+    if meta["world_size"] == env.world_size and meta.get("rank_streams") and os.path.exists(rng_file):
         _set_rng_state(torch.load(rng_file, weights_only=False))
     return TrainState(
         step=meta["step"],
         samples_seen=meta["samples_seen"],
         best=dict(meta.get("best", {})),
         skipped_steps=int(meta.get("skipped_steps", 0)),
+        decay_groups=str(meta.get("decay_groups", "ndim")),
     )
 
 

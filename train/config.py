@@ -43,7 +43,8 @@ class OptimConfig:
     head_weight_decay: float = 0.0  # decay shrinks ||W_j|| towards 0 where only directions matter (docs/losses.md 4.9)
     fc_lr: float = 0.0  # CHEST's shared FC h (replicated head parameters); 0 = the backbone's optim.lr
     # "adamw" or "sgd" (momentum optim.head_momentum): per class AdamW keeps 2 x 4 B x D of moments, SGD 1 x;
-    # with loss.class_chunk the table's own state is what limits its size (docs/benchmarks.md)
+    # with loss.class_chunk the table's own state is what limits its size (docs/benchmarks.md). CHEST's shared
+    # FC h is in the same optimizer: SGD too, at optim.fc_lr
     head_optimizer: str = "adamw"
     head_momentum: float = 0.9
     beta1: float = 0.9

@@ -8,6 +8,7 @@ averaged or partitioned, so they stay outside the engine with their own AdamW an
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 from typing import Any
 
@@ -58,9 +59,16 @@ def deepspeed_config(
     return cfg
 
 
-def no_weight_decay_names(module: nn.Module) -> set[str]:
-    """Parameter names (as module.named_parameters gives them) of every submodule's `no_weight_decay()`:
-    timm's ViTs list pos_embed, cls_token and the register tokens, Swin its relative-position tables."""
+# How the backbone's parameters split into AdamW groups, recorded in every checkpoint's meta.json: a resume
+# must rebuild the groups its ZeRO optimizer state was saved with. "ndim": 1-D tensors only (checkpoints
+# written before 2026-12-06, which lack the key); "timm": also what no_weight_decay() names.
+DECAY_GROUPS = ("timm", "ndim")
+
+
+def no_weight_decay_patterns(module: nn.Module) -> set[str]:
+    """fnmatch patterns of parameter names (as module.named_parameters gives them) from every submodule's
+    `no_weight_decay()`: timm's ViTs list pos_embed, cls_token and the register tokens, Swin its
+    relative-position tables, XCiT 'pos_embed.*' (timm matches them with fnmatch too)."""
     names: set[str] = set()
     for prefix, sub in module.named_modules():
         listed = getattr(sub, "no_weight_decay", None)
@@ -69,14 +77,18 @@ def no_weight_decay_names(module: nn.Module) -> set[str]:
     return names
 
 
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on biases and normalisation weights (every 1-D tensor) and on what the trunk's
-    `no_weight_decay()` names (timm's `param_groups_weight_decay`); groups in this order (train/elastic.py
-    restores them by position)."""
-    skip = no_weight_decay_names(module)
+def param_groups(module: nn.Module, weight_decay: float, decay_groups: str = "timm") -> list[dict[str, Any]]:
+    """No weight decay on biases and normalisation weights (every 1-D tensor) and, with decay_groups="timm",
+    on what the trunk's `no_weight_decay()` names (timm's `param_groups_weight_decay`); groups in this order
+    (train/elastic.py restores them by position)."""
+    patterns = no_weight_decay_patterns(module) if decay_groups == "timm" else set()
+
+    def exempt(name: str, p: torch.Tensor) -> bool:
+        return p.ndim <= 1 or any(fnmatch.fnmatch(name, pattern) for pattern in patterns)
+
     params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-    decay = [p for n, p in params if p.ndim > 1 and n not in skip]
-    no_decay = [p for n, p in params if p.ndim <= 1 or n in skip]
+    decay = [p for n, p in params if not exempt(n, p)]
+    no_decay = [p for n, p in params if exempt(n, p)]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -127,6 +139,7 @@ def build_engine(
     max_steps: int,
     load_universal: bool = False,
     compile_backbone: bool = False,
+    decay_groups: str = "timm",
 ) -> Any:
     """`deepspeed.initialize` over the backbone with a torch AdamW client optimizer (GuardedAdamW), its
     optimizer reachable as `engine.client_optimizer`; `compile_backbone`: DeepSpeed's `engine.compile()`.
@@ -146,7 +159,7 @@ def build_engine(
     if GuardedAdamW not in ZERO_SUPPORTED_OPTIMIZERS:
         ZERO_SUPPORTED_OPTIMIZERS.append(GuardedAdamW)
     optimizer = GuardedAdamW(
-        param_groups(backbone, optim.weight_decay),
+        param_groups(backbone, optim.weight_decay, decay_groups),
         lr=optim.lr,
         betas=(optim.beta1, optim.beta2),
         fused=optim.fused or None,

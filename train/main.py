@@ -73,6 +73,14 @@ def build_model(
             )
         barrier()
     input_dtype = torch.bfloat16 if cfg.zero.bf16 else torch.float32
+    # the weight-decay groups the checkpoint's optimizer state was saved with (older ones: 1-D tensors only)
+    decay_groups = str(ckpt.read_meta(resume_from).get("decay_groups", "ndim")) if resume_from else "timm"
+    if resume_from and decay_groups != "timm" and env.is_main:
+        print(
+            f"note: {resume_from} predates the no_weight_decay() groups; this run keeps weight decay on "
+            "what the trunk's no_weight_decay() names (ViT pos_embed, cls_token) so its optimizer state loads",
+            flush=True,
+        )
     engine = build_engine(
         build_backbone(cfg.model),
         cfg.optim,
@@ -81,6 +89,7 @@ def build_model(
         cfg.max_steps,
         load_universal=universal,
         compile_backbone=cfg.model.compile,
+        decay_groups=decay_groups,
     )
     head = build_head(
         cfg.loss,
