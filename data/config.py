@@ -4,7 +4,7 @@ This module owns the names, defaults and checks of every `data.*` setting.
 Loaders, converters and transforms read a `DataConfig`; they never parse
 YAML or command lines themselves, so a bad value is reported here, once,
 with the setting name and a fix. Field types are guaranteed where values
-enter (train.config.coerce reads YAML and `key=value` overrides, mypy checks
+enter (train.config_values.coerce reads YAML and `key=value` overrides, mypy checks
 Python callers), so validate() checks ranges and combinations only; it is
 remembered per value, so the loaders' calls cost nothing for a config the
 run already checked.

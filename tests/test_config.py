@@ -11,7 +11,8 @@ import data.config
 from train.overrides import apply_overrides
 from launch.recipes import RECIPES, get_recipe
 from model.config import ModelConfig
-from train.config import RunConfig, load_yaml, override_text, save_yaml
+from train.config import RunConfig, load_yaml, save_yaml
+from train.config_values import override_text
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))

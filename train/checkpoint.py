@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from model.proxies import ShardedHead
-from train.config import RunConfig, load_yaml, override_text, save_yaml
+from train.config import RunConfig, load_yaml, save_yaml
+from train.config_values import override_text
 from train.dist import DistEnv, barrier
 from train.elastic import ENGINE_TAG, load_universal
 

@@ -1,6 +1,6 @@
 """Dotted `key=value` overrides applied to a RunConfig with type checks.
 
-Values are coerced to the field's type (train.config.coerce): list fields read their text form
+Values are coerced to the field's type (train.config_values.coerce): list fields read their text form
 ("metrics.recall_ks=1,2,4", "slurm.sbatch_extra='constraint=a100;exclusive=true'"). The rules are
 checked later, once, by RunConfig.validate() / resolved(): a sweep may override a base into shape.
 """
@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from train.config import RunConfig, coerce, field_forms, field_types
+from train.config import RunConfig
+from train.config_values import coerce, field_forms, field_types
 
 
 def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
