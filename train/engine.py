@@ -81,6 +81,8 @@ def param_groups(module: nn.Module, weight_decay: float, decay_groups: str = "ti
     """No weight decay on biases and normalisation weights (every 1-D tensor) and, with decay_groups="timm",
     on what the trunk's `no_weight_decay()` names (timm's `param_groups_weight_decay`); groups in this order
     (train/elastic.py restores them by position)."""
+    if decay_groups not in DECAY_GROUPS:
+        raise ValueError(f"decay_groups={decay_groups!r} must be one of {DECAY_GROUPS} (a checkpoint's meta.json)")
     patterns = no_weight_decay_patterns(module) if decay_groups == "timm" else set()
 
     def exempt(name: str, p: torch.Tensor) -> bool:

@@ -62,20 +62,21 @@ def build_model(
     A checkpoint from another world size is first converted to a universal one (rank 0), and the
     engine is built to load it (train/elastic.py); the head is re-sliced by class range.
     """
-    universal = bool(resume_from) and ckpt.read_meta(str(resume_from))["world_size"] != env.world_size
+    meta = ckpt.read_meta(resume_from) if resume_from else {}
+    universal = bool(meta) and meta["world_size"] != env.world_size
     if universal:
         if env.is_main:
             seconds = convert_to_universal(str(resume_from))
             print(
-                f"checkpoint {resume_from} was written by {ckpt.read_meta(str(resume_from))['world_size']} "
+                f"checkpoint {resume_from} was written by {meta['world_size']} "
                 f"ranks, resuming at {env.world_size}: universal checkpoint ready ({seconds:.1f} s)",
                 flush=True,
             )
         barrier()
     input_dtype = torch.bfloat16 if cfg.zero.bf16 else torch.float32
     # the weight-decay groups the checkpoint's optimizer state was saved with (older ones: 1-D tensors only)
-    decay_groups = str(ckpt.read_meta(resume_from).get("decay_groups", "ndim")) if resume_from else "timm"
-    if resume_from and decay_groups != "timm" and env.is_main:
+    decay_groups = str(meta.get("decay_groups", "ndim")) if meta else "timm"
+    if decay_groups != "timm" and env.is_main:
         print(
             f"note: {resume_from} predates the no_weight_decay() groups; this run keeps weight decay on "
             "what the trunk's no_weight_decay() names (ViT pos_embed, cls_token) so its optimizer state loads",
@@ -107,8 +108,7 @@ def build_model(
     # (drop-path and dropout masks, as timm seeds seed + rank): with one shared stream every rank dropped
     # the same blocks for its i-th sample. A resume at the same world size restores each rank's saved
     # state over this; at another world size the step joins the seed, so the streams do not repeat step 0's.
-    resumed_step = int(ckpt.read_meta(resume_from)["step"]) if resume_from else 0
-    seed_everything(stable_seed(cfg.seed, "rank", env.rank, "step", resumed_step) % 2**32)
+    seed_everything(stable_seed(cfg.seed, "rank", env.rank, "step", meta.get("step", 0)) % 2**32)
     state = ckpt.TrainState()
     if resume_from:
         state = ckpt.load_checkpoint(resume_from, env, engine, head, head_opt, head_sched)
