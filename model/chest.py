@@ -30,7 +30,14 @@ from torch.distributed import ProcessGroup
 
 from common.seeds import stable_seed
 from model import hyperbolic as hyp
-from model.chunked_softmax import chunked_gathered_sum, chunked_sharded_argmin, chunked_sharded_cross_entropy
+from model.chunked_softmax import (
+    GatheredTerm,
+    chunked_cross_entropy_and_sum,
+    chunked_gathered_sum,
+    chunked_sharded_argmin,
+    chunked_sharded_cross_entropy,
+    gathered_term,
+)
 from model.collectives import (
     all_gather_and_exchange,
     all_gather_no_grad,
@@ -162,18 +169,23 @@ def class_terms(
     group: ProcessGroup | None = None,
     dense: bool = False,
     proxies_h_CKH: torch.Tensor | None = None,
+    riding: tuple[GatheredTerm, torch.Tensor | None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-sample class losses of CHEST (or SoftTriple) against one slice of the proxy table.
 
     Returns "loss_G" (eta-weighted sum), the per-space "loss_e_G"/"loss_h_G" and, when h exists and the
     shard is taken whole, "proxies_h" [C, K, H] (the mapped proxies, reused by HypHC). With loss.class_chunk
     (sharded only) each space's softmax runs over chunks of classes recomputed in backward
-    (model/chunked_softmax.py): no [G, C, K] block of the whole shard exists.
+    (model/chunked_softmax.py): no [G, C, K] block of the whole shard exists. `riding` (chunked only): a
+    gathered sum over these same proxies and its extra rows (HypHC), computed in the class terms' autograd
+    node so that both write one table gradient; its value is "riding_sum".
     """
     spec = class_softmaxes(cfg)
     out: dict[str, torch.Tensor] = {}
     if cfg.class_chunk > 0 and not dense:
-        losses = _chunked_space_losses(x_GE, target_col_G, proxies_CKE, fc, cfg, group, spec)
+        losses = _chunked_space_losses(x_GE, target_col_G, proxies_CKE, fc, cfg, group, spec, riding, out)
+    elif riding is not None:
+        raise ValueError("a riding term needs the chunked class terms (loss.class_chunk > 0, sharded)")
     else:
         sims, prox_h = class_similarities(x_GE, proxies_CKE, fc, cfg, proxies_h_CKH)
         losses = {}
@@ -199,8 +211,11 @@ def _chunked_space_losses(
     cfg: LossConfig,
     group: ProcessGroup | None,
     spec: dict[str, tuple[str, float, float, float]],
+    riding: tuple[GatheredTerm, torch.Tensor | None] | None = None,
+    out: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Each space's per-sample class loss, loss.class_chunk classes at a time (one autograd node for all)."""
+    """Each space's per-sample class loss, loss.class_chunk classes at a time (one autograd node for all,
+    the riding term's too: its value goes to out["riding_sum"])."""
 
     def chunk_logits(
         x: torch.Tensor, rows: torch.Tensor, start: int, cols: torch.Tensor
@@ -210,9 +225,26 @@ def _chunked_space_losses(
         return [logits for logits, _ in pairs], [target for _, target in pairs], None
 
     params = [] if fc is None else list(fc.parameters())
-    loss_NG, _ = chunked_sharded_cross_entropy(
-        chunk_logits, x_GE.float(), proxies_CKE, target_col_G, cfg.class_chunk, group, params, len(spec)
-    )
+    if riding is None:
+        loss_NG, _ = chunked_sharded_cross_entropy(
+            chunk_logits, x_GE.float(), proxies_CKE, target_col_G, cfg.class_chunk, group, params, len(spec)
+        )
+    else:
+        term, extra = riding
+        loss_NG, total = chunked_cross_entropy_and_sum(
+            chunk_logits,
+            x_GE.float(),
+            proxies_CKE,
+            target_col_G,
+            cfg.class_chunk,
+            term,
+            extra,
+            group,
+            params,
+            len(spec),
+        )
+        if out is not None:
+            out["riding_sum"] = total
     return dict(zip(spec, loss_NG.unbind(0), strict=True))
 
 
@@ -302,13 +334,19 @@ class ChestHead(ShardedHead):
             index, target_col = self.sample_columns(target_col, step)
             proxies = proxies[index]
             kept_h = None if all_h is None else all_h[index]  # the class terms share the regulariser's mapping
-        terms = class_terms(x_GE, target_col, proxies, self.fc, self.cfg, self.group, proxies_h_CKH=kept_h)
+        # chunked and exact, HypHC rides in the class terms' node: one table gradient for both, not two
+        riding = (self._hyphc_term(trip, neg_e), neg_e) if chunked and not sampled and trip is not None else None
+        terms = class_terms(
+            x_GE, target_col, proxies, self.fc, self.cfg, self.group, proxies_h_CKH=kept_h, riding=riding
+        )
         out = {"loss": terms["loss_G"].mean()}
         for key in ("loss_e_G", "loss_h_G"):
             if key in terms:
                 out[key[:-2]] = terms[key].detach().mean()
         if self.cfg.chest.tau > 0:
-            if chunked and trip is not None:
+            if riding is not None:
+                local_reg = self.cfg.chest.tau / self.num_classes * terms["riding_sum"]
+            elif chunked and trip is not None:
                 local_reg = self._hyphc_chunked(trip, neg_e)
             else:
                 local_reg = self._regulariser(all_h if all_h is not None else terms.get("proxies_h"), trip, neg_e)
@@ -373,7 +411,15 @@ class ChestHead(ShardedHead):
         """`_regulariser`'s HypHC term over loss.class_chunk anchor classes at a time, recomputed in backward
         (model.chunked_softmax.chunked_gathered_sum): only the triplets' proxies go through h and into the
         ball, and no mapping of the whole table waits for backward (with K = 2 and D_H = 384 that graph
-        was ~30 KB per class)."""
+        was ~30 KB per class). Partial-FC's path; the exact one rides in the class terms' node."""
+        assert self.fc is not None
+        term = self._hyphc_term(trip, neg_e)
+        total = chunked_gathered_sum(term.fn, self.proxies, term.gathers, term.chunk, neg_e, list(self.fc.parameters()))
+        return self.cfg.chest.tau / self.num_classes * total
+
+    def _hyphc_term(self, trip: Triplets, neg_e: torch.Tensor | None) -> GatheredTerm:
+        """This rank's HypHC triplet losses as a sum over gathered rows of the table's [C K, D_E] view (plus
+        the received negatives as extra rows), loss.class_chunk anchor classes per chunk; unscaled by tau / M."""
         assert self.fc is not None
         ch, lo, n = self.cfg.chest, self.class_start, self.num_local
         k = ch.proxies_per_class
@@ -388,10 +434,7 @@ class ChestHead(ShardedHead):
             p1, p2, p3 = (self._to_ball(r) for r in rows)
             return (hyphc_triplet_loss(p1, p2, p3, ch) * valid[start:stop]).sum()
 
-        total = chunked_gathered_sum(
-            block, self.proxies, gathers, self.cfg.class_chunk, neg_e, list(self.fc.parameters())
-        )
-        return ch.tau / self.num_classes * total
+        return gathered_term(block, self.proxies, gathers, self.cfg.class_chunk, neg_e)
 
     def _to_ball(self, rows_ND: torch.Tensor) -> torch.Tensor:
         """Euclidean rows through the shared FC h and into the Poincare ball (clip, expmap0)."""

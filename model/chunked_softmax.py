@@ -16,13 +16,17 @@ statistics. Parameters it uses besides the table (CHEST's shared FC h) are passe
 the autograd node like the table: their gradients, summed over chunks, are returned to autograd.
 
 Two more passes share the chunking: `chunked_sharded_argmin` (predictions over the shard's classes, ties
-to the lowest id) and `chunked_gathered_sum` (a per-row loss over gathered table rows, CHEST's HypHC).
+to the lowest id) and `chunked_gathered_sum` (a per-row loss over gathered table rows, CHEST's HypHC). A
+gathered sum over the same table can also ride in the cross-entropy's node
+(`chunked_cross_entropy_and_sum`): both then write one table gradient, where two nodes return one each and
+autograd holds both at the backward's peak (CHEST + HypHC: 20 -> 16 bytes per table value with AdamW).
 
 Legend: G global batch, C classes on this rank, c classes in a chunk, D row shape, N spaces, S statistics.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -50,9 +54,62 @@ def _chunks(num_local: int, chunk: int) -> list[tuple[int, int]]:
     return [(start, min(start + chunk, num_local)) for start in range(0, num_local, chunk)]
 
 
+@dataclass(frozen=True)
+class GatheredTerm:
+    """`sum over chunks of fn([table[g[start:stop]] for g in gathers] (+ [extra[start:stop]]), start, stop)`:
+    a scalar over rows gathered from a table, `chunk` rows of the index lists at a time."""
+
+    fn: Callable[[list[torch.Tensor], int, int], torch.Tensor]
+    gathers: tuple[torch.Tensor, ...]
+    chunk: int
+    num_rows: int
+
+
+def _gathered_sum_forward(table_MD: torch.Tensor, extra_ND: torch.Tensor | None, term: GatheredTerm) -> torch.Tensor:
+    total = torch.zeros((), device=table_MD.device)
+    for start, stop in _chunks(term.num_rows, term.chunk):
+        total += term.fn(_gathered(table_MD, extra_ND, term.gathers, start, stop), start, stop).float()
+    return total
+
+
+def _gathered_sum_backward(
+    table_MD: torch.Tensor,
+    extra_ND: torch.Tensor | None,
+    term: GatheredTerm,
+    grad: torch.Tensor,
+    grad_table: torch.Tensor | None,
+    grad_extra: torch.Tensor | None,
+    params: Sequence[torch.Tensor],
+    grad_params: Sequence[torch.Tensor | None],
+) -> None:
+    """Adds d(grad * the term)/d(table rows, extra rows, params) into the given buffers (None: not wanted);
+    the table's rows are index-added (autograd's gather backward would allocate a table per chunk)."""
+    grad_rows = None if grad_table is None else grad_table.view(-1, table_MD.shape[-1])
+    wanted_params = [p for p, acc in zip(params, grad_params, strict=True) if acc is not None]
+    accumulators = [acc for acc in grad_params if acc is not None]
+    for start, stop in _chunks(term.num_rows, term.chunk):
+        rows = [r.detach().requires_grad_(True) for r in _gathered(table_MD, extra_ND, term.gathers, start, stop)]
+        with torch.enable_grad():
+            value = term.fn(rows, start, stop).float()
+        found = torch.autograd.grad(value, rows + wanted_params, grad, allow_unused=True)
+        for role, g in enumerate(found[: len(rows)]):
+            if g is None:
+                continue
+            if role < len(term.gathers) and grad_rows is not None:
+                grad_rows.index_add_(0, term.gathers[role][start:stop], g)
+            elif role == len(term.gathers) and grad_extra is not None:
+                grad_extra[start:stop] += g
+        for acc, g in zip(accumulators, found[len(rows) :], strict=True):
+            if g is not None:
+                acc += g
+        del rows, value, found
+
+
 class _ChunkedShardedCrossEntropy(torch.autograd.Function):
     """loss_NG = lse_NG - target_NG over every rank's classes; forward keeps only [N, G] running sums,
-    backward recomputes one chunk at a time. Inputs with gradients: x, the table and `params` (last)."""
+    backward recomputes one chunk at a time. With a GatheredTerm over the same table, its value is the third
+    output and its gradient goes into the same table buffer. Inputs with gradients: x, the table, the term's
+    extra rows and `params` (last)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -64,8 +121,10 @@ class _ChunkedShardedCrossEntropy(torch.autograd.Function):
         chunk: int,
         group: ProcessGroup | None,
         counts: tuple[int, int],
+        term: GatheredTerm | None,
+        extra_ND: torch.Tensor | None,
         *params: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         _, world = _world(group)
         num_rows = x_GD.shape[0]
         # a rank with no classes keeps max -inf and sum 0: it adds nothing, but joins the collectives
@@ -100,16 +159,19 @@ class _ChunkedShardedCrossEntropy(torch.autograd.Function):
         if world > 1:
             dist.all_reduce(sums_2NG, group=group)
         lse_NG = global_max_NG + torch.log(sums_2NG[0])
-        ctx.save_for_backward(x_GD, table_CD, target_col_G, lse_NG, *params)
-        ctx.fn, ctx.chunk = fn, chunk
+        total = torch.zeros((), device=x_GD.device) if term is None else _gathered_sum_forward(table_CD, extra_ND, term)
+        ctx.save_for_backward(x_GD, table_CD, target_col_G, lse_NG, extra_ND, *params)
+        ctx.fn, ctx.chunk, ctx.term = fn, chunk, term
         ctx.mark_non_differentiable(stats_SG)
-        return lse_NG - sums_2NG[1], stats_SG
+        return lse_NG - sums_2NG[1], stats_SG, total
 
     @staticmethod
     @once_differentiable  # the recompute is not itself differentiable: create_graph=True must fail loudly
-    def backward(ctx: Any, grad_NG: torch.Tensor, _grad_stats: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x_GD, table_CD, target_col_G, lse_NG, *params = ctx.saved_tensors
-        wants_x, wants_table, wants_params = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[7:]
+    def backward(
+        ctx: Any, grad_NG: torch.Tensor, _grad_stats: torch.Tensor, grad_total: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        x_GD, table_CD, target_col_G, lse_NG, extra_ND, *params = ctx.saved_tensors
+        wants_x, wants_table, wants_params = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[9:]
         x = x_GD.detach().requires_grad_(wants_x)
         grad_x = torch.zeros_like(x_GD) if wants_x else None
         grad_table = torch.empty_like(table_CD) if wants_table else None
@@ -145,8 +207,14 @@ class _ChunkedShardedCrossEntropy(torch.autograd.Function):
                 if acc is not None and g_p is not None:
                     acc += g_p
             del logits, targets, outputs, grads, found  # before the next chunk's: one chunk's blocks at a time
+        grad_extra = None
+        if ctx.term is not None:  # every row of grad_table is written above: the term's rows add to them
+            grad_extra = torch.zeros_like(extra_ND) if ctx.needs_input_grad[8] and extra_ND is not None else None
+            _gathered_sum_backward(
+                table_CD, extra_ND, ctx.term, grad_total, grad_table, grad_extra, params, grad_params
+            )
         # zeros, not None, for params no chunk reached (a rank without classes): replicated grads are all-reduced
-        return grad_x, grad_table, None, None, None, None, None, *grad_params
+        return grad_x, grad_table, None, None, None, None, None, None, grad_extra, *grad_params
 
 
 def chunked_sharded_cross_entropy(
@@ -180,10 +248,34 @@ def chunked_sharded_cross_entropy(
     """
     if chunk < 1:
         raise ValueError(f"chunk={chunk} must be >= 1 (loss.class_chunk)")
-    loss_NG, stats = _ChunkedShardedCrossEntropy.apply(
-        x_GD, table_CD, target_col_G, fn, chunk, group, (num_spaces, num_stats), *params
+    loss_NG, stats, _ = _ChunkedShardedCrossEntropy.apply(
+        x_GD, table_CD, target_col_G, fn, chunk, group, (num_spaces, num_stats), None, None, *params
     )
     return loss_NG, stats
+
+
+def chunked_cross_entropy_and_sum(
+    fn: ChunkLogits,
+    x_GD: torch.Tensor,
+    table_CD: torch.Tensor,
+    target_col_G: torch.Tensor,
+    chunk: int,
+    term: GatheredTerm,
+    extra_ND: torch.Tensor | None = None,
+    group: ProcessGroup | None = None,
+    params: Sequence[nn.Parameter] = (),
+    num_spaces: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`chunked_sharded_cross_entropy` and `chunked_gathered_sum` over the same table in one autograd node:
+    (loss_NG, the term's scalar). Values and gradients are those of the two calls; the table's gradient is
+    one buffer instead of two (the term's `gathers` index rows of the table's [-1, D] view; `extra_ND`:
+    rows aligned with them, gradients flow to it)."""
+    if chunk < 1 or term.chunk < 1:
+        raise ValueError(f"chunk={min(chunk, term.chunk)} must be >= 1 (loss.class_chunk)")
+    loss_NG, _, total = _ChunkedShardedCrossEntropy.apply(
+        x_GD, table_CD, target_col_G, fn, chunk, group, (num_spaces, 0), term, extra_ND, *params
+    )
+    return loss_NG, total
 
 
 def chunked_sharded_argmin(
@@ -217,63 +309,32 @@ def chunked_sharded_argmin(
 
 
 class _ChunkedGatheredSum(torch.autograd.Function):
-    """sum over chunks of fn(rows gathered from the table, extra rows, start, stop), recomputed in backward;
-    the table's gradient is index-added into one buffer (autograd's own gather backward would allocate a
-    table-sized gradient per chunk). Inputs with gradients: the table, `extra` and `params` (last)."""
+    """A GatheredTerm's value, recomputed in backward; the table's gradient is index-added into one buffer.
+    Inputs with gradients: the table, `extra` and `params` (last)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any,
-        table_MD: torch.Tensor,
-        extra_ND: torch.Tensor | None,
-        gathers: tuple[torch.Tensor, ...],
-        fn: Callable[[list[torch.Tensor], int, int], torch.Tensor],
-        chunk: int,
-        num_rows: int,
-        *params: torch.Tensor,
+        ctx: Any, table_MD: torch.Tensor, extra_ND: torch.Tensor | None, term: GatheredTerm, *params: torch.Tensor
     ) -> torch.Tensor:
-        total = torch.zeros((), device=table_MD.device)
-        for start, stop in _chunks(num_rows, chunk):
-            total += fn(_gathered(table_MD, extra_ND, gathers, start, stop), start, stop).float()
-        ctx.save_for_backward(table_MD, extra_ND, *gathers, *params)
-        ctx.fn, ctx.chunk, ctx.num_rows, ctx.num_gathers = fn, chunk, num_rows, len(gathers)
-        return total
+        ctx.save_for_backward(table_MD, extra_ND, *params)
+        ctx.term = term
+        return _gathered_sum_forward(table_MD, extra_ND, term)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        table_MD, extra_ND, *rest = ctx.saved_tensors
-        gathers, params = rest[: ctx.num_gathers], rest[ctx.num_gathers :]
+        table_MD, extra_ND, *params = ctx.saved_tensors
         wants_table, wants_extra, wants_params = (
             ctx.needs_input_grad[0],
             ctx.needs_input_grad[1],
-            ctx.needs_input_grad[6:],
+            ctx.needs_input_grad[3:],
         )
         grad_table = torch.zeros_like(table_MD) if wants_table else None
-        grad_rows = None if grad_table is None else grad_table.view(-1, table_MD.shape[-1])
         grad_extra = torch.zeros_like(extra_ND) if wants_extra and extra_ND is not None else None
         grad_params = [torch.zeros_like(p) if wanted else None for p, wanted in zip(params, wants_params, strict=True)]
-        for start, stop in _chunks(ctx.num_rows, ctx.chunk):
-            rows = [r.detach().requires_grad_(True) for r in _gathered(table_MD, extra_ND, gathers, start, stop)]
-            inputs = rows + [p for p, wanted in zip(params, wants_params) if wanted]
-            with torch.enable_grad():
-                value = ctx.fn(rows, start, stop).float()
-            found = torch.autograd.grad(value, inputs, grad, allow_unused=True)
-            for role, g in enumerate(found[: len(rows)]):
-                if g is None:
-                    continue
-                if role < len(gathers) and grad_rows is not None:
-                    grad_rows.index_add_(0, gathers[role][start:stop], g)
-                elif role == len(gathers) and grad_extra is not None:
-                    grad_extra[start:stop] += g
-            wanted_params = [i for i, wanted in enumerate(wants_params) if wanted]
-            for i, g in zip(wanted_params, found[len(rows) :], strict=True):
-                acc = grad_params[i]
-                if acc is not None and g is not None:
-                    acc += g
-            del rows, inputs, value, found
-        del grad_rows  # the buffer goes back whole, not as a view: autograd then adds the other paths in place
-        return grad_table, grad_extra, None, None, None, None, *grad_params
+        _gathered_sum_backward(table_MD, extra_ND, ctx.term, grad, grad_table, grad_extra, params, grad_params)
+        # the buffer goes back whole, not as a view: autograd then adds the other paths' gradients in place
+        return grad_table, grad_extra, None, *grad_params
 
 
 def _gathered(
@@ -306,6 +367,16 @@ def chunked_gathered_sum(
     """
     if chunk < 1:
         raise ValueError(f"chunk={chunk} must be >= 1 (loss.class_chunk)")
+    return _ChunkedGatheredSum.apply(table_MD, extra_ND, gathered_term(fn, table_MD, gathers, chunk, extra_ND), *params)
+
+
+def gathered_term(
+    fn: Callable[[list[torch.Tensor], int, int], torch.Tensor],
+    table_MD: torch.Tensor,
+    gathers: Sequence[torch.Tensor],
+    chunk: int,
+    extra_ND: torch.Tensor | None = None,
+) -> GatheredTerm:
+    """The GatheredTerm of `chunked_gathered_sum`'s arguments (index lists moved to the table's device)."""
     num_rows = int(gathers[0].shape[0]) if gathers else (0 if extra_ND is None else int(extra_ND.shape[0]))
-    index = tuple(g.to(table_MD.device) for g in gathers)
-    return _ChunkedGatheredSum.apply(table_MD, extra_ND, index, fn, chunk, num_rows, *params)
+    return GatheredTerm(fn, tuple(g.to(table_MD.device) for g in gathers), chunk, num_rows)
