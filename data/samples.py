@@ -21,6 +21,7 @@ from typing import Callable, NamedTuple
 
 from webdataset import tariterators
 
+from data.shards import recorded_samples
 from data.tars import tar_members
 from data.transforms import check_image_header
 from data.writer import IMAGE_FIELDS, LABEL_FIELD
@@ -36,6 +37,7 @@ class RawSample(NamedTuple):
     shard: str
     image: bytes
     label: int
+    reported: bool = True  # its failure to decode counts toward the reported total (BadSampleCounter)
 
 
 class BadSampleCounter:
@@ -43,36 +45,50 @@ class BadSampleCounter:
 
     Distinct, because an endless stream meets the same bad sample once per
     epoch; counting repeats would make a long run fail on a tiny, fixed
-    amount of bad data.
+    amount of bad data. Two totals: `met` (every distinct bad sample this
+    reader met, held against data.max_bad_samples) and `count` (those recorded
+    with report=True, published and summed over readers: the training streams
+    report only their first epoch, whose shares of the shards are disjoint, so
+    the sum over slots counts each bad sample once although the shards move
+    between slots every epoch).
     """
 
     def __init__(self, max_bad_samples: int, where: str, publish: Callable[[int], None] | None = None) -> None:
         self.max_bad_samples = max_bad_samples
         self.where = where  # e.g. "rank 0 worker 1", for messages
-        self.seen: set[tuple[str, str]] = set()
+        self.seen: dict[tuple[str, str], int] = {}  # (shard, key) -> how many samples it stands for
+        self.reported: dict[tuple[str, str], int] = {}
         self.publish = publish  # receives the new count (e.g. a slot of shared memory)
 
     @property
     def count(self) -> int:
-        """Distinct bad samples met so far."""
-        return len(self.seen)
+        """Distinct bad samples recorded with report=True (the reported total)."""
+        return sum(self.reported.values())
 
-    def record(self, shard: str, key: str, reason: str) -> None:
-        """Note a bad sample; warn the first time; raise past the cap."""
+    @property
+    def met(self) -> int:
+        """Distinct bad samples met so far (the cap's count)."""
+        return sum(self.seen.values())
+
+    def record(self, shard: str, key: str, reason: str, samples: int = 1, report: bool = True) -> None:
+        """Note a bad sample (or `samples` of them lost at one place, the rest of a damaged shard); warn the
+        first time; raise past the cap."""
         ident = (shard, key)
+        if report and ident not in self.reported:
+            self.reported[ident] = samples
+            if self.publish is not None:
+                self.publish(self.count)
         if ident in self.seen:
             return
-        self.seen.add(ident)
-        if self.publish is not None:
-            self.publish(self.count)
+        self.seen[ident] = samples
         warnings.warn(
             f"skipping bad sample {key!r} in {shard} ({self.where}): {reason}",
             RuntimeWarning,
             stacklevel=2,
         )
-        if self.count > self.max_bad_samples:
+        if self.met > self.max_bad_samples:
             raise RuntimeError(
-                f"{self.where} met {self.count} bad samples, more than "
+                f"{self.where} met {self.met} bad samples, more than "
                 f"data.max_bad_samples={self.max_bad_samples}; the last one was {key!r} in "
                 f"{shard} ({reason}). Rebuild the shards, or raise data.max_bad_samples "
                 f"if skipping them is acceptable"
@@ -93,7 +109,7 @@ def parse_label(sample: dict, num_classes: int) -> int:
     return label
 
 
-def check_sample(sample: dict, shard: str, num_classes: int) -> RawSample:
+def check_sample(sample: dict, shard: str, num_classes: int, report: bool = True) -> RawSample:
     """Validate one tar sample without decoding pixels; ValueError if bad."""
     label = parse_label(sample, num_classes)
     field = next((f for f in IMAGE_FIELDS if f in sample), None)
@@ -104,54 +120,96 @@ def check_sample(sample: dict, shard: str, num_classes: int) -> RawSample:
         check_image_header(image)
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad bytes
         raise ValueError(f"undecodable {field}: {type(exc).__name__}: {exc}") from None
-    return RawSample(str(sample.get("__key__")), shard, image, label)
+    return RawSample(str(sample.get("__key__")), shard, image, label, report)
 
 
-def read_shard(path: str, counter: BadSampleCounter) -> Iterator[dict]:
+def read_shard(path: str, counter: BadSampleCounter, report: bool = True) -> Iterator[dict]:
     """Yield the raw webdataset samples of one tar file (dicts of bytes).
 
     Members are read by data.tars and grouped into samples by webdataset's
     own group_by_keys (key = the name up to the first dot of its basename;
-    webdataset's `__*__` metadata members are skipped). A damaged archive (a
-    truncated shard, a bad header) or a duplicate member is counted as a bad
-    sample and reading goes on with what is left, as webdataset's handlers
-    allow; a shard without a single member is counted too.
+    webdataset's `__*__` metadata members are skipped). A file that cannot be
+    opened, or is no tar archive from its first block, raises naming it: every
+    sample of it would be lost every epoch. An archive damaged further in (a
+    truncated shard, a bad header) keeps what came before, and the rest is
+    counted as bad: as many samples as the manifest records for the shard
+    minus those read (one where the manifest records no count, with a warning
+    that says so). A duplicate member is counted as a bad sample.
     """
     errors = 0
+    members_read = data_members = 0
 
     def handler(exc: Exception) -> bool:
         nonlocal errors
         errors += 1
         # Keyed by the error's position in the shard: deterministic, and the
         # same error in the next epoch is not counted again.
-        counter.record(path, f"<tar error {errors}>", f"{type(exc).__name__}: {exc.args[:1]}")
+        counter.record(path, f"<tar error {errors}>", f"{type(exc).__name__}: {exc}", report=report)
         return True
 
     def members() -> Iterator[dict]:
-        count = 0
+        nonlocal members_read, data_members
         try:
-            with open(path, "rb") as stream:
-                for name, data in tar_members(stream, path):
-                    count += 1
-                    if not _META.match(name):
-                        yield {"fname": name, "data": data, "__url__": path}
-        except (tarfile.TarError, OSError, ValueError) as exc:
-            handler(exc)
-            return
-        if count == 0:
-            counter.record(path, "<empty shard>", "the shard holds no member; rebuild it")
-
-    yield from tariterators.group_by_keys(members(), handler=handler)
-
-
-def valid_samples(shards: Iterable[str], num_classes: int, counter: BadSampleCounter) -> Iterator[RawSample]:
-    """Yield the good samples of `shards` in file order, recording bad ones."""
-    for shard in shards:
-        for sample in read_shard(shard, counter):
+            stream = open(path, "rb")
+        except OSError as exc:
+            raise OSError(
+                exc.errno, f"cannot open shard {path} ({exc.strerror}): restore the file, or re-run the converter"
+            ) from exc
+        with stream:
             try:
-                yield check_sample(sample, shard, num_classes)
+                for name, data in tar_members(stream, path):
+                    members_read += 1
+                    if not _META.match(name):
+                        data_members += 1
+                        yield {"fname": name, "data": data, "__url__": path}
+            except (tarfile.TarError, OSError, ValueError) as exc:
+                if members_read == 0:
+                    raise ValueError(
+                        f"shard {path} is not a readable tar archive ({type(exc).__name__}: {exc}): "
+                        "restore the file, or re-run the converter"
+                    ) from exc
+                # group_by_keys still holds the sample whose members came last: it is yielded after this
+                # (complete, or counted bad by check_sample), so it is not among the lost
+                lost = _lost_after(path, samples_read + (data_members > 0))
+                rest = "the rest of the shard is skipped" + (
+                    f": {lost} sample(s) of the {recorded_samples(path)} its manifest records"
+                    if lost is not None
+                    else " (its manifest records no sample count: how many were lost is unknown, 1 is counted)"
+                )
+                counter.record(
+                    path,
+                    "<rest after tar error>",
+                    f"{type(exc).__name__}: {exc}; {rest}",
+                    1 if lost is None else lost,
+                    report,
+                )
+                return
+        if members_read == 0:
+            counter.record(path, "<empty shard>", "the shard holds no member; rebuild it", report=report)
+
+    samples_read = 0
+    for sample in tariterators.group_by_keys(members(), handler=handler):
+        samples_read += 1
+        yield sample
+
+
+def _lost_after(path: str, samples_read: int) -> int | None:
+    """Samples of `path` not read (its manifest's count minus `samples_read`); None without a count."""
+    recorded = recorded_samples(path)
+    return None if recorded is None else max(recorded - samples_read, 0)
+
+
+def valid_samples(
+    shards: Iterable[str], num_classes: int, counter: BadSampleCounter, report: bool = True
+) -> Iterator[RawSample]:
+    """Yield the good samples of `shards` in file order, recording bad ones (`report`: toward the reported
+    total, see BadSampleCounter; the samples carry it for their decoding)."""
+    for shard in shards:
+        for sample in read_shard(shard, counter, report):
+            try:
+                yield check_sample(sample, shard, num_classes, report)
             except ValueError as exc:
-                counter.record(shard, str(sample.get("__key__")), str(exc))
+                counter.record(shard, str(sample.get("__key__")), str(exc), report=report)
 
 
 def shuffle_buffer(samples: Iterable[RawSample], size: int, rng: random.Random) -> Iterator[RawSample]:

@@ -8,6 +8,7 @@ manifest against the configured label space. It never opens a tar file.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -72,6 +73,35 @@ def list_shards(root: str, split: str) -> list[str]:
     if not paths:
         raise FileNotFoundError(f"shard folder {folder} holds no .tar files; {_FIX_HINT}")
     return paths
+
+
+def recorded_samples(shard: str) -> int | None:
+    """The sample count the manifest of `shard`'s root ({root}/{split}/NAME.tar) records for it; None
+    without one (a manifest from before 2026-12-06, or shards made by other tools)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(shard)))
+    try:
+        version = os.stat(manifest_path(root)).st_mtime_ns  # a rewritten manifest is read again
+    except OSError:
+        return None
+    return _recorded_counts(root, version).get(os.path.relpath(os.path.abspath(shard), root))
+
+
+@functools.lru_cache(maxsize=16)
+def _recorded_counts(root: str, version: int) -> dict[str, int]:
+    manifest = read_manifest(root) or {}
+    return {rel: int(n) for entry in manifest.get("splits", {}).values() for rel, n in entry.get("samples", {}).items()}
+
+
+def shard_set_digest(root: str, split: str) -> str:
+    """A short digest of the shards `split` streams: their names and the manifest's checksums (names and
+    sizes without a manifest), so a resume notices shards that were re-converted, added or removed."""
+    manifest = read_manifest(root)
+    sums = {} if manifest is None else manifest.get("splits", {}).get(split, {}).get("sha256", {})
+    h = hashlib.sha256()
+    for path in list_shards(root, split):
+        rel = os.path.relpath(path, root)
+        h.update(f"{rel}={sums.get(rel) or os.path.getsize(path)};".encode())
+    return h.hexdigest()[:16]
 
 
 def assign_shards(shards: list[str], rank: int, world_size: int, worker: int, num_workers: int) -> list[str]:

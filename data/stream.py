@@ -2,11 +2,17 @@
 
 This module owns the batch streams handed to the training loop.
 
-Train (endless): each (rank, worker) slot reads its own shards
-(data.shards.assign_shards; with data.resampled it draws from all shards with
-replacement instead) and produces an endless sequence of batches:
-epoch e visits the slot's shards in an order seeded by (seed, rank, worker,
-e), valid raw samples go through a per-epoch shuffle buffer whose RNG is
+Train (endless): each (rank, worker) slot reads its own shards and produces
+an endless sequence of batches. Epoch e deals a permutation of all shards,
+seeded by (seed, e) and the same in every slot, round robin over the slots
+(data.shards.assign_shards' layout): the slots' shares are disjoint and cover
+every shard, and a shard moves to another slot every epoch. (With a fixed deal,
+a shard count that is not a multiple of the slots left some slots one shard
+short for the whole run, and since every slot yields batches at the same rate,
+their samples were drawn more often: 10 shards over 4 slots, 1.5x.) With
+data.resampled an epoch is len(shards) draws from all shards with replacement
+instead. Epoch e visits the slot's share in an order seeded by (seed, rank,
+worker, e), valid raw samples go through a per-epoch shuffle buffer whose RNG is
 seeded by (seed, rank, worker) and persists across epochs, and consecutive
 raw samples form batches of data.batch_size (batches may straddle epochs,
 never partial). A worker's k-th batch is decoded and augmented under a
@@ -23,8 +29,9 @@ source and draws each sample from a source chosen by a seeded RNG.
 How exact a resume is: the stream position is a function of the step, so a
 resume with the same data settings, world size and num_workers continues
 batch for batch (checkpoints record these settings and a resume that changes
-them says which); with other settings the stream restarts in a fresh,
-still deterministic order.
+them says which); with other settings the new layout's stream skips the
+same number of batches (deterministic, but other samples than the old
+layout's would have given are seen again or skipped in that epoch).
 
 Eval (finite): rank r reads shards[r::world_size], worker w of the rank
 reads every W-th of those; no shuffle, no augmentation, last batch partial.
@@ -72,24 +79,29 @@ def slot_raw_samples(
     counter: BadSampleCounter,
     num_classes: int | None = None,
     tag: str = "",
+    deal: tuple[int, int] | None = None,
 ) -> Iterator[RawSample]:
     """Endless stream of one slot's valid raw samples, epoch after epoch.
 
-    An epoch visits `shards` in a seeded order; with data.resampled it is
-    len(shards) draws with replacement instead. `tag` tells the sources of a
-    mixture apart in the seeds; `num_classes` is the source's own label space.
+    An epoch visits `shards` in a seeded order; with `deal` = (slot, slots) it visits only the slot's share
+    of that epoch's deal of `shards` (every shard of the run) instead; with data.resampled it is
+    len(shards) draws with replacement. `tag` tells the sources of a mixture apart in the seeds;
+    `num_classes` is the source's own label space.
     """
     num_classes = cfg.num_classes if num_classes is None else num_classes
     buffer_rng = random.Random(f"buffer-{cfg.seed}-{rank}-{worker}{tag}")
+    empty_epochs = 0  # in a row
     for epoch in itertools.count():
         epoch_rng = random.Random(f"shards-{cfg.seed}-{rank}-{worker}-{epoch}{tag}")
         if cfg.resampled:
             order = epoch_rng.choices(shards, k=len(shards))
         else:
-            order = list(shards)
+            order = list(shards) if deal is None else dealt_shards(shards, epoch, *deal, f"{cfg.seed}{tag}")
             epoch_rng.shuffle(order)
         produced = 0
-        samples = valid_samples(order, num_classes, counter)
+        # the reported bad-sample total counts the first epoch only: its shares of the shards are disjoint
+        # across slots (later epochs move the shards, and other slots would count the same samples again)
+        samples = valid_samples(order, num_classes, counter, report=epoch == 0 or deal is None)
         for sample in shuffle_buffer(samples, cfg.shuffle_buffer, buffer_rng):
             produced += 1
             yield sample
@@ -99,20 +111,32 @@ def slot_raw_samples(
                 f"rank {rank} worker {worker}: shards {shards} hold no valid sample; "
                 f"rebuild them or check data.num_classes={num_classes}"
             )
-        if produced == 0 and epoch >= 100:  # resampled: 100 empty epochs in a row means no valid shard
+        # resampled: an epoch may draw only bad shards by chance; 100 empty epochs in a row mean no valid shard
+        empty_epochs = empty_epochs + 1 if produced == 0 else 0
+        if empty_epochs >= 100:
             raise RuntimeError(
                 f"rank {rank} worker {worker}: 100 resampled epochs of {shards} held no valid "
                 "sample; rebuild the shards"
             )
 
 
+def dealt_shards(shards: list[str], epoch: int, slot: int, slots: int, seed: str) -> list[str]:
+    """Slot `slot`'s share of epoch `epoch`: a permutation of `shards` seeded by (seed, epoch), the same in
+    every slot, dealt round robin (assign_shards' layout): disjoint shares that cover every shard."""
+    order = list(shards)
+    random.Random(f"deal-{seed}-{epoch}").shuffle(order)
+    return order[slot::slots]
+
+
 def slot_shards(
     source: TrainSource, cfg: DataConfig, rank: int, world_size: int, worker: int, num_workers: int
-) -> list[str]:
-    """The shards one slot reads from a source: its disjoint share, or all of them when resampled."""
+) -> tuple[list[str], tuple[int, int] | None]:
+    """The shards one slot reads from a source and its (slot, slots) in each epoch's deal of them; all of
+    them and no deal when resampled. Raises (naming the fix) where a slot would get no shard."""
     if cfg.resampled:
-        return list(source.shards)
-    return assign_shards(list(source.shards), rank, world_size, worker, num_workers)
+        return list(source.shards), None
+    assign_shards(list(source.shards), rank, world_size, worker, num_workers)  # checks there are enough
+    return list(source.shards), (rank * num_workers + worker, world_size * num_workers)
 
 
 def slot_raw_batches(
@@ -126,7 +150,7 @@ def slot_raw_batches(
 ) -> Iterator[list[RawSample]]:
     """Endless stream of one slot's full raw batches (still-encoded images).
 
-    Each source is split over (rank, worker) slots (slot_shards); several
+    Each source is dealt over (rank, worker) slots (slot_shards); several
     sources are mixed by data.mixture. With data.samples_per_class = m > 0
     the batches are class-balanced (data.balanced) with an RNG of their own,
     seeded by (seed, rank, worker); otherwise consecutive raw samples form a
@@ -134,10 +158,10 @@ def slot_raw_batches(
     """
 
     def open_source(source: TrainSource, i: int) -> Iterator[RawSample]:
-        shards = slot_shards(source, cfg, rank, world_size, worker, num_workers)
+        shards, deal = slot_shards(source, cfg, rank, world_size, worker, num_workers)
         # A single source keeps the seeds it always had; a mixture's sources get their own.
         tag = f"-src{i}" if len(sources) > 1 else ""
-        return slot_raw_samples(cfg, shards, rank, worker, counter, source.num_classes, tag)
+        return slot_raw_samples(cfg, shards, rank, worker, counter, source.num_classes, tag, deal)
 
     samples = mixed_raw_samples(cfg, sources, rank, worker, open_source)
     if cfg.samples_per_class > 0:
@@ -182,7 +206,9 @@ def decode_batch(
             image = open_image(sample.image, cfg.in_chans) if lazy else decode_image(sample.image, cfg.in_chans)
             return transform(image)
         except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad bytes
-            counter.record(sample.shard, sample.key, f"decode failed: {type(exc).__name__}: {exc}")
+            counter.record(
+                sample.shard, sample.key, f"decode failed: {type(exc).__name__}: {exc}", report=sample.reported
+            )
             return None
 
     # fork_rng restores the CPU RNG afterwards, so with num_workers=0 the

@@ -19,7 +19,10 @@ header (a compressed tar, or an older format) is handed to tarfile itself.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import itertools
+import os
 import struct
 import tarfile
 from collections.abc import Iterator
@@ -132,3 +135,39 @@ def _tarfile_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
                 member = archive.extractfile(info)
                 assert member is not None
                 yield info.name, member.read()
+
+
+class _HashingReader:
+    """A file's read() that feeds everything it returns into a sha256 (tar_members reads forward only)."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self.stream, self.digest = stream, hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.digest.update(data)
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:  # only tar_members' hand-over to tarfile seeks
+        raise io.UnsupportedOperation("seek")
+
+    def tell(self) -> int:
+        return self.stream.tell()
+
+
+def shard_stats(path: str) -> tuple[str, int]:
+    """(sha256 of the file, its number of samples) in one read: samples are webdataset's groups, runs of
+    regular members sharing a key (the name up to the first dot of its base name); `__*__` members do not count.
+    For shards this package writes (plain ustar); raises tarfile.ReadError for a damaged one."""
+    from webdataset.tariterators import base_plus_ext
+
+    with open(path, "rb") as f:
+        reader = _HashingReader(f)
+        samples, last = 0, None
+        for name, _ in tar_members(reader, path):  # type: ignore[arg-type]
+            key, _ = base_plus_ext(name)
+            if key is not None and not os.path.basename(key).startswith("__") and key != last:
+                samples, last = samples + 1, key
+        while reader.read(1 << 20):  # the padding after the end-of-archive blocks
+            pass
+    return reader.digest.hexdigest(), samples

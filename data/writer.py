@@ -7,7 +7,7 @@ one tar member per field, named `{__key__}.{field}`, with
   - LABEL_FIELD (`cls`): the 0-based integer label as ASCII digits,
   - META_FIELD (`json`, optional): a UTF-8 JSON object with free-form metadata,
 and `{root}/manifest.json` describing the splits (counts, label range,
-shard list and sha256 per shard). The field names below are the only copy:
+shard list, sha256 and sample count per shard). The field names below are the only copy:
 the reader (data.samples) and the converters import them.
 """
 
@@ -20,7 +20,8 @@ from collections.abc import Iterable, Iterator
 import webdataset
 
 from common.files import write_json_atomic
-from data.shards import MANIFEST_NAME, sha256_file
+from data.shards import MANIFEST_NAME
+from data.tars import shard_stats
 
 SHARD_PATTERN = "shard-%06d.tar"
 PNG_FIELD, JPG_FIELD = "png", "jpg"  # the converters' two (data.convert.common.image_field)
@@ -101,12 +102,14 @@ def _split_entry(root: str, split: str, info: dict) -> dict:
     if not labels:
         raise ValueError(f"write_manifest: split {split!r} needs a non-empty 'labels' list")
     rels = [f"{split}/{os.path.basename(name)}" for name in shards]
+    stats = {rel: shard_stats(os.path.join(root, rel)) for rel in rels}  # one read each
     return {
         "num_samples": len(labels),
         "num_classes": len(set(labels)),
         "max_label": max(labels),
         "shards": rels,
-        "sha256": {rel: sha256_file(os.path.join(root, rel)) for rel in rels},
+        "sha256": {rel: digest for rel, (digest, _) in stats.items()},
+        "samples": {rel: count for rel, (_, count) in stats.items()},
     }
 
 
@@ -116,8 +119,9 @@ def write_manifest(root: str, splits: dict[str, dict], dataset: str = "") -> Non
     `splits` maps a split name to {"shards": file names inside
     {root}/{split}/ (as returned by write_split), "labels": every label of
     the split}. The manifest records per split num_samples, num_classes
-    (distinct labels), max_label, shards (paths relative to root) and a
-    sha256 per shard, plus a top-level num_classes = the label-space size
+    (distinct labels), max_label, shards (paths relative to root), a
+    sha256 per shard and its sample count ("samples": what a reader that meets
+    a damaged shard counts as lost), plus a top-level num_classes = the label-space size
     (max label over all splits + 1) that data.num_classes must cover, and
     `dataset` (when given): the name that picks the evaluation protocol.
     """

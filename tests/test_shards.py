@@ -13,6 +13,7 @@ from data.shards import (
     check_labels,
     list_shards,
     sha256_file,
+    shard_set_digest,
     verify_manifest,
 )
 from data.synthetic import synthetic_samples
@@ -154,3 +155,21 @@ def test_write_split_empty_input(tmp_path) -> None:
     with pytest.raises(ValueError, match="no samples"):
         write_split([], str(tmp_path / "train"), shard_size=4)
     assert os.listdir(tmp_path / "train") == []
+
+
+def test_shard_set_digest_notices_rewritten_added_and_removed_shards(tmp_path) -> None:
+    """What a checkpoint records of the shard set (train.checkpoint.stream_signature): with a manifest its
+    names and checksums, without one the names and sizes."""
+    root = str(tmp_path)
+    names = write_split(synthetic_samples(0, 12, 3), os.path.join(root, "train"), 4)
+    write_manifest(root, {"train": {"shards": names, "labels": [i % 3 for i in range(12)]}})
+    first = shard_set_digest(root, "train")
+    assert shard_set_digest(root, "train") == first and len(first) == 16
+    again = write_split(synthetic_samples(100, 12, 3), os.path.join(root, "train"), 4)  # other images
+    write_manifest(root, {"train": {"shards": again, "labels": [i % 3 for i in range(12)]}})
+    assert shard_set_digest(root, "train") != first
+    os.remove(os.path.join(root, "manifest.json"))
+    unlisted = shard_set_digest(root, "train")
+    write_split(synthetic_samples(200, 4, 3), os.path.join(root, "extra"), 4)
+    os.replace(os.path.join(root, "extra", "shard-000000.tar"), os.path.join(root, "train", "shard-000009.tar"))
+    assert shard_set_digest(root, "train") != unlisted

@@ -256,10 +256,10 @@ def test_truncated_and_empty_shards_skipped_and_counted(tmp_path) -> None:
     it = build_train_loader(make_cfg(path, shuffle_buffer=4), 0, 1)
     ids = {i for images, _ in itertools.islice(it, 12) for i in decode_ids(images)}  # 3 epochs
     assert ids == set(range(24)) | {24, 25, 26}
-    # the truncated shard, the remnant of sample 27 (its .cls and .json, written before its cut .png),
-    # the two empty shards
+    # the truncated shard (no manifest: 1 for its unknown rest), the remnant of sample 27 (its .cls and .json,
+    # written before its cut .png), the two empty shards
     assert it.dataset.counter is not None and {key for _, key in it.dataset.counter.seen} == {
-        "<tar error 1>",
+        "<rest after tar error>",
         "syn_000027",
         "<empty shard>",
     }
@@ -368,3 +368,39 @@ def test_resampled_slot_draws_shards_with_replacement(root: str) -> None:
     ids = [int(s.key.split("_")[1]) for s in itertools.islice(slot_raw_samples(cfg, shards, 0, 0, counter), 128)]
     # one resampled epoch = 16 draws of 8-sample shards; with replacement some shard repeats (p > 0.99)
     assert len(set(ids)) < 128 and set(ids) <= TRAIN_IDS
+
+
+def test_slots_one_shard_short_are_not_drawn_more_often(tmp_path) -> None:
+    """10 shards over 4 slots: with a fixed deal two slots held 2 shards and two 3 for the whole run, and
+    since every slot yields batches at the same rate, the first ones' samples were drawn 1.5x as often (25 vs
+    38 visits in 600 samples a slot). Each epoch now deals all shards anew over the slots."""
+    root = str(tmp_path)
+    write_synthetic(root, num_classes=4, train_shards=10, eval_shards=1, per_shard=8)
+    cfg = make_cfg(root, num_workers=2)
+    shards = list_shards(root, "train")
+    for epoch in range(3):  # each epoch's shares are disjoint and cover every shard
+        shares = [data.stream.dealt_shards(shards, epoch, slot, 4, "0") for slot in range(4)]
+        assert sorted(itertools.chain(*shares)) == sorted(shards)
+    assert shares != [data.stream.dealt_shards(shards, 0, slot, 4, "0") for slot in range(4)]
+    visits: collections.Counter = collections.Counter()
+    for rank in range(2):
+        for images, _ in take(cfg, 120, rank=rank, world_size=2):  # 60 batches = 480 samples per slot
+            visits.update(decode_ids(images))
+    assert set(visits) == set(range(80))
+    low, high = min(visits.values()), max(visits.values())
+    assert high / low < 1.3, (low, high)  # fixed deal: 20 vs 30 (1.5x)
+
+
+def test_resampled_stream_survives_epochs_that_draw_only_bad_shards(tmp_path) -> None:
+    """One good shard and one whose every label is out of range: a resampled epoch (2 draws) holds no valid
+    sample with p = 1/4. Only 100 such epochs in a row mean no valid shard; any one after epoch 100 used to."""
+    good = synthetic_samples(0, 8, 4)
+    bad = [{**s, "__key__": f"bad_{i}", "cls": 9} for i, s in enumerate(synthetic_samples(8, 8, 4))]
+    shards = [str(tmp_path / "a" / n) for n in write_split(good, str(tmp_path / "a"), 8)]
+    shards += [str(tmp_path / "b" / n) for n in write_split(bad, str(tmp_path / "b"), 8)]
+    cfg = make_cfg(str(tmp_path), resampled=True, shuffle_buffer=1)
+    counter = BadSampleCounter(100, "test")
+    got = list(itertools.islice(slot_raw_samples(cfg, shards, 0, 0, counter), 8 * 200))  # ~200 epochs
+    assert {s.key for s in got} == {f"syn_{i:06d}" for i in range(8)} and counter.count == 8
+    with pytest.raises(RuntimeError, match="100 resampled epochs"):
+        next(slot_raw_samples(cfg, shards[1:], 0, 0, BadSampleCounter(100, "test")))

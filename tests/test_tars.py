@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import gzip
+import io
+import json
+import os
 import shutil
 import subprocess
-import io
 import tarfile
 
 import pytest
 
 from data.samples import BadSampleCounter, read_shard
+from data.shards import sha256_file
 from data.tars import tar_members
 
 
@@ -108,7 +111,7 @@ def test_read_shard_counts_truncated_and_empty_shards(tmp_path) -> None:
     truncated.write_bytes(data[:cut])
     counter = BadSampleCounter(10, "test")
     samples = list(read_shard(str(truncated), counter))
-    assert counter.count == 1 and next(iter(counter.seen))[1] == "<tar error 1>"
+    assert counter.count == 1 and next(iter(counter.seen))[1] == "<rest after tar error>"
     # The two whole samples, then what was left of the third: no image (data.samples rejects it)
     assert samples[:2] == [
         {"__key__": f"s{i}", "__url__": str(truncated), "jpg": b"payload" * 100, "cls": str(i).encode()}
@@ -119,7 +122,41 @@ def test_read_shard_counts_truncated_and_empty_shards(tmp_path) -> None:
         (tmp_path / name).write_bytes(content)
         counter = BadSampleCounter(10, "test")
         assert list(read_shard(str(tmp_path / name), counter)) == []
-        assert counter.seen == {(str(tmp_path / name), "<empty shard>")}
+        assert counter.seen == {(str(tmp_path / name), "<empty shard>"): 1}
+
+
+@pytest.mark.filterwarnings("ignore:skipping bad sample:RuntimeWarning")
+def test_a_damaged_shard_counts_the_samples_its_manifest_says_were_lost(tmp_path) -> None:
+    """The manifest records each shard's sample count; a shard cut in its 4th sample's image loses that one
+    (its .cls came first: read, then rejected as imageless) and the 4 after it. Without a count 1 is counted
+    for the rest, as before; a file that is no tar or cannot be opened raises naming it."""
+    from data.samples import valid_samples
+    from data.synthetic import synthetic_samples
+    from data.writer import write_manifest, write_split
+
+    root = str(tmp_path)
+    names = write_split(synthetic_samples(0, 16, 4), os.path.join(root, "train"), 8)
+    write_manifest(root, {"train": {"shards": names, "labels": [i % 4 for i in range(16)]}})
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["samples"] == {"train/shard-000000.tar": 8, "train/shard-000001.tar": 8}
+    assert manifest["splits"]["train"]["sha256"]["train/shard-000000.tar"] == sha256_file(
+        os.path.join(root, "train", names[0])
+    )
+    shard = os.path.join(root, "train", names[1])
+    whole = open(shard, "rb").read()
+    open(shard, "wb").write(whole[: whole.index(b"syn_000011.png") + 600])
+    counter = BadSampleCounter(10, "test")
+    got = [s.key for s in valid_samples([shard], 4, counter)]
+    assert got == ["syn_000008", "syn_000009", "syn_000010"]
+    assert counter.seen == {(shard, "syn_000011"): 1, (shard, "<rest after tar error>"): 4} and counter.count == 5
+    os.remove(os.path.join(root, "manifest.json"))
+    counter = BadSampleCounter(10, "test")
+    assert len(list(valid_samples([shard], 4, counter))) == 3 and counter.count == 2
+    (tmp_path / "noise.tar").write_bytes(os.urandom(4096))
+    with pytest.raises(ValueError, match=r"noise\.tar is not a readable tar archive"):
+        list(read_shard(str(tmp_path / "noise.tar"), BadSampleCounter(10, "test")))
+    with pytest.raises(OSError, match=r"cannot open shard .*gone\.tar"):
+        list(read_shard(str(tmp_path / "gone.tar"), BadSampleCounter(10, "test")))
 
 
 def _header(name: str, size: int, typeflag: bytes, fmt: int = tarfile.USTAR_FORMAT) -> bytes:

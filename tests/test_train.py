@@ -6,6 +6,7 @@ resume and bad-input tests call `train.main.run` inside a reused 2-rank gloo poo
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -123,6 +124,9 @@ def test_resume_gives_the_same_weights_and_loss(
     assert stream_changes(find_latest(str(tmp_path / "resumed")), resumed_cfg, 2) == []
     changed = stream_changes(find_latest(str(tmp_path / "resumed")), resumed_cfg, 4)
     assert changed == ["world_size: 2 -> 4"]
+    other_split = dataclasses.replace(resumed_cfg, data=dataclasses.replace(resumed_cfg.data, train_split="fit"))
+    changed = stream_changes(find_latest(str(tmp_path / "resumed")), other_split, 2)
+    assert [c.split(":")[0] for c in changed] == ["train_split", "shards"]  # another split is other shards
     a, b = _model_state(str(tmp_path / "straight")), _model_state(str(tmp_path / "resumed"))
     assert a.keys() == b.keys() and (recipe != "mnist_chest" or "head.fc.weight" in a)
     for key in a:

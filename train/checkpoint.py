@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from data.shards import shard_set_digest
 from model.proxies import ShardedHead
 from train.config import RunConfig, load_yaml, save_yaml
 from train.config_values import override_text
@@ -129,11 +130,21 @@ def check_resumable(path: str, cfg: RunConfig) -> None:
         )
 
 
+# 2 (2026-12-06): every epoch deals the shards anew over the (rank, worker) slots; 1 (older checkpoints,
+# which do not record it): one fixed deal for the whole run.
+STREAM_VERSION = 2
+
+
 def stream_signature(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     """The settings the data stream's position depends on: the stream is a pure function of these
     and the step, so a resume with the same signature continues batch for batch."""
     d = cfg.data
+    roots = [d.root] if not d.sources else [root for root, _ in d.sources]
     return {
+        "stream_version": STREAM_VERSION,
+        "train_split": d.train_split,
+        "shards": ",".join(shard_set_digest(root, d.train_split) for root in roots),
+        "balance_buffer": d.balance_buffer if d.samples_per_class > 0 else 0,
         "world_size": world_size,
         "num_workers": d.num_workers,
         "batch_size": d.batch_size,
@@ -150,7 +161,7 @@ def stream_signature(cfg: RunConfig, world_size: int) -> dict[str, Any]:
 def stream_changes(path: str, cfg: RunConfig, world_size: int) -> list[str]:
     """Settings that differ from the checkpoint's stream: after such a resume the stream draws a
     fresh order (still deterministic) instead of continuing the old one."""
-    saved = read_meta(path).get("stream", {})
+    saved = {"stream_version": 1, **read_meta(path).get("stream", {})}
     now = stream_signature(cfg, world_size)
     return [f"{k}: {saved[k]} -> {now[k]}" for k in now if k in saved and saved[k] != now[k]]
 
