@@ -90,6 +90,15 @@ class ChestConfig:
             )
         if not self.curvature > 0:
             raise ValueError(f"loss.chest.curvature={self.curvature} must be > 0 (curvature of the ball is -c)")
+        # Two points clipped at r sit up to artanh(tanh(2 sqrt(c) r)) apart (in units of 2/sqrt(c)); past
+        # sqrt(c) r ~ 3.6 that reaches model.hyperbolic's artanh clamp (1 - 1e-6, needed for fp32), and far
+        # pairs all get one distance with zero gradient (c = 3, r = 2.3: 8.37 for true 9.0-9.2); 3.0 keeps a margin
+        if self.clip_radius > 0 and math.sqrt(self.curvature) * self.clip_radius > 3.0:
+            raise ValueError(
+                f"loss.chest.curvature={self.curvature} with clip_radius={self.clip_radius}: sqrt(c) * r = "
+                f"{math.sqrt(self.curvature) * self.clip_radius:.2f} > 3.0 nears the fp32 Poincare distance's saturation; "
+                f"lower the clip radius to <= {3.0 / math.sqrt(self.curvature):.2f} or the curvature"
+            )
         if self.hyp_dim < 1 or self.gamma_e <= 0 or self.gamma_h <= 0 or self.gamma_hyp <= 0:
             raise ValueError("loss.chest.hyp_dim and the temperatures gamma_e, gamma_h, gamma_hyp must be > 0")
         if self.hyphc_sign not in (-1, 1):
@@ -114,7 +123,9 @@ class LossConfig:
     """
 
     name: str = "distarc"
-    form: str = "paper"  # "paper" (Eq. 1, symmetric softmax) or "official" (released code: CE(z_den) + lambda*delta_y)
+    # "paper" (Eq. 1, symmetric softmax) or "official" (CE(z_den) + lambda*delta_y - mu*cos(phi_y); the released
+    # code itself has no cos(phi) term: official with phi_weight=0, and scale=2)
+    form: str = "paper"
     scale: float = 1.0  # s
     margin: float = 0.5  # m, radians (additive angular) or cosine units (cosface)
     margin_warmup_steps: int = 0  # m grows linearly from 0 over this many optimizer steps

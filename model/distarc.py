@@ -244,7 +244,8 @@ class DistArcHead(ShardedHead):
     @torch.no_grad()
     def predict(self, emb_GD: torch.Tensor) -> dict[str, torch.Tensor]:
         """Class ids by cosine argmax and, for DistArc (the only head that learns radii), by the predictive
-        measure (argmin ||x - a_j||).
+        measure (argmin ||x - a_j||); for the plain softmax also by its own logits (argmax x . w_j: its
+        rows' norms differ, so the cosine rule is not the rule it was trained for).
 
         `emb_GD` must be the same on every rank; the reduction spans the class shards.
         """
@@ -254,6 +255,8 @@ class DistArcHead(ShardedHead):
             out = {"cosine": -cosine_scores(emb_GD, rows)}
             if self.cfg.name == "distarc":
                 out["measure"] = anchor_sq_distance(emb_GD, rows, self.radii[start:stop])
+            if self.cfg.name == "softmax":
+                out["logit"] = -(emb_GD.float() @ rows.float().t())
             return out
 
         chunk = self.cfg.class_chunk or self.num_local  # loss.class_chunk bounds evaluation's blocks too

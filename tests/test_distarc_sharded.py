@@ -167,6 +167,10 @@ def test_sharded_loss_and_grads_equal_dense(dist_pool, world: int, class_chunk: 
                 if cfg.name == "distarc":
                     assert torch.equal(r["pred"]["measure"], dist_ref), name
                 assert torch.equal(r["pred"]["cosine"], cos_ref), name
+                # the plain softmax also by its own logits (its rows' norms differ)
+                assert ("logit" in r["pred"]) == (cfg.name == "softmax"), name
+                if cfg.name == "softmax":
+                    assert torch.equal(r["pred"]["logit"], (x @ table.t()).argmax(dim=1)), name
 
 
 def test_distarc_without_radial_terms_is_arcface() -> None:
