@@ -96,7 +96,8 @@ class ChestConfig:
         if self.clip_radius > 0 and math.sqrt(self.curvature) * self.clip_radius > 3.0:
             raise ValueError(
                 f"loss.chest.curvature={self.curvature} with clip_radius={self.clip_radius}: sqrt(c) * r = "
-                f"{math.sqrt(self.curvature) * self.clip_radius:.2f} > 3.0 nears the fp32 Poincare distance's saturation; "
+                f"{math.sqrt(self.curvature) * self.clip_radius:.2f} > 3.0 nears the fp32 Poincare distance's "
+                "saturation; "
                 f"lower the clip radius to <= {3.0 / math.sqrt(self.curvature):.2f} or the curvature"
             )
         if self.hyp_dim < 1 or self.gamma_e <= 0 or self.gamma_h <= 0 or self.gamma_hyp <= 0:
