@@ -243,8 +243,9 @@ class DistArcHead(ShardedHead):
 
     @torch.no_grad()
     def predict(self, emb_GD: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Class ids by cosine argmax and, for DistArc (the only head that learns radii), by the predictive
-        measure (argmin ||x - a_j||); for the plain softmax also by its own logits (argmax x . w_j: its
+        """Class ids by cosine argmax and, for DistArc with lambda > 0 (the only head that learns radii; with
+        lambda = 0 it is ArcFace and predicts by cosine, docs/losses.md 1.7), by the predictive measure
+        (argmin ||x - a_j||); for the plain softmax also by its own logits (argmax x . w_j: its
         rows' norms differ, so the cosine rule is not the rule it was trained for).
 
         `emb_GD` must be the same on every rank; the reduction spans the class shards.
@@ -253,7 +254,7 @@ class DistArcHead(ShardedHead):
         def values(start: int, stop: int) -> dict[str, torch.Tensor]:
             rows = self.weight[start:stop]
             out = {"cosine": -cosine_scores(emb_GD, rows)}
-            if self.cfg.name == "distarc":
+            if self.cfg.name == "distarc" and self.cfg.radial_weight > 0:  # lambda = 0: nothing learned radii
                 out["measure"] = anchor_sq_distance(emb_GD, rows, self.radii[start:stop])
             if self.cfg.name == "softmax":
                 out["logit"] = -(emb_GD.float() @ rows.float().t())

@@ -287,6 +287,11 @@ def test_embed_cli_writes_embeddings(trained, converted, tmp_path) -> None:
     assert embed([trained["cub"], "--images", str(folder), "--out", out, "--device", "cpu"]) == 0
     saved = torch.load(out, weights_only=False)
     assert saved["embeddings"].shape == (3, 96) and saved["keys"][0].endswith("0.jpg")
+    assert embed([trained["cub"], "--images", str(folder), "--out", out, "--space", "cosine", "--device", "cpu"]) == 0
+    unit = torch.load(out, weights_only=False)["embeddings"]  # cosine: the same directions, as unit vectors
+    assert torch.allclose(unit.norm(dim=1), torch.ones(3)) and torch.allclose(
+        unit, torch.nn.functional.normalize(saved["embeddings"], dim=1), atol=1e-6
+    )
 
 
 def test_bad_input_is_refused_before_anything_is_embedded(trained, converted, tmp_path, capsys, monkeypatch) -> None:
@@ -308,6 +313,9 @@ def test_bad_input_is_refused_before_anything_is_embedded(trained, converted, tm
         ([sop, "--split", "nothere"], "has no split 'nothere' (it has test, train)"),
         ([sop, "model.name=resnet10t"], "holds another model (model.name: 'test_resnet' in the checkpoint"),
         ([sop, "data.num_classes=7"], "holds a table of 4 classes"),
+        # the class permutation / radii / curvature would read the saved rows as other classes or spaces
+        ([sop, "loss.init_seed=7"], "holds another model (loss.init_seed: 1234 in the checkpoint, 7 now)"),
+        ([sop, "loss.chest.curvature=1.0"], "overrides change the run's head (loss.chest.curvature: 0.5 -> 1.0)"),
         ([sop, f"metrics.eval_sets={odd}"], "holds 39 images for 20 pairs"),
         ([trained["inshop"], "metrics.gallery_split=nothere"], "query split 'query' needs a gallery"),
         ([sop, "metrics.recall_ks=1,50"], "Recall@50 needs 50 references but the split offers 19"),
@@ -343,6 +351,8 @@ def test_protocols_and_ks_come_from_the_manifest(converted) -> None:
     ]
     only = sets("vitl_ms1mv2_faces", converted["ms1m"], eval_sets=(f"{converted['faces']}:lfw",))
     assert [s.name for s in only] == ["lfw"]
+    with pytest.raises(ValueError, match=r"share a name \(\['test', 'test'\]\)"):
+        sets("vits_cub_chest_1gpu", converted["cub"], eval_sets=(f"{converted['cars']}:test",))  # both eval_test.json
     with pytest.raises(FileNotFoundError, match="metrics.eval_sets names .*nowhere"):
         sets("vitl_ms1mv2_faces", converted["ms1m"], eval_sets=("/nowhere",))
     with pytest.raises(ValueError, match="protocol='nope' is unknown"):

@@ -276,3 +276,10 @@ def test_the_task_computes_its_head_in_fp32_under_autocast(name: str) -> None:
         loss.backward()
         results.append((loss.detach(), x.grad))
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def test_distarc_without_the_radial_term_predicts_by_cosine_only() -> None:
+    """losses.md 1.7: with lambda = 0 nothing ties ||x|| to the radii, so the predictive measure is not reported."""
+    emb = torch.randn(6, 16)
+    assert set(DistArcHead(LossConfig(), 10, 16).predict(emb)) == {"cosine", "measure"}
+    assert set(DistArcHead(LossConfig(radial_weight=0.0), 10, 16).predict(emb)) == {"cosine"}

@@ -157,3 +157,18 @@ def test_bad_input_raises() -> None:
         with pytest.raises(ValueError, match=match):
             call()
     assert verification_accuracy(e, e, same.long())["accuracy"] >= 0.5  # 0/1 integers are accepted
+
+
+def test_verification_scores_each_set_of_directions_once_under_the_features_name() -> None:
+    """Verification compares unit vectors, so CHEST's Poincare points (its h-features scaled along their own
+    directions by expmap0) scored exactly as "fc_euclidean" under another name; the trunk's euclidean and
+    cosine are one tensor. One entry per distinct direction set, named after the plain features."""
+    from model.chest import ChestHead
+    from model.config import ChestConfig, LossConfig
+    from train.evaluate.protocols import distinct_spaces
+
+    head = ChestHead(LossConfig(name="chest", chest=ChestConfig(hyp_dim=8)), 5, 16)
+    spaces = head.embed_spaces(torch.randn(6, 16))
+    assert list(spaces) == ["euclidean", "cosine", "poincare", "fc_euclidean"]
+    assert list(distinct_spaces(spaces, metric_matters=False)) == ["euclidean", "fc_euclidean"]
+    assert list(distinct_spaces(spaces, metric_matters=True)) == list(spaces)  # retrieval: every metric

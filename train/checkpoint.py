@@ -92,6 +92,10 @@ def read_meta(path: str) -> dict[str, Any]:
 
 
 ARCHITECTURE_KEYS = ("name", "embed_dim", "neck", "in_chans", "img_size", "patch_size")  # model.* a checkpoint fixes
+# loss.* (and loss.chest.*) that fix what the saved table's rows mean: the head, DistArc's sphere radii, CHEST's
+# class permutation (seeded by init_seed) and shapes. Changed, the rows would be read as other classes.
+TABLE_KEYS = ("name", "init_seed", "radius_start", "radius_gap", "num_spheres")
+CHEST_TABLE_KEYS = ("permute_classes", "proxies_per_class", "hyp_dim")
 
 
 RESUME_FIX = "use another run name (name=...) or set checkpoint.resume=false to start afresh in a new run dir"
@@ -112,6 +116,16 @@ def check_compatible(path: str, cfg: RunConfig, fix: str = RESUME_FIX) -> None:
         f"model.{k}: {getattr(saved.model, k)!r} in the checkpoint, {getattr(cfg.model, k)!r} now"
         for k in ARCHITECTURE_KEYS
         if getattr(saved.model, k) != getattr(cfg.model, k)
+    ]
+    changed += [
+        f"loss.{k}: {getattr(saved.loss, k)!r} in the checkpoint, {getattr(cfg.loss, k)!r} now"
+        for k in TABLE_KEYS
+        if getattr(saved.loss, k) != getattr(cfg.loss, k)
+    ]
+    changed += [
+        f"loss.chest.{k}: {getattr(saved.loss.chest, k)!r} in the checkpoint, {getattr(cfg.loss.chest, k)!r} now"
+        for k in CHEST_TABLE_KEYS
+        if getattr(saved.loss.chest, k) != getattr(cfg.loss.chest, k)
     ]
     if changed:
         raise ValueError(f"checkpoint {path} holds another model ({'; '.join(changed)}); {fix}")

@@ -49,8 +49,8 @@ class Embedder(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         emb = self.model(images).float()
-        if self.head is None:
-            return emb
+        if self.head is None:  # the trunk's own space; "cosine" compares directions, so unit vectors
+            return torch.nn.functional.normalize(emb, dim=1) if self.space == "cosine" else emb
         return self.head.embed_spaces(emb)[self.space]
 
 

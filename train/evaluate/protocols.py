@@ -72,13 +72,20 @@ def embed_loader(
 
 
 def distinct_spaces(spaces: dict[str, torch.Tensor], metric_matters: bool) -> dict[str, torch.Tensor]:
-    """Spaces to score; where the metric does not matter (verification normalises), one per tensor."""
+    """Spaces to score; where the metric does not matter (verification compares unit vectors, insightface's
+    protocol), one per distinct set of directions: CHEST's Poincare points are its h-features scaled along
+    their own directions (expmap0), so they would score exactly as "fc_euclidean" under another name."""
     if metric_matters:
         return spaces
-    out, seen = {}, set()
-    for name, points in spaces.items():
-        if points.data_ptr() not in seen:
-            seen.add(points.data_ptr())
+    out: dict[str, torch.Tensor] = {}
+    # a ball's points last: of two spaces with one direction set, the name of the plain features is kept
+    for name, points in sorted(spaces.items(), key=lambda item: metric_of(item[0]) == "poincare"):
+        unit = torch.nn.functional.normalize(points.float(), dim=1)
+        if not any(
+            kept.shape == points.shape
+            and torch.allclose(unit, torch.nn.functional.normalize(kept.float(), dim=1), atol=1e-5)
+            for kept in out.values()
+        ):
             out[name] = points
     return out
 
@@ -184,6 +191,10 @@ def evaluate_set(
         gallery = build_eval_loader(eval_set.data_config(data, eval_set.gallery_split), rank, world_size)
         gal, gal_lab, _ = embed_loader(task, gallery, device, model_input)
         out["num_gallery"] = float(gal.shape[0])
+        lost = int(split_entry(eval_set.root, eval_set.gallery_split).get("num_samples", gal.shape[0])) - gal.shape[0]
+        out["skipped_samples"] += float(lost)  # the query's and the gallery's
+        if lost and rank == 0:
+            print(f"warning: {eval_set.name}: {lost} gallery samples were skipped as bad", flush=True)
         out.update(score_retrieval(task, emb, lab, eval_set.ks, metrics.retrieval_chunk, gal, gal_lab))
     else:
         assert side is not None

@@ -141,9 +141,14 @@ def resolve_eval_sets(data: DataConfig, metrics: MetricsConfig, splits: list[str
             sets.append(make_set(root, split, metrics, prefix=f"{split}/"))
         if not chosen:
             raise ValueError(f"metrics.eval_sets entry {item!r}: name the splits, e.g. {root}:{tag}")
-    names = [s.prefix for s in sets]
-    if len(set(names)) != len(names):
-        raise ValueError(f"evaluation sets share a name ({names}); name distinct splits in metrics.eval_sets")
+    # the prefixes name the scalars, the names the eval_<name>.json files: both must be distinct (a primary
+    # split "test" and another root's "test" had distinct prefixes, and the second file replaced the first)
+    for kind, names in (("name", [s.name for s in sets]), ("prefix", [s.prefix for s in sets])):
+        if len(set(names)) != len(names):
+            raise ValueError(
+                f"evaluation sets share a {kind} ({names}): each writes eval_<name>.json and logs <name>/...; "
+                "name distinct splits in metrics.eval_sets (or evaluate the other root's split in its own run)"
+            )
     return sets
 
 

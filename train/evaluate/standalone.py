@@ -68,12 +68,14 @@ def load_run(
     saved = load_yaml(os.path.join(source, "config.yaml"))
     cfg = apply_overrides(saved, list(overrides or []))
     cfg.validate()
-    ckpt.check_compatible(
-        source,
-        cfg,
-        fix="drop the model.* / data.num_classes overrides: evaluation takes "
-        "the model and its class table from the run",
-    )
+    fix = "drop the model.* / loss.* / data.num_classes overrides: evaluation takes the model and its head from the run"
+    ckpt.check_compatible(source, cfg, fix=fix)
+    # every loss setting shapes the head's predictions (radii, curvature, spaces...); only the chunk is free
+    now = _dotted(dataclasses.asdict(dataclasses.replace(cfg.loss, class_chunk=saved.loss.class_chunk)))
+    was = _dotted(dataclasses.asdict(saved.loss))
+    changed = [f"loss.{key}: {was[key]!r} -> {value!r}" for key, value in now.items() if was.get(key) != value]
+    if changed:
+        raise ValueError(f"overrides change the run's head ({'; '.join(changed)}); {fix}")
     if use_export:
         weights = torch.load(os.path.join(source, "backbone.pth"), map_location="cpu", weights_only=True)
         neck = torch.load(os.path.join(source, "neck.pth"), map_location="cpu", weights_only=True)
@@ -86,6 +88,14 @@ def load_run(
         head = full_head_tables(source)
         step = int(ckpt.read_meta(source)["step"])
     return LoadedRun(cfg, source, step, backbone, head)
+
+
+def _dotted(values: dict, prefix: str = "") -> dict:
+    """{"chest": {"curvature": 0.5}} -> {"chest.curvature": 0.5}."""
+    out: dict = {}
+    for key, value in values.items():
+        out.update(_dotted(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
 
 
 def build_embedding_model(run: LoadedRun, device: torch.device) -> EmbeddingModel:
