@@ -13,6 +13,7 @@ restarts the original submission, which resumes from the latest checkpoint the s
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import sys
 from typing import Any
@@ -59,7 +60,9 @@ class TrainJob(submitit.helpers.Checkpointable):
         sys.exit(REQUEUE_EXIT if stop == requeue_signal.name else 128 + int(getattr(signal, stop)))
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
-        return submitit.helpers.DelayedSubmission(TrainJob(self.cfg))
+        # the requeued job continues this run: checkpoint.resume=false meant "start afresh" once, at submission
+        again = dataclasses.replace(self.cfg, checkpoint=dataclasses.replace(self.cfg.checkpoint, resume=True))
+        return submitit.helpers.DelayedSubmission(TrainJob(again))
 
 
 class EvalJob:

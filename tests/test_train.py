@@ -124,6 +124,15 @@ def test_resume_gives_the_same_weights_and_loss(
     assert stream_changes(find_latest(str(tmp_path / "resumed")), resumed_cfg, 2) == []
     changed = stream_changes(find_latest(str(tmp_path / "resumed")), resumed_cfg, 4)
     assert changed == ["world_size: 2 -> 4"]
+    from train.checkpoint import config_changes, read_meta
+
+    assert config_changes(find_latest(str(tmp_path / "resumed")), resumed_cfg) == []
+    faster = dataclasses.replace(resumed_cfg, optim=dataclasses.replace(resumed_cfg.optim, lr=0.5), max_steps=99)
+    assert config_changes(find_latest(str(tmp_path / "resumed")), faster) == [
+        f"optim.lr: {resumed_cfg.optim.lr!r} -> 0.5",
+        f"max_steps: {resumed_cfg.max_steps} -> 99",
+    ]
+    assert read_meta(find_latest(str(tmp_path / "resumed")))["global_batch"] == 2 * resumed_cfg.data.batch_size
     other_split = dataclasses.replace(resumed_cfg, data=dataclasses.replace(resumed_cfg.data, train_split="fit"))
     changed = stream_changes(find_latest(str(tmp_path / "resumed")), other_split, 2)
     assert [c.split(":")[0] for c in changed] == ["train_split", "shards"]  # another split is other shards

@@ -23,6 +23,7 @@ import os
 import random
 import re
 import shutil
+import time
 from typing import Any
 
 import numpy as np
@@ -46,6 +47,7 @@ class TrainState:
     stop_signal: int = 0  # the signal that stopped this job early (not saved: a resumed job starts at 0)
     first_step_at: float = 0.0  # wall time when this job finished its first step (not saved)
     best: dict[str, float] = dataclasses.field(default_factory=dict)  # best evaluation scores so far
+    eval_pending: bool = False  # a stop signal came on an evaluation step: saved first, evaluated on resume
     skipped_steps: int = 0  # steps left without an update (non-finite loss or gradient), over the whole run
     skipped_in_a_row: int = 0  # the current streak of them (not saved: a resumed job starts at 0)
     decay_groups: str = "timm"  # the backbone's weight-decay grouping (train.engine.DECAY_GROUPS), kept for life
@@ -56,16 +58,31 @@ def checkpoint_root(run_dir: str) -> str:
 
 
 def find_latest(run_dir: str) -> str | None:
-    """The newest complete checkpoint folder, or None. Falls back to scanning if `latest` is stale."""
+    """The newest complete checkpoint folder, or None: the one `latest` names, or a complete step-N past it
+    (a save killed between its rename and the pointer's update), or the newest complete one when `latest`
+    is missing or stale."""
     root = checkpoint_root(run_dir)
+    done = [p for p in glob.glob(os.path.join(root, "step-*")) if os.path.exists(os.path.join(p, "meta.json"))]
+    newest = max(done, key=_step_of) if done else None
     pointer = os.path.join(root, "latest")
     if os.path.exists(pointer):
         with open(pointer) as f:
             path = os.path.join(root, f.read().strip())
-        if os.path.exists(os.path.join(path, "meta.json")):
+        if os.path.exists(os.path.join(path, "meta.json")) and (newest is None or _step_of(newest) <= _step_of(path)):
             return path
-    done = [p for p in glob.glob(os.path.join(root, "step-*")) if os.path.exists(os.path.join(p, "meta.json"))]
-    return max(done, key=_step_of) if done else None
+    return newest
+
+
+def set_aside_checkpoints(run_dir: str) -> str | None:
+    """checkpoint.resume=false in a run dir that holds checkpoints: move them to checkpoints.before-<UTC time>
+    (nothing written is deleted) so that this run's own saves, prunes and requeues see only its own. Returns
+    the new folder, or None when there was nothing to move."""
+    root = checkpoint_root(run_dir)
+    if not glob.glob(os.path.join(root, "step-*")):
+        return None
+    aside = f"{root}.before-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    os.replace(root, aside)
+    return aside
 
 
 def resolve_step_dir(run_dir: str, checkpoint: str | None = None) -> str:
@@ -172,6 +189,22 @@ def stream_signature(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     }  # the text older checkpoints hold
 
 
+def config_changes(path: str, cfg: RunConfig) -> list[str]:
+    """Training settings (optim.*, loss.*, data.*, max_steps) that differ from the checkpoint's config.yaml.
+    A resume keeps the checkpoint's learning rates and schedule (backbone and head alike); the rest applies."""
+    saved = load_yaml(os.path.join(path, "config.yaml")).to_dict()
+    now = cfg.to_dict()
+    changed = [
+        f"{section}.{key}: {saved[section].get(key)!r} -> {value!r}"
+        for section in ("optim", "loss", "data")
+        for key, value in now[section].items()
+        if saved[section].get(key) != value
+    ]
+    return changed + (
+        [f"max_steps: {saved['max_steps']} -> {now['max_steps']}"] if saved["max_steps"] != now["max_steps"] else []
+    )
+
+
 def stream_changes(path: str, cfg: RunConfig, world_size: int) -> list[str]:
     """Settings that differ from the checkpoint's stream: after such a resume the stream draws a
     fresh order (still deterministic) instead of continuing the old one."""
@@ -212,10 +245,12 @@ def save_checkpoint(
             "step": state.step,
             "samples_seen": state.samples_seen,
             "world_size": env.world_size,
+            "global_batch": env.world_size * cfg.data.batch_size * cfg.optim.grad_accum_steps,
             "num_classes": head.num_classes,
             "embed_dim": head.embed_dim,
             "stream": stream_signature(cfg, env.world_size),
             "best": state.best,
+            "eval_pending": state.eval_pending,
             "skipped_steps": state.skipped_steps,
             "decay_groups": state.decay_groups,
             "rank_streams": True,  # each rank's RNG its own (saved before 2026-12-06: one stream for all)
@@ -224,10 +259,14 @@ def save_checkpoint(
             json.dump(meta, f)
     barrier()
     if env.is_main:
+        # durable before it becomes visible, and visible before anything older goes: a node that loses power
+        # after the prune must still find this checkpoint whole on disk (DeepSpeed and torch.save fsync nothing)
+        _fsync_tree(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        _fsync_dir(root)
         _write_latest(root, name)
-        _prune(root, cfg.checkpoint.keep_last)
+        _prune(root, cfg.checkpoint.keep_last, state.step)
     barrier()
     return final
 
@@ -257,6 +296,7 @@ def load_checkpoint(
         step=meta["step"],
         samples_seen=meta["samples_seen"],
         best=dict(meta.get("best", {})),
+        eval_pending=bool(meta.get("eval_pending", False)),
         skipped_steps=int(meta.get("skipped_steps", 0)),
         decay_groups=str(meta.get("decay_groups", "ndim")),
     )
@@ -353,10 +393,13 @@ def _load_head(path: str, head: ShardedHead, opt: torch.optim.Optimizer, sched: 
     if sched_state is None:  # a rank with no classes (C < P) still needs the schedule's position
         sched_state = torch.load(head_shard_files(path)[0][2], weights_only=False)["scheduler"]
     sched.load_state_dict(sched_state)
-    # The schedule's position comes from the checkpoint, its base rates from this run's config (one per
-    # param group: CHEST's FC has its own); load_state_dict sets neither the rates in the optimizer.
-    sched.base_lrs = [group["initial_lr"] for group in opt.param_groups]
+    # The schedule's position and base rates (one per param group: CHEST's FC has its own) come from the
+    # checkpoint, as DeepSpeed restores the backbone's: a resume with another optim.lr / head_lr changed the
+    # head's rate alone (train.main warns about such changes). load_state_dict sets no rate in the optimizer.
+    if len(sched.base_lrs) != len(opt.param_groups):
+        sched.base_lrs = [group["initial_lr"] for group in opt.param_groups]
     for group, base in zip(opt.param_groups, sched.base_lrs):
+        group["initial_lr"] = base
         group["lr"] = base * sched.lr_lambdas[0](sched.last_epoch)
     sched._last_lr = [group["lr"] for group in opt.param_groups]  # what get_last_lr() reports
 
@@ -383,14 +426,38 @@ def _write_latest(root: str, name: str) -> None:
     tmp = os.path.join(root, f".latest.tmp{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(name)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, os.path.join(root, "latest"))
+    _fsync_dir(root)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: str) -> None:
+    """fsync every file under `path`, then the folders (bottom up): the data, then the names."""
+    for folder, _, files in os.walk(path, topdown=False):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(folder)
 
 
 def _step_of(path: str) -> int:
     return int(os.path.basename(path).split("-")[1])
 
 
-def _prune(root: str, keep_last: int) -> None:
-    done = sorted(glob.glob(os.path.join(root, "step-*")), key=_step_of)
+def _prune(root: str, keep_last: int, step: int) -> None:
+    """Keep the newest `keep_last` checkpoints up to `step` (just saved); remove older ones and the folders of
+    saves that were killed (.tmp-step-*, kept until a later save succeeds: multi-GB each for a ViT-L)."""
+    done = sorted((p for p in glob.glob(os.path.join(root, "step-*")) if _step_of(p) <= step), key=_step_of)
     for old in done[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
+    for leftover in glob.glob(os.path.join(root, ".tmp-step-*")):
+        shutil.rmtree(leftover, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""The training loop, on one screen: batch -> step -> log -> checkpoint -> eval -> stop."""
+"""The training loop, on one screen: batch -> step -> log -> eval -> checkpoint -> stop."""
 
 from __future__ import annotations
 
@@ -29,6 +29,10 @@ def train_loop(run: "Run", stop_step: int) -> None:
         mininterval=5.0,
         desc="train",
     )
+    if state.eval_pending:  # the stopped job saved on an evaluation step without evaluating
+        logger.log(state.step, state.samples_seen, run.evaluate(), prefix="eval")
+        state.eval_pending = False
+        clock.reset(state.step)
     while state.step < min(stop_step, cfg.max_steps):
         scalars = train_step(run)
         state.skipped_in_a_row = int(scalars.pop("skipped")) * (state.skipped_in_a_row + 1)
@@ -52,19 +56,24 @@ def train_loop(run: "Run", stop_step: int) -> None:
             state.last_loss = logger.log(state.step, state.samples_seen, scalars)["loss"]
             logger.log(state.step, state.samples_seen, system, prefix="system")
         decision = run.control.poll()
+        every = cfg.metrics.eval_every
+        eval_due = bool(every) and state.step % every == 0 and state.step < cfg.max_steps  # the end: main's
+        # evaluate before saving, so the checkpoint's best-so-far has this step's scores; a stopped job saves
+        # first (its time is short) and the resumed one evaluates
+        if eval_due and not decision.stop_signal:
+            logger.log(state.step, state.samples_seen, run.evaluate(), prefix="eval")
+            clock.reset(state.step)
         if (
             decision.save
             or decision.stop_signal
             or state.step % cfg.checkpoint.every_steps == 0
             or state.step in (cfg.max_steps, stop_step)
         ):
+            state.eval_pending = eval_due and bool(decision.stop_signal)
             run.save()
             run.control.saved()
             clock.reset(state.step)
         if decision.stop_signal:
             state.stop_signal = decision.stop_signal
             break
-        if cfg.metrics.eval_every and state.step % cfg.metrics.eval_every == 0 and state.step < cfg.max_steps:
-            logger.log(state.step, state.samples_seen, run.evaluate(), prefix="eval")
-            clock.reset(state.step)
     bar.close()

@@ -121,6 +121,25 @@ def build_model(
                     "the stream continues deterministically but not batch for batch",
                     flush=True,
                 )
+            changed = ckpt.config_changes(resume_from, cfg)
+            if changed:
+                print(
+                    f"warning: settings changed since the checkpoint ({'; '.join(changed)}); the learning rates and "
+                    "their schedule stay the checkpoint's (start a new run, name=..., to change them)",
+                    flush=True,
+                )
+            saved = ckpt.read_meta(resume_from)
+            was = saved.get("global_batch") or saved["world_size"] * cfg.data.batch_size * cfg.optim.grad_accum_steps
+            now = env.world_size * cfg.data.batch_size * cfg.optim.grad_accum_steps
+            if was != now:  # max_steps, warm-up and the schedule count steps, not samples
+                print(
+                    f"warning: the global batch changes from {was} to {now} images a step ({saved['world_size']} -> "
+                    f"{env.world_size} ranks x data.batch_size x optim.grad_accum_steps): the remaining "
+                    f"{cfg.max_steps - state.step} steps see {now * (cfg.max_steps - state.step)} images instead of "
+                    f"{was * (cfg.max_steps - state.step)}; to keep the batch set optim.grad_accum_steps="
+                    f"{was / (env.world_size * cfg.data.batch_size):g} (when whole)",
+                    flush=True,
+                )
     return model, state
 
 
@@ -153,6 +172,9 @@ class Run:
             ckpt.check_resumable(resume_from, cfg)
         if env.is_main:
             os.makedirs(cfg.run_dir, exist_ok=True)
+            aside = None if cfg.checkpoint.resume else ckpt.set_aside_checkpoints(cfg.run_dir)
+            if aside:  # its own saves would otherwise be pruned as older than the old run's (and a requeue lost)
+                print(f"checkpoint.resume=false: the run dir's earlier checkpoints moved to {aside}", flush=True)
             save_yaml(cfg, os.path.join(cfg.run_dir, "config.yaml"))
             print(f"config of run {cfg.name}:\n{json.dumps(cfg.to_dict(), indent=1)}", flush=True)
         barrier()

@@ -1,0 +1,77 @@
+"""The checkpoint folder's bookkeeping without a training run: which checkpoint a resume picks, what a prune
+removes, what resume=false does to an earlier run's checkpoints, what a requeue resubmits, what is fsynced."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from train import checkpoint as ckpt
+
+
+def _complete(root: str, step: int) -> str:
+    path = os.path.join(root, f"step-{step}")
+    os.makedirs(path)
+    with open(os.path.join(path, "meta.json"), "w") as f:
+        json.dump({"step": step}, f)
+    return path
+
+
+def test_a_complete_checkpoint_past_latest_wins(tmp_path) -> None:
+    """A save killed between its rename and the pointer's update left step-6 complete and latest at step-3."""
+    root = ckpt.checkpoint_root(str(tmp_path))
+    _complete(root, 3)
+    ckpt._write_latest(root, "step-3")
+    assert ckpt.find_latest(str(tmp_path)) == os.path.join(root, "step-3")
+    _complete(root, 6)
+    os.makedirs(os.path.join(root, "step-9"))  # incomplete: no meta.json
+    assert ckpt.find_latest(str(tmp_path)) == os.path.join(root, "step-6")
+
+
+def test_prune_keeps_the_new_save_and_removes_killed_saves(tmp_path) -> None:
+    """Pruning counts only checkpoints up to the one just saved (a step-30 of an earlier run once deleted
+    every new save at once), and removes the .tmp-step-* folders of killed saves."""
+    root = ckpt.checkpoint_root(str(tmp_path))
+    for step in (10, 20, 30, 40):
+        _complete(root, step)
+    os.makedirs(os.path.join(root, ".tmp-step-35", "head"))
+    ckpt._prune(root, keep_last=2, step=20)
+    assert sorted(os.listdir(root)) == ["step-10", "step-20", "step-30", "step-40"]  # the new one and the one before
+    ckpt._prune(root, keep_last=1, step=20)
+    assert sorted(os.listdir(root)) == ["step-20", "step-30", "step-40"]  # only step-10 was older
+
+
+def test_resume_false_sets_an_earlier_runs_checkpoints_aside(tmp_path) -> None:
+    assert ckpt.set_aside_checkpoints(str(tmp_path)) is None  # nothing to move
+    root = ckpt.checkpoint_root(str(tmp_path))
+    _complete(root, 30)
+    aside = ckpt.set_aside_checkpoints(str(tmp_path))
+    assert aside is not None and os.path.basename(aside).startswith("checkpoints.before-")
+    assert os.listdir(aside) == ["step-30"] and not os.path.exists(root)
+    assert ckpt.find_latest(str(tmp_path)) is None
+
+
+def test_a_requeued_job_resumes_even_when_submitted_with_resume_false() -> None:
+    from launch.recipes import get_recipe
+    from slurm.job import TrainJob
+    import dataclasses
+
+    cfg = get_recipe("mnist_distarc")
+    cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume=False))
+    again = TrainJob(cfg).checkpoint().function
+    assert isinstance(again, TrainJob) and again.cfg.checkpoint.resume and not cfg.checkpoint.resume
+
+
+def test_every_file_and_folder_of_a_save_is_fsynced(tmp_path, monkeypatch) -> None:
+    synced: list[str] = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd)))
+    tree = tmp_path / ".tmp-step-5"
+    (tree / "head").mkdir(parents=True)
+    for name in ("meta.json", "head/classes-0.pt", "engine.pt"):
+        (tree / name).write_bytes(b"x")
+    ckpt._fsync_tree(str(tree))
+    assert set(synced) == {str(tree / "meta.json"), str(tree / "head/classes-0.pt"), str(tree / "engine.pt")} | {
+        str(tree / "head"),
+        str(tree),
+    }
