@@ -146,3 +146,30 @@ def test_kill_during_save_resumes_from_previous_checkpoint(mnist_root: str, tmp_
     )
     assert "RESUMED 5 10" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
     assert sorted(p for p in os.listdir(ckpts) if p.startswith("step-")) == ["step-10", "step-5"]
+
+
+def test_a_stop_on_an_evaluation_step_evaluates_on_resume(dist_pool, mnist_root: str, tmp_path) -> None:
+    """Every step is an evaluation step here: steps evaluate before they save (the checkpoint's best-so-far
+    has their scores); the stopped job saves without evaluating (its time is short) and marks the evaluation
+    pending, and the resumed job evaluates that step first."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from train.checkpoint import read_meta
+
+    pool = dist_pool(2)
+    args = small_overrides(mnist_root, str(tmp_path), "evalstop", 12) + [
+        "metrics.eval_every=1",
+        "checkpoint.every_steps=2",
+        "checkpoint.keep_last=10",
+    ]
+    first = pool.run(_run_signalled, args, 0, signal.SIGUSR2, "step-2")
+    stopped = first[0]["step"]
+    assert [r["stop_signal"] for r in first] == ["SIGUSR2", "SIGUSR2"] and 2 < stopped < 12
+    assert read_meta(find_latest(str(tmp_path / "evalstop")))["eval_pending"] is True
+    assert read_meta(str(tmp_path / "evalstop" / "checkpoints" / "step-2"))["best"]  # evaluated before that save
+    resumed = [a if not a.startswith("max_steps=") else f"max_steps={stopped + 1}" for a in args]
+    assert pool.run(_run, resumed)[0]["resumed_from_step"] == stopped
+    acc = EventAccumulator(str(tmp_path / "evalstop" / "tb"))
+    acc.Reload()
+    evaluated = [e.step for e in acc.Scalars("eval/acc_measure")]
+    assert evaluated.count(stopped) == 1 and set(range(1, stopped)) <= set(evaluated), evaluated
