@@ -185,7 +185,11 @@ def test_hparams_are_in_the_run_s_own_event_file(tmp_path) -> None:
         hparams, {"acc_measure": 0.75, "cosine/R@1": 0.5, "last_train_loss": None, "diverged": float("nan")}, step=7
     )
     logger.close()
-    assert all(os.path.isfile(os.path.join(logger.tb_dir, f)) for f in os.listdir(logger.tb_dir))  # no subfolder
+    # no subfolder but the by_samples axis' run, which holds no hparams (a subfolder with them is another session)
+    assert [f for f in os.listdir(logger.tb_dir) if not os.path.isfile(os.path.join(logger.tb_dir, f))] == [
+        "by_samples"
+    ]
+    assert not read_events(os.path.join(logger.tb_dir, "by_samples")).Tags()["tensors"]  # hparams are tensors
     acc = read_events(logger.tb_dir)
     content = acc.PluginTagToContent("hparams")
     start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
@@ -198,3 +202,26 @@ def test_hparams_are_in_the_run_s_own_event_file(tmp_path) -> None:
     assert sorted(m.name.tag for m in experiment.metric_infos) == ["hparams/acc_measure", "hparams/cosine/R@1"]
     assert [(e.step, e.value) for e in acc.Scalars("hparams/acc_measure")] == [(7, 0.75)]
     assert "eval/acc_measure" not in acc.Tags()["scalars"]
+
+
+def test_a_resumed_run_purges_what_the_dead_job_logged_after_its_checkpoint(tmp_path) -> None:
+    """The dead job logged steps 1..8 (checkpoint at 5); the resumed one logs 6..10. Each step shows once,
+    on both x axes (steps, and samples seen in tb/by_samples: one purge step for both would have dropped the
+    whole by_samples history, whose steps are sample counts)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    dead = TensorBoardLogger(str(tmp_path), True)
+    for step in range(1, 9):
+        dead.log(step, 64 * step, {"loss": float(step)})
+    dead.close()
+    resumed = TensorBoardLogger(str(tmp_path), True, resume_step=5, resume_samples=320)
+    for step in range(6, 11):
+        resumed.log(step, 64 * step, {"loss": 100.0 + step})
+    resumed.close()
+    for folder, tag, xs in (("tb", "train/loss", range(1, 11)), ("tb/by_samples", "by_samples/train/loss", None)):
+        acc = EventAccumulator(str(tmp_path / folder))
+        acc.Reload()
+        events = acc.Scalars(tag)
+        want = [64 * s for s in range(1, 11)] if xs is None else list(xs)
+        assert [e.step for e in events] == want, folder
+        assert [e.value for e in events] == [float(s) for s in range(1, 6)] + [100.0 + s for s in range(6, 11)]

@@ -193,7 +193,7 @@ class Run:
             state,
             eval_sets,
             stream,
-            TensorBoardLogger(cfg.run_dir, env.is_main),
+            TensorBoardLogger(cfg.run_dir, env.is_main, state.step, state.samples_seen),
             clock,
             clock.timed(iter(stream)),
             resumed_from_step=state.step,

@@ -67,25 +67,36 @@ def main_hparams(config: dict[str, Any]) -> dict[str, Any]:
 
 
 class TensorBoardLogger:
-    """Rank-0 SummaryWriter at `<run_dir>/tb`; every rank must call `log` (it all-reduces)."""
+    """Rank-0 SummaryWriters at `<run_dir>/tb` (steps) and `<run_dir>/tb/by_samples` (the same scalars against
+    samples seen); every rank must call `log` (it all-reduces).
 
-    def __init__(self, run_dir: str, is_main: bool) -> None:
+    A resumed run (`resume_step` > 0) purges what a dead job wrote after its checkpoint: TensorBoard drops the
+    earlier files' events at or past the purge step (steps after resume_step, samples after resume_samples),
+    so the curves show each step once. The two x axes need their own folders: one purge step for both would
+    drop the whole by_samples history (its steps are sample counts)."""
+
+    def __init__(self, run_dir: str, is_main: bool, resume_step: int = 0, resume_samples: int = 0) -> None:
         self.is_main = is_main
         self.tb_dir = os.path.join(run_dir, "tb")
-        self.writer = None
+        self.writer = self.samples_writer = None
         if is_main:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(self.tb_dir)
+            resumed = resume_step > 0
+            self.writer = SummaryWriter(self.tb_dir, purge_step=resume_step + 1 if resumed else None)
+            self.samples_writer = SummaryWriter(
+                os.path.join(self.tb_dir, "by_samples"), purge_step=resume_samples + 1 if resumed else None
+            )
 
     def log(self, step: int, samples_seen: int, scalars: dict[str, float], prefix: str = "train") -> dict[str, float]:
         """Reduce `scalars` over ranks, write them; returns the reduced values."""
         values = reduce_mean(scalars, summed=SUMMED)
-        if self.writer is not None:
+        if self.writer is not None and self.samples_writer is not None:
             for key, value in values.items():
                 self.writer.add_scalar(f"{prefix}/{key}", value, step)
-                self.writer.add_scalar(f"by_samples/{prefix}/{key}", value, samples_seen)
+                self.samples_writer.add_scalar(f"by_samples/{prefix}/{key}", value, samples_seen)
             self.writer.flush()
+            self.samples_writer.flush()
             text = " ".join(f"{k}={v:.4g}" for k, v in sorted(values.items()))
             print(f"[{prefix}] step {step} samples {samples_seen} {text}", file=sys.stdout, flush=True)
         return values
@@ -174,5 +185,6 @@ class TensorBoardLogger:
         self.writer.flush()
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        for writer in (self.writer, self.samples_writer):
+            if writer is not None:
+                writer.close()
