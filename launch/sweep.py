@@ -9,6 +9,7 @@ so `tensorboard --logdir <run_root>/<sweep name>` shows them side by side, and t
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 import os
@@ -39,17 +40,34 @@ def parse_grid(specs: list[str]) -> list[list[tuple[str, str]]]:
 
 
 def point_label(point: list[tuple[str, str]]) -> str:
-    """Folder name of a point: last key component=value, joined by '_' ('/' in values made safe)."""
+    """Folder name of a point: last key component=value, joined by '_'; a value with '/' is made safe and
+    tagged with a digest of itself ('/d/a-b' and '/d/a/b' would otherwise share a folder)."""
     shorts = [k.split(".")[-1] for k, _ in point]
     names = [s if shorts.count(s) == 1 else k for s, (k, _) in zip(shorts, point)]
-    return "_".join(f"{n}={v.replace('/', '-')}" for n, (_, v) in zip(names, point))
+    return "_".join(f"{n}={_safe(v)}" for n, (_, v) in zip(names, point))
+
+
+def _safe(value: str) -> str:
+    return value if "/" not in value else f"{value.replace('/', '-')}~{hashlib.sha1(value.encode()).hexdigest()[:6]}"
+
+
+def default_sweep_name(base_name: str, overrides: list[str]) -> str:
+    """`<name>-sweep`, plus a digest of the overrides that change training (not run_root, name or slurm.*):
+    two sweeps of one recipe with other settings must not share point folders (the second would resume the
+    first's finished points and report their results)."""
+    settings = sorted(
+        o for o in overrides if o.split("=", 1)[0].strip() not in ("run_root", "name") and not o.startswith("slurm.")
+    )
+    if not settings:
+        return f"{base_name}-sweep"
+    return f"{base_name}-sweep-{hashlib.sha1(';'.join(settings).encode()).hexdigest()[:8]}"
 
 
 def expand(recipe: str, overrides: list[str], specs: list[str], sweep_name: str = "") -> tuple[str, list[RunConfig]]:
     """(sweep dir, one validated config per grid point)."""
     grid = parse_grid(specs)
     base = apply_overrides(get_recipe(recipe), overrides)
-    name = sweep_name or f"{base.name}-sweep"
+    name = sweep_name or default_sweep_name(base.name, overrides)
     sweep_dir = os.path.join(base.run_root, name)
     cfgs = []
     for point in grid:

@@ -37,7 +37,13 @@ def test_sweep_over_recipes_and_bad_grids(tmp_path) -> None:
         ("mnist_chest", 0, "chest"),
         ("mnist_chest", 1, "chest"),
     ]
-    assert point_label([("a.x", "1"), ("b.x", "p/q")]) == "a.x=1_b.x=p-q"
+    assert point_label([("a.x", "1"), ("b.x", "p/q")]).startswith("a.x=1_b.x=p-q~")
+    assert point_label([("root", "/d/a-b")]) != point_label([("root", "/d/a/b")])  # both were root=-d-a-b
+    # a sweep with other settings gets other folders (it had resumed the first sweep's finished points)
+    first, _ = expand("mnist_distarc", [f"run_root={tmp_path}"], ["seed=0,1"])
+    other, _ = expand("mnist_distarc", [f"run_root={tmp_path}", "optim.lr=0.01"], ["seed=0,1"])
+    same, _ = expand("mnist_distarc", [f"run_root={tmp_path}", "slurm.time_min=30"], ["seed=0,1"])
+    assert first == same == str(tmp_path / "mnist_distarc-sweep") and other.startswith(first + "-")
     with pytest.raises(ValueError, match="key=value1,value2"):
         parse_grid(["loss.margin"])
     with pytest.raises(ValueError, match="names a key twice"):
