@@ -35,12 +35,13 @@ STUDIES: dict[str, dict] = {
         "base": ["data.train_split=fit", "data.eval_split=valid"],
         "metrics": ["acc_measure", "acc_cosine"],
         "points": {
-            # the shipped default before this study, and its cos(phi) twin
-            "official-s16-l0.05-r2..20-mu0": [],
-            "official-s16-l0.05-r2..20-mu1": ["loss.phi_weight=1"],
+            # the shipped default before this study, and its cos(phi) twin (every point names its scale: the
+            # recipe's default moved to s = 8 after this study, and s16 points without it ran at s = 8)
+            "official-s16-l0.05-r2..20-mu0": ["loss.scale=16"],
+            "official-s16-l0.05-r2..20-mu1": ["loss.scale=16", "loss.phi_weight=1"],
             # the paper's form (Eq. 1) at the same constants, both mu
-            "paper-s16-l0.05-r2..20-mu0": ["loss.form=paper"],
-            "paper-s16-l0.05-r2..20-mu1": ["loss.form=paper", "loss.phi_weight=1"],
+            "paper-s16-l0.05-r2..20-mu0": ["loss.scale=16", "loss.form=paper"],
+            "paper-s16-l0.05-r2..20-mu1": ["loss.scale=16", "loss.form=paper", "loss.phi_weight=1"],
             # the published constants: paper form s=1 lambda=0.005 radii 10..100, both mu; the released code
             "paper-s1-l0.005-r10..100-mu1": [
                 "loss.form=paper",
@@ -64,12 +65,18 @@ STUDIES: dict[str, dict] = {
                 "loss.radius_gap=10",
             ],
             # neighbours of the default: pull strength, scale, radii
-            "official-s16-l0.02-r2..20-mu0": ["loss.radial_weight=0.02"],
-            "official-s16-l0.2-r2..20-mu0": ["loss.radial_weight=0.2"],
+            "official-s16-l0.02-r2..20-mu0": ["loss.scale=16", "loss.radial_weight=0.02"],
+            "official-s16-l0.2-r2..20-mu0": ["loss.scale=16", "loss.radial_weight=0.2"],
             "official-s8-l0.05-r2..20-mu0": ["loss.scale=8"],
             "official-s32-l0.05-r2..20-mu0": ["loss.scale=32"],
-            "official-s16-l0.1-r1..5.5-mu0": ["loss.radial_weight=0.1", "loss.radius_start=1", "loss.radius_gap=0.5"],
+            "official-s16-l0.1-r1..5.5-mu0": [
+                "loss.scale=16",
+                "loss.radial_weight=0.1",
+                "loss.radius_start=1",
+                "loss.radius_gap=0.5",
+            ],
             "official-s16-l0.1-r1..5.5-mu1": [
+                "loss.scale=16",
                 "loss.radial_weight=0.1",
                 "loss.radius_start=1",
                 "loss.radius_gap=0.5",
