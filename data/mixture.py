@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from data.config import DataConfig
 from data.samples import RawSample
 from data.shards import check_labels, label_space, list_shards, manifest_path, read_manifest
+from data.tars import check_shard_start
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,10 +36,19 @@ class TrainSource:
 
 
 def train_sources(cfg: DataConfig) -> list[TrainSource]:
-    """The sources of cfg's training stream, checked; one entry when data.sources is unset.
+    """The sources of cfg's training stream, checked (every shard opens and starts as a tar archive); one
+    entry when data.sources is unset.
 
     A source's class count is the label space of its train split (its manifest's max label + 1).
     """
+    sources = _train_sources(cfg)
+    for source in sources:
+        for shard in source.shards:
+            check_shard_start(shard)
+    return sources
+
+
+def _train_sources(cfg: DataConfig) -> list[TrainSource]:
     if not cfg.sources:
         check_labels(cfg.root, cfg.num_classes, cfg.train_split)
         return [TrainSource(cfg.root, 1.0, 0, cfg.num_classes, tuple(list_shards(cfg.root, cfg.train_split)))]

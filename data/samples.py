@@ -45,50 +45,42 @@ class BadSampleCounter:
 
     Distinct, because an endless stream meets the same bad sample once per
     epoch; counting repeats would make a long run fail on a tiny, fixed
-    amount of bad data. Two totals: `met` (every distinct bad sample this
-    reader met, held against data.max_bad_samples) and `count` (those recorded
-    with report=True, published and summed over readers: the training streams
-    report only their first epoch, whose shares of the shards are disjoint, so
-    the sum over slots counts each bad sample once although the shards move
-    between slots every epoch).
+    amount of bad data. Only samples recorded with report=True count (and
+    warn): the training streams report their first epoch only, whose shares
+    of the shards are disjoint across slots, so the sum over slots counts
+    each bad sample once although the shards move between slots every epoch,
+    and each worker's cap holds against its own share, as with a fixed deal
+    (later epochs meet the other slots' bad samples: not new, not counted).
     """
 
     def __init__(self, max_bad_samples: int, where: str, publish: Callable[[int], None] | None = None) -> None:
         self.max_bad_samples = max_bad_samples
         self.where = where  # e.g. "rank 0 worker 1", for messages
         self.seen: dict[tuple[str, str], int] = {}  # (shard, key) -> how many samples it stands for
-        self.reported: dict[tuple[str, str], int] = {}
         self.publish = publish  # receives the new count (e.g. a slot of shared memory)
 
     @property
     def count(self) -> int:
-        """Distinct bad samples recorded with report=True (the reported total)."""
-        return sum(self.reported.values())
-
-    @property
-    def met(self) -> int:
-        """Distinct bad samples met so far (the cap's count)."""
+        """Distinct bad samples recorded so far (with report=True)."""
         return sum(self.seen.values())
 
     def record(self, shard: str, key: str, reason: str, samples: int = 1, report: bool = True) -> None:
         """Note a bad sample (or `samples` of them lost at one place, the rest of a damaged shard); warn the
-        first time; raise past the cap."""
+        first time; raise past the cap. report=False: met again in a later epoch, ignored."""
         ident = (shard, key)
-        if report and ident not in self.reported:
-            self.reported[ident] = samples
-            if self.publish is not None:
-                self.publish(self.count)
-        if ident in self.seen:
+        if not report or ident in self.seen:
             return
         self.seen[ident] = samples
+        if self.publish is not None:
+            self.publish(self.count)
         warnings.warn(
             f"skipping bad sample {key!r} in {shard} ({self.where}): {reason}",
             RuntimeWarning,
             stacklevel=2,
         )
-        if self.met > self.max_bad_samples:
+        if self.count > self.max_bad_samples:
             raise RuntimeError(
-                f"{self.where} met {self.met} bad samples, more than "
+                f"{self.where} met {self.count} bad samples, more than "
                 f"data.max_bad_samples={self.max_bad_samples}; the last one was {key!r} in "
                 f"{shard} ({reason}). Rebuild the shards, or raise data.max_bad_samples "
                 f"if skipping them is acceptable"

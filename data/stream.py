@@ -91,6 +91,8 @@ def slot_raw_samples(
     num_classes = cfg.num_classes if num_classes is None else num_classes
     buffer_rng = random.Random(f"buffer-{cfg.seed}-{rank}-{worker}{tag}")
     empty_epochs = 0  # in a row
+    visited: set[str] = set()
+    productive = False  # has this slot ever produced a valid sample
     for epoch in itertools.count():
         epoch_rng = random.Random(f"shards-{cfg.seed}-{rank}-{worker}-{epoch}{tag}")
         if cfg.resampled:
@@ -105,15 +107,18 @@ def slot_raw_samples(
         for sample in shuffle_buffer(samples, cfg.shuffle_buffer, buffer_rng):
             produced += 1
             yield sample
-        if produced == 0 and not cfg.resampled:
-            # Without this check an all-bad slot would spin forever.
+        # Without this check an all-bad source would spin forever. Dealt, one epoch's share may hold only bad
+        # shards while others are good: raise once this slot has visited every shard without a valid sample.
+        visited.update(order)
+        productive = productive or produced > 0
+        if not cfg.resampled and not productive and visited >= set(shards):
             raise RuntimeError(
                 f"rank {rank} worker {worker}: shards {shards} hold no valid sample; "
                 f"rebuild them or check data.num_classes={num_classes}"
             )
         # resampled: an epoch may draw only bad shards by chance; 100 empty epochs in a row mean no valid shard
         empty_epochs = empty_epochs + 1 if produced == 0 else 0
-        if empty_epochs >= 100:
+        if cfg.resampled and empty_epochs >= 100:
             raise RuntimeError(
                 f"rank {rank} worker {worker}: 100 resampled epochs of {shards} held no valid "
                 "sample; rebuild the shards"

@@ -171,3 +171,24 @@ def shard_stats(path: str) -> tuple[str, int]:
         while reader.read(1 << 20):  # the padding after the end-of-archive blocks
             pass
     return reader.digest.hexdigest(), samples
+
+
+def check_shard_start(path: str) -> None:
+    """Raise, naming the file and the fix, for a shard that cannot be opened or is no tar archive at its first
+    header (an empty file passes: the readers count it). Reads one block: cheap enough for every shard at start,
+    where data.samples.read_shard would only fail when a worker reaches the file."""
+    try:
+        with open(path, "rb") as f:
+            first = f.read(BLOCK)
+            if not first or _parse_header(first) is not None:
+                return
+            f.seek(0)
+            with tarfile.open(fileobj=f, mode="r|*") as archive:  # compressed or an older format
+                archive.next()
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot open shard {path} ({exc.strerror}): restore it, or re-run the converter")
+    except (tarfile.TarError, ValueError, EOFError) as exc:
+        raise ValueError(
+            f"shard {path} is not a readable tar archive ({type(exc).__name__}: {exc}): restore it, or re-run "
+            "the converter"
+        ) from exc

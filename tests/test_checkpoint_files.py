@@ -75,3 +75,9 @@ def test_every_file_and_folder_of_a_save_is_fsynced(tmp_path, monkeypatch) -> No
         str(tree / "head"),
         str(tree),
     }
+
+
+def test_a_job_slurm_restarted_resumes_even_with_resume_false() -> None:
+    assert ckpt.wants_resume(True, {}) and not ckpt.wants_resume(False, {})
+    assert not ckpt.wants_resume(False, {"SLURM_RESTART_COUNT": "0"})
+    assert ckpt.wants_resume(False, {"SLURM_RESTART_COUNT": "2"})  # sbatch requeue reruns resume=false

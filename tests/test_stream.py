@@ -404,3 +404,27 @@ def test_resampled_stream_survives_epochs_that_draw_only_bad_shards(tmp_path) ->
     assert {s.key for s in got} == {f"syn_{i:06d}" for i in range(8)} and counter.count == 8
     with pytest.raises(RuntimeError, match="100 resampled epochs"):
         next(slot_raw_samples(cfg, shards[1:], 0, 0, BadSampleCounter(100, "test")))
+
+
+@pytest.mark.filterwarnings("ignore:skipping bad sample:RuntimeWarning")
+def test_dealt_slots_count_and_cap_their_first_epochs_share_and_survive_all_bad_shares(tmp_path) -> None:
+    """Shards move between slots every epoch, so every slot meets every bad sample in time: the count and the
+    cap hold against the first epoch's share (disjoint across slots), as with a fixed deal. A share of only bad
+    shards in some epoch is no error while other shards are good; a source with no valid sample still is."""
+    good = [str(tmp_path / "g" / n) for n in write_split(synthetic_samples(0, 32, 4), str(tmp_path / "g"), 8)]
+    bad_samples = [{**s, "cls": 9} if i % 8 == 0 else s for i, s in enumerate(synthetic_samples(100, 32, 4))]
+    mixed = [str(tmp_path / "m" / n) for n in write_split(bad_samples, str(tmp_path / "m"), 8)]  # one bad each
+    cfg = make_cfg(str(tmp_path), shuffle_buffer=1)
+    counters = [BadSampleCounter(1, f"slot {slot}") for slot in range(4)]  # cap 1: over it on a 2nd bad sample
+    for slot, counter in enumerate(counters):
+        stream = slot_raw_samples(cfg, good + mixed, 0, slot, counter, deal=(slot, 4))
+        list(itertools.islice(stream, 20 * 16))  # ~20 epochs of a 2-shard share
+    assert sum(c.count for c in counters) == 4 and all(c.count <= 1 for c in counters)
+    all_bad = [
+        str(tmp_path / "b" / n)
+        for n in write_split([{**s, "cls": 9} for s in synthetic_samples(200, 16, 4)], str(tmp_path / "b"), 8)
+    ]
+    stream = slot_raw_samples(cfg, good[:2] + all_bad, 0, 0, BadSampleCounter(100, "t"), deal=(0, 2))
+    assert len(list(itertools.islice(stream, 16 * 20))) == 16 * 20  # epochs with an all-bad share pass
+    with pytest.raises(RuntimeError, match="hold no valid sample"):
+        next(slot_raw_samples(cfg, all_bad, 0, 0, BadSampleCounter(100, "t"), deal=(0, 2)))

@@ -220,3 +220,27 @@ def test_sparse_members_are_read_by_tarfile(tmp_path, fmt: str) -> None:
     want = reference(data)
     assert [name.rsplit("/", 1)[-1] for name, _ in want] == ["a.cls", "holes.bin", "z.cls"]
     assert list(tar_members(io.BytesIO(data), "sparse.tar")) == want
+
+
+def test_every_shard_is_checked_at_start_by_its_first_block(tmp_path) -> None:
+    """A shard that cannot be opened or is no tar archive fails when the run (or an evaluation set) is set up,
+    naming the file: the reader would only meet it when a worker reaches it, an evaluation set hours in."""
+    from data.config import DataConfig
+    from data.mixture import train_sources
+    from data.synthetic import synthetic_samples
+    from data.tars import check_shard_start
+    from data.writer import write_split
+
+    names = write_split(synthetic_samples(0, 8, 4), str(tmp_path / "train"), 4)
+    for name in names:
+        check_shard_start(str(tmp_path / "train" / name))
+    (tmp_path / "empty.tar").write_bytes(b"")
+    check_shard_start(str(tmp_path / "empty.tar"))  # counted by the readers, not refused
+    gz = tmp_path / "packed.tar.gz"
+    gz.write_bytes(gzip.compress((tmp_path / "train" / names[0]).read_bytes()))
+    check_shard_start(str(gz))  # compressed: tarfile reads it
+    (tmp_path / "train" / "shard-000009.tar").write_bytes(os.urandom(2048))
+    with pytest.raises(ValueError, match=r"shard-000009\.tar is not a readable tar archive"):
+        train_sources(DataConfig(root=str(tmp_path), num_classes=4))
+    with pytest.raises(OSError, match=r"cannot open shard .*nowhere\.tar"):
+        check_shard_start(str(tmp_path / "nowhere.tar"))

@@ -17,6 +17,7 @@ checkpoint. Contents of `step-N/`:
 from __future__ import annotations
 
 import dataclasses
+import errno
 import glob
 import json
 import os
@@ -24,7 +25,7 @@ import random
 import re
 import shutil
 import time
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -71,6 +72,13 @@ def find_latest(run_dir: str) -> str | None:
         if os.path.exists(os.path.join(path, "meta.json")) and (newest is None or _step_of(newest) <= _step_of(path)):
             return path
     return newest
+
+
+def wants_resume(resume: bool, environ: Mapping[str, str]) -> bool:
+    """checkpoint.resume, except that a job Slurm restarted (requeue, preemption: SLURM_RESTART_COUNT > 0)
+    continues its run: resume=false means "start afresh" once, at submission, and the sbatch script's and a
+    TERM preemption's requeue rerun that same command."""
+    return resume or int(environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
 
 
 def set_aside_checkpoints(run_dir: str) -> str | None:
@@ -257,11 +265,13 @@ def save_checkpoint(
         }
         with open(os.path.join(tmp, "meta.json"), "w") as f:  # written last: marks the folder complete
             json.dump(meta, f)
+    # durable before it becomes visible, and visible before anything older goes: a node that loses power after
+    # the prune must still find this checkpoint whole (DeepSpeed and torch.save fsync nothing). Every rank
+    # fsyncs the tree: its own files' pages live on its own node (another node's fsync does not flush them)
+    barrier()
+    _fsync_tree(tmp)
     barrier()
     if env.is_main:
-        # durable before it becomes visible, and visible before anything older goes: a node that loses power
-        # after the prune must still find this checkpoint whole on disk (DeepSpeed and torch.save fsync nothing)
-        _fsync_tree(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _fsync_dir(root)
@@ -436,6 +446,9 @@ def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as exc:  # some file systems (FUSE, some network ones) cannot fsync a folder
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
     finally:
         os.close(fd)
 

@@ -167,12 +167,13 @@ class Run:
         # Cheap checks first: a bad data set or an incompatible checkpoint fails before any model is built.
         train_sources(cfg.data)  # every source's shards and class count
         eval_sets = resolve_eval_sets(cfg.data, cfg.metrics)  # held-out split and metrics.eval_sets, checked
-        resume_from = ckpt.find_latest(cfg.run_dir) if cfg.checkpoint.resume else None
+        resume = ckpt.wants_resume(cfg.checkpoint.resume, os.environ)
+        resume_from = ckpt.find_latest(cfg.run_dir) if resume else None
         if resume_from:
             ckpt.check_resumable(resume_from, cfg)
         if env.is_main:
             os.makedirs(cfg.run_dir, exist_ok=True)
-            aside = None if cfg.checkpoint.resume else ckpt.set_aside_checkpoints(cfg.run_dir)
+            aside = None if resume else ckpt.set_aside_checkpoints(cfg.run_dir)
             if aside:  # its own saves would otherwise be pruned as older than the old run's (and a requeue lost)
                 print(f"checkpoint.resume=false: the run dir's earlier checkpoints moved to {aside}", flush=True)
             save_yaml(cfg, os.path.join(cfg.run_dir, "config.yaml"))

@@ -18,7 +18,8 @@ import dataclasses
 import os
 
 from data.config import DataConfig
-from data.shards import label_space, manifest_path, read_manifest, split_entry
+from data.shards import label_space, list_shards, manifest_path, read_manifest, split_entry
+from data.tars import check_shard_start
 from train.config import MetricsConfig
 
 # manifest "dataset" -> (protocol, default Recall@K); anything else is evaluated as classification
@@ -77,6 +78,9 @@ def make_set(root: str, split: str, metrics: MetricsConfig, prefix: str, protoco
         name=split, root=root, split=split, protocol=protocol, ks=ks, gallery_split=gallery, prefix=prefix
     )
     check_set(eval_set, metrics.retrieval)
+    for split_name in (split, gallery) if gallery else (split,):  # a bad file fails here, not at the first evaluation
+        for shard in list_shards(root, split_name):
+            check_shard_start(shard)
     return eval_set
 
 
