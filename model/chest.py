@@ -33,9 +33,9 @@ from model import hyperbolic as hyp
 from model.chunked_softmax import (
     GatheredTerm,
     chunked_cross_entropy_and_sum,
-    chunked_gathered_sum,
     chunked_sharded_argmin,
     chunked_sharded_cross_entropy,
+    gathered_sum,
     gathered_term,
 )
 from model.collectives import (
@@ -409,12 +409,11 @@ class ChestHead(ShardedHead):
 
     def _hyphc_chunked(self, trip: Triplets, neg_e: torch.Tensor | None) -> torch.Tensor:
         """`_regulariser`'s HypHC term over loss.class_chunk anchor classes at a time, recomputed in backward
-        (model.chunked_softmax.chunked_gathered_sum): only the triplets' proxies go through h and into the
+        (model.chunked_softmax.gathered_sum): only the triplets' proxies go through h and into the
         ball, and no mapping of the whole table waits for backward (with K = 2 and D_H = 384 that graph
         was ~30 KB per class). Partial-FC's path; the exact one rides in the class terms' node."""
         assert self.fc is not None
-        term = self._hyphc_term(trip, neg_e)
-        total = chunked_gathered_sum(term.fn, self.proxies, term.gathers, term.chunk, neg_e, list(self.fc.parameters()))
+        total = gathered_sum(self._hyphc_term(trip, neg_e), self.proxies, neg_e, list(self.fc.parameters()))
         return self.cfg.chest.tau / self.num_classes * total
 
     def _hyphc_term(self, trip: Triplets, neg_e: torch.Tensor | None) -> GatheredTerm:

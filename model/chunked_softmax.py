@@ -365,9 +365,19 @@ def chunked_gathered_sum(
         extra_ND: optional rows aligned with the index lists (row i goes with index i), gradients flow to it.
         params: other tensors `fn` uses that need gradients (CHEST's shared FC h), by identity.
     """
-    if chunk < 1:
-        raise ValueError(f"chunk={chunk} must be >= 1 (loss.class_chunk)")
-    return _ChunkedGatheredSum.apply(table_MD, extra_ND, gathered_term(fn, table_MD, gathers, chunk, extra_ND), *params)
+    return gathered_sum(gathered_term(fn, table_MD, gathers, chunk, extra_ND), table_MD, extra_ND, params)
+
+
+def gathered_sum(
+    term: GatheredTerm,
+    table_MD: torch.Tensor,
+    extra_ND: torch.Tensor | None = None,
+    params: Sequence[nn.Parameter] = (),
+) -> torch.Tensor:
+    """`chunked_gathered_sum` of a GatheredTerm already built (e.g. the one that rides elsewhere otherwise)."""
+    if term.chunk < 1:
+        raise ValueError(f"chunk={term.chunk} must be >= 1 (loss.class_chunk)")
+    return _ChunkedGatheredSum.apply(table_MD, extra_ND, term, *params)
 
 
 def gathered_term(
