@@ -14,6 +14,8 @@ restarts the original submission, which resumes from the latest checkpoint the s
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
 import signal
 import sys
 from typing import Any
@@ -25,11 +27,29 @@ from train.control import REQUEUE_EXIT
 from train.summary import RunSummary
 
 
+# Rendezvous ports: 20000-32767, below Linux's ephemeral range (32768-60999) that every outgoing connection
+# (gloo pairs, NCCL bootstrap, the file system) draws from; submitit draws from 20000-60000, mostly inside it.
+PORT_BASE, PORT_SPAN = 20000, 12768
+
+
+def rendezvous_port(job_id: str) -> int:
+    """MASTER_PORT from the job id, as slurm/train.sbatch computes it: the same on every task and after a
+    requeue, and consecutive jobs (which may share a node) get different ports."""
+    number = int(job_id) if job_id.isdigit() else int(hashlib.sha256(job_id.encode()).hexdigest(), 16)
+    return PORT_BASE + number % PORT_SPAN
+
+
 def export_cluster_env() -> None:
     """Process-group variables from submitit's JobEnvironment (NCCL's: train.dist.init_distributed)."""
     # Keep CUDA_VISIBLE_DEVICES as Slurm set it: DeepSpeed selects cuda:local_rank itself (docs/infra-lessons.md 4).
-    # MASTER_ADDR = first host, MASTER_PORT derived from the job id (same on every task, no communication).
+    # MASTER_ADDR = first host.
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    # MASTER_PORT always from the job id: submitit keeps a MASTER_PORT inherited from the submitting shell,
+    # which would give every job of that shell (and of a sweep) one port. On Slurm, SLURM_JOB_ID: unique per
+    # array task, where submitit's job id reads "<array>_<task>"; locally submitit's (a process id).
+    env = submitit.JobEnvironment()
+    job_id = os.environ.get("SLURM_JOB_ID", "") if env.cluster == "slurm" else ""
+    os.environ["MASTER_PORT"] = str(rendezvous_port(job_id or str(env.job_id)))
 
 
 class TrainJob(submitit.helpers.Checkpointable):

@@ -107,6 +107,11 @@ def saved_environ():
     os.environ.update(saved)
 
 
+def _no_store(env: tdist.DistEnv, wait_s: int) -> object:
+    """rendezvous_store's stand-in where init_process_group is faked: no TCPStore waits for peers."""
+    return type("Store", (), {"set_timeout": lambda self, timeout: None})()
+
+
 def _nccl_env_at_group_creation(monkeypatch) -> dict[str, str]:
     """The NCCL variables set when init_distributed creates an NCCL group (no GPU needed: CUDA is faked)."""
     seen: dict[str, str] = {}
@@ -119,6 +124,7 @@ def _nccl_env_at_group_creation(monkeypatch) -> dict[str, str]:
         seen.update({k: v for k, v in os.environ.items() if "NCCL" in k})
 
     monkeypatch.setattr(dist, "init_process_group", init_process_group)
+    monkeypatch.setattr(tdist, "rendezvous_store", _no_store)
     device, created = tdist.init_distributed(tdist.env_from_environ())
     assert device.type == "cuda" and created
     return seen
@@ -186,6 +192,7 @@ def test_user_nccl_settings_win_and_cpu_runs_get_none(monkeypatch, saved_environ
         monkeypatch.delenv(key)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(dist, "init_process_group", lambda backend, **kwargs: None)
+    monkeypatch.setattr(tdist, "rendezvous_store", _no_store)
     assert tdist.init_distributed(tdist.env_from_environ())[0].type == "cpu"
     assert not [k for k in os.environ if "NCCL" in k]  # gloo: nothing to set
 
@@ -206,6 +213,49 @@ def test_requeue_exit_is_one_number_for_submitit_python_m_train_and_the_sbatch_s
         (tmp_path / "scontrol.log").unlink(missing_ok=True)
         rc, _, requeues = _run_sbatch(tmp_path, other)
         assert (rc, requeues) == (other, [])
+
+
+def test_both_launch_paths_derive_one_master_port_per_job_below_the_ephemeral_ports(
+    tmp_path, monkeypatch, saved_environ
+) -> None:
+    from slurm.job import export_cluster_env, rendezvous_port
+
+    _, srun_env, _ = _run_sbatch(tmp_path, 0)  # SLURM_JOB_ID=42
+    assert srun_env["MASTER_PORT"] == str(rendezvous_port("42"))
+    ports = set()
+    for job_id, task in (("1043", "3"), ("1044", "4")):  # two tasks of one submitit array on Slurm
+        monkeypatch.setenv("MASTER_PORT", "29500")  # inherited from the submitting shell: not every job's port
+        for name, value in (
+            ("JOB_ID", job_id),
+            ("ARRAY_JOB_ID", "1040"),
+            ("ARRAY_TASK_ID", task),
+            ("NTASKS", "2"),
+            ("JOB_NUM_NODES", "1"),
+            ("NODEID", "0"),
+            ("PROCID", "0"),
+            ("LOCALID", "0"),
+            ("JOB_NODELIST", "node1"),
+        ):
+            monkeypatch.setenv(f"SLURM_{name}", value)
+        monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+        export_cluster_env()
+        assert os.environ["MASTER_PORT"] == str(rendezvous_port(job_id)) and os.environ["MASTER_ADDR"] == "node1"
+        ports.add(int(os.environ["MASTER_PORT"]))
+    assert len(ports) == 2
+    low, high = map(int, pathlib.Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    numbers = [rendezvous_port(str(n)) for n in range(50_000)] + [rendezvous_port(f"7_{n}") for n in range(1000)]
+    assert 1024 < min(numbers) and max(numbers) < low <= high  # never where outgoing connections take ports
+
+
+def test_a_rank_whose_peer_never_comes_fails_within_the_rendezvous_wait() -> None:
+    from tests.distpool import free_port
+
+    code = "from train.dist import DistEnv, init_distributed; init_distributed(DistEnv(1, 2, 1, 2))"
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "HYPERMETRIC_RENDEZVOUS_S": "2"}
+    env.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "rank 1 of 2: rendezvous at 127.0.0.1:" in proc.stderr and "HYPERMETRIC_RENDEZVOUS_S" in proc.stderr
 
 
 # ---- image fields --------------------------------------------------------------------------------

@@ -73,10 +73,47 @@ def init_distributed(env: DistEnv, timeout_s: int = 1800) -> tuple[torch.device,
         # Read when the group is created (TORCH_NCCL_*) and at NCCL's first communicator (NCCL_*), both after this.
         for key, value in NCCL_DEFAULTS.items():
             os.environ.setdefault(key, value)
-    dist.init_process_group(
-        backend=backend, rank=env.rank, world_size=env.world_size, timeout=datetime.timedelta(seconds=timeout_s)
-    )
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun's agent hosts the store on MASTER_PORT and stops every worker when one fails
+        dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size, timeout=timeout)
+    else:
+        store = rendezvous_store(env, rendezvous_timeout_s())
+        store.set_timeout(timeout)  # later store reads (e.g. NCCL ids at a group's first collective) wait as long
+        dist.init_process_group(backend=backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout)
     return device, True
+
+
+def rendezvous_timeout_s() -> int:
+    """How long ranks wait for each other at start: HYPERMETRIC_RENDEZVOUS_S, default 600 (torchrun's join timeout)."""
+    return int(os.environ.get("HYPERMETRIC_RENDEZVOUS_S", "600"))
+
+
+def rendezvous_store(env: DistEnv, wait_s: int) -> dist.TCPStore:
+    """Rank 0 serves the TCPStore on MASTER_ADDR:MASTER_PORT and waits for every rank to connect.
+
+    Its own, shorter timeout: with torch's env:// rendezvous a rank whose peer died before connecting (a
+    port already in use, an import error on one node) waited the whole collective timeout, 30 minutes
+    of every GPU of the job, before failing. Here both sides give up after `wait_s` and say why.
+    """
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    try:
+        return dist.TCPStore(
+            addr,
+            port,
+            env.world_size,
+            is_master=env.rank == 0,
+            timeout=datetime.timedelta(seconds=wait_s),
+            wait_for_workers=True,
+            multi_tenant=True,  # as torch's own: another store of this process may share the port
+        )
+    except (RuntimeError, OSError) as err:  # DistStoreError / DistNetworkError are RuntimeErrors
+        waited_for = "every other rank to connect" if env.rank == 0 else "rank 0's store"
+        raise RuntimeError(
+            f"rank {env.rank} of {env.world_size}: rendezvous at {addr}:{port} failed after waiting up to {wait_s} s "
+            f"for {waited_for}: {err}. Look for the error in the other ranks' logs (a rank that failed to start, "
+            "or a port already in use); HYPERMETRIC_RENDEZVOUS_S sets the wait, MASTER_PORT the port"
+        ) from err
 
 
 def destroy_distributed() -> None:
