@@ -3,18 +3,22 @@
 For launchers other than submitit (slurm/train.sbatch, torchrun): the rank comes from RANK,
 WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT. Exit code 144
 (train.control.REQUEUE_EXIT) means "stopped by the requeue signal after a checkpoint: requeue me";
-the sbatch script does.
+the sbatch script does. After a TERM save in a Slurm job every rank waits for Slurm to end the job
+(train.control.wait_for_slurm_to_end_the_job: a preempted job is requeued only if still running); elsewhere
+it exits 128 + the signal's number.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 
 from train.overrides import apply_overrides
 from launch.recipes import DEFAULT_RECIPE, get_recipe
 from train.config import load_yaml
-from train.control import REQUEUE_EXIT
+from train.control import REQUEUE_EXIT, wait_for_slurm_to_end_the_job
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     if summary.stop_signal == args.requeue_signal:
         print(f"stopped by {args.requeue_signal} at step {summary.step} after a checkpoint: requeue", flush=True)
         return REQUEUE_EXIT
+    if summary.stop_signal == "SIGTERM" and os.environ.get("SLURM_JOB_ID"):
+        wait_for_slurm_to_end_the_job(summary.step)  # a preemption requeues only a job still running
+    if summary.stop_signal:  # saved but not finished: not a success for whatever started this rank
+        return 128 + int(getattr(signal, summary.stop_signal))
     return 0
 
 

@@ -132,6 +132,38 @@ def test_scontrol_requeue_resumes_from_the_latest_checkpoint(
         )
 
 
+def _preempt_the_debug_partition() -> str:
+    """A job on the `high` partition that needs both nodes: Slurm preempts (REQUEUE, GraceTime=20) what runs."""
+    out = subprocess.run(
+        ["sbatch", "--parsable", "-p", "high", "-N2", "--exclusive", "--output=/dev/null", "--wrap", "sleep 5"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return out.stdout.strip()
+
+
+def test_preemption_saves_requeues_and_resumes(slurm_env, mnist_root: str, tmp_path: Path, capsys) -> None:
+    # TERM from a preemption: every rank saves, then stays until the grace time ends; a job that exited at
+    # once would end FAILED and never come back (Slurm requeues only a preempted job still running then)
+    cfg = build_config(
+        "mnist_distarc", slurm_overrides(mnist_root, tmp_path, "preempted", 60, "checkpoint.keep_last=20")
+    )
+    job = _submit_and_wait_for_step_20(cfg)
+    t_preempt = time.time()
+    _preempt_the_debug_partition()
+    results = _wait_done(job, timeout=400)
+    assert [r.step for r in results] == [60, 60] and job_restarts(str(job.job_id)) == 1
+    logs = _logs(Path(cfg.run_dir))
+    stopped_at = int(logs.split("rank 0: stopped by SIGTERM at step ")[1].split()[0])
+    assert "waiting for Slurm to end this job" in logs and results[0].resumed_from_step == stopped_at >= 20
+    with capsys.disabled():
+        print(
+            f"\n[preemption] TERM at step >= 20 -> saved at step {stopped_at}, resumed there; preemption -> "
+            f"requeued job's first step {results[0].first_step_at - t_preempt:.1f} s"
+        )
+
+
 def test_sweep_is_one_job_array_with_a_summary(slurm_env, mnist_root: str, tmp_path: Path, capsys) -> None:
     args = slurm_overrides(mnist_root, tmp_path, "ignored", 20)
     t0 = time.time()
@@ -219,3 +251,22 @@ def test_plain_sbatch_script_trains_and_requeues_on_usr2(slurm_env, mnist_root: 
     log = (tmp_path / f"slurm-{job_id}.out").read_text()
     assert "requeueing job" in log and "restart 1" in log and job_restarts(job_id) == 1
     assert summary["step"] == 60 and summary["resumed_from_step"] >= 20 and summary["world_size"] == 2
+
+
+def test_plain_sbatch_script_comes_back_after_a_preemption(slurm_env, mnist_root: str, tmp_path: Path) -> None:
+    args = slurm_overrides(mnist_root, tmp_path, "sbatch_preempted", 60, "checkpoint.keep_last=20")
+    out = subprocess.run(
+        ["sbatch", "--parsable", f"--chdir={REPO}", f"--output={tmp_path}/slurm-%j.out", "--time=20"]
+        + [str(REPO / "slurm" / "train.sbatch"), *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHON": os.sys.executable},
+    )
+    job_id = out.stdout.strip().split(";")[0]
+    run_dir = tmp_path / "sbatch_preempted"
+    wait_for_file(run_dir / "checkpoints" / "step-20", timeout=180)
+    _preempt_the_debug_partition()
+    assert wait_for_state(job_id, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=400) == "COMPLETED"
+    summary = _summary(run_dir)
+    assert job_restarts(job_id) == 1 and summary["step"] == 60 and summary["resumed_from_step"] >= 20

@@ -15,7 +15,7 @@ import signal
 import threading
 import time
 from types import FrameType
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 import torch
 import torch.distributed as dist
@@ -73,3 +73,22 @@ class RunControl:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+
+def wait_for_slurm_to_end_the_job(step: int) -> NoReturn:
+    """After the save that a TERM asked for, in a Slurm job: stay until Slurm ends the job.
+
+    TERM comes from a preemption (PreemptMode=REQUEUE, GraceTime) or from `scancel`. Slurm requeues a
+    preempted job only if it is still running when its grace time ends: a job that exits first ends
+    COMPLETED or FAILED, and the run would stop for good. So every rank waits here; at the end of the grace
+    time Slurm kills and requeues the job (the requeued job resumes from this save), and after a `scancel`
+    it kills it KillWait seconds after the TERM. Waiting holds nothing that Slurm has not already taken back.
+    """
+    print(
+        f"saved at step {step} after SIGTERM; waiting for Slurm to end this job (a preempted job is requeued "
+        "at the end of its grace time and resumes from this save; a cancelled one ends)",
+        flush=True,
+    )
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the second TERM at the end of the grace time: SIGKILL follows
+    while True:
+        time.sleep(3600)
