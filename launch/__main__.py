@@ -43,7 +43,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         metavar="KEY=V1,V2",
         help="sweep a key over values (repeat for a grid); one run and one array task per point",
     )
-    p.add_argument("--sweep-name", default="", help="folder of the sweep under run_root (default <name>-sweep)")
+    p.add_argument(
+        "--sweep-name",
+        default="",
+        help="folder of the sweep under run_root (default <name>-sweep-<digest of the grid and training overrides>)",
+    )
     p.add_argument(
         "--estimate",
         action="store_true",
@@ -125,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
 def run_sweep(sweep_dir: str, cfgs: list[RunConfig], use_slurm: bool, no_wait: bool) -> int:
     """Submit every point (one job array on Slurm), wait, print the summary table."""
     os.makedirs(sweep_dir, exist_ok=True)
+    # records the grid before anything runs: a later `python -m launch.sweep` (after --no-wait) lists its points
+    write_summary(sweep_dir, [c.name for c in cfgs])
     print(f"sweep of {len(cfgs)} points in {sweep_dir}: {', '.join(c.name for c in cfgs)}")
     print(f"watch: tensorboard --logdir {sweep_dir}", flush=True)
     executor = make_executor(cfgs[0].slurm, sweep_dir, use_slurm)

@@ -4,39 +4,54 @@
 (16 points). The key `recipe` may be swept too. Points live in `<run_root>/<sweep name>/<point>/`,
 so `tensorboard --logdir <run_root>/<sweep name>` shows them side by side, and the summary table
 (`sweep_summary.md`, also printed) is rebuilt from the points' summary.json files by
-`python -m launch.sweep <sweep dir>` at any time.
+`python -m launch.sweep <sweep dir>` at any time. The array is submitted once, with one set of Slurm
+settings, so the points must agree on every `slurm.*` key (`expand` refuses a grid where they do not).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
+import json
 import math
 import os
 import sys
 from typing import Any
 
+import yaml
+
+from common.files import write_json_atomic
 from train.overrides import apply_overrides
 from launch.recipes import get_recipe
-from train.config import RunConfig
+from train.config import RunConfig, SlurmConfig
 from train.summary import RunSummary
 
 SUMMARY_FILE = "sweep_summary.md"
+MANIFEST_FILE = "sweep.json"  # the grid's point folders, in array order (written when the sweep is submitted)
 
 
-def parse_grid(specs: list[str]) -> list[list[tuple[str, str]]]:
-    """['a=1,2', 'b=x,y'] -> [[('a','1'),('b','x')], [('a','1'),('b','y')], ...] (the Cartesian product)."""
+def _axes(specs: list[str]) -> list[tuple[str, list[str]]]:
+    """['a=1,2', 'b=x'] -> [('a', ['1', '2']), ('b', ['x'])], refusing malformed specs."""
     axes = []
     for spec in specs:
         key, sep, values = spec.partition("=")
         items = [v.strip() for v in values.split(",") if v.strip()]
-        if not sep or not key or not items:
+        if not sep or not key.strip() or not items:
             raise ValueError(f"--sweep {spec!r} must read key=value1,value2,... e.g. --sweep loss.margin=0.3,0.5")
-        axes.append([(key.strip(), v) for v in items])
-    keys = [axis[0][0] for axis in axes]
+        repeated = sorted({v for v in items if items.count(v) > 1})
+        if repeated:  # two array tasks would train in one folder at once
+            raise ValueError(f"--sweep {spec!r} lists {', '.join(repeated)} more than once: give each value once")
+        axes.append((key.strip(), items))
+    keys = [key for key, _ in axes]
     if len(set(keys)) != len(keys):
         raise ValueError(f"--sweep names a key twice: {keys}")
-    return [list(point) for point in itertools.product(*axes)]
+    return axes
+
+
+def parse_grid(specs: list[str]) -> list[list[tuple[str, str]]]:
+    """['a=1,2', 'b=x,y'] -> [[('a','1'),('b','x')], [('a','1'),('b','y')], ...] (the Cartesian product)."""
+    return [list(point) for point in itertools.product(*([(k, v) for v in vs] for k, vs in _axes(specs)))]
 
 
 def point_label(point: list[tuple[str, str]]) -> str:
@@ -51,23 +66,25 @@ def _safe(value: str) -> str:
     return value if "/" not in value else f"{value.replace('/', '-')}~{hashlib.sha1(value.encode()).hexdigest()[:6]}"
 
 
-def default_sweep_name(base_name: str, overrides: list[str]) -> str:
-    """`<name>-sweep`, plus a digest of the overrides that change training (not run_root, name or slurm.*):
-    two sweeps of one recipe with other settings must not share point folders (the second would resume the
-    first's finished points and report their results)."""
+def default_sweep_name(base_name: str, overrides: list[str], specs: list[str]) -> str:
+    """`<name>-sweep-<digest>` of the grid and of the overrides that change training (not run_root, name or
+    slurm.*). Two different sweeps must not share a folder: the second would resume the first's finished
+    points whose labels match, and the summary table would list the points of both. The very same command
+    again maps to the same folder, so it resumes. Value order within a key does not change the points (nor
+    their folders), so it does not change the digest; key order does (it orders the labels)."""
     settings = sorted(
         o for o in overrides if o.split("=", 1)[0].strip() not in ("run_root", "name") and not o.startswith("slurm.")
     )
-    if not settings:
-        return f"{base_name}-sweep"
-    return f"{base_name}-sweep-{hashlib.sha1(';'.join(settings).encode()).hexdigest()[:8]}"
+    grid = [f"{key}={','.join(sorted(values))}" for key, values in _axes(specs)]
+    digest = hashlib.sha1(json.dumps({"overrides": settings, "grid": grid}).encode()).hexdigest()[:8]
+    return f"{base_name}-sweep-{digest}"
 
 
 def expand(recipe: str, overrides: list[str], specs: list[str], sweep_name: str = "") -> tuple[str, list[RunConfig]]:
     """(sweep dir, one validated config per grid point)."""
     grid = parse_grid(specs)
     base = apply_overrides(get_recipe(recipe), overrides)
-    name = sweep_name or default_sweep_name(base.name, overrides)
+    name = sweep_name or default_sweep_name(base.name, overrides, specs)
     sweep_dir = os.path.join(base.run_root, name)
     cfgs = []
     for point in grid:
@@ -77,35 +94,82 @@ def expand(recipe: str, overrides: list[str], specs: list[str], sweep_name: str 
             get_recipe(point_recipe), [*overrides, *rest, f"run_root={sweep_dir}", f"name={point_label(point)}"]
         )
         cfgs.append(cfg.resolved())
-    shapes = {(c.slurm.nodes, c.slurm.tasks_per_node, c.slurm.gpus_per_node, c.slurm.time_min) for c in cfgs}
-    if len(shapes) > 1:
-        raise ValueError(
-            f"the points of one job array must ask for the same resources; got (nodes, tasks_per_node, "
-            f"gpus_per_node, time_min) = {sorted(shapes)}: add slurm.* overrides that make them equal"
-        )
+    check_one_submission(cfgs)
     return sweep_dir, cfgs
+
+
+def check_one_submission(cfgs: list[RunConfig]) -> None:
+    """Refuse points that differ in any slurm.* setting: the job array is one submission whose parameters
+    all come from the first point (launch.__main__.run_sweep, slurm.executor.slurm_parameters), so any other
+    value would be ignored without a word."""
+    for field in dataclasses.fields(SlurmConfig):
+        values = [getattr(c.slurm, field.name) for c in cfgs]
+        if all(v == values[0] for v in values):
+            continue
+        first_at: dict[str, str] = {}  # each distinct value -> the first point asking for it
+        for cfg, value in zip(cfgs, values):
+            first_at.setdefault(repr(value), cfg.name)
+        seen = ", ".join(f"{value} at {point}" for value, point in first_at.items())
+        raise ValueError(
+            f"slurm.{field.name} differs across the sweep's points ({seen}), but a sweep is one job array "
+            f"submitted with the first point's Slurm settings, so every point would run with "
+            f"slurm.{field.name}={values[0]!r}; submit separate sweeps, one per value of slurm.{field.name}, "
+            f"or give slurm.{field.name}=VALUE as an override so every point asks for the same"
+        )
 
 
 METRIC_ORDER = ("acc_measure", "acc_cosine", "acc_euclidean", "acc_poincare")
 
 
+def _point_names(sweep_dir: str) -> list[str]:
+    """The manifest's points; without one (a sweep submitted before it existed) every folder with a config."""
+    manifest = os.path.join(sweep_dir, MANIFEST_FILE)
+    if os.path.isfile(manifest):
+        with open(manifest) as f:
+            return list(json.load(f)["points"])
+    return [n for n in sorted(os.listdir(sweep_dir)) if os.path.isfile(os.path.join(sweep_dir, n, "config.yaml"))]
+
+
+def _max_steps(point_dir: str) -> int | None:
+    """max_steps from the point's config.yaml (None when it has none)."""
+    try:
+        with open(os.path.join(point_dir, "config.yaml")) as f:
+            saved = yaml.safe_load(f)
+    except FileNotFoundError:
+        return None
+    value = saved.get("max_steps") if isinstance(saved, dict) else None
+    return value if isinstance(value, int) else None
+
+
+def point_status(summary: RunSummary, max_steps: int | None) -> str:
+    """'finished', or where and why it stopped: a job stopped by a signal (preemption, time limit, scancel)
+    writes its summary.json too, at the step it saved, and must not read as a result."""
+    of = f" of {max_steps}" if max_steps is not None else ""
+    if summary.stop_signal:
+        return f"stopped at step {summary.step}{of} by {summary.stop_signal}"
+    if max_steps is not None and summary.step < max_steps:
+        return f"stopped at step {summary.step}{of}"  # run(stop_at_step=...) stops without a signal
+    return "finished"
+
+
 def summary_rows(sweep_dir: str) -> list[dict[str, Any]]:
-    """One row per point folder: its summary.json (or its state when it has none yet)."""
-    rows = []
-    for name in sorted(os.listdir(sweep_dir)):
+    """One row per point: its status and summary.json (only a status when it has none yet)."""
+    rows: list[dict[str, Any]] = []
+    for name in _point_names(sweep_dir):
         point = os.path.join(sweep_dir, name)
-        if not os.path.isfile(os.path.join(point, "config.yaml")):
-            continue  # submitit/ and other files
         path = os.path.join(point, "summary.json")
         if os.path.isfile(path):
-            rows.append({"point": name, **RunSummary.read(path).to_json()})
+            summary = RunSummary.read(path)
+            rows.append({"point": name, **summary.to_json(), "status": point_status(summary, _max_steps(point))})
+        elif os.path.isfile(os.path.join(point, "config.yaml")):
+            rows.append({"point": name, "status": "not finished"})
         else:
-            rows.append({"point": name, "step": "not finished"})
+            rows.append({"point": name, "status": "not started"})
     return rows
 
 
 def summary_table(rows: list[dict[str, Any]]) -> str:
-    """Markdown table: point, step, final loss, and every accuracy / retrieval metric any point has."""
+    """Markdown table: point, step, status, final loss, and every accuracy / retrieval metric any point has."""
     metrics = [k for k in METRIC_ORDER if any(k in r for r in rows)]
     metrics += sorted({k for r in rows for k in r if "/" in k and not k.endswith("_dir")})
 
@@ -114,13 +178,18 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
             return "nan" if math.isnan(value) else f"{value:.4f}"
         return str(value) if value is not None else ""
 
-    head = ["point", "step", "last_train_loss", *metrics]
+    head = ["point", "step", "status", "last_train_loss", *metrics]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(fmt(r.get(k, "")) for k in head) + " |" for r in rows]
     return "\n".join(lines)
 
 
-def write_summary(sweep_dir: str) -> str:
+def write_summary(sweep_dir: str, points: list[str] | None = None) -> str:
+    """Write (and return) the table of the sweep's points. `points`: the grid's point folders, recorded in
+    sweep.json so that every later rebuild lists exactly these, the ones not started yet included, and no
+    folder another sweep left under a reused --sweep-name; None: the recorded ones."""
+    if points is not None:
+        write_json_atomic(os.path.join(sweep_dir, MANIFEST_FILE), {"points": points})
     table = summary_table(summary_rows(sweep_dir))
     with open(os.path.join(sweep_dir, SUMMARY_FILE), "w") as f:
         f.write(table + "\n")

@@ -11,73 +11,8 @@ import pytest
 
 from launch.__main__ import build_config, main
 from launch.preflight import check_run_dir, preflight, slurm_partitions
-from train.summary import RunSummary
-from launch.sweep import expand, parse_grid, point_label, summary_rows, summary_table
 from slurm.executor import slurm_parameters
 from train.config import save_yaml
-
-
-def test_chest_margin_grid_is_sixteen_runs(tmp_path) -> None:
-    sweep_dir, cfgs = expand(
-        "mnist_chest", [f"run_root={tmp_path}"], ["loss.chest.delta_h=1,5,10,20", "loss.chest.delta_e=1,5,10,20"]
-    )
-    assert sweep_dir == str(tmp_path / "mnist_chest-sweep") and len(cfgs) == 16
-    assert {(c.loss.chest.delta_h, c.loss.chest.delta_e) for c in cfgs} == {
-        (h, e) for h in (1.0, 5.0, 10.0, 20.0) for e in (1.0, 5.0, 10.0, 20.0)
-    }
-    assert len({c.run_dir for c in cfgs}) == 16 and all(c.run_dir.startswith(sweep_dir) for c in cfgs)
-    assert cfgs[1].name == "delta_h=1_delta_e=5" and all(c.recipe == "mnist_chest" for c in cfgs)
-
-
-def test_sweep_over_recipes_and_bad_grids(tmp_path) -> None:
-    _, cfgs = expand("mnist_distarc", [f"run_root={tmp_path}"], ["recipe=mnist_distarc,mnist_chest", "seed=0,1"])
-    assert [(c.recipe, c.seed, c.loss.name) for c in cfgs] == [
-        ("mnist_distarc", 0, "distarc"),
-        ("mnist_distarc", 1, "distarc"),
-        ("mnist_chest", 0, "chest"),
-        ("mnist_chest", 1, "chest"),
-    ]
-    assert point_label([("a.x", "1"), ("b.x", "p/q")]).startswith("a.x=1_b.x=p-q~")
-    assert point_label([("root", "/d/a-b")]) != point_label([("root", "/d/a/b")])  # both were root=-d-a-b
-    # a sweep with other settings gets other folders (it had resumed the first sweep's finished points)
-    first, _ = expand("mnist_distarc", [f"run_root={tmp_path}"], ["seed=0,1"])
-    other, _ = expand("mnist_distarc", [f"run_root={tmp_path}", "optim.lr=0.01"], ["seed=0,1"])
-    same, _ = expand("mnist_distarc", [f"run_root={tmp_path}", "slurm.time_min=30"], ["seed=0,1"])
-    assert first == same == str(tmp_path / "mnist_distarc-sweep") and other.startswith(first + "-")
-    with pytest.raises(ValueError, match="key=value1,value2"):
-        parse_grid(["loss.margin"])
-    with pytest.raises(ValueError, match="names a key twice"):
-        parse_grid(["seed=1,2", "seed=3"])
-    with pytest.raises(ValueError, match="same resources"):
-        expand("mnist_distarc", [], ["slurm.tasks_per_node=1,2"])
-
-
-def test_summary_table_lists_every_point(tmp_path) -> None:
-    for name, acc in (("seed=0", 0.9), ("seed=1", 0.8)):
-        os.makedirs(tmp_path / name)
-        (tmp_path / name / "config.yaml").write_text("{}")
-        RunSummary(
-            run_dir=str(tmp_path / name),
-            tensorboard_dir="",
-            checkpoint=None,
-            step=10,
-            resumed_from_step=0,
-            last_train_loss=1.5,
-            stop_signal="",
-            world_size=2,
-            started_at=0.0,
-            first_step_at=0.0,
-            train_seconds=1.0,
-            total_seconds=1.0,
-            metrics={"acc_measure": acc, "poincare/R@1": acc / 2},
-        ).write(str(tmp_path / name / "summary.json"))
-    os.makedirs(tmp_path / "seed=2")
-    (tmp_path / "seed=2" / "config.yaml").write_text("{}")
-    table = summary_table(summary_rows(str(tmp_path)))
-    lines = table.splitlines()
-    assert lines[0] == "| point | step | last_train_loss | acc_measure | poincare/R@1 |"
-    assert lines[2] == "| seed=0 | 10 | 1.5000 | 0.9000 | 0.4500 |"
-    assert lines[4].startswith("| seed=2 | not finished |")
 
 
 def test_slurm_parameters_from_config() -> None:
