@@ -14,6 +14,7 @@ the reader (data.samples) and the converters import them.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterable, Iterator
 
@@ -60,7 +61,8 @@ def _encode_sample(sample: dict) -> dict:
 def write_split(samples: Iterable[dict], out_dir: str, shard_size: int) -> list[str]:
     """Write `samples` into `out_dir/shard-%06d.tar`, `shard_size` per shard.
 
-    Returns the shard file names (relative to out_dir) in write order.
+    Returns the shard file names (relative to out_dir) in write order. Shards
+    hold exactly `shard_size` samples (the last one the rest), however many bytes.
     Raises ValueError for a bad sample or an empty iterable, so a converter
     bug cannot produce a split that silently holds nothing.
     """
@@ -78,9 +80,14 @@ def write_split(samples: Iterable[dict], out_dir: str, shard_size: int) -> list[
     # encoder=False: the bytes are stored untouched (images are never
     # re-encoded); mtime=0 makes identical input give byte-identical shards,
     # hence stable checksums. verbose=0 silences the "# writing" prints.
+    # maxsize=inf: shards are sized by sample count only; webdataset's default
+    # 3 GB cap would split a large shard (e.g. 30k ImageNet images) in two, so
+    # shard i would no longer hold samples [i*N, (i+1)*N) and the converters'
+    # restart plan would break.
     writer = webdataset.ShardWriter(
         pattern,
         maxcount=shard_size,
+        maxsize=math.inf,
         verbose=0,
         post=lambda fname: written.append(os.path.basename(fname)),
         encoder=False,

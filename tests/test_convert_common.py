@@ -3,15 +3,17 @@ helpers the per-dataset converter tests import."""
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
 import tarfile
 
 import pytest
+import webdataset
 from PIL import Image
 
-from data.convert.common import Item, Split, convert, remap
+from data.convert.common import STATE_NAME, Item, Split, convert, remap
 from data.shards import verify_manifest
 
 
@@ -66,9 +68,9 @@ def manifest(root: str) -> dict:
         return json.load(f)
 
 
-def toy(n: int = 10, name: str = "train") -> list[Split]:
-    items = [Item(f"toy_{i:03d}", i % 3, i, {"i": i}) for i in range(n)]
-    return [Split(name, items, lambda item: jpeg(int(item.ref)), remap(range(3)))]
+def toy(n: int = 10, name: str = "train", classes: int = 3, meta: dict | None = None) -> list[Split]:
+    items = [Item(f"toy_{i:03d}", i % classes, i, {"i": i, **(meta or {})}) for i in range(n)]
+    return [Split(name, items, lambda item: jpeg(int(item.ref)), remap(range(classes)))]
 
 
 def mtimes(root: str) -> dict[str, int]:
@@ -124,6 +126,42 @@ def test_restart_with_other_shard_size_refused(tmp_path) -> None:
         convert("toy", out, toy(), shard_size=5, progress=False)
     with pytest.raises(ValueError, match="another conversion"):
         convert("toy", out, toy(11), shard_size=4, progress=False)
+
+
+def test_restart_after_source_change_refused(tmp_path) -> None:
+    """Same keys, other labels or metadata: kept shards would contradict the new ones and the manifest."""
+    out = str(tmp_path / "o")
+    assert not convert("toy", out, toy(), shard_size=4, num_parts=2, part=0, progress=False)
+    before = mtimes(out)
+    for changed in (toy(classes=2), toy(meta={"source": "v2"})):
+        with pytest.raises(ValueError, match=r"keys, labels or metadata differ.*remove .*choose another --out"):
+            convert("toy", out, changed, shard_size=4, num_parts=2, part=1, progress=False)
+        with pytest.raises(ValueError, match="keys, labels or metadata differ"):
+            convert("toy", out, changed, shard_size=4, num_parts=2, part=-1, progress=False)
+    assert mtimes(out) == before and not os.path.exists(os.path.join(out, "manifest.json"))
+    # the unchanged source still resumes
+    convert("toy", out, toy(), shard_size=4, num_parts=2, part=1, progress=False)
+    assert convert("toy", out, toy(), shard_size=4, num_parts=2, part=-1, progress=False)
+    assert {int(s["cls"]) for s in read_split(out, "train").values()} == {0, 1, 2}
+    # an --out left by an older converter (no state version) is refused too
+    path = os.path.join(out, STATE_NAME)
+    with open(path, encoding="utf-8") as f:
+        state = json.load(f)
+    del state["version"]
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(state, f)
+    with pytest.raises(ValueError, match="state version None"):
+        convert("toy", out, toy(), shard_size=4, progress=False)
+
+
+def test_shards_sized_by_count_not_bytes(tmp_path, monkeypatch) -> None:
+    """A shard over webdataset's byte cap (3 GB by default; 1 kB here) stays one shard of shard_size samples."""
+    monkeypatch.setattr(webdataset, "ShardWriter", functools.partial(webdataset.ShardWriter, maxsize=1_000))
+    out = str(tmp_path / "o")
+    convert("toy", out, toy(10), shard_size=8, progress=False)
+    assert sorted(os.listdir(os.path.join(out, "train"))) == ["shard-000000.tar", "shard-000001.tar"]
+    assert manifest(out)["splits"]["train"]["samples"] == {"train/shard-000000.tar": 8, "train/shard-000001.tar": 2}
+    assert os.path.getsize(os.path.join(out, "train", "shard-000000.tar")) > 1_000
 
 
 def test_parts_split_the_work(tmp_path) -> None:

@@ -63,3 +63,22 @@ def test_inshop_bad_input(tmp_path) -> None:
     with pytest.raises(ValueError, match="says 5 images"):
         main(["inshop", "--src", src, "--out", out])
     assert not os.path.exists(out)
+
+
+def test_inshop_published_img_folder(tmp_path) -> None:
+    """As published, Img/img.zip unzips to <src>/Img/img/...: the same shards as with <src>/img/."""
+    flat, nested = str(tmp_path / "flat"), str(tmp_path / "nested")
+    make_inshop(flat)
+    make_inshop(nested)
+    os.makedirs(os.path.join(nested, "Img"))
+    os.rename(os.path.join(nested, "img"), os.path.join(nested, "Img", "img"))
+    main(["inshop", "--src", flat, "--out", str(tmp_path / "o1"), "--no-progress"])
+    main(["inshop", "--src", nested, "--out", str(tmp_path / "o2"), "--no-progress"])
+    assert manifest(str(tmp_path / "o2"))["splits"] == manifest(str(tmp_path / "o1"))["splits"]
+    # an image missing from both layouts: the error names both places looked in
+    os.remove(os.path.join(nested, "Img", ROWS[0][0]))
+    with pytest.raises(FileNotFoundError) as err:
+        main(["inshop", "--src", nested, "--out", str(tmp_path / "o3")])
+    for place in (os.path.join(nested, ROWS[0][0]), os.path.join(nested, "Img", ROWS[0][0])):
+        assert place in str(err.value)
+    assert "Img/img.zip" in str(err.value) and not os.path.exists(tmp_path / "o3")

@@ -15,22 +15,9 @@ import os
 import numpy as np
 import scipy.io
 
-from data.convert.common import Item, Split, check_files, read_file, remap, require_file
+from data.convert.common import Item, Split, check_files, mat_scalar, read_file, remap, require_file
 
 NUM_TRAIN_CLASSES = 98
-
-
-def _scalar(value: object) -> object:
-    """First element of a (possibly nested, possibly 0-d) MATLAB value.
-
-    loadmat wraps every struct field in arrays whose shape depends on
-    squeeze_me and on the file; flattening copes with all of them.
-    """
-    flat = np.asarray(value, dtype=object).reshape(-1)
-    if flat.size == 0:
-        raise ValueError("empty MATLAB field")
-    first = flat[0]
-    return _scalar(first) if isinstance(first, np.ndarray) else first
 
 
 def read_annotations(path: str) -> list[tuple[str, int, dict]]:
@@ -48,13 +35,13 @@ def read_annotations(path: str) -> list[tuple[str, int, dict]]:
         raise ValueError(f"{path}: annotations need fields relative_im_path and class, found {names}")
     rows: list[tuple[str, int, dict]] = []
     for index, record in enumerate(ann):
-        rel = str(_scalar(record["relative_im_path"]))
-        cls = int(_scalar(record["class"]))  # type: ignore[call-overload]
+        rel = str(mat_scalar(record["relative_im_path"]))
+        cls = int(mat_scalar(record["class"]))  # type: ignore[call-overload]
         if not 1 <= cls <= 2 * NUM_TRAIN_CLASSES:
             raise ValueError(f"{path}: annotation {index} ({rel}) has class {cls}, expected 1..196")
         # Keep the other scalar fields (bbox, test flag) as plain ints.
         extra = {
-            n: int(_scalar(record[n]))  # type: ignore[call-overload]
+            n: int(mat_scalar(record[n]))  # type: ignore[call-overload]
             for n in names
             if n not in ("relative_im_path", "class")
         }

@@ -14,8 +14,10 @@ after that, so no converter repeats it:
   - parts: `num_parts=P, part=I` writes only the shards whose global index
     (counted over all splits in order) is I mod P; part -1 only writes the
     manifest once every shard exists,
-  - `<out>/.convert-state.json`, which refuses a restart with another shard
-    size or other source contents (that would mix two orders),
+  - `<out>/.convert-state.json`: the shard size and, per split, a digest of
+    every sample's key, label and metadata in write order (plus STATE_VERSION
+    for the on-disk format); a restart whose state differs is refused, since
+    kept shards would disagree with the new ones and with the new manifest,
   - the manifest (data.writer.write_manifest) extended with the dataset
     name, shard size and each split's class map (original id -> 0-based).
 """
@@ -32,6 +34,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 from tqdm import tqdm
 
 from common.files import write_json_atomic
@@ -39,6 +42,9 @@ from data.shards import MANIFEST_NAME
 from data.writer import JPG_FIELD, LABEL_FIELD, META_FIELD, PNG_FIELD, SHARD_PATTERN, write_manifest, write_split
 
 STATE_NAME = ".convert-state.json"
+# Bump when the same items would give other shard bytes (tar layout, fields,
+# metadata encoding, sample order): an --out written before must not resume.
+STATE_VERSION = 2
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -97,6 +103,19 @@ def check_files(paths: Iterable[str], listed_in: str) -> None:
         )
 
 
+def mat_scalar(value: object) -> object:
+    """First element of a (possibly nested, possibly 0-d) MATLAB value.
+
+    loadmat wraps every struct field in arrays whose shape depends on
+    squeeze_me and on the file; flattening copes with all of them.
+    """
+    flat = np.asarray(value, dtype=object).reshape(-1)
+    if flat.size == 0:
+        raise ValueError("empty MATLAB field")
+    first = flat[0]
+    return mat_scalar(first) if isinstance(first, np.ndarray) else first
+
+
 def image_field(data: bytes) -> str:
     """Tar field for image bytes, from their magic: png, else jpg.
 
@@ -114,6 +133,43 @@ def _ordered(dataset: str, split: Split) -> list[Item]:
     return items
 
 
+def content_digest(items: list[Item]) -> str:
+    """sha256 of every item's key, label and metadata, in write order.
+
+    With the shard size this fixes what each shard holds except the image
+    bytes (hashing those would read the whole source before writing), so a
+    relabelled or reordered source cannot resume into shards of the old one.
+    The metadata is encoded as data.writer stores it (sorted keys).
+    """
+    encoder = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+    digest = hashlib.sha256()
+    for item in items:
+        digest.update(encoder.encode([item.key, item.cls, item.meta]).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def _state_differences(old: dict, new: dict) -> list[str]:
+    """What makes an earlier run's state `old` differ from this run's `new`, in words."""
+    if old.get("version") != new["version"]:
+        return [f"it was written by converter state version {old.get('version')} (this one: {new['version']})"]
+    diffs = []
+    if old.get("dataset") != new["dataset"]:
+        diffs.append(f"dataset {old.get('dataset')!r} there, {new['dataset']!r} now")
+    if old.get("shard_size") != new["shard_size"]:
+        diffs.append(f"--shard-size {old.get('shard_size')} there, {new['shard_size']} now")
+    old_splits, new_splits = old.get("splits") or {}, new["splits"]
+    if sorted(old_splits) != sorted(new_splits):
+        diffs.append(f"splits {sorted(old_splits)} there, {sorted(new_splits)} now")
+    for name in sorted(set(old_splits) & set(new_splits)):
+        a, b = old_splits[name], new_splits[name]
+        if a.get("num_samples") != b["num_samples"]:
+            diffs.append(f"split {name!r}: {a.get('num_samples')} samples there, {b['num_samples']} now")
+        elif a.get("content_sha256") != b["content_sha256"]:
+            diffs.append(f"split {name!r}: the samples' keys, labels or metadata differ (the source changed)")
+    return diffs
+
+
 def _check_state(out: str, state: dict) -> None:
     """Write the conversion state, or refuse when an earlier run differs."""
     path = os.path.join(out, STATE_NAME)
@@ -121,11 +177,10 @@ def _check_state(out: str, state: dict) -> None:
         with open(path, encoding="utf-8") as f:
             old = json.load(f)
         if old != state:
+            diffs = _state_differences(old, state) or ["its state file differs"]
             raise ValueError(
-                f"{out} holds shards of another conversion ({path} records dataset "
-                f"{old.get('dataset')!r}, shard_size {old.get('shard_size')}, splits "
-                f"{old.get('splits')}; this run: {state['dataset']!r}, {state['shard_size']}, "
-                f"{state['splits']}); use the same --shard-size and source, or a new --out"
+                f"{out} holds shards of another conversion ({path}): {'; '.join(diffs)}. Its shards cannot "
+                f"be reused: remove {out} or choose another --out (to resume it, use its --shard-size and source)"
             )
         return
     write_json_atomic(path, state, indent=2, sort_keys=True)
@@ -182,15 +237,14 @@ def convert(
         if not s.items:
             raise ValueError(f"{dataset}: split {s.name!r} has no samples; check --src")
     ordered = {s.name: _ordered(dataset, s) for s in splits}
-    # The key hash pins the order: another source listing must not resume here.
+    # The content digest pins order, labels and metadata: a source listed or
+    # labelled differently must not resume into shards of this one.
     state = {
+        "version": STATE_VERSION,
         "dataset": dataset,
         "shard_size": shard_size,
         "splits": {
-            name: {
-                "num_samples": len(items),
-                "keys_sha256": hashlib.sha256("\n".join(i.key for i in items).encode()).hexdigest(),
-            }
+            name: {"num_samples": len(items), "content_sha256": content_digest(items)}
             for name, items in ordered.items()
         },
     }

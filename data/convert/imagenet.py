@@ -1,28 +1,131 @@
 """ImageNet ILSVRC-2012 converter: train/<wnid>/ folders + val labels -> shards.
 
 This module owns reading the ILSVRC-2012 layout under --src:
-`train/<wnid>/*.JPEG` and the validation images, either flat in `val/`
-with a ground-truth list (`LOC_val_solution.csv`: `ImageId,PredictionString`
-whose first token is the wnid, as on Kaggle; or `val_labels.txt`: lines
-`<filename> <wnid>`), or already sorted into `val/<wnid>/` folders.
+`train/<wnid>/*.JPEG` (one folder per class, named by its WordNet id
+`n` + 8 digits) and the validation images, either sorted into `val/<wnid>/`
+folders (e.g. by the usual valprep.sh) or flat in `val/` with one of these
+ground-truth lists, looked for in this order:
+  1. `<src>/LOC_val_solution.csv` (Kaggle): `ImageId,PredictionString` rows
+     whose first token is the wnid;
+  2. `<src>/val_labels.txt`: lines `<filename> <wnid>`;
+  3. the official devkit (ILSVRC2012_devkit_t12.tar.gz) extracted into --src,
+     i.e. `<src>/ILSVRC2012_devkit_t12/data/`, or its two files copied to
+     `<src>/`: `ILSVRC2012_validation_ground_truth.txt` (line i = the
+     ILSVRC2012_ID of ILSVRC2012_val_<i:08d>.JPEG) and `meta.mat`, whose
+     `synsets` struct maps ILSVRC2012_ID -> WNID. Those ids are not in
+     sorted-wnid order, so they are always mapped through meta.mat.
 Class id = index of the wnid in the sorted list of train folders, the same
 for "train" and "val" (ImageNet evaluates on the training classes).
+
+Skipped, and reported on stderr and in the manifest (`skipped`): hidden
+folders ('.ipynb_checkpoints'), `lost+found`, macOS AppleDouble files
+('._*', resource forks that a copy from a Mac leaves beside each image) and
+files without an image extension. Refused before anything is written: a
+folder of train/ or val/ that is not a wnid (it would become a class and
+shift every label), a class folder without images (a class tar not
+extracted) or with a folder inside, and a val/ holding both flat images and
+class folders.
 """
 
 from __future__ import annotations
 
 import csv
 import os
+import re
+import sys
+from dataclasses import dataclass, field
 
-from data.convert.common import Item, Split, check_files, read_file
+import numpy as np
+import scipy.io
+
+from data.convert.common import Item, Split, check_files, mat_scalar, read_file
 
 IMAGE_EXTS = (".jpeg", ".jpg", ".png")
 LABEL_FILES = ("LOC_val_solution.csv", "val_labels.txt")
+GROUND_TRUTH = "ILSVRC2012_validation_ground_truth.txt"
+META_MAT = "meta.mat"
+DEVKIT_DIRS = (os.path.join("ILSVRC2012_devkit_t12", "data"), "")  # relative to --src, in search order
+WNID = re.compile(r"n\d{8}")
+APPLEDOUBLE = "._"
+SYSTEM_DIRS = ("lost+found",)  # made by fsck at a file system's root; only root may remove it
 
 
-def _images(folder: str) -> list[str]:
-    """Sorted image file names of a folder (sorted: a fixed order across runs)."""
-    return sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTS))
+@dataclass
+class Skipped:
+    """What a listing left out, by reason (paths relative to --src), so none of it is silent."""
+
+    by_reason: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, reason: str, path: str) -> None:
+        """Record one skipped path under its reason."""
+        self.by_reason.setdefault(reason, []).append(path)
+
+    def counts(self) -> dict[str, int]:
+        """reason -> how many were skipped (the manifest's `skipped`)."""
+        return {reason: len(paths) for reason, paths in sorted(self.by_reason.items())}
+
+    def report(self, split: str) -> None:
+        """One stderr line per reason, with a few examples."""
+        for reason, paths in sorted(self.by_reason.items()):
+            print(f"imagenet {split}: skipped {len(paths)} {reason}, e.g. {paths[:3]}", file=sys.stderr)
+
+
+@dataclass
+class Listing:
+    """One folder's entries: wnid folders, image files (sorted: a fixed order across runs)."""
+
+    folders: list[str]
+    images: list[str]
+
+
+def _list(folder: str, src: str, skipped: Skipped, in_class: bool = False) -> Listing:
+    """Split a folder into wnid folders and images; refuse any other folder.
+
+    Raises before any write: at the top of train/ or val/ a stray folder would
+    become a class of its own; inside a class folder (`in_class`) any folder
+    would be a level nobody reads, its images silently lost.
+    """
+    folders, images, stray = [], [], []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            # relpath only for skipped entries: one per image would cost seconds on 1.3M files.
+            if entry.is_dir():
+                if entry.name.startswith(".") or entry.name in SYSTEM_DIRS:
+                    skipped.add("hidden or lost+found folder(s)", os.path.relpath(entry.path, src))
+                elif WNID.fullmatch(entry.name) and not in_class:
+                    folders.append(entry.name)
+                else:
+                    stray.append(entry.name)
+            elif entry.name.startswith(APPLEDOUBLE):
+                skipped.add("macOS AppleDouble file(s) ('._*')", os.path.relpath(entry.path, src))
+            elif entry.name.lower().endswith(IMAGE_EXTS):
+                images.append(entry.name)
+            else:
+                skipped.add("non-image file(s)", os.path.relpath(entry.path, src))
+    if stray and in_class:
+        raise ValueError(
+            f"class folder {folder} holds folder(s) {sorted(stray)[:5]}; its images must lie directly in it "
+            f"(move them up, or remove the folder(s))"
+        )
+    if stray:
+        raise ValueError(
+            f"{folder} holds folder(s) that are not ImageNet class folders (a wnid: 'n' + 8 digits): "
+            f"{sorted(stray)[:5]}; each folder here would become a class, so remove or move them out of {folder}"
+        )
+    return Listing(sorted(folders), sorted(images))
+
+
+def _class_images(folder: str, wnids: list[str], src: str, skipped: Skipped) -> dict[str, list[str]]:
+    """wnid -> sorted image names of `folder/<wnid>/`; refuses class folders without images."""
+    images = {wnid: _list(os.path.join(folder, wnid), src, skipped, in_class=True).images for wnid in wnids}
+    empty = [wnid for wnid, names in images.items() if not names]
+    if empty:
+        raise ValueError(
+            f"{len(empty)} class folder(s) of {folder} hold no images: {empty[:5]}; extract each class's "
+            f"archive into its folder (e.g. tar -xf {empty[0]}.tar -C {os.path.join(folder, empty[0])}) "
+            f"or remove the empty folder(s)"
+        )
+    return images
 
 
 def _key(name: str) -> str:
@@ -50,13 +153,72 @@ def read_val_labels(path: str) -> dict[str, str]:
     return labels
 
 
+def read_synsets(path: str) -> dict[int, str]:
+    """ILSVRC2012_ID -> WNID from the devkit's data/meta.mat (struct array `synsets`)."""
+    try:
+        mat = scipy.io.loadmat(path, squeeze_me=True)
+    except Exception as exc:  # scipy raises several types for a bad file
+        raise ValueError(f"{path} is not a readable MATLAB file: {exc}") from exc
+    if "synsets" not in mat:
+        found = sorted(k for k in mat if not k.startswith("__"))
+        raise ValueError(f"{path} has no 'synsets' struct array (found {found}); expected the devkit's data/meta.mat")
+    synsets = np.atleast_1d(mat["synsets"]).reshape(-1)
+    names = synsets.dtype.names or ()
+    if "ILSVRC2012_ID" not in names or "WNID" not in names:
+        raise ValueError(f"{path}: synsets need fields ILSVRC2012_ID and WNID, found {names}")
+    return {int(mat_scalar(s["ILSVRC2012_ID"])): str(mat_scalar(s["WNID"])) for s in synsets}  # type: ignore[call-overload]
+
+
+def read_devkit_labels(ground_truth: str, meta: str) -> dict[str, str]:
+    """Image stem -> wnid from the devkit's ground truth (line i: the ILSVRC2012_ID of val image i) and meta.mat."""
+    synsets = read_synsets(meta)
+    with open(ground_truth, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    labels: dict[str, str] = {}
+    for line_no, line in enumerate(lines, start=1):
+        # The line number is the image number, so a blank or bad line is an error, never skipped.
+        token = line.strip()
+        if not token.isdigit() or int(token) not in synsets:
+            raise ValueError(f"{ground_truth}:{line_no}: expected an ILSVRC2012_ID listed in {meta}, got {token!r}")
+        labels[f"ILSVRC2012_val_{line_no:08d}"] = synsets[int(token)]
+    return labels
+
+
+def val_labels(src: str) -> tuple[str, dict[str, str]]:
+    """(the list used, image stem -> wnid) for a flat val/, from the first accepted form found in --src."""
+    for name in LABEL_FILES:
+        path = os.path.join(src, name)
+        if os.path.isfile(path):
+            return path, read_val_labels(path)
+    for folder in DEVKIT_DIRS:
+        ground_truth = os.path.join(src, folder, GROUND_TRUTH)
+        if os.path.isfile(ground_truth):
+            meta = os.path.join(src, folder, META_MAT)
+            if not os.path.isfile(meta):
+                raise FileNotFoundError(
+                    f"{meta} does not exist; {ground_truth} holds ILSVRC2012_IDs, which only the devkit's "
+                    f"data/meta.mat maps to wnids: put it beside the ground truth file"
+                )
+            return ground_truth, read_devkit_labels(ground_truth, meta)
+    devkit = [os.path.join(src, folder, GROUND_TRUTH) for folder in DEVKIT_DIRS]
+    raise FileNotFoundError(
+        f"a flat {os.path.join(src, 'val')} needs its labels, and none of the accepted forms exists: "
+        f"{os.path.join(src, LABEL_FILES[0])} (Kaggle), {os.path.join(src, LABEL_FILES[1])} ('<file> <wnid>' "
+        f"lines), or the devkit's {GROUND_TRUTH} plus {META_MAT} in {' or '.join(os.path.dirname(p) for p in devkit)} "
+        f"(extract ILSVRC2012_devkit_t12.tar.gz into --src); or sort val/ into val/<wnid>/ folders"
+    )
+
+
 def splits(src: str) -> list[Split]:
     """Validated train/val splits of an ILSVRC-2012 folder; raises before any write."""
     train_dir, val_dir = os.path.join(src, "train"), os.path.join(src, "val")
     for folder, what in ((train_dir, "train/<wnid>/*.JPEG"), (val_dir, "val/*.JPEG or val/<wnid>/*.JPEG")):
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"{folder} does not exist; expected ImageNet's {what}")
-    wnids = sorted(d for d in os.listdir(train_dir) if os.path.isdir(os.path.join(train_dir, d)))
+    train_skipped, val_skipped = Skipped(), Skipped()
+    wnids = _list(train_dir, src, train_skipped).folders
     if not wnids:
         raise ValueError(f"{train_dir} holds no <wnid> class folders")
     class_map = {wnid: i for i, wnid in enumerate(wnids)}
@@ -67,29 +229,30 @@ def splits(src: str) -> list[Split]:
             ref=os.path.join(train_dir, wnid, name),
             meta={"path": f"train/{wnid}/{name}", "wnid": wnid, "split": "train"},
         )
-        for wnid in wnids
-        for name in _images(os.path.join(train_dir, wnid))
+        for wnid, names in _class_images(train_dir, wnids, src, train_skipped).items()
+        for name in names
     ]
     val_rows: list[tuple[str, str]] = []  # (path relative to val/, wnid)
-    sub = sorted(d for d in os.listdir(val_dir) if os.path.isdir(os.path.join(val_dir, d)))
-    if sub:
-        val_rows = [(f"{wnid}/{name}", wnid) for wnid in sub for name in _images(os.path.join(val_dir, wnid))]
+    top = _list(val_dir, src, val_skipped)
+    if top.folders and top.images:
+        # Reading either layout alone would silently drop the other's images.
+        raise ValueError(
+            f"{val_dir} holds both images ({top.images[:3]}, {len(top.images)} in all) and class folders "
+            f"({top.folders[:3]}, {len(top.folders)} in all); use one layout: move the images into "
+            f"val/<wnid>/ folders, or remove the folders and keep val/ flat with a label list"
+        )
+    if top.folders:
+        by_wnid = _class_images(val_dir, top.folders, src, val_skipped)
+        val_rows = [(f"{wnid}/{name}", wnid) for wnid, names in by_wnid.items() for name in names]
     else:
-        found = [os.path.join(src, n) for n in LABEL_FILES if os.path.isfile(os.path.join(src, n))]
-        if not found:
-            raise FileNotFoundError(
-                f"flat {val_dir} needs a label list: none of {[os.path.join(src, n) for n in LABEL_FILES]} exists"
-            )
-        labels = read_val_labels(found[0])
-        names = _images(val_dir)
+        found, labels = val_labels(src)
+        names = top.images
         unlabeled = [n for n in names if os.path.splitext(n)[0] not in labels]
         if unlabeled:
-            raise ValueError(
-                f"{len(unlabeled)} image(s) of {val_dir} have no label in {found[0]}, first: {unlabeled[0]}"
-            )
+            raise ValueError(f"{len(unlabeled)} image(s) of {val_dir} have no label in {found}, first: {unlabeled[0]}")
         val_rows = [(n, labels[os.path.splitext(n)[0]]) for n in names]
         stems = {os.path.splitext(n)[0] for n in names}
-        check_files((os.path.join(val_dir, s + ".JPEG") for s in sorted(labels) if s not in stems), found[0])
+        check_files((os.path.join(val_dir, s + ".JPEG") for s in sorted(labels) if s not in stems), found)
     unknown = sorted({wnid for _, wnid in val_rows if wnid not in class_map})
     if unknown:
         raise ValueError(f"val labels name wnid(s) without a train folder in {train_dir}: {unknown[:5]}")
@@ -102,4 +265,14 @@ def splits(src: str) -> list[Split]:
         )
         for rel, wnid in val_rows
     ]
-    return [Split("train", train, read_file, class_map), Split("val", val, read_file, dict(class_map))]
+    train_skipped.report("train")
+    val_skipped.report("val")
+    return [
+        Split("train", train, read_file, class_map, notes=_notes(train_skipped)),
+        Split("val", val, read_file, dict(class_map), notes=_notes(val_skipped)),
+    ]
+
+
+def _notes(skipped: Skipped) -> dict:
+    """Manifest keys recording what a split's listing skipped (none when nothing was)."""
+    return {"skipped": skipped.counts()} if skipped.by_reason else {}

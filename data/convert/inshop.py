@@ -3,8 +3,10 @@
 This module owns reading DeepFashion In-shop's `Eval/list_eval_partition.txt`
 (also accepted at the top of --src): line 1 the image count, line 2 the
 header `image_name item_id evaluation_status`, then one row per image with
-status train / query / gallery; image names are relative to --src
-(`img/WOMEN/.../02_1_front.jpg`). Protocol (Liu et al. 2016): splits
+status train / query / gallery. Image names start with `img/`
+(`img/WOMEN/.../02_1_front.jpg`) and are looked up under --src itself or
+under `<src>/Img/`, where unzipping the published `Img/img.zip` in place
+puts them (`<src>/Img/img/WOMEN/...`). Protocol (Liu et al. 2016): splits
 "train", "query", "gallery"; item ids map to 0-based within train, and one
 shared map covers query and gallery (they hold the same items, which is
 what makes a query's gallery matches findable by label).
@@ -14,10 +16,11 @@ from __future__ import annotations
 
 import os
 
-from data.convert.common import Item, Split, check_files, read_file, remap
+from data.convert.common import Item, Split, read_file, remap
 
 LIST_NAME = "list_eval_partition.txt"
 HEADER = ["image_name", "item_id", "evaluation_status"]
+IMAGE_BASES = ("", "Img")  # relative to --src, holding the list's `img/...` names; in search order
 STATUSES = ("train", "query", "gallery")
 
 
@@ -53,11 +56,33 @@ def read_partition(path: str) -> list[tuple[str, str, str]]:
     return rows
 
 
+def image_base(src: str, names: list[str], listed_in: str) -> str:
+    """The folder the list's image names are relative to: --src or <src>/Img, whichever holds them all.
+
+    Checked before any write: a missing image found half-way through would waste the conversion.
+    """
+    missing: dict[str, list[str]] = {}
+    for rel in IMAGE_BASES:
+        base = os.path.join(src, rel) if rel else src
+        missing[base] = [n for n in names if not os.path.isfile(os.path.join(base, n))]
+        if not missing[base]:
+            return base
+    # Name the layout that came closest, and both places looked in.
+    best = min(missing, key=lambda b: len(missing[b]))
+    first = missing[best][0]
+    raise FileNotFoundError(
+        f"{len(missing[best])} of {len(names)} image(s) listed in {listed_in} exist neither under "
+        f"{' nor under '.join(missing)} (first: {first}, looked for "
+        f"{' and '.join(os.path.join(b, first) for b in missing)}); unzip the published Img/img.zip in "
+        f"{os.path.join(src, 'Img')} (giving Img/img/...) or in {src} (giving img/...), and check it fully extracted"
+    )
+
+
 def splits(src: str) -> list[Split]:
     """Validated train/query/gallery splits of an In-shop folder; raises before any write."""
     path = find_list(src)
     rows = read_partition(path)
-    check_files((os.path.join(src, name) for name, _, _ in rows), path)
+    base = image_base(src, [name for name, _, _ in rows], path)
     train_map = remap(item for _, item, status in rows if status == "train")
     eval_map = remap(item for _, item, status in rows if status != "train")
     out: list[Split] = []
@@ -67,7 +92,7 @@ def splits(src: str) -> list[Split]:
             Item(
                 key=f"inshop_{row:06d}",  # 0-based row of the list; names hold dots and slashes
                 cls=class_map[item],
-                ref=os.path.join(src, name),
+                ref=os.path.join(base, name),
                 meta={"path": name, "item_id": item, "row": row, "split": status},
             )
             for row, (name, item, s) in enumerate(rows)
