@@ -22,7 +22,7 @@ import yaml
 from data.convert.mnist import ensure_prepared
 from train.overrides import apply_overrides
 from launch.estimate import check_fits, print_estimates
-from launch.preflight import preflight
+from launch.preflight import check_data, preflight
 from launch.recipes import DEFAULT_RECIPE, RECIPES, get_recipe
 from launch.sweep import expand, write_summary
 from slurm.executor import make_executor
@@ -87,11 +87,12 @@ def main(argv: list[str] | None = None) -> int:
             return print_estimates(cfgs, args.gpu_mem_gb)
         check_fits(cfgs, args.gpu_mem_gb, args.slurm)  # before preflight: needs no cluster to say what to fix
         preflight(cfgs, args.slurm)
+        for cfg in cfgs:
+            ensure_prepared(cfg.data)
+            check_data(cfg)  # the job's own start checks of its data, before it waits in the queue
     except (ValueError, RuntimeError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    for cfg in cfgs:
-        ensure_prepared(cfg.data)
     if args.sweep:
         return run_sweep(sweep_dir, cfgs, args.slurm, args.no_wait)
     cfg = cfgs[0]

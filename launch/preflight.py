@@ -1,6 +1,6 @@
-"""Checks made at submission, before anything is queued: Slurm reachable, partition known, and a
-run directory that holds no other run's checkpoints. The config's own checks (time limit vs.
-checkpoint interval, ...) ran already in `RunConfig.validate`."""
+"""Checks made at submission, before anything is queued: Slurm reachable, partition known, GPUs asked
+for, a run directory that holds no other run's checkpoints, and the data the job will read. The config's
+own checks (time limit vs. checkpoint interval, ...) ran already in `RunConfig.validate`."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import os
 import shutil
 import subprocess
 
+from data.mixture import train_sources
 from train import checkpoint as ckpt
 from train.config import RunConfig, load_yaml
+from train.evaluate.sets import resolve_eval_sets
 
 
 def slurm_partitions(timeout_s: float = 30.0) -> list[str]:
@@ -39,6 +41,30 @@ def check_partition(cfg: RunConfig, partitions: list[str]) -> None:
         )
 
 
+def check_gpus(cfg: RunConfig) -> None:
+    """A bf16 run submitted to Slurm must ask for GPUs: with slurm.gpus_per_node=0 the job gets none on a
+    cluster that hides GPUs not asked for, and trains on the CPUs (gloo, DeepSpeed's CPU accelerator)."""
+    if cfg.zero.bf16 and cfg.slurm.gpus_per_node == 0:
+        raise ValueError(
+            f"run {cfg.name} trains in bf16 (zero.bf16=true) but asks Slurm for no GPUs (slurm.gpus_per_node=0); "
+            f"set slurm.gpus_per_node={cfg.slurm.tasks_per_node} (one task per GPU), or zero.bf16=false for a "
+            "CPU run"
+        )
+
+
+def check_data(cfg: RunConfig) -> None:
+    """The job's own start checks of its data (train shards open, labels fit data.num_classes, evaluation
+    sets), made at submission where the data is visible from here; data kept elsewhere (node-local disks
+    filled by slurm.setup) is checked by the job when it starts."""
+    roots = [root for root, _ in cfg.data.sources] or [cfg.data.root]
+    unseen = [root for root in roots if not os.path.isdir(root)]
+    if unseen:
+        print(f"note: {', '.join(unseen)} not visible from here; the job checks its data when it starts", flush=True)
+        return
+    train_sources(cfg.data)
+    resolve_eval_sets(cfg.data, cfg.metrics)
+
+
 def check_run_dir(cfg: RunConfig) -> None:
     """A run dir's latest checkpoint must come from the same recipe and fit this config's table."""
     latest = ckpt.find_latest(cfg.run_dir)
@@ -66,6 +92,9 @@ def check_run_dir(cfg: RunConfig) -> None:
 
 def preflight(cfgs: list[RunConfig], use_slurm: bool) -> None:
     """Every submission-time check for a job (or a sweep's jobs); raises with the fix in the message."""
+    if use_slurm:
+        for cfg in cfgs:
+            check_gpus(cfg)  # needs no cluster to say what to fix
     partitions = slurm_partitions() if use_slurm else []
     for cfg in cfgs:
         if use_slurm:

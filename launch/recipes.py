@@ -243,7 +243,9 @@ def vitl_imagenet_8gpu() -> RunConfig:
         zero=ZeroConfig(stage=2, bf16=True),
         checkpoint=CheckpointConfig(every_steps=2000, keep_last=3),
         metrics=MetricsConfig(log_every=50, eval_every=10_000),
-        slurm=SlurmConfig(nodes=1, tasks_per_node=8, cpus_per_task=10, mem_gb=0, time_min=2880, signal_delay_s=120),
+        slurm=SlurmConfig(
+            nodes=1, tasks_per_node=8, gpus_per_node=8, cpus_per_task=10, mem_gb=0, time_min=2880, signal_delay_s=120
+        ),
     )
 
 

@@ -110,3 +110,32 @@ def test_run_dir_of_another_recipe_or_table_is_refused(tmp_path) -> None:
     wider = build_config("mnist_chest", [f"run_root={tmp_path}", "name=shared", "data.num_classes=12"])
     with pytest.raises(ValueError, match="holds a table of 10 classes"):
         check_run_dir(wider)
+
+
+def test_gpu_requests_match_the_tasks_and_bf16_recipes_ask_for_gpus(tmp_path, monkeypatch, capsys) -> None:
+    from launch.recipes import RECIPES, get_recipe
+    from train.overrides import apply_overrides
+
+    for name in RECIPES:  # a bf16 recipe submitted as shipped gets its GPUs (vitl_imagenet_8gpu asked for none)
+        slurm, zero = get_recipe(name).slurm, get_recipe(name).zero
+        assert not zero.bf16 or slurm.gpus_per_node == slurm.tasks_per_node > 0, name
+    with pytest.raises(ValueError, match="set slurm.tasks_per_node=4"):
+        apply_overrides(get_recipe("mnist_distarc"), ["slurm.gpus_per_node=4"]).validate()  # 2 tasks, 4 GPUs
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no Slurm: the GPU check needs none
+    assert main(["--slurm", "zero.bf16=true", f"run_root={tmp_path}"]) == 2
+    assert "set slurm.gpus_per_node=2 (one task per GPU)" in capsys.readouterr().err
+
+
+def test_data_the_job_would_refuse_is_refused_at_submission(mnist_root, tmp_path, monkeypatch, capsys) -> None:
+    def no_submission(*args: object, **kwargs: object) -> None:
+        raise AssertionError("nothing may be submitted")
+
+    monkeypatch.setattr("launch.__main__.make_executor", no_submission)
+    base = [f"run_root={tmp_path}", f"data.root={mnist_root}", "data.prepare=none"]
+    assert main([*base, "data.num_classes=5"]) == 2  # the digits have 10 classes
+    assert "set data.num_classes=10" in capsys.readouterr().err
+    empty = tmp_path / "empty_split"
+    empty.mkdir()
+    assert main([f"run_root={tmp_path}", f"data.root={empty}", "data.prepare=none"]) == 2
+    assert str(empty) in capsys.readouterr().err
+    assert not (tmp_path / "mnist_distarc").exists()  # nothing queued, nothing written

@@ -173,3 +173,33 @@ def test_a_stop_on_an_evaluation_step_evaluates_on_resume(dist_pool, mnist_root:
     acc.Reload()
     evaluated = [e.step for e in acc.Scalars("eval/acc_measure")]
     assert evaluated.count(stopped) == 1 and set(range(1, stopped)) <= set(evaluated), evaluated
+
+
+def _run_signalled_after_the_last_step(overrides: list[str], rank: int) -> dict:
+    import train.main as main_module
+
+    loop = main_module.train_loop
+
+    def loop_then_signal(job, stop_step: int) -> None:
+        loop(job, stop_step)
+        if job.env.rank == rank:  # as if USR2 came during the last step's save
+            job.control.received = int(signal.SIGUSR2)
+
+    main_module.train_loop = loop_then_signal
+    try:
+        return _run(overrides)
+    finally:
+        main_module.train_loop = loop
+
+
+def test_a_signal_after_the_last_step_leaves_the_final_evaluation_to_the_requeued_job(
+    dist_pool, mnist_root: str, tmp_path
+) -> None:
+    pool = dist_pool(2)
+    args = small_overrides(mnist_root, str(tmp_path), "late", 10) + ["checkpoint.export=true"]
+    first = pool.run(_run_signalled_after_the_last_step, args, 1)
+    assert [(r["stop_signal"], r["step"]) for r in first] == [("SIGUSR2", 10)] * 2  # rank 0 too: agreed
+    assert "num_samples" not in first[0] and not (tmp_path / "late" / "export").exists()
+    second = pool.run(_run, args)[0]
+    assert (second["resumed_from_step"], second["step"], second["stop_signal"]) == (10, 10, "")
+    assert second["num_samples"] == 1000 and (tmp_path / "late" / "export").is_dir()

@@ -81,7 +81,7 @@ def test_sweep_folder_is_a_function_of_the_whole_grid(tmp_path: Path) -> None:
         # overrides equalise the shape the old check compared, the CPUs still differ
         (
             ["recipe=mnist_distarc,vitl_imagenet_8gpu"],
-            ["slurm.tasks_per_node=2", "slurm.time_min=60"],
+            ["slurm.tasks_per_node=2", "slurm.gpus_per_node=2", "slurm.time_min=60"],
             "slurm.cpus_per_task",
         ),
     ],

@@ -257,14 +257,19 @@ def finish(run: Run, t0: float, train_s: float) -> RunSummary:
     cfg, env, state = run.cfg, run.env, run.state
     final: dict[str, float] = {}
     rows: list[str] = []
-    if state.step >= cfg.max_steps and run.eval_sets:  # a preempted job leaves evaluation to its successor
+    if state.step >= cfg.max_steps and not state.stop_signal:
+        # a signal that came during the last save: the final evaluation and export may not fit in the time
+        # left; the requeued job resumes at max_steps and does them (collective, as in the loop)
+        state.stop_signal = run.control.poll().stop_signal
+    done = state.step >= cfg.max_steps and not state.stop_signal
+    if done and run.eval_sets:  # a preempted job leaves evaluation to its successor
         per_set = run.evaluate_sets()
         final = flatten(run.eval_sets, per_set)
         run.logger.log(state.step, state.samples_seen, run.with_best(final), prefix="eval")
         if env.is_main:
             rows = write_eval_files(cfg.run_dir, run.eval_sets, per_set, state.step, ckpt.find_latest(cfg.run_dir))
             print("\n".join(rows), flush=True)
-    if state.step >= cfg.max_steps and cfg.checkpoint.export and env.is_main:
+    if done and cfg.checkpoint.export and env.is_main:
         print(f"exported backbone and proxy table to {export(cfg.run_dir)}", flush=True)
     summary = RunSummary(
         run_dir=os.path.abspath(cfg.run_dir),
@@ -284,7 +289,7 @@ def finish(run: Run, t0: float, train_s: float) -> RunSummary:
         best=dict(state.best),
         metrics=final,
     )
-    if state.step >= cfg.max_steps:
+    if done:
         run.logger.log_hparams(
             {**main_hparams(cfg.to_dict()), "global_batch": run.global_batch},
             {**final, "last_train_loss": state.last_loss},
