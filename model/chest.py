@@ -13,7 +13,9 @@ DistArc), and the class softmaxes of both spaces span only the kept columns, so 
 shrink with the rate and the class terms' gradient reaches only the kept proxies. The regulariser
 (HypHC, or SoftTriple's centre term) still sees every local proxy, as the spec's one triplet per class
 (M = C) asks: HypHC maps all C_local x K proxies through h once (independent of G; the class terms reuse
-the kept rows of that mapping), and it is the only gradient the unsampled proxies get. HypHC's triplets and
+the kept rows of that mapping), and it is the only gradient the unsampled proxies get (the head optimizer
+stays dense, as arcface_torch's PartialFC v2: AdamW moments and weight decay still move rows whose gradient
+is zero this step, by about one step's size; train/engine.py head_optimizer). HypHC's triplets and
 per-triplet loss live in model.hyphc. With loss.class_chunk the class softmaxes and HypHC run over chunks of
 classes recomputed in backward (model.chunked_softmax), and no mapping of the whole table is kept.
 
