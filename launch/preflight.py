@@ -12,6 +12,7 @@ from data.mixture import train_sources
 from train import checkpoint as ckpt
 from train.config import RunConfig, load_yaml
 from train.evaluate.sets import resolve_eval_sets
+from train.run_owner import running_owner
 
 
 def slurm_partitions(timeout_s: float = 30.0) -> list[str]:
@@ -66,7 +67,14 @@ def check_data(cfg: RunConfig) -> None:
 
 
 def check_run_dir(cfg: RunConfig) -> None:
-    """A run dir's latest checkpoint must come from the same recipe and fit this config's table."""
+    """No job still trains in the run dir; its latest checkpoint comes from the same recipe and fits this
+    config's table."""
+    owner = running_owner(cfg.run_dir)
+    if owner:
+        raise ValueError(
+            f"run dir {cfg.run_dir} is in use by {owner}: a second job would write the same checkpoints. Wait "
+            "for it to end, cancel it (scancel / kill), or choose another run name (name=...)"
+        )
     latest = ckpt.find_latest(cfg.run_dir)
     if latest is None:
         return

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import sys
 
 import pytest
 
@@ -139,3 +140,41 @@ def test_data_the_job_would_refuse_is_refused_at_submission(mnist_root, tmp_path
     assert main([f"run_root={tmp_path}", f"data.root={empty}", "data.prepare=none"]) == 2
     assert str(empty) in capsys.readouterr().err
     assert not (tmp_path / "mnist_distarc").exists()  # nothing queued, nothing written
+
+
+def test_a_run_dir_a_live_job_trains_in_is_refused(tmp_path, monkeypatch) -> None:
+    import socket
+    import subprocess
+
+    from train.run_owner import OWNER_FILE, record_owner
+
+    cfg = build_config("mnist_distarc", [f"run_root={tmp_path}"])
+    os.makedirs(cfg.run_dir)
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))  # no squeue: the process check alone
+    record_owner(cfg.run_dir, "")  # this very python process, alive
+    with pytest.raises(ValueError, match=rf"in use by process {os.getpid()} on {socket.gethostname()}"):
+        preflight([cfg], use_slurm=False)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    record = json.loads((tmp_path / "mnist_distarc" / OWNER_FILE).read_text())
+    (tmp_path / "mnist_distarc" / OWNER_FILE).write_text(json.dumps({**record, "pid": int(gone.stdout)}))
+    preflight([cfg], use_slurm=False)  # its job is over: resuming is the normal case
+    # a Slurm job on another node: squeue decides
+    for state, refused in (("RUNNING", True), ("PENDING", True), ("COMPLETED", False), ("", False)):
+        monkeypatch.setenv("PATH", _fake_squeue(tmp_path, state))
+        (tmp_path / "mnist_distarc" / OWNER_FILE).write_text(
+            json.dumps({"slurm_job_id": "77", "host": "node-elsewhere", "pid": 1})
+        )
+        if refused:
+            with pytest.raises(ValueError, match=rf"in use by Slurm job 77 \({state}\).*scancel"):
+                preflight([cfg], use_slurm=False)
+        else:
+            preflight([cfg], use_slurm=False)
+
+
+def _fake_squeue(tmp_path, state: str) -> str:
+    bin_dir = tmp_path / "squeue_bin"
+    bin_dir.mkdir(exist_ok=True)
+    script = bin_dir / "squeue"
+    script.write_text(f'#!/bin/sh\n[ "$3" = 77 ] && printf "{state}\\n"\nexit 0\n')
+    script.chmod(0o755)
+    return f"{bin_dir}{os.pathsep}/usr/bin{os.pathsep}/bin"

@@ -43,6 +43,10 @@ def test_launcher_trains_checkpoints_and_logs(mnist_root: str, tmp_path, capsys)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["step"] == 60 and summary["num_samples"] == 1000
     assert summary["acc_measure"] > 0.3  # 60 steps from scratch: far above the 0.1 of chance
+    # the job recorded itself in the run dir; it has ended, so the same command may resume it
+    from train.run_owner import running_owner
+
+    assert json.loads((run_dir / "job.json").read_text())["pid"] != os.getpid() and running_owner(str(run_dir)) is None
     # checkpoints: latest points at the last one; keep_last=2 pruned step-10 to step-40
     assert (run_dir / "checkpoints" / "latest").read_text() == "step-60"
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["latest", "step-50", "step-60"]

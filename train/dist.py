@@ -51,6 +51,11 @@ def env_from_environ() -> DistEnv:
     )
 
 
+def slurm_job_id() -> str:
+    """This task's Slurm job id ("" outside Slurm); unique per array task."""
+    return os.environ.get("SLURM_JOB_ID", "")
+
+
 def init_distributed(env: DistEnv, timeout_s: int = 1800) -> tuple[torch.device, bool]:
     """Start the default process group (also for one process, so collectives always work).
 

@@ -34,6 +34,7 @@ from train.dist import (
     destroy_distributed,
     env_from_environ,
     init_distributed,
+    slurm_job_id,
 )
 from train.elastic import convert_to_universal
 from train.engine import build_engine, build_head_optimizer, embedding_grad_scale
@@ -44,6 +45,7 @@ from train.export import export
 from train.loop import train_loop
 from train.tensorboard_logger import TensorBoardLogger, main_hparams
 from train.step import TrainableModel
+from train.run_owner import record_owner
 from train.summary import RunSummary
 from train.system import StepClock
 
@@ -177,6 +179,7 @@ class Run:
             if aside:  # its own saves would otherwise be pruned as older than the old run's (and a requeue lost)
                 print(f"checkpoint.resume=false: the run dir's earlier checkpoints moved to {aside}", flush=True)
             save_yaml(cfg, os.path.join(cfg.run_dir, "config.yaml"))
+            record_owner(cfg.run_dir, slurm_job_id())  # a second submission into this run dir is refused
             print(f"config of run {cfg.name}:\n{json.dumps(cfg.to_dict(), indent=1)}", flush=True)
         barrier()
         model, state = build_model(cfg, env, device, resume_from)

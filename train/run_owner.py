@@ -1,0 +1,78 @@
+"""Which job trains in a run directory: `<run_dir>/job.json`, written by rank 0 when a job starts and read
+at submission (launch.preflight), so that the same command submitted twice cannot put two jobs in one run
+dir (both would write the same step-N checkpoints, prune each other's, and draw two curves in one
+TensorBoard run).
+
+A job counts as still running when Slurm lists it in a live state, or, on the host that ran it, when its
+rank-0 process is alive. A run dir whose last job is gone (finished, failed, cancelled) is free: resuming
+it is the normal case.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+
+from common.files import write_json_atomic
+
+OWNER_FILE = "job.json"
+# squeue states of a job that holds (or will again hold) its run dir
+LIVE_STATES = frozenset(
+    {"PENDING", "RUNNING", "CONFIGURING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESIZING", "SUSPENDED"}
+    | {"SIGNALING", "STOPPED", "STAGE_OUT"}
+)
+
+
+def record_owner(run_dir: str, slurm_job_id: str) -> None:
+    """Rank 0 at start: this job (its Slurm id when it has one) and its process."""
+    record = {"slurm_job_id": slurm_job_id, "host": socket.gethostname(), "pid": os.getpid(), "started_at": time.time()}
+    write_json_atomic(os.path.join(run_dir, OWNER_FILE), record)
+
+
+def _slurm_state(job_id: str, timeout_s: float = 30.0) -> str | None:
+    """The job's squeue state ("" when Slurm no longer lists it); None when Slurm cannot be asked here."""
+    if shutil.which("squeue") is None:
+        return None
+    try:
+        out = subprocess.run(
+            ["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=timeout_s
+        )
+    except subprocess.TimeoutExpired:
+        return None
+    return out.stdout.split()[0].strip() if out.returncode == 0 and out.stdout.strip() else ""
+
+
+def _process_alive(pid: int) -> bool:
+    """A live python process with this pid (not another program that reused the number)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"python" in f.read()
+    except OSError:
+        return False
+
+
+def running_owner(run_dir: str) -> str | None:
+    """Who still trains in `run_dir` ("Slurm job 123 (RUNNING)", "process 4567 on host"), or None."""
+    try:
+        with open(os.path.join(run_dir, OWNER_FILE)) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    same_host = record.get("host") == socket.gethostname()
+    pid = int(record.get("pid") or 0)
+    job_id = str(record.get("slurm_job_id") or "")
+    if job_id:
+        state = _slurm_state(job_id)
+        if state is not None and state not in LIVE_STATES:
+            return None  # Slurm knows the job is over
+        if state == "RUNNING" and same_host and not _process_alive(pid):
+            return None  # e.g. a local run inside an salloc shell: the allocation lives on, the run does not
+        if state is not None:
+            return f"Slurm job {job_id} ({state})"
+    if same_host and pid and _process_alive(pid):
+        return f"process {pid} on {record['host']}"
+    return None
