@@ -130,7 +130,7 @@ def _nccl_env_at_group_creation(monkeypatch) -> dict[str, str]:
     return seen
 
 
-def _run_sbatch(tmp_path: pathlib.Path, srun_rc: int) -> tuple[int, dict[str, str], list[str]]:
+def _run_sbatch(tmp_path: pathlib.Path, srun_rc: int, restarts: int = 0) -> tuple[int, dict[str, str], list[str]]:
     """Run slurm/train.sbatch with stand-ins for srun and scontrol.
 
     Returns the script's exit code, the environment srun got, and scontrol's requeue calls.
@@ -145,7 +145,11 @@ def _run_sbatch(tmp_path: pathlib.Path, srun_rc: int) -> tuple[int, dict[str, st
         (bin_dir / tool).chmod(0o755)
     env = {k: v for k, v in os.environ.items() if "NCCL" not in k}
     env.update(
-        PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", SLURM_JOB_ID="42", SLURM_JOB_NODELIST="node1", SLURM_NTASKS="2"
+        PATH=f"{bin_dir}{os.pathsep}{env['PATH']}",
+        SLURM_JOB_ID="42",
+        SLURM_JOB_NODELIST="node1",
+        SLURM_NTASKS="2",
+        SLURM_RESTART_COUNT=str(restarts),
     )
     proc = subprocess.run(["bash", str(SBATCH), "--recipe", "x"], env=env, capture_output=True, text=True, cwd=tmp_path)
     dumped = (tmp_path / "srun.env").read_text().split("\0")
@@ -213,6 +217,8 @@ def test_requeue_exit_is_one_number_for_submitit_python_m_train_and_the_sbatch_s
         (tmp_path / "scontrol.log").unlink(missing_ok=True)
         rc, _, requeues = _run_sbatch(tmp_path, other)
         assert (rc, requeues) == (other, [])
+    rc, _, requeues = _run_sbatch(tmp_path, control.REQUEUE_EXIT, restarts=30)  # the cap, as submitit's
+    assert (rc, requeues) == (control.REQUEUE_EXIT, [])
 
 
 def test_both_launch_paths_derive_one_master_port_per_job_below_the_ephemeral_ports(
