@@ -134,7 +134,8 @@ class LossConfig:
     phi_weight: float = 1.0  # mu, switch (or weight) of the cos(phi) term
     radius_start: float = 10.0  # r_0
     radius_gap: float = 10.0  # g
-    num_spheres: int = 10  # S; class j lives on sphere j mod S
+    num_spheres: int = 10  # S; class j lives on sphere j mod S (C need not divide by S, as the official tiling needs:
+    # spheres then hold floor or ceil of C / S classes, e.g. MS1MV2 85,742 over 10)
     theta_guard: bool = False  # ArcFace's fallback cos(theta) - m sin(m) when theta + m > pi
     init_seed: int = 1234  # rows are drawn from a generator keyed by (init_seed, global class id)
     sample_rate: float = 1.0  # Partial-FC: fraction of each rank's classes in the softmax (positives always)
