@@ -18,6 +18,7 @@ from torch import nn
 from model.config import LossConfig
 from model.task import MetricLearningTask, build_head
 from train.config import OptimConfig, ZeroConfig
+from train.schedule import lr_factor
 
 BATCH, IN_DIM, DIM, CLASSES, STEPS, BAD_STEP = 4, 5, 6, 7, 4, 2
 LOSS = LossConfig(name="distarc", scale=2.0, margin=0.2, radius_start=2.0, radius_gap=1.0, num_spheres=2)
@@ -52,6 +53,8 @@ def snapshot(engine, head) -> dict[str, torch.Tensor]:
         .clone()
         for n, p in engine.module.named_parameters()
     }
+    # BatchNorm statistics: a forward updates them, so a skipped step must put them back
+    out.update({f"running.{n}": b.detach().clone() for n, b in engine.module.named_buffers()})
     out.update({f"head.{n}": p.detach().clone() for n, p in head.named_parameters()})
     return out
 
@@ -65,7 +68,7 @@ def skip_rank(stage: int, injection: str, bad_rank: int) -> dict:
 
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(7)
-    backbone = nn.Sequential(nn.Linear(IN_DIM, 12), nn.Tanh(), nn.Linear(12, DIM))
+    backbone = nn.Sequential(nn.Linear(IN_DIM, 12), nn.BatchNorm1d(12), nn.Tanh(), nn.Linear(12, DIM))
     optim = OptimConfig(warmup_steps=0, lr=0.05, head_lr=0.05)
     engine = build_engine(backbone, optim, ZeroConfig(stage=stage), micro_batch=BATCH, max_steps=10)
     head = build_head(LOSS, CLASSES, DIM, rank, world, embedding_grad_scale=float(world))
@@ -73,7 +76,7 @@ def skip_rank(stage: int, injection: str, bad_rank: int) -> dict:
     task = (NanLossValue if injection == "nan_loss_value" and rank == bad_rank else MetricLearningTask)(engine, head)
     tr = TrainableModel(engine, task, head_opt, head_sched, torch.device("cpu"), torch.float32, Identity())  # type: ignore[arg-type]
     g = torch.Generator().manual_seed(100 + rank)
-    history, skipped, lrs = [], [], []
+    history, skipped, lrs, norms = [], [], [], []
     for step in range(STEPS):
         images, labels = torch.randn(BATCH, IN_DIM, generator=g), torch.randint(0, CLASSES, (BATCH,), generator=g)
         if injection == "nan_pixels" and step == BAD_STEP and rank == bad_rank:
@@ -87,9 +90,10 @@ def skip_rank(stage: int, injection: str, bad_rank: int) -> dict:
         )
         skipped.append(scalars["skipped"])
         lrs.append((scalars["lr"], scalars["head_lr"], head_sched.last_epoch, engine.lr_scheduler.last_epoch))
+        norms.append(scalars.get("grad_norm"))
     history.append(snapshot(engine, head))
     adam_steps = sorted({float(s["step"]) for s in engine.client_optimizer.state.values() if "step" in s})
-    return {"history": history, "skipped": skipped, "lrs": lrs, "adam_steps": adam_steps}
+    return {"history": history, "skipped": skipped, "lrs": lrs, "adam_steps": adam_steps, "norms": norms}
 
 
 @pytest.mark.parametrize("world", [1, 2])
@@ -116,7 +120,11 @@ def test_a_non_finite_step_updates_nothing_on_any_rank(dist_pool, world: int) ->
             # every schedule advanced once per step, the skipped one included, and they agree
             assert [lr[2:] for lr in r["lrs"]] == [(s + 1, s + 1) for s in range(STEPS)], msg
             assert all(lr[0] == pytest.approx(lr[1]) for lr in r["lrs"]), msg
+            # the logged rate is the one the step trained with (it read one step ahead before)
+            expected = [0.05 * lr_factor(s, 0, 10, OptimConfig().min_lr_ratio) for s in range(STEPS)]
+            assert [lr[0] for lr in r["lrs"]] == pytest.approx(expected), msg
             assert r["adam_steps"] == [float(STEPS - 1)], f"{msg}: AdamW counted the skipped step"
+            assert all(n is not None for n in r["norms"]), f"{msg}: no train/grad_norm"  # ZeRO-0 had none
         for name in results[0]["history"][-1]:
             if name.startswith("backbone."):  # the backbone stays replicated
                 assert all(torch.equal(results[0]["history"][-1][name], r["history"][-1][name]) for r in results)

@@ -225,3 +225,22 @@ def test_a_resumed_run_purges_what_the_dead_job_logged_after_its_checkpoint(tmp_
         want = [64 * s for s in range(1, 11)] if xs is None else list(xs)
         assert [e.step for e in events] == want, folder
         assert [e.value for e in events] == [float(s) for s in range(1, 6)] + [100.0 + s for s in range(6, 11)]
+
+
+def test_non_finite_embeddings_and_a_failing_picture_do_not_end_the_run(tmp_path, monkeypatch, capsys) -> None:
+    cfg = LossConfig(name="distarc", radius_start=10.0, radius_gap=5.0, num_spheres=3)
+    head = build_head(cfg, 6, 8)
+    emb, labels = clustered(6, 40, 8)
+    emb[:200] = float("nan")  # a diverged model: most embeddings NaN (all-NaN histograms raised before)
+    logger = TensorBoardLogger(str(tmp_path), True)
+    logger.log_embeddings(3, head.embed_spaces(emb), labels, head.weight, head=head)
+    hist = read_events(logger.tb_dir).Histograms("eval/radius_error")[-1]
+    assert hist.histogram_value.num == 40  # the finite ones only
+    emb[:] = float("nan")
+    logger.log_embeddings(4, head.embed_spaces(emb), labels, head.weight, head=head)
+    monkeypatch.setattr(pictures, "head_pictures", lambda *args: 1 / 0)
+    logger.log_embeddings(5, head.embed_spaces(clustered(6, 40, 8)[0]), labels, head.weight, head=head)
+    logger.close()
+    assert "pictures of step 5 skipped: ZeroDivisionError" in capsys.readouterr().err
+    acc = read_events(logger.tb_dir)
+    assert [h.step for h in acc.Histograms("eval/radius_error")] == [3, 5]  # step 4: nothing finite to draw

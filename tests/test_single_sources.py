@@ -303,3 +303,38 @@ def test_metric_collectives_on_gloo_match_the_closed_form(dist_pool) -> None:
 def test_only_train_dist_picks_the_collective_device() -> None:
     users = [str(p.relative_to(REPO)) for p in (REPO / "train").rglob("*.py") if "get_backend(" in p.read_text()]
     assert users == ["train/dist.py"]
+
+
+def _clock_windows() -> dict:
+    """Rank 1 waits 0.1 s for each batch, rank 0 not at all; an 'evaluation' of 0.3 s between windows."""
+    import time as clock_time
+
+    from train.system import StepClock
+
+    rank = dist.get_rank()
+
+    def batches():
+        while True:
+            clock_time.sleep(0.1 * rank)
+            yield 0
+
+    clock = StepClock(8, 2, 10, torch.device("cpu"))
+    clock.begin(0)
+    timed = clock.timed(batches())
+    for _ in range(2):
+        next(timed)
+        clock_time.sleep(0.05)  # the step itself
+    clock_time.sleep(0.3)  # an evaluation: outside the step time, inside the ETA
+    clock.reset(2)
+    for _ in range(2):
+        next(timed)
+        clock_time.sleep(0.05)
+    return clock.window(4)
+
+
+def test_system_scalars_show_the_rank_that_waits_and_an_eta_with_evaluations(dist_pool) -> None:
+    windows = dist_pool(2).run(_clock_windows)
+    assert windows[0]["data_wait_frac"] == windows[1]["data_wait_frac"] == pytest.approx(2 / 3, abs=0.1)
+    assert windows[0]["data_wait_frac_mean"] < 0.05  # this rank's own share (the logger averages it)
+    for w in windows:  # ETA: 6 steps left at the wall time per step so far, evaluation included
+        assert w["eta_min"] * 60 / 6 > w["step_time_s"] + 0.05

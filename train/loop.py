@@ -21,7 +21,7 @@ def train_loop(run: "Run", stop_step: int) -> None:
     step. A signal (any rank) makes every rank save at once and stop; `run.state.stop_signal` tells the caller.
     """
     cfg, state, logger, clock = run.cfg, run.state, run.logger, run.clock
-    clock.reset(state.step)
+    clock.begin(state.step)
     bar = tqdm(
         total=cfg.max_steps,
         initial=state.step,

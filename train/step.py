@@ -62,6 +62,10 @@ def train_step(run: "Run") -> dict[str, float]:
     sums: dict[str, float] = {}
     parts: dict[str, torch.Tensor] = {}  # kept on the device: one host sync per step, not per micro-batch
     guard = tr.backbone_optimizer
+    # the rates this step trains with (the schedules advance below): what train/lr and train/head_lr show
+    sums["lr"], sums["head_lr"] = float(tr.engine.get_lr()[0]), float(tr.head_scheduler.get_last_lr()[0])
+    stats = running_stats(tr.engine.module)
+    before = [t.clone() for t in stats]  # forward passes update BatchNorm statistics, a skipped step may not
     for _ in range(accum_steps):
         images, labels = next(batches)
         labels = labels.to(tr.device, non_blocking=True)
@@ -71,6 +75,8 @@ def train_step(run: "Run") -> dict[str, float]:
             parts[key] = parts.get(key, 0.0) + value.detach().float() / accum_steps
         if tr.engine.is_gradient_accumulation_boundary():
             sums["head_grad_norm"] = reduce_head_grads(tr.task.head)  # global: the same on every rank
+            if tr.engine.zero_optimization_stage() == 0:  # DeepSpeed reports no norm there (before clipping)
+                sums["grad_norm"] = trunk_grad_norm(tr.engine.module)
             local_bad = not (math.isfinite(sums["head_grad_norm"]) and bool(torch.isfinite(parts["loss"])))
             guard.skip, guard.skipped = max_over_ranks(float(local_bad)) > 0, False
         tr.engine.step()  # called every micro-batch; DeepSpeed only updates at the boundary
@@ -81,15 +87,33 @@ def train_step(run: "Run") -> dict[str, float]:
         tr.engine.lr_scheduler.step()  # DeepSpeed does not advance the schedule of a step it skipped
     if not skipped:
         tr.head_optimizer.step()
+    else:
+        for saved, now in zip(before, stats):
+            now.copy_(saved)
     tr.head_optimizer.zero_grad(set_to_none=True)
     tr.head_scheduler.step()
     grad_norm = tr.engine.get_global_grad_norm()
     if grad_norm is not None:
         sums["grad_norm"] = float(grad_norm)
     sums["skipped"] = float(skipped)
-    sums["lr"] = float(tr.engine.get_lr()[0])
-    sums["head_lr"] = float(tr.head_scheduler.get_last_lr()[0])
     return sums
+
+
+def running_stats(module: torch.nn.Module) -> list[torch.Tensor]:
+    """The buffers a training-mode forward updates: BatchNorm's running mean / variance / batch count."""
+    return [
+        buffer
+        for sub in module.modules()
+        if isinstance(sub, torch.nn.modules.batchnorm._NormBase) and sub.track_running_stats
+        for buffer in (sub.running_mean, sub.running_var, sub.num_batches_tracked)
+        if buffer is not None
+    ]
+
+
+def trunk_grad_norm(module: torch.nn.Module) -> float:
+    """Global norm of the trunk's gradients, already averaged over ranks (ZeRO-0 at the boundary)."""
+    grads = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else 0.0
 
 
 def reduce_head_grads(head: ShardedHead) -> float:

@@ -2,8 +2,11 @@
 
 `StepClock.timed(batches)` wraps the batch iterator so the seconds spent waiting for the loader are
 counted apart from the step; `StepClock.window()` turns the interval since the last call into the
-`system/` scalars the logger writes. Peak memory is the maximum over ranks (one all-reduce at log
-steps only): the rank nearest its limit is the one that matters, a mean would hide it.
+`system/` scalars the logger writes. Peak memory and the data-wait fraction are maxima over ranks
+(all-reduces at log steps only): the rank nearest its memory limit, or the one starving for data while
+the others wait for it inside a collective, is the one that matters; a mean would hide it
+(`data_wait_frac_mean` is logged beside). The ETA uses the wall time per step since `begin()`,
+evaluations and saves included, which the step time leaves out.
 """
 
 from __future__ import annotations
@@ -33,7 +36,12 @@ class StepClock:
     def __init__(self, global_batch: int, world_size: int, max_steps: int, device: torch.device) -> None:
         self.global_batch, self.world_size, self.max_steps, self.device = global_batch, world_size, max_steps, device
         self.data_wait_s = 0.0
-        self.reset(0)
+        self.begin(0)
+
+    def begin(self, step: int) -> None:
+        """Start timing this job's training at `step` (a resumed job counts from its own first step)."""
+        self._begin, self._begin_step = time.perf_counter(), step
+        self.reset(step)
 
     def reset(self, step: int) -> None:
         """Start a new window at `step` (after evaluation or a checkpoint, which are not training time)."""
@@ -52,16 +60,21 @@ class StepClock:
 
     def window(self, step: int) -> dict[str, float]:
         """Scalars of the steps since the last window (collective: every rank calls it), then reset."""
-        elapsed, steps = time.perf_counter() - self._start, step - self._step
+        now = time.perf_counter()
+        elapsed, steps = now - self._start, step - self._step
         out: dict[str, float] = {"peak_mem_gb": max_over_ranks(peak_memory_gb(self.device))}
+        wait = min(1.0, self.data_wait_s / elapsed) if steps > 0 and elapsed > 0 else 0.0
+        slowest_wait = max_over_ranks(wait)  # collective: every rank calls it, whatever its window
         if steps > 0 and elapsed > 0:
             step_time = elapsed / steps
+            wall_per_step = (now - self._begin) / max(1, step - self._begin_step)
             out.update(
                 step_time_s=step_time,
                 img_per_s=self.global_batch / step_time,
-                data_wait_frac=min(1.0, self.data_wait_s / elapsed),
+                data_wait_frac=slowest_wait,
+                data_wait_frac_mean=wait,  # the logger averages it over ranks
                 img_per_s_per_gpu=self.global_batch / step_time / self.world_size,
-                eta_min=(self.max_steps - step) * step_time / 60,
+                eta_min=(self.max_steps - step) * wall_per_step / 60,
             )
         self.reset(step)
         return out

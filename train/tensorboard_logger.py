@@ -121,9 +121,37 @@ class TensorBoardLogger:
         `head`, class labels also give the anchor pictures: eval/poincare_disk (CHEST; open-set points
         without proxies too), eval/radial_angular and the eval/radius_error histogram (DistArc).
         Cost: a few thousand pairs and at most `max_points` points per figure, no collectives.
+
+        Only rank 0 gets here, so a failure must not end the run (the other ranks would wait for it in
+        their next collective until the timeout): it is reported and the pictures of this step skipped.
+        Non-finite values (a diverged model's embeddings) are left out of the histograms.
         """
         if self.writer is None:
             return
+        try:
+            self._log_embeddings(step, spaces, labels, table_rows, max_points, head, protocol)
+        except Exception as err:  # noqa: BLE001 - monitoring only; the scores are logged apart from it
+            print(f"[tensorboard] pictures of step {step} skipped: {type(err).__name__}: {err}", file=sys.stderr)
+        self.writer.flush()
+
+    def _histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
+        """add_histogram of the finite values (TensorBoard refuses NaN and an empty histogram)."""
+        assert self.writer is not None
+        finite = values[torch.isfinite(values)]
+        if finite.numel():
+            self.writer.add_histogram(tag, finite, step)
+
+    def _log_embeddings(
+        self,
+        step: int,
+        spaces: dict[str, torch.Tensor],
+        labels: torch.Tensor,
+        table_rows: torch.Tensor | None,
+        max_points: int,
+        head: ShardedHead | None,
+        protocol: str,
+    ) -> None:
+        assert self.writer is not None
         seen: set[int] = set()
         for space, points in spaces.items():
             if points.data_ptr() in seen:  # e.g. "cosine" ranks the same vectors as "euclidean"
@@ -131,10 +159,10 @@ class TensorBoardLogger:
             seen.add(points.data_ptr())
             pts = points[:max_points].detach().float().cpu()
             self.writer.add_embedding(pts, metadata=labels[:max_points].cpu().tolist(), tag=space, global_step=step)
-            self.writer.add_histogram(f"eval/{space}_norm", pts.norm(dim=1), step)
+            self._histogram(f"eval/{space}_norm", pts.norm(dim=1), step)
         if table_rows is not None and table_rows.numel():
             rows = table_rows.detach().float().cpu()
-            self.writer.add_histogram("head/row_norm_rank0", rows.reshape(rows.shape[0], -1).norm(dim=1), step)
+            self._histogram("head/row_norm_rank0", rows.reshape(rows.shape[0], -1).norm(dim=1), step)
         if protocol != "verification" and spaces:
             from train import pictures
 
@@ -142,16 +170,15 @@ class TensorBoardLogger:
             positive, negative = pictures.pair_similarities(points, labels)
             for tag, sims in (("eval/sim_positive", positive), ("eval/sim_negative", negative)):
                 if sims.numel():
-                    self.writer.add_histogram(tag, sims, step)
+                    self._histogram(tag, sims, step)
             closed_set = protocol == "classification"
             if head is not None:
                 if closed_set and head.cfg.name == "distarc" and "euclidean" in spaces:
-                    self.writer.add_histogram(
+                    self._histogram(
                         "eval/radius_error", pictures.radius_errors(spaces["euclidean"], labels, head), step
                     )
                 for tag, fig in pictures.head_pictures(spaces, labels, head, closed_set, max_points).items():
                     self.writer.add_image(tag, pictures.figure_to_rgb(fig), step, dataformats="HWC")
-        self.writer.flush()
 
     def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, Any], step: int | None = None) -> None:
         """The run's hyperparameters and final metrics for TensorBoard's HPARAMS tab (rank 0).
