@@ -45,7 +45,8 @@ def check_partition(cfg: RunConfig, partitions: list[str]) -> None:
 def check_gpus(cfg: RunConfig) -> None:
     """A bf16 run submitted to Slurm must ask for GPUs: with slurm.gpus_per_node=0 the job gets none on a
     cluster that hides GPUs not asked for, and trains on the CPUs (gloo, DeepSpeed's CPU accelerator)."""
-    if cfg.zero.bf16 and cfg.slurm.gpus_per_node == 0:
+    extra = " ".join(f"{k}={v}" for k, v in cfg.slurm.sbatch_extra.items())
+    if cfg.zero.bf16 and cfg.slurm.gpus_per_node == 0 and "gpu" not in extra:  # e.g. sbatch_extra gres=gpu:8
         raise ValueError(
             f"run {cfg.name} trains in bf16 (zero.bf16=true) but asks Slurm for no GPUs (slurm.gpus_per_node=0); "
             f"set slurm.gpus_per_node={cfg.slurm.tasks_per_node} (one task per GPU), or zero.bf16=false for a "

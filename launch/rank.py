@@ -3,9 +3,9 @@
 For launchers other than submitit (slurm/train.sbatch, torchrun): the rank comes from RANK,
 WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT. Exit code 144
 (train.control.REQUEUE_EXIT) means "stopped by the requeue signal after a checkpoint: requeue me";
-the sbatch script does. After a TERM save in a Slurm job every rank waits for Slurm to end the job
-(train.control.wait_for_slurm_to_end_the_job: a preempted job is requeued only if still running); elsewhere
-it exits 128 + the signal's number.
+the sbatch script does. After a TERM save in a Slurm batch job that Slurm is preempting, every rank waits
+for Slurm to end the job (train.control.stay_for_a_preemption: a preempted job is requeued only if still
+running); otherwise it exits 128 + the signal's number.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 from train.overrides import apply_overrides
 from launch.recipes import DEFAULT_RECIPE, get_recipe
 from train.config import load_yaml
-from train.control import REQUEUE_EXIT, wait_for_slurm_to_end_the_job
+from train.control import REQUEUE_EXIT, stay_for_a_preemption
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     if summary.stop_signal == args.requeue_signal:
         print(f"stopped by {args.requeue_signal} at step {summary.step} after a checkpoint: requeue", flush=True)
         return REQUEUE_EXIT
-    if summary.stop_signal == "SIGTERM" and os.environ.get("SLURM_JOB_ID"):
-        wait_for_slurm_to_end_the_job(summary.step)  # a preemption requeues only a job still running
+    if summary.stop_signal == "SIGTERM" and os.environ.get("ENVIRONMENT") == "BATCH":  # sbatch sets it, salloc not
+        stay_for_a_preemption(summary.step, os.environ["SLURM_JOB_ID"])  # requeued only if still running
     if summary.stop_signal:  # saved but not finished: not a success for whatever started this rank
         return 128 + int(getattr(signal, summary.stop_signal))
     return 0

@@ -80,12 +80,27 @@ def default_sweep_name(base_name: str, overrides: list[str], specs: list[str]) -
     return f"{base_name}-sweep-{digest}"
 
 
+def legacy_sweep_name(base_name: str, overrides: list[str]) -> str:
+    """The default folder before the grid digest: `<name>-sweep`, plus a digest of the training overrides."""
+    settings = sorted(
+        o for o in overrides if o.split("=", 1)[0].strip() not in ("run_root", "name") and not o.startswith("slurm.")
+    )
+    return f"{base_name}-sweep" + (f"-{hashlib.sha1(';'.join(settings).encode()).hexdigest()[:8]}" if settings else "")
+
+
 def expand(recipe: str, overrides: list[str], specs: list[str], sweep_name: str = "") -> tuple[str, list[RunConfig]]:
     """(sweep dir, one validated config per grid point)."""
     grid = parse_grid(specs)
     base = apply_overrides(get_recipe(recipe), overrides)
     name = sweep_name or default_sweep_name(base.name, overrides, specs)
     sweep_dir = os.path.join(base.run_root, name)
+    legacy = os.path.join(base.run_root, legacy_sweep_name(base.name, overrides))
+    if not sweep_name and not os.path.isdir(sweep_dir) and os.path.isdir(legacy):
+        print(
+            f"note: {legacy} was named by the rule before the grid digest (2026-12); this sweep goes to {sweep_dir}. "
+            f"To resume the points there instead, add --sweep-name {os.path.basename(legacy)}",
+            file=sys.stderr,
+        )
     cfgs = []
     for point in grid:
         point_recipe = dict(point).get("recipe", recipe)

@@ -7,8 +7,9 @@ with a handler that only records the signal (train/control.py); the loop agrees 
 ranks, every rank saves, and `run()` returns. Then rank 0 calls submitit's handler itself, which
 calls `checkpoint()` (resubmit this job unchanged: state comes back from the run directory's latest
 checkpoint), runs `scontrol requeue` and exits. A TERM (Slurm's preemption signal, or `scancel`)
-saves, then every rank waits for Slurm to end the job: Slurm requeues a preempted job only if it is
-still running at the end of its grace time (train.control.wait_for_slurm_to_end_the_job). A plain
+saves; when Slurm is preempting the job every rank then waits for Slurm to end it, because Slurm requeues a
+preempted job only if it is still running at the end of its grace time (train.control.stay_for_a_preemption);
+after any other TERM (scancel) the job exits. A plain
 `scontrol requeue` restarts the original submission, which resumes from the latest checkpoint the same way.
 """
 
@@ -24,7 +25,7 @@ from typing import Any
 import submitit
 
 from train.config import RunConfig
-from train.control import REQUEUE_EXIT, wait_for_slurm_to_end_the_job
+from train.control import REQUEUE_EXIT, stay_for_a_preemption
 from train.summary import RunSummary
 
 
@@ -72,7 +73,7 @@ class TrainJob(submitit.helpers.Checkpointable):
             return summary
         print(f"rank {env.global_rank}: stopped by {stop} at step {summary.step} after a checkpoint", flush=True)
         if stop == "SIGTERM" and env.cluster == "slurm":
-            wait_for_slurm_to_end_the_job(summary.step)  # a preemption requeues only a job still running
+            stay_for_a_preemption(summary.step, os.environ["SLURM_JOB_ID"])  # requeued only if still running
         if stop == requeue_signal.name and env.global_rank == 0 and callable(requeue_handler):
             # Every rank has saved. submitit's own path from here: checkpoint() -> requeue -> exit.
             requeue_handler(requeue_signal, None)

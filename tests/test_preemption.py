@@ -203,3 +203,39 @@ def test_a_signal_after_the_last_step_leaves_the_final_evaluation_to_the_requeue
     second = pool.run(_run, args)[0]
     assert (second["resumed_from_step"], second["step"], second["stop_signal"]) == (10, 10, "")
     assert second["num_samples"] == 1000 and (tmp_path / "late" / "export").is_dir()
+
+
+def _fake_scontrol(tmp_path, preempt_time: str) -> str:
+    bin_dir = tmp_path / f"scontrol_{preempt_time[:4]}"
+    bin_dir.mkdir()
+    script = bin_dir / "scontrol"
+    script.write_text(f'#!/bin/sh\necho "JobId=$4 JobState=RUNNING PreemptEligibleTime=x PreemptTime={preempt_time}"\n')
+    script.chmod(0o755)
+    return f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
+
+
+def test_only_a_preemption_keeps_a_term_saved_rank_waiting(tmp_path, monkeypatch, capsys) -> None:
+    from train.control import slurm_preempting, stay_for_a_preemption
+
+    monkeypatch.setenv("PATH", _fake_scontrol(tmp_path, "None"))  # a scancel or a time limit: end now
+    t0 = time.monotonic()
+    assert slurm_preempting("5") is False
+    stay_for_a_preemption(10, "5")
+    assert time.monotonic() - t0 < 5 and "waiting" not in capsys.readouterr().out
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))  # Slurm cannot be asked: a bounded wait
+    assert slurm_preempting("5") is None
+    stay_for_a_preemption(10, "5", unsure_wait_s=0.5)
+    assert "may be preempted" in capsys.readouterr().out
+    # preempted: stays, ignoring TERM and USR2 (Slurm's SIGKILL ends it at the end of the grace time)
+    env = {**os.environ, "PATH": _fake_scontrol(tmp_path, "2026-12-06T10:27:50")}
+    code = "from train.control import stay_for_a_preemption; stay_for_a_preemption(10, '5')"
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert "is being preempted" in proc.stdout.readline()
+        for signum in (signal.SIGTERM, signal.SIGUSR2):
+            proc.send_signal(signum)
+            time.sleep(0.5)
+            assert proc.poll() is None, signal.Signals(signum).name
+    finally:
+        proc.kill()
+        proc.wait()

@@ -195,3 +195,10 @@ def _fake_submission(monkeypatch) -> list[tuple[str, str]]:
     monkeypatch.setattr(launcher, "preflight", lambda cfgs, use_slurm: None)  # sinfo, run dirs: no cluster here
     monkeypatch.setattr(launcher, "ensure_prepared", lambda data: None)
     return submitted
+
+
+def test_a_sweep_folder_named_by_the_old_rule_is_pointed_out(tmp_path: Path, capsys) -> None:
+    (tmp_path / "mnist_distarc-sweep").mkdir()  # the default before the grid digest (no training overrides)
+    sweep_dir, _ = expand("mnist_distarc", [f"run_root={tmp_path}"], ["optim.lr=1e-3,3e-3"])
+    assert os.path.basename(sweep_dir) != "mnist_distarc-sweep"
+    assert "--sweep-name mnist_distarc-sweep" in capsys.readouterr().err

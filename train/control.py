@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import signal
+import subprocess
 import threading
 import time
 from types import FrameType
-from typing import Any, NoReturn, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
@@ -75,20 +76,46 @@ class RunControl:
         self._previous.clear()
 
 
-def wait_for_slurm_to_end_the_job(step: int) -> NoReturn:
-    """After the save that a TERM asked for, in a Slurm job: stay until Slurm ends the job.
+def slurm_preempting(job_id: str, timeout_s: float = 30.0) -> bool | None:
+    """Whether Slurm has selected job `job_id` for preemption (`scontrol show job` has a PreemptTime);
+    None when Slurm cannot be asked from here."""
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=timeout_s
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    fields = dict(item.split("=", 1) for item in out.stdout.split() if "=" in item)
+    if out.returncode != 0 or "PreemptTime" not in fields:
+        return None
+    return fields["PreemptTime"] not in ("None", "Unknown", "")
 
-    TERM comes from a preemption (PreemptMode=REQUEUE, GraceTime) or from `scancel`. Slurm requeues a
-    preempted job only if it is still running when its grace time ends: a job that exits first ends
-    COMPLETED or FAILED, and the run would stop for good. So every rank waits here; at the end of the grace
-    time Slurm kills and requeues the job (the requeued job resumes from this save), and after a `scancel`
-    it kills it KillWait seconds after the TERM. Waiting holds nothing that Slurm has not already taken back.
+
+def stay_for_a_preemption(step: int, job_id: str, unsure_wait_s: float = 600.0) -> None:
+    """After the save that a TERM asked for, in a Slurm batch job: stay while Slurm preempts the job.
+
+    Slurm requeues a preempted job (PreemptMode=REQUEUE) only if it is still running when its grace time
+    ends: a job that exits first ends COMPLETED or FAILED, and the run would stop for good. So when
+    `scontrol` says the job is being preempted, this rank waits (TERM and USR2 ignored) until Slurm kills
+    it at the end of the grace time and requeues it; the requeued job resumes from this save. Any other
+    TERM (`scancel`, a time limit, `scancel --signal=TERM`) returns at once, and the caller exits. When
+    Slurm cannot be asked, it waits at most `unsure_wait_s`.
     """
+    preempting = slurm_preempting(job_id)
+    if preempting is False:
+        return
+    state = (
+        "is being preempted"
+        if preempting
+        else f"may be preempted (scontrol did not answer; at most {unsure_wait_s:.0f} s)"
+    )
     print(
-        f"saved at step {step} after SIGTERM; waiting for Slurm to end this job (a preempted job is requeued "
-        "at the end of its grace time and resumes from this save; a cancelled one ends)",
+        f"saved at step {step} after SIGTERM; job {job_id} {state}: waiting for Slurm to end this job (a preempted "
+        "job is requeued at the end of its grace time and resumes from this save)",
         flush=True,
     )
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the second TERM at the end of the grace time: SIGKILL follows
-    while True:
-        time.sleep(3600)
+    for sig in (signal.SIGTERM, signal.SIGUSR2):  # the grace time's end: TERM, then SIGKILL
+        signal.signal(sig, signal.SIG_IGN)
+    deadline = time.monotonic() + (float("inf") if preempting else unsure_wait_s)
+    while time.monotonic() < deadline:
+        time.sleep(min(60.0, max(0.0, deadline - time.monotonic())))

@@ -2,7 +2,9 @@
 
 A job learns its place from the standard variables (RANK, WORLD_SIZE, LOCAL_RANK,
 LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), which the launcher (`slurm/job.py`) exports from
-submitit's JobEnvironment. Backend: NCCL on GPUs, gloo on CPU. `NCCL_DEFAULTS` are applied here,
+submitit's JobEnvironment (MASTER_PORT from the job id, as slurm/train.sbatch). Rank 0 serves the
+rendezvous store and every rank waits HYPERMETRIC_RENDEZVOUS_S for the others (torchrun: its agent's
+store). Backend: NCCL on GPUs, gloo on CPU. `NCCL_DEFAULTS` are applied here,
 where unset, just before the NCCL group is created: every launcher (submitit, slurm/train.sbatch,
 torchrun) gets the same set. `collective_device()` is where a collective's tensors must live.
 """

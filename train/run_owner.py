@@ -29,8 +29,25 @@ LIVE_STATES = frozenset(
 
 def record_owner(run_dir: str, slurm_job_id: str) -> None:
     """Rank 0 at start: this job (its Slurm id when it has one) and its process."""
-    record = {"slurm_job_id": slurm_job_id, "host": socket.gethostname(), "pid": os.getpid(), "started_at": time.time()}
+    pid = os.getpid()
+    record = {
+        "slurm_job_id": slurm_job_id,
+        "host": socket.gethostname(),
+        "pid": pid,
+        "pid_start": _process_start(pid),  # tells this process from a later one that reuses the pid
+        "started_at": time.time(),
+    }
     write_json_atomic(os.path.join(run_dir, OWNER_FILE), record)
+
+
+def _process_start(pid: int) -> str:
+    """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22); "" when unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return ""
+    return stat[stat.rindex(")") + 2 :].split()[19]  # fields after "pid (comm) ": state is field 3
 
 
 def _slurm_state(job_id: str, timeout_s: float = 30.0) -> str | None:
@@ -38,21 +55,24 @@ def _slurm_state(job_id: str, timeout_s: float = 30.0) -> str | None:
     if shutil.which("squeue") is None:
         return None
     try:
+        # %A: each array task's own job id (squeue -j <array id> lists every task of the array)
         out = subprocess.run(
-            ["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=timeout_s
+            ["squeue", "-h", "-j", job_id, "-o", "%A %T"], capture_output=True, text=True, timeout=timeout_s
         )
     except subprocess.TimeoutExpired:
         return None
-    return out.stdout.split()[0].strip() if out.returncode == 0 and out.stdout.strip() else ""
+    states = dict(line.split()[:2] for line in out.stdout.splitlines() if len(line.split()) >= 2)
+    return states.get(job_id, "") if out.returncode == 0 else ""
 
 
-def _process_alive(pid: int) -> bool:
-    """A live python process with this pid (not another program that reused the number)."""
+def _process_alive(pid: int, start: str) -> bool:
+    """The recorded process is alive: a python process with this pid that started when it did."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"python" in f.read()
+            is_python = b"python" in f.read()
     except OSError:
         return False
+    return is_python and (not start or _process_start(pid) == start)
 
 
 def running_owner(run_dir: str) -> str | None:
@@ -63,16 +83,16 @@ def running_owner(run_dir: str) -> str | None:
     except (OSError, ValueError):
         return None
     same_host = record.get("host") == socket.gethostname()
-    pid = int(record.get("pid") or 0)
+    pid, start = int(record.get("pid") or 0), str(record.get("pid_start") or "")
     job_id = str(record.get("slurm_job_id") or "")
     if job_id:
         state = _slurm_state(job_id)
         if state is not None and state not in LIVE_STATES:
             return None  # Slurm knows the job is over
-        if state == "RUNNING" and same_host and not _process_alive(pid):
+        if state == "RUNNING" and same_host and not _process_alive(pid, start):
             return None  # e.g. a local run inside an salloc shell: the allocation lives on, the run does not
         if state is not None:
             return f"Slurm job {job_id} ({state})"
-    if same_host and pid and _process_alive(pid):
+    if same_host and pid and _process_alive(pid, start):
         return f"process {pid} on {record['host']}"
     return None

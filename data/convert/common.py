@@ -176,6 +176,13 @@ def _check_state(out: str, state: dict) -> None:
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             old = json.load(f)
+        if old != state and old.get("version") != state["version"]:
+            written_by = f"state version {old['version']}" if "version" in old else "a converter before state version 2"
+            raise ValueError(
+                f"{out} was written by an older converter ({path}: {written_by}, this one writes "
+                f"{state['version']}), whose restart state this one cannot check: remove {out} and convert again "
+                "(or choose another --out)"
+            )
         if old != state:
             diffs = _state_differences(old, state) or ["its state file differs"]
             raise ValueError(
