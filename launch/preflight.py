@@ -43,8 +43,18 @@ def check_partition(cfg: RunConfig, partitions: list[str]) -> None:
 
 
 def check_gpus(cfg: RunConfig) -> None:
-    """A bf16 run submitted to Slurm must ask for GPUs: with slurm.gpus_per_node=0 the job gets none on a
-    cluster that hides GPUs not asked for, and trains on the CPUs (gloo, DeepSpeed's CPU accelerator)."""
+    """What a Slurm submission asks for must fit one rank per GPU: a bf16 run must ask for GPUs (with
+    slurm.gpus_per_node=0 the job gets none on a cluster that hides GPUs not asked for, and trains on the
+    CPUs: gloo, DeepSpeed's CPU accelerator), and as many per node as it starts tasks (more tasks than GPUs
+    fail in cuda.set_device after the queue wait; fewer leave GPUs idle). Only here, not in the config's
+    own checks: local runs and evaluations ignore slurm.gpus_per_node."""
+    slurm = cfg.slurm
+    if slurm.gpus_per_node and slurm.gpus_per_node != slurm.tasks_per_node:
+        raise ValueError(
+            f"slurm.gpus_per_node={slurm.gpus_per_node} but slurm.tasks_per_node={slurm.tasks_per_node}: every "
+            f"task is one rank on one GPU; set slurm.tasks_per_node={slurm.gpus_per_node} (or gpus_per_node="
+            f"{slurm.tasks_per_node})"
+        )
     extra = " ".join(f"{k}={v}" for k, v in cfg.slurm.sbatch_extra.items())
     if cfg.zero.bf16 and cfg.slurm.gpus_per_node == 0 and "gpu" not in extra:  # e.g. sbatch_extra gres=gpu:8
         raise ValueError(

@@ -202,12 +202,6 @@ class SlurmConfig:
             raise ValueError(f"slurm.time_min={self.time_min} must be >= 1")
         if self.gpus_per_node < 0 or self.array_parallelism < 0 or self.signal_delay_s < 0:
             raise ValueError("slurm.gpus_per_node, slurm.array_parallelism and slurm.signal_delay_s must be >= 0")
-        if self.gpus_per_node and self.gpus_per_node != self.tasks_per_node:
-            raise ValueError(
-                f"slurm.gpus_per_node={self.gpus_per_node} but slurm.tasks_per_node={self.tasks_per_node}: every "
-                f"task is one rank on one GPU; set slurm.tasks_per_node={self.gpus_per_node} (or gpus_per_node=0 "
-                "for CPU tasks)"
-            )
         for key, value in self.sbatch_extra.items():
             if key.startswith("-"):
                 raise ValueError(
