@@ -55,8 +55,11 @@ def check_gpus(cfg: RunConfig) -> None:
             f"task is one rank on one GPU; set slurm.tasks_per_node={slurm.gpus_per_node} (or gpus_per_node="
             f"{slurm.tasks_per_node})"
         )
-    extra = " ".join(f"{k}={v}" for k, v in cfg.slurm.sbatch_extra.items())
-    if cfg.zero.bf16 and cfg.slurm.gpus_per_node == 0 and "gpu" not in extra:  # e.g. sbatch_extra gres=gpu:8
+    extra = cfg.slurm.extra_parameters()  # keys with '_': gpus_per_node, gres, ...
+    asks_otherwise = any(k in extra for k in ("gpus", "gpus_per_node", "gpus_per_task")) or "gpu" in str(
+        extra.get("gres", "")
+    )
+    if cfg.zero.bf16 and cfg.slurm.gpus_per_node == 0 and not asks_otherwise:  # e.g. sbatch_extra gres=gpu:8
         raise ValueError(
             f"run {cfg.name} trains in bf16 (zero.bf16=true) but asks Slurm for no GPUs (slurm.gpus_per_node=0); "
             f"set slurm.gpus_per_node={cfg.slurm.tasks_per_node} (one task per GPU), or zero.bf16=false for a "

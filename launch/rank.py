@@ -3,7 +3,7 @@
 For launchers other than submitit (slurm/train.sbatch, torchrun): the rank comes from RANK,
 WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT. Exit code 144
 (train.control.REQUEUE_EXIT) means "stopped by the requeue signal after a checkpoint: requeue me";
-the sbatch script does. After a TERM save in a Slurm batch job that Slurm is preempting, every rank waits
+the sbatch script does. After a TERM save in a Slurm job that Slurm is preempting, every rank waits
 for Slurm to end the job (train.control.stay_for_a_preemption: a preempted job is requeued only if still
 running); otherwise it exits 128 + the signal's number.
 """
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     if summary.stop_signal == args.requeue_signal:
         print(f"stopped by {args.requeue_signal} at step {summary.step} after a checkpoint: requeue", flush=True)
         return REQUEUE_EXIT
-    if summary.stop_signal == "SIGTERM" and os.environ.get("ENVIRONMENT") == "BATCH":  # sbatch sets it, salloc not
+    if summary.stop_signal == "SIGTERM" and os.environ.get("SLURM_JOB_ID"):  # scontrol tells a preemption apart
         stay_for_a_preemption(summary.step, os.environ["SLURM_JOB_ID"])  # requeued only if still running
     if summary.stop_signal:  # saved but not finished: not a success for whatever started this rank
         return 128 + int(getattr(signal, summary.stop_signal))

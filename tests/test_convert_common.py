@@ -152,6 +152,10 @@ def test_restart_after_source_change_refused(tmp_path) -> None:
         json.dump(state, f)
     with pytest.raises(ValueError, match="written by an older converter .*before state version 2.*convert again"):
         convert("toy", out, toy(), shard_size=4, progress=False)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({**state, "version": 99}, f)
+    with pytest.raises(ValueError, match="written by a newer converter .*state version 99.*resume it with"):
+        convert("toy", out, toy(), shard_size=4, progress=False)
 
 
 def test_shards_sized_by_count_not_bytes(tmp_path, monkeypatch) -> None:

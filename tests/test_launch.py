@@ -126,6 +126,10 @@ def test_gpu_requests_match_the_tasks_and_bf16_recipes_ask_for_gpus(tmp_path, mo
     assert apply_overrides(get_recipe("mnist_distarc"), ["slurm.gpus_per_node=4"]).validate()  # local: no matter
     assert main(["--slurm", "zero.bf16=true", f"run_root={tmp_path}"]) == 2
     assert "set slurm.gpus_per_node=2 (one task per GPU)" in capsys.readouterr().err
+    assert main(["--slurm", "zero.bf16=true", "slurm.sbatch_extra=constraint=gpu", f"run_root={tmp_path}"]) == 2
+    assert "set slurm.gpus_per_node=2" in capsys.readouterr().err  # a constraint named gpu asks for none
+    assert main(["--slurm", "zero.bf16=true", "slurm.sbatch_extra=gres=gpu:2", f"run_root={tmp_path}"]) == 2
+    assert "no Slurm here" in capsys.readouterr().err  # past the GPU check: gres asks for them
 
 
 def test_data_the_job_would_refuse_is_refused_at_submission(mnist_root, tmp_path, monkeypatch, capsys) -> None:
@@ -172,6 +176,20 @@ def test_a_run_dir_a_live_job_trains_in_is_refused(tmp_path, monkeypatch) -> Non
                 preflight([cfg], use_slurm=False)
         else:
             preflight([cfg], use_slurm=False)
+
+
+def test_a_slurm_that_does_not_answer_leaves_the_process_check(tmp_path, monkeypatch) -> None:
+    from train.run_owner import record_owner, running_owner
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "squeue").write_text(
+        "#!/bin/sh\necho 'slurm_load_jobs error: Unable to contact slurm controller' >&2\nexit 1\n"
+    )
+    (bin_dir / "squeue").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}/usr/bin{os.pathsep}/bin")
+    record_owner(str(tmp_path), "42")  # this process, alive, in a job Slurm cannot be asked about
+    assert running_owner(str(tmp_path)) == f"process {os.getpid()} on {__import__('socket').gethostname()}"
 
 
 def _fake_squeue(tmp_path, state: str) -> str:

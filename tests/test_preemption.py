@@ -209,7 +209,11 @@ def _fake_scontrol(tmp_path, preempt_time: str) -> str:
     bin_dir = tmp_path / f"scontrol_{preempt_time[:4]}"
     bin_dir.mkdir()
     script = bin_dir / "scontrol"
-    script.write_text(f'#!/bin/sh\necho "JobId=$4 JobState=RUNNING PreemptEligibleTime=x PreemptTime={preempt_time}"\n')
+    # as for an array's own id: every task's line (this one's first), and a Command= that holds the same text
+    script.write_text(
+        f'#!/bin/sh\necho "JobId=$4 ArrayTaskId=2 JobState=RUNNING PreemptEligibleTime=x PreemptTime={preempt_time}'
+        ' Command=/a b/job PreemptTime=x.sh"\necho "JobId=9$4 ArrayTaskId=0 PreemptTime=None"\n'
+    )
     script.chmod(0o755)
     return f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
 

@@ -11,6 +11,7 @@ agreed the same way, so ranks whose clocks differ by a little still save at one 
 from __future__ import annotations
 
 import dataclasses
+import re
 import signal
 import subprocess
 import threading
@@ -85,10 +86,13 @@ def slurm_preempting(job_id: str, timeout_s: float = 30.0) -> bool | None:
         )
     except (OSError, subprocess.TimeoutExpired):
         return None
-    fields = dict(item.split("=", 1) for item in out.stdout.split() if "=" in item)
-    if out.returncode != 0 or "PreemptTime" not in fields:
+    # `-o`: one line per job; an array's own id lists every task, so keep this job's line and its first
+    # PreemptTime (a later Command= or WorkDir= value may hold the same text)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith(f"JobId={job_id} ")), "")
+    found = re.search(r"(?:^| )PreemptTime=(\S*)", line)
+    if out.returncode != 0 or found is None:
         return None
-    return fields["PreemptTime"] not in ("None", "Unknown", "")
+    return found.group(1) not in ("None", "Unknown", "")
 
 
 def stay_for_a_preemption(step: int, job_id: str, unsure_wait_s: float = 600.0) -> None:

@@ -61,8 +61,10 @@ def _slurm_state(job_id: str, timeout_s: float = 30.0) -> str | None:
         )
     except subprocess.TimeoutExpired:
         return None
+    if out.returncode != 0:  # a job Slurm has forgotten: "Invalid job id"; anything else: Slurm did not answer
+        return "" if "Invalid job id" in out.stderr else None
     states = dict(line.split()[:2] for line in out.stdout.splitlines() if len(line.split()) >= 2)
-    return states.get(job_id, "") if out.returncode == 0 else ""
+    return states.get(job_id, "")
 
 
 def _process_alive(pid: int, start: str) -> bool:

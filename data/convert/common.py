@@ -177,7 +177,13 @@ def _check_state(out: str, state: dict) -> None:
         with open(path, encoding="utf-8") as f:
             old = json.load(f)
         if old != state and old.get("version") != state["version"]:
-            written_by = f"state version {old['version']}" if "version" in old else "a converter before state version 2"
+            version = old.get("version")
+            if isinstance(version, int) and version > state["version"]:
+                raise ValueError(
+                    f"{out} was written by a newer converter ({path}: state version {version}, this one writes "
+                    f"{state['version']}): resume it with that version of hypermetric"
+                )
+            written_by = f"state version {version}" if version is not None else "a converter before state version 2"
             raise ValueError(
                 f"{out} was written by an older converter ({path}: {written_by}, this one writes "
                 f"{state['version']}), whose restart state this one cannot check: remove {out} and convert again "
