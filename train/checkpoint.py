@@ -35,7 +35,7 @@ from model.proxies import ShardedHead
 from train.config import RunConfig, load_yaml, save_yaml
 from train.config_values import override_text
 from train.dist import DistEnv, barrier
-from train.elastic import ENGINE_TAG, load_universal
+from train.elastic import ENGINE_TAG, load_universal, needs_universal
 
 
 @dataclasses.dataclass
@@ -289,7 +289,7 @@ def load_checkpoint(
     At another world size the engine comes from the universal conversion (train/elastic.py) and
     the RNG states are not restored (the ranks' streams are re-split anyway)."""
     meta = read_meta(path)
-    if meta["world_size"] != env.world_size:  # converted by train.main.build_model beforehand
+    if needs_universal(path, meta["world_size"], env.world_size):  # converted by train.main.build_model before
         load_universal(engine, path)
     else:
         load_path, _ = engine.load_checkpoint(

@@ -36,7 +36,7 @@ from train.dist import (
     init_distributed,
     slurm_job_id,
 )
-from train.elastic import convert_to_universal
+from train.elastic import convert_to_universal, needs_universal
 from train.engine import build_engine, build_head_optimizer, embedding_grad_scale
 from train.evaluate.protocols import evaluate_sets, flatten, update_best
 from train.evaluate.report import write_eval_files
@@ -65,7 +65,7 @@ def build_model(
     engine is built to load it (train/elastic.py); the head is re-sliced by class range.
     """
     meta = ckpt.read_meta(resume_from) if resume_from else {}
-    universal = bool(meta) and meta["world_size"] != env.world_size
+    universal = bool(meta) and needs_universal(str(resume_from), meta["world_size"], env.world_size)
     if universal:
         if env.is_main:
             seconds = convert_to_universal(str(resume_from))
@@ -120,7 +120,8 @@ def build_model(
             if changed:
                 print(
                     f"warning: data stream settings changed since the checkpoint ({'; '.join(changed)}): "
-                    "the stream continues deterministically but not batch for batch",
+                    "the stream continues deterministically at the same position in the epoch, but not batch for "
+                    "batch (with other ranks x workers, part of the rest of this epoch repeats)",
                     flush=True,
                 )
             changed = ckpt.config_changes(resume_from, cfg)
@@ -138,11 +139,31 @@ def build_model(
                     f"warning: the global batch changes from {was} to {now} images a step ({saved['world_size']} -> "
                     f"{env.world_size} ranks x data.batch_size x optim.grad_accum_steps): the remaining "
                     f"{cfg.max_steps - state.step} steps see {now * (cfg.max_steps - state.step)} images instead of "
-                    f"{was * (cfg.max_steps - state.step)}; to keep the batch set optim.grad_accum_steps="
-                    f"{was / (env.world_size * cfg.data.batch_size):g} (when whole)",
+                    f"{was * (cfg.max_steps - state.step)}; to keep the batch set "
+                    f"{keep_global_batch(was, env.world_size, cfg)}",
                     flush=True,
                 )
     return model, state
+
+
+def keep_global_batch(was: int, world_size: int, cfg: RunConfig) -> str:
+    """The override(s) that give `was` images a step on `world_size` ranks (fewer ranks: more accumulation;
+    more ranks: a smaller per-rank batch)."""
+    per_rank = was / world_size
+    options = []
+    if per_rank % cfg.data.batch_size == 0:
+        options.append(f"optim.grad_accum_steps={int(per_rank // cfg.data.batch_size)}")
+    if per_rank % cfg.optim.grad_accum_steps == 0:
+        options.append(f"data.batch_size={int(per_rank // cfg.optim.grad_accum_steps)}")
+    return " or ".join(options) or f"data.batch_size x optim.grad_accum_steps = {per_rank:g} (not whole here)"
+
+
+def stream_start(state: ckpt.TrainState, cfg: RunConfig, env: DistEnv) -> int:
+    """The micro-batch each rank's stream resumes at: the samples the run has read, over this run's images per
+    micro-batch and rank. At the checkpoint's world size and batch that is step x grad_accum_steps; after a
+    change it keeps the position in the epoch (step x the new batch would skip or replay up to the rest of it:
+    2 -> 4 ranks had skipped the rest of the epoch and part of the next)."""
+    return state.samples_seen // (cfg.data.batch_size * env.world_size)
 
 
 @dataclasses.dataclass
@@ -183,9 +204,7 @@ class Run:
             print(f"config of run {cfg.name}:\n{json.dumps(cfg.to_dict(), indent=1)}", flush=True)
         barrier()
         model, state = build_model(cfg, env, device, resume_from)
-        stream = build_train_loader(
-            cfg.data, env.rank, env.world_size, start_batch=state.step * cfg.optim.grad_accum_steps
-        )
+        stream = build_train_loader(cfg.data, env.rank, env.world_size, start_batch=stream_start(state, cfg, env))
         global_batch = cfg.data.batch_size * env.world_size * cfg.optim.grad_accum_steps
         clock = StepClock(global_batch, env.world_size, cfg.max_steps, device)
         return cls(
