@@ -66,15 +66,20 @@ def _safe(value: str) -> str:
     return value if "/" not in value else f"{value.replace('/', '-')}~{hashlib.sha1(value.encode()).hexdigest()[:6]}"
 
 
+def _training_settings(overrides: list[str]) -> list[str]:
+    """The overrides that change what trains (not run_root, name or slurm.*), sorted."""
+    return sorted(
+        o for o in overrides if o.split("=", 1)[0].strip() not in ("run_root", "name") and not o.startswith("slurm.")
+    )
+
+
 def default_sweep_name(base_name: str, overrides: list[str], specs: list[str]) -> str:
     """`<name>-sweep-<digest>` of the grid and of the overrides that change training (not run_root, name or
     slurm.*). Two different sweeps must not share a folder: the second would resume the first's finished
     points whose labels match, and the summary table would list the points of both. The very same command
     again maps to the same folder, so it resumes. Value order within a key does not change the points (nor
     their folders), so it does not change the digest; key order does (it orders the labels)."""
-    settings = sorted(
-        o for o in overrides if o.split("=", 1)[0].strip() not in ("run_root", "name") and not o.startswith("slurm.")
-    )
+    settings = _training_settings(overrides)
     grid = [f"{key}={','.join(sorted(values))}" for key, values in _axes(specs)]
     digest = hashlib.sha1(json.dumps({"overrides": settings, "grid": grid}).encode()).hexdigest()[:8]
     return f"{base_name}-sweep-{digest}"
@@ -82,9 +87,7 @@ def default_sweep_name(base_name: str, overrides: list[str], specs: list[str]) -
 
 def legacy_sweep_name(base_name: str, overrides: list[str]) -> str:
     """The default folder before the grid digest: `<name>-sweep`, plus a digest of the training overrides."""
-    settings = sorted(
-        o for o in overrides if o.split("=", 1)[0].strip() not in ("run_root", "name") and not o.startswith("slurm.")
-    )
+    settings = _training_settings(overrides)
     return f"{base_name}-sweep" + (f"-{hashlib.sha1(';'.join(settings).encode()).hexdigest()[:8]}" if settings else "")
 
 

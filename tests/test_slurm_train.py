@@ -225,26 +225,25 @@ def test_kill_of_one_rank_fails_cleanly_and_resubmission_resumes(
     assert summary["resumed_from_step"] >= 20 and summary["step"] == 60
 
 
-def test_plain_sbatch_script_trains_and_requeues_on_usr2(slurm_env, mnist_root: str, tmp_path: Path) -> None:
-    args = slurm_overrides(mnist_root, tmp_path, "sbatch", 60, "checkpoint.keep_last=20")
+def _sbatch_and_wait_for_step_20(args: list[str], tmp_path: Path) -> str:
+    """Submit slurm/train.sbatch with `args` (run_root = tmp_path); return the job id once step-20 is saved."""
     out = subprocess.run(
-        [
-            "sbatch",
-            "--parsable",
-            f"--chdir={REPO}",
-            f"--output={tmp_path}/slurm-%j.out",
-            "--time=20",
-            str(REPO / "slurm" / "train.sbatch"),
-            *args,
-        ],
+        ["sbatch", "--parsable", f"--chdir={REPO}", f"--output={tmp_path}/slurm-%j.out", "--time=20"]
+        + [str(REPO / "slurm" / "train.sbatch"), *args],
         capture_output=True,
         text=True,
         check=True,
         env={**os.environ, "PYTHON": os.sys.executable},
     )
-    job_id = out.stdout.strip().split(";")[0]
+    name = next(a.split("=", 1)[1] for a in args if a.startswith("name="))
+    wait_for_file(tmp_path / name / "checkpoints" / "step-20", timeout=180)
+    return out.stdout.strip().split(";")[0]
+
+
+def test_plain_sbatch_script_trains_and_requeues_on_usr2(slurm_env, mnist_root: str, tmp_path: Path) -> None:
+    args = slurm_overrides(mnist_root, tmp_path, "sbatch", 60, "checkpoint.keep_last=20")
+    job_id = _sbatch_and_wait_for_step_20(args, tmp_path)
     run_dir = tmp_path / "sbatch"
-    wait_for_file(run_dir / "checkpoints" / "step-20", timeout=180)
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
     assert wait_for_state(job_id, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=400) == "COMPLETED"
     summary = _summary(run_dir)
@@ -255,17 +254,8 @@ def test_plain_sbatch_script_trains_and_requeues_on_usr2(slurm_env, mnist_root: 
 
 def test_plain_sbatch_script_comes_back_after_a_preemption(slurm_env, mnist_root: str, tmp_path: Path) -> None:
     args = slurm_overrides(mnist_root, tmp_path, "sbatch_preempted", 60, "checkpoint.keep_last=20")
-    out = subprocess.run(
-        ["sbatch", "--parsable", f"--chdir={REPO}", f"--output={tmp_path}/slurm-%j.out", "--time=20"]
-        + [str(REPO / "slurm" / "train.sbatch"), *args],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, "PYTHON": os.sys.executable},
-    )
-    job_id = out.stdout.strip().split(";")[0]
+    job_id = _sbatch_and_wait_for_step_20(args, tmp_path)
     run_dir = tmp_path / "sbatch_preempted"
-    wait_for_file(run_dir / "checkpoints" / "step-20", timeout=180)
     _preempt_the_debug_partition()
     assert wait_for_state(job_id, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=400) == "COMPLETED"
     summary = _summary(run_dir)

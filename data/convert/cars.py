@@ -12,27 +12,15 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-import scipy.io
 
-from data.convert.common import Item, Split, check_files, mat_scalar, read_file, remap, require_file
+from data.convert.common import Item, Split, check_files, load_struct_array, mat_scalar, read_file, remap, require_file
 
 NUM_TRAIN_CLASSES = 98
 
 
 def read_annotations(path: str) -> list[tuple[str, int, dict]]:
     """(relative image path, class 1..196, extra fields) per annotation."""
-    try:
-        mat = scipy.io.loadmat(path, squeeze_me=True)
-    except Exception as exc:  # scipy raises several types for a bad file
-        raise ValueError(f"{path} is not a readable MATLAB file: {exc}") from exc
-    if "annotations" not in mat:
-        found = sorted(k for k in mat if not k.startswith("__"))
-        raise ValueError(f"{path} has no 'annotations' struct array (found {found})")
-    ann = np.atleast_1d(mat["annotations"]).reshape(-1)
-    names = ann.dtype.names or ()
-    if "relative_im_path" not in names or "class" not in names:
-        raise ValueError(f"{path}: annotations need fields relative_im_path and class, found {names}")
+    ann = load_struct_array(path, "annotations", ("relative_im_path", "class"))
     rows: list[tuple[str, int, dict]] = []
     for index, record in enumerate(ann):
         rel = str(mat_scalar(record["relative_im_path"]))
@@ -42,7 +30,7 @@ def read_annotations(path: str) -> list[tuple[str, int, dict]]:
         # Keep the other scalar fields (bbox, test flag) as plain ints.
         extra = {
             n: int(mat_scalar(record[n]))  # type: ignore[call-overload]
-            for n in names
+            for n in ann.dtype.names or ()
             if n not in ("relative_im_path", "class")
         }
         rows.append((rel, cls, extra))

@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.io
 from tqdm import tqdm
 
 from common.files import write_json_atomic
@@ -101,6 +102,22 @@ def check_files(paths: Iterable[str], listed_in: str) -> None:
             f"{len(missing)} image(s) listed in {listed_in} do not exist, first: "
             f"{missing[0]}; is --src the dataset's top folder, and is it fully extracted?"
         )
+
+
+def load_struct_array(path: str, name: str, fields: tuple[str, ...], hint: str = "") -> np.ndarray:
+    """The MATLAB struct array `name` of `path` (1-D), checked to hold `fields`; errors name the file."""
+    try:
+        mat = scipy.io.loadmat(path, squeeze_me=True)
+    except Exception as exc:  # scipy raises several types for a bad file
+        raise ValueError(f"{path} is not a readable MATLAB file: {exc}") from exc
+    if name not in mat:
+        found = sorted(k for k in mat if not k.startswith("__"))
+        raise ValueError(f"{path} has no {name!r} struct array (found {found}){hint}")
+    array = np.atleast_1d(mat[name]).reshape(-1)
+    present = array.dtype.names or ()
+    if any(field not in present for field in fields):
+        raise ValueError(f"{path}: {name} need fields {' and '.join(fields)}, found {present}")
+    return array
 
 
 def mat_scalar(value: object) -> object:

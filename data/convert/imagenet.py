@@ -35,10 +35,8 @@ import re
 import sys
 from dataclasses import dataclass, field
 
-import numpy as np
-import scipy.io
 
-from data.convert.common import Item, Split, check_files, mat_scalar, read_file
+from data.convert.common import Item, Split, check_files, load_struct_array, mat_scalar, read_file
 
 IMAGE_EXTS = (".jpeg", ".jpg", ".png")
 LABEL_FILES = ("LOC_val_solution.csv", "val_labels.txt")
@@ -155,17 +153,7 @@ def read_val_labels(path: str) -> dict[str, str]:
 
 def read_synsets(path: str) -> dict[int, str]:
     """ILSVRC2012_ID -> WNID from the devkit's data/meta.mat (struct array `synsets`)."""
-    try:
-        mat = scipy.io.loadmat(path, squeeze_me=True)
-    except Exception as exc:  # scipy raises several types for a bad file
-        raise ValueError(f"{path} is not a readable MATLAB file: {exc}") from exc
-    if "synsets" not in mat:
-        found = sorted(k for k in mat if not k.startswith("__"))
-        raise ValueError(f"{path} has no 'synsets' struct array (found {found}); expected the devkit's data/meta.mat")
-    synsets = np.atleast_1d(mat["synsets"]).reshape(-1)
-    names = synsets.dtype.names or ()
-    if "ILSVRC2012_ID" not in names or "WNID" not in names:
-        raise ValueError(f"{path}: synsets need fields ILSVRC2012_ID and WNID, found {names}")
+    synsets = load_struct_array(path, "synsets", ("ILSVRC2012_ID", "WNID"), "; expected the devkit's data/meta.mat")
     return {int(mat_scalar(s["ILSVRC2012_ID"])): str(mat_scalar(s["WNID"])) for s in synsets}  # type: ignore[call-overload]
 
 
