@@ -5,7 +5,9 @@ For C classes, D = 512, global batch 256 and world sizes P (gloo processes on th
   * DistArc vs plain ArcFace (the same sharded head with lambda = mu = 0; P = 1 also PML's ArcFaceLoss);
   * the Gram-form Poincare distance vs a B x N x D broadcast (hyptorch-style);
   * with --sample-rates / --class-chunks, Partial-FC (loss.sample_rate) and the chunked class softmax
-    (loss.class_chunk): each head at each rate and chunk, against its plain row.
+    (loss.class_chunk): each head at each rate and chunk, against its plain row;
+  * with --head-optimizers, instead: the whole head step (its optimizer's update timed too) per
+    optim.head_optimizer, e.g. dense AdamW against the lazy one that updates only the sampled rows.
 Memory: on GPUs, torch.cuda.max_memory_allocated; on CPU, the peak resident set of each rank minus
 its resident set before the head was built (every configuration runs in fresh processes, because
 the peak cannot be reset), with glibc's mmap threshold pinned at 128 KiB so that freed temporaries
@@ -15,6 +17,7 @@ with fewer cores than ranks the per-rank times include oversubscription: compare
 
     python -m bench.heads [--classes 10000,100000,1000000] [--worlds 1,2,4] [--iters 3]
                           [--heads chest,softtriple --sample-rates 1.0,0.5,0.1 --class-chunks 0,8192]
+    python -m bench.heads --heads distarc --classes 1000000 --sample-rates 0.1 --head-optimizers adamw,lazy_adamw
 """
 
 from __future__ import annotations
@@ -51,11 +54,21 @@ def current_rss_mb() -> float:
 
 
 def _rank(
-    rank: int, world: int, head_name: str, num_classes: int, iters: int, sample_rate: float, class_chunk: int, out: dict
+    rank: int,
+    world: int,
+    head_name: str,
+    num_classes: int,
+    iters: int,
+    sample_rate: float,
+    class_chunk: int,
+    head_optimizer: str,
+    out: dict,
 ) -> None:
     import torch.distributed as dist
 
     from model.task import build_head
+    from train.config import OptimConfig
+    from train.engine import build_head_optimizer
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
@@ -65,6 +78,9 @@ def _rank(
     base = torch.cuda.memory_allocated() / 2**20 if cuda else current_rss_mb()
     cfg = dataclasses.replace(HEADS[head_name], sample_rate=sample_rate, class_chunk=class_chunk)
     head = build_head(cfg, num_classes, DIM, rank, world, embedding_grad_scale=float(world)).to(device)
+    optimizer = None  # fwd + bwd only; with a head optimizer its step is timed too
+    if head_optimizer:
+        optimizer = build_head_optimizer(head, OptimConfig(head_optimizer=head_optimizer), max_steps=iters + 1)[0]
     b = GLOBAL_BATCH // world
     g = torch.Generator().manual_seed(rank)
     emb = (torch.randn(b, DIM, generator=g) * 3).to(device).requires_grad_(True)
@@ -74,9 +90,14 @@ def _rank(
         dist.barrier()
         t0 = time.perf_counter()
         head(emb, labels, step=i)["loss"].backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
         dist.barrier()
         times.append(time.perf_counter() - t0)
-        head.zero_grad(set_to_none=False)
+        head.zero_grad(set_to_none=optimizer is not None)
         emb.grad = None
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mb()
     out[rank] = {"mem_mb": peak - base, "time_s": min(times[1:])}
@@ -84,10 +105,17 @@ def _rank(
 
 
 def run_config(
-    head_name: str, num_classes: int, world: int, iters: int, sample_rate: float = 1.0, class_chunk: int = 0
+    head_name: str,
+    num_classes: int,
+    world: int,
+    iters: int,
+    sample_rate: float = 1.0,
+    class_chunk: int = 0,
+    head_optimizer: str = "",
 ) -> dict[str, float]:
-    """Per-rank max of peak memory and of the best fwd+bwd time over `iters` timed iterations."""
-    res = run_ranks(_rank, world, head_name, num_classes, iters, sample_rate, class_chunk)
+    """Per-rank max of peak memory and of the best fwd+bwd time (with `head_optimizer`: fwd + bwd + its step)
+    over `iters` timed iterations."""
+    res = run_ranks(_rank, world, head_name, num_classes, iters, sample_rate, class_chunk, head_optimizer)
     return {"mem_mb": max(r["mem_mb"] for r in res.values()), "time_s": max(r["time_s"] for r in res.values())}
 
 
@@ -178,6 +206,30 @@ def variant_table(
                         )
 
 
+def optimizer_table(
+    heads: list[str], classes: list[int], rates: list[float], optimizers: list[str], iters: int
+) -> None:
+    """The head's whole step (forward, backward, its optimizer's update) at P = 1 by optim.head_optimizer: the
+    dense optimizers move every row of the table each step, the lazy ones (train/lazy_rows.py) the sampled.
+    Run with glibc's default mmap threshold (pinned, as for the memory tables, each [S, D] temporary of the lazy
+    update is a fresh mapping whose page faults cost more than the update: 0.20 s against 0.02 s at 20k
+    classes), so the peak MB here includes what glibc keeps of freed memory: bench.capacity measures memory."""
+    print("\n| head | C | sample rate | head optimizer | peak MB | fwd+bwd+step s | vs the first optimizer |")
+    print("|---|---|---|---|---|---|---|")
+    for head in heads:
+        for c in classes:
+            for rate in rates:
+                first = None
+                for opt in optimizers:
+                    r = run_config(head, c, 1, iters, rate, 0, opt)
+                    first = first or r
+                    print(
+                        f"| {head} | {c} | {rate:g} | {opt} | {r['mem_mb']:.0f} | {r['time_s']:.3f} | "
+                        f"{r['time_s'] / first['time_s']:.2f} |",
+                        flush=True,
+                    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--classes", default="10000,100000,1000000")
@@ -186,11 +238,22 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=2)
     p.add_argument("--sample-rates", default="", help="Partial-FC rates for a second table, e.g. 1.0,0.5,0.1")
     p.add_argument("--class-chunks", default="", help="loss.class_chunk values for that table, e.g. 0,8192")
+    p.add_argument(
+        "--head-optimizers",
+        default="",
+        help="optim.head_optimizer values for a table of whole head steps at P = 1, e.g. adamw,lazy_adamw "
+        "(with --sample-rates; only that table and the first are printed)",
+    )
     args = p.parse_args()
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))  # read by glibc in the spawned ranks
+    if not args.head_optimizers:  # a timing table: pinned, every temporary of the step is a fresh mmap (page faults)
+        os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))  # read by glibc in the spawned ranks
     classes = [int(c) for c in args.classes.split(",")]
     worlds = [int(w) for w in args.worlds.split(",")]
     print(f"# heads: D={DIM}, global batch {GLOBAL_BATCH}, {os.cpu_count()} CPU cores, torch {torch.__version__}")
+    if args.head_optimizers:
+        rates = [float(r) for r in (args.sample_rates or "1.0").split(",")]
+        optimizer_table(args.heads.split(","), classes, rates, args.head_optimizers.split(","), args.iters)
+        return
     print("| head | C | P | per-rank peak MB | dense (P=1) MB | ratio x P | fwd+bwd s |")
     print("|---|---|---|---|---|---|---|")
     results: dict[tuple[str, int, int], dict[str, float]] = {}

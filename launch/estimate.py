@@ -37,7 +37,29 @@ GIB = 2**30
 MEASURE_BATCH = 2  # images of the CPU forward; activations scale linearly from here
 LOGIT_COPIES = 3  # [G, C] blocks alive at once: the logits, the softmax temporaries, their gradient
 # per head value: fp32 weight + the optimizer's fp32 row state (AdamW: two moments; SGD: its momentum) + fp32 grad
-HEAD_BYTES_PER_VALUE = {"adamw": 4 + 8 + 4, "sgd": 4 + 4 + 4}
+HEAD_BYTES_PER_VALUE = {"adamw": 4 + 8 + 4, "sgd": 4 + 4 + 4, "lazy_adamw": 4 + 8, "lazy_sgd": 4 + 4}
+# the lazy optimizers' gradient and step temporaries span only the sampled rows (train/lazy_rows.py): the sparse
+# gradient, the gathered rows, their state rows and the update, per value of a sampled row
+LAZY_SAMPLED_BYTES = {"lazy_adamw": 4 * 6, "lazy_sgd": 4 * 4}
+
+
+# cheaper head optimizers a fix may offer, by the current one
+HEAD_OPTIMIZER_FIXES = {
+    "adamw": (
+        ("sgd", "one momentum row per class instead of AdamW's two moments"),
+        ("lazy_adamw", "no table-sized gradient: only the sampled rows' gradient and state are updated"),
+    ),
+    "sgd": (("lazy_sgd", "no table-sized gradient: only the sampled rows' gradient and momentum are updated"),),
+    "lazy_adamw": (("lazy_sgd", "one momentum row per class instead of AdamW's two moments"),),
+}
+
+
+def head_bytes_per_value(head_optimizer: str, sample_rate: float) -> float:
+    """Bytes per value of the head's table: its weight, its optimizer's state and its gradient (the lazy
+    optimizers' gradient and step temporaries only over loss.sample_rate of the rows)."""
+    return HEAD_BYTES_PER_VALUE[head_optimizer] + LAZY_SAMPLED_BYTES.get(head_optimizer, 0) * min(sample_rate, 1.0)
+
+
 SUGGESTED_CHUNK = 8192  # loss.class_chunk offered by the fixes: [G, 8192] blocks, GEMMs still large
 RUNTIME_RESERVE = 2 * GIB  # CUDA context, NCCL buffers, allocator fragmentation: a margin, not a measurement
 DEPTH_PROBES = (2, 3)  # ViT-like trunks: measured at these depths and extrapolated (block 0 has no drop path)
@@ -133,11 +155,11 @@ class HeadShard:
     num_local: int  # classes on each of these ranks
     sharded_values: int  # elements of sharded_parameters() (C_local x D, or C_local x K x D for CHEST)
     replicated_values: int  # CHEST's shared FC h, whole on every rank
-    bytes_per_value: int = HEAD_BYTES_PER_VALUE["adamw"]  # optim.head_optimizer's
+    bytes_per_value: float = HEAD_BYTES_PER_VALUE["adamw"]  # optim.head_optimizer's (head_bytes_per_value)
 
     @property
     def state_bytes(self) -> int:
-        return (self.sharded_values + self.replicated_values) * self.bytes_per_value
+        return int((self.sharded_values + self.replicated_values) * self.bytes_per_value)
 
 
 def head_shards(
@@ -157,7 +179,7 @@ def head_shards(
                 n,
                 sum(p.numel() for p in head.sharded_parameters().values()),
                 sum(p.numel() for p in head.replicated_parameters().values()),
-                HEAD_BYTES_PER_VALUE[head_optimizer],
+                head_bytes_per_value(head_optimizer, loss.sample_rate),
             )
         )
     return out
@@ -347,7 +369,7 @@ def estimate(cfg: RunConfig, gpu_mem_gb: float) -> Estimate:
         "states": (f"trunk states, ZeRO-{cfg.zero.stage} {dtype} ({source})", [states] * n),
         "bucket": ("DeepSpeed gradient bucket (reduce_bucket_size)", [bucket_bytes(cfg.zero)] * n),
         "head": (
-            f"head shard x {shards[0].bytes_per_value} B (fp32 weight, {cfg.optim.head_optimizer} state, grad)",
+            f"head shard x {shards[0].bytes_per_value:g} B (fp32 weight, {cfg.optim.head_optimizer} state, grad)",
             [s.state_bytes for s in shards],
         ),
         "logits": (
@@ -448,16 +470,15 @@ def fixes(cfg: RunConfig, est: Estimate) -> str:
                 f"{SUGGESTED_CHUNK} classes at a time and recomputed in backward)",
             )
         )
-    sgd = HEAD_BYTES_PER_VALUE["sgd"] / HEAD_BYTES_PER_VALUE["adamw"]
-    head_saving = int(est.most("head") * (1 - sgd))
-    if cfg.optim.head_optimizer == "adamw" and head_saving >= est.peak // 20:  # where it saves 5% or more
-        out.append(
-            (
-                head_saving,
-                f"optim.head_optimizer=sgd (one momentum row per class instead of AdamW's two moments: the "
-                f"{_size(est.most('head'))} head shard x {sgd:.2f}; set optim.head_lr for SGD)",
-            )
-        )
+    now = head_bytes_per_value(cfg.optim.head_optimizer, cfg.loss.sample_rate)
+    for other, why in HEAD_OPTIMIZER_FIXES.get(cfg.optim.head_optimizer, ()):
+        if other.startswith("lazy_") and (cfg.loss.sample_rate >= 1.0 or cfg.loss.name in ("chest", "softtriple")):
+            continue  # lazy updates pay only with sampling, and only DistArc-family tables take them
+        ratio = head_bytes_per_value(other, cfg.loss.sample_rate) / now
+        head_saving = int(est.most("head") * (1 - ratio))
+        if head_saving >= est.peak // 20:  # where it saves 5% or more
+            text = f"optim.head_optimizer={other} ({why}: the {_size(est.most('head'))} head shard x {ratio:.2f}"
+            out.append((head_saving, text + ("; set optim.head_lr for SGD)" if "sgd" in other else ")")))
     return "; ".join(text for _, text in sorted(out, key=lambda item: -item[0]))
 
 

@@ -205,7 +205,8 @@ class DistArcHead(ShardedHead):
         if self.cfg.sample_rate < 1.0:  # Partial-FC: a random subset of negatives, all positives
             gen = torch.Generator().manual_seed(stable_seed(self.cfg.init_seed, step, self.class_start))
             index, target_col = sample_local_classes(target_col, self.num_local, self.cfg.sample_rate, gen)
-            weight, radii = weight[index], radii[index]
+            weight = F.embedding(index, weight, sparse=True) if self.sparse_row_grads else weight[index]
+            radii = radii[index]
         margin = margin_at(self.cfg, step)
         if self.cfg.class_chunk > 0:
             loss_G, parts = self._chunked_loss(emb_GD, target_col, weight, radii, margin)

@@ -105,6 +105,9 @@ class ShardedHead(nn.Module, abc.ABC):
     embed_dim: int
     class_start: int
     num_local: int
+    # Partial-FC's gather of the sampled rows gives the table a row-sparse gradient (only those rows) instead
+    # of a dense one, zero elsewhere; set by train.engine.build_head_optimizer for the lazy optimizers
+    sparse_row_grads: bool = False
 
     @abc.abstractmethod
     def predict(self, emb_GD: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -34,6 +34,12 @@ def test_head_bytes_equal_the_closed_form() -> None:
     assert [s.state_bytes for s in shards] == [4 * 64 * (4 + 8 + 4), 3 * 64 * (4 + 8 + 4)]
     sgd = est.head_shards(LossConfig(name="distarc"), 10, 64, 3, "sgd")  # one momentum row, not two moments
     assert [s.state_bytes for s in sgd] == [4 * 64 * (4 + 4 + 4), 3 * 64 * (4 + 4 + 4)]
+    # the lazy optimizers: weight and state for every row, the gradient and the update's temporaries for the
+    # sampled rows only (loss.sample_rate)
+    pfc = LossConfig(name="distarc", sample_rate=0.25)
+    lazy = est.head_shards(pfc, 10, 64, 3, "lazy_adamw")
+    assert [s.state_bytes for s in lazy] == [int(4 * 64 * (4 + 8 + 24 * 0.25)), int(3 * 64 * (4 + 8 + 24 * 0.25))]
+    assert [s.state_bytes for s in est.head_shards(pfc, 10, 64, 3, "lazy_sgd")] == [4 * 64 * 12, 3 * 64 * 12]
     chest = LossConfig(name="chest", chest=ChestConfig(proxies_per_class=3, hyp_dim=16))
     (shard,) = est.head_shards(chest, 8, 32, 2)
     assert shard.state_bytes == (4 * 3 * 32 + 32 * 16 + 16) * 16  # proxies [4, K, D] and the replicated FC h
@@ -160,6 +166,15 @@ def test_a_submission_that_cannot_fit_is_refused_with_the_fixes(tmp_path, capsys
     assert main(["--estimate", "--gpu-mem-gb", "1", *big_table, "optim.head_optimizer=sgd"]) == 1
     out = capsys.readouterr().out
     assert "head shard x 12 B (fp32 weight, sgd state, grad)" in out and "head_optimizer=sgd" not in out
+    assert "lazy_" not in out  # exact (sample rate 1): nothing to update lazily
+    # Partial FC at 20M classes: the lazy updates drop the table-sized gradient (10% of the table's 16 B x D)
+    sampled = [*args, "data.num_classes=20000000", "loss.class_chunk=1024", "loss.sample_rate=0.1"]
+    assert main(["--estimate", "--gpu-mem-gb", "1", *sampled]) == 1
+    out = capsys.readouterr().out
+    assert "optim.head_optimizer=lazy_adamw" in out and "optim.head_optimizer=sgd" in out
+    assert main(["--estimate", "--gpu-mem-gb", "1", *sampled, "optim.head_optimizer=lazy_sgd"]) == 1
+    out = capsys.readouterr().out
+    assert "head shard x 9.6 B (fp32 weight, lazy_sgd state, grad)" in out and "head_optimizer=" not in out
     assert main(["--estimate", "--gpu-mem-gb", "1", *args]) == 1
     assert "DOES NOT FIT" in capsys.readouterr().out
     assert main(["--estimate", *args]) == 0

@@ -30,9 +30,14 @@ def _heads(world: int, optim: OptimConfig) -> list[tuple[DistArcHead, torch.opti
 
 
 def _step(parts: list, grad: torch.Tensor) -> None:
-    """One optimizer step of every shard with its rows of one whole-table gradient."""
+    """One optimizer step of every shard with its rows of one whole-table gradient; for the lazy optimizers
+    a row-sparse one of the rows whose gradient is not all zero (as a Partial-FC step's sampled rows)."""
     for head, opt, sched in parts:
-        head.weight.grad = grad[head.class_start : head.class_start + head.num_local].clone()
+        rows = grad[head.class_start : head.class_start + head.num_local].clone()
+        if head.sparse_row_grads:
+            kept = rows.abs().sum(1).nonzero()[:, 0]
+            rows = torch.sparse_coo_tensor(kept[None], rows[kept], rows.shape, check_invariants=True)
+        head.weight.grad = rows
         opt.step()
         sched.step()
 
@@ -42,12 +47,20 @@ def _table(parts: list) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    "kind, state_keys", [("sgd", {"momentum_buffer"}), ("adamw", {"exp_avg", "exp_avg_sq", "step"})]
+    "kind, state_keys",
+    [
+        ("sgd", {"momentum_buffer"}),
+        ("adamw", {"exp_avg", "exp_avg_sq", "step"}),
+        ("lazy_sgd", {"momentum_buffer"}),
+        ("lazy_adamw", {"exp_avg", "exp_avg_sq", "row_step", "step"}),  # per-row step counts ([C]) re-sliced too
+    ],
 )
 @pytest.mark.parametrize("old, new", [(2, 3), (3, 1)])
 def test_row_state_is_resliced_and_the_steps_continue(tmp_path, kind: str, state_keys: set, old: int, new: int) -> None:
     optim = OptimConfig(head_optimizer=kind, head_lr=0.1, warmup_steps=0)
     grads = [torch.randn(CLASSES, DIM, generator=torch.Generator().manual_seed(s)) for s in range(4)]
+    for step, grad in enumerate(grads):  # each step reaches a different subset of the rows (lazy: all others rest)
+        grad[torch.arange(CLASSES) % 4 == step] = 0
     before = _heads(old, optim)
     for g in grads[:2]:
         _step(before, g)
@@ -82,3 +95,18 @@ def test_sgd_keeps_one_row_state_and_a_resume_with_the_other_optimizer_is_refuse
         ckpt.check_resumable(str(tmp_path), cfg)
     with pytest.raises(ValueError, match="optim.head_optimizer='lion' must be one of"):
         OptimConfig(head_optimizer="lion").validate()
+
+
+def test_lazy_optimizers_are_refused_for_chest_and_across_a_resume(tmp_path) -> None:
+    cfg = get_recipe("mnist_chest")
+    cfg.optim.head_optimizer = "lazy_adamw"
+    with pytest.raises(ValueError, match="regulariser reaches every proxy.*optim.head_optimizer=adamw"):
+        cfg.validate()
+    cfg = get_recipe("mnist_distarc")
+    cfg.optim.head_optimizer = "adamw"
+    save_yaml(cfg, str(tmp_path / "config.yaml"))
+    cfg.optim.head_optimizer = "lazy_adamw"
+    cfg.loss.sample_rate = 0.5
+    cfg.validate()
+    with pytest.raises(ValueError, match="holds the head's adamw state.*set optim.head_optimizer=adamw to resume"):
+        ckpt.check_resumable(str(tmp_path), cfg)

@@ -9,6 +9,7 @@ lr schedule still advances by one.
 
 from __future__ import annotations
 
+import dataclasses
 import types
 
 import pytest
@@ -59,8 +60,9 @@ def snapshot(engine, head) -> dict[str, torch.Tensor]:
     return out
 
 
-def skip_rank(stage: int, injection: str, bad_rank: int) -> dict:
-    """STEPS steps through train_step; at BAD_STEP rank `bad_rank` injects `injection`."""
+def skip_rank(stage: int, injection: str, bad_rank: int, head_optimizer: str = "adamw") -> dict:
+    """STEPS steps through train_step; at BAD_STEP rank `bad_rank` injects `injection`. A lazy head optimizer
+    trains a Partial-FC head (sample rate 0.5): its gradients are row-sparse."""
     import torch.distributed as dist
 
     from train.engine import build_engine, build_head_optimizer
@@ -69,9 +71,10 @@ def skip_rank(stage: int, injection: str, bad_rank: int) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(7)
     backbone = nn.Sequential(nn.Linear(IN_DIM, 12), nn.BatchNorm1d(12), nn.Tanh(), nn.Linear(12, DIM))
-    optim = OptimConfig(warmup_steps=0, lr=0.05, head_lr=0.05)
+    optim = OptimConfig(warmup_steps=0, lr=0.05, head_lr=0.05, head_optimizer=head_optimizer)
     engine = build_engine(backbone, optim, ZeroConfig(stage=stage), micro_batch=BATCH, max_steps=10)
-    head = build_head(LOSS, CLASSES, DIM, rank, world, embedding_grad_scale=float(world))
+    loss = dataclasses.replace(LOSS, sample_rate=0.5) if head_optimizer.startswith("lazy_") else LOSS
+    head = build_head(loss, CLASSES, DIM, rank, world, embedding_grad_scale=float(world))
     head_opt, head_sched = build_head_optimizer(head, optim, 10)
     task = (NanLossValue if injection == "nan_loss_value" and rank == bad_rank else MetricLearningTask)(engine, head)
     tr = TrainableModel(engine, task, head_opt, head_sched, torch.device("cpu"), torch.float32, Identity())  # type: ignore[arg-type]
@@ -99,15 +102,16 @@ def skip_rank(stage: int, injection: str, bad_rank: int) -> dict:
 @pytest.mark.parametrize("world", [1, 2])
 def test_a_non_finite_step_updates_nothing_on_any_rank(dist_pool, world: int) -> None:
     pool = dist_pool(world)
-    for stage, injection in (
-        (2, "nan_loss_value"),
-        (2, "nan_pixels"),
-        (0, "nan_pixels"),
-        (3, "nan_loss_value"),
-        (0, "nan_loss_value"),
+    for stage, injection, head_optimizer in (
+        (2, "nan_loss_value", "adamw"),
+        (2, "nan_pixels", "adamw"),
+        (0, "nan_pixels", "adamw"),
+        (3, "nan_loss_value", "adamw"),
+        (0, "nan_loss_value", "adamw"),
+        (2, "nan_pixels", "lazy_adamw"),  # NaN in the sampled rows' sparse gradient
     ):
-        results = pool.run(skip_rank, stage, injection, world - 1)
-        msg = f"ZeRO-{stage} {injection} world {world}"
+        results = pool.run(skip_rank, stage, injection, world - 1, head_optimizer)
+        msg = f"ZeRO-{stage} {injection} world {world} {head_optimizer}"
         for r in results:
             assert r["skipped"] == [float(s == BAD_STEP) for s in range(STEPS)], msg
             before, after = r["history"][BAD_STEP], r["history"][BAD_STEP + 1]

@@ -103,6 +103,8 @@ def _model_state(run_dir: str) -> dict[str, torch.Tensor]:
         ("mnist_distarc", ["model.drop_path_rate=0.2"]),
         ("mnist_chest", []),
         ("mnist_distarc", ["optim.head_optimizer=sgd", "optim.head_lr=0.1"]),
+        # row-sparse head gradients through the real loop; per-row step counts saved and restored
+        ("mnist_distarc", ["optim.head_optimizer=lazy_adamw", "loss.sample_rate=0.5"]),
     ],
 )
 def test_resume_gives_the_same_weights_and_loss(

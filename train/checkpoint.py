@@ -314,8 +314,9 @@ def load_checkpoint(
 
 # ---- head shards --------------------------------------------------------------------------------
 
-# optimizer state kept per parameter row: AdamW's two moments, SGD's momentum (optim.head_optimizer)
-MOMENTS = ("exp_avg", "exp_avg_sq", "momentum_buffer")
+# optimizer state kept per parameter row: AdamW's two moments, SGD's momentum (optim.head_optimizer), and the
+# lazy AdamW's per-row step count ([C], train/lazy_rows.py)
+MOMENTS = ("exp_avg", "exp_avg_sq", "momentum_buffer", "row_step")
 
 
 def _param_state(param: torch.nn.Parameter, opt: torch.optim.Optimizer) -> dict[str, Any]:
@@ -385,7 +386,7 @@ def _load_head(path: str, head: ShardedHead, opt: torch.optim.Optimizer, sched: 
             values[name][s - lo : e - lo] = saved["value"][s - a : e - a]
             for key in MOMENTS:
                 if saved.get(key) is not None:
-                    rows = moments[name].setdefault(key, torch.zeros_like(values[name]))
+                    rows = moments[name].setdefault(key, saved[key].new_zeros((hi - lo, *saved[key].shape[1:])))
                     rows[s - lo : e - lo] = saved[key][s - a : e - a]
             opt_step = saved["step"]
         covered += e - s

@@ -27,7 +27,7 @@ from model.config import LossConfig, ModelConfig
 from train.config_values import build_section, plain_values
 
 
-HEAD_OPTIMIZERS = ("adamw", "sgd")
+HEAD_OPTIMIZERS = ("adamw", "sgd", "lazy_adamw", "lazy_sgd")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -42,7 +42,9 @@ class OptimConfig:
     fc_lr: float = 0.0  # CHEST's shared FC h (replicated head parameters); 0 = the backbone's optim.lr
     # "adamw" or "sgd" (momentum optim.head_momentum): per class AdamW keeps 2 x 4 B x D of moments, SGD 1 x;
     # with loss.class_chunk the table's own state is what limits its size (docs/benchmarks.md). CHEST's shared
-    # FC h is in the same optimizer: SGD too, at optim.fc_lr
+    # FC h is in the same optimizer: SGD too, at optim.fc_lr. "lazy_adamw" / "lazy_sgd" (DistArc and its
+    # baselines with loss.sample_rate < 1, Partial FC v1): a sparse gradient of the sampled rows only, and only
+    # they move (train/lazy_rows.py): no table-sized gradient, no update of the rows outside the sample
     head_optimizer: str = "adamw"
     head_momentum: float = 0.9
     beta1: float = 0.9
@@ -265,6 +267,12 @@ class RunConfig:
             raise ValueError(
                 f"slurm.signal_delay_s={self.slurm.signal_delay_s} must be shorter than the time limit "
                 f"slurm.time_min={self.slurm.time_min} min"
+            )
+        if self.optim.head_optimizer.startswith("lazy_") and self.loss.name in ("chest", "softtriple"):
+            raise ValueError(
+                f"optim.head_optimizer={self.optim.head_optimizer} updates only the rows a step samples, but "
+                f"loss.name={self.loss.name}'s regulariser reaches every proxy each step; use "
+                f"optim.head_optimizer={self.optim.head_optimizer.removeprefix('lazy_')}"
             )
         if self.model.in_chans != self.data.in_chans:
             raise ValueError(

@@ -19,6 +19,7 @@ from model.proxies import ShardedHead
 from train import zero3_local_fetch
 from train.config import OptimConfig, ZeroConfig
 from train.fused_grad_checks import install as fuse_gradient_checks
+from train.lazy_rows import LazyRowAdamW, LazyRowSGD
 from train.schedule import lr_factor
 
 
@@ -215,7 +216,16 @@ def build_head_optimizer(
     # the weight, gradient and moments (150k x 512 fp32 on CPU: 1.72 GiB against 1.15) and caps the table
     kept = [g for g in groups if g["params"]]
     optimizer: torch.optim.Optimizer
-    if optim.head_optimizer == "sgd":  # Partial FC's choice: one momentum row per class instead of two moments
+    lazy = optim.head_optimizer.startswith("lazy_")
+    if lazy and replicated:
+        raise ValueError(f"optim.head_optimizer={optim.head_optimizer} is for DistArc-family heads (no shared FC)")
+    # the lazy optimizers read which rows a step sampled from the gradient's sparsity (train/lazy_rows.py)
+    head.sparse_row_grads = lazy
+    if optim.head_optimizer == "lazy_adamw":
+        optimizer = LazyRowAdamW(kept, lr=optim.head_lr, betas=(optim.beta1, optim.beta2))
+    elif optim.head_optimizer == "lazy_sgd":
+        optimizer = LazyRowSGD(kept, lr=optim.head_lr, momentum=optim.head_momentum)
+    elif optim.head_optimizer == "sgd":  # Partial FC's choice: one momentum row per class instead of two moments
         optimizer = torch.optim.SGD(kept, lr=optim.head_lr, momentum=optim.head_momentum, fused=optim.fused or None)
     else:
         optimizer = torch.optim.AdamW(kept, betas=(optim.beta1, optim.beta2), fused=optim.fused or None)

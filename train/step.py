@@ -119,7 +119,14 @@ def trunk_grad_norm(module: torch.nn.Module) -> float:
 def reduce_head_grads(head: ShardedHead) -> float:
     """Sum the replicated head parameters' partial gradients over ranks (never the shards' own);
     return the head's global gradient norm."""
-    shards = [p.grad for p in head.sharded_parameters().values() if p.grad is not None]
+    for param in head.sharded_parameters().values():
+        if param.grad is not None and param.grad.is_sparse:  # a lazy head optimizer's row-sparse gradient: a
+            param.grad = param.grad.coalesce()  # row sampled in two micro-batches is listed twice until summed
+    shards = [
+        p.grad.values() if p.grad.is_sparse else p.grad
+        for p in head.sharded_parameters().values()
+        if p.grad is not None
+    ]
     replicated = [p.grad for p in head.replicated_parameters().values() if p.grad is not None]
     sum_over_ranks_(replicated)
     return global_norm(shards, replicated)
