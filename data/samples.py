@@ -176,8 +176,10 @@ def read_shard(path: str, counter: BadSampleCounter, report: bool = True) -> Ite
                     report,
                 )
                 return
-        if members_read == 0:
-            counter.record(path, "<empty shard>", "the shard holds no member; rebuild it", report=report)
+        if members_read == 0:  # e.g. truncated to 0 bytes: every sample its manifest records is lost
+            lost = _lost_after(path, 0)
+            held = f" (its manifest records {lost} sample(s))" if lost is not None else ""
+            counter.record(path, "<empty shard>", f"the shard holds no member{held}; rebuild it", lost or 1, report)
 
     samples_read = 0
     for sample in tariterators.group_by_keys(members(), handler=handler):

@@ -149,6 +149,10 @@ def test_a_damaged_shard_counts_the_samples_its_manifest_says_were_lost(tmp_path
     got = [s.key for s in valid_samples([shard], 4, counter)]
     assert got == ["syn_000008", "syn_000009", "syn_000010"]
     assert counter.seen == {(shard, "syn_000011"): 1, (shard, "<rest after tar error>"): 4} and counter.count == 5
+    emptied = os.path.join(root, "train", names[0])
+    open(emptied, "wb").close()  # truncated to 0 bytes: all 8 samples its manifest records are lost
+    counter = BadSampleCounter(10, "test")
+    assert list(valid_samples([emptied], 4, counter)) == [] and counter.seen == {(emptied, "<empty shard>"): 8}
     os.remove(os.path.join(root, "manifest.json"))
     counter = BadSampleCounter(10, "test")
     assert len(list(valid_samples([shard], 4, counter))) == 3 and counter.count == 2
