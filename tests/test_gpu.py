@@ -72,3 +72,28 @@ def test_deepspeed_replacements_on_cuda() -> None:
     assert ours["local_handles"] > 0
     for p, q in zip(ours["params"], deepspeeds["params"]):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["lazy_adamw", "lazy_sgd"])
+def test_lazy_row_optimizers_on_cuda(kind: str) -> None:
+    """The Partial-FC head's row-sparse gradient and the lazy update on CUDA tensors equal the CPU ones
+    (which tests/test_lazy_rows.py checks against torch's optimizers)."""
+    from model.config import LossConfig
+    from model.distarc import DistArcHead
+    from train.config import OptimConfig
+    from train.engine import build_head_optimizer
+
+    cfg = LossConfig(name="distarc", sample_rate=0.2, radial_weight=0.05, radius_start=2.0, radius_gap=0.5)
+    tables = []
+    for device in ("cpu", "cuda"):
+        head = DistArcHead(cfg, 500, 16).to(device)
+        opt, _ = build_head_optimizer(head, OptimConfig(head_optimizer=kind, head_lr=0.1), max_steps=10)
+        g = torch.Generator().manual_seed(0)
+        for step in range(3):
+            emb, labels = torch.randn(32, 16, generator=g), torch.randint(0, 500, (32,), generator=g)
+            head(emb.to(device), labels.to(device), step=step)["loss"].backward()
+            assert head.weight.grad.is_sparse and head.weight.grad.device.type == device
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        tables.append(head.weight.detach().cpu())
+    torch.testing.assert_close(tables[1], tables[0], rtol=1e-5, atol=1e-6)
