@@ -27,14 +27,28 @@ from typing import Any
 import torch
 
 
+def coalesced(grad: torch.Tensor) -> torch.Tensor:
+    """A row-sparse gradient with each row once (summed) and in row order. One micro-batch's gather of the
+    sorted sample already is: marked so without coalesce()'s sort and copy of the values (at 400k classes,
+    rate 0.1 on this CPU: 0.27 s of a 0.97 s update). Micro-batches accumulate by concatenation: those are
+    coalesced."""
+    if grad.is_coalesced():
+        return grad
+    rows = grad._indices()[0]
+    if rows.numel() < 2 or bool((rows[1:] > rows[:-1]).all()):
+        return torch.sparse_coo_tensor(
+            grad._indices(), grad._values(), grad.shape, is_coalesced=True, check_invariants=False
+        )
+    return grad.coalesce()
+
+
 def touched_rows(param: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """(row index, the rows' gradient): the sparse gradient's rows, summed where a row appears twice
-    (micro-batches accumulate sparse gradients by concatenation); (None, grad) for a dense one (every row)."""
+    """(row index, the rows' gradient) of a row-sparse gradient; (None, grad) for a dense one (every row)."""
     if not grad.is_sparse:
         return None, grad
     if grad.sparse_dim() != 1 or grad.shape != param.shape:
         raise ValueError(f"a lazy row optimizer needs a row-sparse gradient of shape {tuple(param.shape)}")
-    grad = grad.coalesce()
+    grad = coalesced(grad)
     return grad.indices()[0], grad.values()
 
 
@@ -127,7 +141,9 @@ class LazyRowAdamW(LazyRowOptimizer):
         correction1 = (1 - beta1**row_step).view(shape)
         correction2_sqrt = (1 - beta2**row_step).sqrt().view(shape)
         denom = exp_avg_sq.sqrt().div_(correction2_sqrt).add_(eps)  # torch.optim.AdamW's order of operations
-        values.mul_(1 - lr * decay).sub_(denom.reciprocal_().mul_(exp_avg).mul_(lr / correction1))
+        if decay:
+            values.mul_(1 - lr * decay)
+        values.addcdiv_(exp_avg * (lr / correction1), denom, value=-1.0)
         for key, new in (("param", values), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("row_step", row_step)):
             self._write(param, rows, key, new)
 

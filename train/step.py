@@ -13,6 +13,7 @@ from model.proxies import ShardedHead
 from model.task import MetricLearningTask
 from train.dist import global_norm, max_over_ranks, sum_over_ranks_
 from train.engine import GuardedAdamW
+from train.lazy_rows import coalesced
 
 if TYPE_CHECKING:
     from train.main import Run
@@ -121,7 +122,7 @@ def reduce_head_grads(head: ShardedHead) -> float:
     return the head's global gradient norm."""
     for param in head.sharded_parameters().values():
         if param.grad is not None and param.grad.is_sparse:  # a lazy head optimizer's row-sparse gradient: a
-            param.grad = param.grad.coalesce()  # row sampled in two micro-batches is listed twice until summed
+            param.grad = coalesced(param.grad)  # row sampled in two micro-batches is listed twice until summed
     shards = [
         p.grad.values() if p.grad.is_sparse else p.grad
         for p in head.sharded_parameters().values()
