@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import functools
 import resource
+import threading
 import time
 from typing import Any, Callable, Iterator
 
@@ -15,16 +16,57 @@ import torch.distributed as dist
 
 from train.config import RunConfig
 
+# torch.distributed's collectives (those of this torch), looked up on the module at each call by our code
+# and by DeepSpeed's backend for most of its calls
 COMM_FUNCTIONS = (
     "all_reduce",
+    "all_reduce_coalesced",
     "all_gather",
     "all_gather_into_tensor",
+    "all_gather_single",  # torch 2.14's name for all_gather_into_tensor, which now calls it
+    "all_gather_object",
     "reduce_scatter",
     "reduce_scatter_tensor",
+    "reduce_scatter_single",
     "broadcast",
+    "broadcast_object_list",
+    "all_to_all",
     "all_to_all_single",
+    "gather",
+    "scatter",
     "reduce",
     "barrier",
+    "monitored_barrier",
+    "batch_isend_irecv",
+)
+# DeepSpeed's backend (deepspeed.comm.comm.cdb, a TorchBackend) keeps its own references to torch's
+# all_gather_into_tensor / reduce_scatter_tensor (all_gather_function / reduce_scatter_function, taken when
+# it is built), so patching torch.distributed misses ZeRO's parameter all-gathers and gradient
+# reduce-scatters: its methods are wrapped on the instance as well. (Point-to-point send/recv are left
+# alone: waiting on an isend before the matching irecv is posted could deadlock.)
+DEEPSPEED_COMM = (
+    "all_reduce",
+    "all_reduce_coalesced",
+    "inference_all_reduce",
+    "reduce",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "reduce_scatter_function",
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_gather_base",
+    "all_gather_coalesced",
+    "all_gather_function",
+    "all_gather_object",
+    "broadcast",
+    "broadcast_object_list",
+    "all_to_all",
+    "all_to_all_single",
+    "gather",
+    "scatter",
+    "barrier",
+    "monitored_barrier",
+    "batch_isend_irecv",
 )
 
 
@@ -39,39 +81,96 @@ class Timer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def add(self, name: str, seconds: float) -> None:
+        self.totals[name] = self.totals.get(name, 0.0) + seconds
+
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
         self.sync()
         start = time.perf_counter()
         yield
         self.sync()
-        self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - start
+        self.add(name, time.perf_counter() - start)
+
+    @contextlib.contextmanager
+    def split(self, first: str, second: str) -> Iterator[Callable[[], None]]:
+        """One interval timed as two phases: up to the first call of the yielded `mark()` (which
+        synchronises the device, e.g. from a tensor hook when the embedding's gradient arrives) it is
+        `first`, after it `second` (all `second` if nothing marked); the two add up to the interval."""
+        marks: list[float] = []
+
+        def mark() -> None:
+            if not marks:
+                self.sync()
+                marks.append(time.perf_counter())
+
+        self.sync()
+        start = time.perf_counter()
+        yield mark
+        self.sync()
+        end = time.perf_counter()
+        cut = marks[0] if marks else start
+        self.add(first, cut - start)
+        self.add(second, end - cut)
+
+
+def _wait(result: Any) -> None:
+    """Wait for an async collective's handle(s) (torch Work, DeepSpeed's, a list of them); a synchronous
+    call returns None."""
+    for work in result if isinstance(result, (list, tuple)) else (result,):
+        if hasattr(work, "wait"):
+            work.wait()
 
 
 @contextlib.contextmanager
 def timed_collectives(timer: Timer) -> Iterator[None]:
-    """Count the time inside torch.distributed's collectives (DeepSpeed's comm calls them too) as "comm";
-    on CUDA each call is synchronised so its time is the collective's, not its launch's."""
-    originals = {name: getattr(dist, name) for name in COMM_FUNCTIONS}
+    """Count the time inside collectives as "comm": torch.distributed's functions and, when DeepSpeed's
+    communication backend is up, its methods (which call torch through references of their own). Only the
+    outermost call is timed (per thread: DeepSpeed's methods call torch's, a torch function may call another),
+    so nothing is counted twice; an async call is waited for inside it, and on CUDA each call is
+    synchronised, so its time is the collective's, not its launch's."""
+    import sys
+
+    depth = threading.local()
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
         def timed(*args: Any, **kwargs: Any) -> Any:
-            with timer.phase("comm"):
-                work = fn(*args, **kwargs)
-                if kwargs.get("async_op") and work is not None:
-                    work.wait()
+            if getattr(depth, "n", 0):
+                return fn(*args, **kwargs)
+            depth.n = 1
+            try:
+                with timer.phase("comm"):
+                    work = fn(*args, **kwargs)
+                    _wait(work)
+            finally:
+                depth.n = 0
             return work
 
         return timed
 
-    for name, fn in originals.items():
-        setattr(dist, name, wrap(fn))
+    restore: list[Callable[[], None]] = []
+    for name in COMM_FUNCTIONS:
+        fn = getattr(dist, name, None)
+        if fn is not None:
+            setattr(dist, name, wrap(fn))
+            restore.append(functools.partial(setattr, dist, name, fn))
+    ds_comm = sys.modules.get("deepspeed.comm.comm")  # not imported (the bare loop): nothing of it to time
+    cdb = getattr(ds_comm, "cdb", None)
+    for name in DEEPSPEED_COMM if cdb is not None else ():
+        fn = getattr(cdb, name, None)
+        if not callable(fn):
+            continue
+        if name in vars(cdb):  # an instance attribute (all_gather_function, ...): put the same object back
+            restore.append(functools.partial(setattr, cdb, name, fn))
+        else:  # a method: drop the instance's wrapper, the class's method shows through again
+            restore.append(functools.partial(delattr, cdb, name))
+        setattr(cdb, name, wrap(fn))
     try:
         yield
     finally:
-        for name, fn in originals.items():
-            setattr(dist, name, fn)
+        for undo in reversed(restore):
+            undo()
 
 
 class OpCounter(Timer):
@@ -85,13 +184,29 @@ class OpCounter(Timer):
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
+        with self._counting([name]):
+            yield
+
+    @contextlib.contextmanager
+    def split(self, first: str, second: str) -> Iterator[Callable[[], None]]:
+        """The ops before `mark()` count to `first`, those after it to `second` (nothing synchronised)."""
+        current = [first]
+
+        def mark() -> None:
+            current[0] = second
+
+        with self._counting(current):
+            yield mark
+
+    @contextlib.contextmanager
+    def _counting(self, current: list[str]) -> Iterator[None]:
         from torch.utils._python_dispatch import TorchDispatchMode
 
         counts = self.ops
 
         class Count(TorchDispatchMode):
             def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-                counts[name] = counts.get(name, 0) + 1
+                counts[current[0]] = counts.get(current[0], 0) + 1
                 return func(*args, **(kwargs or {}))
 
         with Count():
@@ -116,9 +231,18 @@ def forward_flops_per_image(cfg: RunConfig) -> float:
 
 
 def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: the peak of memory allocated to tensors; else the process's peak resident set."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def peak_reserved_mb(device: torch.device) -> float | None:
+    """CUDA: the peak of memory the caching allocator held (allocated + cached free blocks: what the GPU
+    had to have); None elsewhere."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_reserved(device) / 2**20
+    return None
 
 
 def profile_step(runner: Any, batches: Any, device: torch.device, trace: str) -> dict[str, Any]:

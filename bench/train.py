@@ -2,18 +2,29 @@
 
 Every row runs in fresh processes (`--world` ranks: gloo on CPU, NCCL on GPUs) on the same data:
   * bare: the same timm network (model.backbone.build_backbone of the recipe), the same per-rank batch and
-    batches, torch AdamW and an nn.Linear softmax cross-entropy over all classes; DDP when P > 1;
-    no DeepSpeed. The baseline every other row is divided by.
+    batches, torch AdamW and an nn.Linear softmax cross-entropy over all classes, trunk and classifier in
+    one module under one DDP when P > 1 (so the classifier's C x D gradient is all-reduced too); no
+    DeepSpeed. The baseline every other row is compared with.
   * ours: train.main.build_model -> train.step.train_step, exactly what `python -m launch.rank` runs
     (DeepSpeed ZeRO, the class-sharded head and its optimizer, the non-finite guard);
   * one row per `--variant NAME:key=value,...`: ours with the overrides (the speed switches on/off).
+Numerics are each side's own and are not matched: with zero.bf16 the bare loop runs under bf16 autocast
+(fp32 weights; the trunk's and the classifier's GEMMs in bf16, the loss in fp32), ours runs the trunk in
+pure bf16 (DeepSpeed's bf16 weights and activations, fp32 master copy in the optimizer) and the head in
+fp32; without it both are fp32. Neither enables TF32 (torch's default: fp32 matmuls without it).
+Each step is one micro-batch (optim.grad_accum_steps must be 1).
 Columns: global img/s, img/s per rank, ms per step (the median of the timed steps; the slowest rank's),
-step time vs bare; a breakdown of one rank's step
-(data wait, backbone forward, head forward+loss, backward, optimizers) measured in a second pass with the
-device synchronised between phases, and the time inside torch.distributed calls (comm; a part of the
-phases, not beside them); the head's share of the step; peak memory (max over ranks: CUDA
-max_memory_allocated, else the process's peak resident set, torch and the data included); and on CUDA
-the MFU: 3 x forward FLOPs per image (torch.utils.flop_counter) x img/s per GPU / the GPU's dense peak.
+"vs bare": the time per image against the bare row's at the same P (bare img/s / row img/s: the step time
+ratio at equal batches, still right where a variant changes the batch; > 1 is slower); a breakdown of one
+rank's step (data wait, the trunk's forward, the head's forward + loss + backward, the trunk's backward,
+optimizers) measured in a second pass with the device synchronised between phases (the head's backward ends
+when the embedding's gradient arrives: a tensor hook there, only in that pass), and the time inside
+collectives (comm: torch.distributed's and DeepSpeed's; a part of the phases, not beside them; "n/a" for the
+bare loop, whose DDP all-reduces from C++ where it is not seen); the head's share of the step; peak memory
+(max over ranks: on CUDA max_memory_allocated / max_memory_reserved, else the process's peak resident set,
+torch and the data included); and on CUDA the MFU: 3 x forward FLOPs per image (torch.utils.flop_counter)
+x img/s per GPU / the GPU's dense peak (bf16 tensor cores, or plain fp32 without TF32; cuDNN may still
+pick TF32 for convolutions by torch's default, so a conv net's fp32 MFU can read high).
 On a machine with fewer cores than ranks x threads the ranks share cores: compare rows at equal P.
 The instruments (timers, op counts, profiles, memory, FLOPs) live in bench/instruments.py.
 `--count-ops`: a second table of the aten ops each phase dispatches in one step (on a GPU each is at least
@@ -38,14 +49,22 @@ import statistics
 import tempfile
 import time
 import types
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from bench.data import write_jpeg_shards
-from bench.instruments import OpCounter, Timer, forward_flops_per_image, peak_memory_mb, profile_step, timed_collectives
+from bench.instruments import (
+    OpCounter,
+    Timer,
+    forward_flops_per_image,
+    peak_memory_mb,
+    peak_reserved_mb,
+    profile_step,
+    timed_collectives,
+)
 from bench.ranks import run_ranks
 from launch.__main__ import build_config
 from launch.recipes import get_recipe
@@ -61,8 +80,17 @@ DEFAULT_VARIANTS = (
     "ZeRO-3, DeepSpeed's fetch sync:zero.stage=3,zero.stage3_skip_local_fetch_sync=false",
     "compile:model.compile=true",
 )
-# dense bf16 / tf32 tensor-core peaks (FLOP/s) by device name: NVIDIA's data sheets (SXM parts)
-PEAK_FLOPS = {"H200": (989.4e12, 494.7e12), "H100": (989.4e12, 494.7e12), "A100": (312e12, 156e12)}
+# dense peaks (FLOP/s, no sparsity) by device name from NVIDIA's data sheets: (bf16 tensor cores, plain
+# fp32: no row enables TF32); the first name found in torch.cuda.get_device_name counts, so the specific
+# parts come before their family ("NVIDIA H100 PCIe" is no SXM "NVIDIA H100 80GB HBM3")
+PEAK_FLOPS = (
+    ("H200 NVL", 835.5e12, 60e12),
+    ("H200", 989.4e12, 67e12),  # SXM: the H100 SXM's compute
+    ("H100 PCIe", 756.5e12, 51e12),
+    ("H100 NVL", 835.5e12, 60e12),
+    ("H100", 989.4e12, 67e12),  # SXM
+    ("A100", 312e12, 19.5e12),
+)
 PHASES = ("data", "forward", "head", "backward", "optimizer")
 
 
@@ -89,6 +117,30 @@ def synthetic_batches(
         i += 1
 
 
+def _unseen(emb: torch.Tensor) -> None:
+    pass
+
+
+@contextlib.contextmanager
+def _untimed_split(first: str, second: str) -> Iterator[Callable[[], None]]:
+    yield lambda: None
+
+
+class BareNet(nn.Module):
+    """The bare loop's network: the trunk and the linear classifier in one module, so that one DDP holds
+    both and all-reduces the classifier's gradient with the trunk's, as any DDP user's loop would."""
+
+    def __init__(self, trunk: nn.Module, fc: nn.Linear) -> None:
+        super().__init__()
+        self.trunk, self.fc = trunk, fc
+        self.seen: Callable[[torch.Tensor], None] = _unseen  # the breakdown's look at the embedding
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        emb = self.trunk(x)
+        self.seen(emb)  # the breakdown: the trunk's forward ends here
+        return nn.functional.cross_entropy(self.fc(emb.float()), labels)
+
+
 class BareLoop:
     """The baseline: build_backbone + nn.Linear softmax CE + torch AdamW (+ DDP), nothing of ours."""
 
@@ -96,12 +148,12 @@ class BareLoop:
         from model.backbone import build_backbone
 
         torch.manual_seed(cfg.seed)
-        self.model: nn.Module = build_backbone(cfg.model).to(device)
+        trunk = build_backbone(cfg.model)
+        self.net = BareNet(trunk, nn.Linear(cfg.model.embed_dim, cfg.data.num_classes)).to(device)
+        self.model: nn.Module = self.net
         if world > 1:
-            self.model = nn.parallel.DistributedDataParallel(self.model)
-        self.fc = nn.Linear(cfg.model.embed_dim, cfg.data.num_classes).to(device)
-        params = list(self.model.parameters()) + list(self.fc.parameters())
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, fused=cfg.optim.fused or None)
+            self.model = nn.parallel.DistributedDataParallel(self.net)
+        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=cfg.optim.lr, fused=cfg.optim.fused or None)
         self.device, self.dtype = device, torch.bfloat16 if cfg.zero.bf16 else torch.float32
         from data.transforms import InputNormaliser
 
@@ -109,17 +161,30 @@ class BareLoop:
 
     def step(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], timer: Timer | None) -> None:
         phase = timer.phase if timer else (lambda name: contextlib.nullcontext())
+        split = timer.split if timer else _untimed_split
         with phase("data"):
             images, labels = next(batches)
             x = self.normaliser(images, self.device, torch.float32)
             labels = labels.to(self.device, non_blocking=True)
+        held: list[torch.Tensor] = []  # the breakdown: the embedding, for the backward's split
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16):
-            with phase("forward"):
-                emb = self.model(x)
-            with phase("head"):
-                loss = nn.functional.cross_entropy(self.fc(emb.float()), labels)
-        with phase("backward"):
+            with split("forward", "head") as mark:  # DDP's forward, the trunk's; then the classifier and loss
+
+                def seen(emb: torch.Tensor) -> None:
+                    mark()
+                    held.append(emb)
+
+                if timer is not None:
+                    self.net.seen = seen
+                try:
+                    loss = self.model(x, labels)
+                finally:
+                    self.net.seen = _unseen
+        with split("head", "backward") as mark:  # the head's backward until the embedding's gradient, the trunk's
+            hooks = [emb.register_hook(lambda grad: mark()) for emb in held]
             loss.backward()
+            for hook in hooks:
+                hook.remove()
         with phase("optimizer"):
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -157,8 +222,10 @@ class OurStep:
                 emb = tr.engine(x)
             with timer.phase("head"):
                 out = tr.task.head(emb.float(), labels, step=self.step_index)
-            with timer.phase("backward"):
+            with timer.split("head", "backward") as mark:  # the head's backward until the embedding's gradient
+                hook = emb.register_hook(lambda grad: mark())  # arrives, then the trunk's (and ZeRO's reductions)
                 tr.engine.backward(out["loss"])
+                hook.remove()
             with timer.phase("optimizer"):
                 reduce_head_grads(tr.task.head)
                 tr.engine.step()
@@ -216,6 +283,7 @@ def _rank(rank: int, world: int, kind: str, cfg: RunConfig, opts: Options, trace
         "profile": profiled,
         "step_s": seconds,
         "mem_mb": peak_memory_mb(device),
+        "reserved_mb": peak_reserved_mb(device),
         "phases": {k: v / n for k, v in breakdown.totals.items()},
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     }
@@ -224,37 +292,65 @@ def _rank(rank: int, world: int, kind: str, cfg: RunConfig, opts: Options, trace
     dist.destroy_process_group()
 
 
+def check_measurable(cfg: RunConfig) -> None:
+    """Refuse what the table cannot count right: one step here is one micro-batch per rank."""
+    if cfg.optim.grad_accum_steps != 1:
+        raise ValueError(
+            f"bench.train measures one micro-batch per step: optim.grad_accum_steps={cfg.optim.grad_accum_steps} "
+            "would run that many in each of our steps against one in the bare loop's (and the breakdown would "
+            "step the engine before the boundary), so img/s, MFU and vs bare would be wrong; set "
+            "optim.grad_accum_steps=1 (a larger data.batch_size measures a larger step)"
+        )
+
+
 def measure(kind: str, cfg: RunConfig, world: int, opts: Options, trace: str = "") -> dict[str, Any]:
+    check_measurable(cfg)
     res = run_ranks(_rank, world, kind, cfg, opts, trace)
+    reserved = [r["reserved_mb"] for r in res.values() if r["reserved_mb"] is not None]
     return {
+        "kind": kind,
+        "images": cfg.data.batch_size,  # per rank and step (one micro-batch)
         "ops": res[0]["ops"],
         "profile": res[0]["profile"],
         "step_s": max(r["step_s"] for r in res.values()),
         "mem_mb": max(r["mem_mb"] for r in res.values()),
+        "reserved_mb": max(reserved) if reserved else None,
         "phases": res[0]["phases"],
         "flops": forward_flops_per_image(cfg),
         "device": res[0]["device"],
     }
 
 
+def peak_flops(device: str, bf16: bool) -> float | None:
+    """The dense peak of the device named `device` for bf16 or fp32 (no TF32) rows; None if unknown."""
+    for name, bf16_peak, fp32_peak in PEAK_FLOPS:
+        if name in device:
+            return bf16_peak if bf16 else fp32_peak
+    return None
+
+
 def mfu(row: dict[str, Any], cfg: RunConfig, world: int) -> str:
-    peak = next((p for name, p in PEAK_FLOPS.items() if name in row["device"]), None)
+    peak = peak_flops(row["device"], cfg.zero.bf16)
     if not row["flops"] or peak is None:
         return "-"
-    per_gpu = cfg.data.batch_size / row["step_s"]
-    return f"{100 * 3 * row['flops'] * per_gpu / peak[0 if cfg.zero.bf16 else 1]:.1f}%"
+    per_gpu = row["images"] / row["step_s"]
+    return f"{100 * 3 * row['flops'] * per_gpu / peak:.1f}%"
 
 
 def report(name: str, row: dict[str, Any], bare: dict[str, Any], cfg: RunConfig, world: int) -> str:
     ph = row["phases"]
     total = sum(ph.get(k, 0.0) for k in PHASES)
-    cells = [f"{1e3 * ph.get(k, 0.0):.1f}" for k in (*PHASES, "comm")]
-    img = cfg.data.batch_size * world / row["step_s"]
+    cells = [f"{1e3 * ph.get(k, 0.0):.1f}" for k in PHASES]
+    cells.append("n/a" if row["kind"] == "bare" else f"{1e3 * ph.get('comm', 0.0):.1f}")  # DDP's is in C++
+    img = row["images"] * world / row["step_s"]
+    per_image = (row["step_s"] / row["images"]) / (bare["step_s"] / bare["images"])  # bare img/s / row img/s
+    memory = f"{row['mem_mb']:.0f}"
+    if row.get("reserved_mb") is not None:  # CUDA: allocated / reserved by the caching allocator
+        memory += f" / {row['reserved_mb']:.0f}"
     return (
-        f"| {name} | {world} | {img:.0f} | {img / world:.0f} | {1e3 * row['step_s']:.1f} | "
-        f"{row['step_s'] / bare['step_s']:.2f}x | "
+        f"| {name} | {world} | {img:.0f} | {img / world:.0f} | {1e3 * row['step_s']:.1f} | {per_image:.2f}x | "
         + " | ".join(cells)
-        + f" | {100 * ph.get('head', 0.0) / max(total, 1e-12):.0f}% | {row['mem_mb']:.0f} | {mfu(row, cfg, world)} |"
+        + f" | {100 * ph.get('head', 0.0) / max(total, 1e-12):.0f}% | {memory} | {mfu(row, cfg, world)} |"
     )
 
 
@@ -301,6 +397,8 @@ def main() -> None:
     p.add_argument("overrides", nargs="*")
     args = p.parse_intermixed_args()  # key=value overrides may come before or after the switches
     opts = Options(args.steps, args.warmup, args.data, args.count_ops, args.profile, args.trace_dir)
+    for _, extra in variant_overrides(args):  # before any data is written or process started
+        check_measurable(apply_overrides(get_recipe(args.recipe), [*args.overrides, *extra]))
     if args.trace_dir:
         os.makedirs(args.trace_dir, exist_ok=True)
     folder = tempfile.mkdtemp(prefix="bench-shards-") if args.data == "shards" else ""
@@ -324,14 +422,23 @@ def write_shards(args: argparse.Namespace, folder: str) -> list[str]:
     return [f"data.root={folder}", "data.prepare=none", f"data.num_classes={classes}"]
 
 
-def run_rows(args: argparse.Namespace, opts: Options) -> None:
-    """The bare row and each variant at every world size, printed as measured; then the op counts and
-    profiles when asked for."""
-    base = build_config(args.recipe, ["data.uint8_batches=true", *args.overrides]).resolved()
-    variants = [("ours", [])] + [
+def variant_overrides(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+    """("ours", no overrides) and each variant's name and overrides."""
+    return [("ours", [])] + [
         (v.split(":", 1)[0], v.split(":", 1)[1].split(","))
         for v in ([] if args.no_variants else list(args.variant or DEFAULT_VARIANTS))
     ]
+
+
+def run_rows(args: argparse.Namespace, opts: Options) -> None:
+    """The bare row and each variant at every world size, printed as measured; then the op counts and
+    profiles when asked for. Every row's configuration is built and checked before the first is measured."""
+    base = build_config(args.recipe, ["data.uint8_batches=true", *args.overrides]).resolved()
+    plan: list[tuple[int, RunConfig, list[tuple[str, RunConfig]]]] = []
+    for world in (int(w) for w in args.world.split(",")):
+        common = ["data.uint8_batches=true", f"slurm.tasks_per_node={world}", *args.overrides]
+        rows = [(name, build_config(args.recipe, [*common, *extra])) for name, extra in variant_overrides(args)]
+        plan.append((world, build_config(args.recipe, common), rows))
     if args.data == "stream":
         from data.convert.mnist import ensure_prepared
 
@@ -345,23 +452,24 @@ def run_rows(args: argparse.Namespace, opts: Options) -> None:
         f"{args.warmup}; torch {torch.__version__}, {os.cpu_count()} CPU cores, timm fused attention (SDPA): "
         f"{timm.layers.use_fused_attn()}"
     )
+    bf16 = "bare: bf16 autocast (fp32 weights, bf16 GEMMs, the classifier's too); ours: bf16 trunk, fp32 head"
+    numerics = bf16 if base.zero.bf16 else "fp32 throughout"
     print(
-        "| row | P | img/s | img/s per rank | ms/step | vs bare | data ms | fwd ms | head ms | bwd ms | optim ms | "
-        "comm ms (within) | head share | peak MB/rank | MFU |"
+        f"# numerics not matched: {numerics}; TF32 off. vs bare = bare img/s / row img/s (time per image, > 1 is "
+        "slower); head ms = the head's forward + backward, fwd / bwd ms = the trunk's; comm n/a for the bare "
+        "loop (DDP's all-reduce runs in C++); peak MB = CUDA max allocated / max reserved, else peak RSS"
+    )
+    print(
+        "| row | P | img/s | img/s per rank | ms/step | vs bare (time/img) | data ms | fwd ms | head ms (fwd+bwd) | "
+        "bwd ms | optim ms | comm ms (within) | head share | peak MB/rank | MFU |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     measured: list[tuple[str, int, dict[str, Any]]] = []
-    for world in (int(w) for w in args.world.split(",")):
-        cfg = build_config(
-            args.recipe, ["data.uint8_batches=true", f"slurm.tasks_per_node={world}", *args.overrides]
-        ).resolved()
+    for world, cfg, rows in plan:
         bare = measure("bare", cfg, world, opts, trace_path(opts, "bare", world))
         print(report("bare PyTorch loop", bare, bare, cfg, world), flush=True)
         measured.append(("bare PyTorch loop", world, bare))
-        for name, overrides in variants:
-            vcfg = build_config(
-                args.recipe, ["data.uint8_batches=true", f"slurm.tasks_per_node={world}", *args.overrides, *overrides]
-            ).resolved()
+        for name, vcfg in rows:
             row = measure("ours", vcfg, world, opts, trace_path(opts, name, world))
             print(report(name, row, bare, vcfg, world), flush=True)
             measured.append((name, world, row))
