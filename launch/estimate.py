@@ -3,10 +3,14 @@
 Four parts per rank, each from the resolved config:
 - trunk states (weights, gradients, AdamW) under ZeRO: DeepSpeed's own estimator for the 16-bit
   stages 2 and 3 (`estimate_zero{2,3}_model_states_mem_needs`, no offload), the closed form of
-  `zero_state_bytes` otherwise; the parameter count comes from the trunk built on the meta device;
+  `zero_state_bytes` otherwise (fp32 ZeRO-1/2/3 also hold DeepSpeed's fp32 master partition and a second
+  gradient copy); the parameter count comes from the trunk built on the meta device; plus DeepSpeed's
+  gradient bucket;
 - the class-sharded head: this rank's shard (plus CHEST's replicated FC) in fp32 with its optimizer's
-  row state (AdamW's two moments or SGD's momentum) and gradient, and the [G, C_local] logit /
-  distance blocks of one step;
+  row state (AdamW's two moments or SGD's momentum) and gradient; the [G, C_local] logit blocks of the
+  sharded softmax; and what else the head's autograd graph holds at the step's peak (normalised or
+  mapped table copies, the distance / cosine blocks saved for backward), fitted to measured peaks
+  (HeadGraph);
 - activations: the bytes autograd saves for backward, counted with saved_tensors_hooks on a CPU
   forward at MEASURE_BATCH images and scaled linearly to data.batch_size;
 - a fixed runtime reserve (CUDA context, NCCL buffers, allocator slack; not measured).
@@ -35,7 +39,9 @@ from train.config import RunConfig, ZeroConfig
 
 GIB = 2**30
 MEASURE_BATCH = 2  # images of the CPU forward; activations scale linearly from here
-LOGIT_COPIES = 3  # [G, C] blocks alive at once: the logits, the softmax temporaries, their gradient
+# the sharded softmax's own [G, C] blocks: the logits, its temporaries, their gradient (what else the head's graph
+# holds at its peak, normalised table copies and the blocks saved for backward, is head_graph_bytes')
+LOGIT_COPIES = 3
 # per head value: fp32 weight + the optimizer's fp32 row state (AdamW: two moments; SGD: its momentum) + fp32 grad
 HEAD_BYTES_PER_VALUE = {"adamw": 4 + 8 + 4, "sgd": 4 + 4 + 4, "lazy_adamw": 4 + 8, "lazy_sgd": 4 + 4}
 # the lazy optimizers' gradient and step temporaries span only the sampled rows (train/lazy_rows.py): the sparse
@@ -64,16 +70,29 @@ SUGGESTED_CHUNK = 8192  # loss.class_chunk offered by the fixes: [G, 8192] block
 RUNTIME_RESERVE = 2 * GIB  # CUDA context, NCCL buffers, allocator fragmentation: a margin, not a measurement
 DEPTH_PROBES = (2, 3)  # ViT-like trunks: measured at these depths and extrapolated (block 0 has no drop path)
 
-# bytes per parameter under mixed precision (zero.bf16=true) and the first ZeRO stage that partitions it
-# over the ranks; DeepSpeed's estimator counts the same for stage 2 (2 + 18/N) and stage 3 (18/N).
+ALL_STAGES = (0, 1, 2, 3)
+# Bytes per trunk parameter held per rank: (part, bytes, the stages that hold it, the first stage that partitions
+# it over the ranks). Under mixed precision (zero.bf16=true) DeepSpeed's estimator counts the same for stage 2
+# (2 + 18/N) and stage 3 (18/N); stage 3 keeps no separate 16-bit gradient (it is reduce-scattered into the
+# fp32 partition).
 BF16_PARTS = (
-    ("bf16 weights", 2, 3),
-    ("bf16 gradients", 2, 2),
-    ("fp32 gradient partition", 4, 2),
-    ("fp32 master weights", 4, 1),
-    ("fp32 AdamW moments", 8, 1),
+    ("bf16 weights", 2, ALL_STAGES, 3),
+    ("bf16 gradients", 2, (0, 1, 2), 2),
+    ("fp32 gradient partition", 4, ALL_STAGES, 2),
+    ("fp32 master weights", 4, ALL_STAGES, 1),
+    ("fp32 AdamW moments", 8, ALL_STAGES, 1),
 )
-FP32_PARTS = (("fp32 weights", 4, 3), ("fp32 gradients", 4, 2), ("fp32 AdamW moments", 8, 1))
+# In fp32, ZeRO stages 1-3 still clone an fp32 master partition of the (already fp32) weights for the optimizer
+# (deepspeed/runtime/zero/stage_1_and_2.py, single_partition_of_fp32_groups) and step it on a second, flat copy
+# of the reduced gradient partition: 16 B per parameter at stage 0, 4 + 20/N at stages 1-2, 24/N at stage 3
+# (counted on the tensors alive at the optimizer step of real engines, tests/test_estimate.py).
+FP32_PARTS = (
+    ("fp32 weights", 4, ALL_STAGES, 3),
+    ("fp32 gradients (from stage 1 the reduced partition)", 4, ALL_STAGES, 1),
+    ("fp32 AdamW moments", 8, ALL_STAGES, 1),
+    ("fp32 master copy of the weights' partition", 4, (1, 2, 3), 1),
+    ("fp32 gradient of the master partition", 4, (1, 2, 3), 1),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,18 +117,34 @@ def trunk_size(cfg: ModelConfig) -> TrunkSize:
 def zero_state_bytes(params: int, largest_layer: int, stage: int, world_size: int, bf16: bool) -> int:
     """Trunk weights, gradients and AdamW states per rank under ZeRO `stage` (closed form).
 
-    Each part of BF16_PARTS / FP32_PARTS is divided by the world size from its stage on. Stage 3 keeps
-    no separate 16-bit gradient (it is reduce-scattered into the fp32 partition) and gathers one layer
-    at a time (4 bytes per parameter of the largest layer), as DeepSpeed's estimator counts.
+    Each part of BF16_PARTS / FP32_PARTS that `stage` holds counts whole below its partitioning stage and
+    divided by the world size from it on; stage 3 also gathers one layer at a time (4 bytes per parameter of
+    the largest layer), as DeepSpeed's estimator counts.
     """
-    if stage not in (0, 1, 2, 3) or world_size < 1:
+    replicated, partitioned = zero_state_split(params, largest_layer, stage, world_size, bf16)
+    return replicated + partitioned
+
+
+def zero_state_split(params: int, largest_layer: int, stage: int, world_size: int, bf16: bool) -> tuple[int, int]:
+    """zero_state_bytes as (bytes every rank holds whatever the world size, bytes partitioned over the ranks)."""
+    if stage not in ALL_STAGES or world_size < 1:
         raise ValueError(f"zero.stage={stage} must be 0-3 and the world size {world_size} >= 1")
-    total = 0.0
-    for name, nbytes, from_stage in BF16_PARTS if bf16 else FP32_PARTS:
-        if stage == 3 and name == "bf16 gradients":
+    replicated = partitioned = 0.0
+    for _, nbytes, held, from_stage in BF16_PARTS if bf16 else FP32_PARTS:
+        if stage not in held:
             continue
-        total += params * nbytes / (world_size if stage >= from_stage else 1)
-    return int(total) + (4 * largest_layer if stage == 3 else 0)
+        if stage >= from_stage:
+            partitioned += params * nbytes / world_size
+        else:
+            replicated += params * nbytes
+    return int(replicated) + (4 * largest_layer if stage == 3 else 0), int(partitioned)
+
+
+def replicated_state_parts(stage: int, bf16: bool) -> list[str]:
+    """Names of the trunk-state parts every rank holds whole at `stage` (they do not shrink with more ranks)."""
+    parts = BF16_PARTS if bf16 else FP32_PARTS
+    whole = [name for name, _, held, from_stage in parts if stage in held and stage < from_stage]
+    return whole + (["the largest layer, gathered"] if stage == 3 else [])
 
 
 def deepspeed_state_bytes(params: int, largest_layer: int, stage: int, gpus_per_node: int, nodes: int) -> int:
@@ -202,6 +237,71 @@ def logit_bytes(global_batch: int, num_local: int, loss: LossConfig, embed_dim: 
     if loss.class_chunk > 0:  # chunk kept columns = chunk / sample_rate local classes
         classes = min(classes, loss.class_chunk / loss.sample_rate)
     return int(global_batch * classes * logit_columns(loss) * 4 * LOGIT_COPIES) + global_batch * embed_dim * 4 * 2
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadGraph:
+    """What a head's training step holds beyond its table state (the head row) and the softmax's own blocks
+    (the logits row), per class whose columns are in flight at once (the kept classes of the shard; with
+    loss.class_chunk at most one chunk of them). Fitted to the peak resident set of one rank's two AdamW head
+    steps (bench.capacity's CPU probe, glibc's mmap threshold pinned) at D = 512, K = 2, D_H = 128 and 384,
+    G = 64 to 1024 and 10k to 400k classes; tests/test_estimate.py measures three of them again.
+
+    The step peaks in one of two phases: while the [G, C] blocks are alive (early in backward: `values` bytes
+    per table value of the normalised / mapped copies, `hyp` fp32 copies of the [K, D_H] mapping through
+    CHEST's h, `blocks` fp32 [G, columns] blocks) or later, in the table's own backward once the blocks are
+    gone (`table` bytes per table value: normalize's backward). Unchunked, the dense table gradient the head
+    row counts is written only after both (4 B per value of the whole shard not yet there); the chunked node
+    allocates it first.
+    """
+
+    table: float
+    values: float
+    hyp: float
+    blocks: float
+
+
+# by head family (DistArc covers ArcFace, CosFace and the plain softmax: ~12% high for ArcFace at G = 1024)
+# and by whether the shard is taken whole ("exact", also Partial-FC's kept columns) or loss.class_chunk at a time
+HEAD_GRAPHS = {
+    ("distarc", "exact"): HeadGraph(table=20, values=8, hyp=0, blocks=7),
+    ("distarc", "chunked"): HeadGraph(table=20, values=6, hyp=0, blocks=9),
+    ("chest", "exact"): HeadGraph(table=0, values=4, hyp=8, blocks=7.5),
+    ("chest", "chunked"): HeadGraph(table=20, values=0, hyp=3, blocks=9),
+    ("softtriple", "exact"): HeadGraph(table=24, values=8, hyp=0, blocks=5),
+    ("softtriple", "chunked"): HeadGraph(table=20, values=6, hyp=0, blocks=9),  # not measured: DistArc's
+}
+HYPHC_MAP_COPIES = 8  # Partial-FC CHEST, unchunked: HypHC maps every local proxy through h (not only the kept)
+
+
+def head_graph_bytes(
+    global_batch: int, num_local: int, loss: LossConfig, embed_dim: int, head_optimizer: str = "adamw"
+) -> int:
+    """Bytes of the head's step beyond its table state and logit_bytes' blocks (HeadGraph), at least 0."""
+    family = loss.name if loss.name in ("chest", "softtriple") else "distarc"
+    chunked = loss.class_chunk > 0
+    graph = HEAD_GRAPHS[family, "chunked" if chunked else "exact"]
+    ch = loss.chest
+    k = ch.proxies_per_class if family != "distarc" else 1
+    values = k * embed_dim  # table values per class
+    mapped = family == "chest" and (ch.eta_h > 0 or ch.tau > 0 or ch.euclid_features == "head")
+    hyp = 4.0 * k * ch.hyp_dim if mapped else 0.0  # bytes of one class's proxies mapped through h
+    sampled = loss.sample_rate < 1.0
+    kept = num_local * min(loss.sample_rate, 1.0)
+    flight = min(kept, float(loss.class_chunk)) if chunked else kept
+    columns = logit_columns(loss) / min(loss.sample_rate, 1.0)  # [G, *] columns per kept class
+    dense_grad = not head_optimizer.startswith("lazy_")
+    not_yet = 4.0 * values * num_local if dense_grad and not chunked else 0.0
+    inside = max(
+        0.0,
+        graph.table * values * flight - not_yet,
+        (graph.values * values + graph.hyp * hyp + graph.blocks * 4.0 * global_batch * columns) * flight - not_yet,
+    )
+    outside = 4.0 * values * kept if sampled else 0.0  # the kept rows gathered out of the table
+    if sampled and not chunked and family == "chest" and ch.tau > 0:
+        outside += HYPHC_MAP_COPIES * hyp * num_local
+    softmax_blocks = logit_bytes(global_batch, num_local, loss, embed_dim) - global_batch * embed_dim * 4 * 2
+    return max(0, int(outside + inside) - softmax_blocks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -328,13 +428,15 @@ class Estimate:
     rows: dict[str, tuple[str, list[int]]]  # key -> (label, bytes per group)
     budget: int
     notes: list[str]
+    trunk: TrunkSize | None = None  # the parameter counts the states row was computed from
 
     @property
     def totals(self) -> list[int]:
         return [sum(values[i] for _, values in self.rows.values()) for i in range(len(self.groups))]
 
     def most(self, key: str) -> int:
-        return max(self.rows[key][1])
+        """The largest value of row `key` over the groups (0 for a row the plan lacks)."""
+        return max(self.rows[key][1]) if key in self.rows else 0
 
     @property
     def peak(self) -> int:
@@ -376,6 +478,13 @@ def estimate(cfg: RunConfig, gpu_mem_gb: float) -> Estimate:
             f"head logits [G={global_batch}, C_local x {cols:g}] fp32 x {LOGIT_COPIES}{chunk}",
             [logit_bytes(global_batch, s.num_local, cfg.loss, cfg.model.embed_dim) for s in shards],
         ),
+        "graph": (
+            "head graph beyond the logits (table copies, saved blocks; fitted)",
+            [
+                head_graph_bytes(global_batch, s.num_local, cfg.loss, cfg.model.embed_dim, cfg.optim.head_optimizer)
+                for s in shards
+            ],
+        ),
         "activations": (
             f"activations {cfg.data.batch_size} x {per_image / 2**20:.1f} MiB ({dtype})",
             [int(per_image * cfg.data.batch_size)] * n,
@@ -391,7 +500,7 @@ def estimate(cfg: RunConfig, gpu_mem_gb: float) -> Estimate:
     ]
     if cfg.slurm.gpus_per_node < 1:
         notes.append("slurm.gpus_per_node=0: the ranks are CPU processes; the table is per process")
-    return Estimate(groups, rows, int(gpu_mem_gb * GIB), notes)
+    return Estimate(groups, rows, int(gpu_mem_gb * GIB), notes, size)
 
 
 def _size(nbytes: float) -> str:
@@ -424,22 +533,45 @@ def format_estimate(cfg: RunConfig, est: Estimate) -> str:
 def fixes(cfg: RunConfig, est: Estimate) -> str:
     """What lowers the peak, the fixes of the largest parts first."""
     out: list[tuple[int, str]] = []
-    states = est.most("states") + est.most("head")
+    world = cfg.slurm.nodes * cfg.slurm.tasks_per_node
+    size = est.trunk or trunk_size(cfg.model)
+    states, bucket = est.most("states"), est.most("bucket")
     if cfg.zero.stage < 3:
-        out.append(
-            (
-                est.most("states"),
-                f"zero.stage={cfg.zero.stage + 1} (partitions more of the trunk's "
-                f"{_size(est.most('states'))} of states)",
+        nxt = dataclasses.replace(cfg, zero=dataclasses.replace(cfg.zero, stage=cfg.zero.stage + 1))
+        after = trunk_state(nxt, size)[0] + bucket_bytes(nxt.zero)
+        if after < states + bucket:  # fp32 ZeRO-1 on few ranks holds more than ZeRO-0 (master copy)
+            out.append(
+                (
+                    states + bucket - after,
+                    f"zero.stage={nxt.zero.stage} (the trunk's states and gradient bucket "
+                    f"{_size(states + bucket)} -> {_size(after)})",
+                )
             )
-        )
+    whole, _ = zero_state_split(size.params, size.largest_layer, cfg.zero.stage, world, cfg.zero.bf16)
+    whole = min(whole, states)
+    shrinking = est.most("head") + states - whole
+    held = replicated_state_parts(cfg.zero.stage, cfg.zero.bf16)
+    kept = f"the {_size(whole)} of {', '.join(held)} held whole on every rank, " if held else ""
     out.append(
         (
-            states,
-            f"more GPUs, slurm.nodes / slurm.tasks_per_node (the {_size(states)} of trunk states and "
-            "head shard shrink as 1/ranks; activations do not)",
+            shrinking,
+            f"more GPUs, slurm.nodes / slurm.tasks_per_node (the {_size(shrinking)} of head shard and partitioned "
+            f"trunk states shrink as 1/ranks; {kept}the gradient bucket and activations do not)",
         )
     )
+    if bucket >= est.peak // 20:  # where it is 5% of the peak or more
+        smaller = dataclasses.replace(cfg.zero, reduce_bucket_size=max(1, cfg.zero.reduce_bucket_size // 4))
+        single = dataclasses.replace(cfg.zero, overlap_comm=False)
+        twice = " twice (zero.overlap_comm)" if bucket_bytes(single) < bucket else ""
+        out.append(
+            (
+                bucket - bucket_bytes(smaller),
+                f"a lower zero.reduce_bucket_size, e.g. {smaller.reduce_bucket_size} (DeepSpeed allocates its "
+                f"{_size(bucket)} gradient bucket whole, {cfg.zero.reduce_bucket_size} elements{twice}, whatever "
+                "the trunk's size; smaller buckets mean more, smaller gradient reductions: less communication "
+                "efficiency)",
+            )
+        )
     if not cfg.model.grad_checkpointing:
         out.append((est.most("activations"), "model.grad_checkpointing=true (activations are recomputed in backward)"))
     out.append(
@@ -449,24 +581,34 @@ def fixes(cfg: RunConfig, est: Estimate) -> str:
         )
     )
     if not cfg.zero.bf16:
-        out.append((est.most("activations"), "zero.bf16=true (halves activations and weights)"))
+        stage = " with zero.stage>=1 (DeepSpeed has no bf16 ZeRO-0)" if cfg.zero.stage == 0 else ""
+        out.append(
+            (
+                est.most("activations"),
+                f"zero.bf16=true{stage} (halves activations; the trunk's whole weights become bf16)",
+            )
+        )
+    head_step = est.most("logits") + est.most("graph")
     if cfg.loss.sample_rate >= 1.0:
         out.append(
             (
-                est.most("logits"),
+                head_step,
                 f"loss.sample_rate<1 (Partial-FC: a fraction of each shard's classes in "
-                f"the {_size(est.most('logits'))} of logits)",
+                f"the {_size(head_step)} of logits and head temporaries)",
             )
         )
-    world = cfg.slurm.nodes * cfg.slurm.tasks_per_node
     largest_shard = class_range(cfg.data.num_classes, 0, world)[1]  # rank 0's is never smaller
     chunked = dataclasses.replace(cfg.loss, class_chunk=SUGGESTED_CHUNK)
-    saving = est.most("logits") - logit_bytes(cfg.data.batch_size * world, largest_shard, chunked, cfg.model.embed_dim)
+    global_batch = cfg.data.batch_size * world
+    saving = head_step - (
+        logit_bytes(global_batch, largest_shard, chunked, cfg.model.embed_dim)
+        + head_graph_bytes(global_batch, largest_shard, chunked, cfg.model.embed_dim, cfg.optim.head_optimizer)
+    )
     if cfg.loss.class_chunk <= 0 and saving > 0:  # only where the shard (times the sample rate) exceeds a chunk
         out.append(
             (
                 saving,
-                f"loss.class_chunk={SUGGESTED_CHUNK} (the {_size(est.most('logits'))} of logits taken "
+                f"loss.class_chunk={SUGGESTED_CHUNK} (the {_size(head_step)} of logits and head temporaries taken "
                 f"{SUGGESTED_CHUNK} classes at a time and recomputed in backward)",
             )
         )
@@ -475,7 +617,10 @@ def fixes(cfg: RunConfig, est: Estimate) -> str:
         if other.startswith("lazy_") and (cfg.loss.sample_rate >= 1.0 or cfg.loss.name in ("chest", "softtriple")):
             continue  # lazy updates pay only with sampling, and only DistArc-family tables take them
         ratio = head_bytes_per_value(other, cfg.loss.sample_rate) / now
-        head_saving = int(est.most("head") * (1 - ratio))
+        # a lazy optimizer's step has no dense table gradient to write after the head's graph: that graph's
+        # peak no longer leaves room for it (head_graph_bytes)
+        graph = head_graph_bytes(global_batch, largest_shard, cfg.loss, cfg.model.embed_dim, other)
+        head_saving = int(est.most("head") * (1 - ratio)) + est.most("graph") - graph
         if head_saving >= est.peak // 20:  # where it saves 5% or more
             text = f"optim.head_optimizer={other} ({why}: the {_size(est.most('head'))} head shard x {ratio:.2f}"
             out.append((head_saving, text + ("; set optim.head_lr for SGD)" if "sgd" in other else ")")))

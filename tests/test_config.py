@@ -103,6 +103,16 @@ def test_validation_errors(override: str, message: str) -> None:
         cfg.validate()
 
 
+def test_bf16_at_zero_stage_0_is_refused_with_the_fix() -> None:
+    """DeepSpeed's ZeRO-0 engine raises NotImplementedError ("unsupported mix of model_dtype=bf16 and
+    grad_accum_dtype=fp32") at initialize: the config must refuse the mix before a job is queued."""
+    base = get_recipe("mnist_distarc")
+    with pytest.raises(ValueError, match="zero.bf16=true needs zero.stage>=1.*zero.stage=1.*zero.bf16=false"):
+        apply_overrides(base, ["zero.bf16=true", "zero.stage=0"]).validate()
+    for ok in (["zero.bf16=true", "zero.stage=1"], ["zero.bf16=false", "zero.stage=0"]):
+        apply_overrides(base, ok).validate()
+
+
 def test_num_classes_zero_is_read_from_the_manifest(mnist_root: str, tmp_path) -> None:
     cfg = apply_overrides(get_recipe("mnist_distarc"), [f"data.root={mnist_root}", "data.num_classes=0"])
     assert cfg.resolved().data.num_classes == 10

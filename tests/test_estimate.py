@@ -5,15 +5,19 @@ graph holds; and the launcher's refusal of a submission that cannot fit."""
 from __future__ import annotations
 
 import dataclasses
+import gc
+import warnings
 
 import pytest
 import torch
 from deepspeed.runtime.zero.stage3 import model_to_params
+from torch import nn
 
 from launch import estimate as est
 from launch.__main__ import build_config, main
 from model.backbone import build_backbone
 from model.config import ChestConfig, LossConfig, ModelConfig
+from train.config import OptimConfig, ZeroConfig
 
 CNN = ModelConfig(name="test_resnet", in_chans=1, embed_dim=64)
 VIT = ModelConfig(name="vit_tiny_patch16_224", in_chans=3, img_size=32, patch_size=8, embed_dim=64)
@@ -64,7 +68,15 @@ def test_zero_states_fall_with_stage_and_ranks_and_agree_with_deepspeed() -> Non
     assert est.zero_state_bytes(p, big, 1, 4, bf16=True) == 8 * p + 12 * p // 4
     assert est.zero_state_bytes(p, big, 2, 4, bf16=True) == 2 * p + 18 * p // 4
     assert est.zero_state_bytes(p, big, 3, 4, bf16=True) == 18 * p // 4 + 4 * big
-    assert est.zero_state_bytes(p, big, 2, 4, bf16=False) == 4 * p + 12 * p // 4
+    # fp32: the weights whole below stage 3; from stage 1 DeepSpeed's fp32 master partition and a second
+    # gradient copy beside the moments and the reduced gradient
+    assert est.zero_state_bytes(p, big, 0, 4, bf16=False) == 16 * p
+    assert est.zero_state_bytes(p, big, 1, 4, bf16=False) == 4 * p + 20 * p // 4
+    assert est.zero_state_bytes(p, big, 2, 4, bf16=False) == 4 * p + 20 * p // 4
+    assert est.zero_state_bytes(p, big, 3, 4, bf16=False) == 24 * p // 4 + 4 * big
+    assert est.zero_state_split(p, big, 2, 4, bf16=True) == (2 * p, 18 * p // 4)
+    assert est.replicated_state_parts(2, bf16=True) == ["bf16 weights"]
+    assert est.replicated_state_parts(3, bf16=False) == ["the largest layer, gathered"]
     for bf16 in (True, False):
         for world in (2, 8, 64):
             by_stage = [est.zero_state_bytes(p, big, s, world, bf16) for s in range(4)]
@@ -77,6 +89,98 @@ def test_zero_states_fall_with_stage_and_ranks_and_agree_with_deepspeed() -> Non
             assert est.zero_state_bytes(p, big, stage, gpus * nodes, True) == pytest.approx(
                 est.deepspeed_state_bytes(p, big, stage, gpus, nodes), abs=1
             )
+
+
+def _live_tensor_bytes() -> int:
+    """Bytes of every tensor storage the garbage collector reaches (and their .grad), each storage once."""
+    storages: dict[int, int] = {}
+    with warnings.catch_warnings():  # isinstance on torch.distributed's deprecated module attributes warns
+        warnings.simplefilter("ignore", FutureWarning)
+        tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor) and obj.device.type == "cpu"]
+    for obj in tensors:
+        for t in (obj, obj.grad):
+            if t is not None:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    storages.pop(0, None)
+    return sum(storages.values())
+
+
+def zero_states_rank(stage: int) -> dict:
+    """Bytes per parameter alive at the optimizer step (the most over the pre- and post-step hooks of three
+    steps) of a real fp32 engine at `stage`, over those alive before the backbone was built; DeepSpeed's
+    buckets kept to 1000 elements, so what is left is the trunk's states."""
+    from train.engine import build_engine
+
+    gc.collect()
+    base = _live_tensor_bytes()
+    torch.manual_seed(0)
+    net = nn.Sequential(*[nn.Linear(512, 512) for _ in range(4)])
+    params = sum(p.numel() for p in net.parameters())
+    small = dict(reduce_bucket_size=1000, allgather_bucket_size=1000, stage3_prefetch_bucket_size=1000)
+    zero = ZeroConfig(stage=stage, stage3_param_persistence_threshold=0, **small)
+    engine = build_engine(net, OptimConfig(warmup_steps=0), zero, micro_batch=2, max_steps=10)
+    peak = [0]
+
+    def hook(*args: object) -> None:
+        peak[0] = max(peak[0], _live_tensor_bytes() - base)
+
+    handles = [
+        engine.client_optimizer.register_step_pre_hook(hook),
+        engine.client_optimizer.register_step_post_hook(hook),
+    ]
+    for _ in range(3):
+        engine.backward(engine(torch.randn(2, 512)).square().mean())
+        engine.step()
+    for handle in handles:
+        handle.remove()
+    del engine
+    gc.collect()
+    return {"params": params, "per_param": peak[0] / params}
+
+
+def test_fp32_zero_states_equal_a_real_engines_tensors(dist_pool) -> None:
+    """fp32 ZeRO-1/2/3 clone an fp32 master partition of the fp32 weights and step it on a second gradient
+    copy: 4 + 20/N bytes per parameter at stages 1-2 and 24/N at stage 3, not 16 split by stage."""
+    pool = dist_pool(2)
+    for stage in (1, 2, 3):
+        results = pool.run(zero_states_rank, stage)
+        params = results[0]["params"]
+        closed = est.zero_state_bytes(params, 0, stage, 2, bf16=False) / params  # nothing gathered at the step
+        for r in results:
+            assert r["per_param"] == pytest.approx(closed, rel=0.02), (stage, r["per_param"], closed)
+
+
+def head_step_rank(rank: int, world: int, cfg: LossConfig, classes: int, out: dict) -> None:
+    """bench.capacity's CPU probe after the modules it imports are loaded: its baseline would otherwise leave
+    out DeepSpeed's import (~170 MiB) and its peak count it."""
+    import model.task  # noqa: F401
+    import train.engine  # noqa: F401
+    from bench.capacity import _cpu_probe
+
+    _cpu_probe(rank, world, cfg, classes, "adamw", out)
+
+
+@pytest.mark.parametrize(
+    "name, classes, chunk", [("distarc", 40_000, 0), ("distarc", 40_000, 8192), ("chest", 20_000, 0)]
+)
+def test_head_rows_cover_a_measured_head_step(monkeypatch, name: str, classes: int, chunk: int) -> None:
+    """The head, logits and head-graph rows against the peak resident set of one rank's two AdamW head steps
+    (bench.capacity's CPU probe: a fresh process, glibc's mmap threshold pinned) at D = 512 and G = 256.
+    The rows once left out DistArc's normalised table and its gradient, and counted 3 [G, C] blocks where
+    6-7 are alive: 0.6 of the measured peak unchunked."""
+    from bench.heads import DIM, GLOBAL_BATCH, HEADS
+    from bench.ranks import run_ranks
+
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))  # read by glibc in the spawned process
+    cfg = dataclasses.replace(HEADS[name], class_chunk=chunk)
+    measured = run_ranks(head_step_rank, 1, cfg, classes)[0]["mem_mb"] * 2**20
+    (shard,) = est.head_shards(cfg, classes, DIM, 1)
+    rows = (
+        shard.state_bytes
+        + est.logit_bytes(GLOBAL_BATCH, classes, cfg, DIM)
+        + est.head_graph_bytes(GLOBAL_BATCH, classes, cfg, DIM)
+    )
+    assert 0.9 * measured <= rows <= 1.2 * measured, rows / measured
 
 
 def _graph_saved_bytes(out: torch.Tensor, model: torch.nn.Module) -> int:
@@ -133,6 +237,10 @@ def test_estimate_table_of_a_real_recipe() -> None:
     assert plan.rows["head"][1] == [10718 * 512 * 16, 10717 * 512 * 16]
     assert plan.rows["states"][1][0] == est.deepspeed_state_bytes(est.trunk_size(cfg.model).params, 0, 2, 8, 1)
     assert plan.rows["logits"][1][0] == est.logit_bytes(128 * 8, 10718, cfg.loss, 512)
+    assert plan.rows["graph"][1][0] == est.head_graph_bytes(128 * 8, 10718, cfg.loss, 512)
+    # G = 1024: the blocks' phase is the peak: 8 B x D of table copies less the table gradient not yet
+    # written (4 B x D), and 7 [G, C] fp32 blocks less the logits row's 3
+    assert plan.rows["graph"][1][0] == 10718 * (4 * 512 + 4 * 1024 * (7 - 3))
     assert "DeepSpeed estimator" in est.format_estimate(cfg, plan)
 
 
@@ -182,3 +290,29 @@ def test_a_submission_that_cannot_fit_is_refused_with_the_fixes(tmp_path, capsys
     assert "fits" in out and "ranks 0-1" in out and "trunk states, ZeRO-2 fp32 (closed form)" in out
     assert main(["--estimate", "--gpu-mem-gb", "0", *args]) == 2
     assert "--gpu-mem-gb=0 must be > 0" in capsys.readouterr().err
+
+
+def test_fixes_offer_a_smaller_bucket_and_say_what_more_gpus_leave_whole() -> None:
+    """ViT-L on 8 GPUs: DeepSpeed's bucket (1.86 GiB) exceeds the trunk states (1.20 GiB); bf16 ZeRO-2 keeps its
+    2 B/param bf16 weights whole on every rank, which more GPUs do not shrink."""
+    cfg = build_config("vitl_imagenet_8gpu", [])
+    plan = est.estimate(cfg, 4)
+    assert plan.most("bucket") > plan.most("states") and not plan.fits
+    text = est.fixes(cfg, plan)
+    assert "zero.reduce_bucket_size, e.g. 125000000" in text and "1.86 GiB gradient bucket" in text
+    assert "communication efficiency" in text
+    whole = est.trunk_size(cfg.model).params * 2
+    assert f"the {est._size(whole)} of bf16 weights held whole on every rank" in text
+    assert "of head shard and partitioned trunk states shrink as 1/ranks" in text
+    assert "of trunk states and head shard shrink as 1/ranks" not in text  # the bf16 weights do not
+    small = build_config("vitl_imagenet_8gpu", ["zero.reduce_bucket_size=10000000"])  # 38 MiB: < 5% of the peak
+    assert "reduce_bucket_size" not in est.fixes(small, est.estimate(small, 4))
+
+
+def test_fixes_leave_out_a_zero_stage_that_holds_more() -> None:
+    """fp32 ZeRO-1 on one rank holds 24 B/param (fp32 master copy, second gradient) against ZeRO-0's 16, and a
+    bucket: not a fix. On 8 ranks it holds 6.5 B/param: one."""
+    one = build_config("mnist_distarc", ["zero.stage=0", "slurm.tasks_per_node=1", "zero.reduce_bucket_size=1000"])
+    assert "zero.stage=1" not in est.fixes(one, est.estimate(one, 0.001))
+    eight = build_config("mnist_distarc", ["zero.stage=0", "slurm.tasks_per_node=8", "zero.reduce_bucket_size=1000"])
+    assert "zero.stage=1 (the trunk's states and gradient bucket" in est.fixes(eight, est.estimate(eight, 0.001))

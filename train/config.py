@@ -100,6 +100,13 @@ class ZeroConfig:
     def validate(self) -> None:
         if self.stage not in (0, 1, 2, 3):
             raise ValueError(f"zero.stage={self.stage} must be 0, 1, 2 or 3")
+        if self.bf16 and self.stage == 0:
+            # train/engine.py accumulates gradients in fp32 under bf16; DeepSpeed's ZeRO-0 engine has no path for
+            # bf16 weights with fp32 gradient accumulation and raises NotImplementedError at initialize
+            raise ValueError(
+                "zero.bf16=true needs zero.stage>=1: DeepSpeed cannot run bf16 weights with fp32 gradient "
+                "accumulation at ZeRO stage 0; set zero.stage=1 (or 2, 3) or zero.bf16=false"
+            )
         if self.reduce_bucket_size < 1 or self.allgather_bucket_size < 1:
             raise ValueError("zero.reduce_bucket_size and zero.allgather_bucket_size must be >= 1 (elements)")
         if self.stage3_param_persistence_threshold < 0 or self.stage3_prefetch_bucket_size < 0:
