@@ -16,18 +16,15 @@ import torch.distributed as dist
 
 from train.config import RunConfig
 
-# torch.distributed's collectives (those of this torch), looked up on the module at each call by our code
-# and by DeepSpeed's backend for most of its calls
-COMM_FUNCTIONS = (
+# collectives both torch.distributed (functions) and DeepSpeed's backend (methods) have
+COLLECTIVES = (
     "all_reduce",
     "all_reduce_coalesced",
     "all_gather",
     "all_gather_into_tensor",
-    "all_gather_single",  # torch 2.14's name for all_gather_into_tensor, which now calls it
     "all_gather_object",
     "reduce_scatter",
     "reduce_scatter_tensor",
-    "reduce_scatter_single",
     "broadcast",
     "broadcast_object_list",
     "all_to_all",
@@ -39,34 +36,21 @@ COMM_FUNCTIONS = (
     "monitored_barrier",
     "batch_isend_irecv",
 )
+# torch.distributed's, looked up on the module at each call by our code and by DeepSpeed's backend for most of
+# its calls (torch 2.14's all_gather_into_tensor / reduce_scatter_tensor call the *_single forms)
+COMM_FUNCTIONS = (*COLLECTIVES, "all_gather_single", "reduce_scatter_single")
 # DeepSpeed's backend (deepspeed.comm.comm.cdb, a TorchBackend) keeps its own references to torch's
 # all_gather_into_tensor / reduce_scatter_tensor (all_gather_function / reduce_scatter_function, taken when
 # it is built), so patching torch.distributed misses ZeRO's parameter all-gathers and gradient
 # reduce-scatters: its methods are wrapped on the instance as well. (Point-to-point send/recv are left
 # alone: waiting on an isend before the matching irecv is posted could deadlock.)
 DEEPSPEED_COMM = (
-    "all_reduce",
-    "all_reduce_coalesced",
+    *COLLECTIVES,
     "inference_all_reduce",
-    "reduce",
-    "reduce_scatter",
-    "reduce_scatter_tensor",
     "reduce_scatter_function",
-    "all_gather",
-    "all_gather_into_tensor",
     "all_gather_base",
     "all_gather_coalesced",
     "all_gather_function",
-    "all_gather_object",
-    "broadcast",
-    "broadcast_object_list",
-    "all_to_all",
-    "all_to_all_single",
-    "gather",
-    "scatter",
-    "barrier",
-    "monitored_barrier",
-    "batch_isend_irecv",
 )
 
 
