@@ -44,9 +44,9 @@ MEASURE_BATCH = 2  # images of the CPU forward; activations scale linearly from 
 LOGIT_COPIES = 3
 # per head value: fp32 weight + the optimizer's fp32 row state (AdamW: two moments; SGD: its momentum) + fp32 grad
 HEAD_BYTES_PER_VALUE = {"adamw": 4 + 8 + 4, "sgd": 4 + 4 + 4, "lazy_adamw": 4 + 8, "lazy_sgd": 4 + 4}
-# the lazy optimizers' gradient and step temporaries span only the sampled rows (train/lazy_rows.py): the sparse
-# gradient, the gathered rows, their state rows and the update, per value of a sampled row
-LAZY_SAMPLED_BYTES = {"lazy_adamw": 4 * 6, "lazy_sgd": 4 * 4}
+# the lazy optimizers' gradient spans only the sampled rows (train/lazy_rows.py: a row-sparse gradient; dense,
+# every row, at sample rate 1); their update's temporaries are blocks of lazy_rows.CHUNK_BYTES, not counted
+LAZY_GRAD_BYTES = 4
 
 
 # cheaper head optimizers a fix may offer, by the current one
@@ -62,8 +62,9 @@ HEAD_OPTIMIZER_FIXES = {
 
 def head_bytes_per_value(head_optimizer: str, sample_rate: float) -> float:
     """Bytes per value of the head's table: its weight, its optimizer's state and its gradient (the lazy
-    optimizers' gradient and step temporaries only over loss.sample_rate of the rows)."""
-    return HEAD_BYTES_PER_VALUE[head_optimizer] + LAZY_SAMPLED_BYTES.get(head_optimizer, 0) * min(sample_rate, 1.0)
+    optimizers' gradient only over loss.sample_rate of the rows: at rate 1 they hold what the dense ones do)."""
+    lazy = head_optimizer.startswith("lazy_")
+    return HEAD_BYTES_PER_VALUE[head_optimizer] + (LAZY_GRAD_BYTES * min(sample_rate, 1.0) if lazy else 0.0)
 
 
 SUGGESTED_CHUNK = 8192  # loss.class_chunk offered by the fixes: [G, 8192] blocks, GEMMs still large
@@ -84,11 +85,13 @@ BF16_PARTS = (
 )
 # In fp32, ZeRO stages 1-3 still clone an fp32 master partition of the (already fp32) weights for the optimizer
 # (deepspeed/runtime/zero/stage_1_and_2.py, single_partition_of_fp32_groups) and step it on a second, flat copy
-# of the reduced gradient partition: 16 B per parameter at stage 0, 4 + 20/N at stages 1-2, 24/N at stage 3
-# (counted on the tensors alive at the optimizer step of real engines, tests/test_estimate.py).
+# of the reduced gradient partition; stage 1 reduces the gradients only after the backward, so every rank holds
+# them whole until then: 16 B per parameter at stage 0, 8 + 16/N at stage 1, 4 + 20/N at stage 2, 24/N at stage 3
+# (the most of the tensors alive during the backward and at the optimizer step of real engines,
+# tests/test_estimate.py).
 FP32_PARTS = (
     ("fp32 weights", 4, ALL_STAGES, 3),
-    ("fp32 gradients (from stage 1 the reduced partition)", 4, ALL_STAGES, 1),
+    ("fp32 gradients (whole through the backward below stage 2)", 4, ALL_STAGES, 2),
     ("fp32 AdamW moments", 8, ALL_STAGES, 1),
     ("fp32 master copy of the weights' partition", 4, (1, 2, 3), 1),
     ("fp32 gradient of the master partition", 4, (1, 2, 3), 1),
@@ -290,7 +293,7 @@ def head_graph_bytes(
     kept = num_local * min(loss.sample_rate, 1.0)
     flight = min(kept, float(loss.class_chunk)) if chunked else kept
     columns = logit_columns(loss) / min(loss.sample_rate, 1.0)  # [G, *] columns per kept class
-    dense_grad = not head_optimizer.startswith("lazy_")
+    dense_grad = not head_optimizer.startswith("lazy_") or not sampled  # lazy at rate 1: a dense gradient
     not_yet = 4.0 * values * num_local if dense_grad and not chunked else 0.0
     inside = max(
         0.0,

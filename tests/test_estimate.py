@@ -42,8 +42,13 @@ def test_head_bytes_equal_the_closed_form() -> None:
     # sampled rows only (loss.sample_rate)
     pfc = LossConfig(name="distarc", sample_rate=0.25)
     lazy = est.head_shards(pfc, 10, 64, 3, "lazy_adamw")
-    assert [s.state_bytes for s in lazy] == [int(4 * 64 * (4 + 8 + 24 * 0.25)), int(3 * 64 * (4 + 8 + 24 * 0.25))]
-    assert [s.state_bytes for s in est.head_shards(pfc, 10, 64, 3, "lazy_sgd")] == [4 * 64 * 12, 3 * 64 * 12]
+    assert [s.state_bytes for s in lazy] == [4 * 64 * (4 + 8 + 1), 3 * 64 * (4 + 8 + 1)]
+    assert [s.state_bytes for s in est.head_shards(pfc, 10, 64, 3, "lazy_sgd")] == [4 * 64 * 9, 3 * 64 * 9]
+    # at rate 1 every row is in every step: a dense gradient, the dense optimizer's memory
+    exact = LossConfig(name="distarc")
+    for lazy_kind, dense_kind in (("lazy_adamw", "adamw"), ("lazy_sgd", "sgd")):
+        assert est.head_bytes_per_value(lazy_kind, 1.0) == est.head_bytes_per_value(dense_kind, 1.0)
+        assert est.head_graph_bytes(256, 1000, exact, 64, lazy_kind) == est.head_graph_bytes(256, 1000, exact, 64)
     chest = LossConfig(name="chest", chest=ChestConfig(proxies_per_class=3, hyp_dim=16))
     (shard,) = est.head_shards(chest, 8, 32, 2)
     assert shard.state_bytes == (4 * 3 * 32 + 32 * 16 + 16) * 16  # proxies [4, K, D] and the replicated FC h
@@ -71,7 +76,7 @@ def test_zero_states_fall_with_stage_and_ranks_and_agree_with_deepspeed() -> Non
     # fp32: the weights whole below stage 3; from stage 1 DeepSpeed's fp32 master partition and a second
     # gradient copy beside the moments and the reduced gradient
     assert est.zero_state_bytes(p, big, 0, 4, bf16=False) == 16 * p
-    assert est.zero_state_bytes(p, big, 1, 4, bf16=False) == 4 * p + 20 * p // 4
+    assert est.zero_state_bytes(p, big, 1, 4, bf16=False) == 8 * p + 16 * p // 4  # gradients whole until reduced
     assert est.zero_state_bytes(p, big, 2, 4, bf16=False) == 4 * p + 20 * p // 4
     assert est.zero_state_bytes(p, big, 3, 4, bf16=False) == 24 * p // 4 + 4 * big
     assert est.zero_state_split(p, big, 2, 4, bf16=True) == (2 * p, 18 * p // 4)
@@ -106,9 +111,10 @@ def _live_tensor_bytes() -> int:
 
 
 def zero_states_rank(stage: int) -> dict:
-    """Bytes per parameter alive at the optimizer step (the most over the pre- and post-step hooks of three
-    steps) of a real fp32 engine at `stage`, over those alive before the backbone was built; DeepSpeed's
-    buckets kept to 1000 elements, so what is left is the trunk's states."""
+    """Bytes per parameter alive at the optimizer step or during the backward (the most over the pre- and
+    post-step hooks and, below stage 3, every gradient's accumulation in three steps) of a real fp32 engine
+    at `stage`, over those alive before the backbone was built; DeepSpeed's buckets kept to 1000 elements,
+    so what is left is the trunk's states."""
     from train.engine import build_engine
 
     gc.collect()
@@ -127,6 +133,10 @@ def zero_states_rank(stage: int) -> dict:
     handles = [
         engine.client_optimizer.register_step_pre_hook(hook),
         engine.client_optimizer.register_step_post_hook(hook),
+        # during the backward too: ZeRO-1 holds every gradient whole until it reduces them after the backward
+        # (not at stage 3, where the backward's gathered layers and reduce-scatter buffers come and go: the
+        # estimate counts one gathered layer, the activations row the rest)
+        *(p.register_post_accumulate_grad_hook(hook) for p in engine.module.parameters() if stage < 3),
     ]
     for _ in range(3):
         engine.backward(engine(torch.randn(2, 512)).square().mean())
@@ -140,30 +150,41 @@ def zero_states_rank(stage: int) -> dict:
 
 def test_fp32_zero_states_equal_a_real_engines_tensors(dist_pool) -> None:
     """fp32 ZeRO-1/2/3 clone an fp32 master partition of the fp32 weights and step it on a second gradient
-    copy: 4 + 20/N bytes per parameter at stages 1-2 and 24/N at stage 3, not 16 split by stage."""
+    copy, and ZeRO-1 holds the gradients whole through the backward: 8 + 16/N bytes per parameter at stage 1,
+    4 + 20/N at stage 2 and 24/N at stage 3, not 16 split by stage."""
     pool = dist_pool(2)
     for stage in (1, 2, 3):
         results = pool.run(zero_states_rank, stage)
         params = results[0]["params"]
         closed = est.zero_state_bytes(params, 0, stage, 2, bf16=False) / params  # nothing gathered at the step
         for r in results:
-            assert r["per_param"] == pytest.approx(closed, rel=0.02), (stage, r["per_param"], closed)
+            # stage 1: 16 against 14.0-15.0 measured at N = 2 (the whole gradients and the master partition's
+            # gradient are not all alive at once; which hook sees the most varies): up to 15% above, never below
+            assert 0.98 * r["per_param"] <= closed <= 1.15 * r["per_param"], (stage, r["per_param"], closed)
 
 
-def head_step_rank(rank: int, world: int, cfg: LossConfig, classes: int, out: dict) -> None:
+def head_step_rank(rank: int, world: int, cfg: LossConfig, classes: int, head_optimizer: str, out: dict) -> None:
     """bench.capacity's CPU probe after the modules it imports are loaded: its baseline would otherwise leave
     out DeepSpeed's import (~170 MiB) and its peak count it."""
     import model.task  # noqa: F401
     import train.engine  # noqa: F401
     from bench.capacity import _cpu_probe
 
-    _cpu_probe(rank, world, cfg, classes, "adamw", out)
+    _cpu_probe(rank, world, cfg, classes, head_optimizer, out)
 
 
 @pytest.mark.parametrize(
-    "name, classes, chunk", [("distarc", 40_000, 0), ("distarc", 40_000, 8192), ("chest", 20_000, 0)]
+    "name, classes, chunk, rate, head_optimizer",
+    [
+        ("distarc", 40_000, 0, 1.0, "adamw"),
+        ("distarc", 40_000, 8192, 1.0, "adamw"),
+        ("chest", 20_000, 0, 1.0, "adamw"),
+        ("distarc", 100_000, 0, 0.5, "lazy_adamw"),  # was 1.44x the measured peak (24 B per sampled value)
+    ],
 )
-def test_head_rows_cover_a_measured_head_step(monkeypatch, name: str, classes: int, chunk: int) -> None:
+def test_head_rows_cover_a_measured_head_step(
+    monkeypatch, name: str, classes: int, chunk: int, rate: float, head_optimizer: str
+) -> None:
     """The head, logits and head-graph rows against the peak resident set of one rank's two AdamW head steps
     (bench.capacity's CPU probe: a fresh process, glibc's mmap threshold pinned) at D = 512 and G = 256.
     The rows once left out DistArc's normalised table and its gradient, and counted 3 [G, C] blocks where
@@ -172,13 +193,13 @@ def test_head_rows_cover_a_measured_head_step(monkeypatch, name: str, classes: i
     from bench.ranks import run_ranks
 
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))  # read by glibc in the spawned process
-    cfg = dataclasses.replace(HEADS[name], class_chunk=chunk)
-    measured = run_ranks(head_step_rank, 1, cfg, classes)[0]["mem_mb"] * 2**20
-    (shard,) = est.head_shards(cfg, classes, DIM, 1)
+    cfg = dataclasses.replace(HEADS[name], class_chunk=chunk, sample_rate=rate)
+    measured = run_ranks(head_step_rank, 1, cfg, classes, head_optimizer)[0]["mem_mb"] * 2**20
+    (shard,) = est.head_shards(cfg, classes, DIM, 1, head_optimizer)
     rows = (
         shard.state_bytes
         + est.logit_bytes(GLOBAL_BATCH, classes, cfg, DIM)
-        + est.head_graph_bytes(GLOBAL_BATCH, classes, cfg, DIM)
+        + est.head_graph_bytes(GLOBAL_BATCH, classes, cfg, DIM, head_optimizer)
     )
     assert 0.9 * measured <= rows <= 1.2 * measured, rows / measured
 
@@ -282,7 +303,7 @@ def test_a_submission_that_cannot_fit_is_refused_with_the_fixes(tmp_path, capsys
     assert "optim.head_optimizer=lazy_adamw" in out and "optim.head_optimizer=sgd" in out
     assert main(["--estimate", "--gpu-mem-gb", "1", *sampled, "optim.head_optimizer=lazy_sgd"]) == 1
     out = capsys.readouterr().out
-    assert "head shard x 9.6 B (fp32 weight, lazy_sgd state, grad)" in out and "head_optimizer=" not in out
+    assert "head shard x 8.4 B (fp32 weight, lazy_sgd state, grad)" in out and "head_optimizer=" not in out
     assert main(["--estimate", "--gpu-mem-gb", "1", *args]) == 1
     assert "DOES NOT FIT" in capsys.readouterr().out
     assert main(["--estimate", *args]) == 0

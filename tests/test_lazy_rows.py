@@ -134,3 +134,19 @@ def test_rows_outside_the_sample_keep_their_values_and_state(kind: str) -> None:
             assert not changed[outside].any() and changed[second].all()
         moved_outside[name] = int(changed.sum())
     assert moved_outside[kind] < moved_outside[kind.removeprefix("lazy_")]  # the dense one moved more rows
+
+
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+def test_a_rank_without_classes_steps(kind: str) -> None:
+    """C < P leaves a rank an empty shard: its step is a no-op (as torch's optimizers), not an IndexError."""
+    empty = torch.zeros(0, DIM, requires_grad=True)
+    opt = _lazy(kind, [empty])
+    for grad in (
+        torch.zeros(0, DIM),
+        torch.sparse_coo_tensor(
+            torch.zeros(1, 0, dtype=torch.long), torch.zeros(0, DIM), (0, DIM), check_invariants=True
+        ),
+    ):
+        empty.grad = grad
+        opt.step()
+    assert empty.shape == (0, DIM)

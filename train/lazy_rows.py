@@ -21,6 +21,7 @@ all: DistArc and its baselines, not CHEST (its regulariser reaches every proxy; 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -95,7 +96,8 @@ class LazyRowOptimizer(torch.optim.Optimizer):
                 self._prepare(param)
                 index, grad = touched_rows(param, param.grad)
                 grad = grad.to(param.dtype)
-                block = max(1, CHUNK_BYTES // max(1, param[0].numel() * param.element_size()))
+                row_bytes = math.prod(param.shape[1:]) * param.element_size()  # a shard may hold no row (C < P)
+                block = max(1, CHUNK_BYTES // max(1, row_bytes))
                 count = param.shape[0] if index is None else index.numel()
                 for a in range(0, count, block):
                     b = min(a + block, count)
