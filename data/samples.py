@@ -179,7 +179,8 @@ def read_shard(path: str, counter: BadSampleCounter, report: bool = True) -> Ite
         if members_read == 0:  # e.g. truncated to 0 bytes: every sample its manifest records is lost
             lost = _lost_after(path, 0)
             held = f" (its manifest records {lost} sample(s))" if lost is not None else ""
-            counter.record(path, "<empty shard>", f"the shard holds no member{held}; rebuild it", lost or 1, report)
+            lost = 1 if lost is None else lost  # no count recorded: 1, as for a damaged shard's unknown rest
+            counter.record(path, "<empty shard>", f"the shard holds no member{held}; rebuild it", lost, report)
 
     samples_read = 0
     for sample in tariterators.group_by_keys(members(), handler=handler):
