@@ -10,8 +10,9 @@
 #             workers) end to end on synthetic JPEG shards, then on in-memory batches     limit 110 s
 #   gpu       pytest -m gpu: the launcher on CUDA/NCCL (DistArc, CHEST, ZeRO-2 bf16) and the fused checks
 #             and ZeRO-3 fetch path on CUDA against DeepSpeed's own                       limit 120 s
-#   capacity  bench.capacity: the largest DistArc / CHEST table on this GPU, exact and sampled,
-#             with and without loss.class_chunk                                         limit 80 s
+#   capacity  bench.capacity: the largest table on this GPU, in the order the issue asks: exact DistArc
+#             (chunked; SGD as Partial FC, then AdamW), sampled DistArc at rate 0.1 (lazy SGD, then SGD),
+#             then CHEST exact and sampled (chunked, SGD)                                 limit 80 s
 # The limits add to 550 s: one call fits its 600 s with the set-up.
 # Here:   bash bench/device/wheels.sh
 # Device: run(command="bash bench/device/run.sh", carry=[".whl"], timeout_s=600)
@@ -49,13 +50,20 @@ part() {  # part NAME LIMIT_S COMMAND...
 VITL=(--recipe vitl_imagenet_8gpu --world 1 --steps 8 --warmup 2 --profile zero.bf16=true)
 FACES=(--recipe vitl_ms1mv2_faces --world 1 --steps 8 --warmup 2 --no-variants)
 CLASSES=85742  # MS1MV2's identities
-CAPACITY=(--start 1000000 --tolerance 0.05 --class-chunks 8192,0 --head-optimizers adamw,sgd)  # chunked first: the new limit
+CAPACITY=(--start 1000000 --tolerance 0.05)
+# one search per row, the rows of each command printed as they end (a cut-off keeps them): exact, sampled, CHEST
+CAP_EXACT=(--heads distarc --sample-rates 1.0 --class-chunks 8192 --head-optimizers sgd,adamw)
+CAP_SAMPLED=(--heads distarc --sample-rates 0.1 --class-chunks 0 --head-optimizers lazy_sgd,sgd)
+CAP_CHEST=(--heads chest --sample-rates 1.0,0.1 --class-chunks 8192 --head-optimizers sgd)
 SMALL=()
 if [ -n "${DEVICE_SMOKE:-}" ]; then  # a CPU rehearsal of the script: tiny sizes, same flow
   SMALL=(model.name=vit_tiny_patch16_224 model.img_size=32 data.image_size=32 data.batch_size=2 --steps 2 --warmup 1)
   FACES+=(model.name=vit_tiny_patch16_224 data.batch_size=4 data.num_workers=2 --images 256 --steps 2 --warmup 1)
   CLASSES=1000
-  CAPACITY=(--budget-gb 0.3 --start 10000 --tolerance 0.3 --heads distarc --sample-rates 1.0 --class-chunks 8192)
+  CAPACITY=(--budget-gb 0.3 --start 10000 --tolerance 0.3)
+  CAP_EXACT=(--heads distarc --sample-rates 1.0 --class-chunks 8192 --head-optimizers sgd)
+  CAP_SAMPLED=(--heads distarc --sample-rates 0.1 --class-chunks 0 --head-optimizers lazy_sgd)
+  CAP_CHEST=(--heads chest --sample-rates 0.1 --class-chunks 8192 --head-optimizers sgd)
 fi
 parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=(train stream gpu capacity)
@@ -70,7 +78,9 @@ for name in "${parts[@]}"; do
         data.batch_size=128 model.grad_checkpointing=false "${SMALL[@]}" ;;
     stream) part stream "${STREAM_S:-110}" bash -c "$(printf '%q ' "$PY" -m bench.train "${FACES[@]}" --data shards --classes $CLASSES) && \
         $(printf '%q ' "$PY" -m bench.train "${FACES[@]}" --data synthetic data.num_classes=$CLASSES)" ;;
-    capacity) part capacity "${CAPACITY_S:-80}" "$PY" -m bench.capacity "${CAPACITY[@]}" ;;
+    capacity) part capacity "${CAPACITY_S:-80}" bash -c "$(printf '%q ' "$PY" -m bench.capacity "${CAPACITY[@]}" "${CAP_EXACT[@]}"); \
+        $(printf '%q ' "$PY" -m bench.capacity "${CAPACITY[@]}" "${CAP_SAMPLED[@]}"); \
+        $(printf '%q ' "$PY" -m bench.capacity "${CAPACITY[@]}" "${CAP_CHEST[@]}")" ;;
     *) echo "unknown part $name (gpu, train, stream, capacity)"; exit 2 ;;
   esac
 done
