@@ -86,6 +86,11 @@ def cuda_fits(cfg: LossConfig, budget_bytes: float, head_optimizer: str) -> Call
 
 
 def _cpu_probe(rank: int, world: int, cfg: LossConfig, num_classes: int, head_optimizer: str, out: dict) -> None:
+    # the modules train_head_steps imports, before the baseline: DeepSpeed's import (~170 MiB resident) is no
+    # part of the head (until 2026-12-06 it was counted: the CPU rows of docs/benchmarks.md are that much low)
+    import model.task  # noqa: F401
+    import train.engine  # noqa: F401
+
     base = current_rss_mb()
     train_head_steps(cfg, num_classes, torch.device("cpu"), head_optimizer)
     out[rank] = {"mem_mb": peak_rss_mb() - base}

@@ -164,10 +164,7 @@ def test_fp32_zero_states_equal_a_real_engines_tensors(dist_pool) -> None:
 
 
 def head_step_rank(rank: int, world: int, cfg: LossConfig, classes: int, head_optimizer: str, out: dict) -> None:
-    """bench.capacity's CPU probe after the modules it imports are loaded: its baseline would otherwise leave
-    out DeepSpeed's import (~170 MiB) and its peak count it."""
-    import model.task  # noqa: F401
-    import train.engine  # noqa: F401
+    """bench.capacity's CPU probe (its baseline taken after DeepSpeed's import)."""
     from bench.capacity import _cpu_probe
 
     _cpu_probe(rank, world, cfg, classes, head_optimizer, out)
