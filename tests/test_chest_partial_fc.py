@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from launch import estimate as est
+from launch import head_memory as hm
 from launch.__main__ import build_config
 from model.chest import ChestHead, sample_triplets
 from model.config import ChestConfig, LossConfig
@@ -209,7 +210,7 @@ def test_config_and_memory_estimate_accept_partial_fc_for_chest() -> None:
             LossConfig(name=name, sample_rate=0.0).validate()
     chest = LossConfig(name="chest", sample_rate=0.5, chest=ChestConfig(proxies_per_class=3, hyp_dim=16))
     # G x C_local x (K per space) x rate fp32 blocks, three copies, plus the gathered [G, D] and its grad
-    assert est.logit_bytes(256, 4, chest, 32) == 256 * 4 * 3 * 2 * 4 * 3 // 2 + 256 * 32 * 8
+    assert hm.logit_bytes(256, 4, chest, 32) == 256 * 4 * 3 * 2 * 4 * 3 // 2 + 256 * 32 * 8
     plan = est.Estimate(["rank 0"], {k: ("", [1]) for k in ("states", "head", "activations", "logits")}, 1, [])
     assert "loss.sample_rate<1" in est.fixes(build_config("mnist_chest", []), plan)
     assert "loss.sample_rate<1" not in est.fixes(build_config("mnist_chest", ["loss.sample_rate=0.5"]), plan)

@@ -14,6 +14,8 @@ from deepspeed.runtime.zero.stage3 import model_to_params
 from torch import nn
 
 from launch import estimate as est
+from launch import head_memory as hm
+from launch import trunk_memory as tm
 from launch.__main__ import build_config, main
 from model.backbone import build_backbone
 from model.config import ChestConfig, LossConfig, ModelConfig
@@ -25,7 +27,7 @@ VIT = ModelConfig(name="vit_tiny_patch16_224", in_chans=3, img_size=32, patch_si
 
 @pytest.mark.parametrize("cfg", [CNN, VIT, dataclasses.replace(VIT, neck=False, embed_dim=192)])
 def test_meta_parameter_count_equals_a_real_build(cfg: ModelConfig) -> None:
-    size = est.trunk_size(cfg)
+    size = tm.trunk_size(cfg)
     real = build_backbone(cfg)
     total, largest = model_to_params(real)  # DeepSpeed's count on real tensors (its dedup needs data pointers)
     assert (size.params, size.largest_layer) == (total, largest) == (sum(p.numel() for p in real.parameters()), largest)
@@ -33,66 +35,66 @@ def test_meta_parameter_count_equals_a_real_build(cfg: ModelConfig) -> None:
 
 
 def test_head_bytes_equal_the_closed_form() -> None:
-    shards = est.head_shards(LossConfig(name="distarc"), 10, 64, 3)  # class_range: 4, 3, 3 classes
+    shards = hm.head_shards(LossConfig(name="distarc"), 10, 64, 3)  # class_range: 4, 3, 3 classes
     assert [(s.ranks, s.num_local) for s in shards] == [((0, 0), 4), ((1, 2), 3)]
     assert [s.state_bytes for s in shards] == [4 * 64 * (4 + 8 + 4), 3 * 64 * (4 + 8 + 4)]
-    sgd = est.head_shards(LossConfig(name="distarc"), 10, 64, 3, "sgd")  # one momentum row, not two moments
+    sgd = hm.head_shards(LossConfig(name="distarc"), 10, 64, 3, "sgd")  # one momentum row, not two moments
     assert [s.state_bytes for s in sgd] == [4 * 64 * (4 + 4 + 4), 3 * 64 * (4 + 4 + 4)]
     # the lazy optimizers: weight and state for every row, the gradient and the update's temporaries for the
     # sampled rows only (loss.sample_rate)
     pfc = LossConfig(name="distarc", sample_rate=0.25)
-    lazy = est.head_shards(pfc, 10, 64, 3, "lazy_adamw")
+    lazy = hm.head_shards(pfc, 10, 64, 3, "lazy_adamw")
     assert [s.state_bytes for s in lazy] == [4 * 64 * (4 + 8 + 1), 3 * 64 * (4 + 8 + 1)]
-    assert [s.state_bytes for s in est.head_shards(pfc, 10, 64, 3, "lazy_sgd")] == [4 * 64 * 9, 3 * 64 * 9]
+    assert [s.state_bytes for s in hm.head_shards(pfc, 10, 64, 3, "lazy_sgd")] == [4 * 64 * 9, 3 * 64 * 9]
     # at rate 1 every row is in every step: a dense gradient, the dense optimizer's memory
     exact = LossConfig(name="distarc")
     for lazy_kind, dense_kind in (("lazy_adamw", "adamw"), ("lazy_sgd", "sgd")):
-        assert est.head_bytes_per_value(lazy_kind, 1.0) == est.head_bytes_per_value(dense_kind, 1.0)
-        assert est.head_graph_bytes(256, 1000, exact, 64, lazy_kind) == est.head_graph_bytes(256, 1000, exact, 64)
+        assert hm.head_bytes_per_value(lazy_kind, 1.0) == hm.head_bytes_per_value(dense_kind, 1.0)
+        assert hm.head_graph_bytes(256, 1000, exact, 64, lazy_kind) == hm.head_graph_bytes(256, 1000, exact, 64)
     chest = LossConfig(name="chest", chest=ChestConfig(proxies_per_class=3, hyp_dim=16))
-    (shard,) = est.head_shards(chest, 8, 32, 2)
+    (shard,) = hm.head_shards(chest, 8, 32, 2)
     assert shard.state_bytes == (4 * 3 * 32 + 32 * 16 + 16) * 16  # proxies [4, K, D] and the replicated FC h
     # logits: G x C_local x (K per space) fp32, three copies, plus the gathered [G, D] embedding and its grad
-    assert est.logit_bytes(256, 4, chest, 32) == 256 * 4 * 3 * 2 * 4 * 3 + 256 * 32 * 8
+    assert hm.logit_bytes(256, 4, chest, 32) == 256 * 4 * 3 * 2 * 4 * 3 + 256 * 32 * 8
     no_h = dataclasses.replace(chest, chest=dataclasses.replace(chest.chest, eta_h=0.0))
-    assert est.logit_bytes(256, 4, no_h, 32) == 256 * 4 * 3 * 1 * 4 * 3 + 256 * 32 * 8
+    assert hm.logit_bytes(256, 4, no_h, 32) == 256 * 4 * 3 * 1 * 4 * 3 + 256 * 32 * 8
     pfc = LossConfig(name="arcface", sample_rate=0.25)
-    assert est.logit_bytes(512, 1000, pfc, 512) == 512 * 250 * 4 * 3 + 512 * 512 * 8
+    assert hm.logit_bytes(512, 1000, pfc, 512) == 512 * 250 * 4 * 3 + 512 * 512 * 8
     # loss.class_chunk: blocks of at most `chunk` kept classes (Partial-FC keeps chunk / rate local ones)
     chunked = dataclasses.replace(pfc, class_chunk=100)
-    assert est.logit_bytes(512, 1000, chunked, 512) == 512 * 100 * 4 * 3 + 512 * 512 * 8
-    assert est.logit_bytes(512, 300, chunked, 512) == 512 * 75 * 4 * 3 + 512 * 512 * 8  # 75 kept < chunk
+    assert hm.logit_bytes(512, 1000, chunked, 512) == 512 * 100 * 4 * 3 + 512 * 512 * 8
+    assert hm.logit_bytes(512, 300, chunked, 512) == 512 * 75 * 4 * 3 + 512 * 512 * 8  # 75 kept < chunk
     chest_chunked = dataclasses.replace(chest, class_chunk=2)
-    assert est.logit_bytes(256, 4, chest_chunked, 32) == 256 * 2 * 3 * 2 * 4 * 3 + 256 * 32 * 8
+    assert hm.logit_bytes(256, 4, chest_chunked, 32) == 256 * 2 * 3 * 2 * 4 * 3 + 256 * 32 * 8
 
 
 def test_zero_states_fall_with_stage_and_ranks_and_agree_with_deepspeed() -> None:
     p, big = 10_000_000, 1_000_000
     # closed forms (bytes per parameter): stage 1 partitions master + moments, 2 also the gradients
-    assert est.zero_state_bytes(p, big, 0, 4, bf16=True) == 20 * p
-    assert est.zero_state_bytes(p, big, 1, 4, bf16=True) == 8 * p + 12 * p // 4
-    assert est.zero_state_bytes(p, big, 2, 4, bf16=True) == 2 * p + 18 * p // 4
-    assert est.zero_state_bytes(p, big, 3, 4, bf16=True) == 18 * p // 4 + 4 * big
+    assert tm.zero_state_bytes(p, big, 0, 4, bf16=True) == 20 * p
+    assert tm.zero_state_bytes(p, big, 1, 4, bf16=True) == 8 * p + 12 * p // 4
+    assert tm.zero_state_bytes(p, big, 2, 4, bf16=True) == 2 * p + 18 * p // 4
+    assert tm.zero_state_bytes(p, big, 3, 4, bf16=True) == 18 * p // 4 + 4 * big
     # fp32: the weights whole below stage 3; from stage 1 DeepSpeed's fp32 master partition and a second
     # gradient copy beside the moments and the reduced gradient
-    assert est.zero_state_bytes(p, big, 0, 4, bf16=False) == 16 * p
-    assert est.zero_state_bytes(p, big, 1, 4, bf16=False) == 8 * p + 16 * p // 4  # gradients whole until reduced
-    assert est.zero_state_bytes(p, big, 2, 4, bf16=False) == 4 * p + 20 * p // 4
-    assert est.zero_state_bytes(p, big, 3, 4, bf16=False) == 24 * p // 4 + 4 * big
-    assert est.zero_state_split(p, big, 2, 4, bf16=True) == (2 * p, 18 * p // 4)
-    assert est.replicated_state_parts(2, bf16=True) == ["bf16 weights"]
-    assert est.replicated_state_parts(3, bf16=False) == ["the largest layer, gathered"]
+    assert tm.zero_state_bytes(p, big, 0, 4, bf16=False) == 16 * p
+    assert tm.zero_state_bytes(p, big, 1, 4, bf16=False) == 8 * p + 16 * p // 4  # gradients whole until reduced
+    assert tm.zero_state_bytes(p, big, 2, 4, bf16=False) == 4 * p + 20 * p // 4
+    assert tm.zero_state_bytes(p, big, 3, 4, bf16=False) == 24 * p // 4 + 4 * big
+    assert tm.zero_state_split(p, big, 2, 4, bf16=True) == (2 * p, 18 * p // 4)
+    assert tm.replicated_state_parts(2, bf16=True) == ["bf16 weights"]
+    assert tm.replicated_state_parts(3, bf16=False) == ["the largest layer, gathered"]
     for bf16 in (True, False):
         for world in (2, 8, 64):
-            by_stage = [est.zero_state_bytes(p, big, s, world, bf16) for s in range(4)]
+            by_stage = [tm.zero_state_bytes(p, big, s, world, bf16) for s in range(4)]
             assert by_stage == sorted(by_stage, reverse=True) and by_stage[0] > by_stage[3]
         for stage in (1, 2, 3):
-            by_world = [est.zero_state_bytes(p, big, stage, w, bf16) for w in (1, 2, 8, 64)]
+            by_world = [tm.zero_state_bytes(p, big, stage, w, bf16) for w in (1, 2, 8, 64)]
             assert by_world == sorted(by_world, reverse=True) and by_world[0] > by_world[-1]
     for stage in (2, 3):
         for gpus, nodes in ((1, 1), (8, 1), (8, 4), (4, 2)):
-            assert est.zero_state_bytes(p, big, stage, gpus * nodes, True) == pytest.approx(
-                est.deepspeed_state_bytes(p, big, stage, gpus, nodes), abs=1
+            assert tm.zero_state_bytes(p, big, stage, gpus * nodes, True) == pytest.approx(
+                tm.deepspeed_state_bytes(p, big, stage, gpus, nodes), abs=1
             )
 
 
@@ -156,7 +158,7 @@ def test_fp32_zero_states_equal_a_real_engines_tensors(dist_pool) -> None:
     for stage in (1, 2, 3):
         results = pool.run(zero_states_rank, stage)
         params = results[0]["params"]
-        closed = est.zero_state_bytes(params, 0, stage, 2, bf16=False) / params  # nothing gathered at the step
+        closed = tm.zero_state_bytes(params, 0, stage, 2, bf16=False) / params  # nothing gathered at the step
         for r in results:
             # stage 1: 16 against 14.0-15.0 measured at N = 2 (the whole gradients and the master partition's
             # gradient are not all alive at once; which hook sees the most varies): up to 15% above, never below
@@ -192,11 +194,11 @@ def test_head_rows_cover_a_measured_head_step(
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))  # read by glibc in the spawned process
     cfg = dataclasses.replace(HEADS[name], class_chunk=chunk, sample_rate=rate)
     measured = run_ranks(head_step_rank, 1, cfg, classes, head_optimizer)[0]["mem_mb"] * 2**20
-    (shard,) = est.head_shards(cfg, classes, DIM, 1, head_optimizer)
+    (shard,) = hm.head_shards(cfg, classes, DIM, 1, head_optimizer)
     rows = (
         shard.state_bytes
-        + est.logit_bytes(GLOBAL_BATCH, classes, cfg, DIM)
-        + est.head_graph_bytes(GLOBAL_BATCH, classes, cfg, DIM, head_optimizer)
+        + hm.logit_bytes(GLOBAL_BATCH, classes, cfg, DIM)
+        + hm.head_graph_bytes(GLOBAL_BATCH, classes, cfg, DIM, head_optimizer)
     )
     assert 0.9 * measured <= rows <= 1.2 * measured, rows / measured
 
@@ -223,7 +225,7 @@ def _graph_saved_bytes(out: torch.Tensor, model: torch.nn.Module) -> int:
 
 
 def test_activation_estimate_scales_to_the_saved_bytes_at_batch_4() -> None:
-    acts = est.activations(CNN, 28, est.trunk_size(CNN))
+    acts = tm.activations(CNN, 28, tm.trunk_size(CNN))
     predicted = acts.per_sample.at(bf16=False) * 4
     torch.manual_seed(0)
     model = build_backbone(CNN).train()
@@ -234,17 +236,17 @@ def test_activation_estimate_scales_to_the_saved_bytes_at_batch_4() -> None:
 
 
 def test_depth_extrapolation_and_grad_checkpointing_on_a_small_vit() -> None:
-    images = torch.randn(est.MEASURE_BATCH, 3, 32, 32)
+    images = torch.randn(tm.MEASURE_BATCH, 3, 32, 32)
     for ckpt in (False, True):
         cfg = dataclasses.replace(VIT, grad_checkpointing=ckpt)
-        extrapolated = est.activations(cfg, 32, est.trunk_size(cfg)).per_sample.scaled(est.MEASURE_BATCH)
-        full = est.measure_saved(est.build_measured(cfg), images)
+        extrapolated = tm.activations(cfg, 32, tm.trunk_size(cfg)).per_sample.scaled(tm.MEASURE_BATCH)
+        full = tm.measure_saved(tm.build_measured(cfg), images)
         assert extrapolated.floating == pytest.approx(full.floating, rel=0.01)
     # with checkpointing, one more block keeps only its input alive: the [B, 17 tokens, 192] residual stream
     on = dataclasses.replace(VIT, grad_checkpointing=True)
-    two, three = (est.measure_saved(est.build_measured(on, d), images) for d in (2, 3))
-    assert three.floating - two.floating == est.MEASURE_BATCH * 17 * 192 * 4
-    off = [est.measure_saved(est.build_measured(VIT, d), images) for d in (2, 3)]
+    two, three = (tm.measure_saved(tm.build_measured(on, d), images) for d in (2, 3))
+    assert three.floating - two.floating == tm.MEASURE_BATCH * 17 * 192 * 4
+    off = [tm.measure_saved(tm.build_measured(VIT, d), images) for d in (2, 3)]
     assert off[1].floating - off[0].floating > 10 * (three.floating - two.floating)
 
 
@@ -253,9 +255,9 @@ def test_estimate_table_of_a_real_recipe() -> None:
     plan = est.estimate(cfg, 80)
     assert plan.groups == ["ranks 0-5", "ranks 6-7"] and plan.fits  # 85742 = 6 x 10718 + 2 x 10717
     assert plan.rows["head"][1] == [10718 * 512 * 16, 10717 * 512 * 16]
-    assert plan.rows["states"][1][0] == est.deepspeed_state_bytes(est.trunk_size(cfg.model).params, 0, 2, 8, 1)
-    assert plan.rows["logits"][1][0] == est.logit_bytes(128 * 8, 10718, cfg.loss, 512)
-    assert plan.rows["graph"][1][0] == est.head_graph_bytes(128 * 8, 10718, cfg.loss, 512)
+    assert plan.rows["states"][1][0] == tm.deepspeed_state_bytes(tm.trunk_size(cfg.model).params, 0, 2, 8, 1)
+    assert plan.rows["logits"][1][0] == hm.logit_bytes(128 * 8, 10718, cfg.loss, 512)
+    assert plan.rows["graph"][1][0] == hm.head_graph_bytes(128 * 8, 10718, cfg.loss, 512)
     # G = 1024: the blocks' phase is the peak: 8 B x D of table copies less the table gradient not yet
     # written (4 B x D), and 7 [G, C] fp32 blocks less the logits row's 3
     assert plan.rows["graph"][1][0] == 10718 * (4 * 512 + 4 * 1024 * (7 - 3))
@@ -319,7 +321,7 @@ def test_fixes_offer_a_smaller_bucket_and_say_what_more_gpus_leave_whole() -> No
     text = est.fixes(cfg, plan)
     assert "zero.reduce_bucket_size, e.g. 125000000" in text and "1.86 GiB gradient bucket" in text
     assert "communication efficiency" in text
-    whole = est.trunk_size(cfg.model).params * 2
+    whole = tm.trunk_size(cfg.model).params * 2
     assert f"the {est._size(whole)} of bf16 weights held whole on every rank" in text
     assert "of head shard and partitioned trunk states shrink as 1/ranks" in text
     assert "of trunk states and head shard shrink as 1/ranks" not in text  # the bf16 weights do not

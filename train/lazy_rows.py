@@ -21,6 +21,7 @@ all: DistArc and its baselines, not CHEST (its regulariser reaches every proxy; 
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -60,16 +61,16 @@ CHUNK_BYTES = 32 * 2**20
 Rows = slice | torch.Tensor  # a block of a dense update (views, updated in place) or gathered row indices
 
 
-class LazyRowOptimizer(torch.optim.Optimizer):
+class LazyRowOptimizer(torch.optim.Optimizer, abc.ABC):
     """Shared loop: for every parameter with a gradient, update its touched rows a block at a time."""
 
+    @abc.abstractmethod
     def _prepare(self, param: torch.Tensor) -> None:
         """Create the parameter's state on its first step; count the step."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _update(self, param: torch.Tensor, rows: Rows, values: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
         """Update `values` (the parameter's `rows`, a copy or a view) and their state with their gradient."""
-        raise NotImplementedError
 
     def _state_rows(self, param: torch.Tensor, rows: Rows, key: str) -> torch.Tensor:
         state = self.state[param][key]
