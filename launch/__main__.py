@@ -28,6 +28,7 @@ from launch.sweep import expand, write_summary
 from slurm.executor import make_executor
 from slurm.job import TrainJob
 from train.config import RunConfig
+from train.run_owner import record_submission
 from train.summary import RunSummary
 
 
@@ -100,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     executor = make_executor(cfg.slurm, cfg.run_dir, args.slurm)
     t0 = time.time()
     job = executor.submit(TrainJob(cfg))
+    if args.slurm:  # the run dir is this job's while it waits in the queue too (a local job's rank 0 records at once)
+        record_submission(cfg.run_dir, str(job.job_id))
     print(f"submitted job {job.job_id}; logs: {os.path.join(cfg.run_dir, 'submitit', str(job.job_id))}")
     print(f"watch: tensorboard --logdir {os.path.join(cfg.run_dir, 'tb')}", flush=True)
     if args.no_wait:
@@ -139,6 +142,8 @@ def run_sweep(sweep_dir: str, cfgs: list[RunConfig], use_slurm: bool, no_wait: b
     if use_slurm:
         with executor.batch():
             jobs = [executor.submit(TrainJob(cfg)) for cfg in cfgs]
+        for cfg, job in zip(cfgs, jobs):
+            record_submission(cfg.run_dir, str(job.job_id))  # "<array>_<task>"
         print(
             f"submitted job array {jobs[0].job_id.split('_')[0]}; logs: {os.path.join(sweep_dir, 'submitit')}",
             flush=True,

@@ -165,14 +165,23 @@ def test_a_run_dir_a_live_job_trains_in_is_refused(tmp_path, monkeypatch) -> Non
     preflight([cfg], use_slurm=False)  # its job is over: resuming is the normal case
     (tmp_path / "mnist_distarc" / OWNER_FILE).write_text(json.dumps({**record, "pid_start": "1"}))
     preflight([cfg], use_slurm=False)  # this pid, but not the process that started then: reused
-    # a Slurm job on another node: squeue decides (job 78: another task of the array whose task 0 was 77)
-    for state, refused in (("77 RUNNING", True), ("77 PENDING", True), ("77 COMPLETED", False), ("78 RUNNING", False)):
+    # a Slurm job on another node: squeue decides (%i %A %T; 76_1: the task 77 of array 76 runs; 76_2: another
+    # task of that array, whose own id is 78; 77_[1-3]: tasks of array 77 not split off yet, their %A is 77)
+    lines = (
+        ("77 77 RUNNING", True),
+        ("77 77 PENDING", True),
+        ("77 77 COMPLETED", False),
+        ("76_1 77 RUNNING", True),
+        ("76_2 78 RUNNING", False),
+        ("77_[1-3] 77 PENDING", False),
+    )
+    for state, refused in lines:
         monkeypatch.setenv("PATH", _fake_squeue(tmp_path, state))
         (tmp_path / "mnist_distarc" / OWNER_FILE).write_text(
             json.dumps({"slurm_job_id": "77", "host": "node-elsewhere", "pid": 1})
         )
         if refused:
-            with pytest.raises(ValueError, match=rf"in use by Slurm job 77 \({state.split()[1]}\).*scancel"):
+            with pytest.raises(ValueError, match=rf"in use by Slurm job 77 \({state.split()[2]}\).*scancel"):
                 preflight([cfg], use_slurm=False)
         else:
             preflight([cfg], use_slurm=False)
@@ -196,6 +205,6 @@ def _fake_squeue(tmp_path, state: str) -> str:
     bin_dir = tmp_path / "squeue_bin"
     bin_dir.mkdir(exist_ok=True)
     script = bin_dir / "squeue"
-    script.write_text(f'#!/bin/sh\n[ "$3" = 77 ] && [ "$5" = "%A %T" ] && printf "{state}\\n"\nexit 0\n')
+    script.write_text(f'#!/bin/sh\n[ "$3" = 77 ] && [ "$5" = "%i %A %T" ] && printf "{state}\\n"\nexit 0\n')
     script.chmod(0o755)
     return f"{bin_dir}{os.pathsep}/usr/bin{os.pathsep}/bin"

@@ -260,3 +260,29 @@ def test_plain_sbatch_script_comes_back_after_a_preemption(slurm_env, mnist_root
     assert wait_for_state(job_id, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=400) == "COMPLETED"
     summary = _summary(run_dir)
     assert job_restarts(job_id) == 1 and summary["step"] == 60 and summary["resumed_from_step"] >= 20
+
+
+def test_a_run_dir_is_refused_while_its_job_waits_in_the_queue(
+    slurm_env, mnist_root: str, tmp_path: Path, capsys
+) -> None:
+    """The launcher records the queued job (a single job, and each task of a sweep's array): the same command
+    again is refused while the job is still pending, before any rank could have written its own record."""
+    args = ["--slurm", "--no-wait", *slurm_overrides(mnist_root, tmp_path, "held", 20, "slurm.sbatch_extra=hold=true")]
+    sweep = ["--sweep", "seed=0,1", "--sweep-name", "heldgrid"]
+    queued: list[str] = []
+    try:
+        assert main(args) == 0
+        job_id = capsys.readouterr().out.split("submitted job ")[1].split(";")[0]
+        queued.append(job_id)
+        assert main(args) == 2
+        assert f"in use by Slurm job {job_id} (PENDING)" in capsys.readouterr().err
+        assert main([*args, *sweep]) == 0
+        array_id = capsys.readouterr().out.split("submitted job array ")[1].split(";")[0]
+        queued.append(array_id)
+        assert main([*args, *sweep]) == 2
+        assert f"in use by Slurm job {array_id}_0 (PENDING)" in capsys.readouterr().err
+    finally:
+        subprocess.run(["scancel", *queued], check=False)
+    wait_for_state(job_id, {"CANCELLED"}, timeout=60)
+    assert main(args) == 0  # a cancelled job no longer holds the run dir
+    subprocess.run(["scancel", capsys.readouterr().out.split("submitted job ")[1].split(";")[0]], check=False)

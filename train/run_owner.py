@@ -1,7 +1,8 @@
-"""Which job trains in a run directory: `<run_dir>/job.json`, written by rank 0 when a job starts and read
-at submission (launch.preflight), so that the same command submitted twice cannot put two jobs in one run
-dir (both would write the same step-N checkpoints, prune each other's, and draw two curves in one
-TensorBoard run).
+"""Which job trains in a run directory: `<run_dir>/job.json`, written by the launcher when it queues a Slurm
+job and again by rank 0 when a job starts, and read at submission (launch.preflight), so that the same
+command submitted twice cannot put two jobs in one run dir (both would write the same step-N checkpoints,
+prune each other's, and draw two curves in one TensorBoard run), also while the first still waits in the
+queue.
 
 A job counts as still running when Slurm lists it in a live state, or, on the host that ran it, when its
 rank-0 process is alive. A run dir whose last job is gone (finished, failed, cancelled) is free: resuming
@@ -40,6 +41,15 @@ def record_owner(run_dir: str, slurm_job_id: str) -> None:
     write_json_atomic(os.path.join(run_dir, OWNER_FILE), record)
 
 
+def record_submission(run_dir: str, slurm_job_id: str) -> None:
+    """The launcher, right after queueing: the run dir belongs to Slurm job `slurm_job_id` (an array task's
+    "<array>_<task>") from now on, while it is pending too; rank 0 replaces the record when the job starts.
+    No process yet (pid 0): where Slurm cannot be asked, the record does not hold the run dir."""
+    os.makedirs(run_dir, exist_ok=True)
+    record = {"slurm_job_id": slurm_job_id, "host": socket.gethostname(), "pid": 0, "submitted_at": time.time()}
+    write_json_atomic(os.path.join(run_dir, OWNER_FILE), record)
+
+
 def _process_start(pid: int) -> str:
     """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22); "" when unknown."""
     try:
@@ -55,15 +65,23 @@ def _slurm_state(job_id: str, timeout_s: float = 30.0) -> str | None:
     if shutil.which("squeue") is None:
         return None
     try:
-        # %A: each array task's own job id (squeue -j <array id> lists every task of the array)
+        # %i: "<array>_<task>" for an array task (the launcher's record), %A: the task's own job id once it
+        # runs (rank 0's record; squeue -j <array id> lists every task of the array); %A of a pending task is
+        # the array's id, so only %i names it then
         out = subprocess.run(
-            ["squeue", "-h", "-j", job_id, "-o", "%A %T"], capture_output=True, text=True, timeout=timeout_s
+            ["squeue", "-h", "-j", job_id, "-o", "%i %A %T"], capture_output=True, text=True, timeout=timeout_s
         )
     except subprocess.TimeoutExpired:
         return None
     if out.returncode != 0:  # a job Slurm has forgotten: "Invalid job id"; anything else: Slurm did not answer
         return "" if "Invalid job id" in out.stderr else None
-    states = dict(line.split()[:2] for line in out.stdout.splitlines() if len(line.split()) >= 2)
+    states: dict[str, str] = {}
+    for line in out.stdout.splitlines():
+        if len(fields := line.split()) >= 3:
+            task, own, state = fields[:3]
+            states.setdefault(task, state)
+            if "[" not in task:  # "<array>_[2-7]": tasks not yet split off, %A is the array's id, not theirs
+                states.setdefault(own, state)
     return states.get(job_id, "")
 
 
@@ -91,7 +109,7 @@ def running_owner(run_dir: str) -> str | None:
         state = _slurm_state(job_id)
         if state is not None and state not in LIVE_STATES:
             return None  # Slurm knows the job is over
-        if state == "RUNNING" and same_host and not _process_alive(pid, start):
+        if state == "RUNNING" and same_host and pid and not _process_alive(pid, start):
             return None  # e.g. a local run inside an salloc shell: the allocation lives on, the run does not
         if state is not None:
             return f"Slurm job {job_id} ({state})"
