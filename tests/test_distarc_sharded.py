@@ -173,6 +173,38 @@ def test_sharded_loss_and_grads_equal_dense(dist_pool, world: int, class_chunk: 
                     assert torch.equal(r["pred"]["logit"], (x @ table.t()).argmax(dim=1)), name
 
 
+def sharded_rank_by_reduce_scatter(cfg: LossConfig, num_classes: int) -> dict:
+    """`sharded_rank` through NCCL's branch of the embedding gradient (a reduce-scatter; gloo has one in
+    recent torch), counting the reduce-scatters it made."""
+    import torch.distributed as dist
+
+    import model.collectives as collectives
+
+    calls = []
+    saved_backends, saved_op = collectives.REDUCE_SCATTER_BACKENDS, dist.reduce_scatter_tensor
+    collectives.REDUCE_SCATTER_BACKENDS = saved_backends | {dist.get_backend()}
+    dist.reduce_scatter_tensor = lambda *a, **k: calls.append(1) or saved_op(*a, **k)
+    try:
+        return {**sharded_rank(cfg, num_classes), "reduce_scatters": len(calls)}
+    finally:
+        collectives.REDUCE_SCATTER_BACKENDS, dist.reduce_scatter_tensor = saved_backends, saved_op
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_the_reduce_scatter_branch_gives_the_all_reduce_gradients(dist_pool, world: int) -> None:
+    """The branch NCCL takes (never run on CPU otherwise) gives the gradients the gloo branch does, which
+    test_sharded_loss_and_grads_equal_dense checks against the dense reference."""
+    pool = dist_pool(world)
+    for num_classes in (10, 3):
+        ours = pool.run(sharded_rank_by_reduce_scatter, CASES["paper"], num_classes)
+        reference = pool.run(sharded_rank, CASES["paper"], num_classes)
+        for mine, ref in zip(ours, reference):
+            assert mine["reduce_scatters"] == 1
+            assert mine["loss"] == ref["loss"]
+            torch.testing.assert_close(mine["emb_grad"], ref["emb_grad"], rtol=0, atol=1e-7)
+            torch.testing.assert_close(mine["weight_grad"], ref["weight_grad"], rtol=0, atol=0)
+
+
 def test_distarc_without_radial_terms_is_arcface() -> None:
     cfg = dataclasses.replace(CASES["paper"], radial_weight=0.0, phi_weight=0.0, scale=64.0)
     x, labels = make_problem(10)
