@@ -1,11 +1,11 @@
 """Per-GPU memory plan of a run, before anything is queued: `python -m launch --recipe NAME --estimate`.
 
 Four parts per rank, each from the resolved config:
-- trunk states (weights, gradients, AdamW) under ZeRO: DeepSpeed's own estimator for the 16-bit
-  stages 2 and 3 (`estimate_zero{2,3}_model_states_mem_needs`, no offload), the closed form of
-  `zero_state_bytes` otherwise (fp32 ZeRO-1/2/3 also hold DeepSpeed's fp32 master partition and a second
-  gradient copy); the parameter count comes from the trunk built on the meta device; plus DeepSpeed's
-  gradient bucket;
+- trunk states (weights, gradients, AdamW) under ZeRO: the closed form of `zero_state_bytes`, the tensors
+  real DeepSpeed engines hold (fp32 ZeRO-1/2/3 also hold an fp32 master partition and a second gradient copy,
+  ZeRO-0 and bf16 ZeRO-1 a flat all-reduce copy, ZeRO-3 the weights gathered from the forward to the
+  backward; DeepSpeed's `estimate_zero{2,3}_model_states_mem_needs` count less at bf16 ZeRO-3); the
+  parameter count comes from the trunk built on the meta device; plus DeepSpeed's gradient bucket;
 - the class-sharded head: this rank's shard (plus CHEST's replicated FC) in fp32 with its optimizer's
   row state (AdamW's two moments or SGD's momentum) and gradient; the [G, C_local] logit blocks of the
   sharded softmax; and what else the head's autograd graph holds at the step's peak (normalised or

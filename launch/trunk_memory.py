@@ -1,7 +1,7 @@
 """The trunk's memory per rank, for `launch.estimate`: its parameter count (built on the meta device), its
-weights, gradients and AdamW states under each ZeRO stage (DeepSpeed's estimator for 16-bit ZeRO-2/3, a closed
-form otherwise), DeepSpeed's gradient bucket, and its activations (bytes autograd saves for backward on a
-short CPU forward, scaled to the micro-batch)."""
+weights, gradients and AdamW states under each ZeRO stage (a closed form of the tensors real DeepSpeed engines
+hold; DeepSpeed's own estimator counts less), DeepSpeed's gradient bucket, and its activations (bytes autograd
+saves for backward on a short CPU forward, scaled to the micro-batch)."""
 
 from __future__ import annotations
 
@@ -25,30 +25,47 @@ MEASURE_BATCH = 2  # images of the CPU forward; activations scale linearly from 
 DEPTH_PROBES = (2, 3)  # ViT-like trunks: measured at these depths and extrapolated (block 0 has no drop path)
 
 ALL_STAGES = (0, 1, 2, 3)
+NEVER = 4  # a part no stage partitions
 # Bytes per trunk parameter held per rank: (part, bytes, the stages that hold it, the first stage that partitions
-# it over the ranks). Under mixed precision (zero.bf16=true) DeepSpeed's estimator counts the same for stage 2
-# (2 + 18/N) and stage 3 (18/N); stage 3 keeps no separate 16-bit gradient (it is reduce-scattered into the
-# fp32 partition).
+# it over the ranks). Each number is the most of the tensors alive during the forward, the backward and the
+# optimizer step of real DeepSpeed engines on CPU, from the second step on (tests/test_estimate.py; an audit
+# measured every dtype x stage at 1, 2 and 4 ranks); DeepSpeed's own estimator counts less at bf16 ZeRO-1/3.
 BF16_PARTS = (
     ("bf16 weights", 2, ALL_STAGES, 3),
     ("bf16 gradients", 2, (0, 1, 2), 2),
     ("fp32 gradient partition", 4, ALL_STAGES, 2),
     ("fp32 master weights", 4, ALL_STAGES, 1),
     ("fp32 AdamW moments", 8, ALL_STAGES, 1),
+    # BF16_Optimizer (ZeRO-1) all-reduces its fp32 gradient buffers through the engine's flat bucket
+    # (deepspeed/runtime/engine.py allreduce_bucket: flatten, then a cast to the bf16 communication dtype)
+    ("flat all-reduce copy of the gradients (fp32, and bf16 to send)", 6, (1,), NEVER),
+    # stage 3's step flattens the gradient partition into a new fp32 tensor (stage3.py, averaged_gradients)
+    ("flat fp32 copy of the gradient partition at the step", 4, (3,), 3),
 )
 # In fp32, ZeRO stages 1-3 still clone an fp32 master partition of the (already fp32) weights for the optimizer
 # (deepspeed/runtime/zero/stage_1_and_2.py, single_partition_of_fp32_groups) and step it on a second, flat copy
 # of the reduced gradient partition; stage 1 reduces the gradients only after the backward, so every rank holds
-# them whole until then: 16 B per parameter at stage 0, 8 + 16/N at stage 1, 4 + 20/N at stage 2, 24/N at stage 3
-# (the most of the tensors alive during the backward and at the optimizer step of real engines,
-# tests/test_estimate.py).
+# them whole until then. Stage 0 all-reduces a flat copy of every gradient (engine.allreduce_bucket), one rank
+# too: 20 B per parameter at stage 0, 8 + 16/N at stage 1, 4 + 20/N at stage 2, 24/N at stage 3.
 FP32_PARTS = (
     ("fp32 weights", 4, ALL_STAGES, 3),
     ("fp32 gradients (whole through the backward below stage 2)", 4, ALL_STAGES, 2),
     ("fp32 AdamW moments", 8, ALL_STAGES, 1),
     ("fp32 master copy of the weights' partition", 4, (1, 2, 3), 1),
     ("fp32 gradient of the master partition", 4, (1, 2, 3), 1),
+    ("flat all-reduce copy of the gradients", 4, (0,), NEVER),
 )
+# Parts that DeepSpeed allocates in buckets of at most this many elements (MEMORY_OPT_ALLREDUCE_SIZE)
+FLAT_ALLREDUCE_ELEMENTS = 500_000_000
+# ZeRO-3 on 2+ ranks: from the second step on, DeepSpeed keeps every parameter it gathered in the forward until
+# the backward uses it again (stage3_max_reuse_distance, stage3_max_live_parameters: 1e9 elements by default),
+# i.e. the weights whole, while the step-only flat copy is gone; plus the gathered layer's buffers (bytes per
+# parameter of the largest layer; 4 at one rank, where nothing is gathered).
+ZERO3_LIVE_PARAMETERS = 1_000_000_000
+ZERO3_LAYER_BYTES = {True: 10, False: 16}  # by bf16
+# bf16 ZeRO-2: a layer-sized temporary of about 6 B per parameter of the largest layer (measured, < 5% of real
+# trunks' states)
+ZERO2_BF16_LAYER_BYTES = 6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,8 +91,8 @@ def zero_state_bytes(params: int, largest_layer: int, stage: int, world_size: in
     """Trunk weights, gradients and AdamW states per rank under ZeRO `stage` (closed form).
 
     Each part of BF16_PARTS / FP32_PARTS that `stage` holds counts whole below its partitioning stage and
-    divided by the world size from it on; stage 3 also gathers one layer at a time (4 bytes per parameter of
-    the largest layer), as DeepSpeed's estimator counts.
+    divided by the world size from it on; stage 3 adds what it gathers (ZERO3_LIVE_PARAMETERS, the largest
+    layer), bf16 stage 2 a layer-sized temporary.
     """
     replicated, partitioned = zero_state_split(params, largest_layer, stage, world_size, bf16)
     return replicated + partitioned
@@ -86,21 +103,34 @@ def zero_state_split(params: int, largest_layer: int, stage: int, world_size: in
     if stage not in ALL_STAGES or world_size < 1:
         raise ValueError(f"zero.stage={stage} must be 0-3 and the world size {world_size} >= 1")
     replicated = partitioned = 0.0
-    for _, nbytes, held, from_stage in BF16_PARTS if bf16 else FP32_PARTS:
+    for name, nbytes, held, from_stage in BF16_PARTS if bf16 else FP32_PARTS:
         if stage not in held:
             continue
+        count = min(params, FLAT_ALLREDUCE_ELEMENTS) if name.startswith("flat all-reduce") else params
         if stage >= from_stage:
-            partitioned += params * nbytes / world_size
+            partitioned += count * nbytes / world_size
         else:
-            replicated += params * nbytes
-    return int(replicated) + (4 * largest_layer if stage == 3 else 0), int(partitioned)
+            replicated += count * nbytes
+    if stage == 2 and bf16:
+        replicated += ZERO2_BF16_LAYER_BYTES * largest_layer
+    if stage == 3 and world_size == 1:
+        replicated += 4 * largest_layer
+    elif stage == 3:
+        # the peak is the step's (with its 4/N flat copy) or the backward's (with the forward's gathered weights)
+        gathered = (2 if bf16 else 4) * min(params, ZERO3_LIVE_PARAMETERS)
+        replicated += ZERO3_LAYER_BYTES[bf16] * largest_layer + max(0.0, gathered - 4 * params / world_size)
+    return int(replicated), int(partitioned)
 
 
 def replicated_state_parts(stage: int, bf16: bool) -> list[str]:
     """Names of the trunk-state parts every rank holds whole at `stage` (they do not shrink with more ranks)."""
     parts = BF16_PARTS if bf16 else FP32_PARTS
     whole = [name for name, _, held, from_stage in parts if stage in held and stage < from_stage]
-    return whole + (["the largest layer, gathered"] if stage == 3 else [])
+    if stage == 2 and bf16:
+        whole.append("a layer-sized temporary")
+    if stage == 3:
+        whole += ["the weights gathered from the forward to the backward", "the largest layer, gathered"]
+    return whole
 
 
 def deepspeed_state_bytes(params: int, largest_layer: int, stage: int, gpus_per_node: int, nodes: int) -> int:
@@ -120,14 +150,8 @@ def deepspeed_state_bytes(params: int, largest_layer: int, stage: int, gpus_per_
 def trunk_state(cfg: RunConfig, size: TrunkSize) -> tuple[int, str]:
     """(bytes, where the number comes from) for the trunk's states on one rank."""
     world = cfg.slurm.nodes * cfg.slurm.tasks_per_node
-    if cfg.zero.bf16 and cfg.zero.stage in (2, 3):
-        return (
-            deepspeed_state_bytes(
-                size.params, size.largest_layer, cfg.zero.stage, cfg.slurm.tasks_per_node, cfg.slurm.nodes
-            ),
-            "DeepSpeed estimator",
-        )
-    return zero_state_bytes(size.params, size.largest_layer, cfg.zero.stage, world, cfg.zero.bf16), "closed form"
+    states = zero_state_bytes(size.params, size.largest_layer, cfg.zero.stage, world, cfg.zero.bf16)
+    return states, "measured on DeepSpeed's engines"
 
 
 def bucket_bytes(zero: ZeroConfig) -> int:
