@@ -166,10 +166,13 @@ def check_labels(root: str, num_classes: int, split: str | None = None) -> None:
             default=-1,
         )
     if declared > num_classes or max_label >= num_classes:
-        where = f"split {split!r} of {path}" if declared == 0 else path
+        holds = (
+            f"split {split!r} of {path} has labels up to {max_label}"
+            if declared == 0
+            else f"{path} declares num_classes={declared} (max label {max_label})"
+        )
         raise ValueError(
-            f"{where} declares num_classes={declared} (max label {max_label}) but "
-            f"data.num_classes={num_classes}; set data.num_classes={max(declared, max_label + 1)} "
+            f"{holds} but data.num_classes={num_classes}; set data.num_classes={max(declared, max_label + 1)} "
             f"or point data.root at the right dataset"
         )
 

@@ -88,8 +88,9 @@ def main(argv: list[str] | None = None) -> int:
             return print_estimates(cfgs, args.gpu_mem_gb)
         check_fits(cfgs, args.gpu_mem_gb, args.slurm)  # before preflight: needs no cluster to say what to fix
         preflight(cfgs, args.slurm)
-        for cfg in cfgs:
+        for i, cfg in enumerate(cfgs):
             ensure_prepared(cfg.data)
+            cfgs[i] = cfg = cfg.resolved()  # data.num_classes=0: from the manifest that may just have been written
             check_data(cfg)  # the job's own start checks of its data, before it waits in the queue
     except (ValueError, RuntimeError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -116,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    print(f"\n== run {cfg.name} done in {time.time() - t0:.0f} s ({summary.world_size} processes) ==")
+    processes = f"{summary.world_size} process{'es' if summary.world_size != 1 else ''}"
+    print(f"\n== run {cfg.name} done in {time.time() - t0:.0f} s ({processes}) ==")
     if summary.stop_signal:
         print(
             f"stopped by {summary.stop_signal} at step {summary.step} after a checkpoint; run the same "

@@ -208,3 +208,22 @@ def _fake_squeue(tmp_path, state: str) -> str:
     script.write_text(f'#!/bin/sh\n[ "$3" = 77 ] && [ "$5" = "%i %A %T" ] && printf "{state}\\n"\nexit 0\n')
     script.chmod(0o755)
     return f"{bin_dir}{os.pathsep}/usr/bin{os.pathsep}/bin"
+
+
+def test_data_written_at_submission_gives_the_class_count(tmp_path, monkeypatch, capsys) -> None:
+    """data.num_classes=0 with data the launcher writes itself (the open-set digits): the count comes from the
+    manifest just written, on the first submission too (it was checked as 0 classes and refused)."""
+    import launch.__main__ as launcher
+
+    submitted = []
+
+    class Executor:
+        def submit(self, job):
+            submitted.append(job)
+            return type("Job", (), {"job_id": "1"})()
+
+    monkeypatch.setattr(launcher, "make_executor", lambda *args: Executor())
+    root = tmp_path / "mnist5k_open"
+    args = ["--recipe", "mnist_open_distarc", "--no-wait", f"run_root={tmp_path}", f"data.root={root}"]
+    assert main(args) == 0, capsys.readouterr().err
+    assert (root / "manifest.json").is_file() and submitted[0].cfg.data.num_classes == 5

@@ -102,6 +102,8 @@ def test_check_labels(tmp_path) -> None:
     check_labels(str(tmp_path), 12)  # a larger head is allowed
     with pytest.raises(ValueError, match=r"manifest\.json.*data\.num_classes=5; set data\.num_classes=10"):
         check_labels(str(tmp_path), 5)
+    with pytest.raises(ValueError, match=r"split 'val' of .*manifest\.json has labels up to 8 but data\.num_cl"):
+        check_labels(str(tmp_path), 5, split="val")
 
 
 def test_check_labels_max_label_beyond_declared(tmp_path) -> None:

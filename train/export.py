@@ -2,7 +2,8 @@
 
 `python -m train.export RUN_DIR [--checkpoint STEP_DIR] [--out DIR]` writes into `<run_dir>/export/`:
   backbone.pth   the timm trunk's fp32 state dict:
-                 `timm.create_model(name, num_classes=0, checkpoint_path=".../backbone.pth", **model_kwargs)`
+                 `timm.create_model(model_name, checkpoint_path=".../backbone.pth", **timm_kwargs)` (both
+                 from export.json; timm_kwargs holds num_classes=0)
   neck.pth       the Linear neck (trunk features -> embedding)
   head.pt        every sharded head parameter as one full table over all classes (rows in class-id
                  order, whatever world size wrote them) plus the replicated ones (CHEST's FC)
