@@ -157,7 +157,8 @@ def check_labels(root: str, num_classes: int, split: str | None = None) -> None:
     if manifest is None:
         return
     path = manifest_path(root)
-    if split is not None and split in manifest.get("splits", {}):
+    one_split = split is not None and split in manifest.get("splits", {})
+    if one_split:
         declared, max_label = 0, int(manifest["splits"][split].get("max_label", -1))
     else:
         declared = int(manifest.get("num_classes", 0))
@@ -168,7 +169,7 @@ def check_labels(root: str, num_classes: int, split: str | None = None) -> None:
     if declared > num_classes or max_label >= num_classes:
         holds = (
             f"split {split!r} of {path} has labels up to {max_label}"
-            if declared == 0
+            if one_split
             else f"{path} declares num_classes={declared} (max label {max_label})"
         )
         raise ValueError(

@@ -86,11 +86,12 @@ def main(argv: list[str] | None = None) -> int:
             cfgs = [build_config(args.recipe, args.overrides)]
         if args.estimate:
             return print_estimates(cfgs, args.gpu_mem_gb)
+        for i, cfg in enumerate(cfgs):  # data that ships in a package, then data.num_classes=0 from its manifest:
+            ensure_prepared(cfg.data)  # the checks below (table size, a run dir's checkpoints) need the count
+            cfgs[i] = cfg.resolved()
         check_fits(cfgs, args.gpu_mem_gb, args.slurm)  # before preflight: needs no cluster to say what to fix
         preflight(cfgs, args.slurm)
-        for i, cfg in enumerate(cfgs):
-            ensure_prepared(cfg.data)
-            cfgs[i] = cfg = cfg.resolved()  # data.num_classes=0: from the manifest that may just have been written
+        for cfg in cfgs:
             check_data(cfg)  # the job's own start checks of its data, before it waits in the queue
     except (ValueError, RuntimeError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     job = executor.submit(TrainJob(cfg))
     if args.slurm:  # the run dir is this job's while it waits in the queue too (a local job's rank 0 records at once)
-        record_submission(cfg.run_dir, str(job.job_id))
+        record_submission(cfg.run_dir, str(job.job_id), since=t0)
     print(f"submitted job {job.job_id}; logs: {os.path.join(cfg.run_dir, 'submitit', str(job.job_id))}")
     print(f"watch: tensorboard --logdir {os.path.join(cfg.run_dir, 'tb')}", flush=True)
     if args.no_wait:
@@ -142,10 +143,11 @@ def run_sweep(sweep_dir: str, cfgs: list[RunConfig], use_slurm: bool, no_wait: b
     executor = make_executor(cfgs[0].slurm, sweep_dir, use_slurm)
     failed = []
     if use_slurm:
+        queued_at = time.time()
         with executor.batch():
             jobs = [executor.submit(TrainJob(cfg)) for cfg in cfgs]
         for cfg, job in zip(cfgs, jobs):
-            record_submission(cfg.run_dir, str(job.job_id))  # "<array>_<task>"
+            record_submission(cfg.run_dir, str(job.job_id), since=queued_at)  # "<array>_<task>"
         print(
             f"submitted job array {jobs[0].job_id.split('_')[0]}; logs: {os.path.join(sweep_dir, 'submitit')}",
             flush=True,

@@ -83,7 +83,7 @@ def estimate(cfg: RunConfig, gpu_mem_gb: float) -> Estimate:
         raise ValueError(f"--gpu-mem-gb={gpu_mem_gb:g} must be > 0 (the memory of one GPU in GiB, e.g. 80)")
     if cfg.data.num_classes < 1:
         raise ValueError(
-            "data.num_classes is not known yet (the manifest is written when the job starts); "
+            "data.num_classes is not known yet (the data set has no manifest yet: not converted); "
             "set data.num_classes=N for the estimate"
         )
     world = cfg.slurm.nodes * cfg.slurm.tasks_per_node

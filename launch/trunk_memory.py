@@ -46,7 +46,8 @@ BF16_PARTS = (
 # (deepspeed/runtime/zero/stage_1_and_2.py, single_partition_of_fp32_groups) and step it on a second, flat copy
 # of the reduced gradient partition; stage 1 reduces the gradients only after the backward, so every rank holds
 # them whole until then. Stage 0 all-reduces a flat copy of every gradient (engine.allreduce_bucket), one rank
-# too: 20 B per parameter at stage 0, 8 + 16/N at stage 1, 4 + 20/N at stage 2, 24/N at stage 3.
+# too: 20 B per parameter at stage 0, 8 + 16/N at stage 1, 4 + 20/N at stage 2, 24/N at stage 3 (plus what it
+# gathers, below).
 FP32_PARTS = (
     ("fp32 weights", 4, ALL_STAGES, 3),
     ("fp32 gradients (whole through the backward below stage 2)", 4, ALL_STAGES, 2),
@@ -106,7 +107,8 @@ def zero_state_split(params: int, largest_layer: int, stage: int, world_size: in
     for name, nbytes, held, from_stage in BF16_PARTS if bf16 else FP32_PARTS:
         if stage not in held:
             continue
-        count = min(params, FLAT_ALLREDUCE_ELEMENTS) if name.startswith("flat all-reduce") else params
+        # a bucket is sent once it holds more than the limit: up to one tensor (layer) past it
+        count = min(params, FLAT_ALLREDUCE_ELEMENTS + largest_layer) if name.startswith("flat all-reduce") else params
         if stage >= from_stage:
             partitioned += count * nbytes / world_size
         else:
@@ -116,9 +118,13 @@ def zero_state_split(params: int, largest_layer: int, stage: int, world_size: in
     if stage == 3 and world_size == 1:
         replicated += 4 * largest_layer
     elif stage == 3:
-        # the peak is the step's (with its 4/N flat copy) or the backward's (with the forward's gathered weights)
+        # the peak is the step's (with its 4/N flat copy) or the backward's (with the forward's gathered weights,
+        # which more ranks do not shrink; then the step-only copy is not alive)
         gathered = (2 if bf16 else 4) * min(params, ZERO3_LIVE_PARAMETERS)
-        replicated += ZERO3_LAYER_BYTES[bf16] * largest_layer + max(0.0, gathered - 4 * params / world_size)
+        step_only = 4 * params / world_size
+        replicated += ZERO3_LAYER_BYTES[bf16] * largest_layer
+        if gathered > step_only:
+            replicated, partitioned = replicated + gathered, partitioned - step_only
     return int(replicated), int(partitioned)
 
 
@@ -151,7 +157,7 @@ def trunk_state(cfg: RunConfig, size: TrunkSize) -> tuple[int, str]:
     """(bytes, where the number comes from) for the trunk's states on one rank."""
     world = cfg.slurm.nodes * cfg.slurm.tasks_per_node
     states = zero_state_bytes(size.params, size.largest_layer, cfg.zero.stage, world, cfg.zero.bf16)
-    return states, "measured on DeepSpeed's engines"
+    return states, "closed form fitted to DeepSpeed's engines"
 
 
 def bucket_bytes(zero: ZeroConfig) -> int:

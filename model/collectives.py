@@ -21,8 +21,9 @@ def _world(group: ProcessGroup | None) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-# Backends that reduce-scatter. gloo can too from some torch 2.x on, but torch>=2.4 is allowed and a CPU
-# run is not where the traffic matters; the tests add "gloo" here to run NCCL's branch on CPU processes.
+# Backends that reduce-scatter natively. gloo's reduce_scatter_tensor (every torch >= 2.4 has one) is an
+# all-reduce inside, so gloo takes the explicit all-reduce below; the tests add "gloo" here to run NCCL's
+# branch on CPU processes.
 REDUCE_SCATTER_BACKENDS = frozenset({"nccl"})
 
 

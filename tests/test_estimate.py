@@ -90,7 +90,11 @@ def test_zero_states_fall_with_stage_and_ranks_and_never_undercut_deepspeed() ->
     # the flat all-reduce copy comes in buckets of at most 5e8 elements; ZeRO-3 keeps at most 1e9 gathered
     huge = 2_000_000_000
     assert tm.zero_state_bytes(huge, 0, 0, 1, bf16=False) == 16 * huge + 4 * 500_000_000
-    assert tm.zero_state_split(huge, 0, 3, 64, bf16=True)[0] == 2 * 1_000_000_000 - 4 * huge // 64
+    assert tm.zero_state_split(huge, 0, 3, 64, bf16=True) == (2 * 1_000_000_000, 22 * huge // 64 - 4 * huge // 64)
+    # what more ranks leave: ZeRO-3's gathered weights and layer buffers (the step-only copy is partitioned)
+    assert tm.zero_state_split(p, big, 3, 4, bf16=True) == (2 * p + 10 * big, 18 * p // 4)
+    assert tm.zero_state_split(p, big, 3, 4, bf16=False) == (4 * p + 16 * big, 20 * p // 4)
+    assert tm.zero_state_split(p, big, 3, 1, bf16=False) == (4 * big, 24 * p)
     assert tm.zero_state_split(p, big, 2, 4, bf16=True) == (2 * p + 6 * big, 18 * p // 4)
     assert tm.replicated_state_parts(2, bf16=True) == ["bf16 weights", "a layer-sized temporary"]
     assert tm.replicated_state_parts(3, bf16=False) == [
@@ -193,15 +197,20 @@ def test_zero_states_equal_a_real_engines_tensors(dist_pool, bf16: bool) -> None
     fp32 ZeRO-1/2/3 clone an fp32 master partition and step it on a second gradient copy, ZeRO-1 holds the
     gradients whole through the backward, ZeRO-0 and bf16 ZeRO-1 all-reduce a flat copy of every gradient,
     ZeRO-3 keeps the forward's gathered weights until the backward."""
-    pool = dist_pool(2)
-    for stage in (1, 2, 3) if bf16 else (0, 1, 2, 3):
-        results = pool.run(zero_states_rank, stage, bf16)
+    # bf16 ZeRO-3 at 4 ranks too: there the backward (18/N + 2) holds more than the step (22/N); at 2 they tie
+    cases = [(1, 2), (2, 2), (3, 2), (3, 4)] if bf16 else [(0, 2), (1, 2), (2, 2), (3, 2)]
+    for stage, world in cases:
+        results = dist_pool(world).run(zero_states_rank, stage, bf16)
         params, largest = results[0]["params"], results[0]["largest"]
-        closed = tm.zero_state_bytes(params, largest, stage, 2, bf16) / params
+        closed = tm.zero_state_bytes(params, largest, stage, world, bf16) / params
+        # never below what was measured; at most 10% above (the layer terms were measured by the allocator),
+        # 15% at fp32 stage 1 (16 against 14.0-15.0: the whole gradients and the master partition's gradient
+        # are not all alive at once)
+        slack = 1.15 if (stage, bf16) == (1, False) else 1.10
         for r in results:
-            # never below what was measured; at most 15% above (fp32 stage 1: 16 against 14.0-15.0, the whole
-            # gradients and the master partition's gradient are not all alive at once)
-            assert 0.98 * r["per_param"] <= closed <= 1.15 * r["per_param"], (stage, bf16, r["per_param"], closed)
+            assert 0.98 * r["per_param"] <= closed <= slack * r["per_param"], (stage, world, bf16, r, closed)
+            dtype = "bf16" if bf16 else "fp32"
+            print(f"[zero states] {dtype} stage {stage} N={world}: {r['per_param']:.2f} measured, {closed:.2f} ours")
 
 
 def head_step_rank(rank: int, world: int, cfg: LossConfig, classes: int, head_optimizer: str, out: dict) -> None:
@@ -301,7 +310,7 @@ def test_estimate_table_of_a_real_recipe() -> None:
     # G = 1024: the blocks' phase is the peak: 8 B x D of table copies less the table gradient not yet
     # written (4 B x D), and 7 [G, C] fp32 blocks less the logits row's 3
     assert plan.rows["graph"][1][0] == 10718 * (4 * 512 + 4 * 1024 * (7 - 3))
-    assert "trunk states, ZeRO-2 bf16 (measured on DeepSpeed's engines)" in est.format_estimate(cfg, plan)
+    assert "trunk states, ZeRO-2 bf16 (closed form fitted to DeepSpeed's engines)" in est.format_estimate(cfg, plan)
 
 
 def test_a_submission_that_cannot_fit_is_refused_with_the_fixes(tmp_path, capsys, monkeypatch) -> None:
@@ -347,7 +356,8 @@ def test_a_submission_that_cannot_fit_is_refused_with_the_fixes(tmp_path, capsys
     assert "DOES NOT FIT" in capsys.readouterr().out
     assert main(["--estimate", *args]) == 0
     out = capsys.readouterr().out
-    assert "fits" in out and "ranks 0-1" in out and "trunk states, ZeRO-2 fp32 (measured on DeepSpeed's engines)" in out
+    assert "fits" in out and "ranks 0-1" in out
+    assert "trunk states, ZeRO-2 fp32 (closed form fitted to DeepSpeed's engines)" in out
     assert main(["--estimate", "--gpu-mem-gb", "0", *args]) == 2
     assert "--gpu-mem-gb=0 must be > 0" in capsys.readouterr().err
 

@@ -171,6 +171,7 @@ def test_a_run_dir_a_live_job_trains_in_is_refused(tmp_path, monkeypatch) -> Non
         ("77 77 RUNNING", True),
         ("77 77 PENDING", True),
         ("77 77 COMPLETED", False),
+        ("77 77 COMPLETING", True),  # also a requeue on its way
         ("76_1 77 RUNNING", True),
         ("76_2 78 RUNNING", False),
         ("77_[1-3] 77 PENDING", False),
@@ -223,7 +224,32 @@ def test_data_written_at_submission_gives_the_class_count(tmp_path, monkeypatch,
             return type("Job", (), {"job_id": "1"})()
 
     monkeypatch.setattr(launcher, "make_executor", lambda *args: Executor())
+    monkeypatch.setattr(launcher, "preflight", lambda *args: None)  # no cluster here
+    monkeypatch.setattr(launcher, "record_submission", lambda *args, **kwargs: None)
     root = tmp_path / "mnist5k_open"
     args = ["--recipe", "mnist_open_distarc", "--no-wait", f"run_root={tmp_path}", f"data.root={root}"]
     assert main(args) == 0, capsys.readouterr().err
     assert (root / "manifest.json").is_file() and submitted[0].cfg.data.num_classes == 5
+    # a GPU submission's memory plan needs the count too (it had said "not known yet")
+    gpus = ["slurm.gpus_per_node=2", "slurm.tasks_per_node=2", f"data.root={tmp_path / 'again'}"]
+    assert main(["--slurm", *args, *gpus]) == 0, capsys.readouterr().err
+    assert submitted[1].cfg.data.num_classes == 5
+
+
+def test_the_launchers_record_keeps_one_rank_0_wrote_after_the_submission(tmp_path) -> None:
+    """Rank 0 may start and record its process before the launcher records the queued job: that record stays."""
+    import time
+
+    from train.run_owner import OWNER_FILE, record_owner, record_submission
+
+    since = time.time()
+    record_owner(str(tmp_path), "12")
+    record_submission(str(tmp_path), "12", since=since)
+    assert json.loads((tmp_path / OWNER_FILE).read_text())["pid"] == os.getpid()
+    record_submission(str(tmp_path), "13", since=time.time() + 1)  # a later submission replaces it
+    assert json.loads((tmp_path / OWNER_FILE).read_text()) | {"submitted_at": 0} == {
+        "slurm_job_id": "13",
+        "host": __import__("socket").gethostname(),
+        "pid": 0,
+        "submitted_at": 0,
+    }

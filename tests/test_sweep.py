@@ -148,7 +148,7 @@ def _point(
 ) -> None:
     """A point folder as training leaves it: config.yaml at start, summary.json when it stops (step not None)."""
     point = os.path.join(sweep_dir, name)
-    os.makedirs(point)
+    os.makedirs(point, exist_ok=True)  # the launcher may have recorded the queued job in it
     with open(os.path.join(point, "config.yaml"), "w") as f:
         f.write(f"name: {name}\nmax_steps: {max_steps}\n")
     if step is None:

@@ -24,7 +24,7 @@ OWNER_FILE = "job.json"
 # squeue states of a job that holds (or will again hold) its run dir
 LIVE_STATES = frozenset(
     {"PENDING", "RUNNING", "CONFIGURING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESIZING", "SUSPENDED"}
-    | {"SIGNALING", "STOPPED", "STAGE_OUT"}
+    | {"SIGNALING", "STOPPED", "STAGE_OUT", "COMPLETING"}  # COMPLETING: also a requeue on its way, or a last save
 )
 
 
@@ -41,11 +41,19 @@ def record_owner(run_dir: str, slurm_job_id: str) -> None:
     write_json_atomic(os.path.join(run_dir, OWNER_FILE), record)
 
 
-def record_submission(run_dir: str, slurm_job_id: str) -> None:
-    """The launcher, right after queueing: the run dir belongs to Slurm job `slurm_job_id` (an array task's
-    "<array>_<task>") from now on, while it is pending too; rank 0 replaces the record when the job starts.
-    No process yet (pid 0): where Slurm cannot be asked, the record does not hold the run dir."""
+def record_submission(run_dir: str, slurm_job_id: str, since: float) -> None:
+    """The launcher, right after queueing (at time `since`): the run dir belongs to Slurm job `slurm_job_id` (an
+    array task's "<array>_<task>") from now on, while it is pending too; rank 0 replaces the record when the job
+    starts, and a record rank 0 already wrote after `since` is kept (it also names the process). No process yet
+    (pid 0): where Slurm cannot be asked, the record does not hold the run dir."""
     os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, OWNER_FILE)
+    try:
+        with open(path) as f:
+            if float(json.load(f).get("started_at", 0)) >= since:
+                return
+    except (OSError, ValueError, TypeError, AttributeError):
+        pass
     record = {"slurm_job_id": slurm_job_id, "host": socket.gethostname(), "pid": 0, "submitted_at": time.time()}
     write_json_atomic(os.path.join(run_dir, OWNER_FILE), record)
 

@@ -4,7 +4,8 @@ Scores a trained run by its data set's protocol and prints the papers' table row
 `<RUN_DIR>/eval_<set>.json` and TensorBoard scalars `evaluate/...` at the checkpoint's step.
 The model, head, transforms and normalisation come from the run; `key=value` overrides change the
 data or evaluation settings (data.root=..., metrics.eval_sets=..., metrics.protocol=...), never
-the model (an override of model.* or loss.* is refused; loss.class_chunk may change). This process
+the model (an override of loss.*, or of a model.* key that changes the network, is refused; loss.class_chunk may
+change; other model.* keys change nothing here). This process
 is one rank: alone by default, or one of N under torchrun / srun (RANK, WORLD_SIZE, ... in the
 environment); `python -m launch.evaluate` starts N local processes or a
 Slurm job through submitit. Every check (splits, gallery, pair files, model) runs before anything
