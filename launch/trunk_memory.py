@@ -25,7 +25,7 @@ MEASURE_BATCH = 2  # images of the CPU forward; activations scale linearly from 
 DEPTH_PROBES = (2, 3)  # ViT-like trunks: measured at these depths and extrapolated (block 0 has no drop path)
 
 ALL_STAGES = (0, 1, 2, 3)
-NEVER = 4  # a part no stage partitions
+FLAT_ALLREDUCE = 4  # "partitioned from" of DeepSpeed's flat all-reduce copies: no stage partitions them
 # Bytes per trunk parameter held per rank: (part, bytes, the stages that hold it, the first stage that partitions
 # it over the ranks). Each number is the most of the tensors alive during the forward, the backward and the
 # optimizer step of real DeepSpeed engines on CPU, from the second step on (tests/test_estimate.py; an audit
@@ -38,7 +38,7 @@ BF16_PARTS = (
     ("fp32 AdamW moments", 8, ALL_STAGES, 1),
     # BF16_Optimizer (ZeRO-1) all-reduces its fp32 gradient buffers through the engine's flat bucket
     # (deepspeed/runtime/engine.py allreduce_bucket: flatten, then a cast to the bf16 communication dtype)
-    ("flat all-reduce copy of the gradients (fp32, and bf16 to send)", 6, (1,), NEVER),
+    ("flat all-reduce copy of the gradients (fp32, and bf16 to send)", 6, (1,), FLAT_ALLREDUCE),
     # stage 3's step flattens the gradient partition into a new fp32 tensor (stage3.py, averaged_gradients)
     ("flat fp32 copy of the gradient partition at the step", 4, (3,), 3),
 )
@@ -54,7 +54,7 @@ FP32_PARTS = (
     ("fp32 AdamW moments", 8, ALL_STAGES, 1),
     ("fp32 master copy of the weights' partition", 4, (1, 2, 3), 1),
     ("fp32 gradient of the master partition", 4, (1, 2, 3), 1),
-    ("flat all-reduce copy of the gradients", 4, (0,), NEVER),
+    ("flat all-reduce copy of the gradients", 4, (0,), FLAT_ALLREDUCE),
 )
 # Parts that DeepSpeed allocates in buckets of at most this many elements (MEMORY_OPT_ALLREDUCE_SIZE)
 FLAT_ALLREDUCE_ELEMENTS = 500_000_000
@@ -104,11 +104,11 @@ def zero_state_split(params: int, largest_layer: int, stage: int, world_size: in
     if stage not in ALL_STAGES or world_size < 1:
         raise ValueError(f"zero.stage={stage} must be 0-3 and the world size {world_size} >= 1")
     replicated = partitioned = 0.0
-    for name, nbytes, held, from_stage in BF16_PARTS if bf16 else FP32_PARTS:
+    for _, nbytes, held, from_stage in BF16_PARTS if bf16 else FP32_PARTS:
         if stage not in held:
             continue
-        # a bucket is sent once it holds more than the limit: up to one tensor (layer) past it
-        count = min(params, FLAT_ALLREDUCE_ELEMENTS + largest_layer) if name.startswith("flat all-reduce") else params
+        # a flat copy's bucket is sent once it holds more than the limit: up to one tensor (layer) past it
+        count = min(params, FLAT_ALLREDUCE_ELEMENTS + largest_layer) if from_stage == FLAT_ALLREDUCE else params
         if stage >= from_stage:
             partitioned += count * nbytes / world_size
         else:
@@ -137,20 +137,6 @@ def replicated_state_parts(stage: int, bf16: bool) -> list[str]:
     if stage == 3:
         whole += ["the weights gathered from the forward to the backward", "the largest layer, gathered"]
     return whole
-
-
-def deepspeed_state_bytes(params: int, largest_layer: int, stage: int, gpus_per_node: int, nodes: int) -> int:
-    """DeepSpeed's own per-GPU estimate for 16-bit ZeRO-2/3 without offload."""
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
-
-    if stage == 2:
-        return estimate_zero2_model_states_mem_needs(params, gpus_per_node, nodes, cpu_offload=False)[1]
-    if stage == 3:
-        return estimate_zero3_model_states_mem_needs(
-            params, largest_layer, gpus_per_node, nodes, cpu_offload=False, cpu_offload_params=False
-        )[1]
-    raise ValueError(f"DeepSpeed estimates ZeRO stages 2 and 3, not {stage}")
 
 
 def trunk_state(cfg: RunConfig, size: TrunkSize) -> tuple[int, str]:

@@ -55,7 +55,7 @@ def record_submission(run_dir: str, slurm_job_id: str, since: float) -> None:
     except (OSError, ValueError, TypeError, AttributeError):
         pass
     record = {"slurm_job_id": slurm_job_id, "host": socket.gethostname(), "pid": 0, "submitted_at": time.time()}
-    write_json_atomic(os.path.join(run_dir, OWNER_FILE), record)
+    write_json_atomic(path, record)
 
 
 def _process_start(pid: int) -> str:
