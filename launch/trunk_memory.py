@@ -58,15 +58,29 @@ FP32_PARTS = (
 )
 # Parts that DeepSpeed allocates in buckets of at most this many elements (MEMORY_OPT_ALLREDUCE_SIZE)
 FLAT_ALLREDUCE_ELEMENTS = 500_000_000
-# ZeRO-3 on 2+ ranks: from the second step on, DeepSpeed keeps every parameter it gathered in the forward until
-# the backward uses it again (stage3_max_reuse_distance, stage3_max_live_parameters: 1e9 elements by default),
-# i.e. the weights whole, while the step-only flat copy is gone; plus the gathered layer's buffers (bytes per
-# parameter of the largest layer; 4 at one rank, where nothing is gathered).
-ZERO3_LIVE_PARAMETERS = 1_000_000_000
+# ZeRO-3 on 2+ ranks: from the second step on, DeepSpeed keeps parameters it gathered in the forward until the
+# backward uses them again (zero3_kept_elements), while the step-only flat copy is gone; plus the gathered layer's
+# buffers (bytes per parameter of the largest layer; 4 at one rank, where nothing is gathered).
 ZERO3_LAYER_BYTES = {True: 10, False: 16}  # by bf16
 # bf16 ZeRO-2: a layer-sized temporary of about 6 B per parameter of the largest layer (measured, < 5% of real
 # trunks' states)
 ZERO2_BF16_LAYER_BYTES = 6
+
+
+def zero3_kept_elements(params: int, largest_layer: int, zero: ZeroConfig) -> int:
+    """Elements of the trunk ZeRO-3 keeps gathered from the forward to the backward (measured on 2-4 CPU ranks
+    over reuse distances, live-parameter caps and prefetch buckets; tests/test_estimate.py).
+
+    Two things keep a parameter: its next use lies within stage3_max_reuse_distance elements of the trace
+    (forward, then backward in reverse: the last R/2 elements of the trunk, plus the layer at the turn), and
+    the prefetcher, which from the forward's last layers on walks into the backward's part of the trace and
+    keeps (or gathers again) what it meets there, up to stage3_max_live_parameters (with buckets of two layers
+    or more it reached the cap; smaller buckets kept less). DeepSpeed's defaults (1e9, 1e9) keep the whole of
+    any trunk below 1e9 parameters.
+    """
+    by_reuse = zero.stage3_max_reuse_distance // 2 + largest_layer if zero.stage3_max_reuse_distance > 0 else 0
+    by_prefetch = zero.stage3_max_live_parameters if zero.stage3_prefetch_bucket_size > 0 else 0
+    return min(params, max(by_reuse, by_prefetch))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,18 +102,23 @@ def trunk_size(cfg: ModelConfig) -> TrunkSize:
     return TrunkSize(params, largest, len(blocks) if isinstance(blocks, (nn.Sequential, nn.ModuleList)) else 0)
 
 
-def zero_state_bytes(params: int, largest_layer: int, stage: int, world_size: int, bf16: bool) -> int:
+def zero_state_bytes(
+    params: int, largest_layer: int, stage: int, world_size: int, bf16: bool, zero3_kept: int | None = None
+) -> int:
     """Trunk weights, gradients and AdamW states per rank under ZeRO `stage` (closed form).
 
     Each part of BF16_PARTS / FP32_PARTS that `stage` holds counts whole below its partitioning stage and
-    divided by the world size from it on; stage 3 adds what it gathers (ZERO3_LIVE_PARAMETERS, the largest
-    layer), bf16 stage 2 a layer-sized temporary.
+    divided by the world size from it on; stage 3 adds the largest layer, gathered, and the `zero3_kept`
+    elements it keeps gathered from the forward to the backward (zero3_kept_elements; None: DeepSpeed's
+    defaults), bf16 stage 2 a layer-sized temporary.
     """
-    replicated, partitioned = zero_state_split(params, largest_layer, stage, world_size, bf16)
+    replicated, partitioned = zero_state_split(params, largest_layer, stage, world_size, bf16, zero3_kept)
     return replicated + partitioned
 
 
-def zero_state_split(params: int, largest_layer: int, stage: int, world_size: int, bf16: bool) -> tuple[int, int]:
+def zero_state_split(
+    params: int, largest_layer: int, stage: int, world_size: int, bf16: bool, zero3_kept: int | None = None
+) -> tuple[int, int]:
     """zero_state_bytes as (bytes every rank holds whatever the world size, bytes partitioned over the ranks)."""
     if stage not in ALL_STAGES or world_size < 1:
         raise ValueError(f"zero.stage={stage} must be 0-3 and the world size {world_size} >= 1")
@@ -120,7 +139,8 @@ def zero_state_split(params: int, largest_layer: int, stage: int, world_size: in
     elif stage == 3:
         # the peak is the step's (with its 4/N flat copy) or the backward's (with the forward's gathered weights,
         # which more ranks do not shrink; then the step-only copy is not alive)
-        gathered = (2 if bf16 else 4) * min(params, ZERO3_LIVE_PARAMETERS)
+        kept = zero3_kept_elements(params, largest_layer, ZeroConfig()) if zero3_kept is None else zero3_kept
+        gathered = (2 if bf16 else 4) * kept
         step_only = 4 * params / world_size
         replicated += ZERO3_LAYER_BYTES[bf16] * largest_layer
         if gathered > step_only:
@@ -142,7 +162,8 @@ def replicated_state_parts(stage: int, bf16: bool) -> list[str]:
 def trunk_state(cfg: RunConfig, size: TrunkSize) -> tuple[int, str]:
     """(bytes, where the number comes from) for the trunk's states on one rank."""
     world = cfg.slurm.nodes * cfg.slurm.tasks_per_node
-    states = zero_state_bytes(size.params, size.largest_layer, cfg.zero.stage, world, cfg.zero.bf16)
+    kept = zero3_kept_elements(size.params, size.largest_layer, cfg.zero)
+    states = zero_state_bytes(size.params, size.largest_layer, cfg.zero.stage, world, cfg.zero.bf16, kept)
     return states, "closed form fitted to DeepSpeed's engines"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 
 import submitit
 
@@ -45,5 +46,31 @@ def make_executor(cfg: SlurmConfig, folder_root: str, use_slurm: bool, job_name:
     if cfg.nodes != 1:
         raise ValueError(f"slurm.nodes={cfg.nodes}: the local launcher runs on one machine; use --slurm for more")
     local = submitit.LocalExecutor(folder=folder)
-    local.update_parameters(tasks_per_node=cfg.tasks_per_node, timeout_min=cfg.time_min)
+    local.update_parameters(tasks_per_node=cfg.tasks_per_node, timeout_min=cfg.time_min, **local_gpus(cfg))
     return local
+
+
+def local_gpus(cfg: SlurmConfig) -> dict[str, object]:
+    """LocalExecutor parameters that let the job see slurm.gpus_per_node GPUs.
+
+    submitit sets the job's CUDA_VISIBLE_DEVICES to its first gpus_per_node devices ("" without the
+    parameter: a local run on a GPU machine trained on CPU). Where this process was given devices, the job
+    gets the first gpus_per_node of those: indices through visible_gpus, other forms (GPU UUIDs, MIG
+    instances) exported by a setup line, which runs after submitit sets the variable.
+    """
+    if cfg.gpus_per_node < 1:
+        return {}  # CUDA_VISIBLE_DEVICES="": a CPU run, also on a machine with GPUs
+    given = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if not given:
+        return {"gpus_per_node": cfg.gpus_per_node}
+    if len(given) < cfg.gpus_per_node:
+        raise ValueError(
+            f"slurm.gpus_per_node={cfg.gpus_per_node} but CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']} "
+            f"gives this machine {len(given)}: set slurm.gpus_per_node (and slurm.tasks_per_node) to at most "
+            f"{len(given)}, or unset CUDA_VISIBLE_DEVICES"
+        )
+    chosen = given[: cfg.gpus_per_node]
+    if all(d.isdigit() for d in chosen):
+        return {"gpus_per_node": cfg.gpus_per_node, "visible_gpus": tuple(int(d) for d in chosen)}
+    export = f"export CUDA_VISIBLE_DEVICES={shlex.quote(','.join(chosen))}"
+    return {"gpus_per_node": cfg.gpus_per_node, "setup": [export]}

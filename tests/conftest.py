@@ -7,6 +7,8 @@ from typing import Callable, Iterator
 
 import pytest
 
+# DeepSpeed on its CPU accelerator, also on a machine with GPUs (the suite runs on gloo); tests/test_gpu.py sets
+# "cuda" for the ranks it starts
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from tests.distpool import DistPool  # noqa: E402

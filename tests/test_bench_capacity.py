@@ -24,3 +24,23 @@ def test_bracket_holds_the_limit(limit: int, start: int) -> None:
 
 def test_nothing_fits() -> None:
     assert largest_fitting(lambda n: False, 1_000, tolerance=0.02) == (0, 1)
+
+
+@pytest.mark.parametrize("head, sample_rate", [("distarc", 1.0), ("distarc", 0.1), ("chest", 0.1)])
+def test_head_steps_build_their_table_without_init_rows(head: str, sample_rate: float, monkeypatch) -> None:
+    """The search builds tables of tens of millions of classes: on the device, not through init_rows' CPU
+    generators (~3 s per million classes on one core; the GPU run's 80 s did not finish its first row)."""
+    import dataclasses
+
+    import torch
+
+    from bench.capacity import train_head_steps
+    from bench.heads import HEADS
+
+    def cpu_rows(*args: object) -> None:
+        raise AssertionError("init_rows called")
+
+    monkeypatch.setattr("model.distarc.init_rows", cpu_rows)
+    monkeypatch.setattr("model.chest.init_rows", cpu_rows)
+    cfg = dataclasses.replace(HEADS[head], sample_rate=sample_rate)
+    train_head_steps(cfg, 2_000, torch.device("cpu"), "sgd")

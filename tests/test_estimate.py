@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import re
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -105,6 +106,20 @@ def test_zero_states_fall_with_stage_and_ranks_and_never_undercut_deepspeed() ->
     huge = 2_000_000_000
     assert tm.zero_state_bytes(huge, 0, 0, 1, bf16=False) == 16 * huge + 4 * 500_000_000
     assert tm.zero_state_split(huge, 0, 3, 64, bf16=True) == (2 * 1_000_000_000, 22 * huge // 64 - 4 * huge // 64)
+    # what ZeRO-3 keeps from the forward to the backward: the last R/2 elements of the trace (and the layer at the
+    # turn) or, with a prefetch bucket, up to the live-parameter cap, whichever is more; DeepSpeed's defaults
+    # (1e9 each) keep a trunk of 10 M whole
+    assert tm.zero3_kept_elements(p, big, ZeroConfig()) == p
+    assert tm.zero3_kept_elements(huge, big, ZeroConfig()) == 1_000_000_000
+    low = ZeroConfig(stage3_max_reuse_distance=4 * big, stage3_max_live_parameters=big)
+    assert tm.zero3_kept_elements(p, big, low) == 3 * big
+    assert tm.zero3_kept_elements(p, big, dataclasses.replace(low, stage3_max_live_parameters=5 * big)) == 5 * big
+    assert tm.zero3_kept_elements(p, big, dataclasses.replace(low, stage3_prefetch_bucket_size=0)) == 3 * big
+    off = ZeroConfig(stage3_max_reuse_distance=0, stage3_prefetch_bucket_size=0)
+    assert tm.zero3_kept_elements(p, big, off) == 0
+    assert tm.zero_state_bytes(p, big, 3, 4, True, zero3_kept=0) == 22 * p // 4 + 10 * big  # the step's peak
+    assert tm.zero_state_bytes(p, big, 3, 4, True, zero3_kept=3 * big) == 22 * p // 4 + 10 * big
+    assert tm.zero_state_bytes(p, big, 3, 4, True, zero3_kept=p // 2) == 18 * p // 4 + p + 10 * big
     # what more ranks leave: ZeRO-3's gathered weights and layer buffers (the step-only copy is partitioned)
     assert tm.zero_state_split(p, big, 3, 4, bf16=True) == (2 * p + 10 * big, 18 * p // 4)
     assert tm.zero_state_split(p, big, 3, 4, bf16=False) == (4 * p + 16 * big, 20 * p // 4)
@@ -157,7 +172,7 @@ class _SampleInsideCollectives:
         self.sample()
 
 
-def zero_states_rank(stage: int, bf16: bool) -> dict:
+def zero_states_rank(stage: int, bf16: bool, layers: int = 16, **zero_settings: int) -> dict:
     """Bytes per parameter alive at the most of: the optimizer step's pre- and post-hooks, the forward's end,
     the backward's end (below stage 3) and inside the flat all-reduces (ZeRO-0, bf16 ZeRO-1), over three
     steps of a real engine at `stage` (ZeRO-3 keeps the forward's gathered weights from the second step
@@ -169,11 +184,11 @@ def zero_states_rank(stage: int, bf16: bool) -> dict:
     gc.collect()
     base = _live_tensor_bytes()
     torch.manual_seed(0)
-    net = nn.Sequential(*[nn.Linear(256, 256) for _ in range(16)])  # layers of 1/16: ZeRO-3's layer terms
+    net = nn.Sequential(*[nn.Linear(256, 256) for _ in range(layers)])  # layers of 1/16: ZeRO-3's layer terms
     params = sum(p.numel() for p in net.parameters())  # (allocator-measured by the audit) stay small
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in net)
     small = dict(reduce_bucket_size=1000, allgather_bucket_size=1000, stage3_prefetch_bucket_size=1000)
-    zero = ZeroConfig(stage=stage, bf16=bf16, stage3_param_persistence_threshold=0, **small)
+    zero = ZeroConfig(stage=stage, bf16=bf16, stage3_param_persistence_threshold=0, **{**small, **zero_settings})
     engine = build_engine(net, OptimConfig(warmup_steps=0), zero, micro_batch=2, max_steps=10)
     peak = [0]
 
@@ -202,7 +217,8 @@ def zero_states_rank(stage: int, bf16: bool) -> dict:
         handle.remove()
     del engine
     gc.collect()
-    return {"params": params, "largest": largest, "per_param": peak[0] / params}
+    kept = tm.zero3_kept_elements(params, largest, zero)
+    return {"params": params, "largest": largest, "per_param": peak[0] / params, "kept": kept}
 
 
 @pytest.mark.parametrize("bf16", [False, True])
@@ -210,21 +226,29 @@ def test_zero_states_equal_a_real_engines_tensors(dist_pool, bf16: bool) -> None
     """What real engines hold at 2 ranks (measured over every stage, both dtypes and 1-4 ranks by an audit):
     fp32 ZeRO-1/2/3 clone an fp32 master partition and step it on a second gradient copy, ZeRO-1 holds the
     gradients whole through the backward, ZeRO-0 and bf16 ZeRO-1 all-reduce a flat copy of every gradient,
-    ZeRO-3 keeps the forward's gathered weights until the backward."""
+    ZeRO-3 keeps the forward's gathered weights until the backward (as many as its reuse distance and
+    live-parameter cap let it)."""
     # bf16 ZeRO-3 at 4 ranks too: there the backward (18/N + 2) holds more than the step (22/N); at 2 they tie
-    cases = [(1, 2), (2, 2), (3, 2), (3, 4)] if bf16 else [(0, 2), (1, 2), (2, 2), (3, 2)]
-    for stage, world in cases:
-        results = dist_pool(world).run(zero_states_rank, stage, bf16)
-        params, largest = results[0]["params"], results[0]["largest"]
-        closed = tm.zero_state_bytes(params, largest, stage, world, bf16) / params
+    cases: list[tuple[int, int, dict[str, int]]] = [(1, 2, {}), (2, 2, {}), (3, 2, {}), (3, 4, {})]
+    if not bf16:
+        # fp32 ZeRO-3 at 4 ranks with a reuse distance of the trunk's size and half of it live: about half the
+        # weights kept (4 x 0.53 + 20/4 B/param, more than the step's 24/4); 32 layers keep the layer term small
+        p32 = 32 * 256 * 257
+        kept_half = {"layers": 32, "stage3_max_reuse_distance": p32, "stage3_max_live_parameters": p32 // 2}
+        cases = [(0, 2, {}), (1, 2, {}), (2, 2, {}), (3, 2, {}), (3, 4, kept_half)]
+    for stage, world, settings in cases:
+        results = dist_pool(world).run(zero_states_rank, stage, bf16, **settings)
+        params, largest, kept = results[0]["params"], results[0]["largest"], results[0]["kept"]
+        closed = tm.zero_state_bytes(params, largest, stage, world, bf16, kept) / params
         # never below what was measured; at most 10% above (the layer terms were measured by the allocator),
         # 15% at fp32 stage 1 (16 against 14.0-15.0: the whole gradients and the master partition's gradient
         # are not all alive at once)
         slack = 1.15 if (stage, bf16) == (1, False) else 1.10
         for r in results:
-            assert 0.98 * r["per_param"] <= closed <= slack * r["per_param"], (stage, world, bf16, r, closed)
+            assert 0.98 * r["per_param"] <= closed <= slack * r["per_param"], (stage, world, bf16, settings, r, closed)
             dtype = "bf16" if bf16 else "fp32"
-            print(f"[zero states] {dtype} stage {stage} N={world}: {r['per_param']:.2f} measured, {closed:.2f} ours")
+            measured = f"{r['per_param']:.2f} measured, {closed:.2f} ours"
+            print(f"[zero states] {dtype} stage {stage} N={world} {settings}: {measured}")
 
 
 def head_step_rank(rank: int, world: int, cfg: LossConfig, classes: int, head_optimizer: str, out: dict) -> None:
@@ -392,6 +416,28 @@ def test_fixes_offer_a_smaller_bucket_and_say_what_more_gpus_leave_whole() -> No
     assert "of trunk states and head shard shrink as 1/ranks" not in text  # the bf16 weights do not
     small = build_config("vitl_imagenet_8gpu", ["zero.reduce_bucket_size=10000000"])  # 38 MiB: < 5% of the peak
     assert "reduce_bucket_size" not in est.fixes(small, est.estimate(small, 4))
+
+
+KEPT_SETTINGS = ("stage3_max_reuse_distance", "stage3_max_live_parameters")
+
+
+def test_fixes_offer_zero3_fewer_kept_weights() -> None:
+    """ViT-L at ZeRO-3 on 64 GPUs keeps all its 304 M weights gathered from the forward to the backward (0.57 GiB
+    in bf16, more than its partitioned states): the fixes offer a quarter, and those settings lower the states."""
+    cfg = build_config("vitl_imagenet_8gpu", ["zero.stage=3", "slurm.nodes=8"])
+    plan = est.estimate(cfg, 4)
+    text = est.fixes(cfg, plan)
+    found = re.search(r"zero.stage3_max_reuse_distance=(\d+) and zero.stage3_max_live_parameters=(\d+)", text)
+    assert found and found[1] == found[2] == "75000000", text
+    assert "keeps 304 M gathered parameters" in text
+    lowered = build_config(
+        "vitl_imagenet_8gpu", ["zero.stage=3", "slurm.nodes=8", *(f"zero.{k}=75000000" for k in KEPT_SETTINGS)]
+    )
+    after = est.estimate(lowered, 4)
+    assert plan.most("states") - after.most("states") >= 2 * (304_000_000 - 80_000_000)  # bf16 bytes of the rest
+    assert "stage3_max_reuse_distance" not in est.fixes(lowered, after)  # a quarter of those is < 5% of the peak
+    two = build_config("vitl_imagenet_8gpu", ["zero.stage=2", "slurm.nodes=8"])
+    assert "stage3_max_reuse_distance" not in est.fixes(two, est.estimate(two, 4))
 
 
 def test_fixes_leave_out_a_zero_stage_that_holds_more() -> None:

@@ -14,6 +14,13 @@ from launch.__main__ import main
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
+@pytest.fixture(autouse=True)
+def deepspeed_on_cuda(monkeypatch) -> None:
+    """tests/conftest.py points DeepSpeed at its CPU accelerator for the CPU suite; the ranks these tests start
+    (they inherit the environment) must build their engines on CUDA, or NCCL meets CPU tensors."""
+    monkeypatch.setenv("DS_ACCELERATOR", "cuda")
+
+
 @pytest.mark.parametrize("recipe", ["mnist_distarc", "mnist_chest"])
 def test_bf16_zero2_run_on_cuda(recipe: str, mnist_root: str, tmp_path) -> None:
     ranks = min(2, torch.cuda.device_count())

@@ -253,3 +253,38 @@ def test_the_launchers_record_keeps_one_rank_0_wrote_after_the_submission(tmp_pa
         "pid": 0,
         "submitted_at": 0,
     }
+
+
+def _visible_devices() -> str:
+    return os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>")
+
+
+def test_a_local_run_sees_the_gpus_it_asks_for(tmp_path, monkeypatch) -> None:
+    """submitit's LocalExecutor sets the job's CUDA_VISIBLE_DEVICES to its first gpus_per_node devices, "" without
+    the parameter (a local run on a GPU machine trained on CPU); devices this process was given are passed on."""
+    from slurm.executor import local_gpus, make_executor
+    from train.config import SlurmConfig
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    two = SlurmConfig(tasks_per_node=2, gpus_per_node=2)
+    assert local_gpus(SlurmConfig(tasks_per_node=2)) == {}  # gpus_per_node=0: a CPU run
+    assert local_gpus(two) == {"gpus_per_node": 2}
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3, 5,6")
+    assert local_gpus(two) == {"gpus_per_node": 2, "visible_gpus": (3, 5)}
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-aa,GPU-bb")
+    assert local_gpus(two) == {"gpus_per_node": 2, "setup": ["export CUDA_VISIBLE_DEVICES=GPU-aa,GPU-bb"]}
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7")
+    with pytest.raises(ValueError, match="gives this machine 1: set slurm.gpus_per_node"):
+        local_gpus(two)
+    # what a job sees, through a real LocalExecutor (one task each)
+    seen = {}
+    for given, gpus in (("", 0), ("", 1), ("4,2", 1), ("MIG-x", 1)):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", given)
+        ex = make_executor(SlurmConfig(tasks_per_node=1, gpus_per_node=gpus), str(tmp_path / f"{given}{gpus}"), False)
+        seen[given, gpus] = ex.submit(_visible_devices)
+    assert {k: job.result() for k, job in seen.items()} == {
+        ("", 0): "",
+        ("", 1): "0",
+        ("4,2", 1): "4",
+        ("MIG-x", 1): "MIG-x",
+    }

@@ -96,6 +96,12 @@ class ZeroConfig:
     # how many elements of upcoming submodules' parameters are fetched ahead
     stage3_param_persistence_threshold: int = 100_000
     stage3_prefetch_bucket_size: int = 50_000_000
+    # ZeRO-3 (DeepSpeed's defaults): a gathered parameter stays whole while the modules run before its next use
+    # hold fewer than stage3_max_reuse_distance elements: 1e9 keeps nearly every weight up to ~2e9 parameters
+    # gathered from the forward to the backward (no second all-gather, weights/2 per rank instead of /N; 0
+    # frees each after use; launch.trunk_memory counts it); stage3_max_live_parameters caps only the prefetch
+    stage3_max_reuse_distance: int = 1_000_000_000
+    stage3_max_live_parameters: int = 1_000_000_000
 
     def validate(self) -> None:
         if self.stage not in (0, 1, 2, 3):
@@ -109,10 +115,15 @@ class ZeroConfig:
             )
         if self.reduce_bucket_size < 1 or self.allgather_bucket_size < 1:
             raise ValueError("zero.reduce_bucket_size and zero.allgather_bucket_size must be >= 1 (elements)")
-        if self.stage3_param_persistence_threshold < 0 or self.stage3_prefetch_bucket_size < 0:
-            raise ValueError(
-                "zero.stage3_param_persistence_threshold and zero.stage3_prefetch_bucket_size must be >= 0 (elements)"
-            )
+        stage3_sizes = {
+            "stage3_param_persistence_threshold": self.stage3_param_persistence_threshold,
+            "stage3_prefetch_bucket_size": self.stage3_prefetch_bucket_size,
+            "stage3_max_reuse_distance": self.stage3_max_reuse_distance,
+            "stage3_max_live_parameters": self.stage3_max_live_parameters,
+        }
+        negative = [f"zero.{name}={value}" for name, value in stage3_sizes.items() if value < 0]
+        if negative:
+            raise ValueError(f"{', '.join(negative)}: ZeRO-3's sizes are element counts, >= 0")
 
 
 @dataclasses.dataclass(kw_only=True)

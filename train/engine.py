@@ -46,6 +46,8 @@ def deepspeed_config(
         cfg["zero_optimization"].update(
             stage3_param_persistence_threshold=zero.stage3_param_persistence_threshold,
             stage3_prefetch_bucket_size=zero.stage3_prefetch_bucket_size,
+            stage3_max_reuse_distance=zero.stage3_max_reuse_distance,
+            stage3_max_live_parameters=zero.stage3_max_live_parameters,
         )
     # always written: DeepSpeed's default when the key is absent is 1.0, i.e. "off" would clip at norm 1
     cfg["gradient_clipping"] = optim.grad_clip

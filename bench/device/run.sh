@@ -5,15 +5,16 @@
 #   train     bench.train, ViT-L/16 224 bf16 synthetic, P=1: bare loop, ours (ZeRO-2, micro-batch 128, no
 #             activation checkpointing), fused checks off, ZeRO-3 with and without DeepSpeed's fetch sync,
 #             the recipe's setting (micro-batch 64, checkpointing; its "vs bare" is against batch 128);
-#             a profile of one step per row with the GPU's busy share                    limit 240 s
+#             a profile of one step per row with the GPU's busy share                    limit 220 s
 #   stream    bench.train on the faces recipe (ViT-L 112 px, ZeRO-2 bf16, 85,742-class DistArc head, 8 loader
-#             workers) end to end on synthetic JPEG shards, then on in-memory batches     limit 110 s
+#             workers) end to end on synthetic JPEG shards, then (whatever that did) on in-memory batches
+#                                                                                        limit 120 s
 #   gpu       pytest -m gpu: the launcher on CUDA/NCCL (DistArc, CHEST, ZeRO-2 bf16) and the fused checks
-#             and ZeRO-3 fetch path on CUDA against DeepSpeed's own                       limit 120 s
+#             and ZeRO-3 fetch path on CUDA against DeepSpeed's own (DS_ACCELERATOR=cuda)  limit 110 s
 #   capacity  bench.capacity: the largest table on this GPU, in the order the issue asks: exact DistArc
 #             (chunked; SGD as Partial FC, then AdamW), sampled DistArc at rate 0.1 (lazy SGD, then SGD),
 #             then CHEST exact and sampled (chunked, SGD)                                 limit 80 s
-# The limits add to 550 s: one call fits its 600 s with the set-up.
+# The limits add to 530 s: one call fits its 600 s with the set-up (~20 s) and a part's 15 s to stop.
 # Here:   bash bench/device/wheels.sh
 # Device: run(command="bash bench/device/run.sh", carry=[".whl"], timeout_s=600)
 # A part that runs out of time is cut off and the next one starts; TRAIN_S / STREAM_S / GPU_S / CAPACITY_S
@@ -27,14 +28,20 @@ PY=${PY:-python3}  # the device image's Python holds torch
 if [ -d .whl ] && [ -z "${DEVICE_SMOKE:-}" ]; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "wheel install failed"; exit 1; }
+  # DeepSpeed's and submitit's own imports, only where the image lacks one (not to shadow the image's)
+  "$PY" -c "import einops, msgpack, psutil, cloudpickle, packaging" 2>/dev/null \
+    || "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/fallback/*.whl \
+    || { echo "fallback wheel install failed"; exit 1; }
   export PYTHONPATH=/tmp/site:$PWD
 else
   export PYTHONPATH=$PWD
 fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no GPU"; } \
   | tee "$OUT/device.txt"
-"$PY" -c "import torch, deepspeed, timm; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'timm', timm.__version__)" 2>&1 \
+df -h /dev/shm | tail -1 | tee -a "$OUT/device.txt"  # the stream part's loader workers pass batches through it
+"$PY" -c "import sys, torch, deepspeed, timm; print('python', sys.version.split()[0], 'torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'timm', timm.__version__)" 2>&1 \
   | grep -v WARNING | tee -a "$OUT/device.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || { echo "the imports failed: see above"; exit 1; }
 
 part() {  # part NAME LIMIT_S COMMAND...
   local name=$1 limit=$2
@@ -56,7 +63,9 @@ CAP_EXACT=(--heads distarc --sample-rates 1.0 --class-chunks 8192 --head-optimiz
 CAP_SAMPLED=(--heads distarc --sample-rates 0.1 --class-chunks 0 --head-optimizers lazy_sgd,sgd)
 CAP_CHEST=(--heads chest --sample-rates 1.0,0.1 --class-chunks 8192 --head-optimizers sgd)
 SMALL=()
-if [ -n "${DEVICE_SMOKE:-}" ]; then  # a CPU rehearsal of the script: tiny sizes, same flow
+ON_CUDA=(env DS_ACCELERATOR=cuda)  # the gpu tests' own processes too (tests/conftest.py defaults to cpu)
+if [ -n "${DEVICE_SMOKE:-}" ]; then
+  ON_CUDA=()  # a CPU rehearsal of the script: tiny sizes, same flow
   SMALL=(model.name=vit_tiny_patch16_224 model.img_size=32 data.image_size=32 data.batch_size=2 --steps 2 --warmup 1)
   FACES+=(model.name=vit_tiny_patch16_224 data.batch_size=4 data.num_workers=2 --images 256 --steps 2 --warmup 1)
   CLASSES=1000
@@ -69,14 +78,14 @@ parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=(train stream gpu capacity)
 for name in "${parts[@]}"; do
   case $name in
-    gpu) part gpu "${GPU_S:-120}" "$PY" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider ;;
-    train) part train "${TRAIN_S:-240}" "$PY" -m bench.train "${VITL[@]}" \
+    gpu) part gpu "${GPU_S:-110}" "${ON_CUDA[@]}" "$PY" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider ;;
+    train) part train "${TRAIN_S:-220}" "$PY" -m bench.train "${VITL[@]}" \
         --variant "fused grad checks off:zero.fused_grad_checks=false" \
         --variant "ZeRO-3:zero.stage=3" \
         --variant "ZeRO-3, DeepSpeed's fetch sync:zero.stage=3,zero.stage3_skip_local_fetch_sync=false" \
         --variant "recipe (micro-batch 64, checkpointing):data.batch_size=64,model.grad_checkpointing=true" \
         data.batch_size=128 model.grad_checkpointing=false "${SMALL[@]}" ;;
-    stream) part stream "${STREAM_S:-110}" bash -c "$(printf '%q ' "$PY" -m bench.train "${FACES[@]}" --data shards --classes $CLASSES) && \
+    stream) part stream "${STREAM_S:-120}" bash -c "$(printf '%q ' "$PY" -m bench.train "${FACES[@]}" --data shards --classes $CLASSES); \
         $(printf '%q ' "$PY" -m bench.train "${FACES[@]}" --data synthetic data.num_classes=$CLASSES)" ;;
     capacity) part capacity "${CAPACITY_S:-80}" bash -c "$(printf '%q ' "$PY" -m bench.capacity "${CAPACITY[@]}" "${CAP_EXACT[@]}"); \
         $(printf '%q ' "$PY" -m bench.capacity "${CAPACITY[@]}" "${CAP_SAMPLED[@]}"); \
