@@ -47,7 +47,8 @@ def check_gpus(cfg: RunConfig) -> None:
     slurm.gpus_per_node=0 the job gets none on a cluster that hides GPUs not asked for, and trains on the
     CPUs: gloo, DeepSpeed's CPU accelerator), and as many per node as it starts tasks (more tasks than GPUs
     fail in cuda.set_device after the queue wait; fewer leave GPUs idle). Only here, not in the config's
-    own checks: local runs and evaluations ignore slurm.gpus_per_node."""
+    own checks: a local run takes one GPU per task, at most slurm.gpus_per_node (slurm/executor.local_gpus),
+    and an evaluation may run fewer processes than the run had GPUs."""
     slurm = cfg.slurm
     if slurm.gpus_per_node and slurm.gpus_per_node != slurm.tasks_per_node:
         raise ValueError(

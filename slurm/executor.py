@@ -6,6 +6,7 @@ import os
 import shlex
 
 import submitit
+import torch
 
 from train.config import SlurmConfig
 
@@ -51,26 +52,36 @@ def make_executor(cfg: SlurmConfig, folder_root: str, use_slurm: bool, job_name:
 
 
 def local_gpus(cfg: SlurmConfig) -> dict[str, object]:
-    """LocalExecutor parameters that let the job see slurm.gpus_per_node GPUs.
+    """LocalExecutor parameters that let the job see its GPUs: one per task, at most slurm.gpus_per_node.
 
     submitit sets the job's CUDA_VISIBLE_DEVICES to its first gpus_per_node devices ("" without the
     parameter: a local run on a GPU machine trained on CPU). Where this process was given devices, the job
-    gets the first gpus_per_node of those: indices through visible_gpus, other forms (GPU UUIDs, MIG
-    instances) exported by a setup line, which runs after submitit sets the variable.
+    gets the first of those: indices through visible_gpus, other forms (GPU UUIDs, MIG instances) exported
+    by a setup line, which runs after submitit sets the variable. gpus_per_node=0, or CUDA_VISIBLE_DEVICES
+    set empty, is a CPU run. Each rank takes the GPU of its local rank (train/dist.py), so on a machine with
+    CUDA fewer GPUs than tasks is refused here, not after the start; an evaluation with fewer processes
+    (--procs) than the run's GPUs takes one GPU each.
     """
-    if cfg.gpus_per_node < 1:
+    if cfg.gpus_per_node < 1 or os.environ.get("CUDA_VISIBLE_DEVICES") == "":
         return {}  # CUDA_VISIBLE_DEVICES="": a CPU run, also on a machine with GPUs
+    if cfg.gpus_per_node < cfg.tasks_per_node and torch.cuda.is_available():
+        raise ValueError(
+            f"slurm.gpus_per_node={cfg.gpus_per_node} but slurm.tasks_per_node={cfg.tasks_per_node}: every task "
+            f"is one rank on one GPU; set slurm.tasks_per_node={cfg.gpus_per_node} (or slurm.gpus_per_node=0 to "
+            "run on the CPUs)"
+        )
+    wanted = min(cfg.gpus_per_node, cfg.tasks_per_node)
     given = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
     if not given:
-        return {"gpus_per_node": cfg.gpus_per_node}
-    if len(given) < cfg.gpus_per_node:
+        return {"gpus_per_node": wanted}
+    if len(given) < wanted:
         raise ValueError(
-            f"slurm.gpus_per_node={cfg.gpus_per_node} but CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']} "
-            f"gives this machine {len(given)}: set slurm.gpus_per_node (and slurm.tasks_per_node) to at most "
-            f"{len(given)}, or unset CUDA_VISIBLE_DEVICES"
+            f"{wanted} tasks on a GPU each, but CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']} gives "
+            f"this machine {len(given)}: set slurm.tasks_per_node and slurm.gpus_per_node to at most {len(given)}, "
+            "or unset CUDA_VISIBLE_DEVICES"
         )
-    chosen = given[: cfg.gpus_per_node]
+    chosen = given[:wanted]
     if all(d.isdigit() for d in chosen):
-        return {"gpus_per_node": cfg.gpus_per_node, "visible_gpus": tuple(int(d) for d in chosen)}
+        return {"gpus_per_node": wanted, "visible_gpus": tuple(int(d) for d in chosen)}
     export = f"export CUDA_VISIBLE_DEVICES={shlex.quote(','.join(chosen))}"
-    return {"gpus_per_node": cfg.gpus_per_node, "setup": [export]}
+    return {"gpus_per_node": wanted, "setup": [export]}

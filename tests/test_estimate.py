@@ -235,7 +235,14 @@ def test_zero_states_equal_a_real_engines_tensors(dist_pool, bf16: bool) -> None
         # weights kept (4 x 0.53 + 20/4 B/param, more than the step's 24/4); 32 layers keep the layer term small
         p32 = 32 * 256 * 257
         kept_half = {"layers": 32, "stage3_max_reuse_distance": p32, "stage3_max_live_parameters": p32 // 2}
-        cases = [(0, 2, {}), (1, 2, {}), (2, 2, {}), (3, 2, {}), (3, 4, kept_half)]
+        # and none by reuse, half by the prefetcher (a bucket of two layers walks into the backward's trace)
+        prefetched_half = {
+            "layers": 32,
+            "stage3_max_reuse_distance": 0,
+            "stage3_max_live_parameters": p32 // 2,
+            "stage3_prefetch_bucket_size": 2 * 256 * 257,
+        }
+        cases = [(0, 2, {}), (1, 2, {}), (2, 2, {}), (3, 2, {}), (3, 4, kept_half), (3, 4, prefetched_half)]
     for stage, world, settings in cases:
         results = dist_pool(world).run(zero_states_rank, stage, bf16, **settings)
         params, largest, kept = results[0]["params"], results[0]["largest"], results[0]["kept"]

@@ -269,22 +269,37 @@ def test_a_local_run_sees_the_gpus_it_asks_for(tmp_path, monkeypatch) -> None:
     two = SlurmConfig(tasks_per_node=2, gpus_per_node=2)
     assert local_gpus(SlurmConfig(tasks_per_node=2)) == {}  # gpus_per_node=0: a CPU run
     assert local_gpus(two) == {"gpus_per_node": 2}
+    assert local_gpus(SlurmConfig(tasks_per_node=1, gpus_per_node=8)) == {"gpus_per_node": 1}  # evaluate --procs 1
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3, 5,6")
     assert local_gpus(two) == {"gpus_per_node": 2, "visible_gpus": (3, 5)}
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-aa,GPU-bb")
     assert local_gpus(two) == {"gpus_per_node": 2, "setup": ["export CUDA_VISIBLE_DEVICES=GPU-aa,GPU-bb"]}
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7")
-    with pytest.raises(ValueError, match="gives this machine 1: set slurm.gpus_per_node"):
+    with pytest.raises(ValueError, match="gives this machine 1: set slurm.tasks_per_node and slurm.gpus_per_node"):
         local_gpus(two)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # set empty: no GPUs
+    assert local_gpus(two) == {}
+    # more tasks than GPUs: each rank sets the device of its local rank, which a machine with CUDA lacks
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    fewer = SlurmConfig(tasks_per_node=2, gpus_per_node=1)
+    assert local_gpus(fewer) == {"gpus_per_node": 1}  # no CUDA here: the ranks run on the CPUs whatever it says
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    with pytest.raises(ValueError, match="set slurm.tasks_per_node=1 .or slurm.gpus_per_node=0 to run on the CPUs"):
+        local_gpus(fewer)
+    monkeypatch.undo()
     # what a job sees, through a real LocalExecutor (one task each)
     seen = {}
-    for given, gpus in (("", 0), ("", 1), ("4,2", 1), ("MIG-x", 1)):
-        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", given)
+    for given, gpus in ((None, 0), (None, 1), ("4,2", 1), ("MIG-x", 1), ("", 1)):
+        if given is None:
+            monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+        else:
+            monkeypatch.setenv("CUDA_VISIBLE_DEVICES", given)
         ex = make_executor(SlurmConfig(tasks_per_node=1, gpus_per_node=gpus), str(tmp_path / f"{given}{gpus}"), False)
         seen[given, gpus] = ex.submit(_visible_devices)
     assert {k: job.result() for k, job in seen.items()} == {
-        ("", 0): "",
-        ("", 1): "0",
+        (None, 0): "",
+        (None, 1): "0",
         ("4,2", 1): "4",
         ("MIG-x", 1): "MIG-x",
+        ("", 1): "",
     }

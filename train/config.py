@@ -96,10 +96,10 @@ class ZeroConfig:
     # how many elements of upcoming submodules' parameters are fetched ahead
     stage3_param_persistence_threshold: int = 100_000
     stage3_prefetch_bucket_size: int = 50_000_000
-    # ZeRO-3 (DeepSpeed's defaults): a gathered parameter stays whole while the modules run before its next use
-    # hold fewer than stage3_max_reuse_distance elements: 1e9 keeps nearly every weight up to ~2e9 parameters
-    # gathered from the forward to the backward (no second all-gather, weights/2 per rank instead of /N; 0
-    # frees each after use; launch.trunk_memory counts it); stage3_max_live_parameters caps only the prefetch
+    # ZeRO-3 (DeepSpeed's defaults): what stays gathered, whole on every rank, from the forward to the backward
+    # (no second all-gather): the last stage3_max_reuse_distance / 2 elements of the trunk, and what the prefetcher
+    # keeps or gathers again for the backward, up to stage3_max_live_parameters; 1e9 each keep any trunk below 1e9
+    # parameters whole; lower both to keep fewer (launch/trunk_memory.zero3_kept_elements)
     stage3_max_reuse_distance: int = 1_000_000_000
     stage3_max_live_parameters: int = 1_000_000_000
 
@@ -187,7 +187,7 @@ class SlurmConfig:
     """Where and how the job runs: local tasks by default, Slurm with `--slurm`."""
 
     nodes: int = 1
-    tasks_per_node: int = 2  # one task per GPU on a cluster; local CPU processes otherwise
+    tasks_per_node: int = 2  # one task per GPU (on a cluster, and locally with gpus_per_node > 0); else CPU processes
     gpus_per_node: int = 0  # GPUs requested per node (--gpus-per-node); set it = tasks_per_node on GPU clusters
     cpus_per_task: int = 1
     mem_gb: int = 0  # 0 = Slurm's default / whole node

@@ -28,10 +28,12 @@ PY=${PY:-python3}  # the device image's Python holds torch
 if [ -d .whl ] && [ -z "${DEVICE_SMOKE:-}" ]; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "wheel install failed"; exit 1; }
-  # DeepSpeed's and submitit's own imports, only where the image lacks one (not to shadow the image's)
-  "$PY" -c "import einops, msgpack, psutil, cloudpickle, packaging" 2>/dev/null \
-    || "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/fallback/*.whl \
-    || { echo "fallback wheel install failed"; exit 1; }
+  # DeepSpeed's and submitit's own imports, each only where the image lacks it (not to shadow the image's)
+  for module in einops msgpack psutil cloudpickle packaging; do
+    "$PY" -c "import $module" 2>/dev/null || { echo "installing $module"; "$PY" -m pip install -q --no-index \
+      --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/fallback/"$module"-*.whl; } \
+      || { echo "fallback wheel install failed: $module"; exit 1; }
+  done
   export PYTHONPATH=/tmp/site:$PWD
 else
   export PYTHONPATH=$PWD

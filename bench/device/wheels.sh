@@ -2,7 +2,7 @@
 # Fetch, on a machine with the package registries, the wheels a lent GPU machine lacks (its image has
 # torch, timm, tensorboard, scikit-learn, pytest, ...; nothing can be fetched there) into .whl/ for
 # bench/device/run.sh. Versions follow this checkout's venv where it has one. Python 3.12 x86-64 (the
-# device's). About 8 MB; the device tool carries at most 64 MiB with the working tree.
+# device's). About 7.2 MB; the device tool carries at most 64 MiB with the working tree.
 #     bash bench/device/wheels.sh        then carry ".whl" with the run
 set -euo pipefail
 cd "$(dirname "$0")/../.."
