@@ -22,9 +22,10 @@ when the embedding's gradient arrives: a tensor hook there, only in that pass), 
 collectives (comm: torch.distributed's and DeepSpeed's; a part of the phases, not beside them; "n/a" for the
 bare loop, whose DDP all-reduces from C++ where it is not seen); the head's share of the step; peak memory
 (max over ranks: on CUDA max_memory_allocated / max_memory_reserved, else the process's peak resident set,
-torch and the data included); and on CUDA the MFU: 3 x forward FLOPs per image (torch.utils.flop_counter)
-x img/s per GPU / the GPU's dense peak (bf16 tensor cores, or plain fp32 without TF32; cuDNN may still
-pick TF32 for convolutions by torch's default, so a conv net's fp32 MFU can read high).
+torch and the data included), with our rows' `--estimate` beside it (launch/estimate.py's peak per rank
+less its runtime reserve: on CUDA the planner's check); and on CUDA the MFU: 3 x forward FLOPs per image
+(torch.utils.flop_counter) x img/s per GPU / the GPU's dense peak (bf16 tensor cores, or plain fp32 without
+TF32; cuDNN may still pick TF32 for convolutions by torch's default, so a conv net's fp32 MFU can read high).
 On a machine with fewer cores than ranks x threads the ranks share cores: compare rows at equal P.
 The instruments (timers, op counts, profiles, memory, FLOPs) live in bench/instruments.py.
 `--count-ops`: a second table of the aten ops each phase dispatches in one step (on a GPU each is at least
@@ -318,7 +319,16 @@ def measure(kind: str, cfg: RunConfig, world: int, opts: Options, trace: str = "
         "phases": res[0]["phases"],
         "flops": forward_flops_per_image(cfg),
         "device": res[0]["device"],
+        "estimate_mb": planned_mb(cfg) if kind == "ours" else None,
     }
+
+
+def planned_mb(cfg: RunConfig) -> float:
+    """`python -m launch --estimate`'s peak per rank for `cfg`, less its runtime reserve (CUDA context, NCCL,
+    allocator slack): what CUDA's max_memory_allocated should come to. Computed on the host's CPU."""
+    from launch.estimate import RUNTIME_RESERVE, estimate
+
+    return (estimate(cfg, gpu_mem_gb=1.0).peak - RUNTIME_RESERVE) / 2**20
 
 
 def peak_flops(device: str, bf16: bool) -> float | None:
@@ -347,6 +357,8 @@ def report(name: str, row: dict[str, Any], bare: dict[str, Any], cfg: RunConfig,
     memory = f"{row['mem_mb']:.0f}"
     if row.get("reserved_mb") is not None:  # CUDA: allocated / reserved by the caching allocator
         memory += f" / {row['reserved_mb']:.0f}"
+    if row.get("estimate_mb") is not None:
+        memory += f" (est. {row['estimate_mb']:.0f})"
     return (
         f"| {name} | {world} | {img:.0f} | {img / world:.0f} | {1e3 * row['step_s']:.1f} | {per_image:.2f}x | "
         + " | ".join(cells)
@@ -457,7 +469,8 @@ def run_rows(args: argparse.Namespace, opts: Options) -> None:
     print(
         f"# numerics not matched: {numerics}; TF32 off. vs bare = bare img/s / row img/s (time per image, > 1 is "
         "slower); head ms = the head's forward + backward, fwd / bwd ms = the trunk's; comm n/a for the bare "
-        "loop (DDP's all-reduce runs in C++); peak MB = CUDA max allocated / max reserved, else peak RSS"
+        "loop (DDP's all-reduce runs in C++); peak MB = CUDA max allocated / max reserved, else peak RSS; est. = "
+        "--estimate's peak less its runtime reserve, to compare with CUDA's allocated (not with a CPU's RSS)"
     )
     print(
         "| row | P | img/s | img/s per rank | ms/step | vs bare (time/img) | data ms | fwd ms | head ms (fwd+bwd) | "

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from bench.train import PHASES, Options, measure
+from bench.train import PHASES, Options, measure, planned_mb
 from launch.__main__ import build_config
 
 
@@ -28,6 +28,9 @@ def test_bare_and_our_rows_measure_count_and_profile(tmp_path) -> None:
         assert set(PHASES) <= set(row["phases"]) and all(row["phases"][k] > 0 for k in PHASES)
         assert all(row["ops"].get(k, 0) > 0 for k in ("forward", "backward", "optimizer"))
         assert "aten::" in row["profile"]["table"] and row["profile"]["busy"] is None  # no GPU here
+    # our row carries the memory planner's figure for its config (the bare loop has none)
+    assert bare["estimate_mb"] is None and ours["estimate_mb"] > 0
+    assert ours["estimate_mb"] == pytest.approx(planned_mb(cfg))
     # the same network: the same forward; ZeRO's gradient hooks and checks add ops after it
     assert ours["ops"]["forward"] == bare["ops"]["forward"]
     assert ours["ops"]["backward"] > bare["ops"]["backward"]
@@ -246,6 +249,8 @@ def test_vs_bare_is_time_per_image_and_the_bare_comm_is_not_measured() -> None:
     assert cells[2] == "128" and cells[5] == "1.00x" and cells[11] == "0.0" and cells[13] == "1000 / 1500"
     slower = _row("ours", 64, 1.0)  # half the images per second: twice the time per image
     assert _cells(report("slower", slower, bare, half_cfg, 1))[5] == "2.00x"
+    planned = {**half, "estimate_mb": 1234.4}  # our rows: --estimate beside the measured peak
+    assert _cells(report("planned", planned, bare, half_cfg, 1))[13] == "1000 / 1500 (est. 1234)"
 
 
 @pytest.mark.parametrize(
