@@ -79,6 +79,7 @@ DEFAULT_VARIANTS = (
     "ZeRO-1:zero.stage=1",
     "ZeRO-3:zero.stage=3",
     "ZeRO-3, DeepSpeed's fetch sync:zero.stage=3,zero.stage3_skip_local_fetch_sync=false",
+    "ZeRO-3, no leaf blocks:zero.stage=3,zero.stage3_leaf_blocks=false",
     "compile:model.compile=true",
 )
 # dense peaks (FLOP/s, no sparsity) by device name from NVIDIA's data sheets: (bf16 tensor cores, plain

@@ -40,7 +40,6 @@ from launch.trunk_memory import (
     replicated_state_parts,
     trunk_size,
     trunk_state,
-    zero3_kept_elements,
     zero_state_split,
 )
 from model.proxies import class_range
@@ -178,8 +177,8 @@ def fixes(cfg: RunConfig, est: Estimate) -> str:
                     f"{_size(states + bucket)} -> {_size(after)})",
                 )
             )
-    zero3_kept = zero3_kept_elements(size.params, size.largest_layer, cfg.zero)
-    whole, _ = zero_state_split(size.params, size.largest_layer, cfg.zero.stage, world, cfg.zero.bf16, zero3_kept)
+    layer = size.gathered_unit(cfg.zero) if cfg.zero.stage == 3 else size.largest_layer
+    whole, _ = zero_state_split(size.params, layer, cfg.zero.stage, world, cfg.zero.bf16, size.zero3_kept(cfg.zero))
     whole = min(whole, states)
     shrinking = est.most("head") + states - whole
     held = replicated_state_parts(cfg.zero.stage, cfg.zero.bf16)
@@ -263,8 +262,8 @@ def fixes(cfg: RunConfig, est: Estimate) -> str:
 def _zero3_kept_fix(cfg: RunConfig, size: TrunkSize, states: int, peak: int) -> list[tuple[int, str]]:
     """ZeRO-3 keeps weights gathered from the forward to the backward (zero3_kept_elements): offer a quarter of
     them where that saves 5% of the peak or more."""
-    kept = zero3_kept_elements(size.params, size.largest_layer, cfg.zero)
-    if cfg.zero.stage != 3 or kept <= 4 * size.largest_layer:
+    unit, kept = size.gathered_unit(cfg.zero), size.zero3_kept(cfg.zero)
+    if cfg.zero.stage != 3 or kept <= 4 * unit:
         return []
     quarter = kept // 4
     less = max(1, quarter - quarter % 10 ** max(0, len(str(quarter)) - 2))  # two significant digits

@@ -51,6 +51,7 @@ def _cuda_rank(rank: int, world: int, out: dict) -> None:
     import torch.distributed as dist
 
     from tests.test_fused_grad_checks import compare_with_deepspeed, trajectory as zero2_trajectory
+    from tests.test_zero3_leaf_blocks import _both_ranked as leaf_and_plain
     from tests.test_zero3_local_fetch import trajectory as zero3_trajectory
     from train.dist import DistEnv, init_distributed
 
@@ -59,6 +60,7 @@ def _cuda_rank(rank: int, world: int, out: dict) -> None:
         "checks": compare_with_deepspeed(2, True),
         "zero2": (zero2_trajectory(True), zero2_trajectory(False)),
         "zero3": (zero3_trajectory(True, False), zero3_trajectory(False, False)),
+        "leaf_blocks": leaf_and_plain(True),  # ZeRO-3 with the ViT's blocks as leaves, checkpointing on
     }
     dist.destroy_process_group()
 
@@ -79,6 +81,9 @@ def test_deepspeed_replacements_on_cuda() -> None:
     assert ours["local_handles"] > 0
     for p, q in zip(ours["params"], deepspeeds["params"]):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    leaf, plain = r["leaf_blocks"]
+    assert leaf["leaves"] == 2 and leaf["losses"] == plain["losses"] and leaf["fetches"] * 3 < plain["fetches"]
+    assert all(torch.equal(a, b) for a, b in zip(leaf["params"], plain["params"]))
 
 
 @pytest.mark.parametrize("kind", ["lazy_adamw", "lazy_sgd"])

@@ -102,6 +102,12 @@ class ZeroConfig:
     # parameters whole; lower both to keep fewer (launch/trunk_memory.zero3_kept_elements)
     stage3_max_reuse_distance: int = 1_000_000_000
     stage3_max_live_parameters: int = 1_000_000_000
+    # ZeRO-3 fetches and releases each of the trunk's blocks (timm's `blocks`: ViT, DeiT, EVA, ...) as one unit
+    # (DeepSpeed's z3 leaf modules) instead of hooking every submodule: the same results, a fraction of the
+    # per-module hook cost (ViT-Ti, CPU: 129 -> 83 ms per step at P=1, 228 -> 181 at P=2; ZeRO-2: 70 / 91), a
+    # block's weights gathered at once (ViT-L: 12.6 M parameters). No-op for trunks without `blocks`. DeepSpeed's
+    # backward fails on a leaf whose input needs no gradient (blocks behind a frozen stem): switch it off there.
+    stage3_leaf_blocks: bool = True
 
     def validate(self) -> None:
         if self.stage not in (0, 1, 2, 3):

@@ -136,6 +136,28 @@ def _schedule(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
 
 
+def trunk_blocks(module: nn.Module) -> list[nn.Module]:
+    """The blocks of every `blocks` container (nn.Sequential / nn.ModuleList) in `module`: timm's transformer
+    stacks (ViT, DeiT, EVA, ...); none for trunks without one (ResNets)."""
+    found: list[nn.Module] = []
+    for sub in module.modules():
+        blocks = getattr(sub, "blocks", None)
+        if isinstance(blocks, (nn.Sequential, nn.ModuleList)):
+            found.extend(blocks)
+    return found
+
+
+def mark_leaf_blocks(module: nn.Module) -> int:
+    """Flag each trunk block as a ZeRO-3 leaf module: DeepSpeed then fetches and releases the block's parameters
+    from hooks on the block alone, not on each of its submodules (zero.stage3_leaf_blocks). How many blocks."""
+    from deepspeed.utils import set_z3_leaf_module
+
+    blocks = trunk_blocks(module)
+    for block in blocks:
+        set_z3_leaf_module(block, True)
+    return len(blocks)
+
+
 def build_engine(
     backbone: nn.Module,
     optim: OptimConfig,
@@ -171,6 +193,8 @@ def build_engine(
         test_gradients=zero.stage == 0 and not zero.bf16,  # the one case DeepSpeed does not test itself
     )
     scheduler = _schedule(optimizer, optim, max_steps)
+    if zero.stage == 3 and zero.stage3_leaf_blocks:
+        mark_leaf_blocks(backbone)  # before initialize, which registers ZeRO-3's hooks
     engine, _, _, _ = deepspeed.initialize(
         model=backbone,
         optimizer=optimizer,
