@@ -97,13 +97,15 @@ class ZeroConfig:
     stage3_param_persistence_threshold: int = 100_000
     stage3_prefetch_bucket_size: int = 50_000_000
     # ZeRO-3 (DeepSpeed's defaults): what stays gathered, whole on every rank, from the forward to the backward
-    # (no second all-gather): the last stage3_max_reuse_distance / 2 elements of the trunk, and what the prefetcher
-    # keeps or gathers again for the backward, up to stage3_max_live_parameters; 1e9 each keep any trunk below 1e9
-    # parameters whole; lower both to keep fewer (launch/trunk_memory.zero3_kept_elements)
+    # (no second all-gather): the last stage3_max_reuse_distance / 2 elements of the trunk (about R with
+    # stage3_leaf_blocks), and what the prefetcher keeps or gathers again for the backward, up to
+    # stage3_max_live_parameters; 1e9 each keep any trunk below 1e9 parameters whole; lower both to keep fewer
+    # (launch/trunk_memory.zero3_kept_elements)
     stage3_max_reuse_distance: int = 1_000_000_000
     stage3_max_live_parameters: int = 1_000_000_000
-    # ZeRO-3 fetches and releases each of the trunk's blocks (timm's `blocks`: ViT, DeiT, EVA, ...) as one unit
-    # (DeepSpeed's z3 leaf modules) instead of hooking every submodule: the same results, a fraction of the
+    # ZeRO-3 fetches and releases each of the trunk's blocks (timm's `blocks`: ViT, DeiT, EVA, Swin's and ConvNeXt's
+    # stage blocks, EfficientNet's stages; train/engine.trunk_blocks) as one unit (DeepSpeed's z3 leaf
+    # modules) instead of hooking every submodule: the same results, a fraction of the
     # per-module hook cost (ViT-Ti, CPU: 129 -> 83 ms per step at P=1, 228 -> 181 at P=2; ZeRO-2: 70 / 91), a
     # block's weights gathered at once (ViT-L: 12.6 M parameters). No-op for trunks without `blocks`. DeepSpeed's
     # backward fails on a leaf whose input needs no gradient (blocks behind a frozen stem): switch it off there.

@@ -136,15 +136,21 @@ def _schedule(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
 
 
+def _holds_blocks(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "blocks", None), (nn.Sequential, nn.ModuleList))
+
+
 def trunk_blocks(module: nn.Module) -> list[nn.Module]:
-    """The blocks of every `blocks` container (nn.Sequential / nn.ModuleList) in `module`: timm's transformer
-    stacks (ViT, DeiT, EVA, ...); none for trunks without one (ResNets)."""
+    """The items of every `blocks` container (nn.Sequential / nn.ModuleList) in `module`, innermost only: timm's
+    transformer stacks (ViT, DeiT, EVA), Swin's and ConvNeXt's stage blocks, EfficientNet's stages; none for
+    trunks without one (ResNets). Left out: items that are containers themselves (Twins keeps ModuleLists it
+    never calls) and items holding `blocks` of their own (CrossViT's multi-scale blocks): as leaves both broke
+    DeepSpeed's ZeRO-3 step ("unknown parameter type")."""
     found: list[nn.Module] = []
     for sub in module.modules():
-        blocks = getattr(sub, "blocks", None)
-        if isinstance(blocks, (nn.Sequential, nn.ModuleList)):
-            found.extend(blocks)
-    return found
+        if _holds_blocks(sub):
+            found.extend(b for b in getattr(sub, "blocks") if not isinstance(b, (nn.ModuleList, nn.ModuleDict)))
+    return [b for b in found if not any(_holds_blocks(m) for m in b.modules())]
 
 
 def mark_leaf_blocks(module: nn.Module) -> int:
