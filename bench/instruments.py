@@ -1,5 +1,5 @@
 """Instruments for bench/train.py: phase timers, time inside collectives, aten-op counts, a profiled step with
-the GPU's busy share, peak memory and forward FLOPs. Each works on CPU and CUDA alike."""
+the GPU's busy share, peak memory, the memory planner's figure and forward FLOPs. Each works on CPU and CUDA alike."""
 
 from __future__ import annotations
 
@@ -212,6 +212,14 @@ def forward_flops_per_image(cfg: RunConfig) -> float:
     with counter, torch.no_grad():
         model(x)
     return counter.get_total_flops() / 2
+
+
+def planned_mb(cfg: RunConfig) -> float:
+    """`python -m launch --estimate`'s peak per rank for `cfg`, less its runtime reserve (CUDA context, NCCL,
+    allocator slack): what CUDA's max_memory_allocated should come to. Computed on the host's CPU."""
+    from launch.estimate import RUNTIME_RESERVE, estimate
+
+    return (estimate(cfg, gpu_mem_gb=1.0).peak - RUNTIME_RESERVE) / 2**20
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -63,6 +63,7 @@ from bench.instruments import (
     forward_flops_per_image,
     peak_memory_mb,
     peak_reserved_mb,
+    planned_mb,
     profile_step,
     timed_collectives,
 )
@@ -322,14 +323,6 @@ def measure(kind: str, cfg: RunConfig, world: int, opts: Options, trace: str = "
         "device": res[0]["device"],
         "estimate_mb": planned_mb(cfg) if kind == "ours" else None,
     }
-
-
-def planned_mb(cfg: RunConfig) -> float:
-    """`python -m launch --estimate`'s peak per rank for `cfg`, less its runtime reserve (CUDA context, NCCL,
-    allocator slack): what CUDA's max_memory_allocated should come to. Computed on the host's CPU."""
-    from launch.estimate import RUNTIME_RESERVE, estimate
-
-    return (estimate(cfg, gpu_mem_gb=1.0).peak - RUNTIME_RESERVE) / 2**20
 
 
 def peak_flops(device: str, bf16: bool) -> float | None:

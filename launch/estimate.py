@@ -177,8 +177,9 @@ def fixes(cfg: RunConfig, est: Estimate) -> str:
                     f"{_size(states + bucket)} -> {_size(after)})",
                 )
             )
-    layer = size.gathered_unit(cfg.zero) if cfg.zero.stage == 3 else size.largest_layer
-    whole, _ = zero_state_split(size.params, layer, cfg.zero.stage, world, cfg.zero.bf16, size.zero3_kept(cfg.zero))
+    whole, _ = zero_state_split(
+        size.params, size.gathered_unit(cfg.zero), cfg.zero.stage, world, cfg.zero.bf16, size.zero3_kept(cfg.zero)
+    )
     whole = min(whole, states)
     shrinking = est.most("head") + states - whole
     held = replicated_state_parts(cfg.zero.stage, cfg.zero.bf16)

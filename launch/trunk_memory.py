@@ -95,8 +95,10 @@ class TrunkSize:
     largest_block: int = 0  # parameters of the largest of those blocks (0 without blocks)
 
     def gathered_unit(self, zero: ZeroConfig) -> int:
-        """The most parameters ZeRO-3 gathers at once: a whole block with zero.stage3_leaf_blocks, else a layer."""
-        return max(self.largest_layer, self.largest_block if zero.stage3_leaf_blocks else 0)
+        """The layer-sized unit the states' layer terms count: at ZeRO-3 a whole block with
+        zero.stage3_leaf_blocks (gathered at once), else the largest layer."""
+        leaf_blocks = zero.stage == 3 and zero.stage3_leaf_blocks
+        return max(self.largest_layer, self.largest_block if leaf_blocks else 0)
 
     def zero3_kept(self, zero: ZeroConfig) -> int:
         """zero3_kept_elements of this trunk under `zero`."""
@@ -178,8 +180,7 @@ def replicated_state_parts(stage: int, bf16: bool) -> list[str]:
 def trunk_state(cfg: RunConfig, size: TrunkSize) -> tuple[int, str]:
     """(bytes, where the number comes from) for the trunk's states on one rank."""
     world = cfg.slurm.nodes * cfg.slurm.tasks_per_node
-    # ZeRO-3 gathers whole blocks with zero.stage3_leaf_blocks: its layer terms count the largest block
-    layer = size.gathered_unit(cfg.zero) if cfg.zero.stage == 3 else size.largest_layer
+    layer = size.gathered_unit(cfg.zero)
     states = zero_state_bytes(size.params, layer, cfg.zero.stage, world, cfg.zero.bf16, size.zero3_kept(cfg.zero))
     return states, "closed form fitted to DeepSpeed's engines"
 

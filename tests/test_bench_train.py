@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from bench.train import PHASES, Options, measure, planned_mb
+from bench.instruments import planned_mb
+from bench.train import PHASES, Options, measure
 from launch.__main__ import build_config
 
 

@@ -120,12 +120,14 @@ def test_zero_states_fall_with_stage_and_ranks_and_never_undercut_deepspeed() ->
     off = ZeroConfig(stage3_max_reuse_distance=0, stage3_prefetch_bucket_size=0)
     assert tm.zero3_kept_elements(p, big, off) == 0
     assert tm.zero3_kept_elements(p, big, low, leaf_blocks=True) == 5 * big  # leaf blocks: R, not R/2
-    vit = tm.TrunkSize(p, big, 8, 3 * big)  # blocks of 3 layers: gathered whole as leaves
-    assert vit.gathered_unit(ZeroConfig()) == 3 * big
-    assert vit.gathered_unit(ZeroConfig(stage3_leaf_blocks=False)) == big
-    assert vit.zero3_kept(low) == 4 * big + 3 * big
-    assert vit.zero3_kept(dataclasses.replace(low, stage3_leaf_blocks=False)) == 2 * big + big
-    assert tm.TrunkSize(p, big, 0).zero3_kept(low) == 3 * big  # no blocks: nothing is a leaf
+    vit = tm.TrunkSize(p, big, 8, 3 * big)  # blocks of 3 layers: gathered whole as leaves at ZeRO-3
+    assert vit.gathered_unit(ZeroConfig(stage=3)) == 3 * big
+    assert vit.gathered_unit(ZeroConfig(stage=3, stage3_leaf_blocks=False)) == big
+    assert vit.gathered_unit(ZeroConfig(stage=2)) == big  # below stage 3 nothing is gathered
+    low3 = dataclasses.replace(low, stage=3)
+    assert vit.zero3_kept(low3) == 4 * big + 3 * big
+    assert vit.zero3_kept(dataclasses.replace(low3, stage3_leaf_blocks=False)) == 2 * big + big
+    assert tm.TrunkSize(p, big, 0).zero3_kept(low3) == 3 * big  # no blocks: nothing is a leaf
     assert tm.zero_state_bytes(p, big, 3, 4, True, zero3_kept=0) == 22 * p // 4 + 10 * big  # the step's peak
     assert tm.zero_state_bytes(p, big, 3, 4, True, zero3_kept=3 * big) == 22 * p // 4 + 10 * big
     assert tm.zero_state_bytes(p, big, 3, 4, True, zero3_kept=p // 2) == 18 * p // 4 + p + 10 * big
@@ -217,7 +219,7 @@ def zero_states_rank(stage: int, bf16: bool, layers: int = 16, block_layers: int
     # what the estimate takes for this net (trunk_state): ZeRO-3 gathers whole blocks with leaf blocks
     largest_block = max((sum(p.numel() for p in b.parameters()) for b in tm.trunk_blocks(net)), default=0)
     size = tm.TrunkSize(params, largest, 0, largest_block)
-    unit = size.gathered_unit(zero) if stage == 3 else largest
+    unit = size.gathered_unit(zero)
     engine = build_engine(net, OptimConfig(warmup_steps=0), zero, micro_batch=2, max_steps=10)
     peak = [0]
 
