@@ -60,9 +60,10 @@ def snapshot(engine, head) -> dict[str, torch.Tensor]:
     return out
 
 
-def skip_rank(stage: int, injection: str, bad_rank: int, head_optimizer: str = "adamw") -> dict:
+def skip_rank(stage: int, injection: str, bad_rank: int, head_optimizer: str = "adamw", trunk: str = "mlp") -> dict:
     """STEPS steps through train_step; at BAD_STEP rank `bad_rank` injects `injection`. A lazy head optimizer
-    trains a Partial-FC head (sample rate 0.5): its gradients are row-sparse."""
+    trains a Partial-FC head (sample rate 0.5): its gradients are row-sparse. trunk="vit": a 2-block timm ViT,
+    whose blocks ZeRO-3 fetches as leaf modules (zero.stage3_leaf_blocks)."""
     import torch.distributed as dist
 
     from train.engine import build_engine, build_head_optimizer
@@ -70,20 +71,31 @@ def skip_rank(stage: int, injection: str, bad_rank: int, head_optimizer: str = "
 
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(7)
-    backbone = nn.Sequential(nn.Linear(IN_DIM, 12), nn.BatchNorm1d(12), nn.Tanh(), nn.Linear(12, DIM))
+    backbone, dim, shape = (
+        nn.Sequential(nn.Linear(IN_DIM, 12), nn.BatchNorm1d(12), nn.Tanh(), nn.Linear(12, DIM)),
+        DIM,
+        (IN_DIM,),
+    )
+    if trunk == "vit":
+        import timm
+
+        backbone = timm.create_model(
+            "vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=16, patch_size=8, depth=2
+        )
+        dim, shape = backbone.num_features, (3, 16, 16)
     optim = OptimConfig(warmup_steps=0, lr=0.05, head_lr=0.05, head_optimizer=head_optimizer)
     engine = build_engine(backbone, optim, ZeroConfig(stage=stage), micro_batch=BATCH, max_steps=10)
     loss = dataclasses.replace(LOSS, sample_rate=0.5) if head_optimizer.startswith("lazy_") else LOSS
-    head = build_head(loss, CLASSES, DIM, rank, world, embedding_grad_scale=float(world))
+    head = build_head(loss, CLASSES, dim, rank, world, embedding_grad_scale=float(world))
     head_opt, head_sched = build_head_optimizer(head, optim, 10)
     task = (NanLossValue if injection == "nan_loss_value" and rank == bad_rank else MetricLearningTask)(engine, head)
     tr = TrainableModel(engine, task, head_opt, head_sched, torch.device("cpu"), torch.float32, Identity())  # type: ignore[arg-type]
     g = torch.Generator().manual_seed(100 + rank)
     history, skipped, lrs, norms = [], [], [], []
     for step in range(STEPS):
-        images, labels = torch.randn(BATCH, IN_DIM, generator=g), torch.randint(0, CLASSES, (BATCH,), generator=g)
+        images, labels = torch.randn(BATCH, *shape, generator=g), torch.randint(0, CLASSES, (BATCH,), generator=g)
         if injection == "nan_pixels" and step == BAD_STEP and rank == bad_rank:
-            images[0, 0] = float("nan")
+            images[0].view(-1)[0] = float("nan")
         history.append(snapshot(engine, head))
         one_step = types.SimpleNamespace(optim=types.SimpleNamespace(grad_accum_steps=1))
         scalars = train_step(
@@ -102,16 +114,17 @@ def skip_rank(stage: int, injection: str, bad_rank: int, head_optimizer: str = "
 @pytest.mark.parametrize("world", [1, 2])
 def test_a_non_finite_step_updates_nothing_on_any_rank(dist_pool, world: int) -> None:
     pool = dist_pool(world)
-    for stage, injection, head_optimizer in (
-        (2, "nan_loss_value", "adamw"),
-        (2, "nan_pixels", "adamw"),
-        (0, "nan_pixels", "adamw"),
-        (3, "nan_loss_value", "adamw"),
-        (0, "nan_loss_value", "adamw"),
-        (2, "nan_pixels", "lazy_adamw"),  # NaN in the sampled rows' sparse gradient
+    for stage, injection, head_optimizer, trunk in (
+        (2, "nan_loss_value", "adamw", "mlp"),
+        (2, "nan_pixels", "adamw", "mlp"),
+        (0, "nan_pixels", "adamw", "mlp"),
+        (3, "nan_loss_value", "adamw", "mlp"),
+        (0, "nan_loss_value", "adamw", "mlp"),
+        (2, "nan_pixels", "lazy_adamw", "mlp"),  # NaN in the sampled rows' sparse gradient
+        (3, "nan_pixels", "adamw", "vit"),  # NaN gradients inside ZeRO-3 leaf blocks
     ):
-        results = pool.run(skip_rank, stage, injection, world - 1, head_optimizer)
-        msg = f"ZeRO-{stage} {injection} world {world} {head_optimizer}"
+        results = pool.run(skip_rank, stage, injection, world - 1, head_optimizer, trunk)
+        msg = f"ZeRO-{stage} {injection} world {world} {head_optimizer} {trunk}"
         for r in results:
             assert r["skipped"] == [float(s == BAD_STEP) for s in range(STEPS)], msg
             before, after = r["history"][BAD_STEP], r["history"][BAD_STEP + 1]
