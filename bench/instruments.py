@@ -1,5 +1,6 @@
 """Instruments for bench/train.py: phase timers, time inside collectives, aten-op counts, a profiled step with
-the GPU's busy share, peak memory, the memory planner's figure and forward FLOPs. Each works on CPU and CUDA alike."""
+the GPU's busy share, peak memory, the memory planner's figure, forward FLOPs and MFU. Each works on CPU and CUDA
+alike."""
 
 from __future__ import annotations
 
@@ -274,3 +275,34 @@ def covered_us(intervals: list[tuple[float, float]]) -> float:
             total += end - max(start, reach)
             reach = end
     return total
+
+
+# dense peaks (FLOP/s, no sparsity) by device name from NVIDIA's data sheets: (bf16 tensor cores, plain
+# fp32: no row enables TF32); the first name found in torch.cuda.get_device_name counts, so the specific
+# parts come before their family ("NVIDIA H100 PCIe" is no SXM "NVIDIA H100 80GB HBM3")
+PEAK_FLOPS = (
+    ("H200 NVL", 835.5e12, 60e12),
+    ("H200", 989.4e12, 67e12),  # SXM: the H100 SXM's compute
+    ("H100 PCIe", 756.5e12, 51e12),
+    ("H100 NVL", 835.5e12, 60e12),
+    ("H100", 989.4e12, 67e12),  # SXM
+    ("A100", 312e12, 19.5e12),
+)
+
+
+def peak_flops(device: str, bf16: bool) -> float | None:
+    """The dense peak of the device named `device` for bf16 or fp32 (no TF32) rows; None if unknown."""
+    for name, bf16_peak, fp32_peak in PEAK_FLOPS:
+        if name in device:
+            return bf16_peak if bf16 else fp32_peak
+    return None
+
+
+def mfu(row: dict[str, Any], cfg: RunConfig, world: int) -> str:
+    """A row's model FLOPs utilisation per GPU: 3 x its forward FLOPs per image x img/s over the device's dense
+    peak; "-" without FLOPs or a known peak (CPUs)."""
+    peak = peak_flops(row["device"], cfg.zero.bf16)
+    if not row["flops"] or peak is None:
+        return "-"
+    per_gpu = row["images"] / row["step_s"]
+    return f"{100 * 3 * row['flops'] * per_gpu / peak:.1f}%"

@@ -61,6 +61,7 @@ from bench.instruments import (
     OpCounter,
     Timer,
     forward_flops_per_image,
+    mfu,
     peak_memory_mb,
     peak_reserved_mb,
     planned_mb,
@@ -82,17 +83,6 @@ DEFAULT_VARIANTS = (
     "ZeRO-3, DeepSpeed's fetch sync:zero.stage=3,zero.stage3_skip_local_fetch_sync=false",
     "ZeRO-3, no leaf blocks:zero.stage=3,zero.stage3_leaf_blocks=false",
     "compile:model.compile=true",
-)
-# dense peaks (FLOP/s, no sparsity) by device name from NVIDIA's data sheets: (bf16 tensor cores, plain
-# fp32: no row enables TF32); the first name found in torch.cuda.get_device_name counts, so the specific
-# parts come before their family ("NVIDIA H100 PCIe" is no SXM "NVIDIA H100 80GB HBM3")
-PEAK_FLOPS = (
-    ("H200 NVL", 835.5e12, 60e12),
-    ("H200", 989.4e12, 67e12),  # SXM: the H100 SXM's compute
-    ("H100 PCIe", 756.5e12, 51e12),
-    ("H100 NVL", 835.5e12, 60e12),
-    ("H100", 989.4e12, 67e12),  # SXM
-    ("A100", 312e12, 19.5e12),
 )
 PHASES = ("data", "forward", "head", "backward", "optimizer")
 
@@ -325,22 +315,6 @@ def measure(kind: str, cfg: RunConfig, world: int, opts: Options, trace: str = "
     }
 
 
-def peak_flops(device: str, bf16: bool) -> float | None:
-    """The dense peak of the device named `device` for bf16 or fp32 (no TF32) rows; None if unknown."""
-    for name, bf16_peak, fp32_peak in PEAK_FLOPS:
-        if name in device:
-            return bf16_peak if bf16 else fp32_peak
-    return None
-
-
-def mfu(row: dict[str, Any], cfg: RunConfig, world: int) -> str:
-    peak = peak_flops(row["device"], cfg.zero.bf16)
-    if not row["flops"] or peak is None:
-        return "-"
-    per_gpu = row["images"] / row["step_s"]
-    return f"{100 * 3 * row['flops'] * per_gpu / peak:.1f}%"
-
-
 def report(name: str, row: dict[str, Any], bare: dict[str, Any], cfg: RunConfig, world: int) -> str:
     ph = row["phases"]
     total = sum(ph.get(k, 0.0) for k in PHASES)
@@ -358,6 +332,12 @@ def report(name: str, row: dict[str, Any], bare: dict[str, Any], cfg: RunConfig,
         + " | ".join(cells)
         + f" | {100 * ph.get('head', 0.0) / max(total, 1e-12):.0f}% | {memory} | {mfu(row, cfg, world)} |"
     )
+
+
+def last_line(err: BaseException) -> str:
+    """The exception line of a rank's traceback (a failed spawn carries it whole in its message)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(err).__name__).replace("|", "/")[:200]
 
 
 def trace_path(opts: Options, row: str, world: int) -> str:
@@ -477,7 +457,11 @@ def run_rows(args: argparse.Namespace, opts: Options) -> None:
         print(report("bare PyTorch loop", bare, bare, cfg, world), flush=True)
         measured.append(("bare PyTorch loop", world, bare))
         for name, vcfg in rows:
-            row = measure("ours", vcfg, world, opts, trace_path(opts, name, world))
+            try:
+                row = measure("ours", vcfg, world, opts, trace_path(opts, name, world))
+            except Exception as err:  # an OOM, a compile with no compiler: the rows after it still run
+                print(f"| {name} | {world} | failed: {last_line(err)} |", flush=True)
+                continue
             print(report(name, row, bare, vcfg, world), flush=True)
             measured.append((name, world, row))
     if args.count_ops:

@@ -267,10 +267,44 @@ def test_vs_bare_is_time_per_image_and_the_bare_comm_is_not_measured() -> None:
     ],
 )
 def test_mfu_divides_by_the_parts_own_peak(device: str, bf16: bool, peak: float) -> None:
-    from bench.train import mfu
+    from bench.instruments import mfu
 
     cfg = build_config(
         "mnist_distarc", ["slurm.tasks_per_node=1", "data.batch_size=64", f"zero.bf16={str(bf16).lower()}"]
     )
     row = _row("ours", 64, 0.1, device)
     assert mfu(row, cfg, 1) == f"{100 * 3 * 1e11 * 640 / peak:.1f}%"
+
+
+def test_a_failing_row_is_reported_and_the_next_rows_still_run(monkeypatch, capsys) -> None:
+    """A device run has one try: a row whose ranks raise (an OOM, a compile without a C compiler) prints its
+    error as its row, and the rows after it are measured."""
+    import argparse
+
+    import bench.train
+
+    def fake_measure(kind: str, cfg, world: int, opts, trace: str = "") -> dict:
+        if cfg.optim.lr == 0.123:  # the broken variant
+            raise RuntimeError(
+                "-- Process 0 terminated with the following error:\nTraceback ...\n"
+                "torch.OutOfMemoryError: CUDA out of memory | tried to allocate 2 GiB\n"
+            )
+        return {**_row(kind, cfg.data.batch_size, 0.1), "profile": None}
+
+    monkeypatch.setattr(bench.train, "measure", fake_measure)
+    args = argparse.Namespace(
+        recipe="mnist_distarc",
+        overrides=[],
+        world="1",
+        steps=1,
+        warmup=0,
+        data="synthetic",
+        count_ops=False,
+        no_variants=False,
+        variant=["broken:optim.lr=0.123", "after:optim.fused=false"],
+    )
+    bench.train.run_rows(args, Options(steps=1, warmup=0))
+    rows = [_cells(line) for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    assert [r[0] for r in rows] == ["bare PyTorch loop", "ours", "broken", "after"]
+    assert rows[2][1:] == ["1", "failed: torch.OutOfMemoryError: CUDA out of memory / tried to allocate 2 GiB"]
+    assert rows[3][5] == "1.00x"  # measured and reported as any row
