@@ -13,6 +13,7 @@ HEAD_NAMES = ("distarc", "arcface", "cosface", "softmax", "chest", "softtriple")
 DISTARC_FORMS = ("paper", "official")
 HYPHC_NEGATIVES = ("peer", "local")
 EUCLID_FEATURES = ("backbone", "head")
+COMPILE_SCOPES = ("blocks", "model")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -29,9 +30,14 @@ class ModelConfig:
     patch_size: int = 0  # override a ViT's patch size for small images (0 = the model's default)
     drop_path_rate: float = 0.0
     grad_checkpointing: bool = False
-    # torch.compile the backbone (DeepSpeed's engine.compile(), inductor): faster steps after a compile of
-    # tens of seconds per process at the first step; evaluation runs the same compiled module
+    # torch.compile the backbone (inductor): faster steps after a compile at the first step of each process;
+    # evaluation runs the same compiled code
     compile: bool = False
+    # what model.compile compiles (train/engine.compile_trunk). "blocks": each trunk block's forward (the repeated
+    # transformer/stage block: one graph that all blocks reuse, seconds to compile; DeepSpeed's hooks stay outside,
+    # so ZeRO-3's leaf-block fetches do not break the graph); "model": DeepSpeed's engine.compile() of the whole
+    # trunk, its hooks traced with it (graph breaks and recompiles at ZeRO-3). Trunks without blocks: "model".
+    compile_scope: str = "blocks"
     # optional local timm/torch checkpoint to start the trunk from (e.g. ImageNet-21k weights); its classifier
     # is dropped and ViT position embeddings are resampled to img_size (model.backbone.load_trunk_weights)
     checkpoint_path: str = ""
@@ -45,6 +51,8 @@ class ModelConfig:
             raise ValueError(f"model.in_chans={self.in_chans} must be 1 or 3")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"model.drop_path_rate={self.drop_path_rate} must be in [0, 1)")
+        if self.compile_scope not in COMPILE_SCOPES:
+            raise ValueError(f"model.compile_scope={self.compile_scope!r} must be one of {', '.join(COMPILE_SCOPES)}")
 
 
 @dataclasses.dataclass(kw_only=True)

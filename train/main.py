@@ -91,7 +91,7 @@ def build_model(
         cfg.data.batch_size,
         cfg.max_steps,
         load_universal=universal,
-        compile_backbone=cfg.model.compile,
+        compile_scope=cfg.model.compile_scope if cfg.model.compile else "",
         decay_groups=decay_groups,
     )
     head = build_head(

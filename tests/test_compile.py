@@ -1,0 +1,99 @@
+"""model.compile: torch.compile of the trunk's blocks (train/engine.compile_trunk).
+
+The compiled trunk must train as the eager one does (fp32, up to kernel rounding), on 1 rank and 2, at ZeRO-2
+and at ZeRO-3 with leaf blocks (with activation checkpointing, whose backward runs each block again), while
+dynamo builds one graph that every block reuses, with no graph break: compiling the whole module, as
+DeepSpeed's engine.compile() does, traced ZeRO-3's hooks and broke the graph at each of them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from model.config import ModelConfig
+from train.config import OptimConfig, ZeroConfig
+
+STEPS, BATCH, SIZE = 3, 4, 32
+
+
+def trajectory(stage: int, grad_checkpointing: bool, scope: str) -> dict[str, Any]:
+    """An eval forward of a 2-block ViT (compiled with `scope`, "" = eager) at one batch size, the losses of
+    STEPS fp32 training steps at another, and dynamo's graph and graph-break counts."""
+    import timm
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from train.engine import build_engine
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    net = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=SIZE, patch_size=8, depth=2
+    )
+    net.set_grad_checkpointing(grad_checkpointing)
+    zero = ZeroConfig(stage=stage, bf16=False)
+    optim = OptimConfig(warmup_steps=0, grad_clip=1.0)
+    engine = build_engine(net, optim, zero, micro_batch=BATCH, max_steps=10, compile_scope=scope)
+    g = torch.Generator().manual_seed(1)
+    engine.eval()
+    with torch.no_grad():  # first, while the weights are the same (AdamW makes rounding-level gradient
+        evaluated = engine(torch.randn(BATCH + 3, 3, SIZE, SIZE, generator=g))  # differences into lr-size ones)
+    engine.train()
+    losses = []
+    for _ in range(STEPS):
+        loss = engine(torch.randn(BATCH, 3, SIZE, SIZE, generator=g)).square().mean()
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    return {
+        "losses": losses,
+        "eval": evaluated.detach().clone(),
+        "graphs": counters["stats"]["unique_graphs"],
+        "breaks": sum(counters["graph_break"].values()),
+        "compiled_blocks": sum(hasattr(b.forward, "_torchdynamo_orig_callable") for b in net.blocks),
+    }
+
+
+def _eager_and_compiled(stage: int, grad_checkpointing: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    return trajectory(stage, grad_checkpointing, ""), trajectory(stage, grad_checkpointing, "blocks")
+
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("stage, grad_checkpointing", [(2, False), (3, True)])
+def test_compiled_blocks_train_as_eager_with_one_graph(
+    dist_pool, world: int, stage: int, grad_checkpointing: bool
+) -> None:
+    for eager, compiled in dist_pool(world).run(_eager_and_compiled, stage, grad_checkpointing):
+        assert eager["graphs"] == 0 and compiled["compiled_blocks"] == 2
+        assert compiled["losses"] == pytest.approx(eager["losses"], rel=1e-4)
+        torch.testing.assert_close(compiled["eval"], eager["eval"], rtol=1e-4, atol=1e-5)
+        # one graph for both blocks in the no-grad evaluation, one more for training; nothing broke them
+        assert compiled["graphs"] == 2 and compiled["breaks"] == 0, (compiled["graphs"], compiled["breaks"])
+
+
+def test_compile_scope_model_and_trunks_without_blocks_compile_the_whole_trunk(dist_pool) -> None:
+    (vit, resnet), *_ = dist_pool(1).run(_whole_trunk_compiles)
+    assert vit == resnet == "the whole trunk (DeepSpeed's engine.compile())"
+
+
+def _whole_trunk_compiles() -> tuple[str, str]:
+    import timm
+
+    from train.engine import build_engine, compile_trunk
+
+    described = []
+    for name, scope in (("vit_tiny_patch16_224", "model"), ("resnet10t", "blocks")):
+        net = timm.create_model(name, pretrained=False, num_classes=0)
+        engine = build_engine(net, OptimConfig(warmup_steps=0), ZeroConfig(stage=2), micro_batch=2, max_steps=5)
+        described.append(compile_trunk(engine, scope))
+        assert engine.is_compiled  # DeepSpeed's own compile ran (compiling happens at the first call)
+    return described[0], described[1]
+
+
+def test_compile_scope_is_validated() -> None:
+    with pytest.raises(ValueError, match="model.compile_scope='layers' must be one of blocks, model"):
+        ModelConfig(compile_scope="layers").validate()
