@@ -75,6 +75,32 @@ def test_compiled_blocks_train_as_eager_with_one_graph(
         assert compiled["graphs"] == 2 and compiled["breaks"] == 0, (compiled["graphs"], compiled["breaks"])
 
 
+def test_blocks_that_differ_each_get_a_graph_past_dynamos_default_limit(dist_pool) -> None:
+    """timm's drop-path rate differs block by block (0 for the first, which holds no DropPath): 9 blocks, 9
+    graphs; at dynamo's default limit of 8 the ninth block ran eagerly."""
+    (graphs, compiled), *_ = dist_pool(1).run(_drop_path_graphs)
+    assert compiled == 9 and graphs == 9, graphs
+
+
+def _drop_path_graphs() -> tuple[int, int]:
+    import timm
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from train.engine import build_engine, compile_trunk
+
+    torch._dynamo.reset()
+    counters.clear()
+    net = timm.create_model(
+        "vit_tiny_patch16_224", num_classes=0, img_size=16, patch_size=8, depth=9, drop_path_rate=0.1
+    )
+    engine = build_engine(net, OptimConfig(warmup_steps=0), ZeroConfig(stage=2), micro_batch=2, max_steps=5)
+    compile_trunk(engine, "blocks")
+    with torch.no_grad():  # training mode (drop path draws), inference graphs: quicker to compile
+        engine(torch.randn(2, 3, 16, 16))
+    return counters["stats"]["unique_graphs"], sum(hasattr(b.forward, "_torchdynamo_orig_callable") for b in net.blocks)
+
+
 def test_compile_scope_model_and_trunks_without_blocks_compile_the_whole_trunk(dist_pool) -> None:
     (vit, resnet), *_ = dist_pool(1).run(_whole_trunk_compiles)
     assert vit == resnet == "the whole trunk (DeepSpeed's engine.compile())"

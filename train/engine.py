@@ -227,11 +227,20 @@ def compile_trunk(engine: Any, scope: str) -> str:
     `engine.compile()`, also what trunks without blocks get) traces the hooks too: at ZeRO-3 every hook broke
     the graph (ViT-Ti, 4 blocks: 11 graphs, 41 breaks, dynamo's recompile limit hit; "blocks": one graph, no
     break). ZeRO-3 without leaf blocks hooks every submodule inside a block: graph breaks at each either way.
+
+    Blocks that differ in a Python constant get a graph each (timm's drop-path rate grows block by block, Swin
+    alternates its window shifts), and each may need a no-grad one for evaluation and a dynamic-batch one: past
+    dynamo's limit of 8 graphs per function the remaining blocks ran eagerly, so the limit covers 4 per block.
     """
     blocks = trunk_blocks(engine.module) if scope == "blocks" else []
     if not blocks:
         engine.compile()
         return "the whole trunk (DeepSpeed's engine.compile())"
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, 4 * len(blocks))
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 8 * len(blocks))
     for block in blocks:
         block.forward = torch.compile(block.forward)  # an instance attribute: __call__ and its hooks stay eager
     return f"each of the trunk's {len(blocks)} blocks"
