@@ -249,9 +249,14 @@ def _rank(rank: int, world: int, kind: str, cfg: RunConfig, opts: Options, trace
     runner: BareLoop | OurStep = BareLoop(cfg, device, world) if kind == "bare" else OurStep(cfg, env, device)
     loader = build_train_loader(cfg.data, rank, world) if opts.data in ("stream", "shards") else None
     batches = iter(loader) if loader is not None else synthetic_batches(cfg, rank, device)
-    for _ in range(opts.warmup):
-        runner.step(batches, None)
     timer = Timer(device)
+    first_s = None  # compile, the allocator's and the libraries' first calls
+    for i in range(opts.warmup):
+        start = time.perf_counter()
+        runner.step(batches, None)
+        if i == 0:
+            timer.sync()
+            first_s = time.perf_counter() - start
     dist.barrier()
     times = []
     for _ in range(opts.steps):  # the median step: robust to the other processes of a shared machine
@@ -275,6 +280,7 @@ def _rank(rank: int, world: int, kind: str, cfg: RunConfig, opts: Options, trace
         "ops": counter.ops,
         "profile": profiled,
         "step_s": seconds,
+        "first_s": first_s,
         "mem_mb": peak_memory_mb(device),
         "reserved_mb": peak_reserved_mb(device),
         "phases": {k: v / n for k, v in breakdown.totals.items()},
@@ -306,6 +312,7 @@ def measure(kind: str, cfg: RunConfig, world: int, opts: Options, trace: str = "
         "ops": res[0]["ops"],
         "profile": res[0]["profile"],
         "step_s": max(r["step_s"] for r in res.values()),
+        "first_s": None if res[0]["first_s"] is None else max(r["first_s"] for r in res.values()),
         "mem_mb": max(r["mem_mb"] for r in res.values()),
         "reserved_mb": max(reserved) if reserved else None,
         "phases": res[0]["phases"],
@@ -330,7 +337,9 @@ def report(name: str, row: dict[str, Any], bare: dict[str, Any], cfg: RunConfig,
     return (
         f"| {name} | {world} | {img:.0f} | {img / world:.0f} | {1e3 * row['step_s']:.1f} | {per_image:.2f}x | "
         + " | ".join(cells)
-        + f" | {100 * ph.get('head', 0.0) / max(total, 1e-12):.0f}% | {memory} | {mfu(row, cfg, world)} |"
+        + f" | {100 * ph.get('head', 0.0) / max(total, 1e-12):.0f}% | {memory} | {mfu(row, cfg, world)} | "
+        + ("-" if row.get("first_s") is None else f"{row['first_s']:.1f}")
+        + " |"
     )
 
 
@@ -444,13 +453,14 @@ def run_rows(args: argparse.Namespace, opts: Options) -> None:
         f"# numerics not matched: {numerics}; TF32 off. vs bare = bare img/s / row img/s (time per image, > 1 is "
         "slower); head ms = the head's forward + backward, fwd / bwd ms = the trunk's; comm n/a for the bare "
         "loop (DDP's all-reduce runs in C++); peak MB = CUDA max allocated / max reserved, else peak RSS; est. = "
-        "--estimate's peak less its runtime reserve, to compare with CUDA's allocated (not with a CPU's RSS)"
+        "--estimate's peak less its runtime reserve, to compare with CUDA's allocated (not with a CPU's RSS); "
+        "1st step = the first warm-up step's seconds (compile and first-call costs)"
     )
     print(
         "| row | P | img/s | img/s per rank | ms/step | vs bare (time/img) | data ms | fwd ms | head ms (fwd+bwd) | "
-        "bwd ms | optim ms | comm ms (within) | head share | peak MB/rank | MFU |"
+        "bwd ms | optim ms | comm ms (within) | head share | peak MB/rank | MFU | 1st step s |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     measured: list[tuple[str, int, dict[str, Any]]] = []
     for world, cfg, rows in plan:
         bare = measure("bare", cfg, world, opts, trace_path(opts, "bare", world))

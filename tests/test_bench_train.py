@@ -26,6 +26,7 @@ def test_bare_and_our_rows_measure_count_and_profile(tmp_path) -> None:
     ours = measure("ours", cfg, 1, opts)
     for row in (bare, ours):
         assert row["step_s"] > 0 and row["mem_mb"] > 0 and row["reserved_mb"] is None  # no CUDA here
+        assert row["first_s"] > 0  # the first warm-up step, timed on its own
         assert set(PHASES) <= set(row["phases"]) and all(row["phases"][k] > 0 for k in PHASES)
         assert all(row["ops"].get(k, 0) > 0 for k in ("forward", "backward", "optimizer"))
         assert "aten::" in row["profile"]["table"] and row["profile"]["busy"] is None  # no GPU here
@@ -252,6 +253,9 @@ def test_vs_bare_is_time_per_image_and_the_bare_comm_is_not_measured() -> None:
     assert _cells(report("slower", slower, bare, half_cfg, 1))[5] == "2.00x"
     planned = {**half, "estimate_mb": 1234.4}  # our rows: --estimate beside the measured peak
     assert _cells(report("planned", planned, bare, half_cfg, 1))[13] == "1000 / 1500 (est. 1234)"
+    assert _cells(report("planned", planned, bare, half_cfg, 1))[15] == "-"  # no warm-up step
+    compiled = {**half, "first_s": 41.26}  # the first step's seconds: a compile's cost
+    assert _cells(report("compiled", compiled, bare, half_cfg, 1))[15] == "41.3"
 
 
 @pytest.mark.parametrize(

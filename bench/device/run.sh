@@ -3,10 +3,11 @@
 # installs the wheels of bench/device/wheels.sh (carried as .whl), then runs the chosen parts (default: all,
 # in this order), each under its own time limit, each writing its log to $OUT (or ./device-out):
 #   train     bench.train, ViT-L/16 224 bf16 synthetic, P=1: bare loop, ours (ZeRO-2, micro-batch 128, no
-#             activation checkpointing), fused checks off, ZeRO-3 (leaf blocks), with DeepSpeed's fetch sync,
-#             without leaf blocks,
-#             the recipe's setting (micro-batch 64, checkpointing; its "vs bare" is against batch 128);
-#             a profile of one step per row with the GPU's busy share                    limit 240 s
+#             activation checkpointing), ZeRO-3 (leaf blocks), compiled blocks at ZeRO-2 and ZeRO-3 (their 1st
+#             step: the compile), ZeRO-3 without leaf blocks, with DeepSpeed's fetch sync, fused checks off,
+#             the recipe's setting (micro-batch 64, checkpointing; its "vs bare" is against batch 128): the
+#             goals' rows first, rows print as they end (a cut-off keeps them, a failed row says why);
+#             a profile of one step per row with the GPU's busy share                    limit 260 s
 #   stream    bench.train on the faces recipe (ViT-L 112 px, ZeRO-2 bf16, 85,742-class DistArc head, 8 loader
 #             workers) end to end on synthetic JPEG shards, then (whatever that did) on in-memory batches
 #                                                                                        limit 120 s
@@ -15,7 +16,8 @@
 #   capacity  bench.capacity: the largest table on this GPU, in the order the issue asks: exact DistArc
 #             (chunked; SGD as Partial FC, then AdamW), sampled DistArc at rate 0.1 (lazy SGD, then SGD),
 #             then CHEST exact and sampled (chunked, SGD)                                 limit 80 s
-# The limits add to 550 s: one call fits its 600 s with the set-up (~20 s) and a part's 15 s to stop.
+# The limits add to 570 s: with the set-up (~20 s) one call fits its 600 s unless a part also needs its 15 s
+# to stop; what a cut-off call wrote to $OUT still comes back.
 # Here:   bash bench/device/wheels.sh
 # Device: run(command="bash bench/device/run.sh", carry=[".whl"], timeout_s=600)
 # A part that runs out of time is cut off and the next one starts; TRAIN_S / STREAM_S / GPU_S / CAPACITY_S
@@ -82,11 +84,13 @@ parts=("$@")
 for name in "${parts[@]}"; do
   case $name in
     gpu) part gpu "${GPU_S:-110}" "${ON_CUDA[@]}" "$PY" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider ;;
-    train) part train "${TRAIN_S:-240}" "$PY" -m bench.train "${VITL[@]}" \
-        --variant "fused grad checks off:zero.fused_grad_checks=false" \
+    train) part train "${TRAIN_S:-260}" "$PY" -m bench.train "${VITL[@]}" \
         --variant "ZeRO-3:zero.stage=3" \
-        --variant "ZeRO-3, DeepSpeed's fetch sync:zero.stage=3,zero.stage3_skip_local_fetch_sync=false" \
+        --variant "compile:model.compile=true" \
+        --variant "ZeRO-3 + compile:zero.stage=3,model.compile=true" \
         --variant "ZeRO-3, no leaf blocks:zero.stage=3,zero.stage3_leaf_blocks=false" \
+        --variant "ZeRO-3, DeepSpeed's fetch sync:zero.stage=3,zero.stage3_skip_local_fetch_sync=false" \
+        --variant "fused grad checks off:zero.fused_grad_checks=false" \
         --variant "recipe (micro-batch 64, checkpointing):data.batch_size=64,model.grad_checkpointing=true" \
         data.batch_size=128 model.grad_checkpointing=false "${SMALL[@]}" ;;
     stream) part stream "${STREAM_S:-120}" bash -c "$(printf '%q ' "$PY" -m bench.train "${FACES[@]}" --data shards --classes $CLASSES); \
