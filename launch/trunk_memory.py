@@ -20,7 +20,7 @@ from torch.autograd.graph import saved_tensors_hooks
 from model.backbone import EmbeddingModel, build_backbone, timm_kwargs
 from model.config import ModelConfig
 from train.config import RunConfig, ZeroConfig
-from train.engine import trunk_blocks
+from train.blocks import trunk_blocks
 
 MEASURE_BATCH = 2  # images of the CPU forward; activations scale linearly from here
 DEPTH_PROBES = (2, 3)  # ViT-like trunks: measured at these depths and extrapolated (block 0 has no drop path)

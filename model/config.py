@@ -33,10 +33,11 @@ class ModelConfig:
     # torch.compile the backbone (inductor): faster steps after a compile at the first step of each process;
     # evaluation runs the same compiled code
     compile: bool = False
-    # what model.compile compiles (train/engine.compile_trunk). "blocks": each trunk block's forward (the repeated
-    # transformer/stage block: one graph that all blocks reuse, seconds to compile; DeepSpeed's hooks stay outside,
-    # so ZeRO-3's leaf-block fetches do not break the graph); "model": DeepSpeed's engine.compile() of the whole
-    # trunk, its hooks traced with it (graph breaks and recompiles at ZeRO-3). Trunks without blocks: "model".
+    # what model.compile compiles (train/blocks.compile_trunk). "blocks": each trunk block's forward (the
+    # repeated transformer/stage block: one graph that all blocks reuse, a fraction of the compile; DeepSpeed's
+    # hooks stay outside, so ZeRO-3's leaf-block fetches do not break the graph); "model": DeepSpeed's
+    # engine.compile() of the whole trunk, its hooks traced with it (graph breaks and recompiles at ZeRO-3).
+    # Trunks without blocks (ResNets): "model".
     compile_scope: str = "blocks"
     # optional local timm/torch checkpoint to start the trunk from (e.g. ImageNet-21k weights); its classifier
     # is dropped and ViT position embeddings are resampled to img_size (model.backbone.load_trunk_weights)

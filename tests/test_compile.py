@@ -1,4 +1,4 @@
-"""model.compile: torch.compile of the trunk's blocks (train/engine.compile_trunk).
+"""model.compile: torch.compile of the trunk's blocks (train/blocks.compile_trunk).
 
 The compiled trunk must train as the eager one does (fp32, up to kernel rounding), on 1 rank and 2, at ZeRO-2
 and at ZeRO-3 with leaf blocks (with activation checkpointing, whose backward runs each block again), while
@@ -76,29 +76,70 @@ def test_compiled_blocks_train_as_eager_with_one_graph(
 
 
 def test_blocks_that_differ_each_get_a_graph_past_dynamos_default_limit(dist_pool) -> None:
-    """timm's drop-path rate differs block by block (0 for the first, which holds no DropPath): 9 blocks, 9
-    graphs; at dynamo's default limit of 8 the ninth block ran eagerly."""
-    (graphs, compiled), *_ = dist_pool(1).run(_drop_path_graphs)
+    """Blocks that differ in a float (here each block's dropout rate) compile a graph each: 9 blocks, 9 graphs; at
+    dynamo's default limit of 8 the ninth block ran eagerly."""
+    (graphs, compiled, _), *_ = dist_pool(1).run(_block_graphs, 2, "dropout")
     assert compiled == 9 and graphs == 9, graphs
 
 
-def _drop_path_graphs() -> tuple[int, int]:
+def test_drop_path_rates_share_one_graph(dist_pool) -> None:
+    """timm's drop-path rate grows block by block (0 for the first, which holds no DropPath): as floats they
+    compiled 9 graphs for 9 blocks; as tensors (SharedGraphDropPath) two, also through ZeRO-3's leaf blocks."""
+    for stage in (2, 3):
+        (graphs, compiled, replaced), *_ = dist_pool(1).run(_block_graphs, stage, "drop_path")
+        assert compiled == 9 and replaced == 16 and graphs == 2, (stage, graphs, replaced)
+
+
+def _block_graphs(stage: int, differ_by: str) -> tuple[int, int, int]:
+    """One training step of a 9-block ViT-Ti whose blocks differ by `differ_by`, compiled by blocks: how many
+    graphs dynamo built, how many blocks it compiled, how many DropPaths compile_trunk replaced."""
     import timm
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    from train.engine import build_engine, compile_trunk
+    from train.blocks import SharedGraphDropPath, compile_trunk
+    from train.engine import build_engine
 
     torch._dynamo.reset()
     counters.clear()
     net = timm.create_model(
-        "vit_tiny_patch16_224", num_classes=0, img_size=16, patch_size=8, depth=9, drop_path_rate=0.1
+        "vit_tiny_patch16_224",
+        num_classes=0,
+        img_size=16,
+        patch_size=8,
+        depth=9,
+        drop_path_rate=0.1 if differ_by == "drop_path" else 0.0,
     )
-    engine = build_engine(net, OptimConfig(warmup_steps=0), ZeroConfig(stage=2), micro_batch=2, max_steps=5)
+    if differ_by == "dropout":
+        for i, block in enumerate(net.blocks):
+            block.attn.proj_drop.p = 0.01 * i
+    engine = build_engine(net, OptimConfig(warmup_steps=0), ZeroConfig(stage=stage), micro_batch=2, max_steps=5)
     compile_trunk(engine, "blocks")
-    with torch.no_grad():  # training mode (drop path draws), inference graphs: quicker to compile
-        engine(torch.randn(2, 3, 16, 16))
-    return counters["stats"]["unique_graphs"], sum(hasattr(b.forward, "_torchdynamo_orig_callable") for b in net.blocks)
+    engine.backward(engine(torch.randn(2, 3, 16, 16)).square().mean())
+    engine.step()
+    compiled = sum(hasattr(b.forward, "_torchdynamo_orig_callable") for b in net.blocks)
+    replaced = sum(isinstance(m, SharedGraphDropPath) for m in net.modules())
+    return counters["stats"]["unique_graphs"], compiled, replaced
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shared_graph_drop_path_drops_and_scales_as_timms(dtype: torch.dtype) -> None:
+    from timm.layers import DropPath
+
+    from train.blocks import SharedGraphDropPath
+
+    x = torch.ones(40_000, 3, 2, dtype=dtype)
+    for scale_by_keep in (True, False):
+        ours, timms = SharedGraphDropPath(0.25, scale_by_keep, x.device), DropPath(0.25, scale_by_keep)
+        torch.manual_seed(0)
+        got, want = ours(x), timms(x)
+        assert got.dtype == dtype and ours.keep_prob.dtype == torch.float32
+        kept = (got[:, 0, 0] != 0).double().mean().item()
+        assert abs(kept - 0.75) < 4 * (0.75 * 0.25 / 40_000) ** 0.5  # each sample kept with 1 - p
+        assert torch.equal(got.amax(dim=(1, 2)), got.amin(dim=(1, 2)))  # a whole sample at once
+        assert set(got.unique().tolist()) == set(want.unique().tolist())  # 0 and timm's 1 / (1 - p), rounded alike
+    ours.eval()
+    assert ours(x) is x
 
 
 def test_compile_scope_model_and_trunks_without_blocks_compile_the_whole_trunk(dist_pool) -> None:
@@ -109,7 +150,8 @@ def test_compile_scope_model_and_trunks_without_blocks_compile_the_whole_trunk(d
 def _whole_trunk_compiles() -> tuple[str, str]:
     import timm
 
-    from train.engine import build_engine, compile_trunk
+    from train.blocks import compile_trunk
+    from train.engine import build_engine
 
     described = []
     for name, scope in (("vit_tiny_patch16_224", "model"), ("resnet10t", "blocks")):

@@ -104,7 +104,7 @@ class ZeroConfig:
     stage3_max_reuse_distance: int = 1_000_000_000
     stage3_max_live_parameters: int = 1_000_000_000
     # ZeRO-3 fetches and releases each of the trunk's blocks (timm's `blocks`: ViT, DeiT, EVA, Swin's and ConvNeXt's
-    # stage blocks, EfficientNet's stages; train/engine.trunk_blocks) as one unit (DeepSpeed's z3 leaf
+    # stage blocks, EfficientNet's stages; train/blocks.trunk_blocks) as one unit (DeepSpeed's z3 leaf
     # modules) instead of hooking every submodule: the same results, a fraction of the
     # per-module hook cost (ViT-Ti, CPU: 129 -> 83 ms per step at P=1, 228 -> 181 at P=2; ZeRO-2: 70 / 91), a
     # block's weights gathered at once (ViT-L: 12.6 M parameters). No-op for trunks without `blocks`. DeepSpeed's

@@ -17,6 +17,7 @@ from torch import nn
 
 from model.proxies import ShardedHead
 from train import zero3_local_fetch
+from train.blocks import compile_trunk, mark_leaf_blocks
 from train.config import OptimConfig, ZeroConfig
 from train.fused_grad_checks import install as fuse_gradient_checks
 from train.lazy_rows import LazyRowAdamW, LazyRowSGD
@@ -136,34 +137,6 @@ def _schedule(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
 
 
-def _holds_blocks(module: nn.Module) -> bool:
-    return isinstance(getattr(module, "blocks", None), (nn.Sequential, nn.ModuleList))
-
-
-def trunk_blocks(module: nn.Module) -> list[nn.Module]:
-    """The items of every `blocks` container (nn.Sequential / nn.ModuleList) in `module`, innermost only: timm's
-    transformer stacks (ViT, DeiT, EVA), Swin's and ConvNeXt's stage blocks, EfficientNet's stages; none for
-    trunks without one (ResNets). Left out: items that are containers themselves (Twins keeps ModuleLists it
-    never calls) and items holding `blocks` of their own (CrossViT's multi-scale blocks): as leaves both broke
-    DeepSpeed's ZeRO-3 step ("unknown parameter type")."""
-    found: list[nn.Module] = []
-    for sub in module.modules():
-        if _holds_blocks(sub):
-            found.extend(b for b in getattr(sub, "blocks") if not isinstance(b, (nn.ModuleList, nn.ModuleDict)))
-    return [b for b in found if not any(_holds_blocks(m) for m in b.modules())]
-
-
-def mark_leaf_blocks(module: nn.Module) -> int:
-    """Flag each trunk block as a ZeRO-3 leaf module: DeepSpeed then fetches and releases the block's parameters
-    from hooks on the block alone, not on each of its submodules (zero.stage3_leaf_blocks). How many blocks."""
-    from deepspeed.utils import set_z3_leaf_module
-
-    blocks = trunk_blocks(module)
-    for block in blocks:
-        set_z3_leaf_module(block, True)
-    return len(blocks)
-
-
 def build_engine(
     backbone: nn.Module,
     optim: OptimConfig,
@@ -215,35 +188,6 @@ def build_engine(
     if compile_scope:
         compile_trunk(engine, compile_scope)
     return engine
-
-
-def compile_trunk(engine: Any, scope: str) -> str:
-    """torch.compile the engine's trunk (model.compile); returns what it compiled.
-
-    scope "blocks": each trunk block's `forward` (`trunk_blocks`). A ViT's blocks share one code object and
-    their shapes, so one graph serves all of them (a 24-block ViT-L compiles one block, not the model), and
-    the module hooks, run by the block's `__call__` outside its `forward`, stay eager: ZeRO-3 fetches and
-    releases a leaf block around the compiled graph. Compiling the whole trunk instead ("model", DeepSpeed's
-    `engine.compile()`, also what trunks without blocks get) traces the hooks too: at ZeRO-3 every hook broke
-    the graph (ViT-Ti, 4 blocks: 11 graphs, 41 breaks, dynamo's recompile limit hit; "blocks": one graph, no
-    break). ZeRO-3 without leaf blocks hooks every submodule inside a block: graph breaks at each either way.
-
-    Blocks that differ in a Python constant get a graph each (timm's drop-path rate grows block by block, Swin
-    alternates its window shifts), and each may need a no-grad one for evaluation and a dynamic-batch one: past
-    dynamo's limit of 8 graphs per function the remaining blocks ran eagerly, so the limit covers 4 per block.
-    """
-    blocks = trunk_blocks(engine.module) if scope == "blocks" else []
-    if not blocks:
-        engine.compile()
-        return "the whole trunk (DeepSpeed's engine.compile())"
-    import torch._dynamo
-
-    config = torch._dynamo.config
-    config.recompile_limit = max(config.recompile_limit, 4 * len(blocks))
-    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 8 * len(blocks))
-    for block in blocks:
-        block.forward = torch.compile(block.forward)  # an instance attribute: __call__ and its hooks stay eager
-    return f"each of the trunk's {len(blocks)} blocks"
 
 
 def embedding_grad_scale(engine: Any) -> float:
