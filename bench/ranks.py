@@ -2,14 +2,19 @@
 
 Each configuration gets fresh processes (spawned, so a peak memory reading is this configuration's own);
 `fn(rank, world, *args, out)` runs with MASTER_ADDR/PORT, RANK, WORLD_SIZE and LOCAL_* set and the cores
-split between the ranks, and stores its result in `out[rank]`.
+split between the ranks, and stores its result in `out[rank]`. A compiling configuration's ranks may get an
+empty inductor cache (`empty_compile_cache`); `last_line` says why ranks failed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import shutil
 import socket
-from typing import Any, Callable
+import tempfile
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.multiprocessing as mp
@@ -43,3 +48,30 @@ def run_ranks(fn: Callable[..., None], world: int, *args: Any) -> dict[int, dict
         return {rank: dict(value) for rank, value in out.items()}
     finally:
         manager.shutdown()
+
+
+@contextlib.contextmanager
+def empty_compile_cache(compiling: bool) -> Iterator[None]:
+    """A compiling row's ranks get an empty inductor cache (Triton's inside it): its first step is a cold
+    compile, not a reuse of an earlier row's kernels."""
+    if not compiling:
+        yield
+        return
+    folder, before = tempfile.mkdtemp(prefix="bench-inductor-"), os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder  # the spawned ranks inherit it
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR")
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def last_line(err: BaseException) -> str:
+    """The exception line of a rank's traceback (a failed spawn carries it whole in its message): the last
+    `SomeError: ...` line, not the advice dynamo appends after it ("Set TORCHDYNAMO_VERBOSE=1 ...")."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    raised = [line for line in lines if re.match(r"[\w.]+(Error|Exception|Exit)\b", line)]
+    return ((raised or lines or [type(err).__name__])[-1]).replace("|", "/")[:200]

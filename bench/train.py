@@ -47,6 +47,7 @@ import dataclasses
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 import types
@@ -68,7 +69,7 @@ from bench.instruments import (
     profile_step,
     timed_collectives,
 )
-from bench.ranks import run_ranks
+from bench.ranks import empty_compile_cache, last_line, run_ranks
 from launch.__main__ import build_config
 from launch.recipes import get_recipe
 from train.config import RunConfig
@@ -304,7 +305,8 @@ def check_measurable(cfg: RunConfig) -> None:
 
 def measure(kind: str, cfg: RunConfig, world: int, opts: Options, trace: str = "") -> dict[str, Any]:
     check_measurable(cfg)
-    res = run_ranks(_rank, world, kind, cfg, opts, trace)
+    with empty_compile_cache(cfg.model.compile):
+        res = run_ranks(_rank, world, kind, cfg, opts, trace)
     reserved = [r["reserved_mb"] for r in res.values() if r["reserved_mb"] is not None]
     return {
         "kind": kind,
@@ -341,12 +343,6 @@ def report(name: str, row: dict[str, Any], bare: dict[str, Any], cfg: RunConfig,
         + ("-" if row.get("first_s") is None else f"{row['first_s']:.1f}")
         + " |"
     )
-
-
-def last_line(err: BaseException) -> str:
-    """The exception line of a rank's traceback (a failed spawn carries it whole in its message)."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return (lines[-1] if lines else type(err).__name__).replace("|", "/")[:200]
 
 
 def trace_path(opts: Options, row: str, world: int) -> str:
@@ -471,6 +467,7 @@ def run_rows(args: argparse.Namespace, opts: Options) -> None:
                 row = measure("ours", vcfg, world, opts, trace_path(opts, name, world))
             except Exception as err:  # an OOM, a compile with no compiler: the rows after it still run
                 print(f"| {name} | {world} | failed: {last_line(err)} |", flush=True)
+                print(f"row {name!r} failed:\n{err}", file=sys.stderr, flush=True)  # the whole traceback, to the log
                 continue
             print(report(name, row, bare, vcfg, world), flush=True)
             measured.append((name, world, row))

@@ -288,10 +288,18 @@ def test_a_failing_row_is_reported_and_the_next_rows_still_run(monkeypatch, caps
     import bench.train
 
     def fake_measure(kind: str, cfg, world: int, opts, trace: str = "") -> dict:
-        if cfg.optim.lr == 0.123:  # the broken variant
+        if cfg.optim.lr == 0.123:  # the broken variants, as torch's spawn reports a rank's exception
             raise RuntimeError(
-                "-- Process 0 terminated with the following error:\nTraceback ...\n"
+                "-- Process 0 terminated with the following error:\nTraceback (most recent call last):\n"
+                '  File "bench/train.py", line 1, in _rank\n'
                 "torch.OutOfMemoryError: CUDA out of memory | tried to allocate 2 GiB\n"
+            )
+        if cfg.optim.lr == 0.456:  # dynamo appends its advice after the exception line
+            raise RuntimeError(
+                "-- Process 0 terminated with the following error:\nTraceback (most recent call last):\n"
+                "torch._inductor.exc.InductorError: InvalidCxxCompiler: No working C++ compiler found\n\n"
+                "Set TORCHDYNAMO_VERBOSE=1 for the internal stack trace (please do this especially if you're "
+                'reporting a bug to PyTorch). For even more developer context, set TORCH_LOGS="+dynamo"\n'
             )
         return {**_row(kind, cfg.data.batch_size, 0.1), "profile": None}
 
@@ -305,10 +313,35 @@ def test_a_failing_row_is_reported_and_the_next_rows_still_run(monkeypatch, caps
         data="synthetic",
         count_ops=False,
         no_variants=False,
-        variant=["broken:optim.lr=0.123", "after:optim.fused=false"],
+        variant=["broken:optim.lr=0.123", "no compiler:optim.lr=0.456", "after:optim.fused=false"],
     )
     bench.train.run_rows(args, Options(steps=1, warmup=0))
-    rows = [_cells(line) for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
-    assert [r[0] for r in rows] == ["bare PyTorch loop", "ours", "broken", "after"]
+    out, err = capsys.readouterr()
+    rows = [_cells(line) for line in out.splitlines() if line.startswith("| ")][1:]
+    assert [r[0] for r in rows] == ["bare PyTorch loop", "ours", "broken", "no compiler", "after"]
     assert rows[2][1:] == ["1", "failed: torch.OutOfMemoryError: CUDA out of memory / tried to allocate 2 GiB"]
-    assert rows[3][5] == "1.00x"  # measured and reported as any row
+    assert rows[3][1:] == [
+        "1",
+        "failed: torch._inductor.exc.InductorError: InvalidCxxCompiler: No working C++ compiler found",
+    ]
+    assert rows[4][5] == "1.00x"  # measured and reported as any row
+    assert "row 'no compiler' failed:" in err and "Set TORCHDYNAMO_VERBOSE=1" in err  # the whole error, to the log
+
+
+def test_a_compiling_row_starts_from_an_empty_inductor_cache(monkeypatch) -> None:
+    """Its "1st step s" is a cold compile, not a reuse of an earlier row's kernels."""
+    import os
+
+    from bench.ranks import empty_compile_cache
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/users/cache")
+    with empty_compile_cache(True):
+        folder = os.environ["TORCHINDUCTOR_CACHE_DIR"]
+        assert folder != "/users/cache" and os.listdir(folder) == []
+    assert not os.path.exists(folder) and os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/users/cache"
+    with empty_compile_cache(False):
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/users/cache"
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    with empty_compile_cache(True):
+        assert "TORCHINDUCTOR_CACHE_DIR" in os.environ
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ

@@ -3,7 +3,9 @@
 The compiled trunk must train as the eager one does (fp32, up to kernel rounding), on 1 rank and 2, at ZeRO-2
 and at ZeRO-3 with leaf blocks (with activation checkpointing, whose backward runs each block again), while
 dynamo builds one graph that every block reuses, with no graph break: compiling the whole module, as
-DeepSpeed's engine.compile() does, traced ZeRO-3's hooks and broke the graph at each of them.
+DeepSpeed's engine.compile() does, traced ZeRO-3's hooks and broke the graph at each of them. The graph counts
+are the checks that a block ran compiled (a block past dynamo's limit keeps its compiled wrapper but runs
+eagerly).
 """
 
 from __future__ import annotations
@@ -19,6 +21,18 @@ from train.config import OptimConfig, ZeroConfig
 STEPS, BATCH, SIZE = 3, 4, 32
 
 
+def fresh_dynamo() -> None:
+    """No graphs, counts or raised limits from an earlier test in this pool process (compile_trunk raises
+    dynamo's process-wide limits; the graph counts below are the checks)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch._dynamo.config.recompile_limit = 8  # dynamo's defaults
+    torch._dynamo.config.accumulated_recompile_limit = 256
+
+
 def trajectory(stage: int, grad_checkpointing: bool, scope: str) -> dict[str, Any]:
     """An eval forward of a 2-block ViT (compiled with `scope`, "" = eager) at one batch size, the losses of
     STEPS fp32 training steps at another, and dynamo's graph and graph-break counts."""
@@ -28,8 +42,7 @@ def trajectory(stage: int, grad_checkpointing: bool, scope: str) -> dict[str, An
 
     from train.engine import build_engine
 
-    torch._dynamo.reset()
-    counters.clear()
+    fresh_dynamo()
     torch.manual_seed(0)
     net = timm.create_model(
         "vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=SIZE, patch_size=8, depth=2
@@ -59,7 +72,9 @@ def trajectory(stage: int, grad_checkpointing: bool, scope: str) -> dict[str, An
 
 
 def _eager_and_compiled(stage: int, grad_checkpointing: bool) -> tuple[dict[str, Any], dict[str, Any]]:
-    return trajectory(stage, grad_checkpointing, ""), trajectory(stage, grad_checkpointing, "blocks")
+    both = trajectory(stage, grad_checkpointing, ""), trajectory(stage, grad_checkpointing, "blocks")
+    fresh_dynamo()  # the later tests of this pool process see no compiled state (fake tensors in gc)
+    return both
 
 
 @pytest.mark.parametrize("world", [1, 2])
@@ -100,8 +115,7 @@ def _block_graphs(stage: int, differ_by: str) -> tuple[int, int, int]:
     from train.blocks import SharedGraphDropPath, compile_trunk
     from train.engine import build_engine
 
-    torch._dynamo.reset()
-    counters.clear()
+    fresh_dynamo()
     net = timm.create_model(
         "vit_tiny_patch16_224",
         num_classes=0,
@@ -119,7 +133,43 @@ def _block_graphs(stage: int, differ_by: str) -> tuple[int, int, int]:
     engine.step()
     compiled = sum(hasattr(b.forward, "_torchdynamo_orig_callable") for b in net.blocks)
     replaced = sum(isinstance(m, SharedGraphDropPath) for m in net.modules())
-    return counters["stats"]["unique_graphs"], compiled, replaced
+    graphs = counters["stats"]["unique_graphs"]
+    fresh_dynamo()
+    return graphs, compiled, replaced
+
+
+def test_checkpointed_compiled_blocks_draw_the_same_drop_paths_again(dist_pool) -> None:
+    """The ViT-L recipes' setting: compiled blocks, drop path, activation checkpointing. The backward's recompute
+    of each block must draw the masks its forward drew: the gradients equal those of the same compiled trunk
+    without checkpointing (drop rate 0.5: a wrong mask would change them)."""
+    (plain, checkpointed), *_ = dist_pool(1).run(_drop_path_gradients)
+    assert plain[0] == checkpointed[0]
+    torch.testing.assert_close(checkpointed[1], plain[1], rtol=0, atol=0)
+
+
+def _drop_path_gradients() -> tuple[tuple[float, torch.Tensor], tuple[float, torch.Tensor]]:
+    import timm
+
+    from train.blocks import share_drop_path_graphs
+
+    runs = []
+    for checkpointing in (False, True):
+        fresh_dynamo()
+        torch.manual_seed(0)
+        net = timm.create_model(
+            "vit_tiny_patch16_224", num_classes=0, img_size=16, patch_size=8, depth=3, drop_path_rate=0.5
+        )
+        net.set_grad_checkpointing(checkpointing)
+        assert share_drop_path_graphs(list(net.blocks)) == 4  # blocks 1 and 2, two drop paths each
+        for block in net.blocks:
+            block.forward = torch.compile(block.forward)
+        x = torch.randn(16, 3, 16, 16)
+        torch.manual_seed(1)
+        loss = net(x).square().mean()
+        loss.backward()
+        runs.append((loss.item(), torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])))
+    fresh_dynamo()
+    return runs[0], runs[1]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -159,6 +209,7 @@ def _whole_trunk_compiles() -> tuple[str, str]:
         engine = build_engine(net, OptimConfig(warmup_steps=0), ZeroConfig(stage=2), micro_batch=2, max_steps=5)
         described.append(compile_trunk(engine, scope))
         assert engine.is_compiled  # DeepSpeed's own compile ran (compiling happens at the first call)
+    fresh_dynamo()
     return described[0], described[1]
 
 

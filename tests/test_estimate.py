@@ -163,8 +163,12 @@ def _live_tensor_bytes() -> int:
         tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor) and obj.device.type == "cpu"]
         for obj in tensors:
             for t in (obj, obj.grad):
-                if t is not None:
+                if t is None:
+                    continue
+                try:
                     storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+                except RuntimeError:  # fake tensors and freed storages an earlier torch.compile left: no memory
+                    continue
     storages.pop(0, None)
     return sum(storages.values())
 
