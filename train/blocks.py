@@ -67,10 +67,10 @@ def compile_trunk(engine: Any, scope: str) -> str:
     config = torch._dynamo.config
     config.recompile_limit = max(config.recompile_limit, 4 * len(blocks))
     config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 8 * len(blocks))
-    shared = share_drop_path_graphs(blocks)
+    share_drop_path_graphs(blocks)
     for block in blocks:
         block.forward = torch.compile(block.forward)  # an instance attribute: __call__ and its hooks stay eager
-    return f"each of the trunk's {len(blocks)} blocks" + (f" ({shared} drop paths with tensor rates)" if shared else "")
+    return f"each of the trunk's {len(blocks)} blocks"
 
 
 class SharedGraphDropPath(nn.Module):
