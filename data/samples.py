@@ -16,7 +16,7 @@ import random
 import re
 import tarfile
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Container, Iterable, Iterator
 from typing import Callable, NamedTuple
 
 from webdataset import tariterators
@@ -46,11 +46,14 @@ class BadSampleCounter:
     Distinct, because an endless stream meets the same bad sample once per
     epoch; counting repeats would make a long run fail on a tiny, fixed
     amount of bad data. Only samples recorded with report=True count (and
-    warn): the training streams report their first epoch only, whose shares
-    of the shards are disjoint across slots, so the sum over slots counts
-    each bad sample once although the shards move between slots every epoch,
-    and each worker's cap holds against its own share, as with a fixed deal
-    (later epochs meet the other slots' bad samples: not new, not counted).
+    warn): a training slot reports the shards it owns, its share of the first
+    epoch's deal. The shares are disjoint across slots, so the sum over slots
+    counts each bad sample once although the shards move between slots every
+    epoch, and each worker's cap holds against its own share, as with a fixed
+    deal (the other slots' bad samples: not counted here). Owned, not first
+    epoch only: a sample that fails only at decode may be met first in a later
+    epoch (its first-epoch batch skipped by a resume, or left out by the
+    class-balanced batcher).
     """
 
     def __init__(self, max_bad_samples: int, where: str, publish: Callable[[int], None] | None = None) -> None:
@@ -195,11 +198,13 @@ def _lost_after(path: str, samples_read: int) -> int | None:
 
 
 def valid_samples(
-    shards: Iterable[str], num_classes: int, counter: BadSampleCounter, report: bool = True
+    shards: Iterable[str], num_classes: int, counter: BadSampleCounter, owned: Container[str] | None = None
 ) -> Iterator[RawSample]:
-    """Yield the good samples of `shards` in file order, recording bad ones (`report`: toward the reported
-    total, see BadSampleCounter; the samples carry it for their decoding)."""
+    """Yield the good samples of `shards` in file order, recording bad ones. Those of the `owned` shards (all
+    when None) count toward the reported total (see BadSampleCounter); the samples carry that for their
+    decoding."""
     for shard in shards:
+        report = owned is None or shard in owned
         for sample in read_shard(shard, counter, report):
             try:
                 yield check_sample(sample, shard, num_classes, report)

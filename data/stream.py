@@ -93,6 +93,9 @@ def slot_raw_samples(
     empty_epochs = 0  # in a row
     visited: set[str] = set()
     productive = False  # has this slot ever produced a valid sample
+    # The reported bad-sample total counts the shards of this slot's first-epoch share in every epoch: the shares
+    # are disjoint across slots (later epochs move the shards, and other slots would count the same samples again)
+    owned = None if deal is None else frozenset(dealt_shards(shards, 0, *deal, f"{cfg.seed}{tag}"))
     for epoch in itertools.count():
         epoch_rng = random.Random(f"shards-{cfg.seed}-{rank}-{worker}-{epoch}{tag}")
         if cfg.resampled:
@@ -101,9 +104,7 @@ def slot_raw_samples(
             order = list(shards) if deal is None else dealt_shards(shards, epoch, *deal, f"{cfg.seed}{tag}")
             epoch_rng.shuffle(order)
         produced = 0
-        # the reported bad-sample total counts the first epoch only: its shares of the shards are disjoint
-        # across slots (later epochs move the shards, and other slots would count the same samples again)
-        samples = valid_samples(order, num_classes, counter, report=epoch == 0 or deal is None)
+        samples = valid_samples(order, num_classes, counter, owned)
         for sample in shuffle_buffer(samples, cfg.shuffle_buffer, buffer_rng):
             produced += 1
             yield sample

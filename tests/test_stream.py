@@ -278,6 +278,21 @@ def test_decode_failure_refills_batch(bad_root: str, monkeypatch) -> None:
     assert it.dataset.bad_samples == 5
 
 
+@pytest.mark.filterwarnings("ignore:skipping bad sample:RuntimeWarning")
+@pytest.mark.parametrize("samples_per_class", [0, 2])
+def test_decode_failures_in_batches_a_resume_skipped_are_counted_later(
+    bad_root: str, samples_per_class: int, monkeypatch
+) -> None:
+    """Resumed past the first epoch (36 samples, batches 0-4), the two images that fail only at decode were
+    never decoded: they count when the stream meets them again (they counted only in the first epoch: 3 of 5),
+    also where the class-balanced batcher leaves samples out of an epoch."""
+    monkeypatch.setattr(data.samples, "check_image_header", lambda image: None)
+    cfg = make_cfg(bad_root, samples_per_class=samples_per_class, balance_buffer=16)
+    it = build_train_loader(cfg, 0, 1, start_batch=5)
+    list(itertools.islice(it, 20))  # 4+ more epochs
+    assert it.dataset.bad_samples == 5
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_eval_sees_every_sample_once(root: str, num_workers: int, world_size: int) -> None:
