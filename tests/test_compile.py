@@ -100,7 +100,8 @@ def test_blocks_that_differ_each_get_a_graph_past_dynamos_default_limit(dist_poo
 
 def test_drop_path_rates_share_one_graph(dist_pool) -> None:
     """timm's drop-path rate grows block by block (0 for the first, which holds no DropPath): as floats they
-    compiled 9 graphs for 9 blocks; as tensors (SharedGraphDropPath) two, also through ZeRO-3's leaf blocks."""
+    compiled 9 graphs for 9 blocks; as tensors (SharedGraphDropPath) two, also through ZeRO-3's leaf blocks;
+    the state dict keeps its keys."""
     for stage in (2, 3):
         (graphs, compiled, replaced), *_ = dist_pool(1).run(_block_graphs, stage, "drop_path")
         assert compiled == 9 and replaced == 16 and graphs == 2, (stage, graphs, replaced)
@@ -129,7 +130,10 @@ def _block_graphs(stage: int, differ_by: str) -> tuple[int, int, int]:
         for i, block in enumerate(net.blocks):
             block.attn.proj_drop.p = 0.01 * i
     engine = build_engine(net, OptimConfig(warmup_steps=0), ZeroConfig(stage=stage), micro_batch=2, max_steps=5)
+    saved_keys = list(engine.module.state_dict())
     compile_trunk(engine, "blocks")
+    # checkpoints of compiled and eager runs load into each other (the shared rates are non-persistent)
+    assert list(engine.module.state_dict()) == saved_keys
     engine.backward(engine(torch.randn(2, 3, 16, 16)).square().mean())
     engine.step()
     compiled = sum(hasattr(b.forward, "_torchdynamo_orig_callable") for b in net.blocks)
@@ -195,21 +199,33 @@ def test_shared_graph_drop_path_drops_and_scales_as_timms(dtype: torch.dtype) ->
 
 def test_compile_scope_model_and_trunks_without_blocks_compile_the_whole_trunk(dist_pool) -> None:
     (vit, resnet), *_ = dist_pool(1).run(_whole_trunk_compiles)
-    assert vit == resnet == "the whole trunk (DeepSpeed's engine.compile())"
+    assert vit == "model.compile (compile_scope=model): compiles the whole trunk (DeepSpeed's engine.compile())"
+    assert resnet == (
+        "model.compile (compile_scope=blocks): compiles the whole trunk (DeepSpeed's engine.compile(): "
+        "ResNet holds no `blocks` container)"
+    )
 
 
 def _whole_trunk_compiles() -> tuple[str, str]:
+    """What build_engine tells the user it compiled, for a ViT at scope "model" and a ResNet at "blocks"."""
+    import contextlib
+    import io
+
     import timm
 
-    from train.blocks import compile_trunk
     from train.engine import build_engine
 
     described = []
     for name, scope in (("vit_tiny_patch16_224", "model"), ("resnet10t", "blocks")):
         net = timm.create_model(name, pretrained=False, num_classes=0)
-        engine = build_engine(net, OptimConfig(warmup_steps=0), ZeroConfig(stage=2), micro_batch=2, max_steps=5)
-        described.append(compile_trunk(engine, scope))
+        eager_keys = list(net.state_dict())
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            engine = build_engine(
+                net, OptimConfig(warmup_steps=0), ZeroConfig(stage=2), micro_batch=2, max_steps=5, compile_scope=scope
+            )
         assert engine.is_compiled  # DeepSpeed's own compile ran (compiling happens at the first call)
+        assert list(engine.module.state_dict()) == eager_keys  # no "_orig_mod." prefix: checkpoints load either way
+        described.append(next(line for line in out.getvalue().splitlines() if line.startswith("model.compile")))
     fresh_dynamo()
     return described[0], described[1]
 

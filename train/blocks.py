@@ -61,7 +61,8 @@ def compile_trunk(engine: Any, scope: str) -> str:
     blocks = trunk_blocks(engine.module) if scope == "blocks" else []
     if not blocks:
         engine.compile()
-        return "the whole trunk (DeepSpeed's engine.compile())"
+        why = "" if scope == "model" else f": {type(engine.module).__name__} holds no `blocks` container"
+        return f"the whole trunk (DeepSpeed's engine.compile(){why})"
     import torch._dynamo
 
     config = torch._dynamo.config

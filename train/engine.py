@@ -186,7 +186,9 @@ def build_engine(
     if zero.stage == 3:
         zero3_local_fetch.enable(engine.module, zero.stage3_skip_local_fetch_sync)
     if compile_scope:
-        compile_trunk(engine, compile_scope)
+        compiled = compile_trunk(engine, compile_scope)
+        if engine.global_rank == 0:
+            print(f"model.compile (compile_scope={compile_scope}): compiles {compiled}", flush=True)
     return engine
 
 
