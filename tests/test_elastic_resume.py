@@ -77,3 +77,45 @@ def test_the_stream_resumes_at_the_samples_read_whatever_the_world_size() -> Non
     starts = {world: stream_start(state, cfg, DistEnv(0, world, 0, world)) for world in (1, 2, 4)}
     # the same position in the epoch (2560 samples) at every size; step x 1 skipped ahead 2x on 4 ranks
     assert starts == {1: 40, 2: 20, 4: 10}
+
+
+def test_a_resume_that_switches_bf16_goes_through_the_universal_checkpoint(
+    dist_pool, mnist_root: str, tmp_path
+) -> None:
+    """DeepSpeed's plain load looks for the optimizer files of the new precision (FileNotFoundError
+    `bf16_zero_pp_rank_0_...optim_states.pt`): fp32 ZeRO-2 resumed in bf16 is converted, same table, trains on."""
+    args = small_overrides(mnist_root, str(tmp_path), "bf16", 12) + ["data.num_workers=0", "zero.stage=2"]
+    dist_pool(1).run(_train, args, 10)
+    fp32 = dist_pool(1).run(_resume_and_measure, args)[0]
+    bf16 = dist_pool(1).run(_resume_and_measure, args + ["zero.bf16=true"])[0]
+    assert bf16["step"] == 10 and torch.equal(bf16["table"], fp32["table"]) and bf16["lr"] == fp32["lr"]
+    assert os.path.isdir(tmp_path / "bf16" / "checkpoints" / "step-10" / "engine_universal")
+    summary = dist_pool(1).run(_train, args + ["zero.bf16=true"], None)[0]
+    assert summary["resumed_from_step"] == 10 and summary["step"] == 12 and math.isfinite(summary["last_train_loss"])
+
+
+@pytest.mark.parametrize(
+    "saved, now, refused",
+    [
+        ((2, False), (3, False), "written at zero.stage=2 but the config asks for zero.stage=3.*set zero.stage=2"),
+        ((3, False), (2, False), "written at zero.stage=3 but the config asks for zero.stage=2"),
+        ((0, False), (1, False), "written at zero.stage=0"),
+        ((1, False), (2, False), ""),  # stages 1 and 2 write the same files
+        ((2, True), (2, False), ""),  # converted (above)
+    ],
+)
+def test_engine_changes_no_conversion_bridges_are_refused_before_anything_is_built(
+    tmp_path, saved: tuple[int, bool], now: tuple[int, bool], refused: str
+) -> None:
+    """DeepSpeed failed such a resume only once the engine was built, with a bare AssertionError."""
+    from train.checkpoint import check_resumable
+    from train.config import save_yaml
+
+    cfg = build_config("mnist_distarc", [f"zero.stage={saved[0]}", f"zero.bf16={str(saved[1]).lower()}"])
+    save_yaml(cfg, str(tmp_path / "config.yaml"))
+    cfg = build_config("mnist_distarc", [f"zero.stage={now[0]}", f"zero.bf16={str(now[1]).lower()}"])
+    if refused:
+        with pytest.raises(ValueError, match=refused):
+            check_resumable(str(tmp_path), cfg)
+    else:
+        check_resumable(str(tmp_path), cfg)

@@ -35,7 +35,7 @@ from model.proxies import ShardedHead
 from train.config import RunConfig, load_yaml, save_yaml
 from train.config_values import override_text
 from train.dist import DistEnv, barrier
-from train.elastic import ENGINE_TAG, load_universal, needs_universal
+from train.elastic import ENGINE_TAG, load_universal
 
 
 @dataclasses.dataclass
@@ -157,16 +157,38 @@ def check_compatible(path: str, cfg: RunConfig, fix: str = RESUME_FIX) -> None:
 
 
 def check_resumable(path: str, cfg: RunConfig) -> None:
-    """check_compatible, and the head's optimizer: its saved state (AdamW's moments or SGD's momentum)
-    only means something to the optimizer that wrote it."""
+    """check_compatible; the head's optimizer: its saved state (AdamW's moments or SGD's momentum) only
+    means something to the optimizer that wrote it; and the ZeRO stage the engine's files were written for
+    (no conversion bridges a change but 1 <-> 2, which write the same files; see `engine_changes`)."""
     check_compatible(path, cfg)
-    saved = load_yaml(os.path.join(path, "config.yaml")).optim.head_optimizer
-    if saved != cfg.optim.head_optimizer:
+    saved = load_yaml(os.path.join(path, "config.yaml"))
+    if saved.optim.head_optimizer != cfg.optim.head_optimizer:
         raise ValueError(
-            f"checkpoint {path} holds the head's {saved} state but the config asks for "
-            f"optim.head_optimizer={cfg.optim.head_optimizer}; set optim.head_optimizer={saved} to resume, or "
-            f"{RESUME_FIX}"
+            f"checkpoint {path} holds the head's {saved.optim.head_optimizer} state but the config asks for "
+            f"optim.head_optimizer={cfg.optim.head_optimizer}; set optim.head_optimizer={saved.optim.head_optimizer}"
+            f" to resume, or {RESUME_FIX}"
         )
+    stages = saved.zero.stage, cfg.zero.stage
+    if stages[0] != stages[1] and not set(stages) <= {1, 2}:
+        raise ValueError(
+            f"checkpoint {path} was written at zero.stage={stages[0]} but the config asks for zero.stage={stages[1]}:"
+            " DeepSpeed lays out the engine's files differently at stage 0, stages 1-2 and stage 3, and loads none"
+            f" into another; set zero.stage={stages[0]} to resume, or {RESUME_FIX}"
+        )
+
+
+def engine_changes(path: str, cfg: RunConfig, world_size: int) -> list[str]:
+    """How the engine resuming from checkpoint `path` differs from the one that wrote it, in what the universal
+    conversion bridges (train/elastic.py): the world size, and zero.bf16 (DeepSpeed's plain load looks for the
+    optimizer files of this run's precision). Empty when neither changed."""
+    saved_world_size = read_meta(path)["world_size"]
+    saved_bf16 = load_yaml(os.path.join(path, "config.yaml")).zero.bf16
+    changes = []
+    if saved_world_size != world_size:
+        changes.append(f"written by {saved_world_size} ranks, resuming at {world_size}")
+    if saved_bf16 != cfg.zero.bf16:
+        changes.append(f"written with zero.bf16={saved_bf16}, resuming with zero.bf16={cfg.zero.bf16}")
+    return changes
 
 
 # 2 (2026-12-06): every epoch deals the shards anew over the (rank, worker) slots; 1 (older checkpoints,
@@ -282,14 +304,21 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    path: str, env: DistEnv, engine: Any, head: ShardedHead, head_optimizer: torch.optim.Optimizer, head_scheduler: Any
+    path: str,
+    env: DistEnv,
+    engine: Any,
+    head: ShardedHead,
+    head_optimizer: torch.optim.Optimizer,
+    head_scheduler: Any,
+    universal: bool = False,
 ) -> TrainState:
     """Restore engine, this rank's head slice (re-sliced from whatever ranges were saved) and counters.
 
-    At another world size the engine comes from the universal conversion (train/elastic.py) and
-    the RNG states are not restored (the ranks' streams are re-split anyway)."""
+    `universal` (train.elastic.needs_universal): the engine comes from the universal conversion, which
+    train.main.build_model made. At another world size the RNG states are not restored (the ranks' streams
+    are re-split anyway)."""
     meta = read_meta(path)
-    if needs_universal(path, meta["world_size"], env.world_size):  # converted by train.main.build_model before
+    if universal:
         load_universal(engine, path)
     else:
         load_path, _ = engine.load_checkpoint(

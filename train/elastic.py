@@ -33,14 +33,14 @@ ENGINE_TAG = "engine"
 UNIVERSAL_TAG = "engine_universal"
 
 
-def needs_universal(step_dir: str, saved_world_size: int, world_size: int) -> bool:
-    """Whether loading `step_dir` at `world_size` needs the universal conversion: at another world size, for a
-    partitioned optimizer state (ZeRO >= 1, and bf16 at stage 0: `*optim_states.pt` files per rank). Plain
-    fp32 ZeRO-0 keeps the whole optimizer state in the model states file and loads at any world size as it
-    is (DeepSpeed's converter finds no optimizer files there and fails)."""
-    if saved_world_size == world_size:
-        return False
-    return bool(glob.glob(os.path.join(step_dir, ENGINE_TAG, "*optim_states.pt")))
+def needs_universal(step_dir: str, engine_changed: bool) -> bool:
+    """Whether loading `step_dir` into an engine that differs from the one that wrote it (`engine_changed`:
+    another world size, or zero.bf16 switched; train.checkpoint.engine_changes) needs the universal
+    conversion: for a partitioned optimizer state (ZeRO >= 1, and bf16 at stage 0: `*optim_states.pt` files
+    per rank; DeepSpeed's plain load looks for files named by rank and precision). Plain fp32 ZeRO-0 keeps
+    the whole optimizer state in the model states file and loads at any world size as it is (DeepSpeed's
+    converter finds no optimizer files there and fails)."""
+    return engine_changed and bool(glob.glob(os.path.join(step_dir, ENGINE_TAG, "*optim_states.pt")))
 
 
 def convert_to_universal(step_dir: str) -> float:

@@ -65,13 +65,13 @@ def build_model(
     engine is built to load it (train/elastic.py); the head is re-sliced by class range.
     """
     meta = ckpt.read_meta(resume_from) if resume_from else {}
-    universal = bool(meta) and needs_universal(str(resume_from), meta["world_size"], env.world_size)
+    changes = ckpt.engine_changes(resume_from, cfg, env.world_size) if resume_from else []
+    universal = bool(resume_from) and needs_universal(str(resume_from), bool(changes))
     if universal:
         if env.is_main:
             seconds = convert_to_universal(str(resume_from))
             print(
-                f"checkpoint {resume_from} was written by {meta['world_size']} "
-                f"ranks, resuming at {env.world_size}: universal checkpoint ready ({seconds:.1f} s)",
+                f"checkpoint {resume_from} was {' and '.join(changes)}: universal checkpoint ready ({seconds:.1f} s)",
                 flush=True,
             )
         barrier()
@@ -113,7 +113,7 @@ def build_model(
     seed_everything(stable_seed(cfg.seed, "rank", env.rank, "step", meta.get("step", 0)) % 2**32)
     state = ckpt.TrainState()
     if resume_from:
-        state = ckpt.load_checkpoint(resume_from, env, engine, head, head_opt, head_sched)
+        state = ckpt.load_checkpoint(resume_from, env, engine, head, head_opt, head_sched, universal)
         if env.is_main:
             print(f"resumed from {resume_from} at step {state.step}", flush=True)
             changed = ckpt.stream_changes(resume_from, cfg, env.world_size)
