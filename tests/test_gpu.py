@@ -109,3 +109,26 @@ def test_lazy_row_optimizers_on_cuda(kind: str) -> None:
             opt.zero_grad(set_to_none=True)
         tables.append(head.weight.detach().cpu())
     torch.testing.assert_close(tables[1], tables[0], rtol=1e-5, atol=1e-6)
+
+
+def test_a_resumed_run_steps_on_cuda(mnist_root: str, tmp_path) -> None:
+    """A resume on CUDA takes its steps: the head's fused AdamW and the engine's, restored through the universal
+    checkpoint (zero.bf16 switched off), find their step counts on the GPU (torch's fused kernels refuse a CPU
+    one, which a restored head and DeepSpeed's universal load left there)."""
+    overrides = [
+        "name=resumed-gpu",
+        f"run_root={tmp_path}",
+        f"data.root={mnist_root}",
+        "data.prepare=none",
+        "zero.stage=2",
+        "slurm.tasks_per_node=1",
+        "slurm.gpus_per_node=1",
+        "checkpoint.every_steps=10",
+        "optim.warmup_steps=2",
+        "optim.fused=true",
+    ]
+    assert main(["--recipe", "mnist_distarc", *overrides, "max_steps=10", "zero.bf16=true"]) == 0
+    assert main(["--recipe", "mnist_distarc", *overrides, "max_steps=14", "zero.bf16=false"]) == 0
+    summary = json.loads((tmp_path / "resumed-gpu" / "summary.json").read_text())
+    assert summary["resumed_from_step"] == 10 and summary["step"] == 14
+    assert torch.isfinite(torch.tensor(summary["last_train_loss"]))

@@ -110,3 +110,23 @@ def test_lazy_optimizers_are_refused_for_chest_and_across_a_resume(tmp_path) -> 
     cfg.validate()
     with pytest.raises(ValueError, match="holds the head's adamw state.*set optim.head_optimizer=adamw to resume"):
         ckpt.check_resumable(str(tmp_path), cfg)
+
+
+@pytest.mark.parametrize("kind", ["fused", "capturable", "foreach"])
+def test_a_restored_adam_step_lies_where_torchs_own_load_puts_it(kind: str) -> None:
+    """A fused (or capturable) AdamW reads its step on the parameter's device: a resumed head on CUDA failed its
+    first step with the step left on the CPU. Meta tensors stand in for a device other than the CPU (a fused
+    group's step follows the parameter alike); torch's own load_state_dict is the reference."""
+    device = "cpu" if kind == "fused" else "meta"
+    param = torch.nn.Parameter(torch.zeros(3, 2, device=device))
+    opt = torch.optim.AdamW([param], **{kind: True})
+    moments = {"exp_avg": torch.ones(3, 2), "exp_avg_sq": torch.ones(3, 2)}
+    ckpt._restore(param, opt, torch.ones(3, 2), moments, 7.0)
+    ours = opt.state[param]["step"]
+    reference = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3, 2, device=device))], **{kind: True})
+    saved = reference.state_dict()
+    saved["state"] = {0: {"step": torch.tensor(7.0), **moments}}
+    reference.load_state_dict(saved)
+    theirs = next(iter(reference.state.values()))["step"]
+    assert (ours.device, ours.dtype) == (theirs.device, theirs.dtype)
+    assert device == "meta" or float(ours) == float(theirs) == 7.0  # a meta tensor holds no value

@@ -35,7 +35,7 @@ from model.proxies import ShardedHead
 from train.config import RunConfig, load_yaml, save_yaml
 from train.config_values import override_text
 from train.dist import DistEnv, barrier
-from train.elastic import ENGINE_TAG, load_universal
+from train.elastic import ENGINE_TAG, load_universal, placed_step
 
 
 @dataclasses.dataclass
@@ -384,7 +384,8 @@ def _restore(
         param.copy_(value.to(param.device))
     state: dict[str, Any] = {k: v.to(param.device) for k, v in moments.items()}
     if step > 0:  # AdamW counts its steps; SGD keeps only its momentum
-        state["step"] = torch.tensor(step)
+        group = next(g for g in opt.param_groups if any(p is param for p in g["params"]))
+        state["step"] = placed_step(step, param, group)
     if state:
         opt.state[param] = state
 

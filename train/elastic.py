@@ -111,10 +111,25 @@ def _restore_param_group_hparams(engine: Any, folder: str) -> None:
 
 
 def _unalias_adam_steps(engine: Any) -> None:
+    """Each parameter its own `step` tensor (ZeRO-3 loads one for all), placed as torch's own
+    load_state_dict would (`placed_step`: DeepSpeed's universal load leaves it on the CPU)."""
+    optimizer = engine.optimizer.optimizer
+    group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
     seen: set[int] = set()
-    for state in engine.optimizer.optimizer.state.values():
+    for param, state in optimizer.state.items():
         step = state.get("step")
         if torch.is_tensor(step):
             if id(step) in seen:
-                state["step"] = step.clone()
+                step = step.clone()
+            state["step"] = placed_step(step, param, group_of.get(id(param), {}))
             seen.add(id(state["step"]))
+
+
+def placed_step(step: torch.Tensor | float, param: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+    """An Adam-style optimizer's `step` for `param` where torch keeps it (Optimizer.load_state_dict's rule): on
+    the parameter's device in fp32 for a fused or capturable group, whose kernels read it there (fused AdamW
+    on CUDA fails on a CPU step: "Expected all tensors to be on the same device"), else a CPU tensor."""
+    step = step if torch.is_tensor(step) else torch.tensor(float(step))
+    if group.get("fused") or group.get("capturable"):
+        return step.to(dtype=torch.float32, device=param.device)
+    return step
