@@ -13,8 +13,8 @@ import pytest
 import webdataset
 from PIL import Image
 
-from data.convert.common import STATE_NAME, Item, Split, convert, remap
-from data.shards import verify_manifest
+from data.convert.common import STATE_NAME, Item, Split, convert, default_shard_size, remap
+from data.shards import assign_shards, verify_manifest
 
 
 def jpeg(seed: int, size: int = 8) -> bytes:
@@ -185,6 +185,22 @@ def test_parts_split_the_work(tmp_path) -> None:
     single = str(tmp_path / "single")
     convert("toy", single, toy(10) + toy(5, "test"), 4, progress=False)
     assert manifest(single)["splits"] == m["splits"]  # byte-identical shards either way
+
+
+def test_the_default_shard_size_feeds_an_8_gpu_node_of_8_workers(tmp_path) -> None:
+    """CUB's 5,864 training images made 6 shards of 1,000, which the 1-GPU, 8-worker CUB recipe refused."""
+
+    def sized(*counts: int) -> list[Split]:
+        return [Split(f"s{i}", [None] * n, lambda item: b"", remap(range(1))) for i, n in enumerate(counts)]  # type: ignore[list-item]
+
+    assert default_shard_size(sized(5_864, 5_924)) == 91  # CUB: 65 and 66 shards
+    assert default_shard_size(sized(59_551, 60_502)) == 930  # SOP
+    assert default_shard_size(sized(5_822_653)) == 1000  # MS1Mv2: at most 1,000
+    assert default_shard_size(sized(10)) == 1
+    out = str(tmp_path / "o")
+    convert("toy", out, toy(300) + toy(130, "test"), progress=False)  # 2 per shard: 150 and 65 shards
+    assert len(os.listdir(os.path.join(out, "train"))) == 150 and len(os.listdir(os.path.join(out, "test"))) == 65
+    assert assign_shards(manifest(out)["splits"]["train"]["shards"], 7, 8, 7, 8)  # the 64th of 64 slots
 
 
 def test_bad_arguments(tmp_path) -> None:

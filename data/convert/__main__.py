@@ -57,7 +57,12 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--src", required=True, help="the dataset's folder, as published")
         p.add_argument("--out", required=True, help="output folder (becomes data.root)")
-        p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (fixed across restarts)")
+        p.add_argument(
+            "--shard-size",
+            type=int,
+            default=None,
+            help="samples per shard (fixed across restarts; default: every split in 64+ shards, at most 1000)",
+        )
         p.add_argument("--num-parts", type=int, default=1, help="split the shards over P processes")
         p.add_argument("--part", type=int, default=0, help="this process's part in [0, P); -1 writes the manifest")
         p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
