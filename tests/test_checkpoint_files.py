@@ -28,6 +28,22 @@ def test_a_complete_checkpoint_past_latest_wins(tmp_path) -> None:
     assert ckpt.find_latest(str(tmp_path)) == os.path.join(root, "step-6")
 
 
+def test_every_rank_resumes_from_rank_0s_choice(dist_pool, tmp_path) -> None:
+    """Views of the run dir that differ between ranks (here: a folder each, rank 1's a step further; on a
+    network file system, cached listings) do not split a resume over two steps."""
+    chosen = dist_pool(2).run(_latest_seen_by_each_rank, str(tmp_path))
+    assert chosen == [os.path.join(ckpt.checkpoint_root(str(tmp_path / "rank0")), "step-5")] * 2
+
+
+def _latest_seen_by_each_rank(tmp: str) -> str | None:
+    from train.dist import env_from_environ
+
+    env = env_from_environ()
+    run_dir = os.path.join(tmp, f"rank{env.rank}")
+    _complete(ckpt.checkpoint_root(run_dir), 5 + env.rank)
+    return ckpt.agreed_latest(run_dir, env)
+
+
 def test_prune_keeps_the_new_save_and_removes_killed_saves(tmp_path) -> None:
     """Pruning counts only checkpoints up to the one just saved (a step-30 of an earlier run once deleted
     every new save at once), and removes the .tmp-step-* folders of killed saves."""

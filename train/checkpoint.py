@@ -34,7 +34,7 @@ from data.shards import shard_set_digest
 from model.proxies import ShardedHead
 from train.config import RunConfig, load_yaml, save_yaml
 from train.config_values import override_text
-from train.dist import DistEnv, barrier
+from train.dist import DistEnv, barrier, broadcast_object
 from train.elastic import ENGINE_TAG, load_universal, placed_step
 
 
@@ -72,6 +72,13 @@ def find_latest(run_dir: str) -> str | None:
         if os.path.exists(os.path.join(path, "meta.json")) and (newest is None or _step_of(newest) <= _step_of(path)):
             return path
     return newest
+
+
+def agreed_latest(run_dir: str, env: DistEnv) -> str | None:
+    """Rank 0's `find_latest`, on every rank (collective): each rank looking for itself could pick another
+    step where the file system's views differ (a network file system's cached listings)."""
+    latest = broadcast_object(find_latest(run_dir) if env.is_main else None)
+    return latest if isinstance(latest, str) else None
 
 
 def wants_resume(resume: bool, environ: Mapping[str, str]) -> bool:
@@ -262,11 +269,7 @@ def save_checkpoint(
         os.makedirs(os.path.join(tmp, "rng"))
     barrier()
     engine.save_checkpoint(tmp, tag=ENGINE_TAG, save_latest=False)
-    start, stop = head.class_start, head.class_start + head.num_local
-    torch.save(
-        _head_state(head, head_optimizer, head_scheduler),
-        os.path.join(tmp, "head", f"classes-{start:09d}-{stop:09d}.pt"),
-    )
+    save_head_shard(os.path.join(tmp, "head"), head, head_optimizer, head_scheduler)
     torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank-{env.rank}-of-{env.world_size}.pt"))
     if env.is_main:
         _save_replicated(os.path.join(tmp, "head"), head, head_optimizer)
@@ -365,6 +368,14 @@ def _head_state(head: ShardedHead, opt: torch.optim.Optimizer, sched: Any) -> di
         "scheduler": sched.state_dict(),
         "params": {name: _param_state(p, opt) for name, p in head.sharded_parameters().items()},
     }
+
+
+def save_head_shard(folder: str, head: ShardedHead, opt: torch.optim.Optimizer, sched: Any) -> None:
+    """This rank's rows as `folder/classes-A-B.pt`. Ranks past the last class (fewer classes than ranks)
+    write nothing: they all wrote the same classes-C-C.pt at once."""
+    start, stop = head.class_start, head.class_start + head.num_local
+    if stop > start:
+        torch.save(_head_state(head, opt, sched), os.path.join(folder, f"classes-{start:09d}-{stop:09d}.pt"))
 
 
 def _save_replicated(path: str, head: ShardedHead, opt: torch.optim.Optimizer) -> None:

@@ -191,7 +191,7 @@ class Run:
         train_sources(cfg.data)  # every source's shards and class count
         eval_sets = resolve_eval_sets(cfg.data, cfg.metrics)  # held-out split and metrics.eval_sets, checked
         resume = ckpt.wants_resume(cfg.checkpoint.resume, os.environ)
-        resume_from = ckpt.find_latest(cfg.run_dir) if resume else None
+        resume_from = ckpt.agreed_latest(cfg.run_dir, env) if resume else None
         if resume_from:
             ckpt.check_resumable(resume_from, cfg)
         if env.is_main:
