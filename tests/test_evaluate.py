@@ -22,7 +22,7 @@ from tests import layouts
 from train.evaluate.__main__ import main as evaluate_cli
 from train.evaluate.retrieval import retrieval_report
 from train.evaluate.sets import resolve_eval_sets
-from train.evaluate.verification import flip_sum, verification_accuracy
+from train.evaluate.verification import flip_mean, verification_accuracy
 
 TINY = [
     "model.name=test_resnet",
@@ -243,7 +243,7 @@ def test_faces_verification_in_the_loop_and_from_the_export(dist_pool, trained, 
         # the protocol called directly on the same images, embedded with their flips
         images, issame = read_bin(os.path.join(converted["faces-src"], f"{name}.bin"))
         x = torch.stack([embedder.transform(decode_image(b, 3)) for b in images])
-        emb = flip_sum(embedder(x), embedder(torch.flip(x, dims=[-1])))
+        emb = flip_mean(embedder(x), embedder(torch.flip(x, dims=[-1])))
         direct = verification_accuracy(emb[0::2], emb[1::2], torch.tensor(issame), num_folds=4)
         for key, value in direct.items():
             assert metrics[f"euclidean/{key}"] == pytest.approx(value, abs=1e-6), key

@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy.interpolate import BSpline, interp1d
 
-from train.evaluate.verification import VAL_THRESHOLDS, _threshold_at_far, flip_sum, verification_accuracy
+from train.evaluate.verification import VAL_THRESHOLDS, _threshold_at_far, flip_mean, verification_accuracy
 
 
 def pairs_at_distances(dist: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,12 +131,43 @@ def test_far_interpolation_follows_scipy() -> None:
     assert _threshold_at_far(np.array([0, 0, 1e-4]), np.arange(3.0), 1e-3) == 0.0  # never reached
 
 
-def test_flip_sum() -> None:
+def test_flip_mean() -> None:
     a, b = torch.randn(4, 8).bfloat16(), torch.randn(4, 8).bfloat16()
-    out = flip_sum(a, b)
-    assert out.dtype == torch.float32 and torch.equal(out, a.float() + b.float())
+    out = flip_mean(a, b)
+    assert out.dtype == torch.float32 and torch.equal(out, (a.float() + b.float()) / 2)
     with pytest.raises(ValueError, match="emb_flipped"):
-        flip_sum(a, b[:3])
+        flip_mean(a, b[:3])
+
+
+def test_chests_fc_space_scores_the_flip_sum_taken_in_that_space() -> None:
+    """insightface sums an image's and its mirror's embeddings in the space it scores. CHEST's h-space comes
+    after the flip combination, through an FC layer with a bias: the sum gave h(x) + h(x_f) - b, another
+    direction (here accuracy 0.80 against 0.83 for the flip-sum in that space); the mean gives the flip-sum's."""
+    from types import SimpleNamespace
+
+    from model.chest import ChestHead
+    from model.config import ChestConfig, LossConfig
+    from train.config import MetricsConfig
+    from train.evaluate.protocols import score_verification
+
+    torch.manual_seed(0)
+    head = ChestHead(LossConfig(name="chest", chest=ChestConfig(hyp_dim=8)), 5, 16)
+    assert head.fc is not None
+    with torch.no_grad():
+        head.fc.bias.normal_(0.0, 1.5)
+    pairs = 200
+    same = torch.arange(pairs) % 2 == 1
+    x = torch.randn(2 * pairs, 16)
+    x[1::2] = torch.where(same[:, None], x[0::2] + 0.8 * torch.randn(pairs, 16), x[1::2])
+    x_flipped = x + 0.5 * torch.randn(2 * pairs, 16)  # a mirror's embedding lies near the image's
+    issame = same.tolist()
+    pair, side = torch.arange(2 * pairs) // 2, torch.arange(2 * pairs) % 2
+    metrics = MetricsConfig(verification_folds=10)
+    got = score_verification(SimpleNamespace(head=head), flip_mean(x, x_flipped), pair, side, issame, metrics)
+    in_space = head.fc(x) + head.fc(x_flipped)
+    want = verification_accuracy(in_space[0::2].detach(), in_space[1::2].detach(), torch.tensor(issame), 10)
+    assert got["fc_euclidean/accuracy"] == pytest.approx(want["accuracy"], abs=1e-9)
+    assert got["fc_euclidean/val"] == pytest.approx(want["val"], abs=1e-9)
 
 
 def test_bad_input_raises() -> None:

@@ -22,7 +22,7 @@ from train.config import MetricsConfig
 from train.dist import all_gather_variable
 from train.evaluate.retrieval import retrieval_report
 from train.evaluate.sets import EvalSet
-from train.evaluate.verification import flip_sum, verification_accuracy
+from train.evaluate.verification import flip_mean, verification_accuracy
 
 ModelInput = Callable[[torch.Tensor], torch.Tensor]
 # bookkeeping and lower-is-better values: never "best"
@@ -47,7 +47,7 @@ def embed_loader(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(embeddings, labels, sides) of the whole split on every rank, in rank order.
 
-    `flip`: each image's embedding plus that of its horizontal mirror (insightface's flip-sum).
+    `flip`: the mean of each image's embedding and its horizontal mirror's (insightface's flip-sum, halved).
     `side_of_key`: the loader yields keys `<stem>_<pair>_<side>`; their side (0/1) comes back too.
     """
     embs, labels, sides = [], [], []
@@ -56,7 +56,7 @@ def embed_loader(
         x = model_input(images)
         emb = task.embed(x)
         if flip:
-            emb = flip_sum(emb, task.embed(torch.flip(x, dims=[-1])))
+            emb = flip_mean(emb, task.embed(torch.flip(x, dims=[-1])))
         embs.append(emb)
         labels.append(y.to(device))
         if side_of_key:

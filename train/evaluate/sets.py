@@ -6,7 +6,7 @@ its data set is evaluated by in the papers, chosen from the manifest's `dataset`
   classification  closed-set top-1 by each of the head's prediction rules (ImageNet, the digits)
   retrieval       open-set leave-one-out Recall@K and MAP@R (CUB, Cars, SOP, the open-set digits)
   query_gallery   queries ranked against a gallery split (In-shop)
-  verification    insightface .bin pairs: flip-summed embeddings, 10-fold accuracy, VAL@FAR
+  verification    insightface .bin pairs: flip-combined embeddings, 10-fold accuracy, VAL@FAR
 The run's own held-out split (data.root / data.eval_split) is the primary set; its scalars keep
 their plain names (acc_measure, poincare/R@1). Every set of metrics.eval_sets is prefixed with its
 name (lfw/euclidean/accuracy).

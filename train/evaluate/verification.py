@@ -1,8 +1,8 @@
 """Face verification on image pairs: the insightface 10-fold protocol (LFW, CFP-FP, AgeDB-30 .bin sets).
 
-Owns the pair-level metrics (accuracy with a cross-validated threshold, VAL@FAR) and the flip-sum of
-embeddings. Pure functions: the caller embeds both images of every pair (original and horizontally
-flipped, combined with `flip_sum`) and gathers them; nothing here calls torch.distributed.
+Owns the pair-level metrics (accuracy with a cross-validated threshold, VAL@FAR) and the flip-combination
+of embeddings. Pure functions: the caller embeds both images of every pair (original and horizontally
+flipped, combined with `flip_mean`) and gathers them; nothing here calls torch.distributed.
 
 Protocol (docs/infra-lessons.md section 1.10), written from its description:
 - Each embedding is L2-normalised; a pair's distance d is the squared L2 distance (0..4); the pair
@@ -29,15 +29,19 @@ ACC_THRESHOLDS = np.arange(0, 4, 0.01)
 VAL_THRESHOLDS = np.arange(0, 4, 0.001)
 
 
-def flip_sum(emb: torch.Tensor, emb_flipped: torch.Tensor) -> torch.Tensor:
-    """emb + emb_flipped in at least fp32 (normalisation happens inside verification_accuracy)."""
+def flip_mean(emb: torch.Tensor, emb_flipped: torch.Tensor) -> torch.Tensor:
+    """(emb + emb_flipped) / 2 in at least fp32: insightface's flip-sum up to the factor 2, which verification
+    does not see (it compares unit vectors) but affine maps after it do. CHEST's FC h has a bias, so its
+    space scored h(x + x_f) = h(x) + h(x_f) - b, another direction than the flip-sum in that space;
+    h((x + x_f) / 2) = (h(x) + h(x_f)) / 2 is that flip-sum halved (and DistArc's norms stay on the spheres'
+    scale in the pictures)."""
     if emb.shape != emb_flipped.shape:
         raise ValueError(
             f"emb {tuple(emb.shape)} and emb_flipped {tuple(emb_flipped.shape)} must have the same "
             "shape: embed the flipped copy of every image in the same order"
         )
     dtype = torch.promote_types(torch.promote_types(emb.dtype, emb_flipped.dtype), torch.float32)
-    return emb.to(dtype) + emb_flipped.to(dtype)
+    return (emb.to(dtype) + emb_flipped.to(dtype)) / 2
 
 
 def _count_below(values: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
@@ -121,7 +125,7 @@ def verification_accuracy(
     """10-fold verification metrics of pairs (emb1[i], emb2[i]) with ground truth issame[i].
 
     Returns {"accuracy", "accuracy_std", "best_threshold", "val", "val_std", "far"}; see the module
-    docstring for the protocol. emb1/emb2 are [N, D] (already flip-summed); issame is bool [N].
+    docstring for the protocol. emb1/emb2 are [N, D] (already flip-combined, `flip_mean`); issame is bool [N].
     """
     same = _check_inputs(emb1, emb2, issame, num_folds, far_target)
     e1 = torch.nn.functional.normalize(emb1.detach().double(), dim=1).cpu().numpy()
