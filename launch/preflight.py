@@ -23,7 +23,9 @@ def slurm_partitions(timeout_s: float = 30.0) -> list[str]:
             "(or drop --slurm to run local processes)"
         )
     try:
-        out = subprocess.run(["sinfo", "--noheader", "--format=%P"], capture_output=True, text=True, timeout=timeout_s)
+        out = subprocess.run(  # --all: hidden partitions too (a job may name one it has access to)
+            ["sinfo", "--all", "--noheader", "--format=%P"], capture_output=True, text=True, timeout=timeout_s
+        )
     except subprocess.TimeoutExpired:
         raise RuntimeError(f"Slurm not reachable: sinfo did not answer within {timeout_s:.0f} s") from None
     if out.returncode != 0:
@@ -35,10 +37,13 @@ def slurm_partitions(timeout_s: float = 30.0) -> list[str]:
 
 
 def check_partition(cfg: RunConfig, partitions: list[str]) -> None:
-    if cfg.slurm.partition and cfg.slurm.partition not in partitions:
+    """slurm.partition names partitions of this cluster: one, or a comma-separated list (Slurm starts the job
+    in whichever can run it first)."""
+    unknown = [p for p in cfg.slurm.partition.split(",") if p.strip() and p.strip() not in partitions]
+    if unknown:
         raise ValueError(
-            f"slurm.partition={cfg.slurm.partition!r} is not a partition of this cluster; "
-            f"choose one of {sorted(set(partitions))} (or leave it empty for the default)"
+            f"slurm.partition={cfg.slurm.partition!r}: {', '.join(map(repr, unknown))} is not a partition of this "
+            f"cluster; choose from {sorted(set(partitions))} (or leave it empty for the default)"
         )
 
 

@@ -28,13 +28,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requeue-signal", default="SIGUSR2", help="the signal that means 'save and requeue'")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        requeue_signal = signal.Signals[args.requeue_signal]
+    except KeyError:
+        p.error(f"--requeue-signal {args.requeue_signal}: not a signal name (e.g. SIGUSR2, SIGUSR1)")
     base = load_yaml(args.config) if args.config else get_recipe(args.recipe)
     cfg = apply_overrides(base, args.overrides).resolved()
     from data.convert.mnist import ensure_prepared
     from train.main import run
 
     ensure_prepared(cfg.data)  # a no-op unless data.prepare names a data set shipped in a package
-    summary = run(cfg)
+    summary = run(cfg, requeue_signal=requeue_signal)
     if summary.stop_signal == args.requeue_signal:
         print(f"stopped by {args.requeue_signal} at step {summary.step} after a checkpoint: requeue", flush=True)
         return REQUEUE_EXIT

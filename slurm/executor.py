@@ -37,17 +37,31 @@ def slurm_parameters(cfg: SlurmConfig, job_name: str) -> dict[str, object]:
     return params
 
 
+# Restarts after the time limit's requeue signal (slurm/train.sbatch's MAX_REQUEUES too): a run of many time limits
+# comes back each time; one that fails to progress does not loop forever.
+MAX_REQUEUES_AFTER_TIME_LIMIT = 30
+
+
 def make_executor(cfg: SlurmConfig, folder_root: str, use_slurm: bool, job_name: str = "") -> submitit.Executor:
     """Executor whose logs and submission files live under `<folder_root>/submitit/<job id>`."""
     folder = os.path.join(folder_root, "submitit", "%j")
     if use_slurm:
-        ex: submitit.Executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=30)
+        ex: submitit.Executor = submitit.AutoExecutor(
+            folder=folder, cluster="slurm", slurm_max_num_timeout=MAX_REQUEUES_AFTER_TIME_LIMIT
+        )
         ex.update_parameters(**slurm_parameters(cfg, job_name or os.path.basename(os.path.normpath(folder_root))))
         return ex
     if cfg.nodes != 1:
         raise ValueError(f"slurm.nodes={cfg.nodes}: the local launcher runs on one machine; use --slurm for more")
-    local = submitit.LocalExecutor(folder=folder)
-    local.update_parameters(tasks_per_node=cfg.tasks_per_node, timeout_min=cfg.time_min, **local_gpus(cfg))
+    # as on Slurm: the requeue signal slurm.signal_delay_s before slurm.time_min (submitit's local default, 30 s,
+    # cut a longer save short with SIGKILL) and as many restarts (its default, 3, ended a local run at 4 x time_min)
+    local = submitit.LocalExecutor(folder=folder, max_num_timeout=MAX_REQUEUES_AFTER_TIME_LIMIT)
+    local.update_parameters(
+        tasks_per_node=cfg.tasks_per_node,
+        timeout_min=cfg.time_min,
+        signal_delay_s=cfg.signal_delay_s,
+        **local_gpus(cfg),
+    )
     return local
 
 

@@ -67,7 +67,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         env = submitit.JobEnvironment()
         requeue_signal = env._usr_sig()
         requeue_handler = signal.getsignal(requeue_signal)  # submitit's checkpoint-and-requeue
-        summary = run(self.cfg)
+        summary = run(self.cfg, requeue_signal=requeue_signal)
         stop = summary.stop_signal
         if not stop:
             return summary

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from launch.__main__ import build_config, main
-from launch.preflight import check_run_dir, preflight, slurm_partitions
+from launch.preflight import check_partition, check_run_dir, preflight, slurm_partitions
 from slurm.executor import slurm_parameters
 from train.config import save_yaml
 
@@ -65,6 +65,9 @@ def test_print_config_shows_every_key_without_data(tmp_path, capsys) -> None:
     assert "'lrr' is not one of" in capsys.readouterr().err
     assert main(["--print-config", "optim.head_optimizer=lion"]) == 2  # and a bad value
     assert "must be one of" in capsys.readouterr().err
+    # the recipe label: as an override it renamed the recipe and changed nothing else
+    assert main(["--print-config", "recipe=vitl_imagenet_8gpu"]) == 2
+    assert "choose the recipe with --recipe vitl_imagenet_8gpu" in capsys.readouterr().err
 
 
 def _fake_sinfo(tmp_path, body: str) -> str:
@@ -88,6 +91,11 @@ def test_no_slurm_and_unknown_partition_stop_submission(tmp_path, monkeypatch, c
     cfg = build_config("mnist_distarc", ["slurm.partition=gpu"])
     with pytest.raises(ValueError, match=r"slurm.partition='gpu'.*\['debug', 'high'\]"):
         preflight([cfg], use_slurm=True)
+    check_partition(build_config("mnist_distarc", ["slurm.partition=high,debug"]), slurm_partitions())  # a list
+    with pytest.raises(ValueError, match=r"slurm.partition='high,gpu': 'gpu' is not a partition"):
+        check_partition(build_config("mnist_distarc", ["slurm.partition=high,gpu"]), slurm_partitions())
+    (tmp_path / "bin" / "sinfo").write_text('#!/bin/sh\n[ "$1" = --all ] && echo hidden; printf "debug*\\nhigh\\n"\n')
+    assert "hidden" in slurm_partitions()  # hidden partitions (sinfo --all) may be named too
     assert main(["--slurm", "slurm.partition=gpu", f"run_root={tmp_path}"]) == 2
     assert "is not a partition of this cluster" in capsys.readouterr().err
     assert not (tmp_path / "mnist_distarc").exists()  # nothing queued, nothing written
@@ -303,3 +311,18 @@ def test_a_local_run_sees_the_gpus_it_asks_for(tmp_path, monkeypatch) -> None:
         ("MIG-x", 1): "MIG-x",
         ("", 1): "",
     }
+
+
+def _local_time_limit() -> tuple[str, str]:
+    return os.environ["SUBMITIT_LOCAL_TIMEOUT_S"], os.environ["SUBMITIT_LOCAL_SIGNAL_DELAY_S"]
+
+
+def test_a_local_run_gets_the_slurm_time_limit_signal_delay_and_restarts(tmp_path) -> None:
+    """submitit's local defaults sent the requeue signal 30 s before the limit (a longer save was killed) and
+    gave up after 3 restarts; a local run follows slurm.signal_delay_s and restarts as often as on Slurm."""
+    from slurm.executor import MAX_REQUEUES_AFTER_TIME_LIMIT, make_executor
+    from train.config import SlurmConfig
+
+    ex = make_executor(SlurmConfig(tasks_per_node=1, time_min=7, signal_delay_s=90), str(tmp_path), False)
+    assert ex.submit(_local_time_limit).result() == ("420", "90")
+    assert ex.max_num_timeout == MAX_REQUEUES_AFTER_TIME_LIMIT == 30

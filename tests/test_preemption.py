@@ -34,12 +34,14 @@ def _signal_self_after(run_dir: str, rank: int, signum: int, after: str) -> None
     threading.Thread(target=watch, daemon=True).start()
 
 
-def _run_signalled(overrides: list[str], rank: int, signum: int, after: str) -> dict:
+def _run_signalled(
+    overrides: list[str], rank: int, signum: int, after: str, requeue_signal: signal.Signals = signal.SIGUSR2
+) -> dict:
     from train.main import run
 
     cfg = build_config("mnist_distarc", overrides)
     _signal_self_after(cfg.run_dir, rank, signum, after)
-    return run(cfg).to_json()
+    return run(cfg, requeue_signal=requeue_signal).to_json()
 
 
 def _run(overrides: list[str]) -> dict:
@@ -76,6 +78,15 @@ def test_term_also_saves_and_stops(dist_pool, mnist_root: str, tmp_path) -> None
     assert find_latest(str(tmp_path / "term")).endswith(f"step-{first[0]['step']}")
     # the handlers are put back afterwards: the pool's processes still have the default TERM action
     assert pool.run(signal.getsignal, signal.SIGTERM) == [signal.SIG_DFL] * 2
+
+
+def test_another_requeue_signal_saves_and_stops(dist_pool, mnist_root: str, tmp_path) -> None:
+    """SUBMITIT_PREEMPT_SIGNAL=USR1 (or launch.rank --requeue-signal SIGUSR1): the run saves on USR1 as on
+    USR2 (it recorded USR2 and TERM only: USR1's default action killed the rank, unsaved)."""
+    args = small_overrides(mnist_root, str(tmp_path), "usr1", 40)
+    (first,) = dist_pool(1).run(_run_signalled, args, 0, signal.SIGUSR1, "step-10", signal.SIGUSR1)
+    assert first["stop_signal"] == "SIGUSR1" and 10 < first["step"] < 40
+    assert find_latest(str(tmp_path / "usr1")).endswith(f"step-{first['step']}")
 
 
 def test_minutes_clock_saves_between_step_checkpoints(dist_pool, mnist_root: str, tmp_path) -> None:
@@ -203,6 +214,54 @@ def test_a_signal_after_the_last_step_leaves_the_final_evaluation_to_the_requeue
     second = pool.run(_run, args)[0]
     assert (second["resumed_from_step"], second["step"], second["stop_signal"]) == (10, 10, "")
     assert second["num_samples"] == 1000 and (tmp_path / "late" / "export").is_dir()
+
+
+def _run_signalled_in_evaluation(overrides: list[str], rank: int, after_sets: int) -> dict:
+    """A run whose rank `rank` receives USR2 once `after_sets` evaluation sets have been scored (0: never)."""
+    import train.evaluate.protocols as protocols
+
+    scored = protocols.evaluate_set
+    count = [0]
+
+    def score_then_signal(*args, **kwargs):  # type: ignore[no-untyped-def]
+        out = scored(*args, **kwargs)
+        count[0] += 1
+        if count[0] == after_sets and int(os.environ["RANK"]) == rank:
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return out
+
+    protocols.evaluate_set = score_then_signal
+    try:
+        return _run(overrides)
+    finally:
+        protocols.evaluate_set = scored
+
+
+def test_a_signal_during_an_evaluation_stops_it_between_two_sets(dist_pool, mnist_root: str, tmp_path) -> None:
+    """A warned job has signal_delay_s left: a long evaluation (many or large sets) is cut between two sets,
+    agreed by the ranks, and the job saves (the step-5 evaluation marked pending) or, after the last step,
+    leaves the final evaluation and the export to the requeued job (before: the evaluation went on, the job
+    could run past its time limit, unsaved, and end TIMEOUT without a requeue)."""
+    from train.checkpoint import read_meta
+
+    pool = dist_pool(2)
+    run_dir = tmp_path / "evalcut"
+    args = small_overrides(mnist_root, str(tmp_path), "evalcut", 10) + [
+        "metrics.eval_every=5",
+        f"metrics.eval_sets={mnist_root}:train",  # a second set: val, then train
+        "checkpoint.export=true",
+    ]
+    first = pool.run(_run_signalled_in_evaluation, args, 1, 1)  # the step-5 evaluation, after val
+    assert [(r["stop_signal"], r["step"]) for r in first] == [("SIGUSR2", 5)] * 2
+    assert read_meta(find_latest(str(run_dir)))["eval_pending"] is True
+    again = pool.run(_run_signalled_in_evaluation, args, 0, 1)  # its pending evaluation, cut again
+    assert [(r["stop_signal"], r["step"], r["resumed_from_step"]) for r in again] == [("SIGUSR2", 5, 5)] * 2
+    final = pool.run(_run_signalled_in_evaluation, args, 1, 3)  # step 5's two sets, then the final val
+    assert [(r["stop_signal"], r["step"]) for r in final] == [("SIGUSR2", 10)] * 2
+    assert "num_samples" not in final[0] and not (run_dir / "export").exists()
+    done = pool.run(_run, args)[0]
+    assert (done["resumed_from_step"], done["step"], done["stop_signal"]) == (10, 10, "")
+    assert done["num_samples"] == 1000 and done["train/num_samples"] == 4000 and (run_dir / "export").is_dir()
 
 
 def _fake_scontrol(tmp_path, preempt_time: str) -> str:

@@ -26,6 +26,15 @@ from train.dist import collective_device
 
 DEFAULT_STOP_SIGNALS: tuple[int, ...] = (signal.SIGUSR2, signal.SIGTERM)
 
+
+def stop_signals(requeue_signal: signal.Signals) -> tuple[int, ...]:
+    """The signals a run saves and stops on: the launcher's requeue signal (USR2 unless submitit's
+    SUBMITIT_PREEMPT_SIGNAL or launch.rank's --requeue-signal names another) and TERM. Another requeue
+    signal left out here kept its default action (USR1: the rank died unsaved) or submitit's handler (rank 0
+    requeued mid-step, unsaved)."""
+    return tuple(dict.fromkeys((int(requeue_signal), int(signal.SIGTERM))))
+
+
 # The exit code of a rank that saved after the requeue signal: "bring this job back". It is submitit's
 # (submitit.local.local.LOCAL_REQUEUE_RETURN_CODE: its LocalExecutor restarts a job whose task exits
 # with it), so one value serves every launcher: slurm/job.py (submitit), `python -m launch.rank` and
@@ -47,6 +56,7 @@ class RunControl:
         self.every_s = every_minutes * 60.0
         self.received = 0
         self.received_at = 0.0
+        self.agreed_stop = 0  # the stop signal of the last poll (any rank's)
         self._last_save = time.monotonic()
         self._previous: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
@@ -65,7 +75,8 @@ class RunControl:
         if dist.is_initialized() and dist.get_world_size() > 1:
             flags = flags.to(collective_device())
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        return Decision(save=bool(flags[1]), stop_signal=int(flags[0]))
+        self.agreed_stop = int(flags[0])
+        return Decision(save=bool(flags[1]), stop_signal=self.agreed_stop)
 
     def saved(self) -> None:
         self._last_save = time.monotonic()

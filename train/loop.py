@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
+from train.control import Decision
 from train.step import train_step
 from train.system import progress_enabled
 
@@ -30,7 +31,12 @@ def train_loop(run: "Run", stop_step: int) -> None:
         desc="train",
     )
     if state.eval_pending:  # the stopped job saved on an evaluation step without evaluating
-        logger.log(state.step, state.samples_seen, run.evaluate(), prefix="eval")
+        scores = run.evaluate()
+        if scores is None:  # stopped again: the checkpoint still says pending
+            state.stop_signal = run.stopped
+            bar.close()
+            return
+        logger.log(state.step, state.samples_seen, scores, prefix="eval")
         state.eval_pending = False
         clock.reset(state.step)
     while state.step < min(stop_step, cfg.max_steps):
@@ -61,7 +67,11 @@ def train_loop(run: "Run", stop_step: int) -> None:
         # evaluate before saving, so the checkpoint's best-so-far has this step's scores; a stopped job saves
         # first (its time is short) and the resumed one evaluates
         if eval_due and not decision.stop_signal:
-            logger.log(state.step, state.samples_seen, run.evaluate(), prefix="eval")
+            scores = run.evaluate()  # None: a stop signal came between two sets, agreed: save and stop now
+            if scores is None:
+                decision = Decision(save=decision.save, stop_signal=run.stopped)
+            else:
+                logger.log(state.step, state.samples_seen, scores, prefix="eval")
             clock.reset(state.step)
         if (
             decision.save

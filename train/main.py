@@ -26,7 +26,7 @@ from model.backbone import build_backbone
 from model.task import MetricLearningTask, build_head
 from train import checkpoint as ckpt
 from train.config import RunConfig, save_yaml
-from train.control import RunControl
+from train.control import RunControl, stop_signals
 from train.dist import (
     DistEnv,
     barrier,
@@ -238,8 +238,10 @@ class Run:
             self.model.head_scheduler,
         )
 
-    def evaluate_sets(self) -> list[dict[str, float]]:
-        """Every evaluation set's scores (collective; pictures of the first set); state.best is updated."""
+    def evaluate_sets(self) -> list[dict[str, float]] | None:
+        """Every evaluation set's scores (collective; pictures of the first set); state.best is updated. None:
+        a stop signal came (agreed between two sets, `self.stopped`): the job saves and stops instead, within
+        one set's time of Slurm's warning, and the resumed job evaluates."""
         task, head, step = self.model.task, self.model.task.head, self.state.step
         table = next(iter(head.sharded_parameters().values()))
         broadcast_running_stats_(self.model.engine.module)  # rank 0's, as the checkpoint stores them
@@ -256,18 +258,26 @@ class Run:
             on_embeddings=lambda spaces, labels: self.logger.log_embeddings(
                 step, spaces, labels, table, head=head, protocol=self.eval_sets[0].protocol
             ),
+            stop=lambda: bool(self.control.poll().stop_signal),
         )
         self.model.engine.train()
-        update_best(self.state.best, flatten(self.eval_sets, per_set))
+        if per_set is not None:
+            update_best(self.state.best, flatten(self.eval_sets, per_set))
         return per_set
+
+    @property
+    def stopped(self) -> int:
+        """The stop signal the ranks last agreed on (0: none): what an evaluation that returned None met."""
+        return self.control.agreed_stop
 
     def with_best(self, values: dict[str, float]) -> dict[str, float]:
         """What is logged at an evaluation: the scores and, under best/, the best of each so far."""
         return {**values, **{f"best/{k}": v for k, v in self.state.best.items()}}
 
-    def evaluate(self) -> dict[str, float]:
-        """Every set's scores, flattened, with the best so far (collective)."""
-        return self.with_best(flatten(self.eval_sets, self.evaluate_sets()))
+    def evaluate(self) -> dict[str, float] | None:
+        """Every set's scores, flattened, with the best so far (collective); None when a stop signal came."""
+        per_set = self.evaluate_sets()
+        return None if per_set is None else self.with_best(flatten(self.eval_sets, per_set))
 
     def close(self) -> None:
         self.stream.close()
@@ -284,8 +294,10 @@ def finish(run: Run, t0: float, train_s: float) -> RunSummary:
         # left; the requeued job resumes at max_steps and does them (collective, as in the loop)
         state.stop_signal = run.control.poll().stop_signal
     done = state.step >= cfg.max_steps and not state.stop_signal
-    if done and run.eval_sets:  # a preempted job leaves evaluation to its successor
-        per_set = run.evaluate_sets()
+    per_set = run.evaluate_sets() if done and run.eval_sets else []  # a preempted job leaves them to its successor
+    if per_set is None or (done and cfg.checkpoint.export and run.control.poll().stop_signal):
+        state.stop_signal, done = run.stopped, False  # warned during the evaluation: the requeued job does it all
+    if done and per_set:
         final = flatten(run.eval_sets, per_set)
         run.logger.log(state.step, state.samples_seen, run.with_best(final), prefix="eval")
         if env.is_main:
@@ -322,18 +334,20 @@ def finish(run: Run, t0: float, train_s: float) -> RunSummary:
     return summary
 
 
-def run(cfg: RunConfig, stop_at_step: int | None = None) -> RunSummary:
+def run(cfg: RunConfig, stop_at_step: int | None = None, requeue_signal: signal.Signals = signal.SIGUSR2) -> RunSummary:
     """Train (or resume) the run `cfg.name` to `cfg.max_steps`, evaluate, and return its summary.
 
     `stop_at_step` ends the job early, after a checkpoint, as a preempted job would; the schedule
     still spans `cfg.max_steps`, so a later `run(cfg)` continues exactly where this one stopped.
-    USR2 or TERM (train.control) make every rank save at the next step and return early too;
-    the summary's `stop_signal` names it (the caller requeues: slurm/job.py).
+    `requeue_signal` (USR2, or submitit's SUBMITIT_PREEMPT_SIGNAL) or TERM (train.control) make every rank
+    save at the next step and return early too; the summary's `stop_signal` names it (the caller requeues:
+    slurm/job.py, launch/rank.py).
     """
     cfg = cfg.resolved()  # e.g. data.norm=timm -> the backbone's values, before anything records the config
     t0 = time.time()
     env = env_from_environ()
-    control = RunControl(cfg.checkpoint.every_minutes)  # handlers first: a signal during setup is kept
+    # handlers first: a signal during setup is kept
+    control = RunControl(cfg.checkpoint.every_minutes, stop_signals(requeue_signal))
     device, owns_group = init_distributed(env)
     job: Run | None = None
     try:

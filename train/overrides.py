@@ -20,6 +20,9 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not of the form key=value (e.g. optim.lr=3e-4)")
         key, value = item.split("=", 1)
+        if key.strip() == "recipe":  # a label of where the config came from: as an override it renamed the
+            # recipe without changing one setting (and hid a run dir's other recipe from launch's check)
+            raise ValueError(f"override {item!r}: choose the recipe with --recipe {value.strip() or 'NAME'}")
         cfg = _set(cfg, key.strip().split("."), value.strip(), key.strip())
     return cfg
 

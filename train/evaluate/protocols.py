@@ -213,14 +213,23 @@ def evaluate_sets(
     device: torch.device,
     model_input: ModelInput,
     on_embeddings: Callable[[dict[str, torch.Tensor], torch.Tensor], None] | None = None,
-) -> list[dict[str, float]]:
-    """Every set's scalars (unprefixed, in the order of `sets`); collective. Pictures of the first set."""
-    return [
-        evaluate_set(
-            eval_set, task, data, metrics, rank, world_size, device, model_input, on_embeddings if i == 0 else None
+    stop: Callable[[], bool] | None = None,
+) -> list[dict[str, float]] | None:
+    """Every set's scalars (unprefixed, in the order of `sets`); collective. Pictures of the first set.
+
+    `stop` (collective, e.g. a training run's agreed stop signal) is asked before each set after the first:
+    True ends the evaluation there and returns None, so a job warned of its end stops within one set's time.
+    """
+    per_set = []
+    for i, eval_set in enumerate(sets):
+        if i and stop is not None and stop():
+            return None
+        per_set.append(
+            evaluate_set(
+                eval_set, task, data, metrics, rank, world_size, device, model_input, on_embeddings if i == 0 else None
+            )
         )
-        for i, eval_set in enumerate(sets)
-    ]
+    return per_set
 
 
 def flatten(sets: list[EvalSet], per_set: list[dict[str, float]]) -> dict[str, float]:

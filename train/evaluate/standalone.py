@@ -155,6 +155,7 @@ def evaluate_run(
             device,
             lambda images: normaliser(images, device, torch.float32),
         )
+        assert per_set is not None  # None only when a `stop` asks for it
         values = flatten(sets, per_set)
         rows: list[str] = []
         if env.is_main:
