@@ -326,3 +326,47 @@ def test_a_local_run_gets_the_slurm_time_limit_signal_delay_and_restarts(tmp_pat
     ex = make_executor(SlurmConfig(tasks_per_node=1, time_min=7, signal_delay_s=90), str(tmp_path), False)
     assert ex.submit(_local_time_limit).result() == ("420", "90")
     assert ex.max_num_timeout == MAX_REQUEUES_AFTER_TIME_LIMIT == 30
+
+
+def test_a_job_started_without_the_launcher_refuses_a_run_dir_another_job_trains_in(
+    dist_pool, mnist_root: str, tmp_path, monkeypatch
+) -> None:
+    """slurm/train.sbatch submitted twice under one name skips the launcher's check: rank 0 asks at start,
+    and every rank stops before anything is written. Its own record (its Slurm id, or "<array>_<task>" as
+    the launcher wrote it, or this process after a resume in it) is not another job."""
+    import subprocess
+
+    from tests.test_train import small_overrides
+    from train.run_owner import OWNER_FILE, other_owner, record_owner
+
+    monkeypatch.setenv("PATH", f"{tmp_path / 'nothing'}{os.pathsep}/usr/bin{os.pathsep}/bin")  # no squeue
+    run_dir = tmp_path / "twice"
+    run_dir.mkdir()
+    record_owner(str(run_dir), "")
+    assert other_owner(str(run_dir)) is None  # this process
+    (run_dir / OWNER_FILE).write_text(json.dumps({"slurm_job_id": "76_1", "host": "elsewhere", "pid": 0}))
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "76")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    assert other_owner(str(run_dir)) is None  # the record the launcher wrote for this array task
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        record = {"slurm_job_id": "", "host": __import__("socket").gethostname(), "pid": other.pid}
+        (run_dir / OWNER_FILE).write_text(json.dumps(record))
+        assert other_owner(str(run_dir)) == f"process {other.pid} on {record['host']}"
+        args = small_overrides(mnist_root, str(tmp_path), "twice", 4)
+        (refused,) = dist_pool(1).run(_start_refused, args)
+        assert f"in use by process {other.pid}" in refused and "name=" in refused
+        assert sorted(os.listdir(run_dir)) == [OWNER_FILE]  # nothing written: no config, no checkpoint
+    finally:
+        other.kill()
+
+
+def _start_refused(overrides: list[str]) -> str:
+    from train.main import run
+
+    try:
+        run(build_config("mnist_distarc", overrides))
+    except RuntimeError as exc:
+        return str(exc)
+    return "started"

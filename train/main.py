@@ -30,6 +30,7 @@ from train.control import RunControl, stop_signals
 from train.dist import (
     DistEnv,
     barrier,
+    broadcast_object,
     broadcast_running_stats_,
     destroy_distributed,
     env_from_environ,
@@ -45,7 +46,7 @@ from train.export import export
 from train.loop import train_loop
 from train.tensorboard_logger import TensorBoardLogger, main_hparams
 from train.step import TrainableModel
-from train.run_owner import record_owner
+from train.run_owner import other_owner, record_owner, release_owner
 from train.summary import RunSummary
 from train.system import StepClock
 
@@ -169,7 +170,8 @@ def stream_start(state: ckpt.TrainState, cfg: RunConfig, env: DistEnv) -> int:
 @dataclasses.dataclass
 class Run:
     """One job's parts, owned together: what the loop and the step read, what `save`, `evaluate` and
-    `close` act on. Built by `Run.build` (collective); `close` releases the data workers and the logger."""
+    `close` act on. Built by `Run.build` (collective); `close` releases the data workers, the logger and the
+    run dir's owner record (train/run_owner.py)."""
 
     cfg: RunConfig
     env: DistEnv
@@ -194,6 +196,12 @@ class Run:
         resume_from = ckpt.agreed_latest(cfg.run_dir, env) if resume else None
         if resume_from:
             ckpt.check_resumable(resume_from, cfg)
+        owner = broadcast_object(other_owner(cfg.run_dir) if env.is_main else None)  # one answer for all ranks
+        if owner:
+            raise RuntimeError(
+                f"run dir {cfg.run_dir} is in use by {owner}: two jobs would write and prune the same "
+                "checkpoints; wait for it to end (or cancel it), or give this run another name (name=...)"
+            )
         if env.is_main:
             os.makedirs(cfg.run_dir, exist_ok=True)
             aside = None if resume else ckpt.set_aside_checkpoints(cfg.run_dir)
@@ -282,6 +290,8 @@ class Run:
     def close(self) -> None:
         self.stream.close()
         self.logger.close()
+        if self.env.is_main:
+            release_owner(self.cfg.run_dir)
 
 
 def finish(run: Run, t0: float, train_s: float) -> RunSummary:

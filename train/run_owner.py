@@ -1,5 +1,6 @@
 """Which job trains in a run directory: `<run_dir>/job.json`, written by the launcher when it queues a Slurm
-job and again by rank 0 when a job starts, and read at submission (launch.preflight), so that the same
+job and again by rank 0 when a job starts (released, its process part, when the run ends), and read at
+submission (launch.preflight) and by rank 0 at start (jobs queued without the launcher), so that the same
 command submitted twice cannot put two jobs in one run dir (both would write the same step-N checkpoints,
 prune each other's, and draw two curves in one TensorBoard run), also while the first still waits in the
 queue.
@@ -39,6 +40,20 @@ def record_owner(run_dir: str, slurm_job_id: str) -> None:
         "started_at": time.time(),
     }
     write_json_atomic(os.path.join(run_dir, OWNER_FILE), record)
+
+
+def release_owner(run_dir: str) -> None:
+    """Rank 0 at the end of its run (finished, stopped or failed): its process no longer holds the run dir (a
+    process that goes on, a notebook's or a test's, would otherwise keep it). The Slurm id stays: a job that
+    Slurm requeues still holds it. Only this process's own record is changed."""
+    path = os.path.join(run_dir, OWNER_FILE)
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return
+    if record.get("host") == socket.gethostname() and int(record.get("pid") or 0) == os.getpid():
+        write_json_atomic(path, {**record, "pid": 0, "ended_at": time.time()})
 
 
 def record_submission(run_dir: str, slurm_job_id: str, since: float) -> None:
@@ -124,3 +139,29 @@ def running_owner(run_dir: str) -> str | None:
     if same_host and pid and _process_alive(pid, start):
         return f"process {pid} on {record['host']}"
     return None
+
+
+def this_jobs_ids(environ: dict[str, str] | None = None) -> set[str]:
+    """The names this job goes by in a record: its Slurm job id and, for an array task, "<array>_<task>"
+    (what the launcher records while the task is pending)."""
+    env = os.environ if environ is None else environ
+    ids = {env.get("SLURM_JOB_ID", "")}
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        ids.add(f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}")
+    return ids - {""}
+
+
+def other_owner(run_dir: str) -> str | None:
+    """`running_owner`, unless the record is this job's own (its Slurm id, or this process: a run resumed in
+    the same process). Rank 0 asks at start: jobs submitted without the launcher's check (slurm/train.sbatch
+    twice, or as an array under one name) would otherwise train in one run dir."""
+    try:
+        with open(os.path.join(run_dir, OWNER_FILE)) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if str(record.get("slurm_job_id") or "") in this_jobs_ids():
+        return None
+    if record.get("host") == socket.gethostname() and int(record.get("pid") or 0) == os.getpid():
+        return None
+    return running_owner(run_dir)
