@@ -20,8 +20,10 @@ def slurm_parameters(cfg: SlurmConfig, job_name: str) -> dict[str, object]:
         "timeout_min": cfg.time_min,
         "slurm_signal_delay_s": cfg.signal_delay_s,
         "name": job_name,
-        # stdout of every task in one file per task, appended across requeues
-        "slurm_additional_parameters": {"open_mode": "append", **cfg.extra_parameters()},
+        # stdout of every task in one file per task, appended across requeues; requeue: a job Slurm may put
+        # back in the queue (a cluster's JobRequeue=0 makes jobs non-requeueable by default, and submitit's
+        # `scontrol requeue` after a save, or a preemption's requeue, was then refused); as slurm/train.sbatch
+        "slurm_additional_parameters": {"open_mode": "append", "requeue": True, **cfg.extra_parameters()},
     }
     optional = {
         "gpus_per_node": cfg.gpus_per_node,

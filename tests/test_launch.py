@@ -34,7 +34,8 @@ def test_slurm_parameters_from_config() -> None:
     assert params["nodes"] == 2 and params["tasks_per_node"] == 4 and params["gpus_per_node"] == 4
     assert params["slurm_partition"] == "gpu" and params["slurm_account"] == "lab"
     assert params["slurm_signal_delay_s"] == 90 and params["timeout_min"] == 30
-    assert params["slurm_additional_parameters"] == {"open_mode": "append", "constraint": "a100", "exclusive": True}
+    extra = {"open_mode": "append", "requeue": True, "constraint": "a100", "exclusive": True}  # #SBATCH --requeue
+    assert params["slurm_additional_parameters"] == extra
     assert params["slurm_setup"] == ["module load cuda", "echo hi"] and "slurm_qos" not in params
     with pytest.raises(ValueError, match="key=value without dashes"):
         build_config("mnist_distarc", ["slurm.sbatch_extra=--exclusive"])
