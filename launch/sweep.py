@@ -42,6 +42,11 @@ def _axes(specs: list[str]) -> list[tuple[str, list[str]]]:
         repeated = sorted({v for v in items if items.count(v) > 1})
         if repeated:  # two array tasks would train in one folder at once
             raise ValueError(f"--sweep {spec!r} lists {', '.join(repeated)} more than once: give each value once")
+        if key.strip() in ("run_root", "name"):  # every point's run_root and name are the sweep's (its folders)
+            raise ValueError(
+                f"--sweep {spec!r}: a sweep names its points' folders itself (<run_root>/<sweep name>/<point>); "
+                f"give run_root= as a plain override, --sweep-name for the sweep's folder"
+            )
         axes.append((key.strip(), items))
     keys = [key for key, _ in axes]
     if len(set(keys)) != len(keys):
@@ -108,9 +113,13 @@ def expand(recipe: str, overrides: list[str], specs: list[str], sweep_name: str 
     for point in grid:
         point_recipe = dict(point).get("recipe", recipe)
         rest = [f"{k}={v}" for k, v in point if k != "recipe"]
-        cfg = apply_overrides(
-            get_recipe(point_recipe), [*overrides, *rest, f"run_root={sweep_dir}", f"name={point_label(point)}"]
-        )
+        label = point_label(point)
+        if len(label.encode()) > 255:  # a file name's limit: the array would fail at its first save, queued
+            raise ValueError(
+                f"sweep point folder {label[:60]}... is {len(label.encode())} bytes, more than a file name may be "
+                "(255); sweep fewer keys or shorter values (e.g. name the data sets' roots by shorter links)"
+            )
+        cfg = apply_overrides(get_recipe(point_recipe), [*overrides, *rest, f"run_root={sweep_dir}", f"name={label}"])
         cfgs.append(cfg.resolved())
     check_one_submission(cfgs)
     return sweep_dir, cfgs

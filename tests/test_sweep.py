@@ -49,6 +49,11 @@ def test_sweep_over_recipes_and_bad_grids(tmp_path: Path) -> None:
         parse_grid(["seed=1,2,1"])
     with pytest.raises(ValueError, match="slurm.tasks_per_node differs"):
         expand("mnist_distarc", [], ["slurm.tasks_per_node=1,2"])
+    with pytest.raises(ValueError, match="names its points' folders itself.*run_root= as a plain override"):
+        parse_grid([f"run_root={tmp_path}/a,{tmp_path}/b"])  # was overridden by the sweep's own, without a word
+    long_root = "/data/" + "x" * 240
+    with pytest.raises(ValueError, match="bytes, more than a file name may be"):  # failed at the first save
+        expand("mnist_distarc", [f"run_root={tmp_path}"], [f"data.root={long_root}1,{long_root}2"])
 
 
 def test_sweep_folder_is_a_function_of_the_whole_grid(tmp_path: Path) -> None:

@@ -214,7 +214,7 @@ class SlurmConfig:
     setup: tuple[str, ...] = dataclasses.field(
         default=(), metadata={"sep": ";", "item": "a shell line", "example": "'module load cuda/12.4;source ~/env.sh'"}
     )
-    array_parallelism: int = 0  # sweeps: most array tasks running at once (0 = no limit)
+    array_parallelism: int = 0  # sweeps: most array tasks running at once (0: submitit's default, 256)
 
     def extra_parameters(self) -> dict[str, str | bool]:
         """slurm.sbatch_extra as submitit's slurm_additional_parameters (value 'true' = a bare flag)."""
