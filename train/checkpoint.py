@@ -228,7 +228,8 @@ def stream_signature(cfg: RunConfig, world_size: int) -> dict[str, Any]:
 
 def config_changes(path: str, cfg: RunConfig) -> list[str]:
     """Training settings (optim.*, loss.*, data.*, max_steps) that differ from the checkpoint's config.yaml.
-    A resume keeps the checkpoint's learning rates and schedule (backbone and head alike); the rest applies."""
+    A resume keeps the checkpoint's base learning rates (backbone and head alike); the rest, the schedule's
+    shape included, applies (rates_from_schedule)."""
     saved = load_yaml(os.path.join(path, "config.yaml")).to_dict()
     now = cfg.to_dict()
     changed = [
@@ -329,6 +330,7 @@ def load_checkpoint(
         )
         if load_path is None:
             raise RuntimeError(f"DeepSpeed found no engine state under {path}/{ENGINE_TAG}")
+    rates_from_schedule(engine.lr_scheduler)
     _load_head(path, head, head_optimizer, head_scheduler)
     rng_file = os.path.join(path, "rng", f"rank-{env.rank}-of-{env.world_size}.pt")
     # older checkpoints hold one stream for every rank: keep the per-rank seed train.main set instead
@@ -452,8 +454,17 @@ def _load_head(path: str, head: ShardedHead, opt: torch.optim.Optimizer, sched: 
         sched.base_lrs = [group["initial_lr"] for group in opt.param_groups]
     for group, base in zip(opt.param_groups, sched.base_lrs):
         group["initial_lr"] = base
-        group["lr"] = base * sched.lr_lambdas[0](sched.last_epoch)
-    sched._last_lr = [group["lr"] for group in opt.param_groups]  # what get_last_lr() reports
+    rates_from_schedule(sched)
+
+
+def rates_from_schedule(sched: Any) -> None:
+    """Each param group's rate at the restored step: its saved base rate x this config's schedule (a LambdaLR
+    keeps no shape: optim.warmup_steps, optim.min_lr_ratio and max_steps are this run's). For the backbone as
+    for the head: DeepSpeed put back the rate the old schedule gave, one step out of line with the head's after a
+    resume that changed them. load_state_dict sets no rate in the optimizer."""
+    for group, base, factor in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+        group["lr"] = base * factor(sched.last_epoch)
+    sched._last_lr = [group["lr"] for group in sched.optimizer.param_groups]  # what get_last_lr() reports
 
 
 # ---- rng, pointer, pruning ----------------------------------------------------------------------

@@ -128,8 +128,9 @@ def build_model(
             changed = ckpt.config_changes(resume_from, cfg)
             if changed:
                 print(
-                    f"warning: settings changed since the checkpoint ({'; '.join(changed)}); the learning rates and "
-                    "their schedule stay the checkpoint's (start a new run, name=..., to change them)",
+                    f"warning: settings changed since the checkpoint ({'; '.join(changed)}); the base learning rates "
+                    "stay the checkpoint's (start a new run, name=..., to change optim.lr or optim.head_lr), the "
+                    "schedule's shape (optim.warmup_steps, optim.min_lr_ratio, max_steps) is this run's from here",
                     flush=True,
                 )
             saved = ckpt.read_meta(resume_from)
