@@ -68,7 +68,8 @@ def distarc_logits(
         target_col_G: column of `weight_CD` holding each sample's class, -1 where it is elsewhere.
 
     Returns a dict with "logits" [G, C], "target" [G], "owner" [G] bool, and the detached per-sample
-    terms "delta_y", "cos_y", "cos_phi_y" (zero where not owned) for logging.
+    terms "delta_y", "cos_y", "cos_phi_y" (zero where not owned) for logging. In the paper form the logits
+    and the target are Eq. 1's plus lam ||x||^2 (the same for every class of a sample: the same loss).
     """
     x = emb_GD.float()
     num_local = weight_CD.shape[0]
@@ -91,11 +92,17 @@ def distarc_logits(
     use_phi = cfg.name == "distarc" and cfg.phi_weight != 0
     lam = cfg.radial_weight if radial else 0.0
 
+    # The paper form's logits all hold the sample's own -lam ||x||^2 (every delta_j and delta_y has it): a
+    # constant per sample, which the softmax cancels exactly but fp32 gradients do not (2 lam x per logit,
+    # summed to zero with rounding: the embedding gradient's error against fp64 was 2.5e-5 at ||x|| = 300 and
+    # 1.4e-2 at 3000; without it 2.9e-6 and 9.8e-6). Dropped there; the official form's denominator target has
+    # no delta, so it keeps it.
+    common = 0.0 if cfg.form != "official" else lam
     x_sq = x_norm**2
     if radial:
         # s cos - lam * delta, delta = ||x||^2 + r^2 - 2 r (x . w_hat), without materialising delta:
         # fewer [G, C] temporaries (DistArc's cost over ArcFace is these elementwise passes).
-        bias = -(lam * x_sq[:, None] + (lam * radii_C**2)[None, :])
+        bias = -(common * x_sq[:, None] + (lam * radii_C**2)[None, :])
         logits = torch.addcmul(bias, dot, (2 * lam * radii_C)[None, :]).add_(cos, alpha=s)
     else:
         logits = s * cos
@@ -121,7 +128,9 @@ def distarc_logits(
     # (vector_norm's gradient at 0 is 0, and the clamp keeps the quotient finite).
     cos_phi = -(diff * w_hat_y).sum(dim=1) / torch.linalg.vector_norm(diff, dim=1).clamp_min(PHI_EPS)
     phi_term = cfg.phi_weight * cos_phi if use_phi else torch.zeros_like(cos_y)
-    z_y = margin_term + phi_term - lam * delta_y
+    # lam (delta_y - ||x||^2) = lam r_y (r_y - 2 x . w_hat_y) in the paper form (see `common`)
+    radial_y = common * delta_y + (lam - common) * r_y * (r_y - 2 * (x * w_hat_y).sum(dim=1))
+    z_y = margin_term + phi_term - radial_y
 
     if cfg.name == "distarc" and cfg.form == "official":
         # Released code: the denominator's target logit carries neither delta nor phi.
@@ -255,7 +264,9 @@ class DistArcHead(ShardedHead):
         def values(start: int, stop: int) -> dict[str, torch.Tensor]:
             rows = self.weight[start:stop]
             out = {"cosine": -cosine_scores(emb_GD, rows)}
-            if self.cfg.name == "distarc" and self.cfg.radial_weight > 0:  # lambda = 0: nothing learned radii
+            # the measure wherever the radii shape the loss: lambda > 0, or mu != 0 (cos(phi) is measured from
+            # the anchors); lambda = mu = 0 is ArcFace, whose prediction is the cosine (losses.md 1.7)
+            if self.cfg.name == "distarc" and (self.cfg.radial_weight > 0 or self.cfg.phi_weight != 0):
                 out["measure"] = anchor_sq_distance(emb_GD, rows, self.radii[start:stop])
             if self.cfg.name == "softmax":
                 out["logit"] = -(emb_GD.float() @ rows.float().t())
