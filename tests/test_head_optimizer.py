@@ -12,6 +12,7 @@ import torch
 from model.config import LossConfig
 from model.distarc import DistArcHead
 from train import checkpoint as ckpt
+from train import head_state
 from launch.recipes import get_recipe
 from tests.numerics import assert_rel
 from train.config import OptimConfig, save_yaml
@@ -66,11 +67,11 @@ def test_row_state_is_resliced_and_the_steps_continue(tmp_path, kind: str, state
         _step(before, g)
     os.makedirs(tmp_path / "head")
     for head, opt, sched in before:
-        ckpt.save_head_shard(str(tmp_path / "head"), head, opt, sched)
+        head_state.save_head_shard(str(tmp_path / "head"), head, opt, sched)
     assert len(os.listdir(tmp_path / "head")) == min(old, CLASSES)  # ranks without classes write no file
     after = _heads(new, optim)
     for head, opt, sched in after:
-        ckpt._load_head(str(tmp_path), head, opt, sched)
+        head_state.load_head(str(tmp_path), head, opt, sched)
         assert set(opt.state[head.weight]) == state_keys
     assert torch.equal(_table(after), _table(before))
     for g in grads[2:]:  # the momentum carried over: the same updates as without the resume
@@ -121,7 +122,7 @@ def test_a_restored_adam_step_lies_where_torchs_own_load_puts_it(kind: str) -> N
     param = torch.nn.Parameter(torch.zeros(3, 2, device=device))
     opt = torch.optim.AdamW([param], **{kind: True})
     moments = {"exp_avg": torch.ones(3, 2), "exp_avg_sq": torch.ones(3, 2)}
-    ckpt._restore(param, opt, torch.ones(3, 2), moments, 7.0)
+    head_state.restore_param(param, opt, torch.ones(3, 2), moments, 7.0)
     ours = opt.state[param]["step"]
     reference = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3, 2, device=device))], **{kind: True})
     saved = reference.state_dict()

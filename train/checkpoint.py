@@ -8,7 +8,7 @@ checkpoint. Contents of `step-N/`:
                         (train/elastic.py)
   head/classes-A-B.pt   rows [A, B) of the proxy table with their optimizer moments (keyed by class
                         range, not by rank, so a different world size can re-slice them)
-  head/replicated.pt    replicated head parameters (CHEST's shared FC) with their moments
+  head/replicated.pt    replicated head parameters (CHEST's shared FC) with their moments (train/head_state.py)
   rng/rank-R-of-W.pt    RNG states (restored only at the same world size)
   meta.json             step, samples seen, world size, class count
   config.yaml           the run's config
@@ -22,7 +22,6 @@ import glob
 import json
 import os
 import random
-import re
 import shutil
 import time
 from typing import Any, Mapping
@@ -35,7 +34,8 @@ from model.proxies import ShardedHead
 from train.config import RunConfig, load_yaml, save_yaml
 from train.config_values import override_text
 from train.dist import DistEnv, barrier, broadcast_object
-from train.elastic import ENGINE_TAG, load_universal, placed_step
+from train.elastic import ENGINE_TAG, load_universal
+from train.head_state import load_head, rates_from_schedule, save_head_shard, save_replicated
 
 
 @dataclasses.dataclass
@@ -273,7 +273,7 @@ def save_checkpoint(
     save_head_shard(os.path.join(tmp, "head"), head, head_optimizer, head_scheduler)
     torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank-{env.rank}-of-{env.world_size}.pt"))
     if env.is_main:
-        _save_replicated(os.path.join(tmp, "head"), head, head_optimizer)
+        save_replicated(os.path.join(tmp, "head"), head, head_optimizer)
         save_yaml(cfg, os.path.join(tmp, "config.yaml"))
         meta = {
             "step": state.step,
@@ -331,7 +331,7 @@ def load_checkpoint(
         if load_path is None:
             raise RuntimeError(f"DeepSpeed found no engine state under {path}/{ENGINE_TAG}")
     rates_from_schedule(engine.lr_scheduler)
-    _load_head(path, head, head_optimizer, head_scheduler)
+    load_head(path, head, head_optimizer, head_scheduler)
     rng_file = os.path.join(path, "rng", f"rank-{env.rank}-of-{env.world_size}.pt")
     # older checkpoints hold one stream for every rank: keep the per-rank seed train.main set instead
     if meta["world_size"] == env.world_size and meta.get("rank_streams") and os.path.exists(rng_file):
@@ -344,127 +344,6 @@ def load_checkpoint(
         skipped_steps=int(meta.get("skipped_steps", 0)),
         decay_groups=str(meta.get("decay_groups", "ndim")),
     )
-
-
-# ---- head shards --------------------------------------------------------------------------------
-
-# optimizer state kept per parameter row: AdamW's two moments, SGD's momentum (optim.head_optimizer), and the
-# lazy AdamW's per-row step count ([C], train/lazy_rows.py)
-MOMENTS = ("exp_avg", "exp_avg_sq", "momentum_buffer", "row_step")
-
-
-def _param_state(param: torch.nn.Parameter, opt: torch.optim.Optimizer) -> dict[str, Any]:
-    st = opt.state.get(param, {})
-    out: dict[str, Any] = {"value": param.detach().cpu()}
-    for key in MOMENTS:
-        out[key] = st[key].cpu() if st.get(key) is not None else None
-    out["step"] = float(st["step"]) if "step" in st else 0.0
-    return out
-
-
-def _head_state(head: ShardedHead, opt: torch.optim.Optimizer, sched: Any) -> dict[str, Any]:
-    """This rank's rows of every sharded parameter, with their AdamW moments, keyed by class range."""
-    return {
-        "class_start": head.class_start,
-        "num_local": head.num_local,
-        "scheduler": sched.state_dict(),
-        "params": {name: _param_state(p, opt) for name, p in head.sharded_parameters().items()},
-    }
-
-
-def save_head_shard(folder: str, head: ShardedHead, opt: torch.optim.Optimizer, sched: Any) -> None:
-    """This rank's rows as `folder/classes-A-B.pt`. Ranks past the last class (fewer classes than ranks)
-    write nothing: they all wrote the same classes-C-C.pt at once."""
-    start, stop = head.class_start, head.class_start + head.num_local
-    if stop > start:
-        torch.save(_head_state(head, opt, sched), os.path.join(folder, f"classes-{start:09d}-{stop:09d}.pt"))
-
-
-def _save_replicated(path: str, head: ShardedHead, opt: torch.optim.Optimizer) -> None:
-    params = head.replicated_parameters()
-    if params:
-        torch.save({name: _param_state(p, opt) for name, p in params.items()}, os.path.join(path, "replicated.pt"))
-
-
-def _restore(
-    param: torch.nn.Parameter,
-    opt: torch.optim.Optimizer,
-    value: torch.Tensor,
-    moments: dict[str, torch.Tensor],
-    step: float,
-) -> None:
-    with torch.no_grad():
-        param.copy_(value.to(param.device))
-    state: dict[str, Any] = {k: v.to(param.device) for k, v in moments.items()}
-    if step > 0:  # AdamW counts its steps; SGD keeps only its momentum
-        group = next(g for g in opt.param_groups if any(p is param for p in g["params"]))
-        state["step"] = placed_step(step, param, group)
-    if state:
-        opt.state[param] = state
-
-
-def head_shard_files(path: str) -> list[tuple[int, int, str]]:
-    """(first class, end class, file) of every head shard of checkpoint `path`, in class order."""
-    found = []
-    for file in glob.glob(os.path.join(path, "head", "classes-*.pt")):
-        start, stop = (int(v) for v in re.findall(r"(\d+)", os.path.basename(file))[:2])
-        found.append((start, stop, file))
-    return sorted(found)
-
-
-def _load_head(path: str, head: ShardedHead, opt: torch.optim.Optimizer, sched: Any) -> None:
-    """Copy rows [class_start, class_start + num_local) out of whichever saved ranges overlap them."""
-    lo, hi = head.class_start, head.class_start + head.num_local
-    targets = head.sharded_parameters()
-    values = {n: torch.empty_like(p.data, device="cpu") for n, p in targets.items()}
-    moments: dict[str, dict[str, torch.Tensor]] = {n: {} for n in targets}  # the kinds the checkpoint holds
-    covered, opt_step, sched_state = 0, 0.0, None
-    for a, b, file in head_shard_files(path):
-        if b <= lo or a >= hi:
-            continue
-        part = torch.load(file, weights_only=False)
-        s, e = max(a, lo), min(b, hi)
-        for name in targets:
-            saved = part["params"][name]
-            values[name][s - lo : e - lo] = saved["value"][s - a : e - a]
-            for key in MOMENTS:
-                if saved.get(key) is not None:
-                    rows = moments[name].setdefault(key, saved[key].new_zeros((hi - lo, *saved[key].shape[1:])))
-                    rows[s - lo : e - lo] = saved[key][s - a : e - a]
-            opt_step = saved["step"]
-        covered += e - s
-        sched_state = part["scheduler"]
-    if covered != hi - lo:
-        raise RuntimeError(f"checkpoint {path}/head covers {covered} of classes [{lo}, {hi}): it is incomplete")
-    for name, param in targets.items():
-        _restore(param, opt, values[name], moments[name], opt_step)
-    replicated = head.replicated_parameters()
-    if replicated:
-        saved_repl = torch.load(os.path.join(path, "head", "replicated.pt"), weights_only=False)
-        for name, param in replicated.items():
-            st = saved_repl[name]
-            _restore(param, opt, st["value"], {k: st[k] for k in MOMENTS if st.get(k) is not None}, st["step"])
-    if sched_state is None:  # a rank with no classes (C < P) still needs the schedule's position
-        sched_state = torch.load(head_shard_files(path)[0][2], weights_only=False)["scheduler"]
-    sched.load_state_dict(sched_state)
-    # The schedule's position and base rates (one per param group: CHEST's FC has its own) come from the
-    # checkpoint, as DeepSpeed restores the backbone's: a resume with another optim.lr / head_lr changed the
-    # head's rate alone (train.main warns about such changes). load_state_dict sets no rate in the optimizer.
-    if len(sched.base_lrs) != len(opt.param_groups):
-        sched.base_lrs = [group["initial_lr"] for group in opt.param_groups]
-    for group, base in zip(opt.param_groups, sched.base_lrs):
-        group["initial_lr"] = base
-    rates_from_schedule(sched)
-
-
-def rates_from_schedule(sched: Any) -> None:
-    """Each param group's rate at the restored step: its saved base rate x this config's schedule (a LambdaLR
-    keeps no shape: optim.warmup_steps, optim.min_lr_ratio and max_steps are this run's). For the backbone as
-    for the head: DeepSpeed put back the rate the old schedule gave, one step out of line with the head's after a
-    resume that changed them. load_state_dict sets no rate in the optimizer."""
-    for group, base, factor in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
-        group["lr"] = base * factor(sched.last_epoch)
-    sched._last_lr = [group["lr"] for group in sched.optimizer.param_groups]  # what get_last_lr() reports
 
 
 # ---- rng, pointer, pruning ----------------------------------------------------------------------

@@ -24,6 +24,7 @@ import torch
 from model.backbone import timm_kwargs
 from train import checkpoint as ckpt
 from train.config import load_yaml, save_yaml
+from train.head_state import head_shard_files
 from common.files import write_json_atomic
 
 
@@ -44,7 +45,7 @@ def full_head_tables(step_dir: str) -> dict[str, torch.Tensor]:
     """Every sharded head parameter with all classes' rows, and the replicated parameters."""
     parts = [
         (start, stop, torch.load(file, map_location="cpu", weights_only=False)["params"])
-        for start, stop, file in ckpt.head_shard_files(step_dir)
+        for start, stop, file in head_shard_files(step_dir)
     ]
     expected = 0
     for start, stop, _ in parts:
