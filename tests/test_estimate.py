@@ -336,8 +336,7 @@ def test_head_rows_cover_a_measured_head_step(
         + hm.logit_bytes(GLOBAL_BATCH, classes, cfg, DIM)
         + hm.head_graph_bytes(GLOBAL_BATCH, classes, cfg, DIM, head_optimizer)
     )
-    # a resident-set peak varies between runs of the same step: chunked DistArc measured 435 MB alone and 489 MB
-    # late in the full suite (the rows 0.94 and 0.88 of it), hence 0.85 below
+    # resident peaks vary: chunked DistArc measured 435 MB alone, 489 MB late in the full suite (rows: 0.94, 0.88)
     assert 0.85 * measured <= rows <= 1.2 * measured, rows / measured
 
 
