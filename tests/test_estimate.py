@@ -321,9 +321,8 @@ def test_head_rows_cover_a_measured_head_step(
     monkeypatch, name: str, classes: int, chunk: int, rate: float, head_optimizer: str
 ) -> None:
     """The head, logits and head-graph rows against the peak resident set of one rank's two AdamW head steps
-    (bench.capacity's CPU probe: a fresh process, glibc's mmap threshold pinned) at D = 512 and G = 256.
-    The rows once left out DistArc's normalised table and its gradient, and counted 3 [G, C] blocks where
-    6-7 are alive: 0.6 of the measured peak unchunked."""
+    (bench.capacity's CPU probe: a fresh process, glibc's mmap threshold pinned) at D = 512 and G = 256. The rows
+    once left out DistArc's normalised table and its gradient and counted 3 [G, C] blocks of 6-7: 0.6 of it."""
     from bench.heads import DIM, GLOBAL_BATCH, HEADS
     from bench.ranks import run_ranks
 
