@@ -128,8 +128,10 @@ def distarc_logits(
     # (vector_norm's gradient at 0 is 0, and the clamp keeps the quotient finite).
     cos_phi = -(diff * w_hat_y).sum(dim=1) / torch.linalg.vector_norm(diff, dim=1).clamp_min(PHI_EPS)
     phi_term = cfg.phi_weight * cos_phi if use_phi else torch.zeros_like(cos_y)
-    # lam (delta_y - ||x||^2) = lam r_y (r_y - 2 x . w_hat_y) in the paper form (see `common`)
-    radial_y = common * delta_y + (lam - common) * r_y * (r_y - 2 * (x * w_hat_y).sum(dim=1))
+    if common:  # the official form: lam delta_y
+        radial_y = lam * delta_y
+    else:  # the paper form: lam (delta_y - ||x||^2) = lam r_y (r_y - 2 x . w_hat_y) (see `common`)
+        radial_y = lam * r_y * (r_y - 2 * (x * w_hat_y).sum(dim=1))
     z_y = margin_term + phi_term - radial_y
 
     if cfg.name == "distarc" and cfg.form == "official":

@@ -84,7 +84,7 @@ def load_universal(engine: Any, step_dir: str) -> None:
     folder = os.path.join(step_dir, UNIVERSAL_TAG)
     _restore_buffers(engine, folder)
     _restore_param_group_hparams(engine, folder)
-    _unalias_adam_steps(engine)
+    _own_placed_adam_steps(engine)
 
 
 def _restore_buffers(engine: Any, folder: str) -> None:
@@ -110,7 +110,7 @@ def _restore_param_group_hparams(engine: Any, folder: str) -> None:
         group.update({k: v for k, v in values.items() if k != "params"})
 
 
-def _unalias_adam_steps(engine: Any) -> None:
+def _own_placed_adam_steps(engine: Any) -> None:
     """Each parameter its own `step` tensor (ZeRO-3 loads one for all), placed as torch's own
     load_state_dict would (`placed_step`: DeepSpeed's universal load leaves it on the CPU)."""
     optimizer = engine.optimizer.optimizer

@@ -46,14 +46,21 @@ def release_owner(run_dir: str) -> None:
     """Rank 0 at the end of its run (finished, stopped or failed): its process no longer holds the run dir (a
     process that goes on, a notebook's or a test's, would otherwise keep it). The Slurm id stays: a job that
     Slurm requeues still holds it. Only this process's own record is changed."""
-    path = os.path.join(run_dir, OWNER_FILE)
+    record = _read_record(run_dir)
+    if record is not None and _is_this_process(record):
+        write_json_atomic(os.path.join(run_dir, OWNER_FILE), {**record, "pid": 0, "ended_at": time.time()})
+
+
+def _read_record(run_dir: str) -> dict | None:
     try:
-        with open(path) as f:
-            record = json.load(f)
+        with open(os.path.join(run_dir, OWNER_FILE)) as f:
+            return json.load(f)
     except (OSError, ValueError):
-        return
-    if record.get("host") == socket.gethostname() and int(record.get("pid") or 0) == os.getpid():
-        write_json_atomic(path, {**record, "pid": 0, "ended_at": time.time()})
+        return None
+
+
+def _is_this_process(record: dict) -> bool:
+    return record.get("host") == socket.gethostname() and int(record.get("pid") or 0) == os.getpid()
 
 
 def record_submission(run_dir: str, slurm_job_id: str, since: float) -> None:
@@ -120,10 +127,8 @@ def _process_alive(pid: int, start: str) -> bool:
 
 def running_owner(run_dir: str) -> str | None:
     """Who still trains in `run_dir` ("Slurm job 123 (RUNNING)", "process 4567 on host"), or None."""
-    try:
-        with open(os.path.join(run_dir, OWNER_FILE)) as f:
-            record = json.load(f)
-    except (OSError, ValueError):
+    record = _read_record(run_dir)
+    if record is None:
         return None
     same_host = record.get("host") == socket.gethostname()
     pid, start = int(record.get("pid") or 0), str(record.get("pid_start") or "")
@@ -141,10 +146,10 @@ def running_owner(run_dir: str) -> str | None:
     return None
 
 
-def this_jobs_ids(environ: dict[str, str] | None = None) -> set[str]:
+def _this_jobs_ids() -> set[str]:
     """The names this job goes by in a record: its Slurm job id and, for an array task, "<array>_<task>"
     (what the launcher records while the task is pending)."""
-    env = os.environ if environ is None else environ
+    env = os.environ
     ids = {env.get("SLURM_JOB_ID", "")}
     if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
         ids.add(f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}")
@@ -155,13 +160,7 @@ def other_owner(run_dir: str) -> str | None:
     """`running_owner`, unless the record is this job's own (its Slurm id, or this process: a run resumed in
     the same process). Rank 0 asks at start: jobs submitted without the launcher's check (slurm/train.sbatch
     twice, or as an array under one name) would otherwise train in one run dir."""
-    try:
-        with open(os.path.join(run_dir, OWNER_FILE)) as f:
-            record = json.load(f)
-    except (OSError, ValueError):
-        return None
-    if str(record.get("slurm_job_id") or "") in this_jobs_ids():
-        return None
-    if record.get("host") == socket.gethostname() and int(record.get("pid") or 0) == os.getpid():
+    record = _read_record(run_dir)
+    if record is None or str(record.get("slurm_job_id") or "") in _this_jobs_ids() or _is_this_process(record):
         return None
     return running_owner(run_dir)
