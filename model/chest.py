@@ -24,7 +24,6 @@ Legend: G global batch, C classes here, K proxies per class, E = D_E, H = D_H, T
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -310,9 +309,9 @@ class ChestHead(ShardedHead):
             dst = (self.rank + trip.offset) % self.world_size
             src = (self.rank - trip.offset) % self.world_size
             d_lo, d_n = class_range(self.num_classes, dst, self.world_size)
-            send = _rows(
-                self.proxies, trip.neg_class[d_lo : d_lo + d_n] - self.class_start, trip.neg_k[d_lo : d_lo + d_n]
-            )
+            served = self._triplets(step, range(d_lo, d_lo + d_n))
+            assert served is not None
+            send = _rows(self.proxies, served.neg_class - self.class_start, served.neg_k)
             x_GE, neg_e = all_gather_and_exchange(
                 emb_BD.float(), send, dst, src, self.num_local, self.group, self.embedding_grad_scale
             )
@@ -381,13 +380,13 @@ class ChestHead(ShardedHead):
             self.num_local, ch.proxies_per_class, ch.hyp_dim
         )
 
-    def _triplets(self, step: int) -> Triplets | None:
-        ch = self.cfg.chest
+    def _triplets(self, step: int, anchors: range | None = None) -> Triplets | None:
+        """The step's HypHC triplets of `anchors` (default: this rank's classes); None without HypHC."""
+        ch, own = self.cfg.chest, range(self.class_start, self.class_start + self.num_local)
         if self.cfg.name != "chest" or ch.tau <= 0:
             return None
-        return sample_triplets(
-            self.num_classes, ch.proxies_per_class, self.world_size, self.cfg.init_seed, step, ch.hyphc_negatives
-        )
+        args = (self.num_classes, ch.proxies_per_class, self.world_size, self.cfg.init_seed, step, ch.hyphc_negatives)
+        return sample_triplets(*args, own if anchors is None else anchors)
 
     def _regulariser(
         self, prox_h: torch.Tensor | None, trip: Triplets | None, neg_e: torch.Tensor | None
@@ -399,14 +398,13 @@ class ChestHead(ShardedHead):
             k = ch.proxies_per_class
             return ch.tau * softtriple_regulariser(self.proxies) / (self.num_classes * k * (k - 1))
         assert prox_h is not None and self.fc is not None
-        lo, n = self.class_start, self.num_local
-        rows = torch.arange(n, device=prox_h.device)
-        p1, p2 = _rows(prox_h, rows, trip.pos_i[lo : lo + n]), _rows(prox_h, rows, trip.pos_j[lo : lo + n])
+        rows = torch.arange(self.num_local, device=prox_h.device)
+        p1, p2 = _rows(prox_h, rows, trip.pos_i), _rows(prox_h, rows, trip.pos_j)
         if neg_e is None:
-            p3 = _rows(prox_h, trip.neg_class[lo : lo + n] - lo, trip.neg_k[lo : lo + n])
+            p3 = _rows(prox_h, trip.neg_class - self.class_start, trip.neg_k)
         else:  # received Euclidean rows, mapped here by the replicated h (its grads are summed later)
             p3 = hyp.to_ball(self.fc(neg_e), ch.curvature, ch.clip_radius)
-        valid = trip.valid[lo : lo + n].to(prox_h.device, prox_h.dtype)
+        valid = trip.valid.to(prox_h.device, prox_h.dtype)
         return ch.tau / self.num_classes * (hyphc_triplet_loss(p1, p2, p3, ch) * valid).sum()
 
     def _hyphc_chunked(self, trip: Triplets, neg_e: torch.Tensor | None) -> torch.Tensor:
@@ -424,12 +422,12 @@ class ChestHead(ShardedHead):
         assert self.fc is not None
         ch, lo, n = self.cfg.chest, self.class_start, self.num_local
         k = ch.proxies_per_class
-        anchors, span = torch.arange(n), slice(lo, lo + n)
+        anchors = torch.arange(n)
         # rows of the table's [C K, D_E] view: row c * K + j is proxy j of local class c
-        gathers = [anchors * k + trip.pos_i[span], anchors * k + trip.pos_j[span]]
+        gathers = [anchors * k + trip.pos_i, anchors * k + trip.pos_j]
         if neg_e is None:  # local negatives: rows of this table (peer ones arrive as neg_e, row i for anchor i)
-            gathers.append((trip.neg_class[span] - lo).clamp(0, max(n - 1, 0)) * k + trip.neg_k[span])
-        valid = trip.valid[span].to(self.proxies.device, torch.float32)
+            gathers.append((trip.neg_class - lo).clamp(0, max(n - 1, 0)) * k + trip.neg_k)
+        valid = trip.valid.to(self.proxies.device, torch.float32)
 
         def block(rows: list[torch.Tensor], start: int, stop: int) -> torch.Tensor:
             p1, p2, p3 = (self._to_ball(r) for r in rows)
@@ -492,6 +490,8 @@ def chest_loss(
         return loss + ch.tau * softtriple_regulariser(proxies) / (num_classes * k * (k - 1))
     if triplets is None:
         triplets = sample_triplets(num_classes, k, 1, cfg.init_seed, 0, "local")
+    if triplets.anchors != range(num_classes):
+        raise ValueError(f"triplets of anchors {triplets.anchors}: chest_loss needs one for each of the {num_classes}")
     prox_h = terms["proxies_h"]
     rows = torch.arange(num_classes)
     p1, p2 = prox_h[rows, triplets.pos_i], prox_h[rows, triplets.pos_j]

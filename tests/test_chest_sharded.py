@@ -3,18 +3,22 @@
 The reference is independent of model.chest: hyperbolic maths from geoopt (PoincareBall, k = -c),
 Euclidean distances from torch.cdist, soft-min weights and the margin softmax from the formulas,
 torch's cross_entropy. HypHC uses the same fixed triplets (`sample_triplets` is a pure function of
-the world size, seed and step), so the rotating-peer exchange must return exactly those negatives.
+the world size, seed and step), so the rotating-peer exchange must return exactly those negatives. Triplets
+are drawn in blocks of 3 anchors here (model.hyphc.TRIPLET_BLOCK), so shards start inside blocks and span several.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from typing import Iterator
 
 import geoopt
 import pytest
 import torch
 import torch.nn.functional as F
 
+from model import hyphc
 from model.chest import ChestHead, chest_loss, sample_triplets
 from model.config import ChestConfig, LossConfig
 from model.proxies import class_permutation, init_rows
@@ -58,6 +62,16 @@ CASES = {
     ),
 }
 STEP = 3
+
+
+@contextlib.contextmanager
+def small_triplet_blocks(block: int = 3) -> Iterator[None]:
+    """Triplets drawn `block` anchors at a time (the default block holds every class of these tests)."""
+    saved, hyphc.TRIPLET_BLOCK = hyphc.TRIPLET_BLOCK, block
+    try:
+        yield
+    finally:
+        hyphc.TRIPLET_BLOCK = saved
 
 
 def make_problem(num_classes: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,6 +138,7 @@ def reference(
     return loss
 
 
+@small_triplet_blocks()
 def sharded_rank(cfg: LossConfig, num_classes: int, accum: int) -> dict:
     import torch.distributed as dist
 
@@ -150,6 +165,7 @@ def sharded_rank(cfg: LossConfig, num_classes: int, accum: int) -> dict:
     }
 
 
+@small_triplet_blocks()
 def dense_ours(
     cfg: LossConfig, num_classes: int, world: int, accum: int, dtype: torch.dtype, independent: bool
 ) -> dict:
@@ -231,3 +247,47 @@ def test_public_chest_loss_matches_the_head_in_one_process() -> None:
         trip = sample_triplets(7, K, 1, cfg.init_seed, STEP, cfg.chest.hyphc_negatives)
         ours = chest_loss(x, labels, head.proxies, cfg, head.fc, trip)
         assert float(ours) == pytest.approx(float(head(x, labels, step=STEP)["loss"]), rel=1e-6), name
+
+
+@pytest.mark.parametrize("block", [3, hyphc.TRIPLET_BLOCK])
+def test_triplets_of_any_anchor_range_are_that_slice_of_the_whole_draw(block: int) -> None:
+    """A rank draws only its own anchors' triplets (and its peer's), and must get exactly what the whole draw has."""
+    with small_triplet_blocks(block):
+        for num_classes, world in ((10, 4), (7, 3), (2, 4), (7, 1)):
+            for mode in ("peer", "local"):
+                whole = sample_triplets(num_classes, K, world, 1, STEP, mode)
+                assert whole.anchors == range(num_classes)
+                for lo in range(num_classes + 1):
+                    for hi in range(lo, num_classes + 1):
+                        part = sample_triplets(num_classes, K, world, 1, STEP, mode, range(lo, hi))
+                        assert part.anchors == range(lo, hi) and part.offset == whole.offset
+                        for field in ("pos_i", "pos_j", "neg_class", "neg_k", "valid"):
+                            assert torch.equal(getattr(part, field), getattr(whole, field)[lo:hi]), (lo, hi, field)
+    with pytest.raises(ValueError, match="needs one for each"):
+        chest_loss(
+            torch.zeros(2, DIM_E),
+            torch.zeros(2, dtype=torch.long),
+            torch.zeros(7, K, DIM_E),
+            BASE,
+            ChestHead(BASE, 7, DIM_E).fc,
+            sample_triplets(7, K, 1, 0, STEP, "local", range(2, 5)),
+        )
+
+
+def test_a_rank_draws_only_the_blocks_its_anchors_fall_in(monkeypatch) -> None:
+    """O(C / P) per step: at a million classes and 64 ranks a rank draws 3 blocks of 8192 anchors, not 123."""
+    blocks: list[int] = []
+    seed = hyphc.stable_seed
+
+    def counted(*parts: object) -> int:
+        if "triplets" in parts:
+            blocks.append(int(parts[-1]))  # type: ignore[call-overload]
+        return seed(*parts)
+
+    monkeypatch.setattr(hyphc, "stable_seed", counted)
+    lo, n = 5 * 15_625, 15_625  # rank 5 of 64
+    part = sample_triplets(1_000_000, 2, 64, 0, STEP, "peer", range(lo, lo + n))
+    assert blocks == [9, 10, 11] and len(part.pos_i) == n  # anchors 78,125 to 93,749: blocks 9 to 11
+    blocks.clear()
+    sample_triplets(1_000_000, 2, 64, 0, STEP, "peer")
+    assert blocks == list(range(-(-1_000_000 // 8192)))
