@@ -208,6 +208,11 @@ class DataConfig:
             )
         if self.norm == "channels":
             self.channel_values()
+        elif self.channel_mean or self.channel_std:  # else they would be ignored without a word
+            raise ValueError(
+                f"data.channel_mean/channel_std are used with data.norm=channels only, not data.norm={self.norm}; "
+                "set data.norm=channels or drop them"
+            )
         _check_int("samples_per_class", self.samples_per_class, minimum=0)
         _check_int("balance_buffer", self.balance_buffer, minimum=1)
         m = self.samples_per_class

@@ -136,7 +136,7 @@ def split_entry(root: str, split: str) -> dict:
     if split not in splits:
         raise ValueError(
             f"{manifest_path(root)} has no split {split!r} (it has {', '.join(sorted(splits)) or 'none'}); "
-            f"choose one of those (e.g. --split {next(iter(sorted(splits)), 'NAME')}) or convert the split"
+            "choose one of those or convert the split"
         )
     return splits[split]
 

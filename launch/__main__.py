@@ -20,7 +20,7 @@ import time
 import yaml
 
 from data.convert.mnist import ensure_prepared
-from train.overrides import apply_overrides
+from train.overrides import apply_overrides, refuse_repeated_keys
 from launch.estimate import check_fits, print_estimates
 from launch.preflight import check_data, preflight
 from launch.recipes import DEFAULT_RECIPE, RECIPES, get_recipe
@@ -66,7 +66,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="memory of one GPU in GiB; a --slurm submission with GPUs that would not fit is refused",
     )
     p.add_argument("overrides", nargs="*", help="dotted key=value, e.g. optim.lr=1e-3 slurm.tasks_per_node=4")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides may come before and after flags
 
 
 def build_config(recipe: str, overrides: list[str]) -> RunConfig:
@@ -76,6 +76,7 @@ def build_config(recipe: str, overrides: list[str]) -> RunConfig:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
+        refuse_repeated_keys(args.overrides, args.sweep or [])
         if args.print_config:  # validated, unresolved: needs no converted data (data.num_classes=0 = the manifest's)
             cfg = apply_overrides(get_recipe(args.recipe), args.overrides).validate()
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

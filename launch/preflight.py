@@ -1,9 +1,10 @@
 """Checks made at submission, before anything is queued: Slurm reachable, partition known, GPUs asked
-for, a run directory that holds no other run's checkpoints, and the data the job will read. The config's
-own checks (time limit vs. checkpoint interval, ...) ran already in `RunConfig.validate`."""
+for, a timm model by that name, a run directory that holds no other run's checkpoints, and the data the job
+will read. The config's own checks (time limit vs. checkpoint interval, ...) ran already in `RunConfig.validate`."""
 
 from __future__ import annotations
 
+import difflib
 import os
 import shutil
 import subprocess
@@ -73,6 +74,18 @@ def check_gpus(cfg: RunConfig) -> None:
         )
 
 
+def check_model(cfg: RunConfig) -> None:
+    """model.name is one of timm's models: else the job fails only after its queue wait and process group.
+    Names with a source ("hf-hub:...", "local-dir:...") are left to timm."""
+    import timm  # here: the launcher imports it only to check
+
+    name = cfg.model.name
+    if ":" not in name and not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise ValueError(f"model.name={name!r} is not a timm model; {hint}list names with timm.list_models()")
+
+
 def check_data(cfg: RunConfig) -> None:
     """The job's own start checks of its data (train shards open, labels fit data.num_classes, evaluation
     sets), made at submission where the data is visible from here; data kept elsewhere (node-local disks
@@ -125,6 +138,7 @@ def preflight(cfgs: list[RunConfig], use_slurm: bool) -> None:
             check_gpus(cfg)  # needs no cluster to say what to fix
     partitions = slurm_partitions() if use_slurm else []
     for cfg in cfgs:
+        check_model(cfg)
         if use_slurm:
             check_partition(cfg, partitions)
         check_run_dir(cfg)

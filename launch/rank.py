@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 
-from train.overrides import apply_overrides
+from train.overrides import apply_overrides, refuse_repeated_keys
 from launch.recipes import DEFAULT_RECIPE, get_recipe
 from train.config import load_yaml
 from train.control import REQUEUE_EXIT, stay_for_a_preemption
@@ -32,8 +32,13 @@ def main(argv: list[str] | None = None) -> int:
         requeue_signal = signal.Signals[args.requeue_signal]
     except KeyError:
         p.error(f"--requeue-signal {args.requeue_signal}: not a signal name (e.g. SIGUSR2, SIGUSR1)")
-    base = load_yaml(args.config) if args.config else get_recipe(args.recipe)
-    cfg = apply_overrides(base, args.overrides).resolved()
+    try:  # a bad config is one line on every rank, not a traceback each
+        refuse_repeated_keys(args.overrides)
+        base = load_yaml(args.config) if args.config else get_recipe(args.recipe)
+        cfg = apply_overrides(base, args.overrides).resolved()
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     from data.convert.mnist import ensure_prepared
     from train.main import run
 

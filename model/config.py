@@ -52,6 +52,8 @@ class ModelConfig:
             raise ValueError(f"model.in_chans={self.in_chans} must be 1 or 3")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"model.drop_path_rate={self.drop_path_rate} must be in [0, 1)")
+        if self.img_size < 0 or self.patch_size < 0:
+            raise ValueError("model.img_size and model.patch_size must be >= 0 (0 = the model's default)")
         if self.compile_scope not in COMPILE_SCOPES:
             raise ValueError(f"model.compile_scope={self.compile_scope!r} must be one of {', '.join(COMPILE_SCOPES)}")
 

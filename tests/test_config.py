@@ -59,6 +59,11 @@ def test_overrides_are_typed() -> None:
             r"item '--exclusive' must read key=value without dashes; e\.g\. slurm.sbatch_",
         ),
         ("slurm.sbatch_extra==a100", "item '=a100' must read key=value without dashes"),
+        # non-finite numbers pass every range check written "x <= 0" (nan) or "x > 0" (inf)
+        ("optim.lr=nan", "optim.lr='nan' must be a finite number"),
+        ("loss.scale=inf", "loss.scale='inf' must be a finite number"),
+        ("checkpoint.every_minutes=-inf", "must be a finite number"),
+        ("data.channel_mean=0.5,nan,0.5", "item 'nan' must read a number"),
     ],
 )
 def test_bad_overrides(override: str, message: str) -> None:
@@ -95,6 +100,14 @@ def test_unknown_recipe() -> None:
             "slurm.sbatch_extra=exclusive=true;--mem=100",
             "sbatch_extra item --mem=100 must read key=value without dashes",
         ),
+        ("name=..", "name='..' must be a non-empty folder name"),
+        ("seed=-1", r"seed=-1 must be in \[0, 2\*\*32\)"),
+        ("optim.beta1=2", "optim.beta1=2.0 and optim.beta2=0.999 must be in"),
+        ("optim.weight_decay=-1", "optim.weight_decay, optim.head_weight_decay and optim.grad_clip must be >= 0"),
+        ("optim.grad_clip=-1", "optim.grad_clip must be >= 0"),
+        ("slurm.mem_gb=-5", "slurm.mem_gb must be >= 0"),
+        ("model.patch_size=-3", "model.img_size and model.patch_size must be >= 0"),
+        ("data.channel_mean=0.1", "data.channel_mean/channel_std are used with data.norm=channels only"),
     ],
 )
 def test_validation_errors(override: str, message: str) -> None:
@@ -326,3 +339,27 @@ def test_curvature_and_clip_radius_that_saturate_the_poincare_distance_are_refus
     with pytest.raises(ValueError, match=r"sqrt\(c\) \* r = 3\.98 > 3\.0.*clip radius to <= 1\.73"):
         ChestConfig(curvature=3.0).validate("chest")
     ChestConfig(curvature=3.0, clip_radius=1.7).validate("chest")
+
+
+def test_yaml_errors_name_the_file_and_refuse_what_yaml_would_change(tmp_path) -> None:
+    """A key given twice (PyYAML keeps the last) and a missing key without a default are refused, naming the
+    file; numbers are typed by the field, so text fields keep what YAML 1.1 would have read as numbers."""
+    good = get_recipe("mnist_distarc").to_dict()
+    path = tmp_path / "run.yaml"
+    cases = [
+        (yaml.safe_dump(good).replace("  lr: ", "  lr: 0.5\n  lr: "), r"key\(s\) \['lr'\] given twice"),
+        (yaml.safe_dump({k: v for k, v in good.items() if k != "name"}), r"config key\(s\) \['name'\] missing"),
+        ("- a list\n", "config: expected a mapping"),
+        (yaml.safe_dump(good).replace("max_steps: ", "max_steps: 0x"), "max_steps='0x.*' is not a valid int"),
+    ]
+    for text, message in cases:
+        path.write_text(text)
+        with pytest.raises(ValueError, match=f"^{path}: .*{message}"):
+            load_yaml(str(path))
+    path.write_text(yaml.safe_dump(good))
+    assert load_yaml(str(path)) == get_recipe("mnist_distarc")
+    # text fields keep the text as written: YAML 1.1 reads 010 as 8 and 10:30 as 630
+    text = yaml.safe_dump(good).replace("partition: ''", "partition: 010")
+    path.write_text(text.replace("sbatch_extra: {}", "sbatch_extra:\n    begin: 10:30\n    mem: 100"))
+    slurm = load_yaml(str(path)).slurm
+    assert slurm.partition == "010" and slurm.sbatch_extra == {"begin": "10:30", "mem": "100"}

@@ -71,6 +71,26 @@ def test_print_config_shows_every_key_without_data(tmp_path, capsys) -> None:
     assert "choose the recipe with --recipe vitl_imagenet_8gpu" in capsys.readouterr().err
 
 
+def test_repeated_keys_unknown_models_and_overrides_after_flags(tmp_path, monkeypatch, capsys) -> None:
+    """A key given twice (the last would win without a word) and a model timm does not have (the job would
+    fail after its queue wait) are refused before anything runs; overrides may follow the flags."""
+    import launch.__main__ as cli
+
+    monkeypatch.setattr(cli, "make_executor", lambda *a: pytest.fail("submitted"))
+    assert main(["--print-config", "optim.lr=1e-3", "optim.lr=2e-3"]) == 2
+    assert "['optim.lr'] given twice" in capsys.readouterr().err
+    assert main(["--print-config", "optim.lr=5e-3", "--sweep", "optim.lr=1e-3,2e-3"]) == 2
+    assert "['optim.lr'] both overridden and swept" in capsys.readouterr().err
+    assert main(["--print-config", "optim.lr=1e-3", "--recipe", "mnist_chest", "data.batch_size=32"]) == 0
+    assert "batch_size: 32" in capsys.readouterr().out
+    assert main([f"run_root={tmp_path}", "model.name=resnet10", "data.prepare=none"]) == 2
+    assert "model.name='resnet10' is not a timm model; did you mean resnet10t" in capsys.readouterr().err
+    from launch import rank
+
+    assert rank.main(["optim.lr=nan", "optim.lr=1"]) == 2  # one line on every rank, not a traceback each
+    assert "given twice" in capsys.readouterr().err
+
+
 def _fake_sinfo(tmp_path, body: str) -> str:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -236,8 +256,8 @@ def test_data_written_at_submission_gives_the_class_count(tmp_path, monkeypatch,
     monkeypatch.setattr(launcher, "preflight", lambda *args: None)  # no cluster here
     monkeypatch.setattr(launcher, "record_submission", lambda *args, **kwargs: None)
     root = tmp_path / "mnist5k_open"
-    args = ["--recipe", "mnist_open_distarc", "--no-wait", f"run_root={tmp_path}", f"data.root={root}"]
-    assert main(args) == 0, capsys.readouterr().err
+    args = ["--recipe", "mnist_open_distarc", "--no-wait", f"run_root={tmp_path}"]
+    assert main([*args, f"data.root={root}"]) == 0, capsys.readouterr().err
     assert (root / "manifest.json").is_file() and submitted[0].cfg.data.num_classes == 5
     # a GPU submission's memory plan needs the count too (it had said "not known yet")
     gpus = ["slurm.gpus_per_node=2", "slurm.tasks_per_node=2", f"data.root={tmp_path / 'again'}"]

@@ -72,6 +72,10 @@ class OptimConfig:
             raise ValueError("optim.warmup_steps must be >= 0 and optim.grad_accum_steps >= 1")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
+            raise ValueError(f"optim.beta1={self.beta1} and optim.beta2={self.beta2} must be in [0, 1) (AdamW's betas)")
+        if min(self.weight_decay, self.head_weight_decay, self.grad_clip) < 0:
+            raise ValueError("optim.weight_decay, optim.head_weight_decay and optim.grad_clip must be >= 0 (0 = off)")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -228,8 +232,10 @@ class SlurmConfig:
             raise ValueError("slurm.nodes, slurm.tasks_per_node and slurm.cpus_per_task must be >= 1")
         if self.time_min < 1:
             raise ValueError(f"slurm.time_min={self.time_min} must be >= 1")
-        if self.gpus_per_node < 0 or self.array_parallelism < 0 or self.signal_delay_s < 0:
-            raise ValueError("slurm.gpus_per_node, slurm.array_parallelism and slurm.signal_delay_s must be >= 0")
+        if min(self.gpus_per_node, self.array_parallelism, self.signal_delay_s, self.mem_gb) < 0:
+            raise ValueError(
+                "slurm.gpus_per_node, slurm.array_parallelism, slurm.signal_delay_s and slurm.mem_gb must be >= 0"
+            )
         for key, value in self.sbatch_extra.items():
             if key.startswith("-"):
                 raise ValueError(
@@ -268,10 +274,12 @@ class RunConfig:
         key = repr(self)
         if key in _VALIDATED:
             return self
-        if not self.name or "/" in self.name:
-            raise ValueError(f"name={self.name!r} must be a non-empty folder name without '/'")
+        if not self.name or "/" in self.name or self.name in (".", ".."):  # "..": the run root's parent
+            raise ValueError(f"name={self.name!r} must be a non-empty folder name without '/' (not . or ..)")
         if self.max_steps < 1:
             raise ValueError(f"max_steps={self.max_steps} must be >= 1")
+        if not 0 <= self.seed < 2**32:  # numpy's seeds are 32-bit
+            raise ValueError(f"seed={self.seed} must be in [0, 2**32)")
         for part in (
             self.data,
             self.model,
@@ -388,6 +396,27 @@ def save_yaml(cfg: RunConfig, path: str) -> None:
     write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """safe_load for config files: numbers stay their text, typed by each field as override text is
+    (train.config_values.coerce), since YAML 1.1 would turn text fields' 010 into 8 and 10:30 into 630; a key
+    given twice in one mapping is refused (PyYAML keeps the last without a word)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+        twice = sorted({str(k) for k in keys if keys.count(k) > 1})
+        if twice:
+            raise yaml.constructor.ConstructorError(None, None, f"key(s) {twice} given twice", node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+for _tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float"):
+    _ConfigLoader.add_constructor(_tag, yaml.SafeLoader.construct_scalar)
+
+
 def load_yaml(path: str) -> RunConfig:
-    with open(path) as f:
-        return RunConfig.from_dict(yaml.safe_load(f))
+    """A RunConfig from a YAML file; any error names the file."""
+    try:
+        with open(path) as f:
+            return RunConfig.from_dict(yaml.load(f, Loader=_ConfigLoader))
+    except (ValueError, yaml.YAMLError) as err:
+        raise ValueError(f"{path}: {err}") from err

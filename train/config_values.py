@@ -7,6 +7,7 @@ train.config composes the sections; train.overrides applies dotted key=value tex
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -88,13 +89,18 @@ def _scalar(value: Any, typ: Any, key: str) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
     elif typ in (int, float):  # an int field takes ints only (not 2.5); a float field takes ints too
+        number = None
         if isinstance(value, (int, typ)) and not isinstance(value, bool):
-            return typ(value)
-        if isinstance(value, str):
+            number = typ(value)
+        elif isinstance(value, str):
             try:
-                return typ(value)
+                number = typ(value)
             except ValueError:
                 pass
+        if number is not None and not math.isfinite(number):  # "nan" / "inf" pass every range check after
+            raise ValueError(f"{key}={value!r} must be a finite number")
+        if number is not None:
+            return number
     elif typ is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -138,7 +144,7 @@ def plain_values(value: Any) -> Any:
 
 def build_section(cls: type, raw: dict[str, Any], prefix: str) -> Any:
     """A config dataclass from a mapping: every value coerced to its field's type, sections recursively;
-    unknown keys raise naming the valid ones."""
+    unknown keys raise naming the valid ones, missing keys without a default naming them."""
     if not isinstance(raw, dict):
         raise ValueError(f"{prefix or 'config'}: expected a mapping, got {type(raw).__name__}")
     hints, forms = field_types(cls), field_forms(cls)
@@ -152,4 +158,9 @@ def build_section(cls: type, raw: dict[str, Any], prefix: str) -> Any:
             kwargs[key] = build_section(typing.cast(type, typ), value, f"{prefix}{key}.")
         else:
             kwargs[key] = coerce(value, typ, prefix + key, forms[key])
+    no_default = dataclasses.MISSING
+    required = [f.name for f in dataclasses.fields(cls) if f.default is no_default and f.default_factory is no_default]
+    missing = [prefix + name for name in required if name not in raw]
+    if missing:
+        raise ValueError(f"config key(s) {missing} missing: they have no default; give a value for each")
     return cls(**kwargs)

@@ -8,6 +8,7 @@ checked later, once, by RunConfig.validate() / resolved(): a sweep may override 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 from train.config import RunConfig
@@ -25,6 +26,18 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
             raise ValueError(f"override {item!r}: choose the recipe with --recipe {value.strip() or 'NAME'}")
         cfg = _set(cfg, key.strip().split("."), value.strip(), key.strip())
     return cfg
+
+
+def refuse_repeated_keys(overrides: Sequence[str], swept: Sequence[str] = ()) -> None:
+    """ValueError when a key is given twice: on the command line the last would win without a word (and a
+    plain override of a key the sweep also sets would be dropped the same way)."""
+    keys = [item.split("=", 1)[0].strip() for item in overrides if "=" in item]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise ValueError(f"override key(s) {twice} given twice; give each once")
+    both = sorted(set(keys) & {spec.split("=", 1)[0].strip() for spec in swept})
+    if both:
+        raise ValueError(f"{both} both overridden and swept: the sweep's values would replace the override; drop one")
 
 
 def _set(node: Any, path: list[str], value: str, full_key: str) -> Any:
