@@ -411,3 +411,5 @@ def test_the_end_of_training_evaluation_equals_the_checkpoint_s(dist_pool, mnist
     for key, value in again.items():
         assert in_training[key] == pytest.approx(value, abs=2e-3), key
     assert in_training["acc_poincare"] == again["acc_poincare"]
+    # the export (its table in class order, CHEST's rows put back) evaluates as the checkpoint it came from
+    assert dist_pool(1).run(_evaluate, str(tmp_path / "bn"), True)[0]["metrics"] == again

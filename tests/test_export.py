@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 
 import pytest
 import timm
@@ -13,6 +14,7 @@ import torch
 
 from launch.__main__ import build_config
 from model.backbone import build_backbone
+from model.chest import ChestHead
 from tests.test_train import small_overrides
 from train.checkpoint import find_latest
 from train.export import export
@@ -63,7 +65,36 @@ def test_export_loads_in_timm_and_holds_the_whole_table(dist_pool, mnist_root: s
         export(run_dir, "step-99")
     head = torch.load(os.path.join(out, "head.pt"))
     assert head["proxies"].shape[0] == 10 and "fc.weight" in head  # CHEST: [C, K, D] proxies + the shared FC
+    rows = torch.zeros_like(head["proxies"])  # the table as the ranks hold it: CHEST shuffles its rows
     for file in glob.glob(os.path.join(latest, "head", "classes-*.pt")):
         part = torch.load(file, weights_only=False)
         start, n = part["class_start"], part["num_local"]
-        assert torch.equal(head["proxies"][start : start + n], part["params"]["proxies"]["value"])
+        rows[start : start + n] = part["params"]["proxies"]["value"]
+    label_to_row = ChestHead(cfg.loss, 10, cfg.model.embed_dim).class_perm
+    assert not torch.equal(label_to_row, torch.arange(10))
+    assert torch.equal(head["proxies"], rows[label_to_row])  # row j of the export = class j
+    assert info["head_rows"] == "class_id" and info["class_tables"] == ["proxies"]
+    assert info["input"] == {"image_size": 28, "in_chans": 1, "mean": [0.5], "std": [0.5]}
+
+
+def test_a_broken_checkpoint_leaves_the_previous_export_whole(dist_pool, mnist_root: str, tmp_path, capsys) -> None:
+    """A head file missing (the last classes) or unreadable: the export stops with the reason and the folder
+    still holds the previous export, not a mix of two checkpoints."""
+    pool = dist_pool(2)
+    pool.run(_train, small_overrides(mnist_root, str(tmp_path), "exp", 4) + ["metrics.retrieval=false"])
+    run_dir = str(tmp_path / "exp")
+    out = os.path.join(run_dir, "export")
+    before = {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)}
+    broken = str(tmp_path / "broken")
+    shutil.copytree(find_latest(run_dir), broken)
+    shards = sorted(glob.glob(os.path.join(broken, "head", "classes-*.pt")))
+    os.remove(shards[-1])
+    with pytest.raises(RuntimeError, match=r"classes \[5, 10\) are missing"):
+        export(run_dir, broken)
+    shutil.copytree(find_latest(run_dir), broken, dirs_exist_ok=True)
+    with open(shards[-1], "r+b") as f:
+        f.truncate(100)
+    assert export_main([run_dir, "--checkpoint", broken]) == 2
+    assert "error:" in capsys.readouterr().err
+    assert {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)} == before
+    assert not [name for name in os.listdir(run_dir) if ".writing-" in name or ".replaced-" in name]

@@ -24,7 +24,7 @@ from train.dist import barrier, destroy_distributed, env_from_environ, init_dist
 from train.evaluate.protocols import evaluate_sets, flatten
 from train.evaluate.report import write_eval_files
 from train.evaluate.sets import resolve_eval_sets
-from train.export import consolidated_backbone, full_head_tables
+from train.export import class_rows, consolidated_backbone, full_head_tables
 from train.overrides import apply_overrides
 
 
@@ -82,10 +82,15 @@ def load_run(
         backbone = {**{f"trunk.{k}": v for k, v in weights.items()}, **{f"neck.{k}": v for k, v in neck.items()}}
         head = torch.load(os.path.join(source, "head.pt"), map_location="cpu", weights_only=True)
         with open(os.path.join(source, "export.json")) as f:
-            step = int(json.load(f)["step"])
+            info = json.load(f)
+        step, rows = int(info["step"]), class_rows(saved)
+        # row j = class j since 2026-12-07 ("head_rows"); older exports hold the head's own (shuffled) rows
+        if info.get("head_rows") == "class_id" and rows is not None:
+            for name in info["class_tables"]:
+                head[name] = head[name][torch.argsort(rows)]
     else:
         backbone = consolidated_backbone(source, saved.zero.stage)
-        head = full_head_tables(source)
+        head, _ = full_head_tables(source, saved.data.num_classes)
         step = int(ckpt.read_meta(source)["step"])
     return LoadedRun(cfg, source, step, backbone, head)
 
