@@ -155,20 +155,16 @@ def test_zero_states_fall_with_stage_and_ranks_and_never_undercut_deepspeed() ->
 
 
 def _live_tensor_bytes() -> int:
-    """Bytes of every tensor storage the garbage collector reaches (and their .grad), each storage once."""
+    """Bytes of every tensor storage the garbage collector reaches (and their .grad), each storage once; not
+    those of the objects gc.freeze() set aside."""
     storages: dict[int, int] = {}
     with warnings.catch_warnings():  # isinstance on torch.distributed's deprecated module attributes warns,
         warnings.simplefilter("ignore", FutureWarning)  # and so does .grad of an activation (not a leaf)
         warnings.simplefilter("ignore", UserWarning)
         tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor) and obj.device.type == "cpu"]
-        for obj in tensors:
-            for t in (obj, obj.grad):
-                if t is None:
-                    continue
-                try:
-                    storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-                except RuntimeError:  # fake tensors and freed storages an earlier torch.compile left: no memory
-                    continue
+        for t in (t for obj in tensors for t in (obj, obj.grad) if t is not None):
+            with contextlib.suppress(RuntimeError):  # fake tensors, freed storages an earlier torch.compile left
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     storages.pop(0, None)
     return sum(storages.values())
 
@@ -209,50 +205,54 @@ def zero_states_rank(stage: int, bf16: bool, layers: int = 16, block_layers: int
     from train.engine import build_engine
 
     gc.collect()
-    base = _live_tensor_bytes()
-    torch.manual_seed(0)
-    linears = [nn.Linear(256, 256) for _ in range(layers)]  # layers of 1/16: ZeRO-3's layer terms
-    net: nn.Module = nn.Sequential(*linears)  # (allocator-measured by the audit) stay small
-    if block_layers:  # a stem layer, then blocks of `block_layers` layers, which ZeRO-3 gathers whole as leaves
-        blocks = [nn.Sequential(*linears[i : i + block_layers]) for i in range(1, layers, block_layers)]
-        net = _Blocks(linears[0], blocks)
-    params = sum(p.numel() for p in net.parameters())
-    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in net.modules())
-    small = dict(reduce_bucket_size=1000, allgather_bucket_size=1000, stage3_prefetch_bucket_size=1000)
-    zero = ZeroConfig(stage=stage, bf16=bf16, stage3_param_persistence_threshold=0, **{**small, **zero_settings})
-    # what the estimate takes for this net (trunk_state): ZeRO-3 gathers whole blocks with leaf blocks
-    largest_block = max((sum(p.numel() for p in b.parameters()) for b in tm.trunk_blocks(net)), default=0)
-    size = tm.TrunkSize(params, largest, 0, largest_block)
-    unit = size.gathered_unit(zero)
-    engine = build_engine(net, OptimConfig(warmup_steps=0), zero, micro_batch=2, max_steps=10)
-    peak = [0]
+    gc.freeze()  # what is alive now (base's tensors too) out of the walks and collections: 3 s a case, not 20
+    try:
+        base = _live_tensor_bytes()
+        torch.manual_seed(0)
+        linears = [nn.Linear(256, 256) for _ in range(layers)]  # layers of 1/16: ZeRO-3's layer terms
+        net: nn.Module = nn.Sequential(*linears)  # (allocator-measured by the audit) stay small
+        if block_layers:  # a stem layer, then blocks of `block_layers` layers, which ZeRO-3 gathers whole as leaves
+            blocks = [nn.Sequential(*linears[i : i + block_layers]) for i in range(1, layers, block_layers)]
+            net = _Blocks(linears[0], blocks)
+        params = sum(p.numel() for p in net.parameters())
+        largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in net.modules())
+        small = dict(reduce_bucket_size=1000, allgather_bucket_size=1000, stage3_prefetch_bucket_size=1000)
+        zero = ZeroConfig(stage=stage, bf16=bf16, stage3_param_persistence_threshold=0, **{**small, **zero_settings})
+        # what the estimate takes for this net (trunk_state): ZeRO-3 gathers whole blocks with leaf blocks
+        largest_block = max((sum(p.numel() for p in b.parameters()) for b in tm.trunk_blocks(net)), default=0)
+        size = tm.TrunkSize(params, largest, 0, largest_block)
+        unit = size.gathered_unit(zero)
+        engine = build_engine(net, OptimConfig(warmup_steps=0), zero, micro_batch=2, max_steps=10)
+        peak = [0]
 
-    def hook(*args: object) -> None:
-        peak[0] = max(peak[0], _live_tensor_bytes() - base)
+        def hook(*args: object) -> None:
+            peak[0] = max(peak[0], _live_tensor_bytes() - base)
 
-    handles = [
-        engine.client_optimizer.register_step_pre_hook(hook),
-        engine.client_optimizer.register_step_post_hook(hook),
-        linears[-1].register_forward_hook(hook),  # the forward's end: ZeRO-3's gathered weights
-        # the backward's end too: ZeRO-1 holds every gradient whole until it reduces them after the backward
-        # (not at stage 3, where the backward's gathered layers and reduce-scatter buffers come and go: the
-        # estimate counts them from the audit's allocator measurements)
-        *(p.register_post_accumulate_grad_hook(hook) for p in linears[0].parameters() if stage < 3),
-    ]
-    # inside the collectives where ZeRO-0 and bf16 ZeRO-1 all-reduce their flat copies (elsewhere the many
-    # small bucketed ones would only make this slow)
-    flat = stage == 0 or (stage == 1 and bf16)
-    sampled = timed_collectives(_SampleInsideCollectives(hook)) if flat else contextlib.nullcontext()
-    with sampled:  # type: ignore[attr-defined]
-        for _ in range(3):
-            x = torch.randn(2, 256, dtype=torch.bfloat16 if bf16 else torch.float32)
-            engine.backward(engine(x).float().square().mean())
-            engine.step()
-    for handle in handles:
-        handle.remove()
-    del engine
-    gc.collect()
-    return {"params": params, "largest": unit, "per_param": peak[0] / params, "kept": size.zero3_kept(zero)}
+        handles = [
+            engine.client_optimizer.register_step_pre_hook(hook),
+            engine.client_optimizer.register_step_post_hook(hook),
+            linears[-1].register_forward_hook(hook),  # the forward's end: ZeRO-3's gathered weights
+            # the backward's end too: ZeRO-1 holds every gradient whole until it reduces them after the backward
+            # (not at stage 3, where the backward's gathered layers and reduce-scatter buffers come and go: the
+            # estimate counts them from the audit's allocator measurements)
+            *(p.register_post_accumulate_grad_hook(hook) for p in linears[0].parameters() if stage < 3),
+        ]
+        # inside the collectives where ZeRO-0 and bf16 ZeRO-1 all-reduce their flat copies (elsewhere the many
+        # small bucketed ones would only make this slow)
+        flat = stage == 0 or (stage == 1 and bf16)
+        sampled = timed_collectives(_SampleInsideCollectives(hook)) if flat else contextlib.nullcontext()
+        with sampled:  # type: ignore[attr-defined]
+            for _ in range(3):
+                x = torch.randn(2, 256, dtype=torch.bfloat16 if bf16 else torch.float32)
+                engine.backward(engine(x).float().square().mean())
+                engine.step()
+        for handle in handles:
+            handle.remove()
+        del engine
+        gc.collect()
+        return {"params": params, "largest": unit, "per_param": peak[0] / params, "kept": size.zero3_kept(zero)}
+    finally:
+        gc.unfreeze()
 
 
 ZERO3_LAYER_TERM_UNSEEN = 2.0  # ~16 B/param of the gathered unit over ~8 B/param of states, fp32 at 4 ranks
