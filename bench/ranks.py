@@ -35,6 +35,9 @@ def _entry(rank: int, world: int, port: int, fn: Callable[..., None], args: tupl
         LOCAL_RANK=str(rank),
         LOCAL_WORLD_SIZE=str(world),
     )
+    # DataLoader workers fork, as in a rank srun or torchrun started (a spawned process's default is spawn, whose
+    # workers import torch and the project again: ~10 s per loader on 2 cores)
+    mp.set_start_method("fork", force=True)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     fn(rank, world, *args, out)
 

@@ -35,6 +35,9 @@ def _serve(rank: int, world: int, port: int, conn: Any) -> None:
     import torch
     import torch.distributed as dist
 
+    # DataLoader workers fork, as in a rank srun, torchrun or submitit started: a spawned process's default is
+    # spawn, whose workers import torch and the project again (~10 s per loader on 2 cores)
+    mp.set_start_method("fork", force=True)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     while True:

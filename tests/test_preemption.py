@@ -44,11 +44,6 @@ def _run_signalled(
     return run(cfg, requeue_signal=requeue_signal).to_json()
 
 
-# for the tests of evaluations cut or left pending, all in the rank's own process: a data worker per loader and rank
-# took 5-20 s of each run (4 runs: 70 s, not 15); the other tests here and test_slurm_train.py stop runs with theirs
-NO_DATA_WORKERS = "data.num_workers=0"
-
-
 def _run(overrides: list[str]) -> dict:
     from train.main import run
 
@@ -177,7 +172,6 @@ def test_a_stop_on_an_evaluation_step_evaluates_on_resume(dist_pool, mnist_root:
         "metrics.eval_every=1",
         "checkpoint.every_steps=2",
         "checkpoint.keep_last=10",
-        NO_DATA_WORKERS,
     ]
     first = pool.run(_run_signalled, args, 0, signal.SIGUSR2, "step-2")
     stopped = first[0]["step"]
@@ -256,7 +250,6 @@ def test_a_signal_during_an_evaluation_stops_it_between_two_sets(dist_pool, mnis
         "metrics.eval_every=5",
         f"metrics.eval_sets={mnist_root}:valid",  # a second set: val, then valid (800 digits, not train's 4000)
         "checkpoint.export=true",
-        NO_DATA_WORKERS,
     ]
     first = pool.run(_run_signalled_in_evaluation, args, 1, 1)  # the step-5 evaluation, after val
     assert [(r["stop_signal"], r["step"]) for r in first] == [("SIGUSR2", 5)] * 2
