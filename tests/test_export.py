@@ -21,10 +21,10 @@ from train.export import export
 from train.export import main as export_main
 
 
-def _train(overrides: list[str]) -> dict:
+def _train(overrides: list[str], recipe: str = "mnist_chest") -> dict:
     from train.main import run
 
-    return run(build_config("mnist_chest", overrides)).to_json()
+    return run(build_config(recipe, overrides)).to_json()
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -98,3 +98,15 @@ def test_a_broken_checkpoint_leaves_the_previous_export_whole(dist_pool, mnist_r
     assert "error:" in capsys.readouterr().err
     assert {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)} == before
     assert not [name for name in os.listdir(run_dir) if ".writing-" in name or ".replaced-" in name]
+
+
+def test_a_distarc_export_holds_the_radii_of_its_predictive_measure(dist_pool, mnist_root: str, tmp_path) -> None:
+    """argmin_j ||x - r_j w_j / ||w_j|| || from head.pt alone (model.distarc.predict(x, weight, radii)): the table
+    and each class's sphere radius, r_0 + g (j mod S)."""
+    args = small_overrides(mnist_root, str(tmp_path), "da", 2)
+    dist_pool(1).run(_train, args, "mnist_distarc")
+    cfg = build_config("mnist_distarc", args)
+    head = torch.load(os.path.join(cfg.run_dir, "export", "head.pt"))
+    loss = cfg.loss
+    assert head["weight"].shape[0] == 10 and loss.num_spheres > 1
+    assert torch.equal(head["radii"], loss.radius_start + loss.radius_gap * (torch.arange(10) % loss.num_spheres))

@@ -7,7 +7,7 @@
   neck.pth       the Linear neck (trunk features -> embedding)
   head.pt        every sharded head parameter as one full table over all classes, row j = class j whatever
                  world size wrote them (CHEST's shuffled rows put back: "head_rows": "class_id" in
-                 export.json), plus the replicated ones (CHEST's FC)
+                 export.json), plus the replicated ones (CHEST's FC); DistArc: each class's sphere "radii"
   export.json    model name and timm kwargs, embedding size, the input (image_size, in_chans, per-channel
                  mean/std of pixels in [0, 1]), loss config, the step exported
   config.yaml    the run's whole config (transforms, normalisation, head): train.embed.load_embedder uses it
@@ -27,6 +27,7 @@ import torch
 
 from data.transforms import normalisation
 from model.backbone import timm_kwargs
+from model.distarc import sphere_radii
 from model.proxies import class_permutation
 from train import checkpoint as ckpt
 from train.config import RunConfig, load_yaml, save_yaml
@@ -114,6 +115,11 @@ def _write(step_dir: str, cfg: RunConfig, staging: str) -> None:
     (head, class_tables), rows = full_head_tables(step_dir, cfg.data.num_classes), class_rows(cfg)
     for name in class_tables if rows is not None else []:
         head[name] = head[name][rows]  # row j = class j
+    if cfg.loss.name == "distarc":  # the sphere radius of each class: the predictive measure from the export alone
+        loss = cfg.loss
+        head["radii"] = sphere_radii(
+            torch.arange(cfg.data.num_classes), loss.radius_start, loss.radius_gap, loss.num_spheres
+        )
     torch.save(head, os.path.join(staging, "head.pt"))
     mean, std = normalisation(cfg.data)
     info = {
