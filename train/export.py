@@ -112,9 +112,11 @@ def _write(step_dir: str, cfg: RunConfig, staging: str) -> None:
     neck = {k[len("neck.") :]: v for k, v in weights.items() if k.startswith("neck.")}
     torch.save(trunk, os.path.join(staging, "backbone.pth"))
     torch.save(neck, os.path.join(staging, "neck.pth"))
-    (head, class_tables), rows = full_head_tables(step_dir, cfg.data.num_classes), class_rows(cfg)
-    for name in class_tables if rows is not None else []:
-        head[name] = head[name][rows]  # row j = class j
+    head, class_tables = full_head_tables(step_dir, cfg.data.num_classes)
+    rows = class_rows(cfg)
+    if rows is not None:  # CHEST's shuffled rows back in class order: row j = class j
+        for name in class_tables:
+            head[name] = head[name][rows]
     if cfg.loss.name == "distarc":  # the sphere radius of each class: the predictive measure from the export alone
         loss = cfg.loss
         head["radii"] = sphere_radii(
