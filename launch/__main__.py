@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:  # validated, unresolved: needs no converted data (data.num_classes=0 = the manifest's)
             cfg = apply_overrides(get_recipe(args.recipe), args.overrides).validate()
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            for line in cfg.warnings():
+                print(f"warning: {line}", file=sys.stderr)
             return 0
         if args.sweep:
             sweep_dir, cfgs = expand(args.recipe, args.overrides, args.sweep, args.sweep_name)
@@ -94,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         preflight(cfgs, args.slurm)
         for cfg in cfgs:
             check_data(cfg)  # the job's own start checks of its data, before it waits in the queue
+            for line in cfg.warnings():
+                print(f"warning: {cfg.name}: {line}", file=sys.stderr)
     except (ValueError, RuntimeError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

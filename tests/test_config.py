@@ -363,3 +363,19 @@ def test_yaml_errors_name_the_file_and_refuse_what_yaml_would_change(tmp_path) -
     path.write_text(text.replace("sbatch_extra: {}", "sbatch_extra:\n    begin: 10:30\n    mem: 100"))
     slurm = load_yaml(str(path)).slurm
     assert slurm.partition == "010" and slurm.sbatch_extra == {"begin": "10:30", "mem": "100"}
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_recipes_raise_no_warnings(name: str) -> None:
+    assert get_recipe(name).validate().warnings() == []
+
+
+def test_warmup_longer_than_the_run_is_pointed_out(capsys) -> None:
+    from launch.__main__ import main
+
+    cfg = apply_overrides(get_recipe("mnist_distarc"), ["max_steps=40", "optim.warmup_steps=50"]).validate()
+    (line,) = cfg.warnings()
+    assert "optim.warmup_steps=50 >= max_steps=40" in line and "peak at 80% of optim.lr" in line
+    assert apply_overrides(cfg, ["optim.warmup_steps=39"]).validate().warnings() == []
+    assert main(["--print-config", "max_steps=40", "optim.warmup_steps=50"]) == 0  # runs, but says so
+    assert "warning: optim.warmup_steps=50 >= max_steps=40" in capsys.readouterr().err

@@ -391,3 +391,17 @@ def _start_refused(overrides: list[str]) -> str:
     except RuntimeError as exc:
         return str(exc)
     return "started"
+
+
+@pytest.mark.parametrize(
+    "layout, node, expected", [("4", "0", 4), ("3,2", "1", 2), ("2(x3),1", "2", 2), ("2(x3),1", "3", 1)]
+)
+def test_local_world_size_from_an_srun_steps_layout(monkeypatch, layout: str, node: str, expected: int) -> None:
+    from train.dist import env_from_environ
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setenv("SLURM_STEP_TASKS_PER_NODE", layout)
+    monkeypatch.setenv("SLURM_NODEID", node)
+    assert env_from_environ().local_world_size == expected
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # a launcher's own value wins
+    assert env_from_environ().local_world_size == 8

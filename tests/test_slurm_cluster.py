@@ -8,6 +8,7 @@ when it is missing) and stops it at the end unless it was already up.
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,19 @@ def test_one_task_on_each_of_two_nodes(slurm_env: dict[str, str], tmp_path: Path
     assert [r["global_rank"] for r in results] == [0, 1]
     assert [r["node"] for r in results] == [0, 1]
     assert sorted(r["nodename"] for r in results) == ["n1", "n2"]
+
+
+def test_uneven_layout_gives_each_node_its_own_local_world_size(slurm_env: dict[str, str]) -> None:
+    """3 tasks on 2 nodes: 2 + 1 (SLURM_NTASKS_PER_NODE is unset; slurm/train.sbatch relies on train.dist)."""
+    code = "import os, train.dist as d; print(os.environ['SLURM_PROCID'], d.env_from_environ().local_world_size)"
+    out = subprocess.run(
+        ["srun", "-N", "2", "-n", "3", "--mem=500M", sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert sorted(out.split("\n")[:-1]) == ["0 2", "1 2", "2 1"]
 
 
 def test_job_array(slurm_env: dict[str, str], tmp_path: Path) -> None:

@@ -321,6 +321,18 @@ class RunConfig:
         _remember(_VALIDATED, key)
         return self
 
+    def warnings(self) -> list[str]:
+        """Settings that run but are most likely not what was meant (printed at submission and at start)."""
+        found = []
+        if self.optim.warmup_steps >= self.max_steps:
+            peak = self.max_steps / self.optim.warmup_steps if self.optim.warmup_steps else 1.0
+            found.append(
+                f"optim.warmup_steps={self.optim.warmup_steps} >= max_steps={self.max_steps}: the learning rates "
+                f"never finish warming up (they peak at {peak:.0%} of optim.lr and optim.head_lr, with no cosine "
+                "decay); lower optim.warmup_steps for a short run"
+            )
+        return found
+
     def resolved(self) -> "RunConfig":
         """Validated, with settings that depend on others made explicit (what a run records and uses).
 

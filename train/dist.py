@@ -45,12 +45,27 @@ class DistEnv:
 def env_from_environ() -> DistEnv:
     """Rank and world size from the environment (a single process when nothing is set)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_world = os.environ.get("LOCAL_WORLD_SIZE") or slurm_tasks_on_this_node() or world
     return DistEnv(
         rank=int(os.environ.get("RANK", "0")),
         world_size=world,
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", str(world))),
+        local_world_size=int(local_world),
     )
+
+
+def slurm_tasks_on_this_node() -> int | None:
+    """Tasks of this srun step on this node, or None outside one. SLURM_NTASKS_PER_NODE is set only with
+    --ntasks-per-node and is wrong for an uneven layout (`--ntasks=5` on 2 nodes: 3 + 2); the step's
+    SLURM_STEP_TASKS_PER_NODE ("3,2", or "2(x3),1" for 2,2,2,1) with SLURM_NODEID always says."""
+    layout, node = os.environ.get("SLURM_STEP_TASKS_PER_NODE"), os.environ.get("SLURM_NODEID")
+    if not layout or node is None:
+        return None
+    counts = []
+    for part in layout.split(","):
+        tasks, _, times = part.partition("(x")
+        counts += [int(tasks)] * int(times.rstrip(")") or 1)
+    return counts[int(node)]
 
 
 def slurm_job_id() -> str:
