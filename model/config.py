@@ -58,6 +58,10 @@ class ModelConfig:
             raise ValueError(f"model.compile_scope={self.compile_scope!r} must be one of {', '.join(COMPILE_SCOPES)}")
 
 
+# SoftTriple's published constants (docs/losses.md 2.4), as overrides; CHEST's defaults are not them
+SOFTTRIPLE_CONSTANTS = "loss.chest.gamma_e=0.1 lambda_e=20 delta_e=0.01 tau=0.2 proxies_per_class=10"
+
+
 @dataclasses.dataclass(kw_only=True)
 class ChestConfig:
     """CHEST (Saeki et al., arXiv 2510.05643; docs/losses.md section 2) and its SoftTriple baseline.
@@ -123,6 +127,12 @@ class ChestConfig:
             raise ValueError("loss.chest.eta_e, eta_h, tau must be >= 0 and eta_e + eta_h > 0")
         if head == "softtriple" and self.eta_e == 0:
             raise ValueError("loss.name=softtriple uses the Euclidean fields: loss.chest.eta_e must be > 0")
+        if head == "softtriple" and self.delta_e >= 2.0:  # CHEST's default 5 is a distance margin
+            raise ValueError(
+                f"loss.name=softtriple compares cosine similarities (in [-1, 1]): a margin loss.chest.delta_e="
+                f"{self.delta_e:g} >= 2 puts every class above the true one; SoftTriple's constants are "
+                f"{SOFTTRIPLE_CONSTANTS} (CHEST's defaults are distance units)"
+            )
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -379,3 +379,21 @@ def test_warmup_longer_than_the_run_is_pointed_out(capsys) -> None:
     assert apply_overrides(cfg, ["optim.warmup_steps=39"]).validate().warnings() == []
     assert main(["--print-config", "max_steps=40", "optim.warmup_steps=50"]) == 0  # runs, but says so
     assert "warning: optim.warmup_steps=50 >= max_steps=40" in capsys.readouterr().err
+
+
+def test_baselines_with_the_papers_defaults_of_other_heads_are_refused_or_pointed_out() -> None:
+    """DistArc's s = 1 and CHEST's distance-unit constants are the defaults; the baselines need their own."""
+    base = get_recipe("mnist_chest")
+    with pytest.raises(ValueError, match="delta_e=5 >= 2 puts every class above the true one.*gamma_e=0.1"):
+        apply_overrides(base, ["loss.name=softtriple"]).validate()
+    (line,) = apply_overrides(base, ["loss.name=softtriple", "loss.chest.delta_e=0.01"]).validate().warnings()
+    assert "loss.chest.gamma_e=5" in line and "gamma_e=0.1" in line
+    for name in ("arcface", "cosface"):
+        (line,) = (
+            apply_overrides(get_recipe("mnist_distarc"), [f"loss.name={name}", "loss.scale=1"]).validate().warnings()
+        )
+        assert f"loss.name={name} with loss.scale=1" in line and "loss.scale=64" in line
+        assert (
+            apply_overrides(get_recipe("mnist_distarc"), [f"loss.name={name}", "loss.scale=30"]).validate().warnings()
+            == []
+        )

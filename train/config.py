@@ -23,7 +23,7 @@ import yaml
 from common.files import write_text_atomic
 from data.config import NORM_PRESETS, DataConfig
 from data.mixture import num_train_classes
-from model.config import LossConfig, ModelConfig
+from model.config import SOFTTRIPLE_CONSTANTS, LossConfig, ModelConfig
 from train.config_values import build_section, plain_values
 
 
@@ -330,6 +330,17 @@ class RunConfig:
                 f"optim.warmup_steps={self.optim.warmup_steps} >= max_steps={self.max_steps}: the learning rates "
                 f"never finish warming up (they peak at {peak:.0%} of optim.lr and optim.head_lr, with no cosine "
                 "decay); lower optim.warmup_steps for a short run"
+            )
+        if self.loss.name in ("arcface", "cosface") and self.loss.scale < 8:  # DistArc's s = 1 is the default
+            found.append(
+                f"loss.name={self.loss.name} with loss.scale={self.loss.scale:g}: logits within +-{self.loss.scale:g} "
+                "cannot make the softmax confident (the loss stays near log(classes)); ArcFace and CosFace use "
+                "s = 30-64 (loss.scale=64)"
+            )
+        if self.loss.name == "softtriple" and self.loss.chest.gamma_e > 1:  # CHEST's 5, a distance temperature
+            found.append(
+                f"loss.name=softtriple with loss.chest.gamma_e={self.loss.chest.gamma_e:g}: over cosines this "
+                f"weighs a class's proxies almost evenly; SoftTriple's constants are {SOFTTRIPLE_CONSTANTS}"
             )
         return found
 
