@@ -14,6 +14,8 @@ import json
 import os
 
 MANIFEST_NAME = "manifest.json"
+# A converter's restart state (data.convert.common), written first: beside no manifest it means "unfinished"
+CONVERT_STATE_NAME = ".convert-state.json"
 
 # Appended to "not found" errors so the user knows how to get shards.
 _FIX_HINT = (
@@ -31,11 +33,19 @@ def read_manifest(root: str) -> dict | None:
     """Return the parsed `{root}/manifest.json`, or None when it is absent."""
     path = manifest_path(root)
     if not os.path.isfile(path):
+        if os.path.isfile(os.path.join(root, CONVERT_STATE_NAME)):  # killed, or parts still to come
+            raise FileNotFoundError(
+                f"the conversion into {root} has not finished ({os.path.join(root, CONVERT_STATE_NAME)} is there, "
+                f"{MANIFEST_NAME} is not): run the same `python -m data.convert` command again to complete it "
+                "(with --num-parts: every --part, then --part -1)"
+            )
         return None
     try:
         with open(path, encoding="utf-8") as f:
             manifest = json.load(f)
-    except (OSError, json.JSONDecodeError) as exc:
+    except OSError as exc:
+        raise ValueError(f"{path} cannot be read ({exc}); check its permissions") from exc
+    except json.JSONDecodeError as exc:
         raise ValueError(f"{path} is not valid JSON ({exc}); delete it and re-run the converter") from exc
     if not isinstance(manifest, dict):
         raise ValueError(f"{path} must hold a JSON object; delete it and re-run the converter")

@@ -119,6 +119,62 @@ def test_restart_keeps_finished_shards(tmp_path) -> None:
     assert manifest(out)["splits"]["train"]["sha256"] == digest
 
 
+def test_an_unfinished_conversion_is_not_taken_for_a_dataset(tmp_path) -> None:
+    """A converter killed half-way leaves its state file and some shards: training refuses them, naming the fix."""
+    from data.shards import check_labels, list_shards
+
+    out = str(tmp_path / "o")
+    splits = toy()
+    load = splits[0].load
+
+    loaded: list[Item] = []
+
+    def dies_at_the_7th_image(item: Item) -> bytes:
+        if len(loaded) == 6:
+            raise KeyboardInterrupt
+        loaded.append(item)
+        return load(item)
+
+    splits[0].load = dies_at_the_7th_image
+    with pytest.raises(KeyboardInterrupt):
+        convert("toy", out, splits, shard_size=4, progress=False)
+    assert sorted(os.listdir(os.path.join(out, "train"))) == ["shard-000000.tar"]  # 1 of 3 shards
+    for reader in (lambda: list_shards(out, "train"), lambda: check_labels(out, 3)):
+        with pytest.raises(FileNotFoundError, match="has not finished.*run the same `python -m data.convert`"):
+            reader()
+    convert("toy", out, toy(), shard_size=4, progress=False)  # the same command again completes it
+    assert len(list_shards(out, "train")) == 3
+
+
+def test_shards_that_this_converter_did_not_start_are_refused(tmp_path) -> None:
+    """Shards (or a manifest) already in --out without the state file belong to another conversion: the
+    plan would skip them as written and list them under this dataset's manifest."""
+    out = str(tmp_path / "o")
+    convert("toy", out, toy(classes=2), shard_size=4, progress=False)
+    os.remove(os.path.join(out, STATE_NAME))
+    os.remove(os.path.join(out, "manifest.json"))
+    with pytest.raises(ValueError, match="already holds a dataset that this converter did not start.*shard-000000"):
+        convert("toy", out, toy(), shard_size=4, progress=False)
+    other = str(tmp_path / "p")
+    convert("toy", other, toy(), shard_size=4, progress=False)
+    os.remove(os.path.join(other, STATE_NAME))
+    with pytest.raises(ValueError, match="manifest.json"):
+        convert("toy", other, toy(), shard_size=4, progress=False)
+
+
+def test_manifest_is_as_readable_as_the_shards(tmp_path) -> None:
+    """A shared dataset: the manifest and state file get the umask's permissions, as the shards (not 0600)."""
+    old = os.umask(0o022)
+    try:
+        out = str(tmp_path / "o")
+        convert("toy", out, toy(), shard_size=4, progress=False)
+    finally:
+        os.umask(old)
+    modes = {name: os.stat(os.path.join(out, name)).st_mode & 0o777 for name in ("manifest.json", STATE_NAME)}
+    assert modes == {"manifest.json": 0o644, STATE_NAME: 0o644}
+    assert os.stat(os.path.join(out, "train", "shard-000000.tar")).st_mode & 0o777 == 0o644
+
+
 def test_restart_with_other_shard_size_refused(tmp_path) -> None:
     out = str(tmp_path / "o")
     convert("toy", out, toy(), shard_size=4, progress=False)

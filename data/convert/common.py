@@ -39,10 +39,10 @@ import scipy.io
 from tqdm import tqdm
 
 from common.files import write_json_atomic
-from data.shards import MANIFEST_NAME
+from data.shards import CONVERT_STATE_NAME, MANIFEST_NAME
 from data.writer import JPG_FIELD, LABEL_FIELD, META_FIELD, PNG_FIELD, SHARD_PATTERN, write_manifest, write_split
 
-STATE_NAME = ".convert-state.json"
+STATE_NAME = CONVERT_STATE_NAME
 # Bump when the same items would give other shard bytes (tar layout, fields,
 # metadata encoding, sample order): an --out written before must not resume.
 STATE_VERSION = 2
@@ -213,6 +213,21 @@ def _check_state(out: str, state: dict) -> None:
                 f"be reused: remove {out} or choose another --out (to resume it, use its --shard-size and source)"
             )
         return
+    # No state: a fresh conversion. Shards or a manifest already there are another tool's (or a converter's
+    # before state files): the plan would skip them as written and list them as this dataset's.
+    found = [os.path.join(out, MANIFEST_NAME)] if os.path.isfile(os.path.join(out, MANIFEST_NAME)) else []
+    for split in state["splits"]:
+        folder = os.path.join(out, split)
+        found += (
+            sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".tar"))
+            if os.path.isdir(folder)
+            else []
+        )
+    if found:
+        raise ValueError(
+            f"{out} already holds a dataset that this converter did not start ({found[0]}, and no {path}); its "
+            f"files would be taken for this conversion's: remove {out} or choose another --out"
+        )
     write_json_atomic(path, state, indent=2, sort_keys=True)
 
 

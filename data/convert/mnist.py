@@ -23,9 +23,11 @@ import random
 import shutil
 import tempfile
 from collections.abc import Iterator
+from typing import Any
 
 from PIL import Image
 
+from common.files import current_umask
 from data.config import DataConfig
 from data.shards import MANIFEST_NAME
 from data.writer import LABEL_FIELD, META_FIELD, PNG_FIELD, write_manifest, write_split
@@ -198,31 +200,34 @@ def ensure_prepared(cfg: DataConfig) -> None:
     """Write the mnist5k shards into cfg.root unless its manifest exists.
 
     No-op for data.prepare=none or when `{root}/manifest.json` exists, so it
-    is safe to call twice and from every rank. The dataset is written into a
-    temp sibling folder and renamed onto cfg.root in one step: a crash leaves
-    at most a stray `.{name}.tmp-*` folder, never a half dataset at cfg.root.
-    When several ranks race, the first rename wins and the others discard
-    their copy (the data is identical by construction).
+    is safe to call twice and from every rank (`write_mnist5k_atomic`).
     """
     if cfg.prepare == "none" or os.path.isfile(os.path.join(cfg.root, MANIFEST_NAME)):
         return
     if cfg.prepare not in LAYOUTS:
         raise ValueError(f"data.prepare={cfg.prepare!r} is unknown; use none or one of {LAYOUTS}")
-    root = os.path.abspath(cfg.root)
+    write_mnist5k_atomic(cfg.root, layout=cfg.prepare, setting=f"data.prepare={cfg.prepare} (data.root)")
+
+
+def write_mnist5k_atomic(root: str, setting: str, **kwargs: Any) -> None:
+    """`write_mnist5k` into a temp sibling folder, renamed onto `root` in one step: a crash leaves at most
+    a stray `.{name}.tmp-*` folder, never a half dataset at `root`. When several ranks race, the first
+    rename wins and the others discard their copy (the data is identical by construction). `setting`
+    names, in the error, what asked for `root` (a non-empty folder without a manifest is refused)."""
+    root = os.path.abspath(root)
     if os.path.isdir(root) and os.listdir(root):
         raise ValueError(
-            f"data.root={cfg.root!r} exists and is not empty but has no {MANIFEST_NAME}, "
-            f"so data.prepare={cfg.prepare} will not write into it; delete the folder "
-            f"(e.g. a half-written dataset) or set data.root to a new folder"
+            f"{root} exists and is not empty but has no {MANIFEST_NAME}, so {setting} will not write into it; "
+            "delete the folder (e.g. a half-written dataset) or choose a new one"
         )
     parent = os.path.dirname(root)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(root)}.tmp-")
     # mkdtemp makes a private 0700 folder; the dataset should be readable by
     # the other users of a shared cluster like any folder made by makedirs.
-    os.chmod(tmp, 0o755)
+    os.chmod(tmp, 0o777 & ~current_umask())
     try:
-        write_mnist5k(tmp, layout=cfg.prepare)
+        write_mnist5k(tmp, **kwargs)
         try:
             # rename(2) replaces a missing or empty directory atomically and
             # fails if another process already renamed a full one there.
