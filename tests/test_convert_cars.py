@@ -76,3 +76,39 @@ def test_cars_bad_input(tmp_path) -> None:
     with pytest.raises(ValueError, match="annotations"):
         main(["cars", "--src", src, "--out", out])
     assert not os.path.exists(out)
+
+
+def write_devkit_annos(path: str, rows: list[tuple[str, int]]) -> None:
+    """The classification release's layout of one list: a struct array `annotations` with bbox_*, class, fname."""
+    fields = ["bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "fname"]
+    ann = np.zeros((1, len(rows)), dtype=[(f, "O") for f in fields])
+    for i, (fname, cls) in enumerate(rows):
+        ann[0, i] = (*(np.array([[v]], np.uint8) for v in (1, 2, 30, 40)), np.array([[cls]], np.uint8), fname)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    scipy.io.savemat(path, {"annotations": ann})
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_cars_devkit_layout(tmp_path, nested: bool) -> None:
+    """cars_train/ + cars_test/ + devkit/cars_train_annos.mat + cars_test_annos_withlabels.mat (torchvision's
+    and Kaggle's copy, whose folders nest once more): the same protocol, classes 1-98 train whatever half."""
+    src, out = str(tmp_path / "stanford_cars"), str(tmp_path / "out")
+    halves = {"cars_train": [("00001.jpg", 1), ("00002.jpg", 150)], "cars_test": [("00001.jpg", 98), ("00002.jpg", 99)]}
+    for folder, rows in halves.items():
+        for j, (fname, cls) in enumerate(rows):
+            write_image(os.path.join(src, folder, *([folder] if nested else []), fname), jpeg(10 * cls + j))
+    write_devkit_annos(os.path.join(src, "devkit", "cars_train_annos.mat"), halves["cars_train"])
+    with pytest.raises(FileNotFoundError, match="cars_test_annos_withlabels.mat does not exist"):
+        main(["cars", "--src", src, "--out", out])
+    write_devkit_annos(os.path.join(src, "cars_test_annos_withlabels.mat"), halves["cars_test"])
+    main(["cars", "--src", src, "--out", out, "--no-progress"])
+    train, test = read_split(out, "train"), read_split(out, "test")
+    inner = "cars_test/cars_test" if nested else "cars_test"
+    assert {meta(s)["path"]: meta(s)["class_id"] for s in train.values()} == {
+        os.path.join("cars_train/cars_train" if nested else "cars_train", "00001.jpg"): 1,
+        os.path.join(inner, "00001.jpg"): 98,
+    }
+    assert sorted((meta(s)["class_id"], meta(s)["test"]) for s in test.values()) == [(99, 1), (150, 0)]
+    for s in [*train.values(), *test.values()]:
+        with open(os.path.join(src, meta(s)["path"]), "rb") as f:
+            assert image(s) == f.read()

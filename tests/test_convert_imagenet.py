@@ -218,3 +218,23 @@ def test_imagenet_skips_appledouble(tmp_path, capsys) -> None:
     err = capsys.readouterr().err
     assert f"imagenet train: skipped 1 macOS AppleDouble file(s) ('._*'), e.g. ['train/{WNIDS[0]}/._" in err
     assert "imagenet val: skipped 1 macOS AppleDouble" in err
+
+
+def test_imagenet_refuses_unextracted_class_archives_and_loose_train_images(tmp_path, capsys) -> None:
+    """ILSVRC2012_img_train.tar holds one tar per class: one left unextracted would drop that class and shift
+    every later label; images extracted into train/ itself would be lost. An archive beside its extracted
+    folder is skipped and counted."""
+    src, out = str(tmp_path / "imagenet"), str(tmp_path / "out")
+    make_imagenet(src, "csv")
+    write_image(os.path.join(src, "train", "n01443538.tar"), b"a class archive")
+    with pytest.raises(ValueError, match=r"1 class archive\(s\) not extracted.*\['n01443538.tar'\].*tar -xf"):
+        main(["imagenet", "--src", src, "--out", out])
+    os.rename(os.path.join(src, "train", "n01443538.tar"), os.path.join(src, "train", f"{WNIDS[0]}.tar"))
+    write_image(os.path.join(src, "train", f"{WNIDS[1]}_7.JPEG"), jpeg(7))
+    with pytest.raises(ValueError, match=r"1 image\(s\) outside any class folder: \['n01443537_7.JPEG'\]"):
+        main(["imagenet", "--src", src, "--out", out])
+    assert not os.path.exists(out)
+    os.remove(os.path.join(src, "train", f"{WNIDS[1]}_7.JPEG"))
+    main(["imagenet", "--src", src, "--out", out, "--no-progress"])
+    assert manifest(out)["splits"]["train"]["skipped"] == {"class archive(s) beside their extracted folder": 1}
+    assert len(read_split(out, "train")) == 6

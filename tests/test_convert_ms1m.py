@@ -124,3 +124,39 @@ def test_label_scan_reads_headers_only(tmp_path) -> None:
         third = f.tell()
         f.write(part(multi + jpeg(2), 0))
     assert read_labels(RecordFile(path), third, "r") == [1.0, 2.0, 3.0]
+
+
+def test_im2rec_label_arrays_without_a_header_are_all_images(tmp_path) -> None:
+    """im2rec --pack-label: every record has flag 2 ([identity, 0]) and an image, record 0 too; the flag alone
+    took record 0 for insightface's header and its identity (3) for the end of the image range."""
+    src, out = str(tmp_path / "packed"), str(tmp_path / "out")
+    os.makedirs(src)
+    identities = [3, 3, 0, 7, 1, 2]
+    write_recordio(src, [part(header([float(y), 0.0], i) + jpeg(i), 0) for i, y in enumerate(identities)], "4,8,8")
+    with open(os.path.join(src, "property"), "w") as f:
+        f.write("5,8,8\n")
+    main(["ms1m", "--src", src, "--out", out, "--shard-size", "4", "--no-progress"])
+    samples = read_split(out, "train")
+    assert sorted(samples) == [f"ms1m_{i:08d}" for i in range(6)]
+    assert [meta(samples[f"ms1m_{i:08d}"])["identity"] for i in range(6)] == identities
+
+
+def test_a_truncated_rec_file_is_refused_before_any_write(tmp_path) -> None:
+    """An incomplete copy (cut inside the last image record) or a record whose length runs past the end."""
+    src, out = str(tmp_path / "faces_emore"), str(tmp_path / "out")
+    make_ms1m(src)
+    rec = os.path.join(src, "train.rec")
+    with open(os.path.join(src, "train.idx")) as f:
+        fourth = int(f.read().splitlines()[3].split()[1])  # image record 3, whole (cflag 0)
+    with open(rec, "r+b") as f:
+        f.seek(fourth + 4)
+        f.write(struct.pack("<I", 1 << 20))  # its length now runs past the end of the file
+    with pytest.raises(ValueError, match=f"record at byte {fourth} is truncated.*incomplete"):
+        main(["ms1m", "--src", src, "--out", out, "--shard-size", "1"])
+    make_ms1m(src)
+    size = os.path.getsize(rec)
+    with open(rec, "r+b") as f:
+        f.truncate(size - 3)  # inside the last record (an identity-range one, after the images)
+    with pytest.raises(ValueError, match="truncated"):
+        main(["ms1m", "--src", src, "--out", out, "--shard-size", "1"])
+    assert not os.path.exists(out)

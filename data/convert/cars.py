@@ -1,11 +1,14 @@
-"""Cars196 converter: cars_annos.mat + car_ims/ -> shards.
+"""Cars196 converter: cars_annos.mat + car_ims/ (or the devkit layout) -> shards.
 
-This module owns reading the Stanford Cars "all images" release under
---src: `cars_annos.mat` (a MATLAB struct array `annotations` with fields
-`relative_im_path` e.g. `car_ims/000001.jpg`, `class` 1..196, the bbox_*
-fields and the classification `test` flag) and the images it names.
+This module owns reading Stanford Cars under --src, in either published layout:
+- the "all images" release: `cars_annos.mat` (a MATLAB struct array `annotations` with fields
+  `relative_im_path` e.g. `car_ims/000001.jpg`, `class` 1..196, the bbox_* fields and the
+  classification `test` flag) and the images it names;
+- the classification release (what torchvision and the Kaggle mirror ship): `cars_train/`, `cars_test/`,
+  `devkit/cars_train_annos.mat` and `cars_test_annos_withlabels.mat` (fields `fname`, `class`, bbox_*).
+  Both halves make the same 16,185 images; keys are then numbered train first.
 Metric-learning protocol (Oh Song et al. 2016): classes 1-98 -> "train",
-99-196 -> "test", remapped to 0-based within each split.
+99-196 -> "test", remapped to 0-based within each split (whatever the classification split was).
 """
 
 from __future__ import annotations
@@ -18,12 +21,12 @@ from data.convert.common import Item, Split, check_files, load_struct_array, mat
 NUM_TRAIN_CLASSES = 98
 
 
-def read_annotations(path: str) -> list[tuple[str, int, dict]]:
-    """(relative image path, class 1..196, extra fields) per annotation."""
-    ann = load_struct_array(path, "annotations", ("relative_im_path", "class"))
+def read_annotations(path: str, name_field: str = "relative_im_path", folder: str = "") -> list[tuple[str, int, dict]]:
+    """(relative image path, class 1..196, extra fields) per annotation; the path is `folder`/`name_field`."""
+    ann = load_struct_array(path, "annotations", (name_field, "class"))
     rows: list[tuple[str, int, dict]] = []
     for index, record in enumerate(ann):
-        rel = str(mat_scalar(record["relative_im_path"]))
+        rel = os.path.join(folder, str(mat_scalar(record[name_field])))
         cls = int(mat_scalar(record["class"]))  # type: ignore[call-overload]
         if not 1 <= cls <= 2 * NUM_TRAIN_CLASSES:
             raise ValueError(f"{path}: annotation {index} ({rel}) has class {cls}, expected 1..196")
@@ -31,7 +34,7 @@ def read_annotations(path: str) -> list[tuple[str, int, dict]]:
         extra = {
             n: int(mat_scalar(record[n]))  # type: ignore[call-overload]
             for n in ann.dtype.names or ()
-            if n not in ("relative_im_path", "class")
+            if n not in (name_field, "class")
         }
         rows.append((rel, cls, extra))
     if not rows:
@@ -39,10 +42,35 @@ def read_annotations(path: str) -> list[tuple[str, int, dict]]:
     return rows
 
 
+DEVKIT_TRAIN = os.path.join("devkit", "cars_train_annos.mat")
+DEVKIT_TEST = "cars_test_annos_withlabels.mat"  # the devkit's cars_test_annos.mat has no classes
+
+
+def devkit_rows(src: str) -> tuple[str, list[tuple[str, int, dict]]]:
+    """The classification release's train and test annotations as one list, each with its `test` flag (as
+    cars_annos.mat has it); returns the train list file (for errors) and the rows."""
+    test_lists = [os.path.join(src, DEVKIT_TEST), os.path.join(src, "devkit", DEVKIT_TEST)]
+    test_list = next((p for p in test_lists if os.path.isfile(p)), None)
+    if test_list is None:
+        raise FileNotFoundError(
+            f"{test_lists[0]} does not exist: the devkit layout needs the test images' classes (the devkit's own "
+            "cars_test_annos.mat has none); put cars_test_annos_withlabels.mat into --src, or use cars_annos.mat"
+        )
+    rows = []
+    for path, folder, test in ((os.path.join(src, DEVKIT_TRAIN), "cars_train", 0), (test_list, "cars_test", 1)):
+        if os.path.isdir(os.path.join(src, folder, folder)):  # the Kaggle mirror nests each folder once more
+            folder = os.path.join(folder, folder)
+        rows += [(rel, cls, {**extra, "test": test}) for rel, cls, extra in read_annotations(path, "fname", folder)]
+    return os.path.join(src, DEVKIT_TRAIN), rows
+
+
 def splits(src: str) -> list[Split]:
     """Validated train/test splits of a Cars196 folder; raises before any write."""
-    mat_path = require_file(os.path.join(src, "cars_annos.mat"), "Cars196's cars_annos.mat")
-    rows = read_annotations(mat_path)
+    mat_path = os.path.join(src, "cars_annos.mat")
+    if os.path.isfile(mat_path) or not os.path.isfile(os.path.join(src, DEVKIT_TRAIN)):
+        rows = read_annotations(require_file(mat_path, f"Cars196's cars_annos.mat (or the devkit's {DEVKIT_TRAIN})"))
+    else:
+        mat_path, rows = devkit_rows(src)
     out: list[Split] = []
     for split, lo, hi in (("train", 1, NUM_TRAIN_CLASSES), ("test", NUM_TRAIN_CLASSES + 1, 2 * NUM_TRAIN_CLASSES)):
         chosen = [(i, row) for i, row in enumerate(rows) if lo <= row[1] <= hi]

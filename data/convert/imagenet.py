@@ -74,6 +74,7 @@ class Listing:
 
     folders: list[str]
     images: list[str]
+    archives: list[str]  # '<wnid>.tar' files: ILSVRC2012_img_train.tar's per-class archives
 
 
 def _list(folder: str, src: str, skipped: Skipped, in_class: bool = False) -> Listing:
@@ -83,7 +84,7 @@ def _list(folder: str, src: str, skipped: Skipped, in_class: bool = False) -> Li
     become a class of its own; inside a class folder (`in_class`) any folder
     would be a level nobody reads, its images silently lost.
     """
-    folders, images, stray = [], [], []
+    folders, images, stray, archives = [], [], [], []
     with os.scandir(folder) as entries:
         for entry in entries:
             # relpath only for skipped entries: one per image would cost seconds on 1.3M files.
@@ -98,6 +99,8 @@ def _list(folder: str, src: str, skipped: Skipped, in_class: bool = False) -> Li
                 skipped.add("macOS AppleDouble file(s) ('._*')", os.path.relpath(entry.path, src))
             elif entry.name.lower().endswith(IMAGE_EXTS):
                 images.append(entry.name)
+            elif not in_class and entry.name.endswith(".tar") and WNID.fullmatch(entry.name[: -len(".tar")]):
+                archives.append(entry.name)
             else:
                 skipped.add("non-image file(s)", os.path.relpath(entry.path, src))
     if stray and in_class:
@@ -110,7 +113,7 @@ def _list(folder: str, src: str, skipped: Skipped, in_class: bool = False) -> Li
             f"{folder} holds folder(s) that are not ImageNet class folders (a wnid: 'n' + 8 digits): "
             f"{sorted(stray)[:5]}; each folder here would become a class, so remove or move them out of {folder}"
         )
-    return Listing(sorted(folders), sorted(images))
+    return Listing(sorted(folders), sorted(images), sorted(archives))
 
 
 def _class_images(folder: str, wnids: list[str], src: str, skipped: Skipped) -> dict[str, list[str]]:
@@ -206,7 +209,23 @@ def splits(src: str) -> list[Split]:
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"{folder} does not exist; expected ImageNet's {what}")
     train_skipped, val_skipped = Skipped(), Skipped()
-    wnids = _list(train_dir, src, train_skipped).folders
+    listing = _list(train_dir, src, train_skipped)
+    wnids = listing.folders
+    unpacked = [name for name in listing.archives if name[: -len(".tar")] not in wnids]
+    if unpacked:  # that class would be missing and every later label shifted
+        wnid = unpacked[0][: -len(".tar")]
+        raise ValueError(
+            f"{train_dir} holds {len(unpacked)} class archive(s) not extracted into their folders: "
+            f"{unpacked[:3]}; extract each (e.g. mkdir {os.path.join(train_dir, wnid)} && tar -xf "
+            f"{os.path.join(train_dir, unpacked[0])} -C {os.path.join(train_dir, wnid)})"
+        )
+    for name in listing.archives:  # extracted, archive kept
+        train_skipped.add("class archive(s) beside their extracted folder", os.path.join("train", name))
+    if listing.images:  # e.g. a class archive extracted into train/ itself
+        raise ValueError(
+            f"{train_dir} holds {len(listing.images)} image(s) outside any class folder: {listing.images[:3]}; "
+            f"train images must lie in train/<wnid>/ (move them into their class's folder)"
+        )
     if not wnids:
         raise ValueError(f"{train_dir} holds no <wnid> class folders")
     class_map = {wnid: i for i, wnid in enumerate(wnids)}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Sequence
 from typing import BinaryIO
 
 from data.convert.common import Item, Split, remap, require_file
@@ -74,12 +75,21 @@ class RecordFile:
         if len(head) == 8:
             magic, lrecord = struct.unpack("<II", head)
             cflag, length = lrecord >> 29, lrecord & _LENGTH_MASK
+            if magic == MAGIC and offset + 8 + length > self.size:  # before any write, not at this record's shard
+                raise ValueError(
+                    f"{self.path}: record at byte {offset} is truncated ({length} bytes, the file ends "
+                    f"{self.size - offset - 8} bytes after its header); the copy of the file is incomplete"
+                )
             if magic == MAGIC and (cflag == 0 or (cflag == 1 and length >= size)):
                 data = f.read(min(size, length))
                 if len(data) == min(size, length):
                     return data
         # A first part shorter than `size`, or a damaged record: the full reader joins or explains.
         return self.read(offset)[:size]
+
+    @property
+    def size(self) -> int:
+        return os.path.getsize(self.path)
 
     def _seek(self, offset: int) -> BinaryIO:
         if self._f is None:
@@ -115,6 +125,15 @@ def read_labels(rec: RecordFile, offset: int, where: str) -> list[float]:
     return unpack_header(prefix, where)[0]
 
 
+def image_records(index: dict[int, int], first: bytes, labels0: list[float], image0: bytes) -> range | None:
+    """The image records 1 .. label[0] - 1 when record 0 is insightface's header, else None (every record is
+    an image). The header has label arrays (flag > 0) and no image: an im2rec file packed with label arrays
+    has flag > 0 on every record too, but an image in record 0 (which the flag alone took for a header)."""
+    if min(index) != 0 or image0 or IR_HEADER.unpack_from(first)[0] == 0:
+        return None
+    return range(1, int(labels0[0]))
+
+
 def read_index(path: str) -> dict[int, int]:
     """Record index -> byte offset from a .idx file."""
     index: dict[int, int] = {}
@@ -135,12 +154,21 @@ def splits(src: str) -> list[Split]:
     """The "train" split of an MS1MV2 folder; reads every record's IRHeader (not its image) first."""
     rec_path = require_file(os.path.join(src, "train.rec"), "insightface's train.rec (MXNet RecordIO)")
     index = read_index(require_file(os.path.join(src, "train.idx"), "train.idx ('<index>\\t<offset>' lines)"))
+    notes: dict = {}
+    prop = os.path.join(src, "property")
+    if os.path.isfile(prop):  # checked before the pass over every record's header
+        with open(prop, encoding="ascii") as f:
+            values = f.read().strip().split(",")
+        if len(values) != 3 or not all(v.strip().isdigit() for v in values):
+            raise ValueError(f"{prop}: expected 'num_classes,h,w', got {','.join(values)!r}")
+        num_classes, h, w = (int(v) for v in values)
+        notes["property"] = {"num_classes": num_classes, "height": h, "width": w}
     rec = RecordFile(rec_path)
+    rec.read(max(index.values()))  # the last record whole: an incomplete copy is refused before any write
     first = rec.read(index[min(index)])
-    labels0, _, _ = unpack_header(first, f"{rec_path} record {min(index)}")
-    # insightface's header record: index 0 with flag > 0 (label = image range).
-    has_header = min(index) == 0 and IR_HEADER.unpack_from(first)[0] > 0
-    ids = range(1, int(labels0[0])) if has_header else sorted(index)
+    labels0, _, image0 = unpack_header(first, f"{rec_path} record {min(index)}")
+    header_range = image_records(index, first, labels0, image0)
+    ids: Sequence[int] = header_range if header_range is not None else sorted(index)
     missing = [i for i in ids if i not in index]
     if missing:
         raise ValueError(
@@ -152,17 +180,10 @@ def splits(src: str) -> list[Split]:
         rows.append((i, int(read_labels(rec, index[i], f"{rec_path} record {i}")[0])))
     rec.close()
     class_map = remap(identity for _, identity in rows)
-    notes: dict = {}
-    prop = os.path.join(src, "property")
-    if os.path.isfile(prop):
-        with open(prop, encoding="ascii") as f:
-            values = f.read().strip().split(",")
-        if len(values) != 3 or not all(v.strip().isdigit() for v in values):
-            raise ValueError(f"{prop}: expected 'num_classes,h,w', got {','.join(values)!r}")
-        num_classes, h, w = (int(v) for v in values)
-        if len(class_map) > num_classes:
-            raise ValueError(f"{prop} says {num_classes} classes but {rec_path} holds {len(class_map)}")
-        notes["property"] = {"num_classes": num_classes, "height": h, "width": w}
+    if "property" in notes and len(class_map) > notes["property"]["num_classes"]:
+        raise ValueError(
+            f"{prop} says {notes['property']['num_classes']} classes but {rec_path} holds {len(class_map)}"
+        )
     items = [
         Item(
             key=f"ms1m_{i:08d}",
