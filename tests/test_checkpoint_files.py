@@ -64,6 +64,11 @@ def test_resume_false_sets_an_earlier_runs_checkpoints_aside(tmp_path) -> None:
     aside = ckpt.set_aside_checkpoints(str(tmp_path))
     assert aside is not None and os.path.basename(aside).startswith("checkpoints.before-")
     assert os.listdir(aside) == ["step-30"] and not os.path.exists(root)
+    os.makedirs(os.path.join(tmp_path, "tb", "by_samples"))  # the earlier run's curves go aside with them
+    _complete(root, 10)
+    later = ckpt.set_aside_checkpoints(str(tmp_path))
+    assert later is not None and not os.path.exists(os.path.join(tmp_path, "tb"))
+    assert os.listdir(os.path.join(tmp_path, "tb.before-" + later.rsplit(".before-", 1)[1])) == ["by_samples"]
     assert ckpt.find_latest(str(tmp_path)) is None
 
 

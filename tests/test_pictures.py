@@ -244,3 +244,45 @@ def test_non_finite_embeddings_and_a_failing_picture_do_not_end_the_run(tmp_path
     assert "pictures of step 5 skipped: ZeroDivisionError" in capsys.readouterr().err
     acc = read_events(logger.tb_dir)
     assert [h.step for h in acc.Histograms("eval/radius_error")] == [3, 5]  # step 4: nothing finite to draw
+
+
+def test_a_job_that_logs_at_its_checkpoint_step_again_replaces_that_step(tmp_path) -> None:
+    """A finished run started again (or an evaluation left pending) evaluates at the checkpoint's step again:
+    that step is purged too and the checkpoint's record of its train scalars written back, so every tag shows
+    it once; the projector keeps the earlier jobs' embeddings (SummaryWriter started a new list each job)."""
+    emb, labels = clustered(3, 4, 5)
+    first = TensorBoardLogger(str(tmp_path), True)
+    for step in (5, 10):
+        first.log(step, 64 * step, {"loss": float(step)})
+        first.log_embeddings(step, {"euclidean": emb}, labels)
+    first.log(10, 640, {"acc": 0.5}, prefix="eval")
+    first.close()
+    again = TensorBoardLogger(str(tmp_path), True, 10, 640, rewrite={"train": {"loss": 10.0}})
+    again.log_embeddings(10, {"euclidean": emb}, labels)
+    again.log(10, 640, {"acc": 0.5}, prefix="eval")
+    again.close()
+    acc = read_events(str(tmp_path / "tb"))
+    assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [(5, 5.0), (10, 10.0)]
+    assert [(e.step, e.value) for e in acc.Scalars("eval/acc")] == [(10, 0.5)]
+    samples = read_events(str(tmp_path / "tb" / "by_samples"))
+    assert [e.step for e in samples.Scalars("by_samples/train/loss")] == [320, 640]
+    with open(tmp_path / "tb" / "projector_config.pbtxt") as f:
+        assert [line.split('"')[1] for line in f if "tensor_name" in line] == ["euclidean:00005", "euclidean:00010"]
+    # a plain resume at step 7 keeps what came before it and drops the dead job's step 10
+    later = TensorBoardLogger(str(tmp_path), True, 7, 448)
+    later.log_embeddings(9, {"euclidean": emb}, labels)
+    later.close()
+    with open(tmp_path / "tb" / "projector_config.pbtxt") as f:
+        assert [line.split('"')[1] for line in f if "tensor_name" in line] == ["euclidean:00005", "euclidean:00009"]
+
+
+def test_non_finite_rows_do_not_take_the_disk_picture_down() -> None:
+    gen = torch.Generator().manual_seed(1)
+    points = to_ball(torch.randn(50, 6, generator=gen), 0.5, 2.3)
+    broken = points.clone()
+    broken[::5] = float("nan")  # a few diverged embeddings (the SVD of all rows raised)
+    p2, _ = pictures.disk_projection(broken)
+    finite = torch.isfinite(broken).all(dim=1)
+    assert bool(torch.isfinite(p2[finite]).all()) and not bool(torch.isfinite(p2[~finite]).any())
+    q2, _ = pictures.disk_projection(points[finite])
+    torch.testing.assert_close(p2[finite], q2)

@@ -124,6 +124,19 @@ def test_resume_gives_the_same_weights_and_loss(
     second = pool.run(_run, resumed_args, None, recipe)
     assert second[0]["resumed_from_step"] == steps // 2 and second[0]["step"] == steps
     assert second[0]["last_train_loss"] == pytest.approx(straight[0]["last_train_loss"], rel=1e-6, abs=1e-7)
+    if recipe == "mnist_chest":  # the finished run started again: evaluates only, reports the same, logs once
+        third = pool.run(_run, resumed_args, None, recipe)
+        assert third[0]["resumed_from_step"] == steps == third[0]["step"]
+        assert third[0]["last_train_loss"] == second[0]["last_train_loss"]  # was nan: not in the checkpoint
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(str(tmp_path / "resumed" / "tb"), size_guidance={"scalars": 0, "images": 0})
+        acc.Reload()
+        for tag in ("eval/acc_poincare", "train/loss", "system/step_time_s", "hparams/last_train_loss"):
+            events = acc.Scalars(tag)
+            assert len({e.step for e in events}) == len(events) and events[-1].step == steps, tag
+        assert acc.Scalars("train/loss")[-1].value == pytest.approx(second[0]["last_train_loss"])
+        assert [e.step for e in acc.Images("eval/poincare_disk")] == [steps]
     from train.checkpoint import stream_changes
 
     resumed_cfg = build_config(recipe, resumed_args)

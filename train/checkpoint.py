@@ -52,6 +52,9 @@ class TrainState:
     skipped_steps: int = 0  # steps left without an update (non-finite loss or gradient), over the whole run
     skipped_in_a_row: int = 0  # the current streak of them (not saved: a resumed job starts at 0)
     decay_groups: str = "timm"  # the backbone's weight-decay grouping (train.engine.DECAY_GROUPS), kept for life
+    # what the last log step wrote ({"step", "samples", "scalars": {prefix: values}}): a job that logs at the
+    # checkpoint's step again writes it once more (train.tensorboard_logger)
+    last_logged: dict = dataclasses.field(default_factory=dict)
 
 
 def checkpoint_root(run_dir: str) -> str:
@@ -89,14 +92,21 @@ def wants_resume(resume: bool, environ: Mapping[str, str]) -> bool:
 
 
 def set_aside_checkpoints(run_dir: str) -> str | None:
-    """checkpoint.resume=false in a run dir that holds checkpoints: move them to checkpoints.before-<UTC time>
-    (nothing written is deleted) so that this run's own saves, prunes and requeues see only its own. Returns
-    the new folder, or None when there was nothing to move."""
+    """checkpoint.resume=false in a run dir that holds checkpoints: move them to checkpoints.before-<UTC time>,
+    and its TensorBoard folder to tb.before-<the same> (nothing written is deleted), so that this run's own
+    saves, prunes, requeues and curves see only its own. Returns the new folder, or None when nothing moved."""
     root = checkpoint_root(run_dir)
     if not glob.glob(os.path.join(root, "step-*")):
         return None
-    aside = f"{root}.before-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    aside, n = f"{root}.before-{stamp}", 1
+    while os.path.exists(aside):  # set aside twice within a second
+        n += 1
+        aside = f"{root}.before-{stamp}-{n}"
     os.replace(root, aside)
+    tb = os.path.join(run_dir, "tb")  # the new run's curves must not continue the old run's
+    if os.path.isdir(tb):
+        os.replace(tb, f"{tb}.before-{aside.rsplit('.before-', 1)[1]}")
     return aside
 
 
@@ -285,6 +295,8 @@ def save_checkpoint(
             "stream": stream_signature(cfg, env.world_size),
             "best": state.best,
             "eval_pending": state.eval_pending,
+            "last_loss": state.last_loss,  # the summary of a job that resumes at max_steps reports it
+            "last_logged": state.last_logged,
             "skipped_steps": state.skipped_steps,
             "decay_groups": state.decay_groups,
             "rank_streams": True,  # each rank's RNG its own (saved before 2026-12-06: one stream for all)
@@ -341,6 +353,8 @@ def load_checkpoint(
         samples_seen=meta["samples_seen"],
         best=dict(meta.get("best", {})),
         eval_pending=bool(meta.get("eval_pending", False)),
+        last_loss=float(meta.get("last_loss", float("nan"))),
+        last_logged=dict(meta.get("last_logged", {})),
         skipped_steps=int(meta.get("skipped_steps", 0)),
         decay_groups=str(meta.get("decay_groups", "ndim")),
     )

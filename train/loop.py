@@ -22,7 +22,6 @@ def train_loop(run: "Run", stop_step: int) -> None:
     step. A signal (any rank) makes every rank save at once and stop; `run.state.stop_signal` tells the caller.
     """
     cfg, state, logger, clock = run.cfg, run.state, run.logger, run.clock
-    clock.begin(state.step)
     bar = tqdm(
         total=cfg.max_steps,
         initial=state.step,
@@ -38,7 +37,7 @@ def train_loop(run: "Run", stop_step: int) -> None:
             return
         logger.log(state.step, state.samples_seen, scores, prefix="eval")
         state.eval_pending = False
-        clock.reset(state.step)
+    clock.begin(state.step)  # after a pending evaluation: its time would have been spread over the first steps' ETA
     while state.step < min(stop_step, cfg.max_steps):
         scalars = train_step(run)
         state.skipped_in_a_row = int(scalars.pop("skipped")) * (state.skipped_in_a_row + 1)
@@ -59,8 +58,10 @@ def train_loop(run: "Run", stop_step: int) -> None:
             scalars["skipped_steps"] = float(state.skipped_steps)  # the same on every rank
             system = clock.window(state.step)  # the steps since the last log, save or evaluation
             scalars["img_per_s"] = system.pop("img_per_s", float("nan"))
-            state.last_loss = logger.log(state.step, state.samples_seen, scalars)["loss"]
-            logger.log(state.step, state.samples_seen, system, prefix="system")
+            train = logger.log(state.step, state.samples_seen, scalars)
+            state.last_loss = train["loss"]
+            logged = {"train": train, "system": logger.log(state.step, state.samples_seen, system, prefix="system")}
+            state.last_logged = {"step": state.step, "samples": state.samples_seen, "scalars": logged}
         decision = run.control.poll()
         every = cfg.metrics.eval_every
         eval_due = bool(every) and state.step % every == 0 and state.step < cfg.max_steps  # the end: main's

@@ -227,7 +227,7 @@ class Run:
             state,
             eval_sets,
             stream,
-            TensorBoardLogger(cfg.run_dir, env.is_main, state.step, state.samples_seen),
+            TensorBoardLogger(cfg.run_dir, env.is_main, state.step, state.samples_seen, logs_again(state, cfg)),
             clock,
             clock.timed(iter(stream)),
             resumed_from_step=state.step,
@@ -295,6 +295,15 @@ class Run:
         self.logger.close()
         if self.env.is_main:
             release_owner(self.cfg.run_dir)
+
+
+def logs_again(state: ckpt.TrainState, cfg: RunConfig) -> dict[str, dict[str, float]] | None:
+    """What the checkpoint's job logged at its step, when this job logs at that step again (a pending or the
+    final evaluation): the logger purges that step and writes these again; None otherwise."""
+    if state.step == 0 or not (state.eval_pending or state.step >= cfg.max_steps):
+        return None
+    last = state.last_logged
+    return dict(last["scalars"]) if last.get("step") == state.step else {}
 
 
 def finish(run: Run, t0: float, train_s: float) -> RunSummary:

@@ -51,14 +51,16 @@ def disk_projection(
     V holds the top two principal axes of `points` (centred for the axes, not for the projection, so
     the ball's centre stays at the origin); `extra` (e.g. proxies) goes through the same V. A point
     whose distance from the centre is its true ball norm stays inside the disk of the same radius.
-    A point orthogonal to the plane is put on the first axis (its norm still kept).
+    A point orthogonal to the plane is put on the first axis (its norm still kept). Rows that are not
+    finite are left out of the axes (and come out non-finite: matplotlib draws them nowhere).
     """
     x = points.detach().double().cpu().reshape(points.shape[0], -1)
     dim = x.shape[1]
     if dim < 2:
         x = F.pad(x, (0, 2 - dim))
-    if x.shape[0] >= 2:
-        _, _, vh = torch.linalg.svd(x - x.mean(dim=0), full_matrices=False)
+    fit = x[torch.isfinite(x).all(dim=1)]  # a diverging model's non-finite rows: no axes from them, drawn nowhere
+    if fit.shape[0] >= 2:
+        _, _, vh = torch.linalg.svd(fit - fit.mean(dim=0), full_matrices=False)
         basis = vh[:2].t()
         if basis.shape[1] < 2:  # fewer distinct directions than 2: complete with any orthonormal vector
             basis = torch.linalg.qr(torch.cat([basis, torch.eye(x.shape[1], dtype=x.dtype)], dim=1))[0][:, :2]

@@ -73,9 +73,19 @@ class TensorBoardLogger:
     A resumed run (`resume_step` > 0) purges what a dead job wrote after its checkpoint: TensorBoard drops the
     earlier files' events at or past the purge step (steps after resume_step, samples after resume_samples),
     so the curves show each step once. The two x axes need their own folders: one purge step for both would
-    drop the whole by_samples history (its steps are sample counts)."""
+    drop the whole by_samples history (its steps are sample counts). A job that logs at resume_step again (the
+    final evaluation of a finished run started again, or an evaluation its predecessor left pending) purges
+    from resume_step on and writes `rewrite`, what the checkpoint says was logged at that step, once more.
+    The projector's list of embeddings is the earlier jobs' (up to the purge) plus this job's."""
 
-    def __init__(self, run_dir: str, is_main: bool, resume_step: int = 0, resume_samples: int = 0) -> None:
+    def __init__(
+        self,
+        run_dir: str,
+        is_main: bool,
+        resume_step: int = 0,
+        resume_samples: int = 0,
+        rewrite: dict[str, dict[str, float]] | None = None,
+    ) -> None:
         self.is_main = is_main
         self.tb_dir = os.path.join(run_dir, "tb")
         self.writer = self.samples_writer = None
@@ -83,14 +93,38 @@ class TensorBoardLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             resumed = resume_step > 0
-            self.writer = SummaryWriter(self.tb_dir, purge_step=resume_step + 1 if resumed else None)
+            again = int(rewrite is not None)  # 1: the events at resume_step go too
+            self.writer = SummaryWriter(self.tb_dir, purge_step=resume_step + 1 - again if resumed else None)
             self.samples_writer = SummaryWriter(
-                os.path.join(self.tb_dir, "by_samples"), purge_step=resume_samples + 1 if resumed else None
+                os.path.join(self.tb_dir, "by_samples"), purge_step=resume_samples + 1 - again if resumed else None
             )
+            if resumed:
+                self._keep_projector_entries(before_step=resume_step + 1 - again)
+            for prefix, values in (rewrite or {}).items():
+                self._write(resume_step, resume_samples, values, prefix)
+
+    def _keep_projector_entries(self, before_step: int) -> None:
+        """Start from the earlier jobs' projector_config.pbtxt (SummaryWriter starts an empty list and rewrites
+        the file at its first add_embedding, which dropped every earlier step's embeddings from the projector)."""
+        path = os.path.join(self.tb_dir, "projector_config.pbtxt")
+        if self.writer is None or not os.path.isfile(path):
+            return
+        from google.protobuf import text_format
+        from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
+
+        with open(path, encoding="utf-8") as f:
+            earlier = text_format.Parse(f.read(), ProjectorConfig())
+        kept = ProjectorConfig()
+        kept.embeddings.extend(e for e in earlier.embeddings if int(e.tensor_name.rsplit(":", 1)[-1]) < before_step)
+        self.writer._projector_config = kept  # SummaryWriter's own list (torch keeps no public handle on it)
 
     def log(self, step: int, samples_seen: int, scalars: dict[str, float], prefix: str = "train") -> dict[str, float]:
         """Reduce `scalars` over ranks, write them; returns the reduced values."""
         values = reduce_mean(scalars, summed=SUMMED)
+        self._write(step, samples_seen, values, prefix)
+        return values
+
+    def _write(self, step: int, samples_seen: int, values: dict[str, float], prefix: str) -> None:
         if self.writer is not None and self.samples_writer is not None:
             for key, value in values.items():
                 self.writer.add_scalar(f"{prefix}/{key}", value, step)
@@ -99,7 +133,6 @@ class TensorBoardLogger:
             self.samples_writer.flush()
             text = " ".join(f"{k}={v:.4g}" for k, v in sorted(values.items()))
             print(f"[{prefix}] step {step} samples {samples_seen} {text}", file=sys.stdout, flush=True)
-        return values
 
     def log_embeddings(
         self,
