@@ -24,7 +24,7 @@ from train.overrides import apply_overrides, refuse_repeated_keys
 from launch.estimate import check_fits, print_estimates
 from launch.preflight import check_data, preflight
 from launch.recipes import DEFAULT_RECIPE, RECIPES, get_recipe
-from launch.sweep import expand, write_summary
+from launch.sweep import expand, varying_keys, write_summary
 from slurm.executor import make_executor
 from slurm.job import TrainJob
 from train.config import RunConfig
@@ -142,7 +142,7 @@ def run_sweep(sweep_dir: str, cfgs: list[RunConfig], use_slurm: bool, no_wait: b
     """Submit every point (one job array on Slurm), wait, print the summary table."""
     os.makedirs(sweep_dir, exist_ok=True)
     # records the grid before anything runs: a later `python -m launch.sweep` (after --no-wait) lists its points
-    write_summary(sweep_dir, [c.name for c in cfgs])
+    write_summary(sweep_dir, [c.name for c in cfgs], varying_keys(cfgs))
     print(f"sweep of {len(cfgs)} points in {sweep_dir}: {', '.join(c.name for c in cfgs)}")
     print(f"watch: tensorboard --logdir {sweep_dir}", flush=True)
     executor = make_executor(cfgs[0].slurm, sweep_dir, use_slurm)

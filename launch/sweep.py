@@ -24,11 +24,13 @@ import yaml
 from common.files import write_json_atomic
 from train.overrides import apply_overrides
 from launch.recipes import get_recipe
-from train.config import RunConfig, SlurmConfig
+from train.config import RunConfig, SlurmConfig, load_yaml
 from train.summary import RunSummary
+from train.tensorboard_logger import SWEEP_FILE, flat_config, run_hparams, write_sweep_experiment
 
 SUMMARY_FILE = "sweep_summary.md"
-MANIFEST_FILE = "sweep.json"  # the grid's point folders, in array order (written when the sweep is submitted)
+# the grid's point folders, in array order, and the settings that differ across them (written at submission)
+MANIFEST_FILE = SWEEP_FILE
 
 
 def _axes(specs: list[str]) -> list[tuple[str, list[str]]]:
@@ -211,16 +213,45 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_summary(sweep_dir: str, points: list[str] | None = None) -> str:
-    """Write (and return) the table of the sweep's points. `points`: the grid's point folders, recorded in
-    sweep.json so that every later rebuild lists exactly these, the ones not started yet included, and no
-    folder another sweep left under a reused --sweep-name; None: the recorded ones."""
+def varying_keys(cfgs: list[RunConfig]) -> list[str]:
+    """The flattened settings whose values differ across the points (the grid's keys, and whatever differs
+    between swept recipes), but the point's own name."""
+    flat = [flat_config(c.to_dict()) for c in cfgs]
+    keys = {k for f in flat for k in f} - {"name"}
+    return sorted(k for k in keys if len({repr(f.get(k)) for f in flat}) > 1)
+
+
+def write_summary(sweep_dir: str, points: list[str] | None = None, keys: list[str] | None = None) -> str:
+    """Write (and return) the table of the sweep's points, and the sweep's HPARAMS experiment over the points
+    that have finished. `points`: the grid's point folders, recorded in sweep.json (with `keys`, the settings
+    that differ across them, which each point adds to its HPARAMS entry) so that every later rebuild lists
+    exactly these, the ones not started yet included, and no folder another sweep left under a reused
+    --sweep-name; None: the recorded ones."""
     if points is not None:
-        write_json_atomic(os.path.join(sweep_dir, MANIFEST_FILE), {"points": points})
-    table = summary_table(summary_rows(sweep_dir))
+        write_json_atomic(os.path.join(sweep_dir, MANIFEST_FILE), {"points": points, "hparams": keys or []})
+    rows = summary_rows(sweep_dir)
+    table = summary_table(rows)
     with open(os.path.join(sweep_dir, SUMMARY_FILE), "w") as f:
         f.write(table + "\n")
+    sessions = [_session(sweep_dir, row) for row in rows if row["status"] == "finished"]
+    if any(sessions):
+        write_sweep_experiment(sweep_dir, [s for s in sessions if s is not None])
     return table
+
+
+def _session(sweep_dir: str, row: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """A finished point's HPARAMS entry, as its own run logged it (train.main.finish); None (and a note)
+    when its config.yaml does not load."""
+    path = os.path.join(sweep_dir, row["point"], "config.yaml")
+    try:
+        cfg = load_yaml(path)
+    except (ValueError, OSError) as err:
+        print(f"note: point {row['point']} left out of the HPARAMS experiment: {err}", file=sys.stderr)
+        return None
+    summary = RunSummary.read(os.path.join(sweep_dir, row["point"], "summary.json"))
+    global_batch = summary.world_size * cfg.data.batch_size * cfg.optim.grad_accum_steps
+    hparams = {**run_hparams(cfg.to_dict(), sweep_dir), "global_batch": global_batch}
+    return hparams, {**summary.metrics, "last_train_loss": summary.last_train_loss}
 
 
 if __name__ == "__main__":

@@ -13,8 +13,10 @@ import pytest
 
 import launch.__main__ as launcher
 from launch.sweep import MANIFEST_FILE, SUMMARY_FILE, expand, parse_grid, point_label, summary_rows, summary_table
-from launch.sweep import write_summary
-from train.config import RunConfig, SlurmConfig
+from launch.sweep import varying_keys, write_summary
+from launch.recipes import get_recipe
+from train.config import RunConfig, SlurmConfig, save_yaml
+from train.overrides import apply_overrides
 from train.summary import RunSummary
 
 
@@ -121,7 +123,7 @@ def test_submission_records_the_grid_and_the_table_lists_only_its_points(tmp_pat
     assert launcher.run_sweep(sweep_dir, cfgs, use_slurm=True, no_wait=True) == 0
     assert [name for _, name in submitted] == ["seed=0", "seed=1"]
     with open(os.path.join(sweep_dir, MANIFEST_FILE)) as f:
-        assert json.load(f) == {"points": ["seed=0", "seed=1"]}
+        assert json.load(f) == {"points": ["seed=0", "seed=1"], "hparams": ["seed"]}
     table = (Path(sweep_dir) / SUMMARY_FILE).read_text().splitlines()  # written before anything ran
     assert table[2:] == ["| seed=0 |  | not started |  |", "| seed=1 |  | not started |  |"]
     _point(sweep_dir, "seed=1", max_steps=300, step=300)
@@ -154,8 +156,9 @@ def _point(
     """A point folder as training leaves it: config.yaml at start, summary.json when it stops (step not None)."""
     point = os.path.join(sweep_dir, name)
     os.makedirs(point, exist_ok=True)  # the launcher may have recorded the queued job in it
-    with open(os.path.join(point, "config.yaml"), "w") as f:
-        f.write(f"name: {name}\nmax_steps: {max_steps}\n")
+    save_yaml(
+        apply_overrides(get_recipe("mnist_distarc"), [f"max_steps={max_steps}"]), os.path.join(point, "config.yaml")
+    )
     if step is None:
         return
     RunSummary(
@@ -207,3 +210,59 @@ def test_a_sweep_folder_named_by_the_old_rule_is_pointed_out(tmp_path: Path, cap
     sweep_dir, _ = expand("mnist_distarc", [f"run_root={tmp_path}"], ["optim.lr=1e-3,3e-3"])
     assert os.path.basename(sweep_dir) != "mnist_distarc-sweep"
     assert "--sweep-name mnist_distarc-sweep" in capsys.readouterr().err
+
+
+def test_the_sweep_writes_one_hparams_experiment_over_its_points_and_theirs_are_sessions(tmp_path: Path) -> None:
+    """TensorBoard shows one HPARAMS experiment per logdir and takes the first it finds: a sweep over recipes had
+    a DistArc point's (no loss.chest.*, no Poincare scores) for all. The points now log sessions only, with the
+    swept settings (model.drop_path_rate was missing: points looked identical); the sweep writes the union."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    from train.tensorboard_logger import TensorBoardLogger, run_hparams
+
+    sweep_dir, cfgs = expand(
+        "mnist_distarc", [f"run_root={tmp_path}"], ["recipe=mnist_distarc,mnist_chest", "model.drop_path_rate=0,0.2"]
+    )
+    launcher_keys = varying_keys(cfgs)
+    assert "model.drop_path_rate" in launcher_keys and "loss.name" in launcher_keys and "name" not in launcher_keys
+    write_summary(sweep_dir, [c.name for c in cfgs], launcher_keys)
+    assert not os.path.exists(os.path.join(sweep_dir, "hparams"))  # nothing finished yet
+    for cfg, acc in zip(cfgs, (0.5, 0.6, 0.7, 0.8)):
+        os.makedirs(cfg.run_dir)
+        save_yaml(cfg, os.path.join(cfg.run_dir, "config.yaml"))
+        hparams = run_hparams(cfg.to_dict(), cfg.run_root)
+        assert hparams["model.drop_path_rate"] == cfg.model.drop_path_rate
+        metrics = {"acc_measure": acc} if cfg.loss.name == "distarc" else {"acc_poincare": acc}
+        logger = TensorBoardLogger(cfg.run_dir, True)
+        logger.log_hparams(hparams, metrics, step=cfg.max_steps, experiment=False)
+        logger.close()
+        tags = EventAccumulator(logger.tb_dir).Reload().PluginTagToContent("hparams")
+        assert sorted(tags) == ["_hparams_/session_end_info", "_hparams_/session_start_info"]
+        RunSummary(
+            run_dir=cfg.run_dir,
+            tensorboard_dir="",
+            checkpoint=None,
+            step=cfg.max_steps,
+            resumed_from_step=0,
+            last_train_loss=1.0,
+            stop_signal="",
+            world_size=2,
+            started_at=0.0,
+            first_step_at=0.0,
+            train_seconds=1.0,
+            total_seconds=1.0,
+            metrics=metrics,
+        ).write(os.path.join(cfg.run_dir, "summary.json"))
+    write_summary(sweep_dir)
+    content = EventAccumulator(os.path.join(sweep_dir, "hparams")).Reload().PluginTagToContent("hparams")
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    names = {h.name for h in experiment.hparam_infos}
+    assert {"model.drop_path_rate", "loss.chest.curvature", "loss.radial_weight", "global_batch"} <= names
+    loss_name = next(h for h in experiment.hparam_infos if h.name == "loss.name")
+    assert sorted(v.string_value for v in loss_name.domain_discrete.values) == ["chest", "distarc"]
+    assert sorted(m.name.tag for m in experiment.metric_infos) == [
+        "hparams/acc_measure",
+        "hparams/acc_poincare",
+        "hparams/last_train_loss",
+    ]

@@ -7,8 +7,10 @@ batches line up. Throughput and step times come from train/system.py's StepClock
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
 import sys
 from typing import Any
 
@@ -43,21 +45,89 @@ MAIN_HPARAMS = (
 )
 
 
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flat_config(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """{"optim": {"lr": 1}} -> {"optim.lr": 1}."""
     out: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
+            out.update(flat_config(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
 
 
+# A sweep's record beside its points (launch.sweep): {"points": [...], "hparams": [the keys that differ]}
+SWEEP_FILE = "sweep.json"
+# The sweep's one HPARAMS experiment (the union of its points' settings and scores), a run of its own
+SWEEP_EXPERIMENT_DIR = "hparams"
+
+
+def sweep_keys(run_root: str) -> list[str] | None:
+    """The settings that differ across the points of the sweep whose point folders `run_root` holds; None
+    when `run_root` is not a sweep's folder."""
+    path = os.path.join(run_root, SWEEP_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return list(json.load(f).get("hparams", []))
+
+
+def run_hparams(config: dict[str, Any], run_root: str) -> dict[str, Any]:
+    """What a run shows in the HPARAMS tab: `main_hparams`, and in a sweep also every swept setting (a grid
+    over e.g. model.drop_path_rate showed points with identical hyperparameters)."""
+    flat = flat_config(config)
+    return {**main_hparams(config), **{k: flat[k] for k in sweep_keys(run_root) or [] if k in flat}}
+
+
+def hparams_values(hparams: dict[str, Any]) -> dict[str, int | float | str]:
+    """Flattened; values that are not numbers or strings as strings; None left out (TensorBoard's types)."""
+    return {
+        k: v if isinstance(v, (int, float, str)) and not isinstance(v, bool) else str(v)
+        for k, v in flat_config(hparams).items()
+        if v is not None
+    }
+
+
+def hparams_scores(metrics: dict[str, Any]) -> dict[str, float]:
+    """`hparams/<name>` of every finite number."""
+    return {
+        f"hparams/{k}": float(v)
+        for k, v in flat_config(metrics).items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    }
+
+
+def write_sweep_experiment(sweep_dir: str, sessions: list[tuple[dict[str, Any], dict[str, Any]]]) -> None:
+    """One HPARAMS experiment for a sweep's points ((hparams, metrics) each): the union of their settings and
+    scores, in `<sweep_dir>/hparams/` (replacing an earlier one). TensorBoard shows one experiment per logdir
+    and takes the first it finds, so the points write none themselves (train.tensorboard_logger.log_hparams):
+    a DistArc point's would have hidden a CHEST point's loss.chest.* and Poincare scores."""
+    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+    union: dict[str, int | float | str] = {}
+    seen: dict[str, set] = {}
+    scores: dict[str, float] = {}
+    for hparams, metrics in sessions:
+        for k, v in hparams_values(hparams).items():
+            union.setdefault(k, v)
+            seen.setdefault(k, set()).add(v)
+        scores.update(hparams_scores(metrics))
+    discrete = {k: sorted(vs, key=str) for k, vs in seen.items() if isinstance(union[k], str)}
+    kinds = {k: {isinstance(x, str) for x in vs} for k, vs in seen.items()}
+    union = {k: v for k, v in union.items() if len(kinds[k]) == 1}  # one type a column: numbers or text
+    folder = os.path.join(sweep_dir, SWEEP_EXPERIMENT_DIR)
+    shutil.rmtree(folder, ignore_errors=True)
+    writer = SummaryWriter(folder)
+    experiment, _, _ = hparams_summaries(union, scores, {k: v for k, v in discrete.items() if k in union})
+    writer._get_file_writer().add_summary(experiment)
+    writer.close()
+
+
 def main_hparams(config: dict[str, Any]) -> dict[str, Any]:
     """The main hyperparameters of a run config (`RunConfig.to_dict()`), flattened: MAIN_HPARAMS and the
     loss settings (loss.chest.* only for the CHEST / SoftTriple heads, whose fields they are)."""
-    flat = _flat(config)
+    flat = flat_config(config)
     chest = flat.get("loss.name") in ("chest", "softtriple")
     return {
         k: v
@@ -213,7 +283,9 @@ class TensorBoardLogger:
                 for tag, fig in pictures.head_pictures(spaces, labels, head, closed_set, max_points).items():
                     self.writer.add_image(tag, pictures.figure_to_rgb(fig), step, dataformats="HWC")
 
-    def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, Any], step: int | None = None) -> None:
+    def log_hparams(
+        self, hparams: dict[str, Any], metrics: dict[str, Any], step: int | None = None, experiment: bool = True
+    ) -> None:
         """The run's hyperparameters and final metrics for TensorBoard's HPARAMS tab (rank 0).
 
         Nested dicts are flattened with "." (optim.lr); values that are not numbers or strings become
@@ -221,24 +293,17 @@ class TensorBoardLogger:
         `hparams/<name>` (their own tags: the eval/ curves keep no stray point). The three hparams
         summaries go through the run's own writer (what SummaryWriter.add_hparams builds, without the
         second writer and timestamped subfolder it opens), so each run's tb dir is one session and a
-        sweep's runs line up in the tab when TensorBoard is pointed at their common root.
+        sweep's runs line up in the tab when TensorBoard is pointed at their common root. `experiment=False`
+        (a sweep's point): the session only; the sweep writes the one experiment (`write_sweep_experiment`).
         """
         if self.writer is None:
             return
         from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
-        values = {
-            k: v if isinstance(v, (int, float, str)) and not isinstance(v, bool) else str(v)
-            for k, v in _flat(hparams).items()
-            if v is not None
-        }
-        scores = {
-            f"hparams/{k}": float(v)
-            for k, v in _flat(metrics).items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        }
+        scores = hparams_scores(metrics)
         file_writer = self.writer._get_file_writer()
-        for summary in hparams_summaries(values, scores):
+        summaries = hparams_summaries(hparams_values(hparams), scores)
+        for summary in summaries if experiment else summaries[1:]:
             file_writer.add_summary(summary, step)
         for tag, value in scores.items():
             self.writer.add_scalar(tag, value, step)
