@@ -161,7 +161,15 @@ def test_chest_poincare_disk_draws_ball_points_and_rank0_proxies(tmp_path) -> No
     h_norm = np.linalg.norm(h, axis=1)
     clipped = h_norm * np.minimum(1.0, 2.3 / (h_norm + 1e-5))
     np.testing.assert_allclose(np.sort(np.linalg.norm(stars, axis=1)), np.sort(np.tanh(sqrt_c * clipped)), rtol=1e-5)
-    assert "rank 0's shard only (3 of 6)" in fig.axes[0].get_title()
+    assert "rank 0's classes only (3 of 6)" in fig.axes[0].get_title()
+    # proxies go through h only for the classes of the points drawn (not the whole shard)
+    few = torch.isin(labels, head.class_unperm[:2])  # rank 0's first two classes
+    calls: list[int] = []
+    hook = head.fc.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    fig = pictures.head_pictures(head.embed_spaces(emb[few]), labels[few], head, closed_set=True)["eval/poincare_disk"]
+    hook.remove()
+    assert calls == [60, 2 * 2]  # the points' own mapping, then 2 classes x K proxies
+    assert len(np.asarray(fig.axes[0].collections[1].get_offsets())) == 4
     # open set: the points without proxies
     fig = pictures.head_pictures(spaces, labels, head, closed_set=False)["eval/poincare_disk"]
     assert len(fig.axes[0].collections) == 1 and "open-set" in fig.axes[0].get_title()

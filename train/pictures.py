@@ -259,17 +259,22 @@ def head_pictures(
     shard_note = (
         ""
         if head.num_local >= head.num_classes
-        else f"\nclasses of rank 0's shard only ({head.num_local} of {head.num_classes})"
+        else f"\nanchors: rank 0's classes only ({head.num_local} of {head.num_classes})"
     )
     if "poincare" in spaces:
         ch = cfg.chest
         prox = prox_lab = None
         if closed_set and isinstance(head, ChestHead) and head.fc is not None:
             table = head.sharded_parameters()["proxies"].detach()
-            with torch.no_grad():
-                prox = to_ball(head.fc(table.reshape(-1, table.shape[-1]).float()), ch.curvature, ch.clip_radius)
             rows = torch.arange(head.class_start, head.class_start + head.num_local, device=table.device)
-            prox_lab = head.class_unperm[rows].cpu().repeat_interleave(table.shape[1])  # table row -> label
+            local_labels = head.class_unperm[rows].cpu()  # table row -> label
+            # only the classes of the points drawn (the figure's sample): not the whole shard through h
+            drawn = labels.cpu()[sample_rows(labels.shape[0], max_points)]
+            mine = torch.isin(local_labels, drawn)
+            with torch.no_grad():
+                mapped = head.fc(table[mine.to(table.device)].reshape(-1, table.shape[-1]).float())
+                prox = to_ball(mapped, ch.curvature, ch.clip_radius)
+            prox_lab = local_labels[mine].repeat_interleave(table.shape[1])
         note = (
             ", stars: proxies" + shard_note
             if prox is not None
