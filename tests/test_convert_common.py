@@ -265,3 +265,17 @@ def test_bad_arguments(tmp_path) -> None:
     with pytest.raises(ValueError, match="shard_size"):
         convert("toy", str(tmp_path / "o"), toy(), 0)
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_images_that_do_not_decode_are_reported_at_conversion(tmp_path, capsys) -> None:
+    """A truncated download or an HTML error page saved as .jpg: written as published (the readers skip and
+    count it), and named at conversion instead of first showing as a skipped-sample count in training."""
+    splits = toy(8)
+    load = splits[0].load
+    splits[0].load = lambda item: b"<html>404</html>" if int(item.ref) in (2, 5) else load(item)
+    convert("toy", str(tmp_path / "o"), splits, shard_size=4, progress=False)
+    err = capsys.readouterr().err
+    assert "toy: 2 of the 8 images written do not decode" in err and "train/toy_002" in err and "train/toy_005" in err
+    assert len(read_split(str(tmp_path / "o"), "train")) == 8
+    convert("toy", str(tmp_path / "p"), toy(8), shard_size=4, progress=False)
+    assert "do not decode" not in capsys.readouterr().err

@@ -65,7 +65,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         p.add_argument("--num-parts", type=int, default=1, help="split the shards over P processes")
         p.add_argument("--part", type=int, default=0, help="this process's part in [0, P); -1 writes the manifest")
-        p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+        p.add_argument(
+            "--no-progress",
+            action="store_true",
+            help="hide the progress bar (hidden anyway when stderr is not a terminal, e.g. a Slurm log)",
+        )
     args = parser.parse_args(argv)
     if args.dataset in LAYOUTS:
         if os.path.exists(os.path.join(args.root, MANIFEST_NAME)):
@@ -88,7 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     # All source checks happen here, before convert() writes anything.
     splits = load_splits(args.src)
     done = convert(
-        args.dataset, args.out, splits, args.shard_size, args.num_parts, args.part, progress=not args.no_progress
+        args.dataset,
+        args.out,
+        splits,
+        args.shard_size,
+        args.num_parts,
+        args.part,
+        progress=not args.no_progress and sys.stderr.isatty(),
     )
     if done:
         print(f"wrote {args.dataset} shards and {MANIFEST_NAME} into {args.out}")

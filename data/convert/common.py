@@ -25,17 +25,20 @@ after that, so no converter repeats it:
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
 import random
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.io
+from PIL import Image
 from tqdm import tqdm
 
 from common.files import write_json_atomic
@@ -231,18 +234,34 @@ def _check_state(out: str, state: dict) -> None:
     write_json_atomic(path, state, indent=2, sort_keys=True)
 
 
-def _shard_samples(items: list[Item], split: Split) -> Iterator[dict]:
-    """Sample dicts for write_split; reads one image at a time."""
+def decodes(data: bytes) -> bool:
+    """Whether PIL can parse `data` as an image (its header and structure, without decoding the pixels)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.verify()
+        return True
+    except Exception:  # noqa: BLE001 - PIL raises many types for a bad file
+        return False
+
+
+def _shard_samples(items: list[Item], split: Split, undecodable: list[str]) -> Iterator[dict]:
+    """Sample dicts for write_split; reads one image at a time. Images PIL cannot parse (a truncated download,
+    an HTML error page saved as .jpg) are written as published, their keys added to `undecodable`: the
+    readers skip and count them, and the conversion reports them now rather than at training time."""
     for item in items:
         data = split.load(item)
+        if not decodes(data):
+            undecodable.append(f"{split.name}/{item.key}")
         yield {"__key__": item.key, image_field(data): data, LABEL_FIELD: item.cls, META_FIELD: item.meta}
 
 
-def _write_shard(folder: str, index: int, items: list[Item], split: Split, shard_size: int) -> None:
+def _write_shard(
+    folder: str, index: int, items: list[Item], split: Split, shard_size: int, undecodable: list[str]
+) -> None:
     """Write one shard into a temp folder, then rename it onto its final name."""
     tmp = tempfile.mkdtemp(dir=folder, prefix=f".tmp-{index:06d}-")
     try:
-        names = write_split(_shard_samples(items, split), tmp, shard_size)
+        names = write_split(_shard_samples(items, split, undecodable), tmp, shard_size)
         if len(names) != 1:  # len(items) <= shard_size, so this is a bug
             raise RuntimeError(f"shard {index} of {folder} came out as {names}")
         written = os.path.join(tmp, names[0])
@@ -322,11 +341,18 @@ def convert(
         todo = [p for g, p in enumerate(plan) if g % num_parts == part and not os.path.isfile(p[2])]
         total = sum(len(ordered[s.name][i * shard_size : (i + 1) * shard_size]) for s, i, _ in todo)
         desc = dataset if num_parts == 1 else f"{dataset} part {part}/{num_parts}"
+        undecodable: list[str] = []
         with tqdm(total=total, desc=desc, unit="img", disable=not progress) as bar:
             for s, index, path in todo:
                 chunk = ordered[s.name][index * shard_size : (index + 1) * shard_size]
-                _write_shard(os.path.dirname(path), index, chunk, s, shard_size)
+                _write_shard(os.path.dirname(path), index, chunk, s, shard_size, undecodable)
                 bar.update(len(chunk))
+        if undecodable:
+            print(
+                f"{dataset}: {len(undecodable)} of the {total} images written do not decode (kept as published; "
+                f"training skips and counts them), e.g. {undecodable[:5]}: check the source files",
+                file=sys.stderr,
+            )
         if num_parts > 1:
             return False
     write_dataset_manifest(dataset, out, splits, shard_size, plan)
