@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import os
 import time
 from typing import Callable
@@ -77,14 +78,18 @@ def cuda_fits(cfg: LossConfig, budget_bytes: float, head_optimizer: str) -> Call
     device = torch.device("cuda")
 
     def fits(num_classes: int) -> bool:
+        gc.collect()  # a failed probe's tensors (held by its traceback's frames) before the next one measures
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         try:
             train_head_steps(cfg, num_classes, device, head_optimizer)
             peak = torch.cuda.max_memory_allocated(device) - base
-        except torch.cuda.OutOfMemoryError:
+        except RuntimeError as err:  # torch.cuda.OutOfMemoryError, or cuBLAS failing to allocate its workspace
+            if not isinstance(err, torch.cuda.OutOfMemoryError) and "ALLOC_FAILED" not in str(err):
+                raise
             peak = float("inf")
+        gc.collect()
         torch.cuda.empty_cache()
         print(f"  {describe(cfg, head_optimizer)}: {num_classes:,} classes -> {peak / 2**30:.1f} GiB", flush=True)
         return peak <= budget_bytes

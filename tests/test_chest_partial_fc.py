@@ -204,10 +204,10 @@ def test_positives_always_sampled_and_the_sets_are_reproducible() -> None:
 
 
 def test_config_and_memory_estimate_accept_partial_fc_for_chest() -> None:
-    for name in ("chest", "softtriple"):
-        LossConfig(name=name, sample_rate=0.1).validate()
+    for name, chest in (("chest", ChestConfig()), ("softtriple", CASES["softtriple"].chest)):
+        LossConfig(name=name, sample_rate=0.1, chest=chest).validate()
         with pytest.raises(ValueError, match="must be in \\(0, 1\\]"):
-            LossConfig(name=name, sample_rate=0.0).validate()
+            LossConfig(name=name, sample_rate=0.0, chest=chest).validate()
     chest = LossConfig(name="chest", sample_rate=0.5, chest=ChestConfig(proxies_per_class=3, hyp_dim=16))
     # G x C_local x (K per space) x rate fp32 blocks, three copies, plus the gathered [G, D] and its grad
     assert hm.logit_bytes(256, 4, chest, 32) == 256 * 4 * 3 * 2 * 4 * 3 // 2 + 256 * 32 * 8

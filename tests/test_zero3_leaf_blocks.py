@@ -42,7 +42,7 @@ def trajectory(leaf_blocks: bool, grad_checkpointing: bool) -> dict[str, Any]:
         g = torch.Generator().manual_seed(1)
         losses = []
         for _ in range(STEPS):
-            x = torch.randn(BATCH, 3, SIZE, SIZE, generator=g).bfloat16()
+            x = torch.randn(BATCH, 3, SIZE, SIZE, generator=g).to(engine.device, torch.bfloat16)  # engines move nothing
             loss = engine(x).float().square().mean()
             engine.backward(loss)
             engine.step()
@@ -52,7 +52,8 @@ def trajectory(leaf_blocks: bool, grad_checkpointing: bool) -> dict[str, Any]:
     import deepspeed
 
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
-        params = [p.detach().float().clone() for p in engine.module.parameters()]
+        # on the host: CUDA tensors cannot travel on from the Manager process that receives them (tests/test_gpu.py)
+        params = [p.detach().float().cpu().clone() for p in engine.module.parameters()]
     leaves = sum(getattr(m, "_z3_leaf", False) for m in engine.module.modules())
     return {"losses": losses, "params": params, "fetches": fetches[0], "leaves": leaves}
 

@@ -7,17 +7,20 @@
 #             step: the compile), ZeRO-3 without leaf blocks, with DeepSpeed's fetch sync, fused checks off,
 #             the recipe's setting (micro-batch 64, checkpointing; its "vs bare" is against batch 128): the
 #             goals' rows first, rows print as they end (a cut-off keeps them, a failed row says why);
-#             a profile of one step per row with the GPU's busy share                    limit 260 s
+#             a profile of one step per row with the GPU's busy share; the goals' rows and the cheap ones
+#             first, the compiled ones (cold inductor compiles) last                     limit 240 s
 #   stream    bench.train on the faces recipe (ViT-L 112 px, ZeRO-2 bf16, 85,742-class DistArc head, 8 loader
 #             workers) end to end on synthetic JPEG shards, then (whatever that did) on in-memory batches
-#                                                                                        limit 120 s
+#             (8 workers, or 2 when /dev/shm is under 1 GiB)                             limit 110 s
 #   gpu       pytest -m gpu: the launcher on CUDA/NCCL (DistArc, CHEST, ZeRO-2 bf16) and the fused checks
-#             and ZeRO-3 fetch path on CUDA against DeepSpeed's own (DS_ACCELERATOR=cuda)  limit 110 s
+#             and ZeRO-3 fetch path on CUDA against DeepSpeed's own (DS_ACCELERATOR=cuda)  limit 140 s
 #   capacity  bench.capacity: the largest table on this GPU, in the order the issue asks: exact DistArc
 #             (chunked; SGD as Partial FC, then AdamW), sampled DistArc at rate 0.1 (lazy SGD, then SGD),
-#             then CHEST exact and sampled (chunked, SGD)                                 limit 80 s
-# The limits add to 570 s: with the set-up (~20 s) one call fits its 600 s unless a part also needs its 15 s
-# to stop; what a cut-off call wrote to $OUT still comes back.
+#             then CHEST exact and sampled (chunked, SGD)                                 limit 70 s
+# First a preflight (limit 60 s): a one-rank NCCL group all-reduces (NCCL_DEBUG=INFO in preflight.log); the
+# run stops there if it cannot (every row but the bare loop needs it). The limits add to 560 s; each part's
+# limit is also cut to what is left before a deadline 580 s after the start (DEVICE_DEADLINE_S), so one call
+# fits its 600 s whatever the set-up took; what a cut-off call wrote to $OUT still comes back.
 # Here:   bash bench/device/wheels.sh
 # Device: run(command="bash bench/device/run.sh", carry=[".whl"], timeout_s=600)
 # A part that runs out of time is cut off and the next one starts; TRAIN_S / STREAM_S / GPU_S / CAPACITY_S
@@ -44,13 +47,18 @@ fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no GPU"; } \
   | tee "$OUT/device.txt"
 df -h /dev/shm | tail -1 | tee -a "$OUT/device.txt"  # the stream part's loader workers pass batches through it
-"$PY" -c "import sys, torch, deepspeed, timm; print('python', sys.version.split()[0], 'torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'timm', timm.__version__)" 2>&1 \
+# the project's own modules too (torch differs from the one tested here: a failed import shows now, not per part)
+"$PY" -c "import sys, torch, deepspeed, timm; import bench.train, bench.capacity, launch.__main__, train.main, tests.test_gpu; print('python', sys.version.split()[0], 'torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'timm', timm.__version__)" 2>&1 \
   | grep -v WARNING | tee -a "$OUT/device.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "the imports failed: see above"; exit 1; }
 
+DEADLINE=${DEVICE_DEADLINE_S:-580}  # seconds after the script's start (SECONDS), inside the call's 600
 part() {  # part NAME LIMIT_S COMMAND...
   local name=$1 limit=$2
   shift 2
+  local left=$((DEADLINE - SECONDS - 16))  # 15 s to stop after the signal
+  [ "$left" -lt "$limit" ] && limit=$left
+  if [ "$limit" -lt 20 ]; then echo "== $name skipped: ${left}s left before the deadline"; return; fi
   echo "== $name (limit ${limit}s): $*"
   local start=$SECONDS
   timeout --signal=INT --kill-after=15 "$limit" "$@" > "$OUT/$name.log" 2>&1
@@ -58,6 +66,23 @@ part() {  # part NAME LIMIT_S COMMAND...
   grep -v "WARNING\|Warning\|return func" "$OUT/$name.log" | grep -E "^\||^#|passed|failed|skipped|error|Error|GPU busy" | head -80
   echo "== $name: exit $rc after $((SECONDS - start)) s"
 }
+
+# A one-rank process group on the device (NCCL on CUDA): if it cannot all-reduce, no row but the bare loop can run
+preflight='import datetime, torch, torch.distributed as dist
+cuda = torch.cuda.is_available()
+if cuda:
+    torch.cuda.set_device(0)
+dist.init_process_group("nccl" if cuda else "gloo", init_method="tcp://127.0.0.1:29611", rank=0, world_size=1,
+                        timeout=datetime.timedelta(seconds=40))
+t = torch.ones(4, device="cuda" if cuda else "cpu")
+dist.all_reduce(t)
+dist.barrier()
+print("process group ok:", dist.get_backend(), float(t.sum()))
+dist.destroy_process_group()'
+NCCL_DEBUG=INFO timeout --kill-after=5 60 "$PY" -c "$preflight" > "$OUT/preflight.log" 2>&1
+rc=$?
+grep -E "process group ok|NCCL INFO (NCCL version|Channel|Init COMPLETE)|rror" "$OUT/preflight.log" | head -8 | tee -a "$OUT/device.txt"
+[ "$rc" -eq 0 ] || { echo "the preflight failed (exit $rc): see $OUT/preflight.log"; tail -30 "$OUT/preflight.log"; exit 1; }
 
 VITL=(--recipe vitl_imagenet_8gpu --world 1 --steps 8 --warmup 2 --profile zero.bf16=true)
 FACES=(--recipe vitl_ms1mv2_faces --world 1 --steps 8 --warmup 2 --no-variants)
@@ -78,24 +103,30 @@ if [ -n "${DEVICE_SMOKE:-}" ]; then
   CAP_EXACT=(--heads distarc --sample-rates 1.0 --class-chunks 8192 --head-optimizers sgd)
   CAP_SAMPLED=(--heads distarc --sample-rates 0.1 --class-chunks 0 --head-optimizers lazy_sgd)
   CAP_CHEST=(--heads chest --sample-rates 0.1 --class-chunks 8192 --head-optimizers sgd)
+else
+  shm_mb=$(df -Pm /dev/shm 2>/dev/null | awk 'NR == 2 {print $4}')
+  if [ "${shm_mb:-0}" -lt 1024 ]; then  # 8 workers x 2 batches of 4.8 MB in flight: a 64 MB /dev/shm is a bus error
+    echo "/dev/shm has ${shm_mb:-?} MB free: the stream part reads with 2 workers" | tee -a "$OUT/device.txt"
+    FACES+=(data.num_workers=2 data.prefetch_factor=1)
+  fi
 fi
 parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=(train stream gpu capacity)
 for name in "${parts[@]}"; do
   case $name in
-    gpu) part gpu "${GPU_S:-110}" "${ON_CUDA[@]}" "$PY" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider ;;
-    train) part train "${TRAIN_S:-260}" "$PY" -m bench.train "${VITL[@]}" \
+    gpu) part gpu "${GPU_S:-140}" "${ON_CUDA[@]}" "$PY" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider ;;
+    train) part train "${TRAIN_S:-240}" "$PY" -m bench.train "${VITL[@]}" \
         --variant "ZeRO-3:zero.stage=3" \
+        --variant "recipe (micro-batch 64, checkpointing):data.batch_size=64,model.grad_checkpointing=true" \
+        --variant "fused grad checks off:zero.fused_grad_checks=false" \
+        --variant "ZeRO-3, DeepSpeed's fetch sync:zero.stage=3,zero.stage3_skip_local_fetch_sync=false" \
+        --variant "ZeRO-3, no leaf blocks:zero.stage=3,zero.stage3_leaf_blocks=false" \
         --variant "compile:model.compile=true" \
         --variant "ZeRO-3 + compile:zero.stage=3,model.compile=true" \
-        --variant "ZeRO-3, no leaf blocks:zero.stage=3,zero.stage3_leaf_blocks=false" \
-        --variant "ZeRO-3, DeepSpeed's fetch sync:zero.stage=3,zero.stage3_skip_local_fetch_sync=false" \
-        --variant "fused grad checks off:zero.fused_grad_checks=false" \
-        --variant "recipe (micro-batch 64, checkpointing):data.batch_size=64,model.grad_checkpointing=true" \
         data.batch_size=128 model.grad_checkpointing=false "${SMALL[@]}" ;;
-    stream) part stream "${STREAM_S:-120}" bash -c "$(printf '%q ' "$PY" -m bench.train "${FACES[@]}" --data shards --classes $CLASSES); \
+    stream) part stream "${STREAM_S:-110}" bash -c "$(printf '%q ' "$PY" -m bench.train "${FACES[@]}" --data shards --classes $CLASSES); \
         $(printf '%q ' "$PY" -m bench.train "${FACES[@]}" --data synthetic data.num_classes=$CLASSES)" ;;
-    capacity) part capacity "${CAPACITY_S:-80}" bash -c "$(printf '%q ' "$PY" -m bench.capacity "${CAPACITY[@]}" "${CAP_EXACT[@]}"); \
+    capacity) part capacity "${CAPACITY_S:-70}" env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True bash -c "$(printf '%q ' "$PY" -m bench.capacity "${CAPACITY[@]}" "${CAP_EXACT[@]}"); \
         $(printf '%q ' "$PY" -m bench.capacity "${CAPACITY[@]}" "${CAP_SAMPLED[@]}"); \
         $(printf '%q ' "$PY" -m bench.capacity "${CAPACITY[@]}" "${CAP_CHEST[@]}")" ;;
     *) echo "unknown part $name (gpu, train, stream, capacity)"; exit 2 ;;
