@@ -49,6 +49,7 @@ from model.collectives import (
 from model.config import LossConfig
 from model.hyphc import Triplets, hyphc_triplet_loss, sample_triplets
 from model.proxies import ShardedHead, class_permutation, class_range, init_rows, sample_local_classes
+from model.proxies import check_label_range
 
 
 # ---- building blocks (pure functions) -----------------------------------------------------------
@@ -319,11 +320,7 @@ class ChestHead(ShardedHead):
             x_GE = all_gather_with_grad(emb_BD.float(), self.group, self.embedding_grad_scale)
             neg_e = None
         labels_G = all_gather_no_grad(labels_B, self.group)
-        if labels_G.numel() and (int(labels_G.min()) < 0 or int(labels_G.max()) >= self.num_classes):
-            raise ValueError(
-                f"labels outside [0, {self.num_classes}): min {int(labels_G.min())}, max "
-                f"{int(labels_G.max())}; set data.num_classes to the data set's class count"
-            )
+        check_label_range(labels_G, self.num_classes)
         target_col = self.target_columns(labels_G)
         proxies: torch.Tensor = self.proxies
         sampled = self.cfg.sample_rate < 1.0

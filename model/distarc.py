@@ -28,7 +28,7 @@ from model.collectives import (
     sharded_cross_entropy,
 )
 from model.config import LossConfig
-from model.proxies import ShardedHead, class_range, init_rows, sample_local_classes
+from model.proxies import ShardedHead, check_label_range, class_range, init_rows, sample_local_classes
 
 COS_EPS = 1e-7  # official clamp of cos(theta) to [-1 + eps, 1 - eps]
 PHI_EPS = 1e-12  # ||x - a_y|| floor in cos(phi_y) (F.normalize's eps)
@@ -204,11 +204,7 @@ class DistArcHead(ShardedHead):
             )
         emb_GD = all_gather_with_grad(emb_BD.float(), self.group, self.embedding_grad_scale)
         labels_G = all_gather_no_grad(labels_B, self.group)
-        if labels_G.numel() and (int(labels_G.min()) < 0 or int(labels_G.max()) >= self.num_classes):
-            raise ValueError(
-                f"labels outside [0, {self.num_classes}): min {int(labels_G.min())}, max "
-                f"{int(labels_G.max())}; set data.num_classes to the data set's class count"
-            )
+        check_label_range(labels_G, self.num_classes)
         local_y = labels_G - self.class_start
         target_col = torch.where((local_y >= 0) & (local_y < self.num_local), local_y, -1)
         weight: torch.Tensor = self.weight

@@ -75,6 +75,26 @@ def sample_local_classes(
     return index, new_target
 
 
+def check_label_range(labels: torch.Tensor, num_classes: int) -> None:
+    """Refuse labels outside [0, num_classes), naming data.num_classes. Host tensors: checked at once. On a GPU
+    an asynchronous device-side assert: reading the labels back would stall every step between the trunk's
+    forward and the head until the forward had run (the data stream skips and counts such labels anyway)."""
+    if not labels.numel():
+        return
+    if labels.device.type == "cpu":
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= num_classes:
+            raise ValueError(
+                f"labels outside [0, {num_classes}): min {low}, max {high}; "
+                "set data.num_classes to the data set's class count"
+            )
+        return
+    inside = ((labels >= 0) & (labels < num_classes)).all()
+    torch._assert_async(
+        inside, f"labels outside [0, {num_classes}): set data.num_classes to the data set's class count"
+    )
+
+
 def init_rows(seed: int, class_start: int, num_local: int, row_shape: tuple[int, ...]) -> torch.Tensor:
     """Standard-normal rows for classes [class_start, class_start + num_local), fp32.
 
