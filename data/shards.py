@@ -19,8 +19,9 @@ CONVERT_STATE_NAME = ".convert-state.json"
 
 # Appended to "not found" errors so the user knows how to get shards.
 _FIX_HINT = (
-    "write the shards with `python -m data.convert mnist5k --root DIR` (or your own "
-    "converter), set data.prepare=mnist5k, or point data.root=... at an existing shard folder"
+    "convert the data set with `python -m data.convert {sop,cub,cars,inshop,imagenet,ms1m,verification} --src "
+    "<published folder> --out DIR` and set data.root=DIR (the MNIST digits: data.prepare=mnist5k), or point "
+    "data.root at an existing shard folder"
 )
 
 

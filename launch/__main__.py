@@ -22,7 +22,7 @@ import yaml
 from data.convert.mnist import ensure_prepared
 from train.overrides import apply_overrides, refuse_repeated_keys
 from launch.estimate import check_fits, print_estimates
-from launch.preflight import check_data, preflight
+from launch.preflight import check_data, check_model, preflight
 from launch.recipes import DEFAULT_RECIPE, RECIPES, get_recipe
 from launch.sweep import expand, varying_keys, write_summary
 from slurm.executor import make_executor
@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         refuse_repeated_keys(args.overrides, args.sweep or [])
         if args.print_config:  # validated, unresolved: needs no converted data (data.num_classes=0 = the manifest's)
             cfg = apply_overrides(get_recipe(args.recipe), args.overrides).validate()
+            check_model(cfg)  # what a submission refuses, --print-config too
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             for line in cfg.warnings():
                 print(f"warning: {line}", file=sys.stderr)

@@ -10,6 +10,7 @@ settings, so the points must agree on every `slurm.*` key (`expand` refuses a gr
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import itertools
@@ -254,7 +255,18 @@ def _session(sweep_dir: str, row: dict[str, Any]) -> tuple[dict[str, Any], dict[
     return hparams, {**summary.metrics, "last_train_loss": summary.last_train_loss}
 
 
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m launch.sweep",
+        description="Rebuild a sweep's summary table (sweep_summary.md) and its HPARAMS experiment.",
+    )
+    parser.add_argument("sweep_dir", help="the sweep's folder, <run_root>/<sweep name>")
+    args = parser.parse_args(argv)
+    if not os.path.isdir(args.sweep_dir):
+        parser.error(f"{args.sweep_dir} is not a folder (a sweep's folder holds sweep.json and one folder a point)")
+    print(write_summary(args.sweep_dir))
+    return 0
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m launch.sweep <sweep dir>")
-    print(write_summary(sys.argv[1]))
+    sys.exit(main())

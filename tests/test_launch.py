@@ -405,3 +405,18 @@ def test_local_world_size_from_an_srun_steps_layout(monkeypatch, layout: str, no
     assert env_from_environ().local_world_size == expected
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # a launcher's own value wins
     assert env_from_environ().local_world_size == 8
+
+
+def test_print_config_refuses_an_unknown_model_and_the_sweep_table_has_a_help(capsys) -> None:
+    """--print-config checks what a submission checks (the model name too); `python -m launch.sweep --help`
+    printed a traceback (it took --help for a folder)."""
+    from launch.sweep import main as sweep_main
+
+    assert main(["--print-config", "model.name=nonexistent_net"]) == 2
+    assert "model.name='nonexistent_net' is not a timm model" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as done:
+        sweep_main(["--help"])
+    assert done.value.code == 0 and "sweep_dir" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as done:
+        sweep_main(["/nonexistent/sweep"])
+    assert done.value.code == 2 and "is not a folder" in capsys.readouterr().err
