@@ -124,6 +124,10 @@ def test_resume_gives_the_same_weights_and_loss(
     second = pool.run(_run, resumed_args, None, recipe)
     assert second[0]["resumed_from_step"] == steps // 2 and second[0]["step"] == steps
     assert second[0]["last_train_loss"] == pytest.approx(straight[0]["last_train_loss"], rel=1e-6, abs=1e-7)
+    from train.checkpoint import read_meta
+
+    # the final evaluation runs after the last save: its scores reach that checkpoint's best-so-far too
+    assert straight[0]["best"] and read_meta(find_latest(str(tmp_path / "straight")))["best"] == straight[0]["best"]
     if recipe == "mnist_chest":  # the finished run started again: evaluates only, reports the same, logs once
         third = pool.run(_run, resumed_args, None, recipe)
         assert third[0]["resumed_from_step"] == steps == third[0]["step"]
@@ -143,7 +147,7 @@ def test_resume_gives_the_same_weights_and_loss(
     assert stream_changes(find_latest(str(tmp_path / "resumed")), resumed_cfg, 2) == []
     changed = stream_changes(find_latest(str(tmp_path / "resumed")), resumed_cfg, 4)
     assert changed == ["world_size: 2 -> 4"]
-    from train.checkpoint import config_changes, read_meta
+    from train.checkpoint import config_changes
 
     assert config_changes(find_latest(str(tmp_path / "resumed")), resumed_cfg) == []
     faster = dataclasses.replace(resumed_cfg, optim=dataclasses.replace(resumed_cfg.optim, lr=0.5), max_steps=99)

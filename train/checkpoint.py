@@ -29,6 +29,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from common.files import write_json_atomic
 from data.shards import shard_set_digest
 from model.proxies import ShardedHead
 from train.config import RunConfig, load_yaml, save_yaml
@@ -131,6 +132,14 @@ def resolve_step_dir(run_dir: str, checkpoint: str | None = None) -> str:
 def read_meta(path: str) -> dict[str, Any]:
     with open(os.path.join(path, "meta.json")) as f:
         return json.load(f)
+
+
+def record_final_best(path: str, best: dict[str, float]) -> None:
+    """Put the final evaluation's scores (it runs after the last save) into the best-so-far of checkpoint
+    `path`: a run extended from it (a longer max_steps) starts from them. meta.json is replaced atomically."""
+    meta = read_meta(path)
+    meta["best"] = best
+    write_json_atomic(os.path.join(path, "meta.json"), meta)
 
 
 ARCHITECTURE_KEYS = ("name", "embed_dim", "neck", "in_chans", "img_size", "patch_size")  # model.* a checkpoint fixes

@@ -323,8 +323,11 @@ def finish(run: Run, t0: float, train_s: float) -> RunSummary:
         final = flatten(run.eval_sets, per_set)
         run.logger.log(state.step, state.samples_seen, run.with_best(final), prefix="eval")
         if env.is_main:
-            rows = write_eval_files(cfg.run_dir, run.eval_sets, per_set, state.step, ckpt.find_latest(cfg.run_dir))
+            latest = ckpt.find_latest(cfg.run_dir)
+            rows = write_eval_files(cfg.run_dir, run.eval_sets, per_set, state.step, latest)
             print("\n".join(rows), flush=True)
+            if latest and ckpt.read_meta(latest)["step"] == state.step:
+                ckpt.record_final_best(latest, state.best)
     if done and cfg.checkpoint.export and env.is_main:
         print(f"exported backbone and proxy table to {export(cfg.run_dir)}", flush=True)
     summary = RunSummary(
