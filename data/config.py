@@ -189,8 +189,10 @@ class DataConfig:
                 f"data.in_chans={self.in_chans!r} is not supported; use data.in_chans=1 "
                 "(grayscale) or data.in_chans=3 (RGB)"
             )
-        if not self.std > 0:
+        if not 0 < self.std < math.inf:
             raise ValueError(f"data.std={self.std!r} must be > 0 (it divides the pixels); e.g. data.std=0.5")
+        if not math.isfinite(self.mean):
+            raise ValueError(f"data.mean={self.mean!r} must be a finite number; e.g. data.mean=0.5")
         if self.transform not in TRANSFORM_CHOICES:
             raise ValueError(
                 f"data.transform={self.transform!r} is unknown; choose one of {', '.join(TRANSFORM_CHOICES)}"
@@ -236,9 +238,9 @@ class DataConfig:
                     f"{self.batch_size} (a few thousand is typical)"
                 )
         for root, weight in self.sources:
-            if not weight > 0:
+            if not 0 < weight < math.inf:
                 raise ValueError(
-                    f"data.sources item {root}={weight:g} must read ROOT=WEIGHT with a weight > 0, "
+                    f"data.sources item {root}={weight:g} must read ROOT=WEIGHT with a finite weight > 0, "
                     "e.g. data.sources=/data/in1k=0.7,/data/sop=0.3"
                 )
         if self.sources and os.path.normpath(self.sources[0][0]) != os.path.normpath(self.root):

@@ -94,7 +94,8 @@ def slot_raw_samples(
     visited: set[str] = set()
     productive = False  # has this slot ever produced a valid sample
     # The reported bad-sample total counts the shards of this slot's first-epoch share in every epoch: the shares
-    # are disjoint across slots (later epochs move the shards, and other slots would count the same samples again)
+    # are disjoint across slots (later epochs move the shards, and other slots would count the same samples again;
+    # resampled, every slot draws from every shard: each bad sample was counted once per slot that met it)
     owned = None if deal is None else frozenset(dealt_shards(shards, 0, *deal, f"{cfg.seed}{tag}"))
     for epoch in itertools.count():
         epoch_rng = random.Random(f"shards-{cfg.seed}-{rank}-{worker}-{epoch}{tag}")
@@ -137,12 +138,14 @@ def dealt_shards(shards: list[str], epoch: int, slot: int, slots: int, seed: str
 def slot_shards(
     source: TrainSource, cfg: DataConfig, rank: int, world_size: int, worker: int, num_workers: int
 ) -> tuple[list[str], tuple[int, int] | None]:
-    """The shards one slot reads from a source and its (slot, slots) in each epoch's deal of them; all of
-    them and no deal when resampled. Raises (naming the fix) where a slot would get no shard."""
-    if cfg.resampled:
-        return list(source.shards), None
+    """The shards one slot reads from a source and its (slot, slots) in each epoch's deal of them (resampled:
+    it draws from all of them, and the deal names the shards whose bad samples it counts). Raises (naming the
+    fix) where a slot would get no shard."""
+    deal = (rank * num_workers + worker, world_size * num_workers)
+    if cfg.resampled:  # draws from every shard; the deal only says whose bad samples this slot counts
+        return list(source.shards), deal
     assign_shards(list(source.shards), rank, world_size, worker, num_workers)  # checks there are enough
-    return list(source.shards), (rank * num_workers + worker, world_size * num_workers)
+    return list(source.shards), deal
 
 
 def slot_raw_batches(

@@ -32,6 +32,7 @@ from __future__ import annotations
 import io
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from PIL import Image, JpegImagePlugin
 from torchvision import transforms as T
@@ -93,6 +94,8 @@ def _load(img: Image.Image, mode: str) -> Image.Image:
         # convert() to the same mode would decode and then copy the pixels.
         img.load()
         return img
+    if img.mode.startswith("I;16") or img.mode == "I":  # 16-bit grayscale: PIL's convert clips at 255, not scales
+        img = Image.fromarray(np.clip(np.asarray(img, dtype=np.int64) >> 8, 0, 255).astype(np.uint8))
     return img.convert(mode)
 
 

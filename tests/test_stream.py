@@ -354,7 +354,7 @@ def test_mixture_class_counts_must_add_up(root: str, second_root: str, tmp_path)
         build_train_loader(make_cfg(root, num_classes=7, sources=((root, 1.0), (str(tmp_path), 1.0))), 0, 1)
     with pytest.raises(ValueError, match="list data.root as the first source"):
         make_cfg(root, num_classes=7, sources=((second_root, 1.0), (root, 1.0))).validate()
-    with pytest.raises(ValueError, match="ROOT=WEIGHT with a weight > 0"):
+    with pytest.raises(ValueError, match="ROOT=WEIGHT with a finite weight > 0"):
         make_cfg(root, num_classes=7, sources=((root, 1.0), (second_root, -1.0))).validate()
 
 
@@ -443,3 +443,23 @@ def test_dealt_slots_count_and_cap_their_first_epochs_share_and_survive_all_bad_
     assert len(list(itertools.islice(stream, 16 * 20))) == 16 * 20  # epochs with an all-bad share pass
     with pytest.raises(RuntimeError, match="hold no valid sample"):
         next(slot_raw_samples(cfg, all_bad, 0, 0, BadSampleCounter(100, "t"), deal=(0, 2)))
+
+
+def test_resampled_slots_count_each_bad_sample_once_over_the_ranks(tmp_path) -> None:
+    """Resampled, every slot draws from every shard: each counted every bad sample it met, so the rank-summed
+    total grew with the slots (4 bad samples read 14 at 2 ranks x 2 workers) and each slot's cap held against
+    the whole data set. Each slot now counts its first deal's share only."""
+    bad_samples = [{**s, "cls": 9} if i % 8 == 0 else s for i, s in enumerate(synthetic_samples(100, 32, 4))]
+    shards = [str(tmp_path / "m" / n) for n in write_split(bad_samples, str(tmp_path / "m"), 8)]  # one bad each
+    cfg = make_cfg(str(tmp_path), shuffle_buffer=1, resampled=True)
+    from data.mixture import TrainSource
+    from data.stream import slot_shards
+
+    source = TrainSource(str(tmp_path), 1.0, 0, 4, tuple(shards))
+    for ranks, workers in ((2, 2), (3, 2)):  # 4 slots for 4 shards; 6 slots: two own none
+        counters = {}
+        for rank, worker in itertools.product(range(ranks), range(workers)):
+            mine, deal = slot_shards(source, cfg, rank, ranks, worker, workers)
+            counters[rank, worker] = counter = BadSampleCounter(1, f"slot {rank}/{worker}")  # cap 1: its share's
+            list(itertools.islice(slot_raw_samples(cfg, mine, rank, worker, counter, deal=deal), 30 * 28))
+        assert sum(c.count for c in counters.values()) == 4 and max(c.count for c in counters.values()) == 1

@@ -107,8 +107,24 @@ def test_norm_presets() -> None:
         ({"transform": "vit"}, "data.transform"),
         ({"norm": "clip"}, "data.norm"),
         ({"norm": "imagenet", "in_chans": 1}, "data.in_chans=1"),
+        ({"mean": float("nan")}, "data.mean=nan must be a finite number"),  # the Python API skips the parser's check
+        ({"std": float("inf")}, "data.std=inf must be > 0"),
+        ({"sources": (("/r", float("inf")),)}, "finite weight > 0"),  # raised at the first batch before
     ],
 )
 def test_config_validation(override: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         make_cfg(**override).validate()
+
+
+@pytest.mark.parametrize("in_chans", [1, 3])
+def test_16_bit_grayscale_pngs_are_scaled_not_clipped(in_chans: int) -> None:
+    """PIL's convert from I;16 clips every value at 255: a 16-bit scan decoded all white."""
+    import io
+
+    from data.transforms import decode_image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.array([[0, 32896, 65535, 255]], dtype=np.uint16)).save(buf, format="PNG")
+    pixels = np.asarray(decode_image(buf.getvalue(), in_chans)).reshape(1, 4, -1)[0, :, 0]
+    assert pixels.tolist() == [0, 128, 255, 0]
