@@ -137,6 +137,9 @@ class DataConfig:
     # on uint8 tensors; mean difference to PIL 0.03/255; ~2.4x faster);
     # "pil" = PIL's bicubic, bit-for-bit the torchvision v1 recipe.
     resize_backend: str = "torch"
+    # "imagenet" train: RandomResizedCrop's smallest area fraction (torchvision's and timm's 0.08; the CHEST
+    # recipes take Hyp-ViT's code's 0.2, whose augmentation the CHEST paper follows)
+    crop_scale_min: float = 0.08
 
     def channel_values(self) -> tuple[list[float], list[float]]:
         """data.channel_mean / data.channel_std, checked: in_chans finite values each, std > 0."""
@@ -191,6 +194,8 @@ class DataConfig:
             )
         if not 0 < self.std < math.inf:
             raise ValueError(f"data.std={self.std!r} must be > 0 (it divides the pixels); e.g. data.std=0.5")
+        if not 0 < self.crop_scale_min <= 1:
+            raise ValueError(f"data.crop_scale_min={self.crop_scale_min!r} must be in (0, 1]; e.g. 0.08 or 0.2")
         if not math.isfinite(self.mean):
             raise ValueError(f"data.mean={self.mean!r} must be a finite number; e.g. data.mean=0.5")
         if self.transform not in TRANSFORM_CHOICES:

@@ -2,8 +2,8 @@
 
 This module owns the geometric transforms of decoded (or header-only) PIL
 images and how their pixels become a tensor:
-  - "imagenet" train: RandomResizedCrop(image_size, bicubic) +
-    RandomHorizontalFlip, drawing exactly what the torchvision pair draws
+  - "imagenet" train: RandomResizedCrop(image_size, bicubic, area fraction
+    in [data.crop_scale_min, 1]) + RandomHorizontalFlip, drawing exactly what the torchvision pair draws
     (RandomResizedCrop.get_params on the image size, then one
     torch.rand(1) < 0.5), so a torch seed gives the same crop and flip;
   - "imagenet" eval: Resize(shorter side to int(image_size * 256 / 224),
@@ -148,13 +148,13 @@ def draft_decode(
 
 
 class RandomResizedCropFlip:
-    """Train "imagenet": RandomResizedCrop(size, bicubic) + RandomHorizontalFlip (module docstring)."""
+    """Train "imagenet": RandomResizedCrop(size, bicubic, scale=(scale_min, 1)) + RandomHorizontalFlip (module
+    docstring)."""
 
-    scale = (0.08, 1.0)
     ratio = (3.0 / 4.0, 4.0 / 3.0)
 
-    def __init__(self, size: int, resample: Resampler) -> None:
-        self.size, self.resample = size, resample
+    def __init__(self, size: int, resample: Resampler, scale_min: float = 0.08) -> None:
+        self.size, self.resample, self.scale = size, resample, (scale_min, 1.0)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         top, left, height, width = T.RandomResizedCrop.get_params(image, self.scale, self.ratio)
@@ -207,7 +207,7 @@ def crop_transform(cfg: DataConfig, train: bool, mean: list[float], std: list[fl
     size = cfg.image_size
     resample = Resampler(cfg.resize_backend, ToTensor(mean, std, cfg.uint8_batches))
     if cfg.transform == "imagenet":
-        return RandomResizedCropFlip(size, resample) if train else ResizeCenterCrop(size, resample)
+        return RandomResizedCropFlip(size, resample, cfg.crop_scale_min) if train else ResizeCenterCrop(size, resample)
     if cfg.transform == "faces":
         return SquareResizeFlip(size, train, resample)
     raise ValueError(f"data.transform={cfg.transform!r} is unknown; choose digits, imagenet or faces")

@@ -162,6 +162,7 @@ def _vits_chest(
             image_size=224,
             in_chans=3,
             transform="imagenet",
+            crop_scale_min=0.2,  # Hyp-ViT's RandomResizedCrop(scale=(0.2, 1)); CHEST: "as in Hyp-ViT"
             norm="timm",
             batch_size=batch,
             samples_per_class=per_class,

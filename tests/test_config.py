@@ -94,7 +94,7 @@ def test_unknown_recipe() -> None:
         ("name=a/b", "name='a/b'"),
         ("loss.sample_rate=0", "loss.sample_rate=0.0 must be in \\(0, 1\\]"),
         ("metrics.recall_ks=1,0", "metrics.recall_ks must hold integers >= 1"),
-        ("data.sources=data-cache/mnist5k=1,/b=-1", "data.sources item /b=-1 must read ROOT=WEIGHT with a weight > 0"),
+        ("data.sources=data-cache/mnist5k=1,/b=-1", "data.sources item /b=-1 must read ROOT=WEIGHT with a finite"),
         ("data.sources=/b=1", "data.sources starts with '/b' but data.root='data-cache/mnist5k'"),
         (
             "slurm.sbatch_extra=exclusive=true;--mem=100",

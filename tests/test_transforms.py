@@ -128,3 +128,17 @@ def test_16_bit_grayscale_pngs_are_scaled_not_clipped(in_chans: int) -> None:
     Image.fromarray(np.array([[0, 32896, 65535, 255]], dtype=np.uint16)).save(buf, format="PNG")
     pixels = np.asarray(decode_image(buf.getvalue(), in_chans)).reshape(1, 4, -1)[0, :, 0]
     assert pixels.tolist() == [0, 128, 255, 0]
+
+
+def test_the_crop_scale_is_a_setting_and_the_chest_recipes_take_hyp_vits() -> None:
+    from data.crops import crop_transform
+    from launch.recipes import get_recipe
+
+    assert crop_transform(make_cfg(transform="imagenet"), True, [0.5], [0.5]).scale == (0.08, 1.0)
+    assert crop_transform(make_cfg(transform="imagenet", crop_scale_min=0.2), True, [0.5], [0.5]).scale == (0.2, 1.0)
+    assert (
+        get_recipe("vits_sop_chest").data.crop_scale_min == 0.2 == get_recipe("vits_cub_chest_1gpu").data.crop_scale_min
+    )
+    assert get_recipe("vitl_imagenet_8gpu").data.crop_scale_min == 0.08
+    with pytest.raises(ValueError, match="data.crop_scale_min=0.0 must be in"):
+        make_cfg(crop_scale_min=0.0).validate()
