@@ -31,7 +31,9 @@ import collections
 import random
 from collections.abc import Iterable, Iterator
 
+from data.config import DataConfig
 from data.samples import RawSample
+from data.shards import read_manifest
 
 # Compact the drop-order queue once it holds this many times the buffer
 # capacity (dead entries accumulate when samples leave through batches).
@@ -150,3 +152,24 @@ def balanced_batches(
                 f"{per_class} samples within data.balance_buffer={capacity}. Lower "
                 f"data.samples_per_class or data.batch_size, or raise data.balance_buffer"
             )
+
+
+def starved_classes(cfg: DataConfig) -> str | None:
+    """With data.samples_per_class = m > 0: the train classes with fewer than m images, which never make a
+    batch (the balancer waits for m of a class), said in a line; None when there are none or the manifests
+    (written before 2026-12-07) do not count images per class. Classes with no image are not counted."""
+    m = cfg.samples_per_class
+    if m < 2:
+        return None
+    found = []
+    for root in [root for root, _ in cfg.sources] or [cfg.root]:
+        entry = ((read_manifest(root) or {}).get("splits") or {}).get(cfg.train_split) or {}
+        small = [n for n in entry.get("class_counts", []) if 0 < n < m]
+        if small:
+            found.append(f"{len(small)} classes ({sum(small)} images) of {root}")
+    if not found:
+        return None
+    return (
+        f"{' and '.join(found)} have fewer than data.samples_per_class={m} images: they never make a class-balanced "
+        f"batch (a class waits for {m}); lower data.samples_per_class if they matter"
+    )

@@ -13,6 +13,7 @@ the reader (data.samples) and the converters import them.
 
 from __future__ import annotations
 
+import numpy as np
 import json
 import math
 import os
@@ -114,6 +115,7 @@ def _split_entry(root: str, split: str, info: dict) -> dict:
         "num_samples": len(labels),
         "num_classes": len(set(labels)),
         "max_label": max(labels),
+        "class_counts": np.bincount(labels).tolist(),  # images per label (class-balanced batches need m of a class)
         "shards": rels,
         "sha256": {rel: digest for rel, (digest, _) in stats.items()},
         "samples": {rel: count for rel, (_, count) in stats.items()},
