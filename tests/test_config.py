@@ -397,3 +397,8 @@ def test_baselines_with_the_papers_defaults_of_other_heads_are_refused_or_pointe
             apply_overrides(get_recipe("mnist_distarc"), [f"loss.name={name}", "loss.scale=30"]).validate().warnings()
             == []
         )
+
+
+def test_unclipped_poincare_features_are_pointed_out() -> None:
+    (line,) = apply_overrides(get_recipe("mnist_chest"), ["loss.chest.clip_radius=0"]).validate().warnings()
+    assert "loss.chest.clip_radius=0" in line and "fp32" in line

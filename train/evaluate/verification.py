@@ -15,8 +15,9 @@ Protocol (docs/infra-lessons.md section 1.10), written from its description:
 - VAL@FAR: on np.arange(0, 4, 0.001), the threshold with FAR = far_target on the training folds is
   interpolated (below), or 0 (accept nothing) if the training FAR never reaches the target; VAL and
   FAR are measured on the held-out fold and averaged ("val", "val_std", "far").
-Distances are computed in fp64 (insightface works in fp32 numpy; only pairs within ~1e-7 of a grid
-threshold can differ).
+Distances are computed in fp64, as insightface's (its embeddings are collected into float64 numpy
+arrays before normalising). A held-out fold without same pairs (or without different ones) counts VAL
+(FAR) 0 where insightface divides by zero; real pair lists mix both in every fold.
 """
 
 from __future__ import annotations
