@@ -64,11 +64,19 @@ def test_resume_false_sets_an_earlier_runs_checkpoints_aside(tmp_path) -> None:
     aside = ckpt.set_aside_checkpoints(str(tmp_path))
     assert aside is not None and os.path.basename(aside).startswith("checkpoints.before-")
     assert os.listdir(aside) == ["step-30"] and not os.path.exists(root)
-    os.makedirs(os.path.join(tmp_path, "tb", "by_samples"))  # the earlier run's curves go aside with them
+    os.makedirs(os.path.join(tmp_path, "tb", "by_samples"))  # the earlier run's curves and results go aside too
+    os.makedirs(os.path.join(tmp_path, "export"))
+    for name in ("summary.json", "eval_val.json", "config.yaml"):
+        (tmp_path / name).write_text("{}")
     _complete(root, 10)
     later = ckpt.set_aside_checkpoints(str(tmp_path))
     assert later is not None and not os.path.exists(os.path.join(tmp_path, "tb"))
-    assert os.listdir(os.path.join(tmp_path, "tb.before-" + later.rsplit(".before-", 1)[1])) == ["by_samples"]
+    suffix = ".before-" + later.rsplit(".before-", 1)[1]
+    assert os.listdir(os.path.join(tmp_path, "tb" + suffix)) == ["by_samples"]
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        [os.path.basename(aside), os.path.basename(later), "config.yaml"]
+        + [name + suffix for name in ("tb", "export", "summary.json", "eval_val.json")]
+    )
     assert ckpt.find_latest(str(tmp_path)) is None
 
 
@@ -102,3 +110,20 @@ def test_a_job_slurm_restarted_resumes_even_with_resume_false() -> None:
     assert ckpt.wants_resume(True, {}) and not ckpt.wants_resume(False, {})
     assert not ckpt.wants_resume(False, {"SLURM_RESTART_COUNT": "0"})
     assert ckpt.wants_resume(False, {"SLURM_RESTART_COUNT": "2"})  # sbatch requeue reruns resume=false
+
+
+def test_stray_and_damaged_step_folders_are_passed_over(tmp_path, capsys) -> None:
+    """A `step-20.bak` copy made every resume fail (int('20.bak')); a meta.json cut off by a full disk was taken
+    for complete and both ranks died on it instead of resuming from the step before."""
+    root = ckpt.checkpoint_root(str(tmp_path))
+    _complete(root, 10)
+    _complete(root, 30)
+    os.rename(os.path.join(root, "step-30"), os.path.join(root, "step-20.bak"))
+    _complete(root, 40)
+    with open(os.path.join(root, "step-40", "meta.json"), "w") as f:
+        f.write('{"step": 4')
+    ckpt._write_latest(root, "step-40")
+    assert ckpt.find_latest(str(tmp_path)) == os.path.join(root, "step-10")
+    assert "step-40 is passed over: its meta.json does not read" in capsys.readouterr().err
+    ckpt._prune(root, keep_last=1, step=10)  # the stray folder is no step to prune either
+    assert sorted(os.listdir(root)) == ["latest", "step-10", "step-20.bak", "step-40"]

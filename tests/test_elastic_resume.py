@@ -91,6 +91,9 @@ def test_a_resume_that_switches_bf16_goes_through_the_universal_checkpoint(
     bf16 = dist_pool(1).run(_resume_and_measure, args + ["zero.bf16=true"])[0]
     assert bf16["step"] == 10 and torch.equal(bf16["table"], fp32["table"]) and bf16["lr"] == fp32["lr"]
     assert os.path.isdir(tmp_path / "bf16" / "checkpoints" / "step-10" / "engine_universal")
+    # DeepSpeed wrote its output folder's name (our temp folder) here; a tag-less load reads it
+    assert (tmp_path / "bf16" / "checkpoints" / "step-10" / "latest_universal").read_text() == "engine_universal"
+    assert not list((tmp_path / "bf16" / "checkpoints" / "step-10").glob(".tmp-*"))
     summary = dist_pool(1).run(_train, args + ["zero.bf16=true"], None)[0]
     assert summary["resumed_from_step"] == 10 and summary["step"] == 12 and math.isfinite(summary["last_train_loss"])
 

@@ -22,7 +22,9 @@ import glob
 import json
 import os
 import random
+import re
 import shutil
+import sys
 import time
 from typing import Any, Mapping
 
@@ -67,15 +69,28 @@ def find_latest(run_dir: str) -> str | None:
     (a save killed between its rename and the pointer's update), or the newest complete one when `latest`
     is missing or stale."""
     root = checkpoint_root(run_dir)
-    done = [p for p in glob.glob(os.path.join(root, "step-*")) if os.path.exists(os.path.join(p, "meta.json"))]
+    named = [p for p in glob.glob(os.path.join(root, "step-*")) if re.fullmatch(r"step-\d+", os.path.basename(p))]
+    done = [p for p in named if _complete(p)]  # not a stray "step-20.bak", nor a step whose meta.json is cut off
     newest = max(done, key=_step_of) if done else None
     pointer = os.path.join(root, "latest")
     if os.path.exists(pointer):
         with open(pointer) as f:
             path = os.path.join(root, f.read().strip())
-        if os.path.exists(os.path.join(path, "meta.json")) and (newest is None or _step_of(newest) <= _step_of(path)):
+        if path in done and (newest is None or _step_of(newest) <= _step_of(path)):
             return path
     return newest
+
+
+def _complete(step_dir: str) -> bool:
+    """A step folder whose meta.json (written last) exists and parses; a damaged one is named and passed over."""
+    try:
+        read_meta(step_dir)
+        return True
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError) as err:
+        print(f"warning: {step_dir} is passed over: its meta.json does not read ({err})", file=sys.stderr)
+        return False
 
 
 def agreed_latest(run_dir: str, env: DistEnv) -> str | None:
@@ -94,8 +109,9 @@ def wants_resume(resume: bool, environ: Mapping[str, str]) -> bool:
 
 def set_aside_checkpoints(run_dir: str) -> str | None:
     """checkpoint.resume=false in a run dir that holds checkpoints: move them to checkpoints.before-<UTC time>,
-    and its TensorBoard folder to tb.before-<the same> (nothing written is deleted), so that this run's own
-    saves, prunes, requeues and curves see only its own. Returns the new folder, or None when nothing moved."""
+    and its TensorBoard folder, export, summary.json and eval_<set>.json to <name>.before-<the same> (nothing
+    written is deleted), so that this run's own saves, prunes, requeues, curves and results stand alone.
+    Returns the new folder, or None when nothing moved."""
     root = checkpoint_root(run_dir)
     if not glob.glob(os.path.join(root, "step-*")):
         return None
@@ -105,9 +121,18 @@ def set_aside_checkpoints(run_dir: str) -> str | None:
         n += 1
         aside = f"{root}.before-{stamp}-{n}"
     os.replace(root, aside)
-    tb = os.path.join(run_dir, "tb")  # the new run's curves must not continue the old run's
-    if os.path.isdir(tb):
-        os.replace(tb, f"{tb}.before-{aside.rsplit('.before-', 1)[1]}")
+    suffix = aside.rsplit(".before-", 1)[1]
+    # the old run's curves (the new run's must not continue them), export and evaluation files (they name
+    # checkpoints that the new run's will replace)
+    earlier = [
+        "tb",
+        "export",
+        "summary.json",
+        *(os.path.basename(p) for p in glob.glob(os.path.join(run_dir, "eval_*.json"))),
+    ]
+    for name in earlier:
+        if os.path.exists(os.path.join(run_dir, name)):
+            os.replace(os.path.join(run_dir, name), os.path.join(run_dir, f"{name}.before-{suffix}"))
     return aside
 
 
@@ -424,7 +449,8 @@ def _step_of(path: str) -> int:
 def _prune(root: str, keep_last: int, step: int) -> None:
     """Keep the newest `keep_last` checkpoints up to `step` (just saved); remove older ones and the folders of
     saves that were killed (.tmp-step-*, kept until a later save succeeds: multi-GB each for a ViT-L)."""
-    done = sorted((p for p in glob.glob(os.path.join(root, "step-*")) if _step_of(p) <= step), key=_step_of)
+    steps = [p for p in glob.glob(os.path.join(root, "step-*")) if re.fullmatch(r"step-\d+", os.path.basename(p))]
+    done = sorted((p for p in steps if _step_of(p) <= step), key=_step_of)  # never a stray "step-20.bak"
     for old in done[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     for leftover in glob.glob(os.path.join(root, ".tmp-step-*")):

@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from common.files import write_text_atomic
+
 ENGINE_TAG = "engine"
 UNIVERSAL_TAG = "engine_universal"
 
@@ -54,7 +56,12 @@ def convert_to_universal(step_dir: str) -> float:
     dst = os.path.join(step_dir, UNIVERSAL_TAG)
     if os.path.exists(os.path.join(dst, "zero", "optimizer_state.pt")):
         return 0.0
-    tmp = os.path.join(step_dir, f".tmp-{UNIVERSAL_TAG}")
+    # this process's own temp folder: two converters of one step (two jobs on one run dir) must not share one;
+    # a killed converter's is removed once it is an hour old (a conversion takes minutes)
+    for stale in glob.glob(os.path.join(step_dir, f".tmp-{UNIVERSAL_TAG}*")):
+        if time.time() - os.path.getmtime(stale) > 3600:
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = os.path.join(step_dir, f".tmp-{UNIVERSAL_TAG}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     args = argparse.Namespace(
         input_folder=os.path.join(step_dir, ENGINE_TAG),
@@ -67,8 +74,13 @@ def convert_to_universal(step_dir: str) -> float:
     )
     t0 = time.time()
     ds_to_universal.main(args)
-    shutil.rmtree(dst, ignore_errors=True)
+    if os.path.exists(os.path.join(dst, "zero", "optimizer_state.pt")):  # another converter finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+        return time.time() - t0
+    shutil.rmtree(dst, ignore_errors=True)  # a killed rename's leftovers only: a complete one was kept above
     os.replace(tmp, dst)
+    # DeepSpeed wrote the temp folder's name into latest_universal; name the real one (a tag-less load reads it)
+    write_text_atomic(os.path.join(step_dir, "latest_universal"), UNIVERSAL_TAG)
     return time.time() - t0
 
 

@@ -128,10 +128,18 @@ def build_model(
                 )
             changed = ckpt.config_changes(resume_from, cfg)
             if changed:
+                # DeepSpeed restores the backbone's groups whole; the head's files hold its state, not its groups
+                groups = any(c.startswith(("optim.weight_decay", "optim.beta")) for c in changed)
                 print(
                     f"warning: settings changed since the checkpoint ({'; '.join(changed)}); the base learning rates "
                     "stay the checkpoint's (start a new run, name=..., to change optim.lr or optim.head_lr), the "
-                    "schedule's shape (optim.warmup_steps, optim.min_lr_ratio, max_steps) is this run's from here",
+                    "schedule's shape (optim.warmup_steps, optim.min_lr_ratio, max_steps) is this run's from here"
+                    + (
+                        "; the backbone's AdamW keeps the checkpoint's weight decay and betas, while the head's "
+                        "optimizer (and CHEST's FC) takes this run's"
+                        if groups
+                        else ""
+                    ),
                     flush=True,
                 )
             saved = ckpt.read_meta(resume_from)
