@@ -69,8 +69,7 @@ def find_latest(run_dir: str) -> str | None:
     (a save killed between its rename and the pointer's update), or the newest complete one when `latest`
     is missing or stale."""
     root = checkpoint_root(run_dir)
-    named = [p for p in glob.glob(os.path.join(root, "step-*")) if re.fullmatch(r"step-\d+", os.path.basename(p))]
-    done = [p for p in named if _complete(p)]  # not a stray "step-20.bak", nor a step whose meta.json is cut off
+    done = [p for p in step_dirs(root) if _complete(p)]  # not a step whose meta.json is cut off
     newest = max(done, key=_step_of) if done else None
     pointer = os.path.join(root, "latest")
     if os.path.exists(pointer):
@@ -79,6 +78,11 @@ def find_latest(run_dir: str) -> str | None:
         if path in done and (newest is None or _step_of(newest) <= _step_of(path)):
             return path
     return newest
+
+
+def step_dirs(root: str) -> list[str]:
+    """The `step-N` folders under `root` (not a stray copy such as `step-20.bak`), complete or not."""
+    return [p for p in glob.glob(os.path.join(root, "step-*")) if re.fullmatch(r"step-\d+", os.path.basename(p))]
 
 
 def _complete(step_dir: str) -> bool:
@@ -113,7 +117,7 @@ def set_aside_checkpoints(run_dir: str) -> str | None:
     written is deleted), so that this run's own saves, prunes, requeues, curves and results stand alone.
     Returns the new folder, or None when nothing moved."""
     root = checkpoint_root(run_dir)
-    if not glob.glob(os.path.join(root, "step-*")):
+    if not step_dirs(root):
         return None
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     aside, n = f"{root}.before-{stamp}", 1
@@ -159,12 +163,14 @@ def read_meta(path: str) -> dict[str, Any]:
         return json.load(f)
 
 
-def record_final_best(path: str, best: dict[str, float]) -> None:
+def record_final_best(path: str, step: int, best: dict[str, float]) -> None:
     """Put the final evaluation's scores (it runs after the last save) into the best-so-far of checkpoint
-    `path`: a run extended from it (a longer max_steps) starts from them. meta.json is replaced atomically."""
+    `path` when it was saved at `step`: a run extended from it (a longer max_steps) starts from them.
+    meta.json is replaced atomically."""
     meta = read_meta(path)
-    meta["best"] = best
-    write_json_atomic(os.path.join(path, "meta.json"), meta)
+    if meta["step"] == step:
+        meta["best"] = best
+        write_json_atomic(os.path.join(path, "meta.json"), meta)
 
 
 ARCHITECTURE_KEYS = ("name", "embed_dim", "neck", "in_chans", "img_size", "patch_size")  # model.* a checkpoint fixes
@@ -273,7 +279,8 @@ def stream_signature(cfg: RunConfig, world_size: int) -> dict[str, Any]:
 def config_changes(path: str, cfg: RunConfig) -> list[str]:
     """Training settings (optim.*, loss.*, data.*, max_steps) that differ from the checkpoint's config.yaml.
     A resume keeps the checkpoint's base learning rates (backbone and head alike); the rest, the schedule's
-    shape included, applies (rates_from_schedule)."""
+    shape included, applies (rates_from_schedule), except the backbone's weight decay and betas, which
+    DeepSpeed restores with its optimizer groups."""
     saved = load_yaml(os.path.join(path, "config.yaml")).to_dict()
     now = cfg.to_dict()
     changed = [
@@ -449,8 +456,7 @@ def _step_of(path: str) -> int:
 def _prune(root: str, keep_last: int, step: int) -> None:
     """Keep the newest `keep_last` checkpoints up to `step` (just saved); remove older ones and the folders of
     saves that were killed (.tmp-step-*, kept until a later save succeeds: multi-GB each for a ViT-L)."""
-    steps = [p for p in glob.glob(os.path.join(root, "step-*")) if re.fullmatch(r"step-\d+", os.path.basename(p))]
-    done = sorted((p for p in steps if _step_of(p) <= step), key=_step_of)  # never a stray "step-20.bak"
+    done = sorted((p for p in step_dirs(root) if _step_of(p) <= step), key=_step_of)
     for old in done[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     for leftover in glob.glob(os.path.join(root, ".tmp-step-*")):

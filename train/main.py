@@ -336,8 +336,8 @@ def finish(run: Run, t0: float, train_s: float) -> RunSummary:
             latest = ckpt.find_latest(cfg.run_dir)
             rows = write_eval_files(cfg.run_dir, run.eval_sets, per_set, state.step, latest)
             print("\n".join(rows), flush=True)
-            if latest and ckpt.read_meta(latest)["step"] == state.step:
-                ckpt.record_final_best(latest, state.best)
+            if latest:
+                ckpt.record_final_best(latest, state.step, state.best)
     if done and cfg.checkpoint.export and env.is_main:
         print(f"exported backbone and proxy table to {export(cfg.run_dir)}", flush=True)
     summary = RunSummary(
