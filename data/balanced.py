@@ -19,7 +19,17 @@ Algorithm (one `ClassBalancer` per slot, fed the slot's shuffled stream):
     simply not used; later epochs bring them back;
   - a sample that arrives while an earlier copy of it (same shard and key,
     from the previous epoch) is still buffered is ignored, so a batch never
-    holds the same image twice.
+    holds the same image twice;
+  - a class with n < m images in the whole split (the manifest's class_counts,
+    data.pad_small_classes) is ready once the slot holds all n, and its m
+    places repeat them in turn (Hyp-ViT's and pytorch-metric-learning's
+    samplers draw such classes with replacement); without the counts, or with
+    the switch off, such a class never makes a batch.
+Shards written in class order (`python -m data.convert ... --order class`)
+bring a class's images to one slot together; from shuffled shards, a class
+whose images are few against the split (n x data.balance_buffer / images < m)
+rarely gathers m in one buffer, so it makes fewer batches than its images
+allow and much of what the slot reads is dropped (`balance_notes` says so).
 Every decision depends only on the input order and the RNG, so the output
 is deterministic. Epochs are not exact here: a sample may be dropped or
 wait in a buffer across an epoch boundary.
@@ -29,11 +39,11 @@ from __future__ import annotations
 
 import collections
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 from data.config import DataConfig
 from data.samples import RawSample
-from data.shards import read_manifest
+from data.shards import class_counts, split_order
 
 # Compact the drop-order queue once it holds this many times the buffer
 # capacity (dead entries accumulate when samples leave through batches).
@@ -46,7 +56,14 @@ _STALL_FACTOR = 20
 class ClassBalancer:
     """Per-class FIFO buffers that emit class-balanced raw batches."""
 
-    def __init__(self, batch_size: int, per_class: int, capacity: int, rng: random.Random) -> None:
+    def __init__(
+        self,
+        batch_size: int,
+        per_class: int,
+        capacity: int,
+        rng: random.Random,
+        class_counts: Sequence[int] = (),
+    ) -> None:
         if per_class < 1 or batch_size % per_class or capacity < batch_size:
             raise ValueError(
                 f"batch_size={batch_size} must be a multiple of samples_per_class={per_class} "
@@ -54,6 +71,8 @@ class ClassBalancer:
             )
         self.per_class, self.num_classes = per_class, batch_size // per_class
         self.capacity, self.rng = capacity, rng
+        # label -> samples it needs to be ready, for the classes with fewer than per_class images in the split.
+        self.small = {label: n for label, n in enumerate(class_counts) if 0 < n < per_class}
         # label -> FIFO of (arrival number, sample); empty classes are removed.
         self.buffers: dict[int, collections.deque[tuple[int, RawSample]]] = {}
         self.ready: set[int] = set()  # classes with >= per_class buffered
@@ -77,7 +96,7 @@ class ClassBalancer:
         queue.append((seq, sample))
         self.order.append((seq, label))
         self.size += 1
-        if len(queue) >= self.per_class:
+        if len(queue) >= self.small.get(label, self.per_class):
             self.ready.add(label)
         batch = self._emit() if len(self.ready) >= self.num_classes else None
         # Drop after emitting, so the sample that completes a batch is used.
@@ -91,12 +110,15 @@ class ClassBalancer:
         # sorted(): set iteration order is not part of the determinism contract.
         chosen = self.rng.sample(sorted(self.ready), self.num_classes)
         batch: list[RawSample] = []
+        taken = 0
         for label in chosen:
             queue = self.buffers[label]
-            batch += [queue.popleft()[1] for _ in range(self.per_class)]
+            own = [queue.popleft()[1] for _ in range(self.small.get(label, self.per_class))]
+            batch += [own[i % len(own)] for i in range(self.per_class)]  # a small class's images in turn
+            taken += len(own)
+            self.keys.difference_update((s.shard, s.key) for s in own)
             self._after_remove(label, queue)
-        self.size -= len(batch)
-        self.keys.difference_update((s.shard, s.key) for s in batch)
+        self.size -= taken
         return batch
 
     def _drop_oldest(self) -> None:
@@ -114,7 +136,7 @@ class ClassBalancer:
                 return
 
     def _after_remove(self, label: int, queue: collections.deque[tuple[int, RawSample]]) -> None:
-        if len(queue) < self.per_class:
+        if len(queue) < self.small.get(label, self.per_class):
             self.ready.discard(label)
         if not queue:
             del self.buffers[label]
@@ -131,12 +153,14 @@ def balanced_batches(
     capacity: int,
     rng: random.Random,
     where: str,
+    class_counts: Sequence[int] = (),
 ) -> Iterator[list[RawSample]]:
     """Endless class-balanced raw batches from an endless raw sample stream.
 
-    `where` names the slot in the error raised when no batch can be formed.
+    `where` names the slot in the error raised when no batch can be formed; `class_counts` (images per label
+    in the split, () unknown) lets classes with fewer than `per_class` images make batches.
     """
-    balancer = ClassBalancer(batch_size, per_class, capacity, rng)
+    balancer = ClassBalancer(batch_size, per_class, capacity, rng, class_counts)
     since_batch = 0
     for sample in samples:
         batch = balancer.push(sample)
@@ -154,22 +178,41 @@ def balanced_batches(
             )
 
 
-def starved_classes(cfg: DataConfig) -> str | None:
-    """With data.samples_per_class = m > 0: the train classes with fewer than m images, which never make a
-    batch (the balancer waits for m of a class), said in a line; None when there are none or the manifests
-    (written before 2026-12-07) do not count images per class. Classes with no image are not counted."""
+def balance_notes(cfg: DataConfig) -> list[str]:
+    """With data.samples_per_class = m > 1, what keeps classes out of balanced batches, one line per finding,
+    from each train source's manifest (nothing when it predates class_counts); with plain batches, sources in
+    class order. Balanced: classes with fewer than m images
+    when data.pad_small_classes is off, and, for shards not written in class order, classes whose images are
+    too sparse in the stream to gather m in one slot's buffer (expected n x data.balance_buffer x source share
+    / images < m) when they hold over a tenth of the images."""
     m = cfg.samples_per_class
-    if m < 2:
-        return None
-    found = []
-    for root in [root for root, _ in cfg.sources] or [cfg.root]:
-        entry = ((read_manifest(root) or {}).get("splits") or {}).get(cfg.train_split) or {}
-        small = [n for n in entry.get("class_counts", []) if 0 < n < m]
-        if small:
-            found.append(f"{len(small)} classes ({sum(small)} images) of {root}")
-    if not found:
-        return None
-    return (
-        f"{' and '.join(found)} have fewer than data.samples_per_class={m} images: they never make a class-balanced "
-        f"batch (a class waits for {m}); lower data.samples_per_class if they matter"
-    )
+    sources = cfg.sources or ((cfg.root, 1.0),)
+    if m < 2:  # plain batches: shards in class order would give batches of few classes
+        return [
+            f"{root}'s train shards are in class order (--order class): plain batches (data.samples_per_class="
+            f"{m}) draw from data.shuffle_buffer={cfg.shuffle_buffer} consecutive samples, a few classes at a "
+            "time; use class-balanced batches or shards written in shuffled order"
+            for root, _ in sources
+            if split_order(root, cfg.train_split) == "class"
+        ]
+    total_weight = sum(weight for _, weight in sources)
+    notes = []
+    for root, weight in sources:
+        counts = [n for n in class_counts(root, cfg.train_split) if n > 0]
+        small = [n for n in counts if n < m]
+        if small and not cfg.pad_small_classes:
+            notes.append(
+                f"{len(small)} classes ({sum(small)} images) of {root} have fewer than data.samples_per_class={m} "
+                f"images: they never make a class-balanced batch (data.pad_small_classes=true repeats their images)"
+            )
+        window = cfg.balance_buffer * weight / total_weight / max(1, sum(counts))  # share of the split in a buffer
+        sparse = [n for n in counts if n * window < m]
+        if split_order(root, cfg.train_split) != "class" and sum(sparse) > 0.1 * sum(counts):
+            notes.append(
+                f"{len(sparse)} classes of {root} ({sum(sparse) / sum(counts):.0%} of its images) are too sparse "
+                f"in its shuffled shards to gather data.samples_per_class={m} within "
+                f"data.balance_buffer={cfg.balance_buffer}: they make fewer balanced batches than their images "
+                "allow and much of what is read is dropped; write the shards in class order "
+                "(python -m data.convert ... --order class) or raise data.balance_buffer"
+            )
+    return notes

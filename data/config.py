@@ -107,6 +107,10 @@ class DataConfig:
     # Most raw samples the balancer of one (rank, worker) slot holds; past it
     # the oldest buffered sample is dropped (only with samples_per_class > 0).
     balance_buffer: int = 4096
+    # With samples_per_class = m: a class with fewer than m images in the split (the manifest's
+    # class_counts) makes batches of its images repeated to m (Hyp-ViT's and pytorch-metric-learning's
+    # samplers draw with replacement); false: such a class never makes a batch (before 2026-12-07).
+    pad_small_classes: bool = True
     # Resampled shards (webdataset's `resampled` mode): every (rank, worker)
     # slot draws shards with replacement from the whole split, seeded by
     # (seed, rank, worker, draw); works with fewer shards than reader slots.

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 
 from data.config import DataConfig
 from data.samples import RawSample
-from data.shards import check_labels, label_space, list_shards, manifest_path, read_manifest
+from data.shards import check_labels, class_counts, label_space, list_shards, manifest_path, read_manifest
 from data.tars import check_shard_start
 
 
@@ -33,6 +33,7 @@ class TrainSource:
     label_offset: int  # added to the source's own 0-based labels
     num_classes: int  # the source's own class count (labels are checked against it)
     shards: tuple[str, ...]
+    class_counts: tuple[int, ...] = ()  # images per own label, from the manifest (() when it does not say)
 
 
 def train_sources(cfg: DataConfig) -> list[TrainSource]:
@@ -51,7 +52,8 @@ def train_sources(cfg: DataConfig) -> list[TrainSource]:
 def _train_sources(cfg: DataConfig) -> list[TrainSource]:
     if not cfg.sources:
         check_labels(cfg.root, cfg.num_classes, cfg.train_split)
-        return [TrainSource(cfg.root, 1.0, 0, cfg.num_classes, tuple(list_shards(cfg.root, cfg.train_split)))]
+        shards = tuple(list_shards(cfg.root, cfg.train_split))
+        return [TrainSource(cfg.root, 1.0, 0, cfg.num_classes, shards, class_counts(cfg.root, cfg.train_split))]
     sources, offset = [], 0
     for root, weight in cfg.sources:
         if read_manifest(root) is None:
@@ -60,7 +62,8 @@ def _train_sources(cfg: DataConfig) -> list[TrainSource]:
                 "class count: convert the source with `python -m data.convert`"
             )
         count = label_space(root, cfg.train_split)
-        sources.append(TrainSource(root, weight, offset, count, tuple(list_shards(root, cfg.train_split))))
+        shards = tuple(list_shards(root, cfg.train_split))
+        sources.append(TrainSource(root, weight, offset, count, shards, class_counts(root, cfg.train_split)))
         offset += count
     if offset != cfg.num_classes:
         parts = " + ".join(f"{s.num_classes} ({s.root})" for s in sources)
@@ -76,6 +79,15 @@ def num_train_classes(cfg: DataConfig) -> int:
     over data.sources (what data.num_classes=0 resolves to)."""
     roots = [root for root, _ in cfg.sources] or [cfg.root]
     return sum(label_space(root, cfg.train_split) for root in roots)
+
+
+def joint_class_counts(sources: list[TrainSource]) -> tuple[int, ...]:
+    """Images per label of the joint label space (0 where a source's manifest does not count them)."""
+    joint: list[int] = []
+    for source in sources:
+        own = list(source.class_counts[: source.num_classes])
+        joint += own + [0] * (source.num_classes - len(own))
+    return tuple(joint)
 
 
 def mix(streams: list[Iterator[RawSample]], sources: list[TrainSource], rng: random.Random) -> Iterator[RawSample]:

@@ -54,7 +54,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 from common.seeds import stable_seed
 from data.balanced import balanced_batches
 from data.config import DataConfig
-from data.mixture import TrainSource, mixed_raw_samples, train_sources
+from data.mixture import TrainSource, joint_class_counts, mixed_raw_samples, train_sources
 from data.samples import BadSampleCounter, RawSample, shuffle_buffer, valid_samples
 from data.shards import assign_shards, check_labels, list_shards
 from data.transforms import build_transform, decode_image, open_image
@@ -182,6 +182,7 @@ def slot_raw_batches(
             cfg.balance_buffer,
             rng,
             f"train rank {rank} worker {worker}",
+            joint_class_counts(sources) if cfg.pad_small_classes else (),
         )
         return
     while True:

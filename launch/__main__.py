@@ -22,7 +22,7 @@ import yaml
 from data.convert.mnist import ensure_prepared
 from train.overrides import apply_overrides, refuse_repeated_keys
 from launch.estimate import check_fits, print_estimates
-from data.balanced import starved_classes
+from data.balanced import balance_notes
 from launch.preflight import check_data, check_model, preflight
 from launch.recipes import DEFAULT_RECIPE, RECIPES, get_recipe
 from launch.sweep import expand, varying_keys, write_summary
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         preflight(cfgs, args.slurm)
         for cfg in cfgs:
             check_data(cfg)  # the job's own start checks of its data, before it waits in the queue
-            for note in [*cfg.warnings(), starved_classes(cfg.data)]:
+            for note in [*cfg.warnings(), *balance_notes(cfg.data)]:
                 if note:
                     print(f"warning: {cfg.name}: {note}", file=sys.stderr)
     except (ValueError, RuntimeError, FileNotFoundError) as err:

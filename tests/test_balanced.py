@@ -180,16 +180,81 @@ def test_decode_failure_keeps_classes(root: str, monkeypatch) -> None:
 
 
 def test_classes_with_fewer_than_m_images_are_pointed_out(root: str) -> None:
-    """A class with fewer than m images never makes a balanced batch (the balancer waits for m of it): SOP-like
-    data at m = 4 left 544 of 2000 classes untrained without a word. The manifest now counts images per class."""
+    """With data.pad_small_classes=false a class with fewer than m images never makes a balanced batch (the
+    balancer waits for m of it): SOP-like data at m = 4 left 544 of 2000 classes untrained without a word. The
+    manifest counts images per class."""
     import json
     import os
 
-    from data.balanced import starved_classes
+    from data.balanced import balance_notes
 
     with open(os.path.join(root, "manifest.json")) as f:
         assert json.load(f)["splits"]["train"]["class_counts"] == [16] * 8
-    assert starved_classes(make_cfg(root, samples_per_class=16, batch_size=16)) is None
-    note = starved_classes(make_cfg(root, samples_per_class=32, batch_size=32))
-    assert note is not None and f"8 classes (128 images) of {root} have fewer than data.samples_per_class=32" in note
-    assert starved_classes(make_cfg(root, samples_per_class=0)) is None
+    off = {"pad_small_classes": False, "balance_buffer": 4096}
+    assert balance_notes(make_cfg(root, samples_per_class=16, batch_size=16, **off)) == []
+    notes = balance_notes(make_cfg(root, samples_per_class=32, batch_size=32, **off))
+    assert len(notes) == 1 and f"8 classes (128 images) of {root} have fewer than data.samples_per_class=32" in notes[0]
+    assert balance_notes(make_cfg(root, samples_per_class=32, batch_size=32, balance_buffer=4096)) == []  # padded
+    assert balance_notes(make_cfg(root, samples_per_class=0)) == []
+
+
+def test_classes_with_fewer_than_m_images_repeat_them() -> None:
+    """With the split's class counts, a class of n < m images is ready once all n are buffered and fills its m
+    places with them in turn (Hyp-ViT's sampler draws such classes with replacement); without the counts it
+    never makes a batch, as before."""
+    counts = {0: 1, 1: 3, 2: 8, 3: 8}
+
+    def batches(class_counts: tuple[int, ...]) -> list[list[RawSample]]:
+        balancer = ClassBalancer(8, 4, 64, random.Random(0), class_counts)
+        stream = [RawSample(f"{c}-{i}", "s", b"", c) for i in range(8) for c in range(4) if i < counts[c]]
+        return [b for b in map(balancer.push, stream) if b]
+
+    padded = batches((1, 3, 8, 8))
+    seen = collections.Counter(s.label for b in padded for s in b[::4])
+    assert seen[0] >= 1 and seen[1] >= 1
+    for batch in padded:
+        assert_balanced(torch.tensor([s.label for s in batch]), 4, 2)
+        for block in (batch[:4], batch[4:]):
+            own = counts[block[0].label]
+            if own < 4:  # its images in turn: all n distinct, then repeated
+                assert [s.key for s in block] == [block[i % own].key for i in range(4)]
+                assert len({s.key for s in block}) == own
+    assert not any(s.label in (0, 1) for b in batches(()) for s in b)
+
+
+def test_class_order_shards_feed_every_class_from_many_slots(tmp_path) -> None:
+    """SOP-like data (300 classes of 2-6 images) read by 2 ranks x 2 workers with a balance buffer of 64: from
+    shuffled shards a class's images rarely meet in one slot's buffer, so in one epoch's worth of batches a
+    quarter of the classes never make a batch and the 2-image classes appear less than half as often as their
+    images allow; shards written in class order (--order class) bring nearly every class in, the small ones at
+    their share. balance_notes points out the first case and suggests the second."""
+    from data.balanced import balance_notes
+    from data.convert.common import Item, Split, convert
+    from data.mixture import train_sources
+    from data.samples import BadSampleCounter
+    from data.stream import slot_raw_batches
+    from tests.test_convert_common import jpeg
+
+    sizes = [2 + (c * 7) % 5 for c in range(300)]  # 2..6 images, 1200 in all
+    items = [Item(f"c{c}_{i}", c, c, {}) for c in range(300) for i in range(sizes[c])]
+    split = [Split("train", items, lambda item: jpeg(int(item.ref)), {str(c): c for c in range(300)})]
+    covered, pairs, notes = {}, {}, {}
+    for order in ("shuffled", "class"):
+        root = str(tmp_path / order)
+        convert("toy", root, split, shard_size=16, progress=False, order=order)
+        cfg = DataConfig(
+            root=root, num_classes=300, batch_size=8, samples_per_class=2, balance_buffer=64, shuffle_buffer=16
+        )
+        sources, labels = train_sources(cfg), collections.Counter()
+        for rank, worker in itertools.product(range(2), range(2)):
+            stream = slot_raw_batches(cfg, sources, rank, 2, worker, 2, BadSampleCounter(0, "test"))
+            per_slot = len(items) // 8 // 4  # one epoch of batches, shared by the 4 slots
+            labels.update(s.label for batch in itertools.islice(stream, per_slot) for s in batch[::2])
+        covered[order], notes[order] = len(labels), balance_notes(cfg)
+        pairs[order] = sum(labels[c] for c in range(300) if sizes[c] == 2) / sizes.count(2)  # ideal: 1 per epoch
+    assert covered["class"] >= 295 and covered["shuffled"] < 260, covered
+    assert pairs["class"] > 0.9 and pairs["shuffled"] < 0.5, pairs
+    assert notes["class"] == [] and len(notes["shuffled"]) == 1 and "--order class" in notes["shuffled"][0]
+    plain = balance_notes(dataclasses.replace(cfg, samples_per_class=0))  # class order without balancing
+    assert len(plain) == 1 and "plain batches" in plain[0]
+    assert balance_notes(dataclasses.replace(cfg, samples_per_class=0, root=str(tmp_path / "shuffled"))) == []

@@ -279,3 +279,30 @@ def test_images_that_do_not_decode_are_reported_at_conversion(tmp_path, capsys) 
     assert len(read_split(str(tmp_path / "o"), "train")) == 8
     convert("toy", str(tmp_path / "p"), toy(8), shard_size=4, progress=False)
     assert "do not decode" not in capsys.readouterr().err
+
+
+def test_class_order_keeps_each_class_together(tmp_path) -> None:
+    """--order class: the same samples, each class's images next to each other (classes in a fixed random
+    order, images within a class shuffled), so a reader slot of a balanced stream meets them together; a split
+    with shuffle=False keeps its listed order; the manifest says which order each split has."""
+    out, plain = str(tmp_path / "o"), str(tmp_path / "p")
+    listed = Split(
+        "pairs", [Item(f"pair_{i}", 0, i, {"i": i}) for i in range(5)], lambda item: jpeg(0), {"0": 0}, False
+    )
+    assert convert("toy", out, [*toy(30, classes=5), listed], shard_size=4, progress=False, order="class")
+    convert("toy", plain, toy(30, classes=5), shard_size=4, progress=False)
+    grouped = [meta(s)["i"] for s in read_split(out, "train").values()]
+    shuffled = [meta(s)["i"] for s in read_split(plain, "train").values()]
+    assert sorted(grouped) == sorted(shuffled) == list(range(30)) and grouped != shuffled
+    labels = [i % 5 for i in grouped]
+    runs = [label for k, label in enumerate(labels) if k == 0 or labels[k - 1] != label]
+    assert sorted(runs) == list(range(5)) and runs != list(range(5))  # 5 runs, not in label order
+    assert any(labels[k] == labels[k + 1] and grouped[k] > grouped[k + 1] for k in range(29))  # shuffled inside
+    assert [meta(s)["i"] for s in read_split(out, "pairs").values()] == list(range(5))
+    m = manifest(out)
+    assert m["splits"]["train"]["order"] == "class" and m["splits"]["pairs"]["order"] == "as listed"
+    assert manifest(plain)["splits"]["train"]["order"] == "shuffled"
+    with pytest.raises(ValueError, match="--order class there, shuffled now"):
+        convert("toy", out, [*toy(30, classes=5), listed], shard_size=4, progress=False)
+    with pytest.raises(ValueError, match="must be one of"):
+        convert("toy", str(tmp_path / "x"), toy(), progress=False, order="sorted")

@@ -81,3 +81,13 @@ def test_cub_bad_input(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="images.txt"):
         main(["cub", "--src", src, "--out", out])
     assert not os.path.exists(out)
+
+
+def test_cub_class_order_from_the_command_line(tmp_path) -> None:
+    src, out = str(tmp_path / "cub"), str(tmp_path / "out")
+    make_cub(src)
+    main(["cub", "--src", src, "--out", out, "--no-progress", "--order", "class"])
+    assert manifest(out)["splits"]["train"]["order"] == "class"
+    labels = [int(s["cls"]) for s in read_split(out, "train").values()]
+    first = labels.index(0)  # class 1's two images (the only class with two) sit together
+    assert labels.count(0) == 2 and labels[first + 1] == 0, labels

@@ -270,6 +270,7 @@ def stream_signature(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         "seed": d.seed,
         "shuffle_buffer": d.shuffle_buffer,
         "samples_per_class": d.samples_per_class,
+        "pad_small_classes": d.pad_small_classes and d.samples_per_class > 0,  # absent in older checkpoints
         "root": os.path.abspath(d.root),
         "resampled": d.resampled,
         "sources": override_text(d.sources),

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from common.seeds import stable_seed
-from data.balanced import starved_classes
+from data.balanced import balance_notes
 from data.mixture import train_sources
 from data.stream import TrainBatches, build_train_loader
 from data.transforms import InputNormaliser
@@ -220,7 +220,7 @@ class Run:
             save_yaml(cfg, os.path.join(cfg.run_dir, "config.yaml"))
             record_owner(cfg.run_dir, slurm_job_id())  # a second submission into this run dir is refused
             print(f"config of run {cfg.name}:\n{json.dumps(cfg.to_dict(), indent=1)}", flush=True)
-            for note in [*cfg.warnings(), starved_classes(cfg.data)]:
+            for note in [*cfg.warnings(), *balance_notes(cfg.data)]:
                 if note:
                     print(f"warning: {note}", flush=True)
         barrier()

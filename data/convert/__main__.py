@@ -23,7 +23,7 @@ import sys
 from collections.abc import Callable
 
 from data.convert import cars, cub, imagenet, inshop, ms1m, sop, verification
-from data.convert.common import Split, convert
+from data.convert.common import ORDERS, Split, convert
 from data.convert.mnist import LAYOUTS, write_mnist5k_atomic
 from data.shards import MANIFEST_NAME
 
@@ -63,6 +63,13 @@ def main(argv: list[str] | None = None) -> int:
             default=None,
             help="samples per shard (fixed across restarts; default: every split in 64+ shards, at most 1000)",
         )
+        p.add_argument(
+            "--order",
+            choices=ORDERS,
+            default="shuffled",
+            help="sample order in the shards: shuffled (default), or class: each class's images together (classes "
+            "in random order), for class-balanced batches (data.samples_per_class) from many reader slots",
+        )
         p.add_argument("--num-parts", type=int, default=1, help="split the shards over P processes")
         p.add_argument("--part", type=int, default=0, help="this process's part in [0, P); -1 writes the manifest")
         p.add_argument(
@@ -99,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         args.num_parts,
         args.part,
         progress=not args.no_progress and sys.stderr.isatty(),
+        order=args.order,
     )
     if done:
         print(f"wrote {args.dataset} shards and {MANIFEST_NAME} into {args.out}")

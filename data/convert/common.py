@@ -6,7 +6,9 @@ class, where the image bytes live, metadata) plus a `load` function that
 returns an item's bytes exactly as published. This module owns everything
 after that, so no converter repeats it:
   - the deterministic sample order (a fixed-seed shuffle per split, so a
-    class-sorted list does not give one-class shards),
+    class-sorted list does not give one-class shards; or, with order="class",
+    classes in a fixed-seed shuffled order with each class's images next to each
+    other, so a reader slot of a class-balanced stream meets a class's images together),
   - fixed-size sharding: shard i of a split holds ordered items
     [i*N, (i+1)*N), written through data.writer.write_split into a temp
     folder and renamed onto `<out>/<split>/shard-NNNNNN.tar` when complete,
@@ -145,11 +147,24 @@ def image_field(data: bytes) -> str:
     return PNG_FIELD if data.startswith(PNG_MAGIC) else JPG_FIELD
 
 
-def _ordered(dataset: str, split: Split) -> list[Item]:
-    """Write order of a split; fixed so every run and part agrees on it."""
+# --order: "shuffled" (every split's samples in a fixed-seed random order) or "class" (the shuffled splits'
+# classes in a fixed-seed random order, each class's images together, in a fixed-seed random order).
+ORDERS = ("shuffled", "class")
+
+
+def _ordered(dataset: str, split: Split, order: str = "shuffled") -> list[Item]:
+    """Write order of a split; fixed so every run and part agrees on it. Splits with shuffle=False (the
+    verification pairs, whose order is the protocol) keep their order either way."""
     items = list(split.items)
-    if split.shuffle:
-        random.Random(f"{dataset}-{split.name}").shuffle(items)
+    if not split.shuffle:
+        return items
+    random.Random(f"{dataset}-{split.name}").shuffle(items)
+    if order == "class":
+        # Classes in a random order; sorted() is stable, so each class keeps the shuffle's order inside it.
+        rank = list(dict.fromkeys(item.cls for item in items))
+        random.Random(f"{dataset}-{split.name}-classes").shuffle(rank)
+        position = {cls: i for i, cls in enumerate(rank)}
+        items.sort(key=lambda item: position[item.cls])
     return items
 
 
@@ -178,6 +193,8 @@ def _state_differences(old: dict, new: dict) -> list[str]:
         diffs.append(f"dataset {old.get('dataset')!r} there, {new['dataset']!r} now")
     if old.get("shard_size") != new["shard_size"]:
         diffs.append(f"--shard-size {old.get('shard_size')} there, {new['shard_size']} now")
+    if old.get("order", "shuffled") != new.get("order", "shuffled"):
+        diffs.append(f"--order {old.get('order', 'shuffled')} there, {new.get('order', 'shuffled')} now")
     old_splits, new_splits = old.get("splits") or {}, new["splits"]
     if sorted(old_splits) != sorted(new_splits):
         diffs.append(f"splits {sorted(old_splits)} there, {sorted(new_splits)} now")
@@ -296,8 +313,10 @@ def convert(
     num_parts: int = 1,
     part: int = 0,
     progress: bool = True,
+    order: str = "shuffled",
 ) -> bool:
-    """Write the shards of this part and, when due, the manifest; `shard_size` None: `default_shard_size`.
+    """Write the shards of this part and, when due, the manifest; `shard_size` None: `default_shard_size`;
+    `order`: one of ORDERS (_ordered).
 
     Returns True when the manifest was written (num_parts == 1, or part -1).
     `splits` must be fully validated by the caller: nothing is read from the
@@ -311,19 +330,23 @@ def convert(
         raise ValueError(
             f"--part {part} must be in [0, {num_parts}) or -1 (manifest only), and --num-parts {num_parts} >= 1"
         )
+    if order not in ORDERS:
+        raise ValueError(f"order={order!r} must be one of {ORDERS} (--order)")
     names = [s.name for s in splits]
     if not splits or len(set(names)) != len(names):
         raise ValueError(f"split names {names} must be non-empty and distinct")
     for s in splits:
         if not s.items:
             raise ValueError(f"{dataset}: split {s.name!r} has no samples; check --src")
-    ordered = {s.name: _ordered(dataset, s) for s in splits}
+    ordered = {s.name: _ordered(dataset, s, order) for s in splits}
     # The content digest pins order, labels and metadata: a source listed or
     # labelled differently must not resume into shards of this one.
     state = {
         "version": STATE_VERSION,
         "dataset": dataset,
         "shard_size": shard_size,
+        # Only when not the default, so the state of a conversion written before --order existed still matches.
+        **({"order": order} if order != "shuffled" else {}),
         "splits": {
             name: {"num_samples": len(items), "content_sha256": content_digest(items)}
             for name, items in ordered.items()
@@ -355,14 +378,20 @@ def convert(
             )
         if num_parts > 1:
             return False
-    write_dataset_manifest(dataset, out, splits, shard_size, plan)
+    write_dataset_manifest(dataset, out, splits, shard_size, plan, order)
     return True
 
 
 def write_dataset_manifest(
-    dataset: str, out: str, splits: list[Split], shard_size: int, plan: list[tuple[Split, int, str]]
+    dataset: str,
+    out: str,
+    splits: list[Split],
+    shard_size: int,
+    plan: list[tuple[Split, int, str]],
+    order: str = "shuffled",
 ) -> None:
-    """Check that every planned shard exists, then write manifest.json."""
+    """Check that every planned shard exists, then write manifest.json (with each split's sample `order`:
+    "shuffled", "class" or "as listed" for splits kept in their published order)."""
     missing = [path for _, _, path in plan if not os.path.isfile(path)]
     if missing:
         raise FileNotFoundError(
@@ -395,4 +424,5 @@ def write_dataset_manifest(
     for s in splits:
         manifest["splits"][s.name].update(s.notes)
         manifest["splits"][s.name]["class_map"] = s.class_map
+        manifest["splits"][s.name]["order"] = order if s.shuffle else "as listed"
     write_json_atomic(path, manifest, indent=2, sort_keys=True)
