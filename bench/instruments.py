@@ -220,7 +220,7 @@ def planned_mb(cfg: RunConfig) -> float:
     allocator slack): what CUDA's max_memory_allocated should come to. Computed on the host's CPU."""
     from launch.estimate import RUNTIME_RESERVE, estimate
 
-    return (estimate(cfg, gpu_mem_gb=1.0).peak - RUNTIME_RESERVE) / 2**20
+    return (estimate(cfg, gpu_mem_gib=1.0).peak - RUNTIME_RESERVE) / 2**20
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -6,7 +6,7 @@ Builds the recipe, applies overrides, validates, checks what can be checked befo
 through submitit: N local processes by default, Slurm with `--slurm`. With `--sweep` it runs one job
 per grid point (a Slurm job array; locally one after another) and prints a summary table. `--estimate`
 prints the per-GPU memory plan and exits (launch/estimate.py); a GPU submission that would not fit
-`--gpu-mem-gb` is refused before anything is queued. `--print-config` prints every key and exits.
+`--gpu-mem-gib` is refused before anything is queued. `--print-config` prints every key and exits.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import yaml
 
 from data.convert.mnist import ensure_prepared
 from train.overrides import apply_overrides, refuse_repeated_keys
-from launch.estimate import check_fits, print_estimates
+from launch.estimate import DEFAULT_GPU_MEM_GIB, check_fits, print_estimates
 from data.balanced import balance_notes
 from launch.preflight import check_data, check_model, preflight
 from launch.recipes import DEFAULT_RECIPE, RECIPES, get_recipe
@@ -53,7 +53,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--estimate",
         action="store_true",
-        help="print the per-GPU memory estimate and exit (exit code 1 if it exceeds --gpu-mem-gb)",
+        help="print the per-GPU memory estimate and exit (exit code 1 if it exceeds --gpu-mem-gib)",
     )
     p.add_argument(
         "--print-config",
@@ -61,10 +61,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="print every config key of the recipe with the overrides applied (YAML, as saved) and exit",
     )
     p.add_argument(
-        "--gpu-mem-gb",
+        "--gpu-mem-gib",
+        "--gpu-mem-gb",  # its name until 2026-12-07; it always meant GiB
+        dest="gpu_mem_gib",
         type=float,
-        default=80.0,
-        help="memory of one GPU in GiB; a --slurm submission with GPUs that would not fit is refused",
+        default=DEFAULT_GPU_MEM_GIB,
+        help=f"memory of one GPU in GiB (default {DEFAULT_GPU_MEM_GIB:g}: an 80 GB H100's 81,559 MiB; A100 80GB: "
+        "80, H200: 140.4); a --slurm submission with GPUs that would not fit is refused",
     )
     p.add_argument("overrides", nargs="*", help="dotted key=value, e.g. optim.lr=1e-3 slurm.tasks_per_node=4")
     return p.parse_intermixed_args(argv)  # overrides may come before and after flags
@@ -90,11 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cfgs = [build_config(args.recipe, args.overrides)]
         if args.estimate:
-            return print_estimates(cfgs, args.gpu_mem_gb)
+            return print_estimates(cfgs, args.gpu_mem_gib)
         for i, cfg in enumerate(cfgs):  # data that ships in a package, then data.num_classes=0 from its manifest:
             ensure_prepared(cfg.data)  # the checks below (table size, a run dir's checkpoints) need the count
             cfgs[i] = cfg.resolved()
-        check_fits(cfgs, args.gpu_mem_gb, args.slurm)  # before preflight: needs no cluster to say what to fix
+        check_fits(cfgs, args.gpu_mem_gib, args.slurm)  # before preflight: needs no cluster to say what to fix
         preflight(cfgs, args.slurm)
         for cfg in cfgs:
             check_data(cfg)  # the job's own start checks of its data, before it waits in the queue

@@ -14,7 +14,7 @@ Four parts per rank, each from the resolved config:
 - activations: the bytes autograd saves for backward, counted with saved_tensors_hooks on a CPU
   forward at MEASURE_BATCH images and scaled linearly to data.batch_size;
 - a fixed runtime reserve (CUDA context, NCCL buffers, allocator slack; not measured).
-A Slurm submission with GPUs whose total exceeds `--gpu-mem-gb` is refused with the fixes.
+A Slurm submission with GPUs whose total exceeds `--gpu-mem-gib` is refused with the fixes.
 The trunk's parts are computed in launch/trunk_memory.py, the head's in launch/head_memory.py; this module
 adds them up per group of ranks, prints the table and names the fixes.
 """
@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 
 
+from launch.preflight import asks_for_gpus
 from launch.head_memory import (
     HEAD_OPTIMIZER_FIXES,
     LOGIT_COPIES,
@@ -42,11 +43,13 @@ from launch.trunk_memory import (
     trunk_state,
     zero_state_split,
 )
+from model.config import LossConfig
 from model.proxies import class_range
 from train.config import RunConfig
 
 GIB = 2**30
 SUGGESTED_CHUNK = 8192  # loss.class_chunk offered by the fixes: [G, 8192] blocks, GEMMs still large
+SUGGESTED_RATE = 0.1  # loss.sample_rate offered by the fixes: Partial FC's own setting (10% of the classes)
 RUNTIME_RESERVE = 2 * GIB  # CUDA context, NCCL buffers, allocator fragmentation: a margin, not a measurement
 
 
@@ -77,10 +80,14 @@ class Estimate:
         return self.peak <= self.budget
 
 
-def estimate(cfg: RunConfig, gpu_mem_gb: float) -> Estimate:
-    """The memory plan of `cfg` (resolved) per rank against a budget of `gpu_mem_gb` GiB."""
-    if not gpu_mem_gb > 0:
-        raise ValueError(f"--gpu-mem-gb={gpu_mem_gb:g} must be > 0 (the memory of one GPU in GiB, e.g. 80)")
+# One GPU's memory when --gpu-mem-gib is not given: an 80 GB H100 reports 81,559 MiB (nvidia-smi).
+DEFAULT_GPU_MEM_GIB = 79.6
+
+
+def estimate(cfg: RunConfig, gpu_mem_gib: float) -> Estimate:
+    """The memory plan of `cfg` (resolved) per rank against a budget of `gpu_mem_gib` GiB."""
+    if not gpu_mem_gib > 0:
+        raise ValueError(f"--gpu-mem-gib={gpu_mem_gib:g} must be > 0 (the memory of one GPU in GiB, e.g. 79.6)")
     if cfg.data.num_classes < 1:
         raise ValueError(
             "data.num_classes is not known yet (the data set has no manifest yet: not converted); "
@@ -130,7 +137,7 @@ def estimate(cfg: RunConfig, gpu_mem_gb: float) -> Estimate:
     ]
     if cfg.slurm.gpus_per_node < 1:
         notes.append("slurm.gpus_per_node=0: the ranks are CPU processes; the table is per process")
-    return Estimate(groups, rows, int(gpu_mem_gb * GIB), notes, size)
+    return Estimate(groups, rows, int(gpu_mem_gib * GIB), notes, size)
 
 
 def _size(nbytes: float) -> str:
@@ -154,7 +161,7 @@ def format_estimate(cfg: RunConfig, est: Estimate) -> str:
     lines.append("total".ljust(width) + "  " + "  ".join(_size(t).rjust(c) for t, c in zip(est.totals, cols)))
     verdict = "fits" if est.fits else "DOES NOT FIT"
     lines.append(
-        f"budget {est.budget / GIB:g} GiB per GPU (--gpu-mem-gb): {verdict}, peak {est.peak / GIB:.2f} GiB "
+        f"budget {est.budget / GIB:g} GiB per GPU (--gpu-mem-gib): {verdict}, peak {est.peak / GIB:.2f} GiB "
         f"({(est.budget - est.peak) / GIB:+.2f} GiB headroom)"
     )
     return "\n".join(lines)
@@ -222,15 +229,25 @@ def fixes(cfg: RunConfig, est: Estimate) -> str:
             )
         )
     head_step = est.most("logits") + est.most("graph")
-    if cfg.loss.sample_rate >= 1.0:
-        out.append(
-            (
-                head_step,
-                f"loss.sample_rate<1 (Partial-FC: a fraction of each shard's classes in "
-                f"the {_size(head_step)} of logits and head temporaries)",
-            )
-        )
     largest_shard = class_range(cfg.data.num_classes, 0, world)[1]  # rank 0's is never smaller
+    global_batch = cfg.data.batch_size * world
+
+    def head_step_with(loss: LossConfig) -> int:
+        return logit_bytes(global_batch, largest_shard, loss, cfg.model.embed_dim) + head_graph_bytes(
+            global_batch, largest_shard, loss, cfg.model.embed_dim, cfg.optim.head_optimizer
+        )
+
+    if cfg.loss.sample_rate >= 1.0:
+        saving = head_step - head_step_with(dataclasses.replace(cfg.loss, sample_rate=SUGGESTED_RATE))
+        if saving >= est.peak // 20:  # where it saves 5% or more: it changes the loss
+            out.append(
+                (
+                    saving,
+                    f"loss.sample_rate={SUGGESTED_RATE:g} (Partial FC: the batch's classes and a random tenth of "
+                    f"the others in the {_size(head_step)} of logits and head temporaries; the softmax is then over "
+                    "sampled negatives)",
+                )
+            )
     chunked = dataclasses.replace(cfg.loss, class_chunk=SUGGESTED_CHUNK)
     global_batch = cfg.data.batch_size * world
     saving = head_step - (
@@ -282,11 +299,11 @@ def _zero3_kept_fix(cfg: RunConfig, size: TrunkSize, states: int, peak: int) -> 
     ]
 
 
-def print_estimates(cfgs: list[RunConfig], gpu_mem_gb: float) -> int:
+def print_estimates(cfgs: list[RunConfig], gpu_mem_gib: float) -> int:
     """`--estimate`: print every config's table; 0 when all fit the budget, 1 otherwise."""
     ok = True
     for cfg in cfgs:
-        est = estimate(cfg, gpu_mem_gb)
+        est = estimate(cfg, gpu_mem_gib)
         print(format_estimate(cfg, est), flush=True)
         if not est.fits:
             print(f"to fit: {fixes(cfg, est)}", flush=True)
@@ -294,15 +311,16 @@ def print_estimates(cfgs: list[RunConfig], gpu_mem_gb: float) -> int:
     return 0 if ok else 1
 
 
-def check_fits(cfgs: list[RunConfig], gpu_mem_gb: float, use_slurm: bool) -> None:
-    """Refuse a GPU submission (--slurm with slurm.gpus_per_node > 0) whose estimate exceeds the budget."""
+def check_fits(cfgs: list[RunConfig], gpu_mem_gib: float, use_slurm: bool) -> None:
+    """Refuse a GPU submission (--slurm asking for GPUs: launch.preflight.asks_for_gpus) whose estimate exceeds
+    the budget."""
     for cfg in cfgs:
-        if not use_slurm or cfg.slurm.gpus_per_node < 1:
+        if not use_slurm or not asks_for_gpus(cfg):
             continue
-        est = estimate(cfg, gpu_mem_gb)
+        est = estimate(cfg, gpu_mem_gib)
         if not est.fits:
             raise ValueError(
                 f"run {cfg.name} needs an estimated {est.peak / GIB:.2f} GiB per GPU, more than "
-                f"--gpu-mem-gb={gpu_mem_gb:g}:\n{format_estimate(cfg, est)}\nto fit: {fixes(cfg, est)} "
-                "(or raise --gpu-mem-gb if the GPUs have more memory)"
+                f"--gpu-mem-gib={gpu_mem_gib:g}:\n{format_estimate(cfg, est)}\nto fit: {fixes(cfg, est)} "
+                "(or raise --gpu-mem-gib if the GPUs have more memory)"
             )

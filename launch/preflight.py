@@ -48,6 +48,17 @@ def check_partition(cfg: RunConfig, partitions: list[str]) -> None:
         )
 
 
+def asks_for_gpus(cfg: RunConfig) -> bool:
+    """Whether the Slurm job asks for GPUs: slurm.gpus_per_node, or GPUs in slurm.sbatch_extra (gres=gpu:8,
+    gpus=..., gpus_per_node=..., gpus_per_task=...)."""
+    extra = cfg.slurm.extra_parameters()  # keys with '_': gpus_per_node, gres, ...
+    return (
+        cfg.slurm.gpus_per_node > 0
+        or any(k in extra for k in ("gpus", "gpus_per_node", "gpus_per_task"))
+        or "gpu" in str(extra.get("gres", ""))
+    )
+
+
 def check_gpus(cfg: RunConfig) -> None:
     """What a Slurm submission asks for must fit one rank per GPU: a bf16 run must ask for GPUs (with
     slurm.gpus_per_node=0 the job gets none on a cluster that hides GPUs not asked for, and trains on the
@@ -62,11 +73,7 @@ def check_gpus(cfg: RunConfig) -> None:
             f"task is one rank on one GPU; set slurm.tasks_per_node={slurm.gpus_per_node} (or gpus_per_node="
             f"{slurm.tasks_per_node})"
         )
-    extra = cfg.slurm.extra_parameters()  # keys with '_': gpus_per_node, gres, ...
-    asks_otherwise = any(k in extra for k in ("gpus", "gpus_per_node", "gpus_per_task")) or "gpu" in str(
-        extra.get("gres", "")
-    )
-    if cfg.zero.bf16 and cfg.slurm.gpus_per_node == 0 and not asks_otherwise:  # e.g. sbatch_extra gres=gpu:8
+    if cfg.zero.bf16 and not asks_for_gpus(cfg):
         raise ValueError(
             f"run {cfg.name} trains in bf16 (zero.bf16=true) but asks Slurm for no GPUs (slurm.gpus_per_node=0); "
             f"set slurm.gpus_per_node={cfg.slurm.tasks_per_node} (one task per GPU), or zero.bf16=false for a "

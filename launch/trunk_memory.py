@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import json
 from typing import Any, Callable, Iterator
 from unittest import mock
@@ -116,7 +117,10 @@ def trunk_size(cfg: ModelConfig) -> TrunkSize:
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     largest_block = max((sum(p.numel() for p in b.parameters()) for b in trunk_blocks(model)), default=0)
     blocks = getattr(model.trunk, "blocks", None)
-    depth = len(blocks) if isinstance(blocks, (nn.Sequential, nn.ModuleList)) else 0
+    # A depth to extrapolate over only where the model's constructor takes one (timm's ViTs): EfficientNet's and
+    # MobileNetV3's `blocks` are stages of unlike blocks, built from an arch string, and are measured whole.
+    takes_depth = "depth" in inspect.signature(type(model.trunk)).parameters
+    depth = len(blocks) if takes_depth and isinstance(blocks, (nn.Sequential, nn.ModuleList)) else 0
     return TrunkSize(params, largest, depth, largest_block)
 
 

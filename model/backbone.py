@@ -25,11 +25,18 @@ class EmbeddingModel(nn.Module):
     def __init__(self, trunk: nn.Module, embed_dim: int, neck: bool = True) -> None:
         super().__init__()
         self.trunk = trunk
-        width = int(getattr(trunk, "num_features"))
+        width = output_width(trunk)
         self.neck: nn.Module = nn.Linear(width, embed_dim) if neck else nn.Identity()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.neck(self.trunk(images))
+
+
+def output_width(trunk: nn.Module) -> int:
+    """Features of the trunk's pooled output with its classifier removed: timm's `head_hidden_size` where the
+    model has a pre-logits layer (MobileNetV3, GhostNet: 1,024 / 1,280 after a conv head on `num_features`
+    channels), else `num_features`."""
+    return int(getattr(trunk, "head_hidden_size", None) or getattr(trunk, "num_features"))
 
 
 def timm_kwargs(cfg: ModelConfig) -> dict[str, Any]:
@@ -51,7 +58,7 @@ def build_backbone(cfg: ModelConfig) -> EmbeddingModel:
         trunk = timm.create_model(cfg.name, pretrained=False, **kwargs)
     except RuntimeError as err:  # timm raises RuntimeError for unknown names
         raise ValueError(f"model.name={cfg.name!r}: {err}; list names with timm.list_models()") from err
-    width = int(getattr(trunk, "num_features"))
+    width = output_width(trunk)
     if not cfg.neck and width != cfg.embed_dim:
         raise ValueError(
             f"model.neck=false makes the trunk's output the embedding, but {cfg.name} outputs {width} "

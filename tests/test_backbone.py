@@ -72,3 +72,13 @@ def test_checkpoint_of_another_architecture_names_the_file_and_the_fix(tmp_path)
 def test_no_neck_needs_the_trunk_width() -> None:
     with pytest.raises(ValueError, match="outputs 192 features and model.embed_dim=64; set model.embed_dim=192"):
         build_backbone(ModelConfig(**VIT, img_size=32, embed_dim=64, neck=False))
+
+
+@pytest.mark.parametrize("name, width", [("mobilenetv3_small_050", 1024), ("resnet18", 512)])
+def test_neck_takes_the_pooled_output_width(name: str, width: int) -> None:
+    """MobileNetV3's pooled output passes a conv head: 1,024 features from 288 channels (timm's
+    head_hidden_size); sizing the neck by num_features failed at the first forward (2x1024 and 288x64)."""
+    model = build_backbone(ModelConfig(name=name, in_chans=3, embed_dim=64))
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 64)
+    with pytest.raises(ValueError, match=f"outputs {width} features"):
+        build_backbone(ModelConfig(name=name, in_chans=3, embed_dim=64, neck=False))

@@ -407,47 +407,57 @@ def test_a_submission_that_cannot_fit_is_refused_with_the_fixes(tmp_path, capsys
 
     monkeypatch.setattr("launch.__main__.make_executor", no_submission)
     args = ["--recipe", "mnist_distarc", f"run_root={tmp_path}", "slurm.gpus_per_node=2"]
-    assert main(["--slurm", "--gpu-mem-gb", "1", *args]) == 2
+    assert main(["--slurm", "--gpu-mem-gib", "1", *args]) == 2
     err = capsys.readouterr().err
-    assert "needs an estimated" in err and "more than --gpu-mem-gb=1" in err and "no Slurm here" not in err
-    for fix in (
-        "zero.stage=3",
-        "more GPUs",
-        "model.grad_checkpointing=true",
-        "data.batch_size",
-        "loss.sample_rate<1",
-        "zero.bf16=true",
-    ):
+    assert "needs an estimated" in err and "more than --gpu-mem-gib=1" in err and "no Slurm here" not in err
+    for fix in ("zero.stage=3", "more GPUs", "model.grad_checkpointing=true", "data.batch_size", "zero.bf16=true"):
         assert fix in err, fix
     assert "loss.class_chunk" not in err  # 10 classes: a chunk of 8192 would save nothing
+    assert "loss.sample_rate" not in err  # nor Partial FC (it changes the loss: offered where it saves 5%)
     assert "optim.head_optimizer=sgd" not in err  # nor SGD's one momentum row instead of two
-    assert main(["--slurm", "--gpu-mem-gb", "1", *args, "data.num_classes=200000"]) == 2
+    # GPUs asked for in slurm.sbatch_extra count as GPUs (the check had passed such a run over)
+    gres = [*args[:-1], "slurm.gpus_per_node=0", "slurm.sbatch_extra=gres=gpu:2"]
+    assert main(["--slurm", "--gpu-mem-gib", "1", *gres]) == 2
+    assert "needs an estimated" in capsys.readouterr().err
+    assert main(["--slurm", "--gpu-mem-gib", "1", *args, "data.num_classes=200000"]) == 2
     err = capsys.readouterr().err
     assert "loss.class_chunk=8192" in err  # 100,000 classes per rank
+    assert "loss.sample_rate=0.1 (Partial FC" in err  # its saving at its own rate
     assert "optim.head_optimizer=sgd" not in err  # the logits dominate: the table's state is 2% of the peak
     big_table = [*args, "data.num_classes=4000000", "loss.class_chunk=1024"]  # chunked: the table is the peak
-    assert main(["--slurm", "--gpu-mem-gb", "1", *big_table]) == 2
+    assert main(["--slurm", "--gpu-mem-gib", "1", *big_table]) == 2
     assert "optim.head_optimizer=sgd" in capsys.readouterr().err
-    assert main(["--estimate", "--gpu-mem-gb", "1", *big_table, "optim.head_optimizer=sgd"]) == 1
+    assert main(["--estimate", "--gpu-mem-gib", "1", *big_table, "optim.head_optimizer=sgd"]) == 1
     out = capsys.readouterr().out
     assert "head shard x 12 B (fp32 weight, sgd state, grad)" in out and "head_optimizer=sgd" not in out
     assert "lazy_" not in out  # exact (sample rate 1): nothing to update lazily
     # Partial FC at 20M classes: the lazy updates drop the table-sized gradient (10% of the table's 16 B x D)
     sampled = [*args, "data.num_classes=20000000", "loss.class_chunk=1024", "loss.sample_rate=0.1"]
-    assert main(["--estimate", "--gpu-mem-gb", "1", *sampled]) == 1
+    assert main(["--estimate", "--gpu-mem-gib", "1", *sampled]) == 1
     out = capsys.readouterr().out
     assert "optim.head_optimizer=lazy_adamw" in out and "optim.head_optimizer=sgd" in out
-    assert main(["--estimate", "--gpu-mem-gb", "1", *sampled, "optim.head_optimizer=lazy_sgd"]) == 1
+    assert main(["--estimate", "--gpu-mem-gib", "1", *sampled, "optim.head_optimizer=lazy_sgd"]) == 1
     out = capsys.readouterr().out
     assert "head shard x 8.4 B (fp32 weight, lazy_sgd state, grad)" in out and "head_optimizer=" not in out
-    assert main(["--estimate", "--gpu-mem-gb", "1", *args]) == 1
+    assert main(["--estimate", "--gpu-mem-gib", "1", *args]) == 1
     assert "DOES NOT FIT" in capsys.readouterr().out
     assert main(["--estimate", *args]) == 0
     out = capsys.readouterr().out
     assert "fits" in out and "ranks 0-1" in out
     assert "trunk states, ZeRO-2 fp32 (closed form fitted to DeepSpeed's engines)" in out
     assert main(["--estimate", "--gpu-mem-gb", "0", *args]) == 2
-    assert "--gpu-mem-gb=0 must be > 0" in capsys.readouterr().err
+    assert "--gpu-mem-gib=0 must be > 0" in capsys.readouterr().err
+
+
+def test_cnn_trunks_with_stages_named_blocks_are_measured_whole(capsys) -> None:
+    """EfficientNet's and MobileNetV3's `blocks` are stages built from an arch string: extrapolating over them
+    passed `depth=` to a constructor that has none (TypeError at --estimate and at every GPU submission)."""
+    cfg = ModelConfig(name="mobilenetv3_small_050", embed_dim=64, in_chans=1)
+    size = tm.trunk_size(cfg)
+    assert size.depth == 0 and tm.trunk_size(ModelConfig(name="vit_tiny_patch16_224", embed_dim=64)).depth == 12
+    assert "measured on the full trunk" in tm.activations(cfg, 32, size).how
+    assert main(["--estimate", "--recipe", "mnist_distarc", "model.name=mobilenetv3_small_050"]) == 0
+    assert "fits" in capsys.readouterr().out
 
 
 def test_fixes_offer_a_smaller_bucket_and_say_what_more_gpus_leave_whole() -> None:
