@@ -114,6 +114,7 @@ STUDIES: dict[str, dict] = {
             "softtriple": ["--recipe", "mnist_open_softtriple"],
             "arcface": ["--recipe", "mnist_open_arcface"],
             "distarc": ["--recipe", "mnist_open_distarc"],
+            "distarc-s16": ["--recipe", "mnist_open_distarc", "loss.scale=16"],
         },
     },
 }
