@@ -200,8 +200,8 @@ class OpCounter(Timer):
 
 def forward_flops_per_image(cfg: RunConfig) -> float:
     """Forward FLOPs of one image (torch.utils.flop_counter), counted on the meta device: no weights, no
-    GPU time, and attention counted by its formula whatever kernel a device would pick (ViT-L/16 at 224:
-    123.2 GFLOP, so 369.6 for a training step's 3x)."""
+    GPU time, and attention counted by its formula whatever kernel a device would pick (ViT-L/16 at 224: the
+    counter gives 123.1 GFLOP, 369.3 for a training step's 3x; the issue's 369.6 counts a few more ops)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from model.backbone import build_backbone
