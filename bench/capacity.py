@@ -122,7 +122,9 @@ def main() -> None:
     p.add_argument("--heads", default="distarc,chest")
     p.add_argument("--sample-rates", default="1.0,0.1")
     p.add_argument("--class-chunks", default="0,8192", help="loss.class_chunk values (0 = the whole shard at once)")
-    p.add_argument("--head-optimizers", default="adamw", help="optim.head_optimizer values (adamw, sgd, lazy_adamw, lazy_sgd)")
+    p.add_argument(
+        "--head-optimizers", default="adamw", help="optim.head_optimizer values (adamw, sgd, lazy_adamw, lazy_sgd)"
+    )
     p.add_argument("--budget-gb", type=float, default=0.0, help="memory budget (GiB); default on a GPU: all of it")
     p.add_argument("--reserve-gb", type=float, default=0.0, help="left for the backbone and the runtime (GiB)")
     p.add_argument("--start", type=int, default=1_000_000, help="first class count probed (doubled while it fits)")

@@ -65,9 +65,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--gpu-mem-gb",  # its name until 2026-12-07; it always meant GiB
         dest="gpu_mem_gib",
         type=float,
-        default=DEFAULT_GPU_MEM_GIB,
-        help=f"memory of one GPU in GiB (default {DEFAULT_GPU_MEM_GIB:g}: an 80 GB H100's 81,559 MiB; A100 80GB: "
-        "80, H200: 140.4); a --slurm submission with GPUs that would not fit is refused",
+        default=None,
+        help=f"memory of one GPU in GiB (default: {DEFAULT_GPU_MEM_GIB:g}, an 80 GB H100's 81,559 MiB, for --slurm "
+        "and --estimate; a local run: this machine's smallest GPU, from nvidia-smi; A100 80GB: 80, H200: 140.4); "
+        "a GPU run that would not fit is refused",
     )
     p.add_argument("overrides", nargs="*", help="dotted key=value, e.g. optim.lr=1e-3 slurm.tasks_per_node=4")
     return p.parse_intermixed_args(argv)  # overrides may come before and after flags
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cfgs = [build_config(args.recipe, args.overrides)]
         if args.estimate:
-            return print_estimates(cfgs, args.gpu_mem_gib)
+            return print_estimates(cfgs, DEFAULT_GPU_MEM_GIB if args.gpu_mem_gib is None else args.gpu_mem_gib)
         for i, cfg in enumerate(cfgs):  # data that ships in a package, then data.num_classes=0 from its manifest:
             ensure_prepared(cfg.data)  # the checks below (table size, a run dir's checkpoints) need the count
             cfgs[i] = cfg.resolved()

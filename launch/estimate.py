@@ -22,6 +22,8 @@ adds them up per group of ranks, prints the table and names the fixes.
 from __future__ import annotations
 
 import dataclasses
+import shutil
+import subprocess
 
 
 from launch.preflight import asks_for_gpus
@@ -311,16 +313,44 @@ def print_estimates(cfgs: list[RunConfig], gpu_mem_gib: float) -> int:
     return 0 if ok else 1
 
 
-def check_fits(cfgs: list[RunConfig], gpu_mem_gib: float, use_slurm: bool) -> None:
-    """Refuse a GPU submission (--slurm asking for GPUs: launch.preflight.asks_for_gpus) whose estimate exceeds
-    the budget."""
+def local_gpu_mem_gib() -> float | None:
+    """The smallest GPU's memory on this machine in GiB, from `nvidia-smi` (the launcher makes no CUDA context
+    of its own, which would hold memory on GPU 0 while it follows the job); None without nvidia-smi or GPUs."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+        sizes = [float(line) for line in out.split() if line.strip()]
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+    return min(sizes) / 1024 if sizes else None  # MiB
+
+
+def check_fits(cfgs: list[RunConfig], gpu_mem_gib: float | None, use_slurm: bool) -> None:
+    """Refuse a GPU run whose estimate exceeds one GPU's memory: a --slurm submission asking for GPUs
+    (launch.preflight.asks_for_gpus) against `gpu_mem_gib` (None: DEFAULT_GPU_MEM_GIB), a local run with
+    slurm.gpus_per_node > 0 against `gpu_mem_gib` or else this machine's smallest GPU (local_gpu_mem_gib;
+    unchecked where nvidia-smi does not answer)."""
     for cfg in cfgs:
-        if not use_slurm or not asks_for_gpus(cfg):
+        if use_slurm and not asks_for_gpus(cfg) or not use_slurm and cfg.slurm.gpus_per_node < 1:
             continue
-        est = estimate(cfg, gpu_mem_gib)
+        budget, source = gpu_mem_gib, "--gpu-mem-gib"
+        if budget is None:
+            budget, source = (
+                (DEFAULT_GPU_MEM_GIB, "--gpu-mem-gib") if use_slurm else (local_gpu_mem_gib(), "nvidia-smi")
+            )
+        if budget is None:
+            continue
+        est = estimate(cfg, budget)
         if not est.fits:
             raise ValueError(
-                f"run {cfg.name} needs an estimated {est.peak / GIB:.2f} GiB per GPU, more than "
-                f"--gpu-mem-gib={gpu_mem_gib:g}:\n{format_estimate(cfg, est)}\nto fit: {fixes(cfg, est)} "
-                "(or raise --gpu-mem-gib if the GPUs have more memory)"
+                f"run {cfg.name} needs an estimated {est.peak / GIB:.2f} GiB per GPU, more than the "
+                f"{budget:g} GiB of one GPU ({source}):\n{format_estimate(cfg, est)}\nto fit: {fixes(cfg, est)} "
+                "(or give --gpu-mem-gib if the GPUs have more memory)"
             )

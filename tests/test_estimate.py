@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import os
 import re
 import warnings
 from collections.abc import Callable, Iterator
@@ -409,7 +410,8 @@ def test_a_submission_that_cannot_fit_is_refused_with_the_fixes(tmp_path, capsys
     args = ["--recipe", "mnist_distarc", f"run_root={tmp_path}", "slurm.gpus_per_node=2"]
     assert main(["--slurm", "--gpu-mem-gib", "1", *args]) == 2
     err = capsys.readouterr().err
-    assert "needs an estimated" in err and "more than --gpu-mem-gib=1" in err and "no Slurm here" not in err
+    assert "needs an estimated" in err and "more than the 1 GiB of one GPU (--gpu-mem-gib)" in err
+    assert "no Slurm here" not in err
     for fix in ("zero.stage=3", "more GPUs", "model.grad_checkpointing=true", "data.batch_size", "zero.bf16=true"):
         assert fix in err, fix
     assert "loss.class_chunk" not in err  # 10 classes: a chunk of 8192 would save nothing
@@ -447,6 +449,28 @@ def test_a_submission_that_cannot_fit_is_refused_with_the_fixes(tmp_path, capsys
     assert "trunk states, ZeRO-2 fp32 (closed form fitted to DeepSpeed's engines)" in out
     assert main(["--estimate", "--gpu-mem-gb", "0", *args]) == 2
     assert "--gpu-mem-gib=0 must be > 0" in capsys.readouterr().err
+
+
+def test_a_local_gpu_run_is_checked_against_the_machines_gpus(tmp_path, capsys, monkeypatch) -> None:
+    """Without --slurm a run with GPUs is checked against the smallest GPU nvidia-smi reports (MiB), or
+    --gpu-mem-gib where given; without nvidia-smi (this machine) it is not checked."""
+
+    def no_submission(*args: object, **kwargs: object) -> None:
+        raise AssertionError("nothing may be submitted")
+
+    monkeypatch.setattr("launch.__main__.make_executor", no_submission)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 81559\necho 1024\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    assert est.local_gpu_mem_gib() == 1.0
+    args = ["--recipe", "mnist_distarc", f"run_root={tmp_path}", "slurm.gpus_per_node=2"]
+    assert main(args) == 2
+    assert "more than the 1 GiB of one GPU (nvidia-smi)" in capsys.readouterr().err
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert est.local_gpu_mem_gib() is None
 
 
 def test_cnn_trunks_with_stages_named_blocks_are_measured_whole(capsys) -> None:
