@@ -38,6 +38,7 @@ wait in a buffer across an epoch boundary.
 from __future__ import annotations
 
 import collections
+import math
 import random
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -179,40 +180,60 @@ def balanced_batches(
 
 
 def balance_notes(cfg: DataConfig) -> list[str]:
-    """With data.samples_per_class = m > 1, what keeps classes out of balanced batches, one line per finding,
-    from each train source's manifest (nothing when it predates class_counts); with plain batches, sources in
-    class order. Balanced: classes with fewer than m images
-    when data.pad_small_classes is off, and, for shards not written in class order, classes whose images are
-    too sparse in the stream to gather m in one slot's buffer (expected n x data.balance_buffer x source share
-    / images < m) when they hold over a tenth of the images."""
+    """What keeps classes out of class-balanced batches (data.samples_per_class = m > 0), one line per finding,
+    from each train source's manifest (nothing where it predates class_counts), or, with plain batches, sources
+    written in class order (batches of a few classes at a time). Balanced:
+      - classes with fewer than m images, when data.pad_small_classes is off (they never make a batch);
+      - shuffled shards: classes too sparse in the stream to gather m in one slot's buffer (expected
+        n x data.balance_buffer x source share / images < m), when they hold over a tenth of the images;
+      - class-ordered shards: a buffer that holds fewer whole classes (data.balance_buffer x share / mean class
+        size) than the batch_size / m a batch needs at once: the slot stalls (CUB at batch 200, m = 2: 69 of 100).
+    """
     m = cfg.samples_per_class
     sources = cfg.sources or ((cfg.root, 1.0),)
-    if m < 2:  # plain batches: shards in class order would give batches of few classes
+    if m < 1:  # plain batches: shards in class order would give batches of few classes
         return [
-            f"{root}'s train shards are in class order (--order class): plain batches (data.samples_per_class="
-            f"{m}) draw from data.shuffle_buffer={cfg.shuffle_buffer} consecutive samples, a few classes at a "
-            "time; use class-balanced batches or shards written in shuffled order"
+            f"{root}'s train shards are in class order (--order class): plain batches (data.samples_per_class=0) "
+            f"draw from data.shuffle_buffer={cfg.shuffle_buffer} consecutive samples, a few classes at a time; use "
+            "class-balanced batches or shards written in shuffled order"
             for root, _ in sources
             if split_order(root, cfg.train_split) == "class"
         ]
     total_weight = sum(weight for _, weight in sources)
+    needed = cfg.batch_size // m  # classes ready at once for one batch
     notes = []
     for root, weight in sources:
         counts = [n for n in class_counts(root, cfg.train_split) if n > 0]
+        if not counts:
+            continue
+        share = weight / total_weight
         small = [n for n in counts if n < m]
         if small and not cfg.pad_small_classes:
             notes.append(
                 f"{len(small)} classes ({sum(small)} images) of {root} have fewer than data.samples_per_class={m} "
                 f"images: they never make a class-balanced batch (data.pad_small_classes=true repeats their images)"
             )
-        window = cfg.balance_buffer * weight / total_weight / max(1, sum(counts))  # share of the split in a buffer
+        mean = sum(counts) / len(counts)
+        held = cfg.balance_buffer * share / mean  # whole classes a class-ordered slot's buffer holds
+        enough = math.ceil(2 * needed * mean / share)  # a buffer that holds twice the classes a batch needs
+        if split_order(root, cfg.train_split) == "class":
+            if held < needed:
+                notes.append(
+                    f"{root}'s train shards are in class order: a slot's data.balance_buffer={cfg.balance_buffer} "
+                    f"holds about {held:.0f} whole classes (of {mean:.0f} images on average) at a time, fewer than "
+                    f"the {needed} a batch needs (data.batch_size / data.samples_per_class): the stream stalls; "
+                    f"raise data.balance_buffer to about {enough}"
+                )
+            continue
+        window = cfg.balance_buffer * share / sum(counts)  # share of the split in a buffer
         sparse = [n for n in counts if n * window < m]
-        if split_order(root, cfg.train_split) != "class" and sum(sparse) > 0.1 * sum(counts):
+        if m > 1 and sum(sparse) > 0.1 * sum(counts):  # one image is always enough for m = 1
+            more = f", with data.balance_buffer >= {enough} for that" if held < needed else ""
             notes.append(
                 f"{len(sparse)} classes of {root} ({sum(sparse) / sum(counts):.0%} of its images) are too sparse "
                 f"in its shuffled shards to gather data.samples_per_class={m} within "
                 f"data.balance_buffer={cfg.balance_buffer}: they make fewer balanced batches than their images "
                 "allow and much of what is read is dropped; write the shards in class order "
-                "(python -m data.convert ... --order class) or raise data.balance_buffer"
+                f"(python -m data.convert ... --order class{more}) or raise data.balance_buffer"
             )
     return notes

@@ -203,8 +203,10 @@ def decode_batch(
     left undecoded (data.jpeg_draft). With a seed (train) each failed place is
     refilled in place by transforming afresh a good image of the same class
     (any good image when the batch has none; the label follows it), so the
-    batch keeps its size, its m-per-class layout and its position in the
-    stream (resume stays exact). Without a seed (eval) failures are dropped.
+    batch keeps its size and its position in the stream (resume stays exact),
+    and its m-per-class layout unless every image of a class fails (a padded
+    class of one image: the label of the good image that refills it follows).
+    Without a seed (eval) failures are dropped.
     """
     if seed is None:  # eval: failures dropped (one implementation, decode_eval_batch, which also keeps keys)
         batch = decode_eval_batch(raw, cfg, transform, counter)

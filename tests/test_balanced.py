@@ -258,3 +258,44 @@ def test_class_order_shards_feed_every_class_from_many_slots(tmp_path) -> None:
     plain = balance_notes(dataclasses.replace(cfg, samples_per_class=0))  # class order without balancing
     assert len(plain) == 1 and "plain batches" in plain[0]
     assert balance_notes(dataclasses.replace(cfg, samples_per_class=0, root=str(tmp_path / "shuffled"))) == []
+
+
+def test_padding_counts_as_a_stream_change_only_where_it_pads(root: str, tmp_path) -> None:
+    """A checkpoint written before data.pad_small_classes has no such key and its stream never padded: a resume
+    whose data has classes below m now pads them, a different stream, and says so; where no class is below m the
+    switch changes nothing and nothing is said."""
+    import json
+
+    from train.checkpoint import pads_small_classes, stream_changes, stream_signature
+    from train.config import RunConfig
+
+    for m, pads in ((16, False), (32, True)):
+        cfg = RunConfig(name="pad", max_steps=1, data=make_cfg(root, samples_per_class=m, batch_size=m))
+        assert pads_small_classes(cfg.data, [root]) is pads
+        assert not pads_small_classes(dataclasses.replace(cfg.data, pad_small_classes=False), [root])
+        old = {k: v for k, v in stream_signature(cfg, 1).items() if k != "pad_small_classes"}
+        path = tmp_path / f"m{m}"
+        path.mkdir()
+        (path / "meta.json").write_text(json.dumps({"stream": old}))
+        assert stream_changes(str(path), cfg, 1) == (["pad_small_classes: False -> True"] if pads else [])
+
+
+def test_class_order_notes_name_a_buffer_too_small_for_a_batch(tmp_path) -> None:
+    """In class order a slot's buffer holds whole classes: CUB-like data (100 classes of ~59 images) at batch
+    200, m = 2 needs 100 ready at once, and a 4096-sample buffer holds about 69: the stream stalls. The notes say
+    so and name a buffer that works; m = 1 is balanced too (not "plain batches")."""
+    from data.balanced import balance_notes
+    from data.convert.common import Item, Split, convert
+    from tests.test_convert_common import jpeg
+
+    items = [Item(f"c{c}_{i}", c, 0, {}) for c in range(100) for i in range(59)]
+    split = [Split("train", items, lambda item: jpeg(0), {str(c): c for c in range(100)})]
+    root = str(tmp_path / "cub_like")
+    convert("toy", root, split, shard_size=100, progress=False, order="class")
+    cfg = DataConfig(root=root, num_classes=100, batch_size=200, samples_per_class=2)
+    (note,) = balance_notes(cfg)
+    assert "holds about 69 whole classes" in note and "fewer than the 100 a batch needs" in note
+    assert "raise data.balance_buffer to about 11800" in note
+    assert balance_notes(dataclasses.replace(cfg, balance_buffer=11800)) == []
+    (note,) = balance_notes(dataclasses.replace(cfg, batch_size=100, samples_per_class=1))
+    assert "plain batches" not in note and "fewer than the 100 a batch needs" in note

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from common.files import write_json_atomic
-from data.shards import shard_set_digest
+from data.config import DataConfig
+from data.shards import class_counts, shard_set_digest
 from model.proxies import ShardedHead
 from train.config import RunConfig, load_yaml, save_yaml
 from train.config_values import override_text
@@ -253,6 +254,14 @@ def engine_changes(path: str, cfg: RunConfig, world_size: int) -> list[str]:
 STREAM_VERSION = 2
 
 
+def pads_small_classes(d: DataConfig, roots: list[str]) -> bool:
+    """Whether the balanced stream repeats the images of classes with fewer than m (data.pad_small_classes,
+    from 2026-12-07): only then does the switch change the stream. Checkpoints written before it lack the key,
+    and their streams never padded (stream_changes reads a missing key as False)."""
+    m = d.samples_per_class
+    return d.pad_small_classes and m > 1 and any(0 < n < m for root in roots for n in class_counts(root, d.train_split))
+
+
 def stream_signature(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     """The settings the data stream's position depends on: the stream is a pure function of these
     and the step, so a resume with the same signature continues batch for batch."""
@@ -270,7 +279,7 @@ def stream_signature(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         "seed": d.seed,
         "shuffle_buffer": d.shuffle_buffer,
         "samples_per_class": d.samples_per_class,
-        "pad_small_classes": d.pad_small_classes and d.samples_per_class > 0,  # absent in older checkpoints
+        "pad_small_classes": pads_small_classes(d, roots),
         "root": os.path.abspath(d.root),
         "resampled": d.resampled,
         "sources": override_text(d.sources),
@@ -298,7 +307,7 @@ def config_changes(path: str, cfg: RunConfig) -> list[str]:
 def stream_changes(path: str, cfg: RunConfig, world_size: int) -> list[str]:
     """Settings that differ from the checkpoint's stream: after such a resume the stream draws a
     fresh order (still deterministic) instead of continuing the old one."""
-    saved = {"stream_version": 1, **read_meta(path).get("stream", {})}
+    saved = {"stream_version": 1, "pad_small_classes": False, **read_meta(path).get("stream", {})}
     now = stream_signature(cfg, world_size)
     return [f"{k}: {saved[k]} -> {now[k]}" for k in now if k in saved and saved[k] != now[k]]
 

@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
             choices=ORDERS,
             default="shuffled",
             help="sample order in the shards: shuffled (default), or class: each class's images together (classes "
-            "in random order), for class-balanced batches (data.samples_per_class) from many reader slots",
+            "in random order), for class-balanced batches (data.samples_per_class) of data with few images per class "
+            "(data.balance_buffer must then hold batch_size / m whole classes; the run's start says so)",
         )
         p.add_argument("--num-parts", type=int, default=1, help="split the shards over P processes")
         p.add_argument("--part", type=int, default=0, help="this process's part in [0, P); -1 writes the manifest")
