@@ -140,8 +140,15 @@ def head_graph_bytes(
     ch = loss.chest
     k = ch.proxies_per_class if family != "distarc" else 1
     values = k * embed_dim  # table values per class
-    mapped = family == "chest" and (ch.eta_h > 0 or ch.tau > 0 or ch.euclid_features == "head")
-    hyp = 4.0 * k * ch.hyp_dim if mapped else 0.0  # bytes of one class's proxies mapped through h
+    hyp_row = 4.0 * k * ch.hyp_dim  # bytes of one class's proxies mapped through h
+    through_h = ch.eta_h > 0 or ch.tau > 0 or ch.euclid_features == "head"
+    if family != "chest" or not through_h:
+        hyp = 0.0
+    elif chunked or ch.eta_h > 0:
+        hyp = hyp_row
+    else:  # whole shard, no Poincare softmax: h's features of the Euclidean space are one copy; HypHC maps only
+        # its triplets' rows (CHEST E-only at K = 2 and 3, 10k classes: the same peak with tau = 0.5 as with 0)
+        hyp = hyp_row / graph.hyp if ch.euclid_features == "head" else 0.0
     sampled = loss.sample_rate < 1.0
     kept = num_local * min(loss.sample_rate, 1.0)
     flight = min(kept, float(loss.class_chunk)) if chunked else kept
@@ -155,6 +162,6 @@ def head_graph_bytes(
     )
     outside = 4.0 * values * kept if sampled else 0.0  # the kept rows gathered out of the table
     if sampled and not chunked and family == "chest" and ch.tau > 0:
-        outside += HYPHC_MAP_COPIES * hyp * num_local
+        outside += HYPHC_MAP_COPIES * hyp_row * num_local
     softmax_blocks = logit_bytes(global_batch, num_local, loss, embed_dim) - global_batch * embed_dim * 4 * 2
     return max(0, int(outside + inside) - softmax_blocks)
