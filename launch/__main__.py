@@ -18,6 +18,7 @@ import sys
 import time
 
 import yaml
+from submitit.core.utils import FailedJobError
 
 from data.convert.mnist import ensure_prepared
 from train.overrides import apply_overrides, refuse_repeated_keys
@@ -114,7 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(cfg.to_dict(), indent=1))
     executor = make_executor(cfg.slurm, cfg.run_dir, args.slurm)
     t0 = time.time()
-    job = executor.submit(TrainJob(cfg))
+    try:
+        job = executor.submit(TrainJob(cfg))
+    except FailedJobError as err:
+        return _refused_by_sbatch(err)
     if args.slurm:  # the run dir is this job's while it waits in the queue too (a local job's rank 0 records at once)
         record_submission(cfg.run_dir, str(job.job_id), since=t0)
     print(f"submitted job {job.job_id}; logs: {os.path.join(cfg.run_dir, 'submitit', str(job.job_id))}")
@@ -148,16 +152,21 @@ def main(argv: list[str] | None = None) -> int:
 def run_sweep(sweep_dir: str, cfgs: list[RunConfig], use_slurm: bool, no_wait: bool) -> int:
     """Submit every point (one job array on Slurm), wait, print the summary table."""
     os.makedirs(sweep_dir, exist_ok=True)
-    # records the grid before anything runs: a later `python -m launch.sweep` (after --no-wait) lists its points
-    write_summary(sweep_dir, [c.name for c in cfgs], varying_keys(cfgs))
     print(f"sweep of {len(cfgs)} points in {sweep_dir}: {', '.join(c.name for c in cfgs)}")
-    print(f"watch: tensorboard --logdir {sweep_dir}", flush=True)
     executor = make_executor(cfgs[0].slurm, sweep_dir, use_slurm)
     failed = []
     if use_slurm:
         queued_at = time.time()
-        with executor.batch():
-            jobs = [executor.submit(TrainJob(cfg)) for cfg in cfgs]
+        try:
+            with executor.batch():
+                jobs = [executor.submit(TrainJob(cfg)) for cfg in cfgs]
+        except FailedJobError as err:
+            return _refused_by_sbatch(err)
+    # records the grid once it is queued (nothing when sbatch refuses it), added to the points an earlier
+    # submission under this --sweep-name recorded: a later `python -m launch.sweep` lists them all
+    write_summary(sweep_dir, [c.name for c in cfgs], varying_keys(cfgs))
+    print(f"watch: tensorboard --logdir {sweep_dir}", flush=True)
+    if use_slurm:
         for cfg, job in zip(cfgs, jobs):
             record_submission(cfg.run_dir, str(job.job_id), since=queued_at)  # "<array>_<task>"
         print(
@@ -183,6 +192,18 @@ def run_sweep(sweep_dir: str, cfgs: list[RunConfig], use_slurm: bool, no_wait: b
     for line in failed:
         print(f"failed: {line}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _refused_by_sbatch(err: FailedJobError) -> int:
+    """sbatch refused the job (a resource or option the cluster does not have): its words and where to change
+    them, not a traceback."""
+    print(
+        f"error: sbatch refused the job: {err}\ncheck slurm.partition, slurm.mem_gb, slurm.gpus_per_node, "
+        "slurm.cpus_per_task, slurm.time_min and slurm.sbatch_extra against the cluster (sinfo, scontrol show "
+        "partition)",
+        file=sys.stderr,
+    )
+    return 2
 
 
 def _follow(job: object) -> list[RunSummary]:

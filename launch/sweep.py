@@ -160,6 +160,16 @@ def _point_names(sweep_dir: str) -> list[str]:
     return [n for n in sorted(os.listdir(sweep_dir)) if os.path.isfile(os.path.join(sweep_dir, n, "config.yaml"))]
 
 
+def _recorded(sweep_dir: str) -> dict[str, Any]:
+    """The sweep.json an earlier submission wrote ({} when there is none or it does not parse)."""
+    try:
+        with open(os.path.join(sweep_dir, MANIFEST_FILE)) as f:
+            found = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
 def _max_steps(point_dir: str) -> int | None:
     """max_steps from the point's config.yaml (None when it has none)."""
     try:
@@ -228,8 +238,11 @@ def write_summary(sweep_dir: str, points: list[str] | None = None, keys: list[st
     that differ across them, which each point adds to its HPARAMS entry) so that every later rebuild lists
     exactly these, the ones not started yet included, and no folder another sweep left under a reused
     --sweep-name; None: the recorded ones."""
-    if points is not None:
-        write_json_atomic(os.path.join(sweep_dir, MANIFEST_FILE), {"points": points, "hparams": keys or []})
+    if points is not None:  # added to what an earlier submission recorded: a resubmitted subset keeps the rest
+        old = _recorded(sweep_dir)
+        points = [*old.get("points", []), *(p for p in points if p not in old.get("points", []))]
+        keys = [*old.get("hparams", []), *(k for k in keys or [] if k not in old.get("hparams", []))]
+        write_json_atomic(os.path.join(sweep_dir, MANIFEST_FILE), {"points": points, "hparams": keys})
     rows = summary_rows(sweep_dir)
     table = summary_table(rows)
     with open(os.path.join(sweep_dir, SUMMARY_FILE), "w") as f:

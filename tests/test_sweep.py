@@ -133,6 +133,46 @@ def test_submission_records_the_grid_and_the_table_lists_only_its_points(tmp_pat
     ]
 
 
+def test_a_resubmitted_subset_keeps_the_other_points(tmp_path: Path, monkeypatch) -> None:
+    """Resubmitting one point of a sweep (e.g. the one that failed) under its --sweep-name added it to the
+    record; it had replaced it, and the table and HPARAMS experiment lost every other point."""
+    submitted = _fake_submission(monkeypatch)
+    sweep_dir, cfgs = expand("mnist_distarc", [f"run_root={tmp_path}"], ["seed=0,1,2"], "grid")
+    assert launcher.run_sweep(sweep_dir, cfgs, use_slurm=True, no_wait=True) == 0
+    _, again = expand("mnist_distarc", [f"run_root={tmp_path}"], ["seed=1"], "grid")
+    assert again[0].run_dir == cfgs[1].run_dir  # the same point, resumed in its folder
+    assert launcher.run_sweep(sweep_dir, again, use_slurm=True, no_wait=True) == 0
+    assert [name for _, name in submitted] == ["seed=0", "seed=1", "seed=2", "seed=1"]
+    with open(os.path.join(sweep_dir, MANIFEST_FILE)) as f:
+        assert json.load(f) == {"points": ["seed=0", "seed=1", "seed=2"], "hparams": ["seed"]}
+
+
+def test_a_job_sbatch_refuses_is_an_error_not_a_traceback(tmp_path: Path, monkeypatch, capsys) -> None:
+    """sbatch refusing the job (a constraint or memory the cluster lacks) raised submitit's FailedJobError as a
+    traceback, and a sweep had already recorded points that were never queued."""
+    from submitit.core.utils import FailedJobError
+
+    _fake_submission(monkeypatch)
+
+    class Refusing:
+        @contextlib.contextmanager
+        def batch(self) -> Iterator[None]:
+            yield
+            raise FailedJobError("sbatch: error: Memory specification can not be satisfied")
+
+        def submit(self, job: Any) -> None:
+            raise FailedJobError("sbatch: error: Memory specification can not be satisfied")
+
+    monkeypatch.setattr(launcher, "make_executor", lambda slurm, folder, use_slurm: Refusing())
+    base = ["--slurm", "--no-wait", f"run_root={tmp_path}", "slurm.mem_gb=100000"]
+    assert launcher.main(base) == 2
+    err = capsys.readouterr().err
+    assert "error: sbatch refused the job: sbatch: error: Memory specification" in err and "slurm.mem_gb" in err
+    assert launcher.main([*base, "--sweep", "seed=0,1", "--sweep-name", "grid"]) == 2
+    assert "sbatch refused the job" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "mnist_distarc-sweep-grid" / MANIFEST_FILE)
+
+
 def test_summary_table_tells_finished_from_stopped_points(tmp_path: Path) -> None:
     """A point stopped by a signal writes summary.json at the step it saved: it read like a finished one."""
     _point(str(tmp_path), "seed=0", max_steps=10, step=10, acc=0.9)
