@@ -402,3 +402,16 @@ def test_baselines_with_the_papers_defaults_of_other_heads_are_refused_or_pointe
 def test_unclipped_poincare_features_are_pointed_out() -> None:
     (line,) = apply_overrides(get_recipe("mnist_chest"), ["loss.chest.clip_radius=0"]).validate().warnings()
     assert "loss.chest.clip_radius=0" in line and "fp32" in line
+
+
+def test_signal_delays_submitit_or_slurm_would_not_requeue_are_pointed_out() -> None:
+    """No signal before the time limit: the job ends TIMEOUT and never comes back (seen on the local cluster);
+    a delay beyond submitit's guaranteed walltime (min(0.8 T, T - 10 min)): the time limit's USR2 reads as a
+    preemption, whose requeues nothing caps."""
+    base = get_recipe("mnist_distarc")
+    (line,) = apply_overrides(base, ["slurm.signal_delay_s=0"]).validate().warnings()
+    assert "ends TIMEOUT" in line and "not requeued" in line
+    (line,) = apply_overrides(base, ["slurm.time_min=60", "slurm.signal_delay_s=900"]).validate().warnings()
+    assert "takes the time limit's signal for a preemption" in line
+    for ok in (["slurm.time_min=60", "slurm.signal_delay_s=600"], ["slurm.time_min=600", "slurm.signal_delay_s=1200"]):
+        assert apply_overrides(base, ok).validate().warnings() == []

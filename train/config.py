@@ -348,6 +348,19 @@ class RunConfig:
                 f"loss.name=softtriple with loss.chest.gamma_e={self.loss.chest.gamma_e:g}: over cosines this "
                 f"weighs a class's proxies almost evenly; SoftTriple's constants are {SOFTTRIPLE_CONSTANTS}"
             )
+        delay, limit_s = self.slurm.signal_delay_s, self.slurm.time_min * 60
+        if delay == 0:
+            found.append(
+                "slurm.signal_delay_s=0: Slurm sends no signal before the time limit, so a job that reaches "
+                "slurm.time_min ends TIMEOUT without a save of its own and is not requeued; keep the default 120"
+            )
+        elif delay > max(0.2 * limit_s, 600):  # submitit's has_timed_out: walltime >= min(0.8 T, T - 10 min)
+            found.append(
+                f"slurm.signal_delay_s={delay} is more than a fifth of slurm.time_min={self.slurm.time_min} min and "
+                "more than 10 min: submitit takes the time limit's signal for a preemption, so the requeues after "
+                "time limits are not counted against their cap (slurm/executor.py MAX_REQUEUES_AFTER_TIME_LIMIT); "
+                "lower it"
+            )
         return found
 
     def resolved(self) -> "RunConfig":
