@@ -27,7 +27,7 @@ from data.balanced import balance_notes
 from launch.preflight import check_data, check_model, preflight
 from launch.recipes import DEFAULT_RECIPE, RECIPES, get_recipe
 from launch.sweep import expand, varying_keys, write_summary
-from slurm.executor import make_executor
+from slurm.executor import executor_job_name, make_executor
 from slurm.job import TrainJob
 from train.config import RunConfig
 from train.run_owner import record_submission
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     except FailedJobError as err:
         return _refused_by_sbatch(err)
     if args.slurm:  # the run dir is this job's while it waits in the queue too (a local job's rank 0 records at once)
-        record_submission(cfg.run_dir, str(job.job_id), since=t0)
+        record_submission(cfg.run_dir, str(job.job_id), since=t0, job_name=executor_job_name(cfg.run_dir))
     print(f"submitted job {job.job_id}; logs: {os.path.join(cfg.run_dir, 'submitit', str(job.job_id))}")
     print(f"watch: tensorboard --logdir {os.path.join(cfg.run_dir, 'tb')}", flush=True)
     if args.no_wait:
@@ -168,7 +168,8 @@ def run_sweep(sweep_dir: str, cfgs: list[RunConfig], use_slurm: bool, no_wait: b
     print(f"watch: tensorboard --logdir {sweep_dir}", flush=True)
     if use_slurm:
         for cfg, job in zip(cfgs, jobs):
-            record_submission(cfg.run_dir, str(job.job_id), since=queued_at)  # "<array>_<task>"
+            # "<array>_<task>", named as the array
+            record_submission(cfg.run_dir, str(job.job_id), since=queued_at, job_name=executor_job_name(sweep_dir))
         print(
             f"submitted job array {jobs[0].job_id.split('_')[0]}; logs: {os.path.join(sweep_dir, 'submitit')}",
             flush=True,

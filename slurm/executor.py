@@ -44,6 +44,11 @@ def slurm_parameters(cfg: SlurmConfig, job_name: str) -> dict[str, object]:
 MAX_REQUEUES_AFTER_TIME_LIMIT = 30
 
 
+def executor_job_name(folder_root: str) -> str:
+    """The Slurm job name make_executor gives a job whose files live under `folder_root`: its folder's name."""
+    return os.path.basename(os.path.normpath(folder_root))
+
+
 def make_executor(cfg: SlurmConfig, folder_root: str, use_slurm: bool, job_name: str = "") -> submitit.Executor:
     """Executor whose logs and submission files live under `<folder_root>/submitit/<job id>`."""
     folder = os.path.join(folder_root, "submitit", "%j")
@@ -51,7 +56,7 @@ def make_executor(cfg: SlurmConfig, folder_root: str, use_slurm: bool, job_name:
         ex: submitit.Executor = submitit.AutoExecutor(
             folder=folder, cluster="slurm", slurm_max_num_timeout=MAX_REQUEUES_AFTER_TIME_LIMIT
         )
-        ex.update_parameters(**slurm_parameters(cfg, job_name or os.path.basename(os.path.normpath(folder_root))))
+        ex.update_parameters(**slurm_parameters(cfg, job_name or executor_job_name(folder_root)))
         return ex
     if cfg.nodes != 1:
         raise ValueError(f"slurm.nodes={cfg.nodes}: the local launcher runs on one machine; use --slurm for more")

@@ -215,6 +215,18 @@ def test_a_run_dir_a_live_job_trains_in_is_refused(tmp_path, monkeypatch) -> Non
                 preflight([cfg], use_slurm=False)
         else:
             preflight([cfg], use_slurm=False)
+    # the record names the job (its Slurm name): the same id under another name is another job (a restarted
+    # cluster's ids start again at 1), which had blocked the run dir and been named for scancel
+    for line, refused in (("77 77 RUNNING sleep and wait", False), ("77 77 RUNNING mnist_distarc", True)):
+        monkeypatch.setenv("PATH", _fake_squeue(tmp_path, line))
+        (tmp_path / "mnist_distarc" / OWNER_FILE).write_text(
+            json.dumps({"slurm_job_id": "77", "host": "node-elsewhere", "pid": 1, "slurm_job_name": "mnist_distarc"})
+        )
+        if refused:
+            with pytest.raises(ValueError, match=r"in use by Slurm job 77 \(RUNNING\)"):
+                preflight([cfg], use_slurm=False)
+        else:
+            preflight([cfg], use_slurm=False)
 
 
 def test_a_slurm_that_does_not_answer_leaves_the_process_check(tmp_path, monkeypatch) -> None:
@@ -235,7 +247,7 @@ def _fake_squeue(tmp_path, state: str) -> str:
     bin_dir = tmp_path / "squeue_bin"
     bin_dir.mkdir(exist_ok=True)
     script = bin_dir / "squeue"
-    script.write_text(f'#!/bin/sh\n[ "$3" = 77 ] && [ "$5" = "%i %A %T" ] && printf "{state}\\n"\nexit 0\n')
+    script.write_text(f'#!/bin/sh\n[ "$3" = 77 ] && [ "$5" = "%i %A %T %j" ] && printf "{state}\\n"\nexit 0\n')
     script.chmod(0o755)
     return f"{bin_dir}{os.pathsep}/usr/bin{os.pathsep}/bin"
 
@@ -275,12 +287,13 @@ def test_the_launchers_record_keeps_one_rank_0_wrote_after_the_submission(tmp_pa
     record_owner(str(tmp_path), "12")
     record_submission(str(tmp_path), "12", since=since)
     assert json.loads((tmp_path / OWNER_FILE).read_text())["pid"] == os.getpid()
-    record_submission(str(tmp_path), "13", since=time.time() + 1)  # a later submission replaces it
+    record_submission(str(tmp_path), "13", since=time.time() + 1, job_name="run")  # a later submission replaces it
     assert json.loads((tmp_path / OWNER_FILE).read_text()) | {"submitted_at": 0} == {
         "slurm_job_id": "13",
         "host": __import__("socket").gethostname(),
         "pid": 0,
         "submitted_at": 0,
+        "slurm_job_name": "run",
     }
 
 

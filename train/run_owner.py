@@ -38,6 +38,8 @@ def record_owner(run_dir: str, slurm_job_id: str) -> None:
         "pid": pid,
         "pid_start": _process_start(pid),  # tells this process from a later one that reuses the pid
         "started_at": time.time(),
+        # with the id, tells this job from a later one that reuses its id (a restarted cluster, another cluster)
+        "slurm_job_name": os.environ.get("SLURM_JOB_NAME", "") if slurm_job_id else "",
     }
     write_json_atomic(os.path.join(run_dir, OWNER_FILE), record)
 
@@ -63,11 +65,12 @@ def _is_this_process(record: dict) -> bool:
     return record.get("host") == socket.gethostname() and int(record.get("pid") or 0) == os.getpid()
 
 
-def record_submission(run_dir: str, slurm_job_id: str, since: float) -> None:
+def record_submission(run_dir: str, slurm_job_id: str, since: float, job_name: str = "") -> None:
     """The launcher, right after queueing (at time `since`): the run dir belongs to Slurm job `slurm_job_id` (an
     array task's "<array>_<task>") from now on, while it is pending too; rank 0 replaces the record when the job
     starts, and a record rank 0 already wrote after `since` is kept (it also names the process). No process yet
-    (pid 0): where Slurm cannot be asked, the record does not hold the run dir."""
+    (pid 0): where Slurm cannot be asked, the record does not hold the run dir. `job_name`: the name the job was
+    queued under (a job that later shows another name under this id is another job)."""
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, OWNER_FILE)
     try:
@@ -76,7 +79,13 @@ def record_submission(run_dir: str, slurm_job_id: str, since: float) -> None:
                 return
     except (OSError, ValueError, TypeError, AttributeError):
         pass
-    record = {"slurm_job_id": slurm_job_id, "host": socket.gethostname(), "pid": 0, "submitted_at": time.time()}
+    record = {
+        "slurm_job_id": slurm_job_id,
+        "host": socket.gethostname(),
+        "pid": 0,
+        "submitted_at": time.time(),
+        "slurm_job_name": job_name,
+    }
     write_json_atomic(path, record)
 
 
@@ -90,8 +99,9 @@ def _process_start(pid: int) -> str:
     return stat[stat.rindex(")") + 2 :].split()[19]  # fields after "pid (comm) ": state is field 3
 
 
-def _slurm_state(job_id: str, timeout_s: float = 30.0) -> str | None:
-    """The job's squeue state ("" when Slurm no longer lists it); None when Slurm cannot be asked here."""
+def _slurm_state(job_id: str, timeout_s: float = 30.0) -> tuple[str, str] | None:
+    """The job's squeue state and name (state "" when Slurm no longer lists it); None when Slurm cannot be
+    asked here."""
     if shutil.which("squeue") is None:
         return None
     try:
@@ -99,20 +109,21 @@ def _slurm_state(job_id: str, timeout_s: float = 30.0) -> str | None:
         # runs (rank 0's record; squeue -j <array id> lists every task of the array); %A of a pending task is
         # the array's id, so only %i names it then
         out = subprocess.run(
-            ["squeue", "-h", "-j", job_id, "-o", "%i %A %T"], capture_output=True, text=True, timeout=timeout_s
+            ["squeue", "-h", "-j", job_id, "-o", "%i %A %T %j"], capture_output=True, text=True, timeout=timeout_s
         )
     except subprocess.TimeoutExpired:
         return None
     if out.returncode != 0:  # a job Slurm has forgotten: "Invalid job id"; anything else: Slurm did not answer
-        return "" if "Invalid job id" in out.stderr else None
-    states: dict[str, str] = {}
+        return ("", "") if "Invalid job id" in out.stderr else None
+    states: dict[str, tuple[str, str]] = {}
     for line in out.stdout.splitlines():
-        if len(fields := line.split()) >= 3:
+        if len(fields := line.split(" ", 3)) >= 3:
             task, own, state = fields[:3]
-            states.setdefault(task, state)
+            name = fields[3] if len(fields) > 3 else ""  # last: a name may hold spaces
+            states.setdefault(task, (state, name))
             if "[" not in task:  # "<array>_[2-7]": tasks not yet split off, %A is the array's id, not theirs
-                states.setdefault(own, state)
-    return states.get(job_id, "")
+                states.setdefault(own, (state, name))
+    return states.get(job_id, ("", ""))
 
 
 def _process_alive(pid: int, start: str) -> bool:
@@ -134,7 +145,11 @@ def running_owner(run_dir: str) -> str | None:
     pid, start = int(record.get("pid") or 0), str(record.get("pid_start") or "")
     job_id = str(record.get("slurm_job_id") or "")
     if job_id:
-        state = _slurm_state(job_id)
+        found = _slurm_state(job_id)
+        state = None if found is None else found[0]
+        recorded_name = str(record.get("slurm_job_name") or "")
+        if found is not None and state and recorded_name and found[1] != recorded_name:
+            return None  # another job under a reused id (a restarted cluster's ids start again at 1)
         if state is not None and state not in LIVE_STATES:
             return None  # Slurm knows the job is over
         if state == "RUNNING" and same_host and pid and not _process_alive(pid, start):
