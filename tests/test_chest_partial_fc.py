@@ -211,6 +211,8 @@ def test_config_and_memory_estimate_accept_partial_fc_for_chest() -> None:
     chest = LossConfig(name="chest", sample_rate=0.5, chest=ChestConfig(proxies_per_class=3, hyp_dim=16))
     # G x C_local x (K per space) x rate fp32 blocks, three copies, plus the gathered [G, D] and its grad
     assert hm.logit_bytes(256, 4, chest, 32) == 256 * 4 * 3 * 2 * 4 * 3 // 2 + 256 * 32 * 8
-    plan = est.Estimate(["rank 0"], {k: ("", [1]) for k in ("states", "head", "activations", "logits")}, 1, [])
-    assert "loss.sample_rate<1" in est.fixes(build_config("mnist_chest", []), plan)
-    assert "loss.sample_rate<1" not in est.fixes(build_config("mnist_chest", ["loss.sample_rate=0.5"]), plan)
+    rows = {k: ("", [1]) for k in ("states", "head", "activations")}
+    plan = est.Estimate(["rank 0"], {**rows, "logits": ("", [2**33])}, 1, [])  # the logits are the peak
+    many = ["data.num_classes=200000"]
+    assert "loss.sample_rate=0.1 (Partial FC" in est.fixes(build_config("mnist_chest", many), plan)
+    assert "loss.sample_rate" not in est.fixes(build_config("mnist_chest", [*many, "loss.sample_rate=0.5"]), plan)
