@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             ensure_prepared(cfg.data)  # the checks below (table size, a run dir's checkpoints) need the count
             cfgs[i] = cfg.resolved()
         check_fits(cfgs, args.gpu_mem_gib, args.slurm)  # before preflight: needs no cluster to say what to fix
-        preflight(cfgs, args.slurm)
+        preflight(cfgs, args.slurm, sweep=bool(args.sweep))
         for cfg in cfgs:
             check_data(cfg)  # the job's own start checks of its data, before it waits in the queue
             for note in [*cfg.warnings(), *balance_notes(cfg.data)]:

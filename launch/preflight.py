@@ -138,11 +138,18 @@ def check_run_dir(cfg: RunConfig) -> None:
         ckpt.check_resumable(latest, cfg)
 
 
-def preflight(cfgs: list[RunConfig], use_slurm: bool) -> None:
+def preflight(cfgs: list[RunConfig], use_slurm: bool, sweep: bool = False) -> None:
     """Every submission-time check for a job (or a sweep's jobs); raises with the fix in the message."""
     if use_slurm:
         for cfg in cfgs:
             check_gpus(cfg)  # needs no cluster to say what to fix
+    if sweep:  # every busy point at once, and the sweep's own fix (a sweep names its points itself)
+        busy = [f"{cfg.name} ({owner})" for cfg in cfgs if (owner := running_owner(cfg.run_dir))]
+        if busy:
+            raise ValueError(
+                f"{len(busy)} point(s) of this sweep still train or wait in the queue: {', '.join(busy)}; wait for "
+                "them to end, cancel them (scancel), or give the sweep another folder (--sweep-name NAME)"
+            )
     partitions = slurm_partitions() if use_slurm else []
     for cfg in cfgs:
         check_model(cfg)

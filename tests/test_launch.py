@@ -9,6 +9,7 @@ import stat
 import sys
 
 import pytest
+from pathlib import Path
 
 from launch.__main__ import build_config, main
 from launch.preflight import check_partition, check_run_dir, preflight, slurm_partitions
@@ -229,6 +230,25 @@ def test_a_run_dir_a_live_job_trains_in_is_refused(tmp_path, monkeypatch) -> Non
             preflight([cfg], use_slurm=False)
 
 
+def test_a_busy_sweep_names_every_busy_point_and_the_sweeps_own_fix(tmp_path, monkeypatch) -> None:
+    """A resubmitted sweep whose points still run: the refusal named the first point only and said `name=...`,
+    which a sweep sets itself."""
+    from launch.sweep import expand
+    from train.run_owner import OWNER_FILE
+
+    _, cfgs = expand("mnist_distarc", [f"run_root={tmp_path}"], ["seed=0,1,2"], "grid")
+    monkeypatch.setenv("PATH", _fake_squeue(tmp_path, "77 77 RUNNING grid"))
+    for cfg in (cfgs[0], cfgs[2]):
+        os.makedirs(cfg.run_dir)
+        record = {"slurm_job_id": "77", "host": "node-elsewhere", "pid": 1, "slurm_job_name": "grid"}
+        (Path(cfg.run_dir) / OWNER_FILE).write_text(json.dumps(record))
+    with pytest.raises(ValueError) as err:
+        preflight(cfgs, use_slurm=False, sweep=True)
+    message = str(err.value)
+    assert message.startswith("2 point(s) of this sweep") and "seed=0 (Slurm job 77 (RUNNING))" in message
+    assert "seed=2" in message and "seed=1" not in message and "--sweep-name" in message and "name=" not in message
+
+
 def test_a_slurm_that_does_not_answer_leaves_the_process_check(tmp_path, monkeypatch) -> None:
     from train.run_owner import record_owner, running_owner
 
@@ -265,7 +285,7 @@ def test_data_written_at_submission_gives_the_class_count(tmp_path, monkeypatch,
             return type("Job", (), {"job_id": "1"})()
 
     monkeypatch.setattr(launcher, "make_executor", lambda *args: Executor())
-    monkeypatch.setattr(launcher, "preflight", lambda *args: None)  # no cluster here
+    monkeypatch.setattr(launcher, "preflight", lambda *args, **kwargs: None)  # no cluster here
     monkeypatch.setattr(launcher, "record_submission", lambda *args, **kwargs: None)
     root = tmp_path / "mnist5k_open"
     args = ["--recipe", "mnist_open_distarc", "--no-wait", f"run_root={tmp_path}"]

@@ -130,8 +130,10 @@ def _nccl_env_at_group_creation(monkeypatch) -> dict[str, str]:
     return seen
 
 
-def _run_sbatch(tmp_path: pathlib.Path, srun_rc: int, restarts: int = 0) -> tuple[int, dict[str, str], list[str]]:
-    """Run slurm/train.sbatch with stand-ins for srun and scontrol.
+def _run_sbatch(
+    tmp_path: pathlib.Path, srun_rc: int, restarts: int = 0, **extra_env: str
+) -> tuple[int, dict[str, str], list[str]]:
+    """Run slurm/train.sbatch with stand-ins for srun and scontrol (PYTHON: this interpreter, unless given).
 
     Returns the script's exit code, the environment srun got, and scontrol's requeue calls.
     """
@@ -150,12 +152,27 @@ def _run_sbatch(tmp_path: pathlib.Path, srun_rc: int, restarts: int = 0) -> tupl
         SLURM_JOB_NODELIST="node1",
         SLURM_NTASKS="2",
         SLURM_RESTART_COUNT=str(restarts),
+        PYTHON=sys.executable,
     )
+    env.update(extra_env)
     proc = subprocess.run(["bash", str(SBATCH), "--recipe", "x"], env=env, capture_output=True, text=True, cwd=tmp_path)
+    if not (tmp_path / "srun.env").exists():  # refused before srun
+        return proc.returncode, {"stderr": proc.stderr}, []
     dumped = (tmp_path / "srun.env").read_text().split("\0")
     srun_env = dict(item.split("=", 1) for item in dumped if "=" in item)
     log = tmp_path / "scontrol.log"
     return proc.returncode, srun_env, log.read_text().splitlines() if log.exists() else []
+
+
+def test_plain_sbatch_refuses_arrays_and_an_interpreter_without_the_project(tmp_path) -> None:
+    """An array task would train the same run as its siblings (each refused at start with tracebacks); an
+    interpreter without hypermetric failed once per rank after srun started (ModuleNotFoundError)."""
+    rc, got, _ = _run_sbatch(tmp_path, 0, SLURM_ARRAY_JOB_ID="41", SLURM_ARRAY_TASK_ID="1")
+    assert rc == 2 and "task 1 of array 41" in got["stderr"] and "--sweep" in got["stderr"]
+    rc, got, _ = _run_sbatch(tmp_path, 0, PYTHON="/bin/true-not-python")
+    assert rc == 2 and "cannot import hypermetric" in got["stderr"] and "PYTHON=" in got["stderr"]
+    rc, got, _ = _run_sbatch(tmp_path, 0)
+    assert rc == 0 and got.get("SLURM_JOB_ID") == "42"  # srun ran
 
 
 def test_both_launch_paths_start_nccl_with_the_same_settings(tmp_path, monkeypatch, saved_environ) -> None:

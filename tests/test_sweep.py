@@ -240,7 +240,9 @@ def _fake_submission(monkeypatch) -> list[tuple[str, str]]:
             return Job(len(submitted) - 1)
 
     monkeypatch.setattr(launcher, "make_executor", lambda slurm, folder, use_slurm: Executor(slurm))
-    monkeypatch.setattr(launcher, "preflight", lambda cfgs, use_slurm: None)  # sinfo, run dirs: no cluster here
+    monkeypatch.setattr(
+        launcher, "preflight", lambda cfgs, use_slurm, sweep=False: None
+    )  # sinfo, run dirs: no cluster here
     monkeypatch.setattr(launcher, "ensure_prepared", lambda data: None)
     return submitted
 
