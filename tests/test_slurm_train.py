@@ -277,7 +277,8 @@ def test_a_run_dir_is_refused_while_its_job_waits_in_the_queue(
         array_id = capsys.readouterr().out.split("submitted job array ")[1].split(";")[0]
         queued.append(array_id)
         assert main([*args, *sweep]) == 2
-        assert f"in use by Slurm job {array_id}_0 (PENDING)" in capsys.readouterr().err
+        err = capsys.readouterr().err  # every busy point, each its own array task
+        assert f"seed=0 (Slurm job {array_id}_0 (PENDING))" in err and f"seed=1 (Slurm job {array_id}_1" in err
     finally:
         subprocess.run(["scancel", *queued], check=False)
     wait_for_state(job_id, {"CANCELLED"}, timeout=60)
