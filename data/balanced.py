@@ -97,7 +97,7 @@ class ClassBalancer:
         queue.append((seq, sample))
         self.order.append((seq, label))
         self.size += 1
-        if len(queue) >= self.small.get(label, self.per_class):
+        if len(queue) >= self._needs(label):
             self.ready.add(label)
         batch = self._emit() if len(self.ready) >= self.num_classes else None
         # Drop after emitting, so the sample that completes a batch is used.
@@ -107,6 +107,10 @@ class ClassBalancer:
             self._compact()
         return batch
 
+    def _needs(self, label: int) -> int:
+        """Samples of `label` that make it ready: per_class, or all of a smaller class's images."""
+        return self.small.get(label, self.per_class)
+
     def _emit(self) -> list[RawSample]:
         # sorted(): set iteration order is not part of the determinism contract.
         chosen = self.rng.sample(sorted(self.ready), self.num_classes)
@@ -114,7 +118,7 @@ class ClassBalancer:
         taken = 0
         for label in chosen:
             queue = self.buffers[label]
-            own = [queue.popleft()[1] for _ in range(self.small.get(label, self.per_class))]
+            own = [queue.popleft()[1] for _ in range(self._needs(label))]
             batch += [own[i % len(own)] for i in range(self.per_class)]  # a small class's images in turn
             taken += len(own)
             self.keys.difference_update((s.shard, s.key) for s in own)
@@ -137,7 +141,7 @@ class ClassBalancer:
                 return
 
     def _after_remove(self, label: int, queue: collections.deque[tuple[int, RawSample]]) -> None:
-        if len(queue) < self.small.get(label, self.per_class):
+        if len(queue) < self._needs(label):
             self.ready.discard(label)
         if not queue:
             del self.buffers[label]

@@ -152,18 +152,21 @@ def split_entry(root: str, split: str) -> dict:
     return splits[split]
 
 
+def _entry_if_any(root: str, split: str) -> dict:
+    """The manifest's entry of `split`, {} when there is no manifest or no such split (split_entry raises)."""
+    return ((read_manifest(root) or {}).get("splits") or {}).get(split) or {}
+
+
 def class_counts(root: str, split: str) -> tuple[int, ...]:
     """Images per label of `split` from the manifest's class_counts; () when there is no manifest or it
     predates the counts (written before 2026-12-07)."""
-    entry = ((read_manifest(root) or {}).get("splits") or {}).get(split) or {}
-    return tuple(int(n) for n in entry.get("class_counts", []))
+    return tuple(int(n) for n in _entry_if_any(root, split).get("class_counts", []))
 
 
 def split_order(root: str, split: str) -> str:
     """How the converter ordered `split`'s samples (manifest "order": "shuffled", "class" or "as listed");
     "shuffled" when the manifest does not say (written before 2026-12-07, or by data.synthetic)."""
-    entry = ((read_manifest(root) or {}).get("splits") or {}).get(split) or {}
-    return str(entry.get("order", "shuffled"))
+    return str(_entry_if_any(root, split).get("order", "shuffled"))
 
 
 def label_space(root: str, split: str) -> int:

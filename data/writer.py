@@ -13,12 +13,12 @@ the reader (data.samples) and the converters import them.
 
 from __future__ import annotations
 
-import numpy as np
 import json
 import math
 import os
 from collections.abc import Iterable, Iterator
 
+import numpy as np
 import webdataset
 
 from common.files import write_json_atomic

@@ -20,10 +20,10 @@ import time
 import yaml
 from submitit.core.utils import FailedJobError
 
+from data.balanced import balance_notes
 from data.convert.mnist import ensure_prepared
 from train.overrides import apply_overrides, refuse_repeated_keys
 from launch.estimate import DEFAULT_GPU_MEM_GIB, check_fits, print_estimates
-from data.balanced import balance_notes
 from launch.preflight import check_data, check_model, preflight
 from launch.recipes import DEFAULT_RECIPE, RECIPES, get_recipe
 from launch.sweep import expand, varying_keys, write_summary

@@ -250,12 +250,7 @@ def fixes(cfg: RunConfig, est: Estimate) -> str:
                     "sampled negatives)",
                 )
             )
-    chunked = dataclasses.replace(cfg.loss, class_chunk=SUGGESTED_CHUNK)
-    global_batch = cfg.data.batch_size * world
-    saving = head_step - (
-        logit_bytes(global_batch, largest_shard, chunked, cfg.model.embed_dim)
-        + head_graph_bytes(global_batch, largest_shard, chunked, cfg.model.embed_dim, cfg.optim.head_optimizer)
-    )
+    saving = head_step - head_step_with(dataclasses.replace(cfg.loss, class_chunk=SUGGESTED_CHUNK))
     if cfg.loss.class_chunk <= 0 and saving > 0:  # only where the shard (times the sample rate) exceeds a chunk
         out.append(
             (
