@@ -170,11 +170,11 @@ def run_sweep(sweep_dir: str, cfgs: list[RunConfig], use_slurm: bool, no_wait: b
         for cfg, job in zip(cfgs, jobs):
             # "<array>_<task>", named as the array
             record_submission(cfg.run_dir, str(job.job_id), since=queued_at, job_name=executor_job_name(sweep_dir))
-        print(
-            f"submitted job array {jobs[0].job_id.split('_')[0]}; logs: {os.path.join(sweep_dir, 'submitit')}",
-            flush=True,
-        )
+        # submitit submits a batch of one as a plain job (id "123", not "123_0")
+        what = f"job array {jobs[0].job_id.split('_')[0]}" if len(jobs) > 1 else f"job {jobs[0].job_id}"
+        print(f"submitted {what}; logs: {os.path.join(sweep_dir, 'submitit')}", flush=True)
         if no_wait:
+            print(f"table later: python -m launch.sweep {sweep_dir}", flush=True)
             return 0
         for cfg, job in zip(cfgs, jobs):
             try:

@@ -147,6 +147,20 @@ def test_a_resubmitted_subset_keeps_the_other_points(tmp_path: Path, monkeypatch
         assert json.load(f) == {"points": ["seed=0", "seed=1", "seed=2"], "hparams": ["seed"]}
 
 
+@pytest.mark.parametrize(("seeds", "submitted_as"), [("0,1", "job array 7;"), ("0", "job 7;")])
+def test_a_sweep_submitted_without_waiting_says_how_to_get_its_table(
+    tmp_path: Path, monkeypatch, capsys, seeds: str, submitted_as: str
+) -> None:
+    """A sweep of one point is a plain job, not an array (submitit submits a batch of one so); --no-wait
+    returned without saying how to see the table once the points have run."""
+    _fake_submission(monkeypatch, array=seeds != "0")
+    sweep_dir, cfgs = expand("mnist_distarc", [f"run_root={tmp_path}"], [f"seed={seeds}"], "grid")
+    assert launcher.run_sweep(sweep_dir, cfgs, use_slurm=True, no_wait=True) == 0
+    out = capsys.readouterr().out
+    assert f"submitted {submitted_as}" in out
+    assert f"table later: python -m launch.sweep {sweep_dir}" in out
+
+
 def test_a_job_sbatch_refuses_is_an_error_not_a_traceback(tmp_path: Path, monkeypatch, capsys) -> None:
     """sbatch refusing the job (a constraint or memory the cluster lacks) raised submitit's FailedJobError as a
     traceback, and a sweep had already recorded points that were never queued."""
@@ -218,13 +232,14 @@ def _point(
     ).write(os.path.join(point, "summary.json"))
 
 
-def _fake_submission(monkeypatch) -> list[tuple[str, str]]:
-    """Replace the cluster: (slurm.partition the array was submitted with, point) per submitted task."""
+def _fake_submission(monkeypatch, array: bool = True) -> list[tuple[str, str]]:
+    """Replace the cluster: (slurm.partition the array was submitted with, point) per submitted task. Job ids
+    as submitit gives them: "7_<task>" in an array, "7" for a batch of one (submitted as a plain job)."""
     submitted: list[tuple[str, str]] = []
 
     class Job:
         def __init__(self, index: int) -> None:
-            self.job_id = f"7_{index}"
+            self.job_id = f"7_{index}" if array else "7"
 
     class Executor:
         def __init__(self, slurm: SlurmConfig) -> None:
