@@ -24,7 +24,7 @@ from data.balanced import balance_notes
 from data.convert.mnist import ensure_prepared
 from train.overrides import apply_overrides, refuse_repeated_keys
 from launch.estimate import DEFAULT_GPU_MEM_GIB, check_fits, print_estimates
-from launch.preflight import check_data, check_model, preflight
+from launch.preflight import check_data, check_model, check_weights, preflight
 from launch.recipes import DEFAULT_RECIPE, RECIPES, get_recipe
 from launch.sweep import expand, varying_keys, write_summary
 from slurm.executor import executor_job_name, make_executor
@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         check_fits(cfgs, args.gpu_mem_gib, args.slurm)  # before preflight: needs no cluster to say what to fix
         preflight(cfgs, args.slurm, sweep=bool(args.sweep))
         for cfg in cfgs:
+            check_weights(cfg)  # pretrained weights the recipe needs
             check_data(cfg)  # the job's own start checks of its data, before it waits in the queue
             for note in [*cfg.warnings(), *balance_notes(cfg.data)]:
                 if note:

@@ -93,6 +93,17 @@ def check_model(cfg: RunConfig) -> None:
         raise ValueError(f"model.name={name!r} is not a timm model; {hint}list names with timm.list_models()")
 
 
+def check_weights(cfg: RunConfig) -> None:
+    """The pretrained weights the recipe needs are named (model.needs_checkpoint); a file not visible from here
+    (staged onto node-local disks by slurm.setup) is left to the job's own check when it starts."""
+    from model.backbone import check_trunk_weights  # here: timm is imported only when a submission is checked
+
+    check_trunk_weights(cfg.model, cfg.name, file_must_exist=False)
+    path = cfg.model.checkpoint_path
+    if path and not os.path.isfile(path):
+        print(f"note: {path} not visible from here; the job checks model.checkpoint_path when it starts", flush=True)
+
+
 def check_data(cfg: RunConfig) -> None:
     """The job's own start checks of its data (train shards open, labels fit data.num_classes, evaluation
     sets), made at submission where the data is visible from here; data kept elsewhere (node-local disks

@@ -42,6 +42,10 @@ class ModelConfig:
     # optional local timm/torch checkpoint to start the trunk from (e.g. ImageNet-21k weights); its classifier
     # is dropped and ViT position embeddings are resampled to img_size (model.backbone.load_trunk_weights)
     checkpoint_path: str = ""
+    # the recipe's numbers come from pretrained weights (the CHEST recipes: ImageNet-21k ViT-S/16, paper 4.2):
+    # a run without model.checkpoint_path is refused before anything is built or queued (model.backbone.
+    # check_trunk_weights); false trains from random weights on purpose
+    needs_checkpoint: bool = False
 
     def validate(self) -> None:
         if not self.name:

@@ -12,6 +12,9 @@ import pytest
 from pathlib import Path
 
 from launch.__main__ import build_config, main
+from launch.recipes import get_recipe
+from model.backbone import check_trunk_weights
+from model.config import ModelConfig
 from launch.preflight import check_partition, check_run_dir, preflight, slurm_partitions
 from slurm.executor import slurm_parameters
 from train.config import save_yaml
@@ -53,7 +56,6 @@ def test_print_config_shows_every_key_without_data(tmp_path, capsys) -> None:
     needs no converted data (faces read their class count from a manifest that does not exist here)."""
     import yaml
 
-    from launch.recipes import get_recipe
     from train.config import RunConfig
     from train.overrides import apply_overrides
 
@@ -175,6 +177,28 @@ def test_data_the_job_would_refuse_is_refused_at_submission(mnist_root, tmp_path
     assert main([f"run_root={tmp_path}", f"data.root={empty}", "data.prepare=none"]) == 2
     assert str(empty) in capsys.readouterr().err
     assert not (tmp_path / "mnist_distarc").exists()  # nothing queued, nothing written
+
+
+def test_a_recipe_that_needs_pretrained_weights_is_refused_without_them(
+    mnist_root, tmp_path, monkeypatch, capsys
+) -> None:
+    """The CHEST recipes start from ImageNet-21k weights (paper 4.2): without model.checkpoint_path they trained
+    from random ones, with no word, to numbers far from the paper's."""
+    assert all(get_recipe(f"vits_{d}").model.needs_checkpoint for d in ("cub_chest_1gpu", "cars_chest", "sop_chest"))
+
+    def no_submission(*args: object, **kwargs: object) -> None:
+        raise AssertionError("nothing may be submitted")
+
+    monkeypatch.setattr("launch.__main__.make_executor", no_submission)
+    base = [f"run_root={tmp_path}", f"data.root={mnist_root}", "data.prepare=none", "model.needs_checkpoint=true"]
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert "model.checkpoint_path is empty" in err and "model.needs_checkpoint=false" in err
+    assert not (tmp_path / "mnist_distarc").exists()  # nothing queued, nothing written
+    # a file the launcher cannot see may be staged onto the nodes: the job checks it when it starts
+    with pytest.raises(FileNotFoundError, match="model.checkpoint_path=/nodes/only.pth does not exist"):
+        check_trunk_weights(ModelConfig(checkpoint_path="/nodes/only.pth", needs_checkpoint=True), "run x")
+    check_trunk_weights(ModelConfig(checkpoint_path="/nodes/only.pth", needs_checkpoint=True), "x", False)
 
 
 def test_a_run_dir_a_live_job_trains_in_is_refused(tmp_path, monkeypatch) -> None:

@@ -23,7 +23,7 @@ from data.balanced import balance_notes
 from data.mixture import train_sources
 from data.stream import TrainBatches, build_train_loader
 from data.transforms import InputNormaliser
-from model.backbone import build_backbone
+from model.backbone import build_backbone, check_trunk_weights
 from model.task import MetricLearningTask, build_head
 from train import checkpoint as ckpt
 from train.config import RunConfig, save_yaml
@@ -200,6 +200,7 @@ class Run:
     def build(cls, cfg: RunConfig, env: DistEnv, device: torch.device, control: RunControl) -> "Run":
         seed_everything(cfg.seed)  # same on every rank: identical backbone init (build_model then splits the streams)
         # Cheap checks first: a bad data set or an incompatible checkpoint fails before any model is built.
+        check_trunk_weights(cfg.model, f"run {cfg.name}")  # pretrained weights the recipe needs, and their file
         train_sources(cfg.data)  # every source's shards and class count
         eval_sets = resolve_eval_sets(cfg.data, cfg.metrics)  # held-out split and metrics.eval_sets, checked
         resume = ckpt.wants_resume(cfg.checkpoint.resume, os.environ)
