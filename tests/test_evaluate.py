@@ -38,6 +38,7 @@ TINY = [
     "checkpoint.every_minutes=0",
     "optim.lr=1e-3",
     "optim.warmup_steps=0",
+    "model.needs_checkpoint=false",  # test_resnet from random weights, on purpose
 ]
 CHEST_TINY = TINY + [
     "model.embed_dim=96",
