@@ -187,12 +187,17 @@ def resized_size(width: int, height: int, shorter: int) -> tuple[int, int]:
     return int(shorter * width / height), shorter
 
 
+def eval_shorter_side(size: int) -> int:
+    """Eval "imagenet" resizes the shorter side to this before its centre crop of `size`: the usual 256/224
+    ratio; int() matches timm/torchvision."""
+    return int(size * 256 / 224)
+
+
 class ResizeCenterCrop:
     """Eval "imagenet": Resize(int(size * 256 / 224), bicubic) + CenterCrop(size)."""
 
     def __init__(self, size: int, resample: Resampler) -> None:
-        # 256/224 is the usual centre-crop ratio; int() matches timm/torchvision.
-        self.size, self.shorter, self.resample = size, int(size * 256 / 224), resample
+        self.size, self.shorter, self.resample = size, eval_shorter_side(size), resample
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         width, height = resized_size(*image.size, self.shorter)

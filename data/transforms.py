@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ from PIL import Image, JpegImagePlugin
 from torchvision import transforms as T
 
 from data.config import NORM_PRESETS, DataConfig
-from data.crops import crop_transform
+from data.crops import crop_transform, eval_shorter_side
 
 
 # SOI marker and the first byte of the next marker.
@@ -161,6 +162,16 @@ class InputNormaliser:
             self.mean, self.std = self.mean.to(device), self.std.to(device)
         x = images.to(device, non_blocking=True).to(torch.float32).div_(255).sub_(self.mean).div_(self.std)
         return x.to(dtype)
+
+
+def eval_preprocessing(cfg: DataConfig) -> dict[str, Any]:
+    """The evaluation transform's geometry in words another program can follow (export.json): "imagenet"
+    resizes the shorter side (bicubic) and centre-crops a square; "faces" and "digits" resize to the square."""
+    size = cfg.image_size
+    if cfg.transform == "imagenet":
+        return {"resize_shorter_side": eval_shorter_side(size), "center_crop": size, "interpolation": "bicubic"}
+    interpolation = "bicubic" if cfg.transform == "faces" else "bilinear"  # digits: torchvision Resize's default
+    return {"resize": [size, size], "center_crop": None, "interpolation": interpolation}
 
 
 def build_transform(cfg: DataConfig, train: bool) -> Callable[[Image.Image], torch.Tensor]:

@@ -74,7 +74,19 @@ def test_export_loads_in_timm_and_holds_the_whole_table(dist_pool, mnist_root: s
     assert not torch.equal(label_to_row, torch.arange(10))
     assert torch.equal(head["proxies"], rows[label_to_row])  # row j of the export = class j
     assert info["head_rows"] == "class_id" and info["class_tables"] == ["proxies"]
-    assert info["input"] == {"image_size": 28, "in_chans": 1, "mean": [0.5], "std": [0.5]}
+    assert info["input"] == {
+        **{"image_size": 28, "in_chans": 1, "mean": [0.5], "std": [0.5]},
+        **{"resize": [28, 28], "center_crop": None, "interpolation": "bilinear"},  # the digits' square resize
+    }
+    # the neck alone: DeepSpeed's ZeRO-1/2 reader hands out views of one flat buffer, and neck.pth held all of it
+    neck_bytes = sum(v.numel() * v.element_size() for v in torch.load(os.path.join(out, "neck.pth")).values())
+    assert os.path.getsize(os.path.join(out, "neck.pth")) < neck_bytes + 4096 or not neck_bytes
+    if stage == 3:  # rank 0's model states missing: its BatchNorm statistics came from rank 1's file, silently
+        broken = str(tmp_path / "broken")
+        shutil.copytree(latest, broken)
+        os.remove(os.path.join(broken, "engine", "zero_pp_rank_0_mp_rank_00_model_states.pt"))
+        with pytest.raises(FileNotFoundError, match="lacks zero_pp_rank_0_mp_rank_00_model_states.pt .* 2 ranks"):
+            export(run_dir, broken, str(tmp_path / "from_broken"))
 
 
 def test_a_broken_checkpoint_leaves_the_previous_export_whole(dist_pool, mnist_root: str, tmp_path, capsys) -> None:
@@ -95,9 +107,34 @@ def test_a_broken_checkpoint_leaves_the_previous_export_whole(dist_pool, mnist_r
     with open(shards[-1], "r+b") as f:
         f.truncate(100)
     assert export_main([run_dir, "--checkpoint", broken]) == 2
-    assert "error:" in capsys.readouterr().err
+    assert f"error: {shards[-1]} cannot be read" in capsys.readouterr().err
+    shutil.copytree(find_latest(run_dir), broken, dirs_exist_ok=True)
+    with open(os.path.join(broken, "engine", "zero_pp_rank_1_mp_rank_00_optim_states.pt"), "r+b") as f:
+        f.truncate(1000)  # torch's own message ("PytorchStreamReader failed ...") named no file and no fix
+    assert export_main([run_dir, "--checkpoint", broken]) == 2
+    err = capsys.readouterr().err
+    assert f"{os.path.join(broken, 'engine')} cannot be read" in err and "--checkpoint step-M" in err
     assert {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)} == before
     assert not [name for name in os.listdir(run_dir) if ".writing-" in name or ".replaced-" in name]
+
+
+def test_out_replaces_only_an_earlier_export(dist_pool, mnist_root: str, tmp_path, capsys) -> None:
+    """--out renamed the folder it named aside and deleted it whatever it held: `--out RUN_DIR` deleted the run
+    (checkpoints, TensorBoard), `--out runs` every run."""
+    dist_pool(1).run(_train, small_overrides(mnist_root, str(tmp_path), "da", 2), "mnist_distarc")
+    run_dir = str(tmp_path / "da")
+    before = sorted(os.listdir(run_dir))
+    for folder in (run_dir, str(tmp_path)):
+        assert export_main([run_dir, "--out", folder]) == 2
+        assert "which an export does not write: it would be deleted" in capsys.readouterr().err
+    assert sorted(os.listdir(run_dir)) == before
+    mine = tmp_path / "models"
+    mine.mkdir()
+    (mine / "other_model.pt").write_bytes(b"mine")
+    assert export_main([run_dir, "--out", str(mine)]) == 2 and (mine / "other_model.pt").read_bytes() == b"mine"
+    capsys.readouterr()
+    assert export_main([run_dir, "--out", os.path.join(run_dir, "export")]) == 0  # an earlier export: replaced
+    assert (tmp_path / "empty").mkdir() is None and export_main([run_dir, "--out", str(tmp_path / "empty")]) == 0
 
 
 def test_a_distarc_export_holds_the_radii_of_its_predictive_measure(dist_pool, mnist_root: str, tmp_path) -> None:

@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from data.config import DataConfig
-from data.transforms import build_transform
+from data.transforms import build_transform, eval_preprocessing
+from torchvision import transforms as T
 
 
 def make_cfg(**overrides) -> DataConfig:
@@ -142,3 +143,24 @@ def test_the_crop_scale_is_a_setting_and_the_chest_recipes_take_hyp_vits() -> No
     assert get_recipe("vitl_imagenet_8gpu").data.crop_scale_min == 0.08
     with pytest.raises(ValueError, match="data.crop_scale_min=0.0 must be in"):
         make_cfg(crop_scale_min=0.0).validate()
+
+
+@pytest.mark.parametrize(
+    "family, size, shape", [("imagenet", 224, (400, 300)), ("imagenet", 64, (64, 96)), ("faces", 112, (120, 130))]
+)
+def test_the_exports_preprocessing_reproduces_evaluation_with_torchvision(
+    family: str, size: int, shape: tuple[int, int]
+) -> None:
+    """export.json's input section (data.transforms.eval_preprocessing) is all another program needs to feed the
+    exported model what evaluation fed it: it held the size and mean/std, not the resize and centre crop."""
+    cfg = make_cfg(transform=family, image_size=size, norm="inception")
+    steps = eval_preprocessing(cfg)
+    mode = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}[steps["interpolation"]]
+    resize = steps["resize_shorter_side"] if steps["center_crop"] else steps["resize"]
+    pipeline = [T.Resize(resize, interpolation=mode, antialias=True)]
+    pipeline += [T.CenterCrop(steps["center_crop"])] if steps["center_crop"] else []
+    reference = T.Compose([*pipeline, T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (*shape[::-1], 3), dtype=np.uint8))
+    got, expected = build_transform(cfg, train=False)(image), reference(image)
+    assert got.shape == expected.shape == (3, size, size)
+    assert (got - expected).abs().mean() < 0.01  # one resampler or another: the same pixels

@@ -9,23 +9,26 @@
                  world size wrote them (CHEST's shuffled rows put back: "head_rows": "class_id" in
                  export.json), plus the replicated ones (CHEST's FC); DistArc: each class's sphere "radii"
   export.json    model name and timm kwargs, embedding size, the input (image_size, in_chans, per-channel
-                 mean/std of pixels in [0, 1]), loss config, the step exported
+                 mean/std of pixels in [0, 1], and evaluation's resize and crop: data.transforms.
+                 eval_preprocessing), loss config, the step exported
   config.yaml    the run's whole config (transforms, normalisation, head): train.embed.load_embedder uses it
 The ZeRO shards are consolidated with DeepSpeed's own zero_to_fp32 reader (stages 1-3), on CPU, in
 one process: no GPU or process group needed. The folder is written beside the target and renamed into
-place, so a failed export leaves the previous one whole.
+place, so a failed export leaves the previous one whole; --out replaces only an earlier export.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import shutil
 import sys
+from typing import Any
 
 import torch
 
-from data.transforms import normalisation
+from data.transforms import eval_preprocessing, normalisation
 from model.backbone import timm_kwargs
 from model.distarc import sphere_radii
 from model.proxies import class_permutation
@@ -35,26 +38,65 @@ from train.head_state import head_shard_files
 from common.files import write_json_atomic
 
 
-def consolidated_backbone(step_dir: str, stage: int) -> dict[str, torch.Tensor]:
-    """fp32 weights of the whole backbone (trunk.* and neck.*) from a DeepSpeed engine checkpoint."""
+# what an export folder holds: a folder with anything else is not replaced by --out
+EXPORT_FILES = frozenset({"backbone.pth", "neck.pth", "head.pt", "export.json", "config.yaml"})
+EARLIER = "export or evaluate an earlier checkpoint (--checkpoint step-M)"
+
+
+def load_saved(path: str, fix: str = EARLIER, weights_only: bool = False) -> Any:
+    """torch.load on the CPU that names the file and the fix when it is missing or cannot be read (cut short by
+    a full disk or an interrupted copy): torch's own message names neither."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing; {fix}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as err:  # noqa: BLE001 - zip reader, unpickler and EOF errors for a damaged file
+        raise ValueError(
+            f"{path} cannot be read ({type(err).__name__}: {err}); it is damaged or cut short: {fix}"
+        ) from err
+
+
+def check_engine_files(step_dir: str, stage: int) -> None:
+    """Every rank's engine files are there. DeepSpeed's reader counts the optimizer files, but at ZeRO-3 takes
+    the module buffers (BatchNorm statistics) from whichever model-states file it lists first: without rank 0's
+    it exported rank 1's silently."""
+    world = int(ckpt.read_meta(step_dir)["world_size"])
     engine_dir = os.path.join(step_dir, ckpt.ENGINE_TAG)
-    if stage == 0:  # no partitioned optimizer: the module state is the (fp32) model itself
-        state = torch.load(
-            os.path.join(engine_dir, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False
+    names = (
+        [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(world)]
+        if stage == 3
+        else ["mp_rank_00_model_states.pt"]
+    )
+    missing = [n for n in names if not os.path.isfile(os.path.join(engine_dir, n))]
+    if missing:
+        raise FileNotFoundError(
+            f"{engine_dir} lacks {', '.join(missing)} (written by {world} ranks): the checkpoint is incomplete; "
+            f"{EARLIER}"
         )
-        return {k: v.float() for k, v in state["module"].items()}
+
+
+def consolidated_backbone(step_dir: str, stage: int) -> dict[str, torch.Tensor]:
+    """fp32 weights of the whole backbone (trunk.* and neck.*) from a DeepSpeed engine checkpoint, each tensor
+    its own storage (DeepSpeed's ZeRO-1/2 reader returns views of one flat buffer: a torch.save of a few of them
+    wrote the whole model)."""
+    engine_dir = os.path.join(step_dir, ckpt.ENGINE_TAG)
+    check_engine_files(step_dir, stage)
+    if stage == 0:  # no partitioned optimizer: the module state is the (fp32) model itself
+        state = load_saved(os.path.join(engine_dir, "mp_rank_00_model_states.pt"))
+        return {k: v.float().clone() for k, v in state["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return dict(get_fp32_state_dict_from_zero_checkpoint(step_dir, tag=ckpt.ENGINE_TAG))
+    try:
+        weights = get_fp32_state_dict_from_zero_checkpoint(step_dir, tag=ckpt.ENGINE_TAG)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:  # a damaged file, named by nobody
+        raise ValueError(f"{engine_dir} cannot be read ({err}): a file is damaged or cut short; {EARLIER}") from err
+    return {k: v.clone() for k, v in weights.items()}
 
 
 def full_head_tables(step_dir: str, num_classes: int) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Every sharded head parameter with all classes' rows (in the head's row order) and the replicated
     parameters; and the names of the sharded ones (the class tables)."""
-    parts = [
-        (start, stop, torch.load(file, map_location="cpu", weights_only=False)["params"])
-        for start, stop, file in head_shard_files(step_dir)
-    ]
+    parts = [(start, stop, load_saved(file)["params"]) for start, stop, file in head_shard_files(step_dir)]
     expected = 0
     for start, stop, _ in [*parts, (num_classes, num_classes, None)]:
         if start != expected:
@@ -67,7 +109,7 @@ def full_head_tables(step_dir: str, num_classes: int) -> tuple[dict[str, torch.T
     class_tables = sorted(tables)
     replicated = os.path.join(step_dir, "head", "replicated.pt")
     if os.path.exists(replicated):
-        for name, saved in torch.load(replicated, map_location="cpu", weights_only=False).items():
+        for name, saved in load_saved(replicated).items():
             tables[name] = saved["value"]
     return tables, class_tables
 
@@ -87,8 +129,7 @@ def export(run_dir: str, step_dir: str | None = None, out_dir: str | None = None
     step_dir = ckpt.resolve_step_dir(run_dir, step_dir)
     cfg = load_yaml(os.path.join(step_dir, "config.yaml"))
     out_dir = out_dir or os.path.join(run_dir, "export")
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise FileExistsError(f"--out {out_dir} is a file; give a folder (default: <run_dir>/export)")
+    check_replaceable(out_dir)
     staging = f"{out_dir.rstrip(os.sep)}.writing-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
@@ -103,6 +144,19 @@ def export(run_dir: str, step_dir: str | None = None, out_dir: str | None = None
     os.rename(staging, out_dir)
     shutil.rmtree(replaced, ignore_errors=True)
     return out_dir
+
+
+def check_replaceable(out_dir: str) -> None:
+    """--out may name a new folder, an empty one or an earlier export, which the new one replaces whole. Any
+    other folder was deleted with it: a run folder, a folder of other models, run_root itself."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise FileExistsError(f"--out {out_dir} is a file; give a folder (default: <run_dir>/export)")
+    others = sorted(set(os.listdir(out_dir)) - EXPORT_FILES) if os.path.isdir(out_dir) else []
+    if others:
+        raise FileExistsError(
+            f"--out {out_dir} holds {', '.join(others[:5])}{' ...' if len(others) > 5 else ''}, which an export "
+            "does not write: it would be deleted with the folder. Give a new or empty folder (or an earlier export's)"
+        )
 
 
 def _write(step_dir: str, cfg: RunConfig, staging: str) -> None:
@@ -129,7 +183,13 @@ def _write(step_dir: str, cfg: RunConfig, staging: str) -> None:
         "timm_kwargs": timm_kwargs(cfg.model),
         "neck": cfg.model.neck,
         "embed_dim": cfg.model.embed_dim,
-        "input": {"image_size": cfg.data.image_size, "in_chans": cfg.data.in_chans, "mean": mean, "std": std},
+        "input": {
+            "image_size": cfg.data.image_size,
+            "in_chans": cfg.data.in_chans,
+            "mean": mean,
+            "std": std,
+            **eval_preprocessing(cfg.data),  # resize and crop of evaluation, before pixels / 255 -> mean/std
+        },
         "num_classes": cfg.data.num_classes,
         "head_rows": "class_id",
         "class_tables": class_tables,

@@ -24,7 +24,7 @@ from train.dist import barrier, destroy_distributed, env_from_environ, init_dist
 from train.evaluate.protocols import evaluate_sets, flatten
 from train.evaluate.report import write_eval_files
 from train.evaluate.sets import resolve_eval_sets
-from train.export import class_rows, consolidated_backbone, full_head_tables
+from train.export import class_rows, consolidated_backbone, full_head_tables, load_saved
 from train.overrides import apply_overrides
 
 
@@ -77,10 +77,11 @@ def load_run(
     if changed:
         raise ValueError(f"overrides change the run's head ({'; '.join(changed)}); {fix}")
     if use_export:
-        weights = torch.load(os.path.join(source, "backbone.pth"), map_location="cpu", weights_only=True)
-        neck = torch.load(os.path.join(source, "neck.pth"), map_location="cpu", weights_only=True)
+        fix = f"export the run again (python -m train.export {run_dir}) or use its checkpoint (drop --export)"
+        weights = load_saved(os.path.join(source, "backbone.pth"), fix, weights_only=True)
+        neck = load_saved(os.path.join(source, "neck.pth"), fix, weights_only=True)
         backbone = {**{f"trunk.{k}": v for k, v in weights.items()}, **{f"neck.{k}": v for k, v in neck.items()}}
-        head = torch.load(os.path.join(source, "head.pt"), map_location="cpu", weights_only=True)
+        head = load_saved(os.path.join(source, "head.pt"), fix, weights_only=True)
         with open(os.path.join(source, "export.json")) as f:
             info = json.load(f)
         step, rows = int(info["step"]), class_rows(saved)
