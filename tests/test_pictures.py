@@ -294,3 +294,28 @@ def test_non_finite_rows_do_not_take_the_disk_picture_down() -> None:
     assert bool(torch.isfinite(p2[finite]).all()) and not bool(torch.isfinite(p2[~finite]).any())
     q2, _ = pictures.disk_projection(points[finite])
     torch.testing.assert_close(p2[finite], q2)
+
+
+def test_class_colours_and_the_projector_sample_do_not_depend_on_the_gather_order(tmp_path) -> None:
+    """Colours came from the drawn sample's most frequent classes, and the sample from the rows' positions: the
+    same set gathered in another rank order (a resume on another world size) re-coloured every class. The
+    projector took the first rows (rank 0's first shards): a split stored class by class showed a few classes."""
+    ball, labels = clustered(30, 170, 2, seed=3)
+    ball = to_ball(ball / 40, 1.0, 2.3)
+    order = torch.randperm(labels.shape[0], generator=torch.Generator().manual_seed(1))  # another gather order
+
+    def colour_of_class(points: torch.Tensor, labs: torch.Tensor) -> dict[int, tuple]:
+        fig = pictures.poincare_disk_figure(points, labs, curvature=1.0)
+        drawn = labs[pictures.sample_rows(labs.shape[0], 1000)].tolist()
+        faces = fig.axes[0].collections[0].get_facecolors()
+        return {y: tuple(np.round(c, 6)) for y, c in zip(drawn, faces) if tuple(c) != pictures.GREY}
+
+    first, second = colour_of_class(ball, labels), colour_of_class(ball[order], labels[order])
+    common = set(first) & set(second)
+    assert len(common) >= 15 and all(first[y] == second[y] for y in common)
+    logger = TensorBoardLogger(str(tmp_path), True)
+    logger.log_embeddings(1, {"euclidean": ball}, labels, None, max_points=300)
+    logger.close()
+    with open(os.path.join(logger.tb_dir, "00001", "euclidean", "metadata.tsv")) as f:
+        shown = {int(line) for line in f.read().split()}
+    assert len(shown) == 30  # every class of the set (the first 300 rows held 2)

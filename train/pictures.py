@@ -153,7 +153,9 @@ def _cosines(x: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
 
 
 def _class_colours(labels: np.ndarray, max_classes: int = MAX_CLASSES) -> tuple[dict[int, tuple], list[int]]:
-    """A colour for each of the `max_classes` most frequent labels (ties: smaller id first)."""
+    """A colour for each of the `max_classes` most frequent labels (ties: smaller id first). Given the whole
+    set's labels, not the drawn sample's: the sample depends on the order the ranks' embeddings were gathered
+    in, so a resume on another world size re-coloured every class."""
     ids, counts = np.unique(labels, return_counts=True)
     top = [int(c) for c in ids[np.lexsort((ids, -counts))][:max_classes]]
     palette = [tuple(float(v) for v in c) for c in _palette(len(top))]
@@ -183,14 +185,14 @@ def poincare_disk_figure(
 ) -> Figure:
     """Ball points (and proxies) in the norm-keeping 2-D view, scaled by sqrt(c) to the unit disk.
 
-    Points are coloured by label (the most frequent MAX_CLASSES classes; others grey); proxies of the
+    Points are coloured by label (the set's most frequent MAX_CLASSES classes; others grey); proxies of the
     coloured classes are drawn as larger outlined markers.
     """
     rows = sample_rows(ball.shape[0], max_points)
     scale = math.sqrt(curvature)
     pts = ball.detach().cpu()[rows] * scale
     lab = labels.cpu()[rows].numpy()
-    colours, top = _class_colours(lab)
+    colours, top = _class_colours(labels.cpu().numpy())
     prox = prox_lab = None
     if proxies is not None and proxy_labels is not None and proxies.numel():
         keep = torch.isin(proxy_labels.cpu(), torch.tensor(top, dtype=torch.long))
@@ -232,7 +234,7 @@ def radial_angular_figure(
     """Angle to the own class's anchor (x) against ||x|| (y), with a line at each sphere radius."""
     rows = sample_rows(angles_deg.shape[0], max_points)
     lab = labels.cpu()[rows].numpy()
-    colours, _ = _class_colours(lab)
+    colours, _ = _class_colours(labels.cpu().numpy())
     fig = Figure(figsize=(6.4, 4.8), dpi=100)
     ax = fig.add_subplot()
     for radius in sphere_radii_[:MAX_SPHERE_LINES]:

@@ -255,14 +255,19 @@ class TensorBoardLogger:
         protocol: str,
     ) -> None:
         assert self.writer is not None
+        from train.pictures import sample_rows  # here: matplotlib is imported only when a run draws
+
         seen: set[int] = set()
         for space, points in spaces.items():
             if points.data_ptr() in seen:  # e.g. "cosine" ranks the same vectors as "euclidean"
                 continue
             seen.add(points.data_ptr())
-            pts = points[:max_points].detach().float().cpu()
-            self.writer.add_embedding(pts, metadata=labels[:max_points].cpu().tolist(), tag=space, global_step=step)
-            self._histogram(f"eval/{space}_norm", pts.norm(dim=1), step)
+            # a seeded sample, as the pictures': the first rows are rank 0's first shards (a split stored class
+            # by class showed a few classes); the norms of every point
+            rows = sample_rows(points.shape[0], max_points)
+            pts = points[rows.to(points.device)].detach().float().cpu()
+            self.writer.add_embedding(pts, metadata=labels.cpu()[rows].tolist(), tag=space, global_step=step)
+            self._histogram(f"eval/{space}_norm", points.detach().float().norm(dim=1).cpu(), step)
         if table_rows is not None and table_rows.numel():
             rows = table_rows.detach().float().cpu()
             self._histogram("head/row_norm_rank0", rows.reshape(rows.shape[0], -1).norm(dim=1), step)
