@@ -98,7 +98,7 @@ def check_weights(cfg: RunConfig) -> None:
     (staged onto node-local disks by slurm.setup) is left to the job's own check when it starts."""
     from model.backbone import check_trunk_weights  # here: timm is imported only when a submission is checked
 
-    check_trunk_weights(cfg.model, cfg.name, file_must_exist=False)
+    check_trunk_weights(cfg.model, cfg.name)
     path = cfg.model.checkpoint_path
     if path and not os.path.isfile(path):
         print(f"note: {path} not visible from here; the job checks model.checkpoint_path when it starts", flush=True)

@@ -72,16 +72,10 @@ def build_backbone(cfg: ModelConfig) -> EmbeddingModel:
     return EmbeddingModel(trunk, cfg.embed_dim, cfg.neck)
 
 
-def check_trunk_weights(cfg: ModelConfig, where: str, file_must_exist: bool = True) -> None:
+def check_trunk_weights(cfg: ModelConfig, where: str) -> None:
     """Refuse, before any model is built or job queued, a trunk that should start from pretrained weights
     (`model.needs_checkpoint`) but names none: it trains, from random weights, to numbers far from the paper's.
-    And a `model.checkpoint_path` that is no file (`file_must_exist`; the launcher's host may not see a file
-    the job's nodes will). `where` names the run in the message."""
-    if cfg.checkpoint_path and file_must_exist and not os.path.isfile(cfg.checkpoint_path):
-        raise FileNotFoundError(
-            f"{where}: model.checkpoint_path={cfg.checkpoint_path} does not exist; give a local timm/torch "
-            "checkpoint of the trunk (nothing is downloaded)"
-        )
+    `where` names the run in the message (a named file that is missing: load_trunk_weights)."""
     if cfg.needs_checkpoint and not cfg.checkpoint_path:
         raise ValueError(
             f"{where}: model.needs_checkpoint=true but model.checkpoint_path is empty: this recipe starts its "

@@ -13,9 +13,8 @@ from pathlib import Path
 
 from launch.__main__ import build_config, main
 from launch.recipes import get_recipe
-from model.backbone import check_trunk_weights
-from model.config import ModelConfig
-from launch.preflight import check_partition, check_run_dir, preflight, slurm_partitions
+from model.backbone import build_backbone
+from launch.preflight import check_partition, check_weights, check_run_dir, preflight, slurm_partitions
 from slurm.executor import slurm_parameters
 from train.config import save_yaml
 
@@ -195,10 +194,12 @@ def test_a_recipe_that_needs_pretrained_weights_is_refused_without_them(
     err = capsys.readouterr().err
     assert "model.checkpoint_path is empty" in err and "model.needs_checkpoint=false" in err
     assert not (tmp_path / "mnist_distarc").exists()  # nothing queued, nothing written
-    # a file the launcher cannot see may be staged onto the nodes: the job checks it when it starts
+    # a file the launcher cannot see may be staged onto the nodes: noted here, loaded (or refused) by the job
+    named = build_config("mnist_distarc", [*base, "model.checkpoint_path=/nodes/only.pth"])
+    check_weights(named)
+    assert "/nodes/only.pth not visible from here" in capsys.readouterr().out
     with pytest.raises(FileNotFoundError, match="model.checkpoint_path=/nodes/only.pth does not exist"):
-        check_trunk_weights(ModelConfig(checkpoint_path="/nodes/only.pth", needs_checkpoint=True), "run x")
-    check_trunk_weights(ModelConfig(checkpoint_path="/nodes/only.pth", needs_checkpoint=True), "x", False)
+        build_backbone(named.model)
 
 
 def test_a_run_dir_a_live_job_trains_in_is_refused(tmp_path, monkeypatch) -> None:

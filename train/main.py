@@ -200,7 +200,7 @@ class Run:
     def build(cls, cfg: RunConfig, env: DistEnv, device: torch.device, control: RunControl) -> "Run":
         seed_everything(cfg.seed)  # same on every rank: identical backbone init (build_model then splits the streams)
         # Cheap checks first: a bad data set or an incompatible checkpoint fails before any model is built.
-        check_trunk_weights(cfg.model, f"run {cfg.name}")  # pretrained weights the recipe needs, and their file
+        check_trunk_weights(cfg.model, f"run {cfg.name}")  # the pretrained weights the recipe needs are named
         train_sources(cfg.data)  # every source's shards and class count
         eval_sets = resolve_eval_sets(cfg.data, cfg.metrics)  # held-out split and metrics.eval_sets, checked
         resume = ckpt.wants_resume(cfg.checkpoint.resume, os.environ)
