@@ -73,6 +73,17 @@ def check_gpus(cfg: RunConfig) -> None:
             f"task is one rank on one GPU; set slurm.tasks_per_node={slurm.gpus_per_node} (or gpus_per_node="
             f"{slurm.tasks_per_node})"
         )
+    extra = slurm.extra_parameters()
+    binding = {k: extra[k] for k in ("gpus_per_task", "gpu_bind") if k in extra and str(extra[k]) != "none"}
+    if binding:
+        # Slurm's --gpus-per-task implies --gpu-bind=per_task: each task then sees its own GPU as cuda:0, and a
+        # rank with LOCAL_RANK 1.. fails in cuda.set_device (every rank, and DeepSpeed, takes cuda:LOCAL_RANK)
+        given = ";".join(f"{k}={v}" for k, v in binding.items())
+        raise ValueError(
+            f"slurm.sbatch_extra asks for {given}: a task would see only its own GPU, and every rank takes "
+            f"cuda:LOCAL_RANK of all its node's GPUs; ask with slurm.gpus_per_node={slurm.tasks_per_node} instead "
+            "(and no gpus_per_task or gpu_bind in slurm.sbatch_extra)"
+        )
     if cfg.zero.bf16 and not asks_for_gpus(cfg):
         raise ValueError(
             f"run {cfg.name} trains in bf16 (zero.bf16=true) but asks Slurm for no GPUs (slurm.gpus_per_node=0); "

@@ -161,6 +161,12 @@ def test_gpu_requests_match_the_tasks_and_bf16_recipes_ask_for_gpus(tmp_path, mo
     assert "set slurm.gpus_per_node=2" in capsys.readouterr().err  # a constraint named gpu asks for none
     assert main(["--slurm", "zero.bf16=true", "slurm.sbatch_extra=gres=gpu:2", f"run_root={tmp_path}"]) == 2
     assert "no Slurm here" in capsys.readouterr().err  # past the GPU check: gres asks for them
+    # a task bound to its own GPU sees it as cuda:0: local rank 1 would fail in cuda.set_device after the queue
+    for bound in ("gpus_per_task=1", "gpu_bind=closest"):
+        assert main(["--slurm", f"slurm.sbatch_extra=gres=gpu:2;{bound}", f"run_root={tmp_path}"]) == 2
+        assert f"asks for {bound}: a task would see only its own GPU" in capsys.readouterr().err
+    assert main(["--slurm", "slurm.sbatch_extra=gres=gpu:2;gpu_bind=none", f"run_root={tmp_path}"]) == 2
+    assert "no Slurm here" in capsys.readouterr().err
 
 
 def test_data_the_job_would_refuse_is_refused_at_submission(mnist_root, tmp_path, monkeypatch, capsys) -> None:

@@ -116,6 +116,7 @@ def _nccl_env_at_group_creation(monkeypatch) -> dict[str, str]:
     """The NCCL variables set when init_distributed creates an NCCL group (no GPU needed: CUDA is faked)."""
     seen: dict[str, str] = {}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
 
@@ -202,6 +203,23 @@ def test_both_launch_paths_start_nccl_with_the_same_settings(tmp_path, monkeypat
     export_cluster_env()
     submitit_path = _nccl_env_at_group_creation(monkeypatch)
     assert sbatch_path == submitit_path == tdist.NCCL_DEFAULTS
+
+
+def test_a_rank_that_sees_only_its_own_gpu_is_told_why(monkeypatch, saved_environ) -> None:
+    """Slurm's --gpus-per-task binds each task to its GPU: local rank 1 sees one GPU, and cuda.set_device(1)
+    failed with "invalid device ordinal" and no word of why."""
+    set_devices: list[int] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", set_devices.append)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(tdist, "rendezvous_store", _no_store)
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: pytest.fail("no group may start"))
+    with pytest.raises(RuntimeError, match=r"local rank 1 of 4 on its node but sees 1 GPU\(s\) \(CUDA_VISIBLE_DEV"):
+        tdist.init_distributed(tdist.DistEnv(rank=5, world_size=8, local_rank=1, local_world_size=4))
+    assert set_devices == []  # refused before any device is touched
+    tdist.check_visible_gpus(tdist.DistEnv(rank=4, world_size=8, local_rank=0, local_world_size=4))  # cuda:0: fine
 
 
 def test_user_nccl_settings_win_and_cpu_runs_get_none(monkeypatch, saved_environ) -> None:

@@ -73,6 +73,21 @@ def slurm_job_id() -> str:
     return os.environ.get("SLURM_JOB_ID", "")
 
 
+def check_visible_gpus(env: DistEnv) -> None:
+    """Every rank takes cuda:LOCAL_RANK (as DeepSpeed's engine does), so each must see all its node's GPUs; a task
+    bound to its own GPU (Slurm's --gpus-per-task or --gpu-bind, CUDA_VISIBLE_DEVICES set per rank) sees one,
+    and cuda.set_device would fail with no word of why."""
+    visible = torch.cuda.device_count()
+    if env.local_rank >= visible:
+        raise RuntimeError(
+            f"rank {env.rank} is local rank {env.local_rank} of {env.local_world_size} on its node but sees "
+            f"{visible} GPU(s) (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): every "
+            "rank takes cuda:LOCAL_RANK, so each task must see all of its node's GPUs. Ask Slurm with "
+            "slurm.gpus_per_node (no gpus_per_task or gpu_bind in slurm.sbatch_extra), start one process per GPU "
+            "with torchrun, or start fewer tasks per node"
+        )
+
+
 def init_distributed(env: DistEnv, timeout_s: int = 1800) -> tuple[torch.device, bool]:
     """Start the default process group (also for one process, so collectives always work).
 
@@ -85,6 +100,7 @@ def init_distributed(env: DistEnv, timeout_s: int = 1800) -> tuple[torch.device,
     os.environ.setdefault("MASTER_PORT", "29500")
     os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank))
     if torch.cuda.is_available():
+        check_visible_gpus(env)
         torch.cuda.set_device(env.local_rank)
         device, backend = torch.device("cuda", env.local_rank), "nccl"
     else:
