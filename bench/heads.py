@@ -260,6 +260,9 @@ def main() -> None:
         os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))  # read by glibc in the spawned ranks
     classes = [int(c) for c in args.classes.split(",")]
     worlds = [int(w) for w in args.worlds.split(",")]
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus and max(worlds) > gpus:  # each rank takes cuda:rank (NCCL refuses two ranks on one GPU)
+        raise SystemExit(f"--worlds {args.worlds}: each rank takes a GPU and this machine has {gpus}; give --worlds 1")
     print(f"# heads: D={DIM}, global batch {GLOBAL_BATCH}, {os.cpu_count()} CPU cores, torch {torch.__version__}")
     if args.head_optimizers:
         rates = [float(r) for r in (args.sample_rates or "1.0").split(",")]
@@ -280,7 +283,8 @@ def main() -> None:
                     f"| {head} | {c} | {w} | {r['mem_mb']:.0f} | {dense_mb} | {ratio} | {r['time_s']:.3f} |", flush=True
                 )
     if "distarc" in args.heads and "arcface" in args.heads:
-        print("\n| C | DistArc s | ArcFace (same sharded head, lambda = mu = 0) s | ratio | PML ArcFaceLoss s |")
+        print("\n# in this process, on the CPU whatever the machine has (P = 1)")
+        print("| C | DistArc s | ArcFace (same sharded head, lambda = mu = 0) s | ratio | PML ArcFaceLoss s |")
         print("|---|---|---|---|---|")
         for c in classes:  # P = 1 in this process, default allocator
             d, a = time_in_process("distarc", c, args.iters), time_in_process("arcface", c, args.iters)
@@ -296,7 +300,7 @@ def main() -> None:
             results,
         )
     gram, bcast = poincare_gram_vs_broadcast()
-    print("\n| Poincare distances, B=256 x N=8192, D=128, fwd+bwd | seconds |\n|---|---|")
+    print("\n| Poincare distances, B=256 x N=8192, D=128, fwd+bwd, CPU | seconds |\n|---|---|")
     print(
         f"| Gram form (ours) | {gram:.3f} |\n| B x N x D broadcast | {bcast:.3f} |\n| speed-up | {bcast / gram:.1f}x |"
     )

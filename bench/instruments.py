@@ -239,8 +239,10 @@ def peak_reserved_mb(device: torch.device) -> float | None:
 
 
 def profile_step(runner: Any, batches: Any, device: torch.device, trace: str) -> dict[str, Any]:
-    """One step under torch.profiler: its top ops by self time and, on CUDA, how busy the GPU was
-    (kernel time / wall time: far below 100% means the host, not the GPU, sets the pace)."""
+    """One step under torch.profiler: its top ops by self time and, on CUDA, how busy the GPU was computing
+    (kernel time / wall time: far below 100% means the host, not the GPU, sets the pace). NCCL's kernels are
+    left out: one runs from its launch until every rank has joined, so a rank waiting for a slower peer would
+    read as busy."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -257,7 +259,9 @@ def profile_step(runner: Any, batches: Any, device: torch.device, trace: str) ->
     kernels = [
         (e.time_range.start, e.time_range.end)
         for e in prof.events()
-        if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+        if e.device_type == DeviceType.CUDA
+        and not getattr(e, "is_user_annotation", False)
+        and not e.name.startswith("nccl")
     ]
     if trace:
         prof.export_chrome_trace(trace)

@@ -479,7 +479,7 @@ def run_rows(args: argparse.Namespace, opts: Options) -> None:
     for name, world, row in measured:
         if row["profile"]:
             busy = row["profile"]["busy"]
-            share = "" if busy is None else f", GPU busy {100 * busy:.0f}% of the step"
+            share = "" if busy is None else f", GPU computing (NCCL left out) {100 * busy:.0f}% of the step"
             print(f"\n## profile: {name}, P={world}{share}\n{row['profile']['table']}")
 
 

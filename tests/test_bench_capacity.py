@@ -44,3 +44,20 @@ def test_head_steps_build_their_table_without_init_rows(head: str, sample_rate: 
     monkeypatch.setattr("model.chest.init_rows", cpu_rows)
     cfg = dataclasses.replace(HEADS[head], sample_rate=sample_rate)
     train_head_steps(cfg, 2_000, torch.device("cpu"), "sgd")
+
+
+def test_heads_bench_refuses_more_ranks_than_gpus(monkeypatch) -> None:
+    """bench.heads gives each rank cuda:rank: its default --worlds 1,2,4 on a one-GPU machine failed in
+    cuda.set_device (or NCCL) after the first rows; refused before any."""
+    import sys
+
+    import torch
+
+    from bench import heads
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(heads, "run_config", lambda *a, **k: pytest.fail("no row may run"))
+    monkeypatch.setattr(sys, "argv", ["bench.heads", "--classes", "1000"])
+    with pytest.raises(SystemExit, match="--worlds 1,2,4: each rank takes a GPU and this machine has 1"):
+        heads.main()
