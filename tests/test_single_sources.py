@@ -374,3 +374,21 @@ def test_system_scalars_show_the_rank_that_waits_and_an_eta_with_evaluations(dis
     assert windows[0]["data_wait_frac_mean"] < 0.05  # this rank's own share (the logger averages it)
     for w in windows:  # ETA: 6 steps left at the wall time per step so far, evaluation included
         assert w["eta_min"] * 60 / 6 > w["step_time_s"] + 0.05
+
+
+def test_peak_memory_is_each_log_windows_own() -> None:
+    """system/peak_mem_gb was the peak since the process started: after one high point (an evaluation's) every
+    later window showed it, and memory that grew under it never did."""
+    from train.system import StepClock
+
+    cpu = torch.device("cpu")
+    clock = StepClock(8, 1, 10, cpu)
+    clock.window(1)  # ends the window that holds whatever this process did before
+    torch.ones(50 * 2**20).sum()  # 200 MiB touched, and freed: an evaluation's peak
+    clock.reset(1)  # as after an evaluation or a save: their peaks stay in the window
+    high = clock.window(2)["peak_mem_gb"]
+    low = clock.window(3)["peak_mem_gb"]
+    assert high - low > 150 / 1024, (high, low)
+    torch.ones(25 * 2**20).sum()  # 100 MiB: a window's growth shows though it stays under the first peak
+    grown = clock.window(4)["peak_mem_gb"]
+    assert 70 / 1024 < grown - low < high - low, (low, grown, high)

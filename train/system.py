@@ -2,7 +2,8 @@
 
 `StepClock.timed(batches)` wraps the batch iterator so the seconds spent waiting for the loader are
 counted apart from the step; `StepClock.window()` turns the interval since the last call into the
-`system/` scalars the logger writes. Peak memory and the data-wait fraction are maxima over ranks
+`system/` scalars the logger writes. Peak memory (of the window, an evaluation or a save in it included) and
+the data-wait fraction are maxima over ranks
 (all-reduces at log steps only): the rank nearest its memory limit, or the one starving for data while
 the others wait for it inside a collective, is the one that matters; a mean would hide it
 (`data_wait_frac_mean` is logged beside). The ETA uses the wall time per step since `begin()`,
@@ -24,10 +25,28 @@ T = TypeVar("T")
 
 
 def peak_memory_gb(device: torch.device) -> float:
-    """Peak allocated GPU memory of this process (CUDA), else its peak resident set size (CPU), in GiB."""
+    """Peak allocated GPU memory of this process since the last `reset_peak_memory` (CUDA), else its peak
+    resident set size (CPU: Linux's VmHWM, which clear_refs resets), in GiB."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**20  # kB
+    except (OSError, StopIteration):  # not Linux: the peak since the start
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start the next peak at what is in use now: each log window's peak is its own, so a step that grows
+    shows (a peak since the start stays at its first high point, an evaluation's, for the rest of the run)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # Linux >= 4.0: VmHWM back to the present resident set
+    except OSError:  # not Linux: the peak since the start
+        pass
 
 
 class StepClock:
@@ -63,6 +82,7 @@ class StepClock:
         now = time.perf_counter()
         elapsed, steps = now - self._start, step - self._step
         out: dict[str, float] = {"peak_mem_gb": max_over_ranks(peak_memory_gb(self.device))}
+        reset_peak_memory(self.device)  # not in reset(): an evaluation's or a save's peak shows in its window
         wait = min(1.0, self.data_wait_s / elapsed) if steps > 0 and elapsed > 0 else 0.0
         slowest_wait = max_over_ranks(wait)  # collective: every rank calls it, whatever its window
         if steps > 0 and elapsed > 0:
