@@ -26,7 +26,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _entry(rank: int, world: int, port: int, fn: Callable[..., None], args: tuple[Any, ...], out: Any) -> None:
+def _entry(
+    rank: int, world: int, port: int, fn: Callable[..., None], args: tuple[Any, ...], out: Any, threads: int | None
+) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -38,16 +40,20 @@ def _entry(rank: int, world: int, port: int, fn: Callable[..., None], args: tupl
     # DataLoader workers fork, as in a rank srun or torchrun started (a spawned process's default is spawn, whose
     # workers import torch and the project again: ~10 s per loader on 2 cores)
     mp.set_start_method("fork", force=True)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    # the CPUs this process may run on (os.cpu_count() counts the host's, beyond a cpuset or taskset)
+    torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0)) // world))
     fn(rank, world, *args, out)
 
 
-def run_ranks(fn: Callable[..., None], world: int, *args: Any) -> dict[int, dict[str, Any]]:
-    """`fn` on `world` spawned ranks (a module-level function); {rank: what it stored in out[rank]}."""
+def run_ranks(fn: Callable[..., None], world: int, *args: Any, threads: int | None = None) -> dict[int, dict[str, Any]]:
+    """`fn` on `world` spawned ranks (a module-level function); {rank: what it stored in out[rank]}. Each rank
+    gets `threads` torch threads, by default its share of this process's CPUs (a CPU probe's resident peak grows
+    ~3.3 MiB per thread: a memory reading compared across machines should name its count)."""
     manager = mp.Manager()
     out = manager.dict()
     try:
-        mp.start_processes(_entry, args=(world, free_port(), fn, args, out), nprocs=world, start_method="spawn")
+        args_ = (world, free_port(), fn, args, out, threads)
+        mp.start_processes(_entry, args=args_, nprocs=world, start_method="spawn")
         return {rank: dict(value) for rank, value in out.items()}
     finally:
         manager.shutdown()
