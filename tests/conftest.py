@@ -10,6 +10,12 @@ import pytest
 # DeepSpeed on its CPU accelerator, also on a machine with GPUs (the suite runs on gloo); tests/test_gpu.py sets
 # "cuda" for the ranks it starts
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# A suite started inside a Slurm allocation or a torchrun/submitit job would read that job's ranks, ports and
+# ids in place of the ones each test sets up: the tests start from none of them
+for _key in [k for k in os.environ if k.startswith(("SLURM_", "SUBMITIT_", "TORCHELASTIC_"))]:
+    del os.environ[_key]
+for _key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+    os.environ.pop(_key, None)
 
 from tests.distpool import DistPool  # noqa: E402
 

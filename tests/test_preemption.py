@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from launch.__main__ import build_config
+from tests.distpool import free_port
 from tests.test_train import _model_state, small_overrides
 from train.checkpoint import find_latest
 
@@ -124,7 +125,7 @@ def test_kill_during_save_resumes_from_previous_checkpoint(mnist_root: str, tmp_
         "metrics.eval_every=0",
     ]
     run_dir = str(tmp_path / "killed")
-    env = {**os.environ, "WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "MASTER_PORT": "29731"}
+    env = {**os.environ, "WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "MASTER_PORT": str(free_port())}
     proc = subprocess.Popen(
         [sys.executable, "-c", KILL_DURING_SAVE, run_dir, *args],
         env=env,
@@ -287,7 +288,12 @@ def test_only_a_preemption_keeps_a_term_saved_rank_waiting(tmp_path, monkeypatch
     assert time.monotonic() - t0 < 5 and "waiting" not in capsys.readouterr().out
     monkeypatch.setenv("PATH", str(tmp_path / "nothing"))  # Slurm cannot be asked: a bounded wait
     assert slurm_preempting("5") is None
-    stay_for_a_preemption(10, "5", unsure_wait_s=0.5)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR2)}
+    try:
+        stay_for_a_preemption(10, "5", unsure_wait_s=0.5)
+    finally:  # it ignores TERM and USR2 for good: pytest, and every process it starts later, would inherit that
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     assert "may be preempted" in capsys.readouterr().out
     # preempted: stays, ignoring TERM and USR2 (Slurm's SIGKILL ends it at the end of the grace time)
     env = {**os.environ, "PATH": _fake_scontrol(tmp_path, "2026-12-06T10:27:50")}

@@ -124,13 +124,13 @@ def stay_for_a_preemption(step: int, job_id: str, unsure_wait_s: float = 600.0) 
         if preempting
         else f"may be preempted (scontrol did not answer; at most {unsure_wait_s:.0f} s)"
     )
+    for sig in (signal.SIGTERM, signal.SIGUSR2):  # the grace time's end: TERM, then SIGKILL
+        signal.signal(sig, signal.SIG_IGN)  # before the line that says so: a TERM right after it ended the rank
     print(
         f"saved at step {step} after SIGTERM; job {job_id} {state}: waiting for Slurm to end this job (a preempted "
         "job is requeued at the end of its grace time and resumes from this save)",
         flush=True,
     )
-    for sig in (signal.SIGTERM, signal.SIGUSR2):  # the grace time's end: TERM, then SIGKILL
-        signal.signal(sig, signal.SIG_IGN)
     deadline = time.monotonic() + (float("inf") if preempting else unsure_wait_s)
     while time.monotonic() < deadline:
         time.sleep(min(60.0, max(0.0, deadline - time.monotonic())))
