@@ -31,6 +31,7 @@ import torch
 
 from bench.ranks import run_ranks
 from model.config import ChestConfig, LossConfig
+from train.system import proc_status_mb
 
 DIM, GLOBAL_BATCH = 512, 256
 HEADS = {
@@ -43,16 +44,9 @@ HEADS = {
 }
 
 
-def _status_mb(*keys: str) -> dict[str, float]:
-    """Fields of /proc/self/status in MiB (Linux reports them in kB)."""
-    with open("/proc/self/status") as f:
-        fields = dict(line.split(":", 1) for line in f)
-    return {key: int(fields[key].split()[0]) / 1024.0 for key in keys}
-
-
 def current_rss_mb() -> float:
     """Resident anonymous memory now (MiB): tensors and heap, not the libraries' mapped pages."""
-    return _status_mb("RssAnon")["RssAnon"]
+    return proc_status_mb("RssAnon")["RssAnon"]
 
 
 def peak_rss_mb() -> float:
@@ -60,7 +54,7 @@ def peak_rss_mb() -> float:
     mapped as it first runs and stays mapped, and how much of it a step maps depends on the page cache (the
     kernel maps cached neighbours of each faulting page), not on the head: the whole resident peak read the
     chunked DistArc probe as 435 MiB alone and up to 482 MiB late in a full test suite."""
-    status = _status_mb("VmHWM", "RssFile", "RssShmem")
+    status = proc_status_mb("VmHWM", "RssFile", "RssShmem")
     return status["VmHWM"] - status["RssFile"] - status["RssShmem"]
 
 

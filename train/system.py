@@ -24,15 +24,21 @@ from train.dist import max_over_ranks
 T = TypeVar("T")
 
 
+def proc_status_mb(*keys: str) -> dict[str, float]:
+    """Fields of Linux's /proc/self/status (VmHWM, RssAnon, ...) in MiB; it reports them in kB."""
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return {key: int(fields[key].split()[0]) / 1024.0 for key in keys}
+
+
 def peak_memory_gb(device: torch.device) -> float:
     """Peak allocated GPU memory of this process since the last `reset_peak_memory` (CUDA), else its peak
     resident set size (CPU: Linux's VmHWM, which clear_refs resets), in GiB."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**20  # kB
-    except (OSError, StopIteration):  # not Linux: the peak since the start
+        return proc_status_mb("VmHWM")["VmHWM"] / 1024
+    except (OSError, KeyError):  # not Linux: the peak since the start
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
