@@ -71,7 +71,11 @@ def train_step(run: "Run") -> dict[str, float]:
         images, labels = next(batches)
         labels = labels.to(tr.device, non_blocking=True)
         out = tr.task(tr.model_input(images), labels, step=step)
+        # a checkpointed block's backward re-runs its forward in training mode, and BatchNorm would count the
+        # micro-batch twice (momentum ~0.19, not 0.1): the backward may not change the statistics
+        after_forward = [t.clone() for t in stats]
         tr.engine.backward(out["loss"])
+        restore_(stats, after_forward)
         for key, value in out.items():
             parts[key] = parts.get(key, 0.0) + value.detach().float() / accum_steps
         if tr.engine.is_gradient_accumulation_boundary():
@@ -89,8 +93,7 @@ def train_step(run: "Run") -> dict[str, float]:
     if not skipped:
         tr.head_optimizer.step()
     else:
-        for saved, now in zip(before, stats):
-            now.copy_(saved)
+        restore_(stats, before)
     tr.head_optimizer.zero_grad(set_to_none=True)
     tr.head_scheduler.step()
     grad_norm = tr.engine.get_global_grad_norm()
@@ -109,6 +112,12 @@ def running_stats(module: torch.nn.Module) -> list[torch.Tensor]:
         for buffer in (sub.running_mean, sub.running_var, sub.num_batches_tracked)
         if buffer is not None
     ]
+
+
+def restore_(buffers: list[torch.Tensor], saved: list[torch.Tensor]) -> None:
+    """Copy `saved` back into `buffers` (running_stats' list), in place."""
+    for now, then in zip(buffers, saved):
+        now.copy_(then)
 
 
 def trunk_grad_norm(module: torch.nn.Module) -> float:
