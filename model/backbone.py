@@ -58,6 +58,11 @@ def build_backbone(cfg: ModelConfig) -> EmbeddingModel:
         trunk = timm.create_model(cfg.name, pretrained=False, **kwargs)
     except RuntimeError as err:  # timm raises RuntimeError for unknown names
         raise ValueError(f"model.name={cfg.name!r}: {err}; list names with timm.list_models()") from err
+    except TypeError as err:  # an architecture argument this model's constructor does not have
+        setting = next((k for k in ("img_size", "patch_size", "drop_path_rate") if f"'{k}'" in str(err)), None)
+        if setting is None:
+            raise
+        raise ValueError(f"model.{setting}: {cfg.name} has no {setting} ({err}); set model.{setting}=0") from err
     width = output_width(trunk)
     if not cfg.neck and width != cfg.embed_dim:
         raise ValueError(
@@ -68,7 +73,13 @@ def build_backbone(cfg: ModelConfig) -> EmbeddingModel:
     if cfg.checkpoint_path:
         load_trunk_weights(trunk, cfg.checkpoint_path, cfg.name)
     if cfg.grad_checkpointing:
-        getattr(trunk, "set_grad_checkpointing")(True)
+        try:
+            getattr(trunk, "set_grad_checkpointing")(True)
+        except AssertionError as err:  # timm's models without checkpointing assert False (VGG, Inception)
+            raise ValueError(
+                f"model.grad_checkpointing=true: timm's {cfg.name} cannot checkpoint its blocks ({err}); "
+                "set model.grad_checkpointing=false"
+            ) from err
     return EmbeddingModel(trunk, cfg.embed_dim, cfg.neck)
 
 

@@ -26,7 +26,9 @@ class ModelConfig:
     # own output (CHEST's x^E is the ViT's CLS output), and embed_dim must equal the trunk's width
     neck: bool = True
     in_chans: int = 3
-    img_size: int = 0  # passed to timm for ViTs (0 = the model's default); CNNs ignore it
+    # a ViT's image size (0 = the model's default, which must then be data.image_size); trunks that take any size
+    # (CNNs) have none: 0 (train.config.check_trunk_image_size)
+    img_size: int = 0
     patch_size: int = 0  # override a ViT's patch size for small images (0 = the model's default)
     drop_path_rate: float = 0.0
     grad_checkpointing: bool = False
@@ -50,6 +52,11 @@ class ModelConfig:
     def validate(self) -> None:
         if not self.name:
             raise ValueError("model.name is empty: give a timm model name, e.g. model.name=resnet10t")
+        if self.name.startswith("hf-hub:"):  # timm would fetch its config from the Hugging Face Hub
+            raise ValueError(
+                f"model.name={self.name!r} names a Hugging Face Hub model, and nothing is downloaded: give timm's "
+                "architecture name (e.g. vit_small_patch16_224) and the weights as model.checkpoint_path=FILE"
+            )
         if self.embed_dim < 1:
             raise ValueError(f"model.embed_dim={self.embed_dim} must be >= 1")
         if self.in_chans not in (1, 3):

@@ -82,3 +82,17 @@ def test_neck_takes_the_pooled_output_width(name: str, width: int) -> None:
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 64)
     with pytest.raises(ValueError, match=f"outputs {width} features"):
         build_backbone(ModelConfig(name=name, in_chans=3, embed_dim=64, neck=False))
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        # what validate cannot see: an architecture argument the model's constructor lacks (VGG: no drop path)
+        (dict(name="resnet18", patch_size=8), "model.patch_size: resnet18 has no patch_size.*set model.patch_size=0"),
+        (dict(name="vgg11", drop_path_rate=0.1), "model.drop_path_rate: vgg11 has no drop_path_rate"),
+        (dict(name="vgg11", grad_checkpointing=True), "timm's vgg11 cannot checkpoint.*model.grad_checkpointing=false"),
+    ],
+)
+def test_settings_a_trunk_lacks_name_the_setting(settings: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):  # timm's own TypeError / AssertionError named neither
+        build_backbone(ModelConfig(**settings))

@@ -86,6 +86,9 @@ def test_unknown_recipe() -> None:
         ("zero.stage=4", "zero.stage=4"),
         ("model.in_chans=3", "model.in_chans=3 differs from data.in_chans=1"),
         ("model.img_size=64", "model.img_size=64 differs from data.image_size"),
+        ("model.img_size=28", "model.img_size=28: test_resnet takes images of any size.*set model.img_size=0"),
+        ("model.name=vit_tiny_patch16_224", "built for 224x224 images.*data.image_size=28; set model.img_size=28"),
+        ("model.name=hf-hub:timm/vit_tiny_patch16_224", "names a Hugging Face Hub model, and nothing is downloaded"),
         ("max_steps=0", "max_steps=0 must be >= 1"),
         ("data.batch_size=0", "batch_size"),
         ("data.num_classes=-1", "num_classes"),
@@ -402,6 +405,13 @@ def test_baselines_with_the_papers_defaults_of_other_heads_are_refused_or_pointe
 def test_unclipped_poincare_features_are_pointed_out() -> None:
     (line,) = apply_overrides(get_recipe("mnist_chest"), ["loss.chest.clip_radius=0"]).validate().warnings()
     assert "loss.chest.clip_radius=0" in line and "fp32" in line
+
+
+def test_euclidean_only_chest_on_backbone_features_is_pointed_out() -> None:
+    base = get_recipe("mnist_chest")
+    (line,) = apply_overrides(base, ["loss.chest.eta_h=0"]).validate().warnings()
+    assert "add loss.chest.euclid_features=head" in line
+    assert apply_overrides(base, ["loss.chest.eta_h=0", "loss.chest.euclid_features=head"]).validate().warnings() == []
 
 
 def test_signal_delays_submitit_or_slurm_would_not_requeue_are_pointed_out() -> None:

@@ -318,6 +318,7 @@ class RunConfig:
                 f"model.img_size={self.model.img_size} differs from data.image_size="
                 f"{self.data.image_size}; set model.img_size=0 or make them equal"
             )
+        check_trunk_image_size(self.model, self.data.image_size)
         _remember(_VALIDATED, key)
         return self
 
@@ -342,6 +343,12 @@ class RunConfig:
                 "loss.chest.clip_radius=0: unclipped features can reach the Poincare ball's edge, where fp32 "
                 "distances lose their order (R@1 5.5 points off geoopt's at c=1 in a reviewer's test); the paper "
                 "clips at 2.3"
+            )
+        if self.loss.name == "chest" and self.loss.chest.eta_h == 0 and self.loss.chest.euclid_features == "backbone":
+            found.append(
+                "loss.chest.eta_h=0 with euclid_features=backbone: the paper's L_E-only ablation (losses.md 2.6) "
+                "computes L_E on h(x^E); add loss.chest.euclid_features=head (here h learns from HypHC alone, "
+                "and from nothing with tau=0)"
             )
         if self.loss.name == "softtriple" and self.loss.chest.gamma_e > 1:  # CHEST's 5, a distance temperature
             found.append(
@@ -421,6 +428,33 @@ def backbone_norm(model_name: str) -> dict[str, Any]:
         if (mean, std) == values:
             return {"norm": preset}
     return {"norm": "channels", "channel_mean": mean, "channel_std": std}
+
+
+def check_trunk_image_size(model: ModelConfig, image_size: int) -> None:
+    """Refuse, before anything is built or queued, an image size the trunk cannot take: a trunk built for one
+    size (timm's fixed_input_size: ViTs, Swin) left at its default while the data has another fails at its first
+    forward, on every rank; model.img_size on a trunk that takes any size (CNNs) is an argument its constructor
+    lacks. Names timm has no config for are left to model.backbone.build_backbone."""
+    import timm  # here, not at the top: configs are read by processes that never build a model
+
+    try:
+        pretrained = timm.models.get_pretrained_cfg(model.name)
+    except RuntimeError:
+        pretrained = None
+    if pretrained is None or not pretrained.input_size:
+        return
+    default = tuple(pretrained.input_size[-2:])
+    if pretrained.fixed_input_size and not model.img_size and default != (image_size, image_size):
+        raise ValueError(
+            f"model.name={model.name} is built for {default[0]}x{default[1]} images unless told otherwise, but "
+            f"data.image_size={image_size}; set model.img_size={image_size} (the position embeddings of a "
+            "model.checkpoint_path are resampled to it)"
+        )
+    if not pretrained.fixed_input_size and model.img_size:
+        raise ValueError(
+            f"model.img_size={model.img_size}: {model.name} takes images of any size and has no image size "
+            "to set; set model.img_size=0"
+        )
 
 
 _VALIDATED: set[str] = set()  # repr of every RunConfig value that passed validate() in this process
