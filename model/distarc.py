@@ -153,11 +153,17 @@ def distarc_logits(
 
 
 def anchor_sq_distance(emb_GD: torch.Tensor, weight_CD: torch.Tensor, radii_C: torch.Tensor) -> torch.Tensor:
-    """delta_j = ||x - r_j w_hat_j||^2 for every sample and class (the predictive measure, squared)."""
-    x = emb_GD.float()
-    w_hat = F.normalize(weight_CD.float(), dim=1, eps=1e-12)
+    """delta_j = ||x - r_j w_hat_j||^2 for every sample and class (the predictive measure, squared), in fp64.
+
+    losses.md 1.6 asks for the direct distance because the expanded form ||x||^2 + r^2 - 2 r x.w_hat cancels
+    near an anchor: in fp32 at r = 100 every delta below ~1e-3 came out 0 and the lowest class id won. The
+    direct [G, C, D] difference does not fit for many classes; the expanded form in fp64 errs by ~1e-16 x
+    (||x||^2 + r^2), less than the direct distance in fp32 (whose r * w_hat alone is off by ~r x 6e-8)."""
+    x = emb_GD.double()
+    w_hat = F.normalize(weight_CD.double(), dim=1, eps=1e-12)
+    radii = radii_C.double()[None, :]
     x_sq = (x * x).sum(dim=1, keepdim=True)
-    return (x_sq + radii_C[None, :] ** 2 - 2 * radii_C[None, :] * (x @ w_hat.t())).clamp_min(0.0)
+    return (x_sq + radii**2 - 2 * radii * (x @ w_hat.t())).clamp_min(0.0)
 
 
 def cosine_scores(emb_GD: torch.Tensor, weight_CD: torch.Tensor) -> torch.Tensor:

@@ -70,6 +70,31 @@ def test_cos_phi_closed_form_and_measure() -> None:
     assert float(identity) == pytest.approx(float((xv - anchor).norm()), rel=1e-6) == pytest.approx(8.062, abs=1e-3)
 
 
+@pytest.mark.parametrize("sharded", [False, True])
+def test_the_measure_tells_anchors_apart_next_to_them_at_large_radii(sharded: bool) -> None:
+    """Two anchors 3e-4 rad apart on the r = 100 sphere, samples within 1e-3 of the first: the distances
+    (~1e-5 to 1e-3) are far below fp32's rounding of ||x||^2 + r^2 = 2e4, which gave 0 for both classes and
+    sent most samples to class 0 (losses.md 1.6: the measure is the direct distance, written here in fp64)."""
+    g = torch.Generator().manual_seed(3)
+    d = 16
+    first = F.normalize(torch.randn(d, generator=g, dtype=torch.float64), dim=0)
+    side = F.normalize(torch.randn(d, generator=g, dtype=torch.float64), dim=0)
+    side = F.normalize(side - (side @ first) * first, dim=0)
+    w = torch.stack([math.cos(3e-4) * first + math.sin(3e-4) * side, first]).float()  # class 1 at `first`
+    radii = torch.tensor([100.0, 100.0])
+    x = (100.0 * first + 1e-3 * F.normalize(torch.randn(200, d, generator=g, dtype=torch.float64), dim=1)).float()
+    direct = ((x.double()[:, None, :] - radii.double()[None, :, None] * F.normalize(w.double(), dim=1)) ** 2).sum(-1)
+    expected = direct.argmin(dim=1)
+    assert int((expected == 1).sum()) == 200  # every sample lies next to class 1's anchor
+    if sharded:
+        cfg = LossConfig(name="distarc", radius_start=100.0, radius_gap=0.0, num_spheres=1, class_chunk=1)
+        head = DistArcHead(cfg, 2, d)
+        head.weight.data.copy_(w)
+        assert torch.equal(head.predict(x)["measure"], expected)
+    else:
+        assert torch.equal(predict(x, w, radii), expected)
+
+
 def _distarc_reference_fp64(
     x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, radii: torch.Tensor, s: float, m: float, lam: float, mu: float
 ) -> torch.Tensor:
