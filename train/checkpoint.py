@@ -56,6 +56,7 @@ class TrainState:
     skipped_steps: int = 0  # steps left without an update (non-finite loss or gradient), over the whole run
     skipped_in_a_row: int = 0  # the current streak of them (not saved: a resumed job starts at 0)
     decay_groups: str = "timm"  # the backbone's weight-decay grouping (train.engine.DECAY_GROUPS), kept for life
+    layer_decay: float = 1.0  # the backbone's layer-wise lr decay (its optimizer groups), kept for life
     # what the last log step wrote ({"step", "samples", "scalars": {prefix: values}}): a job that logs at the
     # checkpoint's step again writes it once more (train.tensorboard_logger)
     last_logged: dict = dataclasses.field(default_factory=dict)
@@ -350,6 +351,7 @@ def save_checkpoint(
             "last_logged": state.last_logged,
             "skipped_steps": state.skipped_steps,
             "decay_groups": state.decay_groups,
+            "layer_decay": state.layer_decay,
             "rank_streams": True,  # each rank's RNG its own (saved before 2026-12-06: one stream for all)
         }
         with open(os.path.join(tmp, "meta.json"), "w") as f:  # written last: marks the folder complete
@@ -408,6 +410,7 @@ def load_checkpoint(
         last_logged=dict(meta.get("last_logged", {})),
         skipped_steps=int(meta.get("skipped_steps", 0)),
         decay_groups=str(meta.get("decay_groups", "ndim")),
+        layer_decay=float(meta.get("layer_decay", 1.0)),
     )
 
 

@@ -38,6 +38,10 @@ class OptimConfig:
     lr: float = 1e-3
     head_lr: float = 1e-2
     weight_decay: float = 0.05
+    # layer-wise lr decay for fine-tuning a pretrained trunk (BEiT; timm's param_groups_layer_decay): the trunk's
+    # layer i of L trains at lr x layer_decay^(L - i), its last layer and the neck at lr; 1 = off (0.65-0.75
+    # for ViTs from ImageNet-21k weights). Kept for the run's life: a resume keeps its checkpoint's groups
+    layer_decay: float = 1.0
     head_weight_decay: float = 0.0  # decay shrinks ||W_j|| towards 0 where only directions matter (docs/losses.md 4.9)
     fc_lr: float = 0.0  # CHEST's shared FC h (replicated head parameters); 0 = the backbone's optim.lr
     # "adamw" or "sgd" (momentum optim.head_momentum): per class AdamW keeps 2 x 4 B x D of moments, SGD 1 x;
@@ -74,6 +78,8 @@ class OptimConfig:
             raise ValueError(f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
             raise ValueError(f"optim.beta1={self.beta1} and optim.beta2={self.beta2} must be in [0, 1) (AdamW's betas)")
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise ValueError(f"optim.layer_decay={self.layer_decay} must be in (0, 1] (1 = every layer at optim.lr)")
         if min(self.weight_decay, self.head_weight_decay, self.grad_clip) < 0:
             raise ValueError("optim.weight_decay, optim.head_weight_decay and optim.grad_clip must be >= 0 (0 = off)")
 

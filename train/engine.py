@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -81,10 +82,16 @@ def no_weight_decay_patterns(module: nn.Module) -> set[str]:
     return names
 
 
-def param_groups(module: nn.Module, weight_decay: float, decay_groups: str = "timm") -> list[dict[str, Any]]:
+def param_groups(
+    module: nn.Module, weight_decay: float, decay_groups: str = "timm", layer_decay: float = 1.0, lr: float = 1.0
+) -> list[dict[str, Any]]:
     """No weight decay on biases and normalisation weights (every 1-D tensor) and, with decay_groups="timm",
     on what the trunk's `no_weight_decay()` names (timm's `param_groups_weight_decay`); groups in this order
-    (train/elastic.py restores them by position)."""
+    (train/elastic.py restores them by position).
+
+    layer_decay < 1: a decay and a no-decay group per layer of `module.trunk` (timm's `param_groups_layer_decay`,
+    layers from the trunk's group_matcher), each at lr x its `lr_scale`, the top layer's (scale 1, with the
+    neck) first, so the engine's reported lr (group 0's) is optim.lr's schedule."""
     if decay_groups not in DECAY_GROUPS:
         raise ValueError(f"decay_groups={decay_groups!r} must be one of {DECAY_GROUPS} (a checkpoint's meta.json)")
     patterns = no_weight_decay_patterns(module) if decay_groups == "timm" else set()
@@ -92,10 +99,42 @@ def param_groups(module: nn.Module, weight_decay: float, decay_groups: str = "ti
     def exempt(name: str, p: torch.Tensor) -> bool:
         return p.ndim <= 1 or any(fnmatch.fnmatch(name, pattern) for pattern in patterns)
 
+    if layer_decay < 1.0:
+        return _layer_decay_groups(module, weight_decay, layer_decay, lr, exempt)
     params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     decay = [p for n, p in params if not exempt(n, p)]
     no_decay = [p for n, p in params if exempt(n, p)]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _layer_decay_groups(
+    module: nn.Module, weight_decay: float, layer_decay: float, lr: float, exempt: Callable[[str, torch.Tensor], bool]
+) -> list[dict[str, Any]]:
+    """param_groups' per-layer groups: timm assigns the trunk's parameters to layers; the rest (the neck) is
+    the top layer."""
+    from timm.optim import param_groups_layer_decay
+
+    trunk = getattr(module, "trunk", None)
+    if not isinstance(trunk, nn.Module):
+        raise ValueError(f"optim.layer_decay needs the embedding model's trunk; {type(module).__name__} has none")
+    prefix = "trunk."
+    exempt_in_trunk = [n for n, p in trunk.named_parameters() if exempt(prefix + n, p)]
+    groups = param_groups_layer_decay(
+        trunk, weight_decay, no_weight_decay_list=exempt_in_trunk, layer_decay=layer_decay
+    )
+    if len({g["lr_scale"] for g in groups}) == 1:
+        raise ValueError(
+            f"optim.layer_decay={layer_decay}: timm puts every parameter of {type(trunk).__name__} in one layer "
+            "(no group_matcher); set optim.layer_decay=1"
+        )
+    trunk_ids = {id(p) for p in trunk.parameters()}
+    rest = [(n, p) for n, p in module.named_parameters() if p.requires_grad and id(p) not in trunk_ids]
+    groups += [
+        {"params": [p for n, p in rest if not exempt(n, p)], "weight_decay": weight_decay, "lr_scale": 1.0},
+        {"params": [p for n, p in rest if exempt(n, p)], "weight_decay": 0.0, "lr_scale": 1.0},
+    ]
+    groups = sorted((g for g in groups if g["params"]), key=lambda g: -g["lr_scale"])  # stable: timm's order within
+    return [{**g, "lr": lr * g["lr_scale"]} for g in groups]
 
 
 class GuardedAdamW(torch.optim.AdamW):
@@ -146,13 +185,16 @@ def build_engine(
     load_universal: bool = False,
     compile_scope: str = "",
     decay_groups: str = "timm",
+    layer_decay: float | None = None,
 ) -> Any:
     """`deepspeed.initialize` over the backbone with a torch AdamW client optimizer (GuardedAdamW), its
     optimizer reachable as `engine.client_optimizer`; `compile_scope` ("blocks" or "model"; "" for none):
     what `compile_trunk` compiles.
 
-    A client optimizer needs no compiled op, so CPU machines start in seconds.
+    A client optimizer needs no compiled op, so CPU machines start in seconds. `decay_groups` and `layer_decay`
+    (default optim.layer_decay) shape the optimizer's groups: a resume passes its checkpoint's.
     """
+    layer_decay = optim.layer_decay if layer_decay is None else layer_decay
     import deepspeed
     import deepspeed.ops
 
@@ -166,7 +208,7 @@ def build_engine(
     if GuardedAdamW not in ZERO_SUPPORTED_OPTIMIZERS:
         ZERO_SUPPORTED_OPTIMIZERS.append(GuardedAdamW)
     optimizer = GuardedAdamW(
-        param_groups(backbone, optim.weight_decay, decay_groups),
+        param_groups(backbone, optim.weight_decay, decay_groups, layer_decay, optim.lr),
         lr=optim.lr,
         betas=(optim.beta1, optim.beta2),
         fused=optim.fused or None,

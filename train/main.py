@@ -86,6 +86,14 @@ def build_model(
             "what the trunk's no_weight_decay() names (ViT pos_embed, cls_token) so its optimizer state loads",
             flush=True,
         )
+    # layer-wise lr decay: its optimizer groups are the checkpoint's too (their lrs come back with its schedule)
+    layer_decay = float(meta.get("layer_decay", 1.0)) if meta else cfg.optim.layer_decay
+    if layer_decay != cfg.optim.layer_decay and env.is_main:
+        print(
+            f"note: {resume_from} trained with optim.layer_decay={layer_decay:g}; the run keeps it (its optimizer "
+            f"state and learning rates are per layer group), not optim.layer_decay={cfg.optim.layer_decay:g}",
+            flush=True,
+        )
     engine = build_engine(
         build_backbone(cfg.model),
         cfg.optim,
@@ -95,6 +103,7 @@ def build_model(
         load_universal=universal,
         compile_scope=cfg.model.compile_scope if cfg.model.compile else "",
         decay_groups=decay_groups,
+        layer_decay=layer_decay,
     )
     head = build_head(
         cfg.loss,
@@ -113,7 +122,7 @@ def build_model(
     # the same blocks for its i-th sample. A resume at the same world size restores each rank's saved
     # state over this; at another world size the step joins the seed, so the streams do not repeat step 0's.
     seed_everything(stable_seed(cfg.seed, "rank", env.rank, "step", meta.get("step", 0)) % 2**32)
-    state = ckpt.TrainState()
+    state = ckpt.TrainState(layer_decay=layer_decay)
     if resume_from:
         state = ckpt.load_checkpoint(resume_from, env, engine, head, head_opt, head_sched, universal)
         if env.is_main:
