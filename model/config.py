@@ -26,8 +26,8 @@ class ModelConfig:
     # own output (CHEST's x^E is the ViT's CLS output), and embed_dim must equal the trunk's width
     neck: bool = True
     in_chans: int = 3
-    # a ViT's image size (0 = the model's default, which must then be data.image_size); trunks that take any size
-    # (CNNs) have none: 0 (train.config.check_trunk_image_size)
+    # a ViT's image size (0 = the model's default, which must then be data.image_size: train.config.
+    # check_trunk_image_size); trunks that take any size (CNNs) have none: 0
     img_size: int = 0
     patch_size: int = 0  # override a ViT's patch size for small images (0 = the model's default)
     drop_path_rate: float = 0.0
@@ -52,7 +52,8 @@ class ModelConfig:
     def validate(self) -> None:
         if not self.name:
             raise ValueError("model.name is empty: give a timm model name, e.g. model.name=resnet10t")
-        if self.name.startswith("hf-hub:"):  # timm would fetch its config from the Hugging Face Hub
+        # timm fetches such a model's config from the Hugging Face Hub (it reads the prefix in any case, "_" or "-")
+        if self.name.split(":", 1)[0].lower().replace("_", "-") == "hf-hub" and ":" in self.name:
             raise ValueError(
                 f"model.name={self.name!r} names a Hugging Face Hub model, and nothing is downloaded: give timm's "
                 "architecture name (e.g. vit_small_patch16_224) and the weights as model.checkpoint_path=FILE"

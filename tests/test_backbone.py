@@ -88,6 +88,7 @@ def test_neck_takes_the_pooled_output_width(name: str, width: int) -> None:
     "settings, message",
     [
         # what validate cannot see: an architecture argument the model's constructor lacks (VGG: no drop path)
+        (dict(name="resnet18", img_size=28), "model.img_size: resnet18 has no img_size.*set model.img_size=0"),
         (dict(name="resnet18", patch_size=8), "model.patch_size: resnet18 has no patch_size.*set model.patch_size=0"),
         (dict(name="vgg11", drop_path_rate=0.1), "model.drop_path_rate: vgg11 has no drop_path_rate"),
         (dict(name="vgg11", grad_checkpointing=True), "timm's vgg11 cannot checkpoint.*model.grad_checkpointing=false"),

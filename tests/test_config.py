@@ -86,9 +86,9 @@ def test_unknown_recipe() -> None:
         ("zero.stage=4", "zero.stage=4"),
         ("model.in_chans=3", "model.in_chans=3 differs from data.in_chans=1"),
         ("model.img_size=64", "model.img_size=64 differs from data.image_size"),
-        ("model.img_size=28", "model.img_size=28: test_resnet takes images of any size.*set model.img_size=0"),
         ("model.name=vit_tiny_patch16_224", "built for 224x224 images.*data.image_size=28; set model.img_size=28"),
         ("model.name=hf-hub:timm/vit_tiny_patch16_224", "names a Hugging Face Hub model, and nothing is downloaded"),
+        ("model.name=HF_HUB:timm/vit_tiny_patch16_224", "names a Hugging Face Hub model"),  # timm's old spelling
         ("max_steps=0", "max_steps=0 must be >= 1"),
         ("data.batch_size=0", "batch_size"),
         ("data.num_classes=-1", "num_classes"),

@@ -53,30 +53,32 @@ def test_groups_follow_timms_layers_and_keep_the_weight_decay_split() -> None:
         param_groups(nn.Sequential(nn.Linear(2, 2)), 0.05, layer_decay=DECAY)
 
 
-def _first_step_rates(stage: int) -> dict[str, float]:
-    """Median |update| / lr of each parameter after one engine step (weight decay off)."""
+def _first_step_rates(stage: int, bf16: bool) -> dict[str, float]:
+    """Median |update| / lr of each parameter's fp32 master weights after one engine step (weight decay off)."""
     import deepspeed.utils
 
     from train.engine import build_engine
 
-    model = tiny_vit()
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optim = OptimConfig(lr=LR, warmup_steps=0, weight_decay=0.0, layer_decay=DECAY)
-    engine = build_engine(model, optim, ZeroConfig(stage=stage), micro_batch=2, max_steps=10)
+    engine = build_engine(tiny_vit(), optim, ZeroConfig(stage=stage, bf16=bf16), micro_batch=2, max_steps=10)
+
+    def masters() -> dict[str, torch.Tensor]:
+        return {
+            n: (deepspeed.utils.safe_get_full_fp32_param(p) if stage else p).detach().float().clone()
+            for n, p in engine.module.named_parameters()
+        }
+
+    before = masters()
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    engine.backward(engine(x).pow(2).mean())
+    engine.backward(engine(x.to(torch.bfloat16 if bf16 else torch.float32)).float().pow(2).mean())
     engine.step()
-    rates = {}
-    for name, p in engine.module.named_parameters():
-        after = deepspeed.utils.safe_get_full_fp32_param(p) if stage == 3 else p
-        rates[name] = float(((after.detach() - before[name]).abs() / LR).median())
-    return rates
+    return {n: float(((after - before[n]).abs() / LR).median()) for n, after in masters().items()}
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_each_layer_trains_at_its_rate_under_zero(dist_pool, stage: int) -> None:
+@pytest.mark.parametrize("stage, bf16", [(0, False), (1, False), (2, False), (3, False), (2, True)])
+def test_each_layer_trains_at_its_rate_under_zero(dist_pool, stage: int, bf16: bool) -> None:
     scales = expected_scales(tiny_vit())
-    for rates in dist_pool(2).run(_first_step_rates, stage):
+    for rates in dist_pool(2).run(_first_step_rates, stage, bf16):
         for name, rate in rates.items():
             assert rate == pytest.approx(scales[name], rel=0.02), (name, rate, scales[name])
 

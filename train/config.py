@@ -437,10 +437,10 @@ def backbone_norm(model_name: str) -> dict[str, Any]:
 
 
 def check_trunk_image_size(model: ModelConfig, image_size: int) -> None:
-    """Refuse, before anything is built or queued, an image size the trunk cannot take: a trunk built for one
-    size (timm's fixed_input_size: ViTs, Swin) left at its default while the data has another fails at its first
-    forward, on every rank; model.img_size on a trunk that takes any size (CNNs) is an argument its constructor
-    lacks. Names timm has no config for are left to model.backbone.build_backbone."""
+    """Refuse, before anything is built or queued, a trunk built for one image size (timm's fixed_input_size:
+    ViTs, Swin) left at its default while the data has another: it fails at its first forward, on every rank.
+    Names timm has no config for, and model.img_size on a trunk whose constructor lacks it (CNNs; a few
+    size-free models take one), are left to model.backbone.build_backbone."""
     import timm  # here, not at the top: configs are read by processes that never build a model
 
     try:
@@ -455,11 +455,6 @@ def check_trunk_image_size(model: ModelConfig, image_size: int) -> None:
             f"model.name={model.name} is built for {default[0]}x{default[1]} images unless told otherwise, but "
             f"data.image_size={image_size}; set model.img_size={image_size} (the position embeddings of a "
             "model.checkpoint_path are resampled to it)"
-        )
-    if not pretrained.fixed_input_size and model.img_size:
-        raise ValueError(
-            f"model.img_size={model.img_size}: {model.name} takes images of any size and has no image size "
-            "to set; set model.img_size=0"
         )
 
 

@@ -67,15 +67,16 @@ def train_step(run: "Run") -> dict[str, float]:
     sums["lr"], sums["head_lr"] = float(tr.engine.get_lr()[0]), float(tr.head_scheduler.get_last_lr()[0])
     stats = running_stats(tr.engine.module)
     before = [t.clone() for t in stats]  # forward passes update BatchNorm statistics, a skipped step may not
+    # a checkpointed block's backward re-runs its forward in training mode, and BatchNorm would count the
+    # micro-batch twice (momentum ~0.19, not 0.1): there the backward may not change the statistics
+    recomputed = stats if recomputes_forward(tr.engine.module) else []
     for _ in range(accum_steps):
         images, labels = next(batches)
         labels = labels.to(tr.device, non_blocking=True)
         out = tr.task(tr.model_input(images), labels, step=step)
-        # a checkpointed block's backward re-runs its forward in training mode, and BatchNorm would count the
-        # micro-batch twice (momentum ~0.19, not 0.1): the backward may not change the statistics
-        after_forward = [t.clone() for t in stats]
+        after_forward = [t.clone() for t in recomputed]
         tr.engine.backward(out["loss"])
-        restore_(stats, after_forward)
+        restore_(recomputed, after_forward)
         for key, value in out.items():
             parts[key] = parts.get(key, 0.0) + value.detach().float() / accum_steps
         if tr.engine.is_gradient_accumulation_boundary():
@@ -112,6 +113,12 @@ def running_stats(module: torch.nn.Module) -> list[torch.Tensor]:
         for buffer in (sub.running_mean, sub.running_var, sub.num_batches_tracked)
         if buffer is not None
     ]
+
+
+def recomputes_forward(module: torch.nn.Module) -> bool:
+    """Whether activation checkpointing is on somewhere in `module` (timm's set_grad_checkpointing sets
+    `grad_checkpointing` on the model, and on stages that checkpoint their own blocks)."""
+    return any(getattr(sub, "grad_checkpointing", False) is True for sub in module.modules())
 
 
 def restore_(buffers: list[torch.Tensor], saved: list[torch.Tensor]) -> None:
