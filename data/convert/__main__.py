@@ -2,13 +2,14 @@
 
 This module owns only argument parsing; the converters live in their own
 modules (data.convert.mnist, .sop, .cub, .cars, .inshop, .imagenet, .ms1m,
-.verification) and the shared sharding/restart/manifest logic in
+.verification, .folder) and the shared sharding/restart/manifest logic in
 data.convert.common.
 
   python -m data.convert mnist5k --root DIR   (or mnist5k_open: digits 0-4 train, 5-9 test)
   python -m data.convert sop --src Stanford_Online_Products --out DIR [--shard-size N]
   python -m data.convert cub --src CUB_200_2011 --out DIR --num-parts 8 --part 3
   python -m data.convert cub --src CUB_200_2011 --out DIR --num-parts 8 --part -1
+  python -m data.convert folder --src MY_IMAGES --out DIR   (MY_IMAGES/train/<class>/*.jpg, val/..., test/...)
 
 A conversion is restartable (finished shards are kept). With --num-parts P,
 run --part 0 .. P-1 (e.g. as Slurm array tasks), then --part -1 once to
@@ -22,7 +23,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from data.convert import cars, cub, imagenet, inshop, ms1m, sop, verification
+from data.convert import cars, cub, folder, imagenet, inshop, ms1m, sop, verification
 from data.convert.common import ORDERS, Split, convert
 from data.convert.mnist import LAYOUTS, write_mnist5k_atomic
 from data.shards import MANIFEST_NAME
@@ -35,6 +36,7 @@ CONVERTERS: dict[str, tuple[Callable[[str], list[Split]], str]] = {
     "imagenet": (imagenet.splits, "ILSVRC-2012 (train/<wnid>/, val/ + labels) -> train/val"),
     "ms1m": (ms1m.splits, "insightface MS1MV2 (train.rec, train.idx) -> train"),
     "verification": (verification.splits, "insightface .bin pair files -> one split per file"),
+    "folder": (folder.splits, "your own images: <split>/<class>/<image> folders -> one split per folder"),
 }
 
 
@@ -99,8 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     load_splits = CONVERTERS[args.dataset][0]
     # All source checks happen here, before convert() writes anything.
     splits = load_splits(args.src)
+    dataset = folder.dataset_name(splits) if args.dataset == "folder" else args.dataset  # names the protocol
     done = convert(
-        args.dataset,
+        dataset,
         args.out,
         splits,
         args.shard_size,
@@ -110,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         order=args.order,
     )
     if done:
-        print(f"wrote {args.dataset} shards and {MANIFEST_NAME} into {args.out}")
+        print(f"wrote {dataset} shards and {MANIFEST_NAME} into {args.out}")
     else:
         print(f"wrote part {args.part} of {args.num_parts}; run --part -1 once all parts are done")
     return 0

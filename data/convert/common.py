@@ -76,6 +76,35 @@ class Split:
     notes: dict = field(default_factory=dict)  # extra keys for the manifest entry
 
 
+IMAGE_EXTS = (".jpeg", ".jpg", ".png")  # what folder listings take as images (any case)
+APPLEDOUBLE = "._"  # macOS resource forks that a copy from a Mac leaves beside each image
+SYSTEM_DIRS = ("lost+found",)  # made by fsck at a file system's root; only root may remove it
+
+
+@dataclass
+class Skipped:
+    """What a folder listing left out, by reason (paths relative to --src), so none of it is silent."""
+
+    by_reason: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, reason: str, path: str) -> None:
+        """Record one skipped path under its reason."""
+        self.by_reason.setdefault(reason, []).append(path)
+
+    def counts(self) -> dict[str, int]:
+        """reason -> how many were skipped (the manifest's `skipped`)."""
+        return {reason: len(paths) for reason, paths in sorted(self.by_reason.items())}
+
+    def notes(self) -> dict:
+        """Manifest keys recording what a split's listing skipped (none when nothing was)."""
+        return {"skipped": self.counts()} if self.by_reason else {}
+
+    def report(self, where: str) -> None:
+        """One stderr line per reason, with a few examples; `where` e.g. "imagenet train"."""
+        for reason, paths in sorted(self.by_reason.items()):
+            print(f"{where}: skipped {len(paths)} {reason}, e.g. {paths[:3]}", file=sys.stderr)
+
+
 def read_file(item: Item) -> bytes:
     """`load` for items whose ref is an image file path."""
     with open(str(item.ref), "rb") as f:

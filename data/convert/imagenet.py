@@ -32,40 +32,27 @@ from __future__ import annotations
 import csv
 import os
 import re
-import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
-from data.convert.common import Item, Split, check_files, load_struct_array, mat_scalar, read_file
+from data.convert.common import (
+    APPLEDOUBLE,
+    IMAGE_EXTS,
+    SYSTEM_DIRS,
+    Item,
+    Skipped,
+    Split,
+    check_files,
+    load_struct_array,
+    mat_scalar,
+    read_file,
+)
 
-IMAGE_EXTS = (".jpeg", ".jpg", ".png")
 LABEL_FILES = ("LOC_val_solution.csv", "val_labels.txt")
 GROUND_TRUTH = "ILSVRC2012_validation_ground_truth.txt"
 META_MAT = "meta.mat"
 DEVKIT_DIRS = (os.path.join("ILSVRC2012_devkit_t12", "data"), "")  # relative to --src, in search order
 WNID = re.compile(r"n\d{8}")
-APPLEDOUBLE = "._"
-SYSTEM_DIRS = ("lost+found",)  # made by fsck at a file system's root; only root may remove it
-
-
-@dataclass
-class Skipped:
-    """What a listing left out, by reason (paths relative to --src), so none of it is silent."""
-
-    by_reason: dict[str, list[str]] = field(default_factory=dict)
-
-    def add(self, reason: str, path: str) -> None:
-        """Record one skipped path under its reason."""
-        self.by_reason.setdefault(reason, []).append(path)
-
-    def counts(self) -> dict[str, int]:
-        """reason -> how many were skipped (the manifest's `skipped`)."""
-        return {reason: len(paths) for reason, paths in sorted(self.by_reason.items())}
-
-    def report(self, split: str) -> None:
-        """One stderr line per reason, with a few examples."""
-        for reason, paths in sorted(self.by_reason.items()):
-            print(f"imagenet {split}: skipped {len(paths)} {reason}, e.g. {paths[:3]}", file=sys.stderr)
 
 
 @dataclass
@@ -272,14 +259,9 @@ def splits(src: str) -> list[Split]:
         )
         for rel, wnid in val_rows
     ]
-    train_skipped.report("train")
-    val_skipped.report("val")
+    train_skipped.report("imagenet train")
+    val_skipped.report("imagenet val")
     return [
-        Split("train", train, read_file, class_map, notes=_notes(train_skipped)),
-        Split("val", val, read_file, dict(class_map), notes=_notes(val_skipped)),
+        Split("train", train, read_file, class_map, notes=train_skipped.notes()),
+        Split("val", val, read_file, dict(class_map), notes=val_skipped.notes()),
     ]
-
-
-def _notes(skipped: Skipped) -> dict:
-    """Manifest keys recording what a split's listing skipped (none when nothing was)."""
-    return {"skipped": skipped.counts()} if skipped.by_reason else {}

@@ -32,6 +32,9 @@ DATASET_PROTOCOLS: dict[str, tuple[str, tuple[int, ...]]] = {
     "sop": ("retrieval", (1, 10, 100, 1000)),
     "inshop": ("query_gallery", (1, 10, 20, 30, 40, 50)),
     "verification": ("verification", ()),
+    # python -m data.convert folder: held-out images of the training classes, or classes training never saw
+    "folder_classification": ("classification", (1, 2, 4, 8)),
+    "folder_retrieval": ("retrieval", (1, 2, 4, 8)),
 }
 DEFAULT_KS = (1, 2, 4, 8)
 

@@ -1,0 +1,116 @@
+"""Tests of the `folder` converter (a user's own `<split>/<class>/<image>` tree): labels agree across splits,
+the manifest's name picks the protocol (held-out images of the training classes: classification; unseen
+classes: retrieval), skipped files are counted, bad layouts are refused before anything is written, and a
+converted tree trains and evaluates."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from data.convert.__main__ import main
+from tests.test_convert_common import image, jpeg, manifest, meta, png, read_split, write_image
+
+TREE = {  # path under --src -> image bytes
+    "train/cat/c1.jpg": jpeg(1),
+    "train/cat/c2.JPG": jpeg(2),
+    "train/dog/c1.jpg": jpeg(3),  # the same file name as a cat's: keys must still differ
+    "train/dog/d2.png": png(4),
+    "train/red.panda/p1.jpeg": jpeg(5),  # a '.' in a class name
+    "val/dog/v1.jpg": jpeg(6),
+    "val/cat/v2.jpg": jpeg(7),
+}
+NOISE = {  # skipped and counted, never read as images
+    "train/.DS_Store": b"\0",
+    "train/dog/._d2.png": b"\0",
+    "train/dog/notes.txt": b"x",
+    "val/.ipynb_checkpoints/x.jpg": jpeg(8),
+}
+
+
+def make_tree(src: str, tree: dict[str, bytes]) -> None:
+    for rel, data in tree.items():
+        write_image(os.path.join(src, rel), data)
+
+
+def test_a_tree_of_the_same_classes_is_a_classification_set(tmp_path, capsys) -> None:
+    src, out = str(tmp_path / "mine"), str(tmp_path / "out")
+    make_tree(src, {**TREE, **NOISE})
+    assert main(["folder", "--src", src, "--out", out, "--no-progress"]) == 0
+    m = manifest(out)
+    assert m["dataset"] == "folder_classification"
+    assert m["splits"]["train"]["class_map"] == {"cat": 0, "dog": 1, "red.panda": 2}
+    assert m["splits"]["val"]["class_map"] == {"cat": 0, "dog": 1}  # the training ids
+    assert m["splits"]["train"]["skipped"] == {
+        "hidden file(s)": 1,
+        "macOS AppleDouble file(s) ('._*')": 1,
+        "non-image file(s)": 1,
+    }
+    assert m["splits"]["val"]["skipped"] == {"hidden or lost+found folder(s)": 1}
+    assert "folder train: skipped 1 non-image file(s), e.g. ['train/dog/notes.txt']" in capsys.readouterr().err
+    for split in ("train", "val"):
+        samples = read_split(out, split)
+        expected = {rel for rel in TREE if rel.startswith(f"{split}/")}
+        assert {meta(s)["path"] for s in samples.values()} == expected
+        for s in samples.values():
+            info = meta(s)
+            assert int(s["cls"]) == m["splits"]["train"]["class_map"][info["class"]]
+            assert image(s) == TREE[info["path"]] and info["split"] == split
+
+
+def test_unseen_classes_make_a_retrieval_set_and_keep_the_training_ids(tmp_path) -> None:
+    src, out = str(tmp_path / "mine"), str(tmp_path / "out")
+    make_tree(src, {**TREE, "test/fox/f1.jpg": jpeg(9), "test/ant/a1.jpg": jpeg(10), "test/cat/c9.jpg": jpeg(11)})
+    main(["folder", "--src", src, "--out", out, "--no-progress"])
+    m = manifest(out)
+    assert m["dataset"] == "folder_retrieval"
+    assert m["splits"]["train"]["class_map"] == {"cat": 0, "dog": 1, "red.panda": 2}  # train's ids come first
+    assert m["splits"]["test"]["class_map"] == {"ant": 3, "cat": 0, "fox": 4}
+
+
+@pytest.mark.parametrize(
+    "tree, error, message",
+    [
+        ({"val/cat/v.jpg": jpeg(1)}, ValueError, r"has no train folder \(found \['val'\]\)"),
+        ({**TREE, "loose.jpg": jpeg(1)}, ValueError, "holds 1 image.s. outside any split folder"),
+        ({**TREE, "train/loose.jpg": jpeg(1)}, ValueError, "train holds 1 image.s. outside any class folder"),
+        ({**TREE, "train/cat/more/c3.jpg": jpeg(1)}, ValueError, r"cat holds folder\(s\) \['more'\]"),
+        ({**TREE, "train/empty/readme.txt": b"x"}, ValueError, "empty holds no images"),
+        ({**TREE, "val/readme.txt": b"x"}, ValueError, "val holds no class folders"),
+    ],
+)
+def test_bad_layouts_are_refused_before_anything_is_written(tmp_path, tree: dict, error: type, message: str) -> None:
+    src, out = str(tmp_path / "mine"), str(tmp_path / "out")
+    make_tree(src, tree)
+    if "val/readme.txt" in tree:  # a split folder with files but no classes
+        for rel in [r for r in tree if r.startswith("val/") and r != "val/readme.txt"]:
+            os.remove(os.path.join(src, rel))
+            os.rmdir(os.path.dirname(os.path.join(src, rel)))
+    with pytest.raises(error, match=message):
+        main(["folder", "--src", src, "--out", out, "--no-progress"])
+    assert not os.path.exists(out)
+    with pytest.raises(FileNotFoundError, match="nowhere does not exist; expected a folder laid out as <split>"):
+        main(["folder", "--src", str(tmp_path / "nowhere"), "--out", out])
+
+
+def _train_and_evaluate(root: str, run_root: str) -> dict:
+    from launch.__main__ import build_config
+    from tests.test_train import small_overrides
+    from train.main import run
+
+    overrides = small_overrides(root, run_root, "mine", 6) + ["data.num_classes=0", "data.num_workers=0"]
+    overrides += ["data.batch_size=4", "data.eval_batch_size=4", "checkpoint.every_steps=100"]
+    return run(build_config("mnist_distarc", overrides)).to_json()
+
+
+def test_a_converted_tree_trains_and_evaluates_by_its_protocol(dist_pool, tmp_path) -> None:
+    src, out = str(tmp_path / "mine"), str(tmp_path / "out")
+    make_tree(
+        src, {f"{split}/{c}/{i}.jpg": jpeg(7 * i + c) for split in ("train", "val") for c in range(3) for i in range(4)}
+    )
+    main(["folder", "--src", src, "--out", out, "--no-progress"])
+    summary = dist_pool(1).run(_train_and_evaluate, out, str(tmp_path / "runs"))[0]
+    assert summary["step"] == 6 and summary["num_samples"] == 12  # every val image, labels read from the manifest
+    assert summary["rows"][0].startswith("val (classification, 12 images): top-1 cosine")  # top-1 through the head
+    assert 0.0 <= summary["acc_measure"] <= 1.0
