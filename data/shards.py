@@ -20,7 +20,8 @@ CONVERT_STATE_NAME = ".convert-state.json"
 # Appended to "not found" errors so the user knows how to get shards.
 _FIX_HINT = (
     "convert the data set with `python -m data.convert {sop,cub,cars,inshop,imagenet,ms1m,verification} --src "
-    "<published folder> --out DIR` and set data.root=DIR (the MNIST digits: data.prepare=mnist5k), or point "
+    "<published folder> --out DIR` (your own <split>/<class>/<image> tree: `python -m data.convert folder`) and "
+    "set data.root=DIR (the MNIST digits: data.prepare=mnist5k), or point "
     "data.root at an existing shard folder"
 )
 

@@ -47,7 +47,7 @@ def test_a_tree_of_the_same_classes_is_a_classification_set(tmp_path, capsys) ->
         "macOS AppleDouble file(s) ('._*')": 1,
         "non-image file(s)": 1,
     }
-    assert m["splits"]["val"]["skipped"] == {"hidden or lost+found folder(s)": 1}
+    assert m["splits"]["val"]["skipped"] == {"hidden or system folder(s) (lost+found, __MACOSX)": 1}
     assert "folder train: skipped 1 non-image file(s), e.g. ['train/dog/notes.txt']" in capsys.readouterr().err
     for split in ("train", "val"):
         samples = read_split(out, split)
@@ -92,6 +92,42 @@ def test_bad_layouts_are_refused_before_anything_is_written(tmp_path, tree: dict
     assert not os.path.exists(out)
     with pytest.raises(FileNotFoundError, match="nowhere does not exist; expected a folder laid out as <split>"):
         main(["folder", "--src", str(tmp_path / "nowhere"), "--out", out])
+
+
+def test_names_users_have(tmp_path, capsys) -> None:
+    """A '.' in a split's name, a class folder copied from a Mac (decomposed accent) beside its composed twin in
+    another split, formats the shards do not take, __MACOSX: converted, or skipped under their own reason."""
+    src, out = str(tmp_path / "mine"), str(tmp_path / "out")
+    composed, decomposed = "caf\u00e9", "cafe\u0301"
+    tree = {f"train/{composed}/a.jpg": jpeg(1), "train/tea/b.jpg": jpeg(2), f"val.v2/{decomposed}/c.jpg": jpeg(3)}
+    make_tree(src, {**tree, "train/tea/d.webp": b"RIFF", "__MACOSX/train/._a.jpg": b"\0"})
+    main(["folder", "--src", src, "--out", out, "--no-progress"])
+    m = manifest(out)
+    assert m["dataset"] == "folder_classification"  # one class in both splits
+    assert m["splits"]["val.v2"]["class_map"] == {composed: 0}
+    assert m["splits"]["train"]["skipped"] == {
+        "hidden or system folder(s) (lost+found, __MACOSX)": 1,
+        "image(s) neither JPEG nor PNG (convert them first)": 1,
+    }
+    assert {meta(s)["path"] for s in read_split(out, "val.v2").values()} == {f"val.v2/{decomposed}/c.jpg"}
+    err = capsys.readouterr().err
+    assert "folder: split 'val.v2': 1 classes (0 not in train), 1 images" in err
+    assert "folder: evaluation protocol classification (every class is a training class)" in err
+
+
+def test_links_to_nothing_names_in_two_forms_and_out_inside_src_are_refused(tmp_path) -> None:
+    src, out = tmp_path / "mine", str(tmp_path / "out")
+    make_tree(str(src), TREE)
+    os.symlink(tmp_path / "nowhere.jpg", src / "train" / "cat" / "gone.jpg")
+    with pytest.raises(FileNotFoundError, match=r"1 image link\(s\) in .*cat point to no file, e.g. \['gone.jpg'\]"):
+        main(["folder", "--src", str(src), "--out", out, "--no-progress"])
+    os.remove(src / "train" / "cat" / "gone.jpg")
+    with pytest.raises(SystemExit):  # argparse's error: the shards would be read as a split at the next restart
+        main(["folder", "--src", str(src), "--out", str(src / "shards"), "--no-progress"])
+    make_tree(str(src), {"train/cafe\u0301/x.jpg": jpeg(1), "train/caf\u00e9/y.jpg": jpeg(2)})
+    with pytest.raises(ValueError, match="are one name in two Unicode forms; merge them"):
+        main(["folder", "--src", str(src), "--out", out, "--no-progress"])
+    assert not os.path.exists(out) and not os.path.exists(src / "shards")
 
 
 def _train_and_evaluate(root: str, run_root: str) -> dict:

@@ -165,7 +165,7 @@ def test_imagenet_skips_hidden_folders_refuses_strays(tmp_path) -> None:
     m = manifest(out)
     assert m["splits"]["train"]["class_map"] == {wnid: i for i, wnid in enumerate(WNIDS)}
     assert m["splits"]["train"]["num_samples"] == 6 and _val_wnids(out) == VAL
-    assert m["splits"]["train"]["skipped"] == {"hidden or lost+found folder(s)": 2}
+    assert m["splits"]["train"]["skipped"] == {"hidden or system folder(s) (lost+found, __MACOSX)": 2}
     os.makedirs(os.path.join(src, "train", "extra"))
     with pytest.raises(ValueError, match=r"not ImageNet class folders .*'extra'.*remove or move"):
         main(["imagenet", "--src", src, "--out", str(tmp_path / "o2")])

@@ -98,6 +98,12 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(str(err))
         print(f"wrote {args.dataset} shards and {MANIFEST_NAME} into {args.root}")
         return 0
+    src, out = os.path.realpath(args.src), os.path.realpath(args.out)
+    if args.dataset == "folder" and (out == src or out.startswith(src + os.sep)):  # its every folder is a split
+        parser.error(
+            f"--out {args.out} lies inside --src {args.src}, where it would be read as a split; write the "
+            "shards somewhere else"
+        )
     load_splits = CONVERTERS[args.dataset][0]
     # All source checks happen here, before convert() writes anything.
     splits = load_splits(args.src)

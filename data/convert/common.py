@@ -78,7 +78,9 @@ class Split:
 
 IMAGE_EXTS = (".jpeg", ".jpg", ".png")  # what folder listings take as images (any case)
 APPLEDOUBLE = "._"  # macOS resource forks that a copy from a Mac leaves beside each image
-SYSTEM_DIRS = ("lost+found",)  # made by fsck at a file system's root; only root may remove it
+# lost+found: made by fsck at a file system's root, only root may remove it; __MACOSX: unzipping a Mac's archive
+SYSTEM_DIRS = ("lost+found", "__MACOSX")
+SYSTEM_DIRS_SKIPPED = "hidden or system folder(s) (lost+found, __MACOSX)"  # the reason Skipped records
 
 
 @dataclass

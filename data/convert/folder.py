@@ -4,45 +4,73 @@ one such tree per split) -> shards.
 This module owns reading a layout that no published data set fixes: every folder of --src is a split (one
 named `train` is required), every folder inside a split a class, named as the labels are meant, and the
 images directly inside a class folder (.jpg, .jpeg, .png, any case) its samples.
-Class ids: the train split's class names in sorted order -> 0..C-1; a class of another split keeps its train
-id, classes train lacks follow in sorted order (C, C+1, ...), so labels agree across splits whatever the
-protocol. The manifest's data set name chooses the evaluation protocol: "folder_classification" when every
-other split's classes are train classes (held-out images of the same classes: top-1 through the head),
-else "folder_retrieval" (unseen classes, SOP-style: Recall@K and MAP@R); `metrics.protocol` overrides it.
+Class ids: the train split's class names in sorted (string) order -> 0..C-1, as torchvision's ImageFolder
+numbers them ("10" before "2"); a class of another split keeps its train id, classes train lacks follow in
+sorted order (C, C+1, ...), so labels agree across splits whatever the protocol. Names are compared
+Unicode-composed (NFC): a folder copied from a Mac (decomposed accents) is the same class.
+The manifest's data set name chooses the evaluation protocol of every split: "folder_classification" when
+every other split's classes are train classes (held-out images of the same classes: top-1 through the
+head), else "folder_retrieval" (unseen classes, SOP-style: Recall@K and MAP@R); `metrics.protocol`
+overrides it. What was found (splits, classes, images, protocol) is printed before anything is written.
 
-Skipped, reported on stderr and in the manifest (`skipped`): hidden folders and files, lost+found, macOS
-AppleDouble files ('._*') and files without an image extension. Refused before anything is written: no
-train folder, images in --src or in a split folder (no class), a class folder holding a folder (a level
-nobody reads: its images would be lost) or no images (a class without samples).
+Skipped, reported on stderr and in the manifest (`skipped`): hidden folders and files, lost+found, __MACOSX,
+macOS AppleDouble files ('._*'), images neither JPEG nor PNG (.webp, .bmp, .tif, ...: their own reason) and
+other files. Refused before anything is written: no train folder, images in --src or in a split folder (no
+class), a class folder holding a folder (a level nobody reads: its images would be lost) or no images (a
+class without samples), two class folders of one split whose names differ only in Unicode form, and image
+links that point to no file.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import unicodedata
 
-from data.convert.common import APPLEDOUBLE, IMAGE_EXTS, SYSTEM_DIRS, Item, Skipped, Split, read_file
+from data.convert.common import (
+    APPLEDOUBLE,
+    IMAGE_EXTS,
+    SYSTEM_DIRS,
+    SYSTEM_DIRS_SKIPPED,
+    Item,
+    Skipped,
+    Split,
+    read_file,
+)
 
 LAYOUT = "<split>/<class>/<image>, e.g. train/cat/0001.jpg and val/cat/0100.jpg"
+# images the shards do not take (they hold JPEG or PNG bytes as published): counted apart from other files
+OTHER_IMAGE_EXTS = (".webp", ".bmp", ".tif", ".tiff", ".gif", ".heic", ".avif")
 
 
 def _entries(folder: str, src: str, skipped: Skipped) -> tuple[list[str], list[str]]:
-    """(folder names, image names) in `folder`, sorted (a fixed order across runs); the rest is skipped."""
-    folders, images = [], []
+    """(folder names, image names) in `folder`, sorted (a fixed order across runs); the rest is skipped.
+    A symbolic link to no file is refused (it would fail half-way through the conversion)."""
+    folders: list[str] = []
+    images: list[str] = []
+    broken: list[str] = []
     with os.scandir(folder) as entries:
         for entry in entries:
+            name = entry.name
             if entry.is_dir():
-                if entry.name.startswith(".") or entry.name in SYSTEM_DIRS:
-                    skipped.add("hidden or lost+found folder(s)", os.path.relpath(entry.path, src))
+                if name.startswith(".") or name in SYSTEM_DIRS:
+                    skipped.add(SYSTEM_DIRS_SKIPPED, os.path.relpath(entry.path, src))
                 else:
-                    folders.append(entry.name)
-            elif entry.name.startswith(APPLEDOUBLE):
+                    folders.append(name)
+            elif name.startswith(APPLEDOUBLE):
                 skipped.add("macOS AppleDouble file(s) ('._*')", os.path.relpath(entry.path, src))
-            elif entry.name.startswith("."):
+            elif name.startswith("."):
                 skipped.add("hidden file(s)", os.path.relpath(entry.path, src))
-            elif entry.name.lower().endswith(IMAGE_EXTS):
-                images.append(entry.name)
+            elif name.lower().endswith(IMAGE_EXTS):
+                (images if entry.is_file() else broken).append(name)  # a stat for symbolic links only
+            elif name.lower().endswith(OTHER_IMAGE_EXTS):
+                skipped.add("image(s) neither JPEG nor PNG (convert them first)", os.path.relpath(entry.path, src))
             else:
                 skipped.add("non-image file(s)", os.path.relpath(entry.path, src))
+    if broken:
+        raise FileNotFoundError(
+            f"{len(broken)} image link(s) in {folder} point to no file, e.g. {sorted(broken)[:3]}; fix or remove them"
+        )
     return sorted(folders), sorted(images)
 
 
@@ -57,8 +85,16 @@ def _split_images(src: str, split: str, skipped: Skipped) -> dict[str, list[str]
         )
     if not classes:
         raise ValueError(f"{folder} holds no class folders; the layout is {LAYOUT}")
-    images = {}
+    images: dict[str, list[str]] = {}
+    by_label: dict[str, str] = {}
     for name in classes:
+        label = _label(name)
+        if label in by_label:
+            raise ValueError(
+                f"class folders {by_label[label]!r} and {name!r} of {folder} are one name in two Unicode forms; "
+                "merge them"
+            )
+        by_label[label] = name
         inner, names = _entries(os.path.join(folder, name), src, skipped)
         if inner:
             raise ValueError(
@@ -72,6 +108,11 @@ def _split_images(src: str, split: str, skipped: Skipped) -> dict[str, list[str]
             )
         images[name] = names
     return images
+
+
+def _label(folder_name: str) -> str:
+    """A class folder's label: its name, Unicode-composed (NFC) so that splits copied from a Mac agree."""
+    return unicodedata.normalize("NFC", folder_name)
 
 
 def splits(src: str) -> list[Split]:
@@ -90,23 +131,26 @@ def splits(src: str) -> list[Split]:
     listed = {}
     for split in order:
         listed[split] = _split_images(src, split, skipped.setdefault(split, Skipped()))
-    ids = {name: i for i, name in enumerate(sorted(listed["train"]))}
-    for name in sorted(set().union(*listed.values()) - set(ids)):
-        ids[name] = len(ids)
+    labels = {split: {_label(name): name for name in listed[split]} for split in order}
+    ids = {label: i for i, label in enumerate(sorted(labels["train"]))}
+    for label in sorted(set().union(*labels.values()) - set(ids)):
+        ids[label] = len(ids)
     out = []
     for split in order:
+        pairs = [(label, image) for label in sorted(labels[split]) for image in listed[split][labels[split][label]]]
         items = [
             Item(
-                key=f"{split}_{index:08d}",  # class names may hold '.', and file names repeat across classes
-                cls=ids[name],
-                ref=os.path.join(src, split, name, image),
-                meta={"path": f"{split}/{name}/{image}", "class": name, "split": split},
+                key=f"img_{index:09d}",  # not from names: class and split names may hold '.', file names repeat
+                cls=ids[label],
+                ref=os.path.join(src, split, labels[split][label], image),
+                meta={"path": f"{split}/{labels[split][label]}/{image}", "class": label, "split": split},
             )
-            for index, (name, image) in enumerate((n, i) for n in sorted(listed[split]) for i in listed[split][n])
+            for index, (label, image) in enumerate(pairs)
         ]
         skipped[split].report(f"folder {split}")
-        class_map = {name: ids[name] for name in sorted(listed[split])}
+        class_map = {label: ids[label] for label in sorted(labels[split])}
         out.append(Split(split, items, read_file, class_map, notes=skipped[split].notes()))
+    print(describe(out), file=sys.stderr)  # before any write: a stray folder shows up as a split here
     return out
 
 
@@ -115,3 +159,16 @@ def dataset_name(splits: list[Split]) -> str:
     train = set(splits[0].class_map)
     closed = all(set(s.class_map) <= train for s in splits[1:])
     return "folder_classification" if closed else "folder_retrieval"
+
+
+def describe(splits: list[Split]) -> str:
+    """What the tree was read as: each split's classes and images, and the protocol it chooses (and why)."""
+    train = set(splits[0].class_map)
+    lines = []
+    for s in splits:
+        new = len(set(s.class_map) - train)
+        seen = "" if s is splits[0] else f" ({new} not in train)"
+        lines.append(f"folder: split {s.name!r}: {len(s.class_map)} classes{seen}, {len(s.items)} images")
+    name = dataset_name(splits)
+    why = "every class is a training class" if name == "folder_classification" else "some classes are not in train"
+    return "\n".join([*lines, f"folder: evaluation protocol {name.removeprefix('folder_')} ({why})"])

@@ -18,7 +18,7 @@ Class id = index of the wnid in the sorted list of train folders, the same
 for "train" and "val" (ImageNet evaluates on the training classes).
 
 Skipped, and reported on stderr and in the manifest (`skipped`): hidden
-folders ('.ipynb_checkpoints'), `lost+found`, macOS AppleDouble files
+folders ('.ipynb_checkpoints'), `lost+found`, `__MACOSX`, macOS AppleDouble files
 ('._*', resource forks that a copy from a Mac leaves beside each image) and
 files without an image extension. Refused before anything is written: a
 folder of train/ or val/ that is not a wnid (it would become a class and
@@ -39,6 +39,7 @@ from data.convert.common import (
     APPLEDOUBLE,
     IMAGE_EXTS,
     SYSTEM_DIRS,
+    SYSTEM_DIRS_SKIPPED,
     Item,
     Skipped,
     Split,
@@ -77,7 +78,7 @@ def _list(folder: str, src: str, skipped: Skipped, in_class: bool = False) -> Li
             # relpath only for skipped entries: one per image would cost seconds on 1.3M files.
             if entry.is_dir():
                 if entry.name.startswith(".") or entry.name in SYSTEM_DIRS:
-                    skipped.add("hidden or lost+found folder(s)", os.path.relpath(entry.path, src))
+                    skipped.add(SYSTEM_DIRS_SKIPPED, os.path.relpath(entry.path, src))
                 elif WNID.fullmatch(entry.name) and not in_class:
                     folders.append(entry.name)
                 else:
