@@ -193,6 +193,15 @@ def test_imagenet_refuses_empty_class_folders(tmp_path) -> None:
     assert not os.path.exists(out)
 
 
+def test_imagenet_refuses_image_links_to_no_file(tmp_path) -> None:
+    src, out = str(tmp_path / "imagenet"), str(tmp_path / "out")
+    make_imagenet(src, "csv")
+    os.symlink(tmp_path / "nowhere.JPEG", os.path.join(src, "train", WNIDS[0], "gone.JPEG"))
+    with pytest.raises(FileNotFoundError, match=r"1 image link\(s\) in .*point to no file, e.g. \['gone.JPEG'\]"):
+        main(["imagenet", "--src", src, "--out", out])
+    assert not os.path.exists(out)
+
+
 def test_imagenet_refuses_mixed_val(tmp_path) -> None:
     """One class folder in a flat val/ must not silently drop every flat image."""
     src, out = str(tmp_path / "imagenet"), str(tmp_path / "out")

@@ -107,6 +107,15 @@ class Skipped:
             print(f"{where}: skipped {len(paths)} {reason}, e.g. {paths[:3]}", file=sys.stderr)
 
 
+def refuse_broken_links(folder: str, broken: list[str]) -> None:
+    """Refuse image names of `folder` that are symbolic links to no file (a listing keeps only names, so the
+    conversion would otherwise fail half-way, at the first read of one)."""
+    if broken:
+        raise FileNotFoundError(
+            f"{len(broken)} image link(s) in {folder} point to no file, e.g. {sorted(broken)[:3]}; fix or remove them"
+        )
+
+
 def read_file(item: Item) -> bytes:
     """`load` for items whose ref is an image file path."""
     with open(str(item.ref), "rb") as f:

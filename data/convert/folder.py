@@ -36,6 +36,7 @@ from data.convert.common import (
     Skipped,
     Split,
     read_file,
+    refuse_broken_links,
 )
 
 LAYOUT = "<split>/<class>/<image>, e.g. train/cat/0001.jpg and val/cat/0100.jpg"
@@ -67,10 +68,7 @@ def _entries(folder: str, src: str, skipped: Skipped) -> tuple[list[str], list[s
                 skipped.add("image(s) neither JPEG nor PNG (convert them first)", os.path.relpath(entry.path, src))
             else:
                 skipped.add("non-image file(s)", os.path.relpath(entry.path, src))
-    if broken:
-        raise FileNotFoundError(
-            f"{len(broken)} image link(s) in {folder} point to no file, e.g. {sorted(broken)[:3]}; fix or remove them"
-        )
+    refuse_broken_links(folder, broken)
     return sorted(folders), sorted(images)
 
 

@@ -47,6 +47,7 @@ from data.convert.common import (
     load_struct_array,
     mat_scalar,
     read_file,
+    refuse_broken_links,
 )
 
 LABEL_FILES = ("LOC_val_solution.csv", "val_labels.txt")
@@ -72,7 +73,11 @@ def _list(folder: str, src: str, skipped: Skipped, in_class: bool = False) -> Li
     become a class of its own; inside a class folder (`in_class`) any folder
     would be a level nobody reads, its images silently lost.
     """
-    folders, images, stray, archives = [], [], [], []
+    folders: list[str] = []
+    images: list[str] = []
+    stray: list[str] = []
+    archives: list[str] = []
+    broken: list[str] = []
     with os.scandir(folder) as entries:
         for entry in entries:
             # relpath only for skipped entries: one per image would cost seconds on 1.3M files.
@@ -86,11 +91,12 @@ def _list(folder: str, src: str, skipped: Skipped, in_class: bool = False) -> Li
             elif entry.name.startswith(APPLEDOUBLE):
                 skipped.add("macOS AppleDouble file(s) ('._*')", os.path.relpath(entry.path, src))
             elif entry.name.lower().endswith(IMAGE_EXTS):
-                images.append(entry.name)
+                (images if entry.is_file() else broken).append(entry.name)  # a stat for symbolic links only
             elif not in_class and entry.name.endswith(".tar") and WNID.fullmatch(entry.name[: -len(".tar")]):
                 archives.append(entry.name)
             else:
                 skipped.add("non-image file(s)", os.path.relpath(entry.path, src))
+    refuse_broken_links(folder, broken)
     if stray and in_class:
         raise ValueError(
             f"class folder {folder} holds folder(s) {sorted(stray)[:5]}; its images must lie directly in it "
