@@ -130,6 +130,17 @@ def test_links_to_nothing_names_in_two_forms_and_out_inside_src_are_refused(tmp_
     assert not os.path.exists(out) and not os.path.exists(src / "shards")
 
 
+def test_the_default_shard_size_follows_the_train_split(tmp_path) -> None:
+    """Only train is dealt over the reader slots (at least 64 shards); sized by every split, a 10-image extra
+    split made 1-image shards of everything."""
+    src, out = str(tmp_path / "mine"), str(tmp_path / "out")
+    tree = {f"train/{c}/{i}.jpg": jpeg(i) for c in "ab" for i in range(65)}
+    make_tree(src, {**tree, **{f"val/a/{i}.jpg": jpeg(i) for i in range(10)}})
+    main(["folder", "--src", src, "--out", out, "--no-progress"])
+    m = manifest(out)
+    assert m["shard_size"] == 2 and len(m["splits"]["train"]["shards"]) == 65 and len(m["splits"]["val"]["shards"]) == 5
+
+
 def _train_and_evaluate(root: str, run_root: str) -> dict:
     from launch.__main__ import build_config
     from tests.test_train import small_overrides

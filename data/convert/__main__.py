@@ -24,7 +24,7 @@ import sys
 from collections.abc import Callable
 
 from data.convert import cars, cub, folder, imagenet, inshop, ms1m, sop, verification
-from data.convert.common import ORDERS, Split, convert
+from data.convert.common import ORDERS, Split, convert, default_shard_size
 from data.convert.mnist import LAYOUTS, write_mnist5k_atomic
 from data.shards import MANIFEST_NAME
 
@@ -107,12 +107,16 @@ def main(argv: list[str] | None = None) -> int:
     load_splits = CONVERTERS[args.dataset][0]
     # All source checks happen here, before convert() writes anything.
     splits = load_splits(args.src)
-    dataset = folder.dataset_name(splits) if args.dataset == "folder" else args.dataset  # names the protocol
+    dataset, shard_size = args.dataset, args.shard_size
+    if args.dataset == "folder":
+        dataset = folder.dataset_name(splits)  # names the evaluation protocol
+        if shard_size is None:  # from train alone (only it must feed every reader slot): any small extra split
+            shard_size = default_shard_size(splits[:1])  # of a user's tree made every split's shards tiny
     done = convert(
         dataset,
         args.out,
         splits,
-        args.shard_size,
+        shard_size,
         args.num_parts,
         args.part,
         progress=not args.no_progress and sys.stderr.isatty(),
