@@ -319,3 +319,29 @@ def test_class_colours_and_the_projector_sample_do_not_depend_on_the_gather_orde
     with open(os.path.join(logger.tb_dir, "00001", "euclidean", "metadata.tsv")) as f:
         shown = {int(line) for line in f.read().split()}
     assert len(shown) == 30  # every class of the set (the first 300 rows held 2)
+
+
+def test_the_pictures_name_their_coloured_classes() -> None:
+    """A legend gives the label of each strong colour (the ten most frequent classes) and says what grey is;
+    the disk keeps its proxies' legend beside it."""
+    from matplotlib.legend import Legend
+
+    points, labels = clustered(30, 20, 2, seed=5)
+    labels = torch.where(labels < 3, labels, labels + 100)  # ids that are not positions
+    labels = torch.cat([labels, torch.full((40,), 117)])  # class 117 the most frequent
+    points = torch.cat([points, torch.randn(40, 2, generator=torch.Generator().manual_seed(0))])
+    ball = to_ball(points / 40, 1.0, 2.3)
+    colours, top = pictures._class_colours(labels.numpy())
+    assert top[0] == 117
+    angles = torch.rand(labels.shape[0]) * 180
+    named = [*(str(y) for y in top[:10]), "+10 coloured", "other classes"]
+    for fig, others in (
+        (pictures.poincare_disk_figure(ball, labels, 1.0, proxies=ball[:4], proxy_labels=labels[:4]), [["proxies"]]),
+        (pictures.radial_angular_figure(angles, ball.norm(dim=1), labels, [1.0, 2.0]), []),
+    ):
+        ax = fig.axes[0]
+        legends = [ax.get_legend(), *(a for a in ax.artists if isinstance(a, Legend))]
+        assert [[t.get_text() for t in legend.get_texts()] for legend in legends] == [named, *others]
+        handles = legends[0].legend_handles
+        assert all(tuple(h.get_color()) == colours[y] for h, y in zip(handles, top[:10]))
+        pictures.figure_to_rgb(fig)  # renders

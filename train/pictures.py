@@ -12,12 +12,14 @@ of the class table. Anchor-based pictures therefore cover the classes of rank 0'
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from model.chest import ChestHead
 from model.distarc import sphere_radii
@@ -26,6 +28,7 @@ from model.proxies import ShardedHead
 
 MAX_CLASSES = 20  # classes given their own colour; the rest are grey
 MAX_SPHERE_LINES = 50  # the radius lines drawn (a face run with S = 1 draws one)
+LEGEND_CLASSES = 10  # coloured classes named in a picture's legend (the strong tab20 colours)
 GREY = (0.6, 0.6, 0.6, 0.35)
 
 
@@ -174,6 +177,21 @@ def _colours_of(labels: np.ndarray, colours: dict[int, tuple]) -> list[tuple]:
     return [colours.get(int(y), GREY) for y in labels]
 
 
+def _class_legend(ax: Any, colours: dict[int, tuple], top: list[int], loc: str) -> None:
+    """A legend of the first LEGEND_CLASSES coloured classes (their label ids) and the grey rest, kept beside
+    any legend the axes already has."""
+    shown = top[:LEGEND_CLASSES]
+    handles = [Line2D([], [], marker="o", linestyle="", markersize=4, color=colours[y], label=str(y)) for y in shown]
+    rest = len(top) - len(shown)
+    if rest:
+        handles.append(Line2D([], [], linestyle="", label=f"+{rest} coloured"))
+    handles.append(Line2D([], [], marker="o", linestyle="", markersize=4, color=GREY, label="other classes"))
+    before = ax.get_legend()
+    ax.legend(handles=handles, loc=loc, fontsize=6, title="class", title_fontsize=6, ncol=2, framealpha=0.7)
+    if before is not None:
+        ax.add_artist(before)
+
+
 def poincare_disk_figure(
     ball: torch.Tensor,
     labels: torch.Tensor,
@@ -215,6 +233,7 @@ def poincare_disk_figure(
             label="proxies",
         )
         ax.legend(loc="lower right", fontsize=7)
+    _class_legend(ax, colours, top, "upper left")
     ax.set_xlim(-1.05, 1.05)
     ax.set_ylim(-1.05, 1.05)
     ax.set_aspect("equal")
@@ -234,12 +253,13 @@ def radial_angular_figure(
     """Angle to the own class's anchor (x) against ||x|| (y), with a line at each sphere radius."""
     rows = sample_rows(angles_deg.shape[0], max_points)
     lab = labels.cpu()[rows].numpy()
-    colours, _ = _class_colours(labels.cpu().numpy())
+    colours, top = _class_colours(labels.cpu().numpy())
     fig = Figure(figsize=(6.4, 4.8), dpi=100)
     ax = fig.add_subplot()
     for radius in sphere_radii_[:MAX_SPHERE_LINES]:
         ax.axhline(radius, color="black", linewidth=0.6, linestyle="--", alpha=0.6)
     ax.scatter(angles_deg[rows].numpy(), norms[rows].numpy(), s=6, c=_colours_of(lab, colours), linewidths=0)
+    _class_legend(ax, colours, top, "upper right")
     ax.set_xlim(0, 180)
     ax.set_xlabel("angle between x and its class direction w_y (degrees)")
     ax.set_ylabel("||x||")
