@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import warnings
 from collections.abc import Callable, Iterator
 
 from data.config import DataConfig
@@ -52,6 +53,15 @@ def train_sources(cfg: DataConfig) -> list[TrainSource]:
 def _train_sources(cfg: DataConfig) -> list[TrainSource]:
     if not cfg.sources:
         check_labels(cfg.root, cfg.num_classes, cfg.train_split)
+        spanned = label_space(cfg.root, cfg.train_split) if read_manifest(cfg.root) is not None else cfg.num_classes
+        if spanned < cfg.num_classes:  # e.g. a recipe's count kept for other data: rows that never train
+            warnings.warn(
+                f"data.num_classes={cfg.num_classes} but the {cfg.train_split!r} labels of {manifest_path(cfg.root)} "
+                f"span {spanned} classes: {cfg.num_classes - spanned} rows of the class table never train (and "
+                "take part in every softmax); data.num_classes=0 reads the count from the manifest",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         shards = tuple(list_shards(cfg.root, cfg.train_split))
         return [TrainSource(cfg.root, 1.0, 0, cfg.num_classes, shards, class_counts(cfg.root, cfg.train_split))]
     sources, offset = [], 0

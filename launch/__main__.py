@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     else:  # the protocol's rows of every evaluation set, in percent (train/evaluate/)
         rows = summary.rows
         print("\n".join(rows) if rows else "no evaluation set (data.eval_split and metrics.eval_sets are empty)")
-    print(f"checkpoints: {summary.checkpoint}")
+    print(f"checkpoints: {os.path.abspath(summary.checkpoint) if summary.checkpoint else summary.checkpoint}")
     print(f"TensorBoard: tensorboard --logdir {summary.tensorboard_dir}")
     return 0
 

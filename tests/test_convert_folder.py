@@ -69,6 +69,25 @@ def test_unseen_classes_make_a_retrieval_set_and_keep_the_training_ids(tmp_path)
     assert m["splits"]["test"]["class_map"] == {"ant": 3, "cat": 0, "fox": 4}
 
 
+def test_top_1_of_classes_the_head_lacks_is_refused(tmp_path) -> None:
+    """metrics.protocol=classification on a split of new classes scored 0.00 without a word."""
+    from data.config import DataConfig
+    from train.config import MetricsConfig
+    from train.evaluate.sets import resolve_eval_sets
+
+    src, out = str(tmp_path / "mine"), str(tmp_path / "out")
+    make_tree(src, {**TREE, "test/fox/f1.jpg": jpeg(9), "test/fox/f2.jpg": jpeg(10)})
+    main(["folder", "--src", src, "--out", out, "--no-progress"])
+    data = DataConfig(root=out, num_classes=3, eval_split="test")
+    with pytest.raises(ValueError, match="labels up to 3, beyond the head's 3 classes.*metrics.protocol=retrieval"):
+        resolve_eval_sets(data, MetricsConfig(protocol="classification", recall_ks=(1,)))
+    assert resolve_eval_sets(data, MetricsConfig(recall_ks=(1,)))[0].protocol == "retrieval"  # auto
+    (val,) = resolve_eval_sets(
+        DataConfig(root=out, num_classes=3, eval_split="val"), MetricsConfig(protocol="classification")
+    )
+    assert val.protocol == "classification"
+
+
 @pytest.mark.parametrize(
     "tree, error, message",
     [

@@ -345,3 +345,16 @@ def test_the_pictures_name_their_coloured_classes() -> None:
         handles = legends[0].legend_handles
         assert all(tuple(h.get_color()) == colours[y] for h, y in zip(handles, top[:10]))
         pictures.figure_to_rgb(fig)  # renders
+
+
+def test_embeddings_of_a_step_evaluated_again_replace_the_first(tmp_path, capsys) -> None:
+    """A finished run started again evaluates its last step again: torch printed "Embedding dir exists" and
+    kept the old folder's files beside the new."""
+    points, labels = clustered(4, 10, 3, seed=1)
+    for labs in (labels, labels + 10):
+        logger = TensorBoardLogger(str(tmp_path), True)
+        logger.log_embeddings(7, {"euclidean": points}, labs, None, max_points=40)
+        logger.close()
+    assert "Embedding dir exists" not in capsys.readouterr().out
+    with open(os.path.join(logger.tb_dir, "00007", "euclidean", "metadata.tsv")) as f:
+        assert {int(line) for line in f.read().split()} == {10, 11, 12, 13}  # the second evaluation's

@@ -7,6 +7,7 @@ import dataclasses
 import io
 import itertools
 import os
+import warnings
 
 import pytest
 import torch
@@ -167,6 +168,17 @@ def test_too_few_shards_for_slots(root: str) -> None:
 def test_labels_beyond_num_classes_rejected(root: str) -> None:
     with pytest.raises(ValueError, match="data.num_classes=3"):
         build_train_loader(make_cfg(root, num_classes=3), 0, 1)
+
+
+def test_a_table_larger_than_the_labels_is_pointed_out(root: str) -> None:
+    """A recipe's class count kept for other data (the digits' 10 on 4 classes): rows that never train."""
+    from data.mixture import train_sources
+
+    with pytest.warns(RuntimeWarning, match="data.num_classes=9 but the 'train' labels of .* span 4 classes: 5 rows"):
+        train_sources(make_cfg(root, num_classes=9))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train_sources(make_cfg(root, num_classes=4))
 
 
 @pytest.mark.parametrize(

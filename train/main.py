@@ -105,6 +105,15 @@ def build_model(
         decay_groups=decay_groups,
         layer_decay=layer_decay,
     )
+    if env.is_main and cfg.model.checkpoint_path and not resume_from:  # a resume's weights are its checkpoint's
+        print(f"trunk weights: {cfg.model.checkpoint_path}", flush=True)
+    if env.is_main and layer_decay < 1:
+        scales = sorted({group["lr_scale"] for group in engine.client_optimizer.param_groups})
+        print(
+            f"optim.layer_decay={layer_decay:g}: {len(scales)} layers, lr x {scales[0]:.3g} (the stem) to x 1 (the top "
+            "layer and the neck)",
+            flush=True,
+        )
     head = build_head(
         cfg.loss,
         cfg.data.num_classes,

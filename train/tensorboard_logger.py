@@ -266,6 +266,9 @@ class TensorBoardLogger:
             # by class showed a few classes); the norms of every point
             rows = sample_rows(points.shape[0], max_points)
             pts = points[rows.to(points.device)].detach().float().cpu()
+            stale = os.path.join(self.tb_dir, f"{step:05d}", space)  # torch's folder for (step, tag)
+            if os.path.isdir(stale):  # this step evaluated again (a finished run started again): its points are
+                shutil.rmtree(stale)  # replaced, without torch's "Embedding dir exists" line
             self.writer.add_embedding(pts, metadata=labels.cpu()[rows].tolist(), tag=space, global_step=step)
             self._histogram(f"eval/{space}_norm", points.detach().float().norm(dim=1).cpu(), step)
         if table_rows is not None and table_rows.numel():

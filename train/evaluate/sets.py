@@ -135,6 +135,13 @@ def resolve_eval_sets(data: DataConfig, metrics: MetricsConfig, splits: list[str
         sets.append(
             make_set(data.root, split, metrics, prefix="" if not sets else f"{split}/", protocol=metrics.protocol)
         )
+        labels = label_space(data.root, split)
+        if sets[-1].protocol == "classification" and data.num_classes and labels > data.num_classes:
+            raise ValueError(
+                f"split {split!r} of {manifest_path(data.root)} has labels up to {labels - 1}, beyond the head's "
+                f"{data.num_classes} classes: top-1 cannot score classes the head has no row for (it would read 0); "
+                "score it with metrics.protocol=retrieval (or auto), or evaluate a split of the training classes"
+            )
     for item in metrics.eval_sets:
         root, _, named = item.partition(":")
         if read_manifest(root) is None:
