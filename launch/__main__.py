@@ -1,5 +1,5 @@
-"""CLI: `python -m launch [--recipe NAME] [--slurm] [--sweep KEY=V1,V2 ...] [--estimate | --print-config]
-[key=value ...]`.
+"""CLI: `python -m launch [--recipe NAME | --config FILE] [--slurm] [--sweep KEY=V1,V2 ...]
+[--estimate | --print-config] [key=value ...]`.
 
 Builds the recipe, applies overrides, validates, checks what can be checked before queueing
 (launch/preflight.py), prints the config, prepares data that ships in a package, then runs the job
@@ -29,14 +29,21 @@ from launch.recipes import DEFAULT_RECIPE, RECIPES, get_recipe
 from launch.sweep import expand, varying_keys, write_summary
 from slurm.executor import executor_job_name, make_executor
 from slurm.job import TrainJob
-from train.config import RunConfig
+from train.config import RunConfig, load_yaml
 from train.run_owner import record_submission
 from train.summary import RunSummary
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m launch", description=__doc__.split("\n")[0])
-    p.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"one of {sorted(RECIPES)}")
+    p.add_argument("--recipe", default=None, help=f"one of {sorted(RECIPES)} (default {DEFAULT_RECIPE})")
+    p.add_argument(
+        "--config",
+        default="",
+        metavar="FILE",
+        help="a YAML config instead of --recipe: your own recipe (start from --print-config's output) or a run's "
+        "config.yaml; overrides apply on top",
+    )
     p.add_argument("--slurm", action="store_true", help="submit to Slurm (AutoExecutor) instead of local processes")
     p.add_argument("--no-wait", action="store_true", help="return after submission (Slurm)")
     p.add_argument(
@@ -72,11 +79,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "a GPU run that would not fit is refused",
     )
     p.add_argument("overrides", nargs="*", help="dotted key=value, e.g. optim.lr=1e-3 slurm.tasks_per_node=4")
-    return p.parse_intermixed_args(argv)  # overrides may come before and after flags
+    args = p.parse_intermixed_args(argv)  # overrides may come before and after flags
+    if args.config and args.recipe:
+        p.error(f"give --recipe {args.recipe} or --config {args.config}, not both (the file is the whole recipe)")
+    args.recipe = args.recipe or DEFAULT_RECIPE
+    return args
 
 
-def build_config(recipe: str, overrides: list[str]) -> RunConfig:
-    return apply_overrides(get_recipe(recipe), overrides).resolved()
+def base_config(recipe: str, config: str = "") -> RunConfig:
+    """The recipe by name, or the YAML file `config` (errors name the file)."""
+    return load_yaml(config) if config else get_recipe(recipe)
+
+
+def build_config(recipe: str, overrides: list[str], config: str = "") -> RunConfig:
+    return apply_overrides(base_config(recipe, config), overrides).resolved()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,16 +100,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         refuse_repeated_keys(args.overrides, args.sweep or [])
         if args.print_config:  # validated, unresolved: needs no converted data (data.num_classes=0 = the manifest's)
-            cfg = apply_overrides(get_recipe(args.recipe), args.overrides).validate()
+            cfg = apply_overrides(base_config(args.recipe, args.config), args.overrides).validate()
             check_model(cfg)  # what a submission refuses, --print-config too
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             for line in cfg.warnings():
                 print(f"warning: {line}", file=sys.stderr)
             return 0
         if args.sweep:
-            sweep_dir, cfgs = expand(args.recipe, args.overrides, args.sweep, args.sweep_name)
+            sweep_dir, cfgs = expand(args.recipe, args.overrides, args.sweep, args.sweep_name, args.config)
         else:
-            cfgs = [build_config(args.recipe, args.overrides)]
+            cfgs = [build_config(args.recipe, args.overrides, args.config)]
         if args.estimate:
             return print_estimates(cfgs, DEFAULT_GPU_MEM_GIB if args.gpu_mem_gib is None else args.gpu_mem_gib)
         for i, cfg in enumerate(cfgs):  # data that ships in a package, then data.num_classes=0 from its manifest:

@@ -81,7 +81,7 @@ def _training_settings(overrides: list[str]) -> list[str]:
     )
 
 
-def default_sweep_name(base_name: str, overrides: list[str], specs: list[str]) -> str:
+def default_sweep_name(base_name: str, overrides: list[str], specs: list[str], config: str = "") -> str:
     """`<name>-sweep-<digest>` of the grid and of the overrides that change training (not run_root, name or
     slurm.*). Two different sweeps must not share a folder: the second would resume the first's finished
     points whose labels match, and the summary table would list the points of both. The very same command
@@ -89,7 +89,11 @@ def default_sweep_name(base_name: str, overrides: list[str], specs: list[str]) -
     their folders), so it does not change the digest; key order does (it orders the labels)."""
     settings = _training_settings(overrides)
     grid = [f"{key}={','.join(sorted(values))}" for key, values in _axes(specs)]
-    digest = hashlib.sha1(json.dumps({"overrides": settings, "grid": grid}).encode()).hexdigest()[:8]
+    named: dict[str, Any] = {"overrides": settings, "grid": grid}
+    if config:  # a --config file: its content is part of what trains (two files may share a name)
+        with open(config, "rb") as f:
+            named["config"] = hashlib.sha1(f.read()).hexdigest()
+    digest = hashlib.sha1(json.dumps(named).encode()).hexdigest()[:8]
     return f"{base_name}-sweep-{digest}"
 
 
@@ -99,11 +103,19 @@ def legacy_sweep_name(base_name: str, overrides: list[str]) -> str:
     return f"{base_name}-sweep" + (f"-{hashlib.sha1(';'.join(settings).encode()).hexdigest()[:8]}" if settings else "")
 
 
-def expand(recipe: str, overrides: list[str], specs: list[str], sweep_name: str = "") -> tuple[str, list[RunConfig]]:
-    """(sweep dir, one validated config per grid point)."""
+def expand(
+    recipe: str, overrides: list[str], specs: list[str], sweep_name: str = "", config: str = ""
+) -> tuple[str, list[RunConfig]]:
+    """(sweep dir, one validated config per grid point); `config`: a YAML file instead of the recipe."""
     grid = parse_grid(specs)
-    base = apply_overrides(get_recipe(recipe), overrides)
-    name = sweep_name or default_sweep_name(base.name, overrides, specs)
+    if config and any(key == "recipe" for key, _ in grid[0]):
+        raise ValueError(f"--sweep recipe=... picks recipes, but --config {config} gives the base: sweep other keys")
+
+    def base_of(name: str) -> RunConfig:
+        return load_yaml(config) if config else get_recipe(name)
+
+    base = apply_overrides(base_of(recipe), overrides)
+    name = sweep_name or default_sweep_name(base.name, overrides, specs, config)
     sweep_dir = os.path.join(base.run_root, name)
     legacy = os.path.join(base.run_root, legacy_sweep_name(base.name, overrides))
     if not sweep_name and not os.path.isdir(sweep_dir) and os.path.isdir(legacy):
@@ -122,7 +134,7 @@ def expand(recipe: str, overrides: list[str], specs: list[str], sweep_name: str 
                 f"sweep point folder {label[:60]}... is {len(label.encode())} bytes, more than a file name may be "
                 "(255); sweep fewer keys or shorter values (e.g. name the data sets' roots by shorter links)"
             )
-        cfg = apply_overrides(get_recipe(point_recipe), [*overrides, *rest, f"run_root={sweep_dir}", f"name={label}"])
+        cfg = apply_overrides(base_of(point_recipe), [*overrides, *rest, f"run_root={sweep_dir}", f"name={label}"])
         cfgs.append(cfg.resolved())
     check_one_submission(cfgs)
     return sweep_dir, cfgs

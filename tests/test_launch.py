@@ -484,3 +484,42 @@ def test_print_config_refuses_an_unknown_model_and_the_sweep_table_has_a_help(ca
     with pytest.raises(SystemExit) as done:
         sweep_main(["/nonexistent/sweep"])
     assert done.value.code == 2 and "is not a folder" in capsys.readouterr().err
+
+
+def test_a_yaml_recipe_of_ones_own_is_submitted_and_swept(tmp_path, monkeypatch, capsys) -> None:
+    """--config FILE: a recipe written as YAML (here --print-config's output, edited) is the base the overrides,
+    the submission and a sweep start from; --recipe beside it is refused."""
+    import yaml
+
+    import launch.__main__ as launcher
+    from launch.sweep import expand
+
+    assert main(["--recipe", "mnist_open_distarc", "--print-config"]) == 0
+    mine = yaml.safe_load(capsys.readouterr().out)
+    mine["name"], mine["optim"]["lr"] = "mine", 0.00123
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump(mine, sort_keys=False))
+    submitted = []
+
+    class Executor:
+        def submit(self, job):
+            submitted.append(job)
+            return type("Job", (), {"job_id": "1"})()
+
+    monkeypatch.setattr(launcher, "make_executor", lambda *args: Executor())
+    monkeypatch.setattr(launcher, "preflight", lambda *args, **kwargs: None)  # no cluster here
+    monkeypatch.setattr(launcher, "record_submission", lambda *args, **kwargs: None)
+    overrides = [f"run_root={tmp_path}", f"data.root={tmp_path / 'digits'}", "seed=7"]
+    assert main(["--config", str(path), "--no-wait", *overrides]) == 0, capsys.readouterr().err
+    cfg = submitted[0].cfg
+    assert (cfg.name, cfg.optim.lr, cfg.seed, cfg.loss.name) == ("mine", 0.00123, 7, "distarc")
+    with pytest.raises(SystemExit):
+        main(["--recipe", "mnist_distarc", "--config", str(path)])
+    assert "not both" in capsys.readouterr().err
+    sweep_dir, cfgs = expand("", overrides, ["seed=0,1"], config=str(path))
+    assert [c.name for c in cfgs] == ["seed=0", "seed=1"] and all(c.optim.lr == 0.00123 for c in cfgs)
+    mine["optim"]["lr"] = 0.002  # another file of the same name: another sweep folder
+    path.write_text(yaml.safe_dump(mine, sort_keys=False))
+    assert expand("", overrides, ["seed=0,1"], config=str(path))[0] != sweep_dir
+    with pytest.raises(ValueError, match="--config .* gives the base: sweep other keys"):
+        expand("", overrides, ["recipe=mnist_distarc,mnist_chest"], config=str(path))
