@@ -79,8 +79,19 @@ def test_top_1_of_classes_the_head_lacks_is_refused(tmp_path) -> None:
     make_tree(src, {**TREE, "test/fox/f1.jpg": jpeg(9), "test/fox/f2.jpg": jpeg(10)})
     main(["folder", "--src", src, "--out", out, "--no-progress"])
     data = DataConfig(root=out, num_classes=3, eval_split="test")
-    with pytest.raises(ValueError, match="labels up to 3, beyond the head's 3 classes.*metrics.protocol=retrieval"):
+    with pytest.raises(ValueError, match="labels up to 3, beyond the 3 classes the head trains.*protocol=retrieval"):
         resolve_eval_sets(data, MetricsConfig(protocol="classification", recall_ks=(1,)))
+    # rows above the train labels never train (a larger table), or are another source's classes (a mixture,
+    # whose table is the sum): fox would be scored against an untrained row or against the other source's class
+    other = str(tmp_path / "other")
+    make_tree(str(tmp_path / "other_src"), {f"train/{c}/x.jpg": jpeg(20 + i) for i, c in enumerate("vwxyz")})
+    main(["folder", "--src", str(tmp_path / "other_src"), "--out", other, "--no-progress"])
+    for wider in (
+        DataConfig(root=out, num_classes=5, eval_split="test"),
+        DataConfig(root=out, num_classes=8, eval_split="test", sources=((out, 1.0), (other, 1.0))),
+    ):
+        with pytest.raises(ValueError, match="labels up to 3, beyond the 3 classes the head trains"):
+            resolve_eval_sets(wider, MetricsConfig(protocol="classification", recall_ks=(1,)))
     assert resolve_eval_sets(data, MetricsConfig(recall_ks=(1,)))[0].protocol == "retrieval"  # auto
     (val,) = resolve_eval_sets(
         DataConfig(root=out, num_classes=3, eval_split="val"), MetricsConfig(protocol="classification")

@@ -128,6 +128,16 @@ def check_set(eval_set: EvalSet, retrieval: bool = False) -> None:
             )
 
 
+def _trained_classes(data: DataConfig) -> int:
+    """The head rows data.root's labels train: its train split's label space (with data.sources, the rows
+    above it are the other sources' classes; without, rows above it never train), at most data.num_classes;
+    0 when unknown (num_classes unresolved, or no train split in the manifest)."""
+    manifest = read_manifest(data.root)
+    if not data.num_classes or manifest is None or data.train_split not in manifest.get("splits", {}):
+        return data.num_classes if not data.sources else 0
+    return min(data.num_classes, label_space(data.root, data.train_split))
+
+
 def resolve_eval_sets(data: DataConfig, metrics: MetricsConfig, splits: list[str] | None = None) -> list[EvalSet]:
     """The primary set (data.root's `splits`, default data.eval_split) and every metrics.eval_sets entry."""
     sets: list[EvalSet] = []
@@ -135,12 +145,13 @@ def resolve_eval_sets(data: DataConfig, metrics: MetricsConfig, splits: list[str
         sets.append(
             make_set(data.root, split, metrics, prefix="" if not sets else f"{split}/", protocol=metrics.protocol)
         )
-        labels = label_space(data.root, split)
-        if sets[-1].protocol == "classification" and data.num_classes and labels > data.num_classes:
+        labels, trained = label_space(data.root, split), _trained_classes(data)
+        if sets[-1].protocol == "classification" and trained and labels > trained:
             raise ValueError(
-                f"split {split!r} of {manifest_path(data.root)} has labels up to {labels - 1}, beyond the head's "
-                f"{data.num_classes} classes: top-1 cannot score classes the head has no row for (it would read 0); "
-                "score it with metrics.protocol=retrieval (or auto), or evaluate a split of the training classes"
+                f"split {split!r} of {manifest_path(data.root)} has labels up to {labels - 1}, beyond the {trained} "
+                f"classes the head trains for it: top-1 cannot score classes without a trained row of their own (it "
+                "would read 0, or score them against another source's classes); score it with "
+                "metrics.protocol=retrieval (or auto), or evaluate a split of the training classes"
             )
     for item in metrics.eval_sets:
         root, _, named = item.partition(":")
