@@ -90,9 +90,13 @@ def default_sweep_name(base_name: str, overrides: list[str], specs: list[str], c
     settings = _training_settings(overrides)
     grid = [f"{key}={','.join(sorted(values))}" for key, values in _axes(specs)]
     named: dict[str, Any] = {"overrides": settings, "grid": grid}
-    if config:  # a --config file: its content is part of what trains (two files may share a name)
-        with open(config, "rb") as f:
-            named["config"] = hashlib.sha1(f.read()).hexdigest()
+    if config:  # a --config file: what it trains is part of the sweep (two files may share a name); its
+        # run_root, name and slurm.* are not, as on the command line (a raised time limit resumes the points),
+        # nor its comments and layout (the settings are hashed, not the bytes)
+        settings_of_file = {
+            k: v for k, v in load_yaml(config).to_dict().items() if k not in ("run_root", "name", "slurm")
+        }
+        named["config"] = hashlib.sha1(json.dumps(settings_of_file, sort_keys=True, default=str).encode()).hexdigest()
     digest = hashlib.sha1(json.dumps(named).encode()).hexdigest()[:8]
     return f"{base_name}-sweep-{digest}"
 

@@ -516,8 +516,13 @@ def test_a_yaml_recipe_of_ones_own_is_submitted_and_swept(tmp_path, monkeypatch,
     with pytest.raises(SystemExit):
         main(["--recipe", "mnist_distarc", "--config", str(path)])
     assert "not both" in capsys.readouterr().err
+    assert main(["--config", str(path), "recipe=mnist_chest"]) == 2  # its advice must not be refused in turn
+    assert "with --config FILE, the file is the recipe: edit it" in capsys.readouterr().err
     sweep_dir, cfgs = expand("", overrides, ["seed=0,1"], config=str(path))
     assert [c.name for c in cfgs] == ["seed=0", "seed=1"] and all(c.optim.lr == 0.00123 for c in cfgs)
+    mine["slurm"]["time_min"] = 700  # what the command line's slurm.* would not change: the same folder
+    path.write_text("# my notes\n" + yaml.safe_dump(mine, sort_keys=False))  # nor a comment
+    assert expand("", overrides, ["seed=0,1"], config=str(path))[0] == sweep_dir
     mine["optim"]["lr"] = 0.002  # another file of the same name: another sweep folder
     path.write_text(yaml.safe_dump(mine, sort_keys=False))
     assert expand("", overrides, ["seed=0,1"], config=str(path))[0] != sweep_dir

@@ -23,7 +23,10 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
         key, value = item.split("=", 1)
         if key.strip() == "recipe":  # a label of where the config came from: as an override it renamed the
             # recipe without changing one setting (and hid a run dir's other recipe from launch's check)
-            raise ValueError(f"override {item!r}: choose the recipe with --recipe {value.strip() or 'NAME'}")
+            raise ValueError(
+                f"override {item!r}: choose the recipe with --recipe {value.strip() or 'NAME'} (with --config FILE, "
+                "the file is the recipe: edit it, or drop --config)"
+            )
         cfg = _set(cfg, key.strip().split("."), value.strip(), key.strip())
     return cfg
 
