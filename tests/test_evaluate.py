@@ -6,6 +6,7 @@ before anything is embedded."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import os
@@ -414,3 +415,61 @@ def test_the_end_of_training_evaluation_equals_the_checkpoint_s(dist_pool, mnist
     assert in_training["acc_poincare"] == again["acc_poincare"]
     # the export (its table in class order, CHEST's rows put back) evaluates as the checkpoint it came from
     assert dist_pool(1).run(_evaluate, str(tmp_path / "bn"), True)[0]["metrics"] == again
+
+
+def _embed_under_zero3(batches_per_rank: list[int], flip: bool) -> tuple[list[float], list[int]]:
+    """embed_loader through a ZeRO-3 engine on this rank's share of 4-image batches (seeded by rank)."""
+    import torch.distributed as dist
+
+    from train.config import OptimConfig, ZeroConfig
+    from train.engine import build_engine
+    from train.evaluate.protocols import embed_loader
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    reference = copy.deepcopy(net)
+    # threshold 0: no parameter stays whole on every rank, so every forward gathers (a ViT's blocks do)
+    engine = build_engine(
+        net,
+        OptimConfig(warmup_steps=0),
+        ZeroConfig(stage=3, bf16=False, stage3_param_persistence_threshold=0),
+        micro_batch=4,
+        max_steps=10,
+    )
+    engine.eval()
+
+    class Task:
+        backbone = engine
+
+        class head:
+            embed_dim = 8
+
+        @staticmethod
+        def embed(x: torch.Tensor) -> torch.Tensor:
+            return engine(x).float()
+
+    rank = dist.get_rank()
+    generator = torch.Generator().manual_seed(rank)
+    loader = [
+        (torch.randn(4, 16, generator=generator), torch.arange(4) + 10 * rank) for _ in range(batches_per_rank[rank])
+    ]
+    emb, labels, _ = embed_loader(Task(), loader, torch.device("cpu"), lambda x: x, flip=flip)  # type: ignore[arg-type]
+    with torch.no_grad():
+        images = torch.cat([x for x, _ in loader]) if loader else torch.zeros(0, 16)
+        mine = reference(images)
+        if flip:
+            mine = flip_mean(mine, reference(torch.flip(images, dims=[-1])))
+        start = sum(4 * n for n in batches_per_rank[:rank])
+    assert torch.allclose(emb[start : start + mine.shape[0]], mine, atol=1e-5)
+    return emb.sum(dim=1).tolist(), labels.tolist()
+
+
+@pytest.mark.parametrize("batches_per_rank, flip", [([3, 1], False), ([2, 0], True), ([0, 1], False)])
+def test_zero3_evaluation_with_uneven_batches_finishes(dist_pool, batches_per_rank, flip) -> None:
+    """Under ZeRO-3 every forward gathers parameters from all ranks: a rank with fewer eval batches (eval shards
+    are dealt whole, a rank may get none) left the others waiting in a gather for ever (the job hung)."""
+    results = dist_pool(2).run(_embed_under_zero3, batches_per_rank, flip, timeout_s=90)
+    labels = [
+        label for rank, n in enumerate(batches_per_rank) for _ in range(n) for label in range(10 * rank, 10 * rank + 4)
+    ]
+    assert results[0] == results[1] and results[0][1] == labels

@@ -10,9 +10,10 @@ and for CHEST "poincare" (x^H in the ball) and "fc_euclidean" (h(x^E), the eta_H
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
+import torch.distributed as dist
 
 from data.config import DataConfig
 from data.shards import split_entry
@@ -51,12 +52,15 @@ def embed_loader(
     `side_of_key`: the loader yields keys `<stem>_<pair>_<side>`; their side (0/1) comes back too.
     """
     embs, labels, sides = [], [], []
-    for batch in loader:
-        images, y = batch[0], batch[1]
+    for batch in _in_lockstep(loader, device) if _forwards_are_collective(task) else loader:
+        images = batch[0]
         x = model_input(images)
         emb = task.embed(x)
         if flip:
             emb = flip_mean(emb, task.embed(torch.flip(x, dims=[-1])))
+        if len(batch) == 1:  # a stand-in (see _in_lockstep): its forward only took part in the gathers
+            continue
+        y = batch[1]
         embs.append(emb)
         labels.append(y.to(device))
         if side_of_key:
@@ -69,6 +73,41 @@ def embed_loader(
             torch.cat(sides) if sides else torch.zeros((0,), dtype=torch.long, device=device)
         )
     return all_gather_variable(emb_all), all_gather_variable(lab_all), side_all
+
+
+def _forwards_are_collective(task: MetricLearningTask) -> bool:
+    """True under ZeRO-3 on several ranks: each trunk forward gathers its parameters from every rank."""
+    stage = getattr(task.backbone, "zero_optimization_stage", None)  # a DeepSpeed engine's (training)
+    return callable(stage) and stage() == 3 and dist.is_initialized() and dist.get_world_size() > 1
+
+
+_DTYPES = (torch.uint8, torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _in_lockstep(loader: Iterable, device: torch.device) -> Iterator[tuple]:
+    """The loader's batches, then one-image stand-ins `(images,)` until every rank's loader is done.
+
+    ZeRO-3 gathers the trunk's partitions from all ranks in every forward, so all ranks must run the same
+    number of forwards; eval shards are dealt whole to ranks and workers, so their batch counts differ (a
+    rank may get none), and a rank that stopped early left the others waiting in a gather for ever. Each
+    step agrees (MAX over ranks) on whether any rank still has a batch, and on its image shape and dtype.
+    """
+    batches = iter(loader)
+    while True:
+        batch = next(batches, None)
+        state = torch.zeros(6, dtype=torch.int64, device=device)  # [has a batch, C, H, W, dtype index + 1, 0]
+        if batch is not None:
+            images = batch[0]
+            state[0], state[4] = 1, _DTYPES.index(images.dtype) + 1
+            state[1 : 1 + images.dim() - 1] = torch.tensor(images.shape[1:4])
+        dist.all_reduce(state, op=dist.ReduceOp.MAX)
+        if batch is not None:
+            yield batch
+        elif int(state[0]):
+            shape = [int(n) for n in state[1:4] if int(n)]
+            yield (torch.zeros((1, *shape), dtype=_DTYPES[int(state[4]) - 1]),)
+        else:
+            return
 
 
 def distinct_spaces(spaces: dict[str, torch.Tensor], metric_matters: bool) -> dict[str, torch.Tensor]:
