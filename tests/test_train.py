@@ -147,6 +147,8 @@ def test_resume_gives_the_same_weights_and_loss(
     assert stream_changes(find_latest(str(tmp_path / "resumed")), resumed_cfg, 2) == []
     changed = stream_changes(find_latest(str(tmp_path / "resumed")), resumed_cfg, 4)
     assert changed == ["world_size: 2 -> 4"]
+    accumulating = dataclasses.replace(resumed_cfg, optim=dataclasses.replace(resumed_cfg.optim, grad_accum_steps=2))
+    assert stream_changes(find_latest(str(tmp_path / "resumed")), accumulating, 2) == []  # the same micro-batches
     from train.checkpoint import config_changes
 
     assert config_changes(find_latest(str(tmp_path / "resumed")), resumed_cfg) == []

@@ -276,7 +276,8 @@ def stream_signature(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         "world_size": world_size,
         "num_workers": d.num_workers,
         "batch_size": d.batch_size,
-        "grad_accum_steps": cfg.optim.grad_accum_steps,
+        # not optim.grad_accum_steps: the stream resumes at samples_seen's micro-batch (train.main.stream_start),
+        # the same batch after a change of it (listing it warned of a changed stream that had not changed)
         "seed": d.seed,
         "shuffle_buffer": d.shuffle_buffer,
         "samples_per_class": d.samples_per_class,
