@@ -21,6 +21,7 @@ from typing import Callable, NamedTuple
 
 from webdataset import tariterators
 
+from data.bad_ledger import append_entry
 from data.shards import recorded_samples
 from data.tars import tar_members
 from data.transforms import check_image_header
@@ -56,11 +57,29 @@ class BadSampleCounter:
     class-balanced batcher).
     """
 
-    def __init__(self, max_bad_samples: int, where: str, publish: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        max_bad_samples: int,
+        where: str,
+        publish: Callable[[int], None] | None = None,
+        ledger: str | None = None,
+        earlier: dict[tuple[str, str], int] | None = None,
+    ) -> None:
         self.max_bad_samples = max_bad_samples
         self.where = where  # e.g. "rank 0 worker 1", for messages
         self.seen: dict[tuple[str, str], int] = {}  # (shard, key) -> how many samples it stands for
         self.publish = publish  # receives the new count (e.g. a slot of shared memory)
+        self.ledger = ledger  # a file each counted bad sample is appended to (data.bad_ledger)
+        self.earlier = earlier or {}  # what earlier jobs of the run counted, from every slot's ledger
+
+    def adopt_earlier(self, shards: Container[str]) -> None:
+        """Count the earlier jobs' bad samples of `shards` (this slot's owned share) as found, without warning
+        again: a resume's skip never decodes, so an image that failed only at decode is otherwise counted
+        again only if this slot is dealt its shard once more (see data.bad_ledger)."""
+        adopted = {ident: n for ident, n in self.earlier.items() if ident[0] in shards and ident not in self.seen}
+        self.seen.update(adopted)
+        if adopted and self.publish is not None:
+            self.publish(self.count)
 
     @property
     def count(self) -> int:
@@ -74,6 +93,8 @@ class BadSampleCounter:
         if not report or ident in self.seen:
             return
         self.seen[ident] = samples
+        if self.ledger is not None:
+            append_entry(self.ledger, shard, key, samples, reason)
         if self.publish is not None:
             self.publish(self.count)
         warnings.warn(

@@ -58,6 +58,7 @@ from data.mixture import TrainSource, joint_class_counts, mixed_raw_samples, tra
 from data.samples import BadSampleCounter, RawSample, shuffle_buffer, valid_samples
 from data.shards import assign_shards, check_labels, list_shards
 from data.transforms import build_transform, decode_image, open_image
+from data.bad_ledger import ledger_path, read_entries
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -97,6 +98,7 @@ def slot_raw_samples(
     # are disjoint across slots (later epochs move the shards, and other slots would count the same samples again;
     # resampled, every slot draws from every shard: each bad sample was counted once per slot that met it)
     owned = None if deal is None else frozenset(dealt_shards(shards, 0, *deal, f"{cfg.seed}{tag}"))
+    counter.adopt_earlier(shards if owned is None else owned)
     for epoch in itertools.count():
         epoch_rng = random.Random(f"shards-{cfg.seed}-{rank}-{worker}-{epoch}{tag}")
         if cfg.resampled:
@@ -270,11 +272,18 @@ class TrainStream(IterableDataset):
     """Endless batches of one rank; see the module docstring for the order."""
 
     def __init__(
-        self, cfg: DataConfig, sources: list[TrainSource], rank: int, world_size: int, start_batch: int
+        self,
+        cfg: DataConfig,
+        sources: list[TrainSource],
+        rank: int,
+        world_size: int,
+        start_batch: int,
+        ledger_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.cfg, self.sources = cfg, sources
         self.rank, self.world_size, self.start_batch = rank, world_size, start_batch
+        self.ledger_dir = ledger_dir  # the run's record of bad samples (data.bad_ledger); None: none kept
         # Set by __iter__ (in each worker process).
         self.counter: BadSampleCounter | None = None
         # One slot per worker in shared memory: DataLoader workers are separate processes, and the
@@ -294,7 +303,9 @@ class TrainStream(IterableDataset):
         def publish(count: int) -> None:
             shared[worker] = count
 
-        counter = BadSampleCounter(cfg.max_bad_samples, f"train rank {rank} worker {worker}", publish)
+        ledger = None if self.ledger_dir is None else ledger_path(self.ledger_dir, rank, worker)
+        earlier = {} if self.ledger_dir is None else read_entries(self.ledger_dir)
+        counter = BadSampleCounter(cfg.max_bad_samples, f"train rank {rank} worker {worker}", publish, ledger, earlier)
         self.counter = counter
         raw_batches = slot_raw_batches(cfg, self.sources, rank, self.world_size, worker, num_workers, counter)
         skip = batches_to_skip(self.start_batch, worker, num_workers)
@@ -376,14 +387,17 @@ def _check(cfg: DataConfig, rank: int, world_size: int, split: str) -> None:
     check_labels(cfg.root, cfg.num_classes, split)
 
 
-def build_train_loader(cfg: DataConfig, rank: int, world_size: int, start_batch: int = 0) -> TrainBatches:
+def build_train_loader(
+    cfg: DataConfig, rank: int, world_size: int, start_batch: int = 0, ledger_dir: str | None = None
+) -> TrainBatches:
     """Endless iterator of (images [B, C, H, W], labels [B] int64).
 
     Images are uint8 pixels with data.uint8_batches (normalise them with
     data.transforms.InputNormaliser), else normalised float32.
 
     Batch k is a function of (cfg, rank, world_size, k) only; start_batch=n
-    yields batches n, n+1, ... of the start_batch=0 stream.
+    yields batches n, n+1, ... of the start_batch=0 stream. `ledger_dir`: the run's record of bad samples,
+    appended to and read back by a resumed job (data.bad_ledger).
     """
     _check(cfg, rank, world_size, cfg.train_split)
     if isinstance(start_batch, bool) or not isinstance(start_batch, int) or start_batch < 0:
@@ -393,7 +407,7 @@ def build_train_loader(cfg: DataConfig, rank: int, world_size: int, start_batch:
     # inside a worker: every slot needs at least one shard of every source.
     for source in sources:
         slot_shards(source, cfg, rank, world_size, 0, max(1, cfg.num_workers))
-    dataset = TrainStream(cfg, sources, rank, world_size, start_batch)
+    dataset = TrainStream(cfg, sources, rank, world_size, start_batch, ledger_dir)
     loader = DataLoader(
         dataset,
         batch_size=None,

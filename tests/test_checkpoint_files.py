@@ -66,6 +66,7 @@ def test_resume_false_sets_an_earlier_runs_checkpoints_aside(tmp_path) -> None:
     assert os.listdir(aside) == ["step-30"] and not os.path.exists(root)
     os.makedirs(os.path.join(tmp_path, "tb", "by_samples"))  # the earlier run's curves and results go aside too
     os.makedirs(os.path.join(tmp_path, "export"))
+    os.makedirs(os.path.join(tmp_path, "bad_samples"))
     for name in ("summary.json", "eval_val.json", "config.yaml"):
         (tmp_path / name).write_text("{}")
     _complete(root, 10)
@@ -75,7 +76,7 @@ def test_resume_false_sets_an_earlier_runs_checkpoints_aside(tmp_path) -> None:
     assert os.listdir(os.path.join(tmp_path, "tb" + suffix)) == ["by_samples"]
     assert sorted(os.listdir(tmp_path)) == sorted(
         [os.path.basename(aside), os.path.basename(later), "config.yaml"]
-        + [name + suffix for name in ("tb", "export", "summary.json", "eval_val.json")]
+        + [name + suffix for name in ("tb", "export", "bad_samples", "summary.json", "eval_val.json")]
     )
     assert ckpt.find_latest(str(tmp_path)) is None
 

@@ -6,6 +6,7 @@ import collections
 import dataclasses
 import io
 import itertools
+import json
 import os
 import warnings
 
@@ -475,3 +476,34 @@ def test_resampled_slots_count_each_bad_sample_once_over_the_ranks(tmp_path) -> 
             counters[rank, worker] = counter = BadSampleCounter(1, f"slot {rank}/{worker}")  # cap 1: its share's
             list(itertools.islice(slot_raw_samples(cfg, mine, rank, worker, counter, deal=deal), 30 * 28))
         assert sum(c.count for c in counters.values()) == 4 and max(c.count for c in counters.values()) == 1
+
+
+@pytest.mark.filterwarnings("ignore:skipping bad sample:RuntimeWarning")
+def test_a_resumed_job_counts_what_earlier_jobs_found_from_the_runs_bad_sample_files(
+    bad_root: str, tmp_path, monkeypatch
+) -> None:
+    """Several slots: a resume's skip reads but never decodes, and the slot that counts an image failing at decode
+    (its shard's first-epoch owner) rarely meets it again; the other slots refilled its place without a word.
+    Each slot appends what it counts to <run_dir>/bad_samples/, and a resumed job (any layout) starts from it."""
+    monkeypatch.setattr(data.samples, "check_image_header", lambda image: None)  # 2 of the 5 fail at decode
+    cfg, ledger = make_cfg(bad_root), str(tmp_path / "bad_samples")
+
+    def bad_samples(world_size: int, start: int, batches: int, folder: str | None) -> int:
+        total = 0
+        for rank in range(world_size):
+            it = build_train_loader(cfg, rank, world_size, start, folder)
+            list(itertools.islice(it, batches))
+            total += it.dataset.bad_samples
+        return total
+
+    assert bad_samples(2, 0, 8, ledger) == 5  # the first job: every bad sample found once over the slots
+    lines = [json.loads(line) for name in os.listdir(ledger) for line in open(os.path.join(ledger, name))]
+    keys = ["bad_corrupt", "bad_nocls", "bad_noimage", "bad_range", "bad_truncated"]
+    assert sorted(line["key"] for line in lines) == keys
+    assert any("decode failed" in line["reason"] for line in lines)
+    assert bad_samples(2, 8, 2, None) == 3  # resumed without the record: the 2 decode failures went uncounted
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert bad_samples(2, 8, 2, ledger) == 5  # resumed with it
+        assert bad_samples(3, 6, 2, ledger) == 5  # and on another layout
+    assert not [w for w in caught if "skipping bad sample" in str(w.message)]  # not warned about again

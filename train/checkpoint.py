@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from common.files import write_json_atomic
+from data.bad_ledger import FOLDER as BAD_SAMPLES
 from data.config import DataConfig
 from data.shards import class_counts, shard_set_digest
 from model.proxies import ShardedHead
@@ -115,8 +116,8 @@ def wants_resume(resume: bool, environ: Mapping[str, str]) -> bool:
 
 def set_aside_checkpoints(run_dir: str) -> str | None:
     """checkpoint.resume=false in a run dir that holds checkpoints: move them to checkpoints.before-<UTC time>,
-    and its TensorBoard folder, export, summary.json and eval_<set>.json to <name>.before-<the same> (nothing
-    written is deleted), so that this run's own saves, prunes, requeues, curves and results stand alone.
+    and its TensorBoard folder, export, bad_samples, summary.json and eval_<set>.json to <name>.before-<the same>
+    (nothing written is deleted), so that this run's own saves, prunes, requeues, curves and results stand alone.
     Returns the new folder, or None when nothing moved."""
     root = checkpoint_root(run_dir)
     if not step_dirs(root):
@@ -129,10 +130,11 @@ def set_aside_checkpoints(run_dir: str) -> str | None:
     os.replace(root, aside)
     suffix = aside.rsplit(".before-", 1)[1]
     # the old run's curves (the new run's must not continue them), export and evaluation files (they name
-    # checkpoints that the new run's will replace)
+    # checkpoints that the new run's will replace), its record of bad samples (the new run counts from 0)
     earlier = [
         "tb",
         "export",
+        BAD_SAMPLES,
         "summary.json",
         *(os.path.basename(p) for p in glob.glob(os.path.join(run_dir, "eval_*.json"))),
     ]

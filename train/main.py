@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from common.seeds import stable_seed
+from data.bad_ledger import FOLDER as BAD_SAMPLES
 from data.balanced import balance_notes
 from data.mixture import train_sources
 from data.stream import TrainBatches, build_train_loader
@@ -244,7 +245,9 @@ class Run:
                     print(f"warning: {note}", flush=True)
         barrier()
         model, state = build_model(cfg, env, device, resume_from)
-        stream = build_train_loader(cfg.data, env.rank, env.world_size, start_batch=stream_start(state, cfg, env))
+        stream = build_train_loader(
+            cfg.data, env.rank, env.world_size, stream_start(state, cfg, env), os.path.join(cfg.run_dir, BAD_SAMPLES)
+        )
         global_batch = cfg.data.batch_size * env.world_size * cfg.optim.grad_accum_steps
         clock = StepClock(global_batch, env.world_size, cfg.max_steps, device)
         return cls(
