@@ -21,6 +21,7 @@ import yaml
 from submitit.core.utils import FailedJobError
 
 from data.balanced import balance_notes
+from data.mixture import deal_notes
 from data.convert.mnist import ensure_prepared
 from train.overrides import apply_overrides, refuse_repeated_keys
 from launch.estimate import DEFAULT_GPU_MEM_GIB, check_fits, print_estimates
@@ -120,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         for cfg in cfgs:
             check_weights(cfg)  # pretrained weights the recipe needs
             check_data(cfg)  # the job's own start checks of its data, before it waits in the queue
-            for note in [*cfg.warnings(), *balance_notes(cfg.data)]:
+            world_size = cfg.slurm.nodes * cfg.slurm.tasks_per_node
+            for note in [*cfg.warnings(), *balance_notes(cfg.data), *deal_notes(cfg.data, world_size)]:
                 if note:
                     print(f"warning: {cfg.name}: {note}", file=sys.stderr)
     except (ValueError, RuntimeError, FileNotFoundError) as err:

@@ -507,3 +507,26 @@ def test_a_resumed_job_counts_what_earlier_jobs_found_from_the_runs_bad_sample_f
         assert bad_samples(2, 8, 2, ledger) == 5  # resumed with it
         assert bad_samples(3, 6, 2, ledger) == 5  # and on another layout
     assert not [w for w in caught if "skipping bad sample" in str(w.message)]  # not warned about again
+
+
+@pytest.mark.parametrize("shards, world_size", [(10, 4), (6, 4), (9, 2), (8, 4)])
+def test_the_note_on_an_uneven_deal_gives_the_share_of_an_epoch_read_twice(tmp_path, shards, world_size) -> None:
+    """Shards that do not deal evenly to the slots: slots with fewer start their next epoch early, and within
+    the first epoch's worth of batches part of the samples come twice and as many not at all (measured here
+    on the real streams; deal_notes estimates it before the run)."""
+    from data.mixture import deal_notes, uneven_deal_share
+
+    write_synthetic(str(tmp_path), num_classes=4, train_shards=shards, eval_shards=1, per_shard=8)
+    cfg = make_cfg(str(tmp_path), batch_size=4, shuffle_buffer=1)
+    epoch_batches = shards * 8 // (4 * world_size)
+    ids = [
+        i for rank in range(world_size) for x, _ in take(cfg, epoch_batches, rank, world_size) for i in decode_ids(x)
+    ]
+    twice = sum(n - 1 for n in collections.Counter(ids).values())
+    assert len(ids) == shards * 8 and twice == shards * 8 - len(set(ids))  # as many never read as read twice
+    assert twice == pytest.approx(uneven_deal_share(shards, world_size) * shards * 8, abs=4)
+    notes = deal_notes(cfg, world_size)
+    assert bool(notes) == (shards % world_size != 0)
+    if notes:
+        assert f"about {uneven_deal_share(shards, world_size):.0%} of an epoch's samples are read twice" in notes[0]
+    assert not deal_notes(dataclasses.replace(cfg, resampled=True), world_size)

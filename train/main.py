@@ -21,7 +21,7 @@ import torch
 from common.seeds import stable_seed
 from data.bad_ledger import FOLDER as BAD_SAMPLES
 from data.balanced import balance_notes
-from data.mixture import train_sources
+from data.mixture import deal_notes, train_sources
 from data.stream import TrainBatches, build_train_loader
 from data.transforms import InputNormaliser
 from model.backbone import build_backbone, check_trunk_weights
@@ -240,7 +240,7 @@ class Run:
             save_yaml(cfg, os.path.join(cfg.run_dir, "config.yaml"))
             record_owner(cfg.run_dir, slurm_job_id())  # a second submission into this run dir is refused
             print(f"config of run {cfg.name}:\n{json.dumps(cfg.to_dict(), indent=1)}", flush=True)
-            for note in [*cfg.warnings(), *balance_notes(cfg.data)]:
+            for note in [*cfg.warnings(), *balance_notes(cfg.data), *deal_notes(cfg.data, env.world_size)]:
                 if note:
                     print(f"warning: {note}", flush=True)
         barrier()
