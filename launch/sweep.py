@@ -92,10 +92,11 @@ def default_sweep_name(base_name: str, overrides: list[str], specs: list[str], c
     named: dict[str, Any] = {"overrides": settings, "grid": grid}
     if config:  # a --config file: what it trains is part of the sweep (two files may share a name); its
         # run_root, name and slurm.* are not, as on the command line (a raised time limit resumes the points),
-        # nor its comments and layout (the settings are hashed, not the bytes)
-        settings_of_file = {
-            k: v for k, v in load_yaml(config).to_dict().items() if k not in ("run_root", "name", "slurm")
-        }
+        # nor its comments and layout: the file's own settings are hashed, not its bytes, nor the defaults it
+        # leaves out (a new default in the code would move the sweep away from its finished points)
+        with open(config, encoding="utf-8") as f:
+            written = yaml.safe_load(f) or {}
+        settings_of_file = {k: v for k, v in written.items() if k not in ("run_root", "name", "slurm")}
         named["config"] = hashlib.sha1(json.dumps(settings_of_file, sort_keys=True, default=str).encode()).hexdigest()
     digest = hashlib.sha1(json.dumps(named).encode()).hexdigest()[:8]
     return f"{base_name}-sweep-{digest}"

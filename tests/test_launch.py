@@ -493,6 +493,7 @@ def test_a_yaml_recipe_of_ones_own_is_submitted_and_swept(tmp_path, monkeypatch,
 
     import launch.__main__ as launcher
     from launch.sweep import expand
+    from train.config import RunConfig
 
     assert main(["--recipe", "mnist_open_distarc", "--print-config"]) == 0
     mine = yaml.safe_load(capsys.readouterr().out)
@@ -523,6 +524,10 @@ def test_a_yaml_recipe_of_ones_own_is_submitted_and_swept(tmp_path, monkeypatch,
     mine["slurm"]["time_min"] = 700  # what the command line's slurm.* would not change: the same folder
     path.write_text("# my notes\n" + yaml.safe_dump(mine, sort_keys=False))  # nor a comment
     assert expand("", overrides, ["seed=0,1"], config=str(path))[0] == sweep_dir
+    to_dict = RunConfig.to_dict  # a key newer code adds (a default the file never named): the same folder
+    monkeypatch.setattr(RunConfig, "to_dict", lambda self: {**to_dict(self), "added_later": 1})
+    assert expand("", overrides, ["seed=0,1"], config=str(path))[0] == sweep_dir
+    monkeypatch.undo()
     mine["optim"]["lr"] = 0.002  # another file of the same name: another sweep folder
     path.write_text(yaml.safe_dump(mine, sort_keys=False))
     assert expand("", overrides, ["seed=0,1"], config=str(path))[0] != sweep_dir
