@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 
 Ident = tuple[str, str]  # (shard, sample key)
 
@@ -24,18 +25,38 @@ def ledger_path(folder: str, rank: int, worker: int) -> str:
     return os.path.join(folder, f"train-rank{rank:05d}-worker{worker:03d}.jsonl")
 
 
+def shard_stamp(shard: str) -> str:
+    """Size and modification time of a shard: an entry stands only while its shard is the file it was found
+    in (a shard repaired or rewritten in place is read afresh); "" when it cannot be read."""
+    try:
+        st = os.stat(shard)
+    except OSError:
+        return ""
+    return f"{st.st_size}-{st.st_mtime_ns}"
+
+
 def append_entry(path: str, shard: str, key: str, samples: int, reason: str) -> None:
-    """Add one counted bad sample (flushed at once: nothing written is lost when the job dies)."""
+    """Add one counted bad sample (flushed at once: nothing written is lost when the job dies). The shard is
+    named by its absolute path (a job started from another folder, or with a root spelled otherwise, reads the
+    same entries)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    line = json.dumps({"shard": shard, "key": key, "samples": samples, "reason": reason})
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(line + "\n")
+    line = json.dumps(
+        {"shard": os.path.abspath(shard), "key": key, "samples": samples, "reason": reason, "stamp": shard_stamp(shard)}
+    )
+    with open(path, "a+b") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell():  # a killed job's half-written last line must not swallow this one
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+        f.write(line.encode() + b"\n")
 
 
-def read_entries(folder: str) -> dict[Ident, int]:
-    """Every bad sample recorded in `folder` by any slot of any earlier job: (shard, key) -> samples it stands
-    for (more than 1 for the lost rest of a damaged shard); empty when there is no folder."""
-    entries: dict[Ident, int] = {}
+def read_entries(folder: str) -> dict[Ident, tuple[int, str]]:
+    """Every bad sample recorded in `folder` by any slot of any earlier job: (absolute shard path, key) ->
+    (samples it stands for: more than 1 for the lost rest of a damaged shard, the shard's stamp); empty when
+    there is no folder."""
+    entries: dict[Ident, tuple[int, str]] = {}
     if not os.path.isdir(folder):
         return entries
     for name in sorted(os.listdir(folder)):
@@ -45,7 +66,20 @@ def read_entries(folder: str) -> dict[Ident, int]:
             for line in f:
                 try:
                     entry = json.loads(line)
-                    entries[(str(entry["shard"]), str(entry["key"]))] = int(entry["samples"])
+                    entries[(str(entry["shard"]), str(entry["key"]))] = (int(entry["samples"]), str(entry["stamp"]))
                 except (ValueError, KeyError, TypeError):
                     continue  # the last line of a killed job
     return entries
+
+
+def entries_of(entries: dict[Ident, tuple[int, str]], shards: Iterable[str]) -> dict[Ident, int]:
+    """The entries of `shards` whose shard is unchanged since, keyed by the shard as this job names it."""
+    found: dict[Ident, int] = {}
+    by_shard: dict[str, list[tuple[str, int, str]]] = {}
+    for (shard, key), (samples, stamp) in entries.items():
+        by_shard.setdefault(shard, []).append((key, samples, stamp))
+    for shard in shards:
+        listed = by_shard.get(os.path.abspath(shard), [])
+        stamp = shard_stamp(shard) if listed else ""
+        found.update({(shard, key): samples for key, samples, was in listed if was == stamp})
+    return found

@@ -21,7 +21,7 @@ from typing import Callable, NamedTuple
 
 from webdataset import tariterators
 
-from data.bad_ledger import append_entry
+from data.bad_ledger import FOLDER, append_entry, entries_of
 from data.shards import recorded_samples
 from data.tars import tar_members
 from data.transforms import check_image_header
@@ -63,7 +63,7 @@ class BadSampleCounter:
         where: str,
         publish: Callable[[int], None] | None = None,
         ledger: str | None = None,
-        earlier: dict[tuple[str, str], int] | None = None,
+        earlier: dict[tuple[str, str], tuple[int, str]] | None = None,
     ) -> None:
         self.max_bad_samples = max_bad_samples
         self.where = where  # e.g. "rank 0 worker 1", for messages
@@ -72,14 +72,21 @@ class BadSampleCounter:
         self.ledger = ledger  # a file each counted bad sample is appended to (data.bad_ledger)
         self.earlier = earlier or {}  # what earlier jobs of the run counted, from every slot's ledger
 
-    def adopt_earlier(self, shards: Container[str]) -> None:
+    def adopt_earlier(self, shards: Iterable[str]) -> None:
         """Count the earlier jobs' bad samples of `shards` (this slot's owned share) as found, without warning
         again: a resume's skip never decodes, so an image that failed only at decode is otherwise counted
         again only if this slot is dealt its shard once more (see data.bad_ledger)."""
-        adopted = {ident: n for ident, n in self.earlier.items() if ident[0] in shards and ident not in self.seen}
+        adopted = {ident: n for ident, n in entries_of(self.earlier, shards).items() if ident not in self.seen}
         self.seen.update(adopted)
         if adopted and self.publish is not None:
             self.publish(self.count)
+        if self.count > self.max_bad_samples:  # at the start, not at the next bad sample hours later
+            raise RuntimeError(
+                f"{self.where} starts with {self.count} bad samples in its shards that earlier jobs of this run "
+                f"recorded (the run's {FOLDER}/ folder), more than data.max_bad_samples={self.max_bad_samples} "
+                "(fewer ranks or workers than before give each reader a larger share); rebuild the shards, or "
+                "raise data.max_bad_samples if skipping them is acceptable"
+            )
 
     @property
     def count(self) -> int:

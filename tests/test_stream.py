@@ -8,6 +8,7 @@ import io
 import itertools
 import json
 import os
+import shutil
 import warnings
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 import webdataset
 from PIL import Image
 
+import data.bad_ledger
 import data.samples
 import data.stream
 from data.config import DataConfig
@@ -486,12 +488,13 @@ def test_a_resumed_job_counts_what_earlier_jobs_found_from_the_runs_bad_sample_f
     (its shard's first-epoch owner) rarely meets it again; the other slots refilled its place without a word.
     Each slot appends what it counts to <run_dir>/bad_samples/, and a resumed job (any layout) starts from it."""
     monkeypatch.setattr(data.samples, "check_image_header", lambda image: None)  # 2 of the 5 fail at decode
-    cfg, ledger = make_cfg(bad_root), str(tmp_path / "bad_samples")
+    shutil.copytree(bad_root, tmp_path / "data")
+    cfg, ledger = make_cfg(str(tmp_path / "data")), str(tmp_path / "bad_samples")
 
-    def bad_samples(world_size: int, start: int, batches: int, folder: str | None) -> int:
+    def bad_samples(world_size: int, start: int, batches: int, folder: str | None, **changes) -> int:
         total = 0
         for rank in range(world_size):
-            it = build_train_loader(cfg, rank, world_size, start, folder)
+            it = build_train_loader(dataclasses.replace(cfg, **changes), rank, world_size, start, folder)
             list(itertools.islice(it, batches))
             total += it.dataset.bad_samples
         return total
@@ -507,6 +510,17 @@ def test_a_resumed_job_counts_what_earlier_jobs_found_from_the_runs_bad_sample_f
         assert bad_samples(2, 8, 2, ledger) == 5  # resumed with it
         assert bad_samples(3, 6, 2, ledger) == 5  # and on another layout
     assert not [w for w in caught if "skipping bad sample" in str(w.message)]  # not warned about again
+    monkeypatch.chdir(tmp_path)
+    assert bad_samples(2, 8, 2, "bad_samples", root="data") == 5  # the root spelled otherwise: the same shards
+    with open(os.path.join(ledger, sorted(os.listdir(ledger))[0]), "a") as f:
+        f.write('{"shard": "cut by a kill')  # no newline: the next entry must not be lost with it
+    data.bad_ledger.append_entry(os.path.join(ledger, sorted(os.listdir(ledger))[0]), "x.tar", "k", 1, "test")
+    assert ("x.tar", "k") in data.bad_ledger.entries_of(data.bad_ledger.read_entries(ledger), ["x.tar"])
+    with pytest.raises(RuntimeError, match="starts with 5 bad samples in its shards that earlier jobs"):
+        bad_samples(1, 8, 1, ledger, max_bad_samples=4)  # one reader now holds them all: refused at once
+    shard = os.path.join(tmp_path, "data", "train", "shard-000099.tar")
+    os.utime(shard, ns=(os.stat(shard).st_atime_ns, os.stat(shard).st_mtime_ns + 10**9))  # repaired in place
+    assert bad_samples(2, 8, 2, ledger) == 3  # its old entries no longer stand (here it still has the faults)
 
 
 @pytest.mark.parametrize("shards, world_size", [(10, 4), (6, 4), (9, 2), (8, 4)])
