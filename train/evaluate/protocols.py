@@ -85,7 +85,7 @@ _DTYPES = (torch.uint8, torch.float32, torch.bfloat16, torch.float16, torch.floa
 
 
 def _in_lockstep(loader: Iterable, device: torch.device) -> Iterator[tuple]:
-    """The loader's batches, then one-image stand-ins `(images,)` until every rank's loader is done.
+    """The loader's batches, then stand-ins `(images,)` until every rank's loader is done.
 
     ZeRO-3 gathers the trunk's partitions from all ranks in every forward, so all ranks must run the same
     number of forwards; eval shards are dealt whole to ranks and workers, so their batch counts differ (a
@@ -95,17 +95,18 @@ def _in_lockstep(loader: Iterable, device: torch.device) -> Iterator[tuple]:
     batches = iter(loader)
     while True:
         batch = next(batches, None)
-        state = torch.zeros(6, dtype=torch.int64, device=device)  # [has a batch, C, H, W, dtype index + 1, 0]
+        state = torch.zeros(6, dtype=torch.int64, device=device)  # [has a batch, C, H, W, dtype index + 1, size]
         if batch is not None:
             images = batch[0]
-            state[0], state[4] = 1, _DTYPES.index(images.dtype) + 1
+            state[0], state[4], state[5] = 1, _DTYPES.index(images.dtype) + 1, images.shape[0]
             state[1 : 1 + images.dim() - 1] = torch.tensor(images.shape[1:4])
         dist.all_reduce(state, op=dist.ReduceOp.MAX)
         if batch is not None:
             yield batch
         elif int(state[0]):
             shape = [int(n) for n in state[1:4] if int(n)]
-            yield (torch.zeros((1, *shape), dtype=_DTYPES[int(state[4]) - 1]),)
+            # the largest batch's size: a compiled trunk has a graph for it (one image would compile another)
+            yield (torch.zeros((int(state[5]), *shape), dtype=_DTYPES[int(state[4]) - 1]),)
         else:
             return
 
