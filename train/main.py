@@ -142,7 +142,7 @@ def build_model(
                 print(
                     f"warning: data stream settings changed since the checkpoint ({'; '.join(changed)}): "
                     "the stream continues deterministically at the same position in the epoch, but not batch for "
-                    "batch (with other ranks x workers, part of the rest of this epoch repeats)",
+                    "batch (with other ranks x workers, part of the epoch repeats and as much is not read)",
                     flush=True,
                 )
             changed = ckpt.config_changes(resume_from, cfg)
