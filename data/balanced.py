@@ -237,7 +237,9 @@ def balance_notes(cfg: DataConfig) -> list[str]:
                 f"{len(sparse)} classes of {root} ({sum(sparse) / sum(counts):.0%} of its images) are too sparse "
                 f"in its shuffled shards to gather data.samples_per_class={m} within "
                 f"data.balance_buffer={cfg.balance_buffer}: they make fewer balanced batches than their images "
-                "allow and much of what is read is dropped; write the shards in class order "
-                f"(python -m data.convert ... --order class{more}) or raise data.balance_buffer"
+                "allow and much of what is read is dropped"
+                + (f" (and its share of the batches can fall far below its weight {share:.2f})" if share < 1 else "")
+                + f"; write the shards in class order (python -m data.convert ... --order class{more}) or raise "
+                "data.balance_buffer"
             )
     return notes

@@ -299,3 +299,37 @@ def test_class_order_notes_name_a_buffer_too_small_for_a_batch(tmp_path) -> None
     assert balance_notes(dataclasses.replace(cfg, balance_buffer=11800)) == []
     (note,) = balance_notes(dataclasses.replace(cfg, batch_size=100, samples_per_class=1))
     assert "plain batches" not in note and "fewer than the 100 a batch needs" in note
+
+
+def test_a_mixture_source_too_sparse_to_balance_is_said_to_lose_its_share(tmp_path) -> None:
+    """data.sources with class-balanced batches: a source whose classes rarely gather m images in a slot's buffer
+    makes far fewer batches than its weight asks (here 100 classes of 4 images beside 10 of 40, weights 1:1,
+    m = 4, buffer 64: under a tenth of the samples instead of half); balance_notes says so."""
+    from data.balanced import balance_notes
+    from data.convert.common import Item, Split, convert
+    from data.mixture import train_sources
+    from data.samples import BadSampleCounter
+    from data.stream import slot_raw_batches
+    from tests.test_convert_common import jpeg
+
+    def source(name: str, classes: int, per: int) -> str:
+        items = [Item(f"c{c}_{i}", c, c * 1000 + i, {}) for c in range(classes) for i in range(per)]
+        split = [Split("train", items, lambda item: jpeg(int(item.ref) % 250), {str(c): c for c in range(classes)})]
+        convert("toy", str(tmp_path / name), split, shard_size=16, progress=False, order="shuffled")
+        return str(tmp_path / name)
+
+    dense, sparse = source("dense", 10, 40), source("sparse", 100, 4)
+    cfg = DataConfig(
+        root=dense,
+        sources=((dense, 1.0), (sparse, 1.0)),
+        num_classes=110,
+        batch_size=8,
+        samples_per_class=4,
+        balance_buffer=64,
+        shuffle_buffer=16,
+    )
+    stream = slot_raw_batches(cfg, train_sources(cfg), 0, 1, 0, 1, BadSampleCounter(0, "test"))
+    labels = [s.label for batch in itertools.islice(stream, 200) for s in batch]
+    assert sum(label >= 10 for label in labels) / len(labels) < 0.1
+    notes = [note for note in balance_notes(cfg) if sparse in note.split(" (")[0]]
+    assert len(notes) == 1 and "its share of the batches can fall far below its weight 0.50" in notes[0]
