@@ -12,6 +12,7 @@ data.stream deterministic. Pixels are decoded later, in data.stream.
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import tarfile
@@ -21,7 +22,7 @@ from typing import Callable, NamedTuple
 
 from webdataset import tariterators
 
-from data.bad_ledger import FOLDER, append_entry, entries_of
+from data.bad_ledger import FOLDER, append_entry, entries_of, read_entries
 from data.shards import recorded_samples
 from data.tars import tar_members
 from data.transforms import check_image_header
@@ -92,6 +93,19 @@ class BadSampleCounter:
     def count(self) -> int:
         """Distinct bad samples recorded so far (with report=True)."""
         return sum(self.seen.values())
+
+    def record_decode_failure(self, shard: str, key: str, reason: str, owned: bool) -> None:
+        """An image that passed the header check but does not decode. Without a ledger the owner counts it (as
+        `record`). With one, the first slot to decode it counts it, whoever owns its shard, unless the run's
+        record already holds it: its owner may never decode it (the class-balanced batcher drops what does not
+        gather m images; a resume's skip never decodes), and the other slots refilled its place without a word.
+        Two slots meeting it at the same moment may both count it."""
+        if self.ledger is None or (shard, key) in self.seen:
+            self.record(shard, key, reason, report=owned)
+            return
+        if (shard, key) in entries_of(read_entries(os.path.dirname(self.ledger)), [shard]):
+            return  # another slot of this job counted it (an earlier job's entry: adopted by its owner)
+        self.record(shard, key, reason)
 
     def record(self, shard: str, key: str, reason: str, samples: int = 1, report: bool = True) -> None:
         """Note a bad sample (or `samples` of them lost at one place, the rest of a damaged shard); warn the

@@ -58,7 +58,7 @@ from data.mixture import TrainSource, joint_class_counts, mixed_raw_samples, tra
 from data.samples import BadSampleCounter, RawSample, shuffle_buffer, valid_samples
 from data.shards import assign_shards, check_labels, list_shards
 from data.transforms import build_transform, decode_image, open_image
-from data.bad_ledger import ledger_path, read_entries
+from data.bad_ledger import entries_of, ledger_path, read_entries
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -220,9 +220,8 @@ def decode_batch(
             image = open_image(sample.image, cfg.in_chans) if lazy else decode_image(sample.image, cfg.in_chans)
             return transform(image)
         except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad bytes
-            counter.record(
-                sample.shard, sample.key, f"decode failed: {type(exc).__name__}: {exc}", report=sample.reported
-            )
+            reason = f"decode failed: {type(exc).__name__}: {exc}"
+            counter.record_decode_failure(sample.shard, sample.key, reason, owned=sample.reported)
             return None
 
     # fork_rng restores the CPU RNG afterwards, so with num_workers=0 the
@@ -292,8 +291,15 @@ class TrainStream(IterableDataset):
 
     @property
     def bad_samples(self) -> int:
-        """Distinct bad samples skipped so far, summed over this rank's workers."""
-        return int(self.shared_bad.sum())
+        """This rank's part of the run's distinct bad samples (summed over ranks when logged): with the run's
+        record (data.bad_ledger), rank 0 gives all of it, those of every job and layout, whoever found them,
+        and the other ranks 0; without one, this rank's workers' counts."""
+        if self.ledger_dir is None:
+            return int(self.shared_bad.sum())
+        if self.rank:
+            return 0
+        shards = [shard for source in self.sources for shard in source.shards]
+        return sum(entries_of(read_entries(self.ledger_dir), shards).values())
 
     def __iter__(self) -> Iterator[Batch]:
         cfg, rank = self.cfg, self.rank

@@ -492,12 +492,13 @@ def test_a_resumed_job_counts_what_earlier_jobs_found_from_the_runs_bad_sample_f
     cfg, ledger = make_cfg(str(tmp_path / "data")), str(tmp_path / "bad_samples")
 
     def bad_samples(world_size: int, start: int, batches: int, folder: str | None, **changes) -> int:
-        total = 0
-        for rank in range(world_size):
-            it = build_train_loader(dataclasses.replace(cfg, **changes), rank, world_size, start, folder)
+        loaders = [
+            build_train_loader(dataclasses.replace(cfg, **changes), rank, world_size, start, folder)
+            for rank in range(world_size)
+        ]
+        for it in loaders:
             list(itertools.islice(it, batches))
-            total += it.dataset.bad_samples
-        return total
+        return sum(it.dataset.bad_samples for it in loaders)  # as logged: summed over ranks
 
     assert bad_samples(2, 0, 8, ledger) == 5  # the first job: every bad sample found once over the slots
     lines = [json.loads(line) for name in os.listdir(ledger) for line in open(os.path.join(ledger, name))]
@@ -544,3 +545,22 @@ def test_the_note_on_an_uneven_deal_gives_the_share_of_an_epoch_read_twice(tmp_p
     if notes:
         assert f"about {uneven_deal_share(shards, world_size):.0%} of an epoch's samples are read twice" in notes[0]
     assert not deal_notes(dataclasses.replace(cfg, resampled=True), world_size)
+
+
+@pytest.mark.filterwarnings("ignore:skipping bad sample:RuntimeWarning")
+def test_an_image_its_owner_never_decodes_is_counted_by_the_slot_that_does(bad_root: str, tmp_path, monkeypatch):
+    """Class-balanced batches drop what does not gather m images in the buffer: the owner of a shard (the slot
+    that counts its bad samples) may drop an image that fails at decode, unread, while another slot decodes it
+    and refills its place. With the run's record, the first slot to decode it counts it, and the logged total
+    (the record's distinct entries, on rank 0) counts it once."""
+    monkeypatch.setattr(data.samples, "check_image_header", lambda image: None)  # 2 of the 5 fail at decode
+    cfg = make_cfg(bad_root, samples_per_class=2, balance_buffer=8)
+
+    def bad_samples(folder: str | None) -> int:
+        loaders = [build_train_loader(cfg, rank, 3, 0, folder) for rank in range(3)]
+        for it in loaders:
+            list(itertools.islice(it, 4))
+        return sum(it.dataset.bad_samples for it in loaders)
+
+    assert bad_samples(None) == 3  # the owner's count alone: both decode failures refilled without a word
+    assert bad_samples(str(tmp_path / "bad_samples")) == 5
