@@ -1,12 +1,13 @@
 """The run's record of skipped training samples: `<run_dir>/bad_samples/*.jsonl`, one JSON line per bad sample.
 
-Each training slot (rank x worker) appends the bad samples it counts to its own file as it finds them, so a
-user can see which files to repair, and a resumed job starts from what earlier jobs counted. That matters
-for images that fail only at decode: a resume skips the stream up to its checkpoint by reading raw bytes,
-never decoding them, and the slot that counts a sample (the owner of its shard, see
-data.samples.BadSampleCounter) meets it again only when the deal gives it that shard back; without the
-record, the other slots refilled its place in their batches and nobody counted it. A line a killed job left
-half written is ignored.
+Each training slot (rank x worker) appends the bad samples it finds to its own file as it finds them, so a
+user can see which files to repair, and the run's logged total is the record's distinct entries, over every
+job and layout. That matters for images that fail only at decode: the reader that owns a shard (see
+data.samples.BadSampleCounter) may never decode one (a resume skips the stream up to its checkpoint by
+reading raw bytes; the class-balanced batcher drops what does not gather m images), and without the record
+the other readers refilled its place in their batches and nobody counted it. An entry holds only while its
+shard has the size and modification time it had (a shard repaired in place is read afresh). A line a killed
+job left half written is ignored.
 """
 
 from __future__ import annotations
@@ -52,11 +53,11 @@ def append_entry(path: str, shard: str, key: str, samples: int, reason: str) -> 
         f.write(line.encode() + b"\n")
 
 
-def read_entries(folder: str) -> dict[Ident, tuple[int, str]]:
-    """Every bad sample recorded in `folder` by any slot of any earlier job: (absolute shard path, key) ->
-    (samples it stands for: more than 1 for the lost rest of a damaged shard, the shard's stamp); empty when
-    there is no folder."""
-    entries: dict[Ident, tuple[int, str]] = {}
+def read_entries(folder: str) -> dict[tuple[str, str, str], int]:
+    """Every bad sample recorded in `folder` by any slot of any earlier job: (absolute shard path, key, shard
+    stamp) -> samples it stands for (more than 1 for the lost rest of a damaged shard); empty when there is
+    no folder. The stamp is part of the key: an entry of the shard before a repair must not hide one after."""
+    entries: dict[tuple[str, str, str], int] = {}
     if not os.path.isdir(folder):
         return entries
     for name in sorted(os.listdir(folder)):
@@ -66,20 +67,20 @@ def read_entries(folder: str) -> dict[Ident, tuple[int, str]]:
             for line in f:
                 try:
                     entry = json.loads(line)
-                    entries[(str(entry["shard"]), str(entry["key"]))] = (int(entry["samples"]), str(entry["stamp"]))
+                    entries[(str(entry["shard"]), str(entry["key"]), str(entry["stamp"]))] = int(entry["samples"])
                 except (ValueError, KeyError, TypeError):
                     continue  # the last line of a killed job
     return entries
 
 
-def entries_of(entries: dict[Ident, tuple[int, str]], shards: Iterable[str]) -> dict[Ident, int]:
-    """The entries of `shards` whose shard is unchanged since, keyed by the shard as this job names it."""
+def entries_of(entries: dict[tuple[str, str, str], int], shards: Iterable[str]) -> dict[Ident, int]:
+    """The entries of `shards` as they are now (same stamp), keyed by the shard as this job names it."""
+    by_shard: dict[str, list[tuple[str, str, int]]] = {}
+    for (shard, key, stamp), samples in entries.items():
+        by_shard.setdefault(shard, []).append((key, stamp, samples))
     found: dict[Ident, int] = {}
-    by_shard: dict[str, list[tuple[str, int, str]]] = {}
-    for (shard, key), (samples, stamp) in entries.items():
-        by_shard.setdefault(shard, []).append((key, samples, stamp))
     for shard in shards:
         listed = by_shard.get(os.path.abspath(shard), [])
         stamp = shard_stamp(shard) if listed else ""
-        found.update({(shard, key): samples for key, samples, was in listed if was == stamp})
+        found.update({(shard, key): samples for key, was, samples in listed if was == stamp})
     return found

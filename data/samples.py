@@ -5,9 +5,10 @@ This module owns the step from shard files to validated *raw* samples
 a sample with no image, an image whose header/CRC check fails, no or a
 non-integer `cls`, or a label outside [0, data.num_classes) is skipped,
 warned about once and counted; a worker that meets more than
-data.max_bad_samples distinct bad samples raises. Every decision here
-depends on the bytes only, never on timing, so it keeps the streams in
-data.stream deterministic. Pixels are decoded later, in data.stream.
+data.max_bad_samples distinct bad samples of its own share raises. Every
+decision about the stream depends on the bytes only, never on timing, so the
+streams in data.stream stay deterministic (which reader first warns about an
+image of another's share that fails at decode may depend on timing). Pixels are decoded later, in data.stream.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class RawSample(NamedTuple):
     shard: str
     image: bytes
     label: int
-    reported: bool = True  # its failure to decode counts toward the reported total (BadSampleCounter)
+    reported: bool = True  # its shard is this reader's own: a failure to decode counts toward its cap
 
 
 class BadSampleCounter:
@@ -47,15 +48,19 @@ class BadSampleCounter:
 
     Distinct, because an endless stream meets the same bad sample once per
     epoch; counting repeats would make a long run fail on a tiny, fixed
-    amount of bad data. Only samples recorded with report=True count (and
-    warn): a training slot reports the shards it owns, its share of the first
-    epoch's deal. The shares are disjoint across slots, so the sum over slots
-    counts each bad sample once although the shards move between slots every
-    epoch, and each worker's cap holds against its own share, as with a fixed
-    deal (the other slots' bad samples: not counted here). Owned, not first
-    epoch only: a sample that fails only at decode may be met first in a later
-    epoch (its first-epoch batch skipped by a resume, or left out by the
-    class-balanced batcher).
+    amount of bad data. Only samples recorded with report=True count toward
+    the cap (and warn): a training slot reports the shards it owns, its share
+    of the first epoch's deal. The shares are disjoint across slots, so each
+    worker's cap holds against its own share, as with a fixed deal, although
+    the shards move between slots every epoch. Owned, not first epoch only: a
+    sample that fails only at decode may be met first in a later epoch.
+
+    With the run's record (`ledger`, data.bad_ledger) every counted sample is
+    also written down, and an image that fails at decode in a shard this slot
+    does not own is written down (and warned about) by the first slot that
+    decodes it, outside the cap: its owner may never decode it (the
+    class-balanced batcher drops what does not gather m images; a resume's skip
+    never decodes). The run's logged total is the record's distinct entries.
     """
 
     def __init__(
@@ -64,18 +69,19 @@ class BadSampleCounter:
         where: str,
         publish: Callable[[int], None] | None = None,
         ledger: str | None = None,
-        earlier: dict[tuple[str, str], tuple[int, str]] | None = None,
+        earlier: dict[tuple[str, str, str], int] | None = None,
     ) -> None:
         self.max_bad_samples = max_bad_samples
         self.where = where  # e.g. "rank 0 worker 1", for messages
         self.seen: dict[tuple[str, str], int] = {}  # (shard, key) -> how many samples it stands for
         self.publish = publish  # receives the new count (e.g. a slot of shared memory)
-        self.ledger = ledger  # a file each counted bad sample is appended to (data.bad_ledger)
-        self.earlier = earlier or {}  # what earlier jobs of the run counted, from every slot's ledger
+        self.ledger = ledger  # a file each bad sample found here is appended to (data.bad_ledger)
+        self.earlier = earlier or {}  # what earlier jobs of the run recorded, from every slot's ledger
+        self.elsewhere: set[tuple[str, str]] = set()  # decode failures of shards owned by other slots, recorded
 
     def adopt_earlier(self, shards: Iterable[str]) -> None:
         """Count the earlier jobs' bad samples of `shards` (this slot's owned share) as found, without warning
-        again: a resume's skip never decodes, so an image that failed only at decode is otherwise counted
+        again: a resume's skip never decodes, so an image that failed only at decode would otherwise be counted
         again only if this slot is dealt its shard once more (see data.bad_ledger)."""
         adopted = {ident: n for ident, n in entries_of(self.earlier, shards).items() if ident not in self.seen}
         self.seen.update(adopted)
@@ -91,38 +97,43 @@ class BadSampleCounter:
 
     @property
     def count(self) -> int:
-        """Distinct bad samples recorded so far (with report=True)."""
+        """Distinct bad samples of this reader's own share recorded so far (with report=True)."""
         return sum(self.seen.values())
 
     def record_decode_failure(self, shard: str, key: str, reason: str, owned: bool) -> None:
-        """An image that passed the header check but does not decode. Without a ledger the owner counts it (as
-        `record`). With one, the first slot to decode it counts it, whoever owns its shard, unless the run's
-        record already holds it: its owner may never decode it (the class-balanced batcher drops what does not
-        gather m images; a resume's skip never decodes), and the other slots refilled its place without a word.
-        Two slots meeting it at the same moment may both count it."""
-        if self.ledger is None or (shard, key) in self.seen:
+        """An image that passed the header check but does not decode (see the class docstring). Whether it is
+        already in the run's record is read once per reader and sample; two readers meeting it at the same
+        moment may both warn (the logged total still counts it once)."""
+        ident = (shard, key)
+        if self.ledger is None or ident in self.seen or ident in self.elsewhere:
             self.record(shard, key, reason, report=owned)
             return
-        if (shard, key) in entries_of(read_entries(os.path.dirname(self.ledger)), [shard]):
-            return  # another slot of this job counted it (an earlier job's entry: adopted by its owner)
-        self.record(shard, key, reason)
+        recorded = ident in entries_of(read_entries(os.path.dirname(self.ledger)), [shard])
+        if owned:  # counts toward this reader's cap (deterministic); warned about and written once
+            self.record(shard, key, reason, quiet=recorded)
+        elif not recorded:
+            self.elsewhere.add(ident)
+            append_entry(self.ledger, shard, key, 1, reason)
+            self._warn(shard, key, reason)
+        else:
+            self.elsewhere.add(ident)
 
-    def record(self, shard: str, key: str, reason: str, samples: int = 1, report: bool = True) -> None:
+    def record(
+        self, shard: str, key: str, reason: str, samples: int = 1, report: bool = True, quiet: bool = False
+    ) -> None:
         """Note a bad sample (or `samples` of them lost at one place, the rest of a damaged shard); warn the
-        first time; raise past the cap. report=False: met again in a later epoch, ignored."""
+        first time; raise past the cap. report=False: met again in a later epoch, ignored. quiet: already in
+        the run's record (neither warned about nor written again)."""
         ident = (shard, key)
         if not report or ident in self.seen:
             return
         self.seen[ident] = samples
-        if self.ledger is not None:
+        if self.ledger is not None and not quiet:
             append_entry(self.ledger, shard, key, samples, reason)
         if self.publish is not None:
             self.publish(self.count)
-        warnings.warn(
-            f"skipping bad sample {key!r} in {shard} ({self.where}): {reason}",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+        if not quiet:
+            self._warn(shard, key, reason)
         if self.count > self.max_bad_samples:
             raise RuntimeError(
                 f"{self.where} met {self.count} bad samples, more than "
@@ -130,6 +141,9 @@ class BadSampleCounter:
                 f"{shard} ({reason}). Rebuild the shards, or raise data.max_bad_samples "
                 f"if skipping them is acceptable"
             )
+
+    def _warn(self, shard: str, key: str, reason: str) -> None:
+        warnings.warn(f"skipping bad sample {key!r} in {shard} ({self.where}): {reason}", RuntimeWarning, stacklevel=3)
 
 
 def parse_label(sample: dict, num_classes: int) -> int:

@@ -94,9 +94,9 @@ def slot_raw_samples(
     empty_epochs = 0  # in a row
     visited: set[str] = set()
     productive = False  # has this slot ever produced a valid sample
-    # The reported bad-sample total counts the shards of this slot's first-epoch share in every epoch: the shares
-    # are disjoint across slots (later epochs move the shards, and other slots would count the same samples again;
-    # resampled, every slot draws from every shard: each bad sample was counted once per slot that met it)
+    # This slot owns the shards of its first-epoch share, in every epoch: their bad samples count toward its cap,
+    # and without the run's record they alone make its count. The shares are disjoint across slots (later epochs
+    # move the shards; resampled, every slot draws from every shard: each bad sample was counted once per slot)
     owned = None if deal is None else frozenset(dealt_shards(shards, 0, *deal, f"{cfg.seed}{tag}"))
     counter.adopt_earlier(shards if owned is None else owned)
     for epoch in itertools.count():
@@ -285,9 +285,10 @@ class TrainStream(IterableDataset):
         self.ledger_dir = ledger_dir  # the run's record of bad samples (data.bad_ledger); None: none kept
         # Set by __iter__ (in each worker process).
         self.counter: BadSampleCounter | None = None
-        # One slot per worker in shared memory: DataLoader workers are separate processes, and the
-        # trainer reads the total from the main process to log it.
+        # One slot per worker in shared memory: DataLoader workers are separate processes, and without the
+        # run's record the trainer reads the total from the main process to log it.
         self.shared_bad = torch.zeros(max(1, cfg.num_workers), dtype=torch.int64).share_memory_()
+        self._recorded: tuple[tuple[tuple[str, int], ...], int] = ((), 0)  # (the record's files and sizes, total)
 
     @property
     def bad_samples(self) -> int:
@@ -298,8 +299,14 @@ class TrainStream(IterableDataset):
             return int(self.shared_bad.sum())
         if self.rank:
             return 0
-        shards = [shard for source in self.sources for shard in source.shards]
-        return sum(entries_of(read_entries(self.ledger_dir), shards).values())
+        try:  # read again only when a file grew: every log step asks
+            files = tuple(sorted((e.name, e.stat().st_size) for e in os.scandir(self.ledger_dir)))
+        except FileNotFoundError:
+            return 0
+        if files != self._recorded[0]:
+            shards = [shard for source in self.sources for shard in source.shards]
+            self._recorded = (files, sum(entries_of(read_entries(self.ledger_dir), shards).values()))
+        return self._recorded[1]
 
     def __iter__(self) -> Iterator[Batch]:
         cfg, rank = self.cfg, self.rank
@@ -353,7 +360,7 @@ class TrainBatches(Iterator[Batch]):
 
     @property
     def bad_samples(self) -> int:
-        """Distinct bad samples skipped so far by all of this rank's workers."""
+        """This rank's part of the distinct bad samples skipped so far (TrainStream.bad_samples)."""
         return self.dataset.bad_samples
 
 

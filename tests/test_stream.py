@@ -564,3 +564,27 @@ def test_an_image_its_owner_never_decodes_is_counted_by_the_slot_that_does(bad_r
 
     assert bad_samples(None) == 3  # the owner's count alone: both decode failures refilled without a word
     assert bad_samples(str(tmp_path / "bad_samples")) == 5
+
+
+@pytest.mark.filterwarnings("ignore:skipping bad sample:RuntimeWarning")
+def test_the_bad_sample_record_keeps_the_current_entry_and_the_cap_stays_the_owners(tmp_path, monkeypatch) -> None:
+    """An entry written before a shard was repaired must not hide the one written after (by a file that sorts
+    first); a decode failure of a shard another reader owns is recorded once, read from the folder once, and
+    does not count toward this reader's cap (which reader decodes it first is a matter of timing)."""
+    from data.bad_ledger import append_entry, entries_of, ledger_path, read_entries
+
+    shard, folder = str(tmp_path / "s.tar"), str(tmp_path / "bad_samples")
+    open(shard, "wb").write(b"x" * 10)
+    append_entry(ledger_path(folder, 0, 1), shard, "k", 1, "before the repair")
+    open(shard, "wb").write(b"y" * 20)  # repaired in place, still bad under the same key
+    append_entry(ledger_path(folder, 0, 0), shard, "k", 1, "after it")
+    assert entries_of(read_entries(folder), [shard]) == {(shard, "k"): 1}
+    reads = []
+    monkeypatch.setattr(data.samples, "read_entries", lambda f: reads.append(f) or read_entries(f))
+    counter = BadSampleCounter(0, "test", ledger=ledger_path(folder, 1, 0))
+    for _ in range(3):  # met in three epochs
+        counter.record_decode_failure(shard, "other", "decode failed", owned=False)
+    assert counter.count == 0 and len(reads) == 1
+    assert entries_of(read_entries(folder), [shard]) == {(shard, "k"): 1, (shard, "other"): 1}
+    with pytest.raises(RuntimeError, match="more than data.max_bad_samples=0"):
+        counter.record_decode_failure(shard, "mine", "decode failed", owned=True)
