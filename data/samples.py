@@ -111,12 +111,11 @@ class BadSampleCounter:
         recorded = ident in entries_of(read_entries(os.path.dirname(self.ledger)), [shard])
         if owned:  # counts toward this reader's cap (deterministic); warned about and written once
             self.record(shard, key, reason, quiet=recorded)
-        elif not recorded:
-            self.elsewhere.add(ident)
+            return
+        self.elsewhere.add(ident)
+        if not recorded:
             append_entry(self.ledger, shard, key, 1, reason)
             self._warn(shard, key, reason)
-        else:
-            self.elsewhere.add(ident)
 
     def record(
         self, shard: str, key: str, reason: str, samples: int = 1, report: bool = True, quiet: bool = False
