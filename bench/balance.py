@@ -4,7 +4,7 @@ what the slots read is used.
 Writes a split shaped like Stanford Online Products' train split (--classes classes of --min..--max images, SOP:
 11,318 of 2-12, ~5 each) twice with data.convert.common.convert, once in the default shuffled order and once with
 --order class, every image one shared 1-pixel PNG (the balancer never decodes). Then, for each slot count W
-(ranks x DataLoader workers), every slot runs the training stream's own pieces (data.stream.slot_raw_samples with
+(ranks x DataLoader workers), every slot runs the training stream's own pieces (data.slot_stream.slot_raw_samples with
 its epoch deal, the shuffle buffer, data.balanced.balanced_batches with the split's class counts) until it has
 read --epochs epochs of its share, and the table gives: the share of the images read that made a batch, the
 classes that made at least one batch, and how often per epoch the classes of at most 3 and of at least 8 images
@@ -30,7 +30,7 @@ from data.config import DataConfig
 from data.convert.common import Item, Split, convert
 from data.mixture import train_sources
 from data.samples import BadSampleCounter, RawSample
-from data.stream import slot_raw_samples, slot_shards
+from data.slot_stream import slot_raw_samples, slot_shards
 
 
 def sop_like_split(classes: int, smallest: int, largest: int, seed: int = 0) -> tuple[Split, np.ndarray]:

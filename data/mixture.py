@@ -20,6 +20,7 @@ import warnings
 from collections.abc import Callable, Iterator
 
 from data.config import DataConfig
+from data.position import advance_draws
 from data.samples import RawSample
 from data.shards import check_labels, class_counts, label_space, list_shards, manifest_path, read_manifest
 from data.tars import check_shard_start
@@ -131,13 +132,17 @@ def joint_class_counts(sources: list[TrainSource]) -> tuple[int, ...]:
     return tuple(joint)
 
 
-def mix(streams: list[Iterator[RawSample]], sources: list[TrainSource], rng: random.Random) -> Iterator[RawSample]:
-    """Draw each sample from source i with probability weight_i / sum, labels shifted into the joint space."""
+def mix(
+    streams: list[Iterator[RawSample]], sources: list[TrainSource], rng: random.Random, draws_done: int = 0
+) -> Iterator[RawSample]:
+    """Draw each sample from source i with probability weight_i / sum, labels shifted into the joint space.
+    `draws_done`: samples drawn before a resume (the RNG moves past them; the streams start after theirs)."""
     if len(streams) == 1 and sources[0].label_offset == 0:
         yield from streams[0]  # the single-source stream, untouched (no RNG draws)
         return
     index = range(len(streams))
     weights = [s.weight for s in sources]
+    advance_draws(rng, index, weights, draws_done)
     while True:
         i = rng.choices(index, weights)[0]
         sample = next(streams[i])
@@ -150,7 +155,9 @@ def mixed_raw_samples(
     rank: int,
     worker: int,
     per_source: Callable[[TrainSource, int], Iterator[RawSample]],
+    draws_done: int = 0,
 ) -> Iterator[RawSample]:
-    """One slot's mixed stream; `per_source(source, i)` opens source i's endless stream for the slot."""
+    """One slot's mixed stream; `per_source(source, i)` opens source i's endless stream for the slot (at its
+    resumed position, after `draws_done` samples of the mixture)."""
     streams = [per_source(source, i) for i, source in enumerate(sources)]
-    return mix(streams, sources, random.Random(f"mix-{cfg.seed}-{rank}-{worker}"))
+    return mix(streams, sources, random.Random(f"mix-{cfg.seed}-{rank}-{worker}"), draws_done)

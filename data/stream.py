@@ -13,13 +13,15 @@ their samples were drawn more often: 10 shards over 4 slots, 1.5x.) With
 data.resampled an epoch is len(shards) draws from all shards with replacement
 instead. Epoch e visits the slot's share in an order seeded by (seed, rank,
 worker, e), valid raw samples go through a per-epoch shuffle buffer whose RNG is
-seeded by (seed, rank, worker) and persists across epochs, and consecutive
-raw samples form batches of data.batch_size (batches may straddle epochs,
-never partial). A worker's k-th batch is decoded and augmented under a
+seeded by (seed, rank, worker, e), and consecutive raw samples form batches of
+data.batch_size (batches may straddle epochs, never partial). An epoch being a
+function of its number, a resume that has the slots' saved positions
+(data.position: epoch and samples taken) starts at that epoch. A worker's k-th batch is decoded and augmented under a
 torch seed derived from (seed, rank, worker, k). DataLoader(batch_size=None,
 in_order=True) asks endless workers round-robin, so global batch i is batch
 i // W of worker i % W: the stream is a function of (cfg, rank, world_size,
-i) only, and a resumed stream skips whole raw batches without decoding them.
+i) only, and a resumed stream skips whole raw batches without decoding them
+(reading from the saved position's epoch on, or from step 0 without one).
 With data.samples_per_class = m > 0 the slot's raw batches come from
 data.balanced instead (batch_size / m classes x m samples each); the rest
 (per-batch torch seed, round-robin, skip on resume) is unchanged.
@@ -41,10 +43,9 @@ from __future__ import annotations
 
 import itertools
 import os
-import random
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from types import FrameType
 
 import torch
@@ -52,15 +53,18 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from common.seeds import stable_seed
-from data.balanced import balanced_batches
 from data.config import DataConfig
-from data.mixture import TrainSource, joint_class_counts, mixed_raw_samples, train_sources
-from data.samples import BadSampleCounter, RawSample, shuffle_buffer, valid_samples
-from data.shards import assign_shards, check_labels, list_shards
+from data.position import SlotPosition, positions_tensor
+from data.slot_stream import slot_raw_batches, slot_shards
+from data.mixture import TrainSource, train_sources
+from data.samples import BadSampleCounter, RawSample, valid_samples
+from data.shards import check_labels, list_shards
 from data.transforms import build_transform, decode_image, open_image
 from data.bad_ledger import entries_of, ledger_path, read_entries
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+# a worker's batch with its sources' positions after it (data.position), which TrainBatches takes off
+PositionedBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def batches_to_skip(start_batch: int, worker: int, num_workers: int) -> int:
@@ -70,125 +74,6 @@ def batches_to_skip(start_batch: int, worker: int, num_workers: int) -> int:
     i < start_batch with i % num_workers == worker.
     """
     return max(0, (start_batch - worker + num_workers - 1) // num_workers)
-
-
-def slot_raw_samples(
-    cfg: DataConfig,
-    shards: list[str],
-    rank: int,
-    worker: int,
-    counter: BadSampleCounter,
-    num_classes: int | None = None,
-    tag: str = "",
-    deal: tuple[int, int] | None = None,
-) -> Iterator[RawSample]:
-    """Endless stream of one slot's valid raw samples, epoch after epoch.
-
-    An epoch visits `shards` in a seeded order; with `deal` = (slot, slots) it visits only the slot's share
-    of that epoch's deal of `shards` (every shard of the run) instead; with data.resampled it is
-    len(shards) draws with replacement. `tag` tells the sources of a mixture apart in the seeds;
-    `num_classes` is the source's own label space.
-    """
-    num_classes = cfg.num_classes if num_classes is None else num_classes
-    buffer_rng = random.Random(f"buffer-{cfg.seed}-{rank}-{worker}{tag}")
-    empty_epochs = 0  # in a row
-    visited: set[str] = set()
-    productive = False  # has this slot ever produced a valid sample
-    # This slot owns the shards of its first-epoch share, in every epoch: their bad samples count toward its cap,
-    # and without the run's record they alone make its count. The shares are disjoint across slots (later epochs
-    # move the shards; resampled, every slot draws from every shard: each bad sample was counted once per slot)
-    owned = None if deal is None else frozenset(dealt_shards(shards, 0, *deal, f"{cfg.seed}{tag}"))
-    counter.adopt_earlier(shards if owned is None else owned)
-    for epoch in itertools.count():
-        epoch_rng = random.Random(f"shards-{cfg.seed}-{rank}-{worker}-{epoch}{tag}")
-        if cfg.resampled:
-            order = epoch_rng.choices(shards, k=len(shards))
-        else:
-            order = list(shards) if deal is None else dealt_shards(shards, epoch, *deal, f"{cfg.seed}{tag}")
-            epoch_rng.shuffle(order)
-        produced = 0
-        samples = valid_samples(order, num_classes, counter, owned)
-        for sample in shuffle_buffer(samples, cfg.shuffle_buffer, buffer_rng):
-            produced += 1
-            yield sample
-        # Without this check an all-bad source would spin forever. Dealt, one epoch's share may hold only bad
-        # shards while others are good: raise once this slot has visited every shard without a valid sample.
-        visited.update(order)
-        productive = productive or produced > 0
-        if not cfg.resampled and not productive and visited >= set(shards):
-            raise RuntimeError(
-                f"rank {rank} worker {worker}: shards {shards} hold no valid sample; "
-                f"rebuild them or check data.num_classes={num_classes}"
-            )
-        # resampled: an epoch may draw only bad shards by chance; 100 empty epochs in a row mean no valid shard
-        empty_epochs = empty_epochs + 1 if produced == 0 else 0
-        if cfg.resampled and empty_epochs >= 100:
-            raise RuntimeError(
-                f"rank {rank} worker {worker}: 100 resampled epochs of {shards} held no valid "
-                "sample; rebuild the shards"
-            )
-
-
-def dealt_shards(shards: list[str], epoch: int, slot: int, slots: int, seed: str) -> list[str]:
-    """Slot `slot`'s share of epoch `epoch`: a permutation of `shards` seeded by (seed, epoch), the same in
-    every slot, dealt round robin (assign_shards' layout): disjoint shares that cover every shard."""
-    order = list(shards)
-    random.Random(f"deal-{seed}-{epoch}").shuffle(order)
-    return order[slot::slots]
-
-
-def slot_shards(
-    source: TrainSource, cfg: DataConfig, rank: int, world_size: int, worker: int, num_workers: int
-) -> tuple[list[str], tuple[int, int] | None]:
-    """The shards one slot reads from a source and its (slot, slots) in each epoch's deal of them (resampled:
-    it draws from all of them, and the deal names the shards whose bad samples it counts). Raises (naming the
-    fix) where a slot would get no shard."""
-    deal = (rank * num_workers + worker, world_size * num_workers)
-    if cfg.resampled:  # draws from every shard; the deal only says whose bad samples this slot counts
-        return list(source.shards), deal
-    assign_shards(list(source.shards), rank, world_size, worker, num_workers)  # checks there are enough
-    return list(source.shards), deal
-
-
-def slot_raw_batches(
-    cfg: DataConfig,
-    sources: list[TrainSource],
-    rank: int,
-    world_size: int,
-    worker: int,
-    num_workers: int,
-    counter: BadSampleCounter,
-) -> Iterator[list[RawSample]]:
-    """Endless stream of one slot's full raw batches (still-encoded images).
-
-    Each source is dealt over (rank, worker) slots (slot_shards); several
-    sources are mixed by data.mixture. With data.samples_per_class = m > 0
-    the batches are class-balanced (data.balanced) with an RNG of their own,
-    seeded by (seed, rank, worker); otherwise consecutive raw samples form a
-    batch.
-    """
-
-    def open_source(source: TrainSource, i: int) -> Iterator[RawSample]:
-        shards, deal = slot_shards(source, cfg, rank, world_size, worker, num_workers)
-        # A single source keeps the seeds it always had; a mixture's sources get their own.
-        tag = f"-src{i}" if len(sources) > 1 else ""
-        return slot_raw_samples(cfg, shards, rank, worker, counter, source.num_classes, tag, deal)
-
-    samples = mixed_raw_samples(cfg, sources, rank, worker, open_source)
-    if cfg.samples_per_class > 0:
-        rng = random.Random(f"balance-{cfg.seed}-{rank}-{worker}")
-        yield from balanced_batches(
-            samples,
-            cfg.batch_size,
-            cfg.samples_per_class,
-            cfg.balance_buffer,
-            rng,
-            f"train rank {rank} worker {worker}",
-            joint_class_counts(sources) if cfg.pad_small_classes else (),
-        )
-        return
-    while True:
-        yield list(itertools.islice(samples, cfg.batch_size))
 
 
 def decode_batch(
@@ -278,11 +163,13 @@ class TrainStream(IterableDataset):
         world_size: int,
         start_batch: int,
         ledger_dir: str | None = None,
+        positions: Mapping[int, SlotPosition] | None = None,
     ) -> None:
         super().__init__()
         self.cfg, self.sources = cfg, sources
         self.rank, self.world_size, self.start_batch = rank, world_size, start_batch
         self.ledger_dir = ledger_dir  # the run's record of bad samples (data.bad_ledger); None: none kept
+        self.positions = dict(positions or {})  # saved per logical worker (data.position): where to start reading
         # Set by __iter__ (in each worker process).
         self.counter: BadSampleCounter | None = None
         # One slot per worker in shared memory: DataLoader workers are separate processes, and without the
@@ -308,7 +195,7 @@ class TrainStream(IterableDataset):
             self._recorded = (files, sum(entries_of(read_entries(self.ledger_dir), shards).values()))
         return self._recorded[1]
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[PositionedBatch]:
         cfg, rank = self.cfg, self.rank
         worker, num_workers = _worker_slot(self.start_batch)
         shared = self.shared_bad
@@ -320,11 +207,18 @@ class TrainStream(IterableDataset):
         earlier = {} if self.ledger_dir is None else read_entries(self.ledger_dir)
         counter = BadSampleCounter(cfg.max_bad_samples, f"train rank {rank} worker {worker}", publish, ledger, earlier)
         self.counter = counter
-        raw_batches = slot_raw_batches(cfg, self.sources, rank, self.world_size, worker, num_workers, counter)
         skip = batches_to_skip(self.start_batch, worker, num_workers)
+        saved = self.positions.get(worker)
+        plain = cfg.samples_per_class == 0  # a balancer's buffer spans epochs: it keeps no positions
+        if saved is None or saved.next_batch > skip or not plain:
+            saved = SlotPosition(0, ((0, 0),) * len(self.sources))
+        positions = saved.source_positions()
+        raw_batches = slot_raw_batches(
+            cfg, self.sources, rank, self.world_size, worker, num_workers, counter, positions, saved.next_batch
+        )
         # The cheap part of resuming: raw bytes are read and shuffled exactly
-        # as in the original run, but no image is decoded.
-        for _ in range(skip):
+        # as in the original run (from the saved position's epoch on), but no image is decoded.
+        for _ in range(skip - saved.next_batch):
             next(raw_batches)
         transform = build_transform(cfg, train=True)
         for k, raw in enumerate(raw_batches, start=skip):
@@ -334,7 +228,7 @@ class TrainStream(IterableDataset):
                     f"train rank {rank} worker {worker}: no image of batch {k} decodes "
                     f"(shards {sorted({s.shard for s in raw})}); rebuild the shards"
                 )
-            yield batch
+            yield *batch, positions_tensor(positions if plain else None)
 
 
 class TrainBatches(Iterator[Batch]):
@@ -347,9 +241,17 @@ class TrainBatches(Iterator[Batch]):
     def __init__(self, dataset: TrainStream, loader: DataLoader) -> None:
         self.dataset, self.loader = dataset, loader
         self._it = iter(loader)
+        self._next_global = dataset.start_batch  # the global batch index of the next batch
+        self.positions: dict[int, SlotPosition] = {}  # per logical worker, after its latest batch handed out
 
     def __next__(self) -> Batch:
-        return next(self._it)
+        images, labels, where = next(self._it)
+        workers = max(1, self.dataset.cfg.num_workers)
+        worker, k = self._next_global % workers, self._next_global // workers  # round robin (module docstring)
+        self._next_global += 1
+        if where.numel():
+            self.positions[worker] = SlotPosition(k + 1, tuple((int(e), int(t)) for e, t in where.tolist()))
+        return images, labels
 
     def close(self) -> None:
         """Stop the data workers now (also on an error: a worker left to the interpreter's exit
@@ -401,7 +303,12 @@ def _check(cfg: DataConfig, rank: int, world_size: int, split: str) -> None:
 
 
 def build_train_loader(
-    cfg: DataConfig, rank: int, world_size: int, start_batch: int = 0, ledger_dir: str | None = None
+    cfg: DataConfig,
+    rank: int,
+    world_size: int,
+    start_batch: int = 0,
+    ledger_dir: str | None = None,
+    positions: Mapping[int, SlotPosition] | None = None,
 ) -> TrainBatches:
     """Endless iterator of (images [B, C, H, W], labels [B] int64).
 
@@ -410,7 +317,8 @@ def build_train_loader(
 
     Batch k is a function of (cfg, rank, world_size, k) only; start_batch=n
     yields batches n, n+1, ... of the start_batch=0 stream. `ledger_dir`: the run's record of bad samples,
-    appended to and read back by a resumed job (data.bad_ledger).
+    appended to and read back by a resumed job (data.bad_ledger). `positions`: this rank's TrainBatches.positions
+    when the stream was saved (same settings), so that the resumed workers need not read from step 0.
     """
     _check(cfg, rank, world_size, cfg.train_split)
     if isinstance(start_batch, bool) or not isinstance(start_batch, int) or start_batch < 0:
@@ -420,7 +328,7 @@ def build_train_loader(
     # inside a worker: every slot needs at least one shard of every source.
     for source in sources:
         slot_shards(source, cfg, rank, world_size, 0, max(1, cfg.num_workers))
-    dataset = TrainStream(cfg, sources, rank, world_size, start_batch, ledger_dir)
+    dataset = TrainStream(cfg, sources, rank, world_size, start_batch, ledger_dir, positions)
     loader = DataLoader(
         dataset,
         batch_size=None,

@@ -232,7 +232,7 @@ def test_class_order_shards_feed_every_class_from_many_slots(tmp_path) -> None:
     from data.convert.common import Item, Split, convert
     from data.mixture import train_sources
     from data.samples import BadSampleCounter
-    from data.stream import slot_raw_batches
+    from data.slot_stream import slot_raw_batches
     from tests.test_convert_common import jpeg
 
     sizes = [2 + (c * 7) % 5 for c in range(300)]  # 2..6 images, 1200 in all
@@ -266,7 +266,7 @@ def test_padding_counts_as_a_stream_change_only_where_it_pads(root: str, tmp_pat
     switch changes nothing and nothing is said."""
     import json
 
-    from train.checkpoint import pads_small_classes, stream_changes, stream_signature
+    from train.stream_state import pads_small_classes, stream_changes, stream_signature
     from train.config import RunConfig
 
     for m, pads in ((16, False), (32, True)):
@@ -309,7 +309,7 @@ def test_a_mixture_source_too_sparse_to_balance_is_said_to_lose_its_share(tmp_pa
     from data.convert.common import Item, Split, convert
     from data.mixture import train_sources
     from data.samples import BadSampleCounter
-    from data.stream import slot_raw_batches
+    from data.slot_stream import slot_raw_batches
     from tests.test_convert_common import jpeg
 
     def source(name: str, classes: int, per: int) -> str:

@@ -160,7 +160,7 @@ def test_write_split_empty_input(tmp_path) -> None:
 
 
 def test_shard_set_digest_notices_rewritten_added_and_removed_shards(tmp_path) -> None:
-    """What a checkpoint records of the shard set (train.checkpoint.stream_signature): with a manifest its
+    """What a checkpoint records of the shard set (train.stream_state.stream_signature): with a manifest its
     names and checksums, without one the names and sizes."""
     root = str(tmp_path)
     names = write_split(synthetic_samples(0, 12, 3), os.path.join(root, "train"), 4)

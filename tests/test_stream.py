@@ -12,11 +12,13 @@ import torch
 
 import data.bad_ledger
 import data.samples
+import data.slot_stream
 import data.stream
 from data.config import DataConfig
 from data.samples import BadSampleCounter
 from data.shards import assign_shards, list_shards
-from data.stream import build_eval_loader, build_train_loader, slot_raw_samples
+from data.slot_stream import slot_raw_samples
+from data.stream import build_eval_loader, build_train_loader
 from data.synthetic import decode_ids, synthetic_samples, write_synthetic
 from data.transforms import InputNormaliser
 from data.writer import write_split
@@ -295,9 +297,9 @@ def test_slots_one_shard_short_are_not_drawn_more_often(tmp_path) -> None:
     cfg = make_cfg(root, num_workers=2)
     shards = list_shards(root, "train")
     for epoch in range(3):  # each epoch's shares are disjoint and cover every shard
-        shares = [data.stream.dealt_shards(shards, epoch, slot, 4, "0") for slot in range(4)]
+        shares = [data.slot_stream.dealt_shards(shards, epoch, slot, 4, "0") for slot in range(4)]
         assert sorted(itertools.chain(*shares)) == sorted(shards)
-    assert shares != [data.stream.dealt_shards(shards, 0, slot, 4, "0") for slot in range(4)]
+    assert shares != [data.slot_stream.dealt_shards(shards, 0, slot, 4, "0") for slot in range(4)]
     visits: collections.Counter = collections.Counter()
     for rank in range(2):
         for images, _ in take(cfg, 120, rank=rank, world_size=2):  # 60 batches = 480 samples per slot
@@ -354,7 +356,7 @@ def test_resampled_slots_count_each_bad_sample_once_over_the_ranks(tmp_path) -> 
     shards = [str(tmp_path / "m" / n) for n in write_split(bad_samples, str(tmp_path / "m"), 8)]  # one bad each
     cfg = make_cfg(str(tmp_path), shuffle_buffer=1, resampled=True)
     from data.mixture import TrainSource
-    from data.stream import slot_shards
+    from data.slot_stream import slot_shards
 
     source = TrainSource(str(tmp_path), 1.0, 0, 4, tuple(shards))
     for ranks, workers in ((2, 2), (3, 2)):  # 4 slots for 4 shards; 6 slots: two own none

@@ -141,10 +141,18 @@ def test_resume_gives_the_same_weights_and_loss(
             assert len({e.step for e in events}) == len(events) and events[-1].step == steps, tag
         assert acc.Scalars("train/loss")[-1].value == pytest.approx(second[0]["last_train_loss"])
         assert [e.step for e in acc.Images("eval/poincare_disk")] == [steps]
-    from train.checkpoint import stream_changes
+    from train.dist import DistEnv
+    from train.stream_state import saved_stream_positions, stream_changes
 
     resumed_cfg = build_config(recipe, resumed_args)
     assert stream_changes(find_latest(str(tmp_path / "resumed")), resumed_cfg, 2) == []
+    # each rank's one worker saved where it stands (the resumed job started from the first job's positions)
+    for rank in range(2):
+        env = DistEnv(rank, 2, rank, 2)
+        positions = saved_stream_positions(find_latest(str(tmp_path / "resumed")), resumed_cfg, env)
+        assert positions.keys() == {0} and positions[0].next_batch == steps
+        assert positions == saved_stream_positions(find_latest(str(tmp_path / "straight")), resumed_cfg, env)
+        assert saved_stream_positions(find_latest(str(tmp_path / "resumed")), resumed_cfg, DistEnv(rank, 4, 0, 1)) == {}
     changed = stream_changes(find_latest(str(tmp_path / "resumed")), resumed_cfg, 4)
     assert changed == ["world_size: 2 -> 4"]
     accumulating = dataclasses.replace(resumed_cfg, optim=dataclasses.replace(resumed_cfg.optim, grad_accum_steps=2))

@@ -10,6 +10,8 @@ checkpoint. Contents of `step-N/`:
                         range, not by rank, so a different world size can re-slice them)
   head/replicated.pt    replicated head parameters (CHEST's shared FC) with their moments (train/head_state.py)
   rng/rank-R-of-W.pt    RNG states (restored only at the same world size)
+  stream/rank-R-of-W.json  where each data worker's stream stands (data.position; used only when the stream's
+                        settings are unchanged, so that the resume need not read the data from step 0)
   meta.json             step, samples seen, world size, class count
   config.yaml           the run's config
 """
@@ -33,13 +35,12 @@ import torch
 
 from common.files import write_json_atomic
 from data.bad_ledger import FOLDER as BAD_SAMPLES
-from data.config import DataConfig
-from data.shards import class_counts, shard_set_digest
+from data.position import SlotPosition
 from model.proxies import ShardedHead
 from train.config import RunConfig, load_yaml, save_yaml
-from train.config_values import override_text
 from train.dist import DistEnv, barrier, broadcast_object
 from train.elastic import ENGINE_TAG, load_universal
+from train.stream_state import stream_signature, write_stream_positions
 from train.head_state import load_head, rates_from_schedule, save_head_shard, save_replicated
 
 
@@ -252,44 +253,6 @@ def engine_changes(path: str, cfg: RunConfig, world_size: int) -> list[str]:
     return changes
 
 
-# 2 (2026-12-06): every epoch deals the shards anew over the (rank, worker) slots; 1 (older checkpoints,
-# which do not record it): one fixed deal for the whole run.
-STREAM_VERSION = 2
-
-
-def pads_small_classes(d: DataConfig, roots: list[str]) -> bool:
-    """Whether the balanced stream repeats the images of classes with fewer than m (data.pad_small_classes,
-    from 2026-12-07): only then does the switch change the stream. Checkpoints written before it lack the key,
-    and their streams never padded (stream_changes reads a missing key as False)."""
-    m = d.samples_per_class
-    return d.pad_small_classes and m > 1 and any(0 < n < m for root in roots for n in class_counts(root, d.train_split))
-
-
-def stream_signature(cfg: RunConfig, world_size: int) -> dict[str, Any]:
-    """The settings the data stream's position depends on: the stream is a pure function of these
-    and the step, so a resume with the same signature continues batch for batch."""
-    d = cfg.data
-    roots = [d.root] if not d.sources else [root for root, _ in d.sources]
-    return {
-        "stream_version": STREAM_VERSION,
-        "train_split": d.train_split,
-        "shards": ",".join(shard_set_digest(root, d.train_split) for root in roots),
-        "balance_buffer": d.balance_buffer if d.samples_per_class > 0 else 0,
-        "world_size": world_size,
-        "num_workers": d.num_workers,
-        "batch_size": d.batch_size,
-        # not optim.grad_accum_steps: the stream resumes at samples_seen's micro-batch (train.main.stream_start),
-        # the same batch after a change of it (listing it warned of a changed stream that had not changed)
-        "seed": d.seed,
-        "shuffle_buffer": d.shuffle_buffer,
-        "samples_per_class": d.samples_per_class,
-        "pad_small_classes": pads_small_classes(d, roots),
-        "root": os.path.abspath(d.root),
-        "resampled": d.resampled,
-        "sources": override_text(d.sources),
-    }  # the text older checkpoints hold
-
-
 def config_changes(path: str, cfg: RunConfig) -> list[str]:
     """Training settings (optim.*, loss.*, data.*, max_steps) that differ from the checkpoint's config.yaml.
     A resume keeps the checkpoint's base learning rates (backbone and head alike); the rest, the schedule's
@@ -308,14 +271,6 @@ def config_changes(path: str, cfg: RunConfig) -> list[str]:
     )
 
 
-def stream_changes(path: str, cfg: RunConfig, world_size: int) -> list[str]:
-    """Settings that differ from the checkpoint's stream: after such a resume the stream draws a
-    fresh order (still deterministic) instead of continuing the old one."""
-    saved = {"stream_version": 1, "pad_small_classes": False, **read_meta(path).get("stream", {})}
-    now = stream_signature(cfg, world_size)
-    return [f"{k}: {saved[k]} -> {now[k]}" for k in now if k in saved and saved[k] != now[k]]
-
-
 def save_checkpoint(
     cfg: RunConfig,
     env: DistEnv,
@@ -324,8 +279,10 @@ def save_checkpoint(
     head: ShardedHead,
     head_optimizer: torch.optim.Optimizer,
     head_scheduler: Any,
+    stream_positions: Mapping[int, SlotPosition] | None = None,
 ) -> str:
-    """Collective save of everything a resume needs; returns the final folder."""
+    """Collective save of everything a resume needs; returns the final folder. `stream_positions`: this
+    rank's data workers' positions (data.stream.TrainBatches.positions)."""
     root = checkpoint_root(cfg.run_dir)
     name = f"step-{state.step}"
     tmp, final = os.path.join(root, f".tmp-{name}"), os.path.join(root, name)
@@ -337,6 +294,8 @@ def save_checkpoint(
     engine.save_checkpoint(tmp, tag=ENGINE_TAG, save_latest=False)
     save_head_shard(os.path.join(tmp, "head"), head, head_optimizer, head_scheduler)
     torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank-{env.rank}-of-{env.world_size}.pt"))
+    if stream_positions is not None:
+        write_stream_positions(tmp, cfg, env, stream_positions)
     if env.is_main:
         save_replicated(os.path.join(tmp, "head"), head, head_optimizer)
         save_yaml(cfg, os.path.join(tmp, "config.yaml"))

@@ -48,6 +48,7 @@ from train.export import export
 from train.loop import train_loop
 from train.tensorboard_logger import TensorBoardLogger, run_hparams, sweep_keys
 from train.step import TrainableModel
+from train.stream_state import saved_stream_positions, stream_changes
 from train.run_owner import other_owner, record_owner, release_owner
 from train.summary import RunSummary
 from train.system import StepClock
@@ -137,7 +138,7 @@ def build_model(
         state = ckpt.load_checkpoint(resume_from, env, engine, head, head_opt, head_sched, universal)
         if env.is_main:
             print(f"resumed from {resume_from} at step {state.step}", flush=True)
-            changed = ckpt.stream_changes(resume_from, cfg, env.world_size)
+            changed = stream_changes(resume_from, cfg, env.world_size)
             if changed:
                 print(
                     f"warning: data stream settings changed since the checkpoint ({'; '.join(changed)}): "
@@ -246,7 +247,12 @@ class Run:
         barrier()
         model, state = build_model(cfg, env, device, resume_from)
         stream = build_train_loader(
-            cfg.data, env.rank, env.world_size, stream_start(state, cfg, env), os.path.join(cfg.run_dir, BAD_SAMPLES)
+            cfg.data,
+            env.rank,
+            env.world_size,
+            stream_start(state, cfg, env),
+            os.path.join(cfg.run_dir, BAD_SAMPLES),
+            saved_stream_positions(resume_from, cfg, env) if resume_from else None,
         )
         global_batch = cfg.data.batch_size * env.world_size * cfg.optim.grad_accum_steps
         clock = StepClock(global_batch, env.world_size, cfg.max_steps, device)
@@ -279,6 +285,7 @@ class Run:
             self.model.task.head,
             self.model.head_optimizer,
             self.model.head_scheduler,
+            self.stream.positions,
         )
 
     def evaluate_sets(self) -> list[dict[str, float]] | None:

@@ -1,0 +1,99 @@
+"""Resume cost of the train stream: time to a resumed rank's first batch, from the saved positions
+(data.position: read from the saved epoch on) against the baseline of reading every raw sample from step 0
+(what a resume without positions does: a changed stream, class-balanced batches, a checkpoint from before
+2026-12-07).
+
+Writes --shards shards of --per-shard JPEGs of --kb kB each (one photo-like noise image repeated under new
+keys: the stream reads and checks bytes, it does not decode skipped samples), then for a resume after
+E epochs of one rank (num_workers=0, so the time is the skip itself, not worker start-up) times
+build_train_loader(start) up to its first batch, both ways, and checks the two give the same batch.
+
+Usage: python -m bench.resume [--shards 32] [--per-shard 100] [--kb 100] [--epochs 1,4,16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import itertools
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from data.config import DataConfig
+from data.mixture import train_sources
+from data.position import SlotPosition, SourcePosition
+from data.samples import BadSampleCounter
+from data.slot_stream import slot_raw_batches
+from data.stream import build_train_loader
+from data.writer import write_manifest, write_split
+
+
+def noise_jpeg(kb: int) -> bytes:
+    """A JPEG of about `kb` kB (uniform noise compresses poorly: the side sets the size)."""
+    side = 64
+    while True:
+        pixels = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
+        out = io.BytesIO()
+        Image.fromarray(pixels).save(out, format="JPEG", quality=90)
+        if out.tell() >= kb * 1000:
+            return out.getvalue()
+        side += 16
+
+
+def write_shards(root: str, shards: int, per_shard: int, kb: int) -> None:
+    image = noise_jpeg(kb)
+    labels = [i % 10 for i in range(shards * per_shard)]
+    samples = ({"__key__": f"s{i:08d}", "jpg": image, "cls": label} for i, label in enumerate(labels))
+    names = write_split(samples, os.path.join(root, "train"), per_shard)
+    write_manifest(root, {"train": {"shards": names, "labels": labels}})
+
+
+def saved_positions(cfg: DataConfig, start: int) -> dict[int, SlotPosition]:
+    """What a checkpoint after `start` batches saves (the raw batches alone: nothing to decode)."""
+    sources = [SourcePosition()]
+    raw = slot_raw_batches(cfg, train_sources(cfg), 0, 1, 0, 1, BadSampleCounter(0, "bench"), sources)
+    for _ in itertools.islice(raw, start):
+        pass
+    return {0: SlotPosition(start, tuple((p.epoch, p.taken) for p in sources))}
+
+
+def first_batch(cfg: DataConfig, start: int, positions: dict[int, SlotPosition] | None) -> tuple[float, torch.Tensor]:
+    begin = time.perf_counter()
+    loader = build_train_loader(cfg, 0, 1, start, positions=positions)
+    images, _ = next(loader)
+    return time.perf_counter() - begin, images
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shards", type=int, default=32)
+    parser.add_argument("--per-shard", type=int, default=100)
+    parser.add_argument("--kb", type=int, default=100)
+    parser.add_argument("--epochs", default="1,4,16", help="resume points, in epochs of the rank")
+    parser.add_argument("--batch-size", type=int, default=50)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as root:
+        write_shards(root, args.shards, args.per_shard, args.kb)
+        cfg = DataConfig(root=root, num_classes=10, image_size=64, batch_size=args.batch_size, num_workers=0)
+        per_epoch = args.shards * args.per_shard // args.batch_size
+        print(f"{args.shards} shards x {args.per_shard} samples of {args.kb} kB, batch {args.batch_size}, one slot")
+        print("| resume after | samples skipped | from step 0 (s) | from positions (s) | speed-up |")
+        print("|---|---|---|---|---|")
+        for epochs in (float(e) for e in args.epochs.split(",")):
+            start = int(epochs * per_epoch) + 3  # a few batches into the epoch
+            positions = saved_positions(cfg, start)
+            first_batch(cfg, start, positions)  # page cache warm for both
+            baseline, expected = first_batch(cfg, start, None)
+            ours, got = first_batch(cfg, start, positions)
+            assert torch.equal(expected, got), "the two resumes gave different batches"
+            skipped = start * args.batch_size
+            print(f"| {epochs:g} epochs | {skipped} | {baseline:.2f} | {ours:.2f} | {baseline / ours:.1f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""One (rank, worker) slot's endless stream of raw samples and raw batches (still-encoded images).
+
+The order is data.stream's (its module docstring): epoch e deals the shards by (seed, e), visits the slot's
+share in an order seeded by (seed, rank, worker, e) and shuffles it with a buffer seeded the same way, so an
+epoch is a function of its number and a resumed slot starts at its saved position (data.position). Several
+sources are mixed by data.mixture; class-balanced batches come from data.balanced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import random
+from collections.abc import Iterator
+
+from data.balanced import balanced_batches
+from data.config import DataConfig
+from data.mixture import TrainSource, joint_class_counts, mixed_raw_samples
+from data.position import SourcePosition
+from data.samples import BadSampleCounter, RawSample, shuffle_buffer, valid_samples
+from data.shards import assign_shards
+
+
+def slot_raw_samples(
+    cfg: DataConfig,
+    shards: list[str],
+    rank: int,
+    worker: int,
+    counter: BadSampleCounter,
+    num_classes: int | None = None,
+    tag: str = "",
+    deal: tuple[int, int] | None = None,
+    position: SourcePosition | None = None,
+) -> Iterator[RawSample]:
+    """Endless stream of one slot's valid raw samples, epoch after epoch.
+
+    An epoch visits `shards` in a seeded order; with `deal` = (slot, slots) it visits only the slot's share
+    of that epoch's deal of `shards` (every shard of the run) instead; with data.resampled it is
+    len(shards) draws with replacement. `tag` tells the sources of a mixture apart in the seeds;
+    `num_classes` is the source's own label space. `position` (data.position): where to start, kept up to
+    date with every sample yielded (epoch, samples of it yielded); epochs before it are not read.
+    """
+    num_classes = cfg.num_classes if num_classes is None else num_classes
+    position = SourcePosition() if position is None else position
+    start = dataclasses.replace(position)
+    empty_epochs = 0  # in a row
+    visited: set[str] = set()
+    productive = start.epoch > 0 or start.taken > 0  # has this slot ever produced a valid sample
+    # This slot owns the shards of its first-epoch share, in every epoch: their bad samples count toward its cap,
+    # and without the run's record they alone make its count. The shares are disjoint across slots (later epochs
+    # move the shards; resampled, every slot draws from every shard: each bad sample was counted once per slot)
+    owned = None if deal is None else frozenset(dealt_shards(shards, 0, *deal, f"{cfg.seed}{tag}"))
+    counter.adopt_earlier(shards if owned is None else owned)
+    for epoch in itertools.count(start.epoch):
+        epoch_rng = random.Random(f"shards-{cfg.seed}-{rank}-{worker}-{epoch}{tag}")
+        buffer_rng = random.Random(f"buffer-{cfg.seed}-{rank}-{worker}-{epoch}{tag}")
+        if cfg.resampled:
+            order = epoch_rng.choices(shards, k=len(shards))
+        else:
+            order = list(shards) if deal is None else dealt_shards(shards, epoch, *deal, f"{cfg.seed}{tag}")
+            epoch_rng.shuffle(order)
+        produced = 0
+        samples = valid_samples(order, num_classes, counter, owned)
+        for sample in shuffle_buffer(samples, cfg.shuffle_buffer, buffer_rng):
+            produced += 1
+            if epoch == start.epoch and produced <= start.taken:
+                continue  # yielded before the resume
+            position.epoch, position.taken = epoch, produced
+            yield sample
+        # Without this check an all-bad source would spin forever. Dealt, one epoch's share may hold only bad
+        # shards while others are good: raise once this slot has visited every shard without a valid sample.
+        visited.update(order)
+        productive = productive or produced > 0
+        if not cfg.resampled and not productive and visited >= set(shards):
+            raise RuntimeError(
+                f"rank {rank} worker {worker}: shards {shards} hold no valid sample; "
+                f"rebuild them or check data.num_classes={num_classes}"
+            )
+        # resampled: an epoch may draw only bad shards by chance; 100 empty epochs in a row mean no valid shard
+        empty_epochs = empty_epochs + 1 if produced == 0 else 0
+        if cfg.resampled and empty_epochs >= 100:
+            raise RuntimeError(
+                f"rank {rank} worker {worker}: 100 resampled epochs of {shards} held no valid "
+                "sample; rebuild the shards"
+            )
+
+
+def dealt_shards(shards: list[str], epoch: int, slot: int, slots: int, seed: str) -> list[str]:
+    """Slot `slot`'s share of epoch `epoch`: a permutation of `shards` seeded by (seed, epoch), the same in
+    every slot, dealt round robin (assign_shards' layout): disjoint shares that cover every shard."""
+    order = list(shards)
+    random.Random(f"deal-{seed}-{epoch}").shuffle(order)
+    return order[slot::slots]
+
+
+def slot_shards(
+    source: TrainSource, cfg: DataConfig, rank: int, world_size: int, worker: int, num_workers: int
+) -> tuple[list[str], tuple[int, int] | None]:
+    """The shards one slot reads from a source and its (slot, slots) in each epoch's deal of them (resampled:
+    it draws from all of them, and the deal names the shards whose bad samples it counts). Raises (naming the
+    fix) where a slot would get no shard."""
+    deal = (rank * num_workers + worker, world_size * num_workers)
+    if cfg.resampled:  # draws from every shard; the deal only says whose bad samples this slot counts
+        return list(source.shards), deal
+    assign_shards(list(source.shards), rank, world_size, worker, num_workers)  # checks there are enough
+    return list(source.shards), deal
+
+
+def slot_raw_batches(
+    cfg: DataConfig,
+    sources: list[TrainSource],
+    rank: int,
+    world_size: int,
+    worker: int,
+    num_workers: int,
+    counter: BadSampleCounter,
+    positions: list[SourcePosition] | None = None,
+    batches_done: int = 0,
+) -> Iterator[list[RawSample]]:
+    """Endless stream of one slot's full raw batches (still-encoded images).
+
+    Each source is dealt over (rank, worker) slots (slot_shards); several
+    sources are mixed by data.mixture. With data.samples_per_class = m > 0
+    the batches are class-balanced (data.balanced) with an RNG of their own,
+    seeded by (seed, rank, worker); otherwise consecutive raw samples form a
+    batch. `positions` (one per source, data.position) start the sources there
+    and follow them; with a resumed position `batches_done` says how many
+    batches came before it (plain batches only).
+    """
+    if batches_done and cfg.samples_per_class > 0:
+        raise ValueError("class-balanced batches cannot resume from a position: their balancer spans epochs")
+
+    def open_source(source: TrainSource, i: int) -> Iterator[RawSample]:
+        shards, deal = slot_shards(source, cfg, rank, world_size, worker, num_workers)
+        # A single source keeps the seeds it always had; a mixture's sources get their own.
+        tag = f"-src{i}" if len(sources) > 1 else ""
+        position = None if positions is None else positions[i]
+        return slot_raw_samples(cfg, shards, rank, worker, counter, source.num_classes, tag, deal, position)
+
+    samples = mixed_raw_samples(cfg, sources, rank, worker, open_source, batches_done * cfg.batch_size)
+    if cfg.samples_per_class > 0:
+        rng = random.Random(f"balance-{cfg.seed}-{rank}-{worker}")
+        yield from balanced_batches(
+            samples,
+            cfg.batch_size,
+            cfg.samples_per_class,
+            cfg.balance_buffer,
+            rng,
+            f"train rank {rank} worker {worker}",
+            joint_class_counts(sources) if cfg.pad_small_classes else (),
+        )
+        return
+    while True:
+        yield list(itertools.islice(samples, cfg.batch_size))

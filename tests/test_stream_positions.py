@@ -1,0 +1,116 @@
+"""Resuming the train stream from saved positions (data.position): the same batches as an uninterrupted run,
+read from the saved epoch on instead of from step 0."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+
+import data.samples
+from data.position import SlotPosition, advance_draws, from_json, to_json
+from data.stream import build_train_loader
+from tests.test_stream import assert_same, make_cfg, mixture_cfg, root, second_root  # noqa: F401 (fixtures)
+
+# ruff: noqa: F811 (the fixtures' names as arguments)
+
+
+def positions_after(cfg, start: int, rank: int = 1, world_size: int = 2) -> dict[int, SlotPosition]:
+    """The positions a checkpoint after `start` batches would hold."""
+    loader = build_train_loader(cfg, rank, world_size)
+    list(itertools.islice(loader, start))
+    loader.close()
+    return dict(loader.positions)
+
+
+def resumed(cfg, start: int, positions, n: int = 5, rank: int = 1, world_size: int = 2) -> list:
+    return list(itertools.islice(build_train_loader(cfg, rank, world_size, start, positions=positions), n))
+
+
+def uninterrupted(cfg, start: int, n: int = 5, rank: int = 1, world_size: int = 2) -> list:
+    return list(itertools.islice(build_train_loader(cfg, rank, world_size), start + n))[start:]
+
+
+# 16 shards x 8 samples over 2 ranks: with 0 workers a slot's epoch is 8 shards = 8 batches of 8, with 2 workers 4
+@pytest.mark.parametrize("num_workers, start", [(0, 3), (0, 20), (0, 41), (2, 7), (2, 41)])
+def test_resume_from_positions_gives_the_uninterrupted_batches(root: str, num_workers: int, start: int) -> None:
+    cfg = make_cfg(root, num_workers=num_workers, augment=True)
+    positions = positions_after(cfg, start)
+    workers = max(1, num_workers)
+    assert sorted(positions) == list(range(min(start, workers)))
+    assert all(p.next_batch == (start - w + workers - 1) // workers for w, p in positions.items())
+    per_epoch = 64 // workers  # samples of a slot's epoch
+    for p in positions.values():  # the last sample it yielded: epoch e, `taken` of it
+        yielded = p.next_batch * 8
+        assert p.sources == (((yielded - 1) // per_epoch, yielded - (yielded - 1) // per_epoch * per_epoch),)
+    assert_same(uninterrupted(cfg, start), resumed(cfg, start, positions))
+
+
+def test_resume_from_positions_reads_only_the_current_epoch(root: str, monkeypatch) -> None:
+    cfg = make_cfg(root)  # rank 1 of 2, one slot: 8 shards an epoch
+    start = 41  # 328 samples: epoch 5, 8 samples into it
+    positions = positions_after(cfg, start)
+    assert positions[0].sources == ((5, 8),)
+    opened: list[str] = []
+    real = data.samples.read_shard
+    monkeypatch.setattr(data.samples, "read_shard", lambda path, *a: opened.append(path) or real(path, *a))
+    with_positions = resumed(cfg, start, positions)
+    assert len(opened) <= 8  # the 5 batches lie in epoch 5: its share alone
+    opened.clear()
+    assert_same(resumed(cfg, start, None), with_positions)
+    assert len(opened) >= 5 * 8  # from step 0: the five epochs before it too
+
+
+@pytest.mark.parametrize("resampled", [False, True])
+def test_mixture_resumes_from_positions(root: str, second_root: str, resampled: bool) -> None:
+    cfg = mixture_cfg(root, second_root, num_workers=2, augment=True, resampled=resampled)
+    start = 41
+    positions = positions_after(cfg, start)
+    assert all(len(p.sources) == 2 for p in positions.values())
+    assert max(p.sources[1][0] for p in positions.values()) >= 1  # the small source is past its first epoch
+    assert_same(uninterrupted(cfg, start), resumed(cfg, start, positions))
+
+
+def test_positions_from_elsewhere_in_the_stream(root: str) -> None:
+    """Saved before the resume point: read on from them; saved past it (a loader that ran ahead of its
+    checkpoint): from step 0. Either way the batches are the uninterrupted run's."""
+    cfg = make_cfg(root, num_workers=2, augment=True)
+    expected = uninterrupted(cfg, 20)
+    assert_same(expected, resumed(cfg, 20, positions_after(cfg, 12)))
+    assert_same(expected, resumed(cfg, 20, positions_after(cfg, 30)))
+
+
+def test_class_balanced_batches_keep_no_positions(root: str) -> None:
+    """A balancer's buffer spans epochs, so the stream keeps no positions (a resume reads from step 0)."""
+    cfg = make_cfg(root, samples_per_class=2, balance_buffer=16, augment=True)
+    assert positions_after(cfg, 10) == {}
+    assert_same(uninterrupted(cfg, 10), resumed(cfg, 10, {0: SlotPosition(3, ((0, 24),))}))
+
+
+def test_positions_json_round_trip_and_mismatch() -> None:
+    positions = {0: SlotPosition(7, ((2, 30), (1, 5))), 3: SlotPosition(6, ((2, 10), (0, 0)))}
+    assert from_json(to_json(positions, 4), 4, 2) == positions
+    assert from_json(to_json(positions, 4), 2, 2) == {}  # another num_workers: another stream
+    assert from_json(to_json(positions, 4), 4, 1) == {}  # another number of sources
+
+
+def test_advance_draws_takes_what_the_draws_take() -> None:
+    a, b = random.Random("x"), random.Random("x")
+    index, weights = range(3), [3.0, 1.0, 0.5]
+    drawn = [a.choices(index, weights)[0] for _ in range(70_000)]
+    advance_draws(b, index, weights, 69_990)
+    assert [b.choices(index, weights)[0] for _ in range(10)] == drawn[-10:]
+
+
+def test_resume_benchmark_runs_and_agrees(monkeypatch, capsys) -> None:
+    """bench/resume.py on a tiny set: both resumes give the same batch (it asserts so) and it prints its rows."""
+    import sys
+
+    from bench import resume as bench_resume
+
+    argv = ["bench.resume", "--shards", "4", "--per-shard", "20", "--kb", "5", "--epochs", "1,3", "--batch-size", "10"]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench_resume.main()
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "epochs |" in line]
+    assert [row.split(" | ")[1] for row in rows] == ["110", "270"]  # samples skipped: (8 x epochs + 3) x 10
