@@ -1,12 +1,15 @@
-"""Resume cost of the train stream: time to a resumed rank's first batch, from the saved positions
-(data.position: read from the saved epoch on) against the baseline of reading every raw sample from step 0
-(what a resume without positions does: a changed stream, class-balanced batches, a checkpoint from before
-2026-12-07).
+"""Resume cost of the train stream: time to a resumed rank's first batch three ways.
+
+- from step 0 (the baseline): every raw sample since step 0 is read again; what a resume did before
+  2026-12-07, and still does with class-balanced batches or shards whose manifest records no per-shard counts;
+- from the counts: no saved positions (another layout, a changed stream setting), the slot starts at the epoch
+  where the manifest's per-shard sample counts place it (data.slot_stream.counted_slot_position);
+- from the saved positions (the checkpoint's stream/ folder, data.position): read from the saved epoch on.
 
 Writes --shards shards of --per-shard JPEGs of --kb kB each (one photo-like noise image repeated under new
 keys: the stream reads and checks bytes, it does not decode skipped samples), then for a resume after
 E epochs of one rank (num_workers=0, so the time is the skip itself, not worker start-up) times
-build_train_loader(start) up to its first batch, both ways, and checks the two give the same batch.
+build_train_loader(start) up to its first batch, each way, and checks that all give the same batch.
 
 Usage: python -m bench.resume [--shards 32] [--per-shard 100] [--kb 100] [--epochs 1,4,16]
 """
@@ -14,8 +17,10 @@ Usage: python -m bench.resume [--shards 32] [--per-shard 100] [--kb 100] [--epoc
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import itertools
+import json
 import os
 import tempfile
 import time
@@ -28,6 +33,7 @@ from data.config import DataConfig
 from data.mixture import train_sources
 from data.position import SlotPosition, SourcePosition
 from data.samples import BadSampleCounter
+from data.shards import read_manifest
 from data.slot_stream import slot_raw_batches
 from data.stream import build_train_loader
 from data.writer import write_manifest, write_split
@@ -51,6 +57,17 @@ def write_shards(root: str, shards: int, per_shard: int, kb: int) -> None:
     samples = ({"__key__": f"s{i:08d}", "jpg": image, "cls": label} for i, label in enumerate(labels))
     names = write_split(samples, os.path.join(root, "train"), per_shard)
     write_manifest(root, {"train": {"shards": names, "labels": labels}})
+
+
+def without_counts(root: str, to: str) -> str:
+    """The same shards (linked) under a manifest that records no per-shard counts: a resume reads from step 0."""
+    os.symlink(os.path.join(root, "train"), os.path.join(to, "train"))
+    manifest = read_manifest(root) or {}
+    for split in manifest["splits"].values():
+        del split["samples"]
+    with open(os.path.join(to, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+    return to
 
 
 def saved_positions(cfg: DataConfig, start: int) -> dict[int, SlotPosition]:
@@ -77,22 +94,24 @@ def main() -> None:
     parser.add_argument("--epochs", default="1,4,16", help="resume points, in epochs of the rank")
     parser.add_argument("--batch-size", type=int, default=50)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as root:
+    with tempfile.TemporaryDirectory() as root, tempfile.TemporaryDirectory() as bare:
         write_shards(root, args.shards, args.per_shard, args.kb)
         cfg = DataConfig(root=root, num_classes=10, image_size=64, batch_size=args.batch_size, num_workers=0)
+        uncounted = dataclasses.replace(cfg, root=without_counts(root, bare))
         per_epoch = args.shards * args.per_shard // args.batch_size
         print(f"{args.shards} shards x {args.per_shard} samples of {args.kb} kB, batch {args.batch_size}, one slot")
-        print("| resume after | samples skipped | from step 0 (s) | from positions (s) | speed-up |")
+        print("| resume after | samples skipped | from step 0 (s) | from the counts (s) | from saved positions (s) |")
         print("|---|---|---|---|---|")
         for epochs in (float(e) for e in args.epochs.split(",")):
             start = int(epochs * per_epoch) + 3  # a few batches into the epoch
             positions = saved_positions(cfg, start)
-            first_batch(cfg, start, positions)  # page cache warm for both
-            baseline, expected = first_batch(cfg, start, None)
+            first_batch(cfg, start, positions)  # page cache warm for all
+            baseline, expected = first_batch(uncounted, start, None)
+            counted, from_counts = first_batch(cfg, start, None)
             ours, got = first_batch(cfg, start, positions)
-            assert torch.equal(expected, got), "the two resumes gave different batches"
+            assert torch.equal(expected, got) and torch.equal(expected, from_counts), "the resumes differ"
             skipped = start * args.batch_size
-            print(f"| {epochs:g} epochs | {skipped} | {baseline:.2f} | {ours:.2f} | {baseline / ours:.1f}x |")
+            print(f"| {epochs:g} epochs | {skipped} | {baseline:.2f} | {counted:.2f} | {ours:.2f} |")
 
 
 if __name__ == "__main__":

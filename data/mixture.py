@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Callable, Iterator
 
 from data.config import DataConfig
-from data.position import advance_draws
+from data.position import DRAW_CHUNK, advance_draws
 from data.samples import RawSample
 from data.shards import check_labels, class_counts, label_space, list_shards, manifest_path, read_manifest
 from data.tars import check_shard_start
@@ -160,4 +160,23 @@ def mixed_raw_samples(
     """One slot's mixed stream; `per_source(source, i)` opens source i's endless stream for the slot (at its
     resumed position, after `draws_done` samples of the mixture)."""
     streams = [per_source(source, i) for i, source in enumerate(sources)]
-    return mix(streams, sources, random.Random(f"mix-{cfg.seed}-{rank}-{worker}"), draws_done)
+    return mix(streams, sources, _mix_rng(cfg, rank, worker), draws_done)
+
+
+def _mix_rng(cfg: DataConfig, rank: int, worker: int) -> random.Random:
+    return random.Random(f"mix-{cfg.seed}-{rank}-{worker}")
+
+
+def draws_per_source(cfg: DataConfig, sources: list[TrainSource], rank: int, worker: int, draws: int) -> list[int]:
+    """How many of a slot's first `draws` mixed samples come from each source (mix's draws replayed)."""
+    if len(sources) == 1 and sources[0].label_offset == 0:
+        return [draws]  # mix draws nothing
+    counts = [0] * len(sources)
+    index = range(len(sources))
+    rng, weights = _mix_rng(cfg, rank, worker), [s.weight for s in sources]
+    while draws > 0:
+        n = min(draws, DRAW_CHUNK)
+        for i in rng.choices(index, weights, k=n):
+            counts[i] += 1
+        draws -= n
+    return counts

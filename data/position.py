@@ -8,10 +8,11 @@ mixture's RNG (one draw per sample) is advanced by draws alone, which reads noth
 
 Each batch a worker yields carries its sources' positions after it (a [sources, 2] int64 tensor);
 data.stream.TrainBatches keeps, per worker, the latest with the worker's next batch index (SlotPosition), and
-the checkpoint stores them per rank (train.checkpoint). A resume at the same stream settings hands them back
-to build_train_loader; a slot without one (another world size or num_workers, class-balanced batches, whose
-balancer buffer spans epochs, a checkpoint from before) re-reads its raw samples from step 0 as before, which
-gives the same batches, only slower.
+the checkpoint stores them per rank (train.stream_state). A resume at the same stream settings hands them back
+to build_train_loader; a slot without one (another world size or num_workers, a changed setting) is placed by
+the manifest's per-shard sample counts (data.slot_stream.counted_slot_position: where reading would get, unless
+a shard holds bad samples). Class-balanced batches, whose balancer's buffer spans epochs, and shards without
+recorded counts re-read their raw samples from step 0: the same batches, only slower.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 
 # draws advanced at once when a mixture's RNG catches up (random.choices takes one random() per draw)
-_DRAW_CHUNK = 1 << 16
+DRAW_CHUNK = 1 << 16
 
 
 @dataclasses.dataclass
@@ -56,7 +57,7 @@ def advance_draws(rng: random.Random, population: range, weights: list[float], d
     """Move a mixture's RNG past `draws` calls of rng.choices(population, weights), in chunks of that very
     call (so the RNG takes exactly the numbers those draws took)."""
     while draws > 0:
-        n = min(draws, _DRAW_CHUNK)
+        n = min(draws, DRAW_CHUNK)
         rng.choices(population, weights, k=n)
         draws -= n
 

@@ -15,10 +15,10 @@ from collections.abc import Iterator
 
 from data.balanced import balanced_batches
 from data.config import DataConfig
-from data.mixture import TrainSource, joint_class_counts, mixed_raw_samples
-from data.position import SourcePosition
+from data.mixture import TrainSource, draws_per_source, joint_class_counts, mixed_raw_samples
+from data.position import SlotPosition, SourcePosition
 from data.samples import BadSampleCounter, RawSample, shuffle_buffer, valid_samples
-from data.shards import assign_shards
+from data.shards import assign_shards, recorded_samples
 
 
 def slot_raw_samples(
@@ -52,13 +52,8 @@ def slot_raw_samples(
     owned = None if deal is None else frozenset(dealt_shards(shards, 0, *deal, f"{cfg.seed}{tag}"))
     counter.adopt_earlier(shards if owned is None else owned)
     for epoch in itertools.count(start.epoch):
-        epoch_rng = random.Random(f"shards-{cfg.seed}-{rank}-{worker}-{epoch}{tag}")
+        order = epoch_shards(cfg, shards, rank, worker, epoch, tag, deal)
         buffer_rng = random.Random(f"buffer-{cfg.seed}-{rank}-{worker}-{epoch}{tag}")
-        if cfg.resampled:
-            order = epoch_rng.choices(shards, k=len(shards))
-        else:
-            order = list(shards) if deal is None else dealt_shards(shards, epoch, *deal, f"{cfg.seed}{tag}")
-            epoch_rng.shuffle(order)
         produced = 0
         samples = valid_samples(order, num_classes, counter, owned)
         for sample in shuffle_buffer(samples, cfg.shuffle_buffer, buffer_rng):
@@ -83,6 +78,60 @@ def slot_raw_samples(
                 f"rank {rank} worker {worker}: 100 resampled epochs of {shards} held no valid "
                 "sample; rebuild the shards"
             )
+
+
+def epoch_shards(
+    cfg: DataConfig, shards: list[str], rank: int, worker: int, epoch: int, tag: str, deal: tuple[int, int] | None
+) -> list[str]:
+    """The shards a slot reads in epoch `epoch`, in its order (slot_raw_samples' arguments)."""
+    epoch_rng = random.Random(f"shards-{cfg.seed}-{rank}-{worker}-{epoch}{tag}")
+    if cfg.resampled:
+        return epoch_rng.choices(shards, k=len(shards))
+    order = list(shards) if deal is None else dealt_shards(shards, epoch, *deal, f"{cfg.seed}{tag}")
+    epoch_rng.shuffle(order)
+    return order
+
+
+def source_tag(i: int, sources: list[TrainSource]) -> str:
+    """What tells source i apart in a slot's seeds: a single source keeps the seeds it always had."""
+    return f"-src{i}" if len(sources) > 1 else ""
+
+
+def counted_position(
+    cfg: DataConfig, shards: list[str], rank: int, worker: int, tag: str, deal: tuple[int, int] | None, samples: int
+) -> SourcePosition | None:
+    """Where a slot's stream of one source stands after `samples` samples, from the manifest's sample count of
+    each shard instead of reading them (what reading gives, unless a shard holds bad samples: each one read
+    would move the position a sample further); None where a shard has no recorded count."""
+    counts = {shard: recorded_samples(shard) for shard in set(shards)}
+    if any(n is None for n in counts.values()):
+        return None
+    empty = 0  # epochs in a row without a sample
+    for epoch in itertools.count():
+        size = sum(counts[shard] or 0 for shard in epoch_shards(cfg, shards, rank, worker, epoch, tag, deal))
+        if samples <= size:
+            return SourcePosition(epoch, samples)
+        empty = empty + 1 if size == 0 else 0
+        if empty >= 100:
+            return None  # shards that record no sample: reading them raises the error that names them
+        samples -= size
+    raise AssertionError("unreachable")
+
+
+def counted_slot_position(
+    cfg: DataConfig, sources: list[TrainSource], rank: int, world_size: int, worker: int, num_workers: int, batches: int
+) -> SlotPosition | None:
+    """A slot's position after `batches` plain batches from the shards' recorded counts (counted_position, per
+    source, with the mixture's draws replayed); None where a count is missing."""
+    positions = []
+    draws = draws_per_source(cfg, sources, rank, worker, batches * cfg.batch_size)
+    for i, source in enumerate(sources):
+        shards, deal = slot_shards(source, cfg, rank, world_size, worker, num_workers)
+        position = counted_position(cfg, shards, rank, worker, source_tag(i, sources), deal, draws[i])
+        if position is None:
+            return None
+        positions.append((position.epoch, position.taken))
+    return SlotPosition(batches, tuple(positions))
 
 
 def dealt_shards(shards: list[str], epoch: int, slot: int, slots: int, seed: str) -> list[str]:
@@ -132,9 +181,8 @@ def slot_raw_batches(
 
     def open_source(source: TrainSource, i: int) -> Iterator[RawSample]:
         shards, deal = slot_shards(source, cfg, rank, world_size, worker, num_workers)
-        # A single source keeps the seeds it always had; a mixture's sources get their own.
-        tag = f"-src{i}" if len(sources) > 1 else ""
         position = None if positions is None else positions[i]
+        tag = source_tag(i, sources)
         return slot_raw_samples(cfg, shards, rank, worker, counter, source.num_classes, tag, deal, position)
 
     samples = mixed_raw_samples(cfg, sources, rank, worker, open_source, batches_done * cfg.batch_size)

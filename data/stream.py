@@ -21,7 +21,8 @@ torch seed derived from (seed, rank, worker, k). DataLoader(batch_size=None,
 in_order=True) asks endless workers round-robin, so global batch i is batch
 i // W of worker i % W: the stream is a function of (cfg, rank, world_size,
 i) only, and a resumed stream skips whole raw batches without decoding them
-(reading from the saved position's epoch on, or from step 0 without one).
+(reading from the saved position's epoch on; without one, from the epoch the
+manifest's per-shard sample counts place it in, or from step 0 without counts).
 With data.samples_per_class = m > 0 the slot's raw batches come from
 data.balanced instead (batch_size / m classes x m samples each); the rest
 (per-batch torch seed, round-robin, skip on resume) is unchanged.
@@ -55,7 +56,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 from common.seeds import stable_seed
 from data.config import DataConfig
 from data.position import SlotPosition, positions_tensor
-from data.slot_stream import slot_raw_batches, slot_shards
+from data.slot_stream import counted_slot_position, slot_raw_batches, slot_shards
 from data.mixture import TrainSource, train_sources
 from data.samples import BadSampleCounter, RawSample, valid_samples
 from data.shards import check_labels, list_shards
@@ -208,10 +209,13 @@ class TrainStream(IterableDataset):
         counter = BadSampleCounter(cfg.max_bad_samples, f"train rank {rank} worker {worker}", publish, ledger, earlier)
         self.counter = counter
         skip = batches_to_skip(self.start_batch, worker, num_workers)
-        saved = self.positions.get(worker)
         plain = cfg.samples_per_class == 0  # a balancer's buffer spans epochs: it keeps no positions
-        if saved is None or saved.next_batch > skip or not plain:
-            saved = SlotPosition(0, ((0, 0),) * len(self.sources))
+        saved = self.positions.get(worker) if plain else None
+        if plain and (saved is None or saved.next_batch > skip) and skip > 0:
+            # none saved for this layout: where the shards' recorded sample counts place batch `skip`
+            saved = counted_slot_position(cfg, self.sources, rank, self.world_size, worker, num_workers, skip)
+        if saved is None or saved.next_batch > skip:
+            saved = SlotPosition(0, ((0, 0),) * len(self.sources))  # read from step 0
         positions = saved.source_positions()
         raw_batches = slot_raw_batches(
             cfg, self.sources, rank, self.world_size, worker, num_workers, counter, positions, saved.next_batch
@@ -242,7 +246,14 @@ class TrainBatches(Iterator[Batch]):
         self.dataset, self.loader = dataset, loader
         self._it = iter(loader)
         self._next_global = dataset.start_batch  # the global batch index of the next batch
-        self.positions: dict[int, SlotPosition] = {}  # per logical worker, after its latest batch handed out
+        # per logical worker, after its latest batch handed out; until then the position it resumed from (a save
+        # before every worker has handed out a batch keeps them all)
+        workers = max(1, dataset.cfg.num_workers)
+        self.positions: dict[int, SlotPosition] = {
+            w: p
+            for w, p in dataset.positions.items()
+            if dataset.cfg.samples_per_class == 0 and p.next_batch <= batches_to_skip(dataset.start_batch, w, workers)
+        }
 
     def __next__(self) -> Batch:
         images, labels, where = next(self._it)
@@ -318,7 +329,10 @@ def build_train_loader(
     Batch k is a function of (cfg, rank, world_size, k) only; start_batch=n
     yields batches n, n+1, ... of the start_batch=0 stream. `ledger_dir`: the run's record of bad samples,
     appended to and read back by a resumed job (data.bad_ledger). `positions`: this rank's TrainBatches.positions
-    when the stream was saved (same settings), so that the resumed workers need not read from step 0.
+    when the stream was saved (same settings), so that the resumed workers need not read from step 0; without
+    them a resumed worker starts where the shards' recorded sample counts place it (data.slot_stream.
+    counted_slot_position), and reads from step 0 only without counts or with class-balanced batches. Epochs
+    not read are not searched for bad samples: without `ledger_dir` their bad samples go uncounted.
     """
     _check(cfg, rank, world_size, cfg.train_split)
     if isinstance(start_batch, bool) or not isinstance(start_batch, int) or start_batch < 0:

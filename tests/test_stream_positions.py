@@ -3,14 +3,20 @@ read from the saved epoch on instead of from step 0."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import json
 import random
+import shutil
 
 import pytest
 
 import data.samples
 from data.position import SlotPosition, advance_draws, from_json, to_json
-from data.stream import build_train_loader
+from data.shards import list_shards, read_manifest
+from data.mixture import train_sources
+from data.slot_stream import counted_slot_position
+from data.stream import batches_to_skip, build_train_loader
 from tests.test_stream import assert_same, make_cfg, mixture_cfg, root, second_root  # noqa: F401 (fixtures)
 
 # ruff: noqa: F811 (the fixtures' names as arguments)
@@ -47,7 +53,20 @@ def test_resume_from_positions_gives_the_uninterrupted_batches(root: str, num_wo
     assert_same(uninterrupted(cfg, start), resumed(cfg, start, positions))
 
 
-def test_resume_from_positions_reads_only_the_current_epoch(root: str, monkeypatch) -> None:
+def without_counts(root: str, to) -> str:
+    """A copy of `root`'s train shards whose manifest records no per-shard sample counts (as one from before
+    2026-12-06), so a resume without saved positions reads from step 0."""
+    (to / "train").mkdir(parents=True)
+    for shard in list_shards(root, "train"):
+        shutil.copy(shard, to / "train")
+    manifest = read_manifest(root)
+    for split in manifest["splits"].values():
+        del split["samples"]
+    (to / "manifest.json").write_text(json.dumps(manifest))
+    return str(to)
+
+
+def test_resume_from_positions_reads_only_the_current_epoch(root: str, tmp_path, monkeypatch) -> None:
     cfg = make_cfg(root)  # rank 1 of 2, one slot: 8 shards an epoch
     start = 41  # 328 samples: epoch 5, 8 samples into it
     positions = positions_after(cfg, start)
@@ -58,8 +77,41 @@ def test_resume_from_positions_reads_only_the_current_epoch(root: str, monkeypat
     with_positions = resumed(cfg, start, positions)
     assert len(opened) <= 8  # the 5 batches lie in epoch 5: its share alone
     opened.clear()
-    assert_same(resumed(cfg, start, None), with_positions)
-    assert len(opened) >= 5 * 8  # from step 0: the five epochs before it too
+    assert_same(resumed(cfg, start, None), with_positions)  # placed by the manifest's per-shard counts
+    assert len(opened) <= 8
+    opened.clear()
+    assert_same(resumed(dataclasses.replace(cfg, root=without_counts(root, tmp_path)), start, None), with_positions)
+    assert len(opened) >= 5 * 8  # no counts: from step 0, the five epochs before it too
+
+
+@pytest.mark.parametrize("num_workers, world_size", [(2, 1), (1, 3)])
+def test_another_layout_resumes_where_the_counts_place_it(
+    root: str, second_root: str, tmp_path, num_workers: int, world_size: int
+) -> None:
+    """A resume on another layout has no saved positions: its slots start where the shards' recorded counts
+    place them, which (no bad samples) is where reading from step 0 gets, mixtures too."""
+    for i, cfg in enumerate(
+        [make_cfg(root, num_workers=num_workers), mixture_cfg(root, second_root, num_workers=num_workers)]
+    ):
+        copies = [without_counts(r, tmp_path / f"{i}-{j}") for j, (r, _) in enumerate(cfg.sources or ((root, 1),))]
+        read = dataclasses.replace(cfg, root=copies[0], sources=tuple(zip(copies, (3.0, 1.0))) if cfg.sources else ())
+        for start in (13, 30):
+            counted = resumed(cfg, start, None, rank=0, world_size=world_size)
+            assert_same(resumed(read, start, None, rank=0, world_size=world_size), counted)
+        # worker 0 is placed past its first epoch (those shards not read) and the copies have no counts
+        skip = batches_to_skip(30, 0, num_workers)
+        assert counted_slot_position(cfg, train_sources(cfg), 0, world_size, 0, num_workers, skip).sources[0][0] >= 1
+        assert counted_slot_position(read, train_sources(read), 0, world_size, 0, num_workers, skip) is None
+
+
+def test_a_save_soon_after_a_resume_keeps_every_workers_position(root: str) -> None:
+    cfg = make_cfg(root, num_workers=2)
+    saved = positions_after(cfg, 20)
+    loader = build_train_loader(cfg, 1, 2, 20, positions=saved)
+    assert loader.positions == saved  # nothing handed out yet: the positions it resumed from
+    next(loader)
+    assert loader.positions[0].next_batch == 11 and loader.positions[1] == saved[1]
+    loader.close()
 
 
 @pytest.mark.parametrize("resampled", [False, True])
