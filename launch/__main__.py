@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import time
+from typing import Any
 
 import yaml
 from submitit.core.utils import FailedJobError
@@ -132,7 +133,11 @@ def main(argv: list[str] | None = None) -> int:
         return run_sweep(sweep_dir, cfgs, args.slurm, args.no_wait)
     cfg = cfgs[0]
     print(json.dumps(cfg.to_dict(), indent=1))
-    executor = make_executor(cfg.slurm, cfg.run_dir, args.slurm)
+    try:  # e.g. slurm.nodes > 1 without --slurm, more tasks than this machine's GPUs
+        executor = make_executor(cfg.slurm, cfg.run_dir, args.slurm)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     t0 = time.time()
     try:
         job = executor.submit(TrainJob(cfg))
@@ -170,9 +175,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_sweep(sweep_dir: str, cfgs: list[RunConfig], use_slurm: bool, no_wait: bool) -> int:
     """Submit every point (one job array on Slurm), wait, print the summary table."""
+    try:
+        executor = make_executor(cfgs[0].slurm, sweep_dir, use_slurm)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     os.makedirs(sweep_dir, exist_ok=True)
     print(f"sweep of {len(cfgs)} points in {sweep_dir}: {', '.join(c.name for c in cfgs)}")
-    executor = make_executor(cfgs[0].slurm, sweep_dir, use_slurm)
     failed = []
     if use_slurm:
         queued_at = time.time()
@@ -226,11 +235,30 @@ def _refused_by_sbatch(err: FailedJobError) -> int:
     return 2
 
 
+# Slurm states a job passes through on its way on (a preemption signals it, then requeues it) that submitit
+# counts as done (its list of unfinished states lacks them): following stopped there with "has not produced
+# any output" while the job went on
+STILL_GOING = frozenset({"SIGNALING", "CONFIGURING", "RESIZING", "STAGE_OUT", "REQUEUE_FED", "SUSPENDED"})
+
+
+def job_finished(job: Any) -> bool:
+    """Whether a submitit job is over: every task has its result, or Slurm says it ended (not only paused in
+    one of the STILL_GOING states)."""
+    jobs = getattr(job, "_sub_jobs", None) or [job]
+    if len(jobs) > 1:
+        return all(job_finished(one) for one in jobs)
+    if not job.done():
+        return False
+    if job.paths.result_pickle.exists():
+        return True
+    return str(job.state).upper().split(" ")[0] not in STILL_GOING
+
+
 def _follow(job: object) -> list[RunSummary]:
     """Echo rank 0's output while the job runs; return every task's result."""
     stdout = getattr(job, "paths").stdout  # rank 0's file for local jobs
     printed = 0
-    while not job.done():  # type: ignore[attr-defined]
+    while not job_finished(job):
         printed = _echo_new(stdout, printed)
         time.sleep(1.0)
     _echo_new(stdout, printed)

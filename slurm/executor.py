@@ -24,10 +24,16 @@ def slurm_parameters(cfg: SlurmConfig, job_name: str) -> dict[str, object]:
         # back in the queue (a cluster's JobRequeue=0 makes jobs non-requeueable by default, and submitit's
         # `scontrol requeue` after a save, or a preemption's requeue, was then refused); as slurm/train.sbatch
         "slurm_additional_parameters": {"open_mode": "append", "requeue": True, **cfg.extra_parameters()},
+        # srun inherits no --cpus-per-task from the allocation (Slurm 22.05 to 23.02: each task got 1 CPU where
+        # cores are bound, the rank and its data workers on one core); --kill-on-bad-exit=0: after a time limit's
+        # save every rank but 0 exits at once, and where KillOnBadExit=1 the first exit killed rank 0 before its
+        # `scontrol requeue` (slurm/train.sbatch does the same)
+        "slurm_srun_args": [f"--cpus-per-task={cfg.cpus_per_task}", "--kill-on-bad-exit=0"],
     }
+    if cfg.mem_gb >= 0:  # 0: --mem=0, the whole node's memory (Slurm's meaning); -1: the cluster's default
+        params["mem_gb"] = cfg.mem_gb
     optional = {
         "gpus_per_node": cfg.gpus_per_node,
-        "mem_gb": cfg.mem_gb,
         "slurm_partition": cfg.partition,
         "slurm_account": cfg.account,
         "slurm_qos": cfg.qos,

@@ -69,7 +69,10 @@ def test_one_task_on_each_of_two_nodes(slurm_env: dict[str, str], tmp_path: Path
 
 def test_uneven_layout_gives_each_node_its_own_local_world_size(slurm_env: dict[str, str]) -> None:
     """3 tasks on 2 nodes: 2 + 1 (SLURM_NTASKS_PER_NODE is unset; slurm/train.sbatch relies on train.dist)."""
-    code = "import os, train.dist as d; print(os.environ['SLURM_PROCID'], d.env_from_environ().local_world_size)"
+    code = (
+        "import os, train.dist as d; os.environ['RANK'] = os.environ['SLURM_PROCID']; "
+        "print(os.environ['SLURM_PROCID'], d.env_from_environ().local_world_size)"
+    )
     out = subprocess.run(
         ["srun", "-N", "2", "-n", "3", "--mem=500M", sys.executable, "-c", code],
         capture_output=True,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.__main__ import build_config, main
+from launch.__main__ import build_config, job_finished, main
 from slurm.executor import make_executor
 from slurm.job import TrainJob
 from tests.slurm_cluster import job_restarts, job_state, wait_for_file, wait_for_state
@@ -49,7 +49,7 @@ def _logs(run_dir: Path, pattern: str = "*_log.out") -> str:
 
 def _wait_done(job, timeout: float = 300.0) -> list:
     deadline = time.monotonic() + timeout
-    while not job.done():
+    while not job_finished(job):
         if time.monotonic() > deadline:
             subprocess.run(["scancel", str(job.job_id)], check=False)
             pytest.fail(f"job {job.job_id} not done after {timeout} s (state {job_state(str(job.job_id))})")

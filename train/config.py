@@ -208,7 +208,7 @@ class SlurmConfig:
     tasks_per_node: int = 2  # one task per GPU (on a cluster, and locally with gpus_per_node > 0); else CPU processes
     gpus_per_node: int = 0  # GPUs requested per node (--gpus-per-node); set it = tasks_per_node on GPU clusters
     cpus_per_task: int = 1
-    mem_gb: int = 0  # 0 = Slurm's default / whole node
+    mem_gb: int = -1  # GB per node; -1: the cluster's default (no --mem); 0: the whole node's memory (--mem=0)
     partition: str = ""
     account: str = ""
     qos: str = ""
@@ -238,9 +238,12 @@ class SlurmConfig:
             raise ValueError("slurm.nodes, slurm.tasks_per_node and slurm.cpus_per_task must be >= 1")
         if self.time_min < 1:
             raise ValueError(f"slurm.time_min={self.time_min} must be >= 1")
-        if min(self.gpus_per_node, self.array_parallelism, self.signal_delay_s, self.mem_gb) < 0:
+        if min(self.gpus_per_node, self.array_parallelism, self.signal_delay_s) < 0:
+            raise ValueError("slurm.gpus_per_node, slurm.array_parallelism and slurm.signal_delay_s must be >= 0")
+        if self.mem_gb < -1:
             raise ValueError(
-                "slurm.gpus_per_node, slurm.array_parallelism, slurm.signal_delay_s and slurm.mem_gb must be >= 0"
+                f"slurm.mem_gb={self.mem_gb}: give GB per node, 0 for the whole node's memory, or -1 for the "
+                "cluster's default"
             )
         for key, value in self.sbatch_extra.items():
             if key.startswith("-"):

@@ -43,7 +43,16 @@ class DistEnv:
 
 
 def env_from_environ() -> DistEnv:
-    """Rank and world size from the environment (a single process when nothing is set)."""
+    """Rank and world size from the environment (a single process when nothing is set). Refuses a process
+    started as one of several srun tasks without RANK: each would train alone, as rank 0 of 1, in one run dir."""
+    tasks = os.environ.get("SLURM_STEP_NUM_TASKS", "1")
+    if "RANK" not in os.environ and tasks.isdigit() and int(tasks) > 1:
+        raise RuntimeError(
+            f"this process is task {os.environ.get('SLURM_PROCID', '?')} of {tasks} srun tasks, but RANK and "
+            "WORLD_SIZE are not set: every task would train alone as rank 0 of 1 in the same run dir. Submit with "
+            "`python -m launch --slurm ...` or `sbatch slurm/train.sbatch ...`, or export RANK=$SLURM_PROCID "
+            "WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID and MASTER_ADDR/MASTER_PORT in each task"
+        )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_world = os.environ.get("LOCAL_WORLD_SIZE") or slurm_tasks_on_this_node() or world
     return DistEnv(
