@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import os
-import pickle
+import struct
 
 import numpy as np
 from PIL import Image
@@ -129,6 +129,8 @@ def make_ms1m(src: str, identities: int = 6, per_identity: int = 8, size: int = 
     for i in range(n):
         identity = i // per_identity
         records.append(part(header([float(identity)], i + 1) + class_jpeg(identity, i, size), 0))
+    # the identity records the header points to: [first image, end) of each identity
+    records += [part(header([1.0 + k * per_identity, 1.0 + (k + 1) * per_identity]), 0) for k in range(identities)]
     write_recordio(_mkdir(src), records, f"{identities},{size},{size}")
 
 
@@ -145,13 +147,39 @@ def face_pairs(num_pairs: int, first_identity: int, size: int = 32) -> tuple[lis
     return images, issame
 
 
+def python2_pickle(images: list[bytes], issame: list[bool]) -> bytes:
+    """What insightface's Python 2 `cPickle.dump((bins, issame_list), f, protocol=2)` wrote into the published
+    .bin files: each image a Python 2 str (SHORT_BINSTRING / BINSTRING opcodes, which Python 3 reads as bytes
+    only with encoding="bytes"), the flags NEWTRUE / NEWFALSE, each object memoized (BINPUT / LONG_BINPUT)."""
+    out, memo = bytearray(b"\x80\x02"), 0  # PROTO 2
+
+    def put() -> None:
+        nonlocal memo
+        out.extend(b"q" + bytes([memo]) if memo < 256 else b"r" + struct.pack("<I", memo))
+        memo += 1
+
+    out += b"]"  # EMPTY_LIST
+    put()
+    out += b"("  # MARK
+    for data in images:
+        out += b"U" + bytes([len(data)]) + data if len(data) < 256 else b"T" + struct.pack("<i", len(data)) + data
+        put()
+    out += b"e]"  # APPENDS, EMPTY_LIST
+    put()
+    out += b"(" + b"".join(b"\x88" if same else b"\x89" for same in issame) + b"e"  # MARK, NEWTRUE/NEWFALSE, APPENDS
+    out += b"\x86"  # TUPLE2
+    put()
+    return bytes(out + b".")  # STOP
+
+
 def make_verification(src: str, sets: dict[str, int], size: int = 32) -> dict[str, tuple[list[bytes], list[bool]]]:
-    """One insightface .bin per name ({"lfw": 20, ...} pairs), pickled as (images, issame); returns them."""
+    """One insightface .bin per name ({"lfw": 20, ...} pairs), written as the published files are (a Python 2
+    pickle of (images, issame)); returns them."""
     out = {}
     for k, (name, num_pairs) in enumerate(sets.items()):
         out[name] = face_pairs(num_pairs, 50 + 20 * k, size)
         with open(os.path.join(_mkdir(src), f"{name}.bin"), "wb") as f:
-            pickle.dump(out[name], f, protocol=pickle.HIGHEST_PROTOCOL)
+            f.write(python2_pickle(*out[name]))
     return out
 
 

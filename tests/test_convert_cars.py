@@ -88,19 +88,27 @@ def write_devkit_annos(path: str, rows: list[tuple[str, int]]) -> None:
     scipy.io.savemat(path, {"annotations": ann})
 
 
-@pytest.mark.parametrize("nested", [False, True])
-def test_cars_devkit_layout(tmp_path, nested: bool) -> None:
+@pytest.mark.parametrize("kaggle", [False, True])
+def test_cars_devkit_layout(tmp_path, kaggle: bool) -> None:
     """cars_train/ + cars_test/ + devkit/cars_train_annos.mat + cars_test_annos_withlabels.mat (torchvision's
-    and Kaggle's copy, whose folders nest once more): the same protocol, classes 1-98 train whatever half."""
+    copy), or Kaggle's: folders nested once more, car_devkit/devkit/, a cars_annos.mat whose car_ims/ is not
+    there, the labelled test list as "cars_test_annos_withlabels (1).mat". The same protocol either way, classes
+    1-98 train whatever half."""
+    nested = kaggle
     src, out = str(tmp_path / "stanford_cars"), str(tmp_path / "out")
     halves = {"cars_train": [("00001.jpg", 1), ("00002.jpg", 150)], "cars_test": [("00001.jpg", 98), ("00002.jpg", 99)]}
     for folder, rows in halves.items():
         for j, (fname, cls) in enumerate(rows):
             write_image(os.path.join(src, folder, *([folder] if nested else []), fname), jpeg(10 * cls + j))
-    write_devkit_annos(os.path.join(src, "devkit", "cars_train_annos.mat"), halves["cars_train"])
+    devkit = os.path.join(src, "car_devkit", "devkit") if kaggle else os.path.join(src, "devkit")
+    write_devkit_annos(os.path.join(devkit, "cars_train_annos.mat"), halves["cars_train"])
+    if kaggle:
+        make_cars(str(tmp_path / "elsewhere"))  # the all-images list, whose car_ims/ the mirror leaves out
+        os.replace(tmp_path / "elsewhere" / "cars_annos.mat", os.path.join(src, "cars_annos.mat"))
     with pytest.raises(FileNotFoundError, match="cars_test_annos_withlabels.mat does not exist"):
         main(["cars", "--src", src, "--out", out])
-    write_devkit_annos(os.path.join(src, "cars_test_annos_withlabels.mat"), halves["cars_test"])
+    test_list = "cars_test_annos_withlabels (1).mat" if kaggle else "cars_test_annos_withlabels.mat"
+    write_devkit_annos(os.path.join(src, test_list), halves["cars_test"])
     main(["cars", "--src", src, "--out", out, "--no-progress"])
     train, test = read_split(out, "train"), read_split(out, "test")
     inner = "cars_test/cars_test" if nested else "cars_test"
@@ -112,3 +120,18 @@ def test_cars_devkit_layout(tmp_path, nested: bool) -> None:
     for s in [*train.values(), *test.values()]:
         with open(os.path.join(src, meta(s)["path"]), "rb") as f:
             assert image(s) == f.read()
+
+
+def test_the_command_line_prints_a_bad_source_as_one_line(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    src = tmp_path / "cars"
+    done = subprocess.run(
+        [sys.executable, "-m", "data.convert", "cars", "--src", str(src), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.startswith(f"error: {src}/cars_annos.mat does not exist")

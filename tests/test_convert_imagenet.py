@@ -247,3 +247,30 @@ def test_imagenet_refuses_unextracted_class_archives_and_loose_train_images(tmp_
     main(["imagenet", "--src", src, "--out", out, "--no-progress"])
     assert manifest(out)["splits"]["train"]["skipped"] == {"class archive(s) beside their extracted folder": 1}
     assert len(read_split(out, "train")) == 6
+
+
+def test_imagenet_kaggle_download_as_it_comes(tmp_path) -> None:
+    """Kaggle's imagenet-object-localization-challenge: train/ and val/ under ILSVRC/Data/CLS-LOC, the label csv
+    three levels up, in the download's top folder."""
+    top, out = tmp_path / "kaggle", str(tmp_path / "out")
+    src = str(top / "ILSVRC" / "Data" / "CLS-LOC")
+    make_imagenet(src, "csv")
+    os.replace(os.path.join(src, "LOC_val_solution.csv"), top / "LOC_val_solution.csv")
+    main(["imagenet", "--src", src, "--out", out, "--no-progress"])
+    val = read_split(out, "val")
+    assert {key: meta(s)["wnid"] for key, s in val.items()} == VAL
+
+
+def test_imagenet_missing_val_labels_refused_before_train_is_listed(tmp_path, monkeypatch) -> None:
+    """Listing train's 1.28M files takes minutes on a network disk: a flat val/ without labels is refused first."""
+    import data.convert.imagenet as imagenet
+
+    src = str(tmp_path / "imagenet")
+    make_imagenet(src, "csv")
+    os.remove(os.path.join(src, "LOC_val_solution.csv"))
+    listed: list[str] = []
+    real = imagenet._class_images
+    monkeypatch.setattr(imagenet, "_class_images", lambda folder, *a: listed.append(folder) or real(folder, *a))
+    with pytest.raises(FileNotFoundError, match="Kaggle: give --src the download's ILSVRC/Data/CLS-LOC"):
+        main(["imagenet", "--src", src, "--out", str(tmp_path / "out")])
+    assert listed == []

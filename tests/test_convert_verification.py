@@ -52,6 +52,23 @@ def test_verification(tmp_path) -> None:
             }
 
 
+def test_python2_bin_as_insightface_published_it(tmp_path) -> None:
+    """The published .bin files are Python 2 pickles: images as str (BINSTRING), readable as bytes only with
+    encoding="bytes" (the images' non-ASCII bytes fail Python 3's default)."""
+    from tests.layouts import python2_pickle
+
+    images, issame = [jpeg(i) for i in range(4)] + [b"\xff\xd8" + bytes(range(256)) * 2, png(9)], [True, False, True]
+    data = python2_pickle(images, issame)
+    with pytest.raises(UnicodeDecodeError):
+        pickle.loads(data)  # what a reader without encoding="bytes" meets
+    src, out = tmp_path / "faces_emore", str(tmp_path / "out")
+    src.mkdir()
+    (src / "agedb_30.bin").write_bytes(data)
+    main(["verification", "--src", str(src), "--out", out, "--no-progress"])
+    samples = read_split(out, "agedb_30")
+    assert [image(s) for s in samples.values()] == images and manifest(out)["splits"]["agedb_30"]["issame"] == issame
+
+
 def test_refuses_code(tmp_path, capsys) -> None:
     path = str(tmp_path / "lfw.bin")
     dump(path, ([jpeg(0), Evil()], [True]))

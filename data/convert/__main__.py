@@ -129,5 +129,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli() -> int:
+    """`python -m data.convert`: main(), with a bad source's error (which names the file and the fix) printed as
+    one line instead of a traceback."""
+    try:
+        return main()
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

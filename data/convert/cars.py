@@ -5,7 +5,8 @@ This module owns reading Stanford Cars under --src, in either published layout:
   `relative_im_path` e.g. `car_ims/000001.jpg`, `class` 1..196, the bbox_* fields and the
   classification `test` flag) and the images it names;
 - the classification release (what torchvision and the Kaggle mirror ship): `cars_train/`, `cars_test/`,
-  `devkit/cars_train_annos.mat` and `cars_test_annos_withlabels.mat` (fields `fname`, `class`, bbox_*).
+  `devkit/cars_train_annos.mat` (Kaggle: `car_devkit/devkit/`, images one folder deeper, and a cars_annos.mat
+  beside them without its car_ims/) and `cars_test_annos_withlabels.mat` (fields `fname`, `class`, bbox_*).
   Both halves make the same 16,185 images; keys are then numbered train first.
 Metric-learning protocol (Oh Song et al. 2016): classes 1-98 -> "train",
 99-196 -> "test", remapped to 0-based within each split (whatever the classification split was).
@@ -42,14 +43,26 @@ def read_annotations(path: str, name_field: str = "relative_im_path", folder: st
     return rows
 
 
+# the devkit folder: devkit/ (Stanford's tarball, torchvision) or car_devkit/devkit/ (the Kaggle mirror)
+DEVKIT_DIRS = ("devkit", os.path.join("car_devkit", "devkit"))
 DEVKIT_TRAIN = os.path.join("devkit", "cars_train_annos.mat")
-DEVKIT_TEST = "cars_test_annos_withlabels.mat"  # the devkit's cars_test_annos.mat has no classes
+# the devkit's cars_test_annos.mat has no classes; the labelled list is a separate download (Kaggle's copy of it
+# comes as "cars_test_annos_withlabels (1).mat")
+DEVKIT_TESTS = ("cars_test_annos_withlabels.mat", "cars_test_annos_withlabels (1).mat")
+DEVKIT_TEST = DEVKIT_TESTS[0]
 
 
-def devkit_rows(src: str) -> tuple[str, list[tuple[str, int, dict]]]:
+def devkit_train_list(src: str) -> str | None:
+    """The classification release's devkit train annotations under --src, or None."""
+    found = (os.path.join(src, folder, "cars_train_annos.mat") for folder in DEVKIT_DIRS)
+    return next((path for path in found if os.path.isfile(path)), None)
+
+
+def devkit_rows(src: str, train_list: str) -> tuple[str, list[tuple[str, int, dict]]]:
     """The classification release's train and test annotations as one list, each with its `test` flag (as
     cars_annos.mat has it); returns the train list file (for errors) and the rows."""
-    test_lists = [os.path.join(src, DEVKIT_TEST), os.path.join(src, "devkit", DEVKIT_TEST)]
+    places = [src, *(os.path.join(src, folder) for folder in DEVKIT_DIRS)]
+    test_lists = [os.path.join(place, name) for place in places for name in DEVKIT_TESTS]
     test_list = next((p for p in test_lists if os.path.isfile(p)), None)
     if test_list is None:
         raise FileNotFoundError(
@@ -57,20 +70,23 @@ def devkit_rows(src: str) -> tuple[str, list[tuple[str, int, dict]]]:
             "cars_test_annos.mat has none); put cars_test_annos_withlabels.mat into --src, or use cars_annos.mat"
         )
     rows = []
-    for path, folder, test in ((os.path.join(src, DEVKIT_TRAIN), "cars_train", 0), (test_list, "cars_test", 1)):
+    for path, folder, test in ((train_list, "cars_train", 0), (test_list, "cars_test", 1)):
         if os.path.isdir(os.path.join(src, folder, folder)):  # the Kaggle mirror nests each folder once more
             folder = os.path.join(folder, folder)
         rows += [(rel, cls, {**extra, "test": test}) for rel, cls, extra in read_annotations(path, "fname", folder)]
-    return os.path.join(src, DEVKIT_TRAIN), rows
+    return train_list, rows
 
 
 def splits(src: str) -> list[Split]:
     """Validated train/test splits of a Cars196 folder; raises before any write."""
     mat_path = os.path.join(src, "cars_annos.mat")
-    if os.path.isfile(mat_path) or not os.path.isfile(os.path.join(src, DEVKIT_TRAIN)):
+    train_list = devkit_train_list(src)
+    # Kaggle's mirror ships cars_annos.mat beside the devkit layout's images, without the car_ims/ it names
+    all_images = os.path.isfile(mat_path) and (os.path.isdir(os.path.join(src, "car_ims")) or train_list is None)
+    if all_images or train_list is None:
         rows = read_annotations(require_file(mat_path, f"Cars196's cars_annos.mat (or the devkit's {DEVKIT_TRAIN})"))
     else:
-        mat_path, rows = devkit_rows(src)
+        mat_path, rows = devkit_rows(src, train_list)
     out: list[Split] = []
     for split, lo, hi in (("train", 1, NUM_TRAIN_CLASSES), ("test", NUM_TRAIN_CLASSES + 1, 2 * NUM_TRAIN_CLASSES)):
         chosen = [(i, row) for i, row in enumerate(rows) if lo <= row[1] <= hi]

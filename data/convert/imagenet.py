@@ -6,7 +6,8 @@ This module owns reading the ILSVRC-2012 layout under --src:
 folders (e.g. by the usual valprep.sh) or flat in `val/` with one of these
 ground-truth lists, looked for in this order:
   1. `<src>/LOC_val_solution.csv` (Kaggle): `ImageId,PredictionString` rows
-     whose first token is the wnid;
+     whose first token is the wnid (with --src the Kaggle download's
+     `ILSVRC/Data/CLS-LOC`, also looked for in the download's top folder);
   2. `<src>/val_labels.txt`: lines `<filename> <wnid>`;
   3. the official devkit (ILSVRC2012_devkit_t12.tar.gz) extracted into --src,
      i.e. `<src>/ILSVRC2012_devkit_t12/data/`, or its two files copied to
@@ -171,12 +172,27 @@ def read_devkit_labels(ground_truth: str, meta: str) -> dict[str, str]:
     return labels
 
 
+KAGGLE_TREE = os.path.join("ILSVRC", "Data", "CLS-LOC")  # the Kaggle download's train/ and val/ lie here
+
+
+def label_list_places(src: str) -> list[str]:
+    """Where a label list is looked for: --src, and the Kaggle download's top folder when --src is its
+    ILSVRC/Data/CLS-LOC (LOC_val_solution.csv lies three levels above train/ and val/ there)."""
+    places = [src]
+    normal = os.path.normpath(os.path.abspath(src))
+    if normal.endswith(os.sep + KAGGLE_TREE):
+        places.append(normal[: -len(KAGGLE_TREE) - 1])
+    return places
+
+
 def val_labels(src: str) -> tuple[str, dict[str, str]]:
-    """(the list used, image stem -> wnid) for a flat val/, from the first accepted form found in --src."""
-    for name in LABEL_FILES:
-        path = os.path.join(src, name)
-        if os.path.isfile(path):
-            return path, read_val_labels(path)
+    """(the list used, image stem -> wnid) for a flat val/, from the first accepted form found in --src (or the
+    Kaggle download's top folder above it)."""
+    for place in label_list_places(src):
+        for name in LABEL_FILES:
+            path = os.path.join(place, name)
+            if os.path.isfile(path):
+                return path, read_val_labels(path)
     for folder in DEVKIT_DIRS:
         ground_truth = os.path.join(src, folder, GROUND_TRUTH)
         if os.path.isfile(ground_truth):
@@ -190,7 +206,8 @@ def val_labels(src: str) -> tuple[str, dict[str, str]]:
     devkit = [os.path.join(src, folder, GROUND_TRUTH) for folder in DEVKIT_DIRS]
     raise FileNotFoundError(
         f"a flat {os.path.join(src, 'val')} needs its labels, and none of the accepted forms exists: "
-        f"{os.path.join(src, LABEL_FILES[0])} (Kaggle), {os.path.join(src, LABEL_FILES[1])} ('<file> <wnid>' "
+        f"{os.path.join(src, LABEL_FILES[0])} (Kaggle: give --src the download's {KAGGLE_TREE}, or copy the csv "
+        f"from its top folder into --src), {os.path.join(src, LABEL_FILES[1])} ('<file> <wnid>' "
         f"lines), or the devkit's {GROUND_TRUTH} plus {META_MAT} in {' or '.join(os.path.dirname(p) for p in devkit)} "
         f"(extract ILSVRC2012_devkit_t12.tar.gz into --src); or sort val/ into val/<wnid>/ folders"
     )
@@ -222,6 +239,16 @@ def splits(src: str) -> list[Split]:
         )
     if not wnids:
         raise ValueError(f"{train_dir} holds no <wnid> class folders")
+    # val's layout and label list are checked before train's 1.28M files are listed (minutes on a network disk)
+    top = _list(val_dir, src, val_skipped)
+    if top.folders and top.images:
+        # Reading either layout alone would silently drop the other's images.
+        raise ValueError(
+            f"{val_dir} holds both images ({top.images[:3]}, {len(top.images)} in all) and class folders "
+            f"({top.folders[:3]}, {len(top.folders)} in all); use one layout: move the images into "
+            f"val/<wnid>/ folders, or remove the folders and keep val/ flat with a label list"
+        )
+    found, labels = ("", {}) if top.folders else val_labels(src)
     class_map = {wnid: i for i, wnid in enumerate(wnids)}
     train = [
         Item(
@@ -234,19 +261,10 @@ def splits(src: str) -> list[Split]:
         for name in names
     ]
     val_rows: list[tuple[str, str]] = []  # (path relative to val/, wnid)
-    top = _list(val_dir, src, val_skipped)
-    if top.folders and top.images:
-        # Reading either layout alone would silently drop the other's images.
-        raise ValueError(
-            f"{val_dir} holds both images ({top.images[:3]}, {len(top.images)} in all) and class folders "
-            f"({top.folders[:3]}, {len(top.folders)} in all); use one layout: move the images into "
-            f"val/<wnid>/ folders, or remove the folders and keep val/ flat with a label list"
-        )
     if top.folders:
         by_wnid = _class_images(val_dir, top.folders, src, val_skipped)
         val_rows = [(f"{wnid}/{name}", wnid) for wnid, names in by_wnid.items() for name in names]
     else:
-        found, labels = val_labels(src)
         names = top.images
         unlabeled = [n for n in names if os.path.splitext(n)[0] not in labels]
         if unlabeled:
