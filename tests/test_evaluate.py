@@ -473,3 +473,28 @@ def test_zero3_evaluation_with_uneven_batches_finishes(dist_pool, batches_per_ra
         label for rank, n in enumerate(batches_per_rank) for _ in range(n) for label in range(10 * rank, 10 * rank + 4)
     ]
     assert results[0] == results[1] and results[0][1] == labels
+
+
+def _evaluate_with_nonfinite_rows(run_dir: str) -> dict:
+    """_evaluate with the model embedding the first image of every batch as NaN (a diverging model)."""
+    from model.task import MetricLearningTask
+
+    real = MetricLearningTask.embed
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        out = real(self, x).clone()
+        out[:1] = float("nan")
+        return out
+
+    MetricLearningTask.embed = embed  # type: ignore[method-assign]
+    try:
+        return _evaluate(run_dir)
+    finally:
+        MetricLearningTask.embed = real  # type: ignore[method-assign]
+
+
+def test_nonfinite_embeddings_are_left_out_and_counted(dist_pool, trained) -> None:
+    metrics = dist_pool(1).run(_evaluate_with_nonfinite_rows, trained["sop"])[0]["metrics"]
+    bad = metrics["nonfinite_embeddings"]
+    assert bad >= 1 and metrics["num_samples"] + bad == 20 and metrics["skipped_samples"] == 0
+    assert all(0.0 <= metrics[f"poincare/{key}"] <= 1.0 for key in ("R@1", "MAP@R"))

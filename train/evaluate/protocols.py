@@ -28,7 +28,17 @@ from train.evaluate.verification import flip_mean, verification_accuracy
 ModelInput = Callable[[torch.Tensor], torch.Tensor]
 # bookkeeping and lower-is-better values: never "best"
 NOT_SCORES = frozenset(
-    {"num_samples", "skipped_samples", "num_gallery", "num_pairs", "accuracy_std", "val_std", "far", "best_threshold"}
+    {
+        "num_samples",
+        "skipped_samples",
+        "nonfinite_embeddings",
+        "num_gallery",
+        "num_pairs",
+        "accuracy_std",
+        "val_std",
+        "far",
+        "best_threshold",
+    }
 )
 
 
@@ -194,6 +204,19 @@ def score_verification(
     return out
 
 
+def finite_rows(
+    emb: torch.Tensor, *rows: torch.Tensor | None
+) -> tuple[int, torch.Tensor, tuple[torch.Tensor | None, ...]]:
+    """(how many embeddings hold NaN or inf, the finite embeddings, `rows` (labels, sides) of those alone).
+    A training run's evaluation scores the others and says so, instead of raising (a diverging model, or one
+    image that overflows in bf16, would end the job, and its resumed successor would evaluate and end again)."""
+    finite = torch.isfinite(emb).all(dim=1)
+    bad = int((~finite).sum())
+    if not bad:
+        return 0, emb, rows
+    return bad, emb[finite], tuple(None if r is None else r[finite] for r in rows)
+
+
 def evaluate_set(
     eval_set: EvalSet,
     task: MetricLearningTask,
@@ -210,17 +233,31 @@ def evaluate_set(
     verification = eval_set.protocol == "verification"
     loader = build_eval_loader(cfg, rank, world_size, with_keys=verification)
     emb, lab, side = embed_loader(task, loader, device, model_input, flip=verification, side_of_key=verification)
+    nonfinite, emb, (lab, side) = finite_rows(emb, lab, side)  # type: ignore[assignment]
     if on_embeddings is not None and emb.shape[0]:
         on_embeddings(task.head.embed_spaces(emb), lab)
     # samples that did not decode are skipped (and warned about by the reader); say how many the set lost
     expected = int(split_entry(eval_set.root, eval_set.split).get("num_samples", emb.shape[0]))
-    out: dict[str, float] = {"num_samples": float(emb.shape[0]), "skipped_samples": float(expected - emb.shape[0])}
-    if expected != emb.shape[0] and rank == 0:
+    read = emb.shape[0] + nonfinite
+    out: dict[str, float] = {
+        "num_samples": float(emb.shape[0]),
+        "skipped_samples": float(expected - read),
+        "nonfinite_embeddings": float(nonfinite),
+    }
+    if expected != read and rank == 0:
         print(
-            f"warning: {eval_set.name}: {expected - emb.shape[0]} of {expected} samples were skipped as bad "
-            f"(see the reader's warnings); the scores cover the other {emb.shape[0]}",
+            f"warning: {eval_set.name}: {expected - read} of {expected} samples were skipped as bad "
+            f"(see the reader's warnings); the scores cover the other {read}",
             flush=True,
         )
+    if nonfinite and rank == 0:
+        print(
+            f"warning: {eval_set.name}: the model gave {nonfinite} of {read} images a NaN or inf embedding (has "
+            f"the training diverged?); they are left out of the scores, which cover the other {emb.shape[0]}",
+            flush=True,
+        )
+    if nonfinite and emb.shape[0] <= max(eval_set.ks, default=1):
+        return out  # too few finite embeddings to score
     if eval_set.protocol == "classification":
         out.update(score_classes(task, emb, lab))
         if metrics.retrieval and emb.shape[0] > 1:
@@ -230,8 +267,11 @@ def evaluate_set(
     elif eval_set.protocol == "query_gallery":
         gallery = build_eval_loader(eval_set.data_config(data, eval_set.gallery_split), rank, world_size)
         gal, gal_lab, _ = embed_loader(task, gallery, device, model_input)
+        bad_gallery, gal, (gal_lab,) = finite_rows(gal, gal_lab)  # type: ignore[assignment]
         out["num_gallery"] = float(gal.shape[0])
-        lost = int(split_entry(eval_set.root, eval_set.gallery_split).get("num_samples", gal.shape[0])) - gal.shape[0]
+        out["nonfinite_embeddings"] += float(bad_gallery)
+        lost = int(split_entry(eval_set.root, eval_set.gallery_split).get("num_samples", gal.shape[0]))
+        lost -= gal.shape[0] + bad_gallery
         out["skipped_samples"] += float(lost)  # the query's and the gallery's
         if lost and rank == 0:
             print(f"warning: {eval_set.name}: {lost} gallery samples were skipped as bad", flush=True)
