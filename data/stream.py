@@ -16,8 +16,9 @@ worker, e), valid raw samples go through a per-epoch shuffle buffer whose RNG is
 seeded by (seed, rank, worker, e), and consecutive raw samples form batches of
 data.batch_size (batches may straddle epochs, never partial). An epoch being a
 function of its number, a resume that has the slots' saved positions
-(data.position: epoch and samples taken) starts at that epoch. A worker's k-th batch is decoded and augmented under a
-torch seed derived from (seed, rank, worker, k). DataLoader(batch_size=None,
+(data.position: epoch and samples taken) starts at that epoch. A worker's k-th
+batch is decoded and augmented under a torch seed derived from (seed, rank,
+worker, k). DataLoader(batch_size=None,
 in_order=True) asks endless workers round-robin, so global batch i is batch
 i // W of worker i % W: the stream is a function of (cfg, rank, world_size,
 i) only, and a resumed stream skips whole raw batches without decoding them

@@ -43,8 +43,11 @@ def train_loop(run: "Run", stop_step: int) -> None:
         state.skipped_in_a_row = int(scalars.pop("skipped")) * (state.skipped_in_a_row + 1)
         state.skipped_steps += state.skipped_in_a_row > 0
         if state.skipped_in_a_row > cfg.optim.max_skipped_steps:
+            failed, streak = state.step + 1, state.skipped_in_a_row
+            # the streak shows in TensorBoard whatever metrics.log_every (collective: every rank is here)
+            logger.log(failed, state.samples_seen + run.global_batch, {**scalars, "skipped_steps": state.skipped_steps})
             raise FloatingPointError(
-                f"{state.skipped_in_a_row} steps in a row up to step {state.step} had a non-finite loss or gradient "
+                f"{streak} steps in a row, steps {failed - streak + 1}-{failed}, had a non-finite loss or gradient "
                 f"(last: {scalars}); nothing was updated. Lower optim.lr / optim.head_lr, raise optim.warmup_steps, "
                 f"set optim.grad_clip, or resume from an earlier checkpoint; optim.max_skipped_steps="
                 f"{cfg.optim.max_skipped_steps} sets how many are tolerated"
