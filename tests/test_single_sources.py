@@ -361,20 +361,35 @@ def _clock_windows() -> dict:
     for _ in range(2):
         next(timed)
         clock_time.sleep(0.05)  # the step itself
-    clock_time.sleep(0.3)  # an evaluation: outside the step time, inside the ETA
+    clock_time.sleep(0.3)  # an evaluation: outside the step time, inside the ETA (the loop's state.paused_s)
     clock.reset(2)
     for _ in range(2):
         next(timed)
         clock_time.sleep(0.05)
-    return clock.window(4)
+    return clock.window(4, paused_s=0.3)
 
 
 def test_system_scalars_show_the_rank_that_waits_and_an_eta_with_evaluations(dist_pool) -> None:
     windows = dist_pool(2).run(_clock_windows)
     assert windows[0]["data_wait_frac"] == windows[1]["data_wait_frac"] == pytest.approx(2 / 3, abs=0.1)
     assert windows[0]["data_wait_frac_mean"] < 0.05  # this rank's own share (the logger averages it)
-    for w in windows:  # ETA: 6 steps left at the wall time per step so far, evaluation included
-        assert w["eta_min"] * 60 / 6 > w["step_time_s"] + 0.05
+    for w in windows:  # ETA: 6 steps left at the step time plus the evaluation's 0.3 s spread over 4 steps
+        assert w["eta_min"] * 60 / 6 == pytest.approx(w["step_time_s"] + 0.3 / 4)
+
+
+def test_a_requeued_jobs_eta_has_the_runs_evaluations_before_its_own() -> None:
+    """The ETA spreads the run's evaluation and save time (TrainState.paused_s, in every checkpoint) over the
+    steps so far: a job resumed at step 100 of 200 has it from its first log step, before any evaluation of its
+    own (it counted only its own pauses, ~37% low until its first evaluation at 1 s/step, 10 min every 1000)."""
+    import time
+
+    from train.system import StepClock
+
+    clock = StepClock(8, 1, 200, torch.device("cpu"))
+    clock.begin(100)
+    time.sleep(0.2)
+    w = clock.window(102, paused_s=51.0)  # 50 s of evaluations and 1 s of saves over the first 102 steps
+    assert w["eta_min"] * 60 == pytest.approx(98 * (w["step_time_s"] + 0.5), rel=1e-6)
 
 
 def test_peak_memory_is_each_log_windows_own() -> None:

@@ -56,6 +56,7 @@ class TrainState:
     best: dict[str, float] = dataclasses.field(default_factory=dict)  # best evaluation scores so far
     eval_pending: bool = False  # a stop signal came on an evaluation step: saved first, evaluated on resume
     skipped_steps: int = 0  # steps left without an update (non-finite loss or gradient), over the whole run
+    paused_s: float = 0.0  # seconds the run's evaluations and saves took so far (train.system.StepClock's ETA)
     skipped_in_a_row: int = 0  # the current streak of them (not saved: a resumed job starts at 0)
     decay_groups: str = "timm"  # the backbone's weight-decay grouping (train.engine.DECAY_GROUPS), kept for life
     layer_decay: float = 1.0  # the backbone's layer-wise lr decay (its optimizer groups), kept for life
@@ -312,6 +313,7 @@ def save_checkpoint(
             "last_loss": state.last_loss,  # the summary of a job that resumes at max_steps reports it
             "last_logged": state.last_logged,
             "skipped_steps": state.skipped_steps,
+            "paused_s": state.paused_s,
             "decay_groups": state.decay_groups,
             "layer_decay": state.layer_decay,
             "rank_streams": True,  # each rank's RNG its own (saved before 2026-12-06: one stream for all)
@@ -371,6 +373,7 @@ def load_checkpoint(
         last_loss=float(meta.get("last_loss", float("nan"))),
         last_logged=dict(meta.get("last_logged", {})),
         skipped_steps=int(meta.get("skipped_steps", 0)),
+        paused_s=float(meta.get("paused_s", 0.0)),
         decay_groups=str(meta.get("decay_groups", "ndim")),
         layer_decay=float(meta.get("layer_decay", 1.0)),
     )

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 from tqdm import tqdm
 
+from train.checkpoint import TrainState
 from train.control import Decision
 from train.step import train_step
 from train.system import progress_enabled
 
 if TYPE_CHECKING:
     from train.main import Run
+
+T = TypeVar("T")
 
 
 def train_loop(run: "Run", stop_step: int) -> None:
@@ -30,14 +34,14 @@ def train_loop(run: "Run", stop_step: int) -> None:
         desc="train",
     )
     if state.eval_pending:  # the stopped job saved on an evaluation step without evaluating
-        scores = run.evaluate()
+        scores = timed_pause(state, run.evaluate)
         if scores is None:  # stopped again: the checkpoint still says pending
             state.stop_signal = run.stopped
             bar.close()
             return
         logger.log(state.step, state.samples_seen, scores, prefix="eval")
         state.eval_pending = False
-    clock.begin(state.step)  # after a pending evaluation: its time would have been spread over the first steps' ETA
+    clock.begin(state.step)  # this job's training time per step counts from here (evaluations: state.paused_s)
     while state.step < min(stop_step, cfg.max_steps):
         scalars = train_step(run)
         state.skipped_in_a_row = int(scalars.pop("skipped")) * (state.skipped_in_a_row + 1)
@@ -59,7 +63,7 @@ def train_loop(run: "Run", stop_step: int) -> None:
         if state.step % cfg.metrics.log_every == 0 or state.step == cfg.max_steps:
             scalars["bad_samples"] = float(run.stream.bad_samples)  # skipped so far, all ranks
             scalars["skipped_steps"] = float(state.skipped_steps)  # the same on every rank
-            system = clock.window(state.step)  # the steps since the last log, save or evaluation
+            system = clock.window(state.step, state.paused_s)  # the steps since the last log, save or evaluation
             scalars["img_per_s"] = system.pop("img_per_s", float("nan"))
             train = logger.log(state.step, state.samples_seen, scalars)
             state.last_loss = train["loss"]
@@ -71,7 +75,7 @@ def train_loop(run: "Run", stop_step: int) -> None:
         # evaluate before saving, so the checkpoint's best-so-far has this step's scores; a stopped job saves
         # first (its time is short) and the resumed one evaluates
         if eval_due and not decision.stop_signal:
-            scores = run.evaluate()  # None: a stop signal came between two sets, agreed: save and stop now
+            scores = timed_pause(state, run.evaluate)  # None: a stop signal came between two sets: save and stop
             if scores is None:
                 decision = Decision(save=decision.save, stop_signal=run.stopped)
             else:
@@ -84,10 +88,20 @@ def train_loop(run: "Run", stop_step: int) -> None:
             or state.step in (cfg.max_steps, stop_step)
         ):
             state.eval_pending = eval_due and bool(decision.stop_signal)
-            run.save()
+            timed_pause(state, run.save)
             run.control.saved()
             clock.reset(state.step)
         if decision.stop_signal:
             state.stop_signal = decision.stop_signal
             break
     bar.close()
+
+
+def timed_pause(state: TrainState, work: Callable[[], T]) -> T:
+    """work() (an evaluation or a save), its seconds added to state.paused_s (the ETA spreads them over the
+    steps; saved with the checkpoints, so a requeued job's ETA has them before it has been through one)."""
+    start = time.perf_counter()
+    try:
+        return work()
+    finally:
+        state.paused_s += time.perf_counter() - start

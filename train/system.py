@@ -65,7 +65,7 @@ class StepClock:
 
     def begin(self, step: int) -> None:
         """Start timing this job's training at `step` (a resumed job counts from its own first step)."""
-        self._begin, self._begin_step = time.perf_counter(), step
+        self._trained_s, self._trained_steps = 0.0, 0  # this job's windows: training time alone
         self.reset(step)
 
     def reset(self, step: int) -> None:
@@ -83,8 +83,12 @@ class StepClock:
             self.data_wait_s += time.perf_counter() - start
             yield item
 
-    def window(self, step: int) -> dict[str, float]:
-        """Scalars of the steps since the last window (collective: every rank calls it), then reset."""
+    def window(self, step: int, paused_s: float = 0.0) -> dict[str, float]:
+        """Scalars of the steps since the last window (collective: every rank calls it), then reset.
+
+        `paused_s`: the seconds the run's evaluations and saves took up to `step` (over every job: a
+        requeued job would otherwise leave them out of its ETA until it has been through one itself); the ETA
+        is the remaining steps at this job's training time per step plus that pause time per step so far."""
         now = time.perf_counter()
         elapsed, steps = now - self._start, step - self._step
         out: dict[str, float] = {"peak_mem_gb": max_over_ranks(peak_memory_gb(self.device))}
@@ -93,7 +97,8 @@ class StepClock:
         slowest_wait = max_over_ranks(wait)  # collective: every rank calls it, whatever its window
         if steps > 0 and elapsed > 0:
             step_time = elapsed / steps
-            wall_per_step = (now - self._begin) / max(1, step - self._begin_step)
+            self._trained_s, self._trained_steps = self._trained_s + elapsed, self._trained_steps + steps
+            wall_per_step = self._trained_s / self._trained_steps + paused_s / max(1, step)
             out.update(
                 step_time_s=step_time,
                 img_per_s=self.global_batch / step_time,
