@@ -108,7 +108,7 @@ def test_unknown_recipe() -> None:
         ("optim.beta1=2", "optim.beta1=2.0 and optim.beta2=0.999 must be in"),
         ("optim.weight_decay=-1", "optim.weight_decay, optim.head_weight_decay and optim.grad_clip must be >= 0"),
         ("optim.grad_clip=-1", "optim.grad_clip must be >= 0"),
-        ("slurm.mem_gb=-5", "slurm.mem_gb=-5: give GB per node, 0 for the whole node's memory, or -1"),
+        ("slurm.mem_gb=-5", r"slurm.mem_gb=-5: GB per node, 0 \(the whole node\) or -1"),
         ("model.patch_size=-3", "model.img_size and model.patch_size must be >= 0"),
         ("data.channel_mean=0.1", "data.channel_mean/channel_std are used with data.norm=channels only"),
     ],

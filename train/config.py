@@ -241,10 +241,7 @@ class SlurmConfig:
         if min(self.gpus_per_node, self.array_parallelism, self.signal_delay_s) < 0:
             raise ValueError("slurm.gpus_per_node, slurm.array_parallelism and slurm.signal_delay_s must be >= 0")
         if self.mem_gb < -1:
-            raise ValueError(
-                f"slurm.mem_gb={self.mem_gb}: give GB per node, 0 for the whole node's memory, or -1 for the "
-                "cluster's default"
-            )
+            raise ValueError(f"slurm.mem_gb={self.mem_gb}: GB per node, 0 (the whole node) or -1 (cluster default)")
         for key, value in self.sbatch_extra.items():
             if key.startswith("-"):
                 raise ValueError(
