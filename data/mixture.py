@@ -20,7 +20,6 @@ import warnings
 from collections.abc import Callable, Iterator
 
 from data.config import DataConfig
-from data.position import DRAW_CHUNK, advance_draws
 from data.samples import RawSample
 from data.shards import check_labels, class_counts, label_space, list_shards, manifest_path, read_manifest
 from data.tars import check_shard_start
@@ -142,7 +141,7 @@ def mix(
         return
     index = range(len(streams))
     weights = [s.weight for s in sources]
-    advance_draws(rng, index, weights, draws_done)
+    replay_draws(rng, weights, draws_done)
     while True:
         i = rng.choices(index, weights)[0]
         sample = next(streams[i])
@@ -167,16 +166,21 @@ def _mix_rng(cfg: DataConfig, rank: int, worker: int) -> random.Random:
     return random.Random(f"mix-{cfg.seed}-{rank}-{worker}")
 
 
-def draws_per_source(cfg: DataConfig, sources: list[TrainSource], rank: int, worker: int, draws: int) -> list[int]:
-    """How many of a slot's first `draws` mixed samples come from each source (mix's draws replayed)."""
-    if len(sources) == 1 and sources[0].label_offset == 0:
-        return [draws]  # mix draws nothing
-    counts = [0] * len(sources)
-    index = range(len(sources))
-    rng, weights = _mix_rng(cfg, rank, worker), [s.weight for s in sources]
+def replay_draws(rng: random.Random, weights: list[float], draws: int) -> list[int]:
+    """Move `rng` past `draws` of mix's draws (rng.choices(range(len(weights)), weights), one random() each),
+    in chunks of that very call, and say how many went to each source."""
+    counts = [0] * len(weights)
+    index = range(len(weights))
     while draws > 0:
-        n = min(draws, DRAW_CHUNK)
+        n = min(draws, 1 << 16)
         for i in rng.choices(index, weights, k=n):
             counts[i] += 1
         draws -= n
     return counts
+
+
+def draws_per_source(cfg: DataConfig, sources: list[TrainSource], rank: int, worker: int, draws: int) -> list[int]:
+    """How many of a slot's first `draws` mixed samples come from each source (mix's draws replayed)."""
+    if len(sources) == 1 and sources[0].label_offset == 0:
+        return [draws]  # mix draws nothing
+    return replay_draws(_mix_rng(cfg, rank, worker), [s.weight for s in sources], draws)

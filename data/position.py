@@ -4,7 +4,7 @@ A slot's stream of one source is a sequence of epochs, and epoch e is a function
 alone: its shard order, its deal and its shuffle buffer's RNG are all seeded by the epoch (data.stream,
 STREAM_VERSION 3). So "epoch e, `taken` samples of it yielded" (SourcePosition) is all a resumed slot needs:
 it skips the epochs before e without opening a shard and re-reads at most that one epoch's share. The
-mixture's RNG (one draw per sample) is advanced by draws alone, which reads nothing.
+mixture's RNG (one draw per sample) is advanced by draws alone (data.mixture.replay_draws), which reads nothing.
 
 Each batch a worker yields carries its sources' positions after it (a [sources, 2] int64 tensor);
 data.stream.TrainBatches keeps, per worker, the latest with the worker's next batch index (SlotPosition), and
@@ -18,14 +18,10 @@ recorded counts re-read their raw samples from step 0: the same batches, only sl
 from __future__ import annotations
 
 import dataclasses
-import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-
-# draws advanced at once when a mixture's RNG catches up (random.choices takes one random() per draw)
-DRAW_CHUNK = 1 << 16
 
 
 @dataclasses.dataclass
@@ -51,15 +47,6 @@ def positions_tensor(positions: Sequence[SourcePosition] | None) -> torch.Tensor
     """The [sources, 2] tensor a batch carries ([0, 2]: the stream keeps no positions)."""
     rows = [] if positions is None else [[p.epoch, p.taken] for p in positions]
     return torch.tensor(rows, dtype=torch.int64).reshape(-1, 2)
-
-
-def advance_draws(rng: random.Random, population: range, weights: list[float], draws: int) -> None:
-    """Move a mixture's RNG past `draws` calls of rng.choices(population, weights), in chunks of that very
-    call (so the RNG takes exactly the numbers those draws took)."""
-    while draws > 0:
-        n = min(draws, DRAW_CHUNK)
-        rng.choices(population, weights, k=n)
-        draws -= n
 
 
 def to_json(positions: Mapping[int, SlotPosition], num_workers: int) -> dict[str, Any]:

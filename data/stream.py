@@ -197,6 +197,14 @@ class TrainStream(IterableDataset):
             self._recorded = (files, sum(entries_of(read_entries(self.ledger_dir), shards).values()))
         return self._recorded[1]
 
+    def resumed_position(self, worker: int, num_workers: int) -> SlotPosition | None:
+        """The saved position logical `worker` resumes from: one at or before its first batch (a loader that ran
+        ahead of its checkpoint saved one past it), and none for class-balanced batches."""
+        saved = self.positions.get(worker)
+        if saved is None or self.cfg.samples_per_class > 0:
+            return None
+        return saved if saved.next_batch <= batches_to_skip(self.start_batch, worker, num_workers) else None
+
     def __iter__(self) -> Iterator[PositionedBatch]:
         cfg, rank = self.cfg, self.rank
         worker, num_workers = _worker_slot(self.start_batch)
@@ -211,11 +219,11 @@ class TrainStream(IterableDataset):
         self.counter = counter
         skip = batches_to_skip(self.start_batch, worker, num_workers)
         plain = cfg.samples_per_class == 0  # a balancer's buffer spans epochs: it keeps no positions
-        saved = self.positions.get(worker) if plain else None
-        if plain and (saved is None or saved.next_batch > skip) and skip > 0:
+        saved = self.resumed_position(worker, num_workers)
+        if saved is None and plain and skip > 0:
             # none saved for this layout: where the shards' recorded sample counts place batch `skip`
             saved = counted_slot_position(cfg, self.sources, rank, self.world_size, worker, num_workers, skip)
-        if saved is None or saved.next_batch > skip:
+        if saved is None:
             saved = SlotPosition(0, ((0, 0),) * len(self.sources))  # read from step 0
         positions = saved.source_positions()
         raw_batches = slot_raw_batches(
@@ -250,11 +258,8 @@ class TrainBatches(Iterator[Batch]):
         # per logical worker, after its latest batch handed out; until then the position it resumed from (a save
         # before every worker has handed out a batch keeps them all)
         workers = max(1, dataset.cfg.num_workers)
-        self.positions: dict[int, SlotPosition] = {
-            w: p
-            for w, p in dataset.positions.items()
-            if dataset.cfg.samples_per_class == 0 and p.next_batch <= batches_to_skip(dataset.start_batch, w, workers)
-        }
+        resumed = {w: dataset.resumed_position(w, workers) for w in dataset.positions}
+        self.positions: dict[int, SlotPosition] = {w: p for w, p in resumed.items() if p is not None}
 
     def __next__(self) -> Batch:
         images, labels, where = next(self._it)

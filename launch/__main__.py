@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 import yaml
+import submitit
 from submitit.core.utils import FailedJobError
 
 from data.balanced import balance_notes
@@ -31,7 +32,7 @@ from launch.recipes import DEFAULT_RECIPE, RECIPES, get_recipe
 from launch.sweep import expand, varying_keys, write_summary
 from slurm.executor import executor_job_name, make_executor
 from slurm.job import TrainJob
-from train.config import RunConfig, load_yaml
+from train.config import RunConfig, SlurmConfig, load_yaml
 from train.run_owner import record_submission
 from train.summary import RunSummary
 
@@ -133,10 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_sweep(sweep_dir, cfgs, args.slurm, args.no_wait)
     cfg = cfgs[0]
     print(json.dumps(cfg.to_dict(), indent=1))
-    try:  # e.g. slurm.nodes > 1 without --slurm, more tasks than this machine's GPUs
-        executor = make_executor(cfg.slurm, cfg.run_dir, args.slurm)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+    executor = _executor_or_error(cfg.slurm, cfg.run_dir, args.slurm)
+    if executor is None:
         return 2
     t0 = time.time()
     try:
@@ -173,12 +172,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_sweep(sweep_dir: str, cfgs: list[RunConfig], use_slurm: bool, no_wait: bool) -> int:
-    """Submit every point (one job array on Slurm), wait, print the summary table."""
+def _executor_or_error(slurm: SlurmConfig, folder: str, use_slurm: bool) -> submitit.Executor | None:
+    """make_executor, or None after printing why not (slurm.nodes > 1 without --slurm, more tasks than this
+    machine's GPUs): an error line, not a traceback."""
     try:
-        executor = make_executor(cfgs[0].slurm, sweep_dir, use_slurm)
+        return make_executor(slurm, folder, use_slurm)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
+        return None
+
+
+def run_sweep(sweep_dir: str, cfgs: list[RunConfig], use_slurm: bool, no_wait: bool) -> int:
+    """Submit every point (one job array on Slurm), wait, print the summary table."""
+    executor = _executor_or_error(cfgs[0].slurm, sweep_dir, use_slurm)
+    if executor is None:
         return 2
     os.makedirs(sweep_dir, exist_ok=True)
     print(f"sweep of {len(cfgs)} points in {sweep_dir}: {', '.join(c.name for c in cfgs)}")

@@ -12,9 +12,9 @@ import shutil
 import pytest
 
 import data.samples
-from data.position import SlotPosition, advance_draws, from_json, to_json
+from data.position import SlotPosition, from_json, to_json
 from data.shards import list_shards, read_manifest
-from data.mixture import train_sources
+from data.mixture import replay_draws, train_sources
 from data.slot_stream import counted_slot_position
 from data.stream import batches_to_skip, build_train_loader
 from tests.test_stream import assert_same, make_cfg, mixture_cfg, root, second_root  # noqa: F401 (fixtures)
@@ -147,12 +147,13 @@ def test_positions_json_round_trip_and_mismatch() -> None:
     assert from_json(to_json(positions, 4), 4, 1) == {}  # another number of sources
 
 
-def test_advance_draws_takes_what_the_draws_take() -> None:
+def test_replaying_the_draws_takes_what_the_draws_take() -> None:
     a, b = random.Random("x"), random.Random("x")
     index, weights = range(3), [3.0, 1.0, 0.5]
     drawn = [a.choices(index, weights)[0] for _ in range(70_000)]
-    advance_draws(b, index, weights, 69_990)
+    counts = replay_draws(b, weights, 69_990)
     assert [b.choices(index, weights)[0] for _ in range(10)] == drawn[-10:]
+    assert counts == [drawn[:69_990].count(i) for i in index]
 
 
 def test_resume_benchmark_runs_and_agrees(monkeypatch, capsys) -> None:

@@ -204,17 +204,11 @@ def score_verification(
     return out
 
 
-def finite_rows(
-    emb: torch.Tensor, *rows: torch.Tensor | None
-) -> tuple[int, torch.Tensor, tuple[torch.Tensor | None, ...]]:
-    """(how many embeddings hold NaN or inf, the finite embeddings, `rows` (labels, sides) of those alone).
-    A training run's evaluation scores the others and says so, instead of raising (a diverging model, or one
-    image that overflows in bf16, would end the job, and its resumed successor would evaluate and end again)."""
-    finite = torch.isfinite(emb).all(dim=1)
-    bad = int((~finite).sum())
-    if not bad:
-        return 0, emb, rows
-    return bad, emb[finite], tuple(None if r is None else r[finite] for r in rows)
+def nonfinite_rows(emb: torch.Tensor) -> torch.Tensor:
+    """Which embeddings hold NaN or inf. A training run's evaluation scores the others and says so, instead of
+    raising (a diverging model, or one image that overflows in bf16, would end the job, and its resumed
+    successor would evaluate and end again)."""
+    return ~torch.isfinite(emb).all(dim=1)
 
 
 def evaluate_set(
@@ -233,7 +227,9 @@ def evaluate_set(
     verification = eval_set.protocol == "verification"
     loader = build_eval_loader(cfg, rank, world_size, with_keys=verification)
     emb, lab, side = embed_loader(task, loader, device, model_input, flip=verification, side_of_key=verification)
-    nonfinite, emb, (lab, side) = finite_rows(emb, lab, side)  # type: ignore[assignment]
+    bad = nonfinite_rows(emb)
+    nonfinite = int(bad.sum())
+    emb, lab, side = emb[~bad], lab[~bad], None if side is None else side[~bad]
     if on_embeddings is not None and emb.shape[0]:
         on_embeddings(task.head.embed_spaces(emb), lab)
     # samples that did not decode are skipped (and warned about by the reader); say how many the set lost
@@ -267,11 +263,12 @@ def evaluate_set(
     elif eval_set.protocol == "query_gallery":
         gallery = build_eval_loader(eval_set.data_config(data, eval_set.gallery_split), rank, world_size)
         gal, gal_lab, _ = embed_loader(task, gallery, device, model_input)
-        bad_gallery, gal, (gal_lab,) = finite_rows(gal, gal_lab)  # type: ignore[assignment]
+        bad = nonfinite_rows(gal)
+        gal, gal_lab = gal[~bad], gal_lab[~bad]
         out["num_gallery"] = float(gal.shape[0])
-        out["nonfinite_embeddings"] += float(bad_gallery)
+        out["nonfinite_embeddings"] += float(bad.sum())
         lost = int(split_entry(eval_set.root, eval_set.gallery_split).get("num_samples", gal.shape[0]))
-        lost -= gal.shape[0] + bad_gallery
+        lost -= gal.shape[0] + int(bad.sum())
         out["skipped_samples"] += float(lost)  # the query's and the gallery's
         if lost and rank == 0:
             print(f"warning: {eval_set.name}: {lost} gallery samples were skipped as bad", flush=True)
