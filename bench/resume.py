@@ -1,10 +1,12 @@
 """Resume cost of the train stream: time to a resumed rank's first batch three ways.
 
 - from step 0 (the baseline): every raw sample since step 0 is read again; what a resume did before
-  2026-12-07, and still does with class-balanced batches or shards whose manifest records no per-shard counts;
+  2026-12-07, and still does without saved positions for class-balanced batches or for shards whose manifest
+  records no per-shard counts;
 - from the counts: no saved positions (another layout, a changed stream setting), the slot starts at the epoch
   where the manifest's per-shard sample counts place it (data.slot_stream.counted_slot_position);
-- from the saved positions (the checkpoint's stream/ folder, data.position): read from the saved epoch on.
+- from the saved positions (the checkpoint's stream/ folder, data.position): read from the saved epoch on
+  (class-balanced batches, a second table: from the oldest sample their balancer held).
 
 Writes --shards shards of --per-shard JPEGs of --kb kB each (one photo-like noise image repeated under new
 keys: the stream reads and checks bytes, it does not decode skipped samples), then for a resume after
@@ -31,7 +33,7 @@ from PIL import Image
 
 from data.config import DataConfig
 from data.mixture import train_sources
-from data.position import SlotPosition, SourcePosition
+from data.position import SlotPosition
 from data.samples import BadSampleCounter
 from data.shards import read_manifest
 from data.slot_stream import slot_raw_batches
@@ -72,11 +74,10 @@ def without_counts(root: str, to: str) -> str:
 
 def saved_positions(cfg: DataConfig, start: int) -> dict[int, SlotPosition]:
     """What a checkpoint after `start` batches saves (the raw batches alone: nothing to decode)."""
-    sources = [SourcePosition()]
-    raw = slot_raw_batches(cfg, train_sources(cfg), 0, 1, 0, 1, BadSampleCounter(0, "bench"), sources)
-    for _ in itertools.islice(raw, start):
+    raw = slot_raw_batches(cfg, train_sources(cfg), 0, 1, 0, 1, BadSampleCounter(0, "bench"))
+    for _, position in itertools.islice(raw, start):
         pass
-    return {0: SlotPosition(start, tuple((p.epoch, p.taken) for p in sources))}
+    return {0: position}
 
 
 def first_batch(cfg: DataConfig, start: int, positions: dict[int, SlotPosition] | None) -> tuple[float, torch.Tensor]:
@@ -92,7 +93,8 @@ def main() -> None:
     parser.add_argument("--per-shard", type=int, default=100)
     parser.add_argument("--kb", type=int, default=100)
     parser.add_argument("--epochs", default="1,4,16", help="resume points, in epochs of the rank")
-    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=50, help="a multiple of 10 (the classes)")
+    parser.add_argument("--balance-buffer", type=int, default=1000, help="of the class-balanced rows")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as root, tempfile.TemporaryDirectory() as bare:
         write_shards(root, args.shards, args.per_shard, args.kb)
@@ -112,6 +114,19 @@ def main() -> None:
             assert torch.equal(expected, got) and torch.equal(expected, from_counts), "the resumes differ"
             skipped = start * args.batch_size
             print(f"| {epochs:g} epochs | {skipped} | {baseline:.2f} | {counted:.2f} | {ours:.2f} |")
+        balanced = dataclasses.replace(cfg, samples_per_class=args.batch_size // 10, balance_buffer=args.balance_buffer)
+        print(f"\nclass-balanced: 10 classes x {balanced.samples_per_class}, balance_buffer {balanced.balance_buffer}")
+        print("| resume after | samples drawn | from step 0 (s) | from saved positions (s) |")
+        print("|---|---|---|---|")
+        for epochs in (float(e) for e in args.epochs.split(",")):
+            start = int(epochs * per_epoch) + 3
+            positions = saved_positions(balanced, start)
+            first_batch(balanced, start, positions)
+            baseline, expected = first_batch(balanced, start, None)  # a balancer cannot be placed by counts
+            ours, got = first_batch(balanced, start, positions)
+            assert torch.equal(expected, got), "the class-balanced resumes differ"
+            state = positions[0].balancer
+            print(f"| {epochs:g} epochs | {state.draws if state else 0} | {baseline:.2f} | {ours:.2f} |")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,7 @@ This module owns the batch composition used by pair/proxy metric-learning
 losses (CHEST, Hyp-ViT): every train batch holds P = batch_size / m classes
 with exactly m samples each (data.samples_per_class = m). It works on raw,
 still-encoded samples, inside each (rank, worker) slot of data.stream, so
-balancing needs no global index of the dataset, costs no decoding, and a
-resumed stream can skip balanced batches as cheaply as plain ones.
+balancing needs no global index of the dataset and costs no decoding.
 
 Algorithm (one `ClassBalancer` per slot, fed the slot's shuffled stream):
   - each incoming sample is appended to its class's FIFO buffer;
@@ -32,7 +31,9 @@ rarely gathers m in one buffer, so it makes fewer batches than its images
 allow and much of what the slot reads is dropped (`balance_notes` says so).
 Every decision depends only on the input order and the RNG, so the output
 is deterministic. Epochs are not exact here: a sample may be dropped or
-wait in a buffer across an epoch boundary.
+wait in a buffer across an epoch boundary. A balancer fed samples with their
+addresses (data.position.Address) can say its state after a batch (`state`)
+and be rebuilt from it (`restore`) with the buffered samples read again.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import random
 from collections.abc import Iterable, Iterator, Sequence
 
 from data.config import DataConfig
+from data.position import Address, BalancerState
 from data.samples import RawSample
 from data.shards import class_counts, split_order
 
@@ -74,8 +76,8 @@ class ClassBalancer:
         self.capacity, self.rng = capacity, rng
         # label -> samples it needs to be ready, for the classes with fewer than per_class images in the split.
         self.small = {label: n for label, n in enumerate(class_counts) if 0 < n < per_class}
-        # label -> FIFO of (arrival number, sample); empty classes are removed.
-        self.buffers: dict[int, collections.deque[tuple[int, RawSample]]] = {}
+        # label -> FIFO of (arrival number, sample, its address or None); empty classes are removed.
+        self.buffers: dict[int, collections.deque[tuple[int, RawSample, Address | None]]] = {}
         self.ready: set[int] = set()  # classes with >= per_class buffered
         # (arrival number, label) in arrival order, for dropping the oldest;
         # entries of samples that already left in a batch are skipped lazily.
@@ -83,22 +85,17 @@ class ClassBalancer:
         self.keys: set[tuple[str, str]] = set()  # (shard, key) of buffered samples
         self.size = 0  # samples buffered
         self.arrivals = 0
+        self.pushed = 0  # samples offered, ignored repeats included (the mixture's draws)
         self.dropped = 0
 
-    def push(self, sample: RawSample) -> list[RawSample] | None:
-        """Buffer one sample; return a balanced batch when one is complete."""
+    def push(self, sample: RawSample, address: Address | None = None) -> list[RawSample] | None:
+        """Buffer one sample (`address`: where the slot's stream read it, for `state`); return a balanced batch
+        when one is complete."""
+        self.pushed += 1
         ident = (sample.shard, sample.key)
         if ident in self.keys:
             return None
-        self.keys.add(ident)
-        seq, label = self.arrivals, sample.label
-        self.arrivals += 1
-        queue = self.buffers.setdefault(label, collections.deque())
-        queue.append((seq, sample))
-        self.order.append((seq, label))
-        self.size += 1
-        if len(queue) >= self._needs(label):
-            self.ready.add(label)
+        self._buffer(sample, address)
         batch = self._emit() if len(self.ready) >= self.num_classes else None
         # Drop after emitting, so the sample that completes a batch is used.
         while self.size > self.capacity:
@@ -106,6 +103,54 @@ class ClassBalancer:
         if len(self.order) > _COMPACT_FACTOR * self.capacity:
             self._compact()
         return batch
+
+    def _buffer(self, sample: RawSample, address: Address | None) -> None:
+        self.keys.add((sample.shard, sample.key))
+        seq, label = self.arrivals, sample.label
+        self.arrivals += 1
+        queue = self.buffers.setdefault(label, collections.deque())
+        queue.append((seq, sample, address))
+        self.order.append((seq, label))
+        self.size += 1
+        if len(queue) >= self._needs(label):
+            self.ready.add(label)
+
+    def state(self) -> BalancerState:
+        """Everything the next batches depend on besides the input still to come (call it between pushes)."""
+        buffered = sorted((seq, address) for queue in self.buffers.values() for seq, _, address in queue)
+        if any(address is None for _, address in buffered):
+            raise ValueError("a balancer's state needs the address of every sample pushed")
+        return BalancerState(self.pushed, tuple(self.rng.getstate()[1]), tuple(a for _, a in buffered if a))
+
+    def restore(self, state: BalancerState, buffered: list[RawSample]) -> None:
+        """Become the balancer `state` was taken from (its dropped count aside), `buffered` being the samples at
+        its addresses, in their order; call on a new balancer."""
+        if self.arrivals or len(buffered) != len(state.buffered):
+            raise ValueError("restore() takes a new balancer and one sample per buffered address")
+        for sample, address in zip(buffered, state.buffered):
+            self._buffer(sample, address)
+        self.pushed = state.draws
+        version, _, gauss_next = self.rng.getstate()
+        self.rng.setstate((version, state.rng, gauss_next))
+
+    def batches(self, samples: Iterable[tuple[RawSample, Address | None]], where: str) -> Iterator[list[RawSample]]:
+        """Class-balanced batches from a stream of (sample, address); raises (naming `where`, the slot, and the
+        fix) when the stream cannot make a batch."""
+        since_batch = 0
+        for sample, address in samples:
+            batch = self.push(sample, address)
+            if batch is not None:
+                since_batch = 0
+                yield batch
+                continue
+            since_batch += 1
+            if since_batch > _STALL_FACTOR * self.capacity:
+                raise RuntimeError(
+                    f"{where}: {since_batch} samples gave no batch of {self.num_classes} classes x "
+                    f"data.samples_per_class={self.per_class}; too few classes have {self.per_class} samples "
+                    f"within data.balance_buffer={self.capacity}. Lower data.samples_per_class or "
+                    "data.batch_size, or raise data.balance_buffer"
+                )
 
     def _needs(self, label: int) -> int:
         """Samples of `label` that make it ready: per_class, or all of a smaller class's images."""
@@ -140,14 +185,14 @@ class ClassBalancer:
                 self._after_remove(label, queue)
                 return
 
-    def _after_remove(self, label: int, queue: collections.deque[tuple[int, RawSample]]) -> None:
+    def _after_remove(self, label: int, queue: collections.deque[tuple[int, RawSample, Address | None]]) -> None:
         if len(queue) < self._needs(label):
             self.ready.discard(label)
         if not queue:
             del self.buffers[label]
 
     def _compact(self) -> None:
-        live = [(seq, label) for label, queue in self.buffers.items() for seq, _ in queue]
+        live = [(seq, label) for label, queue in self.buffers.items() for seq, _, _ in queue]
         self.order = collections.deque(sorted(live))
 
 
@@ -166,21 +211,7 @@ def balanced_batches(
     in the split, () unknown) lets classes with fewer than `per_class` images make batches.
     """
     balancer = ClassBalancer(batch_size, per_class, capacity, rng, class_counts)
-    since_batch = 0
-    for sample in samples:
-        batch = balancer.push(sample)
-        if batch is not None:
-            since_batch = 0
-            yield batch
-            continue
-        since_batch += 1
-        if since_batch > _STALL_FACTOR * capacity:
-            raise RuntimeError(
-                f"{where}: {since_batch} samples gave no batch of {batch_size // per_class} "
-                f"classes x data.samples_per_class={per_class}; too few classes have "
-                f"{per_class} samples within data.balance_buffer={capacity}. Lower "
-                f"data.samples_per_class or data.batch_size, or raise data.balance_buffer"
-            )
+    return balancer.batches(((sample, None) for sample in samples), where)
 
 
 def balance_notes(cfg: DataConfig) -> list[str]:

@@ -6,19 +6,26 @@ STREAM_VERSION 3). So "epoch e, `taken` samples of it yielded" (SourcePosition) 
 it skips the epochs before e without opening a shard and re-reads at most that one epoch's share. The
 mixture's RNG (one draw per sample) is advanced by draws alone (data.mixture.replay_draws), which reads nothing.
 
-Each batch a worker yields carries its sources' positions after it (a [sources, 2] int64 tensor);
+Each batch a worker yields carries its slot's position after it (position_tensor: a flat int64 tensor);
 data.stream.TrainBatches keeps, per worker, the latest with the worker's next batch index (SlotPosition), and
 the checkpoint stores them per rank (train.stream_state). A resume at the same stream settings hands them back
 to build_train_loader; a slot without one (another world size or num_workers, a changed setting) is placed by
 the manifest's per-shard sample counts (data.slot_stream.counted_slot_position: where reading would get, unless
-a shard holds bad samples). Class-balanced batches, whose balancer's buffer spans epochs, and shards without
-recorded counts re-read their raw samples from step 0: the same batches, only slower.
+a shard holds bad samples); shards without recorded counts re-read their raw samples from step 0: the same
+batches, only slower.
+
+Class-balanced batches (data.balanced) also need their balancer: its buffer holds samples of earlier batches'
+reads, possibly of the previous epoch. Their position adds the balancer's state (BalancerState): the mixture's
+draws, the RNG's state and the address of every buffered sample (source, epoch, its number in that epoch). A
+resumed slot re-reads from the oldest buffered address to the saved position, keeping the buffered samples, and
+goes on from there (data.slot_stream.slot_raw_batches). Without saved positions (another layout) they read from
+step 0: the balancer cannot be placed by counts.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -32,31 +39,77 @@ class SourcePosition:
     taken: int = 0
 
 
+# A sample's place in a slot's stream: (source, epoch, its number in the epoch: SourcePosition.taken after it).
+Address = tuple[int, int, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class BalancerState:
+    """A class balancer (data.balanced.ClassBalancer) right after a batch: samples drawn from the mixture so far,
+    its RNG's state (random.Random.getstate()[1]) and its buffered samples' addresses in arrival order."""
+
+    draws: int
+    rng: tuple[int, ...]
+    buffered: tuple[Address, ...]
+
+
 @dataclasses.dataclass(frozen=True)
 class SlotPosition:
-    """A worker's stream after its batches 0 .. next_batch - 1: where each source stands then."""
+    """A worker's stream after its batches 0 .. next_batch - 1: where each source stands then (epoch, taken),
+    and with class-balanced batches the balancer's state."""
 
     next_batch: int
     sources: tuple[tuple[int, int], ...]
+    balancer: BalancerState | None = None
 
     def source_positions(self) -> list[SourcePosition]:
         return [SourcePosition(epoch, taken) for epoch, taken in self.sources]
 
 
-def positions_tensor(positions: Sequence[SourcePosition] | None) -> torch.Tensor:
-    """The [sources, 2] tensor a batch carries ([0, 2]: the stream keeps no positions)."""
-    rows = [] if positions is None else [[p.epoch, p.taken] for p in positions]
-    return torch.tensor(rows, dtype=torch.int64).reshape(-1, 2)
+def start_position(num_sources: int) -> SlotPosition:
+    """Before the first batch."""
+    return SlotPosition(0, ((0, 0),) * num_sources)
+
+
+def position_tensor(position: SlotPosition) -> torch.Tensor:
+    """The flat int64 tensor a batch carries out of its DataLoader worker: [next_batch, S, (epoch, taken) x S]
+    and, with a balancer, [draws, R, rng x R, N, (source, epoch, taken) x N] after it."""
+    flat = [position.next_batch, len(position.sources)] + [n for source in position.sources for n in source]
+    state = position.balancer
+    if state is not None:
+        flat += [state.draws, len(state.rng), *state.rng, len(state.buffered)]
+        flat += [n for address in state.buffered for n in address]
+    return torch.tensor(flat, dtype=torch.int64)
+
+
+def tensor_position(tensor: torch.Tensor) -> SlotPosition:
+    """position_tensor's inverse."""
+    flat = tensor.tolist()
+    next_batch, count = flat[0], flat[1]
+    sources = tuple(zip(flat[2 : 2 + 2 * count : 2], flat[3 : 3 + 2 * count : 2]))
+    at = 2 + 2 * count
+    if at == len(flat):
+        return SlotPosition(next_batch, sources)
+    draws, size = flat[at], flat[at + 1]
+    rng = tuple(flat[at + 2 : at + 2 + size])
+    at += 2 + size
+    items = flat[at + 1 :]
+    buffered = tuple(zip(items[0::3], items[1::3], items[2::3]))
+    assert len(buffered) == flat[at], "a truncated position tensor"
+    return SlotPosition(next_batch, sources, BalancerState(draws, rng, buffered))
 
 
 def to_json(positions: Mapping[int, SlotPosition], num_workers: int) -> dict[str, Any]:
     """A rank's positions as the checkpoint stores them."""
-    return {
-        "num_workers": num_workers,
-        "workers": {
-            str(w): {"next_batch": p.next_batch, "sources": [list(s) for s in p.sources]} for w, p in positions.items()
-        },
-    }
+    return {"num_workers": num_workers, "workers": {str(w): _position_json(p) for w, p in positions.items()}}
+
+
+def _position_json(position: SlotPosition) -> dict[str, Any]:
+    out: dict[str, Any] = {"next_batch": position.next_batch, "sources": [list(s) for s in position.sources]}
+    state = position.balancer
+    if state is not None:
+        out["balancer"] = {"draws": state.draws, "rng": list(state.rng), "buffered": [list(a) for a in state.buffered]}
+    return out
 
 
 def from_json(saved: Mapping[str, Any], num_workers: int, num_sources: int) -> dict[int, SlotPosition]:
@@ -67,6 +120,12 @@ def from_json(saved: Mapping[str, Any], num_workers: int, num_sources: int) -> d
     out = {}
     for worker, p in saved.get("workers", {}).items():
         sources = tuple((int(e), int(t)) for e, t in p["sources"])
-        if len(sources) == num_sources:
-            out[int(worker)] = SlotPosition(int(p["next_batch"]), sources)
+        if len(sources) != num_sources:
+            continue
+        state = p.get("balancer")
+        balancer = None
+        if state is not None:
+            buffered = tuple((int(i), int(e), int(t)) for i, e, t in state["buffered"])
+            balancer = BalancerState(int(state["draws"]), tuple(int(n) for n in state["rng"]), buffered)
+        out[int(worker)] = SlotPosition(int(p["next_batch"]), sources, balancer)
     return out

@@ -13,10 +13,10 @@ import itertools
 import random
 from collections.abc import Iterator
 
-from data.balanced import balanced_batches
+from data.balanced import ClassBalancer
 from data.config import DataConfig
 from data.mixture import TrainSource, draws_per_source, joint_class_counts, mixed_raw_samples
-from data.position import SlotPosition, SourcePosition
+from data.position import Address, SlotPosition, SourcePosition, start_position
 from data.samples import BadSampleCounter, RawSample, shuffle_buffer, valid_samples
 from data.shards import assign_shards, recorded_samples
 
@@ -163,40 +163,74 @@ def slot_raw_batches(
     worker: int,
     num_workers: int,
     counter: BadSampleCounter,
-    positions: list[SourcePosition] | None = None,
-    batches_done: int = 0,
-) -> Iterator[list[RawSample]]:
-    """Endless stream of one slot's full raw batches (still-encoded images).
+    resume: SlotPosition | None = None,
+) -> Iterator[tuple[list[RawSample], SlotPosition]]:
+    """Endless stream of one slot's full raw batches (still-encoded images), each with the slot's position
+    after it (data.position).
 
-    Each source is dealt over (rank, worker) slots (slot_shards); several
-    sources are mixed by data.mixture. With data.samples_per_class = m > 0
-    the batches are class-balanced (data.balanced) with an RNG of their own,
-    seeded by (seed, rank, worker); otherwise consecutive raw samples form a
-    batch. `positions` (one per source, data.position) start the sources there
-    and follow them; with a resumed position `batches_done` says how many
-    batches came before it (plain batches only).
+    Each source is dealt over (rank, worker) slots (slot_shards); several sources are mixed by data.mixture.
+    With data.samples_per_class = m > 0 the batches are class-balanced (data.balanced) with an RNG of their
+    own, seeded by (seed, rank, worker); otherwise consecutive raw samples form a batch. `resume`: a position
+    this stream yielded; the batches after it follow (class-balanced: re-reading the samples its balancer held).
     """
-    if batches_done and cfg.samples_per_class > 0:
-        raise ValueError("class-balanced batches cannot resume from a position: their balancer spans epochs")
+    resume = resume or start_position(len(sources))
+    balanced = cfg.samples_per_class > 0
+    if balanced and resume.next_batch and resume.balancer is None:
+        raise ValueError("class-balanced batches resume from a position only with the balancer's state")
+    positions = resume.source_positions()
+    latest: list[Address] = [(0, 0, 0)]  # the address of the latest sample read (the balancer's bookkeeping)
+    buffered: dict[Address, RawSample] = {}  # a resumed balancer's samples, read again
 
     def open_source(source: TrainSource, i: int) -> Iterator[RawSample]:
         shards, deal = slot_shards(source, cfg, rank, world_size, worker, num_workers)
-        position = None if positions is None else positions[i]
+        wanted = {a for a in (resume.balancer.buffered if resume.balancer else ()) if a[0] == i}
+        saved = dataclasses.replace(positions[i])
+        if wanted:  # read again from the oldest sample the balancer held
+            epoch, taken = min(a[1:] for a in wanted)
+            positions[i].epoch, positions[i].taken = epoch, taken - 1
         tag = source_tag(i, sources)
-        return slot_raw_samples(cfg, shards, rank, worker, counter, source.num_classes, tag, deal, position)
-
-    samples = mixed_raw_samples(cfg, sources, rank, worker, open_source, batches_done * cfg.batch_size)
-    if cfg.samples_per_class > 0:
-        rng = random.Random(f"balance-{cfg.seed}-{rank}-{worker}")
-        yield from balanced_batches(
-            samples,
-            cfg.batch_size,
-            cfg.samples_per_class,
-            cfg.balance_buffer,
-            rng,
-            f"train rank {rank} worker {worker}",
-            joint_class_counts(sources) if cfg.pad_small_classes else (),
+        stream = _addressed(
+            slot_raw_samples(cfg, shards, rank, worker, counter, source.num_classes, tag, deal, positions[i]),
+            i,
+            positions[i],
+            latest,
         )
-        return
-    while True:
-        yield list(itertools.islice(samples, cfg.batch_size))
+        while wanted and (positions[i].epoch, positions[i].taken) < (saved.epoch, saved.taken):
+            sample = next(stream)
+            if latest[0] in wanted:  # in the joint label space, as the mixture hands it on
+                buffered[latest[0]] = sample._replace(label=sample.label + source.label_offset)
+        if (positions[i].epoch, positions[i].taken) != (saved.epoch, saved.taken):
+            raise RuntimeError(
+                f"train rank {rank} worker {worker}: the saved stream position {saved} of {source.root} was not "
+                "met reading it again (the shards changed?); delete the checkpoint's stream/ folder to read from "
+                "step 0"
+            )
+        return stream
+
+    def snapshot() -> tuple[tuple[int, int], ...]:
+        return tuple((p.epoch, p.taken) for p in positions)
+
+    draws = resume.balancer.draws if resume.balancer else resume.next_batch * cfg.batch_size
+    samples = mixed_raw_samples(cfg, sources, rank, worker, open_source, draws)
+    if not balanced:
+        for k in itertools.count(resume.next_batch + 1):
+            yield list(itertools.islice(samples, cfg.batch_size)), SlotPosition(k, snapshot())
+    counts = joint_class_counts(sources) if cfg.pad_small_classes else ()
+    rng = random.Random(f"balance-{cfg.seed}-{rank}-{worker}")
+    balancer = ClassBalancer(cfg.batch_size, cfg.samples_per_class, cfg.balance_buffer, rng, counts)
+    if resume.balancer is not None:
+        balancer.restore(resume.balancer, [buffered.pop(a) for a in resume.balancer.buffered])
+    where = f"train rank {rank} worker {worker}"
+    batches = balancer.batches(((sample, latest[0]) for sample in samples), where)
+    for k, batch in enumerate(batches, start=resume.next_batch + 1):
+        yield batch, SlotPosition(k, snapshot(), balancer.state())
+
+
+def _addressed(
+    samples: Iterator[RawSample], source: int, position: SourcePosition, latest: list[Address]
+) -> Iterator[RawSample]:
+    """`samples` (a source's stream, which keeps `position` up to date), noting each one's address in latest[0]
+    as it is handed on: the mixture takes one sample of one source per draw, so after a draw latest[0] is its."""
+    for sample in samples:
+        latest[0] = (source, position.epoch, position.taken)
+        yield sample

@@ -26,7 +26,9 @@ i) only, and a resumed stream skips whole raw batches without decoding them
 manifest's per-shard sample counts place it in, or from step 0 without counts).
 With data.samples_per_class = m > 0 the slot's raw batches come from
 data.balanced instead (batch_size / m classes x m samples each); the rest
-(per-batch torch seed, round-robin, skip on resume) is unchanged.
+(per-batch torch seed, round-robin, skip on resume) is unchanged; their saved
+position holds the balancer's state, and a resume re-reads its buffered samples
+(without one they read from step 0: counts cannot place a balancer).
 With data.sources (data.mixture) every slot runs one such sample stream per
 source and draws each sample from a source chosen by a seeded RNG.
 
@@ -56,7 +58,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 
 from common.seeds import stable_seed
 from data.config import DataConfig
-from data.position import SlotPosition, positions_tensor
+from data.position import SlotPosition, position_tensor, tensor_position
 from data.slot_stream import counted_slot_position, slot_raw_batches, slot_shards
 from data.mixture import TrainSource, train_sources
 from data.samples import BadSampleCounter, RawSample, valid_samples
@@ -65,7 +67,7 @@ from data.transforms import build_transform, decode_image, open_image
 from data.bad_ledger import entries_of, ledger_path, read_entries
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-# a worker's batch with its sources' positions after it (data.position), which TrainBatches takes off
+# a worker's batch with its slot's position after it (data.position.position_tensor), which TrainBatches takes off
 PositionedBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
@@ -199,9 +201,9 @@ class TrainStream(IterableDataset):
 
     def resumed_position(self, worker: int, num_workers: int) -> SlotPosition | None:
         """The saved position logical `worker` resumes from: one at or before its first batch (a loader that ran
-        ahead of its checkpoint saved one past it), and none for class-balanced batches."""
+        ahead of its checkpoint saved one past it), with a balancer's state exactly when batches are balanced."""
         saved = self.positions.get(worker)
-        if saved is None or self.cfg.samples_per_class > 0:
+        if saved is None or (saved.balancer is not None) != (self.cfg.samples_per_class > 0):
             return None
         return saved if saved.next_batch <= batches_to_skip(self.start_batch, worker, num_workers) else None
 
@@ -218,30 +220,25 @@ class TrainStream(IterableDataset):
         counter = BadSampleCounter(cfg.max_bad_samples, f"train rank {rank} worker {worker}", publish, ledger, earlier)
         self.counter = counter
         skip = batches_to_skip(self.start_batch, worker, num_workers)
-        plain = cfg.samples_per_class == 0  # a balancer's buffer spans epochs: it keeps no positions
         saved = self.resumed_position(worker, num_workers)
-        if saved is None and plain and skip > 0:
-            # none saved for this layout: where the shards' recorded sample counts place batch `skip`
+        if saved is None and cfg.samples_per_class == 0 and skip > 0:
+            # none saved for this layout: where the shards' recorded sample counts place batch `skip` (a balancer
+            # cannot be placed so: class-balanced batches read from step 0)
             saved = counted_slot_position(cfg, self.sources, rank, self.world_size, worker, num_workers, skip)
-        if saved is None:
-            saved = SlotPosition(0, ((0, 0),) * len(self.sources))  # read from step 0
-        positions = saved.source_positions()
-        raw_batches = slot_raw_batches(
-            cfg, self.sources, rank, self.world_size, worker, num_workers, counter, positions, saved.next_batch
-        )
+        raw_batches = slot_raw_batches(cfg, self.sources, rank, self.world_size, worker, num_workers, counter, saved)
         # The cheap part of resuming: raw bytes are read and shuffled exactly
-        # as in the original run (from the saved position's epoch on), but no image is decoded.
-        for _ in range(skip - saved.next_batch):
+        # as in the original run (from the saved position on), but no image is decoded.
+        for _ in range(skip - (saved.next_batch if saved else 0)):
             next(raw_batches)
         transform = build_transform(cfg, train=True)
-        for k, raw in enumerate(raw_batches, start=skip):
+        for k, (raw, position) in enumerate(raw_batches, start=skip):
             batch = decode_batch(raw, cfg, transform, counter, stable_seed(cfg.seed, rank, worker, k))
             if batch is None:
                 raise RuntimeError(
                     f"train rank {rank} worker {worker}: no image of batch {k} decodes "
                     f"(shards {sorted({s.shard for s in raw})}); rebuild the shards"
                 )
-            yield *batch, positions_tensor(positions if plain else None)
+            yield *batch, position_tensor(position)
 
 
 class TrainBatches(Iterator[Batch]):
@@ -259,16 +256,19 @@ class TrainBatches(Iterator[Batch]):
         # before every worker has handed out a batch keeps them all)
         workers = max(1, dataset.cfg.num_workers)
         resumed = {w: dataset.resumed_position(w, workers) for w in dataset.positions}
-        self.positions: dict[int, SlotPosition] = {w: p for w, p in resumed.items() if p is not None}
+        self._latest: dict[int, SlotPosition | torch.Tensor] = {w: p for w, p in resumed.items() if p is not None}
 
     def __next__(self) -> Batch:
         images, labels, where = next(self._it)
-        workers = max(1, self.dataset.cfg.num_workers)
-        worker, k = self._next_global % workers, self._next_global // workers  # round robin (module docstring)
+        # kept as it came (decoded only when saved: a balancer's state is thousands of numbers)
+        self._latest[self._next_global % max(1, self.dataset.cfg.num_workers)] = where  # round robin
         self._next_global += 1
-        if where.numel():
-            self.positions[worker] = SlotPosition(k + 1, tuple((int(e), int(t)) for e, t in where.tolist()))
         return images, labels
+
+    @property
+    def positions(self) -> dict[int, SlotPosition]:
+        """Per logical worker, its position after the latest of its batches handed out (data.position)."""
+        return {w: p if isinstance(p, SlotPosition) else tensor_position(p) for w, p in self._latest.items()}
 
     def close(self) -> None:
         """Stop the data workers now (also on an error: a worker left to the interpreter's exit
@@ -337,7 +337,8 @@ def build_train_loader(
     appended to and read back by a resumed job (data.bad_ledger). `positions`: this rank's TrainBatches.positions
     when the stream was saved (same settings), so that the resumed workers need not read from step 0; without
     them a resumed worker starts where the shards' recorded sample counts place it (data.slot_stream.
-    counted_slot_position), and reads from step 0 only without counts or with class-balanced batches. Epochs
+    counted_slot_position), and reads from step 0 only without counts or with class-balanced batches (whose
+    saved positions hold their balancer's state: its buffered samples are read again). Epochs
     not read are not searched for bad samples: without `ledger_dir` their bad samples go uncounted.
     """
     _check(cfg, rank, world_size, cfg.train_split)

@@ -249,7 +249,7 @@ def test_class_order_shards_feed_every_class_from_many_slots(tmp_path) -> None:
         for rank, worker in itertools.product(range(2), range(2)):
             stream = slot_raw_batches(cfg, sources, rank, 2, worker, 2, BadSampleCounter(0, "test"))
             per_slot = len(items) // 8 // 4  # one epoch of batches, shared by the 4 slots
-            labels.update(s.label for batch in itertools.islice(stream, per_slot) for s in batch[::2])
+            labels.update(s.label for batch, _ in itertools.islice(stream, per_slot) for s in batch[::2])
         covered[order], notes[order] = len(labels), balance_notes(cfg)
         pairs[order] = sum(labels[c] for c in range(300) if sizes[c] == 2) / sizes.count(2)  # ideal: 1 per epoch
     assert covered["class"] >= 295 and covered["shuffled"] < 260, covered
@@ -329,7 +329,7 @@ def test_a_mixture_source_too_sparse_to_balance_is_said_to_lose_its_share(tmp_pa
         shuffle_buffer=16,
     )
     stream = slot_raw_batches(cfg, train_sources(cfg), 0, 1, 0, 1, BadSampleCounter(0, "test"))
-    labels = [s.label for batch in itertools.islice(stream, 200) for s in batch]
+    labels = [s.label for batch, _ in itertools.islice(stream, 200) for s in batch]
     assert sum(label >= 10 for label in labels) / len(labels) < 0.1
     notes = [note for note in balance_notes(cfg) if sparse in note.split(" (")[0]]
     assert len(notes) == 1 and "its share of the batches can fall far below its weight 0.50" in notes[0]

@@ -12,7 +12,7 @@ import shutil
 import pytest
 
 import data.samples
-from data.position import SlotPosition, from_json, to_json
+from data.position import BalancerState, SlotPosition, from_json, position_tensor, tensor_position, to_json
 from data.shards import list_shards, read_manifest
 from data.mixture import replay_draws, train_sources
 from data.slot_stream import counted_slot_position
@@ -133,16 +133,59 @@ def test_positions_from_elsewhere_in_the_stream(root: str) -> None:
     assert_same(expected, resumed(cfg, 20, positions_after(cfg, 30)))
 
 
-def test_class_balanced_batches_keep_no_positions(root: str) -> None:
-    """A balancer's buffer spans epochs, so the stream keeps no positions (a resume reads from step 0)."""
-    cfg = make_cfg(root, samples_per_class=2, balance_buffer=16, augment=True)
-    assert positions_after(cfg, 10) == {}
-    assert_same(uninterrupted(cfg, 10), resumed(cfg, 10, {0: SlotPosition(3, ((0, 24),))}))
+@pytest.mark.parametrize("num_workers, start", [(0, 10), (0, 37), (2, 9), (2, 30)])
+def test_class_balanced_resume_from_positions_gives_the_uninterrupted_batches(
+    root: str, num_workers: int, start: int
+) -> None:
+    """The balancer's buffer is part of the position: its samples are read again from the oldest one's address."""
+    cfg = make_cfg(root, num_workers=num_workers, samples_per_class=2, balance_buffer=16, augment=True)
+    positions = positions_after(cfg, start)
+    assert positions and all(p.balancer is not None for p in positions.values())
+    assert any(p.balancer and p.balancer.buffered for p in positions.values())
+    assert_same(uninterrupted(cfg, start), resumed(cfg, start, positions))
+    # a position without the balancer's state (or a plain one) is not used: read from step 0, the same batches
+    plain = {w: dataclasses.replace(p, balancer=None) for w, p in positions.items()}
+    assert_same(uninterrupted(cfg, start), resumed(cfg, start, plain))
 
 
-def test_positions_json_round_trip_and_mismatch() -> None:
-    positions = {0: SlotPosition(7, ((2, 30), (1, 5))), 3: SlotPosition(6, ((2, 10), (0, 0)))}
-    assert from_json(to_json(positions, 4), 4, 2) == positions
+def test_class_balanced_resume_reads_back_from_the_oldest_buffered_sample(root: str, monkeypatch) -> None:
+    cfg = make_cfg(root, samples_per_class=2, balance_buffer=16, pad_small_classes=True)
+    start = 80  # 640 samples drawn: about 10 epochs of the slot's 64
+    position = positions_after(cfg, start)[0]
+    assert position.balancer is not None
+    oldest = min(epoch for _, epoch, _ in position.balancer.buffered)
+    opened: list[str] = []
+    real = data.samples.read_shard
+    monkeypatch.setattr(data.samples, "read_shard", lambda path, *a: opened.append(path) or real(path, *a))
+    expected = uninterrupted(cfg, start)
+    from_step_0 = len(opened)
+    opened.clear()
+    assert_same(expected, resumed(cfg, start, {0: position}))
+    assert len(opened) <= 8 * (position.sources[0][0] - oldest + 2) < from_step_0 / 3  # 8 shards an epoch
+
+
+def test_class_balanced_mixture_resumes_from_positions(root: str, second_root: str) -> None:
+    cfg = mixture_cfg(root, second_root, num_workers=2, samples_per_class=2, balance_buffer=24, augment=True)
+    positions = positions_after(cfg, 25)
+    buffered = [a for p in positions.values() if p.balancer for a in p.balancer.buffered]
+    assert {source for source, _, _ in buffered} == {0, 1}  # both sources' samples wait in the buffers
+    assert_same(uninterrupted(cfg, 25), resumed(cfg, 25, positions))
+
+
+def test_a_position_the_stream_cannot_meet_is_refused_with_the_fix(root: str) -> None:
+    cfg = make_cfg(root, samples_per_class=2, balance_buffer=16)
+    position = positions_after(cfg, 10)[0]
+    epoch, taken = position.sources[0]
+    wrong = dataclasses.replace(position, sources=((epoch, taken + 100),))  # past the end of the epoch
+    with pytest.raises(RuntimeError, match="stream position .* was not met .* delete the checkpoint's stream/"):
+        resumed(cfg, 10, {0: wrong})
+
+
+def test_positions_json_and_tensor_round_trip_and_mismatch() -> None:
+    balancer = BalancerState(95, tuple(range(625)), ((0, 2, 7), (1, 0, 3), (0, 3, 1)))
+    positions = {0: SlotPosition(7, ((2, 30), (1, 5))), 3: SlotPosition(6, ((2, 10), (0, 0)), balancer)}
+    assert from_json(json.loads(json.dumps(to_json(positions, 4))), 4, 2) == positions
+    assert all(tensor_position(position_tensor(p)) == p for p in positions.values())
     assert from_json(to_json(positions, 4), 2, 2) == {}  # another num_workers: another stream
     assert from_json(to_json(positions, 4), 4, 1) == {}  # another number of sources
 
@@ -166,4 +209,5 @@ def test_resume_benchmark_runs_and_agrees(monkeypatch, capsys) -> None:
     monkeypatch.setattr(sys, "argv", argv)
     bench_resume.main()
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "epochs |" in line]
-    assert [row.split(" | ")[1] for row in rows] == ["110", "270"]  # samples skipped: (8 x epochs + 3) x 10
+    assert [row.split(" | ")[1] for row in rows[:2]] == ["110", "270"]  # samples skipped: (8 x epochs + 3) x 10
+    assert len(rows) == 4 and all(int(row.split(" | ")[1]) >= 110 for row in rows[2:])  # class-balanced: drawn
