@@ -70,6 +70,39 @@ def test_disk_projection_keeps_norms_inside_the_disk_and_planar_geometry() -> No
     )
 
 
+def test_disk_projection_keeps_a_narrow_cone_narrow() -> None:
+    """Points in a cone away from the centre (trunk features share a large mean): the axes are taken about the
+    ball's centre, so the drawn angles stay those of the cone (axes about the mean spread it over 360 degrees)."""
+    gen = torch.Generator().manual_seed(0)
+    axis = torch.zeros(64, dtype=torch.float64)
+    axis[0] = 1.0
+    points = torch.nn.functional.normalize(axis + 0.03 * torch.randn(300, 64, generator=gen, dtype=torch.float64))
+    points = points * 0.8
+
+    def widest(v: torch.Tensor) -> float:
+        unit = torch.nn.functional.normalize(v, dim=1)
+        return math.degrees(math.acos(float((unit @ unit.t()).min().clamp(-1, 1))))
+
+    drawn, _ = pictures.disk_projection(points)
+    assert widest(drawn) <= widest(points) + 1.0 < 60.0
+
+
+def test_radius_lines_are_those_of_the_classes_drawn(monkeypatch) -> None:
+    """One class per sphere (S = C = 100): the lines cover the radii of the classes drawn, thinned to 50."""
+    cfg = LossConfig(name="distarc", radius_start=2.0, radius_gap=0.5, num_spheres=100)
+    head = build_head(cfg, 100, 8)
+    labels = torch.arange(100).repeat_interleave(3)
+    emb = torch.nn.functional.normalize(torch.randn(300, 8)) * (2.0 + 0.5 * labels[:, None])
+    drawn: dict = {}
+    monkeypatch.setattr(pictures, "radial_angular_figure", lambda *a, **k: drawn.update(radii=a[3], title=k["title"]))
+    pictures.head_pictures(head.embed_spaces(emb), labels, head, closed_set=True)
+    assert len(drawn["radii"]) == 50 and "50 of its 100 sphere radii" in drawn["title"]
+    assert drawn["radii"][0] == 2.0 and drawn["radii"][-1] >= 2.0 + 0.5 * 98  # up to the last class, not r_49
+    few = LossConfig(name="distarc", radius_start=10.0, radius_gap=5.0, num_spheres=3)
+    pictures.head_pictures(build_head(few, 6, 8).embed_spaces(emb[:12]), labels[:12] % 2, build_head(few, 6, 8), True)
+    assert drawn["radii"] == [10.0, 15.0] and "the classes' sphere radii" in drawn["title"]  # classes 0, 1 only
+
+
 def test_distarc_radial_angular_picture_and_radius_error_histogram(tmp_path) -> None:
     cfg = LossConfig(name="distarc", radius_start=10.0, radius_gap=5.0, num_spheres=3)
     head = build_head(cfg, 6, 8, rank=0, world_size=2)  # rank 0's shard: classes 0..2 of 6
@@ -358,3 +391,16 @@ def test_embeddings_of_a_step_evaluated_again_replace_the_first(tmp_path, capsys
     assert "Embedding dir exists" not in capsys.readouterr().out
     with open(os.path.join(logger.tb_dir, "00007", "euclidean", "metadata.tsv")) as f:
         assert {int(line) for line in f.read().split()} == {10, 11, 12, 13}  # the second evaluation's
+
+
+def test_the_projector_gets_one_space_and_every_space_its_norm_histogram(tmp_path) -> None:
+    """CHEST's three spaces at 768/512 dims wrote ~35 MB of projector text an evaluation: the ball's alone now."""
+    emb, labels = clustered(3, 4, 5)
+    spaces = {"euclidean": emb, "poincare": to_ball(emb, 0.5, 2.3), "fc_euclidean": emb * 2}
+    logger = TensorBoardLogger(str(tmp_path), True)
+    logger.log_embeddings(4, spaces, labels)
+    logger.close()
+    with open(tmp_path / "tb" / "projector_config.pbtxt") as f:
+        assert [line.split('"')[1] for line in f if "tensor_name" in line] == ["poincare:00004"]
+    histograms = read_events(logger.tb_dir).Tags()["histograms"]
+    assert {f"eval/{space}_norm" for space in spaces} <= set(histograms)

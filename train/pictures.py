@@ -27,7 +27,7 @@ from model.hyperbolic import to_ball
 from model.proxies import ShardedHead
 
 MAX_CLASSES = 20  # classes given their own colour; the rest are grey
-MAX_SPHERE_LINES = 50  # the radius lines drawn (a face run with S = 1 draws one)
+MAX_SPHERE_LINES = 50  # at most this many radius lines, those of the classes drawn (a face run with S = 1: one)
 LEGEND_CLASSES = 10  # coloured classes named in a picture's legend (the strong tab20 colours)
 GREY = (0.6, 0.6, 0.6, 0.35)
 
@@ -51,8 +51,10 @@ def disk_projection(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """2-D view of ball points that keeps each point's norm: x2 = unit(V^T x) * ||x||.
 
-    V holds the top two principal axes of `points` (centred for the axes, not for the projection, so
-    the ball's centre stays at the origin); `extra` (e.g. proxies) goes through the same V. A point
+    V holds the top two singular directions of `points` about the ball's centre (not centred on their mean:
+    points in a narrow cone away from the origin, as trunk features often are, had axes across the cone and
+    each point's small offset from the mean set its angle, spreading a 27-degree cone around the whole disk);
+    `extra` (e.g. proxies) goes through the same V. A point
     whose distance from the centre is its true ball norm stays inside the disk of the same radius.
     A point orthogonal to the plane is put on the first axis (its norm still kept). Rows that are not
     finite are left out of the axes (and come out non-finite: matplotlib draws them nowhere).
@@ -63,7 +65,7 @@ def disk_projection(
         x = F.pad(x, (0, 2 - dim))
     fit = x[torch.isfinite(x).all(dim=1)]  # a diverging model's non-finite rows: no axes from them, drawn nowhere
     if fit.shape[0] >= 2:
-        _, _, vh = torch.linalg.svd(fit - fit.mean(dim=0), full_matrices=False)
+        _, _, vh = torch.linalg.svd(fit, full_matrices=False)
         basis = vh[:2].t()
         if basis.shape[1] < 2:  # fewer distinct directions than 2: complete with any orthonormal vector
             basis = torch.linalg.qr(torch.cat([basis, torch.eye(x.shape[1], dtype=x.dtype)], dim=1))[0][:, :2]
@@ -317,16 +319,20 @@ def head_pictures(
     if cfg.name == "distarc" and closed_set and "euclidean" in spaces:
         keep, angles, norms = angles_to_anchors(spaces["euclidean"], labels, head)
         if keep.numel():
-            radii = sphere_radii(
-                torch.arange(min(cfg.num_spheres, MAX_SPHERE_LINES)), cfg.radius_start, cfg.radius_gap, cfg.num_spheres
-            ).tolist()
+            # the radii of the classes drawn (S = C puts every class on its own sphere: the first 50 left most
+            # points above every line), evenly thinned to MAX_SPHERE_LINES
+            radii = sorted(
+                set(sphere_radii(labels.cpu()[keep], cfg.radius_start, cfg.radius_gap, cfg.num_spheres).tolist())
+            )
+            shown = radii[:: -(-len(radii) // MAX_SPHERE_LINES)]
+            which = "sphere radii" if len(shown) == len(radii) else f"{len(shown)} of its {len(radii)} sphere radii"
             n = min(int(keep.numel()), max_points)
             figures["eval/radial_angular"] = radial_angular_figure(
                 angles,
                 norms,
                 labels.cpu()[keep],
-                radii,
+                shown,
                 max_points,
-                title=f"DistArc: angle to own anchor vs norm, {n} points, dashed: sphere radii{shard_note}",
+                title=f"DistArc: angle to own anchor vs norm, {n} points, dashed: the classes' {which}{shard_note}",
             )
     return figures

@@ -215,8 +215,9 @@ class TensorBoardLogger:
         protocol: str = "classification",
     ) -> None:
         """Pictures of the embedding spaces (rank 0): TensorBoard projector points coloured by label
-        (first `max_points` evaluation samples per space), histograms of embedding norms and of the
-        class-table row norms of rank 0's shard.
+        (a seeded sample of `max_points` evaluation samples of one space: the Poincare ball's where there is one,
+        else the first), histograms of every space's embedding norms and of the class-table row norms of rank
+        0's shard.
 
         `protocol` says what the labels are: the head's classes ("classification"), other identities
         (open-set "retrieval", "query_gallery") or pair ids ("verification"). Labels that identify,
@@ -258,10 +259,16 @@ class TensorBoardLogger:
         from train.pictures import sample_rows  # here: matplotlib is imported only when a run draws
 
         seen: set[int] = set()
+        # The projector gets one space an evaluation (its points are text: CHEST's three spaces at 768/512 dims
+        # wrote ~35 MB each time), the ball's where there is one
+        projected = "poincare" if "poincare" in spaces else next(iter(spaces), "")
         for space, points in spaces.items():
             if points.data_ptr() in seen:  # e.g. "cosine" ranks the same vectors as "euclidean"
                 continue
             seen.add(points.data_ptr())
+            self._histogram(f"eval/{space}_norm", points.detach().float().norm(dim=1).cpu(), step)
+            if space != projected:
+                continue
             # a seeded sample, as the pictures': the first rows are rank 0's first shards (a split stored class
             # by class showed a few classes); the norms of every point
             rows = sample_rows(points.shape[0], max_points)
@@ -270,7 +277,6 @@ class TensorBoardLogger:
             if os.path.isdir(stale):  # this step evaluated again (a finished run started again): its points are
                 shutil.rmtree(stale)  # replaced, without torch's "Embedding dir exists" line
             self.writer.add_embedding(pts, metadata=labels.cpu()[rows].tolist(), tag=space, global_step=step)
-            self._histogram(f"eval/{space}_norm", points.detach().float().norm(dim=1).cpu(), step)
         if table_rows is not None and table_rows.numel():
             rows = table_rows.detach().float().cpu()
             self._histogram("head/row_norm_rank0", rows.reshape(rows.shape[0], -1).norm(dim=1), step)
