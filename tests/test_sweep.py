@@ -292,7 +292,7 @@ def test_the_sweep_writes_one_hparams_experiment_over_its_points_and_theirs_are_
         assert hparams["model.drop_path_rate"] == cfg.model.drop_path_rate
         metrics = {"acc_measure": acc} if cfg.loss.name == "distarc" else {"acc_poincare": acc}
         logger = TensorBoardLogger(cfg.run_dir, True)
-        logger.log_hparams(hparams, metrics, step=cfg.max_steps, experiment=False)
+        logger.log_hparams(hparams, metrics, step=cfg.max_steps)
         logger.close()
         tags = EventAccumulator(logger.tb_dir).Reload().PluginTagToContent("hparams")
         assert sorted(tags) == ["_hparams_/session_end_info", "_hparams_/session_start_info"]

@@ -46,7 +46,7 @@ from train.evaluate.report import write_eval_files
 from train.evaluate.sets import EvalSet, resolve_eval_sets
 from train.export import export
 from train.loop import train_loop
-from train.tensorboard_logger import TensorBoardLogger, run_hparams, sweep_keys
+from train.tensorboard_logger import TensorBoardLogger, run_hparams
 from train.step import TrainableModel
 from train.stream_state import saved_stream_positions, stream_changes
 from train.run_owner import other_owner, record_owner, release_owner
@@ -392,7 +392,6 @@ def finish(run: Run, t0: float, train_s: float) -> RunSummary:
             {**run_hparams(cfg.to_dict(), cfg.run_root), "global_batch": run.global_batch},
             {**final, "last_train_loss": state.last_loss},
             step=state.step,
-            experiment=sweep_keys(cfg.run_root) is None,  # a sweep's points: launch.sweep writes its one experiment
         )
     if env.is_main:
         summary.write(os.path.join(cfg.run_dir, "summary.json"))

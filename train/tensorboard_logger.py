@@ -297,18 +297,18 @@ class TensorBoardLogger:
                 for tag, fig in pictures.head_pictures(spaces, labels, head, closed_set, max_points).items():
                     self.writer.add_image(tag, pictures.figure_to_rgb(fig), step, dataformats="HWC")
 
-    def log_hparams(
-        self, hparams: dict[str, Any], metrics: dict[str, Any], step: int | None = None, experiment: bool = True
-    ) -> None:
+    def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, Any], step: int | None = None) -> None:
         """The run's hyperparameters and final metrics for TensorBoard's HPARAMS tab (rank 0).
 
         Nested dicts are flattened with "." (optim.lr); values that are not numbers or strings become
         strings, None and non-finite metrics are left out. Metrics are written as scalars
         `hparams/<name>` (their own tags: the eval/ curves keep no stray point). The three hparams
         summaries go through the run's own writer (what SummaryWriter.add_hparams builds, without the
-        second writer and timestamped subfolder it opens), so each run's tb dir is one session and a
-        sweep's runs line up in the tab when TensorBoard is pointed at their common root. `experiment=False`
-        (a sweep's point): the session only; the sweep writes the one experiment (`write_sweep_experiment`).
+        second writer and timestamped subfolder it opens), so each run's tb dir is one session and runs line
+        up in the tab when TensorBoard is pointed at their common root. The session only, no experiment:
+        TensorBoard shows the first experiment it finds under its logdir, so a DistArc run's hid a CHEST run's
+        loss.chest.* and Poincare scores; without one it shows the union of the sessions' settings, with every
+        scalar tag as a metric column (a sweep writes one experiment over its points: write_sweep_experiment).
         """
         if self.writer is None:
             return
@@ -317,7 +317,7 @@ class TensorBoardLogger:
         scores = hparams_scores(metrics)
         file_writer = self.writer._get_file_writer()
         summaries = hparams_summaries(hparams_values(hparams), scores)
-        for summary in summaries if experiment else summaries[1:]:
+        for summary in summaries[1:]:  # [0] is an experiment
             file_writer.add_summary(summary, step)
         for tag, value in scores.items():
             self.writer.add_scalar(tag, value, step)
