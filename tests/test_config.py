@@ -405,6 +405,10 @@ def test_baselines_with_the_papers_defaults_of_other_heads_are_refused_or_pointe
 def test_unclipped_poincare_features_are_pointed_out() -> None:
     (line,) = apply_overrides(get_recipe("mnist_chest"), ["loss.chest.clip_radius=0"]).validate().warnings()
     assert "loss.chest.clip_radius=0" in line and "fp32" in line
+    # clipped near the edge (accepted up to sqrt(c) r = 3, where the artanh clamp starts): fp32 distances are off
+    (line,) = apply_overrides(get_recipe("mnist_chest"), ["loss.chest.clip_radius=2.9"]).validate().warnings()
+    assert "loss.chest.clip_radius=2.9" in line and "sqrt(c) r = 2.05" in line and "fp32" in line
+    assert apply_overrides(get_recipe("mnist_chest"), ["loss.chest.clip_radius=2.8"]).validate().warnings() == []
 
 
 def test_euclidean_only_chest_on_backbone_features_is_pointed_out() -> None:
