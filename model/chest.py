@@ -46,7 +46,7 @@ from model.collectives import (
     all_reduce_sum_no_grad,
     sharded_cross_entropy,
 )
-from model.config import LossConfig
+from model.config import LossConfig, has_shared_fc
 from model.hyphc import Triplets, hyphc_triplet_loss, sample_triplets
 from model.proxies import ShardedHead, class_permutation, class_range, init_rows, sample_local_classes
 from model.proxies import check_label_range
@@ -282,7 +282,7 @@ class ChestHead(ShardedHead):
         rows = init_rows(cfg.init_seed, self.class_start, self.num_local, (ch.proxies_per_class, embed_dim))
         self.proxies = nn.Parameter(rows * ch.proxy_init_std)
         self.fc: nn.Linear | None = None
-        if cfg.name == "chest":  # identical on every rank: orthogonal weight, zero bias (as Hyp-ViT)
+        if has_shared_fc(cfg):  # identical on every rank: orthogonal weight, zero bias (as Hyp-ViT)
             self.fc = nn.Linear(embed_dim, ch.hyp_dim)
             nn.init.orthogonal_(self.fc.weight, generator=torch.Generator().manual_seed(cfg.init_seed + 1))
             nn.init.zeros_(self.fc.bias)

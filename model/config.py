@@ -201,3 +201,8 @@ class LossConfig:
             raise ValueError(f"loss.sample_rate={self.sample_rate} must be in (0, 1]")
         if self.name in ("chest", "softtriple"):
             self.chest.validate(self.name)
+
+
+def has_shared_fc(cfg: LossConfig) -> bool:
+    """CHEST maps Euclidean features into the ball through a shared FC h (replicated); SoftTriple has none."""
+    return cfg.name == "chest"

@@ -104,6 +104,10 @@ def test_a_broken_checkpoint_leaves_the_previous_export_whole(dist_pool, mnist_r
     with pytest.raises(RuntimeError, match=r"classes \[5, 10\) are missing"):
         export(run_dir, broken)
     shutil.copytree(find_latest(run_dir), broken, dirs_exist_ok=True)
+    os.remove(os.path.join(broken, "head", "replicated.pt"))  # CHEST's FC: exported without it, embed failed later
+    with pytest.raises(FileNotFoundError, match="replicated.pt .*shared FC.* is missing"):
+        export(run_dir, broken)
+    shutil.copytree(find_latest(run_dir), broken, dirs_exist_ok=True)
     with open(shards[-1], "r+b") as f:
         f.truncate(100)
     assert export_main([run_dir, "--checkpoint", broken]) == 2
@@ -147,3 +151,68 @@ def test_a_distarc_export_holds_the_radii_of_its_predictive_measure(dist_pool, m
     loss = cfg.loss
     assert head["weight"].shape[0] == 10 and loss.num_spheres > 1
     assert torch.equal(head["radii"], loss.radius_start + loss.radius_gap * (torch.arange(10) % loss.num_spheres))
+
+
+def test_embed_skips_bad_images_keeps_an_earlier_output_and_takes_any_split(
+    dist_pool, mnist_root: str, tmp_path, capsys, monkeypatch
+) -> None:
+    """train.embed: an undecodable file among --images stopped it with a traceback naming no file; a kill or full
+    disk while saving cut the earlier output short; --shards refused a split smaller than the run's Recall@K
+    (which embed cannot override); a bad --out failed only after all the embedding."""
+    from PIL import Image
+
+    from train.embed import main as embed
+
+    args = small_overrides(mnist_root, str(tmp_path), "da", 2) + ["metrics.recall_ks=2000"]  # val: 1000 images
+    dist_pool(1).run(_train, args, "mnist_distarc")
+    run_dir = str(tmp_path / "da")
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(2):
+        Image.new("L", (28, 28), 40 * i).save(folder / f"{i}.png")
+    (folder / "zz_bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    out = str(tmp_path / "emb.pt")
+    assert embed([run_dir, "--images", str(folder), "--out", out, "--device", "cpu"]) == 0
+    saved = torch.load(out, weights_only=False)
+    assert [os.path.basename(k) for k in saved["keys"]] == ["0.png", "1.png"] and saved["embeddings"].shape[0] == 2
+    assert len(saved["skipped"]) == 1 and "zz_bad.png" in saved["skipped"][0]
+    assert "skipped" in capsys.readouterr().err
+    before = open(out, "rb").read()
+
+    def dies_mid_write(obj, f, *a, **k):
+        f.write(b"half")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", dies_mid_write)
+    with pytest.raises(OSError, match="No space"):
+        embed([run_dir, "--images", str(folder), "--out", out, "--device", "cpu"])
+    monkeypatch.undo()
+    assert open(out, "rb").read() == before and sorted(os.listdir(tmp_path)) == ["da", "emb.pt", "imgs"]
+    assert embed([run_dir, "--shards", mnist_root, "--split", "val", "--out", out, "--device", "cpu"]) == 0
+    assert torch.load(out, weights_only=False)["embeddings"].shape[0] == 1000
+    assert embed([run_dir, "--images", str(folder), "--out", str(tmp_path / "no" / "e.pt"), "--device", "cpu"]) == 2
+    assert "must name a file in an existing folder" in capsys.readouterr().err
+
+
+def test_an_export_killed_mid_write_is_cleaned_up_by_the_next(dist_pool, mnist_root: str, tmp_path) -> None:
+    """A staging folder named by a dead process's id stayed for good (GBs for a ViT-L); killed between its two
+    renames, the previous export goes back in place."""
+    import subprocess
+
+    dist_pool(1).run(_train, small_overrides(mnist_root, str(tmp_path), "da", 2), "mnist_distarc")
+    run_dir = str(tmp_path / "da")
+    out = os.path.join(run_dir, "export")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    shutil.copytree(out, f"{out}.writing-{dead.pid}")
+    os.rename(out, f"{out}.replaced-{dead.pid}")  # killed after moving the old export aside
+    export(run_dir, out_dir=str(tmp_path / "elsewhere"))  # another --out: this one's leftovers are left
+    assert os.path.isdir(f"{out}.writing-{dead.pid}") and not os.path.exists(out)
+    alive = f"{out}.writing-{os.getppid()}"  # a live process's: an export running now
+    os.makedirs(alive)
+    export(run_dir)
+    assert sorted(n for n in os.listdir(run_dir) if n.startswith("export")) == [
+        "export",
+        f"export.writing-{os.getppid()}",
+    ]
+    shutil.rmtree(alive)

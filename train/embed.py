@@ -4,7 +4,8 @@
   python -m train.embed RUN_DIR --images DIR_OR_FILES... --out emb.pt [--checkpoint step-N | --export]
 
 writes {"embeddings" [N, D] fp32, "keys" (sample keys or file paths), "labels" [N] (shards only),
-"space", "source", "step"} with torch.save. From Python, `load_embedder(run_dir)` returns a ready
+"skipped" (images only: the files that do not decode, with why), "space", "source", "step"} with torch.save,
+atomically. From Python, `load_embedder(run_dir)` returns a ready
 module (eval mode) with the run's own eval transform:
 
     embedder = load_embedder("runs/vits_sop_chest", space="poincare")
@@ -14,6 +15,7 @@ module (eval mode) with the run's own eval transform:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from typing import Callable
@@ -22,11 +24,12 @@ import torch
 from PIL import Image
 from torch import nn
 
+from common.files import write_file_atomic
 from data.stream import build_eval_loader
 from data.transforms import InputNormaliser, build_transform, decode_image
 from model.backbone import EmbeddingModel
 from model.proxies import ShardedHead
-from train.evaluate.sets import make_set
+from train.evaluate.sets import EvalSet, make_set
 from train.evaluate.standalone import LoadedRun, build_embedding_model, build_sharded_head, load_run
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -102,23 +105,47 @@ def image_files(paths: list[str]) -> list[str]:
 
 
 @torch.no_grad()
-def embed_images(embedder: Embedder, files: list[str], in_chans: int, batch_size: int = 64) -> torch.Tensor:
+def embed_images(
+    embedder: Embedder, files: list[str], in_chans: int, batch_size: int = 64
+) -> tuple[torch.Tensor, list[str], list[str]]:
+    """(embeddings of the files that decode, those files, the files skipped with why)."""
     device = next(embedder.model.parameters()).device
-    parts = []
+    parts, kept, skipped = [], [], []
     for start in range(0, len(files), batch_size):
         batch = []
         for path in files[start : start + batch_size]:
-            with open(path, "rb") as f:
-                batch.append(embedder.transform(decode_image(f.read(), in_chans)))
-        parts.append(embedder(torch.stack(batch).to(device)).cpu())
-    return torch.cat(parts)
+            try:
+                with open(path, "rb") as f:
+                    batch.append(embedder.transform(decode_image(f.read(), in_chans)))
+            except Exception as err:  # noqa: BLE001 - PIL raises many types for bad bytes
+                skipped.append(f"{path}: {type(err).__name__}: {err}")
+                continue
+            kept.append(path)
+        if batch:
+            parts.append(embedder(torch.stack(batch).to(device)).cpu())
+    if not parts:
+        raise ValueError(f"no image decodes: {skipped[0]}{f' (and {len(skipped) - 1} more)' if skipped[1:] else ''}")
+    return torch.cat(parts), kept, skipped
+
+
+def shard_set(run: LoadedRun, root: str, split: str) -> EvalSet:
+    """A split to embed, checked as a retrieval set but for the run's Recall@K (a split of 100 images could
+    not be embedded for a run scored at R@1000, and embed takes no metrics.recall_ks override)."""
+    return make_set(root, split, dataclasses.replace(run.cfg.metrics, recall_ks=(1,)), prefix="", protocol="retrieval")
+
+
+def check_out(path: str) -> None:
+    """--out before any work: a file in an existing folder."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or not os.path.isdir(folder):
+        raise ValueError(f"--out {path} must name a file in an existing folder (create {folder} first)")
 
 
 @torch.no_grad()
 def embed_shards(
     embedder: Embedder, run: LoadedRun, root: str, split: str
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    eval_set = make_set(root, split, run.cfg.metrics, prefix="", protocol="retrieval")
+    eval_set = shard_set(run, root, split)
     cfg = eval_set.data_config(run.cfg.data)
     normaliser = InputNormaliser(cfg)
     device = next(embedder.model.parameters()).device
@@ -145,22 +172,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     try:
+        check_out(args.out)
         run = load_run(args.run_dir, args.checkpoint, args.export)
         args.split = args.split or run.cfg.data.eval_split or "test"
         files = image_files(args.images) if args.images else []
         if args.shards:
-            make_set(args.shards, args.split, run.cfg.metrics, prefix="", protocol="retrieval")  # checks first
+            shard_set(run, args.shards, args.split)  # checks first
         embedder = embedder_of(run, args.space, args.device)
+        out: dict = {"space": args.space, "source": run.source, "step": run.step}
+        if args.shards:
+            out["embeddings"], out["labels"], out["keys"] = embed_shards(embedder, run, args.shards, args.split)
+        else:
+            out["embeddings"], out["keys"], out["skipped"] = embed_images(embedder, files, run.cfg.data.in_chans)
+            for line in out["skipped"]:
+                print(f"skipped {line}", file=sys.stderr)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    out: dict = {"space": args.space, "source": run.source, "step": run.step}
-    if args.shards:
-        out["embeddings"], out["labels"], out["keys"] = embed_shards(embedder, run, args.shards, args.split)
-    else:
-        out["embeddings"], out["keys"] = embed_images(embedder, files, run.cfg.data.in_chans), files
-    torch.save(out, args.out)
-    print(f"wrote {tuple(out['embeddings'].shape)} {args.space} embeddings to {args.out}")
+    write_file_atomic(args.out, lambda f: torch.save(out, f))  # an earlier output stays whole if this dies
+    skipped = f" ({len(out['skipped'])} files skipped: they do not decode)" if out.get("skipped") else ""
+    print(f"wrote {tuple(out['embeddings'].shape)} {args.space} embeddings to {args.out}{skipped}")
     return 0
 
 

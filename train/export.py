@@ -20,6 +20,7 @@ place, so a failed export leaves the previous one whole; --out replaces only an 
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import pickle
 import shutil
@@ -30,6 +31,7 @@ import torch
 
 from data.transforms import eval_preprocessing, normalisation
 from model.backbone import timm_kwargs
+from model.config import has_shared_fc
 from model.distarc import sphere_radii
 from model.proxies import class_permutation
 from train import checkpoint as ckpt
@@ -83,7 +85,8 @@ def consolidated_backbone(step_dir: str, stage: int) -> dict[str, torch.Tensor]:
     check_engine_files(step_dir, stage)
     if stage == 0:  # no partitioned optimizer: the module state is the (fp32) model itself
         state = load_saved(os.path.join(engine_dir, "mp_rank_00_model_states.pt"))
-        return {k: v.float().clone() for k, v in state["module"].items()}
+        # fp32 like the ZeRO reader's weights; integer buffers (BatchNorm's num_batches_tracked) keep their type
+        return {k: (v.float() if v.is_floating_point() else v).clone() for k, v in state["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     try:
@@ -93,9 +96,12 @@ def consolidated_backbone(step_dir: str, stage: int) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in weights.items()}
 
 
-def full_head_tables(step_dir: str, num_classes: int) -> tuple[dict[str, torch.Tensor], list[str]]:
+def full_head_tables(
+    step_dir: str, num_classes: int, replicated_needed: bool = False
+) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Every sharded head parameter with all classes' rows (in the head's row order) and the replicated
-    parameters; and the names of the sharded ones (the class tables)."""
+    parameters (`replicated_needed`: the head has some, e.g. CHEST's shared FC, so head/replicated.pt must be
+    there); and the names of the sharded ones (the class tables)."""
     parts = [(start, stop, load_saved(file)["params"]) for start, stop, file in head_shard_files(step_dir)]
     expected = 0
     for start, stop, _ in [*parts, (num_classes, num_classes, None)]:
@@ -108,6 +114,10 @@ def full_head_tables(step_dir: str, num_classes: int) -> tuple[dict[str, torch.T
     tables = {name: torch.cat([p[name]["value"] for _, _, p in parts]) for name in parts[0][2]}
     class_tables = sorted(tables)
     replicated = os.path.join(step_dir, "head", "replicated.pt")
+    if replicated_needed and not os.path.exists(replicated):  # exported without it, the FC was missing at embed time
+        raise FileNotFoundError(
+            f"{replicated} (the head's shared FC) is missing: the checkpoint is incomplete; {EARLIER}"
+        )
     if os.path.exists(replicated):
         for name, saved in load_saved(replicated).items():
             tables[name] = saved["value"]
@@ -130,6 +140,7 @@ def export(run_dir: str, step_dir: str | None = None, out_dir: str | None = None
     cfg = load_yaml(os.path.join(step_dir, "config.yaml"))
     out_dir = out_dir or os.path.join(run_dir, "export")
     check_replaceable(out_dir)
+    remove_dead_staging(out_dir)
     staging = f"{out_dir.rstrip(os.sep)}.writing-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
@@ -144,6 +155,30 @@ def export(run_dir: str, step_dir: str | None = None, out_dir: str | None = None
     os.rename(staging, out_dir)
     shutil.rmtree(replaced, ignore_errors=True)
     return out_dir
+
+
+def remove_dead_staging(out_dir: str) -> None:
+    """Remove what an export killed on this host left beside `out_dir`: its half-written `<out>.writing-PID`, and
+    a `<out>.replaced-PID` (the export before it) once `out_dir` exists again; a live process's are left alone."""
+    base = out_dir.rstrip(os.sep)
+    for path in glob.glob(glob.escape(base) + ".writing-*") + glob.glob(glob.escape(base) + ".replaced-*"):
+        pid = path.rsplit("-", 1)[1]
+        if not pid.isdigit() or process_alive(int(pid)):
+            continue
+        if ".writing-" in path[len(base) :] or os.path.isdir(out_dir):
+            shutil.rmtree(path, ignore_errors=True)
+        else:  # killed between its two renames: the previous export goes back in place
+            os.rename(path, out_dir)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def check_replaceable(out_dir: str) -> None:
@@ -166,7 +201,7 @@ def _write(step_dir: str, cfg: RunConfig, staging: str) -> None:
     neck = {k[len("neck.") :]: v for k, v in weights.items() if k.startswith("neck.")}
     torch.save(trunk, os.path.join(staging, "backbone.pth"))
     torch.save(neck, os.path.join(staging, "neck.pth"))
-    head, class_tables = full_head_tables(step_dir, cfg.data.num_classes)
+    head, class_tables = full_head_tables(step_dir, cfg.data.num_classes, has_shared_fc(cfg.loss))
     rows = class_rows(cfg)
     if rows is not None:  # CHEST's shuffled rows back in class order: row j = class j
         for name in class_tables:
