@@ -16,6 +16,11 @@ Algorithm (one `ClassBalancer` per slot, fed the slot's shuffled stream):
     lets classes that never gather m samples (rarer than m per window)
     leave the buffer instead of growing it forever. Dropped samples are
     simply not used; later epochs bring them back;
+  - a sample still buffered MAX_AGE_FACTOR x data.balance_buffer arrivals
+    after its own is dropped too: in a buffer that never fills (class-ordered
+    shards) a class that cannot gather m (fewer images than m without
+    padding, or bad ones among them) otherwise kept its first sample for the
+    whole run, and a resume re-reads from the oldest buffered sample;
   - a sample that arrives while an earlier copy of it (same shard and key,
     from the previous epoch) is still buffered is ignored, so a batch never
     holds the same image twice;
@@ -54,6 +59,10 @@ _COMPACT_FACTOR = 4
 # Raise after this many times the buffer capacity of samples without a
 # batch: the data cannot supply P classes with m samples in one window.
 _STALL_FACTOR = 20
+# A buffered sample is dropped this many times the buffer capacity of arrivals after its own (module docstring).
+MAX_AGE_FACTOR = 4
+# What the balancer's rules are, in the checkpoint's stream signature (2: the age limit).
+BALANCER_VERSION = 2
 
 
 class ClassBalancer:
@@ -83,6 +92,7 @@ class ClassBalancer:
         # entries of samples that already left in a batch are skipped lazily.
         self.order: collections.deque[tuple[int, int]] = collections.deque()
         self.keys: set[tuple[str, str]] = set()  # (shard, key) of buffered samples
+        self.addresses: dict[int, Address | None] = {}  # arrival number -> address of each buffered sample, in order
         self.size = 0  # samples buffered
         self.arrivals = 0
         self.pushed = 0  # samples offered, ignored repeats included (the mixture's draws)
@@ -100,6 +110,8 @@ class ClassBalancer:
         # Drop after emitting, so the sample that completes a batch is used.
         while self.size > self.capacity:
             self._drop_oldest()
+        while self.size and self._oldest_live() < self.arrivals - MAX_AGE_FACTOR * self.capacity:
+            self._drop_oldest()
         if len(self.order) > _COMPACT_FACTOR * self.capacity:
             self._compact()
         return batch
@@ -110,6 +122,7 @@ class ClassBalancer:
         self.arrivals += 1
         queue = self.buffers.setdefault(label, collections.deque())
         queue.append((seq, sample, address))
+        self.addresses[seq] = address
         self.order.append((seq, label))
         self.size += 1
         if len(queue) >= self._needs(label):
@@ -117,10 +130,10 @@ class ClassBalancer:
 
     def state(self) -> BalancerState:
         """Everything the next batches depend on besides the input still to come (call it between pushes)."""
-        buffered = sorted((seq, address) for queue in self.buffers.values() for seq, _, address in queue)
-        if any(address is None for _, address in buffered):
+        buffered = tuple(a for a in self.addresses.values() if a is not None)
+        if len(buffered) != len(self.addresses):
             raise ValueError("a balancer's state needs the address of every sample pushed")
-        return BalancerState(self.pushed, tuple(self.rng.getstate()[1]), tuple(a for _, a in buffered if a))
+        return BalancerState(self.pushed, tuple(self.rng.getstate()[1]), buffered)
 
     def restore(self, state: BalancerState, buffered: list[RawSample]) -> None:
         """Become the balancer `state` was taken from (its dropped count aside), `buffered` being the samples at
@@ -163,7 +176,7 @@ class ClassBalancer:
         taken = 0
         for label in chosen:
             queue = self.buffers[label]
-            own = [queue.popleft()[1] for _ in range(self._needs(label))]
+            own = [self._pop(queue) for _ in range(self._needs(label))]
             batch += [own[i % len(own)] for i in range(self.per_class)]  # a small class's images in turn
             taken += len(own)
             self.keys.difference_update((s.shard, s.key) for s in own)
@@ -171,19 +184,31 @@ class ClassBalancer:
         self.size -= taken
         return batch
 
-    def _drop_oldest(self) -> None:
+    def _pop(self, queue: collections.deque[tuple[int, RawSample, Address | None]]) -> RawSample:
+        seq, sample, _ = queue.popleft()
+        del self.addresses[seq]
+        return sample
+
+    def _oldest_live(self) -> int:
+        """The arrival number of the oldest buffered sample (the order's dead entries in front are let go)."""
         while True:
-            seq, label = self.order.popleft()
+            seq, label = self.order[0]
             queue = self.buffers.get(label)
             # Live iff still buffered: classes only lose their oldest samples,
             # so an entry is live iff its class's head is not newer than it.
             if queue and queue[0][0] <= seq:
-                old = queue.popleft()[1]
-                self.keys.discard((old.shard, old.key))
-                self.size -= 1
-                self.dropped += 1
-                self._after_remove(label, queue)
-                return
+                return seq
+            self.order.popleft()
+
+    def _drop_oldest(self) -> None:
+        self._oldest_live()
+        _, label = self.order.popleft()
+        queue = self.buffers[label]
+        old = self._pop(queue)
+        self.keys.discard((old.shard, old.key))
+        self.size -= 1
+        self.dropped += 1
+        self._after_remove(label, queue)
 
     def _after_remove(self, label: int, queue: collections.deque[tuple[int, RawSample, Address | None]]) -> None:
         if len(queue) < self._needs(label):

@@ -200,12 +200,14 @@ def slot_raw_batches(
             if latest[0] in wanted:  # in the joint label space, as the mixture hands it on
                 buffered[latest[0]] = sample._replace(label=sample.label + source.label_offset)
         if (positions[i].epoch, positions[i].taken) != (saved.epoch, saved.taken):
-            raise RuntimeError(
-                f"train rank {rank} worker {worker}: the saved stream position {saved} of {source.root} was not "
-                "met reading it again (the shards changed?); delete the checkpoint's stream/ folder to read from "
-                "step 0"
-            )
+            raise RuntimeError(unmet(f"the saved stream position {saved} of {source.root}"))
         return stream
+
+    def unmet(what: str) -> str:
+        return (
+            f"train rank {rank} worker {worker}: {what} was not met reading it again (the shards changed?); delete "
+            "the checkpoint's stream/ folder to read from step 0"
+        )
 
     def snapshot() -> tuple[tuple[int, int], ...]:
         return tuple((p.epoch, p.taken) for p in positions)
@@ -219,6 +221,9 @@ def slot_raw_batches(
     rng = random.Random(f"balance-{cfg.seed}-{rank}-{worker}")
     balancer = ClassBalancer(cfg.batch_size, cfg.samples_per_class, cfg.balance_buffer, rng, counts)
     if resume.balancer is not None:
+        missing = [a for a in resume.balancer.buffered if a not in buffered]
+        if missing:
+            raise RuntimeError(unmet(f"the sample its balancer held at (source, epoch, number) {missing[0]}"))
         balancer.restore(resume.balancer, [buffered.pop(a) for a in resume.balancer.buffered])
     where = f"train rank {rank} worker {worker}"
     batches = balancer.batches(((sample, latest[0]) for sample in samples), where)

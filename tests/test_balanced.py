@@ -131,6 +131,21 @@ def test_repeated_sample_is_ignored_while_buffered() -> None:
     assert bal.size == 1
 
 
+def test_a_sample_that_cannot_make_a_batch_leaves_after_its_time() -> None:
+    """A buffer that never fills (class-ordered shards) kept a class that cannot gather m (one image, no padding)
+    for the whole run: the resumes re-read from its first epoch. It leaves MAX_AGE_FACTOR x capacity arrivals on."""
+    from data.balanced import MAX_AGE_FACTOR
+
+    bal = ClassBalancer(batch_size=4, per_class=2, capacity=8, rng=random.Random(0))
+    bal.push(raw(0, 0), (0, 0, 1))  # class 0 never gets a second image
+    age = MAX_AGE_FACTOR * 8
+    for i in range(1, age):  # classes 1 and 2 in pairs: a batch every 4 samples, the buffer never full
+        bal.push(raw(i, 1 + (i - 1) // 2 % 2), (0, 0, i + 1))
+        assert (0, 0, 1) in bal.state().buffered and bal.size <= 4
+    bal.push(raw(age, 1), (0, 0, age + 1))  # the age-th arrival after its own
+    assert (0, 0, 1) not in bal.state().buffered and bal.dropped == 1 and 0 not in bal.buffers
+
+
 def test_buffer_stays_bounded_over_a_long_stream() -> None:
     rng = random.Random(1)
     stream = (raw(i, rng.randrange(50)) for i in itertools.count())
@@ -278,6 +293,23 @@ def test_padding_counts_as_a_stream_change_only_where_it_pads(root: str, tmp_pat
         path.mkdir()
         (path / "meta.json").write_text(json.dumps({"stream": old}))
         assert stream_changes(str(path), cfg, 1) == (["pad_small_classes: False -> True"] if pads else [])
+
+
+def test_the_balancer_s_age_limit_is_a_stream_change_for_balanced_runs_only(root: str, tmp_path) -> None:
+    """Checkpoints before the age limit hold no balancer_version: a class-balanced run's resume says its stream
+    changed (its balancer drops samples it kept); a plain run's stream did not change."""
+    import json
+
+    from train.config import RunConfig
+    from train.stream_state import stream_changes, stream_signature
+
+    for m, changes in ((2, ["balancer_version: 1 -> 2"]), (0, [])):
+        cfg = RunConfig(name="age", max_steps=1, data=make_cfg(root, samples_per_class=m))
+        old = {k: v for k, v in stream_signature(cfg, 1).items() if k != "balancer_version"}
+        path = tmp_path / f"m{m}"
+        path.mkdir()
+        (path / "meta.json").write_text(json.dumps({"stream": old}))
+        assert stream_changes(str(path), cfg, 1) == changes
 
 
 def test_class_order_notes_name_a_buffer_too_small_for_a_batch(tmp_path) -> None:

@@ -179,6 +179,10 @@ def test_a_position_the_stream_cannot_meet_is_refused_with_the_fix(root: str) ->
     wrong = dataclasses.replace(position, sources=((epoch, taken + 100),))  # past the end of the epoch
     with pytest.raises(RuntimeError, match="stream position .* was not met .* delete the checkpoint's stream/"):
         resumed(cfg, 10, {0: wrong})
+    assert position.balancer is not None
+    never_read = dataclasses.replace(position.balancer, buffered=(*position.balancer.buffered, (1, 0, 3)))  # source 1
+    with pytest.raises(RuntimeError, match=r"balancer held at .* \(1, 0, 3\) was not met .* stream/"):
+        resumed(cfg, 10, {0: dataclasses.replace(position, balancer=never_read)})
 
 
 def test_positions_json_and_tensor_round_trip_and_mismatch() -> None:

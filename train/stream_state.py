@@ -12,6 +12,7 @@ import json
 import os
 from typing import Any, Mapping
 
+from data.balanced import BALANCER_VERSION
 from data.config import DataConfig
 from data.position import SlotPosition, from_json, to_json
 from data.shards import class_counts, shard_set_digest
@@ -45,6 +46,7 @@ def stream_signature(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         "train_split": d.train_split,
         "shards": ",".join(shard_set_digest(root, d.train_split) for root in roots),
         "balance_buffer": d.balance_buffer if d.samples_per_class > 0 else 0,
+        "balancer_version": BALANCER_VERSION if d.samples_per_class > 0 else 0,
         "world_size": world_size,
         "num_workers": d.num_workers,
         "batch_size": d.batch_size,
@@ -64,6 +66,7 @@ def stream_changes(path: str, cfg: RunConfig, world_size: int) -> list[str]:
     """Settings that differ from the checkpoint's stream: after such a resume the stream draws a
     fresh order (still deterministic) instead of continuing the old one."""
     saved = {"stream_version": 1, "pad_small_classes": False, **_saved_signature(path)}
+    saved.setdefault("balancer_version", 1 if saved.get("samples_per_class", 0) > 0 else 0)  # 1: before 2026-12-07
     now = stream_signature(cfg, world_size)
     return [f"{k}: {saved[k]} -> {now[k]}" for k in now if k in saved and saved[k] != now[k]]
 
