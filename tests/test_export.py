@@ -216,3 +216,23 @@ def test_an_export_killed_mid_write_is_cleaned_up_by_the_next(dist_pool, mnist_r
         f"export.writing-{os.getppid()}",
     ]
     shutil.rmtree(alive)
+
+
+def test_a_bf16_zero1_run_exports_its_fp32_master_weights(dist_pool, mnist_root: str, tmp_path) -> None:
+    """bf16 at ZeRO-1 runs DeepSpeed's BF16_Optimizer, whose bf16_zero_pp_rank_* files zero_to_fp32 refuses: every
+    such run failed at its end-of-training export (no summary.json, and each requeue evaluated and failed again)."""
+    args = small_overrides(mnist_root, str(tmp_path), "bf", 4) + ["zero.stage=1", "zero.bf16=true"]
+    summary = dist_pool(2).run(_train, args, "mnist_distarc")[0]
+    assert summary["step"] == 4
+    run_dir = str(tmp_path / "bf")
+    exported = torch.load(os.path.join(run_dir, "export", "backbone.pth"))
+    module = torch.load(os.path.join(find_latest(run_dir), "engine", "mp_rank_00_model_states.pt"), weights_only=False)
+    trunk = {k[len("trunk.") :]: v for k, v in module["module"].items() if k.startswith("trunk.")}
+    assert exported.keys() == trunk.keys()
+    weights = [k for k, v in trunk.items() if v.dtype == torch.bfloat16]
+    assert weights and all(exported[k].dtype == torch.float32 for k in weights)
+    for k in weights:  # the fp32 masters, which the module's bf16 copies round
+        torch.testing.assert_close(exported[k].bfloat16(), trunk[k], rtol=0, atol=0)
+    assert any(not torch.equal(exported[k], trunk[k].float()) for k in weights)  # more precise than the bf16 copy
+    counters = [k for k, v in trunk.items() if not v.is_floating_point()]  # BatchNorm's num_batches_tracked
+    assert counters and all(torch.equal(exported[k], trunk[k]) for k in counters)

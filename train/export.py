@@ -36,6 +36,7 @@ from model.distarc import sphere_radii
 from model.proxies import class_permutation
 from train import checkpoint as ckpt
 from train.config import RunConfig, load_yaml, save_yaml
+from train.elastic import UNIVERSAL_TAG, convert_to_universal
 from train.head_state import head_shard_files
 from common.files import write_json_atomic
 
@@ -87,6 +88,8 @@ def consolidated_backbone(step_dir: str, stage: int) -> dict[str, torch.Tensor]:
         state = load_saved(os.path.join(engine_dir, "mp_rank_00_model_states.pt"))
         # fp32 like the ZeRO reader's weights; integer buffers (BatchNorm's num_batches_tracked) keep their type
         return {k: (v.float() if v.is_floating_point() else v).clone() for k, v in state["module"].items()}
+    if stage == 1 and glob.glob(os.path.join(engine_dir, "bf16_zero_pp_rank_*optim_states.pt")):
+        return universal_backbone(step_dir)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     try:
@@ -94,6 +97,21 @@ def consolidated_backbone(step_dir: str, stage: int) -> dict[str, torch.Tensor]:
     except (RuntimeError, EOFError, pickle.UnpicklingError) as err:  # a damaged file, named by nobody
         raise ValueError(f"{engine_dir} cannot be read ({err}): a file is damaged or cut short; {EARLIER}") from err
     return {k: v.clone() for k, v in weights.items()}
+
+
+def universal_backbone(step_dir: str) -> dict[str, torch.Tensor]:
+    """The fp32 weights of a bf16 ZeRO-1 checkpoint: DeepSpeed's BF16_Optimizer writes bf16_zero_pp_rank_* files
+    that its zero_to_fp32 reader refuses ("is not a zero checkpoint": every bf16 stage-1 run failed at its end),
+    so they come from the universal conversion (kept in the checkpoint, as a resume at another size keeps it);
+    buffers from the module state, in their own dtype."""
+    convert_to_universal(step_dir)
+    module = load_saved(os.path.join(step_dir, ckpt.ENGINE_TAG, "mp_rank_00_model_states.pt"))["module"]
+    weights = {}
+    for name, value in module.items():
+        master = os.path.join(step_dir, UNIVERSAL_TAG, "zero", name, "fp32.pt")
+        floating = value.is_floating_point() and os.path.isfile(master)
+        weights[name] = (load_saved(master)["param"] if floating else value).clone()
+    return weights
 
 
 def full_head_tables(
