@@ -111,6 +111,8 @@ def test_a_job_slurm_restarted_resumes_even_with_resume_false() -> None:
     assert ckpt.wants_resume(True, {}) and not ckpt.wants_resume(False, {})
     assert not ckpt.wants_resume(False, {"SLURM_RESTART_COUNT": "0"})
     assert ckpt.wants_resume(False, {"SLURM_RESTART_COUNT": "2"})  # sbatch requeue reruns resume=false
+    assert not ckpt.wants_resume(False, {"TORCHELASTIC_RESTART_COUNT": "0"})
+    assert ckpt.wants_resume(False, {"TORCHELASTIC_RESTART_COUNT": "1"})  # torchrun --max-restarts: the same
 
 
 def test_stray_and_damaged_step_folders_are_passed_over(tmp_path, capsys) -> None:

@@ -110,10 +110,12 @@ def agreed_latest(run_dir: str, env: DistEnv) -> str | None:
 
 
 def wants_resume(resume: bool, environ: Mapping[str, str]) -> bool:
-    """checkpoint.resume, except that a job Slurm restarted (requeue, preemption: SLURM_RESTART_COUNT > 0)
-    continues its run: resume=false means "start afresh" once, at submission, and the sbatch script's and a
-    TERM preemption's requeue rerun that same command."""
-    return resume or int(environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
+    """checkpoint.resume, except that a job Slurm or torchrun restarted (requeue, preemption: SLURM_RESTART_COUNT
+    > 0; torchrun --max-restarts: TORCHELASTIC_RESTART_COUNT > 0) continues its run: resume=false means "start
+    afresh" once, at submission, and the sbatch script's, a TERM preemption's and torchrun's restarts rerun that
+    same command (a torchrun restart set the run's own checkpoints aside and trained from step 0)."""
+    restarts = ("SLURM_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT")
+    return resume or any(int(environ.get(name, "0") or 0) > 0 for name in restarts)
 
 
 def set_aside_checkpoints(run_dir: str) -> str | None:

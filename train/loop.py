@@ -52,9 +52,10 @@ def train_loop(run: "Run", stop_step: int) -> None:
             logger.log(failed, state.samples_seen + run.global_batch, {**scalars, "skipped_steps": state.skipped_steps})
             raise FloatingPointError(
                 f"{streak} steps in a row, steps {failed - streak + 1}-{failed}, had a non-finite loss or gradient "
-                f"(last: {scalars}); nothing was updated. Lower optim.lr / optim.head_lr, raise optim.warmup_steps, "
-                f"set optim.grad_clip, or resume from an earlier checkpoint; optim.max_skipped_steps="
-                f"{cfg.optim.max_skipped_steps} sets how many are tolerated"
+                f"(last: {scalars}); nothing was updated. Raise optim.warmup_steps or set optim.grad_clip (both "
+                "apply on resume), or lower optim.lr / optim.head_lr in a new run (another name=, or "
+                "checkpoint.resume=false, which sets this run's checkpoints aside: a resume keeps its checkpoint's "
+                f"learning rates); optim.max_skipped_steps={cfg.optim.max_skipped_steps} sets how many are tolerated"
             )
         state.step += 1
         state.samples_seen += run.global_batch
