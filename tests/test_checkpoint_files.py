@@ -130,3 +130,21 @@ def test_stray_and_damaged_step_folders_are_passed_over(tmp_path, capsys) -> Non
     assert "step-40 is passed over: its meta.json does not read" in capsys.readouterr().err
     ckpt._prune(root, keep_last=1, step=10)  # the stray folder is no step to prune either
     assert sorted(os.listdir(root)) == ["latest", "step-10", "step-20.bak", "step-40"]
+
+
+def test_a_checkpoint_missing_a_head_shard_is_passed_over(tmp_path, capsys) -> None:
+    """A head shard lost after the save (a deleted or unsynced file): every requeue picked that step again and
+    failed loading it ("head covers 5 of classes [0, 10)"); the step before it is taken, with a warning."""
+    root = ckpt.checkpoint_root(str(tmp_path))
+    for step in (10, 20):
+        path = _complete(root, step)
+        with open(os.path.join(path, "meta.json"), "w") as f:
+            json.dump({"step": step, "num_classes": 10}, f)
+        os.makedirs(os.path.join(path, "head"))
+        for start, stop in ((0, 5), (5, 10)):
+            open(os.path.join(path, "head", f"classes-{start:09d}-{stop:09d}.pt"), "wb").close()
+    ckpt._write_latest(root, "step-20")
+    assert ckpt.find_latest(str(tmp_path)) == os.path.join(root, "step-20")
+    os.remove(os.path.join(root, "step-20", "head", "classes-000000000-000000005.pt"))
+    assert ckpt.find_latest(str(tmp_path)) == os.path.join(root, "step-10")
+    assert "step-20 is passed over: its head/ lacks classes from 0 on" in capsys.readouterr().err

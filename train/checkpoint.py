@@ -41,7 +41,7 @@ from train.config import RunConfig, load_yaml, save_yaml
 from train.dist import DistEnv, barrier, broadcast_object
 from train.elastic import ENGINE_TAG, load_universal
 from train.stream_state import stream_signature, write_stream_positions
-from train.head_state import load_head, rates_from_schedule, save_head_shard, save_replicated
+from train.head_state import head_shard_files, load_head, rates_from_schedule, save_head_shard, save_replicated
 
 
 @dataclasses.dataclass
@@ -91,15 +91,22 @@ def step_dirs(root: str) -> list[str]:
 
 
 def _complete(step_dir: str) -> bool:
-    """A step folder whose meta.json (written last) exists and parses; a damaged one is named and passed over."""
+    """A step folder whose meta.json (written last) exists and parses and whose head/ shards cover every class; a
+    damaged one is named and passed over (a shard lost after the save failed every requeue on the same step)."""
     try:
-        read_meta(step_dir)
-        return True
+        meta = read_meta(step_dir)
     except FileNotFoundError:
         return False
     except (OSError, ValueError) as err:
         print(f"warning: {step_dir} is passed over: its meta.json does not read ({err})", file=sys.stderr)
         return False
+    covered = 0
+    for start, stop, _ in head_shard_files(step_dir):
+        covered = stop if start <= covered else covered
+    if covered < meta.get("num_classes", 0):
+        print(f"warning: {step_dir} is passed over: its head/ lacks classes from {covered} on", file=sys.stderr)
+        return False
+    return True
 
 
 def agreed_latest(run_dir: str, env: DistEnv) -> str | None:
