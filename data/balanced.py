@@ -116,10 +116,12 @@ class ClassBalancer:
             self._compact()
         return batch
 
-    def _buffer(self, sample: RawSample, address: Address | None) -> None:
+    def _buffer(self, sample: RawSample, address: Address | None, seq: int | None = None) -> None:
+        """Add `sample` (arrival number `seq`: the next one unless restored)."""
         self.keys.add((sample.shard, sample.key))
-        seq, label = self.arrivals, sample.label
-        self.arrivals += 1
+        seq = self.arrivals if seq is None else seq
+        label = sample.label
+        self.arrivals = max(self.arrivals, seq + 1)
         queue = self.buffers.setdefault(label, collections.deque())
         queue.append((seq, sample, address))
         self.addresses[seq] = address
@@ -133,16 +135,17 @@ class ClassBalancer:
         buffered = tuple(a for a in self.addresses.values() if a is not None)
         if len(buffered) != len(self.addresses):
             raise ValueError("a balancer's state needs the address of every sample pushed")
-        return BalancerState(self.pushed, tuple(self.rng.getstate()[1]), buffered)
+        rng = tuple(self.rng.getstate()[1])
+        return BalancerState(self.pushed, rng, buffered, tuple(self.addresses), self.arrivals)
 
     def restore(self, state: BalancerState, buffered: list[RawSample]) -> None:
         """Become the balancer `state` was taken from (its dropped count aside), `buffered` being the samples at
         its addresses, in their order; call on a new balancer."""
-        if self.arrivals or len(buffered) != len(state.buffered):
-            raise ValueError("restore() takes a new balancer and one sample per buffered address")
-        for sample, address in zip(buffered, state.buffered):
-            self._buffer(sample, address)
-        self.pushed = state.draws
+        if self.arrivals or not len(buffered) == len(state.buffered) == len(state.arrived):
+            raise ValueError("restore() takes a new balancer and one sample per buffered address and arrival number")
+        for sample, address, seq in zip(buffered, state.buffered, state.arrived):
+            self._buffer(sample, address, seq)  # its own arrival number: its age (MAX_AGE_FACTOR) goes on
+        self.pushed, self.arrivals = state.draws, state.arrivals
         version, _, gauss_next = self.rng.getstate()
         self.rng.setstate((version, state.rng, gauss_next))
 

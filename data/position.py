@@ -46,11 +46,14 @@ Address = tuple[int, int, int]
 @dataclasses.dataclass(frozen=True)
 class BalancerState:
     """A class balancer (data.balanced.ClassBalancer) right after a batch: samples drawn from the mixture so far,
-    its RNG's state (random.Random.getstate()[1]) and its buffered samples' addresses in arrival order."""
+    its RNG's state (random.Random.getstate()[1]), its buffered samples' addresses in arrival order with their
+    arrival numbers, and how many samples it has buffered."""
 
     draws: int
     rng: tuple[int, ...]
     buffered: tuple[Address, ...]
+    arrived: tuple[int, ...] = ()  # each buffered sample's arrival number (its age decides when it leaves)
+    arrivals: int = 0  # samples buffered so far
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,12 +76,12 @@ def start_position(num_sources: int) -> SlotPosition:
 
 def position_tensor(position: SlotPosition) -> torch.Tensor:
     """The flat int64 tensor a batch carries out of its DataLoader worker: [next_batch, S, (epoch, taken) x S]
-    and, with a balancer, [draws, R, rng x R, N, (source, epoch, taken) x N] after it."""
+    and, with a balancer, [draws, arrivals, R, rng x R, N, (arrival, source, epoch, taken) x N] after it."""
     flat = [position.next_batch, len(position.sources)] + [n for source in position.sources for n in source]
     state = position.balancer
     if state is not None:
-        flat += [state.draws, len(state.rng), *state.rng, len(state.buffered)]
-        flat += [n for address in state.buffered for n in address]
+        flat += [state.draws, state.arrivals, len(state.rng), *state.rng, len(state.buffered)]
+        flat += [n for seq, address in zip(state.arrived, state.buffered) for n in (seq, *address)]
     return torch.tensor(flat, dtype=torch.int64)
 
 
@@ -90,13 +93,13 @@ def tensor_position(tensor: torch.Tensor) -> SlotPosition:
     at = 2 + 2 * count
     if at == len(flat):
         return SlotPosition(next_batch, sources)
-    draws, size = flat[at], flat[at + 1]
-    rng = tuple(flat[at + 2 : at + 2 + size])
-    at += 2 + size
+    draws, arrivals, size = flat[at : at + 3]
+    rng = tuple(flat[at + 3 : at + 3 + size])
+    at += 3 + size
     items = flat[at + 1 :]
-    buffered = tuple(zip(items[0::3], items[1::3], items[2::3]))
+    buffered = tuple(zip(items[1::4], items[2::4], items[3::4]))
     assert len(buffered) == flat[at], "a truncated position tensor"
-    return SlotPosition(next_batch, sources, BalancerState(draws, rng, buffered))
+    return SlotPosition(next_batch, sources, BalancerState(draws, rng, buffered, tuple(items[0::4]), arrivals))
 
 
 def to_json(positions: Mapping[int, SlotPosition], num_workers: int) -> dict[str, Any]:
@@ -108,7 +111,13 @@ def _position_json(position: SlotPosition) -> dict[str, Any]:
     out: dict[str, Any] = {"next_batch": position.next_batch, "sources": [list(s) for s in position.sources]}
     state = position.balancer
     if state is not None:
-        out["balancer"] = {"draws": state.draws, "rng": list(state.rng), "buffered": [list(a) for a in state.buffered]}
+        out["balancer"] = {
+            "draws": state.draws,
+            "arrivals": state.arrivals,
+            "rng": list(state.rng),
+            "buffered": [list(a) for a in state.buffered],
+            "arrived": list(state.arrived),
+        }
     return out
 
 
@@ -125,7 +134,11 @@ def from_json(saved: Mapping[str, Any], num_workers: int, num_sources: int) -> d
         state = p.get("balancer")
         balancer = None
         if state is not None:
+            if "arrived" not in state:  # written by an earlier version this day: the ages are unknown
+                continue
             buffered = tuple((int(i), int(e), int(t)) for i, e, t in state["buffered"])
-            balancer = BalancerState(int(state["draws"]), tuple(int(n) for n in state["rng"]), buffered)
+            arrived = tuple(int(n) for n in state["arrived"])
+            rng = tuple(int(n) for n in state["rng"])
+            balancer = BalancerState(int(state["draws"]), rng, buffered, arrived, int(state["arrivals"]))
         out[int(worker)] = SlotPosition(int(p["next_batch"]), sources, balancer)
     return out

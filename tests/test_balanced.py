@@ -146,6 +146,32 @@ def test_a_sample_that_cannot_make_a_batch_leaves_after_its_time() -> None:
     assert (0, 0, 1) not in bal.state().buffered and bal.dropped == 1 and 0 not in bal.buffers
 
 
+def test_a_restored_balancer_keeps_its_samples_ages() -> None:
+    """Restored samples were renumbered 0..N-1, younger than they were: one due to leave stayed, paired with a
+    later image of its class, and made a batch the uninterrupted run never made."""
+
+    def label(i: int) -> int:  # class 99 at 0 and 45; classes 1 and 2 in pairs otherwise
+        return 99 if i in (0, 45) else 1 + (i - 1) // 2 % 2
+
+    stream = [(raw(i, label(i)), (0, 0, i + 1)) for i in range(120)]
+    by_address = {address: sample for sample, address in stream}
+
+    def run(bal: ClassBalancer, items: list) -> list[tuple[str, ...]]:
+        return [tuple(s.key for s in b) for s, a in items if (b := bal.push(s, a)) is not None]
+
+    def new() -> ClassBalancer:
+        return ClassBalancer(batch_size=4, per_class=2, capacity=8, rng=random.Random(0))
+
+    uninterrupted = run(new(), stream)
+    for cut in (5, 21, 40):
+        first = new()
+        before = run(first, stream[:cut])
+        resumed = new()
+        resumed.restore(first.state(), [by_address[a] for a in first.state().buffered])
+        assert before + run(resumed, stream[cut:]) == uninterrupted, cut
+    assert not any("k0" in batch for batch in uninterrupted)  # class 99's first image left by age
+
+
 def test_buffer_stays_bounded_over_a_long_stream() -> None:
     rng = random.Random(1)
     stream = (raw(i, rng.randrange(50)) for i in itertools.count())

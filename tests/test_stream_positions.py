@@ -186,7 +186,7 @@ def test_a_position_the_stream_cannot_meet_is_refused_with_the_fix(root: str) ->
 
 
 def test_positions_json_and_tensor_round_trip_and_mismatch() -> None:
-    balancer = BalancerState(95, tuple(range(625)), ((0, 2, 7), (1, 0, 3), (0, 3, 1)))
+    balancer = BalancerState(95, tuple(range(625)), ((0, 2, 7), (1, 0, 3), (0, 3, 1)), (40, 52, 60), 61)
     positions = {0: SlotPosition(7, ((2, 30), (1, 5))), 3: SlotPosition(6, ((2, 10), (0, 0)), balancer)}
     assert from_json(json.loads(json.dumps(to_json(positions, 4))), 4, 2) == positions
     assert all(tensor_position(position_tensor(p)) == p for p in positions.values())
