@@ -148,3 +148,11 @@ def test_a_checkpoint_missing_a_head_shard_is_passed_over(tmp_path, capsys) -> N
     os.remove(os.path.join(root, "step-20", "head", "classes-000000000-000000005.pt"))
     assert ckpt.find_latest(str(tmp_path)) == os.path.join(root, "step-10")
     assert "step-20 is passed over: its head/ lacks classes from 0 on" in capsys.readouterr().err
+    # overlapping ranges (load_head takes them) cover the classes: (0, 10) then (3, 5) is complete
+    path = _complete(root, 30)
+    with open(os.path.join(path, "meta.json"), "w") as f:
+        json.dump({"step": 30, "num_classes": 10}, f)
+    os.makedirs(os.path.join(path, "head"))
+    for start, stop in ((0, 10), (3, 5)):
+        open(os.path.join(path, "head", f"classes-{start:09d}-{stop:09d}.pt"), "wb").close()
+    assert ckpt.find_latest(str(tmp_path)) == path

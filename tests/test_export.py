@@ -107,6 +107,10 @@ def test_a_broken_checkpoint_leaves_the_previous_export_whole(dist_pool, mnist_r
     os.remove(os.path.join(broken, "head", "replicated.pt"))  # CHEST's FC: exported without it, embed failed later
     with pytest.raises(FileNotFoundError, match="replicated.pt .*shared FC.* is missing"):
         export(run_dir, broken)
+    from train.evaluate.standalone import load_run  # train.evaluate / train.embed --checkpoint: the same check
+
+    with pytest.raises(FileNotFoundError, match="replicated.pt .*shared FC.* is missing"):
+        load_run(run_dir, broken)
     shutil.copytree(find_latest(run_dir), broken, dirs_exist_ok=True)
     with open(shards[-1], "r+b") as f:
         f.truncate(100)
@@ -197,6 +201,7 @@ def test_embed_skips_bad_images_keeps_an_earlier_output_and_takes_any_split(
 def test_an_export_killed_mid_write_is_cleaned_up_by_the_next(dist_pool, mnist_root: str, tmp_path) -> None:
     """A staging folder named by a dead process's id stayed for good (GBs for a ViT-L); killed between its two
     renames, the previous export goes back in place."""
+    import socket
     import subprocess
 
     dist_pool(1).run(_train, small_overrides(mnist_root, str(tmp_path), "da", 2), "mnist_distarc")
@@ -204,17 +209,19 @@ def test_an_export_killed_mid_write_is_cleaned_up_by_the_next(dist_pool, mnist_r
     out = os.path.join(run_dir, "export")
     dead = subprocess.Popen(["true"])
     dead.wait()
-    shutil.copytree(out, f"{out}.writing-{dead.pid}")
-    os.rename(out, f"{out}.replaced-{dead.pid}")  # killed after moving the old export aside
+    host = socket.gethostname()
+    shutil.copytree(out, f"{out}.writing-{host}-{dead.pid}")
+    os.rename(out, f"{out}.replaced-{host}-{dead.pid}")  # killed after moving the old export aside
     export(run_dir, out_dir=str(tmp_path / "elsewhere"))  # another --out: this one's leftovers are left
-    assert os.path.isdir(f"{out}.writing-{dead.pid}") and not os.path.exists(out)
-    alive = f"{out}.writing-{os.getppid()}"  # a live process's: an export running now
+    assert os.path.isdir(f"{out}.writing-{host}-{dead.pid}") and not os.path.exists(out)
+    alive = f"{out}.writing-{host}-{os.getppid()}"  # a live process's: an export running now
     os.makedirs(alive)
+    elsewhere = f"{out}.writing-othernode-{dead.pid}"  # another node's live export: its pid means nothing here
+    os.makedirs(elsewhere)
     export(run_dir)
-    assert sorted(n for n in os.listdir(run_dir) if n.startswith("export")) == [
-        "export",
-        f"export.writing-{os.getppid()}",
-    ]
+    assert sorted(n for n in os.listdir(run_dir) if n.startswith("export")) == sorted(
+        ["export", f"export.writing-{host}-{os.getppid()}", f"export.writing-othernode-{dead.pid}"]
+    )
     shutil.rmtree(alive)
 
 

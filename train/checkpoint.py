@@ -102,7 +102,7 @@ def _complete(step_dir: str) -> bool:
         return False
     covered = 0
     for start, stop, _ in head_shard_files(step_dir):
-        covered = stop if start <= covered else covered
+        covered = max(covered, stop) if start <= covered else covered  # overlaps load fine (load_head)
     if covered < meta.get("num_classes", 0):
         print(f"warning: {step_dir} is passed over: its head/ lacks classes from {covered} on", file=sys.stderr)
         return False

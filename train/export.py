@@ -13,7 +13,9 @@
                  eval_preprocessing), loss config, the step exported
   config.yaml    the run's whole config (transforms, normalisation, head): train.embed.load_embedder uses it
 The ZeRO shards are consolidated with DeepSpeed's own zero_to_fp32 reader (stages 1-3), on CPU, in
-one process: no GPU or process group needed. The folder is written beside the target and renamed into
+one process: no GPU or process group needed; a bf16 stage-1 checkpoint (DeepSpeed's BF16_Optimizer files, which
+that reader refuses) through the universal conversion instead, kept in the checkpoint as `engine_universal/`
+(~12 bytes a parameter; the checkpoint folder must be writable). The folder is written beside the target and renamed into
 place, so a failed export leaves the previous one whole; --out replaces only an earlier export.
 """
 
@@ -24,6 +26,7 @@ import glob
 import os
 import pickle
 import shutil
+import socket
 import sys
 from typing import Any
 
@@ -159,7 +162,7 @@ def export(run_dir: str, step_dir: str | None = None, out_dir: str | None = None
     out_dir = out_dir or os.path.join(run_dir, "export")
     check_replaceable(out_dir)
     remove_dead_staging(out_dir)
-    staging = f"{out_dir.rstrip(os.sep)}.writing-{os.getpid()}"
+    staging = f"{out_dir.rstrip(os.sep)}.writing-{process_tag()}"
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
     try:
@@ -167,7 +170,7 @@ def export(run_dir: str, step_dir: str | None = None, out_dir: str | None = None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    replaced = f"{out_dir.rstrip(os.sep)}.replaced-{os.getpid()}"
+    replaced = f"{out_dir.rstrip(os.sep)}.replaced-{process_tag()}"
     if os.path.isdir(out_dir):
         os.rename(out_dir, replaced)
     os.rename(staging, out_dir)
@@ -175,21 +178,30 @@ def export(run_dir: str, step_dir: str | None = None, out_dir: str | None = None
     return out_dir
 
 
+def process_tag() -> str:
+    """HOST-PID: what names an export's staging folders (a PID alone says nothing about another node's export
+    writing into the same shared folder)."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
 def remove_dead_staging(out_dir: str) -> None:
-    """Remove what an export killed on this host left beside `out_dir`: its half-written `<out>.writing-PID`, and
-    a `<out>.replaced-PID` (the export before it) once `out_dir` exists again; a live process's are left alone."""
-    base = out_dir.rstrip(os.sep)
-    for path in glob.glob(glob.escape(base) + ".writing-*") + glob.glob(glob.escape(base) + ".replaced-*"):
-        pid = path.rsplit("-", 1)[1]
-        if not pid.isdigit() or process_alive(int(pid)):
-            continue
-        if ".writing-" in path[len(base) :] or os.path.isdir(out_dir):
-            shutil.rmtree(path, ignore_errors=True)
-        else:  # killed between its two renames: the previous export goes back in place
-            os.rename(path, out_dir)
+    """Remove what an export killed on this host left beside `out_dir`: its half-written `<out>.writing-HOST-PID`,
+    and a `<out>.replaced-HOST-PID` (the export before it) once `out_dir` exists again; a live process's, and
+    other hosts' (whose processes cannot be seen from here), are left alone."""
+    base, host = out_dir.rstrip(os.sep), socket.gethostname()
+    for kind in ("writing", "replaced"):
+        for path in glob.glob(f"{glob.escape(base)}.{kind}-{glob.escape(host)}-*"):
+            pid = path.rsplit("-", 1)[1]
+            if not pid.isdigit() or process_alive(int(pid)):
+                continue
+            if kind == "writing" or os.path.isdir(out_dir):
+                shutil.rmtree(path, ignore_errors=True)
+            else:  # killed between its two renames: the previous export goes back in place
+                os.rename(path, out_dir)
 
 
 def process_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -16,6 +16,7 @@ import torch
 
 from data.transforms import InputNormaliser
 from model.backbone import EmbeddingModel, build_backbone
+from model.config import has_shared_fc
 from model.proxies import ShardedHead
 from model.task import MetricLearningTask, build_head
 from train import checkpoint as ckpt
@@ -91,7 +92,7 @@ def load_run(
                 head[name] = head[name][torch.argsort(rows)]
     else:
         backbone = consolidated_backbone(source, saved.zero.stage)
-        head, _ = full_head_tables(source, saved.data.num_classes)
+        head, _ = full_head_tables(source, saved.data.num_classes, has_shared_fc(saved.loss))
         step = int(ckpt.read_meta(source)["step"])
     return LoadedRun(cfg, source, step, backbone, head)
 
