@@ -15,8 +15,8 @@
 The ZeRO shards are consolidated with DeepSpeed's own zero_to_fp32 reader (stages 1-3), on CPU, in
 one process: no GPU or process group needed; a bf16 stage-1 checkpoint (DeepSpeed's BF16_Optimizer files, which
 that reader refuses) through the universal conversion instead, kept in the checkpoint as `engine_universal/`
-(~12 bytes a parameter; the checkpoint folder must be writable). The folder is written beside the target and renamed into
-place, so a failed export leaves the previous one whole; --out replaces only an earlier export.
+(~12 bytes a parameter; the checkpoint folder must be writable). The folder is written beside the target and
+renamed into place, so a failed export leaves the previous one whole; --out replaces only an earlier export.
 """
 
 from __future__ import annotations
