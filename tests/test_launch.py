@@ -130,6 +130,8 @@ def _fake_checkpoint(run_dir, cfg, step: int = 10) -> None:
     save_yaml(cfg, os.path.join(path, "config.yaml"))
     with open(os.path.join(path, "meta.json"), "w") as f:
         json.dump({"step": step, "num_classes": cfg.data.num_classes, "embed_dim": cfg.model.embed_dim}, f)
+    os.makedirs(os.path.join(path, "head"))  # the rows of every class (a checkpoint without them is passed over)
+    open(os.path.join(path, "head", f"classes-{0:09d}-{cfg.data.num_classes:09d}.pt"), "wb").close()
 
 
 def test_run_dir_of_another_recipe_or_table_is_refused(tmp_path) -> None:
