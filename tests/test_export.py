@@ -218,9 +218,16 @@ def test_an_export_killed_mid_write_is_cleaned_up_by_the_next(dist_pool, mnist_r
     os.makedirs(alive)
     elsewhere = f"{out}.writing-othernode-{dead.pid}"  # another node's live export: its pid means nothing here
     os.makedirs(elsewhere)
+    longer = f"{out}.writing-{host}-2-{dead.pid}"  # a node whose name starts with this one's
+    os.makedirs(longer)
     export(run_dir)
     assert sorted(n for n in os.listdir(run_dir) if n.startswith("export")) == sorted(
-        ["export", f"export.writing-{host}-{os.getppid()}", f"export.writing-othernode-{dead.pid}"]
+        [
+            "export",
+            f"export.writing-{host}-{os.getppid()}",
+            f"export.writing-othernode-{dead.pid}",
+            f"export.writing-{host}-2-{dead.pid}",
+        ]
     )
     shutil.rmtree(alive)
 

@@ -190,8 +190,9 @@ def remove_dead_staging(out_dir: str) -> None:
     other hosts' (whose processes cannot be seen from here), are left alone."""
     base, host = out_dir.rstrip(os.sep), socket.gethostname()
     for kind in ("writing", "replaced"):
-        for path in glob.glob(f"{glob.escape(base)}.{kind}-{glob.escape(host)}-*"):
-            pid = path.rsplit("-", 1)[1]
+        prefix = f"{base}.{kind}-{host}-"
+        for path in glob.glob(glob.escape(prefix) + "*"):
+            pid = path[len(prefix) :]  # digits only: host "vm" must not take host "vm-2"'s "vm-2-PID"
             if not pid.isdigit() or process_alive(int(pid)):
                 continue
             if kind == "writing" or os.path.isdir(out_dir):
