@@ -144,8 +144,12 @@ def mix(
     replay_draws(rng, weights, draws_done)
     while True:
         i = rng.choices(index, weights)[0]
-        sample = next(streams[i])
-        yield sample._replace(label=sample.label + sources[i].label_offset)
+        yield in_joint_space(next(streams[i]), sources[i])
+
+
+def in_joint_space(sample: RawSample, source: TrainSource) -> RawSample:
+    """`sample` of `source` with its label shifted into the mixture's joint label space."""
+    return sample._replace(label=sample.label + source.label_offset)
 
 
 def mixed_raw_samples(

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 from data.balanced import ClassBalancer
 from data.config import DataConfig
-from data.mixture import TrainSource, draws_per_source, joint_class_counts, mixed_raw_samples
+from data.mixture import TrainSource, draws_per_source, in_joint_space, joint_class_counts, mixed_raw_samples
 from data.position import Address, SlotPosition, SourcePosition, start_position
 from data.samples import BadSampleCounter, RawSample, shuffle_buffer, valid_samples
 from data.shards import assign_shards, recorded_samples
@@ -180,6 +180,7 @@ def slot_raw_batches(
     positions = resume.source_positions()
     latest: list[Address] = [(0, 0, 0)]  # the address of the latest sample read (the balancer's bookkeeping)
     buffered: dict[Address, RawSample] = {}  # a resumed balancer's samples, read again
+    where = f"train rank {rank} worker {worker}"
 
     def open_source(source: TrainSource, i: int) -> Iterator[RawSample]:
         shards, deal = slot_shards(source, cfg, rank, world_size, worker, num_workers)
@@ -189,24 +190,21 @@ def slot_raw_batches(
             epoch, taken = min(a[1:] for a in wanted)
             positions[i].epoch, positions[i].taken = epoch, taken - 1
         tag = source_tag(i, sources)
-        stream = _addressed(
-            slot_raw_samples(cfg, shards, rank, worker, counter, source.num_classes, tag, deal, positions[i]),
-            i,
-            positions[i],
-            latest,
-        )
+        stream = slot_raw_samples(cfg, shards, rank, worker, counter, source.num_classes, tag, deal, positions[i])
+        if balanced:  # the balancer's state names each sample it holds by its address
+            stream = _addressed(stream, i, positions[i], latest)
         while wanted and (positions[i].epoch, positions[i].taken) < (saved.epoch, saved.taken):
             sample = next(stream)
             if latest[0] in wanted:  # in the joint label space, as the mixture hands it on
-                buffered[latest[0]] = sample._replace(label=sample.label + source.label_offset)
+                buffered[latest[0]] = in_joint_space(sample, source)
         if (positions[i].epoch, positions[i].taken) != (saved.epoch, saved.taken):
             raise RuntimeError(unmet(f"the saved stream position {saved} of {source.root}"))
         return stream
 
     def unmet(what: str) -> str:
         return (
-            f"train rank {rank} worker {worker}: {what} was not met reading it again (the shards changed?); delete "
-            "the checkpoint's stream/ folder to read from step 0"
+            f"{where}: {what} was not met reading it again (the shards changed?); delete the checkpoint's stream/ "
+            "folder to read from step 0"
         )
 
     def snapshot() -> tuple[tuple[int, int], ...]:
@@ -225,7 +223,6 @@ def slot_raw_batches(
         if missing:
             raise RuntimeError(unmet(f"the sample its balancer held at (source, epoch, number) {missing[0]}"))
         balancer.restore(resume.balancer, [buffered.pop(a) for a in resume.balancer.buffered])
-    where = f"train rank {rank} worker {worker}"
     batches = balancer.batches(((sample, latest[0]) for sample in samples), where)
     for k, batch in enumerate(batches, start=resume.next_batch + 1):
         yield batch, SlotPosition(k, snapshot(), balancer.state())
