@@ -156,3 +156,42 @@ def test_a_checkpoint_missing_a_head_shard_is_passed_over(tmp_path, capsys) -> N
     for start, stop in ((0, 10), (3, 5)):
         open(os.path.join(path, "head", f"classes-{start:09d}-{stop:09d}.pt"), "wb").close()
     assert ckpt.find_latest(str(tmp_path)) == path
+
+
+def test_a_checkpoint_missing_engine_files_or_the_replicated_head_is_passed_over(tmp_path, capsys) -> None:
+    """A lost ZeRO partition (one rank's optim states), an engine folder without model states or a CHEST save
+    without head/replicated.pt failed every requeue on the same step; the step before it is taken instead."""
+    root = ckpt.checkpoint_root(str(tmp_path))
+    for step in (10, 20):
+        path = _complete(root, step)
+        with open(os.path.join(path, "meta.json"), "w") as f:
+            json.dump({"step": step, "world_size": 2, "replicated": True}, f)
+        os.makedirs(os.path.join(path, "head"))
+        open(os.path.join(path, "head", "replicated.pt"), "wb").close()
+        os.makedirs(os.path.join(path, "engine"))
+        for name in ("zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"):
+            open(os.path.join(path, "engine", name), "wb").close()  # ZeRO-3: a model-states file per rank
+        for rank in (0, 1):
+            open(os.path.join(path, "engine", f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"), "wb").close()
+    ckpt._write_latest(root, "step-20")
+    step20 = os.path.join(root, "step-20")
+    assert ckpt.find_latest(str(tmp_path)) == step20
+    os.remove(os.path.join(step20, "engine", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"))
+    assert ckpt.find_latest(str(tmp_path)) == os.path.join(root, "step-10")
+    assert "step-20 is passed over: its engine/ lacks the optim states of rank(s) [1] (saved by 2)" in (
+        capsys.readouterr().err
+    )
+    open(os.path.join(step20, "engine", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"), "wb").close()
+    os.remove(os.path.join(step20, "engine", "zero_pp_rank_0_mp_rank_00_model_states.pt"))
+    assert ckpt.find_latest(str(tmp_path)) == os.path.join(root, "step-10")
+    assert "lacks the model states of rank(s) [0]" in capsys.readouterr().err
+    os.remove(os.path.join(step20, "engine", "zero_pp_rank_1_mp_rank_00_model_states.pt"))
+    open(os.path.join(step20, "engine", "mp_rank_00_model_states.pt"), "wb").close()  # the ZeRO-1/2 layout
+    assert ckpt.find_latest(str(tmp_path)) == step20
+    os.remove(os.path.join(step20, "engine", "mp_rank_00_model_states.pt"))
+    assert ckpt.find_latest(str(tmp_path)) == os.path.join(root, "step-10")
+    assert "its engine/ holds no model states" in capsys.readouterr().err
+    open(os.path.join(step20, "engine", "mp_rank_00_model_states.pt"), "wb").close()
+    os.remove(os.path.join(step20, "head", "replicated.pt"))
+    assert ckpt.find_latest(str(tmp_path)) == os.path.join(root, "step-10")
+    assert "its head/replicated.pt is missing" in capsys.readouterr().err

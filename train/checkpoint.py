@@ -106,7 +106,36 @@ def _complete(step_dir: str) -> bool:
     if covered < meta.get("num_classes", 0):
         print(f"warning: {step_dir} is passed over: its head/ lacks classes from {covered} on", file=sys.stderr)
         return False
+    if meta.get("replicated") and not os.path.exists(os.path.join(step_dir, "head", "replicated.pt")):
+        print(f"warning: {step_dir} is passed over: its head/replicated.pt is missing", file=sys.stderr)
+        return False
+    gap = _engine_gap(step_dir, meta["world_size"]) if "world_size" in meta else None
+    if gap:
+        print(f"warning: {step_dir} is passed over: its {ENGINE_TAG}/ {gap}", file=sys.stderr)
+        return False
     return True
+
+
+# DeepSpeed's per-rank engine files: [bf16_]zero_pp_rank_R_mp_rank_00_{model,optim}_states.pt
+_ENGINE_RANK_FILE = re.compile(r"(?:bf16_|fp16_)?zero_pp_rank_(\d+)_mp_rank_\d+_(model|optim)_states\.pt")
+
+
+def _engine_gap(step_dir: str, world_size: int) -> str | None:
+    """What the DeepSpeed engine folder of a checkpoint saved by `world_size` ranks lacks, or None: a model-states
+    file, and of the files every rank writes (ZeRO optimizer partitions; ZeRO-3 parameters), every rank's."""
+    folder = os.path.join(step_dir, ENGINE_TAG)
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    if not any(name.endswith("_model_states.pt") for name in names):
+        return "holds no model states"
+    ranks: dict[str, set[int]] = {}
+    for name in names:
+        if match := _ENGINE_RANK_FILE.fullmatch(name):
+            ranks.setdefault(match.group(2), set()).add(int(match.group(1)))
+    for kind, found in sorted(ranks.items()):
+        missing = sorted(set(range(world_size)) - found)
+        if missing:
+            return f"lacks the {kind} states of rank(s) {missing} (saved by {world_size})"
+    return None
 
 
 def agreed_latest(run_dir: str, env: DistEnv) -> str | None:
@@ -325,6 +354,7 @@ def save_checkpoint(
             "paused_s": state.paused_s,
             "decay_groups": state.decay_groups,
             "layer_decay": state.layer_decay,
+            "replicated": bool(head.replicated_parameters()),  # head/replicated.pt is part of the save
             "rank_streams": True,  # each rank's RNG its own (saved before 2026-12-06: one stream for all)
         }
         with open(os.path.join(tmp, "meta.json"), "w") as f:  # written last: marks the folder complete
