@@ -81,7 +81,9 @@ def _training_settings(overrides: list[str]) -> list[str]:
     )
 
 
-def default_sweep_name(base_name: str, overrides: list[str], specs: list[str], config: str = "") -> str:
+def default_sweep_name(
+    base_name: str, overrides: list[str], specs: list[str], config: str = "", recipe: str = ""
+) -> str:
     """`<name>-sweep-<digest>` of the grid and of the overrides that change training (not run_root, name or
     slurm.*). Two different sweeps must not share a folder: the second would resume the first's finished
     points whose labels match, and the summary table would list the points of both. The very same command
@@ -90,6 +92,9 @@ def default_sweep_name(base_name: str, overrides: list[str], specs: list[str], c
     settings = _training_settings(overrides)
     grid = [f"{key}={','.join(sorted(values))}" for key, values in _axes(specs)]
     named: dict[str, Any] = {"overrides": settings, "grid": grid}
+    if recipe and recipe != base_name:  # name=... over another recipe: its sweep is another sweep (a recipe's
+        # own name is in base_name already; left out then, so that existing sweeps keep their folders)
+        named["recipe"] = recipe
     if config:  # a --config file: what it trains is part of the sweep (two files may share a name); its
         # run_root, name and slurm.* are not, as on the command line (a raised time limit resumes the points),
         # nor its comments and layout: the file's own settings are hashed, not its bytes, nor the defaults it
@@ -120,7 +125,7 @@ def expand(
         return load_yaml(config) if config else get_recipe(name)
 
     base = apply_overrides(base_of(recipe), overrides)
-    name = sweep_name or default_sweep_name(base.name, overrides, specs, config)
+    name = sweep_name or default_sweep_name(base.name, overrides, specs, config, "" if config else recipe)
     sweep_dir = os.path.join(base.run_root, name)
     legacy = os.path.join(base.run_root, legacy_sweep_name(base.name, overrides))
     if not sweep_name and not os.path.isdir(sweep_dir) and os.path.isdir(legacy):

@@ -75,6 +75,9 @@ def test_sweep_folder_is_a_function_of_the_whole_grid(tmp_path: Path) -> None:
     assert lr == folder([], ["optim.lr=0.003, 0.001"]) == folder(["slurm.time_min=40"], ["optim.lr=0.001,0.003"])
     assert os.path.basename(lr).startswith("mnist_distarc-sweep-") and os.path.dirname(lr) == str(tmp_path)
     assert expand("mnist_distarc", [root], ["seed=0,1"], "grid")[0] == str(tmp_path / "grid")  # --sweep-name
+    # name=... over two recipes with one grid: two sweeps (the digest left the recipe out)
+    named = [expand(recipe, [root, "name=study"], ["seed=0,1"])[0] for recipe in ("mnist_distarc", "mnist_chest")]
+    assert named[0] != named[1] and all(os.path.basename(f).startswith("study-sweep-") for f in named)
 
 
 @pytest.mark.parametrize(
