@@ -100,6 +100,11 @@ def _load(img: Image.Image, mode: str) -> Image.Image:
     return img.convert(mode)
 
 
+def to_mode(img: Image.Image, in_chans: int) -> Image.Image:
+    """An opened image in the mode training decodes to (16-bit grayscale scaled down, not clipped at 255)."""
+    return _load(img, pil_mode(in_chans))
+
+
 def open_image(data: bytes, in_chans: int) -> Image.Image:
     """Like decode_image, but a JPEG already in the wanted mode stays undecoded.
 

@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 import timm
+import numpy as np
 import torch
 
 from launch.__main__ import build_config
@@ -196,6 +197,15 @@ def test_embed_skips_bad_images_keeps_an_earlier_output_and_takes_any_split(
     assert torch.load(out, weights_only=False)["embeddings"].shape[0] == 1000
     assert embed([run_dir, "--images", str(folder), "--out", str(tmp_path / "no" / "e.pt"), "--device", "cpu"]) == 2
     assert "must name a file in an existing folder" in capsys.readouterr().err
+    # the Python API on an opened 16-bit image sees what training sees (PIL's convert clipped it at 255: white)
+    from data.transforms import decode_image
+    from train.embed import load_embedder
+
+    ramp = Image.fromarray(np.tile(np.linspace(0, 65535, 28), (28, 1)).astype(np.uint16))
+    ramp.save(folder / "deep.png")
+    embedder = load_embedder(run_dir)
+    trained_view = embedder.transform(decode_image((folder / "deep.png").read_bytes(), 1))
+    torch.testing.assert_close(embedder.transform(Image.open(folder / "deep.png")), trained_view, rtol=0, atol=0)
 
 
 def test_an_export_killed_mid_write_is_cleaned_up_by_the_next(dist_pool, mnist_root: str, tmp_path) -> None:

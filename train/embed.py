@@ -26,7 +26,7 @@ from torch import nn
 
 from common.files import write_file_atomic
 from data.stream import build_eval_loader
-from data.transforms import InputNormaliser, build_transform, decode_image
+from data.transforms import InputNormaliser, build_transform, decode_image, to_mode
 from model.backbone import EmbeddingModel
 from model.proxies import ShardedHead
 from train.evaluate.sets import EvalSet, make_set
@@ -70,7 +70,7 @@ def embedder_of(run: LoadedRun, space: str = "euclidean", device: str | torch.de
     normaliser = InputNormaliser(run.cfg.data)
 
     def transform(image: Image.Image) -> torch.Tensor:
-        image = image.convert("L" if run.cfg.data.in_chans == 1 else "RGB")
+        image = to_mode(image, run.cfg.data.in_chans)  # as training decodes (convert clips 16-bit at 255)
         return normaliser(eval_transform(image)[None], torch.device("cpu"), torch.float32)[0]
 
     return Embedder(model, head, space, transform).eval()
