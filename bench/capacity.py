@@ -47,8 +47,11 @@ def largest_fitting(fits: Callable[[int], bool], start: int, tolerance: float) -
     return lo, hi
 
 
-def train_head_steps(cfg: LossConfig, num_classes: int, device: torch.device, head_optimizer: str = "adamw") -> None:
-    """Two training steps of the head alone at `num_classes` (the second with the optimizer's state allocated)."""
+def train_head_steps(
+    cfg: LossConfig, num_classes: int, device: torch.device, head_optimizer: str = "adamw", fused: bool = True
+) -> None:
+    """Two training steps of the head alone at `num_classes` (the second with the optimizer's state allocated);
+    `fused`: optim.fused (false: torch's foreach AdamW)."""
     from model.task import build_head
     from train.config import OptimConfig
     from train.engine import build_head_optimizer
@@ -60,7 +63,7 @@ def train_head_steps(cfg: LossConfig, num_classes: int, device: torch.device, he
 
     with mock.patch("model.distarc.init_rows", random_rows), mock.patch("model.chest.init_rows", random_rows):
         head = build_head(cfg, num_classes, DIM).to(device)
-    optimizer, _ = build_head_optimizer(head, OptimConfig(head_optimizer=head_optimizer), max_steps=10)
+    optimizer, _ = build_head_optimizer(head, OptimConfig(head_optimizer=head_optimizer, fused=fused), max_steps=10)
     g = torch.Generator().manual_seed(0)
     emb = (torch.randn(GLOBAL_BATCH, DIM, generator=g) * 3).to(device).requires_grad_(True)
     labels = torch.randint(0, num_classes, (GLOBAL_BATCH,), generator=g).to(device)
@@ -97,14 +100,16 @@ def cuda_fits(cfg: LossConfig, budget_bytes: float, head_optimizer: str) -> Call
     return fits
 
 
-def _cpu_probe(rank: int, world: int, cfg: LossConfig, num_classes: int, head_optimizer: str, out: dict) -> None:
+def _cpu_probe(
+    rank: int, world: int, cfg: LossConfig, num_classes: int, head_optimizer: str, out: dict, fused: bool = True
+) -> None:
     # the modules train_head_steps imports, before the baseline: DeepSpeed's import (~170 MiB resident) is no
     # part of the head (until 2026-12-06 it was counted: the CPU rows of docs/benchmarks.md are that much low)
     import model.task  # noqa: F401
     import train.engine  # noqa: F401
 
     base = current_rss_mb()
-    train_head_steps(cfg, num_classes, torch.device("cpu"), head_optimizer)
+    train_head_steps(cfg, num_classes, torch.device("cpu"), head_optimizer, fused)
     out[rank] = {"mem_mb": peak_rss_mb() - base}
 
 

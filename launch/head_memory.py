@@ -17,6 +17,9 @@ from model.task import build_head
 LOGIT_COPIES = 3
 # per head value: fp32 weight + the optimizer's fp32 row state (AdamW: two moments; SGD: its momentum) + fp32 grad
 HEAD_BYTES_PER_VALUE = {"adamw": 4 + 8 + 4, "sgd": 4 + 4 + 4, "lazy_adamw": 4 + 8, "lazy_sgd": 4 + 4}
+# optim.fused=false: torch's foreach AdamW holds two fp32 temporaries the size of what it steps during its step
+# (the fused kernel and SGD hold none; measured on CPU: 8 B per value of a 50M-value table, 0 fused)
+FOREACH_ADAMW_BYTES = 8
 # the lazy optimizers' gradient spans only the sampled rows (train/lazy_rows.py: a row-sparse gradient; dense,
 # every row, at sample rate 1); their update's temporaries are blocks of lazy_rows.CHUNK_BYTES, not counted
 LAZY_GRAD_BYTES = 4
@@ -38,6 +41,12 @@ def head_bytes_per_value(head_optimizer: str, sample_rate: float) -> float:
     optimizers' gradient only over loss.sample_rate of the rows: at rate 1 they hold what the dense ones do)."""
     lazy = head_optimizer.startswith("lazy_")
     return HEAD_BYTES_PER_VALUE[head_optimizer] + (LAZY_GRAD_BYTES * min(sample_rate, 1.0) if lazy else 0.0)
+
+
+def step_temporary_bytes(values: float, optimizer: str, fused: bool) -> int:
+    """Bytes an optimizer step over `values` fp32 values allocates for itself: foreach AdamW's temporaries
+    (optim.fused=false), else none (the lazy optimizers' blocks of lazy_rows.CHUNK_BYTES are not counted)."""
+    return int(FOREACH_ADAMW_BYTES * values) if optimizer == "adamw" and not fused else 0
 
 
 @dataclasses.dataclass(frozen=True)

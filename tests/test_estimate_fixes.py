@@ -142,3 +142,22 @@ def test_fixes_leave_out_a_zero_stage_that_holds_more() -> None:
     assert "zero.stage=1" not in est.fixes(one, est.estimate(one, 0.001))
     eight = build_config("mnist_distarc", ["zero.stage=0", "slurm.tasks_per_node=8", "zero.reduce_bucket_size=1000"])
     assert "zero.stage=1 (the trunk's states and gradient bucket" in est.fixes(eight, est.estimate(eight, 0.001))
+
+
+def test_foreach_adamw_temporaries_are_counted_and_fused_is_offered() -> None:
+    """optim.fused=false runs torch's foreach AdamW, whose step holds two fp32 temporaries the size of what it
+    steps (8 B/value; the head step measured 0.74x its rows without them, tests/test_estimate.py): the plan
+    counts them beyond what the backward freed, and offers optim.fused=true."""
+    overrides = ["data.num_classes=8000000", "loss.class_chunk=8192", "slurm.nodes=1"]
+    fused = build_config("vitl_ms1mv2_faces", overrides)
+    foreach = build_config("vitl_ms1mv2_faces", [*overrides, "optim.fused=false"])
+    plan, slow = est.estimate(fused, 80), est.estimate(foreach, 80)
+    assert "step" not in plan.rows and plan.totals == [t - s for t, s in zip(slow.totals, slow.rows["step"][1])]
+    (shard, *_) = est.head_shards(foreach.loss, 8_000_000, 512, 8, "adamw")
+    freed = sum(slow.rows[key][1][0] for key in ("activations", "logits", "graph"))
+    assert slow.rows["step"][1][0] == 8 * shard.sharded_values - freed > 0  # the head's 1M x 512 table: 3.8 GiB
+    assert "optim.fused=true" in est.fixes(foreach, est.estimate(foreach, 4)) and "optim.fused" not in est.fixes(
+        fused, est.estimate(fused, 4)
+    )
+    sgd = build_config("vitl_ms1mv2_faces", [*overrides, "optim.fused=false", "optim.head_optimizer=sgd"])
+    assert est.estimate(sgd, 80).most("step") == 0  # SGD's foreach step allocates none; the trunk's is smaller
