@@ -22,11 +22,11 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
-import resource
 import struct
 import tempfile
 import time
 
+from common.procfs import proc_status_mb
 from data.convert.common import convert
 from data.convert.imagenet import splits as imagenet_splits
 from data.convert.ms1m import MAGIC, splits as ms1m_splits
@@ -107,8 +107,8 @@ def write_ms1m(src: str, count: int, identities: int, kb: int) -> None:
 
 
 def _rss_mb() -> float:
-    """Peak resident set of this process so far."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident set of this process so far (MiB; VmHWM: ru_maxrss held the parent's peak, torch's)."""
+    return proc_status_mb("VmHWM")["VmHWM"]
 
 
 def _current_rss_mb() -> float:
@@ -172,7 +172,7 @@ def main() -> None:
             rows.append((dataset, measure(dataset, src, out, args.shard_size)))
     print(f"{os.cpu_count()} CPUs; sources and shards on the same disk (page cache warm for the sources)\n")
     print(
-        "| dataset | samples | listing s (items/s) | memory per sample | writing img/s (MB/s) | peak RSS MB "
+        "| dataset | samples | listing s (items/s) | memory per sample | writing img/s (MiB/s) | peak RSS MiB "
         "| full size: listing, memory, writing |"
     )
     print("|---|---|---|---|---|---|---|")

@@ -31,7 +31,7 @@ import torch
 
 from bench.ranks import run_ranks
 from model.config import ChestConfig, LossConfig
-from train.system import proc_status_mb
+from common.procfs import proc_status_mb
 
 DIM, GLOBAL_BATCH = 512, 256
 HEADS = {
@@ -193,7 +193,7 @@ def variant_table(
 ) -> None:
     """Partial-FC (loss.sample_rate) and chunked-softmax (loss.class_chunk) rows: peak memory and time,
     relative to the plain head's run in `full` (rate 1, whole shard at once)."""
-    print("\n| head | C | P | sample rate | class chunk | per-rank peak MB | vs plain | fwd+bwd s | vs plain |")
+    print("\n| head | C | P | sample rate | class chunk | per-rank peak MiB | vs plain | fwd+bwd s | vs plain |")
     print("|---|---|---|---|---|---|---|---|---|")
     for head in heads:
         for c in classes:
@@ -218,8 +218,8 @@ def optimizer_table(
     dense optimizers move every row of the table each step, the lazy ones (train/lazy_rows.py) the sampled.
     Run with glibc's default mmap threshold (pinned, as for the memory tables, each [S, D] temporary of the lazy
     update is a fresh mapping whose page faults cost more than the update: 0.20 s against 0.02 s at 20k
-    classes), so the peak MB here includes what glibc keeps of freed memory: bench.capacity measures memory."""
-    print("\n| head | C | sample rate | head optimizer | peak MB | fwd+bwd+step s | vs the first optimizer |")
+    classes), so the peak MiB here includes what glibc keeps of freed memory: bench.capacity measures memory."""
+    print("\n| head | C | sample rate | head optimizer | peak MiB | fwd+bwd+step s | vs the first optimizer |")
     print("|---|---|---|---|---|---|---|")
     for head in heads:
         for c in classes:
@@ -262,7 +262,7 @@ def main() -> None:
         rates = [float(r) for r in (args.sample_rates or "1.0").split(",")]
         optimizer_table(args.heads.split(","), classes, rates, args.head_optimizers.split(","), args.iters)
         return
-    print("| head | C | P | per-rank peak MB | dense (P=1) MB | ratio x P | fwd+bwd s |")
+    print("| head | C | P | per-rank peak MiB | dense (P=1) MiB | ratio x P | fwd+bwd s |")
     print("|---|---|---|---|---|---|---|")
     results: dict[tuple[str, int, int], dict[str, float]] = {}
     for head in args.heads.split(","):

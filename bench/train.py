@@ -16,9 +16,10 @@ Each step is one micro-batch (optim.grad_accum_steps must be 1).
 Columns: global img/s, img/s per rank, ms per step (the median of the timed steps; the slowest rank's),
 "vs bare": the time per image against the bare row's at the same P (bare img/s / row img/s: the step time
 ratio at equal batches, still right where a variant changes the batch; > 1 is slower); a breakdown of one
-rank's step (data wait, the trunk's forward, the head's forward + loss + backward, the trunk's backward,
-optimizers) measured in a second pass with the device synchronised between phases (the head's backward ends
-when the embedding's gradient arrives: a tensor hook there, only in that pass), and the time inside
+rank's step (data: the loader's wait, the copy to the device and the normalisation; the trunk's forward, the
+head's forward + loss + backward, the trunk's backward, optimizers) measured in a second pass with the device
+synchronised between phases (the head's backward ends when the embedding's gradient arrives: a tensor hook
+there, only in that pass), and the time inside
 collectives (comm: torch.distributed's and DeepSpeed's; a part of the phases, not beside them; "n/a" for the
 bare loop, whose DDP all-reduces from C++ where it is not seen); the head's share of the step; peak memory
 (max over ranks: on CUDA max_memory_allocated / max_memory_reserved, else the process's peak resident set,
@@ -448,13 +449,13 @@ def run_rows(args: argparse.Namespace, opts: Options) -> None:
     print(
         f"# numerics not matched: {numerics}; TF32 off. vs bare = bare img/s / row img/s (time per image, > 1 is "
         "slower); head ms = the head's forward + backward, fwd / bwd ms = the trunk's; comm n/a for the bare "
-        "loop (DDP's all-reduce runs in C++); peak MB = CUDA max allocated / max reserved, else peak RSS; est. = "
+        "loop (DDP's all-reduce runs in C++); peak MiB = CUDA max allocated / max reserved, else peak RSS; est. = "
         "--estimate's peak less its runtime reserve, to compare with CUDA's allocated (not with a CPU's RSS); "
         "1st step = the first warm-up step's seconds (compile and first-call costs)"
     )
     print(
         "| row | P | img/s | img/s per rank | ms/step | vs bare (time/img) | data ms | fwd ms | head ms (fwd+bwd) | "
-        "bwd ms | optim ms | comm ms (within) | head share | peak MB/rank | MFU | 1st step s |"
+        "bwd ms | optim ms | comm ms (within) | head share | peak MiB/rank | MFU | 1st step s |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     measured: list[tuple[str, int, dict[str, Any]]] = []

@@ -345,3 +345,42 @@ def test_a_compiling_row_starts_from_an_empty_inductor_cache(monkeypatch) -> Non
     with empty_compile_cache(True):
         assert "TORCHINDUCTOR_CACHE_DIR" in os.environ
     assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+
+
+def test_forward_flops_of_vit_large_are_the_closed_form() -> None:
+    """The MFU's numerator: ViT-L/16 at 224 counted by hand (2 FLOPs per multiply-add): the patch embedding, 24
+    blocks of qkv, projection, MLP and the two attention products over 197 tokens, and the 1024 -> 512 neck.
+    Per image: the counter runs on a batch of 2 (a missed division reads 2x)."""
+    from bench.instruments import forward_flops_per_image
+
+    cfg = build_config("vitl_imagenet_8gpu", [])
+    assert (cfg.model.name, cfg.data.image_size, cfg.model.embed_dim) == ("vit_large_patch16_224", 224, 512)
+    tokens, dim = 197, 1024
+    block = tokens * dim * (3 * dim + dim + 2 * 4 * dim) + 2 * tokens * tokens * dim
+    macs = 196 * (3 * 16 * 16) * dim + 24 * block + dim * 512
+    assert forward_flops_per_image(cfg) == 2 * macs  # 123.1 GFLOP; x 3 for training: 369.3 (timm's 61.6 GMAC: 369.6)
+
+
+def _child_peak_mb(queue: Any) -> None:
+    from bench.instruments import peak_memory_mb
+
+    queue.put(peak_memory_mb(torch.device("cpu")))
+
+
+def test_a_spawned_rank_reads_its_own_peak_not_its_parents() -> None:
+    """getrusage's ru_maxrss carries the parent's peak across fork + exec: every CPU rank (and bench.convert's
+    converter) read at least the launching process's peak. VmHWM is the process's own."""
+    import multiprocessing
+
+    from common.procfs import proc_status_mb
+
+    ballast = bytearray(b"\x01") * (800 * 2**20)  # written: resident in this process
+    parent = proc_status_mb("VmHWM")["VmHWM"]
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child_peak_mb, args=(queue,))
+    child.start()
+    peak = queue.get(timeout=120)
+    child.join()
+    del ballast
+    assert parent >= 800 and peak < parent - 400, (peak, parent)  # the child imports torch (~0.3 GB), no ballast

@@ -19,16 +19,11 @@ from typing import Iterator, TypeVar
 
 import torch
 
+from common.procfs import proc_status_mb
+
 from train.dist import max_over_ranks
 
 T = TypeVar("T")
-
-
-def proc_status_mb(*keys: str) -> dict[str, float]:
-    """Fields of Linux's /proc/self/status (VmHWM, RssAnon, ...) in MiB; it reports them in kB."""
-    with open("/proc/self/status") as f:
-        fields = dict(line.split(":", 1) for line in f)
-    return {key: int(fields[key].split()[0]) / 1024.0 for key in keys}
 
 
 def peak_memory_gb(device: torch.device) -> float:
