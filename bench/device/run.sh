@@ -10,8 +10,8 @@
 #             a profile of one step per row with the GPU's busy share; the goals' rows and the cheap ones
 #             first, the compiled ones (cold inductor compiles) last                     limit 240 s
 #   stream    bench.train on the faces recipe (ViT-L 112 px, ZeRO-2 bf16, 85,742-class DistArc head, 8 loader
-#             workers) end to end on synthetic JPEG shards, then (whatever that did) on in-memory batches
-#             (8 workers, or 2 when /dev/shm is under 1 GiB)                             limit 110 s
+#             workers, or 2 when /dev/shm is under 1 GiB) end to end on synthetic JPEG shards  limit 70 s
+#   memory    the same on in-memory batches (its own part: a stream part that ran out of time lost it)  limit 40 s
 #   gpu       pytest -m gpu: the launcher on CUDA/NCCL (DistArc, CHEST, ZeRO-2 bf16) and the fused checks
 #             and ZeRO-3 fetch path on CUDA against DeepSpeed's own (DS_ACCELERATOR=cuda)  limit 140 s
 #   capacity  bench.capacity: the largest table on this GPU, in the order the issue asks: exact DistArc
@@ -23,8 +23,8 @@
 # fits its 600 s whatever the set-up took; what a cut-off call wrote to $OUT still comes back.
 # Here:   bash bench/device/wheels.sh
 # Device: run(command="bash bench/device/run.sh", carry=[".whl"], timeout_s=600)
-# A part that runs out of time is cut off and the next one starts; TRAIN_S / STREAM_S / GPU_S / CAPACITY_S
-# set the limits. DEVICE_SMOKE=1 PY=.venv/bin/python rehearses the whole flow on a CPU machine at tiny sizes.
+# A part that runs out of time is cut off and the next one starts; TRAIN_S / STREAM_S / MEMORY_S / GPU_S /
+# CAPACITY_S set the limits. DEVICE_SMOKE=1 PY=.venv/bin/python rehearses the whole flow on a CPU machine at tiny sizes.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/device-out}
@@ -93,9 +93,11 @@ CAP_EXACT=(--heads distarc --sample-rates 1.0 --class-chunks 8192 --head-optimiz
 CAP_SAMPLED=(--heads distarc --sample-rates 0.1 --class-chunks 0 --head-optimizers lazy_sgd,sgd)
 CAP_CHEST=(--heads chest --sample-rates 1.0,0.1 --class-chunks 8192 --head-optimizers sgd)
 SMALL=()
+RECIPE_BATCH=64  # vitl_imagenet_8gpu's own micro-batch
 ON_CUDA=(env DS_ACCELERATOR=cuda)  # the gpu tests' own processes too (tests/conftest.py defaults to cpu)
 if [ -n "${DEVICE_SMOKE:-}" ]; then
   ON_CUDA=()  # a CPU rehearsal of the script: tiny sizes, same flow
+  RECIPE_BATCH=2  # a variant's settings come after SMALL's: at 64 the row took most of the rehearsal's time
   SMALL=(model.name=vit_tiny_patch16_224 model.img_size=32 data.image_size=32 data.batch_size=2 --steps 2 --warmup 1)
   FACES+=(model.name=vit_tiny_patch16_224 data.batch_size=4 data.num_workers=2 --images 256 --steps 2 --warmup 1)
   CLASSES=1000
@@ -111,24 +113,24 @@ else
   fi
 fi
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(train stream gpu capacity)
+[ ${#parts[@]} -eq 0 ] && parts=(train stream memory gpu capacity)
 for name in "${parts[@]}"; do
   case $name in
     gpu) part gpu "${GPU_S:-140}" "${ON_CUDA[@]}" "$PY" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider ;;
     train) part train "${TRAIN_S:-240}" "$PY" -m bench.train "${VITL[@]}" \
         --variant "ZeRO-3:zero.stage=3" \
-        --variant "recipe (micro-batch 64, checkpointing):data.batch_size=64,model.grad_checkpointing=true" \
+        --variant "recipe (micro-batch $RECIPE_BATCH, checkpointing):data.batch_size=$RECIPE_BATCH,model.grad_checkpointing=true" \
         --variant "fused grad checks off:zero.fused_grad_checks=false" \
         --variant "ZeRO-3, DeepSpeed's fetch sync:zero.stage=3,zero.stage3_skip_local_fetch_sync=false" \
         --variant "ZeRO-3, no leaf blocks:zero.stage=3,zero.stage3_leaf_blocks=false" \
         --variant "compile:model.compile=true" \
         --variant "ZeRO-3 + compile:zero.stage=3,model.compile=true" \
         data.batch_size=128 model.grad_checkpointing=false "${SMALL[@]}" ;;
-    stream) part stream "${STREAM_S:-110}" bash -c "$(printf '%q ' "$PY" -m bench.train "${FACES[@]}" --data shards --classes $CLASSES); \
-        $(printf '%q ' "$PY" -m bench.train "${FACES[@]}" --data synthetic data.num_classes=$CLASSES)" ;;
+    stream) part stream "${STREAM_S:-70}" "$PY" -m bench.train "${FACES[@]}" --data shards --classes $CLASSES ;;
+    memory) part memory "${MEMORY_S:-40}" "$PY" -m bench.train "${FACES[@]}" --data synthetic data.num_classes=$CLASSES ;;
     capacity) part capacity "${CAPACITY_S:-70}" env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True bash -c "$(printf '%q ' "$PY" -m bench.capacity "${CAPACITY[@]}" "${CAP_EXACT[@]}"); \
         $(printf '%q ' "$PY" -m bench.capacity "${CAPACITY[@]}" "${CAP_SAMPLED[@]}"); \
         $(printf '%q ' "$PY" -m bench.capacity "${CAPACITY[@]}" "${CAP_CHEST[@]}")" ;;
-    *) echo "unknown part $name (gpu, train, stream, capacity)"; exit 2 ;;
+    *) echo "unknown part $name (train, stream, memory, gpu, capacity)"; exit 2 ;;
   esac
 done
