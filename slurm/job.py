@@ -15,6 +15,7 @@ after any other TERM (scancel) the job exits. A plain
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -52,6 +53,11 @@ def export_cluster_env() -> None:
     env = submitit.JobEnvironment()
     job_id = os.environ.get("SLURM_JOB_ID", "") if env.cluster == "slurm" else ""
     os.environ["MASTER_PORT"] = str(rendezvous_port(job_id or str(env.job_id)))
+    if env.cluster == "local":
+        # submitit's local controller makes its folder argument, `submitit/%j`, literally before the job's own
+        # `submitit/<pid>`: an empty stray beside every local run's logs (rmdir leaves a non-empty one alone)
+        with contextlib.suppress(OSError):
+            (env.paths.folder.parent / "%j").rmdir()
 
 
 class TrainJob(submitit.helpers.Checkpointable):

@@ -411,6 +411,24 @@ def _local_time_limit() -> tuple[str, str]:
     return os.environ["SUBMITIT_LOCAL_TIMEOUT_S"], os.environ["SUBMITIT_LOCAL_SIGNAL_DELAY_S"]
 
 
+def _cluster_env_exported() -> str:
+    from slurm.job import export_cluster_env
+
+    export_cluster_env()
+    return os.environ["MASTER_PORT"]
+
+
+def test_a_local_job_leaves_only_its_own_log_folder(tmp_path) -> None:
+    """submitit's local controller made `submitit/%j` literally beside the job's `submitit/<pid>`: every local run,
+    sweep and evaluation left that empty folder in the run dir."""
+    from slurm.executor import make_executor
+    from train.config import SlurmConfig
+
+    job = make_executor(SlurmConfig(tasks_per_node=1), str(tmp_path), False).submit(_cluster_env_exported)
+    assert int(job.result()) >= 20000
+    assert os.listdir(tmp_path / "submitit") == [str(job.job_id)]
+
+
 def test_a_local_run_gets_the_slurm_time_limit_signal_delay_and_restarts(tmp_path) -> None:
     """submitit's local defaults sent the requeue signal 30 s before the limit (a longer save was killed) and
     gave up after 3 restarts; a local run follows slurm.signal_delay_s and restarts as often as on Slurm."""

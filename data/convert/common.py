@@ -330,9 +330,9 @@ def _write_shard(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-# The default shard size cuts the largest split into at least this many shards: one 8-GPU node with 8 DataLoader
-# workers per rank reads from 64 slots, and the train stream refuses fewer shards than slots (CUB's 5,864 training
-# images made 6 shards of 1,000, which its 1-GPU, 8-worker recipe refused).
+# The default shard size cuts the smallest split into at least this many shards (and so every split): one
+# 8-GPU node with 8 DataLoader workers per rank reads from 64 slots, and the train stream refuses fewer shards
+# than slots (CUB's 5,864 training images made 6 shards of 1,000, which its 1-GPU, 8-worker recipe refused).
 MIN_SHARDS = 64
 MAX_SHARD_SIZE = 1000
 
