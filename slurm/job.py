@@ -53,11 +53,12 @@ def export_cluster_env() -> None:
     env = submitit.JobEnvironment()
     job_id = os.environ.get("SLURM_JOB_ID", "") if env.cluster == "slurm" else ""
     os.environ["MASTER_PORT"] = str(rendezvous_port(job_id or str(env.job_id)))
-    if env.cluster == "local":
-        # submitit's local controller makes its folder argument, `submitit/%j`, literally before the job's own
+    folder = os.environ.get("SUBMITIT_FOLDER", "")  # the executor's folder argument, unformatted
+    if env.cluster == "local" and os.path.basename(folder) == "%j":
+        # submitit's local controller makes that folder, `submitit/%j`, literally before the job's own
         # `submitit/<pid>`: an empty stray beside every local run's logs (rmdir leaves a non-empty one alone)
         with contextlib.suppress(OSError):
-            (env.paths.folder.parent / "%j").rmdir()
+            os.rmdir(folder)
 
 
 class TrainJob(submitit.helpers.Checkpointable):

@@ -313,7 +313,7 @@ def head_step_rank(
     "name, classes, chunk, rate, head_optimizer",
     [
         ("distarc", 40_000, 0, 1.0, "adamw"),
-        ("distarc", 100_000, 8192, 1.0, "adamw-foreach"),  # optim.fused=false: was 0.74x (2 temporaries, 8 B/value)
+        ("distarc", 60_000, 8192, 1.0, "adamw-foreach"),  # optim.fused=false: was 0.74x (2 temporaries, 8 B/value)
         ("distarc", 40_000, 8192, 1.0, "adamw"),
         ("chest", 20_000, 0, 1.0, "adamw"),
         ("distarc", 100_000, 0, 0.5, "lazy_adamw"),  # was 1.44x the measured peak (24 B per sampled value)
