@@ -51,7 +51,7 @@ def train_head_steps(
     cfg: LossConfig, num_classes: int, device: torch.device, head_optimizer: str = "adamw", fused: bool = True
 ) -> None:
     """Two training steps of the head alone at `num_classes` (the second with the optimizer's state allocated);
-    `fused`: optim.fused (false: torch's foreach AdamW)."""
+    `fused`: optim.fused (false: torch's unfused AdamW, per tensor on CPU, foreach on CUDA)."""
     from model.task import build_head
     from train.config import OptimConfig
     from train.engine import build_head_optimizer

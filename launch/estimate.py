@@ -66,6 +66,9 @@ class Estimate:
     budget: int
     notes: list[str]
     trunk: TrunkSize | None = None  # the parameter counts the states row was computed from
+    # optim.fused=false: the optimizer steps' temporaries per group (the "step" row is what they exceed the
+    # memory the backward freed by); empty with the fused kernel
+    step_temporaries: tuple[int, ...] = ()
 
     @property
     def totals(self) -> list[int]:
@@ -132,8 +135,14 @@ def estimate(cfg: RunConfig, gpu_mem_gib: float) -> Estimate:
         ),
         "reserve": ("runtime reserve (CUDA context, NCCL, allocator)", [RUNTIME_RESERVE] * n),
     }
+    temporaries: tuple[int, ...] = ()
     if not cfg.optim.fused:
-        rows["step"] = _foreach_step_row(cfg, size, shards, rows)
+        temporaries = _step_temporaries(cfg, size, shards)
+        freed = [sum(rows[key][1][i] for key in FREED_BEFORE_THE_STEP) for i in range(n)]
+        rows["step"] = (
+            "optimizer step temporaries beyond what the backward freed (optim.fused=false: unfused AdamW)",
+            [max(0, t - f) for t, f in zip(temporaries, freed)],
+        )
     groups = [f"ranks {a}-{b}" if a != b else f"rank {a}" for a, b in (s.ranks for s in shards)]
     classes = ", ".join(f"{s.num_local} on {g}" for s, g in zip(shards, groups))
     notes = [
@@ -143,24 +152,38 @@ def estimate(cfg: RunConfig, gpu_mem_gib: float) -> Estimate:
     ]
     if cfg.slurm.gpus_per_node < 1:
         notes.append("slurm.gpus_per_node=0: the ranks are CPU processes; the table is per process")
-    return Estimate(groups, rows, int(gpu_mem_gib * GIB), notes, size)
+    return Estimate(groups, rows, int(gpu_mem_gib * GIB), notes, size, temporaries)
 
 
-def _foreach_step_row(
-    cfg: RunConfig, size: TrunkSize, shards: list[HeadShard], rows: dict[str, tuple[str, list[int]]]
-) -> tuple[str, list[int]]:
-    """optim.fused=false: the foreach AdamW steps' temporaries (the trunk's over its ZeRO partition of the fp32
-    masters, then the head's over its shard), beyond what the backward freed before them (activations, logit
-    blocks, head graph): the step is a later phase of the step's peak, not an addition to the forward's."""
+# the rows the backward has freed by the time the optimizers step
+FREED_BEFORE_THE_STEP = ("activations", "logits", "graph")
+
+
+def _step_temporaries(cfg: RunConfig, size: TrunkSize, shards: list[HeadShard]) -> tuple[int, ...]:
+    """optim.fused=false: per group, the larger of the trunk's and the head's unfused AdamW step temporaries
+    (head_memory.step_temporary_bytes: foreach on GPUs, per tensor on CPU). The trunk steps its fp32 masters: from
+    ZeRO-1 on this rank's flat partition (counted as one tensor), at ZeRO-0 layer by layer on CPU."""
     world = cfg.slurm.nodes * cfg.slurm.tasks_per_node
-    stepped = size.params / (world if cfg.zero.stage >= 1 else 1)  # ZeRO-1+ steps only this rank's partition
-    trunk = step_temporary_bytes(stepped, "adamw", fused=False)
-    out = []
-    for i, shard in enumerate(shards):
-        head = step_temporary_bytes(shard.sharded_values + shard.replicated_values, cfg.optim.head_optimizer, False)
-        freed = sum(rows[key][1][i] for key in ("activations", "logits", "graph"))
-        out.append(max(0, max(trunk, head) - freed))
-    return "optimizer step temporaries beyond the freed activations (optim.fused=false: foreach AdamW)", out
+    on_gpu = cfg.slurm.gpus_per_node > 0
+    stepped = size.params / (world if cfg.zero.stage >= 1 else 1)
+    largest = (stepped, 0.0) if cfg.zero.stage >= 1 else (size.largest_layer, size.largest_layer)
+    trunk = step_temporary_bytes(stepped, largest, "adamw", False, on_gpu)
+    head = cfg.optim.head_optimizer
+    return tuple(
+        max(trunk, step_temporary_bytes(s.sharded_values + s.replicated_values, s.largest_tensors, head, False, on_gpu))
+        for s in shards
+    )
+
+
+def _freed_saving(est: Estimate, delta: int) -> int:
+    """What a fix that frees `delta` bytes of the backward's memory (activations, logit blocks, head graph) saves
+    at the peak: with optim.fused=false the optimizers' temporaries come after the backward, so no more than the
+    freed memory exceeds them by (the peak group's)."""
+    if not est.step_temporaries:
+        return delta
+    peak = est.totals.index(est.peak)
+    freed = sum(est.rows[key][1][peak] for key in FREED_BEFORE_THE_STEP)
+    return min(delta, max(0, freed - est.step_temporaries[peak]))
 
 
 def _size(nbytes: float) -> str:
@@ -235,11 +258,12 @@ def fixes(cfg: RunConfig, est: Estimate) -> str:
                 "efficiency)",
             )
         )
+    activations = _freed_saving(est, est.most("activations"))
     if not cfg.model.grad_checkpointing:
-        out.append((est.most("activations"), "model.grad_checkpointing=true (activations are recomputed in backward)"))
+        out.append((activations, "model.grad_checkpointing=true (activations are recomputed in backward)"))
     out.append(
         (
-            est.most("activations"),
+            activations,
             f"a lower data.batch_size (the {_size(est.most('activations'))} of activations scale with it)",
         )
     )
@@ -247,7 +271,7 @@ def fixes(cfg: RunConfig, est: Estimate) -> str:
         stage = " with zero.stage>=1 (DeepSpeed has no bf16 ZeRO-0)" if cfg.zero.stage == 0 else ""
         out.append(
             (
-                est.most("activations"),
+                activations,
                 f"zero.bf16=true{stage} (halves activations; the trunk's whole weights become bf16)",
             )
         )
@@ -263,7 +287,9 @@ def fixes(cfg: RunConfig, est: Estimate) -> str:
         )
 
     if cfg.loss.sample_rate >= 1.0:
-        saving = head_step - head_step_with(dataclasses.replace(cfg.loss, sample_rate=SUGGESTED_RATE))
+        saving = _freed_saving(
+            est, head_step - head_step_with(dataclasses.replace(cfg.loss, sample_rate=SUGGESTED_RATE))
+        )
         if saving >= est.peak // 20:  # where it saves 5% or more: it changes the loss
             out.append(
                 (
@@ -273,7 +299,7 @@ def fixes(cfg: RunConfig, est: Estimate) -> str:
                     "sampled negatives)",
                 )
             )
-    saving = head_step - head_step_with(dataclasses.replace(cfg.loss, class_chunk=SUGGESTED_CHUNK))
+    saving = _freed_saving(est, head_step - head_step_with(dataclasses.replace(cfg.loss, class_chunk=SUGGESTED_CHUNK)))
     if cfg.loss.class_chunk <= 0 and saving > 0:  # only where the shard (times the sample rate) exceeds a chunk
         out.append(
             (
@@ -290,7 +316,9 @@ def fixes(cfg: RunConfig, est: Estimate) -> str:
         # a lazy optimizer's step has no dense table gradient to write after the head's graph: that graph's
         # peak no longer leaves room for it (head_graph_bytes)
         graph = head_graph_bytes(global_batch, largest_shard, cfg.loss, cfg.model.embed_dim, other)
-        head_saving = int(est.most("head") * (1 - ratio)) + est.most("graph") - graph
+        # none of them holds unfused AdamW's step temporaries: the step row goes too
+        head_saving = int(est.most("head") * (1 - ratio)) + _freed_saving(est, est.most("graph") - graph)
+        head_saving += est.most("step")
         if head_saving >= est.peak // 20:  # where it saves 5% or more
             text = f"optim.head_optimizer={other} ({why}: the {_size(est.most('head'))} head shard x {ratio:.2f}"
             out.append((head_saving, text + ("; set optim.head_lr for SGD)" if "sgd" in other else ")")))

@@ -17,9 +17,14 @@ from model.task import build_head
 LOGIT_COPIES = 3
 # per head value: fp32 weight + the optimizer's fp32 row state (AdamW: two moments; SGD: its momentum) + fp32 grad
 HEAD_BYTES_PER_VALUE = {"adamw": 4 + 8 + 4, "sgd": 4 + 4 + 4, "lazy_adamw": 4 + 8, "lazy_sgd": 4 + 4}
-# optim.fused=false: torch's foreach AdamW holds two fp32 temporaries the size of what it steps during its step
-# (the fused kernel and SGD hold none; measured on CPU: 8 B per value of a 50M-value table, 0 fused)
-FOREACH_ADAMW_BYTES = 8
+# optim.fused=false runs torch's unfused AdamW: on GPUs its foreach form, one fp32 temporary of every value stepped,
+# all at once; on CPU (no foreach there) the per-tensor form, two temporaries of the tensor being stepped (its
+# denominator's sqrt and quotient) while the previous tensor's denominator is still referenced (measured on CPU,
+# 25M values: foreach forced 4.1 B per value whether in 1 or 5 tensors; per tensor 8.1 B per value of a single
+# tensor; fused and SGD none; tests/test_estimate.py)
+FOREACH_ADAMW_BYTES = 4
+PER_TENSOR_ADAMW_BYTES = 8
+PREVIOUS_DENOMINATOR_BYTES = 4
 # the lazy optimizers' gradient spans only the sampled rows (train/lazy_rows.py: a row-sparse gradient; dense,
 # every row, at sample rate 1); their update's temporaries are blocks of lazy_rows.CHUNK_BYTES, not counted
 LAZY_GRAD_BYTES = 4
@@ -43,10 +48,16 @@ def head_bytes_per_value(head_optimizer: str, sample_rate: float) -> float:
     return HEAD_BYTES_PER_VALUE[head_optimizer] + (LAZY_GRAD_BYTES * min(sample_rate, 1.0) if lazy else 0.0)
 
 
-def step_temporary_bytes(values: float, optimizer: str, fused: bool) -> int:
-    """Bytes an optimizer step over `values` fp32 values allocates for itself: foreach AdamW's temporaries
-    (optim.fused=false), else none (the lazy optimizers' blocks of lazy_rows.CHUNK_BYTES are not counted)."""
-    return int(FOREACH_ADAMW_BYTES * values) if optimizer == "adamw" and not fused else 0
+def step_temporary_bytes(values: float, largest: tuple[float, float], optimizer: str, fused: bool, on_gpu: bool) -> int:
+    """Bytes an optimizer step over `values` fp32 values allocates for itself: unfused AdamW's temporaries
+    (optim.fused=false; foreach on GPUs; on CPU per tensor, `largest` its two largest tensors: at most the largest's
+    two and the other's leftover denominator), else none (the lazy optimizers' blocks of lazy_rows.CHUNK_BYTES are
+    not counted)."""
+    if optimizer != "adamw" or fused:
+        return 0
+    if on_gpu:
+        return int(FOREACH_ADAMW_BYTES * values)
+    return int(PER_TENSOR_ADAMW_BYTES * largest[0] + PREVIOUS_DENOMINATOR_BYTES * largest[1])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +67,7 @@ class HeadShard:
     sharded_values: int  # elements of sharded_parameters() (C_local x D, or C_local x K x D for CHEST)
     replicated_values: int  # CHEST's shared FC h, whole on every rank
     bytes_per_value: float = HEAD_BYTES_PER_VALUE["adamw"]  # optim.head_optimizer's (head_bytes_per_value)
+    largest_tensors: tuple[int, int] = (0, 0)  # elements of the two largest of those parameters (per-tensor AdamW)
 
     @property
     def state_bytes(self) -> int:
@@ -80,9 +92,15 @@ def head_shards(
                 sum(p.numel() for p in head.sharded_parameters().values()),
                 sum(p.numel() for p in head.replicated_parameters().values()),
                 head_bytes_per_value(head_optimizer, loss.sample_rate),
+                _two_largest([*head.sharded_parameters().values(), *head.replicated_parameters().values()]),
             )
         )
     return out
+
+
+def _two_largest(params: list[torch.nn.Parameter]) -> tuple[int, int]:
+    sizes = sorted((p.numel() for p in params), reverse=True) + [0, 0]
+    return sizes[0], sizes[1]
 
 
 def logit_columns(loss: LossConfig) -> float:

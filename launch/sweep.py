@@ -125,15 +125,26 @@ def expand(
         return load_yaml(config) if config else get_recipe(name)
 
     base = apply_overrides(base_of(recipe), overrides)
-    name = sweep_name or default_sweep_name(base.name, overrides, specs, config, "" if config else recipe)
+    # the recipe is part of the digest unless the grid picks the recipes (no point trains the --recipe then)
+    named_recipe = "" if config or any(key == "recipe" for key, _ in grid[0]) else recipe
+    name = sweep_name or default_sweep_name(base.name, overrides, specs, config, named_recipe)
     sweep_dir = os.path.join(base.run_root, name)
-    legacy = os.path.join(base.run_root, legacy_sweep_name(base.name, overrides))
-    if not sweep_name and not os.path.isdir(sweep_dir) and os.path.isdir(legacy):
-        print(
-            f"note: {legacy} was named by the rule before the grid digest (2026-12); this sweep goes to {sweep_dir}. "
-            f"To resume the points there instead, add --sweep-name {os.path.basename(legacy)}",
-            file=sys.stderr,
-        )
+    earlier = (  # folders the same command made under earlier naming rules: pointed out, never taken silently
+        (
+            default_sweep_name(base.name, overrides, specs, config),
+            "before the digest held a renamed recipe (2026-12-08)",
+        ),
+        (legacy_sweep_name(base.name, overrides), "before the grid digest (2026-12)"),
+    )
+    for old_name, rule in earlier if not sweep_name and not os.path.isdir(sweep_dir) else ():
+        old = os.path.join(base.run_root, old_name)
+        if old != sweep_dir and os.path.isdir(old):
+            print(
+                f"note: {old} was named by the rule {rule}; this sweep goes to {sweep_dir}. To resume the points "
+                f"there instead (if that sweep trained this recipe), add --sweep-name {old_name}",
+                file=sys.stderr,
+            )
+            break
     cfgs = []
     for point in grid:
         point_recipe = dict(point).get("recipe", recipe)

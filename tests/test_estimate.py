@@ -340,7 +340,8 @@ def test_head_rows_cover_a_measured_head_step(
         GLOBAL_BATCH, classes, cfg, DIM, head_optimizer
     )
     # the optimizer's step comes after the backward freed the step's blocks (launch.estimate's "step" row)
-    rows = shard.state_bytes + max(step, hm.step_temporary_bytes(shard.sharded_values, head_optimizer, fused))
+    temporaries = hm.step_temporary_bytes(shard.sharded_values, shard.largest_tensors, head_optimizer, fused, False)
+    rows = shard.state_bytes + max(step, temporaries)  # the CPU's per-tensor AdamW
 
     # two torch threads, whatever the machine: each adds ~3.3 MiB of per-thread buffers to the resident peak
     # (unchunked DistArc at 40k classes: rows 0.98 of it at 2 threads, 0.85 at 32, 0.76 at 64)
@@ -418,3 +419,40 @@ def test_estimate_table_of_a_real_recipe() -> None:
     # written (4 B x D), and 7 [G, C] fp32 blocks less the logits row's 3
     assert plan.rows["graph"][1][0] == 10718 * (4 * 512 + 4 * 1024 * (7 - 3))
     assert "trunk states, ZeRO-2 bf16 (closed form fitted to DeepSpeed's engines)" in est.format_estimate(cfg, plan)
+
+
+UNFUSED_ADAMW_PROBE = """
+import sys, torch
+from common.procfs import proc_status_mb
+params = [torch.nn.Parameter(torch.randn(5_000_000)) for _ in range(4)] + [torch.nn.Parameter(torch.randn(10_000_000))]
+for p in params:
+    p.grad = torch.randn_like(p)
+opt = torch.optim.AdamW(params, foreach=sys.argv[1] == "foreach")
+opt.step()  # the moments exist from here
+open("/proc/self/clear_refs", "w").write("5")  # the peak from here on
+base = proc_status_mb("VmHWM")["VmHWM"]
+opt.step()
+print(proc_status_mb("VmHWM")["VmHWM"] - base)
+"""
+
+
+@pytest.mark.parametrize("form", ["foreach", "per_tensor"])
+def test_unfused_adamw_temporaries_are_what_the_step_row_counts(form: str) -> None:
+    """optim.fused=false: foreach AdamW (torch's choice on GPUs; forced here on CPU) holds one fp32 temporary of every
+    value at once, the per-tensor form (CPU's) two of the tensor it steps and the previous one's denominator. The
+    step row counted 8 B per value of everything for both until 2026-12-08: 2x the foreach form's."""
+    import os
+    import subprocess
+    import sys
+
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("/proc/self/clear_refs cannot reset a process's peak resident set here")
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", UNFUSED_ADAMW_PROBE, form], env=env, capture_output=True, text=True, check=True
+    )
+    measured = float(out.stdout.split()[-1]) * 2**20
+    counted = hm.step_temporary_bytes(30_000_000, (10_000_000, 5_000_000), "adamw", False, on_gpu=form == "foreach")
+    # per tensor: the 10M tensor's sqrt and quotient while the 5M one before it still holds its denominator
+    assert counted == (4 * 30_000_000 if form == "foreach" else 8 * 10_000_000 + 4 * 5_000_000)
+    assert 0.9 * measured <= counted <= 1.15 * measured, (counted / 2**20, measured / 2**20)

@@ -12,7 +12,16 @@ from typing import Any, Iterator
 import pytest
 
 import launch.__main__ as launcher
-from launch.sweep import MANIFEST_FILE, SUMMARY_FILE, expand, parse_grid, point_label, summary_rows, summary_table
+from launch.sweep import (
+    default_sweep_name,
+    MANIFEST_FILE,
+    SUMMARY_FILE,
+    expand,
+    parse_grid,
+    point_label,
+    summary_rows,
+    summary_table,
+)
 from launch.sweep import varying_keys, write_summary
 from launch.recipes import get_recipe
 from train.config import RunConfig, SlurmConfig, save_yaml
@@ -270,6 +279,17 @@ def test_a_sweep_folder_named_by_the_old_rule_is_pointed_out(tmp_path: Path, cap
     sweep_dir, _ = expand("mnist_distarc", [f"run_root={tmp_path}"], ["optim.lr=1e-3,3e-3"])
     assert os.path.basename(sweep_dir) != "mnist_distarc-sweep"
     assert "--sweep-name mnist_distarc-sweep" in capsys.readouterr().err
+    # name=... sweeps: their digest now holds the recipe; the folder of the rule before is pointed out
+    renamed = [f"run_root={tmp_path}", "name=study"]
+    before = default_sweep_name("study", renamed, ["seed=0,1"])
+    (tmp_path / before).mkdir()
+    assert os.path.basename(expand("mnist_distarc", renamed, ["seed=0,1"])[0]) != before
+    assert f"--sweep-name {before}" in capsys.readouterr().err
+    own = [f"run_root={tmp_path}"]  # a recipe's own name: the same folder as by the rule before
+    assert os.path.basename(expand("mnist_distarc", own, ["seed=0,1"])[0]) == default_sweep_name(
+        "mnist_distarc", own, ["seed=0,1"]
+    )
+    assert "renamed recipe" not in capsys.readouterr().err
 
 
 def test_the_sweep_writes_one_hparams_experiment_over_its_points_and_theirs_are_sessions(tmp_path: Path) -> None:

@@ -262,8 +262,8 @@ def build_head_optimizer(
             {"params": [p for p in replicated if p.ndim > 1], "lr": fc_lr, "weight_decay": optim.weight_decay},
             {"params": [p for p in replicated if p.ndim <= 1], "lr": fc_lr, "weight_decay": 0.0},
         ]
-    # fused (optim.fused): no temporaries; the foreach form holds two table-sized ones in its step, half again
-    # the weight, gradient and moments (150k x 512 fp32 on CPU: 1.72 GiB against 1.15) and caps the table
+    # fused (optim.fused): no temporaries; unfused, the step holds one table-sized temporary (foreach, on GPUs) or
+    # two (per tensor, on CPU: 150k x 512 fp32 1.72 GiB against 1.15), which caps the table (launch.head_memory)
     kept = [g for g in groups if g["params"]]
     optimizer: torch.optim.Optimizer
     lazy = optim.head_optimizer.startswith("lazy_")
