@@ -316,7 +316,8 @@ def fixes(cfg: RunConfig, est: Estimate) -> str:
         # a lazy optimizer's step has no dense table gradient to write after the head's graph: that graph's
         # peak no longer leaves room for it (head_graph_bytes)
         graph = head_graph_bytes(global_batch, largest_shard, cfg.loss, cfg.model.embed_dim, other)
-        # none of them holds unfused AdamW's step temporaries: the step row goes too
+        # none of them holds unfused AdamW's step temporaries: the step row goes too (all of it where the head's
+        # exceed the trunk's, as with any large table; an over-statement otherwise)
         head_saving = int(est.most("head") * (1 - ratio)) + _freed_saving(est, est.most("graph") - graph)
         head_saving += est.most("step")
         if head_saving >= est.peak // 20:  # where it saves 5% or more
