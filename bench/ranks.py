@@ -12,18 +12,13 @@ import contextlib
 import os
 import re
 import shutil
-import socket
 import tempfile
 from typing import Any, Callable, Iterator
 
 import torch
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from common.ports import free_port
 
 
 def _entry(

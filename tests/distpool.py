@@ -10,16 +10,11 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import os
-import socket
 import time
 import traceback
 from typing import Any, Callable
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from common.ports import free_port
 
 
 def _serve(rank: int, world: int, port: int, conn: Any) -> None:
