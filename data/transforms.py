@@ -86,7 +86,7 @@ def decode_image(data: bytes, in_chans: int) -> Image.Image:
     The full decode happens here, so a corrupt body raises in the caller's
     try (data.stream.decode_batch) and not later inside the transform.
     """
-    return _load(Image.open(io.BytesIO(data)), pil_mode(in_chans))
+    return to_mode(Image.open(io.BytesIO(data)), in_chans)
 
 
 def _load(img: Image.Image, mode: str) -> Image.Image:

@@ -113,6 +113,20 @@ def legacy_sweep_name(base_name: str, overrides: list[str]) -> str:
     return f"{base_name}-sweep" + (f"-{hashlib.sha1(';'.join(settings).encode()).hexdigest()[:8]}" if settings else "")
 
 
+def _point_out_an_earlier_folder(run_root: str, sweep_dir: str, earlier: tuple[tuple[str, str], ...]) -> None:
+    """Name the first folder the same command made under an earlier naming rule ((name, rule) each), if one exists:
+    pointed out with the --sweep-name that resumes it, never taken silently (it may hold another recipe's points)."""
+    for old_name, rule in earlier:
+        old = os.path.join(run_root, old_name)
+        if old != sweep_dir and os.path.isdir(old):
+            print(
+                f"note: {old} was named by the rule {rule}; this sweep goes to {sweep_dir}. To resume the points "
+                f"there instead (if that sweep trained this recipe), add --sweep-name {old_name}",
+                file=sys.stderr,
+            )
+            return
+
+
 def expand(
     recipe: str, overrides: list[str], specs: list[str], sweep_name: str = "", config: str = ""
 ) -> tuple[str, list[RunConfig]]:
@@ -129,22 +143,18 @@ def expand(
     named_recipe = "" if config or any(key == "recipe" for key, _ in grid[0]) else recipe
     name = sweep_name or default_sweep_name(base.name, overrides, specs, config, named_recipe)
     sweep_dir = os.path.join(base.run_root, name)
-    earlier = (  # folders the same command made under earlier naming rules: pointed out, never taken silently
-        (
-            default_sweep_name(base.name, overrides, specs, config),
-            "before the digest held a renamed recipe (2026-12-08)",
-        ),
-        (legacy_sweep_name(base.name, overrides), "before the grid digest (2026-12)"),
-    )
-    for old_name, rule in earlier if not sweep_name and not os.path.isdir(sweep_dir) else ():
-        old = os.path.join(base.run_root, old_name)
-        if old != sweep_dir and os.path.isdir(old):
-            print(
-                f"note: {old} was named by the rule {rule}; this sweep goes to {sweep_dir}. To resume the points "
-                f"there instead (if that sweep trained this recipe), add --sweep-name {old_name}",
-                file=sys.stderr,
-            )
-            break
+    if not sweep_name and not os.path.isdir(sweep_dir):
+        _point_out_an_earlier_folder(
+            base.run_root,
+            sweep_dir,
+            (
+                (
+                    default_sweep_name(base.name, overrides, specs, config),
+                    "before the digest held a renamed recipe (2026-12-08)",
+                ),
+                (legacy_sweep_name(base.name, overrides), "before the grid digest (2026-12)"),
+            ),
+        )
     cfgs = []
     for point in grid:
         point_recipe = dict(point).get("recipe", recipe)

@@ -43,7 +43,8 @@ def rendezvous_port(job_id: str) -> int:
 
 
 def export_cluster_env() -> None:
-    """Process-group variables from submitit's JobEnvironment (NCCL's: train.dist.init_distributed)."""
+    """Process-group variables from submitit's JobEnvironment (NCCL's: train.dist.init_distributed); a local job also
+    removes submitit's placeholder folder (remove_local_placeholder_folder)."""
     # Keep CUDA_VISIBLE_DEVICES as Slurm set it: DeepSpeed selects cuda:local_rank itself (docs/infra-lessons.md 4).
     # MASTER_ADDR = first host.
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
@@ -53,10 +54,15 @@ def export_cluster_env() -> None:
     env = submitit.JobEnvironment()
     job_id = os.environ.get("SLURM_JOB_ID", "") if env.cluster == "slurm" else ""
     os.environ["MASTER_PORT"] = str(rendezvous_port(job_id or str(env.job_id)))
+    if env.cluster == "local":
+        remove_local_placeholder_folder()
+
+
+def remove_local_placeholder_folder() -> None:
+    """submitit's local controller makes its folder argument, `submitit/%j`, literally before the job's own
+    `submitit/<pid>`: an empty stray beside every local run's logs, removed here (rmdir leaves a non-empty one)."""
     folder = os.environ.get("SUBMITIT_FOLDER", "")  # the executor's folder argument, unformatted
-    if env.cluster == "local" and os.path.basename(folder) == "%j":
-        # submitit's local controller makes that folder, `submitit/%j`, literally before the job's own
-        # `submitit/<pid>`: an empty stray beside every local run's logs (rmdir leaves a non-empty one alone)
+    if os.path.basename(folder) == "%j":
         with contextlib.suppress(OSError):
             os.rmdir(folder)
 
